@@ -1,0 +1,147 @@
+"""The `deepstack` op library: every op schema in one table, and the helper that keeps an op's four faces
+(schema, CPU reference kernel, fake in `meta_impls/`, CUDA kernel) together.
+
+Each area module registers its faces with the decorators below:
+
+    @reference("per_token_group_quant_fp8")          # plain PyTorch, registered as the CPU kernel
+    @cuda_kernel("per_token_group_quant_fp8")        # fast path, registered for the CUDA key
+    @fake("per_token_group_quant_fp8")               # in meta_impls/<area>.py
+    @sample_inputs("per_token_group_quant_fp8")      # what opcheck runs, for every op (tests enforce it)
+
+`finalize()` (run once by `torch_deepstack/__init__.py` after every area is imported) gives each op a clear
+error for a device it has no kernel on, instead of the dispatcher's generic message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+NAMESPACE = "deepstack"
+
+# Held at module level for the life of the process: an op is unregistered when its Library is collected.
+LIB = torch.library.Library(NAMESPACE, "DEF")
+
+# name -> (schema, tags). One line per op; the argument names are part of the public API.
+SCHEMAS: dict[str, tuple[str, tuple]] = {
+    # --- quantisation (torch_deepstack/quant) -------------------------------------------------------
+    "per_token_group_quant_fp8": (
+        "(Tensor x, int group_size=128, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+}
+
+
+class DeviceNotSupportedError(NotImplementedError):
+    """An op was called with tensors on a device it has no kernel for."""
+
+
+@dataclass
+class OpFaces:
+    name: str
+    reference: Callable | None = None
+    cuda: Callable | None = None
+    fake: Callable | None = None
+    samples: Callable | None = None
+    extra_devices: dict = field(default_factory=dict)
+
+
+FACES: dict[str, OpFaces] = {}
+_defined: set[str] = set()
+_finalized = False
+
+
+def define(name: str) -> None:
+    """Define one op from SCHEMAS (idempotent)."""
+    if name in _defined:
+        return
+    if name not in SCHEMAS:
+        raise KeyError(f"deepstack::{name} has no schema in torch_deepstack/_library.py SCHEMAS")
+    schema, tags = SCHEMAS[name]
+    LIB.define(name + schema, tags=tags)
+    _defined.add(name)
+    FACES[name] = OpFaces(name)
+
+
+def define_all() -> None:
+    for name in SCHEMAS:
+        define(name)
+
+
+def _faces(name: str) -> OpFaces:
+    define(name)
+    return FACES[name]
+
+
+def reference(name: str):
+    """Register the plain-PyTorch reference as the op's CPU kernel."""
+    def deco(fn):
+        f = _faces(name)
+        if f.reference is not None:
+            raise RuntimeError(f"deepstack::{name} already has a reference kernel")
+        LIB.impl(name, fn, "CPU")
+        f.reference = fn
+        return fn
+    return deco
+
+
+def cuda_kernel(name: str):
+    """Register the fast CUDA implementation."""
+    def deco(fn):
+        f = _faces(name)
+        if f.cuda is not None:
+            raise RuntimeError(f"deepstack::{name} already has a CUDA kernel")
+        LIB.impl(name, fn, "CUDA")
+        f.cuda = fn
+        return fn
+    return deco
+
+
+def fake(name: str):
+    """Register the fake (meta) implementation used by FakeTensor tracing, torch.compile and export."""
+    def deco(fn):
+        f = _faces(name)
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fn, lib=LIB)
+        f.fake = fn
+        return fn
+    return deco
+
+
+def sample_inputs(name: str):
+    """Register `fn(device) -> list[(args, kwargs)]`: the inputs opcheck runs this op on."""
+    def deco(fn):
+        _faces(name).samples = fn
+        return fn
+    return deco
+
+
+def autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+    define(name)
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=LIB)
+
+
+def _missing_kernel(name: str, device: str, available: list[str]):
+    def raiser(*args, **kwargs):
+        raise DeviceNotSupportedError(
+            f"torch.ops.{NAMESPACE}.{name} has no {device.upper()} kernel; it runs on: "
+            f"{', '.join(available) or 'nothing yet'}. Move the inputs to a supported device.")
+    return raiser
+
+
+def finalize() -> None:
+    """Give every op without a CPU or CUDA kernel a clear error on that device. Idempotent."""
+    global _finalized
+    if _finalized:
+        return
+    define_all()
+    for name, f in FACES.items():
+        available = [d for d, k in (("cpu", f.reference), ("cuda", f.cuda)) if k is not None]
+        if f.reference is None:
+            LIB.impl(name, _missing_kernel(name, "cpu", available), "CPU")
+        if f.cuda is None:
+            LIB.impl(name, _missing_kernel(name, "cuda", available), "CUDA")
+    _finalized = True
+
+
+def op(name: str):
+    """The OpOverloadPacket `torch.ops.deepstack.<name>`."""
+    return getattr(getattr(torch.ops, NAMESPACE), name)

@@ -1,0 +1,87 @@
+"""The few CUDA driver calls the launcher needs, through ctypes into libcuda (no extra dependency).
+
+Cubins are loaded with the context-independent library API (cuLibraryLoadData / cuLibraryGetKernel), so one
+load serves every device; a CUkernel is accepted wherever a CUfunction is, in the current context.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+CUresult = ctypes.c_int
+CU_LAUNCH_PARAM_END = ctypes.c_void_p(0)
+CU_LAUNCH_PARAM_BUFFER_POINTER = ctypes.c_void_p(1)
+CU_LAUNCH_PARAM_BUFFER_SIZE = ctypes.c_void_p(2)
+CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+
+
+class CudaDriverError(RuntimeError):
+    pass
+
+
+class LaunchAttribute(ctypes.Structure):
+    # CUlaunchAttribute: an enum id, padding to 8 bytes, then a 64-byte value union.
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 16)]
+
+
+class LaunchConfig(ctypes.Structure):
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise CudaDriverError("libcuda.so.1 (the NVIDIA driver) is not available on this machine") from e
+    cuda.cuGetErrorString.argtypes = [CUresult, ctypes.POINTER(ctypes.c_char_p)]
+    cuda.cuLibraryLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+    cuda.cuLibraryGetKernel.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
+    cuda.cuKernelSetAttribute.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    cuda.cuLaunchKernel.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                                    ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    cuda.cuLaunchKernelEx.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p]
+    cuda.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    cuda.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    cuda.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
+    return cuda
+
+
+def check(res: int, what: str) -> None:
+    if res != 0:
+        msg = ctypes.c_char_p()
+        lib().cuGetErrorString(res, ctypes.byref(msg))
+        text = msg.value.decode() if msg.value else "unknown error"
+        raise CudaDriverError(f"{what} failed: CUDA error {res} ({text})")
+
+
+def ensure_context(device: int) -> None:
+    """Make the device's primary context current on this thread (torch uses the same primary context)."""
+    ctx = ctypes.c_void_p()
+    check(lib().cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+    if not ctx.value:
+        check(lib().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
+        check(lib().cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+def load_kernel(cubin: bytes, entry: str) -> tuple[ctypes.c_void_p, object]:
+    """Load a cubin and return (CUkernel handle, library handle to keep alive)."""
+    library = ctypes.c_void_p()
+    buf = ctypes.create_string_buffer(cubin, len(cubin))
+    check(lib().cuLibraryLoadData(ctypes.byref(library), buf, None, None, 0, None, None, 0), "cuLibraryLoadData")
+    kernel = ctypes.c_void_p()
+    check(lib().cuLibraryGetKernel(ctypes.byref(kernel), library, entry.encode()), f"cuLibraryGetKernel({entry})")
+    return kernel, library
+
+
+def set_max_dynamic_smem(kernel: ctypes.c_void_p, nbytes: int, device: int) -> None:
+    check(lib().cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes, kernel, device),
+          "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")

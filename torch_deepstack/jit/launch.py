@@ -1,0 +1,117 @@
+"""Low-overhead launch of a JIT-compiled kernel.
+
+Kernel parameters are packed with one precompiled `struct.Struct` into a per-thread buffer that the driver reads
+through CU_LAUNCH_PARAM_BUFFER_POINTER: no per-argument ctypes objects on the hot path. The launch goes onto the
+current torch stream, so it is ordered with torch's work and is captured by `torch.cuda.graph`.
+
+Signature codes, one per kernel parameter, in order (the C++ parameter types they stand for):
+    p  pointer (T*; pass a tensor, an int address, or None)      8 bytes
+    i  int32      u  uint32      l  int64      f  float32
+    t  CUtensorMap passed as `const __grid_constant__ CUtensorMap` (128 bytes, 64-byte aligned; pass the bytes
+       from torch_deepstack.jit.tma)
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+
+import torch
+
+from torch_deepstack.jit import driver
+
+_CODES = {"p": ("Q", 8, 8), "i": ("i", 4, 4), "u": ("I", 4, 4), "l": ("q", 8, 8), "f": ("f", 4, 4),
+          "t": ("128s", 128, 64)}
+_DEFAULT_SMEM_LIMIT = 48 * 1024
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
+def param_struct(signature: str) -> struct.Struct:
+    """A Struct laying parameters out as the CUDA ABI does: each at its natural alignment."""
+    fmt, off = "<", 0
+    for c in signature:
+        if c not in _CODES:
+            raise ValueError(f"unknown kernel signature code {c!r} in {signature!r} (use one of {''.join(_CODES)})")
+        code, size, align = _CODES[c]
+        pad = (-off) % align
+        fmt += "x" * pad + code
+        off += pad + size
+    return struct.Struct(fmt)
+
+
+class _ThreadBuffers(threading.local):
+    def __init__(self, size: int):
+        self.buf = ctypes.create_string_buffer(max(size, 8))
+        self.size = ctypes.c_size_t(size)
+        self.extra = (ctypes.c_void_p * 5)(driver.CU_LAUNCH_PARAM_BUFFER_POINTER.value,
+                                           ctypes.addressof(self.buf), driver.CU_LAUNCH_PARAM_BUFFER_SIZE.value,
+                                           ctypes.addressof(self.size), driver.CU_LAUNCH_PARAM_END.value)
+
+
+class Kernel:
+    """A loaded cubin entry function; call `launch(grid, block, *args, smem=0, stream=None)`."""
+
+    def __init__(self, cubin: bytes, entry: str, signature: str, name: str = ""):
+        self.name = name or entry
+        self.entry = entry
+        self.signature = signature
+        self._struct = param_struct(signature)
+        self._pointer_slots = tuple(i for i, c in enumerate(signature) if c == "p")
+        self._handle, self._library = driver.load_kernel(cubin, entry)
+        self._tls = _ThreadBuffers(self._struct.size)
+        self._smem_configured: dict[int, int] = {}
+        self._cuLaunchKernel = driver.lib().cuLaunchKernel
+
+    def _pack(self, args) -> ctypes.Array:
+        if len(args) != len(self.signature):
+            raise TypeError(f"{self.name}: expected {len(self.signature)} kernel arguments "
+                            f"({self.signature}), got {len(args)}")
+        vals = list(args)
+        for i in self._pointer_slots:
+            a = vals[i]
+            if isinstance(a, torch.Tensor):
+                vals[i] = a.data_ptr()
+            elif a is None:
+                vals[i] = 0
+        tls = self._tls
+        self._struct.pack_into(tls.buf, 0, *vals)
+        return tls.extra
+
+    def _configure_smem(self, smem: int, device: int) -> None:
+        if self._smem_configured.get(device, _DEFAULT_SMEM_LIMIT) < smem:
+            driver.set_max_dynamic_smem(self._handle, smem, device)
+            self._smem_configured[device] = smem
+
+    def launch(self, grid, block, *args, smem: int = 0, stream: int | None = None) -> None:
+        gx, gy, gz = (tuple(grid) + (1, 1))[:3] if not isinstance(grid, int) else (grid, 1, 1)
+        bx, by, bz = (tuple(block) + (1, 1))[:3] if not isinstance(block, int) else (block, 1, 1)
+        device = torch._C._cuda_getDevice()
+        if smem > _DEFAULT_SMEM_LIMIT:
+            self._configure_smem(smem, device)
+        if stream is None:
+            stream = torch._C._cuda_getCurrentRawStream(device)
+        extra = self._pack(args)
+        res = self._cuLaunchKernel(self._handle, gx, gy, gz, bx, by, bz, smem, stream, None, extra)
+        if res == _CUDA_ERROR_INVALID_CONTEXT:   # a thread that never touched CUDA through torch
+            driver.ensure_context(device)
+            res = self._cuLaunchKernel(self._handle, gx, gy, gz, bx, by, bz, smem, stream, None, extra)
+        if res != 0:
+            driver.check(res, f"launch of {self.name} grid={grid} block={block} smem={smem}")
+
+    def launch_cluster(self, grid, block, cluster, *args, smem: int = 0, stream: int | None = None) -> None:
+        """Launch with thread-block clusters (cuLaunchKernelEx); `cluster` is (x, y, z)."""
+        device = torch._C._cuda_getDevice()
+        if smem > _DEFAULT_SMEM_LIMIT:
+            self._configure_smem(smem, device)
+        if stream is None:
+            stream = torch._C._cuda_getCurrentRawStream(device)
+        g = (tuple(grid) + (1, 1))[:3] if not isinstance(grid, int) else (grid, 1, 1)
+        b = (tuple(block) + (1, 1))[:3] if not isinstance(block, int) else (block, 1, 1)
+        c = (tuple(cluster) + (1, 1))[:3] if not isinstance(cluster, int) else (cluster, 1, 1)
+        attr = driver.LaunchAttribute()
+        attr.id = driver.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value[0], attr.value[1], attr.value[2] = c
+        cfg = driver.LaunchConfig(*g, *b, smem, stream, ctypes.pointer(attr), 1)
+        extra = self._pack(args)
+        driver.check(driver.lib().cuLaunchKernelEx(ctypes.byref(cfg), self._handle, None, extra),
+                     f"cluster launch of {self.name} grid={grid} block={block} cluster={cluster}")

@@ -1,0 +1,15 @@
+"""Typed Python entry points for the quantisation ops."""
+from __future__ import annotations
+
+import torch
+
+
+def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float = 1e-4,
+                              scale_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise `x` ([M, K] or [B, M, K], bf16/fp16/fp32) to e4m3 per 1 x `group_size` group.
+
+    Returns `(q, scales)`: q has x's shape in float8_e4m3fn; scales is fp32 [..., M, K // group_size] with
+    scale = max(amax, eps) / 448 (rounded up to a power of two if `scale_ue8m0`), stored MN-major and
+    TMA-aligned (see torch_deepstack.quant.scale_layout). Dequantise with q.float() * scale.
+    """
+    return torch.ops.deepstack.per_token_group_quant_fp8(x, group_size, eps, scale_ue8m0)
