@@ -23,13 +23,6 @@ def _prebuild():
     return [group_quant_spec(d, g, u) for d in _CTYPE for g in (128,) for u in (False, True)]
 
 
-def check_same_device(op: str, **tensors) -> None:
-    devs = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devs.values())) > 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got " +
-                         ", ".join(f"{k} on {v}" for k, v in devs.items()))
-
-
 @cuda_kernel("per_token_group_quant_fp8")
 def per_token_group_quant_fp8_cuda(x: torch.Tensor, group_size: int = 128, eps: float = 1e-4,
                                    scale_ue8m0: bool = False):

@@ -1,0 +1,126 @@
+"""JIT pipeline: spec rendering, parameter packing, ptxas parsing, nvcc compile + cache (where nvcc exists)."""
+import multiprocessing as mp
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from torch_deepstack import jit
+from torch_deepstack.jit import KernelSpec, cache, nvcc
+from torch_deepstack.jit.launch import param_struct
+
+DATA = Path(__file__).parent / "data"
+needs_nvcc = pytest.mark.skipif(nvcc.find_nvcc() is None, reason="nvcc not installed")
+
+
+def test_spec_source_forces_one_instantiation():
+    spec = KernelSpec("quant/per_token_group_quant_fp8.cuh", "deepstack::per_token_group_quant_fp8_kernel",
+                      ("__nv_bfloat16", 128, False))
+    src = spec.source()
+    assert '#include "quant/per_token_group_quant_fp8.cuh"' in src
+    assert "deepstack::per_token_group_quant_fp8_kernel<__nv_bfloat16, 128, false>" in src
+    assert spec.name == "per_token_group_quant_fp8_kernel"
+
+
+def test_param_struct_follows_cuda_alignment():
+    s = param_struct("pif")
+    assert s.size == 16 and struct.calcsize(s.format) == 16
+    s = param_struct("ip")                     # int then pointer: 4 bytes of padding
+    assert s.size == 16
+    s = param_struct("it")                     # tensor map is 64-byte aligned
+    assert s.size == 64 + 128
+    with pytest.raises(ValueError, match="unknown kernel signature code"):
+        param_struct("px")
+
+
+def test_parse_ptxas_report():
+    text = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3fooPf
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack size"""
+    (rep,) = nvcc.parse_ptxas(text)
+    assert rep.entry == "_Z3fooPf" and rep.registers == 255
+    assert (rep.stack_frame, rep.spill_stores, rep.spill_loads) == (16, 8, 12) and rep.has_spills
+
+
+def test_cache_key_changes_with_inputs():
+    a = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (1,))
+    b = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (2,))
+    c = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (1,), extra_flags=("-lineinfo",))
+    if nvcc.find_nvcc() is None:
+        pytest.skip("cache keys include nvcc's version")
+    keys = {cache.cache_key(s, "sm_90a") for s in (a, b, c)}
+    assert len(keys) == 3
+    assert cache.cache_key(a, "sm_90a") != cache.cache_key(a, "sm_100a")
+
+
+@needs_nvcc
+def test_compile_then_cache_hit(monkeypatch):
+    spec = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (7,))
+    first = jit.build(spec)
+    assert first.path.is_file() and first.entry.startswith("_ZN9deepstack11noop_kernelILi7E")
+    assert first.meta["registers"] > 0 and first.meta["spill_stores"] == 0
+
+    def no_compile(*a, **k):
+        raise AssertionError("cache miss: nvcc ran again")
+    monkeypatch.setattr(nvcc, "compile_cubin", no_compile)
+    again = jit.build(spec)
+    assert again.path == first.path and again.entry == first.entry
+    assert any(e["instantiation"] == spec.instantiation() for e in jit.list_entries())
+
+
+@needs_nvcc
+def test_compile_error_carries_nvcc_message():
+    spec = KernelSpec(str(DATA / "broken.cuh"), "broken_kernel", (1,))
+    with pytest.raises(jit.JitCompileError, match="this_identifier_does_not_exist"):
+        jit.build(spec)
+
+
+@needs_nvcc
+def test_ptxas_check_rejects_spills(monkeypatch):
+    spec = KernelSpec(str(DATA / "spills.cuh"), "spilling_kernel", (64,))
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
+    with pytest.raises(jit.JitCompileError, match="ptxas check failed"):
+        jit.build(spec)
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "0")
+    assert jit.build(spec).meta["stack_frame"] > 0
+
+
+def _build_in_child(cache_dir, q):
+    os.environ["DEEPSTACK_JIT_CACHE_DIR"] = cache_dir
+    from torch_deepstack import jit as j
+    r = j.build(KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (11,)))
+    q.put(str(r.path))
+
+
+@needs_nvcc
+@pytest.mark.timeout(120)
+def test_concurrent_processes_share_one_entry(tmp_path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(str(tmp_path), q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    paths = {q.get(timeout=110) for _ in procs}
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert len(paths) == 1
+    entries = [d for d in (tmp_path / "sm_90a").iterdir() if not d.name.startswith(".")]
+    assert len(entries) == 1                     # no stray temp directories left behind
+    assert not list((tmp_path / "sm_90a").glob(".tmp-*"))
+
+
+@needs_nvcc
+@pytest.mark.timeout(900)
+def test_every_kernel_family_compiles_without_spills(monkeypatch):
+    """Compile every prebuild specialisation of every area for sm_90a; fail on spills or local memory."""
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
+    specs = jit.prebuild_specs()
+    assert specs, "no kernel family registered a prebuild list"
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(jit.build, specs))
+    for spec, r in zip(specs, results):
+        assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0, spec.instantiation()

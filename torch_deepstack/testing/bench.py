@@ -1,0 +1,126 @@
+"""Timing and reporting shared by the benchmark scripts in benchmarks/.
+
+Method (see ../shared/specs/gpu-notes.md): warm up, flush L2 before every repetition (a 256 MB write), time each
+repetition with CUDA events, report the median. `use_graph=True` captures the call in a CUDA graph first, so launch
+gaps of multi-kernel ops are not measured. Results go to JSON (bench_results/<area>.json) and to a markdown table
+inside docs/benchmarks.md, between markers that a rerun replaces.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+_flush_buf: torch.Tensor | None = None
+
+
+def flush_l2() -> None:
+    global _flush_buf
+    if _flush_buf is None:
+        _flush_buf = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    _flush_buf.zero_()
+
+
+def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool = True, use_graph: bool = False) -> float:
+    """Median milliseconds of `fn()` on the current CUDA stream."""
+    for _ in range(warmup):
+        fn()
+    call = fn
+    if use_graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        call = g.replay
+        call()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    for s, e in zip(starts, ends):
+        if flush:
+            flush_l2()
+        s.record()
+        call()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def bench_host(fn, iters: int = 20000, warmup: int = 1000) -> float:
+    """Mean host microseconds per call of `fn()` (for launch overhead: no synchronisation inside)."""
+    import time
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"CPU, torch {torch.__version__}"
+
+
+@dataclass
+class BenchTable:
+    area: str
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *row) -> None:
+        assert len(row) == len(self.columns), (row, self.columns)
+        self.rows.append(list(row))
+        print(" | ".join(_fmt(v) for v in row), flush=True)
+
+    def markdown(self, command: str) -> str:
+        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        lines = [f"### {self.title}", "", f"- date: {date}", f"- device: {device_name()}",
+                 f"- command: `{command}`", *[f"- {n}" for n in self.notes], "",
+                 "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def save(self, repo_root: Path | None = None, command: str | None = None) -> None:
+        """Write bench_results/<area>-<name>.json and replace this table's block in docs/benchmarks.md."""
+        root = Path(repo_root or Path(__file__).resolve().parents[2])
+        command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        out = Path(os.environ.get("DEEPSTACK_BENCH_OUT", root / "bench_results"))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{self.area}-{self.name}.json").write_text(json.dumps(
+            {"area": self.area, "name": self.name, "title": self.title, "device": device_name(),
+             "command": command, "columns": self.columns, "rows": self.rows, "notes": self.notes}, indent=1))
+        (out / f"{self.area}-{self.name}.md").write_text(self.markdown(command))
+        docs = root / "docs" / "benchmarks.md"
+        if docs.parent.is_dir():
+            update_markdown_block(docs, f"{self.area}:{self.name}", self.markdown(command))
+
+
+def update_markdown_block(path: Path, key: str, body: str) -> None:
+    start, end = f"<!-- bench:{key} start -->", f"<!-- bench:{key} end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
