@@ -1,0 +1,503 @@
+"""Chunk engine: one per storage target (a directory on a local disk).
+
+On-disk format (format 1):
+
+    <target>/target.json            {"format": 1, "target_id": ..., "crc_block": 4096}
+    <target>/chunks.db              SQLite: one row per chunk (committed and pending version)
+    <target>/data/<xx>/<chunk>.v<N> the bytes of version N of a chunk, padded to 4 KiB, written once
+
+Copy-on-write: an update never touches the file of the committed version. It writes a complete new version
+file (O_DIRECT, then fdatasync), and only then records it in chunks.db (one SQLite transaction). A crash at
+any point therefore leaves either the old committed version or the new one, both complete; files no row
+references are removed when the engine opens. Readers hold a reference to the file they read, so a commit
+that retires the old version never pulls bytes out from under them.
+
+Checksums: CRC32C of the whole chunk (`crc`), plus one CRC32C per `crc_block` bytes (`page_crcs`) so a small
+random read can be verified without reading the whole chunk. A mismatch raises `ChunkCorrupt`.
+
+Direct I/O: data files are opened with O_DIRECT and read/written through page-aligned buffers. Where the file
+system refuses O_DIRECT the engine logs why and uses buffered I/O with fdatasync instead.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import json
+import logging
+import mmap
+import os
+import sqlite3
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from torch_deepstack.storage.crc import crc32c
+from torch_deepstack.storage.errors import ChunkCorrupt, InvalidArgument, NoSpace, NotFound, StorageError
+from torch_deepstack.storage.paths import validate_chunk_id
+
+log = logging.getLogger("torch_deepstack.storage")
+
+ALIGN = 4096
+FORMAT = 1
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def buffer_address(mv: memoryview) -> int:
+    """Address of a writable, C-contiguous buffer (for O_DIRECT alignment checks)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """Anonymous mmap: page-aligned, as O_DIRECT requires."""
+    return mmap.mmap(-1, max(align_up(size), ALIGN))
+
+
+@dataclass(frozen=True)
+class Version:
+    ver: int
+    length: int
+    crc: int
+    page_crcs: bytes  # packed uint32, one per crc_block
+
+    def page_crc(self, i: int) -> int:
+        return int.from_bytes(self.page_crcs[4 * i:4 * i + 4], "little")
+
+    def to_json(self) -> dict:
+        return {"ver": self.ver, "length": self.length, "crc": self.crc}
+
+
+@dataclass
+class ChunkMeta:
+    chunk_id: str
+    committed: Version | None = None
+    pending: Version | None = None
+    chain_ver: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "chunk": self.chunk_id,
+            "committed": self.committed.to_json() if self.committed else None,
+            "pending": self.pending.to_json() if self.pending else None,
+            "chain_ver": self.chain_ver,
+        }
+
+
+class _Handle:
+    __slots__ = ("fd", "refs", "evicted")
+
+    def __init__(self, fd: int):
+        self.fd, self.refs, self.evicted = fd, 0, False
+
+
+class _FdCache:
+    """LRU of open version files. Handles are reference-counted: an fd is closed only once it is both evicted
+    and unused, so a concurrent read can never land on a recycled descriptor."""
+
+    def __init__(self, capacity: int = 512):
+        self.capacity = capacity
+        self.lock = threading.Lock()
+        self.items: OrderedDict[str, _Handle] = OrderedDict()
+
+    def acquire(self, path: str, flags: int) -> _Handle:
+        with self.lock:
+            h = self.items.get(path)
+            if h is not None:
+                self.items.move_to_end(path)
+                h.refs += 1
+                return h
+        fd = os.open(path, flags)
+        with self.lock:
+            h = self.items.get(path)
+            if h is not None:  # another thread opened it meanwhile
+                os.close(fd)
+            else:
+                h = self.items[path] = _Handle(fd)
+                while len(self.items) > self.capacity:
+                    _, old = self.items.popitem(last=False)
+                    old.evicted = True
+                    if old.refs == 0:
+                        os.close(old.fd)
+            h.refs += 1
+            return h
+
+    def release(self, h: _Handle) -> None:
+        with self.lock:
+            h.refs -= 1
+            if h.evicted and h.refs == 0:
+                os.close(h.fd)
+
+    def forget(self, path: str) -> None:
+        with self.lock:
+            h = self.items.pop(path, None)
+            if h is not None:
+                h.evicted = True
+                if h.refs == 0:
+                    os.close(h.fd)
+
+    def close(self) -> None:
+        with self.lock:
+            for h in self.items.values():
+                h.evicted = True
+                if h.refs == 0:
+                    os.close(h.fd)
+            self.items.clear()
+
+
+def page_crcs_of(data, crc_block: int) -> bytes:
+    mv = memoryview(data).cast("B")
+    out = array.array("I", (crc32c(mv[i:i + crc_block]) for i in range(0, len(mv), crc_block)))
+    return out.tobytes()
+
+
+class ChunkEngine:
+    """Chunk store of one storage target. Thread-safe."""
+
+    def __init__(self, root: str, target_id: str | None = None, *, create: bool = True, sync: bool = True,
+                 crc_block: int = ALIGN, capacity_bytes: int | None = None, direct_io: bool = True):
+        self.root = os.path.abspath(root)
+        info_path = os.path.join(self.root, "target.json")
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                info = json.load(f)
+            if info.get("format") != FORMAT:
+                raise StorageError(f"{self.root}: unsupported chunk engine format {info.get('format')}")
+            if target_id is not None and info["target_id"] != target_id:
+                raise InvalidArgument(f"{self.root} belongs to target {info['target_id']!r}, not {target_id!r}")
+        elif not create:
+            raise NotFound(f"{self.root} is not a storage target (no target.json); run `deepstack fs mkfs`")
+        else:
+            if crc_block % ALIGN or crc_block <= 0:
+                raise InvalidArgument(f"crc_block must be a positive multiple of {ALIGN}, got {crc_block}")
+            os.makedirs(os.path.join(self.root, "data"), exist_ok=True)
+            info = {"format": FORMAT, "target_id": target_id or os.path.basename(self.root), "crc_block": crc_block}
+            tmp = info_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(info, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, info_path)
+        self.target_id: str = info["target_id"]
+        self.crc_block: int = info["crc_block"]
+        self.sync = sync
+        self.capacity_bytes = capacity_bytes
+        self._db_lock = threading.Lock()
+        self._db = sqlite3.connect(os.path.join(self.root, "chunks.db"), isolation_level=None,
+                                   check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS chunks (id TEXT PRIMARY KEY, chain_ver INTEGER NOT NULL,"
+            " ver INTEGER, len INTEGER, crc INTEGER, pcrc BLOB,"
+            " pver INTEGER, plen INTEGER, pcrc_whole INTEGER, ppcrc BLOB)")
+        self._meta: dict[str, ChunkMeta] = {}
+        self._locks = [threading.Lock() for _ in range(256)]
+        self._meta_lock = threading.Lock()
+        self._fds = _FdCache()
+        self._tls = threading.local()
+        self.direct_io = bool(direct_io and O_DIRECT)
+        self.fallback_reason: str | None = None if direct_io else "disabled by caller"
+        if self.direct_io:
+            self._probe_direct_io()
+        self._load()
+
+    # ------------------------------------------------------------------ setup
+    def _probe_direct_io(self) -> None:
+        probe = os.path.join(self.root, "data", ".odirect_probe")
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_RDWR | O_DIRECT, 0o600)
+            try:
+                buf = aligned_buffer(ALIGN)
+                os.pwrite(fd, buf, 0)
+                os.preadv(fd, [buf], 0)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.direct_io = False
+            self.fallback_reason = f"O_DIRECT refused by the file system under {self.root}: {e.strerror}"
+            log.warning("chunk engine %s: %s; using buffered I/O with fdatasync", self.target_id,
+                        self.fallback_reason)
+        finally:
+            try:
+                os.unlink(probe)
+            except FileNotFoundError:
+                pass
+
+    def _load(self) -> None:
+        referenced = set()
+        for row in self._db.execute("SELECT id, chain_ver, ver, len, crc, pcrc, pver, plen, pcrc_whole, ppcrc "
+                                    "FROM chunks"):
+            cid, chain_ver, ver, ln, crc, pcrc, pver, plen, pcrcw, ppcrc = row
+            m = ChunkMeta(cid, chain_ver=chain_ver)
+            if ver is not None:
+                m.committed = Version(ver, ln, crc, bytes(pcrc))
+                referenced.add(self._data_path(cid, ver))
+            if pver is not None:
+                m.pending = Version(pver, plen, pcrcw, bytes(ppcrc))
+                referenced.add(self._data_path(cid, pver))
+            self._meta[cid] = m
+        # Files written before a crash but never recorded are garbage of an unfinished copy-on-write update.
+        data = os.path.join(self.root, "data")
+        for sub in os.listdir(data):
+            d = os.path.join(data, sub)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                p = os.path.join(d, name)
+                if p not in referenced:
+                    os.unlink(p)
+
+    def _data_path(self, cid: str, ver: int) -> str:
+        return os.path.join(self.root, "data", cid[-2:], f"{cid}.v{ver}")
+
+    def _lock_for(self, cid: str) -> threading.Lock:
+        return self._locks[hash(cid) & 255]
+
+    def chunk_lock(self, cid: str) -> threading.Lock:
+        """The per-chunk lock; CRAQ forwarding and resync hold it across a whole update."""
+        return self._lock_for(cid)
+
+    # ------------------------------------------------------------------ metadata
+    def meta(self, cid: str) -> ChunkMeta | None:
+        return self._meta.get(cid)
+
+    def list_chunks(self) -> dict[str, ChunkMeta]:
+        with self._meta_lock:
+            return dict(self._meta)
+
+    def used_bytes(self) -> int:
+        return sum(align_up(m.committed.length) for m in self._meta.values() if m.committed)
+
+    def _persist(self, m: ChunkMeta) -> None:
+        c, p = m.committed, m.pending
+        with self._db_lock:
+            if c is None and p is None:
+                self._db.execute("DELETE FROM chunks WHERE id = ?", (m.chunk_id,))
+            else:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (m.chunk_id, m.chain_ver,
+                     c.ver if c else None, c.length if c else None, c.crc if c else None, c.page_crcs if c else None,
+                     p.ver if p else None, p.length if p else None, p.crc if p else None, p.page_crcs if p else None))
+
+    # ------------------------------------------------------------------ read path
+    def _bounce(self, size: int) -> mmap.mmap:
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = self._tls.buf = aligned_buffer(max(size, 1 << 20))
+        return buf
+
+    def read(self, cid: str, offset: int, length: int, dest: memoryview | None = None, *,
+             version: Version | None = None) -> tuple[int, memoryview | bytes]:
+        """Read committed bytes [offset, offset+length) of a chunk, verified against the page CRCs.
+
+        Returns (n, data): n <= length bytes exist (0 for an absent chunk: a hole). With `dest` (a writable
+        byte memoryview of at least `length`), data lands there and `data` is `dest[:n]`."""
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"offset and length must be >= 0, got {offset}, {length}")
+        for _ in range(4):
+            v = version or (self._meta.get(cid).committed if cid in self._meta else None)
+            if v is None or offset >= v.length:
+                return 0, (dest[:0] if dest is not None else b"")
+            n = min(length, v.length - offset)
+            try:
+                return n, self._read_version(cid, v, offset, n, dest)
+            except FileNotFoundError:
+                if version is not None:
+                    raise
+                continue  # a commit retired this version between lookup and open: take the new one
+        raise StorageError(f"chunk {cid} on {self.target_id}: kept changing during read")
+
+    def _read_version(self, cid: str, v: Version, offset: int, n: int, dest: memoryview | None):
+        blk = self.crc_block
+        a0 = offset // blk * blk
+        a1 = min(align_up(offset + n, blk), align_up(v.length))
+        flags = os.O_RDONLY | (O_DIRECT if self.direct_io else 0)
+        h = self._fds.acquire(self._data_path(cid, v.ver), flags)
+        try:
+            direct_into_dest = (dest is not None and offset == a0 and n == a1 - a0
+                                and buffer_address(dest) % ALIGN == 0)
+            if direct_into_dest:
+                buf = dest[:n]
+                got = os.preadv(h.fd, [buf], a0)
+            else:
+                bounce = self._bounce(a1 - a0)
+                buf = memoryview(bounce)[:a1 - a0]
+                got = os.preadv(h.fd, [buf], a0)
+        finally:
+            self._fds.release(h)
+        if got < min(a1, v.length) - a0:
+            raise ChunkCorrupt(f"chunk {cid} v{v.ver} on {self.target_id}: short file ({got} bytes at {a0})")
+        # Verify every CRC block the read touched.
+        for i, pos in enumerate(range(a0, a1, blk)):
+            end = min(pos + blk, v.length) - a0
+            if crc32c(buf[pos - a0:end]) != v.page_crc(a0 // blk + i):
+                raise ChunkCorrupt(f"chunk {cid} v{v.ver} on target {self.target_id}: CRC32C mismatch in "
+                                   f"block {a0 // blk + i}")
+        if direct_into_dest:
+            return dest[:n]
+        src = buf[offset - a0:offset - a0 + n]
+        if dest is not None:
+            dest[:n] = src
+            return dest[:n]
+        return bytes(src)
+
+    def read_full(self, cid: str, *, pending: bool = False) -> tuple[Version | None, bytes]:
+        m = self._meta.get(cid)
+        v = None if m is None else (m.pending if pending else m.committed)
+        if v is None:
+            return None, b""
+        _, data = self.read(cid, 0, v.length, version=v)
+        return v, bytes(data)
+
+    def verify(self, cid: str) -> bool:
+        """Re-read the whole committed chunk and check both its page CRCs and its whole-chunk CRC."""
+        m = self._meta.get(cid)
+        if m is None or m.committed is None:
+            return True
+        try:
+            _, data = self.read(cid, 0, m.committed.length, version=m.committed)
+        except (ChunkCorrupt, FileNotFoundError):
+            return False
+        return crc32c(data) == m.committed.crc
+
+    # ------------------------------------------------------------------ write path
+    def _write_file(self, path: str, data) -> None:
+        mv = memoryview(data).cast("B")
+        if self.capacity_bytes is not None and self.used_bytes() + align_up(len(mv)) > self.capacity_bytes:
+            raise NoSpace(f"target {self.target_id}: no space left ({self.capacity_bytes} bytes capacity)")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            if self.direct_io:
+                buf = aligned_buffer(len(mv))
+                buf[:len(mv)] = mv
+                fd = os.open(path, tmp_flags | O_DIRECT, 0o600)
+                try:
+                    if len(mv):
+                        os.pwrite(fd, memoryview(buf)[:align_up(len(mv))], 0)
+                    if self.sync:
+                        os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                    buf.close()
+            else:
+                fd = os.open(path, tmp_flags, 0o600)
+                try:
+                    os.pwrite(fd, mv, 0)
+                    if self.sync:
+                        os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"target {self.target_id}: disk full writing {os.path.basename(path)}") from e
+            raise
+
+    def _make_version(self, ver: int, data) -> Version:
+        mv = memoryview(data).cast("B")
+        return Version(ver, len(mv), crc32c(mv), page_crcs_of(mv, self.crc_block))
+
+    def patched(self, cid: str, offset: int, data, chunk_size: int) -> bytearray:
+        """New full content of a chunk: the committed bytes with `data` written at `offset`
+        (the read-modify-write step of a CRAQ update; zero-fills a gap)."""
+        mv = memoryview(data).cast("B")
+        if offset < 0 or offset + len(mv) > chunk_size:
+            raise InvalidArgument(f"write [{offset}, {offset + len(mv)}) outside chunk of {chunk_size} bytes")
+        m = self._meta.get(cid)
+        old_len = m.committed.length if m and m.committed else 0
+        if offset == 0 and len(mv) >= old_len:
+            return bytearray(mv)
+        _, old = self.read_full(cid)
+        new = bytearray(max(old_len, offset + len(mv)))
+        new[:old_len] = old
+        new[offset:offset + len(mv)] = mv
+        return new
+
+    def write_pending(self, cid: str, ver: int, content, chain_ver: int = 0) -> Version:
+        """Store `content` as pending version `ver` (replacing any older pending one). Caller holds the lock."""
+        validate_chunk_id(cid)
+        v = self._make_version(ver, content)
+        path = self._data_path(cid, ver)
+        self._write_file(path, content)
+        with self._meta_lock:
+            m = self._meta.get(cid) or ChunkMeta(cid)
+            old_pending = m.pending
+            m = ChunkMeta(cid, m.committed, v, max(chain_ver, m.chain_ver))
+            self._persist(m)
+            self._meta[cid] = m
+        if old_pending is not None and old_pending.ver != ver and (m.committed is None
+                                                                   or old_pending.ver != m.committed.ver):
+            self._remove_file(cid, old_pending.ver)
+        return v
+
+    def commit(self, cid: str, ver: int) -> None:
+        """Pending version `ver` becomes committed; the old committed file is retired."""
+        with self._meta_lock:
+            m = self._meta.get(cid)
+            if m is None or m.pending is None or m.pending.ver != ver:
+                if m is not None and m.committed is not None and m.committed.ver == ver:
+                    return  # already committed (a repeated ack)
+                raise NotFound(f"chunk {cid} on {self.target_id}: no pending version {ver} to commit")
+            old = m.committed
+            m = ChunkMeta(cid, m.pending, None, m.chain_ver)
+            self._persist(m)
+            self._meta[cid] = m
+        if old is not None and old.ver != ver:
+            self._remove_file(cid, old.ver)
+
+    def put_committed(self, cid: str, ver: int, content, chain_ver: int = 0) -> Version:
+        """Write and commit in one step (embedded mode, resync and repair). Caller holds the chunk lock."""
+        validate_chunk_id(cid)
+        v = self._make_version(ver, content)
+        self._write_file(self._data_path(cid, ver), content)
+        with self._meta_lock:
+            m = self._meta.get(cid) or ChunkMeta(cid)
+            old = [x for x in (m.committed, m.pending) if x is not None and x.ver != ver]
+            m = ChunkMeta(cid, v, None, max(chain_ver, m.chain_ver))
+            self._persist(m)
+            self._meta[cid] = m
+        for x in old:
+            self._remove_file(cid, x.ver)
+        return v
+
+    def update(self, cid: str, offset: int, data, chunk_size: int) -> Version:
+        """Local copy-on-write update (no replication): patch, write new version, commit."""
+        with self._lock_for(cid):
+            content = self.patched(cid, offset, data, chunk_size)
+            m = self._meta.get(cid)
+            ver = max([0] + [x.ver for x in (m.committed, m.pending) if x] if m else [0]) + 1
+            return self.put_committed(cid, ver, content)
+
+    def remove(self, cid: str) -> bool:
+        with self._lock_for(cid):
+            with self._meta_lock:
+                m = self._meta.pop(cid, None)
+                if m is None:
+                    return False
+                self._persist(ChunkMeta(cid))
+            for x in (m.committed, m.pending):
+                if x is not None:
+                    self._remove_file(cid, x.ver)
+            return True
+
+    def _remove_file(self, cid: str, ver: int) -> None:
+        path = self._data_path(cid, ver)
+        self._fds.forget(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self._fds.close()
+        with self._db_lock:
+            self._db.close()

@@ -1,0 +1,534 @@
+"""The client: POSIX-like file API plus a batched zero-copy read API (USRBIO-style), over any backend.
+
+A `FileSystem` pairs a metadata store (local `MetaStore` or the manager's meta RPC) with a data backend
+(one local chunk engine, or the storage cluster). See docs/storage.md for the public API.
+"""
+from __future__ import annotations
+
+import io
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from torch_deepstack.storage.errors import (InvalidArgument, IsADirectory, NotFound, StorageError)
+from torch_deepstack.storage.paths import chunk_id, normalize, split_path
+
+
+# ---------------------------------------------------------------------------------------------- buffers
+def writable_bytes(buf: Any, name: str = "out") -> memoryview:
+    """A writable, flat byte view of a caller buffer, without copying.
+
+    Accepts bytearray, memoryview, mmap, numpy arrays and CPU torch tensors (pinned or not); all must be
+    C-contiguous. Data read into the view lands directly in the caller's memory."""
+    mod = type(buf).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        if not isinstance(buf, torch.Tensor):
+            raise InvalidArgument(f"{name}: expected a tensor or a writable buffer, got {type(buf).__name__}")
+        if buf.device.type != "cpu":
+            raise InvalidArgument(f"{name}: tensor must live in CPU (ideally pinned) memory, got {buf.device}; "
+                                  f"copy to the GPU after the read completes")
+        if not buf.is_contiguous():
+            raise InvalidArgument(f"{name}: tensor must be contiguous")
+        flat = buf.detach().reshape(-1)
+        if flat.dtype != torch.uint8:
+            flat = flat.view(torch.uint8)
+        return memoryview(flat.numpy()).cast("B")
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise InvalidArgument(f"{name}: expected a writable buffer (bytearray, numpy array, CPU tensor, ...), "
+                              f"got {type(buf).__name__}") from None
+    if mv.readonly:
+        raise InvalidArgument(f"{name}: buffer is read-only ({type(buf).__name__}); pass a bytearray or array")
+    if not mv.c_contiguous:
+        raise InvalidArgument(f"{name}: buffer must be C-contiguous")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+# ---------------------------------------------------------------------------------------------- types
+@dataclass
+class FileStat:
+    path: str
+    inode: int
+    type: str  # "file" | "dir"
+    size: int
+    chunk_size: int
+    mtime: float
+    ctime: float
+    chains: list[str] = field(default_factory=list)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+    @classmethod
+    def from_inode(cls, path: str, ino: dict) -> "FileStat":
+        return cls(path, ino["id"], ino["type"], ino.get("length", 0), ino["chunk_size"], ino["mtime"],
+                   ino["ctime"], list(ino.get("chains", [])))
+
+
+@dataclass
+class ChunkRead:
+    """One piece of a read that falls inside one chunk (what backends serve)."""
+    chain: str
+    chunk: str
+    offset: int
+    length: int
+    dest: memoryview
+    n: int = 0
+    error: BaseException | None = None
+
+
+@dataclass
+class ReadRequest:
+    file: Any  # path str or File
+    offset: int
+    length: int
+    out: Any = None
+    userdata: Any = None
+
+
+@dataclass
+class ReadResult:
+    """Completion of one request: `nbytes` read (short at end of file), `data` a view of the bytes in the
+    caller's buffer (or a fresh bytearray when no `out` was given), `error` set on failure."""
+    request: ReadRequest
+    nbytes: int = 0
+    data: memoryview | None = None
+    error: BaseException | None = None
+
+    @property
+    def userdata(self):
+        return self.request.userdata
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class DataBackend:
+    """Where chunk bytes live. Implementations: LocalBackend (embedded), ClusterBackend (storage services)."""
+
+    def read_chunks(self, reads: list[ChunkRead]) -> None:
+        raise NotImplementedError
+
+    def write_chunks(self, writes: list[tuple[str, str, int, memoryview, int]]) -> None:
+        """writes: (chain, chunk id, offset in chunk, data, chunk_size); all or raise."""
+        raise NotImplementedError
+
+    def remove_chunks(self, items: list[tuple[str, str]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- files
+class File(io.RawIOBase):
+    """A file handle. Reads come straight from storage (no page cache); writes are buffered per handle and
+    written chunk by chunk on flush/close (each chunk update is atomic: copy-on-write, and replicated in a
+    cluster). The file length is published to metadata on flush."""
+
+    def __init__(self, fs: "FileSystem", path: str, inode: dict, mode: str):
+        super().__init__()
+        self.fs, self.path, self.mode = fs, path, mode
+        self._inode = inode
+        self._pos = inode["length"] if "a" in mode else 0
+        self._wbuf = bytearray()
+        self._wpos = 0  # file offset of _wbuf[0]
+        self._readable = "r" in mode or "+" in mode
+        self._writable = any(c in mode for c in "wxa+")
+
+    # ------------------------------------------------------------ io.RawIOBase
+    def readable(self) -> bool:
+        return self._readable
+
+    def writable(self) -> bool:
+        return self._writable
+
+    def seekable(self) -> bool:
+        return True
+
+    @property
+    def inode(self) -> int:
+        return self._inode["id"]
+
+    @property
+    def size(self) -> int:
+        return max(self._inode["length"], self._wpos + len(self._wbuf) if self._wbuf else 0)
+
+    @property
+    def chunk_size(self) -> int:
+        return self._inode["chunk_size"]
+
+    @property
+    def layout(self) -> dict:
+        return self._inode
+
+    def refresh(self) -> None:
+        """Re-read the file's inode (to see the length another writer published)."""
+        self._inode = self.fs.meta.inode(self._inode["id"])
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
+        if base is None:
+            raise InvalidArgument(f"whence must be 0, 1 or 2, got {whence}")
+        if base + offset < 0:
+            raise InvalidArgument(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        self._check_read()
+        mv = writable_bytes(buf, "buf")
+        n = self.pread_into(self._pos, mv)
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        self._check_read()
+        if size is None or size < 0:
+            size = max(0, self.size - self._pos)
+        out = bytearray(size)
+        n = self.readinto(out)
+        return bytes(out[:n])
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        return bytes(out[:self.pread_into(offset, out)])
+
+    def pread_into(self, offset: int, out) -> int:
+        self._check_read()
+        if self._wbuf:
+            self.flush()
+        mv = writable_bytes(out)
+        res = self.fs.batch_read([ReadRequest(self, offset, len(mv), mv)])[0]
+        if res.error is not None:
+            raise res.error
+        return res.nbytes
+
+    def write(self, data) -> int:
+        self._check_write()
+        mv = memoryview(data).cast("B")
+        if self._wbuf and self._pos != self._wpos + len(self._wbuf):
+            self.flush()
+        if not self._wbuf:
+            self._wpos = self._pos
+        self._wbuf += mv
+        self._pos += len(mv)
+        if len(self._wbuf) >= self.fs.write_buffer_bytes:
+            self.flush()
+        return len(mv)
+
+    def pwrite(self, data, offset: int) -> int:
+        self.seek(offset)
+        return self.write(data)
+
+    def flush(self) -> None:
+        if self.closed or not self._wbuf:
+            return
+        data, pos = memoryview(bytes(self._wbuf)), self._wpos
+        self._wbuf = bytearray()
+        self.fs._write_range(self._inode, pos, data)
+        self._inode = self.fs.meta.set_length(self._inode["id"], pos + len(data))
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.flush()
+            finally:
+                super().close()
+
+    def _check_read(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        if not self._readable:
+            raise io.UnsupportedOperation(f"{self.path} was opened with mode {self.mode!r}, not for reading")
+
+    def _check_write(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        if not self._writable:
+            raise io.UnsupportedOperation(f"{self.path} was opened with mode {self.mode!r}, not for writing")
+
+    def __repr__(self) -> str:
+        return f"<deepstack File {self.path!r} mode={self.mode!r} inode={self.inode}>"
+
+
+# ---------------------------------------------------------------------------------------------- batches
+class ReadBatch:
+    """Handle of a submitted batch: `wait(timeout)` returns the results; callbacks run on completion."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> list[ReadResult]:
+        return self._future.result(timeout)
+
+    result = wait
+
+
+class ReadRing:
+    """USRBIO-style ring: `prepare()` requests (not thread-safe, like hf3fs_prep_io), `submit()` them as one
+    batch, `wait(min_results, timeout)` for completions in the order they finish."""
+
+    def __init__(self, fs: "FileSystem", entries: int = 1024):
+        if not isinstance(entries, int) or entries <= 0:
+            raise InvalidArgument(f"entries must be a positive int, got {entries!r}")
+        self.fs, self.entries = fs, entries
+        self._prepared: list[ReadRequest] = []
+        self._inflight = 0
+        self._done: queue.Queue[ReadResult] = queue.Queue()
+        self._lock = threading.Lock()
+
+    def prepare(self, file, offset: int, length: int, out=None, userdata=None) -> int:
+        with self._lock:
+            if len(self._prepared) + self._inflight >= self.entries:
+                raise StorageError(f"ring full ({self.entries} entries): wait() for completions first")
+            self._prepared.append(ReadRequest(file, offset, length, out, userdata))
+            return len(self._prepared) - 1
+
+    def submit(self) -> "ReadRing":
+        with self._lock:
+            reqs, self._prepared = self._prepared, []
+            self._inflight += len(reqs)
+        if reqs:
+            self.fs.submit_reads(reqs, callback=self._complete)
+        return self
+
+    def _complete(self, res: ReadResult) -> None:
+        self._done.put(res)
+
+    def wait(self, min_results: int = 1, max_results: int = 0, timeout: float | None = None) -> list[ReadResult]:
+        out: list[ReadResult] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(out) < min_results:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                out.append(self._done.get(timeout=left))
+            except queue.Empty:
+                break
+        while (max_results <= 0 or len(out) < max_results):
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            self._inflight -= len(out)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- file system
+_MODES = {"r": "rb", "rb": "rb", "w": "wb", "wb": "wb", "x": "xb", "xb": "xb", "a": "ab", "ab": "ab",
+          "r+": "r+b", "r+b": "r+b", "rb+": "r+b", "w+": "w+b", "w+b": "w+b", "wb+": "w+b"}
+
+
+class FileSystem:
+    """Client of one deepstack file system (embedded or cluster). Thread-safe."""
+
+    write_buffer_bytes = 8 << 20
+
+    def __init__(self, meta, backend: DataBackend, uri: str, *, io_threads: int = 16):
+        self.meta = meta
+        self.backend = backend
+        self.uri = uri
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-io")
+        self._async_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deepstack-batch")
+        self._closed = False
+
+    # ------------------------------------------------------------ namespace
+    def stat(self, path: str) -> FileStat:
+        return FileStat.from_inode(normalize(path), self.meta.stat(path))
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.meta.stat(path)
+            return True
+        except NotFound:
+            return False
+
+    def listdir(self, path: str = "/") -> list[str]:
+        return [name for name, _ in self.meta.listdir(path)]
+
+    def scandir(self, path: str = "/") -> list[tuple[str, str]]:
+        """(name, "file" | "dir") for each entry."""
+        return list(self.meta.listdir(path))
+
+    def mkdir(self, path: str, *, parents: bool = False, exist_ok: bool = False, chunk_size: int | None = None,
+              stripe: int | None = None) -> FileStat:
+        return FileStat.from_inode(normalize(path), self.meta.mkdir(path, parents=parents, exist_ok=exist_ok,
+                                                                     chunk_size=chunk_size, stripe=stripe))
+
+    def makedirs(self, path: str, exist_ok: bool = True, **layout) -> FileStat:
+        return self.mkdir(path, parents=True, exist_ok=exist_ok, **layout)
+
+    def rename(self, src: str, dst: str) -> None:
+        replaced = self.meta.rename(src, dst)
+        if replaced:
+            self._drop_chunks([replaced])
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        self._drop_chunks(self.meta.remove(path, recursive=recursive))
+
+    def _drop_chunks(self, inodes: Iterable[dict]) -> None:
+        items = []
+        for ino in inodes:
+            cs, chains = ino["chunk_size"], ino["chains"]
+            for idx in range((ino["length"] + cs - 1) // cs):
+                items.append((chains[idx % len(chains)], chunk_id(ino["id"], idx)))
+        if items:
+            self.backend.remove_chunks(items)
+
+    # ------------------------------------------------------------ files
+    def open(self, path: str, mode: str = "rb", *, chunk_size: int | None = None) -> File:
+        m = _MODES.get(mode)
+        if m is None:
+            raise InvalidArgument(f"mode must be one of {sorted(set(_MODES))} (binary only), got {mode!r}")
+        split_path(path)
+        if m == "rb" or m == "r+b":
+            ino = self.meta.stat(path)
+            if ino["type"] == "dir":
+                raise IsADirectory(f"is a directory: {path!r}")
+        else:
+            ino, old = self.meta.create(path, exclusive=m == "xb", truncate=m in ("wb", "w+b"),
+                                        chunk_size=chunk_size)
+            if old is not None:
+                self._drop_chunks([old])
+        return File(self, normalize(path), ino, m)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.open(path, "rb") as f:
+            return f.read()
+
+    def write_bytes(self, path: str, data, *, chunk_size: int | None = None) -> int:
+        with self.open(path, "wb", chunk_size=chunk_size) as f:
+            return f.write(data)
+
+    def _write_range(self, inode: dict, pos: int, data: memoryview) -> None:
+        cs, chains = inode["chunk_size"], inode["chains"]
+        writes = []
+        off = 0
+        while off < len(data):
+            idx, in_chunk = divmod(pos + off, cs)
+            n = min(cs - in_chunk, len(data) - off)
+            writes.append((chains[idx % len(chains)], chunk_id(inode["id"], idx), in_chunk, data[off:off + n], cs))
+            off += n
+        self.backend.write_chunks(writes)
+
+    # ------------------------------------------------------------ batched reads
+    def _plan(self, requests: Sequence[ReadRequest]):
+        inodes: dict[str, dict] = {}
+        results, pieces = [], []
+        for req in requests:
+            res = ReadResult(req)
+            results.append(res)
+            try:
+                if isinstance(req.file, File):
+                    ino = req.file._inode
+                elif isinstance(req.file, str):
+                    key = normalize(req.file)
+                    ino = inodes.get(key)
+                    if ino is None:
+                        ino = inodes[key] = self.meta.stat(key)
+                else:
+                    raise InvalidArgument(f"request file must be a path or a File, got {type(req.file).__name__}")
+                if ino["type"] != "file":
+                    raise IsADirectory(f"is a directory: {req.file!r}")
+                if not isinstance(req.offset, int) or not isinstance(req.length, int) or req.offset < 0 \
+                        or req.length < 0:
+                    raise InvalidArgument(f"offset and length must be ints >= 0, got {req.offset!r}, "
+                                          f"{req.length!r}")
+                out = bytearray(req.length) if req.out is None else req.out
+                mv = writable_bytes(out)
+                if len(mv) < req.length:
+                    raise InvalidArgument(f"out buffer has {len(mv)} bytes, request needs {req.length}")
+                n = max(0, min(req.length, ino["length"] - req.offset))
+                res.nbytes, res.data = n, mv[:n]
+                cs, chains = ino["chunk_size"], ino["chains"]
+                pos = req.offset
+                mine = []
+                while pos < req.offset + n:
+                    idx, in_chunk = divmod(pos, cs)
+                    ln = min(cs - in_chunk, req.offset + n - pos)
+                    d = pos - req.offset
+                    mine.append(ChunkRead(chains[idx % len(chains)], chunk_id(ino["id"], idx), in_chunk, ln,
+                                          mv[d:d + ln]))
+                    pos += ln
+                pieces.append((res, mine))
+            except BaseException as e:  # noqa: BLE001 - reported per request
+                res.error, res.data, res.nbytes = e, None, 0
+        return results, pieces
+
+    def batch_read(self, requests: Iterable, *, timeout: float | None = None) -> list[ReadResult]:
+        """Read many (file, offset, length[, out[, userdata]]) requests in one batch; blocks until done.
+
+        `file` is a path or an open `File`; `out` a caller buffer (bytearray, numpy, CPU/pinned tensor) the
+        bytes land in without an extra copy. Results come back in request order; per-request failures are
+        reported in `ReadResult.error`, not raised."""
+        reqs = [r if isinstance(r, ReadRequest) else ReadRequest(*r) for r in requests]
+        results, pieces = self._plan(reqs)
+        flat = [p for _, ps in pieces for p in ps]
+        if flat:
+            self.backend.read_chunks(flat)
+        for res, ps in pieces:
+            for p in ps:
+                if p.error is not None:
+                    res.error, res.data, res.nbytes = p.error, None, 0
+                    break
+                if p.n < p.length:  # a hole (chunk never written, or shorter than the file): zeros
+                    p.dest[p.n:p.length] = bytes(p.length - p.n)
+        return results
+
+    def submit_reads(self, requests: Iterable, *, callback: Callable[[ReadResult], Any] | None = None
+                     ) -> ReadBatch:
+        """Asynchronous `batch_read`: returns at once; `ReadBatch.wait()` or `callback(result)` per request."""
+        reqs = [r if isinstance(r, ReadRequest) else ReadRequest(*r) for r in requests]
+
+        def run():
+            try:
+                results = self.batch_read(reqs)
+            except BaseException as e:  # noqa: BLE001 - delivered to each request
+                results = [ReadResult(r, error=e) for r in reqs]
+            if callback is not None:
+                for r in results:
+                    callback(r)
+            return results
+        return ReadBatch(self._async_pool.submit(run))
+
+    def read_ring(self, entries: int = 1024) -> ReadRing:
+        return ReadRing(self, entries)
+
+    # ------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._async_pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        self.backend.close()
+        close = getattr(self.meta, "close", None)
+        if close:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<deepstack FileSystem {self.uri}>"

@@ -1,0 +1,113 @@
+"""Embedded mode: the whole stack in-process over one local directory (no servers).
+
+Layout of an embedded file system directory:
+
+    <dir>/deepstack-fs.json   {"kind": "embedded", "format": 1}
+    <dir>/meta.db             metadata (SQLite KV engine)
+    <dir>/target/             one chunk engine (see chunk_engine.py), chain "c0"
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from torch_deepstack.storage.chunk_engine import ChunkEngine
+from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
+from torch_deepstack.storage.errors import InvalidArgument, NotFound, StorageError
+from torch_deepstack.storage.kv import SQLiteKV
+from torch_deepstack.storage.meta import DEFAULT_CHUNK_SIZE, MetaStore
+
+MARKER = "deepstack-fs.json"
+
+
+def run_sliced(pool: ThreadPoolExecutor, items: list, fn, max_slices: int) -> None:
+    """Run fn(slice) over contiguous slices of items: one slice inline, the rest on the pool. Batching slices
+    (instead of one task per item) keeps thread hand-offs off the per-request cost of small reads."""
+    if len(items) <= 1 or max_slices <= 1:
+        fn(items)
+        return
+    k = min(len(items), max_slices)
+    step = (len(items) + k - 1) // k
+    slices = [items[i:i + step] for i in range(0, len(items), step)]
+    futs = [pool.submit(fn, s) for s in slices[1:]]
+    fn(slices[0])
+    for f in futs:
+        f.result()
+
+
+class LocalBackend(DataBackend):
+    """All chunks on one chunk engine; reads fan out over threads (preadv releases the GIL)."""
+
+    def __init__(self, engine: ChunkEngine, io_threads: int = 16):
+        self.engine = engine
+        self.io_threads = io_threads
+        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-local")
+
+    def _read_slice(self, reads: list[ChunkRead]) -> None:
+        eng = self.engine
+        for r in reads:
+            try:
+                r.n, _ = eng.read(r.chunk, r.offset, r.length, r.dest)
+            except BaseException as e:  # noqa: BLE001 - reported per piece
+                r.error = e
+
+    def read_chunks(self, reads):
+        run_sliced(self.pool, reads, self._read_slice, self.io_threads)
+
+    def write_chunks(self, writes):
+        def one(w):
+            _, cid, off, data, cs = w
+            self.engine.update(cid, off, data, cs)
+        if len(writes) == 1:
+            one(writes[0])
+            return
+        for f in [self.pool.submit(one, w) for w in writes]:
+            f.result()
+
+    def remove_chunks(self, items):
+        for _, cid in items:
+            self.engine.remove(cid)
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+        self.engine.close()
+
+
+def mkfs_embedded(path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, stripe: int = 1) -> None:
+    path = os.path.abspath(path)
+    marker = os.path.join(path, MARKER)
+    if os.path.exists(marker):
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgument(f"{path} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    kv = SQLiteKV(os.path.join(path, "meta.db"))
+    try:
+        MetaStore(kv).init(chunk_size=chunk_size, stripe=stripe)
+    finally:
+        kv.close()
+    ChunkEngine(os.path.join(path, "target"), "t0").close()
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"kind": "embedded", "format": 1}, f)
+    os.replace(marker + ".tmp", marker)
+
+
+def open_embedded(path: str, *, create: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, sync: bool = True,
+                  io_threads: int = 16, capacity_bytes: int | None = None, direct_io: bool = True) -> FileSystem:
+    path = os.path.abspath(path)
+    marker = os.path.join(path, MARKER)
+    if not os.path.exists(marker):
+        if not create:
+            raise NotFound(f"{path} is not a deepstack file system (no {MARKER}); create it with "
+                           f"connect(path, create=True) or `deepstack fs mkfs {path}`")
+        if os.path.isdir(path) and os.listdir(path):
+            raise StorageError(f"{path} is a non-empty directory that is not a deepstack file system; "
+                               f"refusing to create one inside it")
+        mkfs_embedded(path, chunk_size=chunk_size)
+    kv = SQLiteKV(os.path.join(path, "meta.db"))
+    meta = MetaStore(kv)
+    engine = ChunkEngine(os.path.join(path, "target"), "t0", create=False, sync=sync,
+                         capacity_bytes=capacity_bytes, direct_io=direct_io)
+    meta.close = kv.close  # type: ignore[attr-defined]
+    return FileSystem(meta, LocalBackend(engine, io_threads), "file://" + path, io_threads=io_threads)
