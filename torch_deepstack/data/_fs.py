@@ -1,0 +1,57 @@
+"""A picklable handle on a deepstack file system that connects lazily, once per process.
+
+DataLoader workers get the dataset by fork (a copy of the parent's memory, including its live client with
+dead I/O threads) or by spawn/forkserver (a pickle). Either way the worker must open its own client: the handle
+keys clients by `os.getpid()`, never pickles a live one, and shares one client per (process, URI).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from torch_deepstack import storage
+
+_CLIENTS: dict[tuple[int, str], storage.FileSystem] = {}
+_LOCK = threading.Lock()
+# Clients inherited across fork hold the parent's threads and SQLite handles: the child must neither use nor
+# close them (closing could disturb the parent's files), so they are parked here for the process's lifetime.
+_INHERITED: list = []
+
+
+class FSHandle:
+    """`get()` returns this process's client for the file system named by `fs` (a FileSystem or a URI)."""
+
+    def __init__(self, fs: storage.FileSystem | str | os.PathLike, *, secret: str | bytes | None = None):
+        if isinstance(fs, storage.FileSystem):
+            self.uri = fs.uri
+            key = (os.getpid(), self.uri)
+            with _LOCK:
+                _CLIENTS.setdefault(key, fs)
+        elif isinstance(fs, (str, os.PathLike)):
+            self.uri = os.fspath(fs)
+        else:
+            raise TypeError(f"fs: expected a torch_deepstack.storage.FileSystem or a URI/path string, "
+                            f"got {type(fs).__name__}")
+        self.secret = secret
+
+    def get(self) -> storage.FileSystem:
+        key = (os.getpid(), self.uri)
+        fs = _CLIENTS.get(key)
+        if fs is not None:
+            return fs
+        with _LOCK:
+            fs = _CLIENTS.get(key)
+            if fs is None:
+                for k in [k for k in _CLIENTS if k[0] != os.getpid()]:
+                    _INHERITED.append(_CLIENTS.pop(k))
+                fs = _CLIENTS[key] = storage.connect(self.uri, secret=self.secret, create=False)
+        return fs
+
+    def __repr__(self) -> str:
+        return f"FSHandle({self.uri!r})"
+
+
+def join(*parts: str) -> str:
+    """Join storage path components with '/' (storage paths are POSIX-like regardless of the host OS)."""
+    out = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+    return "/" + out

@@ -1,0 +1,289 @@
+"""Datasets over packed samples on deepstack storage.
+
+`DeepstackDataset` is map-style: `__getitems__` turns a whole batch of indices into ONE batched read on the
+storage client (aligned direct I/O underneath; unaligned sample offsets are the storage read path's job), with
+every sample landing in one buffer: shared memory inside a DataLoader worker (so handing the batch to the main
+process copies nothing), pinned memory in the main process when asked. Samples are views into that buffer.
+
+`DeepstackIterableDataset` streams: each (rank, worker) takes a contiguous share of the samples and reads them
+with large sequential requests.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from torch_deepstack import storage
+from torch_deepstack.data._fs import FSHandle, join
+from torch_deepstack.data.format import INDEX_NAME, PackFormatError, PackIndex
+from torch_deepstack.storage.client import ReadRequest
+from torch_deepstack.storage.crc import crc32c
+
+PAGE = 4096
+
+
+class SampleReadError(OSError):
+    """A sample could not be read back intact (storage failure, truncated shard, checksum mismatch)."""
+
+
+def load_index(fs: storage.FileSystem, path: str) -> PackIndex:
+    ipath = join(path, INDEX_NAME)
+    try:
+        data = fs.read_bytes(ipath)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no packed dataset at {path!r} on {fs.uri}: {INDEX_NAME} is missing (create one "
+                                f"with `deepstack pack` or torch_deepstack.data.pack)") from None
+    return PackIndex.from_bytes(data, source=f"{fs.uri}{ipath}")
+
+
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+def alloc_batch_buffer(nbytes: int, *, shared: bool, pin: bool) -> tuple[torch.Tensor, int]:
+    """(uint8 buffer, offset of its first 4 KiB-aligned byte). Shared memory in DataLoader workers (the batch
+    then crosses to the main process without a copy), pinned memory for direct H2D when asked and possible."""
+    size = nbytes + PAGE
+    if shared:
+        buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+    elif pin and torch.cuda.is_available():
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    else:
+        buf = torch.empty(size, dtype=torch.uint8)
+    return buf, (-buf.data_ptr()) % PAGE
+
+
+class DeepstackDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a packed dataset at `path` on `fs` (a FileSystem or URI such as a directory path
+    or deepstack://host:port).
+
+    transform: optional fn(sample) -> anything, run per sample after decoding (in the worker).
+    batched: `__getitems__` returns one stacked tensor [B, *shape] for fixed-shape tensor samples (use
+             `collate_fn=dataset.collate_fn`, which passes batches through): no per-sample copies at all.
+    pin_memory: read straight into pinned memory when loading in the main process (num_workers=0); in
+             workers leave pinning to DataLoader(pin_memory=True).
+    verify: check every sample's CRC32C from the index (end to end, on top of storage's page CRCs).
+    timeout: seconds one batched read may take before SampleReadError (never hang on a dead cluster).
+
+    Samples: tensors of the packed dtype/shape for tensor packs, 1-D uint8 tensors for bytes packs (use
+    `bytes(sample.numpy())` or a transform to decode). Picklable; each process connects on first use.
+    """
+
+    def __init__(self, fs: storage.FileSystem | str, path: str, *, transform: Callable[[Any], Any] | None = None,
+                 batched: bool = False, pin_memory: bool = False, verify: bool = True, timeout: float = 60.0,
+                 secret: str | bytes | None = None):
+        self._handle = FSHandle(fs, secret=secret)
+        self.path = join(path)
+        self.transform = transform
+        self.batched = batched
+        self.pin_memory = pin_memory
+        self.verify = verify
+        self.timeout = timeout
+        self.index = load_index(self._handle.get(), self.path)
+        if batched and (self.index.sample_type != "tensor" or self.index.shapes is not None):
+            raise ValueError("batched=True needs fixed-shape tensor samples; this pack holds "
+                             + ("variable-shape tensors" if self.index.sample_type == "tensor" else "bytes"))
+        e = self.index.entries
+        self._shard = e["shard"].astype(np.int64)
+        self._offset = e["offset"].astype(np.int64)
+        self._length = e["length"].astype(np.int64)
+        self._crc = e["crc"]
+        self._files: dict[int, Any] = {}
+        self._files_pid = os.getpid()
+
+    # ------------------------------------------------------------------ pickling / processes
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = {}  # live File handles belong to the process that opened them
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._files_pid = -1
+
+    def _file(self, shard: int):
+        if self._files_pid != os.getpid():
+            self._files, self._files_pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            name = self.index.shard_names[shard]
+            p = join(self.path, name)
+            try:
+                f = self._handle.get().open(p, "rb")
+            except FileNotFoundError:
+                raise SampleReadError(f"shard {name} of {self.path} is missing on {self._handle.uri} (the index "
+                                      f"lists it); re-pack the dataset") from None
+            want = self.index.shard_sizes[shard]
+            if f.size < want:
+                raise SampleReadError(f"shard {name} of {self.path} is {f.size} bytes but the index says {want} "
+                                      f"(truncated or replaced); re-pack the dataset")
+            self._files[shard] = f
+        return f
+
+    # ------------------------------------------------------------------ Dataset protocol
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def collate_fn(self) -> Callable[[Any], Any]:
+        """The collate_fn to pass to DataLoader: passes pre-batched results through, else default_collate."""
+        return _passthrough if self.batched else torch.utils.data.default_collate
+
+    def __getitem__(self, i: int):
+        if self.batched:
+            return self.read_batch([i])[0]
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]):
+        batch, samples = self._read(indices, contiguous=self.batched)
+        if self.batched:
+            return batch if self.transform is None else self.transform(batch)
+        if self.transform is not None:
+            return [self.transform(s) for s in samples]
+        return samples
+
+    def read_batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """Fixed-shape tensor packs: the samples as one [len(indices), *shape] tensor, read in one batch."""
+        if self.index.sample_type != "tensor" or self.index.shapes is not None:
+            raise ValueError("read_batch needs fixed-shape tensor samples")
+        return self._read(indices, contiguous=True)[0]
+
+    # ------------------------------------------------------------------ the read path
+    def _normalize(self, indices: Sequence[int]) -> np.ndarray:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        bad = (idx < -n) | (idx >= n)
+        if bad.any():
+            raise IndexError(f"sample index {int(idx[bad][0])} out of range for a dataset of {n} samples "
+                             f"({self.path})")
+        return np.where(idx < 0, idx + n, idx)
+
+    def _read(self, indices: Sequence[int], *, contiguous: bool):
+        idx = self._normalize(indices)
+        lengths = self._length[idx]
+        if contiguous:  # samples back to back, so the buffer is already the stacked batch
+            starts = np.arange(len(idx), dtype=np.int64) * (int(lengths[0]) if len(idx) else 0)
+        else:  # page-align slots of samples >= 4 KiB so aligned reads can land in place; 64 B for the rest
+            starts = np.empty(len(idx), dtype=np.int64)
+            pos = 0
+            for k, n in enumerate(lengths.tolist()):
+                a = PAGE if n >= PAGE else 64
+                pos = (pos + a - 1) // a * a
+                starts[k] = pos
+                pos += n
+        total = int(starts[-1] + lengths[-1]) if len(idx) else 0
+        buf, base = alloc_batch_buffer(total, shared=_in_worker(), pin=self.pin_memory and not _in_worker())
+        view = memoryview(buf.numpy())
+        shards, offsets = self._shard[idx], self._offset[idx]
+        reqs = [ReadRequest(self._file(int(s)), int(o), int(n), view[base + int(st):base + int(st) + int(n)], k)
+                for k, (s, o, n, st) in enumerate(zip(shards, offsets, lengths, starts))]
+        fs = self._handle.get()
+        try:
+            results = fs.batch_read(reqs, timeout=self.timeout)
+        except TimeoutError:
+            raise SampleReadError(f"batched read of {len(reqs)} samples from {self.path} on {fs.uri} did not "
+                                  f"finish within {self.timeout:.0f} s") from None
+        for r in results:
+            k = r.request.userdata
+            if r.error is not None:
+                raise SampleReadError(f"reading sample {int(idx[k])} of {self.path} on {fs.uri} failed: "
+                                      f"{type(r.error).__name__}: {r.error}") from r.error
+            if r.nbytes != int(lengths[k]):
+                raise SampleReadError(f"sample {int(idx[k])} of {self.path}: got {r.nbytes} of {int(lengths[k])} "
+                                      f"bytes (shard truncated)")
+        if self.verify:
+            crcs = self._crc[idx]
+            for k, r in enumerate(reqs):
+                if crc32c(r.out) != int(crcs[k]):
+                    raise SampleReadError(f"sample {int(idx[k])} of {self.path}: CRC32C mismatch (data corrupt "
+                                          f"on {fs.uri}, or the shard was rewritten under this index)")
+        data = buf[base:base + total]
+        if contiguous:
+            dtype = self.index.dtype
+            shape = tuple(self.index.meta["shape"])
+            batch = data.view(dtype).view(len(idx), *shape) if len(idx) else torch.empty(0, *shape, dtype=dtype)
+            return batch, None
+        return None, [self._decode(data, int(i), int(st), int(n)) for i, st, n in zip(idx, starts, lengths)]
+
+    def _decode(self, data: torch.Tensor, i: int, start: int, n: int):
+        raw = data[start:start + n]
+        if self.index.sample_type == "bytes":
+            return raw
+        dtype = self.index.dtype
+        return raw.view(dtype).view(self.index.shape_of(i))
+
+    def name(self, i: int) -> str | None:
+        """The recorded name of sample i (e.g. its source file), if the pack has names."""
+        names = self.index.names
+        return None if names is None else names[int(self._normalize([i])[0])]
+
+    def __repr__(self) -> str:
+        ix = self.index
+        kind = ix.sample_type if ix.dtype is None else f"{ix.dtype} tensors"
+        return f"DeepstackDataset({self._handle.uri}{self.path}: {len(ix)} {kind}, {ix.total_bytes} bytes)"
+
+
+def _passthrough(batch):
+    return batch
+
+
+class DeepstackIterableDataset(torch.utils.data.IterableDataset):
+    """Streams every sample of a pack once per epoch, sharded over ranks and DataLoader workers.
+
+    Each of the rank*num_workers shards takes a contiguous range of samples and reads it in groups of
+    consecutive samples of about `read_bytes`, one batched read per group. shuffle=True shuffles the order of those requests (and the samples inside
+    each) from `seed` + epoch; call `set_epoch(e)` every epoch. Yields what DeepstackDataset would."""
+
+    def __init__(self, fs: storage.FileSystem | str, path: str, *, shuffle: bool = False, seed: int = 0,
+                 read_bytes: int = 8 << 20, transform: Callable[[Any], Any] | None = None, verify: bool = True,
+                 timeout: float = 60.0, secret: str | bytes | None = None):
+        self.dataset = DeepstackDataset(fs, path, verify=verify, timeout=timeout, secret=secret)
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.read_bytes = read_bytes
+        self.transform = transform
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _my_range(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        rank, world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        shard, nshards = rank * nw + wid, world * nw
+        n = len(self.dataset)
+        return n * shard // nshards, n * (shard + 1) // nshards
+
+    def __iter__(self) -> Iterator[Any]:
+        lo, hi = self._my_range()
+        ds = self.dataset
+        lengths = ds._length
+        groups, start, acc = [], lo, 0
+        for i in range(lo, hi):
+            acc += int(lengths[i])
+            if acc >= self.read_bytes:
+                groups.append((start, i + 1))
+                start, acc = i + 1, 0
+        if start < hi:
+            groups.append((start, hi))
+        rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+        if rng is not None:
+            rng.shuffle(groups)
+        for a, b in groups:
+            order = np.arange(a, b)
+            if rng is not None:
+                rng.shuffle(order)
+            for s in ds.__getitems__(order.tolist()):
+                yield s if self.transform is None else self.transform(s)
