@@ -196,7 +196,8 @@ class ChunkEngine:
             " pver INTEGER, plen INTEGER, pcrc_whole INTEGER, ppcrc BLOB)")
         self._meta: dict[str, ChunkMeta] = {}
         self._locks = [threading.Lock() for _ in range(256)]
-        self._meta_lock = threading.Lock()
+        self._meta_lock = threading.RLock()
+        self._reserved = 0
         self._fds = _FdCache()
         self._tls = threading.local()
         self.direct_io = bool(direct_io and O_DIRECT)
@@ -368,8 +369,20 @@ class ChunkEngine:
     # ------------------------------------------------------------------ write path
     def _write_file(self, path: str, data) -> None:
         mv = memoryview(data).cast("B")
-        if self.capacity_bytes is not None and self.used_bytes() + align_up(len(mv)) > self.capacity_bytes:
-            raise NoSpace(f"target {self.target_id}: no space left ({self.capacity_bytes} bytes capacity)")
+        need = align_up(len(mv))
+        if self.capacity_bytes is not None:
+            with self._meta_lock:  # reserve, so concurrent writers cannot overshoot together
+                if self.used_bytes() + self._reserved + need > self.capacity_bytes:
+                    raise NoSpace(f"target {self.target_id}: no space left ({self.capacity_bytes} bytes capacity)")
+                self._reserved += need
+        try:
+            self._write_file_unchecked(path, mv)
+        finally:
+            if self.capacity_bytes is not None:
+                with self._meta_lock:
+                    self._reserved -= need
+
+    def _write_file_unchecked(self, path: str, mv: memoryview) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:

@@ -1,0 +1,237 @@
+"""The client API on the embedded stack: POSIX-like calls, batched reads into caller buffers, bad input."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import torch_deepstack.storage as st
+from torch_deepstack.storage import (AlreadyExists, BadURI, ChunkCorrupt, DirectoryNotEmpty, InvalidArgument,
+                                     IsADirectory, NameTooLong, NoSpace, NotFound, ReadRequest)
+
+CS = 64 << 10
+
+
+@pytest.fixture
+def fs(tmp_path):
+    f = st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False)
+    yield f
+    f.close()
+
+
+def test_connect_forms_and_persistence(tmp_path):
+    path = tmp_path / "p"
+    with st.connect(f"file://{path}", chunk_size=CS) as fs:
+        fs.write_bytes("/x", b"hello")
+    with st.connect(str(path), create=False) as fs:  # reopen: everything is still there
+        assert fs.read_bytes("/x") == b"hello"
+        assert fs.uri == f"file://{path}"
+    with pytest.raises(NotFound):
+        st.connect(str(tmp_path / "absent"), create=False)
+    (tmp_path / "notfs").mkdir()
+    (tmp_path / "notfs" / "keep.txt").write_text("mine")
+    with pytest.raises(st.StorageError):
+        st.connect(str(tmp_path / "notfs"))  # refuses to take over a non-empty foreign directory
+    assert (tmp_path / "notfs" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("uri", ["deepstack://", "deepstack://host", "deepstack://h:1/path", "s3://bucket/x",
+                                 "file://relative", ""])
+def test_bad_uris(uri):
+    with pytest.raises(BadURI):
+        st.connect(uri)
+
+
+def test_cluster_uri_needs_secret(monkeypatch):
+    monkeypatch.delenv("DEEPSTACK_FS_SECRET", raising=False)
+    monkeypatch.delenv("DEEPSTACK_FS_SECRET_FILE", raising=False)
+    with pytest.raises(st.AuthError):
+        st.connect("deepstack://127.0.0.1:1")
+
+
+def test_file_api(fs):
+    data = os.urandom(5 * CS + 123)
+    with fs.open("/f.bin", "wb") as f:
+        for i in range(0, len(data), 10000):  # many small writes, buffered into chunk updates
+            f.write(data[i:i + 10000])
+    st_ = fs.stat("/f.bin")
+    assert st_.size == len(data) and st_.type == "file" and st_.chunk_size == CS
+    with fs.open("/f.bin") as f:
+        assert f.read(10) == data[:10]
+        f.seek(CS - 5)
+        assert f.read(10) == data[CS - 5:CS + 5]
+        f.seek(-3, os.SEEK_END)
+        assert f.read() == data[-3:]
+        assert f.read() == b""
+        assert f.pread(2 * CS, 7) == data[2 * CS:2 * CS + 7]
+    with fs.open("/f.bin", "r+b") as f:  # overwrite in the middle across a chunk boundary
+        f.pwrite(b"Z" * 20, CS - 10)
+    expect = data[:CS - 10] + b"Z" * 20 + data[CS + 10:]
+    assert fs.read_bytes("/f.bin") == expect
+    with fs.open("/f.bin", "ab") as f:
+        f.write(b"tail")
+    assert fs.read_bytes("/f.bin") == expect + b"tail"
+    fs.write_bytes("/f.bin", b"short")  # truncating open
+    assert fs.read_bytes("/f.bin") == b"short"
+    with pytest.raises(AlreadyExists):
+        fs.open("/f.bin", "xb")
+    with pytest.raises(InvalidArgument):
+        fs.open("/f.bin", "rt")
+    with fs.open("/f.bin") as f, pytest.raises(OSError):
+        f.write(b"no")
+
+
+def test_namespace_calls(fs):
+    fs.mkdir("/a/b", parents=True)
+    fs.write_bytes("/a/b/1", b"1")
+    fs.write_bytes("/a/2", b"22")
+    assert fs.listdir("/a") == ["2", "b"]
+    assert fs.scandir("/a") == [("2", "file"), ("b", "dir")]
+    assert fs.exists("/a/b/1") and not fs.exists("/a/b/9")
+    fs.rename("/a", "/c")
+    assert fs.read_bytes("/c/b/1") == b"1"
+    with pytest.raises(DirectoryNotEmpty):
+        fs.remove("/c")
+    with pytest.raises(IsADirectory):
+        fs.open("/c")
+    fs.remove("/c", recursive=True)
+    assert fs.listdir("/") == []
+    # Chunks of removed files are reclaimed.
+    eng = fs.backend.engine
+    assert eng.list_chunks() == {}
+
+
+def test_batch_read_into_caller_buffers(fs):
+    data = os.urandom(4 * CS)
+    fs.write_bytes("/d", data)
+    f = fs.open("/d")
+    pinned = torch.empty(3, 4096, dtype=torch.uint8)
+    if torch.cuda.is_available():
+        pinned = pinned.pin_memory()
+    arr = np.zeros(5000, np.uint8)
+    ba = bytearray(300)
+    f32 = torch.zeros(1024, dtype=torch.float32)  # any dtype: viewed as bytes
+    reqs = [ReadRequest(f, 0, 4096, pinned[0], "t0"), (f, CS - 2048, 4096, pinned[1], "t1"),
+            ("/d", 4096 * 7, 4096, pinned[2]), ("/d", 100, 5000, arr), (f, 4 * CS - 100, 300, ba),
+            (f, 8192, 4096, f32), (f, 10, 20)]
+    res = fs.batch_read(reqs)
+    assert all(r.ok for r in res), [r.error for r in res]
+    assert bytes(pinned[0].numpy()) == data[:4096] and res[0].userdata == "t0"
+    assert bytes(pinned[1].numpy()) == data[CS - 2048:CS + 2048]
+    assert bytes(pinned[2].numpy()) == data[4096 * 7:4096 * 8]
+    assert bytes(arr) == data[100:5100]
+    assert res[4].nbytes == 100 and bytes(ba[:100]) == data[-100:]  # short read at end of file
+    assert f32.numpy().tobytes() == data[8192:12288]
+    assert bytes(res[6].data) == data[10:30]
+    # The data views point into the caller's memory (no copy).
+    assert np.shares_memory(np.frombuffer(res[3].data, np.uint8), arr)
+
+
+def test_batch_read_errors_are_per_request(fs):
+    fs.write_bytes("/d", b"x" * 100)
+    fs.mkdir("/dir")
+    res = fs.batch_read([("/d", 0, 10), ("/missing", 0, 10), ("/dir", 0, 1), ("/d", -1, 5),
+                         ("/d", 0, 50, bytearray(10)), ("/d", 0, 5, b"readonly"), ("/d", 90, 10)])
+    assert res[0].ok and bytes(res[0].data) == b"x" * 10
+    assert isinstance(res[1].error, NotFound)
+    assert isinstance(res[2].error, IsADirectory)
+    assert isinstance(res[3].error, InvalidArgument)
+    assert isinstance(res[4].error, InvalidArgument)
+    assert isinstance(res[5].error, InvalidArgument)
+    assert res[6].ok and res[6].nbytes == 10
+    with pytest.raises(InvalidArgument):
+        st.writable_bytes(torch.zeros(4, 4)[:, 0])  # non-contiguous
+
+
+def test_async_reads_callback_and_ring(fs):
+    data = os.urandom(2 * CS)
+    fs.write_bytes("/d", data)
+    seen = []
+    batch = fs.submit_reads([("/d", i * 1000, 1000, None, i) for i in range(50)], callback=seen.append)
+    res = batch.wait(timeout=30)
+    assert batch.done() and len(res) == 50 and len(seen) == 50
+    assert all(bytes(r.data) == data[r.userdata * 1000:(r.userdata + 1) * 1000] for r in res)
+    ring = fs.read_ring(entries=64)
+    bufs = np.zeros((40, 512), np.uint8)
+    for i in range(40):
+        ring.prepare("/d", i * 512, 512, bufs[i], userdata=i)
+    ring.submit()
+    done = ring.wait(min_results=40, timeout=30)
+    assert sorted(r.userdata for r in done) == list(range(40))
+    assert bufs.tobytes() == data[:40 * 512]
+    for i in range(64):
+        ring.prepare("/d", 0, 1)
+    with pytest.raises(st.StorageError):
+        ring.prepare("/d", 0, 1)  # ring full
+
+
+def test_holes_read_as_zeros(fs):
+    with fs.open("/sparse", "wb") as f:
+        f.seek(3 * CS + 5)
+        f.write(b"end")
+    assert fs.stat("/sparse").size == 3 * CS + 8
+    assert fs.read_bytes("/sparse") == bytes(3 * CS + 5) + b"end"
+
+
+def test_corruption_surfaces_in_embedded_mode_and_fsck_reports_it(fs, tmp_path):
+    from torch_deepstack.storage.fsck import fsck
+
+    fs.write_bytes("/d", os.urandom(CS))
+    root = tmp_path / "fs" / "target" / "data"
+    victim = next(p for p in root.rglob("*.v*"))
+    raw = bytearray(victim.read_bytes())
+    raw[100] ^= 1
+    victim.write_bytes(raw)
+    res = fs.batch_read([("/d", 0, 200)])
+    assert isinstance(res[0].error, ChunkCorrupt)
+    rep = fsck(fs)
+    assert len(rep.corrupt) == 1 and not rep.clean  # one replica: detected, nothing to repair from
+
+
+def test_bad_names_and_full_disk(tmp_path):
+    with st.connect(str(tmp_path / "fs"), chunk_size=CS, capacity_bytes=2 * CS, sync=False) as fs:
+        with pytest.raises(NameTooLong):
+            fs.write_bytes("/" + "n" * 300, b"x")
+        with pytest.raises(NotFound):
+            fs.write_bytes("/no/such/dir/f", b"x")
+        fs.write_bytes("/keep", b"k" * CS)
+        with pytest.raises(NoSpace):
+            fs.write_bytes("/big", b"b" * (3 * CS))
+        assert fs.read_bytes("/keep") == b"k" * CS  # nothing lost
+        assert fs.listdir("/") == ["big", "keep"]
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_writers_and_readers_never_see_torn_chunks(fs):
+    """Writers overwrite whole chunks with uniform bytes; readers must always see one writer's bytes."""
+    n_chunks = 4
+    fs.write_bytes("/shared", bytes(n_chunks * CS))
+    stop = threading.Event()
+    problems = []
+
+    def writer(k):
+        with fs.open("/shared", "r+b") as f:
+            for i in range(30):
+                f.pwrite(bytes([(k * 50 + i) % 251 + 1]) * CS, (i % n_chunks) * CS)
+                f.flush()
+
+    def reader():
+        f = fs.open("/shared")
+        while not stop.is_set():
+            for c in range(n_chunks):
+                got = f.pread(c * CS, CS)
+                if len(set(got)) != 1:
+                    problems.append((c, sorted(set(got))[:5]))
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join(100)
+    stop.set()
+    for t in readers:
+        t.join(20)
+    assert not problems, problems[:3]

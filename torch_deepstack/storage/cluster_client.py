@@ -1,0 +1,255 @@
+"""Client side of a storage cluster: metadata through the manager, chunk data straight to storage services.
+
+Reads pick, per chunk, a serving replica: one on this host first (the nearest), then replicas that have not
+failed recently, spread by a hash of the chunk id so load covers every replica. Items are grouped into one
+batched `read` RPC per service; bytes are received straight into the caller's buffers. A failed item
+(service down, corrupt chunk, stale routing, target not serving) is retried on another replica after a
+routing refresh, until every replica has been tried or the deadline passes.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
+from torch_deepstack.storage.errors import (NotServing, StaleRouting, StorageError, Unavailable, error_from_code)
+from torch_deepstack.storage.rpc import RpcClient
+
+RETRYABLE = (Unavailable, StaleRouting, NotServing)
+
+
+def _local_hosts() -> set[str]:
+    hosts = {"127.0.0.1", "localhost", "::1"}
+    try:
+        hosts.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    return hosts
+
+
+class RemoteMeta:
+    """MetaStore's interface, served by the manager. Retries while the manager is unreachable (restarts)."""
+
+    def __init__(self, manager: RpcClient, retry_for: float = 15.0):
+        self.rpc, self.retry_for = manager, retry_for
+
+    def _call(self, name, *args, **kwargs):
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                return self.rpc.call("meta." + name, {"args": list(args), "kwargs": kwargs})[0]
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def __getattr__(self, name):
+        if name in ("stat", "inode", "listdir", "mkdir", "create", "set_length", "rename", "remove",
+                    "all_file_inodes"):
+            return lambda *a, **k: self._call(name, *a, **k)
+        raise AttributeError(name)
+
+    def close(self):
+        self.rpc.close()
+
+
+class ClusterBackend(DataBackend):
+    def __init__(self, manager: RpcClient, secret: bytes, *, timeout: float = 10.0, io_threads: int = 16,
+                 retry_for: float = 30.0):
+        self.manager, self.secret, self.timeout = manager, secret, timeout
+        self.retry_for = retry_for
+        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-cluster")
+        self._clients: dict[str, RpcClient] = {}
+        self._lock = threading.Lock()
+        self._failed: dict[str, float] = {}  # target -> monotonic time of last failure
+        self._local = _local_hosts()
+        self.routing: dict = {}
+        self.refresh()
+
+    # ------------------------------------------------------------------ routing
+    def refresh(self) -> dict:
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                self.routing = self.manager.call("routing")[0]
+                return self.routing
+            except Unavailable:
+                if self.routing or time.monotonic() > deadline:  # keep using the cached table
+                    if not self.routing:
+                        raise
+                    return self.routing
+                time.sleep(0.2)
+
+    def _client(self, target: str) -> RpcClient:
+        addr = self.routing["addresses"].get(target)
+        if not addr:
+            raise Unavailable(f"target {target} has no known address")
+        with self._lock:
+            c = self._clients.get(addr)
+            if c is None:
+                host, port = addr.rsplit(":", 1)
+                c = self._clients[addr] = RpcClient(host, int(port), self.secret, timeout=self.timeout)
+            return c
+
+    def _replicas(self, chain_id: str, chunk: str, exclude: set[str]) -> list[str]:
+        chain = self.routing["chains"][chain_id]
+        cands = [t["id"] for t in chain["targets"] if t["state"] == "serving" and t["id"] not in exclude]
+        now = time.monotonic()
+        h = zlib.crc32(chunk.encode())
+
+        def rank(tid):
+            addr = self.routing["addresses"].get(tid) or ""
+            local = addr.rsplit(":", 1)[0] in self._local
+            recent_fail = now - self._failed.get(tid, -1e9) < 5.0
+            return (recent_fail, not local, (zlib.crc32(tid.encode()) ^ h) & 0xFFFF)
+        return sorted(cands, key=rank)
+
+    # ------------------------------------------------------------------ reads
+    def _read_from(self, target: str, items: list[tuple[ChunkRead, str]]) -> None:
+        """One batched RPC to the service of `target`; fills r.n, or r.error with a retryable error."""
+        chain_vers = self.routing["chains"]
+        req = [{"target": target, "chain": r.chain, "chain_ver": chain_vers[r.chain]["version"],
+                "chunk": r.chunk, "offset": r.offset, "length": r.length} for r, _ in items]
+
+        def sinks(header):
+            res = header["r"]["items"]
+            bufs = []
+            for (r, _), it in zip(items, res):
+                if "n" in it:
+                    if not 0 <= it["n"] <= r.length:
+                        return None  # malformed answer: take the payload as bytes and fail below
+                    bufs.append(r.dest[:it["n"]])
+            return bufs
+        try:
+            result, payload = self._client(target).call("read", {"items": req}, sinks=sinks)
+            if not isinstance(payload, list) and len(payload):
+                raise StorageError(f"{target}: malformed read reply")
+        except StorageError as e:
+            self._failed[target] = time.monotonic()
+            for r, _ in items:
+                r.error = e
+            return
+        for (r, _), it in zip(items, result["items"]):
+            if "n" in it:
+                r.n, r.error = it["n"], None
+            else:
+                r.error = error_from_code(it["err"], it["msg"])
+                if it["err"] == "corrupt":
+                    self._failed[target] = time.monotonic()
+
+    def read_chunks(self, reads: list[ChunkRead]) -> None:
+        tried: dict[int, set[str]] = {id(r): set() for r in reads}
+        pending = list(reads)
+        deadline = time.monotonic() + self.retry_for
+        while pending:
+            groups: dict[str, list] = {}
+            for r in pending:
+                try:
+                    reps = self._replicas(r.chain, r.chunk, tried[id(r)])
+                except KeyError:
+                    r.error = StorageError(f"unknown chain {r.chain!r}")
+                    continue
+                if not reps:
+                    if r.error is None:
+                        r.error = Unavailable(f"chunk {r.chunk}: no serving replica in chain {r.chain}")
+                    continue
+                tried[id(r)].add(reps[0])
+                groups.setdefault(reps[0], []).append((r, reps[0]))
+            if not groups:
+                return
+            futs = [self.pool.submit(self._read_from, t, items) for t, items in list(groups.items())[1:]]
+            first = next(iter(groups.items()))
+            self._read_from(*first)
+            for f in futs:
+                f.result()
+            retry = [r for items in groups.values() for r, _ in items
+                     if isinstance(r.error, StorageError)
+                     and r.error.code in ("unavailable", "stale_routing", "not_serving", "corrupt")]
+            if not retry:
+                return
+            if time.monotonic() > deadline:
+                return
+            if any(r.error.code != "corrupt" for r in retry):
+                self.refresh()
+                for r in retry:  # a routing change may bring a replica back into play
+                    if r.error.code in ("stale_routing", "not_serving"):
+                        tried[id(r)].clear()
+                if all(r.error.code == "unavailable" for r in retry):
+                    time.sleep(0.05)
+            pending = retry
+
+    # ------------------------------------------------------------------ writes
+    def _write_one(self, w) -> None:
+        chain_id, cid, off, data, cs = w
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            chain = self.routing["chains"][chain_id]
+            head = chain["targets"][0]
+            try:
+                if head["state"] != "serving":
+                    raise NotServing(f"chain {chain_id} has no serving head")
+                self._client(head["id"]).call(
+                    "write", {"chain": chain_id, "chain_ver": chain["version"], "target": head["id"],
+                              "chunk": cid, "offset": off, "chunk_size": cs}, data,
+                    timeout=self.timeout * 4)
+                return
+            except RETRYABLE as e:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"write of chunk {cid} to chain {chain_id} failed: {e}") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                self.refresh()
+
+    def write_chunks(self, writes) -> None:
+        if len(writes) == 1:
+            self._write_one(writes[0])
+            return
+        for f in [self.pool.submit(self._write_one, w) for w in writes]:
+            f.result()
+
+    def remove_chunks(self, items) -> None:
+        by_chain: dict[str, list[str]] = {}
+        for chain, cid in items:
+            by_chain.setdefault(chain, []).append(cid)
+        for chain_id, cids in by_chain.items():
+            deadline = time.monotonic() + self.retry_for
+            while True:
+                chain = self.routing["chains"][chain_id]
+                head = chain["targets"][0]
+                try:
+                    if head["state"] != "serving":
+                        raise NotServing(f"chain {chain_id} has no serving head")
+                    self._client(head["id"]).call("remove", {"chain": chain_id, "chain_ver": chain["version"],
+                                                             "target": head["id"], "chunks": cids})
+                    break
+                except RETRYABLE:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+                    self.refresh()
+
+    def service_call(self, target: str, method: str, args: dict, payload=None):
+        return self._client(target).call(method, args, payload)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()
+
+
+def open_cluster(host: str, port: int, secret: bytes, *, timeout: float = 10.0, io_threads: int = 16,
+                 retry_for: float = 30.0) -> FileSystem:
+    manager = RpcClient(host, port, secret, timeout=timeout)
+    try:
+        backend = ClusterBackend(manager, secret, timeout=timeout, io_threads=io_threads, retry_for=retry_for)
+    except BaseException:
+        manager.close()
+        raise
+    meta = RemoteMeta(RpcClient(host, port, secret, timeout=timeout), retry_for=retry_for)
+    return FileSystem(meta, backend, f"deepstack://{host}:{port}", io_threads=io_threads)

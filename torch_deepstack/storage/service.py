@@ -1,0 +1,400 @@
+"""Storage service: one process serving several targets (chunk engines) over authenticated TCP.
+
+* Batched reads: one `read` RPC carries many (target, chunk, offset, length) items; the reply payload is the
+  concatenated bytes, which the client receives straight into its buffers. Any replica whose public state is
+  serving answers with its committed version.
+* CRAQ writes: the client sends a chunk update to the chain head. The head takes the chunk lock, builds the
+  new full chunk (read-modify-write), stores it as a pending version, forwards it to its successor, which does
+  the same; the tail commits and acknowledges; every node commits on the way back, and the head answers the
+  client only then. Each hop checks the chain version and rejects stale routing. When a successor dies the
+  hop waits for the manager's new chain and forwards to the new successor.
+* Resync: when the manager marks a target `syncing`, the chain's last serving target (its predecessor) diffs
+  chunk versions against it, copies what differs under the chunk lock, removes extras, then sends sync-done.
+* Heartbeats renew the lease at the manager every lease/3 seconds; their answer is the routing table. A
+  service that cannot renew its lease stops accepting writes (it may have been replaced in its chains).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+
+from torch_deepstack.storage.chunk_engine import ChunkEngine
+from torch_deepstack.storage.errors import (InvalidArgument, NotFound, NotServing, StaleRouting, StorageError,
+                                            Unavailable)
+from torch_deepstack.storage.paths import validate_chunk_id
+from torch_deepstack.storage.rpc import RpcClient, RpcServer
+
+log = logging.getLogger("torch_deepstack.storage.service")
+
+
+class _ChunkLocks:
+    """Exact per-chunk locks (no striping: two chunks sharing a lock could deadlock across chains)."""
+
+    def __init__(self):
+        self._locks: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
+        self._guard = threading.Lock()
+
+    def get(self, key: str) -> threading.Lock:
+        with self._guard:
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = threading.Lock()
+                self._locks[key] = lock
+            return lock
+
+
+def _int(args: dict, name: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    v = args.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise InvalidArgument(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _str(args: dict, name: str) -> str:
+    v = args.get(name)
+    if not isinstance(v, str) or not v or len(v) > 128:
+        raise InvalidArgument(f"{name} must be a non-empty str, got {v!r}")
+    return v
+
+
+class StorageService:
+    def __init__(self, service_id: str, targets: dict[str, str], manager: tuple[str, int], secret: bytes, *,
+                 host: str = "127.0.0.1", port: int = 0, sync: bool = True, rpc_timeout: float = 10.0,
+                 capacity_bytes: int | None = None):
+        self.service_id = service_id
+        self.secret = secret
+        self.engines: dict[str, ChunkEngine] = {}
+        for tid, path in targets.items():
+            if not tid.startswith(service_id + "-t"):
+                raise InvalidArgument(f"target id {tid!r} must be '<service id>-t<N>' (service {service_id!r})")
+            self.engines[tid] = ChunkEngine(path, tid, sync=sync, capacity_bytes=capacity_bytes)
+        self.uptodate: dict[str, bool] = {tid: False for tid in self.engines}
+        self.manager = RpcClient(manager[0], manager[1], secret, timeout=rpc_timeout)
+        self.rpc_timeout = rpc_timeout
+        self.routing: dict | None = None
+        self._routing_lock = threading.Lock()
+        self._routing_changed = threading.Condition(self._routing_lock)
+        self._last_lease = 0.0
+        self._peers: dict[str, RpcClient] = {}
+        self._peers_lock = threading.Lock()
+        self._locks = _ChunkLocks()
+        self._syncing: set[str] = set()
+        self._stop = threading.Event()
+        handlers = {
+            "read": self._rpc_read, "write": self._rpc_write, "replicate": self._rpc_replicate,
+            "remove": self._rpc_remove, "dump_meta": self._rpc_dump_meta, "sync_write": self._rpc_sync_write,
+            "sync_remove": self._rpc_sync_remove, "sync_done": self._rpc_sync_done, "verify": self._rpc_verify,
+            "repair": self._rpc_repair, "ping": lambda a, p: ({"service": self.service_id}, None),
+        }
+        self.server = RpcServer(handlers, secret, host, port, name=f"storage-{service_id}")
+
+    # ------------------------------------------------------------------ routing
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _heartbeat_once(self) -> None:
+        states = {tid: ("uptodate" if ok else "online") for tid, ok in self.uptodate.items()}
+        routing, _ = self.manager.call("heartbeat", {"service_id": self.service_id, "address": self.address,
+                                                     "targets": states}, timeout=self.rpc_timeout)
+        self._last_lease = time.monotonic()
+        for c in routing["chains"].values():
+            for t in c["targets"]:
+                if t["id"] in self.uptodate and t["state"] == "serving":
+                    self.uptodate[t["id"]] = True
+        self._set_routing(routing)
+        self._start_syncs(routing)
+
+    def _set_routing(self, routing: dict) -> None:
+        with self._routing_changed:
+            self.routing = routing
+            self._routing_changed.notify_all()
+
+    def refresh_routing(self) -> dict:
+        try:
+            routing, _ = self.manager.call("routing", timeout=self.rpc_timeout)
+            self._set_routing(routing)
+        except Unavailable:
+            pass
+        if self.routing is None:
+            raise Unavailable("no routing table yet (manager unreachable)")
+        return self.routing
+
+    def _heartbeat_loop(self, interval: float) -> None:
+        while not self._stop.is_set():
+            try:
+                self._heartbeat_once()
+            except StorageError as e:
+                log.warning("%s: heartbeat failed: %s", self.service_id, e)
+            self._stop.wait(interval)
+
+    def _chain(self, chain_id: str, chain_ver: int) -> dict:
+        """The chain as this service knows it, after checking the caller's chain version."""
+        routing = self.routing
+        if routing is None or chain_id not in routing["chains"]:
+            routing = self.refresh_routing()
+        chain = routing["chains"].get(chain_id)
+        if chain is None:
+            raise NotFound(f"unknown chain {chain_id!r}")
+        if chain_ver > chain["version"]:  # the caller saw a newer table than we did: catch up
+            chain = self.refresh_routing()["chains"][chain_id]
+        if chain_ver != chain["version"]:
+            raise StaleRouting(f"chain {chain_id}: request has version {chain_ver}, current is {chain['version']}")
+        return chain
+
+    def _peer(self, target_id: str) -> RpcClient:
+        addr = (self.routing or {}).get("addresses", {}).get(target_id)
+        if not addr:
+            raise Unavailable(f"no address known for target {target_id}")
+        with self._peers_lock:
+            c = self._peers.get(addr)
+            if c is None:
+                host, port = addr.rsplit(":", 1)
+                c = self._peers[addr] = RpcClient(host, int(port), self.secret, timeout=self.rpc_timeout)
+            return c
+
+    def _engine(self, target_id: str) -> ChunkEngine:
+        eng = self.engines.get(target_id)
+        if eng is None:
+            raise NotFound(f"target {target_id!r} is not served by {self.service_id}")
+        return eng
+
+    def _check_lease(self) -> None:
+        lease = (self.routing or {}).get("lease", 3.0)
+        if time.monotonic() - self._last_lease > lease:
+            raise NotServing(f"{self.service_id}: lease expired (manager unreachable); refusing writes")
+
+    # ------------------------------------------------------------------ reads
+    def _rpc_read(self, args, payload):
+        items = args.get("items")
+        if not isinstance(items, list) or len(items) > 65536:
+            raise InvalidArgument("read needs items: a list of at most 65536 requests")
+        results, parts = [], []
+        for it in items:
+            try:
+                tid, cid = _str(it, "target"), validate_chunk_id(it.get("chunk"))
+                off, ln = _int(it, "offset"), _int(it, "length", 0, 64 << 20)
+                chain = self._chain(_str(it, "chain"), _int(it, "chain_ver"))
+                state = next((t["state"] for t in chain["targets"] if t["id"] == tid), None)
+                if state != "serving":
+                    raise NotServing(f"target {tid} is {state or 'not in chain'}, not serving reads")
+                n, data = self._engine(tid).read(cid, off, ln)
+                results.append({"n": n})
+                parts.append(data)
+            except StorageError as e:
+                results.append({"err": e.code, "msg": str(e)})
+        return {"items": results}, parts
+
+    # ------------------------------------------------------------------ CRAQ writes
+    def _successor(self, chain: dict, target_id: str) -> str | None:
+        ids = [t["id"] for t in chain["targets"] if t["state"] in ("serving", "syncing")]
+        if target_id not in ids:
+            raise NotServing(f"target {target_id} is not a write member of chain {chain['id']}")
+        i = ids.index(target_id)
+        return ids[i + 1] if i + 1 < len(ids) else None
+
+    def _forward(self, chain_id: str, target_id: str, method: str, args: dict, payload, deadline: float) -> None:
+        """Send `method` to target_id's successor in the current chain; on failure wait for a new chain
+        version and retry with whatever successor it names (none: we are the tail now)."""
+        while True:
+            chain = self.routing["chains"][chain_id]
+            succ = self._successor(chain, target_id)
+            if succ is None:
+                return
+            try:
+                self._peer(succ).call(method, dict(args, chain=chain_id, chain_ver=chain["version"], target=succ),
+                                      payload)
+                return
+            except (Unavailable, StaleRouting, NotServing) as e:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"chain {chain_id}: successor {succ} unreachable: {e}") from e
+                log.info("%s: forward to %s failed (%s); waiting for a new chain", self.service_id, succ, e)
+                old = chain["version"]
+                with self._routing_changed:
+                    self._routing_changed.wait(0.2)
+                if self.routing["chains"][chain_id]["version"] == old:
+                    self.refresh_routing()
+
+    def _rpc_write(self, args, payload):
+        self._check_lease()
+        chain_id, tid = _str(args, "chain"), _str(args, "target")
+        cid = validate_chunk_id(args.get("chunk"))
+        chunk_size = _int(args, "chunk_size", 4096, 64 << 20)
+        offset = _int(args, "offset", 0, chunk_size)
+        chain = self._chain(chain_id, _int(args, "chain_ver"))
+        head = chain["targets"][0]
+        if head["id"] != tid or head["state"] != "serving":
+            raise NotServing(f"target {tid} is not the serving head of chain {chain_id}")
+        eng = self._engine(tid)
+        deadline = time.monotonic() + self.rpc_timeout * 3
+        with self._locks.get(tid + cid):
+            content = eng.patched(cid, offset, payload, chunk_size)
+            m = eng.meta(cid)
+            ver = 1 + max([x.ver for x in (m.committed, m.pending) if x] if m else [0], default=0)
+            eng.write_pending(cid, ver, content, chain["version"])
+            self._forward(chain_id, tid, "replicate", {"chunk": cid, "ver": ver}, content, deadline)
+            eng.commit(cid, ver)
+        return {"ver": ver, "length": len(content)}, None
+
+    def _rpc_replicate(self, args, payload):
+        self._check_lease()
+        chain_id, tid = _str(args, "chain"), _str(args, "target")
+        cid, ver = validate_chunk_id(args.get("chunk")), _int(args, "ver", 1)
+        chain = self._chain(chain_id, _int(args, "chain_ver"))
+        self._successor(chain, tid)  # raises unless tid is serving or syncing in this chain
+        eng = self._engine(tid)
+        deadline = time.monotonic() + self.rpc_timeout * 2
+        with self._locks.get(tid + cid):
+            eng.write_pending(cid, ver, payload, chain["version"])
+            self._forward(chain_id, tid, "replicate", {"chunk": cid, "ver": ver}, payload, deadline)
+            eng.commit(cid, ver)
+        return {"ver": ver}, None
+
+    def _rpc_remove(self, args, payload):
+        self._check_lease()
+        chain_id, tid = _str(args, "chain"), _str(args, "target")
+        chunks = args.get("chunks")
+        if not isinstance(chunks, list):
+            raise InvalidArgument("remove needs chunks: a list of chunk ids")
+        chunks = [validate_chunk_id(c) for c in chunks]
+        chain = self._chain(chain_id, _int(args, "chain_ver"))
+        self._successor(chain, tid)
+        eng = self._engine(tid)
+        for cid in chunks:
+            with self._locks.get(tid + cid):
+                eng.remove(cid)
+        self._forward(chain_id, tid, "remove", {"chunks": chunks}, None, time.monotonic() + self.rpc_timeout * 2)
+        return {"removed": len(chunks)}, None
+
+    # ------------------------------------------------------------------ resync
+    def _start_syncs(self, routing: dict) -> None:
+        for cid, chain in routing["chains"].items():
+            serving = [t["id"] for t in chain["targets"] if t["state"] == "serving"]
+            if not serving or serving[-1] not in self.engines or not self.uptodate.get(serving[-1]):
+                continue
+            for t in chain["targets"]:
+                key = f"{cid}:{t['id']}"
+                if t["state"] == "syncing" and key not in self._syncing:
+                    self._syncing.add(key)
+                    threading.Thread(target=self._sync, args=(cid, serving[-1], t["id"], key), daemon=True,
+                                     name=f"sync-{t['id']}").start()
+
+    def _sync(self, chain_id: str, src: str, dst: str, key: str) -> None:
+        try:
+            peer = self._peer(dst)
+            remote, _ = peer.call("dump_meta", {"target": dst})
+            eng = self._engine(src)
+            local = eng.list_chunks()
+            copied = removed = 0
+            for cid, m in local.items():
+                if m.committed is None:
+                    continue
+                with self._locks.get(src + cid):
+                    m = eng.meta(cid)
+                    if m is None or m.committed is None:
+                        continue
+                    r = remote.get(cid)
+                    if r is not None and r["committed"] == m.committed.ver and r["crc"] == m.committed.crc:
+                        continue
+                    v, data = eng.read_full(cid)
+                    peer.call("sync_write", {"target": dst, "chunk": cid, "ver": v.ver}, data)
+                    copied += 1
+            extra = [cid for cid in remote if cid not in local]
+            for i in range(0, len(extra), 1024):
+                peer.call("sync_remove", {"target": dst, "chunks": extra[i:i + 1024]})
+                removed += len(extra[i:i + 1024])
+            peer.call("sync_done", {"target": dst})
+            log.info("%s: synced %s -> %s (%d copied, %d removed)", self.service_id, src, dst, copied, removed)
+        except StorageError as e:
+            log.warning("%s: sync %s -> %s failed: %s (will retry)", self.service_id, src, dst, e)
+        finally:
+            self._syncing.discard(key)
+
+    def _rpc_dump_meta(self, args, payload):
+        eng = self._engine(_str(args, "target"))
+        out = {}
+        for cid, m in eng.list_chunks().items():
+            if m.committed is not None:
+                out[cid] = {"committed": m.committed.ver, "crc": m.committed.crc}
+        return out, None
+
+    def _rpc_sync_write(self, args, payload):
+        tid = _str(args, "target")
+        cid, ver = validate_chunk_id(args.get("chunk")), _int(args, "ver", 1)
+        eng = self._engine(tid)
+        with self._locks.get(tid + cid):
+            eng.put_committed(cid, ver, payload)
+        return {}, None
+
+    def _rpc_sync_remove(self, args, payload):
+        tid = _str(args, "target")
+        eng = self._engine(tid)
+        for cid in args.get("chunks") or []:
+            cid = validate_chunk_id(cid)
+            with self._locks.get(tid + cid):
+                eng.remove(cid)
+        return {}, None
+
+    def _rpc_sync_done(self, args, payload):
+        tid = _str(args, "target")
+        self._engine(tid)
+        self.uptodate[tid] = True
+        threading.Thread(target=self._heartbeat_quietly, daemon=True).start()  # report promptly
+        return {}, None
+
+    def _heartbeat_quietly(self):
+        try:
+            self._heartbeat_once()
+        except StorageError:
+            pass
+
+    # ------------------------------------------------------------------ fsck
+    def _rpc_verify(self, args, payload):
+        tid = _str(args, "target")
+        eng = self._engine(tid)
+        bad, total = [], 0
+        for cid, m in eng.list_chunks().items():
+            if m.committed is None:
+                continue
+            total += 1
+            if not eng.verify(cid):
+                bad.append({"chunk": cid, "ver": m.committed.ver})
+        return {"target": tid, "chunks": total, "corrupt": bad}, None
+
+    def _rpc_repair(self, args, payload):
+        """Copy a chunk from our (verified) target `source` to target `dest` elsewhere."""
+        src, dst = _str(args, "source"), _str(args, "dest")
+        cid = validate_chunk_id(args.get("chunk"))
+        eng = self._engine(src)
+        if not eng.verify(cid):
+            raise StorageError(f"chunk {cid} on {src} is corrupt too; cannot repair from it")
+        with self._locks.get(src + cid):
+            v, data = eng.read_full(cid)
+            if v is None:
+                raise NotFound(f"chunk {cid} not on {src}")
+            self._peer(dst).call("sync_write", {"target": dst, "chunk": cid, "ver": v.ver}, data)
+        return {"ver": v.ver}, None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, heartbeat_interval: float | None = None) -> "StorageService":
+        self.server.start()
+        try:
+            self._heartbeat_once()
+        except StorageError as e:
+            log.warning("%s: first heartbeat failed: %s", self.service_id, e)
+        interval = heartbeat_interval or (self.routing or {}).get("lease", 3.0) / 3
+        threading.Thread(target=self._heartbeat_loop, args=(interval,), daemon=True,
+                         name=f"heartbeat-{self.service_id}").start()
+        log.info("storage service %s on %s with targets %s", self.service_id, self.address, list(self.engines))
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.stop()
+        self.manager.close()
+        for c in self._peers.values():
+            c.close()
+        for e in self.engines.values():
+            e.close()
