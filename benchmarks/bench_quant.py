@@ -19,12 +19,35 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def sweep(copy: float) -> None:
+    """Time kernel variants (rows in flight per thread, streaming cache hints) to choose the defaults."""
+    from torch_deepstack.jit import get_kernel
+    from torch_deepstack.quant import kernels as qk
+    from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
+    t = BenchTable("quant", "per_token_group_quant_fp8_sweep", "per_token_group_quant_fp8 variant sweep (bf16)",
+                   ["M", "K", "iters", "streaming", "us", "GB/s", "% of copy"])
+    for m, k in [(16384, 7168), (65536, 7168)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
+        s = mn_major_tma_aligned_empty((m, k // 128), device="cuda")
+        nbytes = m * k * 3 + m * (k // 128) * 4
+        for iters in (1, 2, 4, 8):
+            for streaming in (False, True):
+                kern = get_kernel(qk.group_quant_spec(x.dtype, 128, False, iters, streaming), qk._SIGNATURE)
+                ms = bench_gpu(lambda: qk.launch_group_quant(kern, x, q, s, 128, iters, 1e-4))
+                t.add(m, k, iters, streaming, ms * 1e3, nbytes / ms / 1e6, 100 * nbytes / ms / 1e6 / copy)
+    t.save()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time kernel variants")
     args = ap.parse_args()
     shapes = [(4096, 7168), (16384, 7168), (65536, 7168), (128, 7168)] if not args.quick else [(4096, 7168)]
     copy = copy_bandwidth_gbs()
+    if args.sweep:
+        sweep(copy)
     t = BenchTable("quant", "per_token_group_quant_fp8", "per_token_group_quant_fp8 (1x128, e4m3, MN-major scales)",
                    ["M", "K", "dtype", "ours us", "ours GB/s", "% of copy", "eager us", "speedup"])
     t.notes.append(f"copy bandwidth in this run: {copy:.0f} GB/s (read + write of a 2 GiB buffer)")

@@ -2,7 +2,7 @@
 import torch
 
 from torch_deepstack._library import fake
-from torch_deepstack.quant.checks import check_group_quant_input
+from torch_deepstack.quant.checks import check_group_quant_input_symbolic as check_group_quant_input
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
 

@@ -11,7 +11,11 @@ _library.define_all()
 
 # Areas register their reference and CUDA faces; meta_impls registers the fakes.
 from torch_deepstack import quant  # noqa: E402,F401
-from torch_deepstack import meta_impls  # noqa: E402,F401
+from torch_deepstack import gemm  # noqa: E402,F401
+from torch_deepstack import ep  # noqa: E402,F401
+from torch_deepstack._meta_loader import load_meta_impls  # noqa: E402
+
+meta_impls = load_meta_impls()
 
 _library.finalize()
 

@@ -3,13 +3,14 @@
 //
 // Memory-bound: every thread moves one 16-byte vector per group it touches. A "lane group" of kLanes threads owns
 // one (row, group) pair; the block's lane groups cover consecutive rows of the same K group, so the scale writes of a
-// block are contiguous (MN-major). Each thread keeps kIters rows in flight before reducing, to hide DRAM latency.
+// block are contiguous (MN-major). Grid: one block per (K group, kSlots * kIters rows), K group fastest. Each thread keeps kIters rows in flight before reducing, to hide DRAM latency.
 #pragma once
 #include "common/vec.cuh"
 
 namespace deepstack {
 
-template <typename T, int kGroup, bool kUe8m0>
+// kIters: rows each thread keeps in flight; kStreaming: evict-first cache hints (data is touched once).
+template <typename T, int kGroup, bool kUe8m0, int kIters = 4, bool kStreaming = false>
 __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
     const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
     int rows, int rows_per_batch, int K,
@@ -18,13 +19,15 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
   constexpr int kElems = Vec16<T>::kElems;          // elements per 16-byte load
   constexpr int kLanes = kGroup / kElems;           // threads per group
   constexpr int kSlots = 256 / kLanes;              // (row, group) pairs per block per iteration
-  constexpr int kIters = 4;
   static_assert(kGroup % kElems == 0 && 32 % kLanes == 0, "group size must be a multiple of 16 bytes, <= 1 warp");
 
   const int lane = threadIdx.x % kLanes;
   const int slot = threadIdx.x / kLanes;
-  const int g = blockIdx.y;
-  const int row0 = blockIdx.x * (kSlots * kIters) + slot;
+  // Consecutive blocks take consecutive K groups of the same rows, so the blocks in flight stream through
+  // contiguous memory (better DRAM page locality than walking down one column of groups).
+  const int num_groups = K / kGroup;
+  const int g = blockIdx.x % num_groups;
+  const int row0 = (blockIdx.x / num_groups) * (kSlots * kIters) + slot;
 
   using Load = uint4;
   Load raw[kIters];
@@ -34,7 +37,7 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
     if (r < rows) {
       const int b = r / rows_per_batch, m = r - b * rows_per_batch;
       const T* src = x + b * x_stride_batch + m * x_stride_row + g * kGroup + lane * kElems;
-      raw[it] = __ldg(reinterpret_cast<const Load*>(src));
+      raw[it] = kStreaming ? __ldcs(reinterpret_cast<const Load*>(src)) : __ldg(reinterpret_cast<const Load*>(src));
     }
   }
 #pragma unroll
@@ -64,10 +67,12 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
     }
     uint8_t* dst = q + static_cast<long long>(r) * K + g * kGroup + lane * kElems;
     if constexpr (kElems == 8) {
-      *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
+      if constexpr (kStreaming) __stcs(reinterpret_cast<uint2*>(dst), make_uint2(words[0], words[1]));
+      else *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
     } else {
       static_assert(kElems == 4, "16-byte loads of 2- or 4-byte elements");
-      *reinterpret_cast<uint32_t*>(dst) = words[0];
+      if constexpr (kStreaming) __stcs(reinterpret_cast<unsigned int*>(dst), words[0]);
+      else *reinterpret_cast<uint32_t*>(dst) = words[0];
     }
     if (lane == 0) {
       const int b = r / rows_per_batch, m = r - b * rows_per_batch;

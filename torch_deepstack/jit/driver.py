@@ -38,6 +38,10 @@ def lib() -> ctypes.CDLL:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
         raise CudaDriverError("libcuda.so.1 (the NVIDIA driver) is not available on this machine") from e
+    cuda.cuInit.argtypes = [ctypes.c_uint]
+    check_result = cuda.cuInit(0)
+    if check_result != 0:
+        raise CudaDriverError(f"cuInit failed with CUDA error {check_result}: no usable GPU/driver")
     cuda.cuGetErrorString.argtypes = [CUresult, ctypes.POINTER(ctypes.c_char_p)]
     cuda.cuLibraryLoadData.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint,
@@ -53,6 +57,14 @@ def lib() -> ctypes.CDLL:
     cuda.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
     cuda.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
     return cuda
+
+
+@functools.lru_cache(maxsize=1)
+def raw_launch_fn():
+    """cuLaunchKernel without argtypes, for the hot path: callers pass c_void_p handles and plain ints."""
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def check(res: int, what: str) -> None:

@@ -24,6 +24,9 @@ _CODES = {"p": ("Q", 8, 8), "i": ("i", 4, 4), "u": ("I", 4, 4), "l": ("q", 8, 8)
           "t": ("128s", 128, 64)}
 _DEFAULT_SMEM_LIMIT = 48 * 1024
 _CUDA_ERROR_INVALID_CONTEXT = 201
+_c_void_p = ctypes.c_void_p
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def param_struct(signature: str) -> struct.Struct:
@@ -60,19 +63,18 @@ class Kernel:
         self._handle, self._library = driver.load_kernel(cubin, entry)
         self._tls = _ThreadBuffers(self._struct.size)
         self._smem_configured: dict[int, int] = {}
-        self._cuLaunchKernel = driver.lib().cuLaunchKernel
+        self._nargs = len(signature)
+        self._launch_fn = driver.raw_launch_fn()
 
     def _pack(self, args) -> ctypes.Array:
-        if len(args) != len(self.signature):
-            raise TypeError(f"{self.name}: expected {len(self.signature)} kernel arguments "
+        if len(args) != self._nargs:
+            raise TypeError(f"{self.name}: expected {self._nargs} kernel arguments "
                             f"({self.signature}), got {len(args)}")
         vals = list(args)
         for i in self._pointer_slots:
             a = vals[i]
-            if isinstance(a, torch.Tensor):
-                vals[i] = a.data_ptr()
-            elif a is None:
-                vals[i] = 0
+            if a.__class__ is not int:
+                vals[i] = 0 if a is None else a.data_ptr()
         tls = self._tls
         self._struct.pack_into(tls.buf, 0, *vals)
         return tls.extra
@@ -83,19 +85,30 @@ class Kernel:
             self._smem_configured[device] = smem
 
     def launch(self, grid, block, *args, smem: int = 0, stream: int | None = None) -> None:
-        gx, gy, gz = (tuple(grid) + (1, 1))[:3] if not isinstance(grid, int) else (grid, 1, 1)
-        bx, by, bz = (tuple(block) + (1, 1))[:3] if not isinstance(block, int) else (block, 1, 1)
-        device = torch._C._cuda_getDevice()
-        if smem > _DEFAULT_SMEM_LIMIT:
-            self._configure_smem(smem, device)
-        if stream is None:
-            stream = torch._C._cuda_getCurrentRawStream(device)
+        """Launch on torch's current stream of the current device (or on `stream`, a raw cudaStream_t)."""
+        if grid.__class__ is int:
+            gx, gy, gz = grid, 1, 1
+        else:
+            gx, gy, gz = (*grid, 1, 1)[:3]
+        if block.__class__ is int:
+            bx, by, bz = block, 1, 1
+        else:
+            bx, by, bz = (*block, 1, 1)[:3]
+        if stream is None or smem > _DEFAULT_SMEM_LIMIT:
+            device = _get_device()
+            if smem > _DEFAULT_SMEM_LIMIT:
+                self._configure_smem(smem, device)
+            if stream is None:
+                stream = _get_stream(device)
         extra = self._pack(args)
-        res = self._cuLaunchKernel(self._handle, gx, gy, gz, bx, by, bz, smem, stream, None, extra)
-        if res == _CUDA_ERROR_INVALID_CONTEXT:   # a thread that never touched CUDA through torch
-            driver.ensure_context(device)
-            res = self._cuLaunchKernel(self._handle, gx, gy, gz, bx, by, bz, smem, stream, None, extra)
-        if res != 0:
+        # Plain ctypes call (no argtypes): ints convert as C ints, handles go as c_void_p. Twice as fast as argtypes.
+        res = self._launch_fn(self._handle, gx, gy, gz, bx, by, bz, smem, _c_void_p(stream) if stream else None,
+                              None, extra)
+        if res:
+            if res == _CUDA_ERROR_INVALID_CONTEXT:   # a thread that never touched CUDA through torch
+                driver.ensure_context(_get_device())
+                res = self._launch_fn(self._handle, gx, gy, gz, bx, by, bz, smem,
+                                      _c_void_p(stream) if stream else None, None, extra)
             driver.check(res, f"launch of {self.name} grid={grid} block={block} smem={smem}")
 
     def launch_cluster(self, grid, block, cluster, *args, smem: int = 0, stream: int | None = None) -> None:

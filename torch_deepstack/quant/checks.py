@@ -1,16 +1,34 @@
-"""Input validation shared by the quantisation ops: clear Python errors instead of CUDA crashes."""
+"""Input validation shared by the quantisation ops: clear Python errors instead of CUDA crashes.
+
+`check_group_quant_input` uses plain Python tests (fast: this runs on every eager call); the fakes use
+`check_group_quant_input_symbolic`, built on torch._check, which also works on symbolic shapes.
+"""
 from __future__ import annotations
 
 import torch
 
 SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 
 def check_group_quant_input(x: torch.Tensor, group_size: int, op: str) -> None:
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{op}: x must have shape [M, K] or [B, M, K] (got {x.dim()} dims)")
+    if x.dtype not in SUPPORTED_INPUT_DTYPES:
+        raise TypeError(f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"{op}: group_size must be 32, 64 or 128, got {group_size}")
+    if x.shape[-1] % group_size:
+        raise ValueError(f"{op}: the last dim K={x.shape[-1]} of x must be a multiple of group_size={group_size}")
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"{op}: x must be contiguous in its last dim (stride {x.stride(-1)})")
+
+
+def check_group_quant_input_symbolic(x: torch.Tensor, group_size: int, op: str) -> None:
     torch._check(x.dim() in (2, 3), lambda: f"{op}: x must have shape [M, K] or [B, M, K] (got {x.dim()} dims)")
     torch._check(x.dtype in SUPPORTED_INPUT_DTYPES,
                  lambda: f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
-    torch._check(group_size in (32, 64, 128),
+    torch._check(group_size in SUPPORTED_GROUP_SIZES,
                  lambda: f"{op}: group_size must be 32, 64 or 128, got {group_size}")
     torch._check(x.shape[-1] % group_size == 0,
                  lambda: f"{op}: the last dim K={x.shape[-1]} of x must be a multiple of group_size={group_size}")

@@ -26,7 +26,8 @@ def group_quant_fp8_values(x: torch.Tensor, group_size: int, eps: float, scale_u
         scale = ceil_to_ue8m0(scale)
     # Multiply by the inverse scale, computed once per group in fp32 exactly as the CUDA kernel does:
     # 448 / amax for plain scales (DeepGEMM's convention), 1 / scale for power-of-two ones (exact).
-    inv = (1.0 / scale) if scale_ue8m0 else (FP8_E4M3_MAX / amax)
+    # (Tensor / Tensor: `448 / t` would be computed as reciprocal(t) * 448, rounding twice.)
+    inv = torch.ones_like(scale) / scale if scale_ue8m0 else torch.full_like(amax, FP8_E4M3_MAX) / amax
     q = (xg * inv.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     return q.reshape(*lead, k).to(torch.float8_e4m3fn), scale
 
