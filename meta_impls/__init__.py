@@ -4,3 +4,6 @@ Installed as `torch_deepstack.meta_impls`. Fakes use only torch ops and `torch._
 device queries, so FakeTensor tracing, torch.compile and torch.export work on any machine.
 """
 from torch_deepstack.meta_impls import quant  # noqa: F401
+from torch_deepstack.meta_impls import gemm  # noqa: F401
+from torch_deepstack.meta_impls import ep  # noqa: F401
+from torch_deepstack.meta_impls import mla  # noqa: F401

@@ -28,6 +28,46 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
     # --- quantisation (torch_deepstack/quant) -------------------------------------------------------
     "per_token_group_quant_fp8": (
         "(Tensor x, int group_size=128, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+    # --- FP8 GEMM with fine-grained scaling (torch_deepstack/gemm); the GEMMs write into d ------------------
+    "fp8_gemm_nt": (
+        "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor? c=None, bool accumulate=False) -> ()", ()),
+    "m_grouped_fp8_gemm_nt_contiguous": (
+        "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor m_indices) -> ()", ()),
+    "m_grouped_fp8_gemm_nt_masked": (
+        "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor masked_m, int expected_m) -> ()", ()),
+    "fp8_wgrad_gemm_nt": (
+        "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor? c=None, bool accumulate=False) -> ()", ()),
+    "k_grouped_fp8_wgrad_gemm_nt": (
+        "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, int[] ks, Tensor? c=None, bool accumulate=False) -> ()", ()),
+    "per_block_quant_fp8": (
+        "(Tensor x, bool transpose=False, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+    "per_token_group_quant_fp8_t": ("(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+    # --- expert parallelism (torch_deepstack/ep) -------------------------------------------------------
+    "ep_get_dispatch_layout": ("(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor, Tensor, Tensor)", ()),
+    "ep_dispatch": (
+        "(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor? is_token_in_rank, "
+        "int num_experts, int num_ranks, str group_name, int expert_alignment=1, int num_worst_tokens=0) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", ()),
+    "ep_dispatch_cached": (
+        "(Tensor x, Tensor? x_scales, Tensor is_token_in_rank, Tensor rank_counts, Tensor recv_src_idx, "
+        "str group_name, int num_worst_tokens=0) -> (Tensor, Tensor)", ()),
+    "ep_combine": (
+        "(Tensor x, Tensor? topk_weights, Tensor is_token_in_rank, Tensor rank_counts, Tensor recv_src_idx, "
+        "str group_name, int num_worst_tokens=0) -> (Tensor, Tensor)", ()),
+    "ep_low_latency_dispatch": (
+        "(Tensor x, Tensor topk_idx, int num_max_dispatch_tokens_per_rank, int num_experts, int num_ranks, "
+        "str group_name, bool use_fp8=True, bool round_scale=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", ()),
+    "ep_low_latency_combine": (
+        "(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor src_info, Tensor layout_range, "
+        "int num_max_dispatch_tokens_per_rank, str group_name) -> Tensor", ()),
+    # --- MLA decode over a paged KV cache (torch_deepstack/mla) -------------------------------------------
+    "get_mla_metadata": (
+        "(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, int num_sm_parts=0) -> (Tensor, Tensor)", ()),
+    "mla_decode_with_kvcache": (
+        "(Tensor q, Tensor k_cache, Tensor block_table, Tensor cache_seqlens, int head_dim_v, "
+        "Tensor tile_scheduler_metadata, Tensor num_splits, float? softmax_scale=None, bool causal=False, "
+        "bool is_fp8_kvcache=False) -> (Tensor, Tensor)", ()),
+    "mla_append_kv": ("(Tensor(a!) k_cache, Tensor kv, Tensor slot_mapping, bool is_fp8_kvcache=False) -> ()", ()),
 }
 
 

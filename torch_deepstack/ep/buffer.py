@@ -1,0 +1,416 @@
+"""`Buffer`: DeepEP's V1 Python API over a torch.distributed process group.
+
+Call forms and return tuples follow DeepEP V1 (`deep_ep.Buffer`); the work is done by the `deepstack::ep_*`
+ops, so everything here is argument handling, streams/events, handles and the buffer-size rules.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from torch_deepstack.ep import core
+from torch_deepstack.ep.layout import low_latency_size_hint
+from torch_deepstack.ep.transport import (DEFAULT_TIMEOUT_S, register_transport, set_timeout,
+                                          unregister_transport)
+
+_ids = itertools.count(1)
+
+
+class EventOverlap:
+    """A CUDA event (None on CPU, where every call has finished when it returns) plus tensors kept alive until
+    the event is waited on (a graph-safe stand-in for record_stream)."""
+
+    def __init__(self, event: Optional[torch.cuda.Event] = None, extra_tensors: Optional[tuple] = None):
+        self.event = event
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.current_stream_wait()
+        return False
+
+
+@dataclass
+class Config:
+    """DeepEP's tuning knobs. Accepted for compatibility; our kernels size themselves (see docs/ep.md)."""
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        # DeepEP's formula: channels x peers x recv chunk x (row + metadata), 128-byte aligned.
+        channels = max(self.num_sms // 2, 1)
+        row = hidden_bytes + 4 + 128 * 3
+        size = channels * num_ranks * self.num_max_nvl_chunked_recv_tokens * row
+        return max((size + 127) // 128 * 128, Buffer.min_nvl_bytes(hidden_bytes, num_ranks))
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        return 0   # intranode only (<= 8 ranks per node, as DeepEP)
+
+
+class DispatchHandle(NamedTuple):
+    """Layout of one normal-mode dispatch: pass it to combine, or back to dispatch to reuse the layout."""
+    rank_prefix_matrix: torch.Tensor      # [R, R] int32: prefix over source ranks of rank_counts
+    rank_counts: torch.Tensor             # [R, R] int32: tokens rank i sent to rank j
+    recv_src_idx: torch.Tensor            # [num_recv] int32: each received row's token index on its source
+    is_token_in_rank: torch.Tensor        # [N, R] bool (this rank's tokens)
+    num_recv_tokens_per_expert: torch.Tensor
+    num_worst_tokens: int
+    buffer_id: int
+
+
+class LowLatencyHandle(NamedTuple):
+    src_info: torch.Tensor                # [L, M*R] int32: source token index of each row
+    layout_range: torch.Tensor            # [L, R] int64: (begin << 32) | count per source rank
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    buffer_id: int
+
+
+def _group_device(group) -> torch.device:
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Buffer:
+    """Expert-parallel communication buffer over `group` (DeepEP V1 call forms).
+
+    Extra keyword-only arguments (not in DeepEP): `transport` = "auto" | "dist" | "ipc" picks how CUDA tensors
+    move ("auto": NVLink IPC buffers when the group is NCCL on one host and num_nvl_bytes > 0, else NCCL);
+    `timeout_s` bounds every collective, so a dead peer raises EPTransportError instead of hanging.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False,
+                 comm=None, *, transport: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
+        if not dist.is_initialized():
+            raise RuntimeError("ep.Buffer needs torch.distributed: call torch.distributed.init_process_group first")
+        if num_nvl_bytes < 0 or num_rdma_bytes < 0:
+            raise ValueError(f"num_nvl_bytes={num_nvl_bytes} and num_rdma_bytes={num_rdma_bytes} must be >= 0")
+        if transport not in ("auto", "dist", "ipc"):
+            raise ValueError(f"transport must be 'auto', 'dist' or 'ipc', got {transport!r}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.group_name = self.group.group_name
+        self.rank = dist.get_rank(self.group)
+        self.group_size = dist.get_world_size(self.group)
+        self.num_nvl_bytes, self.num_rdma_bytes = int(num_nvl_bytes), int(num_rdma_bytes)
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.explicitly_destroy = explicitly_destroy
+        self.device = _group_device(self.group)
+        self.buffer_id = next(_ids)
+        self._destroyed = False
+        self._ipc = None
+        set_timeout(self.group_name, timeout_s)
+        self._comm_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        if self.device.type == "cuda" and transport != "dist":
+            from torch_deepstack.ep import ipc
+            usable, why = ipc.ipc_usable(self.group)
+            if usable and self.num_nvl_bytes > 0:
+                self._ipc = ipc.IpcTransport(self.group, self.num_nvl_bytes, timeout_s)
+                register_transport(self.group_name, self._ipc)
+            elif transport == "ipc":
+                raise RuntimeError(f"transport='ipc' is not usable here: "
+                                   f"{why if not usable else 'num_nvl_bytes is 0'}")
+        self._ll_combine_buffers: list[Optional[torch.Tensor]] = [None, None]
+        self._ll_parity = 0
+
+    # --- DeepEP static helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return True
+
+    @classmethod
+    def set_num_sms(cls, new_num_sms: int) -> None:
+        if new_num_sms % 2 != 0:
+            raise ValueError(f"num_sms must be even, got {new_num_sms}")
+        cls.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        if not torch.cuda.is_available():
+            return EventOverlap(None)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream())
+        return EventOverlap(ev)
+
+    @staticmethod
+    def min_nvl_bytes(hidden_bytes: int, num_ranks: int) -> int:
+        """Smallest normal-mode buffer: one row (data + scales + top-k metadata) per peer per round."""
+        return num_ranks * (hidden_bytes + hidden_bytes // 128 * 4 + 32 * 12 + 4)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        return low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return Config(Buffer.num_sms, 4, 256, 6, 128)
+
+    # --- instance helpers -------------------------------------------------------------------------------------
+    def get_comm_stream(self):
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0, use_rdma_buffer=False):
+        if self._ipc is None:
+            raise RuntimeError("this Buffer has no peer-mapped memory (it moves data with torch.distributed); "
+                               "get_local_buffer_tensor needs the NVLink IPC transport")
+        return self._ipc.local_view(dtype, size, offset)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """No-op: our low-latency exchanges leave no state behind between calls (kept for DeepEP's call form)."""
+        self._check_alive()
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The tensor a zero-copy low_latency_combine reads: write expert outputs here, then call it with
+        zero_copy=True."""
+        self._check_handle(handle, LowLatencyHandle)
+        L = handle.num_experts // self.group_size
+        shape = (L, handle.num_max_dispatch_tokens_per_rank * self.group_size, handle.hidden)
+        buf = self._ll_combine_buffers[self._ll_parity]
+        if buf is None or tuple(buf.shape) != shape:
+            buf = torch.empty(shape, dtype=torch.bfloat16, device=self.device)
+            self._ll_combine_buffers[self._ll_parity] = buf
+        return buf
+
+    def destroy(self) -> None:
+        if self._destroyed:
+            return
+        if self._ipc is not None:
+            unregister_transport(self.group_name, self._ipc)
+            self._ipc.close()
+            self._ipc = None
+        self._destroyed = True
+
+    def __del__(self):
+        try:
+            if not self.explicitly_destroy:
+                self.destroy()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    # --- checks -----------------------------------------------------------------------------------------------
+    def _check_alive(self):
+        if self._destroyed:
+            raise RuntimeError("this ep.Buffer was destroyed")
+
+    def _check_handle(self, handle, kind):
+        if not isinstance(handle, kind):
+            raise TypeError(f"handle must be the {kind.__name__} a dispatch of this Buffer returned, "
+                            f"got {type(handle).__name__}")
+        if handle.buffer_id != self.buffer_id:
+            raise ValueError(f"handle comes from another ep.Buffer (id {handle.buffer_id}); this Buffer is "
+                             f"id {self.buffer_id}: pass the handle to the Buffer that dispatched")
+
+    def _check_device(self, op, t):
+        if t.device.type != self.device.type:
+            raise ValueError(f"{op}: this Buffer's group moves {self.device.type} tensors, got a tensor on "
+                             f"{t.device}")
+
+    def _check_nvl_size(self, x: torch.Tensor):
+        need = self.min_nvl_bytes(x.shape[1] * max(x.element_size(), 2), self.group_size)
+        if self.num_nvl_bytes < need:
+            raise ValueError(f"ep.Buffer num_nvl_bytes={self.num_nvl_bytes} is too small for hidden={x.shape[1]} "
+                             f"on {self.group_size} ranks: normal mode needs at least {need} bytes "
+                             f"(Config.get_nvl_buffer_size_hint gives a good size)")
+
+    # --- streams and events -----------------------------------------------------------------------------------
+    def _run(self, fn, inputs, previous_event, async_finish, allocate_on_comm_stream):
+        self._check_alive()
+        if self.device.type != "cuda":
+            return fn(), EventOverlap(None)
+        cur, comm = torch.cuda.current_stream(), self._comm_stream
+        if previous_event is not None and previous_event.event is not None:
+            comm.wait_event(previous_event.event)
+        else:
+            comm.wait_stream(cur)
+        with torch.cuda.stream(comm):
+            out = fn()
+        ev = torch.cuda.Event()
+        ev.record(comm)
+        flat = [t for t in _flatten(out) if isinstance(t, torch.Tensor)]
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(comm)
+        if not allocate_on_comm_stream:
+            for t in flat:
+                t.record_stream(cur)
+        if not async_finish:
+            cur.wait_event(ev)
+        return out, EventOverlap(ev, tuple(inputs) + tuple(flat) if async_finish else None)
+
+    # --- normal mode ------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event=None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """-> (num_tokens_per_rank [R] int32, None (no RDMA ranks: intranode), num_tokens_per_expert [E] int32,
+        is_token_in_rank [N, R] bool, event)."""
+        self._check_device("get_dispatch_layout", topk_idx)
+        (per_rank, per_expert, in_rank), ev = self._run(
+            lambda: torch.ops.deepstack.ep_get_dispatch_layout(topk_idx, num_experts, self.group_size),
+            [topk_idx], previous_event, async_finish, allocate_on_comm_stream)
+        return per_rank, None, per_expert, in_rank, ev
+
+    def dispatch(self, x, handle: Optional[DispatchHandle] = None, num_tokens_per_rank=None,
+                 num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                 topk_idx=None, topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Optional[Config] = None, previous_event=None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """-> (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event).
+
+        x is a tensor [N, hidden] or a pair (fp8 [N, hidden], fp32 scales [N, hidden // 128]); recv_x has the
+        same form. With `handle`, the layout is reused (no top-k, no count exchange) and recv_topk_idx,
+        recv_topk_weights and the list are None. With num_worst_tokens > 0 the outputs have that many rows
+        (valid rows first, recv_topk_idx -1 after them), nothing waits on the host, and the list is empty."""
+        x_data, x_scales = (x if isinstance(x, tuple) else (x, None))
+        self._check_device("dispatch", x_data)
+        self._check_nvl_size(x_data)
+        if handle is not None:
+            self._check_handle(handle, DispatchHandle)
+            if num_worst_tokens and num_worst_tokens != handle.num_worst_tokens:
+                raise ValueError(f"dispatch: num_worst_tokens={num_worst_tokens} differs from the handle's "
+                                 f"{handle.num_worst_tokens}")
+            (rx, rs), ev = self._run(
+                lambda: torch.ops.deepstack.ep_dispatch_cached(
+                    x_data, x_scales, handle.is_token_in_rank, handle.rank_counts, handle.recv_src_idx,
+                    self.group_name, handle.num_worst_tokens),
+                [x_data, x_scales], previous_event, async_finish, allocate_on_comm_stream)
+            return ((rx, rs) if x_scales is not None else rx), None, None, None, handle, ev
+        if topk_idx is None and is_token_in_rank is None:
+            raise ValueError("dispatch: pass topk_idx (with the layout from get_dispatch_layout) or a handle")
+        if topk_idx is None:
+            num_experts = self.group_size if num_tokens_per_expert is None else num_tokens_per_expert.shape[0]
+        else:
+            if num_tokens_per_expert is None:
+                raise ValueError("dispatch: num_tokens_per_expert (from get_dispatch_layout) is required with "
+                                 "topk_idx: it gives num_experts")
+            num_experts = num_tokens_per_expert.shape[0]
+        if num_tokens_per_rank is not None and tuple(num_tokens_per_rank.shape) != (self.group_size,):
+            raise ValueError(f"dispatch: num_tokens_per_rank must be [{self.group_size}], "
+                             f"got {tuple(num_tokens_per_rank.shape)}")
+        outs, ev = self._run(
+            lambda: torch.ops.deepstack.ep_dispatch(
+                x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, self.group_size,
+                self.group_name, expert_alignment, num_worst_tokens),
+            [x_data, x_scales, topk_idx, topk_weights, is_token_in_rank], previous_event, async_finish,
+            allocate_on_comm_stream)
+        rx, rs, ridx, rw, per_expert, mask, rank_counts, src_idx = outs
+        new_handle = DispatchHandle(torch.cumsum(rank_counts, 0, dtype=torch.int32), rank_counts, src_idx, mask,
+                                    per_expert, num_worst_tokens, self.buffer_id)
+        per_expert_list = [] if num_worst_tokens > 0 else per_expert.tolist()
+        recv_x = (rx, rs) if x_scales is not None else rx
+        if topk_idx is None:
+            ridx = rw = None
+        elif topk_weights is None:
+            rw = None
+        return recv_x, ridx, rw, per_expert_list, new_handle, ev
+
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights=None, bias=None,
+                config: Optional[Config] = None, previous_event=None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False):
+        """-> (combined_x [N, hidden], combined_topk_weights or None, event): each token's rows summed back on
+        its source rank (unweighted, as DeepEP's normal combine), plus `bias` (a tensor or a pair) if given."""
+        self._check_handle(handle, DispatchHandle)
+        self._check_device("combine", x)
+        self._check_nvl_size(x)
+        (cx, cw), ev = self._run(
+            lambda: torch.ops.deepstack.ep_combine(x, topk_weights, handle.is_token_in_rank, handle.rank_counts,
+                                                   handle.recv_src_idx, self.group_name, handle.num_worst_tokens),
+            [x, topk_weights], previous_event, async_finish, allocate_on_comm_stream)
+        if bias is not None:
+            for b in (bias if isinstance(bias, tuple) else (bias,)):
+                if b is not None:
+                    cx = cx + b
+        return cx, (cw if topk_weights is not None else None), ev
+
+    # --- low-latency mode -------------------------------------------------------------------------------------
+    def _check_ll_size(self, num_max: int, hidden: int, num_experts: int):
+        need = low_latency_size_hint(num_max, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < need:
+            raise ValueError(f"ep.Buffer num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode "
+                             f"with num_max_dispatch_tokens_per_rank={num_max}, hidden={hidden}, "
+                             f"{self.group_size} ranks, {num_experts} experts: need {need} bytes "
+                             f"(Buffer.get_low_latency_rdma_size_hint)")
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None, use_fp8: bool = True, round_scale: bool = False,
+                             use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False):
+        """-> (recv_x, recv_count, handle, event, hook). recv_x is [L, M*R, hidden] (bf16), or with use_fp8 the
+        pair (e4m3 [L, M*R, hidden], fp32 scales [L, M*R, hidden // 128] MN-major TMA-aligned); only the first
+        recv_count[e] rows of expert e are meaningful. `hook()` (with return_recv_hook) must be called before
+        reading the outputs; with this transport the data has landed by then (it is a no-op)."""
+        if use_ue8m0:
+            raise NotImplementedError("low_latency_dispatch: use_ue8m0 (packed int32 scales) is not supported; "
+                                      "use round_scale=True for power-of-two fp32 scales")
+        self._check_device("low_latency_dispatch", x)
+        self._check_ll_size(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
+        (rx, rs, cnt, src_info, layout_range), ev = self._run(
+            lambda: torch.ops.deepstack.ep_low_latency_dispatch(
+                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, self.group_name,
+                use_fp8, round_scale),
+            [x, topk_idx], None, async_finish, False)
+        if cumulative_local_expert_recv_stats is not None:
+            cumulative_local_expert_recv_stats.add_(cnt.to(cumulative_local_expert_recv_stats.dtype))
+        handle = LowLatencyHandle(src_info, layout_range, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts,
+                                  self.buffer_id)
+        self._ll_parity ^= 1
+        hook = (lambda: None) if return_recv_hook else None
+        return ((rx, rs) if use_fp8 else rx), cnt, handle, ev, hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False, out=None,
+                            combine_wait_recv_cost_stats=None):
+        """-> (combined_x [N, hidden], event, hook): sum over k of topk_weights[t, k] times expert
+        topk_idx[t, k]'s output row for token t. use_logfmt is accepted and sends bf16 (exact, more bytes)."""
+        self._check_handle(handle, LowLatencyHandle)
+        if zero_copy:
+            x = self.get_next_low_latency_combine_buffer(handle)
+        self._check_device("low_latency_combine", x)
+        self._check_ll_size(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        cx, ev = self._run(
+            lambda: torch.ops.deepstack.ep_low_latency_combine(
+                x, topk_idx, topk_weights, handle.src_info, handle.layout_range,
+                handle.num_max_dispatch_tokens_per_rank, self.group_name),
+            [x, topk_idx, topk_weights], None, async_finish, False)
+        if out is not None:
+            out.copy_(cx)
+            cx = out
+        hook = (lambda: None) if return_recv_hook else None
+        return cx, ev, hook
+
+
+def _flatten(obj):
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _flatten(o)
+    else:
+        yield obj
+
+
+# Keep core importable for callers that want the transport-level functions.
+__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "LowLatencyHandle", "core"]

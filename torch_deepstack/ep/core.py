@@ -1,0 +1,321 @@
+"""Dispatch and combine as local torch work around a transport's three moves (see transport.py).
+
+Rows travel as packed bytes: one uint8 row per (token, destination) holds the token's data, its fp8 scales, its
+global top-k ids and weights and its index on the source rank, so one collective moves everything.
+
+Normal mode has two exchange shapes:
+- exact (num_worst_tokens == 0): per-rank counts are exchanged and read on the host, rows move with a variable
+  all-to-all and the output has exactly the received rows (DeepEP's CPU sync);
+- worst case (num_worst_tokens > 0): every rank sends a fixed block of num_worst_tokens // R rows to every rank,
+  positions are computed on the device, and the output is padded to num_worst_tokens rows (no host sync).
+Summation in combine runs over destination ranks in rank order, in fp32: results are bitwise repeatable.
+"""
+from __future__ import annotations
+
+import torch
+
+from torch_deepstack.ep.layout import count_local_experts, to_local_experts, token_rank_mask
+
+
+# --- byte rows ----------------------------------------------------------------------------------------------
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(t.shape[0], -1).contiguous()
+    return t.view(torch.uint8) if t.dtype != torch.uint8 else t
+
+
+def pack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([_bytes(p) for p in parts], dim=1)
+
+
+def unpack_rows(rows: torch.Tensor, specs: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    out, off = [], 0
+    for dtype, width in specs:
+        nbytes = width * dtype.itemsize
+        out.append(rows[:, off:off + nbytes].contiguous().view(dtype))
+        off += nbytes
+    return out
+
+
+def row_specs(hidden: int, x_dtype, num_scales: int, num_topk: int, with_weights: bool):
+    specs = [(x_dtype, hidden)]
+    if num_scales:
+        specs.append((torch.float32, num_scales))
+    specs.append((torch.int64, num_topk))
+    if with_weights:
+        specs.append((torch.float32, num_topk))
+    specs.append((torch.int32, 1))
+    return specs
+
+
+def row_bytes(specs) -> int:
+    return sum(d.itemsize * w for d, w in specs)
+
+
+# --- positions ----------------------------------------------------------------------------------------------
+
+def slot_positions(mask: torch.Tensor) -> torch.Tensor:
+    """pos[t, j] = how many earlier tokens also go to rank j (the row's slot in block j); -1 where not sent."""
+    pos = torch.cumsum(mask.to(torch.int32), dim=0) - 1
+    return torch.where(mask, pos, torch.full_like(pos, -1))
+
+
+def worst_capacity(num_worst_tokens: int, num_ranks: int, num_tokens: int, op: str) -> int:
+    cap = num_worst_tokens // num_ranks
+    if num_tokens > cap:
+        raise ValueError(f"{op}: num_worst_tokens={num_worst_tokens} gives each source rank {cap} receive slots "
+                         f"per destination (num_worst_tokens // num_ranks), fewer than this rank's "
+                         f"{num_tokens} tokens; use num_worst_tokens >= num_tokens * num_ranks")
+    return cap
+
+
+def source_of_rows(recv_counts: torch.Tensor, total_rows: int):
+    """For output rows 0..total_rows-1 laid out source by source: (source rank, slot within its block, valid)."""
+    ends = torch.cumsum(recv_counts.to(torch.int64), 0)
+    p = torch.arange(total_rows, device=recv_counts.device, dtype=torch.int64)
+    src = torch.searchsorted(ends, p, right=True)
+    valid = src < recv_counts.shape[0]
+    src_c = src.clamp(max=recv_counts.shape[0] - 1)
+    slot = p - (ends[src_c] - recv_counts.to(torch.int64)[src_c])
+    return src_c, slot, valid
+
+
+# --- normal dispatch ----------------------------------------------------------------------------------------
+
+def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts: int,
+             expert_alignment: int, num_worst_tokens: int):
+    """Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
+    is_token_in_rank, rank_counts [R, R], recv_src_idx)."""
+    R, rank = transport.world_size, transport.rank
+    L = num_experts // R
+    n, hidden = x.shape
+    dev = x.device
+    mask = is_token_in_rank if is_token_in_rank is not None else token_rank_mask(topk_idx, num_experts, R)
+    k = topk_idx.shape[1] if topk_idx is not None else 0
+    num_scales = x_scales.shape[1] if x_scales is not None else 0
+    parts = [x]
+    if x_scales is not None:
+        parts.append(x_scales)
+    parts.append(topk_idx if topk_idx is not None else torch.empty(n, 0, dtype=torch.int64, device=dev))
+    if topk_weights is not None:
+        parts.append(topk_weights)
+    parts.append(torch.arange(n, dtype=torch.int32, device=dev))
+    specs = row_specs(hidden, x.dtype, num_scales, k, topk_weights is not None)
+    payload = pack_rows(parts)
+    if num_worst_tokens:                                           # local check, before any collective
+        worst_capacity(num_worst_tokens, R, n, "dispatch")
+    send_counts = mask.sum(0, dtype=torch.int32)
+    rank_counts = transport.exchange_counts(send_counts)          # [R, R]: row i = what rank i sends to each
+    if num_worst_tokens == 0:
+        dest_tok = mask.t().nonzero()                              # sorted by destination, then token
+        send = payload.index_select(0, dest_tok[:, 1])
+        recv_splits = rank_counts[:, rank].tolist()
+        recv = transport.all_to_all_v(send, send_counts.tolist(), recv_splits)
+        valid = None
+    else:
+        cap = worst_capacity(num_worst_tokens, R, n, "dispatch")
+        pos = slot_positions(mask)                                 # [n, R]
+        dump = R * cap
+        flat = torch.where(pos >= 0, torch.arange(R, device=dev) * cap + pos, torch.full_like(pos, dump))
+        send = torch.zeros(dump + 1, payload.shape[1], dtype=torch.uint8, device=dev)
+        for j in range(R):                                          # each column's indices are distinct
+            send.index_copy_(0, flat[:, j].to(torch.int64), payload)
+        got = transport.all_to_all_fixed(send[:dump].view(R, cap, -1)).view(dump, -1)
+        src, slot, valid = source_of_rows(rank_counts[:, rank], num_worst_tokens)
+        recv = got.index_select(0, src * cap + slot.clamp(max=cap - 1))
+        recv = torch.where(valid.unsqueeze(1), recv, torch.zeros_like(recv))
+    fields = unpack_rows(recv, specs)
+    recv_x = fields.pop(0)
+    recv_scales = fields.pop(0) if x_scales is not None else torch.empty(0, dtype=torch.float32, device=dev)
+    recv_topk_global = fields.pop(0)
+    recv_w = fields.pop(0) if topk_weights is not None else None
+    recv_src_idx = fields.pop(0).reshape(-1)
+    if valid is not None:
+        recv_topk_global = torch.where(valid.unsqueeze(1), recv_topk_global, torch.full_like(recv_topk_global, -1))
+        recv_src_idx = torch.where(valid, recv_src_idx, torch.full_like(recv_src_idx, -1))
+    recv_topk_idx = to_local_experts(recv_topk_global, rank, L)
+    if recv_w is None:
+        recv_w = torch.empty(recv_topk_idx.shape[0], 0, dtype=torch.float32, device=dev)
+    else:
+        recv_w = torch.where(recv_topk_idx >= 0, recv_w, torch.zeros_like(recv_w))
+    per_expert = count_local_experts(recv_topk_idx, L, expert_alignment)
+    return (recv_x, recv_scales, recv_topk_idx, recv_w, per_expert, mask.clone() if is_token_in_rank is not None
+            else mask, rank_counts, recv_src_idx)
+
+
+def cached_dispatch(transport, x, x_scales, is_token_in_rank, rank_counts, num_recv: int, num_worst_tokens: int):
+    """Dispatch with a known layout (a handle): only the data moves. Returns (recv_x, recv_x_scales)."""
+    R, rank = transport.world_size, transport.rank
+    n, hidden = x.shape
+    dev = x.device
+    num_scales = x_scales.shape[1] if x_scales is not None else 0
+    specs = [(x.dtype, hidden)] + ([(torch.float32, num_scales)] if num_scales else [])
+    payload = pack_rows([x] + ([x_scales] if x_scales is not None else []))
+    mask = is_token_in_rank
+    if num_worst_tokens == 0:
+        dest_tok = mask.t().nonzero()
+        send = payload.index_select(0, dest_tok[:, 1])
+        recv = transport.all_to_all_v(send, rank_counts[rank].tolist(), rank_counts[:, rank].tolist())
+    else:
+        cap = worst_capacity(num_worst_tokens, R, n, "cached dispatch")
+        pos = slot_positions(mask)
+        dump = R * cap
+        flat = torch.where(pos >= 0, torch.arange(R, device=dev) * cap + pos, torch.full_like(pos, dump))
+        send = torch.zeros(dump + 1, payload.shape[1], dtype=torch.uint8, device=dev)
+        for j in range(R):
+            send.index_copy_(0, flat[:, j].to(torch.int64), payload)
+        got = transport.all_to_all_fixed(send[:dump].view(R, cap, -1)).view(dump, -1)
+        src, slot, valid = source_of_rows(rank_counts[:, rank], num_recv)
+        recv = got.index_select(0, src * cap + slot.clamp(max=cap - 1))
+        recv = torch.where(valid.unsqueeze(1), recv, torch.zeros_like(recv))
+    fields = unpack_rows(recv, specs)
+    recv_scales = fields[1] if num_scales else torch.empty(0, dtype=torch.float32, device=dev)
+    return fields[0], recv_scales
+
+
+# --- normal combine -----------------------------------------------------------------------------------------
+
+def combine(transport, x, topk_weights, is_token_in_rank, rank_counts, num_worst_tokens: int):
+    """Sum each token's rows back on its source rank. x: [num_recv, hidden] laid out as dispatch produced it.
+    Returns (combined_x [N, hidden], combined_topk_weights [N, k] or [N, 0])."""
+    R, rank = transport.world_size, transport.rank
+    n = is_token_in_rank.shape[0]
+    hidden = x.shape[1]
+    dev = x.device
+    k = topk_weights.shape[1] if topk_weights is not None else 0
+    specs = [(x.dtype, hidden), (torch.float32, k)]
+    payload = pack_rows([x, topk_weights if topk_weights is not None
+                         else torch.empty(x.shape[0], 0, dtype=torch.float32, device=dev)])
+    mask = is_token_in_rank
+    acc_x = torch.zeros(n, hidden, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=dev)
+    acc_w = torch.zeros(n, k, dtype=torch.float32, device=dev)
+    if num_worst_tokens == 0:
+        back = transport.all_to_all_v(payload, rank_counts[:, rank].tolist(), rank_counts[rank].tolist())
+        bx, bw = unpack_rows(back, specs)
+        dest_tok = mask.t().nonzero()
+        starts = [0] + torch.cumsum(rank_counts[rank], 0).tolist()
+        for j in range(R):                       # fixed order over destinations: repeatable sums
+            s, e = starts[j], starts[j + 1]
+            if e > s:
+                tok = dest_tok[s:e, 1]
+                acc_x.index_add_(0, tok, bx[s:e].to(acc_x.dtype))
+                acc_w.index_add_(0, tok, bw[s:e])
+    else:
+        cap = worst_capacity(num_worst_tokens, R, n, "combine")
+        src, slot, valid = source_of_rows(rank_counts[:, rank], x.shape[0])
+        dump = R * cap
+        flat = torch.where(valid, src * cap + slot, torch.full_like(src, dump))
+        send = torch.zeros(dump + 1, payload.shape[1], dtype=torch.uint8, device=dev)
+        send.index_copy_(0, flat, payload)
+        back = transport.all_to_all_fixed(send[:dump].view(R, cap, -1)).view(dump, -1)
+        bx, bw = unpack_rows(back, specs)
+        pos = slot_positions(mask)
+        for j in range(R):
+            sel = pos[:, j] >= 0
+            idx = (j * cap + pos[:, j].clamp(min=0)).to(torch.int64)
+            acc_x += torch.where(sel.unsqueeze(1), bx.index_select(0, idx).to(acc_x.dtype), 0)
+            acc_w += torch.where(sel.unsqueeze(1), bw.index_select(0, idx), 0)
+    return acc_x.to(x.dtype), acc_w
+
+
+# --- low-latency mode ---------------------------------------------------------------------------------------
+# Every rank sends one fixed block of M = num_max_dispatch_tokens_per_rank rows to every rank (row t = token t,
+# padded rows carry top-k ids of -1), so shapes never depend on routing: no host sync, CUDA-graph capturable.
+
+def ll_dispatch(transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
+    """Returns (recv_x [L, M*R, H], recv_scales [L*M*R, G] row-major or empty, recv_count [L] int32,
+    src_info [L, M*R] int32, layout_range [L, R] int64)."""
+    R, rank = transport.world_size, transport.rank
+    L = num_experts // R
+    n, hidden = x.shape
+    k = topk_idx.shape[1]
+    dev = x.device
+    num_scales = x_scales.shape[1] if x_scales is not None else 0
+    specs = row_specs(hidden, x.dtype, num_scales, k, False)
+    padded_idx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
+    padded_idx[:n] = topk_idx
+    parts = [torch.zeros(num_max, hidden, dtype=x.dtype, device=dev)]
+    parts[0][:n] = x
+    if x_scales is not None:
+        s = torch.zeros(num_max, num_scales, dtype=torch.float32, device=dev)
+        s[:n] = x_scales
+        parts.append(s)
+    parts += [padded_idx, torch.arange(num_max, dtype=torch.int32, device=dev)]
+    payload = pack_rows(parts)                                        # [M, B]
+    got = transport.all_to_all_fixed(payload.unsqueeze(0).expand(R, -1, -1).contiguous())
+    fields = unpack_rows(got.view(R * num_max, -1), specs)
+    data = fields[0]
+    scales = fields[1] if num_scales else None
+    gidx = fields[-2]                                                 # [R*M, k] global expert ids
+    local = to_local_experts(gidx, rank, L)                           # [R*M, k]
+    hit = torch.zeros(R * num_max, L + 1, dtype=torch.bool, device=dev)
+    hit.scatter_(1, torch.where(local >= 0, local, torch.full_like(local, L)), True)
+    hit = hit[:, :L]                                                  # [R*M, L]: row q goes to local expert l
+    pos = slot_positions(hit)                                         # position in expert l's block
+    recv_count = hit.sum(0, dtype=torch.int32)
+    per_src = hit.view(R, num_max, L).sum(1, dtype=torch.int64).t()   # [L, R]
+    begin = torch.cumsum(per_src, 1) - per_src
+    layout_range = (begin << 32) | per_src
+    cap = num_max * R
+    dump = L * cap
+    q = torch.arange(R * num_max, device=dev)
+    src_info = torch.full((dump + 1,), -1, dtype=torch.int32, device=dev)
+    data = data.view(torch.uint8)                                     # move bytes: index_copy_ has no fp8 kernel
+    out = torch.zeros(dump + 1, data.shape[1], dtype=torch.uint8, device=dev)
+    out_s = torch.zeros(dump + 1, num_scales, dtype=torch.float32, device=dev) if num_scales else None
+    for slot in range(k):                                             # each slot holds distinct (row, expert)
+        l = local[:, slot]
+        dst = torch.where(l >= 0, l.clamp(min=0) * cap + pos.gather(1, l.clamp(min=0).unsqueeze(1)).squeeze(1),
+                          torch.full_like(l, dump))
+        out.index_copy_(0, dst, data)
+        src_info.index_copy_(0, dst, (q % num_max).to(torch.int32))
+        if out_s is not None:
+            out_s.index_copy_(0, dst, scales)
+    recv_scales = out_s[:dump] if out_s is not None else torch.empty(0, dtype=torch.float32, device=dev)
+    return (out[:dump].view(x.dtype).view(L, cap, hidden), recv_scales, recv_count, src_info[:dump].view(L, cap), layout_range)
+
+
+def ll_row_sources(layout_range: torch.Tensor, cap: int):
+    """For each (local expert, row): the source rank, and whether the row is valid."""
+    begin = layout_range >> 32
+    count = layout_range & 0xFFFFFFFF
+    p = torch.arange(cap, device=layout_range.device)
+    inside = (p.view(1, 1, -1) >= begin.unsqueeze(2)) & (p.view(1, 1, -1) < (begin + count).unsqueeze(2))
+    valid = inside.any(1)                                             # [L, cap]
+    src = inside.to(torch.int64).argmax(1)                            # [L, cap]
+    return src, valid
+
+
+def ll_combine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int):
+    """Weighted sum of each token's expert outputs on its source rank. x: [L, M*R, H] -> [N, H]."""
+    R, rank = transport.world_size, transport.rank
+    L, cap, hidden = x.shape
+    n, k = topk_idx.shape
+    dev = x.device
+    # 1. every source rank tells every expert rank its routing and weights (small: M x k per peer).
+    pidx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
+    pidx[:n] = topk_idx
+    pw = torch.zeros(num_max, k, dtype=torch.float32, device=dev)
+    pw[:n] = topk_weights
+    meta = pack_rows([pidx, pw])
+    got = transport.all_to_all_fixed(meta.unsqueeze(0).expand(R, -1, -1).contiguous())
+    gidx, gw = unpack_rows(got.view(R * num_max, -1), [(torch.int64, k), (torch.float32, k)])
+    local = to_local_experts(gidx, rank, L)                           # [R*M, k]
+    # 2. the row each (source row, slot) landed in: invert src_info.
+    src, valid = ll_row_sources(layout_range, cap)
+    q_of_row = torch.where(valid, src * num_max + src_info.to(torch.int64), torch.full_like(src, R * num_max))
+    inv = torch.full((L, R * num_max + 1), 0, dtype=torch.int64, device=dev)
+    inv.scatter_(1, q_of_row, torch.arange(cap, device=dev).expand(L, -1).contiguous())
+    # 3. weighted partial sums per source row, over this rank's experts in slot order (fp32, repeatable).
+    acc = torch.zeros(R * num_max, hidden, dtype=torch.float32, device=dev)
+    flat_x = x.reshape(L * cap, hidden)
+    q = torch.arange(R * num_max, device=dev)
+    for slot in range(k):
+        l = local[:, slot]
+        lc = l.clamp(min=0)
+        row = lc * cap + inv[lc, q]
+        w = torch.where(l >= 0, gw[:, slot], torch.zeros_like(gw[:, slot]))
+        acc += flat_x.index_select(0, row).float() * w.unsqueeze(1)
+    # 4. partial sums go home; the source adds them in rank order.
+    back = transport.all_to_all_fixed(acc.to(x.dtype).view(R, num_max, hidden))
+    return back.float().sum(0)[:n].to(x.dtype)

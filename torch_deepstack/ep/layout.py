@@ -1,0 +1,64 @@
+"""Routing layout in plain PyTorch: who sends which token to which rank, and where it lands.
+
+Conventions (DeepEP's): `num_experts` experts are split evenly over `num_ranks` ranks, expert e lives on rank
+e // (num_experts // num_ranks) as local expert e % (num_experts // num_ranks). `topk_idx` is int64 [N, k] with
+-1 for an unused slot. A token goes to a rank once, however many of its experts live there.
+
+Receive order (normal mode): rows arrive grouped by source rank (rank 0 first) and, within a source, in that
+source's token order. So the layout is a pure function of every rank's `is_token_in_rank`, which makes dispatch
+deterministic and lets combine invert it exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def token_rank_mask(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
+    """is_token_in_rank [N, num_ranks] bool."""
+    per_rank = num_experts // num_ranks
+    valid = topk_idx >= 0
+    rank_of = torch.where(valid, topk_idx // per_rank, torch.full_like(topk_idx, num_ranks))
+    mask = torch.zeros(topk_idx.shape[0], num_ranks + 1, dtype=torch.bool, device=topk_idx.device)
+    mask.scatter_(1, rank_of, True)
+    return mask[:, :num_ranks].contiguous()
+
+
+def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
+    """(num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool)."""
+    is_token_in_rank = token_rank_mask(topk_idx, num_experts, num_ranks)
+    per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
+    flat = topk_idx.reshape(-1)
+    flat = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
+    per_expert = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].to(torch.int32)
+    return per_rank, per_expert, is_token_in_rank
+
+
+def to_local_experts(topk_idx: torch.Tensor, rank: int, num_local_experts: int) -> torch.Tensor:
+    """Re-index global expert ids to this rank's local ids; -1 for experts that live elsewhere."""
+    local = topk_idx - rank * num_local_experts
+    keep = (topk_idx >= 0) & (local >= 0) & (local < num_local_experts)
+    return torch.where(keep, local, torch.full_like(local, -1))
+
+
+def count_local_experts(recv_topk_idx: torch.Tensor, num_local_experts: int, alignment: int) -> torch.Tensor:
+    """Received (token, slot) pairs per local expert, each count rounded up to `alignment` (int32 [L])."""
+    flat = recv_topk_idx.reshape(-1)
+    flat = torch.where(flat >= 0, flat, torch.full_like(flat, num_local_experts))
+    counts = torch.bincount(flat, minlength=num_local_experts + 1)[:num_local_experts]
+    if alignment > 1:
+        counts = (counts + alignment - 1) // alignment * alignment
+    return counts.to(torch.int32)
+
+
+def low_latency_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                          num_experts: int) -> int:
+    """Bytes a low-latency buffer needs: the larger of the dispatch and combine exchanges, both directions,
+    double-buffered like DeepEP's (so two results may be held at once).
+
+    Dispatch carries per token a bf16 (or fp8 + fp32 scales) row plus 16 bytes of header and its top-k slots;
+    combine carries one bf16 row per (token, source rank) and the top-k weights."""
+    m, r = num_max_dispatch_tokens_per_rank, num_ranks
+    row = max(hidden * 2, hidden + hidden // 128 * 4) + 16 + 8 * 16
+    per_direction = m * r * row
+    total = 2 * 2 * per_direction
+    return (total + 127) // 128 * 128
