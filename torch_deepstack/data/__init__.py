@@ -15,3 +15,6 @@ from torch_deepstack.data.writer import PackWriter, pack
 
 __all__ = ["DeepstackDataset", "DeepstackIterableDataset", "SampleReadError", "PackFormatError", "PackIndex",
            "PackWriter", "pack", "load_index"]
+from torch_deepstack.data.checkpoint import DeepstackStorageReader, DeepstackStorageWriter  # noqa: E402
+
+__all__ += ["DeepstackStorageReader", "DeepstackStorageWriter"]
