@@ -1,0 +1,264 @@
+// sm_90a FP8 GEMM with fine-grained scaling: D[m, n] = C[m, n] + sum_kb sa[m, kb] * sb[., kb] * (A[m, kb] . B[n, kb])
+// A [M, K] and B [N, K] are e4m3, both K-major. Scales:
+//   A: fp32 per 1x128 group, MN-major (read per stage by TMA: one [BLOCK_M] column of the scale matrix).
+//   B: kSfbPerRow = false ("1D2D", inference): fp32 per 128x128 block, read with plain loads;
+//      kSfbPerRow = true  ("1D1D", weight gradient): fp32 per 1x128 group of B rows, MN-major, read by TMA.
+//
+// Design (see docs/gemm.md):
+//   - Warp-specialised: warpgroups 0..kMathWG-1 compute, the last warpgroup produces (one thread issues TMA).
+//     setmaxnreg moves registers from the producer to the math warpgroups.
+//   - kStages-deep shared-memory ring (full/empty mbarriers); each stage holds one 128-deep K slice.
+//   - Two-level accumulation: each K slice accumulates on the tensor cores (4 x wgmma k32) into `acc`, then is
+//     promoted on the CUDA cores into the fp32 `fin` with scale_a * scale_b. This is what keeps FP8 accurate.
+//   - Persistent: gridDim.x CTAs walk the tile list with a stride; tiles are rasterised in bands of
+//     `band` M-blocks so that CTAs running together share B (and A) tiles in L2.
+//   - Kinds: dense; m-grouped contiguous (group id per row, -1 rows skipped and never written); m-grouped masked
+//     (masked_m[g] rows valid per group, read on the device, so the grid does not depend on it).
+// N and K are template arguments (JIT-specialised; kK = 0 makes K a run-time value); M is a run-time value.
+#pragma once
+#include <cstdint>
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include "gemm/ptx.cuh"
+#include "gemm/wgmma_fp8.cuh"
+
+namespace deepstack {
+
+enum GemmKind : int { kGemmDense = 0, kGemmContiguous = 1, kGemmMasked = 2 };
+
+template <typename T> struct OutStore;
+template <> struct OutStore<__nv_bfloat16> {
+  static __device__ __forceinline__ void pair(__nv_bfloat16* p, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+  }
+  static __device__ __forceinline__ void one(__nv_bfloat16* p, float a) { *p = __float2bfloat16_rn(a); }
+};
+template <> struct OutStore<float> {
+  static __device__ __forceinline__ void pair(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+  static __device__ __forceinline__ void one(float* p, float a) { *p = a; }
+};
+__device__ __forceinline__ float load_c(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float load_c(const float* p) { return *p; }
+
+// Which (group, m-block, n-block) the linear tile index t is, and whether it has any valid row.
+struct GemmTile {
+  int g, m0, n0;
+};
+
+template <int kKind, int kBlockM, int kBlockN, int kN>
+struct TileScheduler {
+  int M, num_groups, band;
+  int num_mb, total;
+  const int* layout;  // contiguous: group id per row; masked: masked_m per group
+
+  static constexpr int kNumNB = (kN + kBlockN - 1) / kBlockN;
+
+  __device__ __forceinline__ TileScheduler(int M_, int groups_, int band_, const int* layout_)
+      : M(M_), num_groups(groups_), band(band_), layout(layout_) {
+    num_mb = (M + kBlockM - 1) / kBlockM;
+    total = num_mb * kNumNB * (kKind == kGemmMasked ? num_groups : 1);
+  }
+
+  // Returns false for tiles with no valid row (padding blocks, blocks past masked_m).
+  __device__ __forceinline__ bool resolve(int t, GemmTile& tile) const {
+    const int plane = num_mb * kNumNB;
+    const int g = kKind == kGemmMasked ? t / plane : 0;
+    const int r = kKind == kGemmMasked ? t - g * plane : t;
+    const int band_idx = r / (band * kNumNB);
+    const int within = r - band_idx * band * kNumNB;
+    const int rows = min(band, num_mb - band_idx * band);
+    const int mb = band_idx * band + within % rows;
+    const int nb = within / rows;
+    tile.m0 = mb * kBlockM;
+    tile.n0 = nb * kBlockN;
+    tile.g = g;
+    if (kKind == kGemmContiguous) {
+      const int first = __ldg(layout + tile.m0);
+      const int last = __ldg(layout + min(tile.m0 + kBlockM, M) - 1);
+      tile.g = max(first, last);
+      return tile.g >= 0;
+    }
+    if (kKind == kGemmMasked) return tile.m0 < __ldg(layout + g);
+    return true;
+  }
+};
+
+template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool kSfbPerRow, typename OutT,
+          typename CT, bool kHasC>
+__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
+fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
+                const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
+                OutT* __restrict__ d, const CT* c, const float* __restrict__ sfb, const int* __restrict__ layout,
+                int M, int num_groups, int ldd, int ldc, int band, int sfb_sg, int sfb_sn, int sfb_sk, int num_kb_rt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 (1 math warpgroup) or 128 (2)");
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "BLOCK_N is a multiple of 16 in [16, 256]");
+  constexpr int kMathWG = kBlockM / 64;
+  constexpr int kMathThreads = kMathWG * 128;
+  // kK == 0: K is a run-time value (the weight-gradient GEMM, whose K is the token count).
+  const int kNumKB = kK > 0 ? (kK + 127) / 128 : num_kb_rt;
+  constexpr int kSfbBlocksN = (kN + 127) / 128;
+  constexpr int kAccRegs = kBlockN / 2;
+  constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
+  constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
+  constexpr uint32_t kStageBytes = kBytesA + kBytesB + kBytesSFA + kBytesSFB;
+
+  // Dynamic shared memory, rounded up to 1024 bytes (the 128-byte swizzle needs 1024-byte aligned tiles).
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* smem_a = smem;
+  uint8_t* smem_b = smem_a + kStages * kBytesA;
+  float* smem_sfa = reinterpret_cast<float*>(smem_b + kStages * kBytesB);
+  float* smem_sfb = smem_sfa + kStages * kBlockM;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_sfb + (kSfbPerRow ? kStages * kBlockN : 0));
+  uint64_t* empty = full + kStages;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  if (tid == kMathThreads) {
+    ptx::prefetch_tensor_map(&tmap_a);
+    ptx::prefetch_tensor_map(&tmap_b);
+    ptx::prefetch_tensor_map(&tmap_sfa);
+    if (kSfbPerRow) ptx::prefetch_tensor_map(&tmap_sfb);
+  }
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(full + s, 1);
+      ptx::mbar_init(empty + s, kMathWG * 4);  // one arrival per math warp
+    }
+    ptx::fence_barrier_init();
+    ptx::fence_proxy_async();
+  }
+  __syncthreads();
+
+  const TileScheduler<kKind, kBlockM, kBlockN, kN> sched(M, num_groups, band, layout);
+
+  if (wg == kMathWG) {
+    // ---------------- producer warpgroup ----------------
+    ptx::setmaxnreg_dec<40>();
+    if (tid == kMathThreads) {
+      int s = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < sched.total; t += gridDim.x) {
+        GemmTile tile;
+        if (!sched.resolve(t, tile)) continue;
+        const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
+        const int b_row = tile.g * kN + tile.n0;
+        for (int kb = 0; kb < kNumKB; ++kb) {
+          ptx::mbar_wait(empty + s, phase ^ 1);
+          ptx::mbar_arrive_expect_tx(full + s, kStageBytes);
+          ptx::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kb * 128, a_row);
+          ptx::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
+          ptx::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0, tile.g * kNumKB * (kKind == kGemmMasked) + kb);
+          if (kSfbPerRow) ptx::tma_load_2d(smem_sfb + s * kBlockN, &tmap_sfb, full + s, tile.n0, kb);
+          if (++s == kStages) { s = 0; phase ^= 1; }
+        }
+      }
+    }
+  } else {
+    // ---------------- math warpgroups ----------------
+    ptx::setmaxnreg_inc<kMathWG == 1 ? 248 : 232>();
+    const int lane = tid % 32;
+    const int warp_in_wg = (tid % 128) / 32;
+    const int row_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and row_local + 8
+    const int col_local = (lane % 4) * 2;                        // + 8 * j, and + 1
+    float acc[kAccRegs];
+    float fin[kAccRegs];
+    int s = 0;
+    uint32_t phase = 0;
+    for (int t = blockIdx.x; t < sched.total; t += gridDim.x) {
+      GemmTile tile;
+      if (!sched.resolve(t, tile)) continue;
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
+
+      // 1D2D: the tile's columns span one or two 128-wide scale blocks of B; columns below `split` use the first.
+      const int nblk_lo = tile.n0 / 128;
+      const int nblk_hi = min((tile.n0 + kBlockN - 1) / 128, kSfbBlocksN - 1);
+      const int split = (nblk_lo + 1) * 128 - tile.n0;
+      const float* sfb_lo = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_lo * sfb_sn);
+      const float* sfb_hi = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_hi * sfb_sn);
+
+      for (int kb = 0; kb < kNumKB; ++kb) {
+        float sb_lo = 0.f, sb_hi = 0.f;
+        if (!kSfbPerRow) {
+          sb_lo = __ldg(sfb_lo + kb * sfb_sk);
+          sb_hi = __ldg(sfb_hi + kb * sfb_sk);
+        }
+        ptx::mbar_wait(full + s, phase);
+        const float sa0 = smem_sfa[s * kBlockM + row_local];
+        const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
+        const uint64_t desc_a = ptx::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+        const uint64_t desc_b = ptx::smem_desc_sw128(smem_b + s * kBytesB);
+        ptx::fence_operands(acc);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::fence_operands(acc);
+
+        if (!kSfbPerRow) {
+          __syncwarp();
+          if (lane == 0) ptx::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
+          const float s00 = sa0 * sb_lo, s01 = sa0 * sb_hi, s10 = sa1 * sb_lo, s11 = sa1 * sb_hi;
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const bool lo = j * 8 < split;
+            const float r0 = lo ? s00 : s01, r1 = lo ? s10 : s11;
+            fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fin[j * 4 + 0]);
+            fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fin[j * 4 + 1]);
+            fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fin[j * 4 + 2]);
+            fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fin[j * 4 + 3]);
+          }
+        } else {
+          const float* sb = smem_sfb + s * kBlockN + col_local;
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const float2 b = *reinterpret_cast<const float2*>(sb + j * 8);
+            fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], sa0 * b.x, fin[j * 4 + 0]);
+            fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], sa0 * b.y, fin[j * 4 + 1]);
+            fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], sa1 * b.x, fin[j * 4 + 2]);
+            fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fin[j * 4 + 3]);
+          }
+          __syncwarp();
+          if (lane == 0) ptx::mbar_arrive(empty + s);
+        }
+        if (++s == kStages) { s = 0; phase ^= 1; }
+      }
+
+      // ---- epilogue: registers -> global, only valid rows and columns ----
+      int row_limit = M;
+      if (kKind == kGemmMasked) row_limit = __ldg(layout + tile.g);
+      const int64_t row_base = kKind == kGemmMasked ? static_cast<int64_t>(tile.g) * M : 0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = tile.m0 + row_local + h * 8;
+        bool valid = row < row_limit;
+        if (kKind == kGemmContiguous && valid) valid = __ldg(layout + row) >= 0;
+        if (!valid) continue;
+        OutT* drow = d + (row_base + row) * static_cast<int64_t>(ldd);
+        const CT* crow = kHasC ? c + (row_base + row) * static_cast<int64_t>(ldc) : nullptr;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const int col = tile.n0 + j * 8 + col_local;
+          float v0 = fin[j * 4 + h * 2], v1 = fin[j * 4 + h * 2 + 1];
+          if (kN % 2 == 0) {
+            if (col < kN) {
+              if (kHasC) { v0 += load_c(crow + col); v1 += load_c(crow + col + 1); }
+              OutStore<OutT>::pair(drow + col, v0, v1);
+            }
+          } else {
+            if (col < kN) OutStore<OutT>::one(drow + col, kHasC ? v0 + load_c(crow + col) : v0);
+            if (col + 1 < kN) OutStore<OutT>::one(drow + col + 1, kHasC ? v1 + load_c(crow + col + 1) : v1);
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace deepstack

@@ -1,0 +1,222 @@
+"""FP8 GEMM kernels on the GPU: accuracy vs fp32 matmul of the unquantised inputs, every output element written
+(or, for grouped kinds, exactly the valid rows), clear errors, CUDA-graph capture of the masked kind."""
+import pytest
+import torch
+
+import torch_deepstack  # noqa: F401
+from tests.gemm.util import (contiguous_layout, dense_inputs, grouped_b, quant_a, random_group_sizes,
+                             wgrad_operand)
+from tests.helpers import calc_diff, fresh_randn, poison_, poisoned_empty
+from torch_deepstack.gemm import reference as ref
+from torch_deepstack.gemm import api
+
+pytestmark = pytest.mark.cuda
+ops = torch.ops.deepstack
+DEV = "cuda"
+M_VALUES = (1, 7, 64, 65, 129, 4095, 4096)
+NK = ((2112, 7168), (200, 256), (576, 7168), (7168, 2048), (24576, 1536), (4096, 7168))
+
+
+def _check_dense(m, n, k, out_dtype=torch.bfloat16, with_c=False):
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    c = fresh_randn(m, n, dtype=out_dtype, device=DEV) if with_c else None
+    d = poisoned_empty(m, n, dtype=out_dtype, device=DEV)
+    ops.fp8_gemm_nt(aq, asf, bq, bsf, d, c)
+    torch.cuda.synchronize()
+    assert not d.isnan().any(), f"unwritten outputs at M={m} N={n} K={k}"
+    want = a.float() @ b.float().T + (c.float() if with_c else 0)
+    diff = calc_diff(d, want)
+    assert diff < 1e-3, f"M={m} N={n} K={k}: calc_diff {diff:.2e}"
+    # Against the op's own reference (same quantised inputs): only output rounding apart.
+    d_ref = torch.empty_like(d)
+    ref.fp8_gemm_nt_ref(aq, asf, bq, bsf, d_ref, c)
+    torch.testing.assert_close(d.float(), d_ref.float(), rtol=2e-2, atol=1e-2 * float(d_ref.abs().max()) + 1e-6)
+
+
+@pytest.mark.parametrize("n,k", NK)
+@pytest.mark.parametrize("m", M_VALUES)
+def test_dense_bf16(m, n, k):
+    _check_dense(m, n, k)
+
+
+@pytest.mark.parametrize("m,n,k", [(129, 200, 256), (4096, 2112, 7168), (7, 7168, 2048), (65, 4000, 512)])
+def test_dense_fp32_out_with_c(m, n, k):
+    _check_dense(m, n, k, torch.float32, with_c=True)
+    _check_dense(m, n, k, torch.bfloat16, with_c=True)
+
+
+def test_dense_odd_n_and_short_k():
+    _check_dense(33, 129, 16)
+    _check_dense(130, 77, 144)
+
+
+def test_dense_accumulate_in_place_and_row_major_scales():
+    m, n, k = 300, 384, 1024
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    d0 = fresh_randn(m, n, device=DEV)
+    d = d0.clone()
+    api.fp8_gemm_nt(aq, asf.contiguous(), bq, bsf.t().contiguous().t(), c=d, out=d)  # c is d: accumulate
+    want = d0 + a.float() @ b.float().T
+    assert calc_diff(d, want) < 1e-3
+
+
+def test_deterministic_and_batch_invariant():
+    m, n, k = 512, 2112, 7168
+    _, _, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    d1 = api.fp8_gemm_nt(aq, asf, bq, bsf)
+    d2 = api.fp8_gemm_nt(aq, asf, bq, bsf)
+    assert torch.equal(d1, d2)
+    d_part = api.fp8_gemm_nt(aq[:64].contiguous(), asf[:64], bq, bsf)   # same rows in a smaller batch
+    assert torch.equal(d_part, d1[:64])
+
+
+@pytest.mark.parametrize("g,expected,n,k", [(4, 512, 4096, 7168), (8, 300, 7168, 2048), (3, 100, 200, 256)])
+def test_m_grouped_contiguous(g, expected, n, k):
+    sizes = random_group_sizes(g, expected)
+    ids = contiguous_layout(sizes).to(DEV)
+    m = ids.numel()
+    a = fresh_randn(m, k, dtype=torch.bfloat16, device=DEV)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, DEV)
+    d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+    ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids)
+    valid = ids >= 0
+    assert d[~valid].isnan().all(), "padding rows must not be written"
+    assert not d[valid].isnan().any(), "valid rows must all be written"
+    for i in range(g):
+        rows = ids == i
+        if rows.any():
+            diff = calc_diff(d[rows], a[rows].float() @ b[i].float().T)
+            assert diff < 1e-3, f"group {i}: calc_diff {diff:.2e}"
+    # The cumulative-offset form gives the same result.
+    ends = torch.tensor([sum((s + 127) // 128 * 128 for s in sizes[:i]) + sizes[i] for i in range(g)],
+                        dtype=torch.int32, device=DEV)
+    assert torch.equal(api.m_indices_from_offsets(ends, m), ids)
+    d2 = poison_(torch.empty_like(d))
+    api.m_grouped_fp8_gemm_nt_contiguous_offsets(aq, asf, bq, bsf, ends, out=d2)
+    assert torch.equal(d2[valid], d[valid]) and d2[~valid].isnan().all()
+
+
+@pytest.mark.parametrize("g,m_max,expected,n,k", [(6, 512, 100, 4096, 7168), (4, 256, 200, 7168, 2048),
+                                                  (3, 70, 20, 200, 256)])
+def test_m_grouped_masked(g, m_max, expected, n, k):
+    sizes = [min(m_max, s) for s in random_group_sizes(g, expected)]
+    masked_m = torch.tensor(sizes, dtype=torch.int32, device=DEV)
+    a = fresh_randn(g, m_max, k, dtype=torch.bfloat16, device=DEV)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, DEV)
+    d = poisoned_empty(g, m_max, n, dtype=torch.bfloat16, device=DEV)
+    ops.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, expected)
+    for i, s in enumerate(sizes):
+        assert d[i, s:].isnan().all(), f"group {i}: rows past masked_m={s} were written"
+        assert not d[i, :s].isnan().any(), f"group {i}: valid rows unwritten"
+        if s:
+            assert calc_diff(d[i, :s], a[i, :s].float() @ b[i].float().T) < 1e-3
+
+
+def test_masked_cuda_graph_replay_with_new_counts():
+    g, m_max, n, k = 4, 256, 2112, 7168
+    a = fresh_randn(g, m_max, k, dtype=torch.bfloat16, device=DEV)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, DEV)
+    masked_m = torch.tensor([256, 0, 17, 100], dtype=torch.int32, device=DEV)
+    d = torch.empty(g, m_max, n, dtype=torch.bfloat16, device=DEV)
+    ops.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, 128)   # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, 128)
+    masked_m.copy_(torch.tensor([5, 200, 0, 256], dtype=torch.int32))
+    poison_(d)
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, s in enumerate([5, 200, 0, 256]):
+        assert d[i, s:].isnan().all() and not d[i, :s].isnan().any()
+        if s:
+            assert calc_diff(d[i, :s], a[i, :s].float() @ b[i].float().T) < 1e-3
+
+
+@pytest.mark.parametrize("tokens,n,k", [(4096, 7168, 2048), (1000, 576, 7168), (130, 256, 384)])
+def test_wgrad(tokens, n, k):
+    dy = fresh_randn(tokens, n, dtype=torch.bfloat16, device=DEV)
+    x = fresh_randn(tokens, k, dtype=torch.bfloat16, device=DEV)
+    aq, asf = wgrad_operand(dy)
+    bq, bsf = wgrad_operand(x)
+    d0 = fresh_randn(n, k, device=DEV)
+    d = d0.clone()
+    ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, None, True)
+    assert calc_diff(d - d0, dy.float().T @ x.float()) < 1e-3
+    d2 = poisoned_empty(n, k, dtype=torch.float32, device=DEV)
+    ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d2)
+    assert not d2.isnan().any() and calc_diff(d2, dy.float().T @ x.float()) < 1e-3
+
+
+def test_k_grouped_wgrad():
+    g, m, n, expected = 5, 512, 2048, 1024
+    ks = [(s + 127) // 128 * 128 for s in random_group_sizes(g, expected)]
+    total = sum(ks)
+    dy = fresh_randn(total, m, dtype=torch.bfloat16, device=DEV)
+    x = fresh_randn(total, n, dtype=torch.bfloat16, device=DEV)
+    aq, asf = wgrad_operand(dy)
+    bq, bsf = wgrad_operand(x)
+    d0 = fresh_randn(g, m, n, device=DEV)
+    d = d0.clone()
+    ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks, None, True)
+    start = 0
+    for i, kk in enumerate(ks):
+        want = dy[start:start + kk].float().T @ x[start:start + kk].float()
+        if kk == 0:
+            assert torch.equal(d[i], d0[i])
+        else:
+            assert calc_diff(d[i] - d0[i], want) < 1e-3
+        start += kk
+
+
+@pytest.mark.parametrize("shape", [(4096, 7168), (200, 272), (129, 4000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quant_kernels_match_reference_bitwise(shape, dtype):
+    x = fresh_randn(*shape, dtype=dtype, device=DEV, scale=3.0)
+    for transpose in (False, True):
+        for ue8m0 in (False, True):
+            q, s = ops.per_block_quant_fp8(x, transpose, 1e-4, ue8m0)
+            qr, sr = ref.per_block_quant_fp8_ref(x.cpu(), transpose, 1e-4, ue8m0)
+            assert q.stride() == qr.stride() and s.stride() == sr.stride()
+            assert torch.equal(q.cpu().view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s.cpu(), sr)
+    for ue8m0 in (False, True):
+        q, s = ops.per_token_group_quant_fp8_t(x, 1e-4, ue8m0)
+        qr, sr = ref.per_token_group_quant_fp8_t_ref(x.cpu(), 1e-4, ue8m0)
+        assert q.stride() == qr.stride() and s.stride() == sr.stride()
+        pad = q.stride(0)
+        full = q.as_strided((q.shape[0], pad), (pad, 1)).cpu().view(torch.uint8)
+        full_r = qr.as_strided((qr.shape[0], pad), (pad, 1)).view(torch.uint8)
+        assert torch.equal(full, full_r) and torch.equal(s.cpu(), sr)
+
+
+def test_bad_inputs_raise_clear_errors():
+    _, _, (aq, asf), (bq, bsf) = dense_inputs(64, 256, 256, DEV)
+    d = torch.empty(64, 256, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(RuntimeError, match="float8_e4m3fn"):
+        ops.fp8_gemm_nt(aq.float(), asf, bq, bsf, d)
+    with pytest.raises(RuntimeError, match="sfb must have shape"):
+        ops.fp8_gemm_nt(aq, asf, bq, bsf[:1], d)
+    with pytest.raises(RuntimeError, match="d must have shape"):
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d[:, :128])
+    with pytest.raises(ValueError, match="one device"):
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d.cpu())
+
+
+def test_fp8_linear_cuda_matches_bf16_linear():
+    from torch_deepstack.gemm import FP8Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1024, 768, device=DEV, dtype=torch.bfloat16)
+    f8 = FP8Linear.from_linear(lin)
+    x = fresh_randn(4, 300, 1024, dtype=torch.bfloat16, device=DEV).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    gy = fresh_randn(4, 300, 768, dtype=torch.bfloat16, device=DEV)
+    y = f8(x)
+    y.backward(gy)
+    y2 = torch.nn.functional.linear(x2.float(), lin.weight.float(), lin.bias.float())
+    y2.backward(gy.float())
+    assert calc_diff(y, y2) < 2e-3
+    assert calc_diff(x.grad, x2.grad) < 2e-3
+    want_w = gy.float().reshape(-1, 768).T @ x2.detach().float().reshape(-1, 1024)
+    assert calc_diff(f8.weight.grad, want_w) < 2e-3

@@ -1,0 +1,90 @@
+"""Typed Python entry points of the FP8 GEMMs (allocate the output when none is given) and the quantisers."""
+from __future__ import annotations
+
+import torch
+
+from torch_deepstack.gemm.checks import cdiv
+
+_ops = torch.ops.deepstack
+
+
+def _call_accumulating(op, a, sfa, b, sfb, d, c, *extra):
+    # `c is d` (DeepGEMM's in-place accumulate) becomes accumulate=True: an op must not read an alias of what it
+    # writes through a separate argument.
+    if c is not None and c.data_ptr() == d.data_ptr() and c.shape == d.shape and c.stride() == d.stride():
+        op(a, sfa, b, sfb, d, *extra, c=None, accumulate=True)
+    else:
+        op(a, sfa, b, sfb, d, *extra, c=c)
+    return d
+
+
+def fp8_gemm_nt(a, sfa, b, sfb, c=None, out=None, out_dtype=torch.bfloat16):
+    """D = C + A @ B.T with A e4m3 [M, K] (+ fp32 scales [M, ceil(K/128)] per 1x128 group) and B e4m3 [N, K]
+    (+ fp32 scales [ceil(N/128), ceil(K/128)] per 128x128 block). Returns D (bf16 or fp32)."""
+    d = out if out is not None else torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    return _call_accumulating(_ops.fp8_gemm_nt, a, sfa, b, sfb, d, c)
+
+
+def fp8_wgrad_gemm_nt(a, sfa, b, sfb, c=None, out=None):
+    """fp32 D = C + A @ B.T with 1x128 scales on both operands (the weight-gradient GEMM). Pass c=out to
+    accumulate into out."""
+    d = out if out is not None else torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    return _call_accumulating(_ops.fp8_wgrad_gemm_nt, a, sfa, b, sfb, d, c)
+
+
+def k_grouped_fp8_wgrad_gemm_nt(a, sfa, b, sfb, ks, c=None, out=None):
+    """D[g] = C[g] + A[:, seg_g] @ B[:, seg_g].T for consecutive K segments of lengths ks (multiples of 128, 0
+    allowed). a [M, sum(ks)], b [N, sum(ks)], scales [M or N, sum(ks)/128]; D fp32 [G, M, N]."""
+    ks = [int(k) for k in ks]
+    d = out if out is not None else torch.empty(len(ks), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    return _call_accumulating(_ops.k_grouped_fp8_wgrad_gemm_nt, a, sfa, b, sfb, d, c, ks)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out=None):
+    """Rows of A grouped by m_indices (int32 group id per row, -1 = padding, skipped and not written); group g
+    multiplies by B[g]. Each group's rows must be padded to a multiple of 128 (get_m_alignment_for_contiguous_layout)."""
+    d = out if out is not None else torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    _ops.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, d, m_indices)
+    return d
+
+
+def m_indices_from_offsets(ends: torch.Tensor, m_sum: int, alignment: int = 128) -> torch.Tensor:
+    """The cumulative-offset layout -> per-row group ids. `ends` int32 [G] holds each group's end row (exclusive);
+    group g starts at ends[g-1] rounded up to `alignment`. Rows in the gaps get -1. Runs on the device, no sync."""
+    ends = ends.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), (ends[:-1] + alignment - 1) // alignment * alignment])
+    rows = torch.arange(m_sum, device=ends.device)
+    g = torch.searchsorted(ends, rows, right=True)
+    gc = g.clamp_max(ends.numel() - 1)
+    valid = (g < ends.numel()) & (rows >= starts[gc])
+    return torch.where(valid, gc, -1).to(torch.int32)
+
+
+def m_grouped_fp8_gemm_nt_contiguous_offsets(a, sfa, b, sfb, ends, out=None, alignment: int = 128):
+    """Cumulative-offset form of the contiguous grouped GEMM (DeepGEMM's psum layout)."""
+    return m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices_from_offsets(ends, a.shape[0], alignment), out)
+
+
+def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, expected_m: int, out=None):
+    """A [G, M_max, K], B [G, N, K]; only the first masked_m[g] rows of each group are computed and written.
+    masked_m stays on the device; expected_m is a host hint for the block-size choice (CUDA-graph safe)."""
+    d = out if out is not None else torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=torch.bfloat16,
+                                                device=a.device)
+    _ops.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, d, masked_m, int(expected_m))
+    return d
+
+
+def per_block_quant_fp8(x, transpose: bool = False, eps: float = 1e-4, scale_ue8m0: bool = False):
+    """x [N, K] -> (q e4m3 [N, K], scales fp32 [ceil(N/128), ceil(K/128)]) per 128x128 block; with transpose=True
+    q is [K, N] and scales [ceil(K/128), ceil(N/128)] (the B operand of the data-gradient GEMM)."""
+    return _ops.per_block_quant_fp8(x, transpose, eps, scale_ue8m0)
+
+
+def per_token_group_quant_fp8_t(x, eps: float = 1e-4, scale_ue8m0: bool = False):
+    """x [M, K] -> (q e4m3 [K, M], scales fp32 [K, ceil(M/128)] MN-major), quantised per 128 consecutive rows of
+    each column: the operands of the weight-gradient GEMM. q's rows are padded to 16 bytes (zeros)."""
+    return _ops.per_token_group_quant_fp8_t(x, eps, scale_ue8m0)
+
+
+def scales_shape(m: int, k: int) -> tuple[int, int]:
+    return m, cdiv(k, 128)

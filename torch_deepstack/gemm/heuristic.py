@@ -1,0 +1,62 @@
+"""Deterministic block-size choice for the FP8 GEMM kernels (no autotuning: one shape -> one config, always).
+
+Model: a CTA walks its tiles; per 128-deep K slice a BLOCK_M x BLOCK_N tile costs
+max(tensor-core cycles, bytes moved into the SM / L2 bandwidth per SM). The kernel time is then
+waves x that cost, with waves = ceil(tiles / SMs). We take the config with the lowest modelled time; ties go to
+larger BLOCK_M, then larger BLOCK_N. Non-power-of-two BLOCK_N (multiples of 16) fill more SMs on shapes like
+N = 7168 or 2112.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SMEM_BUDGET = 232448            # bytes of shared memory one SM90 CTA may use
+MAX_STAGES = 10
+MMA_FMA_PER_CYCLE = 4096        # dense FP8 per SM (H100/H200)
+L2_BYTES_PER_CYCLE = 48.0       # sustained L2 -> SM bandwidth per SM (model constant)
+BAND_M_BLOCKS = 16              # rasterisation band (M-blocks walked together)
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    stages: int
+    num_sms: int
+
+    @property
+    def threads(self) -> int:
+        return (self.block_m // 64 + 1) * 128
+
+
+def stage_bytes(block_m: int, block_n: int, sf_b_per_row: bool) -> int:
+    return block_m * 128 + block_n * 128 + block_m * 4 + (block_n * 4 if sf_b_per_row else 0)
+
+
+def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
+    return cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024
+
+
+def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_per_row: bool = False,
+                  block_m_choices: tuple = (64, 128)) -> GemmConfig:
+    """m: rows per group (expected rows for the masked kind), n, k: the problem; num_groups: independent GEMMs."""
+    max_bn = 160 if sf_b_per_row else 192
+    best_key, best = None, None
+    for bm in block_m_choices:
+        if bm == 128 and m <= 64 and 64 in block_m_choices:
+            continue
+        for bn in range(16, max_bn + 1, 16):
+            tiles = cdiv(max(m, 1), bm) * cdiv(n, bn) * num_groups
+            waves = cdiv(tiles, num_sms)
+            per_slice = max(bm * bn * 128 / MMA_FMA_PER_CYCLE, (bm + bn) * 128 / L2_BYTES_PER_CYCLE)
+            cost = waves * per_slice
+            key = (round(cost, 3), -bm, -bn)
+            if best_key is None or key < best_key:
+                best_key, best = key, (bm, bn)
+    bm, bn = best
+    stages = min(MAX_STAGES, (SMEM_BUDGET - 1024 - 16 * MAX_STAGES) // stage_bytes(bm, bn, sf_b_per_row))
+    return GemmConfig(bm, bn, stages, num_sms)

@@ -1,0 +1,236 @@
+"""CUDA faces of the FP8 GEMM and quantisation ops: validate, canonicalise scale layouts, pick the config,
+build the TMA descriptors, launch the JIT-specialised kernel (src/gemm/*.cuh) on the current stream."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from torch_deepstack._library import cuda_kernel
+from torch_deepstack.gemm import checks
+from torch_deepstack.gemm.checks import cdiv
+from torch_deepstack.gemm.heuristic import BAND_M_BLOCKS, GemmConfig, select_config, smem_bytes
+from torch_deepstack.gemm.layout import as_mn_major_sf
+from torch_deepstack.gemm.reference import transposed_quant_empty
+from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
+from torch_deepstack.jit.tma import make_tensor_map
+from torch_deepstack.quant.scale_layout import tma_aligned_size
+
+KIND_DENSE, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
+_GEMM_HEADER = "gemm/fp8_gemm.cuh"
+_GEMM_SIGNATURE = "tttt" + "pppp" + "i" * 9
+_CTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float", torch.float16: "__half"}
+_NUM_SMS_OVERRIDE: int | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    full = _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return min(full, _NUM_SMS_OVERRIDE) if _NUM_SMS_OVERRIDE else full
+
+
+def set_num_sms(n: int | None) -> None:
+    """Limit the persistent grid to n SMs (None: all of them)."""
+    global _NUM_SMS_OVERRIDE
+    _NUM_SMS_OVERRIDE = int(n) if n else None
+
+
+def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, out_dtype, c_dtype, has_c) -> KernelSpec:
+    return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel",
+                      (cfg.block_m, cfg.block_n, n, k, cfg.stages, kind, sf_b_per_row, _CTYPE[out_dtype],
+                       _CTYPE[c_dtype], has_c))
+
+
+def _rows_map(t: torch.Tensor, rows: int, row_stride: int, box_rows: int) -> bytes:
+    """fp8 operand viewed as [rows, K] with the given row stride; 128-byte swizzled boxes [box_rows, 128]."""
+    k = t.shape[-1]
+    return make_tensor_map(t.data_ptr(), t.dtype, [k, rows], [row_stride], [128, box_rows], swizzle_bytes=128)
+
+
+def _sf_map(sf: torch.Tensor, mn: int, cols: int, box: int) -> bytes:
+    """MN-major scales viewed as `cols` columns of `mn` contiguous floats, TMA-aligned; boxes of `box` floats."""
+    return make_tensor_map(sf.data_ptr(), torch.float32, [mn, cols], [tma_aligned_size(mn) * 4], [box, 1])
+
+
+def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
+                 k_template=None):
+    """m_rows: M (dense), M_sum (contiguous) or M_max (masked)."""
+    device = a.device
+    cfg = select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms(device), sf_b_per_row)
+    has_c = c is not None
+    spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, d.dtype,
+                     c.dtype if has_c else d.dtype, has_c)
+    kernel = get_kernel(spec, _GEMM_SIGNATURE)
+    kb = cdiv(k, 128)
+    groups_b = b.shape[0] if b.dim() == 3 else 1
+    a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
+    tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m)
+    tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n)
+    sfa_cols = kb * (num_groups if kind == KIND_MASKED else 1)
+    tmap_sfa = _sf_map(sfa, m_rows, sfa_cols, cfg.block_m)
+    tmap_sfb = _sf_map(sfb, n, kb, cfg.block_n) if sf_b_per_row else tmap_sfa
+    if sf_b_per_row:
+        sg = sn = sk = 0
+    elif sfb.dim() == 3:
+        sg, sn, sk = sfb.stride()
+    else:
+        sg, (sn, sk) = 0, sfb.stride()
+    tiles = cdiv(m_rows, cfg.block_m) * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
+    grid = max(1, min(cfg.num_sms, tiles))
+    band = max(1, min(BAND_M_BLOCKS, cdiv(m_rows, cfg.block_m)))
+    kernel.launch(grid, cfg.threads, tmap_a, tmap_b, tmap_sfa, tmap_sfb, d, c, sfb, layout,
+                  m_rows, num_groups, d.stride(-2), c.stride(-2) if has_c else 0, band, sg, sn, sk, kb,
+                  smem=smem_bytes(cfg, sf_b_per_row))
+
+
+def _fill_no_k(d, c, accumulate):
+    """K == 0: D = C (+ D when accumulating)."""
+    if not accumulate:
+        d.zero_()
+    if c is not None:
+        d.add_(c)
+
+
+@cuda_kernel("fp8_gemm_nt")
+def fp8_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
+    checks.check_dense("fp8_gemm_nt", a, sfa, b, sfb, d, c)
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        return _fill_no_k(d, c, accumulate)
+    c = d if accumulate and c is None else c
+    if accumulate and c is not d:
+        c = c + d
+    _launch_gemm(KIND_DENSE, a, as_mn_major_sf(sfa), b, sfb, d, c, None, m_rows=m, num_groups=1, n=n, k=k,
+                 expected_m=m, sf_b_per_row=False)
+
+
+@cuda_kernel("fp8_wgrad_gemm_nt")
+def fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
+    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True, out_dtypes=(torch.float32,))
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        return _fill_no_k(d, c, accumulate)
+    c = d if accumulate and c is None else c
+    if accumulate and c is not d:
+        c = c + d
+    # K (the token count) changes every step: it is a run-time value here (template K = 0).
+    _launch_gemm(KIND_DENSE, a, as_mn_major_sf(sfa), b, as_mn_major_sf(sfb), d, c, None, m_rows=m, num_groups=1,
+                 n=n, k=k, expected_m=m, sf_b_per_row=True, k_template=0)
+
+
+@cuda_kernel("k_grouped_fp8_wgrad_gemm_nt")
+def k_grouped_fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, ks, c=None, accumulate=False):
+    checks.check_k_grouped("k_grouped_fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, ks, c)
+    sfa, sfb = as_mn_major_sf(sfa), as_mn_major_sf(sfb)
+    start = 0
+    for g, k in enumerate(int(x) for x in ks):
+        cg = None if c is None else c[g]
+        if k == 0:
+            _fill_no_k(d[g], cg, accumulate)
+        else:
+            seg, sseg = slice(start, start + k), slice(start // 128, (start + k) // 128)
+            fp8_wgrad_gemm_nt_cuda(a[:, seg], sfa[:, sseg], b[:, seg], sfb[:, sseg], d[g], cg, accumulate)
+        start += k
+
+
+@cuda_kernel("m_grouped_fp8_gemm_nt_contiguous")
+def m_grouped_contiguous_cuda(a, sfa, b, sfb, d, m_indices):
+    checks.check_contiguous("m_grouped_fp8_gemm_nt_contiguous", a, sfa, b, sfb, d, m_indices)
+    m, k = a.shape
+    g, n = b.shape[0], b.shape[1]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        d[m_indices >= 0] = 0
+        return
+    if b.stride(0) != n * b.stride(1):
+        b = b.contiguous()
+    _launch_gemm(KIND_CONTIGUOUS, a, as_mn_major_sf(sfa), b, sfb, d, None, m_indices.contiguous(), m_rows=m,
+                 num_groups=g, n=n, k=k, expected_m=m, sf_b_per_row=False)
+
+
+@cuda_kernel("m_grouped_fp8_gemm_nt_masked")
+def m_grouped_masked_cuda(a, sfa, b, sfb, d, masked_m, expected_m):
+    checks.check_masked("m_grouped_fp8_gemm_nt_masked", a, sfa, b, sfb, d, masked_m, expected_m)
+    g, m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0 or g == 0:
+        return
+    if k == 0:
+        rows = torch.arange(m, device=d.device)[None, :] < masked_m[:, None]
+        d.masked_fill_(rows[..., None], 0)
+        return
+    if b.stride(0) != n * b.stride(1):
+        b = b.contiguous()
+    _launch_gemm(KIND_MASKED, a, as_mn_major_sf(sfa), b, sfb, d, None, masked_m.contiguous(), m_rows=m,
+                 num_groups=g, n=n, k=k, expected_m=max(1, min(expected_m, m)), sf_b_per_row=False)
+
+
+# ---- quantisation kernels --------------------------------------------------------------------------------------
+_QUANT_HEADER = "gemm/quant_fp8.cuh"
+
+
+@cuda_kernel("per_block_quant_fp8")
+def per_block_quant_fp8_cuda(x, transpose=False, eps=1e-4, scale_ue8m0=False):
+    from torch_deepstack.gemm.reference import check_quant_input
+    check_quant_input("per_block_quant_fp8", x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n, k = x.shape
+    nb, kb = cdiv(n, 128), cdiv(k, 128)
+    if transpose:
+        q = torch.empty(k, n, dtype=torch.float8_e4m3fn, device=x.device)
+        sf = torch.empty(kb, nb, dtype=torch.float32, device=x.device)
+        sf_sy, sf_sx = 1, nb
+    else:
+        q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=x.device)
+        sf = torch.empty(nb, kb, dtype=torch.float32, device=x.device)
+        sf_sy, sf_sx = kb, 1
+    if n == 0 or k == 0:
+        return q, sf
+    spec = KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_kernel", (_CTYPE[x.dtype], transpose, scale_ue8m0))
+    get_kernel(spec, "pppiilliif").launch((kb, nb), 256, x, q, sf, n, k, x.stride(0), q.stride(0), sf_sy, sf_sx,
+                                          float(eps))
+    return q, sf
+
+
+@cuda_kernel("per_token_group_quant_fp8_t")
+def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
+    from torch_deepstack.gemm.reference import check_quant_input
+    check_quant_input("per_token_group_quant_fp8_t", x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q, sf = transposed_quant_empty(m, k, x.device)
+    if m == 0 or k == 0:
+        return q, sf
+    m_pad = q.stride(0)
+    spec = KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_t_kernel", (_CTYPE[x.dtype], scale_ue8m0))
+    get_kernel(spec, "pppiiillif").launch((cdiv(k, 64), cdiv(m, 128)), 256, x, q, sf, m, k, m_pad, x.stride(0),
+                                          q.stride(0), sf.stride(1) if sf.shape[1] > 1 else tma_aligned_size(k),
+                                          float(eps))
+    return q, sf
+
+
+# ---- ahead-of-time list: DeepSeek-V3 projection shapes -------------------------------------------------------
+DSV3_NK = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
+
+
+@register_prebuild("gemm")
+def _prebuild():
+    specs = []
+    for n, k in DSV3_NK:
+        for m in (64, 128, 4096):
+            cfg = select_config(m, n, k, 1, 132)
+            specs.append(gemm_spec(cfg, n, k, KIND_DENSE, False, torch.bfloat16, torch.bfloat16, False))
+    return specs

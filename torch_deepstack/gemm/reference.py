@@ -1,0 +1,229 @@
+"""Plain-PyTorch references of the FP8 GEMM and quantisation ops, registered as their CPU kernels.
+
+They define the ops: dequantise (fp8 value * its scale) and multiply in fp32. The CUDA kernels compute the same sum
+slice by slice (tensor-core partial per 128-wide K slice, scaled and added in fp32), so they agree to fp32 rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from torch_deepstack._library import reference, sample_inputs
+from torch_deepstack.gemm import checks
+from torch_deepstack.gemm.checks import FP8, cdiv
+from torch_deepstack.quant.reference import ceil_to_ue8m0
+from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX, mn_major_tma_aligned_empty
+
+
+def dequant_rows(x: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+    """x [..., R, K] fp8 with sf [..., R, ceil(K/128)] per 1x128 group -> fp32."""
+    k = x.shape[-1]
+    return x.float() * sf.float().repeat_interleave(128, dim=-1)[..., :k]
+
+
+def dequant_blocks(x: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+    """x [..., N, K] fp8 with sf [..., ceil(N/128), ceil(K/128)] per 128x128 block -> fp32."""
+    n, k = x.shape[-2:]
+    s = sf.float().repeat_interleave(128, dim=-2)[..., :n, :].repeat_interleave(128, dim=-1)[..., :k]
+    return x.float() * s
+
+
+def _finish(d, out, c, accumulate):
+    if accumulate:
+        out = out + d.float()
+    if c is not None:
+        out = out + c.float()
+    d.copy_(out)
+
+
+@reference("fp8_gemm_nt")
+def fp8_gemm_nt_ref(a, sfa, b, sfb, d, c=None, accumulate=False):
+    checks.check_dense("fp8_gemm_nt", a, sfa, b, sfb, d, c)
+    _finish(d, dequant_rows(a, sfa) @ dequant_blocks(b, sfb).T, c, accumulate)
+
+
+@reference("fp8_wgrad_gemm_nt")
+def fp8_wgrad_gemm_nt_ref(a, sfa, b, sfb, d, c=None, accumulate=False):
+    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True, out_dtypes=(torch.float32,))
+    _finish(d, dequant_rows(a, sfa) @ dequant_rows(b, sfb).T, c, accumulate)
+
+
+@reference("k_grouped_fp8_wgrad_gemm_nt")
+def k_grouped_fp8_wgrad_gemm_nt_ref(a, sfa, b, sfb, d, ks, c=None, accumulate=False):
+    checks.check_k_grouped("k_grouped_fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, ks, c)
+    start = 0
+    for g, k in enumerate(int(x) for x in ks):
+        seg, sseg = slice(start, start + k), slice(start // 128, (start + k) // 128)
+        out = dequant_rows(a[:, seg], sfa[:, sseg]) @ dequant_rows(b[:, seg], sfb[:, sseg]).T
+        _finish(d[g], out, None if c is None else c[g], accumulate)
+        start += k
+
+
+@reference("m_grouped_fp8_gemm_nt_contiguous")
+def m_grouped_contiguous_ref(a, sfa, b, sfb, d, m_indices):
+    checks.check_contiguous("m_grouped_fp8_gemm_nt_contiguous", a, sfa, b, sfb, d, m_indices)
+    a32 = dequant_rows(a, sfa)
+    for g in range(b.shape[0]):
+        rows = (m_indices == g).nonzero().flatten()
+        if rows.numel():
+            d[rows] = (a32[rows] @ dequant_blocks(b[g], sfb[g]).T).to(d.dtype)
+
+
+@reference("m_grouped_fp8_gemm_nt_masked")
+def m_grouped_masked_ref(a, sfa, b, sfb, d, masked_m, expected_m):
+    checks.check_masked("m_grouped_fp8_gemm_nt_masked", a, sfa, b, sfb, d, masked_m, expected_m)
+    for g in range(b.shape[0]):
+        m = min(int(masked_m[g]), a.shape[1])
+        if m > 0:
+            d[g, :m] = (dequant_rows(a[g, :m], sfa[g, :m]) @ dequant_blocks(b[g], sfb[g]).T).to(d.dtype)
+
+
+# ---- quantisation --------------------------------------------------------------------------------------------
+
+def check_quant_input(op: str, x: torch.Tensor) -> None:
+    torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D [rows, cols], got shape {tuple(x.shape)}")
+    torch._check(x.dtype in (torch.bfloat16, torch.float16, torch.float32),
+                 lambda: f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
+
+
+def _scale_inv(amax, eps, ue8m0):
+    amax = amax.clamp_min(eps)
+    scale = amax / FP8_E4M3_MAX
+    if ue8m0:
+        scale = ceil_to_ue8m0(scale)
+        return scale, 1.0 / scale
+    return scale, FP8_E4M3_MAX / amax
+
+
+def per_block_quant_values(x, eps=1e-4, ue8m0=False):
+    """(q [N, K] e4m3, sf [ceil(N/128), ceil(K/128)]) of a 2-D tensor, one scale per 128x128 block."""
+    n, k = x.shape
+    nb, kb = cdiv(n, 128), cdiv(k, 128)
+    xp = torch.zeros(nb * 128, kb * 128, dtype=torch.float32, device=x.device)
+    xp[:n, :k] = x.float()
+    blocks = xp.view(nb, 128, kb, 128)
+    scale, inv = _scale_inv(blocks.abs().amax(dim=(1, 3)), eps, ue8m0)
+    q = (blocks * inv[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(nb * 128, kb * 128)[:n, :k]
+    return q.to(FP8), scale
+
+
+@reference("per_block_quant_fp8")
+def per_block_quant_fp8_ref(x, transpose=False, eps=1e-4, scale_ue8m0=False):
+    check_quant_input("per_block_quant_fp8", x)
+    q, sf = per_block_quant_values(x, eps, scale_ue8m0)
+    if transpose:
+        return q.t().contiguous(), sf.t().contiguous()
+    return q.contiguous(), sf.contiguous()
+
+
+def transposed_quant_empty(m: int, k: int, device):
+    """q [K, M] e4m3 whose rows are padded to 16 bytes (a view of [K, align(M, 16)]) and sf [K, ceil(M/128)]
+    MN-major TMA-aligned: the operand layout of the weight-gradient GEMM."""
+    m_pad = (m + 15) // 16 * 16
+    q = torch.empty(k, m_pad, dtype=FP8, device=device)[:, :m]
+    sf = mn_major_tma_aligned_empty((k, cdiv(m, 128)), device=device)
+    return q, sf
+
+
+@reference("per_token_group_quant_fp8_t")
+def per_token_group_quant_fp8_t_ref(x, eps=1e-4, scale_ue8m0=False):
+    check_quant_input("per_token_group_quant_fp8_t", x)
+    m, k = x.shape
+    mb = cdiv(m, 128)
+    xp = torch.zeros(k, mb * 128, dtype=torch.float32, device=x.device)
+    xp[:, :m] = x.float().t()
+    groups = xp.view(k, mb, 128)
+    scale, inv = _scale_inv(groups.abs().amax(dim=-1), eps, scale_ue8m0)
+    qv = (groups * inv[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(k, mb * 128)
+    q, sf = transposed_quant_empty(m, k, x.device)
+    base = q.as_strided((k, q.stride(0)), q.stride())
+    base.zero_()
+    q.copy_(qv[:, :m].to(FP8))
+    sf.copy_(scale)
+    return q, sf
+
+
+# ---- opcheck samples (small: they run on CPU in CI) ----------------------------------------------------------
+
+def _fp8(*shape, device):
+    return (torch.randn(*shape, device=device) * 2).to(FP8)
+
+
+def _sf(*shape, device):
+    return torch.rand(*shape, device=device) * 0.01 + 0.001
+
+
+@sample_inputs("fp8_gemm_nt")
+def _dense_samples(device):
+    out = []
+    for m, n, k, dt, with_c in [(7, 200, 256, torch.bfloat16, False), (65, 144, 384, torch.float32, True),
+                                (1, 16, 16, torch.bfloat16, True)]:
+        a, b = _fp8(m, k, device=device), _fp8(n, k, device=device)
+        sfa = mn_major_tma_aligned_empty((m, cdiv(k, 128)), device=device)
+        sfa.copy_(_sf(m, cdiv(k, 128), device=device))
+        d = torch.empty(m, n, dtype=dt, device=device)
+        c = torch.randn(m, n, device=device, dtype=dt) if with_c else None
+        out.append(((a, sfa, b, _sf(cdiv(n, 128), cdiv(k, 128), device=device), d), {"c": c}))
+    return out
+
+
+@sample_inputs("fp8_wgrad_gemm_nt")
+def _wgrad_samples(device):
+    m, n, k = 48, 80, 256
+    sfa = mn_major_tma_aligned_empty((m, 2), device=device)
+    sfa.copy_(_sf(m, 2, device=device))
+    sfb = mn_major_tma_aligned_empty((n, 2), device=device)
+    sfb.copy_(_sf(n, 2, device=device))
+    d = torch.randn(m, n, device=device)
+    return [((_fp8(m, k, device=device), sfa, _fp8(n, k, device=device), sfb, d), {"accumulate": True})]
+
+
+@sample_inputs("k_grouped_fp8_wgrad_gemm_nt")
+def _k_grouped_samples(device):
+    m, n, ks = 32, 48, [128, 0, 256]
+    k = sum(ks)
+    sfa = mn_major_tma_aligned_empty((m, k // 128), device=device)
+    sfa.copy_(_sf(m, k // 128, device=device))
+    sfb = mn_major_tma_aligned_empty((n, k // 128), device=device)
+    sfb.copy_(_sf(n, k // 128, device=device))
+    d = torch.randn(len(ks), m, n, device=device)
+    return [((_fp8(m, k, device=device), sfa, _fp8(n, k, device=device), sfb, d, ks), {"accumulate": True})]
+
+
+@sample_inputs("m_grouped_fp8_gemm_nt_contiguous")
+def _contiguous_samples(device):
+    g, n, k = 3, 96, 256
+    sizes = [100, 0, 30]
+    ids = []
+    for i, s in enumerate(sizes):
+        pad = cdiv(s, 128) * 128
+        ids += [i] * s + [-1] * (pad - s)
+    m = len(ids)
+    sfa = mn_major_tma_aligned_empty((m, 2), device=device)
+    sfa.copy_(_sf(m, 2, device=device))
+    d = torch.zeros(m, n, dtype=torch.bfloat16, device=device)
+    return [((_fp8(m, k, device=device), sfa, _fp8(g, n, k, device=device), _sf(g, 1, 2, device=device), d,
+              torch.tensor(ids, dtype=torch.int32, device=device)), {})]
+
+
+@sample_inputs("m_grouped_fp8_gemm_nt_masked")
+def _masked_samples(device):
+    g, m, n, k = 3, 40, 64, 128
+    sfa = mn_major_tma_aligned_empty((g, m, 1), device=device)
+    sfa.copy_(_sf(g, m, 1, device=device))
+    d = torch.zeros(g, m, n, dtype=torch.bfloat16, device=device)
+    masked = torch.tensor([40, 0, 17], dtype=torch.int32, device=device)
+    return [((_fp8(g, m, k, device=device), sfa, _fp8(g, n, k, device=device), _sf(g, 1, 1, device=device), d,
+              masked, 24), {})]
+
+
+@sample_inputs("per_block_quant_fp8")
+def _block_quant_samples(device):
+    return [((torch.randn(200, 272, device=device, dtype=torch.bfloat16) * 3,), {"transpose": t, "scale_ue8m0": u})
+            for t, u in ((False, False), (True, True))] + \
+           [((torch.randn(128, 128, device=device),), {})]
+
+
+@sample_inputs("per_token_group_quant_fp8_t")
+def _t_quant_samples(device):
+    return [((torch.randn(130, 48, device=device, dtype=torch.bfloat16) * 3,), {}),
+            ((torch.randn(256, 32, device=device),), {"scale_ue8m0": True})]
