@@ -20,17 +20,27 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The parser for `commands` (default: all); a module that fails to import is reported, not fatal."""
     parser = argparse.ArgumentParser(prog="deepstack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in COMMANDS.items():
-        importlib.import_module(module).add_parser(sub)
+    for name in commands or COMMANDS:
+        try:
+            importlib.import_module(COMMANDS[name]).add_parser(sub)
+        except ImportError as e:
+            sub.add_parser(name, help=f"(unavailable here: {e})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the module of the command being run, so one area's import cost or failure stays its own.
+    cmd = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([cmd] if cmd in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.error(f"command {args.command!r} is unavailable on this machine (see `deepstack doctor`)")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
