@@ -18,3 +18,6 @@ __all__ = ["DeepstackDataset", "DeepstackIterableDataset", "SampleReadError", "P
 from torch_deepstack.data.checkpoint import DeepstackStorageReader, DeepstackStorageWriter  # noqa: E402
 
 __all__ += ["DeepstackStorageReader", "DeepstackStorageWriter"]
+from torch_deepstack.data.kvcache import KVBlockCorrupt, KVCacheStore, prefix_block_keys  # noqa: E402
+
+__all__ += ["KVBlockCorrupt", "KVCacheStore", "prefix_block_keys"]
