@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "jit": "torch_deepstack.jit.cli",
     "bench": "torch_deepstack.bench_cli",
     "demo": "torch_deepstack.demo",
+    "pack": "torch_deepstack.data.cli",
     "fs": "torch_deepstack.storage.cli",
 }
 

@@ -22,11 +22,10 @@ class FSHandle:
     """`get()` returns this process's client for the file system named by `fs` (a FileSystem or a URI)."""
 
     def __init__(self, fs: storage.FileSystem | str | os.PathLike, *, secret: str | bytes | None = None):
+        self._given: storage.FileSystem | None = None
         if isinstance(fs, storage.FileSystem):
             self.uri = fs.uri
-            key = (os.getpid(), self.uri)
-            with _LOCK:
-                _CLIENTS.setdefault(key, fs)
+            self._given, self._given_pid = fs, os.getpid()  # used as is in this process, never pickled
         elif isinstance(fs, (str, os.PathLike)):
             self.uri = os.fspath(fs)
         else:
@@ -34,14 +33,22 @@ class FSHandle:
                             f"got {type(fs).__name__}")
         self.secret = secret
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_given"] = None
+        return state
+
     def get(self) -> storage.FileSystem:
+        given = self._given
+        if given is not None and self._given_pid == os.getpid() and not _closed(given):
+            return given
         key = (os.getpid(), self.uri)
         fs = _CLIENTS.get(key)
-        if fs is not None:
+        if fs is not None and not _closed(fs):
             return fs
         with _LOCK:
             fs = _CLIENTS.get(key)
-            if fs is None:
+            if fs is None or _closed(fs):
                 for k in [k for k in _CLIENTS if k[0] != os.getpid()]:
                     _INHERITED.append(_CLIENTS.pop(k))
                 fs = _CLIENTS[key] = storage.connect(self.uri, secret=self.secret, create=False)
@@ -49,6 +56,10 @@ class FSHandle:
 
     def __repr__(self) -> str:
         return f"FSHandle({self.uri!r})"
+
+
+def _closed(fs) -> bool:
+    return bool(getattr(fs, "_closed", False))
 
 
 def join(*parts: str) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from torch_deepstack import storage
 from torch_deepstack.data._fs import FSHandle, join
-from torch_deepstack.data.format import (ENTRY_DTYPE, INDEX_NAME, SHARD_SUFFIX, VERSION, PackIndex, dtype_name,
+from torch_deepstack.data.format import (DTYPES, ENTRY_DTYPE, INDEX_NAME, SHARD_SUFFIX, VERSION, PackIndex, dtype_name,
                                          shard_name)
 from torch_deepstack.storage.crc import crc32c
 
@@ -40,7 +40,12 @@ def _as_bytes(sample: Any) -> tuple[str, memoryview, str | None, tuple[int, ...]
     if isinstance(sample, np.ndarray):
         if sample.dtype == object:
             raise TypeError("numpy object arrays cannot be packed; pass bytes or numeric arrays")
-        return _as_bytes(torch.from_numpy(np.ascontiguousarray(sample)))
+        a = np.ascontiguousarray(sample)
+        try:
+            dt = torch.from_numpy(np.empty(0, dtype=a.dtype)).dtype
+        except TypeError:
+            raise TypeError(f"numpy dtype {a.dtype} cannot be packed; supported: {sorted(DTYPES)}") from None
+        return "tensor", memoryview(a.reshape(-1).view(np.uint8)), dtype_name(dt), tuple(a.shape)
     if isinstance(sample, str):
         raise TypeError("pack samples must be bytes-like, numpy arrays or tensors, got str (encode it first)")
     try:
