@@ -14,6 +14,15 @@ import pytest
 
 SECRET = b"test-secret-0123456789"
 
+# Service processes skip `torch_deepstack/__init__` (which imports torch, ~1.5 s per process on the 2-core CI
+# machine): the storage package needs no torch, so a bare parent package is enough to run its CLI.
+_PKG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "torch_deepstack")
+BOOT = ("import sys, types; pkg = types.ModuleType('torch_deepstack'); pkg.__path__ = [%r]; "
+        "sys.modules['torch_deepstack'] = pkg; from torch_deepstack.storage.cli import main; "
+        "sys.exit(main(sys.argv[1:]))" % _PKG_DIR)
+FS_CLI = [sys.executable, "-c", BOOT]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -107,9 +116,11 @@ class Cluster:
     def __init__(self, root, services=("s1", "s2", "s3"), targets_per_service=1, replicas=3, lease=1.5,
                  chunk_size=256 << 10, kv_uri=None):
         self.root = str(root)
+        self.secret = SECRET
         self.services = list(services)
         self.tps = targets_per_service
         self.lease = lease
+        os.makedirs(self.root, exist_ok=True)
         self.secret_file = os.path.join(self.root, "secret")
         with open(self.secret_file, "wb") as f:
             f.write(SECRET)
@@ -127,7 +138,7 @@ class Cluster:
         return f"deepstack://127.0.0.1:{self.manager_port}"
 
     def cli(self, *args, check=False, timeout=60, input=None):
-        r = subprocess.run([sys.executable, "-m", "torch_deepstack.storage.cli", *args], env=self.env,
+        r = subprocess.run([*FS_CLI, *args], env=self.env,
                            capture_output=True, text=True, timeout=timeout, input=input)
         if check and r.returncode != 0:
             raise RuntimeError(f"deepstack fs {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -138,7 +149,7 @@ class Cluster:
         if os.path.exists(port_file):
             os.unlink(port_file)
         log = os.path.join(self.root, f"{name}.log")
-        proc = subprocess.Popen([sys.executable, "-m", "torch_deepstack.storage.cli", "serve", *args,
+        proc = subprocess.Popen([*FS_CLI, "serve", *args,
                                  "--port-file", port_file], env=self.env, stdout=open(log, "a"),
                                 stderr=subprocess.STDOUT)
         self.procs[name] = proc

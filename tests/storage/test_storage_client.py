@@ -235,3 +235,27 @@ def test_concurrent_writers_and_readers_never_see_torn_chunks(fs):
     for t in readers:
         t.join(20)
     assert not problems, problems[:3]
+
+
+def test_cli_embedded_roundtrip(tmp_path, capsys):
+    from torch_deepstack import cli as top
+    from torch_deepstack.storage.cli import main
+
+    assert top.COMMANDS["fs"] == "torch_deepstack.storage.cli"
+    fsdir = str(tmp_path / "fs")
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(200_000))
+    assert main(["mkfs", fsdir, "--chunk-size", "64K"]) == 0
+    assert main(["mkdir", "-p", "/a/b", "--fs", fsdir]) == 0
+    assert main(["put", str(src), "/a/b/src.bin", "--fs", fsdir]) == 0
+    assert main(["get", "/a/b/src.bin", str(tmp_path / "dst.bin"), "--fs", fsdir]) == 0
+    assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
+    capsys.readouterr()
+    assert main(["ls", "-l", "/a/b", "--fs", fsdir]) == 0
+    assert "src.bin" in capsys.readouterr().out
+    assert main(["fsck", "--fs", fsdir]) == 0
+    assert main(["bench", "--fs", fsdir, "--size", "1M", "--seconds", "0.2", "--iodepth", "4"]) == 0
+    assert main(["rm", "-r", "/a", "--fs", fsdir]) == 0
+    assert main(["stat", "/a", "--fs", fsdir]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert main(["ls", "--fs", str(tmp_path / "nothing-here")]) == 1
