@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import torch_deepstack  # noqa: F401
-from torch_deepstack.ep import Buffer, EPTransportError
+from torch_deepstack.ep import Buffer, DispatchHandle, EPTransportError, LowLatencyHandle
 from torch_deepstack.ep.layout import to_local_experts
 
 from tests.helpers import calc_diff
@@ -85,18 +85,19 @@ def check_dispatch(buf, seed, rank, ws, num_experts):
     ev.current_stream_wait()
     exp = expected_receive(seed, rank, ws, num_experts)
     assert rx.shape == (len(exp), HIDDEN), (rx.shape, len(exp))
+    src_idx = handle.recv_src_idx.cpu()
     for p, (i, t, xr, gidx, wr) in enumerate(exp):
         assert rx[p, 0] == i and rx[p, 1] == t, f"row {p}: from ({rx[p, 0]}, {rx[p, 1]}), expected ({i}, {t})"
         assert torch.equal(rx[p], xr)
         local = to_local_experts(gidx, rank, L)
         assert torch.equal(ridx[p], local)
         assert torch.equal(rw[p], torch.where(local >= 0, wr, torch.zeros_like(wr)))
-        assert int(handle.recv_src_idx[p]) == t
+        assert int(src_idx[p]) == t
     ref_counts = torch.bincount(ridx[ridx >= 0], minlength=L)
     assert counts == ((ref_counts + 3) // 4 * 4).tolist()
     # the rank-count matrix in the handle agrees with the rows that arrived
     got_from = torch.bincount(rx[:, 0].long(), minlength=ws)
-    assert torch.equal(handle.rank_counts[:, rank].long(), got_from)
+    assert torch.equal(handle.rank_counts[:, rank].long().cpu(), got_from)
     return (x, idx, w), (rx, ridx, rw, handle)
 
 
@@ -194,15 +195,16 @@ def check_low_latency(buf, seed, rank, ws, num_experts, num_max):
     L = num_experts // ws
     for use_fp8 in (False, True):
         x, idx, w = make_inputs(seed, rank, num_experts, torch.bfloat16, n=num_max - rank)
-        stats = torch.zeros(L, dtype=torch.int32)
+        stats = torch.zeros(L, dtype=torch.int32, device=buf.device)
         recv, count, handle, ev, hook = buf.low_latency_dispatch(
             x, idx, num_max, num_experts, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8,
             return_recv_hook=True)
         hook()
         rx, rs = recv if use_fp8 else (recv, None)
         assert rx.shape == (L, num_max * ws, HIDDEN)
-        assert torch.equal(stats, count)
-        begin, cnt = handle.layout_range >> 32, handle.layout_range & 0xFFFFFFFF
+        assert torch.equal(stats.cpu(), count)
+        begin, cnt = handle.layout_range.cpu() >> 32, handle.layout_range.cpu() & 0xFFFFFFFF
+        src_info = handle.src_info.cpu()
         for l in range(L):
             e = rank * L + l
             rows = []
@@ -213,7 +215,7 @@ def check_low_latency(buf, seed, rank, ws, num_experts, num_max):
                 rows += [(i, t, xi[t]) for t in toks]
             assert int(count[l]) == len(rows)
             for p, (i, t, xr) in enumerate(rows):
-                assert int(handle.src_info[l, p]) == t
+                assert int(src_info[l, p]) == t
                 if use_fp8:
                     deq = rx[l, p].float().view(-1, 128) * rs[l, p].view(-1, 1)
                     assert calc_diff(deq.flatten(), xr.float()) < 1e-3
@@ -232,9 +234,43 @@ def check_low_latency(buf, seed, rank, ws, num_experts, num_max):
         assert torch.equal(again, out)
 
 
-def normal_mode_checks(rank, ws, seed):
+class OnDevice:
+    """Runs a Buffer on `device` for checks written against CPU tensors: tensor arguments move to the device,
+    tensor results come back (handles stay where they are: they feed later calls)."""
+
+    def __init__(self, buf, device):
+        self.buf, self.device = buf, torch.device(device)
+
+    def _to(self, v, dev):
+        if isinstance(v, torch.Tensor):
+            return v.to(dev)
+        if isinstance(v, (DispatchHandle, LowLatencyHandle)):
+            return v
+        if isinstance(v, tuple):
+            return tuple(self._to(a, dev) for a in v)
+        if isinstance(v, list):
+            return [self._to(a, dev) for a in v]
+        return v
+
+    def __getattr__(self, name):
+        attr = getattr(self.buf, name)
+        if not callable(attr) or name.startswith("_") or isinstance(attr, type):
+            return attr
+
+        def call(*args, **kwargs):
+            out = attr(*self._to(args, self.device), **{k: self._to(v, self.device) for k, v in kwargs.items()})
+            return self._to(out, "cpu")
+        return call
+
+
+def make_buffer(device, transport, **kw):
+    buf = Buffer(None, transport=transport, **kw)
+    return buf if device == "cpu" else OnDevice(buf, device)
+
+
+def normal_mode_checks(rank, ws, seed, device="cpu", transport="auto"):
     num_experts = 8 * ws
-    buf = Buffer(None, num_nvl_bytes=1 << 24, timeout_s=60)
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 24, timeout_s=60)
     check_layout(buf, seed, rank, ws, num_experts)
     exact = check_dispatch(buf, seed, rank, ws, num_experts)
     y1 = check_worst_and_cached(buf, seed, rank, ws, num_experts, exact)
@@ -242,17 +278,79 @@ def normal_mode_checks(rank, ws, seed):
     assert torch.equal(y1, y2)                                          # repeated runs are bitwise identical
     check_fp8(buf, seed, rank, ws, num_experts)
     check_gradients(buf, seed, rank, ws, num_experts)
-    ll = Buffer(None, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(40, HIDDEN, ws, num_experts),
-                low_latency_mode=True, timeout_s=60)
+    ll = make_buffer(device, transport, num_nvl_bytes=1 << 24, low_latency_mode=True, timeout_s=60,
+                     num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(40, HIDDEN, ws, num_experts))
     check_low_latency(ll, seed, rank, ws, num_experts, num_max=40)
+    if device != "cpu":
+        check_low_latency_graph(ll.buf, seed, rank, ws, num_experts, num_max=40)
+        check_worst_mode_graph(buf.buf, seed, rank, ws, num_experts)
     dist.barrier()
 
 
-def error_checks(rank, ws):
+def _replay_matches_eager(step, statics, fresh_inputs):
+    """Capture step() in a CUDA graph, then for new inputs copied into `statics` the replay equals eager."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for inputs in fresh_inputs:
+        for st, v in zip(statics, inputs):
+            st.copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for a, b in zip(captured, eager):
+            assert torch.equal(a, b), "CUDA-graph replay differs from eager"
+
+
+def check_low_latency_graph(buf, seed, rank, ws, num_experts, num_max):
+    """Low-latency dispatch + combine captured in one CUDA graph (the decode-step pattern) replays correctly."""
+    def inputs(s):
+        x, idx, w = make_inputs(s, rank, num_experts, torch.bfloat16, n=num_max)
+        return x.cuda(), idx.cuda(), w.cuda()
+    statics = [t.clone() for t in inputs(seed)]
+
+    def step():
+        (rx, rs), cnt, handle, _, _ = buf.low_latency_dispatch(statics[0], statics[1], num_max, num_experts,
+                                                               use_fp8=True)
+        y = (rx.float() * rs.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+        out, _, _ = buf.low_latency_combine(y, statics[1], statics[2], handle)
+        return out, cnt
+    _replay_matches_eager(step, statics, [inputs(seed + 100 + i) for i in range(3)])
+
+
+def check_worst_mode_graph(buf, seed, rank, ws, num_experts):
+    """Normal dispatch + combine with num_worst_tokens (no host sync) captured and replayed."""
+    n = num_tokens(rank)
+    worst = max(num_tokens(r) for r in range(ws)) * ws
+    E = num_experts
+
+    def inputs(s):
+        x, idx, w = make_inputs(s, rank, E)
+        return x.cuda(), idx.cuda(), w.cuda()
+    statics = [t.clone() for t in inputs(seed)]
+
+    def step():
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(statics[1], E)
+        rx, ridx, rw, _, handle, _ = buf.dispatch(statics[0], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                  num_tokens_per_expert=per_expert, topk_idx=statics[1],
+                                                  topk_weights=statics[2], num_worst_tokens=worst)
+        y, yw, _ = buf.combine(rx * 2, handle, topk_weights=rw)
+        return rx, ridx, y, yw
+    assert n <= worst
+    _replay_matches_eager(step, statics, [inputs(seed + 200 + i) for i in range(3)])
+
+
+def error_checks(rank, ws, device="cpu", transport="auto"):
     """Bad input raises a clear error on every rank before any collective (so nothing hangs)."""
     import pytest
     num_experts = 4 * ws
-    buf = Buffer(None, num_nvl_bytes=1 << 22, timeout_s=30)
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 22, timeout_s=30)
     x, idx, w = make_inputs(0, rank, num_experts)
     layout = buf.get_dispatch_layout(idx, num_experts)
     kw = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
@@ -273,20 +371,22 @@ def error_checks(rank, ws):
     with pytest.raises(RuntimeError, match=r"topk_weights must have topk_idx's shape"):
         buf.dispatch(x, topk_idx=idx, topk_weights=w[:, :2].contiguous(), **kw)
     rx, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, **kw)
-    other = Buffer(None, num_nvl_bytes=1 << 22)
+    other = make_buffer(device, transport, num_nvl_bytes=1 << 22)
     with pytest.raises(ValueError, match="another ep.Buffer"):
         other.combine(rx, handle)
     with pytest.raises(ValueError, match="another ep.Buffer"):
         other.dispatch(x, handle=handle)
     with pytest.raises(RuntimeError, match="one row per received token"):
         buf.combine(rx[:-1] if rx.shape[0] else torch.zeros(1, HIDDEN), handle)
-    small = Buffer(None, num_nvl_bytes=1000)
     with pytest.raises(ValueError, match="too small"):
+        small = make_buffer(device, transport, num_nvl_bytes=1000)
         small.dispatch(x, topk_idx=idx, topk_weights=w, **kw)
-    small_ll = Buffer(None, num_rdma_bytes=1000, low_latency_mode=True)
     with pytest.raises(ValueError, match="too small"):
+        small_ll = make_buffer(device, transport, num_nvl_bytes=1 << 20, num_rdma_bytes=1000,
+                               low_latency_mode=True)
         small_ll.low_latency_dispatch(x.bfloat16(), idx, 64, num_experts)
-    ll = Buffer(None, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(16, HIDDEN, ws, num_experts))
+    ll = make_buffer(device, transport,
+                     num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(16, HIDDEN, ws, num_experts))
     with pytest.raises(RuntimeError, match="more than num_max_dispatch_tokens_per_rank"):
         ll.low_latency_dispatch(x.bfloat16(), idx, 16, num_experts)
     with pytest.raises(ValueError, match="num_worst_tokens=.* gives each source rank"):
@@ -297,12 +397,12 @@ def error_checks(rank, ws):
     dist.barrier()
 
 
-def dead_peer_check(rank, ws):
+def dead_peer_check(rank, ws, device="cpu", transport="auto"):
     """A peer that dies makes the survivors raise EPTransportError (bounded), never hang."""
     import os
     import time
     num_experts = 4 * ws
-    buf = Buffer(None, num_nvl_bytes=1 << 22, timeout_s=10)
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 22, timeout_s=10)
     x, idx, w = make_inputs(0, rank, num_experts)
     layout = buf.get_dispatch_layout(idx, num_experts)
     dist.barrier()

@@ -80,9 +80,11 @@ class LowLatencyHandle(NamedTuple):
     buffer_id: int
 
 
-def _group_device(group) -> torch.device:
+def _group_device(group, transport: str) -> torch.device:
+    """NCCL groups move CUDA tensors; gloo groups CPU tensors, unless transport="ipc" asks for peer-mapped CUDA
+    buffers (the group then only carries the IPC handles: several processes on one GPU, for instance)."""
     backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend:
+    if "nccl" in backend or transport == "ipc":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -116,7 +118,7 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
-        self.device = _group_device(self.group)
+        self.device = _group_device(self.group, transport)
         self.buffer_id = next(_ids)
         self._destroyed = False
         self._ipc = None
@@ -125,12 +127,16 @@ class Buffer:
         if self.device.type == "cuda" and transport != "dist":
             from torch_deepstack.ep import ipc
             usable, why = ipc.ipc_usable(self.group)
-            if usable and self.num_nvl_bytes > 0:
-                self._ipc = ipc.IpcTransport(self.group, self.num_nvl_bytes, timeout_s)
+            area = max(self.num_nvl_bytes, self.num_rdma_bytes)   # low-latency exchanges use the same area
+            if usable and area >= ipc.IpcTransport.min_bytes(self.group_size):
+                self._ipc = ipc.IpcTransport(self.group, area, timeout_s)
                 register_transport(self.group_name, self._ipc)
             elif transport == "ipc":
-                raise RuntimeError(f"transport='ipc' is not usable here: "
-                                   f"{why if not usable else 'num_nvl_bytes is 0'}")
+                if usable:
+                    raise ValueError(f"ep.Buffer buffers too small for the IPC transport: max(num_nvl_bytes, "
+                                     f"num_rdma_bytes)={area}, need >= "
+                                     f"{ipc.IpcTransport.min_bytes(self.group_size)}")
+                raise RuntimeError(f"transport='ipc' is not usable here: {why}")
         self._ll_combine_buffers: list[Optional[torch.Tensor]] = [None, None]
         self._ll_parity = 0
 
@@ -253,12 +259,13 @@ class Buffer:
         ev = torch.cuda.Event()
         ev.record(comm)
         flat = [t for t in _flatten(out) if isinstance(t, torch.Tensor)]
-        for t in inputs:
-            if isinstance(t, torch.Tensor):
-                t.record_stream(comm)
-        if not allocate_on_comm_stream:
-            for t in flat:
-                t.record_stream(cur)
+        if not torch.cuda.is_current_stream_capturing():   # a captured graph owns its memory pool
+            for t in inputs:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(comm)
+            if not allocate_on_comm_stream:
+                for t in flat:
+                    t.record_stream(cur)
         if not async_finish:
             cur.wait_event(ev)
         return out, EventOverlap(ev, tuple(inputs) + tuple(flat) if async_finish else None)

@@ -13,6 +13,12 @@ from __future__ import annotations
 import torch
 
 
+def fixed_bincount(values: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount with a known output size: no host sync on CUDA (torch.bincount reads the max), so capturable."""
+    out = torch.zeros(size, dtype=torch.int64, device=values.device)
+    return out.scatter_add_(0, values, torch.ones_like(values))
+
+
 def token_rank_mask(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
     """is_token_in_rank [N, num_ranks] bool."""
     per_rank = num_experts // num_ranks
@@ -29,7 +35,7 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
     per_rank = is_token_in_rank.sum(0, dtype=torch.int32)
     flat = topk_idx.reshape(-1)
     flat = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
-    per_expert = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].to(torch.int32)
+    per_expert = fixed_bincount(flat, num_experts + 1)[:num_experts].to(torch.int32)
     return per_rank, per_expert, is_token_in_rank
 
 
@@ -44,7 +50,7 @@ def count_local_experts(recv_topk_idx: torch.Tensor, num_local_experts: int, ali
     """Received (token, slot) pairs per local expert, each count rounded up to `alignment` (int32 [L])."""
     flat = recv_topk_idx.reshape(-1)
     flat = torch.where(flat >= 0, flat, torch.full_like(flat, num_local_experts))
-    counts = torch.bincount(flat, minlength=num_local_experts + 1)[:num_local_experts]
+    counts = fixed_bincount(flat, num_local_experts + 1)[:num_local_experts]
     if alignment > 1:
         counts = (counts + alignment - 1) // alignment * alignment
     return counts.to(torch.int32)

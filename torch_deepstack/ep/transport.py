@@ -68,7 +68,9 @@ class DistTransport:
 
     def _wait(self, work, what: str) -> None:
         try:
-            if self.timeout is not None and work.__class__.__name__ != "_IllegalWork":
+            # gloo: a bounded host wait. NCCL: a stream wait (its watchdog bounds it); a host wait would also
+            # break CUDA-graph capture.
+            if self.timeout is not None and "gloo" in self.name:
                 work.wait(self.timeout)
             else:
                 work.wait()

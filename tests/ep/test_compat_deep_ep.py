@@ -1,0 +1,81 @@
+"""DeepEP V1 call forms through torch_deepstack.compat.deep_ep (one import changed), on a world of one."""
+import inspect
+
+import torch
+
+import torch_deepstack.compat as compat
+from torch_deepstack.compat import deep_ep
+from torch_deepstack.ep.ops import single_process_group_name
+
+
+def test_lazy_package_and_exports():
+    assert compat.deep_ep is deep_ep
+    assert deep_ep.topk_idx_t is torch.int64
+    assert {"Buffer", "Config", "EventOverlap"} <= set(dir(deep_ep))
+
+
+def test_v1_signatures():
+    want = {
+        "__init__": ["group", "num_nvl_bytes", "num_rdma_bytes", "low_latency_mode", "num_qps_per_rank",
+                     "allow_nvlink_for_low_latency_mode", "allow_mnnvl", "use_fabric", "explicitly_destroy",
+                     "enable_shrink", "comm"],
+        "get_dispatch_layout": ["topk_idx", "num_experts", "previous_event", "async_finish",
+                                "allocate_on_comm_stream"],
+        "dispatch": ["x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank",
+                     "num_tokens_per_expert", "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens",
+                     "config", "previous_event", "async_finish", "allocate_on_comm_stream"],
+        "combine": ["x", "handle", "topk_weights", "bias", "config", "previous_event", "async_finish",
+                    "allocate_on_comm_stream"],
+        "low_latency_dispatch": ["x", "topk_idx", "num_max_dispatch_tokens_per_rank", "num_experts",
+                                 "cumulative_local_expert_recv_stats", "dispatch_wait_recv_cost_stats", "use_fp8",
+                                 "round_scale", "use_ue8m0", "async_finish", "return_recv_hook"],
+        "low_latency_combine": ["x", "topk_idx", "topk_weights", "handle", "use_logfmt", "zero_copy", "async_finish",
+                                "return_recv_hook", "out", "combine_wait_recv_cost_stats"],
+    }
+    for name, params in want.items():
+        got = [p for p in inspect.signature(getattr(deep_ep.Buffer, name)).parameters if p != "self"]
+        assert got[:len(params)] == params, (name, got)
+
+
+def test_deepep_style_script_runs():
+    """A DeepEP README-style training step, written against deep_ep, on a gloo world of one."""
+    import torch.distributed as dist
+    single_process_group_name()
+    group = dist.group.WORLD
+    hidden, num_experts, n = 256, 8, 20
+    hidden_bytes = hidden * 2
+    num_nvl_bytes = 0
+    for config in (deep_ep.Buffer.get_dispatch_config(group.size()), deep_ep.Buffer.get_combine_config(group.size())):
+        num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, group.size()), num_nvl_bytes)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes, 0)
+    x = torch.randn(n, hidden)
+    topk_idx = torch.randint(-1, num_experts, (n, 2), dtype=deep_ep.topk_idx_t)
+    topk_weights = torch.rand(n, 2)
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
+        buffer.get_dispatch_layout(topk_idx, num_experts, previous_event=deep_ep.Buffer.capture(),
+                                   async_finish=True, allocate_on_comm_stream=True)
+    recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event = buffer.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+        allocate_on_comm_stream=True)
+    event.current_stream_wait()
+    routed = (topk_idx >= 0).any(1)
+    assert torch.equal(recv_x, x[routed])
+    assert sum(num_recv_tokens_per_expert_list) == int((topk_idx >= 0).sum())
+    combined_x, _, event = buffer.combine(recv_x, handle, async_finish=True, previous_event=event)
+    with event:
+        pass
+    assert torch.equal(combined_x, torch.where(routed.unsqueeze(1), x, torch.zeros_like(x)))
+    # low-latency form
+    ll = deep_ep.Buffer(group, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(32, hidden, 1, num_experts),
+                        low_latency_mode=True, num_qps_per_rank=num_experts)
+    xb = x.bfloat16()
+    recv, recv_count, h, event, hook = ll.low_latency_dispatch(xb, topk_idx, 32, num_experts, use_fp8=False,
+                                                                return_recv_hook=True)
+    hook()
+    assert recv.shape == (num_experts, 32, hidden)
+    out, event, hook = ll.low_latency_combine(recv, topk_idx, topk_weights, h, return_recv_hook=True)
+    hook()
+    ref = xb.float() * torch.where(topk_idx >= 0, topk_weights, 0).sum(1, keepdim=True)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

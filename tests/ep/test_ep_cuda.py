@@ -1,0 +1,28 @@
+"""Expert parallelism on one GPU: a world of one over NCCL (both transports), and several processes sharing the
+GPU through the NVLink/IPC transport (peer-mapped buffers, barrier kernel), which is the intranode code path."""
+import pytest
+
+from tests.ep import workers
+from tests.ep.spawn import run_world
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["dist", "ipc"])
+def test_world_of_one_nccl(transport):
+    run_world(workers.normal_mode_checks, 1, 7, "cuda", transport, backend="nccl", timeout_s=280)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_processes_sharing_one_gpu_over_ipc(world_size):
+    # gloo carries the IPC handles; every CUDA byte moves through the peer-mapped buffers.
+    run_world(workers.normal_mode_checks, world_size, 11, "cuda", "ipc", timeout_s=280)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(200)
+def test_ipc_errors_and_dead_peer():
+    run_world(workers.error_checks, 2, "cuda", "ipc", timeout_s=90)
+    run_world(workers.dead_peer_check, 2, "cuda", "ipc", timeout_s=90, allow_exit=(0, 1))
