@@ -7,3 +7,4 @@ from torch_deepstack.meta_impls import quant  # noqa: F401
 from torch_deepstack.meta_impls import gemm  # noqa: F401
 from torch_deepstack.meta_impls import ep  # noqa: F401
 from torch_deepstack.meta_impls import mla  # noqa: F401
+from torch_deepstack.meta_impls import compile  # noqa: F401,E402

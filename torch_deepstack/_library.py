@@ -42,6 +42,8 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
     "per_block_quant_fp8": (
         "(Tensor x, bool transpose=False, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
     "per_token_group_quant_fp8_t": ("(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+    # --- compile integration (torch_deepstack/compile): the functional op graph passes swap in ------------
+    "fp8_linear": ("(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", ()),
     # --- expert parallelism (torch_deepstack/ep) -------------------------------------------------------
     "ep_get_dispatch_layout": ("(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor, Tensor, Tensor)", ()),
     "ep_dispatch": (

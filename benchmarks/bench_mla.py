@@ -1,0 +1,153 @@
+"""Benchmark MLA decode (deepstack::mla_decode_with_kvcache) against the plain PyTorch gather + bmm path.
+
+Method (the issue's): lengths ~ N(mean, mean/2) clipped at >= s_q, shuffled pages, h_kv = 1; the whole op
+(decode + combine, metadata computed once and reused) captured in a CUDA graph and replayed; L2 flushed
+(256 MB write) before every replay; median of CUDA-event times.
+  FLOP  = 2 * s_q * h_q * (d + dv) * sum(s_k)
+  bytes = sum(s_k) * d * 2 (one read of the cache; FP8: 656 bytes per token) + b * s_q * h_q * (d + dv) * 2
+
+    python benchmarks/bench_mla.py                 # the full sweep (b, s_q, h_q, mean s_k), bf16 + FP8 rows
+    python benchmarks/bench_mla.py --quick         # a few configs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+
+import torch
+
+import torch_deepstack  # noqa: F401
+from torch_deepstack.mla import fp8_format, get_mla_metadata, mla_decode_with_kvcache
+
+D, DV, PAGE = 576, 512, 64
+
+
+def lengths(b, mean, s_q, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, generator=g) * mean / 2 + mean).clamp_min(s_q).long()
+
+
+def build(b, s_q, h_q, mean, seed=0, fp8=False):
+    lens = lengths(b, mean, s_q, seed)
+    nblk = (lens + PAGE - 1) // PAGE
+    max_blocks = int(nblk.max())
+    total = int(nblk.sum())
+    g = torch.Generator().manual_seed(seed + 1)
+    perm = torch.randperm(total, generator=g)
+    bt = torch.zeros(b, max_blocks, dtype=torch.int32)
+    off = 0
+    for i, n in enumerate(nblk.tolist()):
+        bt[i, :n] = perm[off:off + n].to(torch.int32)
+        off += n
+    cache = (torch.randn(total, PAGE, 1, D, device="cuda") / 10).to(torch.bfloat16)
+    if fp8:
+        cache = torch.cat([fp8_format.quantize_rows(c.float()) for c in cache.split(4096)])
+    q = (torch.randn(b, s_q, h_q, D, device="cuda") / 10).to(torch.bfloat16)
+    return q, cache, bt.cuda(), lens.to(torch.int32).cuda()
+
+
+def torch_decode(q, cache, bt, seq, causal):
+    """The plain PyTorch path: gather the pages, pad to the longest request, two bmm's and a masked softmax."""
+    b, s_q, h_q, d = q.shape
+    k = cache[bt.long()].flatten(1, 2).squeeze(2)                      # [b, T, d]
+    scores = torch.bmm(q.reshape(b, s_q * h_q, d), k.transpose(1, 2)).float() * d ** -0.5
+    t = torch.arange(k.shape[1], device=q.device)
+    s_idx = torch.arange(s_q, device=q.device)[None, :]
+    limit = seq[:, None] - s_q + s_idx + 1 if causal else seq[:, None].expand(b, s_q)
+    mask = t[None, None, :] >= limit[:, :, None]                       # [b, s_q, T]
+    mask = mask[:, :, None, :].expand(b, s_q, h_q, -1).reshape(b, s_q * h_q, -1)
+    p = torch.softmax(scores.masked_fill(mask, -math.inf), dim=-1).to(q.dtype)
+    return torch.bmm(p, k[..., :DV]).reshape(b, s_q, h_q, DV)
+
+
+def time_graph(fn, reps):
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    del g
+    return statistics.median(times)
+
+
+def run(configs, reps, baseline, fp8_rows, causal=True):
+    rows = []
+    for b, s_q, h_q, mean in configs:
+        res = {"b": b, "s_q": s_q, "h_q": h_q, "mean_sk": mean}
+        q, cache, bt, seq = build(b, s_q, h_q, mean)
+        sum_sk = int(seq.sum())
+        flop = 2 * s_q * h_q * (D + DV) * sum_sk
+        qo_bytes = b * s_q * h_q * (D + DV) * 2
+        sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
+        us = time_graph(lambda: mla_decode_with_kvcache(q, cache, bt, seq, DV, sched, splits, causal=causal), reps)
+        res.update(us=us, tbps=(sum_sk * D * 2 + qo_bytes) / us / 1e6, tflops=flop / us / 1e6)
+        if baseline:
+            try:
+                res["torch_us"] = time_graph(lambda: torch_decode(q, cache, bt, seq, causal), max(3, reps // 6))
+            except torch.OutOfMemoryError:
+                res["torch_us"] = float("nan")
+        del cache
+        if fp8_rows and s_q * h_q <= fp8_rows:
+            q8, cache8, bt8, seq8 = build(b, s_q, h_q, mean, fp8=True)
+            us8 = time_graph(lambda: mla_decode_with_kvcache(q8, cache8, bt8, seq8, DV, sched, splits, causal=causal,
+                                                             is_fp8_kvcache=True), reps)
+            res.update(fp8_us=us8, fp8_speedup=us / us8)
+            del cache8
+        torch.cuda.empty_cache()
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    head = "| b | s_q | h_q | mean s_k | µs | TB/s | TFLOPS | torch µs | speedup | FP8 µs | FP8 gain |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        t = r.get("torch_us")
+        torch_cols = ("", "") if t is None else (f"{t:.0f}", f"{t / r['us']:.1f}x")
+        fp8_cols = ("", "") if "fp8_us" not in r else (f"{r['fp8_us']:.1f}", f"{r['fp8_speedup']:.2f}x")
+        lines.append(f"| {r['b']} | {r['s_q']} | {r['h_q']} | {r['mean_sk']} | {r['us']:.1f} | {r['tbps']:.2f} | "
+                     f"{r['tflops']:.0f} | {torch_cols[0]} | {torch_cols[1]} | {fp8_cols[0]} | {fp8_cols[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few configs only")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--fp8-max-rows", type=int, default=64, help="FP8 rows for configs with s_q*h_q <= this")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        configs = [(64, 1, 16, 4096), (128, 1, 16, 8192), (128, 1, 64, 8192), (128, 1, 128, 8192),
+                   (128, 2, 64, 4096), (128, 2, 128, 8192)]
+    else:
+        configs = [(b, s_q, h, sk) for b in (64, 128) for s_q in (1, 2) for h in (16, 32, 64, 128)
+                   for sk in (4096, 8192, 16384)]
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    rows = run(configs, args.reps, not args.no_baseline, args.fp8_max_rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

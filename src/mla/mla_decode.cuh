@@ -1,0 +1,448 @@
+// MLA decode over a paged KV cache (FlashMLA's dense decode), sm_90a.
+//
+// One CTA = 3 warpgroups and handles one (SM part, KV head, 64-row block of q rows). q rows are the s_q x
+// (h_q / h_kv) query heads that share one KV head, packed into the wgmma M dimension (64). A part walks its
+// contiguous range of (request, 64-token page) work from the tile-scheduler metadata:
+//   WG2 (producer): loads one page per KV tile into a 2-stage ring. bf16/fp16 cache: one thread issues
+//        kChunks TMA copies of [64 tokens x 64 channels] (128-byte swizzle; 4-D map: channel, head, token, page). FP8 cache: all 128 threads
+//        load the 656-byte token rows, dequantise to q's dtype and store the same swizzled layout.
+//   WG0: S = Q K^T (wgmma 64x64, K = d), mask, online softmax, P -> registers (A operand) and shared memory,
+//        then O[:, 0:256] += P V[:, 0:256].
+//   WG1: waits for P, O[:, 256:512] += P V[:, 256:512]. V is the first 512 channels of the K tile, read
+//        MN-major straight from the same shared memory (no second load).
+// WG1's P.V overlaps WG0's next QK^T + softmax. A request whose work is split over several parts writes
+// fp32 partial O and lse to o_accum / lse_accum; mla_combine.cuh merges them. Single-split requests write
+// `out` / `lse` directly. A request (or a causal row) with no keys gives out = 0 and lse = +inf.
+#pragma once
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda.h>
+
+#include "mla/sm90_ptx.cuh"
+#include "mla/wgmma.cuh"
+
+namespace deepstack {
+namespace mla {
+
+constexpr int kPage = 64;                  // tokens per KV page (= one KV tile)
+constexpr int kDV = 512;                   // value / latent channels
+constexpr int kChunkBytes = 64 * 64 * 2;   // one [64 rows x 64 channels] 16-bit tile, 128-byte swizzled
+constexpr int kFp8TokenBytes = 656;        // 512 e4m3 + 4 fp32 scales + 64 bf16 rope
+constexpr int kSchedInts = 8;              // ints per tile-scheduler row
+
+template <typename T> struct Ops;
+template <> struct Ops<__nv_bfloat16> {
+  template <int kT> static __device__ __forceinline__ void qk(float (&d)[32], uint64_t a, uint64_t b, int acc) {
+    wgmma::m64n64k16_ss_bf16<kT>(d, a, b, acc);
+  }
+  template <int kT> static __device__ __forceinline__ void pv_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t b, int acc) {
+    wgmma::m64n256k16_rs_bf16<kT>(d, a, b, acc);
+  }
+  template <int kT> static __device__ __forceinline__ void pv_ss(float (&d)[128], uint64_t a, uint64_t b, int acc) {
+    wgmma::m64n256k16_ss_bf16<kT>(d, a, b, acc);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <> struct Ops<__half> {
+  template <int kT> static __device__ __forceinline__ void qk(float (&d)[32], uint64_t a, uint64_t b, int acc) {
+    wgmma::m64n64k16_ss_f16<kT>(d, a, b, acc);
+  }
+  template <int kT> static __device__ __forceinline__ void pv_rs(float (&d)[128], const uint32_t (&a)[4], uint64_t b, int acc) {
+    wgmma::m64n256k16_rs_f16<kT>(d, a, b, acc);
+  }
+  template <int kT> static __device__ __forceinline__ void pv_ss(float (&d)[128], uint64_t a, uint64_t b, int acc) {
+    wgmma::m64n256k16_ss_f16<kT>(d, a, b, acc);
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+// Byte offset of the 16-byte unit `u` (0..7) of row `r` inside a 128-byte-swizzled [rows x 64] 16-bit tile.
+__device__ __forceinline__ uint32_t swz(int r, int u) { return r * 128 + ((u ^ (r & 7)) << 4); }
+
+// 16 e4m3 values (one 16-byte load) times `scale` -> 16 values of T, as two 16-byte units.
+template <typename T>
+__device__ __forceinline__ void dequant16(const uint4& raw, float scale, uint4& lo, uint4& hi) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  uint32_t o[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint16_t pair = static_cast<uint16_t>(w[i] >> (16 * h));
+      uint32_t h2;
+      asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+      o[2 * i + h] = Ops<T>::pack(f.x * scale, f.y * scale);
+    }
+  }
+  lo = make_uint4(o[0], o[1], o[2], o[3]);
+  hi = make_uint4(o[4], o[5], o[6], o[7]);
+}
+
+template <int kDQK>
+struct SmemLayout {
+  static constexpr int kChunks = kDQK / 64;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kChunks * kChunkBytes;          // 2 stages
+  static constexpr int kP = kK + 2 * kChunks * kChunkBytes;
+  static constexpr int kScale = kP + kChunkBytes;                 // 64 fp32: per-row rescale of this tile
+  static constexpr int kFinal = kScale + 64 * 4;                  // 64 fp32: 1 / row sum at the end
+  static constexpr int kBars = kFinal + 64 * 4;                   // full[2], empty[2]
+  static constexpr int kBytes = kBars + 4 * 8;
+  static constexpr int kAlloc = kBytes + 1024;                    // slack to align the base to 1024 bytes
+};
+
+template <typename T, int kDQK, bool kFp8>
+__global__ void __launch_bounds__(384, 1) mla_decode_kernel(
+    const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
+    float* __restrict__ lse_accum, const int* __restrict__ block_table, const int* __restrict__ seqlens,
+    const int* __restrict__ sched, const int* __restrict__ num_splits, const uint8_t* __restrict__ kcache_fp8,
+    const CUtensorMap* __restrict__ kmap,   // in global memory (see the Python side), bf16/fp16 caches only
+    int h_q, int h_kv, int s_q, int rows, int causal, int bt_stride,
+    long long q_sb, long long q_ss, long long q_sh, long long fp8_token_stride, float scale_log2) {
+  using L = SmemLayout<kDQK>;
+  constexpr int kChunks = L::kChunks;
+  static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
+  static_assert(!kFp8 || kDQK == 576, "the FP8 cache format has 576 channels");
+  constexpr int kProducerRegs = kFp8 ? 56 : 40;
+  constexpr int kConsumerRegs = kFp8 ? 224 : 232;   // 2 * consumer + producer = 3 * 168 (the entry cap)
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* sQ = smem + L::kQ;
+  uint8_t* sK = smem + L::kK;
+  uint8_t* sP = smem + L::kP;
+  float* sScale = reinterpret_cast<float*>(smem + L::kScale);
+  float* sFinal = reinterpret_cast<float*>(smem + L::kFinal);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBars);
+  uint64_t* empty = full + 2;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      sm90::mbar_init(&full[s], kFp8 ? 128 : 1);
+      sm90::mbar_init(&empty[s], 256);
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int* meta = sched + blockIdx.x * kSchedInts;
+  const int begin_req = meta[0], begin_blk = meta[1], end_req = meta[2], end_blk = meta[3], begin_split = meta[4];
+  const int kvh = blockIdx.y;
+  const int rb = blockIdx.z;
+
+  if (wg == 2) {
+    // ------------------------------------------------ producer ------------------------------------------------
+    sm90::regs_decrease<kProducerRegs>();
+    if (!kFp8 && tid != 256) return;
+    if constexpr (!kFp8) {
+      sm90::fence_tensormap_acquire(kmap);   // the map was written by a host-to-device copy
+      sm90::prefetch_tensor_map(kmap);
+    }
+    const uint64_t policy = sm90::evict_first_policy();
+    const int lane = tid % 32, warp = (tid - 256) / 32;
+    int stage = 0, phase = 0;
+    for (int req = begin_req; req <= end_req; ++req) {
+      const int sk = seqlens[req];
+      const int nblk = (sk + kPage - 1) / kPage;
+      const int b0 = req == begin_req ? begin_blk : 0;
+      const int b1 = req == end_req ? end_blk : nblk;
+      for (int blk = b0; blk < b1; ++blk) {
+        const int page = block_table[static_cast<long long>(req) * bt_stride + blk];
+        sm90::mbar_wait(&empty[stage], phase ^ 1);
+        uint8_t* dst = sK + stage * kChunks * kChunkBytes;
+        if constexpr (!kFp8) {
+          sm90::mbar_arrive_expect_tx(&full[stage], kChunks * kChunkBytes);
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c)
+            sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &full[stage], c * 64, kvh, 0, page, policy);
+        } else {
+          const int valid = min(kPage, sk - blk * kPage);
+          const uint8_t* base = kcache_fp8 + static_cast<long long>(page) * kPage * fp8_token_stride +
+                                static_cast<long long>(kvh) * kFp8TokenBytes;
+          // Each warp owns 16 tokens, 4 in flight: lane l holds e4m3 bytes [16 l, 16 l + 16) of a token and the
+          // scale of its 128-channel group; rope rows are spread 4 tokens per load (8 lanes x 16 B each).
+#pragma unroll 1
+          for (int round = 0; round < 4; ++round) {
+            const int tok0 = warp * 16 + round * 4;
+            uint4 raw[4], rope[1];
+            float scale[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int tok = tok0 + u;
+              raw[u] = make_uint4(0, 0, 0, 0);
+              scale[u] = 0.f;
+              if (tok < valid) {
+                const uint8_t* row = base + tok * fp8_token_stride;
+                raw[u] = __ldg(reinterpret_cast<const uint4*>(row) + lane);
+                scale[u] = __ldg(reinterpret_cast<const float*>(row + 512) + lane / 8);
+              }
+            }
+#pragma unroll
+            for (int h = 0; h < 1; ++h) {
+              const int tok = tok0 + h * 4 + lane / 8;
+              rope[h] = make_uint4(0, 0, 0, 0);
+              if (tok < valid)
+                rope[h] = __ldg(reinterpret_cast<const uint4*>(base + tok * fp8_token_stride + 528) + lane % 8);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int tok = tok0 + u;
+              uint4 lo, hi;
+              dequant16<T>(raw[u], scale[u], lo, hi);   // zeros past the valid tokens
+              uint8_t* chunk = dst + (lane / 4) * kChunkBytes;
+              *reinterpret_cast<uint4*>(chunk + swz(tok, 2 * (lane % 4))) = lo;
+              *reinterpret_cast<uint4*>(chunk + swz(tok, 2 * (lane % 4) + 1)) = hi;
+            }
+#pragma unroll
+            for (int h = 0; h < 1; ++h) {
+              const int tok = tok0 + h * 4 + lane / 8;
+              *reinterpret_cast<uint4*>(dst + 8 * kChunkBytes + swz(tok, lane % 8)) = rope[h];
+            }
+          }
+          sm90::fence_proxy_async();
+          sm90::mbar_arrive(&full[stage]);
+        }
+        stage ^= 1;
+        phase ^= stage == 0;
+      }
+    }
+    return;
+  }
+
+  // -------------------------------------------------- consumers --------------------------------------------------
+  sm90::regs_increase<kConsumerRegs>();
+  const int wtid = tid % 128, warp = wtid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = warp * 16 + g, row1 = row0 + 8;           // tile rows of this thread's accumulator
+  const int grow0 = rb * 64 + row0, grow1 = rb * 64 + row1;   // q rows (s * hpk + local head)
+  const int hpk = h_q / h_kv;
+  const float kInf = __int_as_float(0x7f800000);
+  const uint32_t sQa = sm90::smem_addr(sQ), sKa = sm90::smem_addr(sK), sPa = sm90::smem_addr(sP);
+  int stage = 0, phase = 0;
+  bool first_tile = true;
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int sk = seqlens[req];
+    const int nblk = (sk + kPage - 1) / kPage;
+    const int b0 = req == begin_req ? begin_blk : 0;
+    const int b1 = req == end_req ? end_blk : nblk;
+
+    // Q rows of this block -> shared memory (zeros past the last row), 128-byte swizzled chunks.
+    sm90::bar_sync(1, 256);   // everyone is done with the previous request's sQ / sFinal
+    for (int u = tid; u < 64 * kChunks * 8; u += 256) {
+      const int r = u / (kChunks * 8), cu = u % (kChunks * 8);
+      const int gr = rb * 64 + r;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (gr < rows) {
+        const int s = gr / hpk, head = kvh * hpk + gr % hpk;
+        v = __ldg(reinterpret_cast<const uint4*>(q + req * q_sb + s * q_ss + head * q_sh) + cu);
+      }
+      *reinterpret_cast<uint4*>(sQ + (cu / 8) * kChunkBytes + swz(r, cu % 8)) = v;
+    }
+    sm90::fence_proxy_async();
+    sm90::bar_sync(1, 256);
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m0 = -kInf, m1 = -kInf, l0 = 0.f, l1 = 0.f;
+    // Causal: query s sees keys [0, sk - s_q + s + 1).
+    const int lim0 = (causal && grow0 < rows) ? sk - s_q + grow0 / hpk + 1 : sk;
+    const int lim1 = (causal && grow1 < rows) ? sk - s_q + grow1 / hpk + 1 : sk;
+
+    for (int blk = b0; blk < b1; ++blk) {
+      sm90::mbar_wait(&full[stage], phase);
+      const uint32_t kst = sKa + stage * kChunks * kChunkBytes;
+      if (wg == 0) {
+        float s[32];
+        // Descriptors advance by adding (byte offset >> 4) to the start-address field (no carry: smem < 256 KB).
+        const uint64_t dq0 = sm90::make_desc_sw128(sQa, 16, 1024), dk0 = sm90::make_desc_sw128(kst, 16, 1024);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const uint32_t off = (c * kChunkBytes + k * 32) >> 4;
+            Ops<T>::template qk<0>(s, dq0 + off, dk0 + off, (c | k) != 0);
+          }
+        }
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(s);
+
+        // Mask (select, so NaN in unused cache slots never reaches the max) and online softmax in log2 units.
+        const int tok0 = blk * kPage + 2 * t;
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int tok = tok0 + 8 * j + e;
+            s[4 * j + e] = tok < lim0 ? s[4 * j + e] * scale_log2 : -kInf;
+            s[4 * j + 2 + e] = tok < lim1 ? s[4 * j + 2 + e] * scale_log2 : -kInf;
+            mx0 = fmaxf(mx0, s[4 * j + e]);
+            mx1 = fmaxf(mx1, s[4 * j + 2 + e]);
+          }
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float base0 = mx0 == -kInf ? 0.f : mx0, base1 = mx1 == -kInf ? 0.f : mx1;
+        const float sc0 = exp2f(m0 - base0), sc1 = exp2f(m1 - base1);
+        m0 = mx0;
+        m1 = mx1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            s[4 * j + e] = exp2f(s[4 * j + e] - base0);
+            s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base1);
+            sum0 += s[4 * j + e];
+            sum1 += s[4 * j + 2 + e];
+          }
+        }
+        l0 = l0 * sc0 + sum0;
+        l1 = l1 * sc1 + sum1;
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int kb = 0; kb < 4; ++kb) {
+          pa[kb][0] = Ops<T>::pack(s[8 * kb + 0], s[8 * kb + 1]);
+          pa[kb][1] = Ops<T>::pack(s[8 * kb + 2], s[8 * kb + 3]);
+          pa[kb][2] = Ops<T>::pack(s[8 * kb + 4], s[8 * kb + 5]);
+          pa[kb][3] = Ops<T>::pack(s[8 * kb + 6], s[8 * kb + 7]);
+        }
+        if (!first_tile) sm90::bar_sync(2, 256);   // WG1 is done reading the previous P and scales
+        first_tile = false;
+        if (t == 0) {
+          sScale[row0] = sc0;
+          sScale[row1] = sc1;
+        }
+#pragma unroll
+        for (int kb = 0; kb < 4; ++kb) {
+          // column 16 kb + 2 t (+8): 16-byte unit 2 kb (+1), byte 4 t inside it
+          *reinterpret_cast<uint32_t*>(sP + swz(row0, 2 * kb) + 4 * t) = pa[kb][0];
+          *reinterpret_cast<uint32_t*>(sP + swz(row1, 2 * kb) + 4 * t) = pa[kb][1];
+          *reinterpret_cast<uint32_t*>(sP + swz(row0, 2 * kb + 1) + 4 * t) = pa[kb][2];
+          *reinterpret_cast<uint32_t*>(sP + swz(row1, 2 * kb + 1) + 4 * t) = pa[kb][3];
+        }
+        if constexpr (!kFp8) {
+          // Cache slots past the sequence may hold anything (NaN): zero those V rows, since 0 * NaN = NaN.
+          const int valid = sk - blk * kPage;
+          if (valid < kPage) {
+            uint8_t* kt = sK + stage * kChunks * kChunkBytes;
+            for (int u = wtid; u < (kPage - valid) * 64; u += 128) {
+              const int r = valid + u / 64, cu = u % 64;
+              *reinterpret_cast<uint4*>(kt + (cu / 8) * kChunkBytes + swz(r, cu % 8)) = make_uint4(0, 0, 0, 0);
+            }
+          }
+        }
+        sm90::fence_proxy_async();
+        sm90::bar_arrive(3, 256);                  // P, scales and V rows ready for WG1
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j] *= sc0; o[4 * j + 1] *= sc0;
+          o[4 * j + 2] *= sc1; o[4 * j + 3] *= sc1;
+        }
+        // P from shared memory as well (keeping it in registers costs 16 registers across the rescale: spills).
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint64_t da = sm90::make_desc_sw128(sPa + k * 32, 16, 1024);
+          const uint64_t db = sm90::make_desc_sw128(kst + k * 16 * 128, kChunkBytes, 1024);
+          Ops<T>::template pv_ss<1>(o, da, db, 1);
+        }
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(o);
+      } else {
+        sm90::bar_sync(3, 256);
+        const float sc0 = sScale[row0], sc1 = sScale[row1];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j] *= sc0; o[4 * j + 1] *= sc0;
+          o[4 * j + 2] *= sc1; o[4 * j + 3] *= sc1;
+        }
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint64_t da = sm90::make_desc_sw128(sPa + k * 32, 16, 1024);
+          const uint64_t db = sm90::make_desc_sw128(kst + 4 * kChunkBytes + k * 16 * 128, kChunkBytes, 1024);
+          Ops<T>::template pv_ss<1>(o, da, db, 1);
+        }
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(o);
+        sm90::bar_arrive(2, 256);                  // P buffer free
+      }
+      sm90::mbar_arrive(&empty[stage]);
+      stage ^= 1;
+      phase ^= stage == 0;
+    }
+
+    // ---- finish this request: normalise, write out/lse (single split) or the fp32 partials ----
+    const int split = req == begin_req ? begin_split : num_splits[req];   // read here: fewer live registers
+    const bool single = num_splits[req + 1] - num_splits[req] == 1;
+    if (wg == 0) {
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+      }
+      const float empty_lse = single ? kInf : -kInf;
+      const float kLn2 = 0.6931471805599453f;
+      const float lse0 = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : empty_lse;
+      const float lse1 = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : empty_lse;
+      if (t == 0) {
+        sFinal[row0] = l0 > 0.f ? 1.f / l0 : 0.f;
+        sFinal[row1] = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int gr = h ? grow1 : grow0;
+          if (gr < rows) {
+            const float v = h ? lse1 : lse0;
+            if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + gr % hpk) * s_q + gr / hpk] = v;
+            else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + gr] = v;
+          }
+        }
+      }
+    }
+    sm90::bar_sync(4, 256);
+    const float inv0 = sFinal[row0], inv1 = sFinal[row1];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int gr = h ? grow1 : grow0;
+      const float inv = h ? inv1 : inv0;
+      if (gr >= rows) continue;
+      if (single) {
+        T* dst = out + ((static_cast<long long>(req) * s_q + gr / hpk) * h_q + kvh * hpk + gr % hpk) * kDV +
+                 wg * 256 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          *reinterpret_cast<uint32_t*>(dst + 8 * j) = Ops<T>::pack(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      } else {
+        float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + gr) * kDV + wg * 256 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+      }
+    }
+  }
+  if (wg == 0 && !first_tile) sm90::bar_sync(2, 256);   // match WG1's last "P free" arrival
+}
+
+}  // namespace mla
+}  // namespace deepstack

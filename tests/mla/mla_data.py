@@ -1,0 +1,66 @@
+"""Shared data builders and the FlashMLA-style accuracy check for the MLA tests (CPU and CUDA)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests.helpers import calc_diff
+from torch_deepstack.mla import fp8_format
+
+PAGE = 64
+
+
+def make_case(b, s_q, h_q, h_kv, d, dtype, seqlens, *, fp8=False, device="cpu", seed=0, extra_blocks=3):
+    """q, cache, shuffled block table and seqlens; every cache slot no request uses holds NaN."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max((s + PAGE - 1) // PAGE for s in seqlens))
+    num_blocks = b * max_blocks + extra_blocks
+    bt = torch.randperm(num_blocks, generator=g)[: b * max_blocks].reshape(b, max_blocks).to(torch.int32)
+    k = (torch.randn(num_blocks, PAGE, h_kv, 576 if fp8 else d, generator=g) / 10).clamp(-1, 1)
+    q = (torch.randn(b, s_q, h_q, d, generator=g) / 10).clamp(-1, 1).to(dtype)
+    cache = fp8_format.quantize_rows(k) if fp8 else k.to(dtype)
+    valid = torch.zeros(num_blocks, PAGE, dtype=torch.bool)
+    for i, s in enumerate(seqlens):
+        flat = torch.arange(s)
+        valid[bt[i, flat // PAGE].long(), flat % PAGE] = True
+    if fp8:
+        cache[~valid] = 0xFF          # NaN e4m3, NaN scales, NaN bf16 rope
+    else:
+        cache[~valid] = float("nan")
+    seq = torch.tensor(seqlens, dtype=torch.int32)
+    return q.to(device), cache.to(device), bt.to(device), seq.to(device)
+
+
+def varied_lengths(b, mean, s_q=1, seed=0, zeros=()):
+    g = torch.Generator().manual_seed(seed)
+    lens = (torch.randn(b, generator=g) * mean / 2 + mean).clamp_min(s_q).long().tolist()
+    for z in zeros:
+        lens[z] = 0
+    return lens
+
+
+def assert_mla_close(out, lse, ref_out, ref_lse, atol=8e-4, rtol=2.01 / 128, cos=5e-6, lse_rtol=8.01 / 65536):
+    out, lse = out.float().cpu(), lse.float().cpu()
+    ref_out, ref_lse = ref_out.float().cpu(), ref_lse.float().cpu()
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert not out.isnan().any(), "NaN in out"
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse +inf positions differ"
+    assert not lse.isnan().any(), "NaN in lse"
+    err = (out - ref_out).abs()
+    ok = (err <= atol) | (err <= rtol * ref_out.abs())
+    assert bool(ok.all()), f"out: {int((~ok).sum())} elements off, max abs err {float(err.max()):.3g}"
+    d = calc_diff(out, ref_out)
+    assert d < cos, f"out cosine diff {d:.3g} >= {cos}"
+    fin = torch.isfinite(ref_lse)
+    lerr = (lse[fin] - ref_lse[fin]).abs()
+    lok = (lerr <= 1e-6) | (lerr <= lse_rtol * ref_lse[fin].abs())
+    assert bool(lok.all()), f"lse: {int((~lok).sum())} off, max err {float(lerr.max()) if lerr.numel() else 0:.3g}"
+    empty = torch.isinf(ref_lse)   # rows with no keys: out must be exactly 0
+    if empty.any():
+        rows = empty.permute(0, 2, 1)  # [b, s_q, h_q]
+        assert float(out[rows].abs().max()) == 0.0
+
+
+def default_scale(d):
+    return 1.0 / math.sqrt(d)

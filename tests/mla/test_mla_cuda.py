@@ -1,0 +1,130 @@
+"""MLA decode on the GPU against the fp32 reference (FlashMLA's tolerances), plus metadata, append, graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch_deepstack  # noqa: F401
+from tests.mla.mla_data import assert_mla_close, make_case, varied_lengths
+from torch_deepstack.mla import PagedKVCache, get_mla_metadata, mla_append_kv, mla_decode_with_kvcache
+from torch_deepstack.mla.reference import mla_decode_fp32
+from torch_deepstack.mla.schedule import schedule
+
+pytestmark = pytest.mark.cuda
+
+CASES = [  # b, s_q, h_q, h_kv, d, dtype, mean s_k, causal, zero-length requests
+    (4, 1, 16, 1, 576, torch.bfloat16, 300, False, (1,)),
+    (3, 2, 3, 1, 576, torch.bfloat16, 200, True, ()),
+    (5, 1, 1, 1, 576, torch.float16, 130, False, (0, 4)),
+    (2, 1, 63, 1, 512, torch.bfloat16, 500, False, ()),
+    (2, 2, 126, 2, 576, torch.bfloat16, 400, True, ()),
+    (8, 1, 128, 1, 576, torch.bfloat16, 1000, False, (3,)),
+    (6, 4, 9, 3, 576, torch.float16, 150, True, ()),
+    (16, 1, 64, 1, 576, torch.bfloat16, 2000, False, ()),
+    (3, 2, 64, 8, 512, torch.float16, 90, True, ()),
+]
+
+
+def run_case(b, s_q, h_q, h_kv, d, dtype, mean, causal, zeros, parts, fp8=False, seed=0):
+    lens = varied_lengths(b, mean, s_q, seed=seed, zeros=zeros)
+    q, cache, bt, seq = make_case(b, s_q, h_q, h_kv, d, dtype, lens, fp8=fp8, device="cuda", seed=seed)
+    sched, splits = get_mla_metadata(seq, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
+    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal, is_fp8_kvcache=fp8)
+    torch.cuda.synchronize()
+    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), d ** -0.5, causal, fp8)
+    return out, lse, ref_out.to(dtype), ref_lse, (q, cache, bt, seq)
+
+
+@pytest.mark.parametrize("parts", [0, 5])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}sq{c[1]}hq{c[2]}hk{c[3]}d{c[4]}{str(c[5])[-4:]}")
+def test_decode_matches_reference(case, parts):
+    out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts)
+    assert_mla_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("case", [(4, 1, 16, 1, 576, torch.bfloat16, 300, False, (1,)),
+                                  (3, 2, 128, 1, 576, torch.bfloat16, 700, True, ()),
+                                  (2, 1, 32, 2, 576, torch.bfloat16, 129, False, (0,))])
+@pytest.mark.parametrize("parts", [0, 7])
+def test_fp8_cache_matches_reference(case, parts):
+    out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts, fp8=True)
+    assert_mla_close(out, lse, ref_out, ref_lse)
+
+
+def test_metadata_matches_python_schedule():
+    for seed, (b, mean, parts) in enumerate([(1, 10, 132), (7, 3000, 66), (128, 8192, 132), (33, 0, 5), (300, 64, 17)]):
+        lens = varied_lengths(b, mean, seed=seed, zeros=(0,) if b > 2 else ())
+        seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        sched, splits = get_mla_metadata(seq, 64, 1, num_sm_parts=parts)
+        rows, ref_splits = schedule(lens, parts)
+        assert sched.cpu().tolist() == rows
+        assert splits.cpu().tolist() == ref_splits
+
+
+def test_append_matches_reference():
+    for fp8, dtype in ((False, torch.bfloat16), (False, torch.float16), (True, torch.bfloat16), (True, torch.float32)):
+        d = 576
+        cache = torch.zeros(4, 64, 2, 656 if fp8 else d, dtype=torch.uint8 if fp8 else dtype)
+        kv = torch.randn(9, 2, d).to(dtype)
+        slots = torch.tensor([0, 5, 63, 64, -1, 130, 255, 200, 7])
+        ref = cache.clone()
+        torch.ops.deepstack.mla_append_kv(ref, kv, slots, fp8)
+        gpu = cache.cuda()
+        mla_append_kv(gpu, kv.cuda(), slots.cuda(), fp8)
+        assert torch.equal(gpu.cpu(), ref)
+
+
+def test_cuda_graph_replay_with_new_lengths():
+    b, s_q, h_q, d = 4, 1, 16, 576
+    lens = [300, 100, 0, 64]
+    q, cache, bt, seq = make_case(b, s_q, h_q, 1, d, torch.bfloat16, [400] * b, device="cuda")
+    seq.copy_(torch.tensor(lens, dtype=torch.int32))
+    out0, _ = mla_decode_with_kvcache(q, cache, bt, seq, 512, *get_mla_metadata(seq, h_q, 1))   # warm-up
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        sched, splits = get_mla_metadata(seq, h_q, 1)
+        out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)
+    for new in ([300, 100, 0, 64], [1, 400, 257, 0]):
+        seq.copy_(torch.tensor(new, dtype=torch.int32))
+        g.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), d ** -0.5, False, False)
+        assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
+
+
+def test_paged_cache_end_to_end():
+    torch.manual_seed(0)
+    for fp8 in (False, True):
+        pc = PagedKVCache(num_blocks=20, max_batch=3, max_seq_len=400, device="cuda", fp8=fp8)
+        pc.append(0, torch.randn(150, 1, 576, device="cuda", dtype=torch.bfloat16) / 10)
+        pc.append(2, torch.randn(70, 1, 576, device="cuda", dtype=torch.bfloat16) / 10)
+        pc.append([0, 1, 2], torch.randn(3, 1, 576, device="cuda", dtype=torch.bfloat16) / 10)
+        q = torch.randn(3, 1, 16, 576, device="cuda", dtype=torch.bfloat16) / 10
+        out, lse = pc.decode(q)
+        ref_out, ref_lse = mla_decode_fp32(q.cpu(), pc.k_cache.cpu(), pc.block_table.cpu(), pc.seqlens.cpu(),
+                                           576 ** -0.5, False, fp8)
+        assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
+
+
+def test_bad_block_table_is_a_clear_error():
+    q, cache, bt, seq = make_case(2, 1, 16, 1, 576, torch.bfloat16, [100, 70], device="cuda")
+    bt[1, 1] = cache.shape[0] + 5
+    sched, splits = get_mla_metadata(seq, 16, 1)
+    with pytest.raises(IndexError, match="out of range"):
+        mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)
+
+
+def test_fp8_accuracy_vs_bf16_cache():
+    """What FP8 costs: the FP8-cache result against the bf16-cache result on the same keys (reported, bounded)."""
+    b, h_q, d = 8, 64, 576
+    lens = varied_lengths(b, 2000)
+    q, cache_bf16, bt, seq = make_case(b, 1, h_q, 1, d, torch.bfloat16, lens, device="cuda")
+    from torch_deepstack.mla import fp8_format
+    cache_fp8 = fp8_format.quantize_rows(torch.nan_to_num(cache_bf16.float()))
+    sched, splits = get_mla_metadata(seq, h_q, 1)
+    o16, l16 = mla_decode_with_kvcache(q, cache_bf16, bt, seq, 512, sched, splits)
+    o8, l8 = mla_decode_with_kvcache(q, cache_fp8, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
+    from tests.helpers import calc_diff
+    diff = calc_diff(o8.float(), o16.float())
+    print(f"\nFP8 vs bf16 cache: out cosine diff {diff:.2e}, max |lse diff| {float((l8 - l16).abs().max()):.2e}")
+    assert diff < 1e-3

@@ -1,0 +1,207 @@
+"""CUDA faces of the MLA ops: validate, allocate, pick the specialisation, launch (no host sync on the hot path).
+
+Set DEEPSTACK_MLA_CHECK_BLOCK_TABLE=0 to skip the eager block-table range check (a host sync per call; it is
+always skipped while a CUDA graph is being captured)."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from torch_deepstack._library import cuda_kernel
+from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
+from torch_deepstack.jit.tma import make_tensor_map
+from torch_deepstack.mla.checks import (HEAD_DIM_V, PAGE_SIZE, SCHED_INTS, check_append_inputs,
+                                        check_block_table_values, check_decode_inputs, check_metadata_inputs,
+                                        num_sm_parts_for)
+from torch_deepstack.mla.reference import default_softmax_scale
+from torch_deepstack.mla.schedule import FIXED_COST
+
+_CTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
+_DECODE_SIG = "pppppppppp" + "p" + "iiiiii" + "llll" + "f"   # the tensor map goes by pointer
+_COMBINE_SIG = "pppppiiii"
+_META_SIG = "pppii"
+_CHUNK_BYTES = 64 * 64 * 2
+_LOG2E = 1.4426950408889634
+
+
+def decode_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
+    return KernelSpec("mla/mla_decode.cuh", "deepstack::mla::mla_decode_kernel", (_CTYPE[dtype], d, fp8))
+
+
+def combine_spec(dtype: torch.dtype) -> KernelSpec:
+    return KernelSpec("mla/mla_combine.cuh", "deepstack::mla::mla_combine_kernel", (_CTYPE[dtype],))
+
+
+def metadata_spec() -> KernelSpec:
+    return KernelSpec("mla/mla_metadata.cuh", "deepstack::mla::mla_metadata_kernel", (FIXED_COST,))
+
+
+@register_prebuild("mla")
+def _prebuild():
+    specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True)]
+    for dt in _CTYPE:
+        specs.append(combine_spec(dt))
+        specs += [decode_spec(dt, d, False) for d in (576, 512)]
+    return specs
+
+
+def decode_smem_bytes(d: int) -> int:
+    chunks = d // 64
+    return 3 * chunks * _CHUNK_BYTES + _CHUNK_BYTES + 2 * 64 * 4 + 4 * 8 + 1024
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_smem_set: set = set()
+
+
+def _allow_smem(kernel, smem: int) -> None:
+    """Also raise the dynamic shared-memory limit on the kernel's CUfunction in the current context (probe: the
+    device-wide cuKernelSetAttribute alone may not reach the function cuLaunchKernel uses)."""
+    key = (id(kernel), torch.cuda.current_device(), smem)
+    if key in _smem_set:
+        return
+    import ctypes
+    from torch_deepstack.jit import driver
+    lib = driver.lib()
+    func = ctypes.c_void_p()
+    lib.cuKernelGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    driver.check(lib.cuKernelGetFunction(ctypes.byref(func), kernel._handle), "cuKernelGetFunction")
+    driver.check(lib.cuFuncSetAttribute(func, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                 "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+    _smem_set.add(key)
+
+
+def _check_block_table_enabled() -> bool:
+    return os.environ.get("DEEPSTACK_MLA_CHECK_BLOCK_TABLE", "1") != "0"
+
+
+@cuda_kernel("get_mla_metadata")
+def get_mla_metadata_cuda(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int = 0):
+    check_metadata_inputs(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    dev = cache_seqlens.device
+    parts = num_sm_parts or num_sm_parts_for(_num_sms(dev.index if dev.index is not None else
+                                                      torch.cuda.current_device()),
+                                             num_q_tokens_per_head_k, num_heads_k)
+    b = cache_seqlens.shape[0]
+    sched = torch.empty(parts, SCHED_INTS, dtype=torch.int32, device=dev)
+    num_splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
+    smem = 8 * b
+    if smem > 200 * 1024:
+        raise ValueError(f"get_mla_metadata: batch {b} is too large for the one-CTA scheduler (max {200 * 1024 // 8})")
+    seq = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
+    get_kernel(metadata_spec(), _META_SIG).launch(1, 256, seq, sched, num_splits, b, parts, smem=smem)
+    return sched, num_splits
+
+
+def _kv_tensor_map(k_cache: torch.Tensor) -> bytes:
+    es = k_cache.element_size()
+    nb, page, h_kv, d = k_cache.shape
+    return make_tensor_map(k_cache.data_ptr(), k_cache.dtype, [d, h_kv, page, nb],
+                           [k_cache.stride(2) * es, k_cache.stride(1) * es, k_cache.stride(0) * es],
+                           [64, 1, PAGE_SIZE, 1], swizzle_bytes=128)
+
+
+# The decode kernel reads its TMA descriptor from device memory (a by-value CUtensorMap kernel parameter after
+# other parameters failed to launch with error 701 through the JIT's packed-buffer launch). One 128-byte device
+# copy per cache tensor (address, shape, strides), made on first use: call once before CUDA-graph capture.
+_DEVICE_MAPS: dict = {}
+
+
+def _kv_tensor_map_device(k_cache: torch.Tensor) -> torch.Tensor:
+    key = (k_cache.data_ptr(), tuple(k_cache.shape), k_cache.stride(), k_cache.dtype, k_cache.device)
+    m = _DEVICE_MAPS.get(key)
+    if m is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("mla_decode_with_kvcache: call it once on this k_cache before CUDA-graph capture "
+                               "(its TMA descriptor is uploaded on first use)")
+        if len(_DEVICE_MAPS) >= 256:
+            _DEVICE_MAPS.clear()
+        m = torch.frombuffer(bytearray(_kv_tensor_map(k_cache)), dtype=torch.uint8).to(k_cache.device)
+        _DEVICE_MAPS[key] = m
+    return m
+
+
+@cuda_kernel("mla_decode_with_kvcache")
+def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata,
+                                 num_splits, softmax_scale=None, causal: bool = False, is_fp8_kvcache: bool = False):
+    op = "mla_decode_with_kvcache"
+    check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                        is_fp8_kvcache)
+    if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
+        check_block_table_values(block_table, cache_seqlens, k_cache.shape[0])
+    b, s_q, h_q, d = q.shape
+    h_kv = k_cache.shape[2]
+    hpk = h_q // h_kv
+    rows = s_q * hpk
+    out = torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    if b == 0 or s_q == 0 or h_q == 0:
+        return out, lse
+    if q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:3]):
+        raise ValueError(f"{op}: q rows must start on 16-byte boundaries (strides {q.stride()}); call .contiguous()")
+    parts = tile_scheduler_metadata.shape[0]
+    o_accum = torch.empty(b + parts, h_kv, rows, HEAD_DIM_V, dtype=torch.float32, device=q.device)
+    lse_accum = torch.empty(b + parts, h_kv, rows, dtype=torch.float32, device=q.device)
+    bt = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    seq = cache_seqlens.contiguous()
+    sched = tile_scheduler_metadata.contiguous()
+    splits = num_splits.contiguous()
+    if is_fp8_kvcache:
+        raw = k_cache.view(torch.uint8)
+        if raw.stride(2) != raw.shape[3] or raw.stride(0) != PAGE_SIZE * raw.stride(1):
+            raise ValueError(f"{op}: an FP8 k_cache must be contiguous within each block (strides {raw.stride()})")
+        kmap, kptr, tok_stride = None, raw.data_ptr(), raw.stride(1)
+    else:
+        if k_cache.data_ptr() % 16 or any((s * k_cache.element_size()) % 16 for s in k_cache.stride()[:3]):
+            raise ValueError(f"{op}: k_cache strides must be multiples of 16 bytes (strides {k_cache.stride()})")
+        kmap, kptr, tok_stride = _kv_tensor_map_device(k_cache), 0, 0
+    scale = default_softmax_scale(d, softmax_scale)
+    causal_flag = int(bool(causal) and s_q > 1)
+    kernel = get_kernel(decode_spec(q.dtype, d, is_fp8_kvcache), _DECODE_SIG)
+    _allow_smem(kernel, decode_smem_bytes(d))
+    kernel.launch((parts, h_kv, (rows + 63) // 64), 384,
+                  q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap,
+                  h_q, h_kv, s_q, rows, causal_flag, bt.stride(0),
+                  q.stride(0), q.stride(1), q.stride(2), tok_stride, scale * _LOG2E,
+                  smem=decode_smem_bytes(d))
+    get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
+        (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
+    return out, lse
+
+
+_APPEND_CTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
+
+
+def append_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
+    return KernelSpec("mla/mla_append.cuh", "deepstack::mla::mla_append_kernel", (_APPEND_CTYPE[dtype], d, fp8))
+
+
+@cuda_kernel("mla_append_kv")
+def mla_append_kv_cuda(k_cache, kv, slot_mapping, is_fp8_kvcache: bool = False) -> None:
+    op = "mla_append_kv"
+    check_append_inputs(k_cache, kv, slot_mapping, is_fp8_kvcache)
+    n, h_kv, d = kv.shape
+    if n == 0:
+        return
+    raw = k_cache.view(torch.uint8) if is_fp8_kvcache else k_cache
+    es = raw.element_size()
+    if raw.stride(-1) != 1 or raw.stride(0) != PAGE_SIZE * raw.stride(1) or kv.stride(-1) != 1:
+        raise ValueError(f"{op}: k_cache must be contiguous within each block and kv in its last dim")
+    if not is_fp8_kvcache and (kv.data_ptr() % 16 or raw.data_ptr() % 16 or any(
+            (s * es) % 16 for s in (*kv.stride()[:2], *raw.stride()[1:3]))):
+        raise ValueError(f"{op}: kv and k_cache rows must start on 16-byte boundaries")
+    slots = slot_mapping.to(torch.int64).contiguous()
+    if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
+        if bool((slots >= k_cache.shape[0] * PAGE_SIZE).any()):
+            raise IndexError(f"{op}: slot {int(slots.max())} is out of range for a cache of {k_cache.shape[0]} "
+                             f"blocks x {PAGE_SIZE} slots")
+    get_kernel(append_spec(kv.dtype, d, is_fp8_kvcache), "pppllll").launch(
+        (n, h_kv), 128, kv, raw, slots, kv.stride(0), kv.stride(1), raw.stride(1) * es, raw.stride(2) * es)

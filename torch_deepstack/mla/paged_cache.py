@@ -1,0 +1,100 @@
+"""PagedKVCache: block allocation, block tables and seqlens for a batch of decoding requests (host-side
+bookkeeping; the cache tensor and the tables live on the device)."""
+from __future__ import annotations
+
+import torch
+
+from torch_deepstack.mla.api import get_mla_metadata, mla_append_kv, mla_decode_with_kvcache
+from torch_deepstack.mla.checks import FP8_TOKEN_BYTES, PAGE_SIZE
+
+
+class CacheFullError(RuntimeError):
+    """No free block is left in the cache."""
+
+
+class PagedKVCache:
+    """One layer's (or a shared layout of) MLA KV cache of `num_blocks` pages of 64 tokens.
+
+    Requests are slots 0..max_batch-1. `append(req_ids, kv)` writes one new token per listed request (allocating
+    pages as needed); `free(req)` returns a request's pages. `block_table` (int32 [max_batch, max_blocks]) and
+    `seqlens` (int32 [max_batch]) are device tensors updated in place, so a captured decode graph sees new values.
+    """
+
+    def __init__(self, num_blocks: int, max_batch: int, max_seq_len: int, num_heads_k: int = 1, head_dim: int = 576,
+                 dtype: torch.dtype = torch.bfloat16, device="cpu", fp8: bool = False):
+        if num_blocks < 1 or max_batch < 1 or max_seq_len < 1:
+            raise ValueError("PagedKVCache: num_blocks, max_batch and max_seq_len must be >= 1")
+        if fp8 and head_dim != 576:
+            raise ValueError("PagedKVCache: the FP8 cache format stores 576-dim keys")
+        self.fp8 = fp8
+        self.dtype = dtype
+        self.head_dim = head_dim
+        self.num_heads_k = num_heads_k
+        self.max_blocks = (max_seq_len + PAGE_SIZE - 1) // PAGE_SIZE
+        last = FP8_TOKEN_BYTES if fp8 else head_dim
+        self.k_cache = torch.zeros(num_blocks, PAGE_SIZE, num_heads_k, last, dtype=torch.uint8 if fp8 else dtype,
+                                   device=device)
+        self.block_table = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, device=device)
+        self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._blocks: list[list[int]] = [[] for _ in range(max_batch)]
+        self._lens = [0] * max_batch
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def seqlen(self, req: int) -> int:
+        return self._lens[req]
+
+    def blocks_of(self, req: int) -> list[int]:
+        return list(self._blocks[req])
+
+    def reserve(self, req: int, num_tokens: int) -> torch.Tensor:
+        """Make room for `num_tokens` more tokens of request `req`; returns their slot ids (int64, on device)."""
+        start = self._lens[req]
+        end = start + num_tokens
+        if end > self.max_blocks * PAGE_SIZE:
+            raise ValueError(f"PagedKVCache: request {req} would hold {end} tokens, max is "
+                             f"{self.max_blocks * PAGE_SIZE}")
+        need = (end + PAGE_SIZE - 1) // PAGE_SIZE - len(self._blocks[req])
+        if need > len(self._free):
+            raise CacheFullError(f"PagedKVCache: request {req} needs {need} more blocks, {len(self._free)} free")
+        new = [self._free.pop() for _ in range(need)]
+        if new:
+            first = len(self._blocks[req])
+            self._blocks[req].extend(new)
+            self.block_table[req, first:first + len(new)] = torch.tensor(new, dtype=torch.int32)
+        self._lens[req] = end
+        self.seqlens[req] = end
+        blocks = torch.tensor(self._blocks[req], dtype=torch.int64)
+        pos = torch.arange(start, end)
+        return (blocks[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE).to(self.k_cache.device)
+
+    def append(self, req_ids, kv: torch.Tensor) -> None:
+        """Append kv [len(req_ids), h_kv, d] (one token per listed request) or, for one request, [n, h_kv, d]."""
+        req_ids = [req_ids] if isinstance(req_ids, int) else list(req_ids)
+        if len(req_ids) == 1:
+            slots = self.reserve(req_ids[0], kv.shape[0])
+        else:
+            if kv.shape[0] != len(req_ids):
+                raise ValueError(f"PagedKVCache.append: {len(req_ids)} requests but kv has {kv.shape[0]} rows")
+            slots = torch.cat([self.reserve(r, 1) for r in req_ids])
+        mla_append_kv(self.k_cache, kv.to(self.k_cache.device), slots, self.fp8)
+
+    def free(self, req: int) -> None:
+        self._free.extend(reversed(self._blocks[req]))
+        self._blocks[req] = []
+        self._lens[req] = 0
+        self.seqlens[req] = 0
+
+    def metadata(self, s_q: int, h_q: int, batch: int | None = None):
+        seq = self.seqlens if batch is None else self.seqlens[:batch]
+        return get_mla_metadata(seq, s_q * h_q // self.num_heads_k, self.num_heads_k)
+
+    def decode(self, q: torch.Tensor, metadata=None, softmax_scale=None, causal: bool = False):
+        """Attention of q [b, s_q, h_q, d] over requests 0..b-1."""
+        b, s_q, h_q, _ = q.shape
+        sched, splits = metadata if metadata is not None else self.metadata(s_q, h_q, b)
+        return mla_decode_with_kvcache(q, self.k_cache, self.block_table[:b], self.seqlens[:b], 512, sched, splits,
+                                       softmax_scale, causal, self.fp8)
