@@ -1,0 +1,83 @@
+"""Compile integration: the fp8_linear op, the quantize_ module swap and the Inductor pass."""
+import pytest
+import torch
+import torch.nn as nn
+
+import torch_deepstack  # noqa: F401
+from torch_deepstack.compile import fp8_linear_pass, quantize_
+from torch_deepstack.gemm import FP8Linear
+from tests.helpers import calc_diff, fresh_randn
+
+FP8_DIFF = 1e-3    # FP8 (e4m3, 1x128 / 128x128 scales) against an fp32 product of the unquantised inputs
+
+
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_matches_linear(lead, dtype):
+    x = fresh_randn(*lead, 256, dtype=dtype)
+    w = fresh_randn(384, 256, dtype=dtype, scale=256 ** -0.5)
+    b = fresh_randn(384, dtype=dtype)
+    y = torch.ops.deepstack.fp8_linear(x, w, b)
+    assert y.shape == (*lead, 384) and y.dtype == dtype
+    assert calc_diff(y, x.double() @ w.double().t() + b.double()) < FP8_DIFF
+
+
+def test_fp8_linear_bad_input():
+    x = torch.randn(4, 256)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        torch.ops.deepstack.fp8_linear(x, torch.randn(100, 256))
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        torch.ops.deepstack.fp8_linear(x.half(), torch.randn(128, 256).half())
+    with pytest.raises(ValueError, match="bias must be"):
+        torch.ops.deepstack.fp8_linear(x, torch.randn(128, 256), torch.randn(3))
+
+
+def test_quantize_swaps_eligible_linears_only():
+    model = nn.Sequential(nn.Linear(256, 384), nn.ReLU(), nn.Linear(384, 100), nn.Linear(100, 128))
+    x = fresh_randn(9, 256)
+    ref = model(x)
+    quantize_(model)
+    assert isinstance(model[0], FP8Linear) and type(model[2]) is nn.Linear and type(model[3]) is nn.Linear
+    assert calc_diff(model(x), ref) < FP8_DIFF
+    with pytest.raises(ValueError, match="cannot become an FP8Linear"):
+        quantize_(model, lambda m, fqn: fqn == "2")
+
+
+def test_quantize_then_compile_fullgraph_trains():
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 128))
+    quantize_(model)
+    x = fresh_randn(6, 256)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+
+
+@pytest.mark.timeout(600)
+def test_inductor_pass_rewrites_eligible_linears():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(256, 384, dtype=torch.bfloat16)
+            self.b = nn.Linear(384, 256, bias=False, dtype=torch.bfloat16)
+            self.c = nn.Linear(256, 100, dtype=torch.bfloat16)        # N not a multiple of 128: left alone
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch._dynamo.reset()
+    m = M()
+    x = fresh_randn(2, 5, 256, dtype=torch.bfloat16)
+    # No FX graph cache: on a cache hit Inductor reuses the rewritten graph without running the pass, so the
+    # rewrite count below would read 0.
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), fp8_linear_pass() as p:
+        before = p.count
+        y = torch.compile(m, fullgraph=True)(x)
+        rewrites = p.count - before
+        expected = m.c(torch.relu(torch.ops.deepstack.fp8_linear(
+            torch.relu(torch.ops.deepstack.fp8_linear(x, m.a.weight, m.a.bias)), m.b.weight)))
+        plain = m(x)
+    assert rewrites == 2
+    assert calc_diff(y, expected) < 1e-5
+    assert calc_diff(y, plain) < FP8_DIFF * 4
