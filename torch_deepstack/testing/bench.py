@@ -1,7 +1,7 @@
 """Timing and reporting shared by the benchmark scripts in benchmarks/.
 
-Method (see ../shared/specs/gpu-notes.md): warm up, flush L2 before every repetition (a 256 MB write), time each
-repetition with CUDA events, report the median. `use_graph=True` captures the call in a CUDA graph first, so launch
+Method (see ../shared/specs/gpu-notes.md): warm up, flush L2 before every repetition (a 256 MB write) or rotate
+through several input sets (`bench_gpu_rotating`), time each repetition with CUDA events, report the median. `use_graph=True` captures the call in a CUDA graph first, so launch
 gaps of multi-kernel ops are not measured. Results go to JSON (bench_results/<area>.json) and to a markdown table
 inside docs/benchmarks.md, between markers that a rerun replaces.
 """
@@ -49,6 +49,26 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool = True, use_graph
             flush_l2()
         s.record()
         call()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def bench_gpu_rotating(fn, input_sets: list, warmup: int = 10, rep: int = 50) -> float:
+    """Median milliseconds of `fn(*input_sets[i % n])`, cycling through several input sets (together larger than
+    L2) instead of flushing: the way to time calls too short for a 256 MB flush to stay out of the way."""
+    if not input_sets:
+        raise ValueError("bench_gpu_rotating needs at least one input set")
+    n = len(input_sets)
+    for i in range(warmup):
+        fn(*input_sets[i % n])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        args = input_sets[i % n]
+        s.record()
+        fn(*args)
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
