@@ -1,0 +1,327 @@
+"""Data loading and checkpoint throughput: DeepstackDataset against the alternatives, in the same run.
+
+Loader rows (per sample size, per DataLoader num_workers): samples/s and GB/s of a full DataLoader pass in
+uniformly shuffled order over the same samples stored as
+- deepstack: one packed dataset on embedded deepstack storage (DeepstackDataset, batched=True, CRC verified);
+- file-per-sample: each sample its own local file, read with plain open().read(), default_collate;
+- litdata: LitData's optimize() chunks read by StreamingDataset(shuffle=True) + StreamingDataLoader (optional);
+- fio: random reads of the sample size (O_DIRECT, libaio, iodepth 32) over deepstack's own chunk files: the
+  device ceiling for these exact bytes (optional: Debian `fio`).
+Page cache is dropped (posix_fadvise DONTNEED on every file) before every measurement; deepstack and fio read
+with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded).
+
+Checkpoint rows: dcp.save/dcp.load of a float32 state dict through DeepstackStorageWriter/Reader against
+torch.save (+ fsync) / torch.load on a local file.
+
+    python benchmarks/bench_data.py --quick          # a smoke run (~2 min)
+    python benchmarks/bench_data.py                  # 200k x 4 KiB, 32k x 64 KiB, 2k x 1 MiB (minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from torch_deepstack import storage
+from torch_deepstack.data import DeepstackDataset, DeepstackStorageReader, DeepstackStorageWriter, PackWriter
+from torch_deepstack.testing.bench import BenchTable, update_markdown_block
+
+KIB = 1024
+FULL_SAMPLES = {4 * KIB: 200_000, 64 * KIB: 32_000, 1024 * KIB: 2_000}
+QUICK_SAMPLES = {4 * KIB: 20_000, 64 * KIB: 3_000, 1024 * KIB: 300}
+
+
+def sample_bytes(i: int, size: int) -> np.ndarray:
+    """Sample i: its index in the first 8 bytes, then a cheap deterministic fill (checkable, not compressible)."""
+    a = np.empty(size, dtype=np.uint8)
+    a[:] = ((np.arange(size, dtype=np.uint32) * np.uint32(2654435761) + np.uint32(i * 40503 & 0xFFFFFFFF))
+            >> np.uint32(13)).astype(np.uint8)
+    a[:8] = np.frombuffer(np.int64(i).tobytes(), dtype=np.uint8)
+    return a
+
+
+def drop_cache(root: str) -> None:
+    os.sync()  # DONTNEED leaves dirty pages alone: write them back first
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+class FilePerSample(Dataset):
+    def __init__(self, root: str, n: int):
+        self.root, self.n = root, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(os.path.join(self.root, f"{i // 1000:04d}", f"{i}.bin"), "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+
+def passthrough(x):
+    return x
+
+
+def prepare(base: str, size: int, n: int, want_litdata: bool) -> dict:
+    """Write the three copies of n samples of `size` bytes (skipped when already there from an earlier run)."""
+    d = os.path.join(base, f"s{size}")
+    paths = {"fs": os.path.join(d, "fs"), "files": os.path.join(d, "files"), "litdata": os.path.join(d, "litdata")}
+    stamp = os.path.join(d, "done.json")
+    done = json.load(open(stamp)) if os.path.exists(stamp) else {}
+    if done.get("n") != n:
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        done = {"n": n}
+    if not done.get("t_deepstack"):
+        t0 = time.perf_counter()
+        fs = storage.connect(paths["fs"])
+        with PackWriter(fs, "/ds", overwrite=True) as w:
+            for i in range(n):
+                w.add(torch.from_numpy(sample_bytes(i, size)))
+        fs.close()
+        done["t_deepstack"] = time.perf_counter() - t0
+        print(f"  packed {n} x {size} B into deepstack in {done['t_deepstack']:.1f} s", flush=True)
+    if not done.get("t_files"):
+        t0 = time.perf_counter()
+        for i in range(n):
+            sub = os.path.join(paths["files"], f"{i // 1000:04d}")
+            if i % 1000 == 0:
+                os.makedirs(sub, exist_ok=True)
+            with open(os.path.join(sub, f"{i}.bin"), "wb") as f:
+                f.write(sample_bytes(i, size).tobytes())
+        done["t_files"] = time.perf_counter() - t0
+        print(f"  wrote {n} files in {done['t_files']:.1f} s", flush=True)
+    if want_litdata and not done.get("t_litdata"):
+        t0 = time.perf_counter()
+        try:
+            import litdata
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                litdata.optimize(fn=_litdata_sample(size), inputs=list(range(n)), output_dir=paths["litdata"],
+                                 chunk_bytes="64MB", num_workers=1, mode="overwrite")
+            done["t_litdata"] = time.perf_counter() - t0
+            print(f"  litdata.optimize wrote {n} samples in {done['t_litdata']:.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - an optional peer: report and go on
+            done["t_litdata"] = 0
+            done["litdata_error"] = f"{type(e).__name__}: {e}"
+            print(f"  litdata unavailable: {done['litdata_error']}", flush=True)
+    json.dump(done, open(stamp, "w"))
+    return {**paths, **done}
+
+
+class _litdata_sample:
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, i):
+        return {"x": torch.from_numpy(sample_bytes(i, self.size))}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def measure(loader, size: int, seconds: float, check) -> tuple[float, float, int]:
+    """(samples/s, GB/s, samples) over `seconds` after the first batch; `check(batch)` spot-checks content."""
+    it = iter(loader)
+    first = next(it)
+    check(first)
+    n, t0 = 0, time.perf_counter()
+    deadline = t0 + seconds
+    for batch in it:
+        n += len(batch["x"] if isinstance(batch, dict) else batch)
+        if time.perf_counter() > deadline:
+            break
+    dt = time.perf_counter() - t0
+    del it
+    return n / dt, n * size / dt / 1e9, n
+
+
+def check_stacked(batch) -> None:
+    x = batch["x"] if isinstance(batch, dict) else batch
+    ids = x[:, :8].contiguous().view(torch.int64).reshape(-1)
+    for j in (0, len(ids) - 1):
+        want = torch.from_numpy(sample_bytes(int(ids[j]), x.shape[1]))
+        assert torch.equal(x[j], want), f"sample {int(ids[j])} read back wrong"
+
+
+def run_fio(directory: str, size: int, seconds: float, jobs: int) -> float | None:
+    if shutil.which("fio") is None:
+        return None
+    out = subprocess.run(["fio", "--name=ceiling", f"--opendir={directory}", "--rw=randread", f"--bs={size}",
+                          "--direct=1", "--ioengine=libaio", "--iodepth=32", f"--numjobs={jobs}",
+                          f"--runtime={max(1, int(seconds))}", "--time_based", "--group_reporting",
+                          "--output-format=json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"  fio failed: {out.stderr.strip()[:200]}", flush=True)
+        return None
+    text = out.stdout[out.stdout.index("{"):]  # fio prints "opendir added N files" before the JSON
+    return float(json.loads(text)["jobs"][0]["read"]["iops"])
+
+
+def loader_rows(args, table: BenchTable, summary: dict) -> None:
+    sizes = [int(s) * KIB for s in args.sizes.split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    counts = QUICK_SAMPLES if args.quick else FULL_SAMPLES
+    for size in sizes:
+        n = args.samples or counts[size]
+        print(f"== {size // KIB} KiB x {n} samples", flush=True)
+        p = prepare(args.dir, size, n, not args.no_litdata)
+        batch = max(8, min(256, (4 << 20) // size))
+        res: dict[str, dict[int, float]] = {}
+        fio = run_fio(os.path.join(p["fs"], "target", "data"), size, args.seconds, 1) if not args.no_fio else None
+        if fio:
+            table.add(f"{size // KIB} KiB", n, "fio randread (O_DIRECT, QD32)", "-", fio, fio * size / 1e9, "ceiling")
+        for w in workers:
+            common = dict(batch_size=batch, num_workers=w, persistent_workers=False,
+                          multiprocessing_context=args.mp_context if w else None)
+            g = torch.Generator().manual_seed(0)
+            ds = DeepstackDataset(p["fs"], "/ds", batched=True)
+            drop_cache(p["fs"])
+            sps, gbs, _ = measure(DataLoader(ds, shuffle=True, generator=g, collate_fn=ds.collate_fn, **common),
+                                  size, args.seconds, check_stacked)
+            res.setdefault("deepstack", {})[w] = sps
+            table.add(f"{size // KIB} KiB", n, "deepstack (DeepstackDataset)", w, sps, gbs, "")
+            drop_cache(p["files"])
+            sps, gbs, _ = measure(DataLoader(FilePerSample(p["files"], n), shuffle=True, generator=g, **common),
+                                  size, args.seconds, check_stacked)
+            res.setdefault("files", {})[w] = sps
+            table.add(f"{size // KIB} KiB", n, "file-per-sample (open().read())", w, sps, gbs, "")
+            if p.get("t_litdata") and not args.no_litdata:
+                from litdata import StreamingDataLoader, StreamingDataset
+
+                drop_cache(p["litdata"])
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    lds = StreamingDataset(input_dir=p["litdata"], shuffle=True, seed=0)
+                    ldl = StreamingDataLoader(lds, batch_size=batch, num_workers=w)
+                    sps, gbs, _ = measure(ldl, size, args.seconds, check_stacked)
+                res.setdefault("litdata", {})[w] = sps
+                table.add(f"{size // KIB} KiB", n, "litdata StreamingDataset(shuffle=True)", w, sps, gbs, "")
+        best = max(res["deepstack"].values())
+        ratio = {"vs_fio": best / fio if fio else None, "vs_files": best / max(res["files"].values())}
+        if "litdata" in res:
+            ratio["vs_litdata"] = best / max(res["litdata"].values())
+        summary[f"{size // KIB} KiB"] = ratio
+        print(f"  best deepstack: {best:.0f} samples/s; ratios {ratio}", flush=True)
+
+
+def checkpoint_rows(args, table: BenchTable) -> None:
+    mb = 128 if args.quick else 1024
+    g = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(mb * (1 << 20) // 4 // 16, generator=g) for i in range(16)}
+    nbytes = sum(t.numel() * 4 for t in state.values())
+    import torch.distributed.checkpoint as dcp
+
+    d = os.path.join(args.dir, "ckpt")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    fs = storage.connect(os.path.join(d, "fs"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        dcp.save(state, storage_writer=DeepstackStorageWriter(fs, "/ckpt", thread_count=4))
+        save_s = time.perf_counter() - t0
+        target = {k: torch.empty_like(v) for k, v in state.items()}
+        t0 = time.perf_counter()
+        reader = DeepstackStorageReader(fs, "/ckpt")
+        dcp.load(target, storage_reader=reader)
+        load_s = time.perf_counter() - t0
+        reader.close()
+    assert all(torch.equal(target[k], state[k]) for k in state)
+    fs.close()
+    local = os.path.join(d, "state.pt")
+    t0 = time.perf_counter()
+    with open(local, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tsave = time.perf_counter() - t0
+    drop_cache(d)
+    t0 = time.perf_counter()
+    back = torch.load(local, weights_only=True)
+    tload = time.perf_counter() - t0
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    gb = nbytes / 1e9
+    table.add(f"checkpoint {mb} MiB", 16, "deepstack DCP save", "-", gb / save_s, gb / save_s, "")
+    table.add(f"checkpoint {mb} MiB", 16, "torch.save + fsync (local file)", "-", gb / tsave, gb / tsave, "")
+    table.add(f"checkpoint {mb} MiB", 16, "deepstack DCP load", "-", gb / load_s, gb / load_s, "")
+    table.add(f"checkpoint {mb} MiB", 16, "torch.load (cold page cache)", "-", gb / tload, gb / tload, "")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small data, short runs (smoke test)")
+    ap.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "deepstack-bench-data"),
+                    help="where the data copies live (reused across runs)")
+    ap.add_argument("--sizes", default="4,64,1024", help="sample sizes in KiB")
+    ap.add_argument("--workers", default="0,2,8", help="DataLoader num_workers values")
+    ap.add_argument("--samples", type=int, default=0, help="samples per size (default: per mode)")
+    ap.add_argument("--seconds", type=float, default=0, help="seconds per measurement (default 3 quick, 8 full)")
+    ap.add_argument("--mp-context", default="fork", choices=["fork", "spawn", "forkserver"],
+                    help="DataLoader worker start method")
+    ap.add_argument("--no-litdata", action="store_true")
+    ap.add_argument("--no-fio", action="store_true")
+    ap.add_argument("--no-checkpoint", action="store_true")
+    ap.add_argument("--save", action="store_true", help="record the table in docs/benchmarks.md (## Data)")
+    args = ap.parse_args()
+    args.seconds = args.seconds or (3.0 if args.quick else 8.0)
+    os.makedirs(args.dir, exist_ok=True)
+    table = BenchTable("data", "loader", "DataLoader throughput, shuffled, and checkpoint save/load",
+                       ["data", "samples", "reader", "workers", "samples/s", "GB/s", "note"])
+    table.notes.append(f"machine: {os.cpu_count()} CPU cores; data under {args.dir} "
+                       f"({_disk_of(args.dir)}); page cache dropped before each row")
+    summary: dict = {}
+    loader_rows(args, table, summary)
+    if not args.no_checkpoint:
+        checkpoint_rows(args, table)
+    for k, r in summary.items():
+        table.notes.append(f"{k}: best deepstack / fio = {_pct(r.get('vs_fio'))}, / best file-per-sample = "
+                           f"{_x(r.get('vs_files'))}, / best litdata = {_x(r.get('vs_litdata'))}")
+    print("\n" + table.markdown("python " + " ".join(sys.argv)))
+    if args.save:
+        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
+        text = open(docs).read() if os.path.exists(docs) else "# Benchmarks\n"
+        if "<!-- bench:data:loader start -->" not in text:
+            text = text.rstrip("\n") + "\n\n## Data\n\n<!-- bench:data:loader start -->\n<!-- bench:data:loader end -->\n"
+            open(docs, "w").write(text)
+        update_markdown_block(__import__("pathlib").Path(docs), "data:loader",
+                              table.markdown("python " + " ".join(sys.argv[0:1] + sys.argv[1:])))
+    return 0
+
+
+def _disk_of(path: str) -> str:
+    try:
+        out = subprocess.run(["df", "--output=source", path], capture_output=True, text=True).stdout.split()
+        return out[-1]
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def _x(v):
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
