@@ -71,8 +71,17 @@ def run_rank(rank, world, port, backend, transports, args, results):
         ly = torch.randn(rx.shape, device=dev, dtype=torch.bfloat16)
         t_ll_d = bench_gpu(lambda: buf.low_latency_dispatch(lx, lidx, m, e, use_fp8=True), warmup=warm, rep=rep)
         t_ll_c = bench_gpu(lambda: buf.low_latency_combine(ly, lidx, lw, lh), warmup=warm, rep=rep)
+        # the capturable forms, replayed from a CUDA graph (no host work in the timing)
+        worst = n * world
+        wrx, _, _, _, wh, _ = buf.dispatch(x, num_worst_tokens=worst, **kw)
+        t_w_d = bench_gpu(lambda: buf.dispatch(x, num_worst_tokens=worst, **kw), warmup=2, rep=rep, use_graph=True)
+        t_w_c = bench_gpu(lambda: buf.combine(wrx, wh), warmup=2, rep=rep, use_graph=True)
+        t_ll_dg = bench_gpu(lambda: buf.low_latency_dispatch(lx, lidx, m, e, use_fp8=True), warmup=2, rep=rep,
+                            use_graph=True)
+        t_ll_cg = bench_gpu(lambda: buf.low_latency_combine(ly, lidx, lw, lh), warmup=2, rep=rep, use_graph=True)
         buf.destroy()
-        rows.append((transport, num_recv, t_bf16, t_fp8, t_comb, t_cached, t_ll_d, t_ll_c))
+        rows.append((transport, num_recv, t_bf16, t_fp8, t_comb, t_cached, t_ll_d, t_ll_c,
+                     t_w_d, t_w_c, t_ll_dg, t_ll_cg))
     # baseline: the same received rows with one all_to_all_single (bf16 rows, then fp8 rows + scales as bytes)
     base = {}
     if backend == "nccl":
@@ -124,6 +133,8 @@ def main():
     t.notes.append("GB/s as DeepEP counts it (dispatch: received bytes, combine: sent bytes); baseline = one "
                    "all_to_all_single of the same rows with host-known splits, same run; ours / a2a = speed ratio")
     t.notes.append("low-latency rows: 128 tokens per rank, FP8 dispatch (incl. quantisation), bf16 combine")
+    t.notes.append("(graph) rows: the capturable forms (num_worst_tokens = tokens x ranks; low-latency) replayed "
+                   "from a CUDA graph; other rows are eager calls, which include host syncs and op launches")
     h = args.hidden
     configs = [(world, "nccl", args.transports.split(","))]
     if args.shared_gpu:
@@ -131,16 +142,21 @@ def main():
     for ranks, backend, transports in configs:
         rows, base = run_world(ranks, backend, transports, args)
         label = f"{ranks}" + (" (1 GPU)" if backend == "gloo" else "")
-        for transport, num_recv, t_bf16, t_fp8, t_comb, t_cached, t_ll_d, t_ll_c in rows:
+        for (transport, num_recv, t_bf16, t_fp8, t_comb, t_cached, t_ll_d, t_ll_c,
+             t_w_d, t_w_c, t_ll_dg, t_ll_cg) in rows:
             b16, b8 = num_recv * h * 2, num_recv * (h + h // 128 * 4)
             for call, ms, nbytes, key in [("dispatch bf16", t_bf16, b16, "bf16"), ("dispatch fp8", t_fp8, b8, "fp8"),
                                           ("combine bf16", t_comb, b16, "bf16"),
-                                          ("cached dispatch bf16", t_cached, b16, "bf16")]:
+                                          ("cached dispatch bf16", t_cached, b16, "bf16"),
+                                          ("worst-case dispatch bf16 (graph)", t_w_d, b16, "bf16"),
+                                          ("worst-case combine bf16 (graph)", t_w_c, b16, "bf16")]:
                 bm = base.get(key)
                 t.add(label, transport, num_recv, call, ms * 1e3, nbytes / ms / 1e6,
                       bm * 1e3 if bm else "-", nbytes / bm / 1e6 if bm else "-", bm / ms if bm else "-")
             t.add(label, transport, args.ll_tokens, "LL dispatch fp8", t_ll_d * 1e3, "-", "-", "-", "-")
             t.add(label, transport, args.ll_tokens, "LL combine bf16", t_ll_c * 1e3, "-", "-", "-", "-")
+            t.add(label, transport, args.ll_tokens, "LL dispatch fp8 (graph)", t_ll_dg * 1e3, "-", "-", "-", "-")
+            t.add(label, transport, args.ll_tokens, "LL combine bf16 (graph)", t_ll_cg * 1e3, "-", "-", "-", "-")
     t.save()
 
 

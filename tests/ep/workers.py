@@ -402,7 +402,7 @@ def dead_peer_check(rank, ws, device="cpu", transport="auto"):
     import os
     import time
     num_experts = 4 * ws
-    buf = make_buffer(device, transport, num_nvl_bytes=1 << 22, timeout_s=10)
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 22, timeout_s=5)
     x, idx, w = make_inputs(0, rank, num_experts)
     layout = buf.get_dispatch_layout(idx, num_experts)
     dist.barrier()

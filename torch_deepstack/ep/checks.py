@@ -53,7 +53,7 @@ def check_expert_range(op: str, topk_idx: torch.Tensor, num_experts: int) -> Non
     """Data check (a host sync on GPU, skipped while a CUDA graph is being captured)."""
     if topk_idx.numel() == 0 or _capturing(topk_idx):
         return
-    lo, hi = int(topk_idx.min()), int(topk_idx.max())
+    lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist()   # one host sync
     if lo < -1 or hi >= num_experts:
         raise ValueError(f"{op}: topk_idx holds expert ids in [{lo}, {hi}]; valid ids are -1 (unused slot) and "
                          f"0..{num_experts - 1} (num_experts={num_experts})")

@@ -258,19 +258,19 @@ def ll_dispatch(transport, x, x_scales, topk_idx, num_max: int, num_experts: int
     layout_range = (begin << 32) | per_src
     cap = num_max * R
     dump = L * cap
-    q = torch.arange(R * num_max, device=dev)
+    # every (received row, top-k slot) pair at once: its destination row, or the dump row if not for this rank
+    lc = local.clamp(min=0)
+    dst = torch.where(local >= 0, lc * cap + pos.gather(1, lc), dump).reshape(-1)
+    src = torch.arange(R * num_max, device=dev).unsqueeze(1).expand(-1, k).reshape(-1)
     src_info = torch.full((dump + 1,), -1, dtype=torch.int32, device=dev)
-    data = data.view(torch.uint8)                                     # move bytes: index_copy_ has no fp8 kernel
+    src_info.index_put_((dst,), (src % num_max).to(torch.int32))
+    data = data.view(torch.uint8)                                     # move bytes: fp8 has few index kernels
     out = torch.zeros(dump + 1, data.shape[1], dtype=torch.uint8, device=dev)
-    out_s = torch.zeros(dump + 1, num_scales, dtype=torch.float32, device=dev) if num_scales else None
-    for slot in range(k):                                             # each slot holds distinct (row, expert)
-        l = local[:, slot]
-        dst = torch.where(l >= 0, l.clamp(min=0) * cap + pos.gather(1, l.clamp(min=0).unsqueeze(1)).squeeze(1),
-                          torch.full_like(l, dump))
-        out.index_copy_(0, dst, data)
-        src_info.index_copy_(0, dst, (q % num_max).to(torch.int32))
-        if out_s is not None:
-            out_s.index_copy_(0, dst, scales)
+    out.index_put_((dst,), data.index_select(0, src))                 # valid destinations are distinct
+    out_s = None
+    if num_scales:
+        out_s = torch.zeros(dump + 1, num_scales, dtype=torch.float32, device=dev)
+        out_s.index_put_((dst,), scales.index_select(0, src))
     recv_scales = out_s[:dump] if out_s is not None else torch.empty(0, dtype=torch.float32, device=dev)
     return (out[:dump].view(x.dtype).view(L, cap, hidden), recv_scales, recv_count, src_info[:dump].view(L, cap), layout_range)
 
@@ -307,15 +307,13 @@ def ll_combine(transport, x, topk_idx, topk_weights, src_info, layout_range, num
     inv = torch.full((L, R * num_max + 1), 0, dtype=torch.int64, device=dev)
     inv.scatter_(1, q_of_row, torch.arange(cap, device=dev).expand(L, -1).contiguous())
     # 3. weighted partial sums per source row, over this rank's experts in slot order (fp32, repeatable).
+    q = torch.arange(R * num_max, device=dev).unsqueeze(1)
+    lc = local.clamp(min=0)
+    rows = x.reshape(L * cap, hidden).index_select(0, (lc * cap + inv[lc, q]).reshape(-1)).view(R * num_max, k, -1)
+    w = torch.where(local >= 0, gw, 0.0)
     acc = torch.zeros(R * num_max, hidden, dtype=torch.float32, device=dev)
-    flat_x = x.reshape(L * cap, hidden)
-    q = torch.arange(R * num_max, device=dev)
-    for slot in range(k):
-        l = local[:, slot]
-        lc = l.clamp(min=0)
-        row = lc * cap + inv[lc, q]
-        w = torch.where(l >= 0, gw[:, slot], torch.zeros_like(gw[:, slot]))
-        acc += flat_x.index_select(0, row).float() * w.unsqueeze(1)
+    for slot in range(k):                                             # fp32, slot order: repeatable
+        acc.addcmul_(rows[:, slot].float(), w[:, slot:slot + 1])
     # 4. partial sums go home; the source adds them in rank order.
     back = transport.all_to_all_fixed(acc.to(x.dtype).view(R, num_max, hidden))
     return back.float().sum(0)[:n].to(x.dtype)

@@ -96,7 +96,12 @@ class IpcTransport:
             raise EPTransportError("the IPC transport is broken by an earlier timeout; create a new ep.Buffer")
         if torch.cuda.is_current_stream_capturing():
             return
-        err = int(self.error.item())
+        try:
+            err = int(self.error.item())
+        except RuntimeError as e:   # e.g. a fault writing into the memory of a peer that exited
+            self.broken = True
+            raise EPTransportError(f"IPC transport on rank {self.rank}: CUDA error after a move (a peer's "
+                                   f"memory is gone?): {str(e).splitlines()[0]}") from e
         if err:
             self.broken = True
             raise EPTransportError(f"IPC barrier on rank {self.rank}: peer {err - 1} did not arrive within "
