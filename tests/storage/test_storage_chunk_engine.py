@@ -114,3 +114,51 @@ def test_bad_inputs(tmp_path):
         ChunkEngine(str(tmp_path / "nothing"), create=False)
     with pytest.raises(InvalidArgument):
         ChunkEngine(str(tmp_path / "t"), "another-id")
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_read_many_matches_single_reads_and_detects_corruption(tmp_path, monkeypatch, use_c):
+    from torch_deepstack.storage import fastio
+    from torch_deepstack.storage.client import ChunkRead
+
+    if use_c:
+        if fastio.load() is None:
+            pytest.skip(f"C helper unavailable: {fastio.reason}")
+    else:
+        monkeypatch.setattr(fastio, "_lib", None)
+        monkeypatch.setattr(fastio, "_tried", True)
+    eng = ChunkEngine(str(tmp_path / "t"), "t0")
+    chunks = {f"00000000000000{i:02x}-00000000": os.urandom(CS - 777 * i) for i in range(1, 5)}
+    for cid, data in chunks.items():
+        eng.update(cid, 0, data, CS)
+    rng = np.random.default_rng(0)
+    backing = np.zeros(40 * 8192 + 4096, np.uint8)
+    base = (-backing.ctypes.data) % 4096
+    reads, expect = [], []
+    for i in range(40):  # a mix of aligned (zero-copy) and unaligned (bounce) reads, some past the end
+        cid = list(chunks)[i % 4]
+        off = int(rng.integers(0, CS // 4096)) * 4096 + (0 if i % 3 else int(rng.integers(1, 4000)))
+        ln = 4096 if i % 2 else int(rng.integers(1, 8192))
+        dest = memoryview(backing[base + i * 8192:base + i * 8192 + ln])
+        reads.append(ChunkRead("c0", cid, off, ln, dest))
+        expect.append(chunks[cid][off:off + ln])
+    reads.append(ChunkRead("c0", "00000000000000ff-00000000", 0, 10, memoryview(bytearray(10))))  # absent: hole
+    eng.read_many(reads)
+    for r, e in zip(reads, expect):
+        assert r.error is None and r.n == len(e) and bytes(r.dest[:r.n]) == e
+    assert reads[-1].n == 0 and reads[-1].error is None
+    # Corrupt one chunk: exactly the reads of that chunk's damaged block fail.
+    victim = list(chunks)[0]
+    path = eng._data_path(victim, 1)
+    raw = bytearray(open(path, "rb").read())
+    raw[4096 * 3 + 7] ^= 0x55
+    open(path, "wb").write(raw)
+    eng._fds.forget(path)
+    rs = [ChunkRead("c0", victim, 4096 * 3, 4096, memoryview(bytearray(4096))),
+          ChunkRead("c0", victim, 0, 4096, memoryview(bytearray(4096))),
+          ChunkRead("c0", list(chunks)[1], 4096 * 3, 4096, memoryview(bytearray(4096)))]
+    eng.read_many(rs)
+    assert isinstance(rs[0].error, ChunkCorrupt)
+    assert rs[1].error is None and bytes(rs[1].dest) == chunks[victim][:4096]
+    assert rs[2].error is None
+    eng.close()

@@ -12,6 +12,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from torch_deepstack.storage import fastio
 from torch_deepstack.storage.chunk_engine import ChunkEngine
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
 from torch_deepstack.storage.errors import InvalidArgument, NotFound, StorageError
@@ -53,7 +54,10 @@ class LocalBackend(DataBackend):
                 r.error = e
 
     def read_chunks(self, reads):
-        run_sliced(self.pool, reads, self._read_slice, self.io_threads)
+        if fastio.load() is not None:
+            self.engine.read_many(reads)  # one AIO batch: the kernel sees the whole queue depth
+        else:
+            run_sliced(self.pool, reads, self._read_slice, self.io_threads)
 
     def write_chunks(self, writes):
         def one(w):

@@ -20,13 +20,20 @@ import threading
 import time
 import weakref
 
-from torch_deepstack.storage.chunk_engine import ChunkEngine
+from torch_deepstack.storage.chunk_engine import ChunkEngine, align_up, aligned_buffer
 from torch_deepstack.storage.errors import (InvalidArgument, NotFound, NotServing, StaleRouting, StorageError,
                                             Unavailable)
 from torch_deepstack.storage.paths import validate_chunk_id
 from torch_deepstack.storage.rpc import RpcClient, RpcServer
 
 log = logging.getLogger("torch_deepstack.storage.service")
+
+
+class _Read:
+    __slots__ = ("chunk", "offset", "length", "dest", "n", "error")
+
+    def __init__(self):
+        self.chunk, self.offset, self.length, self.dest, self.n, self.error = "", 0, 0, None, 0, None
 
 
 class _ChunkLocks:
@@ -81,6 +88,7 @@ class StorageService:
         self._peers_lock = threading.Lock()
         self._locks = _ChunkLocks()
         self._syncing: set[str] = set()
+        self._tls = threading.local()
         self._stop = threading.Event()
         handlers = {
             "read": self._rpc_read, "write": self._rpc_write, "replicate": self._rpc_replicate,
@@ -171,21 +179,47 @@ class StorageService:
         items = args.get("items")
         if not isinstance(items, list) or len(items) > 65536:
             raise InvalidArgument("read needs items: a list of at most 65536 requests")
-        results, parts = [], []
+        reads, by_target = [], {}
         for it in items:
+            r = _Read()
+            reads.append(r)
             try:
-                tid, cid = _str(it, "target"), validate_chunk_id(it.get("chunk"))
-                off, ln = _int(it, "offset"), _int(it, "length", 0, 64 << 20)
+                tid, r.chunk = _str(it, "target"), validate_chunk_id(it.get("chunk"))
+                r.offset, r.length = _int(it, "offset"), _int(it, "length", 0, 64 << 20)
                 chain = self._chain(_str(it, "chain"), _int(it, "chain_ver"))
                 state = next((t["state"] for t in chain["targets"] if t["id"] == tid), None)
                 if state != "serving":
                     raise NotServing(f"target {tid} is {state or 'not in chain'}, not serving reads")
-                n, data = self._engine(tid).read(cid, off, ln)
-                results.append({"n": n})
-                parts.append(data)
+                by_target.setdefault(tid, []).append(r)
+                self._engine(tid)
             except StorageError as e:
+                r.error = e
+        # One page-aligned reply buffer; each read lands in its own aligned slot (zero-copy for aligned reads).
+        total = sum(align_up(r.length) for r in reads if r.error is None)
+        arena = self._reply_arena(total) if total else None
+        pos = 0
+        for r in reads:
+            if r.error is None:
+                r.dest = arena[pos:pos + r.length]
+                pos += align_up(r.length)
+        for tid, rs in by_target.items():
+            self.engines[tid].read_many([r for r in rs if r.error is None])
+        results, parts = [], []
+        for r in reads:
+            if r.error is None:
+                results.append({"n": r.n})
+                parts.append(r.dest[:r.n])
+            else:
+                e = r.error if isinstance(r.error, StorageError) else StorageError(str(r.error))
                 results.append({"err": e.code, "msg": str(e)})
         return {"items": results}, parts
+
+    def _reply_arena(self, size: int) -> memoryview:
+        """Per-connection-thread reply buffer, reused: the reply is sent before the thread's next request."""
+        buf = getattr(self._tls, "arena", None)
+        if buf is None or len(buf) < size:
+            buf = self._tls.arena = aligned_buffer(max(size, 1 << 20))
+        return memoryview(buf)
 
     # ------------------------------------------------------------------ CRAQ writes
     def _successor(self, chain: dict, target_id: str) -> str | None:

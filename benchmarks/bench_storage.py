@@ -1,0 +1,262 @@
+"""Storage benchmark: random reads (embedded and a 3-service r=3 loopback cluster) against fio on the same
+chunk files in the same run, replicated write throughput, and metadata ops/s.
+
+    python benchmarks/bench_storage.py                 # full run (~4 min on 2 cores)
+    python benchmarks/bench_storage.py --quick         # a smoke run
+    python benchmarks/bench_storage.py --write-docs    # also rewrite the "## Storage" section of docs/benchmarks.md
+
+fio is the ceiling for reads: it reads the very chunk files that hold our file (O_DIRECT, io_uring, the same
+block size, queue depth and random pattern). Our side reads the file through the client's batched API with
+`qd` requests per batch into a preallocated, page-aligned buffer (what a Dataset does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch_deepstack.storage as st  # noqa: E402
+
+SECRET = b"bench-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def aligned(n: int) -> np.ndarray:
+    raw = np.empty(n + 4096, np.uint8)
+    off = (-raw.ctypes.data) % 4096
+    return raw[off:off + n]
+
+
+def bench_reads(fs, path, size, bs, qd, seconds):
+    f = fs.open(path)
+    buf = aligned(qd * bs).reshape(qd, bs)
+    rng = random.Random(1234)
+    nblocks = size // bs
+    # warm-up batch (opens files, fills fd cache)
+    fs.batch_read([(f, rng.randrange(nblocks) * bs, bs, buf[i]) for i in range(qd)])
+    ios = 0
+    t0 = time.perf_counter()
+    while True:
+        res = fs.batch_read([(f, rng.randrange(nblocks) * bs, bs, buf[i]) for i in range(qd)])
+        ios += qd
+        for r in res:
+            if r.error is not None:
+                raise r.error
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return ios / dt
+
+
+def fio_reads(files, bs, qd, seconds, batched=True):
+    """fio on the same chunk files. batched=True is the same I/O pattern as a batched read call (submit qd
+    reads, wait for all qd), the way 3FS benchmarks USRBIO with fio; batched=False keeps the queue full."""
+    cmd = ["fio", "--name=ceiling", "--filename=" + ":".join(f.replace(":", "\\:") for f in files),
+           "--file_service_type=random", "--rw=randread", f"--bs={bs}", f"--iodepth={qd}",
+           "--ioengine=io_uring", "--direct=1", f"--runtime={seconds}", "--time_based", "--output-format=json",
+           "--randseed=1234"]
+    if batched:
+        cmd += [f"--iodepth_batch_submit={qd}", f"--iodepth_batch_complete_min={qd}",
+                f"--iodepth_batch_complete_max={qd}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    return json.loads(out)["jobs"][0]["read"]["iops"]
+
+
+def write_file(fs, path, size, chunk_size):
+    data = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    with fs.open(path, "wb", chunk_size=chunk_size) as f:
+        for off in range(0, size, len(data)):
+            f.write(data[:min(len(data), size - off)])
+    return size / (time.perf_counter() - t0)
+
+
+def meta_ops(fs, n):
+    fs.mkdir("/meta-bench", exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fs.open(f"/meta-bench/f{i}", "wb").close()
+    for i in range(n):
+        fs.stat(f"/meta-bench/f{i}")
+    fs.listdir("/meta-bench")
+    for i in range(n):
+        fs.remove(f"/meta-bench/f{i}")
+    return (3 * n + 1) / (time.perf_counter() - t0)
+
+
+class LoopbackCluster:
+    def __init__(self, root, sync=True):
+        self.root, self.procs = root, []
+        self.port = free_port()
+        secret_file = os.path.join(root, "secret")
+        with open(secret_file, "wb") as f:
+            f.write(SECRET)
+        self.env = dict(os.environ, DEEPSTACK_FS_SECRET_FILE=secret_file, PYTHONPATH=ROOT)
+        cli = [sys.executable, "-m", "torch_deepstack.storage.cli"]
+        kv = f"sqlite://{root}/meta.db"
+        subprocess.run(cli + ["mkfs", "--kv", kv, "--services", "s1,s2,s3", "--replicas", "3"], env=self.env,
+                       check=True, capture_output=True)
+        self._spawn(cli + ["serve", "manager", "--kv", kv, "--port", str(self.port)], "manager")
+        for s in ("s1", "s2", "s3"):
+            self._spawn(cli + ["serve", "storage", "--id", s, "--manager", f"127.0.0.1:{self.port}",
+                               "--target", os.path.join(root, s)] + ([] if sync else ["--no-sync"]), s)
+        self.fs = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                fs = st.connect(f"deepstack://127.0.0.1:{self.port}", secret=SECRET)
+                states = [t["state"] for c in fs.backend.refresh()["chains"].values() for t in c["targets"]]
+                if states and all(s == "serving" for s in states):
+                    self.fs = fs
+                    return
+                fs.close()
+            except st.StorageError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("cluster did not come up")
+
+    def _spawn(self, cmd, name):
+        log = open(os.path.join(self.root, name + ".log"), "w")
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        if name == "manager":
+            time.sleep(0.5)
+
+    def stop(self):
+        if self.fs:
+            self.fs.close()
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def chunk_files(fs, path):
+    ino = fs.stat(path)
+    eng = fs.backend.engine
+    out = []
+    for idx in range((ino.size + ino.chunk_size - 1) // ino.chunk_size):
+        cid = f"{ino.inode:016x}-{idx:08x}"
+        out.append(eng._data_path(cid, eng.meta(cid).committed.ver))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dir", default=None, help="where to put the file systems (default: a temp dir under /tmp)")
+    ap.add_argument("--size", type=int, default=512 << 20)
+    ap.add_argument("--chunk-size", type=int, default=4 << 20)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--json", help="write raw results here")
+    args = ap.parse_args(argv)
+    sizes = [4096, 128 << 10, 1 << 20]
+    qds = [1, 4, 16, 64]
+    if args.quick:
+        args.size, args.seconds, qds = 64 << 20, 0.5, [1, 16]
+    have_fio = shutil.which("fio") is not None
+    base = tempfile.mkdtemp(prefix="deepstack-bench-", dir=args.dir)
+    results = {"date": time.strftime("%Y-%m-%d"), "reads": [], "cmd": "python benchmarks/bench_storage.py"
+               + (" --quick" if args.quick else "")}
+    try:
+        emb = st.connect(os.path.join(base, "embedded"), chunk_size=args.chunk_size)
+        results["write_embedded"] = write_file(emb, "/data.bin", args.size, args.chunk_size)
+        files = chunk_files(emb, "/data.bin")
+        os.makedirs(os.path.join(base, "cluster"))
+        cluster = LoopbackCluster(os.path.join(base, "cluster"))
+        try:
+            results["write_cluster"] = write_file(cluster.fs, "/data.bin", args.size, args.chunk_size)
+            for bs in sizes:
+                for qd in qds:
+                    secs = max(1, round(args.seconds))
+                    row = {"bs": bs, "qd": qd,
+                           "fio": fio_reads(files, bs, qd, secs) if have_fio else None,
+                           "fio_stream": fio_reads(files, bs, qd, secs, batched=False) if have_fio else None,
+                           "embedded": bench_reads(emb, "/data.bin", args.size, bs, qd, args.seconds),
+                           "cluster": bench_reads(cluster.fs, "/data.bin", args.size, bs, qd, args.seconds)}
+                    results["reads"].append(row)
+                    print(fmt_row(row), flush=True)
+            n = 100 if args.quick else 400
+            results["meta_embedded"] = meta_ops(emb, n)
+            results["meta_cluster"] = meta_ops(cluster.fs, n)
+        finally:
+            cluster.stop()
+            emb.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"writes: embedded {results['write_embedded'] / 2**20:.0f} MiB/s, replicated r=3 "
+          f"{results['write_cluster'] / 2**20:.0f} MiB/s "
+          f"({results['write_cluster'] / results['write_embedded']:.2f}x)")
+    print(f"metadata: embedded {results['meta_embedded']:.0f} ops/s, cluster {results['meta_cluster']:.0f} ops/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.write_docs:
+        write_docs(results)
+    return 0
+
+
+def fmt_row(r):
+    fio = f"{r['fio']:9.0f}" if r["fio"] else "      n/a"
+    ratio = f"{r['embedded'] / r['fio']:.2f}" if r["fio"] else "n/a"
+    stream = f"{r['fio_stream']:.0f}" if r.get("fio_stream") else "n/a"
+    return (f"bs={r['bs'] >> 10:5d}K qd={r['qd']:2d}  fio {fio} (full queue {stream})  embedded {r['embedded']:9.0f} ({ratio} of fio)  "
+            f"cluster {r['cluster']:9.0f} ({r['cluster'] / r['embedded']:.2f} of embedded)  IOPS")
+
+
+def write_docs(res):
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    lines = ["## Storage", "",
+             f"Date {res['date']}; machine: CPU dev machine, 2 cores (virtio disk, ext4); command: "
+             f"`{res['cmd']} --write-docs`. Random reads are IOPS (4 KiB-aligned offsets, uniform over a "
+             f"{'64' if 'quick' in res['cmd'] else '512'} MiB file in 4 MiB chunks); fio reads the same chunk "
+             f"files with O_DIRECT + io_uring at the same block size and queue depth. Cluster = 3 storage "
+             f"services + manager on loopback, r = 3, reads spread over replicas.", "",
+             "| block | qd | fio IOPS (same batched pattern) | embedded IOPS | embedded / fio | cluster IOPS | "
+             "cluster / embedded | fio, queue kept full |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in res["reads"]:
+        fio = f"{r['fio']:.0f}" if r["fio"] else "n/a"
+        ratio = f"{r['embedded'] / r['fio']:.2f}" if r["fio"] else "n/a"
+        stream = f"{r['fio_stream']:.0f}" if r.get("fio_stream") else "n/a"
+        lines.append(f"| {r['bs'] >> 10} KiB | {r['qd']} | {fio} | {r['embedded']:.0f} | {ratio} | "
+                     f"{r['cluster']:.0f} | {r['cluster'] / r['embedded']:.2f} | {stream} |")
+    lines += ["", f"Writes (8 MiB client buffer, chunk updates in parallel, fdatasync per chunk version): embedded "
+              f"{res['write_embedded'] / 2**20:.0f} MiB/s; replicated (r = 3, CRAQ) {res['write_cluster'] / 2**20:.0f} "
+              f"MiB/s = {res['write_cluster'] / res['write_embedded']:.2f} of embedded.", "",
+              f"Metadata (create + stat + remove, one file per op): embedded SQLite {res['meta_embedded']:.0f} "
+              f"ops/s; cluster (manager RPC over SQLite) {res['meta_cluster']:.0f} ops/s.", ""]
+    section = "\n".join(lines)
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+    start = text.find("## Storage")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

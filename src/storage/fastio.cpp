@@ -1,0 +1,219 @@
+// Batched direct-I/O reads with CRC32C for the storage chunk engine (torch_deepstack/storage/fastio.py).
+//
+// One call submits a whole batch of aligned O_DIRECT reads with Linux native AIO (io_submit), so the kernel
+// has the batch's full queue depth in flight while Python waits once; then it computes the CRC32C of every
+// block read (SSE4.2 instruction when the CPU has it) and copies unaligned requests out of their bounce
+// buffers. Plain C ABI, no dependencies: it builds with the system compiler in well under a second, and
+// Python falls back to os.preadv when it cannot be built.
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <linux/aio_abi.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+extern "C" {
+
+struct ds_io {
+    int64_t fd;
+    int64_t offset;        // file offset (aligned)
+    int64_t length;        // bytes to read (aligned)
+    uint64_t buf;          // destination of the read (aligned)
+    int64_t valid;         // leading bytes of buf that are chunk data: CRC'd block by block
+    int64_t crc_block;     // CRC block size in bytes
+    uint64_t crc_out;      // uint32_t[ceil(valid / crc_block)] receives the CRCs
+    uint64_t copy_dst;     // if non-zero: copy buf[copy_src_off, +copy_len) here afterwards
+    int64_t copy_src_off;
+    int64_t copy_len;
+    int64_t result;        // out: bytes read, or -errno
+};
+
+static uint32_t crc_table[8][256];
+static int crc_ready = 0;
+
+static void crc_init() {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+    crc_ready = 1;
+}
+
+static uint32_t crc_sw(const uint8_t* p, size_t n, uint32_t crc) {
+    if (!crc_ready) crc_init();
+    crc = ~crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        v ^= crc;
+        crc = crc_table[7][v & 0xFF] ^ crc_table[6][(v >> 8) & 0xFF] ^ crc_table[5][(v >> 16) & 0xFF] ^
+              crc_table[4][(v >> 24) & 0xFF] ^ crc_table[3][(v >> 32) & 0xFF] ^ crc_table[2][(v >> 40) & 0xFF] ^
+              crc_table[1][(v >> 48) & 0xFF] ^ crc_table[0][v >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t crc_hw(const uint8_t* p, size_t n, uint32_t crc) {
+    uint64_t c = ~crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return ~c32;
+}
+#endif
+
+uint32_t ds_crc32c(const uint8_t* p, uint64_t n, uint32_t crc) {
+#if defined(__x86_64__)
+    static int hw = -1;
+    if (hw < 0) hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    if (hw) return crc_hw(p, n, crc);
+#endif
+    return crc_sw(p, n, crc);
+}
+
+uint64_t ds_aio_setup(int depth) {
+    aio_context_t ctx = 0;
+    if (syscall(SYS_io_setup, depth, &ctx) < 0) return 0;
+    return (uint64_t)ctx;
+}
+
+void ds_aio_destroy(uint64_t ctx) { syscall(SYS_io_destroy, (aio_context_t)ctx); }
+
+static void finish(ds_io* io) {
+    if (io->result < 0) return;
+    int64_t valid = io->valid < io->result ? io->valid : io->result;
+    uint32_t* out = (uint32_t*)io->crc_out;
+    const uint8_t* b = (const uint8_t*)io->buf;
+    for (int64_t pos = 0, i = 0; pos < valid; pos += io->crc_block, i++) {
+        int64_t n = valid - pos < io->crc_block ? valid - pos : io->crc_block;
+        out[i] = ds_crc32c(b + pos, (uint64_t)n, 0);
+    }
+    if (io->copy_dst) memcpy((void*)io->copy_dst, b + io->copy_src_off, (size_t)io->copy_len);
+}
+
+// Returns 0, or -errno when the batch could not be submitted at all (each io's result says how it went).
+int ds_read_batch(ds_io* ios, int n, uint64_t ctx_raw, int depth) {
+    aio_context_t ctx = (aio_context_t)ctx_raw;
+    struct iocb cbs[256];
+    struct iocb* ptrs[256];
+    struct io_event events[256];
+    if (depth > 256) depth = 256;
+    if (n == 1) {  // a lone read: a plain pread has less overhead than an AIO round trip
+        ds_io* io = &ios[0];
+        ssize_t r;
+        do {
+            r = pread((int)io->fd, (void*)io->buf, (size_t)io->length, io->offset);
+        } while (r < 0 && errno == EINTR);
+        io->result = r < 0 ? -errno : r;
+        finish(io);
+        return 0;
+    }
+    for (int base = 0; base < n; base += depth) {
+        int m = n - base < depth ? n - base : depth;
+        for (int i = 0; i < m; i++) {
+            ds_io* io = &ios[base + i];
+            memset(&cbs[i], 0, sizeof(cbs[i]));
+            cbs[i].aio_fildes = (uint32_t)io->fd;
+            cbs[i].aio_lio_opcode = IOCB_CMD_PREAD;
+            cbs[i].aio_buf = io->buf;
+            cbs[i].aio_nbytes = (uint64_t)io->length;
+            cbs[i].aio_offset = io->offset;
+            cbs[i].aio_data = (uint64_t)(base + i);
+            ptrs[i] = &cbs[i];
+            io->result = -EINPROGRESS;
+        }
+        int submitted = 0;
+        while (submitted < m) {
+            long r = syscall(SYS_io_submit, ctx, (long)(m - submitted), ptrs + submitted);
+            if (r < 0) {
+                if (errno == EINTR || errno == EAGAIN) continue;
+                int err = errno;
+                for (int i = submitted; i < m; i++) ios[base + i].result = -err;
+                break;
+            }
+            submitted += (int)r;
+        }
+        int done = 0;
+        while (done < submitted) {
+            long r = syscall(SYS_io_getevents, ctx, 1L, (long)(submitted - done), events, nullptr);
+            if (r < 0) {
+                if (errno == EINTR) continue;
+                return -errno;
+            }
+            for (long k = 0; k < r; k++) {
+                ds_io* io = &ios[events[k].data];
+                io->result = events[k].res;
+                finish(io);
+            }
+            done += (int)r;
+        }
+    }
+    return 0;
+}
+
+// Split form for pipelining: submit ios[start, start+count) now (the caller prepares the next wave while
+// these are in flight), later reap `count` completions of earlier submissions. At most 256 in flight.
+int ds_submit(ds_io* ios, int start, int count, uint64_t ctx_raw) {
+    struct iocb cbs[256];
+    struct iocb* ptrs[256];
+    if (count > 256) return -EINVAL;
+    for (int i = 0; i < count; i++) {
+        ds_io* io = &ios[start + i];
+        memset(&cbs[i], 0, sizeof(cbs[i]));
+        cbs[i].aio_fildes = (uint32_t)io->fd;
+        cbs[i].aio_lio_opcode = IOCB_CMD_PREAD;
+        cbs[i].aio_buf = io->buf;
+        cbs[i].aio_nbytes = (uint64_t)io->length;
+        cbs[i].aio_offset = io->offset;
+        cbs[i].aio_data = (uint64_t)(start + i);
+        ptrs[i] = &cbs[i];
+        io->result = -EINPROGRESS;
+    }
+    int submitted = 0;
+    while (submitted < count) {
+        long r = syscall(SYS_io_submit, (aio_context_t)ctx_raw, (long)(count - submitted), ptrs + submitted);
+        if (r < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            int err = errno;
+            for (int i = submitted; i < count; i++) ios[start + i].result = -err;
+            break;
+        }
+        submitted += (int)r;
+    }
+    return submitted;
+}
+
+int ds_reap(ds_io* ios, int count, uint64_t ctx_raw) {
+    struct io_event events[256];
+    int done = 0;
+    while (done < count) {
+        long want = count - done < 256 ? count - done : 256;
+        long r = syscall(SYS_io_getevents, (aio_context_t)ctx_raw, 1L, want, events, nullptr);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        for (long k = 0; k < r; k++) {
+            ds_io* io = &ios[events[k].data];
+            io->result = events[k].res;
+            finish(io);
+        }
+        done += (int)r;
+    }
+    return 0;
+}
+
+}  // extern "C"
