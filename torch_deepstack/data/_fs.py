@@ -11,7 +11,7 @@ import threading
 
 from torch_deepstack import storage
 
-_CLIENTS: dict[tuple[int, str], storage.FileSystem] = {}
+_CLIENTS: dict[tuple, storage.FileSystem] = {}  # (pid, uri, options) -> client
 _LOCK = threading.Lock()
 # Clients inherited across fork hold the parent's threads and SQLite handles: the child must neither use nor
 # close them (closing could disturb the parent's files), so they are parked here for the process's lifetime.
@@ -21,7 +21,9 @@ _INHERITED: list = []
 class FSHandle:
     """`get()` returns this process's client for the file system named by `fs` (a FileSystem or a URI)."""
 
-    def __init__(self, fs: storage.FileSystem | str | os.PathLike, *, secret: str | bytes | None = None):
+    def __init__(self, fs: storage.FileSystem | str | os.PathLike, *, secret: str | bytes | None = None,
+                 options: dict | None = None):
+        self.options = dict(options or {})  # connect() options for clients this handle opens
         self._given: storage.FileSystem | None = None
         if isinstance(fs, storage.FileSystem):
             self.uri = fs.uri
@@ -42,7 +44,7 @@ class FSHandle:
         given = self._given
         if given is not None and self._given_pid == os.getpid() and not _closed(given):
             return given
-        key = (os.getpid(), self.uri)
+        key = (os.getpid(), self.uri, tuple(sorted(self.options.items())))
         fs = _CLIENTS.get(key)
         if fs is not None and not _closed(fs):
             return fs
@@ -51,7 +53,7 @@ class FSHandle:
             if fs is None or _closed(fs):
                 for k in [k for k in _CLIENTS if k[0] != os.getpid()]:
                     _INHERITED.append(_CLIENTS.pop(k))
-                fs = _CLIENTS[key] = storage.connect(self.uri, secret=self.secret, create=False)
+                fs = _CLIENTS[key] = storage.connect(self.uri, secret=self.secret, create=False, **self.options)
         return fs
 
     def __repr__(self) -> str:

@@ -68,6 +68,8 @@ class DeepstackDataset(torch.utils.data.Dataset):
              workers leave pinning to DataLoader(pin_memory=True).
     verify: check every sample's CRC32C from the index (end to end, on top of storage's page CRCs).
     timeout: seconds one batched read may take before SampleReadError (never hang on a dead cluster).
+    secret, storage_options: for the clients this dataset opens (in each worker): the cluster secret and
+             connect() options such as io_threads, or timeout / retry_for for a cluster.
 
     Samples: tensors of the packed dtype/shape for tensor packs, 1-D uint8 tensors for bytes packs (use
     `bytes(sample.numpy())` or a transform to decode). Picklable; each process connects on first use.
@@ -75,8 +77,8 @@ class DeepstackDataset(torch.utils.data.Dataset):
 
     def __init__(self, fs: storage.FileSystem | str, path: str, *, transform: Callable[[Any], Any] | None = None,
                  batched: bool = False, pin_memory: bool = False, verify: bool = True, timeout: float = 60.0,
-                 secret: str | bytes | None = None):
-        self._handle = FSHandle(fs, secret=secret)
+                 secret: str | bytes | None = None, storage_options: dict | None = None):
+        self._handle = FSHandle(fs, secret=secret, options=storage_options)
         self.path = join(path)
         self.transform = transform
         self.batched = batched
@@ -242,8 +244,9 @@ class DeepstackIterableDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, fs: storage.FileSystem | str, path: str, *, shuffle: bool = False, seed: int = 0,
                  read_bytes: int = 8 << 20, transform: Callable[[Any], Any] | None = None, verify: bool = True,
-                 timeout: float = 60.0, secret: str | bytes | None = None):
-        self.dataset = DeepstackDataset(fs, path, verify=verify, timeout=timeout, secret=secret)
+                 timeout: float = 60.0, secret: str | bytes | None = None, storage_options: dict | None = None):
+        self.dataset = DeepstackDataset(fs, path, verify=verify, timeout=timeout, secret=secret,
+                                        storage_options=storage_options)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.read_bytes = read_bytes
         self.transform = transform
