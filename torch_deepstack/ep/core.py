@@ -20,7 +20,10 @@ from torch_deepstack.ep.layout import count_local_experts, to_local_experts, tok
 # --- byte rows ----------------------------------------------------------------------------------------------
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(t.shape[0], -1).contiguous()
+    width = 1
+    for d in t.shape[1:]:
+        width *= d
+    t = t.reshape(t.shape[0], width).contiguous()     # explicit width: -1 is ambiguous for zero-width rows
     return t.view(torch.uint8) if t.dtype != torch.uint8 else t
 
 
@@ -52,12 +55,36 @@ def row_bytes(specs) -> int:
     return sum(d.itemsize * w for d, w in specs)
 
 
-# --- positions ----------------------------------------------------------------------------------------------
+# --- normal mode: moving rows --------------------------------------------------------------------------------
+# Token data moves as its own byte rows, straight from x (no packing copy); the small per-row metadata (fp8 scales,
+# top-k ids and weights, token index) is packed into one second byte tensor. Two moves per exchange.
 
-def slot_positions(mask: torch.Tensor) -> torch.Tensor:
-    """pos[t, j] = how many earlier tokens also go to rank j (the row's slot in block j); -1 where not sent."""
-    pos = torch.cumsum(mask.to(torch.int32), dim=0) - 1
-    return torch.where(mask, pos, torch.full_like(pos, -1))
+def as_byte_rows(t: torch.Tensor) -> torch.Tensor:
+    return _bytes(t)
+
+
+def from_byte_rows(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if b.shape[1] == 0:                      # zero-width rows cannot be re-viewed
+        return torch.empty(b.shape[0], 0, dtype=dtype, device=b.device)
+    return b.contiguous().view(dtype)
+
+
+def move_exact(transport, tensors, tok, send_splits, recv_splits):
+    """Rows `tok` (sorted by destination) of each tensor go out with the given host splits."""
+    return [transport.all_to_all_v(as_byte_rows(t).index_select(0, tok), send_splits, recv_splits) for t in tensors]
+
+
+def scatter_to_blocks(tensors, flat_dst, R: int, cap: int):
+    """Fixed-capacity send buffers [R, cap, bytes]: row i of each tensor goes to flat_dst[i, c] for each column c
+    (R * cap is a dump slot). The destinations in one column are distinct."""
+    out = []
+    for t in tensors:
+        rows = as_byte_rows(t)
+        send = torch.zeros(R * cap + 1, rows.shape[1], dtype=torch.uint8, device=rows.device)
+        for c in range(flat_dst.shape[1]):
+            send.index_copy_(0, flat_dst[:, c], rows)
+        out.append(send[:R * cap].view(R, cap, -1))
+    return out
 
 
 def worst_capacity(num_worst_tokens: int, num_ranks: int, num_tokens: int, op: str) -> int:
@@ -80,97 +107,84 @@ def source_of_rows(recv_counts: torch.Tensor, total_rows: int):
     return src_c, slot, valid
 
 
+def _dispatch_rows(transport, mask, rank_counts, tensors, num_worst_tokens: int, num_recv: int | None):
+    """Move each tensor's rows to the ranks in `mask`; returns received byte rows (and the validity of each output
+    row in worst-case mode, else None)."""
+    R, rank = transport.world_size, transport.rank
+    n = mask.shape[0]
+    if num_worst_tokens == 0:
+        tok = mask.t().nonzero()[:, 1]                                 # sorted by destination, then token
+        return move_exact(transport, tensors, tok, rank_counts[rank].tolist(), rank_counts[:, rank].tolist()), None
+    cap = worst_capacity(num_worst_tokens, R, n, "dispatch")
+    pos = slot_positions(mask)                                         # [n, R]
+    flat = torch.where(pos >= 0, torch.arange(R, device=mask.device) * cap + pos, R * cap).to(torch.int64)
+    blocks = scatter_to_blocks(tensors, flat, R, cap)
+    src, slot, valid = source_of_rows(rank_counts[:, rank], num_recv if num_recv is not None else num_worst_tokens)
+    pick = src * cap + slot.clamp(max=cap - 1)
+    got = [transport.all_to_all_fixed(b).view(R * cap, -1).index_select(0, pick) for b in blocks]
+    return got, valid
+
+
+def slot_positions(mask: torch.Tensor) -> torch.Tensor:
+    """pos[t, j] = how many earlier tokens also go to rank j (the row's slot in block j); -1 where not sent."""
+    pos = torch.cumsum(mask.to(torch.int32), dim=0) - 1
+    return torch.where(mask, pos, torch.full_like(pos, -1))
+
+
 # --- normal dispatch ----------------------------------------------------------------------------------------
 
 def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts: int,
              expert_alignment: int, num_worst_tokens: int):
     """Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
-    is_token_in_rank, rank_counts [R, R], recv_src_idx)."""
+    is_token_in_rank, rank_counts [R, R], recv_src_idx). In worst-case mode the rows past the received ones have
+    recv_topk_idx = recv_src_idx = -1, zero weights and scales, and unspecified data."""
     R, rank = transport.world_size, transport.rank
     L = num_experts // R
     n, hidden = x.shape
     dev = x.device
     mask = is_token_in_rank if is_token_in_rank is not None else token_rank_mask(topk_idx, num_experts, R)
+    if num_worst_tokens:                                               # local check, before any collective
+        worst_capacity(num_worst_tokens, R, n, "dispatch")
     k = topk_idx.shape[1] if topk_idx is not None else 0
     num_scales = x_scales.shape[1] if x_scales is not None else 0
-    parts = [x]
-    if x_scales is not None:
-        parts.append(x_scales)
-    parts.append(topk_idx if topk_idx is not None else torch.empty(n, 0, dtype=torch.int64, device=dev))
-    if topk_weights is not None:
-        parts.append(topk_weights)
-    parts.append(torch.arange(n, dtype=torch.int32, device=dev))
-    specs = row_specs(hidden, x.dtype, num_scales, k, topk_weights is not None)
-    payload = pack_rows(parts)
-    if num_worst_tokens:                                           # local check, before any collective
-        worst_capacity(num_worst_tokens, R, n, "dispatch")
-    send_counts = mask.sum(0, dtype=torch.int32)
-    rank_counts = transport.exchange_counts(send_counts)          # [R, R]: row i = what rank i sends to each
-    if num_worst_tokens == 0:
-        dest_tok = mask.t().nonzero()                              # sorted by destination, then token
-        send = payload.index_select(0, dest_tok[:, 1])
-        recv_splits = rank_counts[:, rank].tolist()
-        recv = transport.all_to_all_v(send, send_counts.tolist(), recv_splits)
-        valid = None
-    else:
-        cap = worst_capacity(num_worst_tokens, R, n, "dispatch")
-        pos = slot_positions(mask)                                 # [n, R]
-        dump = R * cap
-        flat = torch.where(pos >= 0, torch.arange(R, device=dev) * cap + pos, torch.full_like(pos, dump))
-        send = torch.zeros(dump + 1, payload.shape[1], dtype=torch.uint8, device=dev)
-        for j in range(R):                                          # each column's indices are distinct
-            send.index_copy_(0, flat[:, j].to(torch.int64), payload)
-        got = transport.all_to_all_fixed(send[:dump].view(R, cap, -1)).view(dump, -1)
-        src, slot, valid = source_of_rows(rank_counts[:, rank], num_worst_tokens)
-        recv = got.index_select(0, src * cap + slot.clamp(max=cap - 1))
-        recv = torch.where(valid.unsqueeze(1), recv, torch.zeros_like(recv))
-    fields = unpack_rows(recv, specs)
-    recv_x = fields.pop(0)
+    meta_parts = ([x_scales] if x_scales is not None else []) + \
+        [topk_idx if topk_idx is not None else torch.empty(n, 0, dtype=torch.int64, device=dev)] + \
+        ([topk_weights] if topk_weights is not None else []) + [torch.arange(n, dtype=torch.int32, device=dev)]
+    specs = ([(torch.float32, num_scales)] if num_scales else []) + [(torch.int64, k)] + \
+        ([(torch.float32, k)] if topk_weights is not None else []) + [(torch.int32, 1)]
+    rank_counts = transport.exchange_counts(mask.sum(0, dtype=torch.int32))   # [R, R]: i sends [i, j] to j
+    (recv_bytes, recv_meta), valid = _dispatch_rows(transport, mask, rank_counts, [x, pack_rows(meta_parts)],
+                                                    num_worst_tokens, None)
+    if valid is not None:
+        recv_meta = torch.where(valid.unsqueeze(1), recv_meta, torch.zeros_like(recv_meta))
+    recv_x = from_byte_rows(recv_bytes, x.dtype)
+    fields = unpack_rows(recv_meta, specs)
     recv_scales = fields.pop(0) if x_scales is not None else torch.empty(0, dtype=torch.float32, device=dev)
     recv_topk_global = fields.pop(0)
     recv_w = fields.pop(0) if topk_weights is not None else None
     recv_src_idx = fields.pop(0).reshape(-1)
     if valid is not None:
-        recv_topk_global = torch.where(valid.unsqueeze(1), recv_topk_global, torch.full_like(recv_topk_global, -1))
-        recv_src_idx = torch.where(valid, recv_src_idx, torch.full_like(recv_src_idx, -1))
+        recv_topk_global = torch.where(valid.unsqueeze(1), recv_topk_global, -1)
+        recv_src_idx = torch.where(valid, recv_src_idx, -1)
     recv_topk_idx = to_local_experts(recv_topk_global, rank, L)
     if recv_w is None:
         recv_w = torch.empty(recv_topk_idx.shape[0], 0, dtype=torch.float32, device=dev)
     else:
         recv_w = torch.where(recv_topk_idx >= 0, recv_w, torch.zeros_like(recv_w))
     per_expert = count_local_experts(recv_topk_idx, L, expert_alignment)
-    return (recv_x, recv_scales, recv_topk_idx, recv_w, per_expert, mask.clone() if is_token_in_rank is not None
-            else mask, rank_counts, recv_src_idx)
+    return (recv_x, recv_scales, recv_topk_idx, recv_w, per_expert,
+            mask.clone() if is_token_in_rank is not None else mask, rank_counts, recv_src_idx)
 
 
 def cached_dispatch(transport, x, x_scales, is_token_in_rank, rank_counts, num_recv: int, num_worst_tokens: int):
     """Dispatch with a known layout (a handle): only the data moves. Returns (recv_x, recv_x_scales)."""
-    R, rank = transport.world_size, transport.rank
-    n, hidden = x.shape
     dev = x.device
-    num_scales = x_scales.shape[1] if x_scales is not None else 0
-    specs = [(x.dtype, hidden)] + ([(torch.float32, num_scales)] if num_scales else [])
-    payload = pack_rows([x] + ([x_scales] if x_scales is not None else []))
-    mask = is_token_in_rank
-    if num_worst_tokens == 0:
-        dest_tok = mask.t().nonzero()
-        send = payload.index_select(0, dest_tok[:, 1])
-        recv = transport.all_to_all_v(send, rank_counts[rank].tolist(), rank_counts[:, rank].tolist())
-    else:
-        cap = worst_capacity(num_worst_tokens, R, n, "cached dispatch")
-        pos = slot_positions(mask)
-        dump = R * cap
-        flat = torch.where(pos >= 0, torch.arange(R, device=dev) * cap + pos, torch.full_like(pos, dump))
-        send = torch.zeros(dump + 1, payload.shape[1], dtype=torch.uint8, device=dev)
-        for j in range(R):
-            send.index_copy_(0, flat[:, j].to(torch.int64), payload)
-        got = transport.all_to_all_fixed(send[:dump].view(R, cap, -1)).view(dump, -1)
-        src, slot, valid = source_of_rows(rank_counts[:, rank], num_recv)
-        recv = got.index_select(0, src * cap + slot.clamp(max=cap - 1))
-        recv = torch.where(valid.unsqueeze(1), recv, torch.zeros_like(recv))
-    fields = unpack_rows(recv, specs)
-    recv_scales = fields[1] if num_scales else torch.empty(0, dtype=torch.float32, device=dev)
-    return fields[0], recv_scales
+    tensors = [x] + ([x_scales] if x_scales is not None else [])
+    got, _ = _dispatch_rows(transport, is_token_in_rank, rank_counts, tensors, num_worst_tokens, num_recv)
+    recv_x = from_byte_rows(got[0], x.dtype)
+    recv_scales = from_byte_rows(got[1], torch.float32) if x_scales is not None else torch.empty(0, dtype=torch.float32,
+                                                                                     device=dev)
+    return recv_x, recv_scales
 
 
 # --- normal combine -----------------------------------------------------------------------------------------
@@ -183,38 +197,35 @@ def combine(transport, x, topk_weights, is_token_in_rank, rank_counts, num_worst
     hidden = x.shape[1]
     dev = x.device
     k = topk_weights.shape[1] if topk_weights is not None else 0
-    specs = [(x.dtype, hidden), (torch.float32, k)]
-    payload = pack_rows([x, topk_weights if topk_weights is not None
-                         else torch.empty(x.shape[0], 0, dtype=torch.float32, device=dev)])
+    w = topk_weights if topk_weights is not None else torch.empty(x.shape[0], 0, dtype=torch.float32, device=dev)
     mask = is_token_in_rank
     acc_x = torch.zeros(n, hidden, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=dev)
     acc_w = torch.zeros(n, k, dtype=torch.float32, device=dev)
     if num_worst_tokens == 0:
-        back = transport.all_to_all_v(payload, rank_counts[:, rank].tolist(), rank_counts[rank].tolist())
-        bx, bw = unpack_rows(back, specs)
-        dest_tok = mask.t().nonzero()
+        # received rows are already grouped by source rank: they go back as they are
+        back = [transport.all_to_all_v(as_byte_rows(t), rank_counts[:, rank].tolist(), rank_counts[rank].tolist())
+                for t in (x, w)]
+        bx, bw = from_byte_rows(back[0], x.dtype), from_byte_rows(back[1], torch.float32)
+        tok = mask.t().nonzero()[:, 1]
         starts = [0] + torch.cumsum(rank_counts[rank], 0).tolist()
         for j in range(R):                       # fixed order over destinations: repeatable sums
             s, e = starts[j], starts[j + 1]
             if e > s:
-                tok = dest_tok[s:e, 1]
-                acc_x.index_add_(0, tok, bx[s:e].to(acc_x.dtype))
-                acc_w.index_add_(0, tok, bw[s:e])
+                acc_x.index_add_(0, tok[s:e], bx[s:e].to(acc_x.dtype))
+                acc_w.index_add_(0, tok[s:e], bw[s:e])
     else:
         cap = worst_capacity(num_worst_tokens, R, n, "combine")
         src, slot, valid = source_of_rows(rank_counts[:, rank], x.shape[0])
-        dump = R * cap
-        flat = torch.where(valid, src * cap + slot, torch.full_like(src, dump))
-        send = torch.zeros(dump + 1, payload.shape[1], dtype=torch.uint8, device=dev)
-        send.index_copy_(0, flat, payload)
-        back = transport.all_to_all_fixed(send[:dump].view(R, cap, -1)).view(dump, -1)
-        bx, bw = unpack_rows(back, specs)
+        flat = torch.where(valid, src * cap + slot, R * cap).unsqueeze(1)
+        blocks = scatter_to_blocks([x, w], flat, R, cap)
+        bx, bw = [transport.all_to_all_fixed(b).view(R * cap, -1) for b in blocks]
+        bx, bw = from_byte_rows(bx, x.dtype), from_byte_rows(bw, torch.float32)
         pos = slot_positions(mask)
         for j in range(R):
-            sel = pos[:, j] >= 0
+            sel = (pos[:, j] >= 0).unsqueeze(1)
             idx = (j * cap + pos[:, j].clamp(min=0)).to(torch.int64)
-            acc_x += torch.where(sel.unsqueeze(1), bx.index_select(0, idx).to(acc_x.dtype), 0)
-            acc_w += torch.where(sel.unsqueeze(1), bw.index_select(0, idx), 0)
+            acc_x += torch.where(sel, bx.index_select(0, idx).to(acc_x.dtype), 0)
+            acc_w += torch.where(sel, bw.index_select(0, idx), 0)
     return acc_x.to(x.dtype), acc_w
 
 
