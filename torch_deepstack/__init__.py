@@ -14,6 +14,7 @@ from torch_deepstack import quant  # noqa: E402,F401
 from torch_deepstack import gemm  # noqa: E402,F401
 from torch_deepstack import ep  # noqa: E402,F401
 from torch_deepstack import mla  # noqa: E402,F401
+from torch_deepstack import data  # noqa: E402,F401  (storage-backed datasets; no ops)
 from torch_deepstack.compile import fp8_linear  # noqa: E402,F401  (the op; passes load lazily)
 from torch_deepstack._meta_loader import load_meta_impls  # noqa: E402
 

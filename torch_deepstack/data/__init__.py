@@ -11,13 +11,18 @@ See docs/data.md.
 from torch_deepstack.data.dataset import (DeepstackDataset, DeepstackIterableDataset, SampleReadError,
                                           load_index)
 from torch_deepstack.data.format import PackFormatError, PackIndex
+from torch_deepstack.data.kvcache import KVBlockCorrupt, KVCacheStore, prefix_block_keys
 from torch_deepstack.data.writer import PackWriter, pack
 
 __all__ = ["DeepstackDataset", "DeepstackIterableDataset", "SampleReadError", "PackFormatError", "PackIndex",
-           "PackWriter", "pack", "load_index"]
-from torch_deepstack.data.checkpoint import DeepstackStorageReader, DeepstackStorageWriter  # noqa: E402
+           "PackWriter", "pack", "load_index", "KVBlockCorrupt", "KVCacheStore", "prefix_block_keys",
+           "DeepstackStorageReader", "DeepstackStorageWriter"]
 
-__all__ += ["DeepstackStorageReader", "DeepstackStorageWriter"]
-from torch_deepstack.data.kvcache import KVBlockCorrupt, KVCacheStore, prefix_block_keys  # noqa: E402
 
-__all__ += ["KVBlockCorrupt", "KVCacheStore", "prefix_block_keys"]
+def __getattr__(name: str):
+    # torch.distributed.checkpoint takes ~1.5 s to import: load the DCP backend only when it is asked for.
+    if name in ("DeepstackStorageReader", "DeepstackStorageWriter"):
+        from torch_deepstack.data import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'torch_deepstack.data' has no attribute {name!r}")
