@@ -94,6 +94,23 @@ def load_kernel(cubin: bytes, entry: str) -> tuple[ctypes.c_void_p, object]:
     return kernel, library
 
 
+def kernel_param_offsets(kernel: ctypes.c_void_p) -> list[tuple[int, int]] | None:
+    """(offset, size) of each kernel parameter as the cubin lays them out (cuKernelGetParamInfo, CUDA 12.4+).
+
+    Not always the natural C layout: a parameter aligned to 128 bytes (CUtensorMap in CUDA 13 headers) is placed so
+    that its address in the constant bank is aligned, which puts the first one at offset 112, not 0. Returns None
+    when the driver lacks the call."""
+    fn = getattr(lib(), "cuKernelGetParamInfo", None)
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    out = []
+    off, size = ctypes.c_size_t(), ctypes.c_size_t()
+    while fn(kernel, len(out), ctypes.byref(off), ctypes.byref(size)) == 0:
+        out.append((off.value, size.value))
+    return out
+
+
 def set_max_dynamic_smem(kernel: ctypes.c_void_p, nbytes: int, device: int) -> None:
     check(lib().cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes, kernel, device),
           "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")

@@ -29,14 +29,24 @@ _get_device = getattr(torch._C, "_cuda_getDevice", None)
 _get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def param_struct(signature: str) -> struct.Struct:
-    """A Struct laying parameters out as the CUDA ABI does: each at its natural alignment."""
+def param_struct(signature: str, offsets: list | None = None) -> struct.Struct:
+    """A Struct laying parameters out as the CUDA ABI does: each at its natural alignment, or at the (offset, size)
+    pairs the cubin declares (`offsets`, from driver.kernel_param_offsets), which is what the driver reads."""
+    if offsets is not None and len(offsets) != len(signature):
+        raise ValueError(f"kernel signature {signature!r} has {len(signature)} parameters, the cubin {len(offsets)}")
     fmt, off = "<", 0
-    for c in signature:
+    for i, c in enumerate(signature):
         if c not in _CODES:
             raise ValueError(f"unknown kernel signature code {c!r} in {signature!r} (use one of {''.join(_CODES)})")
         code, size, align = _CODES[c]
-        pad = (-off) % align
+        if offsets is not None:
+            want, want_size = offsets[i]
+            if want_size != size or want < off:
+                raise ValueError(f"kernel parameter {i} ({c!r}, {size} bytes) does not match the cubin's "
+                                 f"{want_size} bytes at offset {want}: fix the signature {signature!r}")
+            pad = want - off
+        else:
+            pad = (-off) % align
         fmt += "x" * pad + code
         off += pad + size
     return struct.Struct(fmt)
@@ -58,9 +68,9 @@ class Kernel:
         self.name = name or entry
         self.entry = entry
         self.signature = signature
-        self._struct = param_struct(signature)
-        self._pointer_slots = tuple(i for i, c in enumerate(signature) if c == "p")
         self._handle, self._library = driver.load_kernel(cubin, entry)
+        self._struct = param_struct(signature, driver.kernel_param_offsets(self._handle))
+        self._pointer_slots = tuple(i for i, c in enumerate(signature) if c == "p")
         self._tls = _ThreadBuffers(self._struct.size)
         self._smem_configured: dict[int, int] = {}
         self._nargs = len(signature)
