@@ -98,6 +98,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr int kMathThreads = kMathWG * 128;
   // kK == 0: K is a run-time value (the weight-gradient GEMM, whose K is the token count).
   const int kNumKB = kK > 0 ? (kK + 127) / 128 : num_kb_rt;
+#if defined(DS_DBG) && DS_DBG == 4
+  const int kLoopKB = 0;  // skip the main loop: checks the scheduler and epilogue alone
+#else
+  const int kLoopKB = kNumKB;
+#endif
   constexpr int kSfbBlocksN = (kN + 127) / 128;
   constexpr int kAccRegs = kBlockN / 2;
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
@@ -134,10 +139,21 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   __syncthreads();
 
   const TileScheduler<kKind, kBlockM, kBlockN, kN> sched(M, num_groups, band, layout);
+#if defined(DS_DBG) && DS_DBG == 3
+  if (blockIdx.x == 0 && tid == 0) {  // dump the run-time parameters as the kernel sees them
+    const float v[12] = {float(M), float(num_groups), float(ldd), float(ldc), float(band), float(sfb_sg),
+                         float(sfb_sn), float(sfb_sk), float(num_kb_rt), float(sched.total), float(c == nullptr),
+                         float(gridDim.x)};
+    for (int i = 0; i < 12; ++i) d[i] = OutT(v[i]);
+  }
+  return;
+#endif
 
   if (wg == kMathWG) {
     // ---------------- producer warpgroup ----------------
+#ifndef DS_NO_SETMAXNREG
     ptx::setmaxnreg_dec<40>();
+#endif
     if (tid == kMathThreads) {
       int s = 0;
       uint32_t phase = 0;
@@ -146,7 +162,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         if (!sched.resolve(t, tile)) continue;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = tile.g * kN + tile.n0;
-        for (int kb = 0; kb < kNumKB; ++kb) {
+        for (int kb = 0; kb < kLoopKB; ++kb) {
           ptx::mbar_wait(empty + s, phase ^ 1);
           ptx::mbar_arrive_expect_tx(full + s, kStageBytes);
           ptx::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kb * 128, a_row);
@@ -159,7 +175,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     }
   } else {
     // ---------------- math warpgroups ----------------
+#ifndef DS_NO_SETMAXNREG
     ptx::setmaxnreg_inc<kMathWG == 1 ? 248 : 232>();
+#endif
     const int lane = tid % 32;
     const int warp_in_wg = (tid % 128) / 32;
     const int row_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and row_local + 8
@@ -173,6 +191,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       if (!sched.resolve(t, tile)) continue;
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
+#if defined(DS_DBG) && DS_DBG == 4
+#pragma unroll
+      for (int i = 0; i < kAccRegs; ++i) fin[i] = 1.f + i;
+#endif
 
       // 1D2D: the tile's columns span one or two 128-wide scale blocks of B; columns below `split` use the first.
       const int nblk_lo = tile.n0 / 128;
@@ -181,7 +203,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       const float* sfb_lo = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_lo * sfb_sn);
       const float* sfb_hi = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_hi * sfb_sn);
 
-      for (int kb = 0; kb < kNumKB; ++kb) {
+      for (int kb = 0; kb < kLoopKB; ++kb) {
         float sb_lo = 0.f, sb_hi = 0.f;
         if (!kSfbPerRow) {
           sb_lo = __ldg(sfb_lo + kb * sfb_sk);
@@ -226,6 +248,16 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           __syncwarp();
           if (lane == 0) ptx::mbar_arrive(empty + s);
         }
+#ifdef DS_DBG
+        if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) fin[i] = acc[i];
+        }
+        if (DS_DBG == 2) {  // the scales only
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) fin[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb_lo;
+        }
+#endif
         if (++s == kStages) { s = 0; phase ^= 1; }
       }
 

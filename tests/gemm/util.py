@@ -9,8 +9,13 @@ from torch_deepstack.quant import per_token_group_quant_fp8
 
 
 def quant_a(x):
-    """[.., M, K] -> 1x128 per token (MN-major scales)."""
-    return per_token_group_quant_fp8(x)
+    """[.., M, K] -> 1x128 per token (MN-major scales). K that is not a multiple of 128 is zero-padded for the
+    cast and the values sliced back (a view with a 16-byte aligned row stride, as the GEMM needs)."""
+    k = x.shape[-1]
+    if k % 128:
+        x = torch.nn.functional.pad(x, (0, 128 - k % 128))
+    q, s = per_token_group_quant_fp8(x)
+    return q[..., :k], s
 
 
 def quant_b(w):

@@ -3,6 +3,7 @@ build the TMA descriptors, launch the JIT-specialised kernel (src/gemm/*.cuh) on
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -39,10 +40,25 @@ def set_num_sms(n: int | None) -> None:
     _NUM_SMS_OVERRIDE = int(n) if n else None
 
 
+def _debug_defines() -> tuple:
+    """DEEPSTACK_GEMM_DEFINES="A=1,B" adds -D flags to every GEMM specialisation (kernel experiments)."""
+    raw = os.environ.get("DEEPSTACK_GEMM_DEFINES", "").strip()
+    return tuple((kv.split("=", 1)[0], kv.split("=", 1)[1] if "=" in kv else 1) for kv in raw.split(",") if kv)
+
+
+def _forced_config(cfg: GemmConfig) -> GemmConfig:
+    """DEEPSTACK_GEMM_CONFIG="block_m,block_n,stages" overrides the heuristic (tuning sweeps and debugging)."""
+    raw = os.environ.get("DEEPSTACK_GEMM_CONFIG", "").strip()
+    if not raw:
+        return cfg
+    bm, bn, st = (int(v) for v in raw.split(","))
+    return GemmConfig(bm, bn, st, cfg.num_sms)
+
+
 def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, out_dtype, c_dtype, has_c) -> KernelSpec:
     return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel",
                       (cfg.block_m, cfg.block_n, n, k, cfg.stages, kind, sf_b_per_row, _CTYPE[out_dtype],
-                       _CTYPE[c_dtype], has_c))
+                       _CTYPE[c_dtype], has_c), defines=_debug_defines())
 
 
 def _rows_map(t: torch.Tensor, rows: int, row_stride: int, box_rows: int) -> bytes:
@@ -60,7 +76,8 @@ def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k
                  k_template=None):
     """m_rows: M (dense), M_sum (contiguous) or M_max (masked)."""
     device = a.device
-    cfg = select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms(device), sf_b_per_row)
+    cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms(device),
+                                       sf_b_per_row))
     has_c = c is not None
     spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, d.dtype,
                      c.dtype if has_c else d.dtype, has_c)

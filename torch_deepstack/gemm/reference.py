@@ -88,10 +88,11 @@ def check_quant_input(op: str, x: torch.Tensor) -> None:
 def _scale_inv(amax, eps, ue8m0):
     amax = amax.clamp_min(eps)
     scale = amax / FP8_E4M3_MAX
+    # Tensor / tensor (an exact IEEE division, as the kernels do): a Python scalar over a tensor is not exact.
     if ue8m0:
         scale = ceil_to_ue8m0(scale)
-        return scale, 1.0 / scale
-    return scale, FP8_E4M3_MAX / amax
+        return scale, torch.ones_like(scale) / scale
+    return scale, torch.full_like(amax, FP8_E4M3_MAX) / amax
 
 
 def per_block_quant_values(x, eps=1e-4, ue8m0=False):

@@ -1,0 +1,202 @@
+"""CPU checks of the FP8 GEMM area: the references against a naive formula, accuracy of the recipe, layouts,
+fakes, clear errors and FP8Linear's autograd. Shapes are small: this runs in CI on 2 cores."""
+import pytest
+import torch
+
+import torch_deepstack  # noqa: F401
+from tests.gemm.util import contiguous_layout, dense_inputs, grouped_b, quant_a, random_group_sizes, wgrad_operand
+from tests.helpers import calc_diff, fresh_randn, poisoned_empty
+from torch_deepstack.gemm import FP8Linear, api, get_mn_major_tma_aligned_tensor
+from torch_deepstack.gemm import reference as ref
+from torch_deepstack.gemm.heuristic import select_config
+
+ops = torch.ops.deepstack
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 16, 16), (7, 200, 256), (65, 144, 384), (129, 130, 160)])
+def test_dense_reference_accuracy(m, n, k):
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, "cpu")
+    d = poisoned_empty(m, n, dtype=torch.float32, device="cpu")
+    ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+    assert calc_diff(d, a.float() @ b.float().T) < 1e-3
+    # the reference equals the slice-by-slice definition
+    want = torch.zeros(m, n)
+    for kb in range(0, k, 128):
+        s = slice(kb, kb + 128)
+        part = aq[:, s].float() @ bq[:, s].float().T
+        sb = bsf[:, kb // 128].repeat_interleave(128)[:n]
+        want += part * asf[:, kb // 128][:, None] * sb[None, :]
+    torch.testing.assert_close(d, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_dense_c_and_accumulate():
+    m, n, k = 9, 256, 256
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, "cpu")
+    c = fresh_randn(m, n)
+    d = api.fp8_gemm_nt(aq, asf, bq, bsf, c=c, out_dtype=torch.float32)
+    assert calc_diff(d, c + a.float() @ b.float().T) < 1e-3
+    d0 = d.clone()
+    api.fp8_gemm_nt(aq, asf, bq, bsf, c=d, out=d)   # c is d: in-place accumulate
+    assert calc_diff(d - d0, a.float() @ b.float().T) < 1e-3
+
+
+def test_contiguous_and_offsets_reference():
+    g, n, k = 4, 96, 256
+    sizes = random_group_sizes(g, 60)
+    ids = contiguous_layout(sizes)
+    m = ids.numel()
+    a = fresh_randn(m, k, dtype=torch.bfloat16)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, "cpu")
+    d = poisoned_empty(m, n, dtype=torch.bfloat16, device="cpu")
+    api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, ids, out=d)
+    assert d[ids < 0].isnan().all() and not d[ids >= 0].isnan().any()
+    for i in range(g):
+        rows = ids == i
+        if rows.any():
+            assert calc_diff(d[rows], a[rows].float() @ b[i].float().T) < 1e-3
+    ends, off = [], 0
+    for s in sizes:
+        ends.append(off + s)
+        off += (s + 127) // 128 * 128
+    assert torch.equal(api.m_indices_from_offsets(torch.tensor(ends, dtype=torch.int32), m), ids)
+
+
+def test_masked_reference_writes_only_valid_rows():
+    g, m_max, n, k = 3, 50, 64, 128
+    a = fresh_randn(g, m_max, k, dtype=torch.bfloat16)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, "cpu")
+    masked = torch.tensor([50, 0, 13], dtype=torch.int32)
+    d = poisoned_empty(g, m_max, n, dtype=torch.bfloat16, device="cpu")
+    api.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, masked, 20, out=d)
+    for i, s in enumerate([50, 0, 13]):
+        assert d[i, s:].isnan().all() and not d[i, :s].isnan().any()
+        if s:
+            assert calc_diff(d[i, :s], a[i, :s].float() @ b[i].float().T) < 1e-3
+
+
+def test_wgrad_and_k_grouped_reference():
+    tokens, n, k = 300, 128, 256
+    dy, x = fresh_randn(tokens, n, dtype=torch.bfloat16), fresh_randn(tokens, k, dtype=torch.bfloat16)
+    aq, asf = wgrad_operand(dy)
+    bq, bsf = wgrad_operand(x)
+    assert aq.shape == (n, 304) and asf.shape == (n, 3)
+    d = api.fp8_wgrad_gemm_nt(aq, asf, bq, bsf)
+    assert calc_diff(d, dy.float().T @ x.float()) < 1e-3
+    ks = [128, 0, 256]
+    dy2, x2 = fresh_randn(384, 64), fresh_randn(384, 96)
+    aq, asf = wgrad_operand(dy2)
+    bq, bsf = wgrad_operand(x2)
+    out = api.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, ks)
+    assert torch.equal(out[1], torch.zeros(64, 96))
+    assert calc_diff(out[0], dy2[:128].T @ x2[:128]) < 1e-3
+    assert calc_diff(out[2], dy2[128:].T @ x2[128:]) < 1e-3
+
+
+def test_block_quant_reference_layouts():
+    w = fresh_randn(200, 272, scale=3.0)
+    q, s = api.per_block_quant_fp8(w)
+    qt, st = api.per_block_quant_fp8(w, transpose=True)
+    assert q.shape == (200, 272) and s.shape == (2, 3) and qt.shape == (272, 200) and st.shape == (3, 2)
+    assert torch.equal(qt.view(torch.uint8), q.t().contiguous().view(torch.uint8)) and torch.equal(st, s.t())
+    back = ref.dequant_blocks(q, s)
+    assert calc_diff(back, w) < 1e-3
+    _, su = api.per_block_quant_fp8(w, scale_ue8m0=True)
+    assert torch.equal(torch.log2(su), torch.log2(su).round())
+
+
+def test_scale_layout_conversion():
+    sf = torch.rand(7, 3)                       # row-major, what a naive per-token cast returns
+    mn = get_mn_major_tma_aligned_tensor(sf)
+    assert mn.stride() == (1, 8) and torch.equal(mn, sf)
+    assert get_mn_major_tma_aligned_tensor(mn) is mn
+    sf3 = torch.rand(2, 5, 3)
+    mn3 = get_mn_major_tma_aligned_tensor(sf3)
+    assert mn3.stride() == (24, 1, 8) and torch.equal(mn3, sf3)
+
+
+def test_fakes_under_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(300, 256, dtype=torch.bfloat16)
+        q, s = ops.per_token_group_quant_fp8_t(x)
+        assert q.shape == (256, 300) and q.stride() == (304, 1) and s.shape == (256, 3) and s.stride() == (1, 256)
+        q, s = ops.per_block_quant_fp8(x, True)
+        assert q.shape == (256, 300) and s.shape == (2, 3)
+
+
+def test_torch_compile_fullgraph():
+    m, n, k = 16, 128, 256
+    _, _, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, "cpu")
+
+    def f(aq, asf, bq, bsf):
+        d = torch.empty(m, n, dtype=torch.bfloat16)
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+        return d * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(aq, asf, bq, bsf), f(aq, asf, bq, bsf))
+
+
+def test_bad_inputs():
+    _, _, (aq, asf), (bq, bsf) = dense_inputs(8, 128, 256, "cpu")
+    d = torch.empty(8, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float8_e4m3fn"):
+        ops.fp8_gemm_nt(aq.float(), asf, bq, bsf, d)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        x = torch.zeros(8, 24, dtype=torch.float8_e4m3fn)
+        ops.fp8_gemm_nt(x, torch.zeros(8, 1), torch.zeros(128, 24, dtype=torch.float8_e4m3fn), torch.zeros(1, 1), d)
+    with pytest.raises(RuntimeError, match="b must be \\[N, K\\]"):
+        ops.fp8_gemm_nt(aq, asf, bq[:, :128], bsf, d)
+    with pytest.raises(RuntimeError, match="sfa must have shape"):
+        ops.fp8_gemm_nt(aq, asf[:4], bq, bsf, d)
+    with pytest.raises(RuntimeError, match="m_indices must be int32"):
+        ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq[None], bsf[None], d, torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq[:8], asf, torch.empty(1, 8, 8), [100])
+    with pytest.raises(ValueError, match="multiple of 128"):
+        FP8Linear(100, 128)
+
+
+def test_heuristic_is_deterministic_and_fills_sms():
+    assert select_config(4096, 7168, 16384, 1, 132) == select_config(4096, 7168, 16384, 1, 132)
+    cfg = select_config(128, 7168, 16384, 1, 132)
+    tiles = -(-128 // cfg.block_m) * -(-7168 // cfg.block_n)
+    assert tiles > 0.8 * 132
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_autograd_matches_linear(dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384, dtype=dtype)
+    f8 = FP8Linear.from_linear(lin)
+    x = fresh_randn(3, 50, 256, dtype=dtype).requires_grad_()
+    x2 = x.detach().clone().float().requires_grad_()
+    gy = fresh_randn(3, 50, 384, dtype=dtype)
+    y = f8(x)
+    assert y.dtype == dtype and y.shape == (3, 50, 384)
+    y.backward(gy)
+    w = lin.weight.detach().float().requires_grad_()
+    bias = lin.bias.detach().float().requires_grad_()
+    y2 = torch.nn.functional.linear(x2, w, bias)
+    y2.backward(gy.float())
+    # FP8 recipe tolerances (stated in docs/gemm.md): calc_diff < 2e-3 for y, dx and dW; bias grad exact up to dtype.
+    assert calc_diff(y, y2) < 2e-3
+    assert calc_diff(x.grad, x2.grad) < 2e-3
+    assert calc_diff(f8.weight.grad, w.grad) < 2e-3
+    torch.testing.assert_close(f8.bias.grad.float(), bias.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_linear_weight_cache_follows_updates():
+    f8 = FP8Linear(128, 128, bias=False)
+    x = fresh_randn(4, 128)
+    y1 = f8(x)
+    first = f8._cache.fwd
+    f8(x)
+    assert f8._cache.fwd is first                 # reused while the weight is unchanged
+    with torch.no_grad():
+        f8.weight.mul_(2)                         # an optimizer step bumps the version counter
+    y2 = f8(x)
+    assert f8._cache.fwd is not first
+    assert calc_diff(y2, 2 * y1) < 1e-4
