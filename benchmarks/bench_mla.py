@@ -96,6 +96,7 @@ def run(configs, reps, baseline, fp8_rows, causal=True):
         sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
         us = time_graph(lambda: mla_decode_with_kvcache(q, cache, bt, seq, DV, sched, splits, causal=causal), reps)
         res.update(us=us, tbps=(sum_sk * D * 2 + qo_bytes) / us / 1e6, tflops=flop / us / 1e6)
+        res["meta_us"] = time_graph(lambda: get_mla_metadata(seq, s_q * h_q, 1), reps)
         if baseline:
             try:
                 res["torch_us"] = time_graph(lambda: torch_decode(q, cache, bt, seq, causal), max(3, reps // 6))
@@ -115,14 +116,16 @@ def run(configs, reps, baseline, fp8_rows, causal=True):
 
 
 def table(rows) -> str:
-    head = "| b | s_q | h_q | mean s_k | µs | TB/s | TFLOPS | torch µs | speedup | FP8 µs | FP8 gain |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| b | s_q | h_q | mean s_k | µs | TB/s | TFLOPS | torch µs | speedup | FP8 µs | FP8 gain | "
+            "metadata µs |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         t = r.get("torch_us")
         torch_cols = ("", "") if t is None else (f"{t:.0f}", f"{t / r['us']:.1f}x")
         fp8_cols = ("", "") if "fp8_us" not in r else (f"{r['fp8_us']:.1f}", f"{r['fp8_speedup']:.2f}x")
         lines.append(f"| {r['b']} | {r['s_q']} | {r['h_q']} | {r['mean_sk']} | {r['us']:.1f} | {r['tbps']:.2f} | "
-                     f"{r['tflops']:.0f} | {torch_cols[0]} | {torch_cols[1]} | {fp8_cols[0]} | {fp8_cols[1]} |")
+                     f"{r['tflops']:.0f} | {torch_cols[0]} | {torch_cols[1]} | {fp8_cols[0]} | {fp8_cols[1]} | "
+                     f"{r['meta_us']:.1f} |")
     return "\n".join(lines)
 
 

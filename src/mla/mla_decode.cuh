@@ -110,9 +110,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
   using L = SmemLayout<kDQK>;
   constexpr int kChunks = L::kChunks;
   static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
-  static_assert(!kFp8 || kDQK == 576, "the FP8 cache format has 576 channels");
-  constexpr int kProducerRegs = kFp8 ? 56 : 40;
-  constexpr int kConsumerRegs = kFp8 ? 224 : 232;   // 2 * consumer + producer = 3 * 168 (the entry cap)
+  static_assert(!kFp8 || (kDQK == 576 && sizeof(T) == 2), "the FP8 cache format has 576 channels");
+  constexpr int kProducerRegs = kFp8 ? 72 : 40;
+  constexpr int kConsumerRegs = kFp8 ? 216 : 232;   // 2 * consumer + producer = 3 * 168 (the entry cap)
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -152,6 +152,34 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
     const uint64_t policy = sm90::evict_first_policy();
     const int lane = tid % 32, warp = (tid - 256) / 32;
     int stage = 0, phase = 0;
+    // FP8: an L2 prefetch (bulk copy engine, no registers) runs kPrefetch pages ahead of the register loads, so
+    // those hit L2 and only a few tokens per warp need to be in flight.
+    constexpr int kPrefetch = 3;
+    int pf_req = begin_req, pf_blk = begin_blk, pf_end = 0;
+    auto pf_seek = [&]() {   // move (pf_req, pf_blk) to the next existing page of this part, or past end_req
+      while (pf_req <= end_req) {
+        pf_end = pf_req == end_req ? end_blk : (max(seqlens[pf_req], 0) + kPage - 1) / kPage;
+        if (pf_blk < pf_end) return;
+        ++pf_req;
+        pf_blk = 0;
+      }
+    };
+    auto pf_issue = [&]() {
+      if (pf_req > end_req) return;
+      const int pg = block_table[static_cast<long long>(pf_req) * bt_stride + pf_blk];
+      const int valid = min(kPage, seqlens[pf_req] - pf_blk * kPage);
+      const int tok = tid - 256;
+      if (tok < valid)
+        sm90::prefetch_l2(kcache_fp8 + (static_cast<long long>(pg) * kPage + tok) * fp8_token_stride +
+                              static_cast<long long>(kvh) * kFp8TokenBytes, kFp8TokenBytes);
+      ++pf_blk;
+      pf_seek();
+    };
+    if constexpr (kFp8) {
+      pf_seek();
+#pragma unroll 1
+      for (int i = 0; i < kPrefetch; ++i) pf_issue();
+    }
     for (int req = begin_req; req <= end_req; ++req) {
       const int sk = seqlens[req];
       const int nblk = (sk + kPage - 1) / kPage;
@@ -159,26 +187,28 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
       const int b1 = req == end_req ? end_blk : nblk;
       for (int blk = b0; blk < b1; ++blk) {
         const int page = block_table[static_cast<long long>(req) * bt_stride + blk];
-        sm90::mbar_wait(&empty[stage], phase ^ 1);
         uint8_t* dst = sK + stage * kChunks * kChunkBytes;
         if constexpr (!kFp8) {
+          sm90::mbar_wait(&empty[stage], phase ^ 1);
           sm90::mbar_arrive_expect_tx(&full[stage], kChunks * kChunkBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c)
             sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &full[stage], c * 64, kvh, 0, page, policy);
         } else {
+          pf_issue();
           const int valid = min(kPage, sk - blk * kPage);
           const uint8_t* base = kcache_fp8 + static_cast<long long>(page) * kPage * fp8_token_stride +
                                 static_cast<long long>(kvh) * kFp8TokenBytes;
-          // Each warp owns 16 tokens, 4 in flight: lane l holds e4m3 bytes [16 l, 16 l + 16) of a token and the
+          // Each warp owns 16 tokens, 8 in flight: lane l holds e4m3 bytes [16 l, 16 l + 16) of a token and the
           // scale of its 128-channel group; rope rows are spread 4 tokens per load (8 lanes x 16 B each).
+          // The first round's loads are issued before waiting for the stage to be free.
 #pragma unroll 1
-          for (int round = 0; round < 4; ++round) {
-            const int tok0 = warp * 16 + round * 4;
-            uint4 raw[4], rope[1];
-            float scale[4];
+          for (int round = 0; round < 2; ++round) {
+            const int tok0 = warp * 16 + round * 8;
+            uint4 raw[8], rope[2];
+            float scale[8];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
+            for (int u = 0; u < 8; ++u) {
               const int tok = tok0 + u;
               raw[u] = make_uint4(0, 0, 0, 0);
               scale[u] = 0.f;
@@ -189,14 +219,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
               }
             }
 #pragma unroll
-            for (int h = 0; h < 1; ++h) {
+            for (int h = 0; h < 2; ++h) {
               const int tok = tok0 + h * 4 + lane / 8;
               rope[h] = make_uint4(0, 0, 0, 0);
               if (tok < valid)
                 rope[h] = __ldg(reinterpret_cast<const uint4*>(base + tok * fp8_token_stride + 528) + lane % 8);
             }
+            if (round == 0) sm90::mbar_wait(&empty[stage], phase ^ 1);
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
+            for (int u = 0; u < 8; ++u) {
               const int tok = tok0 + u;
               uint4 lo, hi;
               dequant16<T>(raw[u], scale[u], lo, hi);   // zeros past the valid tokens
@@ -205,7 +236,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
               *reinterpret_cast<uint4*>(chunk + swz(tok, 2 * (lane % 4) + 1)) = hi;
             }
 #pragma unroll
-            for (int h = 0; h < 1; ++h) {
+            for (int h = 0; h < 2; ++h) {
               const int tok = tok0 + h * 4 + lane / 8;
               *reinterpret_cast<uint4*>(dst + 8 * kChunkBytes + swz(tok, lane % 8)) = rope[h];
             }
@@ -240,6 +271,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
 
     // Q rows of this block -> shared memory (zeros past the last row), 128-byte swizzled chunks.
     sm90::bar_sync(1, 256);   // everyone is done with the previous request's sQ / sFinal
+#pragma unroll 1
     for (int u = tid; u < 64 * kChunks * 8; u += 256) {
       const int r = u / (kChunks * 8), cu = u % (kChunks * 8);
       const int gr = rb * 64 + r;
@@ -358,6 +390,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
           o[4 * j + 2] *= sc1; o[4 * j + 3] *= sc1;
         }
         // P from shared memory as well (keeping it in registers costs 16 registers across the rescale: spills).
+        sm90::fence_regs(o);                       // keep the rescale before the fence (else ptxas adds one)
         sm90::wgmma_fence();
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -376,6 +409,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
           o[4 * j] *= sc0; o[4 * j + 1] *= sc0;
           o[4 * j + 2] *= sc1; o[4 * j + 3] *= sc1;
         }
+        sm90::fence_regs(o);
         sm90::wgmma_fence();
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
