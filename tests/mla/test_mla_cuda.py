@@ -128,3 +128,14 @@ def test_fp8_accuracy_vs_bf16_cache():
     diff = calc_diff(o8.float(), o16.float())
     print(f"\nFP8 vs bf16 cache: out cosine diff {diff:.2e}, max |lse diff| {float((l8 - l16).abs().max()):.2e}")
     assert diff < 1e-3
+
+
+def test_compat_flash_mla_on_gpu_with_float8_cache_dtype():
+    from torch_deepstack.compat import flash_mla
+    lens = varied_lengths(4, 300, seed=3)
+    q, cache, bt, seq = make_case(4, 2, 32, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=3)
+    sched, _ = flash_mla.get_mla_metadata()
+    out, lse = flash_mla.flash_mla_with_kvcache(q, cache.view(torch.float8_e4m3fn), bt, seq, 512, sched, None,
+                                                causal=True, is_fp8_kvcache=True)
+    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), 576 ** -0.5, True, True)
+    assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
