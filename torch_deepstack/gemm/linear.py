@@ -33,12 +33,16 @@ class _WeightCache:
             self.key, self.fwd, self.bwd = key, None, None
 
     def forward_operand(self, w):
+        if torch.compiler.is_compiling():   # data_ptr/_version are not traceable: quantise inside the graph
+            return api.per_block_quant_fp8(w.detach())
         self._sync(w)
         if self.fwd is None:
             self.fwd = api.per_block_quant_fp8(w.detach())
         return self.fwd
 
     def backward_operand(self, w):
+        if torch.compiler.is_compiling():
+            return api.per_block_quant_fp8(w.detach(), transpose=True)
         self._sync(w)
         if self.bwd is None:
             self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
@@ -46,10 +50,16 @@ class _WeightCache:
 
 
 def _wgrad_operand(t2d: torch.Tensor):
-    """Quantise [M, C] along M and return the transposed [C, align(M, 16)] operand (zero padded) + scales."""
-    q, s = api.per_token_group_quant_fp8_t(t2d)
+    """Quantise [M, C] along M: (q [C, M] whose rows are padded to align(M, 16) zeros, scales). Pass both to
+    `_padded` for the GEMM operand. The padded view is made only where it is used, so a tensor saved for backward
+    is never a view of an intermediate (torch.compile cannot save such aliases)."""
+    return api.per_token_group_quant_fp8_t(t2d)
+
+
+def _padded(q: torch.Tensor) -> torch.Tensor:
+    """The transposed [C, align(M, 16)] operand, including the zero padding, as a view of q's storage."""
     m_pad = q.stride(0)
-    return q.as_strided((q.shape[0], m_pad), (m_pad, 1)), s
+    return q.as_strided((q.shape[0], m_pad), (m_pad, 1))
 
 
 def _out_dtype(dtype):
@@ -90,7 +100,7 @@ class _FP8LinearFn(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dytq, dyts = _wgrad_operand(dy2)
-            dw = api.fp8_wgrad_gemm_nt(dytq, dyts, xtq, xts).to(weight.dtype)
+            dw = api.fp8_wgrad_gemm_nt(_padded(dytq), dyts, _padded(xtq), xts).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(dy.dtype)
         return dx, dw, db, None
