@@ -53,8 +53,8 @@ def etcd_server(tmp_path_factory):
         pytest.skip("etcd binary not found (install Debian's etcd-server to run the etcd engine tests)")
     try:
         import pyetcd  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"etcd client missing ({e}); pip install etcd-sdk-python protobuf")
+    except ImportError as e:  # etcd is installed, so the client must be too (it is in the test extra)
+        pytest.fail(f"etcd is installed but its Python client is not ({e}): pip install etcd-sdk-python protobuf")
     d = tmp_path_factory.mktemp("etcd")
     cport, pport = free_port(), free_port()
     log = open(d / "etcd.log", "w")

@@ -110,34 +110,37 @@ class ClusterBackend(DataBackend):
     # ------------------------------------------------------------------ reads
     def _read_from(self, target: str, items: list[tuple[ChunkRead, str]]) -> None:
         """One batched RPC to the service of `target`; fills r.n, or r.error with a retryable error."""
-        chain_vers = self.routing["chains"]
-        req = [{"target": target, "chain": r.chain, "chain_ver": chain_vers[r.chain]["version"],
-                "chunk": r.chunk, "offset": r.offset, "length": r.length} for r, _ in items]
+        chains = self.routing["chains"]
+        reads = [r for r, _ in items]
+        args = {"target": target, "chain": [r.chain for r in reads],
+                "ver": [chains[r.chain]["version"] for r in reads], "chunk": [r.chunk for r in reads],
+                "off": [r.offset for r in reads], "len": [r.length for r in reads]}
 
         def sinks(header):
-            res = header["r"]["items"]
             bufs = []
-            for (r, _), it in zip(items, res):
-                if "n" in it:
-                    if not 0 <= it["n"] <= r.length:
+            for r, n in zip(reads, header["r"]["n"]):
+                if n >= 0:
+                    if n > r.length:
                         return None  # malformed answer: take the payload as bytes and fail below
-                    bufs.append(r.dest[:it["n"]])
+                    bufs.append(r.dest[:n])
             return bufs
         try:
-            result, payload = self._client(target).call("read", {"items": req}, sinks=sinks)
+            result, payload = self._client(target).call("read", args, sinks=sinks)
             if not isinstance(payload, list) and len(payload):
                 raise StorageError(f"{target}: malformed read reply")
         except StorageError as e:
             self._failed[target] = time.monotonic()
-            for r, _ in items:
+            for r in reads:
                 r.error = e
             return
-        for (r, _), it in zip(items, result["items"]):
-            if "n" in it:
-                r.n, r.error = it["n"], None
+        errs = result["err"]
+        for i, (r, n) in enumerate(zip(reads, result["n"])):
+            if n >= 0:
+                r.n, r.error = n, None
             else:
-                r.error = error_from_code(it["err"], it["msg"])
-                if it["err"] == "corrupt":
+                code, msg = errs[str(i)]
+                r.error = error_from_code(code, msg)
+                if code == "corrupt":
                     self._failed[target] = time.monotonic()
 
     def read_chunks(self, reads: list[ChunkRead]) -> None:

@@ -13,7 +13,7 @@ version, and the chain is re-ordered serving -> syncing -> waiting -> lastsrv/of
     waiting, chain has a serving target  -> syncing      (predecessor copies the chunks it lacks)
     waiting, chain never served          -> serving      (a fresh, empty chain)
     syncing + local "uptodate"           -> serving      (sync done)
-    serving + local "online" (restarted) -> syncing if another target serves, else stays serving
+    serving + service restarted          -> syncing if another target serves, else stays serving
     lastsrv + heartbeat                  -> serving      (it holds the newest data)
     serving + lease expired              -> lastsrv if it was the chain's last serving target, else offline
     syncing/waiting + lease expired      -> offline
@@ -95,6 +95,7 @@ class Manager:
         self._chains: dict[str, dict] = {}
         self._services: dict[str, dict] = {}  # sid -> {"address", "last_seen"} (memory only: leases)
         self._local: dict[str, str] = {}  # target -> last reported local state
+        self._restarted: set[str] = set()  # targets whose service (re)started since the last evaluation
         self._load_chains()
         self._stop = threading.Event()
         handlers = {"heartbeat": self._rpc_heartbeat, "routing": lambda a, p: (self.routing(), None)}
@@ -148,7 +149,8 @@ class Manager:
                 t["state"] = "serving"
             elif t["state"] == "syncing" and local == "uptodate":
                 t["state"] = "serving"
-            elif t["state"] == "serving" and local == "online":
+            elif t["state"] == "serving" and local == "online" and t["id"] in self._restarted:
+                # Its service restarted while the chain still listed it: it may have missed writes.
                 if any(o is not t and o["state"] == "serving" for o in ts):
                     t["state"] = "syncing"
         serving = any(t["state"] == "serving" for t in ts)
@@ -173,10 +175,11 @@ class Manager:
     def _evaluate_all(self) -> None:
         now = time.monotonic()
         changed = [c for c in self._chains.values() if self._evaluate(c, now)]
+        self._restarted.clear()
         if changed:
             self._save(changed)
 
-    def heartbeat(self, service_id: str, address: str, targets: dict[str, str]) -> dict:
+    def heartbeat(self, service_id: str, address: str, targets: dict[str, str], boot: str = "") -> dict:
         if not isinstance(service_id, str) or not isinstance(address, str) or not isinstance(targets, dict):
             raise InvalidArgument("heartbeat needs service_id (str), address (str), targets (dict)")
         known = {t["id"] for c in self._chains.values() for t in c["targets"]}
@@ -188,7 +191,10 @@ class Manager:
             if state not in ("online", "uptodate"):
                 raise InvalidArgument(f"bad local state {state!r} for {tid}")
         with self._lock:
-            self._services[service_id] = {"address": address, "last_seen": time.monotonic()}
+            prev = self._services.get(service_id)
+            if prev is None or prev.get("boot") != boot:
+                self._restarted.update(targets)  # a new incarnation of the service
+            self._services[service_id] = {"address": address, "last_seen": time.monotonic(), "boot": boot}
             self._local.update(targets)
             self._evaluate_all()
             return self.routing_locked()
@@ -214,13 +220,19 @@ class Manager:
 
     # ------------------------------------------------------------------ RPC glue
     def _rpc_heartbeat(self, args, payload):
-        return self.heartbeat(args.get("service_id"), args.get("address"), args.get("targets")), None
+        boot = args.get("boot", "")
+        if not isinstance(boot, str):
+            raise InvalidArgument("boot must be a str")
+        return self.heartbeat(args.get("service_id"), args.get("address"), args.get("targets"), boot), None
 
     def _meta_handler(self, name):
         fn = getattr(self.meta, name)
 
         def handler(args, payload):
-            return fn(*args.get("args", []), **args.get("kwargs", {})), None
+            a, kw = args.get("args", []), args.get("kwargs", {})
+            if not isinstance(a, list) or not isinstance(kw, dict) or len(a) > 4:
+                raise InvalidArgument(f"meta.{name}: args must be a short list and kwargs a dict")
+            return fn(*a, **kw), None
         return handler
 
     def _lease_loop(self) -> None:

@@ -1,6 +1,8 @@
 """Path and name validation shared by the client, the metadata layer and the services."""
 from __future__ import annotations
 
+import re
+
 from torch_deepstack.storage.errors import InvalidPath, NameTooLong
 
 MAX_NAME_BYTES = 255
@@ -42,13 +44,12 @@ def normalize(path: str) -> str:
     return "/" + "/".join(split_path(path))
 
 
-CHUNK_ID_CHARS = set("0123456789abcdef-")
+_CHUNK_ID = re.compile(r"[0-9a-f]{1,32}-[0-9a-f]{1,31}")
 
 
 def validate_chunk_id(chunk_id: str) -> str:
     """Chunk ids name files on the storage targets, so only '<hex>-<hex>' is accepted (no path tricks)."""
-    if (not isinstance(chunk_id, str) or not 3 <= len(chunk_id) <= 64 or not set(chunk_id) <= CHUNK_ID_CHARS
-            or chunk_id.count("-") != 1 or chunk_id.startswith("-") or chunk_id.endswith("-")):
+    if not isinstance(chunk_id, str) or _CHUNK_ID.fullmatch(chunk_id) is None:
         raise InvalidPath(f"bad chunk id {chunk_id!r} (expected '<inode hex>-<index hex>')")
     return chunk_id
 

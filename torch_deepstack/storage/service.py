@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -71,6 +72,7 @@ class StorageService:
                  host: str = "127.0.0.1", port: int = 0, sync: bool = True, rpc_timeout: float = 10.0,
                  capacity_bytes: int | None = None):
         self.service_id = service_id
+        self.boot = os.urandom(8).hex()  # identifies this incarnation: the manager spots restarts by it
         self.secret = secret
         self.engines: dict[str, ChunkEngine] = {}
         for tid, path in targets.items():
@@ -106,7 +108,8 @@ class StorageService:
     def _heartbeat_once(self) -> None:
         states = {tid: ("uptodate" if ok else "online") for tid, ok in self.uptodate.items()}
         routing, _ = self.manager.call("heartbeat", {"service_id": self.service_id, "address": self.address,
-                                                     "targets": states}, timeout=self.rpc_timeout)
+                                                     "targets": states, "boot": self.boot},
+                                       timeout=self.rpc_timeout)
         self._last_lease = time.monotonic()
         for c in routing["chains"].values():
             for t in c["targets"]:
@@ -176,43 +179,66 @@ class StorageService:
 
     # ------------------------------------------------------------------ reads
     def _rpc_read(self, args, payload):
-        items = args.get("items")
-        if not isinstance(items, list) or len(items) > 65536:
-            raise InvalidArgument("read needs items: a list of at most 65536 requests")
-        reads, by_target = [], {}
-        for it in items:
+        """Batched read on one target. Columnar arguments (chain, ver, chunk, off, len: one entry per item)
+        keep the per-item cost low; the reply lists n per item (-1: failed, see err) and the payload is the
+        concatenated bytes."""
+        tid = _str(args, "target")
+        cols = [args.get(k) for k in ("chain", "ver", "chunk", "off", "len")]
+        if not all(isinstance(c, list) for c in cols) or len({len(c) for c in cols}) != 1 or len(cols[0]) > 65536:
+            raise InvalidArgument("read needs equal-length lists chain, ver, chunk, off, len (at most 65536)")
+        eng = self._engine(tid)
+        chain_ok: dict = {}
+        reads, errs = [], {}
+        total = 0
+        for i, (chain_id, ver, cid, off, ln) in enumerate(zip(*cols)):
             r = _Read()
             reads.append(r)
             try:
-                tid, r.chunk = _str(it, "target"), validate_chunk_id(it.get("chunk"))
-                r.offset, r.length = _int(it, "offset"), _int(it, "length", 0, 64 << 20)
-                chain = self._chain(_str(it, "chain"), _int(it, "chain_ver"))
-                state = next((t["state"] for t in chain["targets"] if t["id"] == tid), None)
-                if state != "serving":
-                    raise NotServing(f"target {tid} is {state or 'not in chain'}, not serving reads")
-                by_target.setdefault(tid, []).append(r)
-                self._engine(tid)
+                key = (chain_id, ver)
+                err = chain_ok.get(key, 0)
+                if err == 0:
+                    err = chain_ok[key] = self._check_read_chain(chain_id, ver, tid)
+                if err is not None:
+                    raise err
+                r.chunk = validate_chunk_id(cid)
+                if type(off) is not int or type(ln) is not int or off < 0 or not 0 <= ln <= 64 << 20:
+                    raise InvalidArgument(f"bad offset/length {off!r}/{ln!r}")
+                r.offset, r.length = off, ln
+                total += -(-ln // 4096) * 4096
             except StorageError as e:
                 r.error = e
         # One page-aligned reply buffer; each read lands in its own aligned slot (zero-copy for aligned reads).
-        total = sum(align_up(r.length) for r in reads if r.error is None)
         arena = self._reply_arena(total) if total else None
         pos = 0
+        ok = []
         for r in reads:
             if r.error is None:
                 r.dest = arena[pos:pos + r.length]
-                pos += align_up(r.length)
-        for tid, rs in by_target.items():
-            self.engines[tid].read_many([r for r in rs if r.error is None])
-        results, parts = [], []
-        for r in reads:
+                pos += -(-r.length // 4096) * 4096
+                ok.append(r)
+        eng.read_many(ok)
+        ns, parts = [], []
+        for i, r in enumerate(reads):
             if r.error is None:
-                results.append({"n": r.n})
+                ns.append(r.n)
                 parts.append(r.dest[:r.n])
             else:
                 e = r.error if isinstance(r.error, StorageError) else StorageError(str(r.error))
-                results.append({"err": e.code, "msg": str(e)})
-        return {"items": results}, parts
+                ns.append(-1)
+                errs[i] = [e.code, str(e)]
+        return {"n": ns, "err": errs}, parts
+
+    def _check_read_chain(self, chain_id, ver, tid) -> StorageError | None:
+        try:
+            if not isinstance(chain_id, str) or type(ver) is not int:
+                raise InvalidArgument("chain must be a str and ver an int")
+            chain = self._chain(chain_id, ver)
+            state = next((t["state"] for t in chain["targets"] if t["id"] == tid), None)
+            if state != "serving":
+                raise NotServing(f"target {tid} is {state or 'not in chain'}, not serving reads")
+            return None
+        except StorageError as e:
+            return e
 
     def _reply_arena(self, size: int) -> memoryview:
         """Per-connection-thread reply buffer, reused: the reply is sent before the thread's next request."""
