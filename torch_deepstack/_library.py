@@ -114,28 +114,25 @@ def _faces(name: str) -> OpFaces:
     return FACES[name]
 
 
-def reference(name: str):
-    """Register the plain-PyTorch reference as the op's CPU kernel."""
+def _kernel_decorator(name: str, face: str, dispatch_key: str):
     def deco(fn):
         f = _faces(name)
-        if f.reference is not None:
-            raise RuntimeError(f"deepstack::{name} already has a reference kernel")
-        LIB.impl(name, fn, "CPU")
-        f.reference = fn
+        if getattr(f, face) is not None:
+            raise RuntimeError(f"deepstack::{name} already has a {face} kernel")
+        LIB.impl(name, fn, dispatch_key)
+        setattr(f, face, fn)
         return fn
     return deco
+
+
+def reference(name: str):
+    """Register the plain-PyTorch reference as the op's CPU kernel."""
+    return _kernel_decorator(name, "reference", "CPU")
 
 
 def cuda_kernel(name: str):
     """Register the fast CUDA implementation."""
-    def deco(fn):
-        f = _faces(name)
-        if f.cuda is not None:
-            raise RuntimeError(f"deepstack::{name} already has a CUDA kernel")
-        LIB.impl(name, fn, "CUDA")
-        f.cuda = fn
-        return fn
-    return deco
+    return _kernel_decorator(name, "cuda", "CUDA")
 
 
 def fake(name: str):
