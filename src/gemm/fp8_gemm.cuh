@@ -94,6 +94,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 (1 math warpgroup) or 128 (2)");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "BLOCK_N is a multiple of 16 in [16, 256]");
+  // 1D2D: a tile starts at a multiple of kBlockN, so it touches at most two 128-wide B scale blocks only when
+  // kBlockN <= 128 + gcd(kBlockN, 128) (gcd = lowest set bit here); e.g. 176 would need three.
+  static_assert(kSfbPerRow || kBlockN <= 128 + ((kBlockN & -kBlockN) < 128 ? (kBlockN & -kBlockN) : 128),
+                "BLOCK_N would let a tile span three B scale blocks");
   constexpr int kMathWG = kBlockM / 64;
   constexpr int kMathThreads = kMathWG * 128;
   // kK == 0: K is a run-time value (the weight-gradient GEMM, whose K is the token count).

@@ -22,31 +22,36 @@ def cdiv(a, b):
 
 
 def _check(cond, msg):
-    torch._check(cond, lambda: msg)
+    """`msg` is a callable, so the eager fast path builds no strings; symbolic conditions go to torch._check."""
+    if cond is True:
+        return
+    if cond is False:
+        raise RuntimeError(msg())
+    torch._check(cond, msg)
 
 
 def check_fp8_operand(op: str, name: str, t: torch.Tensor, dims: int) -> None:
-    _check(t.dtype == FP8, f"{op}: {name} must be torch.float8_e4m3fn, got {t.dtype}")
-    _check(t.dim() == dims, f"{op}: {name} must have {dims} dims, got shape {tuple(t.shape)}")
-    _check(t.stride(-1) == 1, f"{op}: {name} must be contiguous in K (stride(-1) == 1), got strides {t.stride()}")
+    _check(t.dtype == FP8, lambda: f"{op}: {name} must be torch.float8_e4m3fn, got {t.dtype}")
+    _check(t.dim() == dims, lambda: f"{op}: {name} must have {dims} dims, got shape {tuple(t.shape)}")
+    _check(t.stride(-1) == 1, lambda: f"{op}: {name} must be contiguous in K (stride(-1) == 1), got strides {t.stride()}")
     _check(t.shape[-1] % 16 == 0,
-           f"{op}: K={t.shape[-1]} must be a multiple of 16 (FP8 rows are read in 16-byte TMA units)")
+           lambda: f"{op}: K={t.shape[-1]} must be a multiple of 16 (FP8 rows are read in 16-byte TMA units)")
     for s in t.stride()[:-1]:
-        _check(s % 16 == 0, f"{op}: {name} row strides must be multiples of 16 elements, got {t.stride()}")
+        _check(s % 16 == 0, lambda: f"{op}: {name} row strides must be multiples of 16 elements, got {t.stride()}")
 
 
 def check_scales(op: str, name: str, sf: torch.Tensor, shape: tuple) -> None:
-    _check(sf.dtype == torch.float32, f"{op}: {name} must be float32, got {sf.dtype}")
-    _check(tuple(sf.shape) == tuple(shape), f"{op}: {name} must have shape {tuple(shape)}, got {tuple(sf.shape)}")
+    _check(sf.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {sf.dtype}")
+    _check(tuple(sf.shape) == tuple(shape), lambda: f"{op}: {name} must have shape {tuple(shape)}, got {tuple(sf.shape)}")
 
 
 def check_out(op: str, name: str, d: torch.Tensor, shape: tuple, dtypes=OUT_DTYPES) -> None:
-    _check(d.dtype in dtypes, f"{op}: {name} must be one of {dtypes}, got {d.dtype}")
-    _check(tuple(d.shape) == tuple(shape), f"{op}: {name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
-    _check(d.stride(-1) == 1, f"{op}: {name} must be contiguous in N (stride(-1) == 1), got strides {d.stride()}")
+    _check(d.dtype in dtypes, lambda: f"{op}: {name} must be one of {dtypes}, got {d.dtype}")
+    _check(tuple(d.shape) == tuple(shape), lambda: f"{op}: {name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
+    _check(d.stride(-1) == 1, lambda: f"{op}: {name} must be contiguous in N (stride(-1) == 1), got strides {d.stride()}")
     if shape[-1] % 2 == 0:
         _check(all(s % 2 == 0 for s in d.stride()[:-1]),
-               f"{op}: {name} row strides must be even when N is even, got {d.stride()}")
+               lambda: f"{op}: {name} row strides must be even when N is even, got {d.stride()}")
 
 
 def check_same_device(op: str, **tensors) -> None:
@@ -61,7 +66,7 @@ def check_dense(op, a, sfa, b, sfb, d, c, sf_b_per_row=False, out_dtypes=OUT_DTY
     check_fp8_operand(op, "b", b, 2)
     m, k = a.shape
     n = b.shape[0]
-    _check(b.shape[1] == k, f"{op}: a is [M, K]=[{m}, {k}] but b is {tuple(b.shape)}; b must be [N, K]")
+    _check(b.shape[1] == k, lambda: f"{op}: a is [M, K]=[{m}, {k}] but b is {tuple(b.shape)}; b must be [N, K]")
     kb = cdiv(k, 128)
     check_scales(op, "sfa", sfa, (m, kb))
     check_scales(op, "sfb", sfb, (n, kb) if sf_b_per_row else (cdiv(n, 128), kb))
@@ -74,7 +79,7 @@ def check_dense(op, a, sfa, b, sfb, d, c, sf_b_per_row=False, out_dtypes=OUT_DTY
 def check_grouped_b(op, b, sfb, k):
     check_fp8_operand(op, "b", b, 3)
     g, n, kk = b.shape
-    _check(kk == k, f"{op}: a has K={k} but b is {tuple(b.shape)}; b must be [G, N, K]")
+    _check(kk == k, lambda: f"{op}: a has K={k} but b is {tuple(b.shape)}; b must be [G, N, K]")
     check_scales(op, "sfb", sfb, (g, cdiv(n, 128), cdiv(k, 128)))
     return g, n
 
@@ -86,7 +91,7 @@ def check_contiguous(op, a, sfa, b, sfb, d, m_indices):
     check_scales(op, "sfa", sfa, (m, cdiv(k, 128)))
     check_out(op, "d", d, (m, n), (torch.bfloat16,))
     _check(m_indices.dtype == torch.int32 and tuple(m_indices.shape) == (m,),
-           f"{op}: m_indices must be int32 [M_sum]=[{m}] (group id per row, -1 for padding), got "
+           lambda: f"{op}: m_indices must be int32 [M_sum]=[{m}] (group id per row, -1 for padding), got "
            f"{m_indices.dtype} {tuple(m_indices.shape)}")
     check_same_device(op, a=a, sfa=sfa, b=b, sfb=sfb, d=d, m_indices=m_indices)
 
@@ -95,14 +100,14 @@ def check_masked(op, a, sfa, b, sfb, d, masked_m, expected_m):
     check_fp8_operand(op, "a", a, 3)
     ga, m, k = a.shape
     g, n = check_grouped_b(op, b, sfb, k)
-    _check(ga == g, f"{op}: a has {ga} groups but b has {g}")
+    _check(ga == g, lambda: f"{op}: a has {ga} groups but b has {g}")
     check_scales(op, "sfa", sfa, (g, m, cdiv(k, 128)))
     check_out(op, "d", d, (g, m, n), (torch.bfloat16,))
-    _check(d.stride(0) == m * d.stride(1), f"{op}: d groups must be packed (stride(0) == M_max * stride(1)), got {d.stride()}")
-    _check(a.stride(0) == m * a.stride(1), f"{op}: a groups must be packed (stride(0) == M_max * stride(1)), got {a.stride()}")
+    _check(d.stride(0) == m * d.stride(1), lambda: f"{op}: d groups must be packed (stride(0) == M_max * stride(1)), got {d.stride()}")
+    _check(a.stride(0) == m * a.stride(1), lambda: f"{op}: a groups must be packed (stride(0) == M_max * stride(1)), got {a.stride()}")
     _check(masked_m.dtype == torch.int32 and tuple(masked_m.shape) == (g,),
-           f"{op}: masked_m must be int32 [G]=[{g}], got {masked_m.dtype} {tuple(masked_m.shape)}")
-    _check(expected_m >= 0, f"{op}: expected_m must be >= 0, got {expected_m}")
+           lambda: f"{op}: masked_m must be int32 [G]=[{g}], got {masked_m.dtype} {tuple(masked_m.shape)}")
+    _check(expected_m >= 0, lambda: f"{op}: expected_m must be >= 0, got {expected_m}")
     check_same_device(op, a=a, sfa=sfa, b=b, sfb=sfb, d=d, masked_m=masked_m)
 
 
@@ -111,10 +116,10 @@ def check_k_grouped(op, a, sfa, b, sfb, d, ks, c):
     check_fp8_operand(op, "b", b, 2)
     m, k_sum = a.shape
     n = b.shape[0]
-    _check(b.shape[1] == k_sum, f"{op}: a is [M, sum(ks)]={tuple(a.shape)}, b must be [N, {k_sum}], got {tuple(b.shape)}")
+    _check(b.shape[1] == k_sum, lambda: f"{op}: a is [M, sum(ks)]={tuple(a.shape)}, b must be [N, {k_sum}], got {tuple(b.shape)}")
     _check(len(ks) >= 1 and all(int(x) >= 0 and int(x) % 128 == 0 for x in ks),
-           f"{op}: ks must list each group's K, each a multiple of 128 (0 allowed), got {list(ks)}")
-    _check(sum(int(x) for x in ks) == k_sum, f"{op}: sum(ks)={sum(int(x) for x in ks)} must equal a.shape[1]={k_sum}")
+           lambda: f"{op}: ks must list each group's K, each a multiple of 128 (0 allowed), got {list(ks)}")
+    _check(sum(int(x) for x in ks) == k_sum, lambda: f"{op}: sum(ks)={sum(int(x) for x in ks)} must equal a.shape[1]={k_sum}")
     check_scales(op, "sfa", sfa, (m, k_sum // 128))
     check_scales(op, "sfb", sfb, (n, k_sum // 128))
     check_out(op, "d", d, (len(ks), m, n), (torch.float32,))

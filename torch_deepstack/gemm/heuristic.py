@@ -8,6 +8,7 @@ N = 7168 or 2112.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SMEM_BUDGET = 232448            # bytes of shared memory one SM90 CTA may use
@@ -33,6 +34,13 @@ class GemmConfig:
         return (self.block_m // 64 + 1) * 128
 
 
+def spans_at_most_two_scale_blocks(block_n: int) -> bool:
+    """The 1D2D kernel promotes with at most two 128-wide B scale blocks per tile. Tiles start at multiples of
+    block_n, so their offset inside a scale block is a multiple of gcd(block_n, 128): e.g. 176-wide tiles can start 112
+    columns in and touch three blocks, while 144, 160 and 192 never do."""
+    return block_n <= 128 + math.gcd(block_n, 128)
+
+
 def stage_bytes(block_m: int, block_n: int, sf_b_per_row: bool) -> int:
     return block_m * 128 + block_n * 128 + block_m * 4 + (block_n * 4 if sf_b_per_row else 0)
 
@@ -50,6 +58,8 @@ def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_pe
         if bm == 128 and m <= 64 and 64 in block_m_choices:
             continue
         for bn in range(16, max_bn + 1, 16):
+            if not sf_b_per_row and not spans_at_most_two_scale_blocks(bn):
+                continue
             tiles = cdiv(max(m, 1), bm) * cdiv(n, bn) * num_groups
             waves = cdiv(tiles, num_sms)
             per_slice = max(bm * bn * 128 / MMA_FMA_PER_CYCLE, (bm + bn) * 128 / L2_BYTES_PER_CYCLE)

@@ -61,34 +61,61 @@ def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, ou
                        _CTYPE[c_dtype], has_c), defines=_debug_defines())
 
 
+# Host-side caches: the hot path must cost a few microseconds, not the ~170 us that rebuilding the config, the
+# kernel lookup and four tensor maps per call cost (measured on the H200: small GEMMs were host-bound).
+_PLANS: dict = {}
+_TMAPS: dict = {}
+_TMAP_CACHE_LIMIT = 4096
+
+
+def _tmap(ptr: int, dtype, dims: tuple, strides: tuple, box: tuple, swizzle: int = 0) -> bytes:
+    """A tensor map depends only on these values, so equal keys can share the encoded bytes."""
+    key = (ptr, dtype, dims, strides, box, swizzle)
+    m = _TMAPS.get(key)
+    if m is None:
+        if len(_TMAPS) >= _TMAP_CACHE_LIMIT:
+            _TMAPS.clear()
+        m = _TMAPS[key] = make_tensor_map(ptr, dtype, list(dims), list(strides), list(box), swizzle_bytes=swizzle)
+    return m
+
+
 def _rows_map(t: torch.Tensor, rows: int, row_stride: int, box_rows: int) -> bytes:
     """fp8 operand viewed as [rows, K] with the given row stride; 128-byte swizzled boxes [box_rows, 128]."""
-    k = t.shape[-1]
-    return make_tensor_map(t.data_ptr(), t.dtype, [k, rows], [row_stride], [128, box_rows], swizzle_bytes=128)
+    return _tmap(t.data_ptr(), t.dtype, (t.shape[-1], rows), (row_stride,), (128, box_rows), 128)
 
 
 def _sf_map(sf: torch.Tensor, mn: int, cols: int, box: int) -> bytes:
     """MN-major scales viewed as `cols` columns of `mn` contiguous floats, TMA-aligned; boxes of `box` floats."""
-    return make_tensor_map(sf.data_ptr(), torch.float32, [mn, cols], [tma_aligned_size(mn) * 4], [box, 1])
+    return _tmap(sf.data_ptr(), torch.float32, (mn, cols), (tma_aligned_size(mn) * 4,), (box, 1))
+
+
+def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype):
+    key = (kind, device.index, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype,
+           os.environ.get("DEEPSTACK_GEMM_CONFIG"), os.environ.get("DEEPSTACK_GEMM_DEFINES"), _NUM_SMS_OVERRIDE)
+    plan = _PLANS.get(key)
+    if plan is None:
+        cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1,
+                                           num_sms(device), sf_b_per_row))
+        spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
+                         c_dtype or out_dtype, c_dtype is not None)
+        tiles = cdiv(m_rows, cfg.block_m) * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
+        plan = (get_kernel(spec, _GEMM_SIGNATURE), cfg, max(1, min(cfg.num_sms, tiles)),
+                max(1, min(BAND_M_BLOCKS, cdiv(m_rows, cfg.block_m))), smem_bytes(cfg, sf_b_per_row))
+        _PLANS[key] = plan
+    return plan
 
 
 def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
                  k_template=None):
     """m_rows: M (dense), M_sum (contiguous) or M_max (masked)."""
-    device = a.device
-    cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms(device),
-                                       sf_b_per_row))
-    has_c = c is not None
-    spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, d.dtype,
-                     c.dtype if has_c else d.dtype, has_c)
-    kernel = get_kernel(spec, _GEMM_SIGNATURE)
+    kernel, cfg, grid, band, smem = _plan(kind, a.device, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
+                                          k_template, d.dtype, None if c is None else c.dtype)
     kb = cdiv(k, 128)
     groups_b = b.shape[0] if b.dim() == 3 else 1
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
     tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m)
     tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n)
-    sfa_cols = kb * (num_groups if kind == KIND_MASKED else 1)
-    tmap_sfa = _sf_map(sfa, m_rows, sfa_cols, cfg.block_m)
+    tmap_sfa = _sf_map(sfa, m_rows, kb * (num_groups if kind == KIND_MASKED else 1), cfg.block_m)
     tmap_sfb = _sf_map(sfb, n, kb, cfg.block_n) if sf_b_per_row else tmap_sfa
     if sf_b_per_row:
         sg = sn = sk = 0
@@ -96,12 +123,8 @@ def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k
         sg, sn, sk = sfb.stride()
     else:
         sg, (sn, sk) = 0, sfb.stride()
-    tiles = cdiv(m_rows, cfg.block_m) * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
-    grid = max(1, min(cfg.num_sms, tiles))
-    band = max(1, min(BAND_M_BLOCKS, cdiv(m_rows, cfg.block_m)))
     kernel.launch(grid, cfg.threads, tmap_a, tmap_b, tmap_sfa, tmap_sfb, d, c, sfb, layout,
-                  m_rows, num_groups, d.stride(-2), c.stride(-2) if has_c else 0, band, sg, sn, sk, kb,
-                  smem=smem_bytes(cfg, sf_b_per_row))
+                  m_rows, num_groups, d.stride(-2), 0 if c is None else c.stride(-2), band, sg, sn, sk, kb, smem=smem)
 
 
 def _fill_no_k(d, c, accumulate):
