@@ -62,8 +62,9 @@ _smem_set: set = set()
 
 
 def _allow_smem(kernel, smem: int) -> None:
-    """Also raise the dynamic shared-memory limit on the kernel's CUfunction in the current context (probe: the
-    device-wide cuKernelSetAttribute alone may not reach the function cuLaunchKernel uses)."""
+    """Also raise the dynamic shared-memory limit on the kernel's CUfunction in the current context, besides the
+    JIT's device-wide cuKernelSetAttribute (all GPU runs so far had both; kept until the JIT path alone is verified
+    with a >48 KB kernel)."""
     key = (id(kernel), torch.cuda.current_device(), smem)
     if key in _smem_set:
         return
