@@ -26,3 +26,15 @@ def test_processes_sharing_one_gpu_over_ipc(world_size):
 def test_ipc_errors_and_dead_peer():
     run_world(workers.error_checks, 2, "cuda", "ipc", timeout_s=90)
     run_world(workers.dead_peer_check, 2, "cuda", "ipc", timeout_s=90, allow_exit=(0, 1))
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("transport", ["dist", "ipc"])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_one_process_per_gpu(world_size, transport):
+    """The multi-GPU run (issue 8): NVLink IPC and NCCL between distinct GPUs. Skips without enough GPUs."""
+    import torch
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, this machine has {torch.cuda.device_count()}")
+    run_world(workers.normal_mode_checks, world_size, 13, "cuda", transport, backend="nccl", timeout_s=550)
