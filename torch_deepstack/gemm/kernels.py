@@ -268,9 +268,20 @@ DSV3_NK = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168
 
 @register_prebuild("gemm")
 def _prebuild():
+    """DeepSeek-V3 dense projections at M = 64 and 4096, the MoE grouped shapes, the weight gradient and the
+    quantisers: every kernel family once, so `deepstack jit prebuild` and the spill check cover them all."""
+    bf16, f32 = torch.bfloat16, torch.float32
     specs = []
     for n, k in DSV3_NK:
-        for m in (64, 128, 4096):
-            cfg = select_config(m, n, k, 1, 132)
-            specs.append(gemm_spec(cfg, n, k, KIND_DENSE, False, torch.bfloat16, torch.bfloat16, False))
+        for m in (64, 4096):
+            specs.append(gemm_spec(select_config(m, n, k, 1, 132), n, k, KIND_DENSE, False, bf16, bf16, False))
+    for n, k in ((4096, 7168), (7168, 2048)):
+        specs.append(gemm_spec(select_config(8192, n, k, 1, 132), n, k, KIND_CONTIGUOUS, False, bf16, bf16, False))
+        specs.append(gemm_spec(select_config(256, n, k, 4, 132), n, k, KIND_MASKED, False, bf16, bf16, False))
+    for m, n in ((7168, 2048), (2048, 7168)):
+        specs.append(gemm_spec(select_config(m, n, 1, 1, 132, True), n, 0, KIND_DENSE, True, f32, f32, True))
+    for dt in ("__nv_bfloat16", "float"):
+        for t in (False, True):
+            specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_kernel", (dt, t, False)))
+        specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_t_kernel", (dt, False)))
     return specs
