@@ -111,11 +111,13 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
   constexpr int kChunks = L::kChunks;
   static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
   static_assert(!kFp8 || (kDQK == 576 && sizeof(T) == 2), "the FP8 cache format has 576 channels");
-  constexpr int kProducerRegs = kFp8 ? 72 : 40;
-  constexpr int kConsumerRegs = kFp8 ? 216 : 232;   // 2 * consumer + producer = 3 * 168 (the entry cap)
+  constexpr int kProducerRegs = kFp8 ? 88 : 40;
+  constexpr int kConsumerRegs = kFp8 ? 208 : 232;   // 2 * consumer + producer = 3 * 168 (the entry cap)
 
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Align to 1024 bytes (128-byte swizzle atoms) by offsetting the array itself, so the compiler still sees shared
+  // memory (32-bit addresses) rather than generic pointers.
+  uint8_t* smem = smem_raw + ((1024u - (sm90::smem_addr(smem_raw) & 1023u)) & 1023u);
   uint8_t* sQ = smem + L::kQ;
   uint8_t* sK = smem + L::kK;
   uint8_t* sP = smem + L::kP;
