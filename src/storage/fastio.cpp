@@ -1,14 +1,17 @@
 // Batched direct-I/O reads with CRC32C for the storage chunk engine (torch_deepstack/storage/fastio.py).
 //
-// One call submits a whole batch of aligned O_DIRECT reads with Linux native AIO (io_submit), so the kernel
-// has the batch's full queue depth in flight while Python waits once; then it computes the CRC32C of every
+// A batch of aligned O_DIRECT reads goes to the kernel through io_uring (native AIO where io_uring is not
+// allowed), so the kernel has the batch's full queue depth in flight while Python waits once; then it computes the CRC32C of every
 // block read (SSE4.2 instruction when the CPU has it) and copies unaligned requests out of their bounce
 // buffers. Plain C ABI, no dependencies: it builds with the system compiler in well under a second, and
 // Python falls back to os.preadv when it cannot be built.
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <linux/aio_abi.h>
+#include <linux/io_uring.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -164,7 +167,135 @@ int ds_read_batch(ds_io* ios, int n, uint64_t ctx_raw, int depth) {
     return 0;
 }
 
-// Split form for pipelining: submit ios[start, start+count) now (the caller prepares the next wave while
+// ---- io_uring (preferred: cheaper per request than native AIO), driven with raw syscalls, no liburing ----
+struct ds_ring {
+    int fd;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe* sqes;
+    struct io_uring_cqe* cqes;
+    void* sq_ptr;
+    void* cq_ptr;
+    size_t sq_sz, cq_sz, sqes_sz;
+    unsigned entries;
+};
+
+uint64_t ds_ring_setup(unsigned entries) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+    if (fd < 0) return 0;
+    ds_ring* r = (ds_ring*)calloc(1, sizeof(ds_ring));
+    if (!r) {
+        close(fd);
+        return 0;
+    }
+    r->fd = fd;
+    r->entries = p.sq_entries;
+    r->sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    r->cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    bool single = p.features & IORING_FEAT_SINGLE_MMAP;
+    if (single) r->sq_sz = r->cq_sz = (r->sq_sz > r->cq_sz ? r->sq_sz : r->cq_sz);
+    r->sq_ptr = mmap(nullptr, r->sq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+    r->cq_ptr = single ? r->sq_ptr
+                       : mmap(nullptr, r->cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                              IORING_OFF_CQ_RING);
+    r->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);
+    r->sqes = (struct io_uring_sqe*)mmap(nullptr, r->sqes_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                                         fd, IORING_OFF_SQES);
+    if (r->sq_ptr == MAP_FAILED || r->cq_ptr == MAP_FAILED || r->sqes == MAP_FAILED) {
+        close(fd);
+        free(r);
+        return 0;
+    }
+    char* sq = (char*)r->sq_ptr;
+    char* cq = (char*)r->cq_ptr;
+    r->sq_head = (unsigned*)(sq + p.sq_off.head);
+    r->sq_tail = (unsigned*)(sq + p.sq_off.tail);
+    r->sq_mask = (unsigned*)(sq + p.sq_off.ring_mask);
+    r->sq_array = (unsigned*)(sq + p.sq_off.array);
+    r->cq_head = (unsigned*)(cq + p.cq_off.head);
+    r->cq_tail = (unsigned*)(cq + p.cq_off.tail);
+    r->cq_mask = (unsigned*)(cq + p.cq_off.ring_mask);
+    r->cqes = (struct io_uring_cqe*)(cq + p.cq_off.cqes);
+    return (uint64_t)r;
+}
+
+void ds_ring_destroy(uint64_t h) {
+    ds_ring* r = (ds_ring*)h;
+    munmap(r->sqes, r->sqes_sz);
+    if (r->cq_ptr != r->sq_ptr) munmap(r->cq_ptr, r->cq_sz);
+    munmap(r->sq_ptr, r->sq_sz);
+    close(r->fd);
+    free(r);
+}
+
+static int ring_enter(ds_ring* r, unsigned submit, unsigned wait) {
+    for (;;) {
+        long ret = syscall(__NR_io_uring_enter, r->fd, submit, wait, wait ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
+        if (ret >= 0) return (int)ret;
+        if (errno != EINTR && errno != EAGAIN && errno != EBUSY) return -errno;
+        if (errno != EINTR) wait = wait ? wait : 1;  // resources busy: wait for completions, then go on
+    }
+}
+
+// Queue ios[start, start+count) and submit them (count <= free SQ slots).
+int ds_ring_submit(ds_io* ios, int start, int count, uint64_t h) {
+    ds_ring* r = (ds_ring*)h;
+    unsigned tail = __atomic_load_n(r->sq_tail, __ATOMIC_RELAXED);
+    unsigned mask = *r->sq_mask;
+    for (int i = 0; i < count; i++) {
+        ds_io* io = &ios[start + i];
+        unsigned idx = tail & mask;
+        struct io_uring_sqe* sqe = &r->sqes[idx];
+        memset(sqe, 0, sizeof(*sqe));
+        sqe->opcode = IORING_OP_READ;
+        sqe->fd = (int)io->fd;
+        sqe->addr = io->buf;
+        sqe->len = (unsigned)io->length;
+        sqe->off = (uint64_t)io->offset;
+        sqe->user_data = (uint64_t)(start + i);
+        r->sq_array[idx] = idx;
+        io->result = -EINPROGRESS;
+        tail++;
+    }
+    __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
+    int left = count;
+    while (left > 0) {
+        int n = ring_enter(r, (unsigned)left, 0);
+        if (n < 0) {
+            for (int i = count - left; i < count; i++) ios[start + i].result = n;
+            return count - left;
+        }
+        left -= n;
+    }
+    return count;
+}
+
+int ds_ring_reap(ds_io* ios, int count, uint64_t h) {
+    ds_ring* r = (ds_ring*)h;
+    int done = 0;
+    while (done < count) {
+        unsigned head = __atomic_load_n(r->cq_head, __ATOMIC_RELAXED);
+        unsigned tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+        if (head == tail) {
+            int rc = ring_enter(r, 0, (unsigned)(count - done));
+            if (rc < 0) return rc;
+            continue;
+        }
+        while (head != tail) {
+            struct io_uring_cqe* cqe = &r->cqes[head & *r->cq_mask];
+            ds_io* io = &ios[cqe->user_data];
+            io->result = cqe->res;
+            finish(io);
+            head++;
+            done++;
+        }
+        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+    }
+    return 0;
+}
+
+// Split form for pipelining (native AIO fallback): submit ios[start, start+count) now (the caller prepares the next wave while
 // these are in flight), later reap `count` completions of earlier submissions. At most 256 in flight.
 int ds_submit(ds_io* ios, int start, int count, uint64_t ctx_raw) {
     struct iocb cbs[256];

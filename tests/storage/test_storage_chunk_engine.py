@@ -116,14 +116,19 @@ def test_bad_inputs(tmp_path):
         ChunkEngine(str(tmp_path / "t"), "another-id")
 
 
-@pytest.mark.parametrize("use_c", [True, False])
-def test_read_many_matches_single_reads_and_detects_corruption(tmp_path, monkeypatch, use_c):
+@pytest.mark.parametrize("path", ["io_uring", "aio", "python"])
+def test_read_many_matches_single_reads_and_detects_corruption(tmp_path, monkeypatch, path):
     from torch_deepstack.storage import fastio
     from torch_deepstack.storage.client import ChunkRead
 
-    if use_c:
+    if path != "python":
         if fastio.load() is None:
             pytest.skip(f"C helper unavailable: {fastio.reason}")
+        if path == "aio":  # this thread forgets its ring and may not make another
+            monkeypatch.setattr(fastio, "_uring_ok", False)
+            monkeypatch.setattr(fastio._tls, "ring", None, raising=False)
+        elif not fastio.uring():
+            pytest.skip("io_uring not available here")
     else:
         monkeypatch.setattr(fastio, "_lib", None)
         monkeypatch.setattr(fastio, "_tried", True)

@@ -191,6 +191,19 @@ def test_corruption_surfaces_in_embedded_mode_and_fsck_reports_it(fs, tmp_path):
     assert len(rep.corrupt) == 1 and not rep.clean  # one replica: detected, nothing to repair from
 
 
+def test_fsck_gc_removes_orphan_chunks(fs):
+    from torch_deepstack.storage.fsck import fsck
+
+    fs.write_bytes("/keep", b"k" * (2 * CS))
+    fs.write_bytes("/lost", b"l" * (3 * CS))
+    fs.meta.remove("/lost")  # metadata gone, chunks left behind (as after a client crash mid-remove)
+    assert len(fs.backend.engine.list_chunks()) == 5
+    rep = fsck(fs, gc=True)
+    assert rep.orphans_removed == 3 and rep.clean
+    assert len(fs.backend.engine.list_chunks()) == 2
+    assert fs.read_bytes("/keep") == b"k" * (2 * CS)
+
+
 def test_bad_names_and_full_disk(tmp_path):
     with st.connect(str(tmp_path / "fs"), chunk_size=CS, capacity_bytes=2 * CS, sync=False) as fs:
         with pytest.raises(NameTooLong):

@@ -50,6 +50,21 @@ def test_cluster_cli_roundtrip_and_auth(cluster_factory, tmp_path):
     # Every replica holds the same committed versions.
     for chain, reps in replica_dumps(c).items():
         assert len({tuple(sorted(v.items())) for v in reps.values()}) == 1, (chain, reps)
+    # Chain-version checks: a write routed with an old chain version is rejected, not applied.
+    routing = c.routing()
+    chain_id, chain = next(iter(routing["chains"].items()))
+    head = chain["targets"][0]["id"]
+    host, port = routing["addresses"][head].rsplit(":", 1)
+    svc = RpcClient(host, int(port), c.secret, timeout=10)
+    with pytest.raises(st.StorageError) as err:
+        svc.call("write", {"chain": chain_id, "chain_ver": chain["version"] - 1, "target": head,
+                           "chunk": "00000000000000aa-00000000", "offset": 0, "chunk_size": CS}, b"x")
+    assert err.value.code == "stale_routing"
+    with pytest.raises(st.InvalidPath):
+        svc.call("write", {"chain": chain_id, "chain_ver": chain["version"], "target": head,
+                           "chunk": "../../etc", "offset": 0, "chunk_size": CS}, b"x")
+    assert svc.call("dump_meta", {"target": head})[0].get("00000000000000aa-00000000") is None
+    svc.close()
     r = c.cli("get", "/data/missing", str(tmp_path / "x"), *fs_arg)
     assert r.returncode == 1 and "no such file" in r.stderr
     r = c.cli("ls", "--fs", "deepstack://nohostport")

@@ -90,6 +90,12 @@ def load():
             lib.ds_submit.restype = ctypes.c_int
             lib.ds_reap.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
             lib.ds_reap.restype = ctypes.c_int
+            lib.ds_ring_setup.argtypes = [ctypes.c_uint]
+            lib.ds_ring_setup.restype = ctypes.c_uint64
+            lib.ds_ring_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
+            lib.ds_ring_submit.restype = ctypes.c_int
+            lib.ds_ring_reap.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+            lib.ds_ring_reap.restype = ctypes.c_int
             lib.ds_aio_setup.argtypes = [ctypes.c_int]
             lib.ds_aio_setup.restype = ctypes.c_uint64
             lib.ds_crc32c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32]
@@ -101,6 +107,22 @@ def load():
             _lib = None
         _tried = True
         return _lib
+
+
+_uring_ok = True
+
+
+def uring() -> int:
+    """This thread's io_uring (0 where io_uring is unavailable, e.g. blocked by a seccomp policy)."""
+    global _uring_ok
+    ring = getattr(_tls, "ring", None)
+    if ring is None:
+        ring = _lib.ds_ring_setup(AIO_DEPTH) if _uring_ok else 0
+        if not ring and _uring_ok:
+            _uring_ok = False
+            log.info("io_uring unavailable here; batched reads use native AIO")
+        _tls.ring = ring
+    return ring
 
 
 def aio_context() -> int:
@@ -128,7 +150,11 @@ class Pipeline:
     def __init__(self, ios: bytearray):
         self.ios = ios
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(ios))
-        self.ctx = aio_context()
+        self.ring = uring()
+        if self.ring:
+            self.ctx, self._submit, self._reap = self.ring, _lib.ds_ring_submit, _lib.ds_ring_reap
+        else:
+            self.ctx, self._submit, self._reap = aio_context(), _lib.ds_submit, _lib.ds_reap
         self.submitted = 0
         self.inflight = 0
 
@@ -140,14 +166,14 @@ class Pipeline:
                 self.reap()
                 continue
             m = min(count, room)
-            got = _lib.ds_submit(self.addr, self.submitted, m, self.ctx)
+            got = self._submit(self.addr, self.submitted, m, self.ctx)
             self.inflight += max(got, 0)
             self.submitted += m  # records that failed to submit carry -errno already
             count -= m
 
     def reap(self) -> None:
         if self.inflight:
-            rc = _lib.ds_reap(self.addr, self.inflight, self.ctx)
+            rc = self._reap(self.addr, self.inflight, self.ctx)
             self.inflight = 0
             if rc < 0:
                 raise OSError(-rc, f"AIO wait failed: {os.strerror(-rc)}")
