@@ -199,8 +199,17 @@ def check_low_latency(buf, seed, rank, ws, num_experts, num_max):
         recv, count, handle, ev, hook = buf.low_latency_dispatch(
             x, idx, num_max, num_experts, cumulative_local_expert_recv_stats=stats, use_fp8=use_fp8,
             return_recv_hook=True)
+        overlap = (x.float() @ x.float().t()).sum()                   # compute while the data is in flight
         hook()
+        assert torch.isfinite(overlap)
         rx, rs = recv if use_fp8 else (recv, None)
+        plain, plain_count, plain_handle, _, no_hook = buf.low_latency_dispatch(x, idx, num_max, num_experts,
+                                                                               use_fp8=use_fp8)
+        assert no_hook is None and torch.equal(plain_count, count)
+        for a, b in zip(plain if use_fp8 else (plain,), recv if use_fp8 else (recv,)):
+            assert torch.equal(a.float(), b.float())                  # hook and plain receive the same
+        assert torch.equal(plain_handle.src_info, handle.src_info)
+        assert torch.equal(plain_handle.layout_range, handle.layout_range)
         assert rx.shape == (L, num_max * ws, HIDDEN)
         assert torch.equal(stats.cpu(), count)
         begin, cnt = handle.layout_range.cpu() >> 32, handle.layout_range.cpu() & 0xFFFFFFFF
@@ -259,8 +268,24 @@ class OnDevice:
 
         def call(*args, **kwargs):
             out = attr(*self._to(args, self.device), **{k: self._to(v, self.device) for k, v in kwargs.items()})
-            return self._to(out, "cpu")
+            host = self._to(out, "cpu")
+            if isinstance(out, tuple) and callable(out[-1]):
+                hook = out[-1]
+
+                def host_hook():        # the device outputs are filled by the hook: refresh the host copies
+                    hook()
+                    _copy_into(host[:-1], out[:-1])
+                host = host[:-1] + (host_hook,)
+            return host
         return call
+
+
+def _copy_into(dst, src):
+    if isinstance(src, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(src, (tuple, list)) and not isinstance(src, (DispatchHandle, LowLatencyHandle)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
 
 
 def make_buffer(device, transport, **kw):

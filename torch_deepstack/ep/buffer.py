@@ -368,13 +368,21 @@ class Buffer:
                              use_ue8m0: bool = False, async_finish: bool = False, return_recv_hook: bool = False):
         """-> (recv_x, recv_count, handle, event, hook). recv_x is [L, M*R, hidden] (bf16), or with use_fp8 the
         pair (e4m3 [L, M*R, hidden], fp32 scales [L, M*R, hidden // 128] MN-major TMA-aligned); only the first
-        recv_count[e] rows of expert e are meaningful. `hook()` (with return_recv_hook) must be called before
-        reading the outputs; with this transport the data has landed by then (it is a no-op)."""
+        recv_count[e] rows of expert e are meaningful.
+
+        return_recv_hook=True: the call only sends (on the torch.distributed transport the all-to-all is left in
+        flight) and returns the output tensors unfilled; `hook()` receives into them. Run compute in between to
+        overlap it with the transfer; read nothing before hook() returns. The IPC transport completes the move
+        before returning (its double buffer allows no move to stay open), so there its hook only unpacks."""
         if use_ue8m0:
             raise NotImplementedError("low_latency_dispatch: use_ue8m0 (packed int32 scales) is not supported; "
                                       "use round_scale=True for power-of-two fp32 scales")
         self._check_device("low_latency_dispatch", x)
         self._check_ll_size(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
+        self._ll_parity ^= 1
+        if return_recv_hook:
+            return self._ll_dispatch_with_hook(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                               cumulative_local_expert_recv_stats, use_fp8, round_scale)
         (rx, rs, cnt, src_info, layout_range), ev = self._run(
             lambda: torch.ops.deepstack.ep_low_latency_dispatch(
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, self.group_name,
@@ -384,21 +392,48 @@ class Buffer:
             cumulative_local_expert_recv_stats.add_(cnt.to(cumulative_local_expert_recv_stats.dtype))
         handle = LowLatencyHandle(src_info, layout_range, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts,
                                   self.buffer_id)
-        self._ll_parity ^= 1
-        hook = (lambda: None) if return_recv_hook else None
-        return ((rx, rs) if use_fp8 else rx), cnt, handle, ev, hook
+        return ((rx, rs) if use_fp8 else rx), cnt, handle, ev, None
+
+    def _ll_dispatch_with_hook(self, x, topk_idx, num_max, num_experts, stats, use_fp8, round_scale):
+        from torch_deepstack.ep import ops
+        self._check_alive()
+        xq, xs = ops.ll_prepare(x, topk_idx, num_max, num_experts, self.group_size, use_fp8, round_scale)
+        transport = ops._transport("low_latency_dispatch", self.group_name, x.device, self.group_size)
+        state = core.LowLatencyDispatch(transport, xq, xs, topk_idx, num_max, num_experts)
+        rx, rs, cnt, src_info, layout_range = state.outputs
+        scales = ops.ll_scales_like(rx) if use_fp8 else None
+
+        def hook():
+            state.finish()
+            if scales is not None:
+                scales.copy_(rs.view(scales.shape))
+            if stats is not None:
+                stats.add_(cnt.to(stats.dtype))
+
+        handle = LowLatencyHandle(src_info, layout_range, num_max, x.shape[1], num_experts, self.buffer_id)
+        return ((rx, scales) if use_fp8 else rx), cnt, handle, self.capture(), hook
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False, out=None,
                             combine_wait_recv_cost_stats=None):
         """-> (combined_x [N, hidden], event, hook): sum over k of topk_weights[t, k] times expert
-        topk_idx[t, k]'s output row for token t. use_logfmt is accepted and sends bf16 (exact, more bytes)."""
+        topk_idx[t, k]'s output row for token t. use_logfmt is accepted and sends bf16 (exact, more bytes).
+        return_recv_hook=True: combined_x is filled by hook() (the partial sums are in flight until then)."""
         self._check_handle(handle, LowLatencyHandle)
         if zero_copy:
             x = self.get_next_low_latency_combine_buffer(handle)
         self._check_device("low_latency_combine", x)
         self._check_ll_size(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        if return_recv_hook:
+            from torch_deepstack.ep import ops
+            self._check_alive()
+            M = handle.num_max_dispatch_tokens_per_rank
+            ops.check_ll_combine(x, topk_idx, topk_weights, handle.src_info, handle.layout_range, M)
+            transport = ops._transport("low_latency_combine", self.group_name, x.device, self.group_size)
+            state = core.LowLatencyCombine(transport, x, topk_idx, topk_weights, handle.src_info,
+                                           handle.layout_range, M, out=out)
+            return state.out, self.capture(), state.finish
         cx, ev = self._run(
             lambda: torch.ops.deepstack.ep_low_latency_combine(
                 x, topk_idx, topk_weights, handle.src_info, handle.layout_range,
@@ -407,8 +442,7 @@ class Buffer:
         if out is not None:
             out.copy_(cx)
             cx = out
-        hook = (lambda: None) if return_recv_hook else None
-        return cx, ev, hook
+        return cx, ev, None
 
 
 def _flatten(obj):

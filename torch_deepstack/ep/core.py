@@ -114,7 +114,8 @@ def _dispatch_rows(transport, mask, rank_counts, tensors, num_worst_tokens: int,
     n = mask.shape[0]
     if num_worst_tokens == 0:
         tok = mask.t().nonzero()[:, 1]                                 # sorted by destination, then token
-        return move_exact(transport, tensors, tok, rank_counts[rank].tolist(), rank_counts[:, rank].tolist()), None
+        rc = rank_counts.cpu()                                         # one host read of the count matrix
+        return move_exact(transport, tensors, tok, rc[rank].tolist(), rc[:, rank].tolist()), None
     cap = worst_capacity(num_worst_tokens, R, n, "dispatch")
     pos = slot_positions(mask)                                         # [n, R]
     flat = torch.where(pos >= 0, torch.arange(R, device=mask.device) * cap + pos, R * cap).to(torch.int64)
@@ -203,11 +204,11 @@ def combine(transport, x, topk_weights, is_token_in_rank, rank_counts, num_worst
     acc_w = torch.zeros(n, k, dtype=torch.float32, device=dev)
     if num_worst_tokens == 0:
         # received rows are already grouped by source rank: they go back as they are
-        back = [transport.all_to_all_v(as_byte_rows(t), rank_counts[:, rank].tolist(), rank_counts[rank].tolist())
-                for t in (x, w)]
+        rc = rank_counts.cpu()                                         # one host read of the count matrix
+        back = [transport.all_to_all_v(as_byte_rows(t), rc[:, rank].tolist(), rc[rank].tolist()) for t in (x, w)]
         bx, bw = from_byte_rows(back[0], x.dtype), from_byte_rows(back[1], torch.float32)
         tok = mask.t().nonzero()[:, 1]
-        starts = [0] + torch.cumsum(rank_counts[rank], 0).tolist()
+        starts = [0] + torch.cumsum(rc[rank], 0).tolist()
         for j in range(R):                       # fixed order over destinations: repeatable sums
             s, e = starts[j], starts[j + 1]
             if e > s:
@@ -233,57 +234,90 @@ def combine(transport, x, topk_weights, is_token_in_rank, rank_counts, num_worst
 # Every rank sends one fixed block of M = num_max_dispatch_tokens_per_rank rows to every rank (row t = token t,
 # padded rows carry top-k ids of -1), so shapes never depend on routing: no host sync, CUDA-graph capturable.
 
+class _Done:
+    """A move that has already completed."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def wait(self):
+        return self.result
+
+
+def start_fixed(transport, send):
+    """Start a fixed all-to-all; `.wait()` returns the received blocks. Transports that can leave a move in
+    flight (torch.distributed) provide start_all_to_all_fixed; the others complete it here."""
+    start = getattr(transport, "start_all_to_all_fixed", None)
+    return start(send) if start is not None else _Done(transport.all_to_all_fixed(send))
+
+
+class LowLatencyDispatch:
+    """A low-latency dispatch in two halves: start() sends and allocates the outputs, finish() receives into them
+    (what a receive hook runs). `outputs` are valid once finish() has run."""
+
+    def __init__(self, transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
+        R = self.R = transport.world_size
+        self.rank = transport.rank
+        L = self.L = num_experts // R
+        n, hidden = x.shape
+        k = self.k = topk_idx.shape[1]
+        dev = self.dev = x.device
+        self.num_max = num_max
+        self.num_scales = x_scales.shape[1] if x_scales is not None else 0
+        self.specs = row_specs(hidden, x.dtype, self.num_scales, k, False)
+        padded_idx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
+        padded_idx[:n] = topk_idx
+        parts = [torch.zeros(num_max, hidden, dtype=x.dtype, device=dev)]
+        parts[0][:n] = x
+        if x_scales is not None:
+            sc = torch.zeros(num_max, self.num_scales, dtype=torch.float32, device=dev)
+            sc[:n] = x_scales
+            parts.append(sc)
+        parts += [padded_idx, torch.arange(num_max, dtype=torch.int32, device=dev)]
+        payload = pack_rows(parts)                                    # [M, B]
+        self.pending = start_fixed(transport, payload.unsqueeze(0).expand(R, -1, -1).contiguous())
+        cap = self.cap = num_max * R
+        dump = self.dump = L * cap
+        self.out = torch.zeros(dump + 1, hidden * x.element_size(), dtype=torch.uint8, device=dev)
+        self.out_s = (torch.zeros(dump + 1, self.num_scales, dtype=torch.float32, device=dev)
+                      if self.num_scales else None)
+        self.src_info = torch.full((dump + 1,), -1, dtype=torch.int32, device=dev)
+        self.recv_count = torch.empty(L, dtype=torch.int32, device=dev)
+        self.layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
+        recv_scales = self.out_s[:dump] if self.out_s is not None else torch.empty(0, dtype=torch.float32,
+                                                                                    device=dev)
+        self.outputs = (self.out[:dump].view(x.dtype).view(L, cap, hidden), recv_scales, self.recv_count,
+                        self.src_info[:dump].view(L, cap), self.layout_range)
+
+    def finish(self):
+        R, L, k, num_max, cap, dump, dev = self.R, self.L, self.k, self.num_max, self.cap, self.dump, self.dev
+        got = self.pending.wait()
+        fields = unpack_rows(got.view(R * num_max, -1), self.specs)
+        data = fields[0].view(torch.uint8)                            # move bytes: fp8 has few index kernels
+        scales = fields[1] if self.num_scales else None
+        local = to_local_experts(fields[-2], self.rank, L)            # [R*M, k] local expert of each slot
+        hit = torch.zeros(R * num_max, L + 1, dtype=torch.bool, device=dev)
+        hit.scatter_(1, torch.where(local >= 0, local, torch.full_like(local, L)), True)
+        hit = hit[:, :L]                                              # [R*M, L]: row q goes to local expert l
+        pos = slot_positions(hit)                                     # position in expert l's block
+        self.recv_count.copy_(hit.sum(0, dtype=torch.int32))
+        per_src = hit.view(R, num_max, L).sum(1, dtype=torch.int64).t()   # [L, R]
+        self.layout_range.copy_(((torch.cumsum(per_src, 1) - per_src) << 32) | per_src)
+        # every (received row, top-k slot) pair at once: its destination row, or the dump row
+        lc = local.clamp(min=0)
+        dst = torch.where(local >= 0, lc * cap + pos.gather(1, lc), dump).reshape(-1)
+        src = torch.arange(R * num_max, device=dev).unsqueeze(1).expand(-1, k).reshape(-1)
+        self.src_info.index_put_((dst,), (src % num_max).to(torch.int32))
+        self.out.index_put_((dst,), data.index_select(0, src))       # valid destinations are distinct
+        if scales is not None:
+            self.out_s.index_put_((dst,), scales.index_select(0, src))
+        return self.outputs
+
+
 def ll_dispatch(transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
     """Returns (recv_x [L, M*R, H], recv_scales [L*M*R, G] row-major or empty, recv_count [L] int32,
     src_info [L, M*R] int32, layout_range [L, R] int64)."""
-    R, rank = transport.world_size, transport.rank
-    L = num_experts // R
-    n, hidden = x.shape
-    k = topk_idx.shape[1]
-    dev = x.device
-    num_scales = x_scales.shape[1] if x_scales is not None else 0
-    specs = row_specs(hidden, x.dtype, num_scales, k, False)
-    padded_idx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
-    padded_idx[:n] = topk_idx
-    parts = [torch.zeros(num_max, hidden, dtype=x.dtype, device=dev)]
-    parts[0][:n] = x
-    if x_scales is not None:
-        s = torch.zeros(num_max, num_scales, dtype=torch.float32, device=dev)
-        s[:n] = x_scales
-        parts.append(s)
-    parts += [padded_idx, torch.arange(num_max, dtype=torch.int32, device=dev)]
-    payload = pack_rows(parts)                                        # [M, B]
-    got = transport.all_to_all_fixed(payload.unsqueeze(0).expand(R, -1, -1).contiguous())
-    fields = unpack_rows(got.view(R * num_max, -1), specs)
-    data = fields[0]
-    scales = fields[1] if num_scales else None
-    gidx = fields[-2]                                                 # [R*M, k] global expert ids
-    local = to_local_experts(gidx, rank, L)                           # [R*M, k]
-    hit = torch.zeros(R * num_max, L + 1, dtype=torch.bool, device=dev)
-    hit.scatter_(1, torch.where(local >= 0, local, torch.full_like(local, L)), True)
-    hit = hit[:, :L]                                                  # [R*M, L]: row q goes to local expert l
-    pos = slot_positions(hit)                                         # position in expert l's block
-    recv_count = hit.sum(0, dtype=torch.int32)
-    per_src = hit.view(R, num_max, L).sum(1, dtype=torch.int64).t()   # [L, R]
-    begin = torch.cumsum(per_src, 1) - per_src
-    layout_range = (begin << 32) | per_src
-    cap = num_max * R
-    dump = L * cap
-    # every (received row, top-k slot) pair at once: its destination row, or the dump row if not for this rank
-    lc = local.clamp(min=0)
-    dst = torch.where(local >= 0, lc * cap + pos.gather(1, lc), dump).reshape(-1)
-    src = torch.arange(R * num_max, device=dev).unsqueeze(1).expand(-1, k).reshape(-1)
-    src_info = torch.full((dump + 1,), -1, dtype=torch.int32, device=dev)
-    src_info.index_put_((dst,), (src % num_max).to(torch.int32))
-    data = data.view(torch.uint8)                                     # move bytes: fp8 has few index kernels
-    out = torch.zeros(dump + 1, data.shape[1], dtype=torch.uint8, device=dev)
-    out.index_put_((dst,), data.index_select(0, src))                 # valid destinations are distinct
-    out_s = None
-    if num_scales:
-        out_s = torch.zeros(dump + 1, num_scales, dtype=torch.float32, device=dev)
-        out_s.index_put_((dst,), scales.index_select(0, src))
-    recv_scales = out_s[:dump] if out_s is not None else torch.empty(0, dtype=torch.float32, device=dev)
-    return (out[:dump].view(x.dtype).view(L, cap, hidden), recv_scales, recv_count, src_info[:dump].view(L, cap), layout_range)
+    return LowLatencyDispatch(transport, x, x_scales, topk_idx, num_max, num_experts).finish()
 
 
 def ll_row_sources(layout_range: torch.Tensor, cap: int):
@@ -297,34 +331,48 @@ def ll_row_sources(layout_range: torch.Tensor, cap: int):
     return src, valid
 
 
+class LowLatencyCombine:
+    """A low-latency combine in two halves: start() exchanges routing, computes this rank's weighted partial sums
+    and sends them home; finish() adds what came back (what a receive hook runs)."""
+
+    def __init__(self, transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int, out=None):
+        R, rank = transport.world_size, transport.rank
+        L, cap, hidden = x.shape
+        n, k = topk_idx.shape
+        dev = x.device
+        # 1. every source rank tells every expert rank its routing and weights (small: M x k per peer).
+        pidx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
+        pidx[:n] = topk_idx
+        pw = torch.zeros(num_max, k, dtype=torch.float32, device=dev)
+        pw[:n] = topk_weights
+        got = transport.all_to_all_fixed(pack_rows([pidx, pw]).unsqueeze(0).expand(R, -1, -1).contiguous())
+        gidx, gw = unpack_rows(got.view(R * num_max, -1), [(torch.int64, k), (torch.float32, k)])
+        local = to_local_experts(gidx, rank, L)                       # [R*M, k]
+        # 2. the row each (source row, slot) landed in: invert src_info.
+        src, valid = ll_row_sources(layout_range, cap)
+        q_of_row = torch.where(valid, src * num_max + src_info.to(torch.int64), torch.full_like(src, R * num_max))
+        inv = torch.zeros(L, R * num_max + 1, dtype=torch.int64, device=dev)
+        inv.scatter_(1, q_of_row, torch.arange(cap, device=dev).expand(L, -1).contiguous())
+        # 3. weighted partial sums per source row over this rank's experts, in slot order (fp32, repeatable).
+        q = torch.arange(R * num_max, device=dev).unsqueeze(1)
+        lc = local.clamp(min=0)
+        rows = x.reshape(L * cap, hidden).index_select(0, (lc * cap + inv[lc, q]).reshape(-1))
+        rows = rows.view(R * num_max, k, hidden)
+        w = torch.where(local >= 0, gw, 0.0)
+        acc = torch.zeros(R * num_max, hidden, dtype=torch.float32, device=dev)
+        for slot in range(k):
+            acc.addcmul_(rows[:, slot].float(), w[:, slot:slot + 1])
+        # 4. partial sums go home (finish() adds them in rank order).
+        self.pending = start_fixed(transport, acc.to(x.dtype).view(R, num_max, hidden))
+        self.n = n
+        self.out = out if out is not None else torch.empty(n, hidden, dtype=x.dtype, device=dev)
+
+    def finish(self):
+        back = self.pending.wait()
+        self.out.copy_(back.float().sum(0)[:self.n])
+        return self.out
+
+
 def ll_combine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int):
     """Weighted sum of each token's expert outputs on its source rank. x: [L, M*R, H] -> [N, H]."""
-    R, rank = transport.world_size, transport.rank
-    L, cap, hidden = x.shape
-    n, k = topk_idx.shape
-    dev = x.device
-    # 1. every source rank tells every expert rank its routing and weights (small: M x k per peer).
-    pidx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
-    pidx[:n] = topk_idx
-    pw = torch.zeros(num_max, k, dtype=torch.float32, device=dev)
-    pw[:n] = topk_weights
-    meta = pack_rows([pidx, pw])
-    got = transport.all_to_all_fixed(meta.unsqueeze(0).expand(R, -1, -1).contiguous())
-    gidx, gw = unpack_rows(got.view(R * num_max, -1), [(torch.int64, k), (torch.float32, k)])
-    local = to_local_experts(gidx, rank, L)                           # [R*M, k]
-    # 2. the row each (source row, slot) landed in: invert src_info.
-    src, valid = ll_row_sources(layout_range, cap)
-    q_of_row = torch.where(valid, src * num_max + src_info.to(torch.int64), torch.full_like(src, R * num_max))
-    inv = torch.full((L, R * num_max + 1), 0, dtype=torch.int64, device=dev)
-    inv.scatter_(1, q_of_row, torch.arange(cap, device=dev).expand(L, -1).contiguous())
-    # 3. weighted partial sums per source row, over this rank's experts in slot order (fp32, repeatable).
-    q = torch.arange(R * num_max, device=dev).unsqueeze(1)
-    lc = local.clamp(min=0)
-    rows = x.reshape(L * cap, hidden).index_select(0, (lc * cap + inv[lc, q]).reshape(-1)).view(R * num_max, k, -1)
-    w = torch.where(local >= 0, gw, 0.0)
-    acc = torch.zeros(R * num_max, hidden, dtype=torch.float32, device=dev)
-    for slot in range(k):                                             # fp32, slot order: repeatable
-        acc.addcmul_(rows[:, slot].float(), w[:, slot:slot + 1])
-    # 4. partial sums go home; the source adds them in rank order.
-    back = transport.all_to_all_fixed(acc.to(x.dtype).view(R, num_max, hidden))
-    return back.float().sum(0)[:n].to(x.dtype)
+    return LowLatencyCombine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max).finish()

@@ -199,24 +199,34 @@ def check_ll_args(op, x, topk_idx, num_max, num_experts, num_ranks):
                          f"(which must be the same on every rank)")
 
 
-def ll_dispatch_impl(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, num_ranks, group_name,
-                     use_fp8=True, round_scale=False):
+def ll_prepare(x, topk_idx, num_max, num_experts, num_ranks, use_fp8, round_scale):
+    """Checks, then FP8 quantisation (our per_token_group_quant_fp8 op) when asked: -> (x or q, scales or None)."""
     op = "ep_low_latency_dispatch"
-    num_max = num_max_dispatch_tokens_per_rank
     check_ll_args(op, x, topk_idx, num_max, num_experts, num_ranks)
     check_same_device(op, x=x, topk_idx=topk_idx)
     check_expert_range(op, topk_idx, num_experts)
+    if not use_fp8:
+        return x, None
+    torch._check(x.shape[1] % FP8_GROUP == 0, lambda: f"{op}: use_fp8 needs hidden % 128 == 0, got {x.shape[1]}")
+    q, s = torch.ops.deepstack.per_token_group_quant_fp8(x, FP8_GROUP, 1e-4, round_scale)
+    return q, s.contiguous()
+
+
+def ll_scales_like(recv_x):
+    """The fp8 scales of a low-latency receive: MN-major, TMA-aligned per expert (what the masked grouped FP8
+    GEMM reads)."""
+    return mn_major_tma_aligned_empty((recv_x.shape[0], recv_x.shape[1], recv_x.shape[2] // FP8_GROUP),
+                                      device=recv_x.device)
+
+
+def ll_dispatch_impl(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, num_ranks, group_name,
+                     use_fp8=True, round_scale=False):
+    num_max = num_max_dispatch_tokens_per_rank
+    xq, xs = ll_prepare(x, topk_idx, num_max, num_experts, num_ranks, use_fp8, round_scale)
+    t = _transport("ep_low_latency_dispatch", group_name, x.device, num_ranks)
+    recv_x, recv_s, count, src_info, layout_range = core.ll_dispatch(t, xq, xs, topk_idx, num_max, num_experts)
     if use_fp8:
-        torch._check(x.shape[1] % FP8_GROUP == 0, lambda: f"{op}: use_fp8 needs hidden % 128 == 0, got {x.shape[1]}")
-        q, s = torch.ops.deepstack.per_token_group_quant_fp8(x, FP8_GROUP, 1e-4, round_scale)
-        x, x_scales = q, s.contiguous()
-    else:
-        x_scales = None
-    t = _transport(op, group_name, x.device, num_ranks)
-    recv_x, recv_s, count, src_info, layout_range = core.ll_dispatch(t, x, x_scales, topk_idx, num_max, num_experts)
-    if use_fp8:   # MN-major, TMA-aligned per expert: what the masked grouped FP8 GEMM reads
-        scales = mn_major_tma_aligned_empty((recv_x.shape[0], recv_x.shape[1], recv_x.shape[2] // FP8_GROUP),
-                                            device=x.device)
+        scales = ll_scales_like(recv_x)
         scales.copy_(recv_s.view(scales.shape))
     else:
         scales = torch.empty(0, dtype=torch.float32, device=x.device)
@@ -227,8 +237,7 @@ reference("ep_low_latency_dispatch")(ll_dispatch_impl)
 cuda_kernel("ep_low_latency_dispatch")(ll_dispatch_impl)
 
 
-def ll_combine_impl(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
-                    group_name):
+def check_ll_combine(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank) -> int:
     op = "ep_low_latency_combine"
     torch._check(x.dim() == 3 and x.dtype in (torch.bfloat16, torch.float16, torch.float32),
                  lambda: f"{op}: x must be [num_local_experts, num_max_tokens * num_ranks, hidden] "
@@ -249,7 +258,14 @@ def ll_combine_impl(x, topk_idx, topk_weights, src_info, layout_range, num_max_d
                  lambda: f"{op}: {topk_idx.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank="
                          f"{num_max_dispatch_tokens_per_rank}")
     check_same_device(op, x=x, topk_idx=topk_idx, topk_weights=topk_weights, src_info=src_info)
-    t = _transport(op, group_name, x.device, num_ranks)
+    return num_ranks
+
+
+def ll_combine_impl(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
+                    group_name):
+    num_ranks = check_ll_combine(x, topk_idx, topk_weights, src_info, layout_range,
+                                 num_max_dispatch_tokens_per_rank)
+    t = _transport("ep_low_latency_combine", group_name, x.device, num_ranks)
     return core.ll_combine(t, x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank)
 
 

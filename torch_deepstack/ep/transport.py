@@ -92,10 +92,24 @@ class DistTransport:
         return out
 
     def all_to_all_fixed(self, send):
+        return self.start_all_to_all_fixed(send).wait()
+
+    def start_all_to_all_fixed(self, send):
+        """Leave the move in flight: `.wait()` returns the received blocks (receive hooks use this)."""
         out = torch.empty_like(send)
         work = dist.all_to_all_single(out, send.contiguous(), group=self.group, async_op=True)
-        self._wait(work, "fixed all-to-all")
-        return out
+        return _InFlight(self, work, out)
+
+
+class _InFlight:
+    def __init__(self, transport, work, out):
+        self.transport, self.work, self.out = transport, work, out
+
+    def wait(self):
+        if self.work is not None:
+            self.transport._wait(self.work, "fixed all-to-all")
+            self.work = None
+        return self.out
 
 
 class LoopbackTransport:
