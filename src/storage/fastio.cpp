@@ -13,6 +13,7 @@
 #include <linux/io_uring.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 extern "C" {
@@ -253,7 +254,7 @@ int ds_ring_submit(ds_io* ios, int start, int count, uint64_t h) {
         sqe->addr = io->buf;
         sqe->len = (unsigned)io->length;
         sqe->off = (uint64_t)io->offset;
-        sqe->user_data = (uint64_t)(start + i);
+        sqe->user_data = (uint64_t)io;  // the completion finds its record by address
         r->sq_array[idx] = idx;
         io->result = -EINPROGRESS;
         tail++;
@@ -271,20 +272,35 @@ int ds_ring_submit(ds_io* ios, int start, int count, uint64_t h) {
     return count;
 }
 
-int ds_ring_reap(ds_io* ios, int count, uint64_t h) {
+static inline uint64_t now_ns() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+// Waits for `count` completions. It first polls the completion ring for up to `spin_us` microseconds
+// (hybrid polling: a read that completes within the window costs no sleep/wake-up), then sleeps in the kernel.
+int ds_ring_reap(int count, uint64_t h, int spin_us) {
     ds_ring* r = (ds_ring*)h;
     int done = 0;
+    uint64_t spin_until = spin_us > 0 ? now_ns() + (uint64_t)spin_us * 1000ull : 0;
     while (done < count) {
         unsigned head = __atomic_load_n(r->cq_head, __ATOMIC_RELAXED);
         unsigned tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
         if (head == tail) {
+            if (spin_until && now_ns() < spin_until) {
+#if defined(__x86_64__)
+                __builtin_ia32_pause();
+#endif
+                continue;
+            }
             int rc = ring_enter(r, 0, (unsigned)(count - done));
             if (rc < 0) return rc;
             continue;
         }
         while (head != tail) {
             struct io_uring_cqe* cqe = &r->cqes[head & *r->cq_mask];
-            ds_io* io = &ios[cqe->user_data];
+            ds_io* io = (ds_io*)cqe->user_data;
             io->result = cqe->res;
             finish(io);
             head++;
@@ -309,7 +325,7 @@ int ds_submit(ds_io* ios, int start, int count, uint64_t ctx_raw) {
         cbs[i].aio_buf = io->buf;
         cbs[i].aio_nbytes = (uint64_t)io->length;
         cbs[i].aio_offset = io->offset;
-        cbs[i].aio_data = (uint64_t)(start + i);
+        cbs[i].aio_data = (uint64_t)io;
         ptrs[i] = &cbs[i];
         io->result = -EINPROGRESS;
     }
@@ -327,7 +343,7 @@ int ds_submit(ds_io* ios, int start, int count, uint64_t ctx_raw) {
     return submitted;
 }
 
-int ds_reap(ds_io* ios, int count, uint64_t ctx_raw) {
+int ds_reap(int count, uint64_t ctx_raw) {
     struct io_event events[256];
     int done = 0;
     while (done < count) {
@@ -338,7 +354,7 @@ int ds_reap(ds_io* ios, int count, uint64_t ctx_raw) {
             return -errno;
         }
         for (long k = 0; k < r; k++) {
-            ds_io* io = &ios[events[k].data];
+            ds_io* io = (ds_io*)events[k].data;
             io->result = events[k].res;
             finish(io);
         }

@@ -367,106 +367,14 @@ class ChunkEngine:
         return bytes(src)
 
     def read_many(self, reads) -> None:
-        """Serve a batch of reads (objects with chunk, offset, length, dest; sets .n or .error) at once.
+        """Serve a batch of reads (objects with chunk, offset, length, dest; sets .n or .error) at once."""
+        session = self.read_session(sum(r.length for r in reads), len(reads))
+        session.add(reads)
+        session.finish()
 
-        With the C helper the whole batch goes to the kernel in one AIO submission, CRC32C runs in C, and
-        unaligned pieces are copied out of one shared bounce arena; without it, one preadv per read."""
-        lib = fastio.load()
-        if lib is None or len(reads) == 0:
-            for r in reads:
-                try:
-                    r.n, _ = self.read(r.chunk, r.offset, r.length, r.dest)
-                except BaseException as e:  # noqa: BLE001 - reported per read
-                    r.error = e
-            return
-        blk = self.crc_block
-        flags = os.O_RDONLY | (O_DIRECT if self.direct_io else 0)
-        meta, fds, rec = self._meta, self._fds, fastio.IO_STRUCT
-        pack, size = rec.pack_into, rec.size
-        ios = bytearray(size * len(reads))
-        crcs = bytearray(4 * sum(r.length // blk + 2 for r in reads))
-        crc_addr = buffer_address(memoryview(crcs))
-        arena_addr = bpos = 0
-        todo, handles, exp, slow = [], [], [], []
-        crc_total = 0
-        # Batches of more than a few reads go out in waves: the kernel starts on the first wave while Python
-        # packs the next one.
-        pipe = fastio.Pipeline(ios) if len(reads) > 2 else None
-        wave = 8
-        try:
-            with fds.lock:  # one lock round for the whole batch's file handles
-                for r in reads:
-                    m = meta.get(r.chunk)
-                    v = m.committed if m is not None else None
-                    off = r.offset
-                    if v is None or off >= v.length or r.length <= 0:
-                        r.n = 0
-                        continue
-                    vlen = v.length
-                    n = r.length if r.length < vlen - off else vlen - off
-                    a0 = off - off % blk
-                    a1 = -(-(off + n) // blk) * blk
-                    end_file = -(-vlen // ALIGN) * ALIGN
-                    if a1 > end_file:
-                        a1 = end_file
-                    path = f"{self._data_root}/{r.chunk[-2:]}/{r.chunk}.v{v.ver}"
-                    h = fds.items.get(path)
-                    if h is None:
-                        try:
-                            h = fds.open_locked(path, flags)
-                        except FileNotFoundError:  # retired by a concurrent commit: the retrying path handles it
-                            slow.append(r)
-                            continue
-                    h.refs += 1
-                    handles.append(h)
-                    valid = (a1 if a1 < vlen else vlen) - a0
-                    ncrc = -(-valid // blk)
-                    dest_addr = buffer_address(r.dest)
-                    k = len(todo)
-                    if off == a0 and n == a1 - a0 and dest_addr % ALIGN == 0:
-                        pack(ios, k * size, h.fd, a0, a1 - a0, dest_addr, valid, blk, crc_addr + 4 * crc_total,
-                             0, 0, 0, 0)
-                    else:
-                        if not arena_addr:
-                            bound = sum(x.length for x in reads) + 2 * blk * len(reads)
-                            arena_addr = buffer_address(memoryview(self._bounce(bound)))
-                        pack(ios, k * size, h.fd, a0, a1 - a0, arena_addr + bpos, valid, blk,
-                             crc_addr + 4 * crc_total, dest_addr, off - a0, n, 0)
-                        bpos += a1 - a0
-                    first = a0 // blk
-                    exp.append(v.page_crcs[4 * first:4 * (first + ncrc)])
-                    todo.append((r, n, valid, crc_total, ncrc))
-                    crc_total += ncrc
-                    if pipe is not None and len(todo) % wave == 0:
-                        pipe.submit(len(todo))
-            if pipe is not None:
-                pipe.submit(len(todo))
-                pipe.reap()
-            elif todo:
-                fastio.read_batch(ios, len(todo))
-        finally:
-            if pipe is not None:
-                pipe.reap()  # never leave reads in flight into buffers we are about to give back
-            fds.release_many(handles)
-        for r in slow:
-            try:
-                r.n, _ = self.read(r.chunk, r.offset, r.length, r.dest)
-            except BaseException as e:  # noqa: BLE001 - reported per read
-                r.error = e
-        if not todo:
-            return
-        expected = b"".join(exp)
-        all_ok = crcs[:4 * crc_total] == expected
-        for k, (r, n, valid, coff, ncrc) in enumerate(todo):
-            res = fastio.result_of(ios, k)
-            if res < 0:
-                r.error = OSError(-res, f"read of chunk {r.chunk} on {self.target_id}: {os.strerror(-res)}")
-            elif res < valid:
-                r.error = ChunkCorrupt(f"chunk {r.chunk} on {self.target_id}: short file ({res} bytes)")
-            elif not all_ok and crcs[4 * coff:4 * (coff + ncrc)] != expected[4 * coff:4 * (coff + ncrc)]:
-                r.error = ChunkCorrupt(f"chunk {r.chunk} on target {self.target_id}: CRC32C mismatch")
-            else:
-                r.n = n
+    def read_session(self, max_bytes: int, max_reads: int) -> "ReadSession":
+        """A batch whose reads are added in waves (each submitted at once) and completed by finish()."""
+        return ReadSession(self, max_bytes, max_reads)
 
     def read_full(self, cid: str, *, pending: bool = False) -> tuple[Version | None, bytes]:
         m = self._meta.get(cid)
@@ -635,3 +543,128 @@ class ChunkEngine:
         self._fds.close()
         with self._db_lock:
             self._db.close()
+
+
+class ReadSession:
+    """Batched reads of one chunk engine.
+
+    With the C helper each `add()` packs its reads into I/O records and submits them right away (io_uring, or
+    native AIO), so the kernel works on one wave while Python prepares the next; `finish()` waits for all,
+    then checks every block's CRC32C (computed in C) and fills in `.n` / `.error`. Aligned reads into aligned
+    buffers land in place; the others go through one bounce arena sized from `max_bytes`. Without the helper
+    each read is one preadv."""
+
+    def __init__(self, engine: ChunkEngine, max_bytes: int, max_reads: int):
+        self.e = engine
+        self.lib = fastio.load()
+        self.waves: list[tuple] = []
+        self.handles: list[_Handle] = []
+        self.slow: list = []
+        if self.lib is None:
+            return
+        self.pipe = fastio.Pipeline()
+        blk = engine.crc_block
+        self.arena_size = max_bytes + 2 * blk * max_reads
+        self.arena_addr = 0
+        self.bpos = 0
+
+    def add(self, reads) -> None:
+        e = self.e
+        if self.lib is None:
+            for r in reads:
+                try:
+                    r.n, _ = e.read(r.chunk, r.offset, r.length, r.dest)
+                except BaseException as exc:  # noqa: BLE001 - reported per read
+                    r.error = exc
+            return
+        blk = e.crc_block
+        flags = os.O_RDONLY | (O_DIRECT if e.direct_io else 0)
+        meta, fds, rec = e._meta, e._fds, fastio.IO_STRUCT
+        pack, size = rec.pack_into, rec.size
+        ios = bytearray(size * len(reads))
+        crcs = bytearray(4 * sum(r.length // blk + 2 for r in reads))
+        crc_addr = buffer_address(memoryview(crcs))
+        todo, exp, handles = [], [], self.handles
+        crc_total = 0
+        data_root = e._data_root
+        with fds.lock:  # one lock round for the whole wave's file handles
+            for r in reads:
+                m = meta.get(r.chunk)
+                v = m.committed if m is not None else None
+                off = r.offset
+                if v is None or off >= v.length or r.length <= 0:
+                    r.n = 0
+                    continue
+                vlen = v.length
+                n = r.length if r.length < vlen - off else vlen - off
+                a0 = off - off % blk
+                a1 = -(-(off + n) // blk) * blk
+                end_file = -(-vlen // ALIGN) * ALIGN
+                if a1 > end_file:
+                    a1 = end_file
+                path = f"{data_root}/{r.chunk[-2:]}/{r.chunk}.v{v.ver}"
+                h = fds.items.get(path)
+                if h is None:
+                    try:
+                        h = fds.open_locked(path, flags)
+                    except FileNotFoundError:  # retired by a concurrent commit: the retrying path handles it
+                        self.slow.append(r)
+                        continue
+                h.refs += 1
+                handles.append(h)
+                valid = (a1 if a1 < vlen else vlen) - a0
+                ncrc = -(-valid // blk)
+                dest_addr = buffer_address(r.dest)
+                k = len(todo)
+                if off == a0 and n == a1 - a0 and dest_addr % ALIGN == 0:
+                    pack(ios, k * size, h.fd, a0, a1 - a0, dest_addr, valid, blk, crc_addr + 4 * crc_total,
+                         0, 0, 0, 0)
+                else:
+                    if not self.arena_addr:
+                        self.arena_addr = buffer_address(memoryview(e._bounce(self.arena_size)))
+                    if self.bpos + (a1 - a0) > self.arena_size:
+                        raise InvalidArgument("read session exceeded the size it was opened for")
+                    pack(ios, k * size, h.fd, a0, a1 - a0, self.arena_addr + self.bpos, valid, blk,
+                         crc_addr + 4 * crc_total, dest_addr, off - a0, n, 0)
+                    self.bpos += a1 - a0
+                first = a0 // blk
+                exp.append(v.page_crcs[4 * first:4 * (first + ncrc)])
+                todo.append((r, n, valid, crc_total, ncrc))
+                crc_total += ncrc
+        if todo:
+            self.waves.append((ios, crcs, exp, todo, crc_total))
+            try:
+                self.pipe.submit(ios, 0, len(todo))
+            except BaseException:
+                self.finish()
+                raise
+
+    def finish(self) -> None:
+        e = self.e
+        try:
+            if self.lib is not None:
+                self.pipe.reap()  # never give buffers or handles back while reads are in flight
+        finally:
+            if self.handles:
+                e._fds.release_many(self.handles)
+                self.handles = []
+        for r in self.slow:
+            try:
+                r.n, _ = e.read(r.chunk, r.offset, r.length, r.dest)
+            except BaseException as exc:  # noqa: BLE001 - reported per read
+                r.error = exc
+        self.slow = []
+        for ios, crcs, exp, todo, crc_total in self.waves:
+            expected = b"".join(exp)
+            all_ok = crcs[:4 * crc_total] == expected
+            for k, (r, n, valid, coff, ncrc) in enumerate(todo):
+                res = fastio.result_of(ios, k)
+                if res < 0:
+                    r.error = OSError(-res, f"read of chunk {r.chunk} on {e.target_id}: {os.strerror(-res)}")
+                elif res < valid:
+                    r.error = ChunkCorrupt(f"chunk {r.chunk} on {e.target_id}: short file ({res} bytes)")
+                elif not all_ok and crcs[4 * coff:4 * (coff + ncrc)] != expected[4 * coff:4 * (coff + ncrc)]:
+                    r.error = ChunkCorrupt(f"chunk {r.chunk} on target {e.target_id}: CRC32C mismatch")
+                else:
+                    r.n = n
+        self.waves = []

@@ -124,6 +124,10 @@ class DataBackend:
     def remove_chunks(self, items: list[tuple[str, str]]) -> None:
         raise NotImplementedError
 
+    def read_session(self, max_bytes: int, max_reads: int):
+        """Optional: an object with add(reads) (submits at once) and finish(), or None (use read_chunks)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -341,6 +345,7 @@ class FileSystem:
     """Client of one deepstack file system (embedded or cluster). Thread-safe."""
 
     write_buffer_bytes = 8 << 20
+    READ_WAVE = 16  # requests planned and submitted per wave in a large batch
 
     def __init__(self, meta, backend: DataBackend, uri: str, *, io_threads: int = 16):
         self.meta = meta
@@ -430,8 +435,8 @@ class FileSystem:
         self.backend.write_chunks(writes)
 
     # ------------------------------------------------------------ batched reads
-    def _plan(self, requests: Sequence[ReadRequest]):
-        inodes: dict[str, dict] = {}
+    def _plan(self, requests: Sequence[ReadRequest], inodes: dict[str, dict] | None = None):
+        inodes = {} if inodes is None else inodes
         results, pieces = [], []
         for req in requests:
             res = ReadResult(req)
@@ -480,10 +485,26 @@ class FileSystem:
         bytes land in without an extra copy. Results come back in request order; per-request failures are
         reported in `ReadResult.error`, not raised."""
         reqs = [r if isinstance(r, ReadRequest) else ReadRequest(*r) for r in requests]
-        results, pieces = self._plan(reqs)
-        flat = [p for _, ps in pieces for p in ps]
-        if flat:
-            self.backend.read_chunks(flat)
+        session = None
+        if len(reqs) > self.READ_WAVE:
+            hint = sum(r.length for r in reqs if isinstance(r.length, int) and r.length > 0)
+            session = self.backend.read_session(hint, 2 * len(reqs))
+        if session is None:
+            results, pieces = self._plan(reqs)
+            flat = [p for _, ps in pieces for p in ps]
+            if flat:
+                self.backend.read_chunks(flat)
+        else:
+            # Plan and submit in waves: the kernel reads wave k while Python plans wave k+1.
+            results, pieces, inodes = [], [], {}
+            try:
+                for i in range(0, len(reqs), self.READ_WAVE):
+                    res, ps = self._plan(reqs[i:i + self.READ_WAVE], inodes)
+                    results += res
+                    pieces += ps
+                    session.add([p for _, pp in ps for p in pp])
+            finally:
+                session.finish()
         for res, ps in pieces:
             for p in ps:
                 if p.error is not None:

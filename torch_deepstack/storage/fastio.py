@@ -25,6 +25,9 @@ IO_STRUCT = struct.Struct("<qqqQqqQQqqq")
 _RESULT = struct.Struct("<q")
 _RESULT_OFFSET = IO_STRUCT.size - 8
 AIO_DEPTH = 256
+# Hybrid polling window: poll the completion ring this long before sleeping (0 disables). A small read
+# usually completes inside it, which saves a sleep/wake-up per batch (a large share of a 4 KiB read's cost).
+SPIN_US = int(os.environ.get("DEEPSTACK_SPIN_US", "200"))
 
 _lib = None
 _tried = False
@@ -88,13 +91,13 @@ def load():
             lib.ds_read_batch.restype = ctypes.c_int
             lib.ds_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
             lib.ds_submit.restype = ctypes.c_int
-            lib.ds_reap.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+            lib.ds_reap.argtypes = [ctypes.c_int, ctypes.c_uint64]
             lib.ds_reap.restype = ctypes.c_int
             lib.ds_ring_setup.argtypes = [ctypes.c_uint]
             lib.ds_ring_setup.restype = ctypes.c_uint64
             lib.ds_ring_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
             lib.ds_ring_submit.restype = ctypes.c_int
-            lib.ds_ring_reap.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+            lib.ds_ring_reap.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
             lib.ds_ring_reap.restype = ctypes.c_int
             lib.ds_aio_setup.argtypes = [ctypes.c_int]
             lib.ds_aio_setup.restype = ctypes.c_uint64
@@ -136,47 +139,49 @@ def aio_context() -> int:
     return ctx
 
 
-def read_batch(ios: bytearray, n: int) -> None:
-    """Run `n` packed IO_STRUCT records (in a bytearray) as one AIO batch; results land in the records."""
+def read_one(ios: bytearray) -> None:
+    """Run the first packed record synchronously (pread, CRCs, copy-out)."""
     addr = ctypes.addressof(ctypes.c_char.from_buffer(ios))
-    rc = _lib.ds_read_batch(addr, n, aio_context(), AIO_DEPTH)
+    rc = _lib.ds_read_batch(addr, 1, 0, AIO_DEPTH)
     if rc < 0:
-        raise OSError(-rc, f"AIO batch failed: {os.strerror(-rc)}")
+        raise OSError(-rc, f"read failed: {os.strerror(-rc)}")
 
 
 class Pipeline:
-    """Submit waves of records as they are packed, so the kernel works on wave k while Python packs k+1."""
+    """Submits packed IO_STRUCT records (in any number of separate bytearrays) and reaps them all at once.
+    Completions find their record by address, so a caller can pack and submit wave k+1 while wave k is in
+    flight. At most AIO_DEPTH reads are in flight; submitting more first reaps what is in flight."""
 
-    def __init__(self, ios: bytearray):
-        self.ios = ios
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(ios))
+    def __init__(self):
         self.ring = uring()
         if self.ring:
-            self.ctx, self._submit, self._reap = self.ring, _lib.ds_ring_submit, _lib.ds_ring_reap
+            self.ctx, self._submit = self.ring, _lib.ds_ring_submit
+            # Poll only for a few reads: with many in flight the wait is long and polling would just
+            # take a core away from the kernel completing them.
+            self._reap = lambda count, ctx: _lib.ds_ring_reap(count, ctx, SPIN_US if count <= 2 else 0)
         else:
             self.ctx, self._submit, self._reap = aio_context(), _lib.ds_submit, _lib.ds_reap
-        self.submitted = 0
         self.inflight = 0
 
-    def submit(self, upto: int) -> None:
-        count = upto - self.submitted
+    def submit(self, ios: bytearray, start: int, count: int) -> None:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(ios))
         while count > 0:
             room = AIO_DEPTH - self.inflight
             if room <= 0:
                 self.reap()
                 continue
             m = min(count, room)
-            got = self._submit(self.addr, self.submitted, m, self.ctx)
-            self.inflight += max(got, 0)
-            self.submitted += m  # records that failed to submit carry -errno already
+            got = self._submit(addr, start, m, self.ctx)
+            self.inflight += max(got, 0)  # records that failed to submit already carry -errno
+            start += m
             count -= m
 
     def reap(self) -> None:
         if self.inflight:
-            rc = self._reap(self.addr, self.inflight, self.ctx)
+            rc = self._reap(self.inflight, self.ctx)
             self.inflight = 0
             if rc < 0:
-                raise OSError(-rc, f"AIO wait failed: {os.strerror(-rc)}")
+                raise OSError(-rc, f"I/O wait failed: {os.strerror(-rc)}")
 
 
 def result_of(ios: bytearray, k: int) -> int:

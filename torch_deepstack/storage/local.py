@@ -59,6 +59,9 @@ class LocalBackend(DataBackend):
         else:
             run_sliced(self.pool, reads, self._read_slice, self.io_threads)
 
+    def read_session(self, max_bytes, max_reads):
+        return self.engine.read_session(max_bytes, max_reads) if fastio.load() is not None else None
+
     def write_chunks(self, writes):
         def one(w):
             _, cid, off, data, cs = w
