@@ -293,6 +293,28 @@ def make_buffer(device, transport, **kw):
     return buf if device == "cpu" else OnDevice(buf, device)
 
 
+def check_low_latency_gradients(buf, seed, rank, ws, num_experts, num_max):
+    """low_latency_dispatch -> per-expert scale -> low_latency_combine: gradients of x and topk_weights against
+    autograd through a closed-form single-process reference (out[t] = x[t] * sum_k w[t,k] * c(e_k))."""
+    L = num_experts // ws
+    x, idx, w = make_inputs(seed, rank, num_experts, torch.float32, n=num_max - rank)
+    idx[0, 1] = idx[0, 0] if idx[0, 0] >= 0 else idx[0, 1]          # one token names an expert twice
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, num_max, num_experts, use_fp8=False)
+    scale = (torch.arange(L, dtype=torch.float32) + 1 + L * rank).view(L, 1, 1)   # c(e) = e + 1
+    out, _, _ = buf.low_latency_combine(recv * scale.to(recv.device), idx, w, handle)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + rank))
+    (out * gy).sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    c = torch.where(idx >= 0, (idx + 1).float(), 0.0)
+    ref = xr * (wr * c).sum(1, keepdim=True)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    (ref * gy).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-4)
+
+
 def normal_mode_checks(rank, ws, seed, device="cpu", transport="auto"):
     num_experts = 8 * ws
     buf = make_buffer(device, transport, num_nvl_bytes=1 << 24, timeout_s=60)
@@ -306,6 +328,7 @@ def normal_mode_checks(rank, ws, seed, device="cpu", transport="auto"):
     ll = make_buffer(device, transport, num_nvl_bytes=1 << 24, low_latency_mode=True, timeout_s=60,
                      num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(40, HIDDEN, ws, num_experts))
     check_low_latency(ll, seed, rank, ws, num_experts, num_max=40)
+    check_low_latency_gradients(ll, seed, rank, ws, num_experts, num_max=40)
     if device != "cpu":
         check_low_latency_graph(ll.buf, seed, rank, ws, num_experts, num_max=40)
         check_worst_mode_graph(buf.buf, seed, rank, ws, num_experts)

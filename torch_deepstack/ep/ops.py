@@ -273,6 +273,80 @@ reference("ep_low_latency_combine")(ll_combine_impl)
 cuda_kernel("ep_low_latency_combine")(ll_combine_impl)
 
 
+# --- autograd of the low-latency pair (bf16/fp32 dispatch; fp8 quantisation carries no gradient) -----------
+# The receive layout is a pure function of every rank's top-k, so re-dispatching with the same topk_idx puts each
+# token's data in exactly the rows the forward used: backward of dispatch is a combine with unit weights, and
+# backward of combine is a dispatch of the output gradient, weighted per row.
+
+def _first_occurrence(topk_idx):
+    """Valid slots whose expert did not already appear earlier in the row (a row lands once per expert)."""
+    k = topk_idx.shape[1]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_idx.device).tril(-1)
+    dup = ((topk_idx.unsqueeze(2) == topk_idx.unsqueeze(1)) & earlier).any(2)
+    return (topk_idx >= 0) & ~dup
+
+
+def _group_rank(group_name: str) -> int:
+    import torch.distributed as dist
+    from torch_deepstack.ep.transport import resolve_group
+    return dist.get_rank(resolve_group(group_name))
+
+
+def _ll_dispatch_setup(ctx, inputs, output):
+    x, topk_idx, num_max, num_experts, num_ranks, group_name, use_fp8 = inputs[:7]
+    ctx.meta = (num_max, num_experts, num_ranks, group_name, use_fp8)
+    ctx.save_for_backward(topk_idx, output[3], output[4])
+
+
+def _ll_dispatch_backward(ctx, g_recv, g_scales, g_count, g_src, g_range):
+    num_max, num_experts, num_ranks, group_name, use_fp8 = ctx.meta
+    topk_idx, src_info, layout_range = ctx.saved_tensors
+    if use_fp8 or g_recv is None:
+        return None, None, None, None, None, None, None, None
+    ones = _first_occurrence(topk_idx).to(torch.float32)
+    gx = torch.ops.deepstack.ep_low_latency_combine(g_recv.contiguous(), topk_idx, ones, src_info, layout_range,
+                                                    num_max, group_name)
+    return gx, None, None, None, None, None, None, None
+
+
+autograd("ep_low_latency_dispatch", _ll_dispatch_backward, _ll_dispatch_setup)
+
+
+def _ll_combine_setup(ctx, inputs, output):
+    x, topk_idx, topk_weights, src_info, layout_range, num_max, group_name = inputs
+    ctx.meta = (num_max, group_name, x.shape[0] * layout_range.shape[1], layout_range.shape[1], x.dtype)
+    ctx.save_for_backward(x, topk_idx, topk_weights, src_info, layout_range)
+
+
+def _ll_combine_backward(ctx, g_out):
+    num_max, group_name, num_experts, num_ranks, x_dtype = ctx.meta
+    x, topk_idx, topk_weights, src_info, layout_range = ctx.saved_tensors
+    L = x.shape[0]
+    k = topk_idx.shape[1]
+    # One dispatch carries each token's output gradient, weights and expert ids (fp32) to the rows it used.
+    aux = torch.cat([g_out.float(), topk_weights.float(), topk_idx.float()], dim=1)
+    recv = torch.ops.deepstack.ep_low_latency_dispatch(aux, topk_idx, num_max, num_experts, num_ranks, group_name,
+                                                       False)[0]
+    hidden = x.shape[2]
+    rg, rw, ridx = recv[..., :hidden], recv[..., hidden:hidden + k], recv[..., hidden + k:]
+    expert = (_group_rank(group_name) * L + torch.arange(L, device=x.device)).view(L, 1, 1).float()
+    slot_is_mine = (ridx == expert) & (ridx >= 0)                      # [L, rows, k]: slots naming this expert
+    row_w = (rw * slot_is_mine).sum(-1, keepdim=True)                 # the row's total weight
+    grad_x = (rg * row_w).to(x_dtype) if ctx.needs_input_grad[0] else None
+    grad_w = None
+    if ctx.needs_input_grad[2]:
+        d = (rg * x.float()).sum(-1, keepdim=True)                    # <g_t, y_row> per row
+        per_slot = (d * slot_is_mine).contiguous()                    # [L, rows, k]: the value for slot k
+        ones = _first_occurrence(topk_idx).to(torch.float32)
+        grad_w = torch.ops.deepstack.ep_low_latency_combine(per_slot, topk_idx, ones, src_info, layout_range,
+                                                            num_max, group_name)
+        grad_w = torch.where(topk_idx >= 0, grad_w, 0.0)
+    return grad_x, None, grad_w, None, None, None, None
+
+
+autograd("ep_low_latency_combine", _ll_combine_backward, _ll_combine_setup)
+
+
 # --- opcheck samples: a gloo group of one in this process (created if none exists) --------------------------
 
 def single_process_group_name() -> str:
@@ -350,7 +424,9 @@ def _ll_dispatch_samples(device):
     gen = torch.Generator().manual_seed(4)
     idx, _ = _routing(5, 3, 4, gen, device)
     x = torch.randn(5, 256, generator=gen).to(device, torch.bfloat16)
-    return [((x, idx, 8, 4, 1, g), {"use_fp8": True}), ((x, idx, 6, 4, 1, g), {"use_fp8": False})]
+    xg = torch.randn(5, 128, generator=gen).to(device).requires_grad_()
+    return [((x, idx, 8, 4, 1, g), {"use_fp8": True}), ((x, idx, 6, 4, 1, g), {"use_fp8": False}),
+            ((xg, idx, 6, 4, 1, g), {"use_fp8": False})]
 
 
 @sample_inputs("ep_low_latency_combine")
@@ -361,4 +437,6 @@ def _ll_combine_samples(device):
     x = torch.randn(5, 128, generator=gen).to(device, torch.bfloat16)
     recv_x, _, _, src_info, layout_range = ll_dispatch_impl(x, idx, 8, 4, 1, g, use_fp8=False)
     y = torch.randn(recv_x.shape, generator=gen).to(device, torch.bfloat16)
-    return [((y, idx, w, src_info, layout_range, 8, g), {})]
+    yg = torch.randn(recv_x.shape, generator=gen).to(device).requires_grad_()
+    return [((y, idx, w, src_info, layout_range, 8, g), {}),
+            ((yg, idx, w.clone().requires_grad_(), src_info, layout_range, 8, g), {})]
