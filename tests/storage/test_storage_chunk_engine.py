@@ -167,3 +167,15 @@ def test_read_many_matches_single_reads_and_detects_corruption(tmp_path, monkeyp
     assert rs[1].error is None and bytes(rs[1].dest) == chunks[victim][:4096]
     assert rs[2].error is None
     eng.close()
+
+
+def test_empty_and_zero_length_batches(tmp_path):
+    from torch_deepstack.storage.client import ChunkRead
+
+    eng = ChunkEngine(str(tmp_path / "t"), "t0")
+    eng.update("0000000000000001-00000000", 0, b"abc", CS)
+    eng.read_many([])
+    r = ChunkRead("c0", "0000000000000001-00000000", 0, 0, memoryview(bytearray(0)))
+    eng.read_many([r])
+    assert r.n == 0 and r.error is None
+    eng.close()

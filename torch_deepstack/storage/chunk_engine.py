@@ -570,6 +570,8 @@ class ReadSession:
 
     def add(self, reads) -> None:
         e = self.e
+        if not reads:
+            return
         if self.lib is None:
             for r in reads:
                 try:
