@@ -67,6 +67,11 @@ def test_deepep_style_script_runs():
     with event:
         pass
     assert torch.equal(combined_x, torch.where(routed.unsqueeze(1), x, torch.zeros_like(x)))
+    # without top-k: rows go where is_token_in_rank says, no expert information comes back
+    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert)
+    assert recv_topk_idx is None and recv_topk_weights is None and torch.equal(recv_x, x[routed])
     # low-latency form
     ll = deep_ep.Buffer(group, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(32, hidden, 1, num_experts),
                         low_latency_mode=True, num_qps_per_rank=num_experts)

@@ -1,7 +1,8 @@
 """Dispatch and combine as local torch work around a transport's three moves (see transport.py).
 
-Rows travel as packed bytes: one uint8 row per (token, destination) holds the token's data, its fp8 scales, its
-global top-k ids and weights and its index on the source rank, so one collective moves everything.
+Rows travel as bytes. Normal mode moves each token's data straight from x and, as a second small move, one packed
+metadata row (fp8 scales, global top-k ids and weights, index on the source rank). Low-latency mode packs data and
+metadata into one row per token, since every rank sends every token slot anyway.
 
 Normal mode has two exchange shapes:
 - exact (num_worst_tokens == 0): per-rank counts are exchanged and read on the host, rows move with a variable
@@ -35,7 +36,7 @@ def unpack_rows(rows: torch.Tensor, specs: list[tuple[torch.dtype, int]]) -> lis
     out, off = [], 0
     for dtype, width in specs:
         nbytes = width * dtype.itemsize
-        out.append(rows[:, off:off + nbytes].contiguous().view(dtype))
+        out.append(from_byte_rows(rows[:, off:off + nbytes], dtype))
         off += nbytes
     return out
 
@@ -49,10 +50,6 @@ def row_specs(hidden: int, x_dtype, num_scales: int, num_topk: int, with_weights
         specs.append((torch.float32, num_topk))
     specs.append((torch.int32, 1))
     return specs
-
-
-def row_bytes(specs) -> int:
-    return sum(d.itemsize * w for d, w in specs)
 
 
 # --- normal mode: moving rows --------------------------------------------------------------------------------
