@@ -8,7 +8,8 @@ uniformly shuffled order over the same samples stored as
 - fio: random reads of the sample size (O_DIRECT, libaio, iodepth 32) over deepstack's own chunk files: the
   device ceiling for these exact bytes (optional: Debian `fio`).
 Page cache is dropped (posix_fadvise DONTNEED on every file) before every measurement; deepstack and fio read
-with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded).
+with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded) and is the
+best of --repeat runs, the readers interleaved (the disk and the 2 cores are shared with other work).
 
 Checkpoint rows: dcp.save/dcp.load of a float32 state dict through DeepstackStorageWriter/Reader against
 torch.save (+ fsync) / torch.load on a local file.
@@ -185,35 +186,42 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
         p = prepare(args.dir, size, n, not args.no_litdata)
         batch = max(8, min(256, (4 << 20) // size))
         res: dict[str, dict[int, float]] = {}
-        fio = run_fio(os.path.join(p["fs"], "target", "data"), size, args.seconds, 1) if not args.no_fio else None
+        fio = None
+        if not args.no_fio:
+            runs = [run_fio(os.path.join(p["fs"], "target", "data"), size, args.seconds, 1) for _ in range(args.repeat)]
+            fio = max((r for r in runs if r), default=None)
         if fio:
             table.add(f"{size // KIB} KiB", n, "fio randread (O_DIRECT, QD32)", "-", fio, fio * size / 1e9, "ceiling")
         for w in workers:
             common = dict(batch_size=batch, num_workers=w, persistent_workers=False,
                           multiprocessing_context=args.mp_context if w else None)
-            g = torch.Generator().manual_seed(0)
-            ds = DeepstackDataset(p["fs"], "/ds", batched=True)
-            drop_cache(p["fs"])
-            sps, gbs, _ = measure(DataLoader(ds, shuffle=True, generator=g, collate_fn=ds.collate_fn, **common),
-                                  size, args.seconds, check_stacked)
-            res.setdefault("deepstack", {})[w] = sps
-            table.add(f"{size // KIB} KiB", n, "deepstack (DeepstackDataset)", w, sps, gbs, "")
-            drop_cache(p["files"])
-            sps, gbs, _ = measure(DataLoader(FilePerSample(p["files"], n), shuffle=True, generator=g, **common),
-                                  size, args.seconds, check_stacked)
-            res.setdefault("files", {})[w] = sps
-            table.add(f"{size // KIB} KiB", n, "file-per-sample (open().read())", w, sps, gbs, "")
-            if p.get("t_litdata") and not args.no_litdata:
-                from litdata import StreamingDataLoader, StreamingDataset
+            rows: dict[str, tuple[float, float]] = {}
+            for _ in range(args.repeat):  # readers interleaved, best of --repeat: the disk is shared and noisy
+                g = torch.Generator().manual_seed(0)
+                ds = DeepstackDataset(p["fs"], "/ds", batched=True)
+                drop_cache(p["fs"])
+                r = measure(DataLoader(ds, shuffle=True, generator=g, collate_fn=ds.collate_fn, **common),
+                            size, args.seconds, check_stacked)
+                rows["deepstack"] = max(rows.get("deepstack", (0, 0)), r[:2])
+                drop_cache(p["files"])
+                r = measure(DataLoader(FilePerSample(p["files"], n), shuffle=True, generator=g, **common),
+                            size, args.seconds, check_stacked)
+                rows["files"] = max(rows.get("files", (0, 0)), r[:2])
+                if p.get("t_litdata") and not args.no_litdata:
+                    from litdata import StreamingDataLoader, StreamingDataset
 
-                drop_cache(p["litdata"])
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    lds = StreamingDataset(input_dir=p["litdata"], shuffle=True, seed=0)
-                    ldl = StreamingDataLoader(lds, batch_size=batch, num_workers=w)
-                    sps, gbs, _ = measure(ldl, size, args.seconds, check_stacked)
-                res.setdefault("litdata", {})[w] = sps
-                table.add(f"{size // KIB} KiB", n, "litdata StreamingDataset(shuffle=True)", w, sps, gbs, "")
+                    drop_cache(p["litdata"])
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        lds = StreamingDataset(input_dir=p["litdata"], shuffle=True, seed=0)
+                        r = measure(StreamingDataLoader(lds, batch_size=batch, num_workers=w), size, args.seconds,
+                                    check_stacked)
+                    rows["litdata"] = max(rows.get("litdata", (0, 0)), r[:2])
+            names = {"deepstack": "deepstack (DeepstackDataset)", "files": "file-per-sample (open().read())",
+                     "litdata": "litdata StreamingDataset(shuffle=True)"}
+            for key, (sps, gbs) in rows.items():
+                res.setdefault(key, {})[w] = sps
+                table.add(f"{size // KIB} KiB", n, names[key], w, sps, gbs, "")
         best = max(res["deepstack"].values())
         ratio = {"vs_fio": best / fio if fio else None, "vs_files": best / max(res["files"].values())}
         if "litdata" in res:
@@ -277,12 +285,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=0, help="seconds per measurement (default 3 quick, 8 full)")
     ap.add_argument("--mp-context", default="fork", choices=["fork", "spawn", "forkserver"],
                     help="DataLoader worker start method")
+    ap.add_argument("--repeat", type=int, default=0, help="best of N interleaved runs per row (1 quick, 2 full)")
     ap.add_argument("--no-litdata", action="store_true")
     ap.add_argument("--no-fio", action="store_true")
     ap.add_argument("--no-checkpoint", action="store_true")
     ap.add_argument("--save", action="store_true", help="record the table in docs/benchmarks.md (## Data)")
     args = ap.parse_args()
-    args.seconds = args.seconds or (3.0 if args.quick else 8.0)
+    args.seconds = args.seconds or (3.0 if args.quick else 6.0)
+    args.repeat = args.repeat or (1 if args.quick else 2)
     os.makedirs(args.dir, exist_ok=True)
     table = BenchTable("data", "loader", "DataLoader throughput, shuffled, and checkpoint save/load",
                        ["data", "samples", "reader", "workers", "samples/s", "GB/s", "note"])
