@@ -20,7 +20,7 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 
-#include "gemm/ptx.cuh"
+#include "common/sm90.cuh"
 #include "gemm/wgmma_fp8.cuh"
 
 namespace deepstack {
@@ -115,7 +115,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 
   // Dynamic shared memory, rounded up to 1024 bytes (the 128-byte swizzle needs 1024-byte aligned tiles).
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* smem_a = smem;
   uint8_t* smem_b = smem_a + kStages * kBytesA;
   float* smem_sfa = reinterpret_cast<float*>(smem_b + kStages * kBytesB);
@@ -126,19 +126,19 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   const int tid = threadIdx.x;
   const int wg = tid / 128;
   if (tid == kMathThreads) {
-    ptx::prefetch_tensor_map(&tmap_a);
-    ptx::prefetch_tensor_map(&tmap_b);
-    ptx::prefetch_tensor_map(&tmap_sfa);
-    if (kSfbPerRow) ptx::prefetch_tensor_map(&tmap_sfb);
+    sm90::prefetch_tensor_map(&tmap_a);
+    sm90::prefetch_tensor_map(&tmap_b);
+    sm90::prefetch_tensor_map(&tmap_sfa);
+    if (kSfbPerRow) sm90::prefetch_tensor_map(&tmap_sfb);
   }
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      ptx::mbar_init(full + s, 1);
-      ptx::mbar_init(empty + s, kMathWG * 4);  // one arrival per math warp
+      sm90::mbar_init(full + s, 1);
+      sm90::mbar_init(empty + s, kMathWG * 4);  // one arrival per math warp
     }
-    ptx::fence_barrier_init();
-    ptx::fence_proxy_async();
+    sm90::fence_barrier_init();
+    sm90::fence_proxy_async();
   }
   __syncthreads();
 
@@ -156,7 +156,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   if (wg == kMathWG) {
     // ---------------- producer warpgroup ----------------
 #ifndef DS_NO_SETMAXNREG
-    ptx::setmaxnreg_dec<40>();
+    sm90::regs_decrease<40>();
 #endif
     if (tid == kMathThreads) {
       int s = 0;
@@ -167,12 +167,12 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = tile.g * kN + tile.n0;
         for (int kb = 0; kb < kLoopKB; ++kb) {
-          ptx::mbar_wait(empty + s, phase ^ 1);
-          ptx::mbar_arrive_expect_tx(full + s, kStageBytes);
-          ptx::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kb * 128, a_row);
-          ptx::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
-          ptx::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0, tile.g * kNumKB * (kKind == kGemmMasked) + kb);
-          if (kSfbPerRow) ptx::tma_load_2d(smem_sfb + s * kBlockN, &tmap_sfb, full + s, tile.n0, kb);
+          sm90::mbar_wait(empty + s, phase ^ 1);
+          sm90::mbar_arrive_expect_tx(full + s, kStageBytes);
+          sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kb * 128, a_row);
+          sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
+          sm90::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0, tile.g * kNumKB * (kKind == kGemmMasked) + kb);
+          if (kSfbPerRow) sm90::tma_load_2d(smem_sfb + s * kBlockN, &tmap_sfb, full + s, tile.n0, kb);
           if (++s == kStages) { s = 0; phase ^= 1; }
         }
       }
@@ -180,7 +180,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   } else {
     // ---------------- math warpgroups ----------------
 #ifndef DS_NO_SETMAXNREG
-    ptx::setmaxnreg_inc<kMathWG == 1 ? 248 : 232>();
+    sm90::regs_increase<kMathWG == 1 ? 248 : 232>();
 #endif
     const int lane = tid % 32;
     const int warp_in_wg = (tid % 128) / 32;
@@ -213,22 +213,22 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           sb_lo = __ldg(sfb_lo + kb * sfb_sk);
           sb_hi = __ldg(sfb_hi + kb * sfb_sk);
         }
-        ptx::mbar_wait(full + s, phase);
+        sm90::mbar_wait(full + s, phase);
         const float sa0 = smem_sfa[s * kBlockM + row_local];
         const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
-        const uint64_t desc_a = ptx::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
-        const uint64_t desc_b = ptx::smem_desc_sw128(smem_b + s * kBytesB);
-        ptx::fence_operands(acc);
-        ptx::wgmma_fence();
+        const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+        const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+        sm90::fence_regs(acc);
+        sm90::wgmma_fence();
 #pragma unroll
         for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::fence_operands(acc);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(acc);
 
         if (!kSfbPerRow) {
           __syncwarp();
-          if (lane == 0) ptx::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
+          if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
           const float s00 = sa0 * sb_lo, s01 = sa0 * sb_hi, s10 = sa1 * sb_lo, s11 = sa1 * sb_hi;
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j) {
@@ -250,7 +250,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fin[j * 4 + 3]);
           }
           __syncwarp();
-          if (lane == 0) ptx::mbar_arrive(empty + s);
+          if (lane == 0) sm90::mbar_arrive(empty + s);
         }
 #ifdef DS_DBG
         if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice

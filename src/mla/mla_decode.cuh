@@ -19,7 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda.h>
 
-#include "mla/sm90_ptx.cuh"
+#include "common/sm90.cuh"
 #include "mla/wgmma.cuh"
 
 namespace deepstack {

@@ -1,5 +1,6 @@
-// Thin wrappers over the sm_90 PTX the MLA kernels use: mbarriers, TMA tensor loads, wgmma fences and
-// shared-memory descriptors, named barriers, register reconfiguration. No torch headers.
+// Thin wrappers over the sm_90 PTX that deepstack's Hopper kernels (FP8 GEMM, MLA decode) share: mbarriers, TMA
+// tensor loads, wgmma bookkeeping and shared-memory descriptors, named barriers, register reallocation.
+// No torch or CUTLASS headers, so a specialisation compiles in a few seconds.
 #pragma once
 #include <cstdint>
 #include <cuda.h>
@@ -39,6 +40,14 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   return policy;
+}
+// Copy the box at (c0 innermost, c1) of `map` into shared memory; completion is counted on `bar` in bytes.
+// Out-of-bounds elements are zero-filled and still counted.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
+      : "memory");
 }
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2,
                                             uint64_t policy) {
@@ -107,6 +116,12 @@ __device__ __forceinline__ uint64_t make_desc_sw128(uint32_t saddr, uint32_t lbo
   d |= static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32;
   d |= static_cast<uint64_t>(1) << 62;
   return d;
+}
+
+// K-major tile with 128-byte rows as TMA wrote it with the 128-byte swizzle (8-row groups 1024 bytes apart). The
+// tile starts on a 1024-byte boundary; advancing the start address by 32 bytes selects the next k32 slice.
+__device__ __forceinline__ uint64_t smem_desc_sw128(const void* tile) {
+  return make_desc_sw128(smem_addr(tile), 16, 1024);
 }
 
 // ---- registers ------------------------------------------------------------------------------------------
