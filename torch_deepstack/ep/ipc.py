@@ -78,6 +78,12 @@ class IpcTransport:
                 self.peer_area.append(fa(*aa))
                 peer_flags.append(ff(*fargs))
         self._peer_flags = peer_flags
+        # One small copy to every peer now: torch's cross-device copy enables peer access from this device to the
+        # peer's, which the barrier kernel's flag writes (raw pointers) rely on from the first barrier.
+        for j in range(R):
+            if j != self.rank:
+                self.peer_area[j][0, self.rank, :1].copy_(self.area[0, self.rank, :1])
+        torch.cuda.synchronize()
         self.flag_table = torch.tensor([f.data_ptr() for f in peer_flags], dtype=torch.int64, device=self.device)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)   # advanced by the kernel
         self.parity = 0
