@@ -108,13 +108,27 @@ class ClusterBackend(DataBackend):
         return sorted(cands, key=rank)
 
     # ------------------------------------------------------------------ reads
-    def _read_from(self, target: str, items: list[tuple[ChunkRead, str]]) -> None:
-        """One batched RPC to the service of `target`; fills r.n, or r.error with a retryable error."""
+    def _start_read(self, target: str, items: list[tuple[ChunkRead, str]]):
+        """Send one batched read RPC to the service of `target` (answer collected by _finish_read)."""
         chains = self.routing["chains"]
         reads = [r for r, _ in items]
         args = {"target": target, "chain": [r.chain for r in reads],
                 "ver": [chains[r.chain]["version"] for r in reads], "chunk": [r.chunk for r in reads],
                 "off": [r.offset for r in reads], "len": [r.length for r in reads]}
+        try:
+            client = self._client(target)
+            return client, client.start("read", args), reads
+        except StorageError as e:
+            self._fail(target, reads, e)
+            return None
+
+    def _fail(self, target, reads, e):
+        self._failed[target] = time.monotonic()
+        for r in reads:
+            r.error = e
+
+    def _finish_read(self, target: str, started) -> None:
+        client, pending, reads = started
 
         def sinks(header):
             bufs = []
@@ -125,13 +139,11 @@ class ClusterBackend(DataBackend):
                     bufs.append(r.dest[:n])
             return bufs
         try:
-            result, payload = self._client(target).call("read", args, sinks=sinks)
+            result, payload = client.finish(pending, sinks=sinks)
             if not isinstance(payload, list) and len(payload):
                 raise StorageError(f"{target}: malformed read reply")
         except StorageError as e:
-            self._failed[target] = time.monotonic()
-            for r in reads:
-                r.error = e
+            self._fail(target, reads, e)
             return
         errs = result["err"]
         for i, (r, n) in enumerate(zip(reads, result["n"])):
@@ -143,7 +155,32 @@ class ClusterBackend(DataBackend):
                 if code == "corrupt":
                     self._failed[target] = time.monotonic()
 
+    SPLIT = 256 << 10  # large reads are split into pieces of this size, served by different replicas at once
+
     def read_chunks(self, reads: list[ChunkRead]) -> None:
+        big = [r for r in reads if r.length > self.SPLIT]
+        if not big:
+            return self._read_chunks(reads)
+        parts: dict[int, list[ChunkRead]] = {}
+        flat = [r for r in reads if r.length <= self.SPLIT]
+        for r in big:
+            ps = [ChunkRead(r.chain, r.chunk, r.offset + o, min(self.SPLIT, r.length - o), r.dest[o:o + self.SPLIT])
+                  for o in range(0, r.length, self.SPLIT)]
+            parts[id(r)] = ps
+            flat += ps
+        self._read_chunks(flat)
+        for r in big:
+            n = 0
+            for p in parts[id(r)]:
+                if p.error is not None:
+                    r.error = p.error
+                    break
+                n += p.n
+                if p.n < p.length:  # end of the chunk's data
+                    break
+            r.n = n
+
+    def _read_chunks(self, reads: list[ChunkRead]) -> None:
         tried: dict[int, set[str]] = {id(r): set() for r in reads}
         pending = list(reads)
         deadline = time.monotonic() + self.retry_for
@@ -151,7 +188,7 @@ class ClusterBackend(DataBackend):
             groups: dict[str, list] = {}
             for r in pending:
                 try:
-                    reps = self._replicas(r.chain, r.chunk, tried[id(r)])
+                    reps = self._replicas(r.chain, f"{r.chunk}@{r.offset // self.SPLIT}", tried[id(r)])
                 except KeyError:
                     r.error = StorageError(f"unknown chain {r.chain!r}")
                     continue
@@ -163,11 +200,11 @@ class ClusterBackend(DataBackend):
                 groups.setdefault(reps[0], []).append((r, reps[0]))
             if not groups:
                 return
-            futs = [self.pool.submit(self._read_from, t, items) for t, items in list(groups.items())[1:]]
-            first = next(iter(groups.items()))
-            self._read_from(*first)
-            for f in futs:
-                f.result()
+            # All services work at once: send every group's request, then collect the answers.
+            started = [(t, self._start_read(t, items)) for t, items in groups.items()]
+            for t, st in started:
+                if st is not None:
+                    self._finish_read(t, st)
             retry = [r for items in groups.values() for r, _ in items
                      if isinstance(r.error, StorageError)
                      and r.error.code in ("unavailable", "stale_routing", "not_serving", "corrupt")]

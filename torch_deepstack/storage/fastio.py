@@ -27,7 +27,8 @@ _RESULT_OFFSET = IO_STRUCT.size - 8
 AIO_DEPTH = 256
 # Hybrid polling window: poll the completion ring this long before sleeping (0 disables). A small read
 # usually completes inside it, which saves a sleep/wake-up per batch (a large share of a 4 KiB read's cost).
-SPIN_US = int(os.environ.get("DEEPSTACK_SPIN_US", "200"))
+# Storage services set it to 0: several of them share a machine, and they serve many reads at once anyway.
+SPIN_US = int(os.environ.get("DEEPSTACK_SPIN_US", "100"))
 
 _lib = None
 _tried = False

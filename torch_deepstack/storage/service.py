@@ -21,7 +21,8 @@ import threading
 import time
 import weakref
 
-from torch_deepstack.storage.chunk_engine import ChunkEngine, align_up, aligned_buffer
+from torch_deepstack.storage import fastio
+from torch_deepstack.storage.chunk_engine import ChunkEngine, aligned_buffer
 from torch_deepstack.storage.errors import (InvalidArgument, NotFound, NotServing, StaleRouting, StorageError,
                                             Unavailable)
 from torch_deepstack.storage.paths import validate_chunk_id
@@ -71,6 +72,7 @@ class StorageService:
     def __init__(self, service_id: str, targets: dict[str, str], manager: tuple[str, int], secret: bytes, *,
                  host: str = "127.0.0.1", port: int = 0, sync: bool = True, rpc_timeout: float = 10.0,
                  capacity_bytes: int | None = None):
+        fastio.SPIN_US = 0  # no completion polling in services (see fastio.SPIN_US)
         self.service_id = service_id
         self.boot = os.urandom(8).hex()  # identifies this incarnation: the manager spots restarts by it
         self.secret = secret
