@@ -84,8 +84,10 @@ def test_cluster_cli_roundtrip_and_auth(cluster_factory, tmp_path):
         assert fs.listdir("/") == []
 
 
-def test_kill9_storage_service_during_replicated_writes(cluster_factory):
+@pytest.mark.parametrize("role", [0, 1, 2], ids=["head", "middle", "tail"])
+def test_kill9_storage_service_during_replicated_writes(cluster_factory, role):
     c = cluster_factory().start()
+    victim = c.routing()["chains"]["c0"]["targets"][role]["id"].split("-")[0]
     fs = c.connect(retry_for=40)
     fs.mkdir("/w")
     acked: dict[str, str] = {}
@@ -124,11 +126,11 @@ def test_kill9_storage_service_during_replicated_writes(cluster_factory):
         t.start()
     time.sleep(1.0)
     before = len(acked)
-    c.kill("s2")  # SIGKILL in the middle of the write stream
-    c.wait_states(lambda s: s["s2-t0"] == "offline", 20, "s2 marked offline")
+    c.kill(victim)  # SIGKILL in the middle of the write stream
+    c.wait_states(lambda s: s[f"{victim}-t0"] == "offline", 20, f"{victim} marked offline")
     time.sleep(1.5)
     reads_during_outage = read_ok[0]
-    c.start_service("s2")
+    c.start_service(victim)
     c.wait_all_serving(40)
     time.sleep(0.5)
     stop.set()
