@@ -50,6 +50,19 @@ def writable_bytes(buf: Any, name: str = "out") -> memoryview:
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
+def _fast_bytes(buf) -> memoryview | None:
+    """writable_bytes() for the common cases (numpy uint8 rows, bytearray, byte memoryviews) or None."""
+    if type(buf).__module__.startswith("torch"):
+        return None
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        return None
+    if mv.readonly or mv.ndim != 1 or mv.format != "B" or not mv.c_contiguous:
+        return None
+    return mv
+
+
 # ---------------------------------------------------------------------------------------------- types
 @dataclass
 class FileStat:
@@ -436,43 +449,60 @@ class FileSystem:
 
     # ------------------------------------------------------------ batched reads
     def _plan(self, requests: Sequence[ReadRequest], inodes: dict[str, dict] | None = None):
+        """Split requests into per-chunk pieces (ChunkRead) whose `dest` are views of the caller's buffers.
+        This runs once per request on the hot path, hence the inlined checks."""
         inodes = {} if inodes is None else inodes
         results, pieces = [], []
         for req in requests:
             res = ReadResult(req)
             results.append(res)
             try:
-                if isinstance(req.file, File):
-                    ino = req.file._inode
-                elif isinstance(req.file, str):
-                    key = normalize(req.file)
+                f = req.file
+                if type(f) is File:
+                    ino = f._inode
+                elif isinstance(f, str):
+                    key = normalize(f)
                     ino = inodes.get(key)
                     if ino is None:
                         ino = inodes[key] = self.meta.stat(key)
+                elif isinstance(f, File):
+                    ino = f._inode
                 else:
-                    raise InvalidArgument(f"request file must be a path or a File, got {type(req.file).__name__}")
+                    raise InvalidArgument(f"request file must be a path or a File, got {type(f).__name__}")
                 if ino["type"] != "file":
-                    raise IsADirectory(f"is a directory: {req.file!r}")
-                if not isinstance(req.offset, int) or not isinstance(req.length, int) or req.offset < 0 \
-                        or req.length < 0:
-                    raise InvalidArgument(f"offset and length must be ints >= 0, got {req.offset!r}, "
-                                          f"{req.length!r}")
-                out = bytearray(req.length) if req.out is None else req.out
-                mv = writable_bytes(out)
-                if len(mv) < req.length:
-                    raise InvalidArgument(f"out buffer has {len(mv)} bytes, request needs {req.length}")
-                n = max(0, min(req.length, ino["length"] - req.offset))
+                    raise IsADirectory(f"is a directory: {f!r}")
+                off, length = req.offset, req.length
+                if type(off) is not int or type(length) is not int or off < 0 or length < 0:
+                    if not (isinstance(off, int) and isinstance(length, int)) or off < 0 or length < 0:
+                        raise InvalidArgument(f"offset and length must be ints >= 0, got {off!r}, {length!r}")
+                out = req.out
+                if out is None:
+                    mv = memoryview(bytearray(length))
+                else:
+                    mv = _fast_bytes(out)
+                    if mv is None:
+                        mv = writable_bytes(out)
+                if len(mv) < length:
+                    raise InvalidArgument(f"out buffer has {len(mv)} bytes, request needs {length}")
+                end = ino["length"]
+                n = length if off + length <= end else (end - off if end > off else 0)
                 res.nbytes, res.data = n, mv[:n]
                 cs, chains = ino["chunk_size"], ino["chains"]
-                pos = req.offset
-                mine = []
-                while pos < req.offset + n:
-                    idx, in_chunk = divmod(pos, cs)
-                    ln = min(cs - in_chunk, req.offset + n - pos)
-                    d = pos - req.offset
-                    mine.append(ChunkRead(chains[idx % len(chains)], chunk_id(ino["id"], idx), in_chunk, ln,
-                                          mv[d:d + ln]))
-                    pos += ln
+                prefix = f"{ino['id']:016x}-"
+                idx, in_chunk = divmod(off, cs)
+                if in_chunk + n <= cs:  # the common case: the request lies inside one chunk
+                    mine = [ChunkRead(chains[idx % len(chains)], f"{prefix}{idx:08x}", in_chunk, n, mv[:n])] \
+                        if n else []
+                else:
+                    mine = []
+                    pos, stop = off, off + n
+                    while pos < stop:
+                        idx, in_chunk = divmod(pos, cs)
+                        ln = min(cs - in_chunk, stop - pos)
+                        d = pos - off
+                        mine.append(ChunkRead(chains[idx % len(chains)], f"{prefix}{idx:08x}", in_chunk, ln,
+                                              mv[d:d + ln]))
+                        pos += ln
                 pieces.append((res, mine))
             except BaseException as e:  # noqa: BLE001 - reported per request
                 res.error, res.data, res.nbytes = e, None, 0
