@@ -5,8 +5,8 @@ uniformly shuffled order over the same samples stored as
 - deepstack: one packed dataset on embedded deepstack storage (DeepstackDataset, batched=True, CRC verified);
 - file-per-sample: each sample its own local file, read with plain open().read(), default_collate;
 - litdata: LitData's optimize() chunks read by StreamingDataset(shuffle=True) + StreamingDataLoader (optional);
-- fio: random reads of the sample size (O_DIRECT, libaio, iodepth 32) over deepstack's own chunk files: the
-  device ceiling for these exact bytes (optional: Debian `fio`).
+- fio: random reads of the sample size (O_DIRECT, libaio, iodepth 32, best of 1 and 2 jobs) over deepstack's
+  own chunk files: the device ceiling for these exact bytes (optional: Debian `fio`).
 Page cache is dropped (posix_fadvise DONTNEED on every file) before every measurement; deepstack and fio read
 with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded) and is the
 best of --repeat runs, the readers interleaved (the disk and the 2 cores are shared with other work).
@@ -188,10 +188,12 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
         res: dict[str, dict[int, float]] = {}
         fio = None
         if not args.no_fio:
-            runs = [run_fio(os.path.join(p["fs"], "target", "data"), size, args.seconds, 1) for _ in range(args.repeat)]
+            runs = [run_fio(os.path.join(p["fs"], "target", "data"), size, args.seconds, jobs)
+                    for _ in range(args.repeat) for jobs in (1, 2)]
             fio = max((r for r in runs if r), default=None)
         if fio:
-            table.add(f"{size // KIB} KiB", n, "fio randread (O_DIRECT, QD32)", "-", fio, fio * size / 1e9, "ceiling")
+            table.add(f"{size // KIB} KiB", n, "fio randread (O_DIRECT, QD32 x 1-2 jobs)", "-", fio, fio * size / 1e9,
+                      "ceiling")
         for w in workers:
             common = dict(batch_size=batch, num_workers=w, persistent_workers=False,
                           multiprocessing_context=args.mp_context if w else None)
