@@ -88,6 +88,12 @@ uint32_t ds_crc32c(const uint8_t* p, uint64_t n, uint32_t crc) {
     return crc_sw(p, n, crc);
 }
 
+// CRC32C of every `block` bytes of buf (the last block may be short): the chunk engine's per-block checksums.
+void ds_block_crcs(const uint8_t* buf, uint64_t len, uint64_t block, uint32_t* out) {
+    for (uint64_t pos = 0, i = 0; pos < len; pos += block, i++)
+        out[i] = ds_crc32c(buf + pos, len - pos < block ? len - pos : block, 0);
+}
+
 uint64_t ds_aio_setup(int depth) {
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, depth, &ctx) < 0) return 0;

@@ -272,3 +272,25 @@ def test_cli_embedded_roundtrip(tmp_path, capsys):
     assert main(["stat", "/a", "--fs", fsdir]) == 1
     assert "no such file" in capsys.readouterr().err
     assert main(["ls", "--fs", str(tmp_path / "nothing-here")]) == 1
+
+
+def test_reads_after_fork_use_their_own_io_context(fs):
+    """DataLoader workers fork: a child must read correctly without touching the parent's io_uring."""
+    import multiprocessing as mp
+
+    data = os.urandom(4 * CS)
+    fs.write_bytes("/d", data)
+    fs.batch_read([("/d", i * 4096, 4096) for i in range(20)])  # the parent's ring exists now
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        res = fs.batch_read([("/d", i * 4096, 4096) for i in range(20)])
+        q.put(all(bytes(r.data) == data[i * 4096:(i + 1) * 4096] for i, r in enumerate(res)))
+    p = ctx.Process(target=child)
+    p.start()
+    ok = q.get(timeout=60)
+    p.join(30)
+    assert ok and p.exitcode == 0
+    res = fs.batch_read([("/d", i * 4096, 4096) for i in range(20)])
+    assert all(bytes(r.data) == data[i * 4096:(i + 1) * 4096] for i, r in enumerate(res))

@@ -167,6 +167,9 @@ class _FdCache:
 
 
 def page_crcs_of(data, crc_block: int) -> bytes:
+    fast = fastio.block_crcs(data, crc_block) if fastio.load() is not None else None
+    if fast is not None:
+        return fast
     mv = memoryview(data).cast("B")
     out = array.array("I", (crc32c(mv[i:i + crc_block]) for i in range(0, len(mv), crc_block)))
     return out.tobytes()

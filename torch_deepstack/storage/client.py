@@ -357,14 +357,14 @@ _MODES = {"r": "rb", "rb": "rb", "w": "wb", "wb": "wb", "x": "xb", "xb": "xb", "
 class FileSystem:
     """Client of one deepstack file system (embedded or cluster). Thread-safe."""
 
-    write_buffer_bytes = 8 << 20
+    write_buffer_bytes = 16 << 20  # per open file: several chunk updates go out (and replicate) at once
     READ_WAVE = 16  # requests planned and submitted per wave in a large batch
 
     def __init__(self, meta, backend: DataBackend, uri: str, *, io_threads: int = 16):
         self.meta = meta
         self.backend = backend
         self.uri = uri
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-io")
+        self.io_threads = io_threads  # backends hold the I/O threads; this pool only runs submit_reads batches
         self._async_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deepstack-batch")
         self._closed = False
 
@@ -569,7 +569,6 @@ class FileSystem:
             return
         self._closed = True
         self._async_pool.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
         self.backend.close()
         close = getattr(self.meta, "close", None)
         if close:

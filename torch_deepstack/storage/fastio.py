@@ -102,6 +102,8 @@ def load():
             lib.ds_ring_reap.restype = ctypes.c_int
             lib.ds_aio_setup.argtypes = [ctypes.c_int]
             lib.ds_aio_setup.restype = ctypes.c_uint64
+            lib.ds_block_crcs.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p]
+            lib.ds_block_crcs.restype = None
             lib.ds_crc32c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32]
             lib.ds_crc32c.restype = ctypes.c_uint32
             _lib = lib
@@ -114,6 +116,15 @@ def load():
 
 
 _uring_ok = True
+
+
+def _forget_rings_after_fork() -> None:
+    # A forked child must not share its parent's io_uring / AIO context: it makes its own on first use.
+    global _tls
+    _tls = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_rings_after_fork)
 
 
 def uring() -> int:
@@ -138,6 +149,20 @@ def aio_context() -> int:
             raise OSError("io_setup failed (too many AIO contexts?)")
         _tls.ctx = ctx
     return ctx
+
+
+def block_crcs(data, block: int) -> bytes | None:
+    """Packed little-endian CRC32C of each `block` bytes of data, in one C call (None without the helper)."""
+    if _lib is None:
+        return None
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    out = bytearray(4 * ((n + block - 1) // block))
+    if n:
+        src = mv if not mv.readonly else memoryview(bytearray(mv))  # ctypes needs a writable export
+        _lib.ds_block_crcs(ctypes.addressof(ctypes.c_char.from_buffer(src)), n, block,
+                           ctypes.addressof(ctypes.c_char.from_buffer(out)))
+    return bytes(out)
 
 
 def read_one(ios: bytearray) -> None:

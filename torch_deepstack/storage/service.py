@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 from torch_deepstack.storage import fastio
 from torch_deepstack.storage.chunk_engine import ChunkEngine, aligned_buffer
@@ -93,6 +94,7 @@ class StorageService:
         self._locks = _ChunkLocks()
         self._syncing: set[str] = set()
         self._tls = threading.local()
+        self._writer = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"write-{service_id}")
         self._stop = threading.Event()
         handlers = {
             "read": self._rpc_read, "write": self._rpc_write, "replicate": self._rpc_replicate,
@@ -279,6 +281,15 @@ class StorageService:
                 if self.routing["chains"][chain_id]["version"] == old:
                     self.refresh_routing()
 
+    def _store_and_forward(self, eng, chain_id, tid, cid, ver, content, chain_ver, deadline) -> None:
+        """Write our pending version while the successor receives the update: the disk write overlaps the
+        rest of the chain instead of adding to it. Both must succeed before the caller commits."""
+        local = self._writer.submit(eng.write_pending, cid, ver, content, chain_ver)
+        try:
+            self._forward(chain_id, tid, "replicate", {"chunk": cid, "ver": ver}, content, deadline)
+        finally:
+            local.result()
+
     def _rpc_write(self, args, payload):
         self._check_lease()
         chain_id, tid = _str(args, "chain"), _str(args, "target")
@@ -295,8 +306,7 @@ class StorageService:
             content = eng.patched(cid, offset, payload, chunk_size)
             m = eng.meta(cid)
             ver = 1 + max([x.ver for x in (m.committed, m.pending) if x] if m else [0], default=0)
-            eng.write_pending(cid, ver, content, chain["version"])
-            self._forward(chain_id, tid, "replicate", {"chunk": cid, "ver": ver}, content, deadline)
+            self._store_and_forward(eng, chain_id, tid, cid, ver, content, chain["version"], deadline)
             eng.commit(cid, ver)
         return {"ver": ver, "length": len(content)}, None
 
@@ -309,8 +319,7 @@ class StorageService:
         eng = self._engine(tid)
         deadline = time.monotonic() + self.rpc_timeout * 2
         with self._locks.get(tid + cid):
-            eng.write_pending(cid, ver, payload, chain["version"])
-            self._forward(chain_id, tid, "replicate", {"chunk": cid, "ver": ver}, payload, deadline)
+            self._store_and_forward(eng, chain_id, tid, cid, ver, payload, chain["version"], deadline)
             eng.commit(cid, ver)
         return {"ver": ver}, None
 
@@ -455,6 +464,7 @@ class StorageService:
     def stop(self) -> None:
         self._stop.set()
         self.server.stop()
+        self._writer.shutdown(wait=False)
         self.manager.close()
         for c in self._peers.values():
             c.close()
