@@ -217,7 +217,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions per point (best is kept)")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--from-json", help="only re-render docs/benchmarks.md from results saved with --json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            write_docs(json.load(f))
+        return 0
     sizes = [4096, 128 << 10, 1 << 20]
     qds = [1, 4, 16, 64]
     if args.quick:
@@ -304,7 +309,22 @@ def write_docs(res):
         stream = f"{r['fio_stream']:.0f}" if r.get("fio_stream") else "n/a"
         lines.append(f"| {r['bs'] >> 10} KiB | {r['qd']} | {fio} | {r['embedded']:.0f} | {ratio} | "
                      f"{r['cluster']:.0f} | {r['cluster'] / r['embedded']:.2f} | {stream} |")
-    lines += ["", f"Writes (8 MiB client buffer, chunk updates in parallel, fdatasync per chunk version): embedded "
+    def span(num, den, bs):
+        vals = [r[num] / r[den] for r in res["reads"] if r["bs"] == bs and r.get(den)]
+        return f"{min(vals):.2f}-{max(vals):.2f}" if vals else "n/a"
+    sizes = sorted({r["bs"] for r in res["reads"]})
+    emb = "; ".join(f"{bs >> 10} KiB {span('embedded', 'fio', bs)}" for bs in sizes)
+    clu = "; ".join(f"{bs >> 10} KiB {span('cluster', 'embedded', bs)}" for bs in sizes)
+    lines += ["", "Against the targets (ratio range over queue depths): embedded / fio >= 0.9: " + emb +
+              ". Cluster / embedded >= 0.7: " + clu + f". Replicated / embedded writes >= 1/3: "
+              f"{res['write_cluster'] / res['write_embedded']:.2f}. Small-block embedded reads fall short: the "
+              "Python planning of each request (~5 us) does not fully hide behind the device's ~15 us per 4 KiB "
+              "read on two shared cores; at 128 KiB and 1 MiB the read path reaches fio at most queue depths (on "
+              "this virtual disk fio's io_uring runs 1 MiB reads slower than our batches; we did not find why). The "
+              "loopback cluster is CPU-bound: client, three services and the manager share two cores, so every "
+              "4 KiB read pays two process hops; and its replicas share the one disk, so 1/3 is the write "
+              "ceiling. Numbers move by 2x from minute to minute on this shared machine."]
+    lines += ["", f"Writes (16 MiB client buffer, chunk updates in parallel, fdatasync per chunk version): embedded "
               f"{res['write_embedded'] / 2**20:.0f} MiB/s; replicated (r = 3, CRAQ) {res['write_cluster'] / 2**20:.0f} "
               f"MiB/s = {res['write_cluster'] / res['write_embedded']:.2f} of embedded.", "",
               f"Metadata (create + stat + remove, one file per op, one client thread): embedded SQLite "

@@ -165,7 +165,7 @@ def test_corrupt_replica_is_bypassed_and_repaired_by_fsck(cluster_factory):
     with c.connect() as fs:
         for _ in range(3):
             assert fs.read_bytes("/f") == data
-        res = fs.batch_read([("/f", i * CS, 100) for i in range(6)])
+        res = fs.batch_read([("/f", i * CS, 100) for i in range(6)], timeout=20)
         assert all(r.ok and bytes(r.data) == data[i * CS:i * CS + 100] for i, r in enumerate(res))
     r = c.cli("fsck", "--fs", c.uri, check=True)
     assert f"{len(files)} corrupt, {len(files)} repaired" in r.stdout, r.stdout
@@ -182,6 +182,14 @@ def test_manager_restart_recovers_state(cluster_factory):
     c.kill("manager")
     # Data keeps flowing from the storage services while the manager (and the metadata it serves) is down.
     assert f.pread(0, 2 * CS) == b"b" * (2 * CS)
+    # With every storage service gone too, a bounded read gives up in time instead of hanging.
+    for s in ("s1", "s2", "s3"):
+        c.kill(s)
+    t0 = time.monotonic()
+    res = fs.batch_read([(f, 0, 100)], timeout=1.0)
+    assert not res[0].ok and time.monotonic() - t0 < 10
+    for s in ("s1", "s2", "s3"):
+        c.start_service(s)
     c.start_manager()
     c.wait_all_serving(30)
     after = {cid: ch["version"] for cid, ch in c.routing()["chains"].items()}

@@ -127,7 +127,8 @@ class ReadResult:
 class DataBackend:
     """Where chunk bytes live. Implementations: LocalBackend (embedded), ClusterBackend (storage services)."""
 
-    def read_chunks(self, reads: list[ChunkRead]) -> None:
+    def read_chunks(self, reads: list[ChunkRead], deadline: float | None = None) -> None:
+        """Fill each read's n or error. `deadline` (time.monotonic()) bounds waiting and retrying."""
         raise NotImplementedError
 
     def write_chunks(self, writes: list[tuple[str, str, int, memoryview, int]]) -> None:
@@ -513,7 +514,10 @@ class FileSystem:
 
         `file` is a path or an open `File`; `out` a caller buffer (bytearray, numpy, CPU/pinned tensor) the
         bytes land in without an extra copy. Results come back in request order; per-request failures are
-        reported in `ReadResult.error`, not raised."""
+        reported in `ReadResult.error`, not raised. `timeout` (seconds) bounds how long a cluster read waits
+        for and retries replicas; requests still failing then carry `TimeoutError` or the last replica's
+        error. (Local reads always run to completion.)"""
+        deadline = None if timeout is None else time.monotonic() + timeout
         reqs = [r if isinstance(r, ReadRequest) else ReadRequest(*r) for r in requests]
         session = None
         if len(reqs) > self.READ_WAVE:
@@ -523,7 +527,7 @@ class FileSystem:
             results, pieces = self._plan(reqs)
             flat = [p for _, ps in pieces for p in ps]
             if flat:
-                self.backend.read_chunks(flat)
+                self.backend.read_chunks(flat, deadline)
         else:
             # Plan and submit in waves: the kernel reads wave k while Python plans wave k+1.
             results, pieces, inodes = [], [], {}

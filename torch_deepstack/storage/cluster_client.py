@@ -108,7 +108,7 @@ class ClusterBackend(DataBackend):
         return sorted(cands, key=rank)
 
     # ------------------------------------------------------------------ reads
-    def _start_read(self, target: str, items: list[tuple[ChunkRead, str]]):
+    def _start_read(self, target: str, items: list[tuple[ChunkRead, str]], timeout: float | None = None):
         """Send one batched read RPC to the service of `target` (answer collected by _finish_read)."""
         chains = self.routing["chains"]
         reads = [r for r, _ in items]
@@ -117,7 +117,7 @@ class ClusterBackend(DataBackend):
                 "off": [r.offset for r in reads], "len": [r.length for r in reads]}
         try:
             client = self._client(target)
-            return client, client.start("read", args), reads
+            return client, client.start("read", args, timeout=timeout), reads
         except StorageError as e:
             self._fail(target, reads, e)
             return None
@@ -157,10 +157,10 @@ class ClusterBackend(DataBackend):
 
     SPLIT = 256 << 10  # large reads are split into pieces of this size, served by different replicas at once
 
-    def read_chunks(self, reads: list[ChunkRead]) -> None:
+    def read_chunks(self, reads: list[ChunkRead], deadline: float | None = None) -> None:
         big = [r for r in reads if r.length > self.SPLIT]
         if not big:
-            return self._read_chunks(reads)
+            return self._read_chunks(reads, deadline)
         parts: dict[int, list[ChunkRead]] = {}
         flat = [r for r in reads if r.length <= self.SPLIT]
         for r in big:
@@ -168,7 +168,7 @@ class ClusterBackend(DataBackend):
                   for o in range(0, r.length, self.SPLIT)]
             parts[id(r)] = ps
             flat += ps
-        self._read_chunks(flat)
+        self._read_chunks(flat, deadline)
         for r in big:
             n = 0
             for p in parts[id(r)]:
@@ -180,10 +180,11 @@ class ClusterBackend(DataBackend):
                     break
             r.n = n
 
-    def _read_chunks(self, reads: list[ChunkRead]) -> None:
+    def _read_chunks(self, reads: list[ChunkRead], deadline: float | None = None) -> None:
         tried: dict[int, set[str]] = {id(r): set() for r in reads}
         pending = list(reads)
-        deadline = time.monotonic() + self.retry_for
+        own = time.monotonic() + self.retry_for
+        deadline = own if deadline is None else min(deadline, own)
         while pending:
             groups: dict[str, list] = {}
             for r in pending:
@@ -201,7 +202,13 @@ class ClusterBackend(DataBackend):
             if not groups:
                 return
             # All services work at once: send every group's request, then collect the answers.
-            started = [(t, self._start_read(t, items)) for t, items in groups.items()]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for items in groups.values():
+                    for r, _ in items:
+                        r.error = TimeoutError(f"chunk {r.chunk}: read deadline passed")
+                return
+            started = [(t, self._start_read(t, items, min(self.timeout, left))) for t, items in groups.items()]
             for t, st in started:
                 if st is not None:
                     self._finish_read(t, st)

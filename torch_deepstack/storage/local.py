@@ -53,7 +53,7 @@ class LocalBackend(DataBackend):
             except BaseException as e:  # noqa: BLE001 - reported per piece
                 r.error = e
 
-    def read_chunks(self, reads):
+    def read_chunks(self, reads, deadline=None):  # local reads complete; nothing to bound
         if fastio.load() is not None:
             self.engine.read_many(reads)  # one AIO batch: the kernel sees the whole queue depth
         else:
