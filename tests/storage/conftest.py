@@ -114,7 +114,7 @@ class Cluster:
     """A manager and storage services as real processes (`python -m torch_deepstack.storage.cli`)."""
 
     def __init__(self, root, services=("s1", "s2", "s3"), targets_per_service=1, replicas=3, lease=1.5,
-                 chunk_size=256 << 10, kv_uri=None):
+                 chunk_size=256 << 10, kv_uri=None, service_args=()):
         self.root = str(root)
         self.secret = SECRET
         self.services = list(services)
@@ -125,6 +125,7 @@ class Cluster:
         with open(self.secret_file, "wb") as f:
             f.write(SECRET)
         self.kv_uri = kv_uri or f"sqlite://{self.root}/meta.db"
+        self.service_args = list(service_args)
         self.env = dict(os.environ, DEEPSTACK_FS_SECRET_FILE=self.secret_file, PYTHONUNBUFFERED="1")
         self.env.pop("DEEPSTACK_FS_SECRET", None)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -165,7 +166,7 @@ class Cluster:
         for j in range(self.tps):
             targets += ["--target", os.path.join(self.root, sid, f"t{j}")]
         proc, pf, log = self._spawn(sid, ["storage", "--id", sid, "--manager", f"127.0.0.1:{self.manager_port}",
-                                          *targets, "--no-sync"])
+                                          *targets, "--no-sync", *self.service_args])
         if wait:
             wait_for_file(pf, 30, proc, log)
         return pf

@@ -215,6 +215,9 @@ def test_bad_names_and_full_disk(tmp_path):
             fs.write_bytes("/big", b"b" * (3 * CS))
         assert fs.read_bytes("/keep") == b"k" * CS  # nothing lost
         assert fs.listdir("/") == ["big", "keep"]
+        fs.remove("/big")
+        fs.write_bytes("/next", b"n" * CS)  # the failed write's chunks were reclaimed
+        assert fs.read_bytes("/next") == b"n" * CS
 
 
 @pytest.mark.timeout(120)

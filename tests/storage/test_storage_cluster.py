@@ -245,3 +245,18 @@ def test_cluster_on_etcd(cluster_factory, etcd_server):
     c.wait_all_serving(30)
     with c.connect() as fs:
         assert fs.listdir("/z/b") == ["x"]
+
+
+def test_cluster_full_disk_refuses_writes_and_loses_nothing(cluster_factory):
+    c = cluster_factory(service_args=["--capacity", str(3 * CS)]).start()
+    with c.connect(retry_for=10) as fs:
+        kept = os.urandom(2 * CS)
+        fs.write_bytes("/kept", kept)
+        with pytest.raises(st.NoSpace):
+            fs.write_bytes("/big", os.urandom(4 * CS))
+        assert fs.read_bytes("/kept") == kept
+        fs.remove("/big")
+        fs.write_bytes("/small", b"s" * 100)  # space is still usable after the refusal
+        assert fs.read_bytes("/small") == b"s" * 100
+    for chain, reps in replica_dumps(c).items():
+        assert len({tuple(sorted(v.items())) for v in reps.values()}) == 1, (chain, reps)

@@ -446,7 +446,19 @@ class FileSystem:
             n = min(cs - in_chunk, len(data) - off)
             writes.append((chains[idx % len(chains)], chunk_id(inode["id"], idx), in_chunk, data[off:off + n], cs))
             off += n
-        self.backend.write_chunks(writes)
+        try:
+            self.backend.write_chunks(writes)
+        except BaseException:
+            # The length was not published, so chunks wholly past the old end are unreachable: reclaim them
+            # now (best effort; fsck --gc finds any left) instead of leaving them to hold space.
+            first_new = -(-inode["length"] // cs)
+            fresh = [(w[0], w[1]) for w in writes if int(w[1].split("-")[1], 16) >= first_new]
+            if fresh:
+                try:
+                    self.backend.remove_chunks(fresh)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            raise
 
     # ------------------------------------------------------------ batched reads
     def _plan(self, requests: Sequence[ReadRequest], inodes: dict[str, dict] | None = None):
