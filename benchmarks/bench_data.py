@@ -277,6 +277,42 @@ def checkpoint_rows(args, table: BenchTable) -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def kv_rows(args) -> BenchTable:
+    """KV-cache offload: MLA pages (bf16 [64, 1, 576] = 72 KiB, FP8 [64, 1, 656] = 41 KiB) saved, then loaded
+    back in random batches of 64 keys (one batched read per batch)."""
+    from torch_deepstack.data import KVCacheStore, prefix_block_keys
+
+    t = BenchTable("data", "kvcache", "KV-cache block offload (embedded storage)",
+                   ["layout", "blocks", "op", "blocks/s", "GB/s"])
+    n = 256 if args.quick else 2048
+    d = os.path.join(args.dir, "kv")
+    shutil.rmtree(d, ignore_errors=True)
+    fs = storage.connect(os.path.join(d, "fs"))
+    for name, blocks in (("bf16 [64,1,576]", torch.randn(n, 64, 1, 576).to(torch.bfloat16)),
+                         ("fp8 [64,1,656]", torch.randint(0, 256, (n, 64, 1, 656), dtype=torch.uint8))):
+        store = KVCacheStore(fs, f"/kv/{name[:4]}")
+        keys = prefix_block_keys(range(64 * n), namespace=name)
+        per = blocks[0].numel() * blocks.element_size()
+        t0 = time.perf_counter()
+        store.save(keys, blocks)
+        dt = time.perf_counter() - t0
+        t.add(name, n, "save", n / dt, n * per / dt / 1e9)
+        drop_cache(d)
+        order = np.random.default_rng(0).permutation(n)
+        out = torch.empty((64, *blocks.shape[1:]), dtype=blocks.dtype)
+        t0 = time.perf_counter()
+        for k in range(0, n, 64):
+            idx = order[k:k + 64]
+            found = store.load([keys[i] for i in idx], out[:len(idx)])
+            assert found.all()
+        dt = time.perf_counter() - t0
+        assert torch.equal(out[:len(idx)].view(torch.uint8), blocks[idx].view(torch.uint8))
+        t.add(name, n, "load (random batches of 64)", n / dt, n * per / dt / 1e9)
+    fs.close()
+    shutil.rmtree(d, ignore_errors=True)
+    return t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small data, short runs (smoke test)")
@@ -292,6 +328,8 @@ def main() -> int:
     ap.add_argument("--no-litdata", action="store_true")
     ap.add_argument("--no-fio", action="store_true")
     ap.add_argument("--no-checkpoint", action="store_true")
+    ap.add_argument("--no-loader", action="store_true", help="skip the DataLoader rows")
+    ap.add_argument("--no-kv", action="store_true", help="skip the KV-cache offload rows")
     ap.add_argument("--save", action="store_true", help="record the table in docs/benchmarks.md (## Data)")
     args = ap.parse_args()
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)
@@ -302,21 +340,33 @@ def main() -> int:
     table.notes.append(f"machine: {os.cpu_count()} CPU cores; data under {args.dir} "
                        f"({_disk_of(args.dir)}); page cache dropped before each row")
     summary: dict = {}
-    loader_rows(args, table, summary)
+    if not args.no_loader:
+        loader_rows(args, table, summary)
     if not args.no_checkpoint:
         checkpoint_rows(args, table)
     for k, r in summary.items():
         table.notes.append(f"{k}: best deepstack / fio = {_pct(r.get('vs_fio'))}, / best file-per-sample = "
                            f"{_x(r.get('vs_files'))}, / best litdata = {_x(r.get('vs_litdata'))}")
-    print("\n" + table.markdown("python " + " ".join(sys.argv)))
+    tables = [table] if table.rows else []
+    if not args.no_kv:
+        tables.append(kv_rows(args))
+    command = "python " + " ".join(sys.argv)
+    for t in tables:
+        print("\n" + t.markdown(command))
     if args.save:
         docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
-        text = open(docs).read() if os.path.exists(docs) else "# Benchmarks\n"
-        if "<!-- bench:data:loader start -->" not in text:
-            text = text.rstrip("\n") + "\n\n## Data\n\n<!-- bench:data:loader start -->\n<!-- bench:data:loader end -->\n"
-            open(docs, "w").write(text)
-        update_markdown_block(__import__("pathlib").Path(docs), "data:loader",
-                              table.markdown("python " + " ".join(sys.argv[0:1] + sys.argv[1:])))
+        for t in tables:
+            key = f"{t.area}:{t.name}"
+            text = open(docs).read() if os.path.exists(docs) else "# Benchmarks\n"
+            if f"<!-- bench:{key} start -->" not in text:  # new blocks go at the end of the Data section
+                block = f"<!-- bench:{key} start -->\n<!-- bench:{key} end -->\n"
+                if "<!-- bench:data:loader end -->" in text:
+                    text = text.replace("<!-- bench:data:loader end -->", "<!-- bench:data:loader end -->\n\n"
+                                        + block.rstrip("\n"), 1)
+                else:
+                    text = text.rstrip("\n") + "\n\n## Data\n\n" + block
+                open(docs, "w").write(text)
+            update_markdown_block(__import__("pathlib").Path(docs), key, t.markdown(command))
     return 0
 
 

@@ -96,10 +96,13 @@ class KVCacheStore:
         self.verify = verify
         self.timeout = timeout
         self.io_threads = io_threads
+        self._dirs: set[str] = set()
         self._handle.get().makedirs(self.root, exist_ok=True)
 
     def __getstate__(self):
-        return self.__dict__.copy()  # holds only the FSHandle (reconnects per process)
+        state = self.__dict__.copy()  # the FSHandle reconnects per process
+        state["_dirs"] = set()
+        return state
 
     def path_of(self, key: str) -> str:
         key = _check_key(key)
@@ -128,7 +131,10 @@ class KVCacheStore:
             trailer = _TRAILER.pack(_MAGIC, _VERSION, code, shape[0], shape[1], shape[2], len(data), crc32c(data),
                                     bytes.fromhex(key)[:16].ljust(16, b"\0"))
             path = self.path_of(key)
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            parent = path.rsplit("/", 1)[0]
+            if parent not in self._dirs:  # one metadata transaction per prefix directory, not per block
+                fs.makedirs(parent, exist_ok=True)
+                self._dirs.add(parent)
             tmp = f"{path}.tmp-{secrets.token_hex(4)}"
             with fs.open(tmp, "wb") as f:
                 f.write(data)
