@@ -102,6 +102,28 @@ def test_stateful_dataloader_resume_gives_same_remaining_batches(fs, bytes_pack,
     assert got == expected
 
 
+@pytest.mark.timeout(180)
+def test_stateful_dataloader_resume_with_distributed_sampler(fs, bytes_pack):
+    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    ds = DeepstackDataset(fs.uri, "/ds/bytes")
+
+    def make():
+        sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=3)
+        sampler.set_epoch(5)
+        return sdl.StatefulDataLoader(ds, batch_size=10, sampler=sampler, num_workers=2, collate_fn=as_list,
+                                      timeout=60, multiprocessing_context="fork")
+
+    ref = make()
+    it = iter(ref)
+    for _ in range(4):
+        next(it)
+    state = ref.state_dict()
+    expected = [[sample_bytes(s) for s in b] for b in it]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert [[sample_bytes(s) for s in b] for b in resumed] == expected and len(expected) == 20 - 4
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_iterable_dataset_yields_each_sample_once(fs, bytes_pack, workers):
