@@ -194,3 +194,13 @@ def test_bad_arguments(fs, bytes_pack):
     with pytest.raises(ValueError, match="batched=True needs fixed-shape tensor"):
         DeepstackDataset(fs, "/ds/bytes", batched=True)
     assert not fs.exists(f"/ds/none/{INDEX_NAME}")
+
+
+@pytest.mark.cuda
+def test_pinned_batches_in_the_main_process(fs, tensor_pack):
+    ds = DeepstackDataset(fs, "/ds/tensors", batched=True, pin_memory=True)
+    batch = ds.__getitems__([3, 1, 2])
+    assert batch.is_pinned() and torch.equal(batch, tensor_pack[[3, 1, 2]])
+    on_gpu = batch.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), tensor_pack[[3, 1, 2]])
