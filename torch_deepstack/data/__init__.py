@@ -3,6 +3,7 @@
 * packing: `PackWriter`, `pack()` and `deepstack pack` write many small samples into large shard files plus a
   versioned index (format.py);
 * `DeepstackDataset` (map-style, one batched read per `__getitems__`) and `DeepstackIterableDataset`;
+* `PrefetchLoader`: several batched reads in flight in one process, no workers;
 * `DeepstackStorageWriter` / `DeepstackStorageReader`: a torch.distributed.checkpoint backend with atomic saves;
 * `KVCacheStore`: MLA paged-KV-cache blocks saved and loaded by content (prefix hash) key.
 
@@ -12,11 +13,12 @@ from torch_deepstack.data.dataset import (DeepstackDataset, DeepstackIterableDat
                                           load_index)
 from torch_deepstack.data.format import PackFormatError, PackIndex
 from torch_deepstack.data.kvcache import KVBlockCorrupt, KVCacheStore, prefix_block_keys
+from torch_deepstack.data.loader import PrefetchLoader
 from torch_deepstack.data.writer import PackWriter, pack
 
 __all__ = ["DeepstackDataset", "DeepstackIterableDataset", "SampleReadError", "PackFormatError", "PackIndex",
            "PackWriter", "pack", "load_index", "KVBlockCorrupt", "KVCacheStore", "prefix_block_keys",
-           "DeepstackStorageReader", "DeepstackStorageWriter"]
+           "PrefetchLoader", "DeepstackStorageReader", "DeepstackStorageWriter"]
 
 
 def __getattr__(name: str):

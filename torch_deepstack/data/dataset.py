@@ -141,12 +141,7 @@ class DeepstackDataset(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]):
-        batch, samples = self._read(indices, contiguous=self.batched)
-        if self.batched:
-            return batch if self.transform is None else self.transform(batch)
-        if self.transform is not None:
-            return [self.transform(s) for s in samples]
-        return samples
+        return self._submit(indices, contiguous=self.batched, wait=True).value()
 
     def read_batch(self, indices: Sequence[int]) -> torch.Tensor:
         """Fixed-shape tensor packs: the samples as one [len(indices), *shape] tensor, read in one batch."""
@@ -167,6 +162,14 @@ class DeepstackDataset(torch.utils.data.Dataset):
         return np.where(idx < 0, idx + n, idx)
 
     def _read(self, indices: Sequence[int], *, contiguous: bool):
+        return self._submit(indices, contiguous=contiguous, wait=True).result()
+
+    def submit(self, indices: Sequence[int]) -> "PendingBatch":
+        """Start reading a batch without waiting (storage's asynchronous batched read); `.result()` returns what
+        `__getitems__` would. Several batches can be in flight at once: see `PrefetchLoader`."""
+        return self._submit(indices, contiguous=self.batched, wait=False)
+
+    def _submit(self, indices: Sequence[int], *, contiguous: bool, wait: bool) -> "PendingBatch":
         idx = self._normalize(indices)
         lengths = self._length[idx]
         if contiguous:  # samples back to back, so the buffer is already the stacked batch
@@ -186,11 +189,23 @@ class DeepstackDataset(torch.utils.data.Dataset):
         reqs = [ReadRequest(self._file(int(s)), int(o), int(n), view[base + int(st):base + int(st) + int(n)], k)
                 for k, (s, o, n, st) in enumerate(zip(shards, offsets, lengths, starts))]
         fs = self._handle.get()
-        try:
-            results = fs.batch_read(reqs, timeout=self.timeout)
-        except TimeoutError:
-            raise SampleReadError(f"batched read of {len(reqs)} samples from {self.path} on {fs.uri} did not "
-                                  f"finish within {self.timeout:.0f} s") from None
+        pending = PendingBatch(self, idx, lengths, starts, reqs, buf[base:base + total], contiguous)
+        if wait:
+            pending._results = fs.batch_read(reqs, timeout=self.timeout)
+        else:
+            pending._batch = fs.submit_reads(reqs)
+        return pending
+
+    def _finish(self, p: "PendingBatch"):
+        fs = self._handle.get()
+        idx, lengths, reqs = p.idx, p.lengths, p.reqs
+        results = p._results
+        if results is None:
+            try:
+                results = p._batch.wait(self.timeout)
+            except TimeoutError:
+                raise SampleReadError(f"batched read of {len(reqs)} samples from {self.path} on {fs.uri} did not "
+                                      f"finish within {self.timeout:.0f} s") from None
         for r in results:
             k = r.request.userdata
             if r.error is not None:
@@ -205,13 +220,13 @@ class DeepstackDataset(torch.utils.data.Dataset):
                 if crc32c(r.out) != int(crcs[k]):
                     raise SampleReadError(f"sample {int(idx[k])} of {self.path}: CRC32C mismatch (data corrupt "
                                           f"on {fs.uri}, or the shard was rewritten under this index)")
-        data = buf[base:base + total]
-        if contiguous:
+        data = p.data
+        if p.contiguous:
             dtype = self.index.dtype
             shape = tuple(self.index.meta["shape"])
             batch = data.view(dtype).view(len(idx), *shape) if len(idx) else torch.empty(0, *shape, dtype=dtype)
             return batch, None
-        return None, [self._decode(data, int(i), int(st), int(n)) for i, st, n in zip(idx, starts, lengths)]
+        return None, [self._decode(data, int(i), int(st), int(n)) for i, st, n in zip(idx, p.starts, lengths)]
 
     def _decode(self, data: torch.Tensor, i: int, start: int, n: int):
         raw = data[start:start + n]
@@ -229,6 +244,31 @@ class DeepstackDataset(torch.utils.data.Dataset):
         ix = self.index
         kind = ix.sample_type if ix.dtype is None else f"{ix.dtype} tensors"
         return f"DeepstackDataset({self._handle.uri}{self.path}: {len(ix)} {kind}, {ix.total_bytes} bytes)"
+
+
+class PendingBatch:
+    """A batch whose reads are in flight (from `DeepstackDataset.submit`)."""
+
+    def __init__(self, ds: DeepstackDataset, idx, lengths, starts, reqs, data, contiguous: bool):
+        self.ds, self.idx, self.lengths, self.starts, self.reqs = ds, idx, lengths, starts, reqs
+        self.data, self.contiguous = data, contiguous
+        self._results = None
+        self._batch = None
+
+    def done(self) -> bool:
+        return self._results is not None or self._batch.done()
+
+    def result(self):
+        """(stacked batch, None) for contiguous reads, else (None, samples); raises SampleReadError."""
+        return self.ds._finish(self)
+
+    def value(self):
+        """What `__getitems__` returns for these indices (transform applied)."""
+        batch, samples = self.result()
+        t = self.ds.transform
+        if batch is not None:
+            return batch if t is None else t(batch)
+        return samples if t is None else [t(x) for x in samples]
 
 
 def _passthrough(batch):
