@@ -96,6 +96,10 @@ def cmd_mkfs(args) -> int:
 
 def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("torch_deepstack.storage").warning(
+            "binding %s: reachable beyond this machine. Every RPC is HMAC-authenticated, but payloads are "
+            "neither encrypted nor MAC'd (CRC32C only); use a trusted network or a tunnel", args.host)
     secret = _secret(args)
     if not secret:
         print("serve needs a shared secret: --secret-file or $DEEPSTACK_FS_SECRET", file=sys.stderr)

@@ -182,9 +182,25 @@ class ClusterBackend(DataBackend):
 
     def _read_chunks(self, reads: list[ChunkRead], deadline: float | None = None) -> None:
         tried: dict[int, set[str]] = {id(r): set() for r in reads}
-        pending = list(reads)
         own = time.monotonic() + self.retry_for
         deadline = own if deadline is None else min(deadline, own)
+        self._read_loop(reads, deadline, tried)
+        # A replica that lacks a chunk answers like a hole (0 bytes). Holes are rare inside a file, so confirm
+        # every short answer with one other replica and keep the longer one: a replica that missed data must
+        # never turn into silent zeros.
+        short = [r for r in reads if r.error is None and r.n < r.length]
+        if short:
+            probes = [(r, ChunkRead(r.chain, r.chunk, r.offset, r.length, memoryview(bytearray(r.length))))
+                      for r in short]
+            ptried = {id(p): set(tried[id(r)]) for r, p in probes}
+            self._read_loop([p for _, p in probes], deadline, ptried)
+            for r, p in probes:
+                if p.error is None and p.n > r.n:
+                    r.dest[:p.n] = p.dest[:p.n]
+                    r.n = p.n
+
+    def _read_loop(self, reads: list[ChunkRead], deadline: float, tried: dict[int, set[str]]) -> None:
+        pending = list(reads)
         while pending:
             groups: dict[str, list] = {}
             for r in pending:

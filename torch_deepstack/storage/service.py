@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -95,6 +96,8 @@ class StorageService:
         self._syncing: set[str] = set()
         self._tls = threading.local()
         self._writer = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"write-{service_id}")
+        self._inflight: dict[tuple[str, int], int] = {}  # (chain, chain version) -> writes being applied
+        self._inflight_cv = threading.Condition()
         self._stop = threading.Event()
         handlers = {
             "read": self._rpc_read, "write": self._rpc_write, "replicate": self._rpc_replicate,
@@ -290,6 +293,34 @@ class StorageService:
         finally:
             local.result()
 
+    @contextlib.contextmanager
+    def _writing(self, chain_id: str, chain_ver: int):
+        """Count a write (or remove) applied under a chain version, so a resync can wait out older ones."""
+        key = (chain_id, chain_ver)
+        with self._inflight_cv:
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+        try:
+            # The routing may have moved on between the version check and the count above; a resync that
+            # started in that gap would not wait for us, so such a write must be retried under the new chain.
+            current = self.routing["chains"][chain_id]["version"]
+            if current != chain_ver:
+                raise StaleRouting(f"chain {chain_id} changed to version {current} during the request")
+            yield
+        finally:
+            with self._inflight_cv:
+                self._inflight[key] -= 1
+                if not self._inflight[key]:
+                    del self._inflight[key]
+                self._inflight_cv.notify_all()
+
+    def _drain_older_writes(self, chain_id: str, chain_ver: int, timeout: float) -> None:
+        """Wait until no write that passed its version check under an older chain version is still running:
+        those never reach a target that joined later, so a resync must start after them."""
+        with self._inflight_cv:
+            if not self._inflight_cv.wait_for(
+                    lambda: not any(c == chain_id and v < chain_ver for c, v in self._inflight), timeout):
+                raise Unavailable(f"chain {chain_id}: writes under older versions still running")
+
     def _rpc_write(self, args, payload):
         self._check_lease()
         chain_id, tid = _str(args, "chain"), _str(args, "target")
@@ -302,7 +333,7 @@ class StorageService:
             raise NotServing(f"target {tid} is not the serving head of chain {chain_id}")
         eng = self._engine(tid)
         deadline = time.monotonic() + self.rpc_timeout * 3
-        with self._locks.get(tid + cid):
+        with self._writing(chain_id, chain["version"]), self._locks.get(tid + cid):
             content = eng.patched(cid, offset, payload, chunk_size)
             m = eng.meta(cid)
             ver = 1 + max([x.ver for x in (m.committed, m.pending) if x] if m else [0], default=0)
@@ -318,7 +349,7 @@ class StorageService:
         self._successor(chain, tid)  # raises unless tid is serving or syncing in this chain
         eng = self._engine(tid)
         deadline = time.monotonic() + self.rpc_timeout * 2
-        with self._locks.get(tid + cid):
+        with self._writing(chain_id, chain["version"]), self._locks.get(tid + cid):
             self._store_and_forward(eng, chain_id, tid, cid, ver, payload, chain["version"], deadline)
             eng.commit(cid, ver)
         return {"ver": ver}, None
@@ -333,10 +364,12 @@ class StorageService:
         chain = self._chain(chain_id, _int(args, "chain_ver"))
         self._successor(chain, tid)
         eng = self._engine(tid)
-        for cid in chunks:
-            with self._locks.get(tid + cid):
-                eng.remove(cid)
-        self._forward(chain_id, tid, "remove", {"chunks": chunks}, None, time.monotonic() + self.rpc_timeout * 2)
+        with self._writing(chain_id, chain["version"]):
+            for cid in chunks:
+                with self._locks.get(tid + cid):
+                    eng.remove(cid)
+            self._forward(chain_id, tid, "remove", {"chunks": chunks}, None,
+                          time.monotonic() + self.rpc_timeout * 2)
         return {"removed": len(chunks)}, None
 
     # ------------------------------------------------------------------ resync
@@ -354,6 +387,9 @@ class StorageService:
 
     def _sync(self, chain_id: str, src: str, dst: str, key: str) -> None:
         try:
+            # Every write from now on reaches dst through the chain; the ones already running under an older
+            # chain version do not, so let them finish before taking the snapshot that sync copies from.
+            self._drain_older_writes(chain_id, self.routing["chains"][chain_id]["version"], self.rpc_timeout * 3)
             peer = self._peer(dst)
             remote, _ = peer.call("dump_meta", {"target": dst})
             eng = self._engine(src)
