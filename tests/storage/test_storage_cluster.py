@@ -171,6 +171,19 @@ def test_corrupt_replica_is_bypassed_and_repaired_by_fsck(cluster_factory):
     assert f"{len(files)} corrupt, {len(files)} repaired" in r.stdout, r.stdout
     r = c.cli("fsck", "--fs", c.uri, check=True)
     assert " 0 corrupt" in r.stdout
+    # A replica that lost a chunk outright: reads never see zeros, and fsck restores the chunk.
+    routing = c.routing()
+    s1 = routing["addresses"]["s1-t0"].rsplit(":", 1)
+    svc = RpcClient(s1[0], int(s1[1]), c.secret, timeout=10)
+    lost = sorted(svc.call("dump_meta", {"target": "s1-t0"})[0])
+    svc.call("sync_remove", {"target": "s1-t0", "chunks": lost})
+    with c.connect() as fs:
+        for _ in range(3):
+            assert fs.read_bytes("/f") == data
+    r = c.cli("fsck", "--fs", c.uri, check=True)
+    assert f"{len(lost)} corrupt, {len(lost)} repaired" in r.stdout, r.stdout
+    assert sorted(svc.call("dump_meta", {"target": "s1-t0"})[0]) == lost
+    svc.close()
 
 
 def test_manager_restart_recovers_state(cluster_factory):

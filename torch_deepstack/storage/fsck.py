@@ -10,7 +10,7 @@ from torch_deepstack.storage.client import FileSystem
 @dataclass
 class FsckReport:
     chunks: int = 0
-    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (target, chunk)
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (target, chunk): bad CRC, missing or stale
     repaired: list[tuple[str, str]] = field(default_factory=list)
     unrepairable: list[tuple[str, str]] = field(default_factory=list)
     orphans_removed: int = 0
@@ -58,9 +58,21 @@ def fsck(fs: FileSystem, *, repair: bool = True, gc: bool = False) -> FsckReport
             rep.chunks += res["chunks"]
             bad_by_target[tid] = {b["chunk"] for b in res["corrupt"]}
             rep.corrupt += [(tid, b["chunk"]) for b in res["corrupt"]]
+        # Replicas must agree: a chunk missing from a serving replica, or older there, is damage too.
+        dumps = {tid: backend.service_call(tid, "dump_meta", {"target": tid})[0] for tid in serving}
+        newest: dict[str, int] = {}
+        for d in dumps.values():
+            for cid, m in d.items():
+                newest[cid] = max(newest.get(cid, 0), m["committed"])
+        for tid, d in dumps.items():
+            for cid, ver in newest.items():
+                if cid not in bad_by_target[tid] and (cid not in d or d[cid]["committed"] < ver):
+                    bad_by_target[tid].add(cid)
+                    rep.corrupt.append((tid, cid))
         for tid, bad in bad_by_target.items():
             for cid in sorted(bad):
-                sources = [s for s in serving if s != tid and cid not in bad_by_target[s]]
+                sources = [s for s in serving if s != tid and cid not in bad_by_target[s]
+                           and dumps[s].get(cid, {}).get("committed") == newest.get(cid)]
                 done = False
                 for src in sources if repair else []:
                     try:
