@@ -124,3 +124,15 @@ def test_every_kernel_family_compiles_without_spills(monkeypatch):
         results = list(pool.map(jit.build, specs))
     for spec, r in zip(specs, results):
         assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0, spec.instantiation()
+
+
+def test_wrong_gpu_arch_gives_clear_error(monkeypatch):
+    import torch
+
+    from torch_deepstack._library import DeviceNotSupportedError
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(DeviceNotSupportedError, match="built for sm_90a; NVIDIA A100 is sm_80"):
+        jit.check_device_arch()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    jit.check_device_arch()

@@ -22,6 +22,24 @@ _loaded: dict = {}
 _lock = threading.Lock()
 
 
+def check_device_arch(device: int | None = None) -> None:
+    """Raise a clear error when the current GPU cannot run code built for the JIT's target arch (sm_90a needs
+    exactly a Hopper GPU, compute capability 9.0), instead of the driver's 'no kernel image' at launch."""
+    import torch
+
+    from torch_deepstack._library import DeviceNotSupportedError
+    from torch_deepstack.jit import config
+
+    target = config.arch()
+    major, minor = torch.cuda.get_device_capability(device)
+    want = target[3:].rstrip("a")
+    if f"{major}{minor}" != want:
+        name = torch.cuda.get_device_name(device)
+        raise DeviceNotSupportedError(
+            f"deepstack's CUDA kernels are built for {target}; {name} is sm_{major}{minor}. Run the op on CPU "
+            f"tensors (reference kernels), or on a Hopper GPU (H100/H200).")
+
+
 def get_kernel(spec: KernelSpec, signature: str):
     """Compile (or fetch from the disk cache) and load `spec`; memoised per process."""
     key = (spec, signature)
@@ -32,6 +50,7 @@ def get_kernel(spec: KernelSpec, signature: str):
         k = _loaded.get(key)
         if k is None:
             from torch_deepstack.jit.launch import Kernel
+            check_device_arch()
             compiled = build(spec)
             k = Kernel(compiled.cubin, compiled.entry, signature, name=spec.instantiation())
             _loaded[key] = k
