@@ -156,6 +156,35 @@ def test_meta_recursive_remove(meta):
     assert meta.all_file_inodes() == {}
 
 
+def test_meta_recursive_remove_in_batches_and_resume(meta, monkeypatch):
+    monkeypatch.setattr(MetaStore, "PURGE_BATCH", 2)  # many small purge transactions
+    meta.mkdir("/t/a/b", parents=True)
+    ids = {meta.create(p)[0]["id"] for p in [f"/t/{i}" for i in range(5)] + ["/t/a/x", "/t/a/b/y"]}
+    assert {r["id"] for r in meta.remove("/t", recursive=True)} == ids
+    # A purge cut short (a crash after the namespace change): the tree is already gone from the namespace,
+    # and purge_trash() finishes the job.
+    meta.mkdir("/u/v", parents=True)
+    ids = {meta.create(p)[0]["id"] for p in ["/u/1", "/u/v/2", "/u/v/3"]}
+    real = MetaStore._purge
+    monkeypatch.setattr(MetaStore, "_purge", lambda self, d: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError):
+        meta.remove("/u", recursive=True)
+    assert names(meta, "/") == []
+    monkeypatch.setattr(MetaStore, "_purge", real)
+    assert {r["id"] for r in meta.purge_trash()} == ids
+    assert meta.purge_trash() == [] and meta.all_file_inodes() == {}
+    assert [k for k, _ in meta.kv.scan(b"")] == [b"I" + (1).to_bytes(8, "big"), b"N"]
+
+
+def test_meta_big_directory_fits_etcd_transaction_limits(meta):
+    meta.mkdir("/big")
+    for i in range(140):  # etcd refuses transactions of more than 128 operations by default
+        meta.create(f"/big/f{i}")
+    assert len(meta.listdir("/big")) == 140
+    meta.rename("/big", "/moved")
+    assert len(meta.remove("/moved", recursive=True)) == 140
+
+
 def test_meta_truncate_gives_fresh_inode(meta):
     f, _ = meta.create("/f")
     meta.set_length(f["id"], 500)

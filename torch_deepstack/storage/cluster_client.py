@@ -48,7 +48,7 @@ class RemoteMeta:
 
     def __getattr__(self, name):
         if name in ("stat", "inode", "listdir", "mkdir", "create", "set_length", "rename", "remove",
-                    "all_file_inodes"):
+                    "all_file_inodes", "purge_trash"):
             return lambda *a, **k: self._call(name, *a, **k)
         raise AttributeError(name)
 

@@ -25,6 +25,7 @@ class FsckReport:
 
 
 def _live_chunk_prefixes(fs: FileSystem) -> set[str]:
+    fs.meta.purge_trash()  # finish directory removals a crash interrupted; their chunks become orphans
     return {f"{ino:016x}" for ino in (int(k) for k in fs.meta.all_file_inodes())}
 
 

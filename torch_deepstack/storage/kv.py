@@ -210,7 +210,11 @@ class _EtcdTxn(Txn):
     def scan(self, prefix, limit=None):
         full = self.e.prefix + bytes(prefix)
         items = {}
-        for kv in self._range(full, prefix_end(full)):
+        # Ask etcd for only as many keys as needed (each key read becomes a compare at commit, and etcd caps
+        # a transaction's operations), allowing for keys this transaction deleted in the range.
+        fetch = 0 if limit is None else limit + sum(1 for k, v in self.writes.items()
+                                                    if v is None and k.startswith(full))
+        for kv in self._range(full, prefix_end(full), fetch):
             self.reads[bytes(kv.key)] = kv.mod_revision
             items[bytes(kv.key)] = bytes(kv.value)
         self.ranges.append(full)
@@ -262,7 +266,9 @@ class EtcdKV(KVEngine):
             from pyetcd import etcdrpc
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("the etcd engine needs `pip install etcd-sdk-python protobuf`") from e
-        self.client = pyetcd.client(host=host, port=port, timeout=timeout)
+        self.client = pyetcd.client(host=host, port=port, timeout=timeout,
+                                    grpc_options=[("grpc.max_receive_message_length", 256 << 20),
+                                                  ("grpc.max_send_message_length", 64 << 20)])
         self.rpc = etcdrpc
         self.prefix = prefix
         self.timeout = timeout

@@ -80,7 +80,7 @@ def mkfs_cluster(kv: KVEngine, services: list[str], *, targets_per_service: int 
 
 class Manager:
     META_METHODS = ("stat", "inode", "listdir", "mkdir", "create", "set_length", "rename", "remove",
-                    "all_file_inodes")
+                    "all_file_inodes", "purge_trash")
 
     def __init__(self, kv: KVEngine | str, secret: bytes, host: str = "127.0.0.1", port: int = 0,
                  lease: float = 3.0):

@@ -5,6 +5,7 @@ Keys (all in one KV engine, so one transaction can touch any of them):
     b"I" + inode id (8 bytes big-endian)          -> JSON inode
     b"D" + parent id (8 bytes) + name (utf-8)      -> JSON {"id": child, "type": "file" | "dir"}
     b"N"                                           -> next inode id (decimal)
+    b"T" + directory id                            -> a removed directory whose subtree is being purged
 
 Inode JSON: every inode has id, type, ctime, mtime. Files add length, chunk_size and chains (the chains their
 chunks are striped over: chunk i lives on chains[i % len(chains)]). Directories add parent (for the rename
@@ -38,6 +39,10 @@ def _ikey(ino: int) -> bytes:
 
 def _dprefix(parent: int) -> bytes:
     return b"D" + struct.pack(">Q", parent)
+
+
+def _tkey(ino: int) -> bytes:
+    return b"T" + struct.pack(">Q", ino)
 
 
 def _dkey(parent: int, name: str) -> bytes:
@@ -267,8 +272,13 @@ class MetaStore:
         return self.kv.transaction(fn)
 
     def remove(self, path: str, *, recursive: bool = False) -> list[dict]:
-        """Remove a file or directory (a non-empty one only with recursive=True), in one transaction.
-        Returns the removed file inodes, whose chunks the caller reclaims."""
+        """Remove a file or directory (a non-empty one only with recursive=True). Returns the removed file
+        inodes, whose chunks the caller reclaims.
+
+        The namespace change is one transaction: the entry disappears atomically. A non-empty directory is
+        moved to the trash (key "T" + id) in that transaction, unreachable from then on, and its subtree is
+        then purged in bounded transactions (etcd caps the operations of one transaction); a purge cut short
+        by a crash is finished by `purge_trash()`."""
 
         def fn(t):
             parent, name = self._parent_of(t, path)
@@ -276,29 +286,70 @@ class MetaStore:
             if raw is None:
                 raise NotFound(f"no such file or directory: {path!r}")
             ent = json.loads(raw)
-            files: list[dict] = []
-            if ent["type"] == "dir":
-                children = t.scan(_dprefix(ent["id"]))
-                if children and not recursive:
-                    raise DirectoryNotEmpty(f"directory not empty: {path!r} (use recursive=True)")
-                stack = [ent["id"]]
-                while stack:
-                    d = stack.pop()
-                    for k, v in t.scan(_dprefix(d)):
-                        c = json.loads(v)
-                        if c["type"] == "dir":
-                            stack.append(c["id"])
-                        else:
-                            files.append(self._get_inode(t, c["id"]))
-                            t.delete(_ikey(c["id"]))
-                        t.delete(k)
-                    t.delete(_ikey(d))
-            else:
-                files.append(self._get_inode(t, ent["id"]))
-                t.delete(_ikey(ent["id"]))
             t.delete(_dkey(parent["id"], name))
-            return files
-        return self.kv.transaction(fn)
+            if ent["type"] != "dir":
+                ino = self._get_inode(t, ent["id"])
+                t.delete(_ikey(ent["id"]))
+                return [ino], None
+            if t.scan(_dprefix(ent["id"]), limit=1):
+                if not recursive:
+                    raise DirectoryNotEmpty(f"directory not empty: {path!r} (use recursive=True)")
+                t.put(_tkey(ent["id"]), b"1")
+                return [], ent["id"]
+            t.delete(_ikey(ent["id"]))
+            return [], None
+        files, trashed = self.kv.transaction(fn)
+        if trashed is not None:
+            files += self._purge(trashed)
+        return files
+
+    PURGE_BATCH = 24  # entries per purge transaction: well inside etcd's default 128 operations
+
+    def _purge(self, root_id: int) -> list[dict]:
+        """Delete a trashed directory's subtree, a bounded batch per transaction."""
+        files: list[dict] = []
+
+        def step(t, dir_id):
+            if t.get(_tkey(dir_id)) is None:
+                return [], [], True  # purged already (by a concurrent purge_trash)
+            children = t.scan(_dprefix(dir_id), limit=self.PURGE_BATCH)
+            out, subdirs = [], []
+            for k, v in children:
+                c = json.loads(v)
+                t.delete(k)
+                if c["type"] == "dir":
+                    t.put(_tkey(c["id"]), b"1")  # purged in its own turn
+                    subdirs.append(c["id"])
+                else:
+                    raw = t.get(_ikey(c["id"]))
+                    if raw is not None:
+                        out.append(json.loads(raw))
+                        t.delete(_ikey(c["id"]))
+            if not children:
+                t.delete(_ikey(dir_id))
+                t.delete(_tkey(dir_id))
+                return out, subdirs, True
+            return out, subdirs, False
+        pending = [root_id]
+        while pending:
+            d = pending.pop()
+            while True:
+                got, subdirs, done = self.kv.transaction(lambda t: step(t, d))
+                files += got
+                pending += subdirs
+                if done:
+                    break
+        return files
+
+    def _trash_ids(self) -> list[int]:
+        return [struct.unpack(">Q", k[1:9])[0] for k, _ in self.kv.scan(b"T")]
+
+    def purge_trash(self) -> list[dict]:
+        """Finish purges interrupted by a crash. Returns the removed file inodes."""
+        files: list[dict] = []
+        for d in self._trash_ids():
+            files += self._purge(d)
+        return files
 
     def all_file_inodes(self) -> dict[int, dict]:
         """Every file inode (fsck uses it to find orphan chunks)."""
