@@ -324,7 +324,7 @@ class ChunkEngine:
             raise InvalidArgument(f"offset and length must be >= 0, got {offset}, {length}")
         for _ in range(4):
             v = version or (self._meta.get(cid).committed if cid in self._meta else None)
-            if v is None or offset >= v.length:
+            if v is None or offset >= v.length or length == 0:
                 return 0, (dest[:0] if dest is not None else b"")
             n = min(length, v.length - offset)
             try:
