@@ -15,8 +15,16 @@ from torch_deepstack.storage import (AlreadyExists, BadURI, ChunkCorrupt, Direct
 CS = 64 << 10
 
 
-@pytest.fixture
-def fs(tmp_path):
+@pytest.fixture(params=["c-helper", "pure-python"])
+def fs(tmp_path, request, monkeypatch):
+    """Every client test runs on the C read path and on the pure-Python fallback."""
+    from torch_deepstack.storage import fastio
+
+    if request.param == "pure-python":
+        monkeypatch.setattr(fastio, "_lib", None)
+        monkeypatch.setattr(fastio, "_tried", True)
+    elif fastio.load() is None:
+        pytest.skip(f"C helper unavailable: {fastio.reason}")
     f = st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False)
     yield f
     f.close()
