@@ -7,7 +7,6 @@ keys clients by `os.getpid()`, never pickles a live one, and shares one client p
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 from torch_deepstack import storage
@@ -17,21 +16,6 @@ _LOCK = threading.Lock()
 # Clients inherited across fork hold the parent's threads and SQLite handles: the child must neither use nor
 # close them (closing could disturb the parent's files), so they are parked here for the process's lifetime.
 _INHERITED: list = []
-
-
-def _drop_inherited_io_rings() -> None:
-    """Workaround until storage fixes it (helper_notes/storage_requests.md, item 3): storage's native I/O path
-    keeps an io_uring / AIO context per thread; a forked DataLoader worker would otherwise keep submitting to
-    the parent's ring, shared with its sibling workers, and reap their completions. Forgetting the inherited
-    context in the child makes the child's first read open its own. Harmless once storage handles fork."""
-    mod = sys.modules.get("torch_deepstack.storage.fastio")
-    tls = getattr(mod, "_tls", None)
-    if tls is not None:
-        tls.__dict__.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_io_rings)
 
 
 class FSHandle:
