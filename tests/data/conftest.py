@@ -1,5 +1,4 @@
 """Fixtures of the data tests: an embedded deepstack file system and a few packed datasets."""
-import numpy as np
 import pytest
 import torch
 

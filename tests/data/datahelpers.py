@@ -33,6 +33,7 @@ def make_model_and_optim(seed: int = 0):
 
 def full_state(model, optim, rank: int, scale: float):
     import torch
+
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optim)
@@ -46,7 +47,6 @@ def dcp_rank_worker(rank: int, world: int, store_path: str, uri: str, out_dir: s
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from torch_deepstack.data import DeepstackStorageReader, DeepstackStorageWriter
 

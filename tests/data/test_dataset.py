@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from torch_deepstack.data import DeepstackDataset, DeepstackIterableDataset, SampleReadError, pack
+from torch_deepstack.data import DeepstackDataset, DeepstackIterableDataset, SampleReadError
 from torch_deepstack.data.format import INDEX_NAME
 
 from datahelpers import as_list, sample_bytes

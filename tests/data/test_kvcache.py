@@ -3,7 +3,6 @@ corruption is a clear error, and a paged cache's request can be offloaded and re
 import pytest
 import torch
 
-import torch_deepstack.storage as st
 from torch_deepstack.data import KVBlockCorrupt, KVCacheStore, prefix_block_keys
 
 

@@ -19,7 +19,7 @@ import torch.utils.data
 
 from torch_deepstack import storage
 from torch_deepstack.data._fs import FSHandle, join
-from torch_deepstack.data.format import INDEX_NAME, PackFormatError, PackIndex
+from torch_deepstack.data.format import INDEX_NAME, PackIndex
 from torch_deepstack.storage.client import ReadRequest
 from torch_deepstack.storage.crc import crc32c
 
