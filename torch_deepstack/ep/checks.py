@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack.checks import check_same_device  # noqa: F401  (re-exported for the area)
+
 DATA_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 FP8_GROUP = 128
 
@@ -57,10 +59,3 @@ def check_expert_range(op: str, topk_idx: torch.Tensor, num_experts: int) -> Non
     if lo < -1 or hi >= num_experts:
         raise ValueError(f"{op}: topk_idx holds expert ids in [{lo}, {hi}]; valid ids are -1 (unused slot) and "
                          f"0..{num_experts - 1} (num_experts={num_experts})")
-
-
-def check_same_device(op: str, **tensors) -> None:
-    devs = {k: t.device for k, t in tensors.items() if t is not None}
-    if len(set(devs.values())) > 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got " +
-                         ", ".join(f"{k} on {v}" for k, v in devs.items()))

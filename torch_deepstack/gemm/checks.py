@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack.checks import check_same_device  # noqa: F401  (re-exported for the area)
+
 FP8 = torch.float8_e4m3fn
 OUT_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -52,13 +54,6 @@ def check_out(op: str, name: str, d: torch.Tensor, shape: tuple, dtypes=OUT_DTYP
     if shape[-1] % 2 == 0:
         _check(all(s % 2 == 0 for s in d.stride()[:-1]),
                lambda: f"{op}: {name} row strides must be even when N is even, got {d.stride()}")
-
-
-def check_same_device(op: str, **tensors) -> None:
-    devs = {k: t.device for k, t in tensors.items() if t is not None}
-    if len(set(devs.values())) > 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got " +
-                         ", ".join(f"{k} on {v}" for k, v in devs.items()))
 
 
 def check_dense(op, a, sfa, b, sfb, d, c, sf_b_per_row=False, out_dtypes=OUT_DTYPES):
