@@ -14,7 +14,8 @@ from torch_deepstack.storage.client import (File, FileStat, FileSystem, ReadBatc
                                             ReadRing, writable_bytes)
 from torch_deepstack.storage.errors import (AlreadyExists, AuthError, BadURI, ChunkCorrupt, DirectoryNotEmpty,
                                             InvalidArgument, InvalidPath, IsADirectory, NameTooLong, NoSpace,
-                                            NotADirectory, NotFound, StorageError, Unavailable)
+                                            NotADirectory, NotFound, ReadOnly, StorageError,
+                                            Unavailable)
 
 ENV_URI = "DEEPSTACK_FS"
 ENV_SECRET = "DEEPSTACK_FS_SECRET"
@@ -68,7 +69,8 @@ def connect(uri: str | os.PathLike | None = None, *, secret: str | bytes | None 
     uri: a local directory (or file:///abs/dir) for the embedded stack, created on first use when
          create=True; or deepstack://host:port for a cluster (the manager's address). None reads $DEEPSTACK_FS.
     secret: the cluster's shared secret (else $DEEPSTACK_FS_SECRET / $DEEPSTACK_FS_SECRET_FILE).
-    options: embedded: chunk_size, sync, io_threads, capacity_bytes, direct_io; cluster: timeout, io_threads.
+    options: embedded: chunk_size, sync, io_threads, capacity_bytes, direct_io, read_only (refuse writes with
+             ReadOnly; never garbage-collects; for DataLoader workers); cluster: timeout, io_threads.
     """
     if uri is None:
         uri = os.environ.get(ENV_URI)
@@ -93,5 +95,5 @@ __all__ = [
     "connect", "parse_uri", "FileSystem", "File", "FileStat", "ReadRequest", "ReadResult", "ReadBatch",
     "ReadRing", "writable_bytes", "StorageError", "NotFound", "AlreadyExists", "NotADirectory", "IsADirectory",
     "DirectoryNotEmpty", "InvalidPath", "InvalidArgument", "NameTooLong", "NoSpace", "ChunkCorrupt",
-    "Unavailable", "AuthError", "BadURI",
+    "Unavailable", "AuthError", "BadURI", "ReadOnly",
 ]

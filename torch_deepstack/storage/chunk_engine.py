@@ -12,6 +12,16 @@ any point therefore leaves either the old committed version or the new one, both
 references are removed when the engine opens. Readers hold a reference to the file they read, so a commit
 that retires the old version never pulls bytes out from under them.
 
+Several processes may open one target (embedded file systems shared by DataLoader workers, checkpoint ranks,
+a trainer and an evaluator). Every engine holds a shared flock on <target>/engine.lock for its lifetime; the
+garbage collection of unreferenced files runs only when an exclusive lock succeeds at open (no other engine,
+in any process, is open, so no copy-on-write update is in flight), and skips files younger than the open.
+The in-memory chunk map is a cache of chunks.db: a miss, a version file that vanished, or a CRC mismatch
+re-reads that chunk's row and retries once; `revalidate()` drops the whole cache when another process has
+committed to chunks.db since (SQLite's data_version). Version files are created with O_EXCL, so two
+processes never write into one file, and each commit swaps the row inside one SQLite transaction and retires
+exactly the versions that row referenced.
+
 Checksums: CRC32C of the whole chunk (`crc`), plus one CRC32C per `crc_block` bytes (`page_crcs`) so a small
 random read can be verified without reading the whole chunk. A mismatch raises `ChunkCorrupt`.
 
@@ -23,18 +33,21 @@ from __future__ import annotations
 import array
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import mmap
 import os
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from torch_deepstack.storage import fastio
 from torch_deepstack.storage.crc import crc32c
-from torch_deepstack.storage.errors import ChunkCorrupt, InvalidArgument, NoSpace, NotFound, StorageError
+from torch_deepstack.storage.errors import (ChunkCorrupt, InvalidArgument, NoSpace, NotFound, ReadOnly,
+                                            StorageError)
 from torch_deepstack.storage.paths import validate_chunk_id
 
 log = logging.getLogger("torch_deepstack.storage")
@@ -179,8 +192,12 @@ class ChunkEngine:
     """Chunk store of one storage target. Thread-safe."""
 
     def __init__(self, root: str, target_id: str | None = None, *, create: bool = True, sync: bool = True,
-                 crc_block: int = ALIGN, capacity_bytes: int | None = None, direct_io: bool = True):
+                 crc_block: int = ALIGN, capacity_bytes: int | None = None, direct_io: bool = True,
+                 read_only: bool = False):
         self.root = os.path.abspath(root)
+        self.read_only = read_only
+        if read_only:
+            create = False
         info_path = os.path.join(self.root, "target.json")
         if os.path.exists(info_path):
             with open(info_path) as f:
@@ -210,13 +227,17 @@ class ChunkEngine:
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(os.path.join(self.root, "chunks.db"), isolation_level=None,
                                    check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA busy_timeout=30000")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS chunks (id TEXT PRIMARY KEY, chain_ver INTEGER NOT NULL,"
-            " ver INTEGER, len INTEGER, crc INTEGER, pcrc BLOB,"
-            " pver INTEGER, plen INTEGER, pcrc_whole INTEGER, ppcrc BLOB)")
+        if not read_only:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS chunks (id TEXT PRIMARY KEY, chain_ver INTEGER NOT NULL,"
+                " ver INTEGER, len INTEGER, crc INTEGER, pcrc BLOB,"
+                " pver INTEGER, plen INTEGER, pcrc_whole INTEGER, ppcrc BLOB)")
         self._meta: dict[str, ChunkMeta] = {}
+        self._complete = False  # whether _meta holds every row (else misses go to chunks.db)
+        self._data_version = None
         self._locks = [threading.Lock() for _ in range(256)]
         self._meta_lock = threading.RLock()
         self._reserved = 0
@@ -226,11 +247,49 @@ class ChunkEngine:
         self.fallback_reason: str | None = None if direct_io else "disabled by caller"
         if self.direct_io:
             self._probe_direct_io()
-        self._load()
+        self._lock_fd = self._open_lock()
+        gc = self._lock_fd is not None and not read_only and self._try_exclusive()
+        try:
+            self._load(gc=gc)
+        finally:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # from exclusive (after GC) or first take
 
     # ------------------------------------------------------------------ setup
+    def _open_lock(self) -> int | None:
+        """The lifetime lock file. flock (not fcntl/lockf) locks belong to the open file, so two engines in one
+        process exclude each other too, and a forked child sharing the engine keeps the parent's hold."""
+        path = os.path.join(self.root, "engine.lock")
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            if not self.read_only:
+                raise
+        try:  # a read-only engine on a read-only directory: lock if the file exists, else go without
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def _try_exclusive(self) -> bool:
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
     def _probe_direct_io(self) -> None:
-        probe = os.path.join(self.root, "data", ".odirect_probe")
+        if self.read_only:  # writes nothing: try an O_DIRECT read of target.json instead
+            try:
+                fd = os.open(os.path.join(self.root, "target.json"), os.O_RDONLY | O_DIRECT)
+                try:
+                    os.preadv(fd, [aligned_buffer(ALIGN)], 0)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self.direct_io = False
+                self.fallback_reason = f"O_DIRECT refused by the file system under {self.root}: {e.strerror}"
+            return
+        probe = os.path.join(self.root, "data", f".odirect_probe.{os.getpid()}.{id(self)}")
         try:
             fd = os.open(probe, os.O_CREAT | os.O_RDWR | O_DIRECT, 0o600)
             try:
@@ -250,20 +309,38 @@ class ChunkEngine:
             except FileNotFoundError:
                 pass
 
-    def _load(self) -> None:
+    _COLUMNS = "id, chain_ver, ver, len, crc, pcrc, pver, plen, pcrc_whole, ppcrc"
+
+    @staticmethod
+    def _from_row(row) -> ChunkMeta:
+        cid, chain_ver, ver, ln, crc, pcrc, pver, plen, pcrcw, ppcrc = row
+        m = ChunkMeta(cid, chain_ver=chain_ver)
+        if ver is not None:
+            m.committed = Version(ver, ln, crc, bytes(pcrc))
+        if pver is not None:
+            m.pending = Version(pver, plen, pcrcw, bytes(ppcrc))
+        return m
+
+    def _load_all(self) -> None:
+        with self._db_lock:
+            self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM chunks").fetchall()
+        with self._meta_lock:
+            self._meta = {row[0]: self._from_row(row) for row in rows}
+            self._complete = True
+
+    def _load(self, gc: bool) -> None:
+        started = time.time()
+        self._load_all()
+        if not gc:
+            return
         referenced = set()
-        for row in self._db.execute("SELECT id, chain_ver, ver, len, crc, pcrc, pver, plen, pcrc_whole, ppcrc "
-                                    "FROM chunks"):
-            cid, chain_ver, ver, ln, crc, pcrc, pver, plen, pcrcw, ppcrc = row
-            m = ChunkMeta(cid, chain_ver=chain_ver)
-            if ver is not None:
-                m.committed = Version(ver, ln, crc, bytes(pcrc))
-                referenced.add(self._data_path(cid, ver))
-            if pver is not None:
-                m.pending = Version(pver, plen, pcrcw, bytes(ppcrc))
-                referenced.add(self._data_path(cid, pver))
-            self._meta[cid] = m
+        for cid, m in self._meta.items():
+            for v in (m.committed, m.pending):
+                if v is not None:
+                    referenced.add(self._data_path(cid, v.ver))
         # Files written before a crash but never recorded are garbage of an unfinished copy-on-write update.
+        # Only called with the exclusive lock (no other engine open); the age check is a second guard.
         data = os.path.join(self.root, "data")
         for sub in os.listdir(data):
             d = os.path.join(data, sub)
@@ -271,8 +348,44 @@ class ChunkEngine:
                 continue
             for name in os.listdir(d):
                 p = os.path.join(d, name)
-                if p not in referenced:
-                    os.unlink(p)
+                if p in referenced:
+                    continue
+                try:
+                    if os.stat(p).st_mtime <= started:
+                        os.unlink(p)
+                except FileNotFoundError:
+                    pass
+
+    def _fetch(self, cid: str) -> ChunkMeta | None:
+        """Re-read one chunk's row from chunks.db (another process may have changed it) into the cache."""
+        with self._db_lock:
+            row = self._db.execute(f"SELECT {self._COLUMNS} FROM chunks WHERE id = ?", (cid,)).fetchone()
+        with self._meta_lock:
+            if row is None:
+                self._meta.pop(cid, None)
+                return None
+            m = self._meta[cid] = self._from_row(row)
+            return m
+
+    def _cached(self, cid: str) -> ChunkMeta | None:
+        m = self._meta.get(cid)
+        if m is None and not self._complete:
+            m = self._fetch(cid)
+        return m
+
+    def revalidate(self) -> bool:
+        """Drop the chunk cache (and the open version files) if another process committed to chunks.db since
+        the last check; chunks are then re-read from chunks.db on first use. Returns whether it did."""
+        with self._db_lock:
+            dv = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if dv == self._data_version:
+                return False
+            self._data_version = dv
+        with self._meta_lock:
+            self._meta = {}
+            self._complete = False
+        self._fds.close()  # in-flight reads keep their descriptors until they release them
+        return True
 
     def _data_path(self, cid: str, ver: int) -> str:
         return f"{self._data_root}/{cid[-2:]}/{cid}.v{ver}"
@@ -286,26 +399,55 @@ class ChunkEngine:
 
     # ------------------------------------------------------------------ metadata
     def meta(self, cid: str) -> ChunkMeta | None:
-        return self._meta.get(cid)
+        return self._cached(cid)
 
     def list_chunks(self) -> dict[str, ChunkMeta]:
+        if not self._complete:
+            self._load_all()
         with self._meta_lock:
             return dict(self._meta)
 
     def used_bytes(self) -> int:
-        return sum(align_up(m.committed.length) for m in self._meta.values() if m.committed)
+        if not self._complete:
+            self._load_all()
+        return sum(align_up(m.committed.length) for m in list(self._meta.values()) if m.committed)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly(f"target {self.target_id} at {self.root} was opened read-only")
+
+    def _write_row(self, m: ChunkMeta) -> None:
+        c, p = m.committed, m.pending
+        if c is None and p is None:
+            self._db.execute("DELETE FROM chunks WHERE id = ?", (m.chunk_id,))
+        else:
+            self._db.execute(
+                "INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (m.chunk_id, m.chain_ver,
+                 c.ver if c else None, c.length if c else None, c.crc if c else None, c.page_crcs if c else None,
+                 p.ver if p else None, p.length if p else None, p.crc if p else None, p.page_crcs if p else None))
 
     def _persist(self, m: ChunkMeta) -> None:
-        c, p = m.committed, m.pending
         with self._db_lock:
-            if c is None and p is None:
-                self._db.execute("DELETE FROM chunks WHERE id = ?", (m.chunk_id,))
-            else:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (m.chunk_id, m.chain_ver,
-                     c.ver if c else None, c.length if c else None, c.crc if c else None, c.page_crcs if c else None,
-                     p.ver if p else None, p.length if p else None, p.crc if p else None, p.page_crcs if p else None))
+            self._write_row(m)
+
+    def _swap(self, m: ChunkMeta) -> set[int]:
+        """Replace the chunk's row in one transaction; returns the versions the replaced row referenced
+        (read inside the transaction, so a commit by another process in between is retired too)."""
+        with self._db_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(f"SELECT {self._COLUMNS} FROM chunks WHERE id = ?",
+                                       (m.chunk_id,)).fetchone()
+                self._write_row(m)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            # Our own commit does not move data_version; another process's commit before ours did, but its row
+            # is now replaced by ours, so nothing cached is stale on its account.
+        old = self._from_row(row) if row is not None else ChunkMeta(m.chunk_id)
+        return {v.ver for v in (old.committed, old.pending) if v is not None}
 
     # ------------------------------------------------------------------ read path
     def _bounce(self, size: int) -> mmap.mmap:
@@ -322,17 +464,26 @@ class ChunkEngine:
         byte memoryview of at least `length`), data lands there and `data` is `dest[:n]`."""
         if offset < 0 or length < 0:
             raise InvalidArgument(f"offset and length must be >= 0, got {offset}, {length}")
+        refetched = False
         for _ in range(4):
-            v = version or (self._meta.get(cid).committed if cid in self._meta else None)
+            if version is not None:
+                v = version
+            else:
+                m = self._cached(cid)
+                v = m.committed if m is not None else None
             if v is None or offset >= v.length or length == 0:
                 return 0, (dest[:0] if dest is not None else b"")
             n = min(length, v.length - offset)
             try:
                 return n, self._read_version(cid, v, offset, n, dest)
-            except FileNotFoundError:
-                if version is not None:
+            except (FileNotFoundError, ChunkCorrupt):
+                # A commit (here or in another process) retired this version, or our cached row is older than
+                # the file under its name: re-read the row once. A real corruption fails again and is raised.
+                if version is not None or refetched:
                     raise
-                continue  # a commit retired this version between lookup and open: take the new one
+                refetched = True
+                self._fds.forget(self._data_path(cid, v.ver))
+                self._fetch(cid)
         raise StorageError(f"chunk {cid} on {self.target_id}: kept changing during read")
 
     def _read_version(self, cid: str, v: Version, offset: int, n: int, dest: memoryview | None):
@@ -380,7 +531,7 @@ class ChunkEngine:
         return ReadSession(self, max_bytes, max_reads)
 
     def read_full(self, cid: str, *, pending: bool = False) -> tuple[Version | None, bytes]:
-        m = self._meta.get(cid)
+        m = self._cached(cid)
         v = None if m is None else (m.pending if pending else m.committed)
         if v is None:
             return None, b""
@@ -389,7 +540,7 @@ class ChunkEngine:
 
     def verify(self, cid: str) -> bool:
         """Re-read the whole committed chunk and check both its page CRCs and its whole-chunk CRC."""
-        m = self._meta.get(cid)
+        m = self._cached(cid)
         if m is None or m.committed is None:
             return True
         try:
@@ -399,7 +550,8 @@ class ChunkEngine:
         return crc32c(data) == m.committed.crc
 
     # ------------------------------------------------------------------ write path
-    def _write_file(self, path: str, data) -> None:
+    def _write_file(self, path: str, data, exclusive: bool = False) -> None:
+        self._check_writable()
         mv = memoryview(data).cast("B")
         need = align_up(len(mv))
         if self.capacity_bytes is not None:
@@ -408,15 +560,16 @@ class ChunkEngine:
                     raise NoSpace(f"target {self.target_id}: no space left ({self.capacity_bytes} bytes capacity)")
                 self._reserved += need
         try:
-            self._write_file_unchecked(path, mv)
+            self._write_file_unchecked(path, mv, exclusive)
         finally:
             if self.capacity_bytes is not None:
                 with self._meta_lock:
                     self._reserved -= need
 
-    def _write_file_unchecked(self, path: str, mv: memoryview) -> None:
+    def _write_file_unchecked(self, path: str, mv: memoryview, exclusive: bool = False) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp_flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        # exclusive: the name may belong to another process's version; never write into (or unlink) it.
+        tmp_flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
         try:
             if self.direct_io:
                 buf = aligned_buffer(len(mv))
@@ -438,6 +591,8 @@ class ChunkEngine:
                         os.fdatasync(fd)
                 finally:
                     os.close(fd)
+        except FileExistsError:
+            raise
         except OSError as e:
             try:
                 os.unlink(path)
@@ -457,11 +612,11 @@ class ChunkEngine:
         mv = memoryview(data).cast("B")
         if offset < 0 or offset + len(mv) > chunk_size:
             raise InvalidArgument(f"write [{offset}, {offset + len(mv)}) outside chunk of {chunk_size} bytes")
-        m = self._meta.get(cid)
+        m = self._cached(cid)
         old_len = m.committed.length if m and m.committed else 0
         if offset == 0 and len(mv) >= old_len:
             return bytearray(mv)
-        _, old = self.read_full(cid)
+        old = bytes(self.read(cid, 0, old_len, version=m.committed)[1]) if old_len else b""
         new = bytearray(max(old_len, offset + len(mv)))
         new[:old_len] = old
         new[offset:offset + len(mv)] = mv
@@ -469,6 +624,7 @@ class ChunkEngine:
 
     def write_pending(self, cid: str, ver: int, content, chain_ver: int = 0) -> Version:
         """Store `content` as pending version `ver` (replacing any older pending one). Caller holds the lock."""
+        self._check_writable()
         validate_chunk_id(cid)
         v = self._make_version(ver, content)
         path = self._data_path(cid, ver)
@@ -486,6 +642,7 @@ class ChunkEngine:
 
     def commit(self, cid: str, ver: int) -> None:
         """Pending version `ver` becomes committed; the old committed file is retired."""
+        self._check_writable()
         with self._meta_lock:
             m = self._meta.get(cid)
             if m is None or m.pending is None or m.pending.ver != ver:
@@ -504,35 +661,58 @@ class ChunkEngine:
         validate_chunk_id(cid)
         v = self._make_version(ver, content)
         self._write_file(self._data_path(cid, ver), content)
+        return self._commit_new(cid, v, chain_ver)
+
+    def _commit_new(self, cid: str, v: Version, chain_ver: int) -> Version:
         with self._meta_lock:
             m = self._meta.get(cid) or ChunkMeta(cid)
-            old = [x for x in (m.committed, m.pending) if x is not None and x.ver != ver]
             m = ChunkMeta(cid, v, None, max(chain_ver, m.chain_ver))
-            self._persist(m)
+            old = self._swap(m)
             self._meta[cid] = m
-        for x in old:
-            self._remove_file(cid, x.ver)
+        for x in old - {v.ver}:
+            self._remove_file(cid, x)
         return v
 
     def update(self, cid: str, offset: int, data, chunk_size: int) -> Version:
-        """Local copy-on-write update (no replication): patch, write new version, commit."""
+        """Local copy-on-write update (no replication): patch, write new version, commit.
+
+        The row is re-read first (another process may have committed since it was cached), and the version
+        file is created exclusively, so updates from several processes never share a file. Two processes
+        updating the same chunk at once each commit a whole version; the later commit wins."""
+        self._check_writable()
+        validate_chunk_id(cid)
         with self._lock_for(cid):
-            content = self.patched(cid, offset, data, chunk_size)
-            m = self._meta.get(cid)
-            ver = max([0] + [x.ver for x in (m.committed, m.pending) if x] if m else [0]) + 1
-            return self.put_committed(cid, ver, content)
+            for attempt in range(8):
+                self._fetch(cid)
+                try:
+                    content = self.patched(cid, offset, data, chunk_size)
+                except (FileNotFoundError, ChunkCorrupt):
+                    if attempt == 7:
+                        raise
+                    continue  # retired by another process's commit after our fetch: read the new row
+                m = self._meta.get(cid)
+                ver = max([0] + ([x.ver for x in (m.committed, m.pending) if x] if m else [])) + 1
+                v = self._make_version(ver, content)
+                for _ in range(64):
+                    try:
+                        self._write_file(self._data_path(cid, v.ver), content, exclusive=True)
+                        break
+                    except FileExistsError:  # another process's version (in flight or just committed)
+                        v = Version(v.ver + 1, v.length, v.crc, v.page_crcs)
+                else:
+                    raise StorageError(f"chunk {cid} on {self.target_id}: no free version number")
+                return self._commit_new(cid, v, 0)
+        raise AssertionError("unreachable")
 
     def remove(self, cid: str) -> bool:
+        self._check_writable()
         with self._lock_for(cid):
             with self._meta_lock:
-                m = self._meta.pop(cid, None)
-                if m is None:
-                    return False
-                self._persist(ChunkMeta(cid))
-            for x in (m.committed, m.pending):
-                if x is not None:
-                    self._remove_file(cid, x.ver)
-            return True
+                self._meta.pop(cid, None)
+                old = self._swap(ChunkMeta(cid))
+            for ver in old:
+                self._remove_file(cid, ver)
+            return bool(old)
 
     def _remove_file(self, cid: str, ver: int) -> None:
         path = self._data_path(cid, ver)
@@ -546,6 +726,9 @@ class ChunkEngine:
         self._fds.close()
         with self._db_lock:
             self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the shared lock (unless a forked child still holds the file)
+            self._lock_fd = None
 
 
 class ReadSession:
@@ -595,6 +778,9 @@ class ReadSession:
         with fds.lock:  # one lock round for the whole wave's file handles
             for r in reads:
                 m = meta.get(r.chunk)
+                if m is None and not e._complete:  # not cached: the slow path re-reads the row
+                    self.slow.append(r)
+                    continue
                 v = m.committed if m is not None else None
                 off = r.offset
                 if v is None or off >= v.length or r.length <= 0:
@@ -666,10 +852,15 @@ class ReadSession:
                 res = fastio.result_of(ios, k)
                 if res < 0:
                     r.error = OSError(-res, f"read of chunk {r.chunk} on {e.target_id}: {os.strerror(-res)}")
-                elif res < valid:
-                    r.error = ChunkCorrupt(f"chunk {r.chunk} on {e.target_id}: short file ({res} bytes)")
-                elif not all_ok and crcs[4 * coff:4 * (coff + ncrc)] != expected[4 * coff:4 * (coff + ncrc)]:
-                    r.error = ChunkCorrupt(f"chunk {r.chunk} on target {e.target_id}: CRC32C mismatch")
+                elif res < valid or (not all_ok and
+                                     crcs[4 * coff:4 * (coff + ncrc)] != expected[4 * coff:4 * (coff + ncrc)]):
+                    # Short or mismatching: our cached row may be older than the file under its name (another
+                    # process replaced the chunk). The single-read path re-reads the row, retries once and
+                    # reports ChunkCorrupt if it fails again.
+                    try:
+                        r.n, _ = e.read(r.chunk, r.offset, r.length, r.dest)
+                    except BaseException as exc:  # noqa: BLE001 - reported per read
+                        r.error = exc
                 else:
                     r.n = n
         self.waves = []

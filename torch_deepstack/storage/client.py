@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from torch_deepstack.storage.errors import (InvalidArgument, IsADirectory, NotFound, StorageError)
+from torch_deepstack.storage.errors import (InvalidArgument, IsADirectory, NotFound, ReadOnly, StorageError)
 from torch_deepstack.storage.paths import chunk_id, normalize, split_path
 
 
@@ -142,6 +142,9 @@ class DataBackend:
         """Optional: an object with add(reads) (submits at once) and finish(), or None (use read_chunks)."""
         return None
 
+    def revalidate(self) -> None:
+        """Called after a path lookup: drop cached chunk state that other processes may have changed."""
+
     def close(self) -> None:
         pass
 
@@ -189,8 +192,9 @@ class File(io.RawIOBase):
         return self._inode
 
     def refresh(self) -> None:
-        """Re-read the file's inode (to see the length another writer published)."""
+        """Re-read the file's inode (to see the length and chunks another writer published)."""
         self._inode = self.fs.meta.inode(self._inode["id"])
+        self.fs.backend.revalidate()
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
@@ -361,8 +365,9 @@ class FileSystem:
     write_buffer_bytes = 16 << 20  # per open file: several chunk updates go out (and replicate) at once
     READ_WAVE = 16  # requests planned and submitted per wave in a large batch
 
-    def __init__(self, meta, backend: DataBackend, uri: str, *, io_threads: int = 16):
+    def __init__(self, meta, backend: DataBackend, uri: str, *, io_threads: int = 16, read_only: bool = False):
         self.meta = meta
+        self.read_only = read_only
         self.backend = backend
         self.uri = uri
         self.io_threads = io_threads  # backends hold the I/O threads; this pool only runs submit_reads batches
@@ -387,8 +392,13 @@ class FileSystem:
         """(name, "file" | "dir") for each entry."""
         return list(self.meta.listdir(path))
 
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnly(f"{what}: {self.uri} was opened with read_only=True")
+
     def mkdir(self, path: str, *, parents: bool = False, exist_ok: bool = False, chunk_size: int | None = None,
               stripe: int | None = None) -> FileStat:
+        self._check_writable(f"mkdir {path!r}")
         return FileStat.from_inode(normalize(path), self.meta.mkdir(path, parents=parents, exist_ok=exist_ok,
                                                                      chunk_size=chunk_size, stripe=stripe))
 
@@ -396,11 +406,13 @@ class FileSystem:
         return self.mkdir(path, parents=True, exist_ok=exist_ok, **layout)
 
     def rename(self, src: str, dst: str) -> None:
+        self._check_writable(f"rename {src!r}")
         replaced = self.meta.rename(src, dst)
         if replaced:
             self._drop_chunks([replaced])
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
+        self._check_writable(f"remove {path!r}")
         self._drop_chunks(self.meta.remove(path, recursive=recursive))
 
     def _drop_chunks(self, inodes: Iterable[dict]) -> None:
@@ -418,10 +430,13 @@ class FileSystem:
         if m is None:
             raise InvalidArgument(f"mode must be one of {sorted(set(_MODES))} (binary only), got {mode!r}")
         split_path(path)
+        if m != "rb":
+            self._check_writable(f"open {path!r} with mode {mode!r}")
         if m == "rb" or m == "r+b":
             ino = self.meta.stat(path)
             if ino["type"] == "dir":
                 raise IsADirectory(f"is a directory: {path!r}")
+            self.backend.revalidate()  # after the lookup: chunks the length covers were committed before it
         else:
             ino, old = self.meta.create(path, exclusive=m == "xb", truncate=m in ("wb", "w+b"),
                                         chunk_size=chunk_size)
@@ -466,6 +481,7 @@ class FileSystem:
         This runs once per request on the hot path, hence the inlined checks."""
         inodes = {} if inodes is None else inodes
         results, pieces = [], []
+        looked_up = False
         for req in requests:
             res = ReadResult(req)
             results.append(res)
@@ -478,6 +494,7 @@ class FileSystem:
                     ino = inodes.get(key)
                     if ino is None:
                         ino = inodes[key] = self.meta.stat(key)
+                        looked_up = True
                 elif isinstance(f, File):
                     ino = f._inode
                 else:
@@ -519,6 +536,8 @@ class FileSystem:
                 pieces.append((res, mine))
             except BaseException as e:  # noqa: BLE001 - reported per request
                 res.error, res.data, res.nbytes = e, None, 0
+        if looked_up:
+            self.backend.revalidate()
         return results, pieces
 
     def batch_read(self, requests: Iterable, *, timeout: float | None = None) -> list[ReadResult]:

@@ -104,6 +104,13 @@ class Conflict(StorageError):
     errno = errno.EAGAIN
 
 
+class ReadOnly(StorageError, PermissionError):
+    """A write to a file system or target opened with read_only=True."""
+
+    code = "read_only"
+    errno = errno.EROFS
+
+
 class BadURI(StorageError, ValueError):
     code = "bad_uri"
     errno = errno.EINVAL
@@ -114,7 +121,7 @@ ERRORS_BY_CODE = {
     for cls in (
         StorageError, NotFound, AlreadyExists, NotADirectory, IsADirectory, DirectoryNotEmpty, InvalidPath,
         InvalidArgument, NameTooLong, NoSpace, ChunkCorrupt, StaleRouting, NotServing, Unavailable, AuthError,
-        Conflict, BadURI,
+        Conflict, BadURI, ReadOnly,
     )
 }
 

@@ -62,6 +62,9 @@ class LocalBackend(DataBackend):
     def read_session(self, max_bytes, max_reads):
         return self.engine.read_session(max_bytes, max_reads) if fastio.load() is not None else None
 
+    def revalidate(self):
+        self.engine.revalidate()
+
     def write_chunks(self, writes):
         def one(w):
             _, cid, off, data, cs = w
@@ -101,11 +104,14 @@ def mkfs_embedded(path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, stripe: in
 
 
 def open_embedded(path: str, *, create: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, sync: bool = True,
-                  io_threads: int = 16, capacity_bytes: int | None = None, direct_io: bool = True) -> FileSystem:
+                  io_threads: int = 16, capacity_bytes: int | None = None, direct_io: bool = True,
+                  read_only: bool = False) -> FileSystem:
+    """Open (or create) an embedded file system. Several processes may open one directory at once (see
+    docs/storage.md); read_only=True refuses every write with `ReadOnly` and never removes anything."""
     path = os.path.abspath(path)
     marker = os.path.join(path, MARKER)
     if not os.path.exists(marker):
-        if not create:
+        if not create or read_only:
             raise NotFound(f"{path} is not a deepstack file system (no {MARKER}); create it with "
                            f"connect(path, create=True) or `deepstack fs mkfs {path}`")
         if os.path.isdir(path) and os.listdir(path):
@@ -115,6 +121,7 @@ def open_embedded(path: str, *, create: bool = True, chunk_size: int = DEFAULT_C
     kv = SQLiteKV(os.path.join(path, "meta.db"))
     meta = MetaStore(kv)
     engine = ChunkEngine(os.path.join(path, "target"), "t0", create=False, sync=sync,
-                         capacity_bytes=capacity_bytes, direct_io=direct_io)
+                         capacity_bytes=capacity_bytes, direct_io=direct_io, read_only=read_only)
     meta.close = kv.close  # type: ignore[attr-defined]
-    return FileSystem(meta, LocalBackend(engine, io_threads), "file://" + path, io_threads=io_threads)
+    return FileSystem(meta, LocalBackend(engine, io_threads), "file://" + path, io_threads=io_threads,
+                      read_only=read_only)
