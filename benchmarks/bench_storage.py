@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         args.size, args.seconds, args.repeat, qds = 64 << 20, 0.5, 1, [1, 16]
     have_fio = shutil.which("fio") is not None
     base = tempfile.mkdtemp(prefix="deepstack-bench-", dir=args.dir)
-    results = {"date": time.strftime("%Y-%m-%d"), "reads": [], "cmd": "python benchmarks/bench_storage.py"
+    results = {"date": time.strftime("%Y-%m-%d"), "loadavg_at_start": os.getloadavg()[0], "reads": [], "cmd": "python benchmarks/bench_storage.py"
                + (" --quick" if args.quick else ""), "size": args.size, "repeat": args.repeat,
                "seconds": args.seconds}
     try:
@@ -291,8 +291,8 @@ def fmt_row(r):
 def write_docs(res):
     path = os.path.join(ROOT, "docs", "benchmarks.md")
     lines = ["## Storage", "",
-             f"Date {res['date']}; machine: CPU dev machine, 2 cores (virtio disk, ext4), shared with other "
-             f"jobs; command: `{res['cmd']} --write-docs`. Random reads, in IOPS (block-aligned offsets, uniform "
+             f"Date {res['date']}; machine: CPU dev machine, 2 cores (virtio disk, ext4), 1-minute load average "
+             f"{res.get('loadavg_at_start', float('nan')):.1f} at the start; command: `{res['cmd']} --write-docs`. Random reads, in IOPS (block-aligned offsets, uniform "
              f"over a {res['size'] >> 20} MiB file in 4 MiB chunks), best of {res['repeat']} interleaved runs of "
              f"{res['seconds']} s. Ours: `FileSystem.batch_read` with qd requests per call into a page-aligned "
              f"buffer. fio reads the very chunk files of that file (O_DIRECT, io_uring, same block size and "
@@ -323,7 +323,7 @@ def write_docs(res):
               "this virtual disk fio's io_uring runs 1 MiB reads slower than our batches; we did not find why). The "
               "loopback cluster is CPU-bound: client, three services and the manager share two cores, so every "
               "4 KiB read pays two process hops; and its replicas share the one disk, so 1/3 is the write "
-              "ceiling. Numbers move by 2x from minute to minute on this shared machine."]
+              "ceiling. Numbers move by up to 2x from minute to minute when other jobs share the machine."]
     lines += ["", f"Writes (16 MiB client buffer, chunk updates in parallel, fdatasync per chunk version): embedded "
               f"{res['write_embedded'] / 2**20:.0f} MiB/s; replicated (r = 3, CRAQ) {res['write_cluster'] / 2**20:.0f} "
               f"MiB/s = {res['write_cluster'] / res['write_embedded']:.2f} of embedded.", "",
