@@ -102,6 +102,17 @@ uint64_t ds_aio_setup(int depth) {
 
 void ds_aio_destroy(uint64_t ctx) { syscall(SYS_io_destroy, (aio_context_t)ctx); }
 
+// One native-AIO read request for `io`; `data` comes back in the completion event.
+static void fill_read_iocb(struct iocb* cb, const ds_io* io, uint64_t data) {
+    memset(cb, 0, sizeof(*cb));
+    cb->aio_fildes = (uint32_t)io->fd;
+    cb->aio_lio_opcode = IOCB_CMD_PREAD;
+    cb->aio_buf = io->buf;
+    cb->aio_nbytes = (uint64_t)io->length;
+    cb->aio_offset = io->offset;
+    cb->aio_data = data;
+}
+
 static void finish(ds_io* io) {
     if (io->result < 0) return;
     int64_t valid = io->valid < io->result ? io->valid : io->result;
@@ -135,13 +146,7 @@ int ds_read_batch(ds_io* ios, int n, uint64_t ctx_raw, int depth) {
         int m = n - base < depth ? n - base : depth;
         for (int i = 0; i < m; i++) {
             ds_io* io = &ios[base + i];
-            memset(&cbs[i], 0, sizeof(cbs[i]));
-            cbs[i].aio_fildes = (uint32_t)io->fd;
-            cbs[i].aio_lio_opcode = IOCB_CMD_PREAD;
-            cbs[i].aio_buf = io->buf;
-            cbs[i].aio_nbytes = (uint64_t)io->length;
-            cbs[i].aio_offset = io->offset;
-            cbs[i].aio_data = (uint64_t)(base + i);
+            fill_read_iocb(&cbs[i], io, (uint64_t)(base + i));
             ptrs[i] = &cbs[i];
             io->result = -EINPROGRESS;
         }
@@ -325,13 +330,7 @@ int ds_submit(ds_io* ios, int start, int count, uint64_t ctx_raw) {
     if (count > 256) return -EINVAL;
     for (int i = 0; i < count; i++) {
         ds_io* io = &ios[start + i];
-        memset(&cbs[i], 0, sizeof(cbs[i]));
-        cbs[i].aio_fildes = (uint32_t)io->fd;
-        cbs[i].aio_lio_opcode = IOCB_CMD_PREAD;
-        cbs[i].aio_buf = io->buf;
-        cbs[i].aio_nbytes = (uint64_t)io->length;
-        cbs[i].aio_offset = io->offset;
-        cbs[i].aio_data = (uint64_t)io;
+        fill_read_iocb(&cbs[i], io, (uint64_t)io);
         ptrs[i] = &cbs[i];
         io->result = -EINPROGRESS;
     }

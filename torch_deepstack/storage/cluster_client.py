@@ -245,8 +245,9 @@ class ClusterBackend(DataBackend):
             pending = retry
 
     # ------------------------------------------------------------------ writes
-    def _write_one(self, w) -> None:
-        chain_id, cid, off, data, cs = w
+    def _call_head(self, chain_id: str, method: str, args: dict, payload=None, *, timeout=None, what: str):
+        """Send an update to the chain's head with the current chain version, retrying (with backoff and a
+        routing refresh) while the chain is between heads or the routing is stale, up to `retry_for` seconds."""
         deadline = time.monotonic() + self.retry_for
         delay = 0.05
         while True:
@@ -255,17 +256,20 @@ class ClusterBackend(DataBackend):
             try:
                 if head["state"] != "serving":
                     raise NotServing(f"chain {chain_id} has no serving head")
-                self._client(head["id"]).call(
-                    "write", {"chain": chain_id, "chain_ver": chain["version"], "target": head["id"],
-                              "chunk": cid, "offset": off, "chunk_size": cs}, data,
-                    timeout=self.timeout * 4)
-                return
+                return self._client(head["id"]).call(
+                    method, {"chain": chain_id, "chain_ver": chain["version"], "target": head["id"], **args},
+                    payload, timeout=timeout)
             except RETRYABLE as e:
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"write of chunk {cid} to chain {chain_id} failed: {e}") from e
+                    raise Unavailable(f"{what} on chain {chain_id} failed: {e}") from e
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 self.refresh()
+
+    def _write_one(self, w) -> None:
+        chain_id, cid, off, data, cs = w
+        self._call_head(chain_id, "write", {"chunk": cid, "offset": off, "chunk_size": cs}, data,
+                        timeout=self.timeout * 4, what=f"write of chunk {cid}")
 
     def write_chunks(self, writes) -> None:
         if len(writes) == 1:
@@ -279,21 +283,7 @@ class ClusterBackend(DataBackend):
         for chain, cid in items:
             by_chain.setdefault(chain, []).append(cid)
         for chain_id, cids in by_chain.items():
-            deadline = time.monotonic() + self.retry_for
-            while True:
-                chain = self.routing["chains"][chain_id]
-                head = chain["targets"][0]
-                try:
-                    if head["state"] != "serving":
-                        raise NotServing(f"chain {chain_id} has no serving head")
-                    self._client(head["id"]).call("remove", {"chain": chain_id, "chain_ver": chain["version"],
-                                                             "target": head["id"], "chunks": cids})
-                    break
-                except RETRYABLE:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-                    self.refresh()
+            self._call_head(chain_id, "remove", {"chunks": cids}, what=f"removal of {len(cids)} chunks")
 
     def service_call(self, target: str, method: str, args: dict, payload=None):
         return self._client(target).call(method, args, payload)
