@@ -135,9 +135,8 @@ def _fill_no_k(d, c, accumulate):
         d.add_(c)
 
 
-@cuda_kernel("fp8_gemm_nt")
-def fp8_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
-    checks.check_dense("fp8_gemm_nt", a, sfa, b, sfb, d, c)
+def _run_dense(a, sfa, b, sfb, d, c, accumulate, *, wgrad: bool):
+    """The dense and weight-gradient GEMMs after their checks: empty problems, C/accumulate folding, launch."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
@@ -147,25 +146,22 @@ def fp8_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
     c = d if accumulate and c is None else c
     if accumulate and c is not d:
         c = c + d
-    _launch_gemm(KIND_DENSE, a, as_mn_major_sf(sfa), b, sfb, d, c, None, m_rows=m, num_groups=1, n=n, k=k,
-                 expected_m=m, sf_b_per_row=False)
+    # wgrad: B carries 1x128 scales too, and K (the token count) changes every step, so it is a run-time value
+    # there (template K = 0).
+    _launch_gemm(KIND_DENSE, a, as_mn_major_sf(sfa), b, as_mn_major_sf(sfb) if wgrad else sfb, d, c, None,
+                 m_rows=m, num_groups=1, n=n, k=k, expected_m=m, sf_b_per_row=wgrad, k_template=0 if wgrad else None)
+
+
+@cuda_kernel("fp8_gemm_nt")
+def fp8_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
+    checks.check_dense("fp8_gemm_nt", a, sfa, b, sfb, d, c)
+    _run_dense(a, sfa, b, sfb, d, c, accumulate, wgrad=False)
 
 
 @cuda_kernel("fp8_wgrad_gemm_nt")
 def fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
     checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True, out_dtypes=(torch.float32,))
-    m, k = a.shape
-    n = b.shape[0]
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        return _fill_no_k(d, c, accumulate)
-    c = d if accumulate and c is None else c
-    if accumulate and c is not d:
-        c = c + d
-    # K (the token count) changes every step: it is a run-time value here (template K = 0).
-    _launch_gemm(KIND_DENSE, a, as_mn_major_sf(sfa), b, as_mn_major_sf(sfb), d, c, None, m_rows=m, num_groups=1,
-                 n=n, k=k, expected_m=m, sf_b_per_row=True, k_template=0)
+    _run_dense(a, sfa, b, sfb, d, c, accumulate, wgrad=True)
 
 
 @cuda_kernel("k_grouped_fp8_wgrad_gemm_nt")
