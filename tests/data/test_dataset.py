@@ -78,6 +78,20 @@ def test_distributed_sampler_partitions(fs, bytes_pack):
     assert len(seen) == len(bytes_pack) // 3 * 3 and len(set(seen)) >= len(set(bytes_pack)) - 3
 
 
+def remaining_after_resume(make_loader, consumed: int):
+    """Take `consumed` batches from one loader, checkpoint it, and return (the batches it goes on to yield, the
+    batches a fresh loader restored from that checkpoint yields), each as lists of sample bytes."""
+    ref = make_loader()
+    it = iter(ref)
+    for _ in range(consumed):
+        next(it)
+    state = ref.state_dict()
+    expected = [[sample_bytes(s) for s in b] for b in it]
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    return expected, [[sample_bytes(s) for s in b] for b in resumed]
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stateful_dataloader_resume_gives_same_remaining_batches(fs, bytes_pack, workers):
@@ -89,15 +103,7 @@ def test_stateful_dataloader_resume_gives_same_remaining_batches(fs, bytes_pack,
                                       generator=torch.Generator().manual_seed(7), timeout=60 if workers else 0,
                                       multiprocessing_context="fork" if workers else None)
 
-    ref = make()
-    it = iter(ref)
-    for _ in range(7):
-        next(it)
-    state = ref.state_dict()
-    expected = [[sample_bytes(s) for s in b] for b in it]
-    resumed = make()
-    resumed.load_state_dict(state)
-    got = [[sample_bytes(s) for s in b] for b in resumed]
+    expected, got = remaining_after_resume(make, 7)
     assert len(got) == len(expected) == (len(bytes_pack) + 15) // 16 - 7
     assert got == expected
 
@@ -113,15 +119,8 @@ def test_stateful_dataloader_resume_with_distributed_sampler(fs, bytes_pack):
         return sdl.StatefulDataLoader(ds, batch_size=10, sampler=sampler, num_workers=2, collate_fn=as_list,
                                       timeout=60, multiprocessing_context="fork")
 
-    ref = make()
-    it = iter(ref)
-    for _ in range(4):
-        next(it)
-    state = ref.state_dict()
-    expected = [[sample_bytes(s) for s in b] for b in it]
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert [[sample_bytes(s) for s in b] for b in resumed] == expected and len(expected) == 20 - 4
+    expected, got = remaining_after_resume(make, 4)
+    assert got == expected and len(expected) == 20 - 4
 
 
 @pytest.mark.timeout(120)
