@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 import torch_deepstack.storage as st
+from tests.storage.torn_reads import torn_chunk_reads
 from torch_deepstack.storage import (AlreadyExists, BadURI, ChunkCorrupt, DirectoryNotEmpty, InvalidArgument,
                                      IsADirectory, NameTooLong, NoSpace, NotFound, ReadRequest)
 
@@ -232,32 +232,8 @@ def test_bad_names_and_full_disk(tmp_path):
 def test_concurrent_writers_and_readers_never_see_torn_chunks(fs):
     """Writers overwrite whole chunks with uniform bytes; readers must always see one writer's bytes."""
     n_chunks = 4
-    fs.write_bytes("/shared", bytes(n_chunks * CS))
-    stop = threading.Event()
-    problems = []
-
-    def writer(k):
-        with fs.open("/shared", "r+b") as f:
-            for i in range(30):
-                f.pwrite(bytes([(k * 50 + i) % 251 + 1]) * CS, (i % n_chunks) * CS)
-                f.flush()
-
-    def reader():
-        f = fs.open("/shared")
-        while not stop.is_set():
-            for c in range(n_chunks):
-                got = f.pread(c * CS, CS)
-                if len(set(got)) != 1:
-                    problems.append((c, sorted(set(got))[:5]))
-    readers = [threading.Thread(target=reader) for _ in range(2)]
-    writers = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
-    for t in readers + writers:
-        t.start()
-    for t in writers:
-        t.join(100)
-    stop.set()
-    for t in readers:
-        t.join(20)
+    problems = torn_chunk_reads(fs, "/shared", CS, n_chunks, n_writers=3, rounds=30, n_readers=2,
+                                read_chunks=lambda f: [f.pread(c * CS, CS) for c in range(n_chunks)], join_s=100)
     assert not problems, problems[:3]
 
 

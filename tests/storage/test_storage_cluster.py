@@ -9,6 +9,7 @@ import time
 import pytest
 
 import torch_deepstack.storage as st
+from tests.storage.torn_reads import torn_chunk_reads
 from torch_deepstack.storage.rpc import RpcClient
 
 pytestmark = pytest.mark.timeout(150)
@@ -218,30 +219,11 @@ def test_cluster_concurrent_writers_readers_consistent(cluster_factory):
     c = cluster_factory().start()
     fs = c.connect()
     n = 3
-    fs.write_bytes("/s", bytes(n * CS))
-    stop = threading.Event()
-    problems = []
 
-    def writer(k):
-        with fs.open("/s", "r+b") as f:
-            for i in range(12):
-                f.pwrite(bytes([k * 20 + i + 1]) * CS, (i % n) * CS)
-                f.flush()
-
-    def reader():
-        f = fs.open("/s")
-        while not stop.is_set():
-            res = fs.batch_read([(f, j * CS, CS) for j in range(n)])
-            for r in res:
-                if not r.ok or len(set(bytes(r.data))) != 1:
-                    problems.append(r.error or sorted(set(bytes(r.data)))[:4])
-    ts = [threading.Thread(target=writer, args=(k,)) for k in range(2)] + [threading.Thread(target=reader)]
-    for t in ts:
-        t.start()
-    for t in ts[:2]:
-        t.join(60)
-    stop.set()
-    ts[2].join(30)
+    def read_all(f):
+        return [bytes(r.data) if r.ok else r.error for r in fs.batch_read([(f, j * CS, CS) for j in range(n)])]
+    problems = torn_chunk_reads(fs, "/s", CS, n, n_writers=2, rounds=12, n_readers=1, read_chunks=read_all,
+                                join_s=60)
     assert not problems, problems[:3]
     fs.close()
 
