@@ -58,28 +58,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_smem_set: set = set()
-
-
-def _allow_smem(kernel, smem: int) -> None:
-    """Also raise the dynamic shared-memory limit on the kernel's CUfunction in the current context, besides the
-    JIT's device-wide cuKernelSetAttribute (all GPU runs so far had both; kept until the JIT path alone is verified
-    with a >48 KB kernel)."""
-    key = (id(kernel), torch.cuda.current_device(), smem)
-    if key in _smem_set:
-        return
-    import ctypes
-    from torch_deepstack.jit import driver
-    lib = driver.lib()
-    func = ctypes.c_void_p()
-    lib.cuKernelGetFunction.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    driver.check(lib.cuKernelGetFunction(ctypes.byref(func), kernel._handle), "cuKernelGetFunction")
-    driver.check(lib.cuFuncSetAttribute(func, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
-                 "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
-    _smem_set.add(key)
-
-
 def _check_block_table_enabled() -> bool:
     return os.environ.get("DEEPSTACK_MLA_CHECK_BLOCK_TABLE", "1") != "0"
 
@@ -167,7 +145,6 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
     scale = default_softmax_scale(d, softmax_scale)
     causal_flag = int(bool(causal) and s_q > 1)
     kernel = get_kernel(decode_spec(q.dtype, d, is_fp8_kvcache), _DECODE_SIG)
-    _allow_smem(kernel, decode_smem_bytes(d))
     kernel.launch((parts, h_kv, (rows + 63) // 64), 384,
                   q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap,
                   h_q, h_kv, s_q, rows, causal_flag, bt.stride(0),
