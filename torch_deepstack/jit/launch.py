@@ -7,8 +7,12 @@ current torch stream, so it is ordered with torch's work and is captured by `tor
 Signature codes, one per kernel parameter, in order (the C++ parameter types they stand for):
     p  pointer (T*; pass a tensor, an int address, or None)      8 bytes
     i  int32      u  uint32      l  int64      f  float32
-    t  CUtensorMap passed as `const __grid_constant__ CUtensorMap` (128 bytes, 64-byte aligned; pass the bytes
-       from torch_deepstack.jit.tma)
+    t  CUtensorMap passed as `const __grid_constant__ CUtensorMap` (128 bytes; pass the bytes from
+       torch_deepstack.jit.tma)
+Offsets come from the cubin itself (cuKernelGetParamInfo): with CUDA 13 headers a tensor map is placed where its
+constant-bank address is 128-byte aligned, which no C layout rule predicts (a first-parameter map sits at offset
+112). The natural C layout below is only the fallback for drivers older than CUDA 12.4, where a kernel should
+take its tensor maps first.
 """
 from __future__ import annotations
 
