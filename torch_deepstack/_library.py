@@ -13,7 +13,7 @@ error for a device it has no kernel on, instead of the dispatcher's generic mess
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -84,7 +84,6 @@ class OpFaces:
     cuda: Callable | None = None
     fake: Callable | None = None
     samples: Callable | None = None
-    extra_devices: dict = field(default_factory=dict)
 
 
 FACES: dict[str, OpFaces] = {}

@@ -161,7 +161,6 @@ def run(args) -> int:
     report.append(("greedy decoding accuracy", f"{100 * acc:.0f}% of {generated.numel()} tokens follow the rule"))
     report.append(("KV-cache offload", _kv_offload(fs, restored, caches, prompts, device)))
 
-    buffer.destroy() if hasattr(buffer, "destroy") and getattr(buffer, "explicitly_destroy", False) else None
     dist.destroy_process_group()
     fs.close()
     report.append(("total time", f"{time.perf_counter() - t_start:.1f}s"))
