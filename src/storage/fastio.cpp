@@ -368,4 +368,180 @@ int ds_reap(int count, uint64_t ctx_raw) {
     return 0;
 }
 
+
+// ---- whole-batch planning for one call (the array read path, torch_deepstack/storage/array_read.py) ----
+// A file's chunk table, built and kept current by Python: per chunk the open fd of its committed version
+// (-1: not loaded yet, -2: a hole), the committed length and its page CRCs at crcs[chunk * crc_stride].
+// A request is one row of 5 int64: file offset, length, offset in the output buffer, result (out), table index.
+struct ds_table {
+    int64_t file_len;
+    int64_t chunk_size;
+    int64_t crc_block;
+    int64_t nchunks;
+    int64_t crc_stride;
+    const int64_t* fd;
+    const int64_t* vlen;
+    const uint32_t* crcs;
+};
+
+// Results other than a byte count. SLOW: left to Python's general read path, which retries, re-reads the
+// chunk's row and raises the precise error (crossing a chunk, short read, CRC mismatch, I/O error). LOAD: the
+// chunk is not in the table yet (Python loads it and calls again). BAD: invalid request (negative offset or
+// length, output range outside the buffer, unknown table).
+#define DS_SLOW (-1000000)
+#define DS_LOAD (-1000001)
+#define DS_BAD (-1000002)
+
+// Each thread's page-aligned bounce buffer for unaligned requests; grows, freed when the thread exits.
+struct ds_arena {
+    uint8_t* p = nullptr;
+    size_t cap = 0;
+    ~ds_arena() { free(p); }
+    uint8_t* get(size_t need) {
+        if (need > cap) {
+            void* q = nullptr;
+            size_t want = need < (1u << 20) ? (1u << 20) : need;
+            if (posix_memalign(&q, 4096, want) != 0) return nullptr;
+            free(p);
+            p = (uint8_t*)q;
+            cap = want;
+        }
+        return p;
+    }
+};
+static thread_local ds_arena tls_arena;
+
+static int run_ios(ds_io* ios, int m, uint64_t ring, uint64_t aio_ctx, int spin_us) {
+    if (m == 0) return 0;
+    if (!ring) return ds_read_batch(ios, m, aio_ctx, 256);
+    for (int base = 0; base < m; base += 256) {  // the ring has 256 submission entries
+        int k = m - base < 256 ? m - base : 256;
+        int got = ds_ring_submit(ios, base, k, ring);
+        if (got > 0) {
+            // Hybrid polling, the window growing with the batch (its reads take longer): measured on a
+            // virtio disk, this beats sleeping in the kernel at every queue depth from 1 to 128.
+            int rc = ds_ring_reap(got, ring, spin_us > 0 ? spin_us + spin_us * got / 8 : 0);
+            if (rc < 0) return rc;
+        }
+    }
+    return 0;
+}
+
+// Plans, reads and verifies n requests in one call (data lands at out + row's output offset). Returns the
+// number of requests not completed here (results DS_SLOW / DS_LOAD / DS_BAD), or -errno when waiting for
+// completions failed (reads may still be in flight: fatal).
+int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* req, int64_t n, uint64_t out,
+                      int64_t out_size, uint64_t ring, uint64_t aio_ctx, int spin_us) {
+    int64_t ncrc_max = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t* q = req + 5 * i;
+        int64_t t = q[4];
+        int64_t blk = (t >= 0 && t < ntables) ? tables[t]->crc_block : 4096;
+        if (q[1] > 0) ncrc_max += q[1] / blk + 2;
+    }
+    size_t nn = (size_t)(n > 0 ? n : 1);
+    ds_io* ios = (ds_io*)malloc(sizeof(ds_io) * nn);
+    int64_t* owner = (int64_t*)malloc(sizeof(int64_t) * nn);
+    const uint32_t** expect = (const uint32_t**)malloc(sizeof(uint32_t*) * nn);
+    uint32_t* got_crcs = (uint32_t*)malloc(sizeof(uint32_t) * (size_t)(ncrc_max > 0 ? ncrc_max : 1));
+    if (!ios || !owner || !expect || !got_crcs) {
+        free(ios); free(owner); free(expect); free(got_crcs);
+        return -ENOMEM;
+    }
+    int m = 0;
+    int64_t cpos = 0, bpos = 0, left = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t* q = req + 5 * i;
+        int64_t off = q[0], len = q[1], doff = q[2], t = q[4];
+        if (off < 0 || len < 0 || doff < 0 || doff > out_size - len || t < 0 || t >= ntables) {
+            q[3] = DS_BAD;
+            left++;
+            continue;
+        }
+        q[3] = DS_SLOW;
+        const ds_table* tb = tables[t];
+        int64_t nf = off + len <= tb->file_len ? len : (tb->file_len > off ? tb->file_len - off : 0);
+        if (nf == 0) {
+            q[3] = 0;
+            continue;
+        }
+        int64_t cs = tb->chunk_size, blk = tb->crc_block;
+        int64_t idx = off / cs, inc = off % cs;
+        if (inc + nf > cs || idx >= tb->nchunks) {  // spans chunks: the general path splits it
+            left++;
+            continue;
+        }
+        int64_t fd = tb->fd[idx];
+        if (fd == -1) {
+            q[3] = DS_LOAD;
+            left++;
+            continue;
+        }
+        int64_t vl = fd == -2 ? 0 : tb->vlen[idx];
+        int64_t nc = vl - inc < nf ? vl - inc : nf;
+        if (nc < 0) nc = 0;
+        uint8_t* dest = (uint8_t*)(out + (uint64_t)doff);
+        if (nc < nf) memset(dest + nc, 0, (size_t)(nf - nc));  // a hole, or past the chunk's end: zeros
+        if (nc == 0) {
+            q[3] = nf;
+            continue;
+        }
+        int64_t a0 = inc - inc % blk;
+        int64_t a1 = (inc + nc + blk - 1) / blk * blk;
+        int64_t end_file = (vl + 4095) / 4096 * 4096;
+        if (a1 > end_file) a1 = end_file;
+        int64_t valid = (a1 < vl ? a1 : vl) - a0;
+        ds_io* io = &ios[m];
+        io->fd = fd;
+        io->offset = a0;
+        io->length = a1 - a0;
+        io->valid = valid;
+        io->crc_block = blk;
+        io->crc_out = (uint64_t)(got_crcs + cpos);
+        io->result = 0;
+        if (inc == a0 && nc == a1 - a0 && ((uint64_t)dest & 4095) == 0) {  // lands in place
+            io->buf = (uint64_t)dest;
+            io->copy_dst = 0;
+            io->copy_src_off = io->copy_len = 0;
+        } else {  // through the bounce arena (its address is added below), copied out once read
+            io->buf = (uint64_t)bpos;
+            bpos += a1 - a0;
+            io->copy_dst = (uint64_t)dest;
+            io->copy_src_off = inc - a0;
+            io->copy_len = nc;
+        }
+        expect[m] = tb->crcs + idx * tb->crc_stride + a0 / blk;
+        owner[m] = i;
+        cpos += (valid + blk - 1) / blk;
+        q[3] = nf;
+        m++;
+    }
+    int rc = 0;
+    if (bpos) {
+        uint8_t* arena = tls_arena.get((size_t)bpos);
+        if (!arena) rc = -ENOMEM;
+        for (int k = 0; k < m && arena; k++)
+            if (ios[k].copy_dst) ios[k].buf += (uint64_t)arena;
+    }
+    if (rc == 0) rc = run_ios(ios, m, ring, aio_ctx, spin_us);
+    if (rc == 0) {
+        for (int k = 0; k < m; k++) {
+            ds_io* io = &ios[k];
+            int64_t ncrc = (io->valid + io->crc_block - 1) / io->crc_block;
+            if (io->result < io->valid ||
+                memcmp((const void*)io->crc_out, expect[k], (size_t)(4 * ncrc)) != 0) {
+                req[5 * owner[k] + 3] = DS_SLOW;
+                left++;
+            }
+        }
+    }
+    free(ios); free(owner); free(expect); free(got_crcs);
+    return rc < 0 ? rc : left;
+}
+
+// CRC32C of n byte ranges base[start[i], +len[i]) (a batch of samples' end-to-end checksums in one call).
+void ds_crc_many(const uint8_t* base, const int64_t* start, const int64_t* len, int64_t n, uint32_t* out) {
+    for (int64_t i = 0; i < n; i++) out[i] = ds_crc32c(base + start[i], (uint64_t)len[i], 0);
+}
+
 }  // extern "C"

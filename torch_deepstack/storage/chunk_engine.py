@@ -239,6 +239,9 @@ class ChunkEngine:
         self._complete = False  # whether _meta holds every row (else misses go to chunks.db)
         self._data_version = None
         self._locks = [threading.Lock() for _ in range(256)]
+        # Bumped whenever a cached committed version may change (commit, removal, row re-read, cache drop):
+        # the array read path (array_read.py) keeps per-file chunk tables valid for one generation.
+        self.generation = 0
         self._meta_lock = threading.RLock()
         self._reserved = 0
         self._fds = _FdCache()
@@ -327,6 +330,7 @@ class ChunkEngine:
             rows = self._db.execute(f"SELECT {self._COLUMNS} FROM chunks").fetchall()
         with self._meta_lock:
             self._meta = {row[0]: self._from_row(row) for row in rows}
+            self.generation += 1
             self._complete = True
 
     def _load(self, gc: bool) -> None:
@@ -361,10 +365,15 @@ class ChunkEngine:
         with self._db_lock:
             row = self._db.execute(f"SELECT {self._COLUMNS} FROM chunks WHERE id = ?", (cid,)).fetchone()
         with self._meta_lock:
+            old = self._meta.get(cid)
             if row is None:
                 self._meta.pop(cid, None)
+                if old is not None and old.committed is not None:
+                    self.generation += 1
                 return None
             m = self._meta[cid] = self._from_row(row)
+            if old is not None and old.committed != m.committed:
+                self.generation += 1
             return m
 
     def _cached(self, cid: str) -> ChunkMeta | None:
@@ -384,6 +393,7 @@ class ChunkEngine:
         with self._meta_lock:
             self._meta = {}
             self._complete = False
+            self.generation += 1
         self._fds.close()  # in-flight reads keep their descriptors until they release them
         return True
 
@@ -635,6 +645,7 @@ class ChunkEngine:
             m = ChunkMeta(cid, m.committed, v, max(chain_ver, m.chain_ver))
             self._persist(m)
             self._meta[cid] = m
+            self.generation += 1
         if old_pending is not None and old_pending.ver != ver and (m.committed is None
                                                                    or old_pending.ver != m.committed.ver):
             self._remove_file(cid, old_pending.ver)
@@ -653,6 +664,7 @@ class ChunkEngine:
             m = ChunkMeta(cid, m.pending, None, m.chain_ver)
             self._persist(m)
             self._meta[cid] = m
+            self.generation += 1
         if old is not None and old.ver != ver:
             self._remove_file(cid, old.ver)
 
@@ -669,6 +681,7 @@ class ChunkEngine:
             m = ChunkMeta(cid, v, None, max(chain_ver, m.chain_ver))
             old = self._swap(m)
             self._meta[cid] = m
+            self.generation += 1
         for x in old - {v.ver}:
             self._remove_file(cid, x)
         return v
@@ -710,6 +723,7 @@ class ChunkEngine:
             with self._meta_lock:
                 self._meta.pop(cid, None)
                 old = self._swap(ChunkMeta(cid))
+                self.generation += 1
             for ver in old:
                 self._remove_file(cid, ver)
             return bool(old)

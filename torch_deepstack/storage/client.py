@@ -5,6 +5,7 @@ A `FileSystem` pairs a metadata store (local `MetaStore` or the manager's meta R
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import queue
 import threading
@@ -15,6 +16,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch_deepstack.storage.errors import (InvalidArgument, IsADirectory, NotFound, ReadOnly, StorageError)
 from torch_deepstack.storage.paths import chunk_id, normalize, split_path
+
+
+def buffer_address(mv: memoryview) -> int:
+    """Address of a writable, C-contiguous buffer."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mv))
 
 
 # ---------------------------------------------------------------------------------------------- buffers
@@ -64,6 +70,9 @@ def _fast_bytes(buf) -> memoryview | None:
 
 
 # ---------------------------------------------------------------------------------------------- types
+BAD_REQUEST = -1000002  # a read_array result for an invalid request (DS_BAD in fastio.cpp)
+
+
 @dataclass
 class FileStat:
     path: str
@@ -95,6 +104,23 @@ class ChunkRead:
     dest: memoryview
     n: int = 0
     error: BaseException | None = None
+
+
+@dataclass
+class ArrayReadResult:
+    """Completion of `FileSystem.read_array`: `nbytes[i]` bytes of request i were read (short at end of file;
+    -1 where it failed), `errors` maps failed request indices to their exception."""
+    nbytes: Any  # np.ndarray of int64
+    errors: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_first(self) -> None:
+        """Raise the error of the lowest failed request index, if any."""
+        if self.errors:
+            raise self.errors[min(self.errors)]
 
 
 @dataclass
@@ -140,6 +166,16 @@ class DataBackend:
 
     def read_session(self, max_bytes: int, max_reads: int):
         """Optional: an object with add(reads) (submits at once) and finish(), or None (use read_chunks)."""
+        return None
+
+    def array_reads(self) -> bool:
+        """Whether read_array below is implemented (and usable in this process)."""
+        return False
+
+    def read_array(self, inodes: list[dict], req, out: int, out_size: int):
+        """Optional vectorised reads (see array_read.py): req is an int64 [n, 5] array (file offset, length,
+        offset of the destination from address `out`, -, index into inodes). Returns each request's byte count, or a negative value for
+        requests the general path must serve; None where the backend has no such path."""
         return None
 
     def revalidate(self) -> None:
@@ -548,8 +584,70 @@ class FileSystem:
         reported in `ReadResult.error`, not raised. `timeout` (seconds) bounds how long a cluster read waits
         for and retries replicas; requests still failing then carry `TimeoutError` or the last replica's
         error. (Local reads always run to completion.)"""
-        deadline = None if timeout is None else time.monotonic() + timeout
         reqs = [r if isinstance(r, ReadRequest) else ReadRequest(*r) for r in requests]
+        if reqs and self.backend.array_reads():
+            results = self._batch_read_native(reqs, timeout)
+            if results is not None:
+                return results
+        return self._batch_read_general(reqs, timeout)
+
+    def _batch_read_native(self, reqs: list[ReadRequest], timeout: float | None) -> list[ReadResult] | None:
+        """batch_read through the backend's array path (one native call plans, reads and checks the batch)
+        when every request names an open File and a valid range; None when any does not (the general path
+        then serves the whole batch and reports per-request errors). Requests the native path leaves alone
+        (crossing chunks, retries, errors) go through the general path."""
+        import numpy as np
+
+        which_of: dict = {}
+        inodes, offs, lens, addrs, whichs, views = [], [], [], [], [], []
+        for r in reqs:
+            f, off, length, out = r.file, r.offset, r.length, r.out
+            if type(f) is not File or type(off) is not int or type(length) is not int or off < 0 or length < 0:
+                return None
+            w = which_of.get(f)
+            if w is None:
+                if f._inode["type"] != "file":
+                    return None
+                w = which_of[f] = len(inodes)
+                inodes.append(f._inode)
+            if out is None:
+                mv = memoryview(bytearray(length))
+            else:
+                mv = _fast_bytes(out)
+                if mv is None:
+                    try:
+                        mv = writable_bytes(out)
+                    except InvalidArgument:
+                        return None
+            if len(mv) < length:
+                return None
+            offs.append(off)
+            lens.append(length)
+            addrs.append(buffer_address(mv) if length else 0)
+            whichs.append(w)
+            views.append(mv)
+        req = np.empty((len(reqs), 5), np.int64)
+        req[:, 0], req[:, 1], req[:, 2], req[:, 4] = offs, lens, addrs, whichs
+        got = self.backend.read_array(inodes, req, 0, 1 << 62)  # requests carry absolute addresses
+        if got is None:
+            return None
+        results, slow = [], []
+        for r, mv, n in zip(reqs, views, got.tolist()):
+            if n >= 0:
+                results.append(ReadResult(r, n, mv[:n]))
+            else:
+                results.append(None)
+                slow.append(len(results) - 1)
+        if slow:
+            again = self._batch_read_general([ReadRequest(reqs[k].file, reqs[k].offset, reqs[k].length, views[k],
+                                                          reqs[k].userdata) for k in slow], timeout)
+            for k, res in zip(slow, again):
+                res.request = reqs[k]
+                results[k] = res
+        return results
+
+    def _batch_read_general(self, reqs: list[ReadRequest], timeout: float | None) -> list[ReadResult]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         session = None
         if len(reqs) > self.READ_WAVE:
             hint = sum(r.length for r in reqs if isinstance(r.length, int) and r.length > 0)
@@ -578,6 +676,91 @@ class FileSystem:
                 if p.n < p.length:  # a hole (chunk never written, or shorter than the file): zeros
                     p.dest[p.n:p.length] = bytes(p.length - p.n)
         return results
+
+    def read_array(self, files, offsets, lengths, out, out_offsets=None, *, which=None,
+                   timeout: float | None = None) -> ArrayReadResult:
+        """Vectorised `batch_read`: request i reads lengths[i] bytes at offsets[i] of files[which[i]] into
+        out[out_offsets[i]:out_offsets[i] + lengths[i]], all in one batch, blocking until done.
+
+        files: one File or path, or a sequence of them (then `which` gives each request's file index; default
+        0). offsets, lengths, out_offsets (default: back to back) are 1-D integer arrays of one length; out is
+        one writable buffer (bytearray, numpy array, CPU/pinned tensor). Embedded storage plans, reads and
+        CRC-checks the whole batch in one native call; other backends (and requests the native path leaves
+        alone) go through `batch_read`, so results are the same either way. Bad arguments raise
+        InvalidArgument; per-request failures come back in `ArrayReadResult.errors`."""
+        import numpy as np
+
+        if isinstance(files, (str, File)):
+            files = [files]
+        handles, inodes, looked_up = [], [], False
+        for f in files:
+            if isinstance(f, File):
+                ino = f._inode
+            elif isinstance(f, str):
+                ino = self.meta.stat(f)
+                looked_up = True
+                f = File(self, normalize(f), ino, "rb")
+            else:
+                raise InvalidArgument(f"files: expected paths or Files, got {type(f).__name__}")
+            if ino["type"] != "file":
+                raise IsADirectory(f"is a directory: {f.path!r}")
+            handles.append(f)
+            inodes.append(ino)
+        if not handles:
+            raise InvalidArgument("files: expected at least one File or path")
+        if looked_up:
+            self.backend.revalidate()
+
+        n = len(offsets) if hasattr(offsets, "__len__") else -1
+        req = np.empty((max(n, 0), 5), np.int64)
+        for col, (a, name) in enumerate(((offsets, "offsets"), (lengths, "lengths"), (out_offsets, "out_offsets"),
+                                         (None, ""), (which, "which"))):
+            if a is None:
+                continue
+            if not (type(a) is np.ndarray and a.dtype == np.int64):
+                a = np.asarray(a)
+                if a.size and a.dtype.kind not in "iu":
+                    raise InvalidArgument(f"{name}: expected integers, got dtype {a.dtype}")
+            if a.shape != (n,):
+                raise InvalidArgument(f"{name}: expected a 1-D array of {n} entries (one per request), got shape "
+                                      f"{tuple(a.shape)}")
+            req[:, col] = a
+        if out_offsets is None:  # back to back
+            np.cumsum(req[:, 1], out=req[:, 2])
+            req[:, 2] -= req[:, 1]
+        if which is None:
+            req[:, 4] = 0
+        mv = writable_bytes(out)
+        if n == 0:
+            return ArrayReadResult(np.zeros(0, np.int64))
+        base = buffer_address(mv) if len(mv) else 0
+        got = self.backend.read_array(inodes, req, base, len(mv)) if self.backend.array_reads() else None
+        if got is None:  # no native path: check here what it checks
+            got = np.full(n, -1, np.int64)
+            o, ln, d, w = req[:, 0], req[:, 1], req[:, 2], req[:, 4]
+            got[(o < 0) | (ln < 0) | (d < 0) | (d + ln > len(mv)) | (w < 0) | (w >= len(handles))] = BAD_REQUEST
+        nbytes = np.array(got, np.int64)
+        bad = np.flatnonzero(nbytes == BAD_REQUEST)
+        if bad.size:
+            k = int(bad[0])
+            raise InvalidArgument(f"request {k}: offset {req[k, 0]}, length {req[k, 1]}, out offset {req[k, 2]}, "
+                                  f"file index {req[k, 4]}: offsets and lengths must be >= 0, the output range "
+                                  f"must lie inside out ({len(mv)} bytes), the file index in [0, {len(handles)})")
+        slow = np.flatnonzero(nbytes < 0)
+        errors = {}
+        if slow.size:  # the general path: per-chunk splitting, retries and precise errors
+            reqs = [ReadRequest(handles[int(req[k, 4])], int(req[k, 0]), int(req[k, 1]),
+                                mv[int(req[k, 2]):int(req[k, 2] + req[k, 1])], k) for k in slow.tolist()]
+            for r in self.batch_read(reqs, timeout=timeout):
+                if r.error is not None:
+                    errors[r.request.userdata] = r.error
+                else:
+                    nbytes[r.request.userdata] = r.nbytes
+        return ArrayReadResult(nbytes, errors)
+
+    def submit_read_array(self, *args, **kwargs) -> Future:
+        """Asynchronous `read_array` (same arguments): a Future of its ArrayReadResult."""
+        return self._async_pool.submit(self.read_array, *args, **kwargs)
 
     def submit_reads(self, requests: Iterable, *, callback: Callable[[ReadResult], Any] | None = None
                      ) -> ReadBatch:

@@ -106,6 +106,13 @@ def load():
             lib.ds_block_crcs.restype = None
             lib.ds_crc32c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32]
             lib.ds_crc32c.restype = ctypes.c_uint32
+            lib.ds_table_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                          ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                                          ctypes.c_int]
+            lib.ds_table_read.restype = ctypes.c_int64
+            lib.ds_crc_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_void_p]
+            lib.ds_crc_many.restype = None
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the Python path
             reason = str(e)
@@ -163,6 +170,21 @@ def block_crcs(data, block: int) -> bytes | None:
         _lib.ds_block_crcs(ctypes.addressof(ctypes.c_char.from_buffer(src)), n, block,
                            ctypes.addressof(ctypes.c_char.from_buffer(out)))
     return bytes(out)
+
+
+def crc_many(base_address: int, starts, lengths):
+    """CRC32C of the byte ranges [base_address + starts[i], + lengths[i]) in one C call: a uint32 numpy array,
+    or None without the helper. The caller guarantees the ranges lie inside memory it holds."""
+    if _lib is None:
+        return None
+    import numpy as np
+
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    out = np.empty(len(starts), np.uint32)
+    if len(starts):
+        _lib.ds_crc_many(base_address, starts.ctypes.data, lengths.ctypes.data, len(starts), out.ctypes.data)
+    return out
 
 
 def read_one(ios: bytearray) -> None:

@@ -12,7 +12,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from torch_deepstack.storage import fastio
+from torch_deepstack.storage import array_read, fastio
 from torch_deepstack.storage.chunk_engine import ChunkEngine
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
 from torch_deepstack.storage.errors import InvalidArgument, NotFound, StorageError
@@ -44,6 +44,7 @@ class LocalBackend(DataBackend):
         self.engine = engine
         self.io_threads = io_threads
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-local")
+        self._arrays = array_read.ArrayReader(engine)
 
     def _read_slice(self, reads: list[ChunkRead]) -> None:
         eng = self.engine
@@ -61,6 +62,12 @@ class LocalBackend(DataBackend):
 
     def read_session(self, max_bytes, max_reads):
         return self.engine.read_session(max_bytes, max_reads) if fastio.load() is not None else None
+
+    def array_reads(self):
+        return array_read.supported()
+
+    def read_array(self, inodes, req, out, out_size):
+        return self._arrays.read(inodes, req, out, out_size) if array_read.supported() else None
 
     def revalidate(self):
         self.engine.revalidate()
@@ -81,6 +88,7 @@ class LocalBackend(DataBackend):
 
     def close(self):
         self.pool.shutdown(wait=True)
+        self._arrays.close()
         self.engine.close()
 
 

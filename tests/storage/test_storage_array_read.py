@@ -1,0 +1,268 @@
+"""The array read path (FileSystem.read_array, and batch_read routed through it): one native call plans, reads
+and CRC-checks a whole batch. Every result is compared with the bytes written and with the general path."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import torch_deepstack.storage as st
+from tests.storage.torn_reads import torn_chunk_reads
+from torch_deepstack.storage import ChunkCorrupt, InvalidArgument, ReadRequest, fastio
+
+CS = 64 << 10
+
+
+@pytest.fixture(params=["io_uring", "native-aio", "pure-python"])
+def mode(request, monkeypatch):
+    if request.param == "pure-python":
+        monkeypatch.setattr(fastio, "_lib", None)
+        monkeypatch.setattr(fastio, "_tried", True)
+        return request.param
+    if fastio.load() is None:
+        pytest.skip(f"C helper unavailable: {fastio.reason}")
+    if request.param == "native-aio":
+        monkeypatch.setattr(fastio, "_uring_ok", False)
+        monkeypatch.setattr(fastio, "_tls", threading.local())
+    elif not fastio.uring():
+        pytest.skip("io_uring unavailable here")
+    return request.param
+
+
+@pytest.fixture
+def fs(tmp_path, mode):
+    f = st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False)
+    yield f
+    f.close()
+
+
+def _random_file(fs, path, rng, size, hole_at=None):
+    data = bytearray(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    with fs.open(path, "wb") as f:
+        if hole_at is None:
+            f.write(data)
+        else:  # leave chunk `hole_at` unwritten: it reads back as zeros
+            a, b = hole_at * CS, (hole_at + 1) * CS
+            f.write(data[:a])
+            f.seek(b)
+            f.write(data[b:])
+            data[a:b] = bytes(b - a)
+    return bytes(data)
+
+
+def _random_requests(rng, size, n):
+    offs, lens = [], []
+    for _ in range(n):
+        kind = rng.integers(0, 6)
+        if kind == 0:  # page-aligned page
+            o, ln = int(rng.integers(0, size // 4096)) * 4096, 4096
+        elif kind == 1:  # unaligned inside a chunk
+            o = int(rng.integers(0, size))
+            ln = int(rng.integers(1, 9000))
+        elif kind == 2:  # across a chunk boundary
+            c = int(rng.integers(1, size // CS))
+            o, ln = c * CS - int(rng.integers(1, 5000)), int(rng.integers(5000, 2 * CS))
+        elif kind == 3:  # past the end of the file
+            o, ln = size - int(rng.integers(0, 3000)), int(rng.integers(1, 6000))
+        elif kind == 4:  # zero length, or wholly past the end
+            o, ln = (int(rng.integers(0, size)), 0) if rng.integers(0, 2) else (size + 100, 50)
+        else:  # a whole chunk
+            o, ln = int(rng.integers(0, size // CS)) * CS, CS
+        offs.append(o)
+        lens.append(ln)
+    return np.array(offs, np.int64), np.array(lens, np.int64)
+
+
+def _expected(data, o, ln):
+    return data[o:o + ln]
+
+
+def test_read_array_matches_written_bytes(fs):
+    rng = np.random.default_rng()
+    size = 9 * CS + 1234
+    data = _random_file(fs, "/a", rng, size, hole_at=3)
+    offs, lens = _random_requests(rng, size, 300)
+    # destinations: some page-aligned (direct landing), some not
+    pads = rng.integers(0, 2, len(offs)) * int(rng.integers(1, 4095))
+    slots = np.cumsum(-(-lens // 4096) * 4096 + 8192) - (-(-lens // 4096) * 4096 + 8192)
+    out_offsets = slots + pads
+    raw = np.zeros(int(out_offsets[-1] + lens[-1]) + 8192, np.uint8)
+    out = raw[(-raw.ctypes.data) % 4096:]
+    for rep in range(2):  # the second pass runs on the cached chunk table
+        out[:] = 0xAB
+        with fs.open("/a") as f:
+            res = fs.read_array(f, offs, lens, out, out_offsets)
+        assert res.ok, res.errors
+        for k, (o, ln, d) in enumerate(zip(offs.tolist(), lens.tolist(), out_offsets.tolist())):
+            want = _expected(data, o, ln)
+            assert res.nbytes[k] == len(want), (k, o, ln)
+            assert bytes(out[d:d + len(want)]) == want, (k, o, ln)
+
+
+def test_batch_read_native_equals_general_path(fs, monkeypatch):
+    """batch_read with File requests goes through the array path; the general path must give the same."""
+    rng = np.random.default_rng()
+    size = 6 * CS + 77
+    data = _random_file(fs, "/b", rng, size)
+    offs, lens = _random_requests(rng, size, 120)
+    f = fs.open("/b")
+
+    def run():
+        bufs = [np.full(int(ln) + 7, 0xCD, np.uint8)[: int(ln)] if k % 3 else None for k, ln in enumerate(lens)]
+        reqs = [ReadRequest(f, int(o), int(ln), b, k) for k, (o, ln, b) in enumerate(zip(offs, lens, bufs))]
+        reqs.append(ReadRequest(f, -5, 10, None, "neg"))  # a bad request: reported, the others still served
+        res = fs.batch_read(reqs)
+        return [(r.userdata, r.nbytes, None if r.data is None else bytes(r.data), type(r.error)) for r in res]
+
+    native = run()
+    monkeypatch.setattr(fs.backend, "array_reads", lambda: False)
+    general = run()
+    assert native == general
+    for k, (o, ln) in enumerate(zip(offs.tolist(), lens.tolist())):
+        assert native[k][2] == _expected(data, o, ln)
+    assert native[-1][3] is InvalidArgument
+
+
+def test_read_array_several_files_tensor_out_and_paths(fs):
+    rng = np.random.default_rng()
+    fs.mkdir("/m")
+    a = _random_file(fs, "/m/a", rng, 3 * CS + 5)
+    b = _random_file(fs, "/m/b", rng, 2 * CS)
+    offs = np.array([0, 100, CS - 10, 4096, 3 * CS], np.int64)
+    lens = np.array([4096, 5000, 20, 8192, 100], np.int64)
+    which = np.array([0, 1, 0, 1, 0], np.int64)
+    out = torch.zeros(int(lens.sum()), dtype=torch.uint8)
+    res = fs.read_array(["/m/a", fs.open("/m/b")], offs, lens, out, which=which)
+    assert res.ok
+    pos = 0
+    for k, (o, ln, w) in enumerate(zip(offs.tolist(), lens.tolist(), which.tolist())):
+        want = (a, b)[w][o:o + ln]
+        assert int(res.nbytes[k]) == len(want)
+        assert bytes(out[pos:pos + len(want)].numpy()) == want
+        pos += ln
+
+
+def test_read_array_sees_writes_made_after_its_table(fs):
+    rng = np.random.default_rng()
+    _random_file(fs, "/w", rng, 4 * CS)
+    f = fs.open("/w")
+    out = np.zeros(CS, np.uint8)
+    fs.read_array(f, [CS], [CS], out).raise_first()  # builds and caches the chunk table
+    new = rng.integers(0, 256, CS, dtype=np.uint8).tobytes()
+    with fs.open("/w", "r+b") as g:
+        g.pwrite(new, CS)
+    res = fs.read_array(f, [CS], [CS], out)
+    assert res.ok and bytes(out) == new
+    got = fs.batch_read([(f, CS + 10, 100, None)])[0]
+    assert bytes(got.data) == new[10:110]
+
+
+def test_read_array_detects_corruption(fs, mode):
+    rng = np.random.default_rng()
+    _random_file(fs, "/c", rng, 2 * CS)
+    f = fs.open("/c")
+    out = np.zeros(2 * CS, np.uint8)
+    assert fs.read_array(f, [0, CS], [CS, CS], out).ok  # cached table with the good CRCs
+    eng = fs.backend.engine
+    cid = f"{f.inode:016x}-{1:08x}"
+    path = eng._data_path(cid, eng.meta(cid).committed.ver)
+    with open(path, "r+b") as raw:
+        raw.seek(5000)
+        b = raw.read(1)
+        raw.seek(5000)
+        raw.write(bytes([b[0] ^ 0xFF]))
+    res = fs.read_array(f, [0, CS + 4096, CS + 100], [CS, 4096, 50], out, [0, CS, 0])
+    assert res.nbytes[0] == CS and 0 not in res.errors
+    assert isinstance(res.errors.get(1), ChunkCorrupt)
+    assert 2 not in res.errors  # the CRC block it lies in is intact
+    with pytest.raises(ChunkCorrupt):
+        res.raise_first()
+    assert isinstance(fs.batch_read([(f, CS + 4096, 10, None)])[0].error, ChunkCorrupt)
+
+
+def test_read_array_rejects_bad_arguments(fs):
+    fs.write_bytes("/x", b"z" * 10000)
+    f = fs.open("/x")
+    out = np.zeros(100, np.uint8)
+    with pytest.raises(InvalidArgument, match="out"):
+        fs.read_array(f, [0], [200], out)
+    with pytest.raises(InvalidArgument, match=">= 0"):
+        fs.read_array(f, [-1], [10], out)
+    with pytest.raises(InvalidArgument, match="integers"):
+        fs.read_array(f, [0.5], [10], out)
+    with pytest.raises(InvalidArgument, match="1-D"):
+        fs.read_array(f, [0, 1], [10], out)
+    with pytest.raises(InvalidArgument, match="file index"):
+        fs.read_array(f, [0], [10], out, which=[1])
+    with pytest.raises(InvalidArgument, match="read-only"):
+        fs.read_array(f, [0], [10], b"immutable" * 20)
+    with pytest.raises(st.IsADirectory):
+        fs.mkdir("/d")
+        fs.read_array("/d", [0], [1], out)
+    assert fs.read_array(f, [], [], out).nbytes.shape == (0,)
+
+
+def test_concurrent_writers_and_array_readers_never_see_torn_chunks(fs):
+    n_chunks = 4
+
+    def read_chunks(f):
+        out = np.zeros(n_chunks * CS, np.uint8)
+        res = fs.read_array(f, np.arange(n_chunks) * CS, np.full(n_chunks, CS), out)
+        if not res.ok:
+            return list(res.errors.values())
+        return [bytes(out[c * CS:(c + 1) * CS]) for c in range(n_chunks)]
+
+    problems = torn_chunk_reads(fs, "/shared", CS, n_chunks, n_writers=3, rounds=30, n_readers=2,
+                                read_chunks=read_chunks, join_s=100)
+    assert not problems, problems[:3]
+
+
+def test_chunk_tables_give_fds_back(tmp_path, mode, monkeypatch):
+    """Tables hold fds only while current: a full cache is dropped, and close() releases everything."""
+    if mode == "pure-python":
+        pytest.skip("no tables without the C helper")
+    from torch_deepstack.storage import array_read
+
+    monkeypatch.setattr(array_read, "MAX_OPEN", 3)
+    fs = st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False)
+    rng = np.random.default_rng()
+    files = {p: _random_file(fs, p, rng, 3 * CS) for p in ("/f0", "/f1", "/f2")}
+    out = np.zeros(CS, np.uint8)
+    for _ in range(3):
+        for p, data in files.items():
+            for c in range(3):
+                assert fs.read_array(p, [c * CS], [CS], out).ok and bytes(out) == data[c * CS:(c + 1) * CS]
+    reader = fs.backend._arrays
+    assert reader.open_fds <= 3 + 3  # one table of 3 chunks past the cap at most
+    assert reader.open_fds == sum(len(t.handles) for t in reader.tables.values())
+    fs.close()
+    assert reader.open_fds == 0 and not reader.tables
+
+
+def test_crc_many_matches_crc32c(mode):
+    if mode == "pure-python":
+        assert fastio.crc_many(0, [0], [1]) is None
+        return
+    from torch_deepstack.storage.crc import crc32c
+
+    rng = np.random.default_rng()
+    buf = rng.integers(0, 256, 100_000, dtype=np.uint8)
+    starts = rng.integers(0, 50_000, 40)
+    lens = rng.integers(0, 50_000, 40)
+    got = fastio.crc_many(buf.ctypes.data, starts, lens)
+    assert got.tolist() == [crc32c(buf[s:s + n].tobytes()) for s, n in zip(starts.tolist(), lens.tolist())]
+
+
+def test_whole_chunks_into_an_aligned_buffer(fs):
+    """Page-aligned whole-chunk reads into a page-aligned buffer (the in-place case), the last chunk short."""
+    rng = np.random.default_rng()
+    size = 7 * CS + 3000
+    data = _random_file(fs, "/big", rng, size)
+    raw = np.zeros(8 * CS + 4096, np.uint8)
+    out = raw[(-raw.ctypes.data) % 4096:][: 8 * CS]
+    with fs.open("/big") as f:
+        res = fs.read_array(f, np.arange(8) * CS, np.full(8, CS), out)
+    assert res.ok and res.nbytes.tolist() == [CS] * 7 + [3000]
+    assert bytes(out[:size]) == data

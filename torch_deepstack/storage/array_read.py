@@ -1,0 +1,186 @@
+"""The array read path: a whole batch of (file, offset, length, destination) requests planned, read and
+verified in ONE call into the C helper (src/storage/fastio.cpp, `ds_table_read`).
+
+The general read path (client._plan + chunk_engine.ReadSession) spends ~5-10 us of Python per request on
+chunk lookup, offset arithmetic and request objects, which small (4 KiB) reads cannot hide. Here Python keeps,
+per file, a `ChunkTable` (numpy arrays: the open fd of each chunk's committed version, its length and its page
+CRC32Cs) and hands C a packed int64 array of requests; C finds each request's chunk, aligns it, reads the
+batch through io_uring (native AIO where io_uring is refused), checks every block's CRC32C against the table
+and copies unaligned requests out of a bounce arena.
+
+Only the plain case is served here. A request that crosses a chunk, whose chunk is not loaded, whose read
+is short, whose CRCs do not match or whose I/O fails comes back marked and is replayed, with the same bytes
+and destination, through the general path, which re-reads the chunk's row, retries once and raises the
+precise error (ChunkCorrupt, ...). So this path changes cost, never results.
+
+Staleness: a table is valid for one engine `generation` (bumped by every commit, removal, row re-read and
+cache drop in the engine) and one inode length. It holds a reference on each fd it uses, so a concurrent
+commit that retires a version can never close (and recycle) a descriptor a read is using; such a read returns
+the version that was committed when the batch began, as the general path does.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+from torch_deepstack.storage import fastio
+from torch_deepstack.storage.chunk_engine import O_DIRECT
+
+SLOW, LOAD, BAD = -1000000, -1000001, -1000002  # DS_SLOW, DS_LOAD, DS_BAD in fastio.cpp
+MAX_OPEN = 4096  # fds all tables of one backend may hold before they are dropped and rebuilt
+
+
+class _Table(ctypes.Structure):
+    _fields_ = [("file_len", ctypes.c_int64), ("chunk_size", ctypes.c_int64), ("crc_block", ctypes.c_int64),
+                ("nchunks", ctypes.c_int64), ("crc_stride", ctypes.c_int64), ("fd", ctypes.c_void_p),
+                ("vlen", ctypes.c_void_p), ("crcs", ctypes.c_void_p)]
+
+
+class ChunkTable:
+    """One file's chunks as the C planner sees them; chunks are loaded (row looked up, fd opened) on first use."""
+
+    def __init__(self, engine, inode: dict, generation: int):
+        self.engine, self.generation = engine, generation
+        self.ino_id, self.length, self.chunk_size = inode["id"], inode["length"], inode["chunk_size"]
+        cs, blk = self.chunk_size, engine.crc_block
+        self.nchunks = -(-self.length // cs)
+        self.stride = -(-cs // blk)
+        self.fd = np.full(self.nchunks, -1, np.int64)  # -1 not loaded, -2 a hole (no committed version)
+        self.vlen = np.zeros(self.nchunks, np.int64)
+        self.crcs = np.zeros((self.nchunks, self.stride), np.uint32)
+        self.handles: list = []
+        self.lock = threading.Lock()
+        self.users = 0
+        self.retired = False
+        self.struct = _Table(self.length, cs, blk, self.nchunks, self.stride, self.fd.ctypes.data,
+                             self.vlen.ctypes.data, self.crcs.ctypes.data)
+        self.address = ctypes.addressof(self.struct)
+        self.ptrs = np.array([self.address], np.uint64)
+
+    def load(self, chunks) -> None:
+        """Look up and open the given chunk indices (not yet loaded ones); caller holds self.lock."""
+        e = self.engine
+        flags = os.O_RDONLY | (O_DIRECT if e.direct_io else 0)
+        prefix = f"{self.ino_id:016x}-"
+        for idx in chunks:
+            idx = int(idx)
+            if idx < 0 or idx >= self.nchunks or self.fd[idx] != -1:
+                continue
+            cid = f"{prefix}{idx:08x}"
+            m = e._cached(cid)
+            v = m.committed if m is not None else None
+            if v is None or v.length == 0:
+                self.fd[idx] = -2
+                continue
+            if len(v.page_crcs) > 4 * self.stride:
+                continue  # a chunk longer than this file's chunk size: leave it to the general path
+            try:
+                h = e._fds.acquire(e._data_path(cid, v.ver), flags)
+            except FileNotFoundError:  # retired by a concurrent commit: the general path re-reads the row
+                continue
+            self.handles.append(h)
+            self.crcs[idx, :len(v.page_crcs) // 4] = np.frombuffer(v.page_crcs, "<u4")
+            self.vlen[idx] = v.length
+            self.fd[idx] = h.fd  # last: a loaded fd means the row above is complete
+
+    def release(self) -> None:
+        """Give the fds back (once retired and unused)."""
+        if self.handles:
+            self.engine._fds.release_many(self.handles)
+            self.handles = []
+
+
+class ArrayReader:
+    """Per-backend cache of ChunkTables plus the call into C. Thread-safe."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.tables: dict[int, ChunkTable] = {}
+        self.lock = threading.Lock()
+        self.open_fds = 0
+
+    def _table(self, inode: dict) -> ChunkTable:
+        """The current table for this inode (counted as in use: pair with _done)."""
+        e = self.engine
+        gen = e.generation
+        with self.lock:
+            t = self.tables.get(inode["id"])
+            if t is None or t.generation != gen or t.length != inode["length"] \
+                    or t.chunk_size != inode["chunk_size"]:
+                if t is not None:
+                    self._retire(t)
+                if self.open_fds > MAX_OPEN:
+                    for old in list(self.tables.values()):
+                        self._retire(old)
+                t = self.tables[inode["id"]] = ChunkTable(e, inode, gen)
+            t.users += 1
+            return t
+
+    def _retire(self, t: ChunkTable) -> None:  # caller holds self.lock
+        if self.tables.get(t.ino_id) is t:
+            del self.tables[t.ino_id]
+        self.open_fds -= len(t.handles)
+        t.retired = True
+        if t.users == 0:
+            t.release()
+
+    def _done(self, t: ChunkTable) -> None:
+        with self.lock:
+            t.users -= 1
+            if t.retired and t.users == 0:
+                t.release()
+
+    def read(self, inodes: list[dict], req: np.ndarray, out: int, out_size: int) -> np.ndarray:
+        """req: int64 [n, 5] rows (file offset, length, offset in the output buffer at address `out` of
+        `out_size` bytes, -, index into `inodes`). Returns column 3: each request's byte count (holes read as
+        zeros), SLOW for those the general path must serve, BAD for invalid ones."""
+        lib = fastio.load()
+        tables = [self._table(ino) for ino in inodes]
+        try:
+            ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
+            ring = fastio.uring()
+            ctx = 0 if ring else fastio.aio_context()
+            left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
+                                     ring, ctx, fastio.SPIN_US)
+            if left > 0:  # chunks seen for the first time: load them, then read just those requests again
+                res = req[:, 3]
+                again = np.flatnonzero(res == LOAD)
+                if again.size:
+                    sub = req[again]
+                    for k, t in enumerate(tables):
+                        rows = sub[sub[:, 4] == k]
+                        if rows.size:
+                            self._load(t, np.unique(rows[:, 0] // t.chunk_size))
+                    left = lib.ds_table_read(ptrs.ctypes.data, len(tables), sub.ctypes.data, len(sub), out,
+                                             out_size, ring, ctx, fastio.SPIN_US)
+                    sub[sub[:, 3] == LOAD, 3] = SLOW  # could not be loaded: the general path decides
+                    req[again, 3] = sub[:, 3]
+            if left < 0:
+                raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
+            return req[:, 3]
+        finally:
+            for t in tables:
+                self._done(t)
+
+    def _load(self, t: ChunkTable, chunks) -> None:
+        with t.lock:
+            before = len(t.handles)
+            t.load(chunks)
+            added = len(t.handles) - before
+        with self.lock:
+            self.open_fds += added
+
+    def close(self) -> None:
+        with self.lock:
+            for t in list(self.tables.values()):
+                self._retire(t)
+
+
+def supported() -> bool:
+    return fastio.load() is not None and hasattr(fastio._lib, "ds_table_read")
+
+
+__all__ = ["ArrayReader", "ChunkTable", "SLOW", "LOAD", "BAD", "supported"]
