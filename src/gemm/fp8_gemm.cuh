@@ -111,7 +111,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr int kAccRegs = kBlockN / 2;
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
-  constexpr uint32_t kStageBytes = kBytesA + kBytesB + kBytesSFA + kBytesSFB;
+  constexpr uint32_t kStageBytes = kBytesA + kBytesB + kBytesSFA + kBytesSFB;   // what TMA delivers per stage
+  // Each stage's B scales start 128-byte aligned, as bulk tensor copies require (block_n = 144 or 16 would
+  // otherwise put odd stages at 64-byte offsets: a misaligned-address fault).
+  constexpr int kSfbStride = kSfbPerRow ? (kBlockN + 31) / 32 * 32 : 0;
 
   // Dynamic shared memory, rounded up to 1024 bytes (the 128-byte swizzle needs 1024-byte aligned tiles).
   extern __shared__ uint8_t smem_raw[];
@@ -120,7 +123,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   uint8_t* smem_b = smem_a + kStages * kBytesA;
   float* smem_sfa = reinterpret_cast<float*>(smem_b + kStages * kBytesB);
   float* smem_sfb = smem_sfa + kStages * kBlockM;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem_sfb + (kSfbPerRow ? kStages * kBlockN : 0));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_sfb + kStages * kSfbStride);
   uint64_t* empty = full + kStages;
 
   const int tid = threadIdx.x;
@@ -172,7 +175,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kb * 128, a_row);
           sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
           sm90::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0, tile.g * kNumKB * (kKind == kGemmMasked) + kb);
-          if (kSfbPerRow) sm90::tma_load_2d(smem_sfb + s * kBlockN, &tmap_sfb, full + s, tile.n0, kb);
+          if (kSfbPerRow) sm90::tma_load_2d(smem_sfb + s * kSfbStride, &tmap_sfb, full + s, tile.n0, kb);
           if (++s == kStages) { s = 0; phase ^= 1; }
         }
       }
@@ -240,7 +243,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fin[j * 4 + 3]);
           }
         } else {
-          const float* sb = smem_sfb + s * kBlockN + col_local;
+          const float* sb = smem_sfb + s * kSfbStride + col_local;
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j) {
             const float2 b = *reinterpret_cast<const float2*>(sb + j * 8);

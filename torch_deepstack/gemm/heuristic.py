@@ -42,7 +42,8 @@ def spans_at_most_two_scale_blocks(block_n: int) -> bool:
 
 
 def stage_bytes(block_m: int, block_n: int, sf_b_per_row: bool) -> int:
-    return block_m * 128 + block_n * 128 + block_m * 4 + (block_n * 4 if sf_b_per_row else 0)
+    # B scales (weight gradient only) take a 128-byte aligned slot per stage, as the kernel lays them out
+    return block_m * 128 + block_n * 128 + block_m * 4 + ((block_n + 31) // 32 * 128 if sf_b_per_row else 0)
 
 
 def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
