@@ -44,7 +44,12 @@ class FSHandle:
         given = self._given
         if given is not None and self._given_pid == os.getpid() and not _closed(given):
             return given
-        key = (os.getpid(), self.uri, tuple(sorted(self.options.items())))
+        options = self.options
+        if "spin_us" not in options and _in_dataloader_worker() and storage.parse_uri(self.uri)[0] == "embedded":
+            # Several worker processes read at once: a reader polling for its completions would take a core
+            # from the others (measured: 8 workers at 4 KiB, 81k samples/s without polling, 59k with).
+            options = {**options, "spin_us": 0}
+        key = (os.getpid(), self.uri, tuple(sorted(options.items())))
         fs = _CLIENTS.get(key)
         if fs is not None and not _closed(fs):
             return fs
@@ -53,11 +58,18 @@ class FSHandle:
             if fs is None or _closed(fs):
                 for k in [k for k in _CLIENTS if k[0] != os.getpid()]:
                     _INHERITED.append(_CLIENTS.pop(k))
-                fs = _CLIENTS[key] = storage.connect(self.uri, secret=self.secret, create=False, **self.options)
+                fs = _CLIENTS[key] = storage.connect(self.uri, secret=self.secret, create=False, **options)
         return fs
 
     def __repr__(self) -> str:
         return f"FSHandle({self.uri!r})"
+
+
+def _in_dataloader_worker() -> bool:
+    import sys
+
+    data = sys.modules.get("torch.utils.data")  # only a process that imported torch can be a worker
+    return data is not None and data.get_worker_info() is not None
 
 
 def _closed(fs) -> bool:

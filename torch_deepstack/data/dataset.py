@@ -20,8 +20,9 @@ import torch.utils.data
 from torch_deepstack import storage
 from torch_deepstack.data._fs import FSHandle, join
 from torch_deepstack.data.format import INDEX_NAME, PackIndex
-from torch_deepstack.storage.client import ReadRequest
+from torch_deepstack.storage.client import ArrayReadResult
 from torch_deepstack.storage.crc import crc32c
+from torch_deepstack.storage.fastio import crc_many
 
 PAGE = 4096
 
@@ -38,6 +39,22 @@ def load_index(fs: storage.FileSystem, path: str) -> PackIndex:
         raise FileNotFoundError(f"no packed dataset at {path!r} on {fs.uri}: {INDEX_NAME} is missing (create one "
                                 f"with `deepstack pack` or torch_deepstack.data.pack)") from None
     return PackIndex.from_bytes(data, source=f"{fs.uri}{ipath}")
+
+
+def _slots(lengths: np.ndarray) -> np.ndarray:
+    """Start of each sample in a batch buffer: samples of >= 4 KiB in 4 KiB-aligned slots (so aligned reads
+    land in place), placed first; the smaller ones after them at 64-byte boundaries."""
+    big = lengths >= PAGE
+    size = np.where(big, -(-lengths // PAGE) * PAGE, -(-lengths // 64) * 64)
+    starts = np.empty(len(lengths), np.int64)
+    nbig = int(big.sum())
+    if nbig == len(lengths) or nbig == 0:
+        np.cumsum(size, out=starts)
+        return starts - size
+    sb, ss = size[big], size[~big]
+    starts[big] = np.cumsum(sb) - sb
+    starts[~big] = int(sb.sum()) + np.cumsum(ss) - ss
+    return starts
 
 
 def _in_worker() -> bool:
@@ -94,6 +111,7 @@ class DeepstackDataset(torch.utils.data.Dataset):
         self._offset = e["offset"].astype(np.int64)
         self._length = e["length"].astype(np.int64)
         self._crc = e["crc"]
+        self._single_shard = len(self.index.shard_names) == 1
         self._files: dict[int, Any] = {}
         self._files_pid = os.getpid()
 
@@ -174,53 +192,64 @@ class DeepstackDataset(torch.utils.data.Dataset):
         lengths = self._length[idx]
         if contiguous:  # samples back to back, so the buffer is already the stacked batch
             starts = np.arange(len(idx), dtype=np.int64) * (int(lengths[0]) if len(idx) else 0)
-        else:  # page-align slots of samples >= 4 KiB so aligned reads can land in place; 64 B for the rest
-            starts = np.empty(len(idx), dtype=np.int64)
-            pos = 0
-            for k, n in enumerate(lengths.tolist()):
-                a = PAGE if n >= PAGE else 64
-                pos = (pos + a - 1) // a * a
-                starts[k] = pos
-                pos += n
-        total = int(starts[-1] + lengths[-1]) if len(idx) else 0
-        buf, base = alloc_batch_buffer(total, shared=_in_worker(), pin=self.pin_memory and not _in_worker())
-        view = memoryview(buf.numpy())
-        shards, offsets = self._shard[idx], self._offset[idx]
-        reqs = [ReadRequest(self._file(int(s)), int(o), int(n), view[base + int(st):base + int(st) + int(n)], k)
-                for k, (s, o, n, st) in enumerate(zip(shards, offsets, lengths, starts))]
-        fs = self._handle.get()
-        pending = PendingBatch(self, idx, lengths, starts, reqs, buf[base:base + total], contiguous)
-        if wait:
-            pending._results = fs.batch_read(reqs, timeout=self.timeout)
         else:
-            pending._batch = fs.submit_reads(reqs)
+            starts = _slots(lengths)
+        total = int((starts + lengths).max()) if len(idx) else 0
+        buf, base = alloc_batch_buffer(total, shared=_in_worker(), pin=self.pin_memory and not _in_worker())
+        data = buf[base:base + total]
+        pending = PendingBatch(self, idx, lengths, starts, data, contiguous)
+        if not len(idx):
+            pending._result = ArrayReadResult(np.zeros(0, np.int64))
+            return pending
+        shards = self._shard[idx]
+        if self._single_shard:
+            files, which = [self._file(0)], None
+        else:
+            used, which = np.unique(shards, return_inverse=True)
+            files = [self._file(int(s)) for s in used.tolist()]
+        fs = self._handle.get()
+        args = (files, self._offset[idx], lengths, buf, starts + base)
+        if wait:
+            pending._result = fs.read_array(*args, which=which, timeout=self.timeout)
+        else:
+            pending._future = fs.submit_read_array(*args, which=which, timeout=self.timeout)
         return pending
 
     def _finish(self, p: "PendingBatch"):
         fs = self._handle.get()
-        idx, lengths, reqs = p.idx, p.lengths, p.reqs
-        results = p._results
-        if results is None:
+        idx, lengths = p.idx, p.lengths
+        res = p._result
+        if res is None:
             try:
-                results = p._batch.wait(self.timeout)
+                res = p._future.result(self.timeout)
             except TimeoutError:
-                raise SampleReadError(f"batched read of {len(reqs)} samples from {self.path} on {fs.uri} did not "
+                raise SampleReadError(f"batched read of {len(idx)} samples from {self.path} on {fs.uri} did not "
                                       f"finish within {self.timeout:.0f} s") from None
-        for r in results:
-            k = r.request.userdata
-            if r.error is not None:
-                raise SampleReadError(f"reading sample {int(idx[k])} of {self.path} on {fs.uri} failed: "
-                                      f"{type(r.error).__name__}: {r.error}") from r.error
-            if r.nbytes != int(lengths[k]):
-                raise SampleReadError(f"sample {int(idx[k])} of {self.path}: got {r.nbytes} of {int(lengths[k])} "
-                                      f"bytes (shard truncated)")
-        if self.verify:
-            crcs = self._crc[idx]
-            for k, r in enumerate(reqs):
-                if crc32c(r.out) != int(crcs[k]):
-                    raise SampleReadError(f"sample {int(idx[k])} of {self.path}: CRC32C mismatch (data corrupt "
-                                          f"on {fs.uri}, or the shard was rewritten under this index)")
+            except Exception as e:  # noqa: BLE001 - the whole batch failed
+                raise SampleReadError(f"batched read of {len(idx)} samples from {self.path} on {fs.uri} failed: "
+                                      f"{type(e).__name__}: {e}") from e
+        if res.errors:
+            k = min(res.errors)
+            err = res.errors[k]
+            raise SampleReadError(f"reading sample {int(idx[k])} of {self.path} on {fs.uri} failed: "
+                                  f"{type(err).__name__}: {err}") from err
+        short = np.flatnonzero(res.nbytes != lengths)
+        if short.size:
+            k = int(short[0])
+            raise SampleReadError(f"sample {int(idx[k])} of {self.path}: got {int(res.nbytes[k])} of "
+                                  f"{int(lengths[k])} bytes (shard truncated)")
         data = p.data
+        if self.verify and len(idx):
+            got = crc_many(data.data_ptr(), p.starts, lengths) if data.numel() else None
+            if got is None:  # no C helper (or an empty buffer): one call per sample
+                flat = data.numpy()
+                got = np.array([crc32c(flat[st:st + n]) for st, n in zip(p.starts.tolist(), lengths.tolist())],
+                               np.uint32)
+            bad = np.flatnonzero(got != self._crc[idx])
+            if bad.size:
+                k = int(bad[0])
+                raise SampleReadError(f"sample {int(idx[k])} of {self.path}: CRC32C mismatch (data corrupt "
+                                      f"on {fs.uri}, or the shard was rewritten under this index)")
         if p.contiguous:
             dtype = self.index.dtype
             shape = tuple(self.index.meta["shape"])
@@ -249,14 +278,14 @@ class DeepstackDataset(torch.utils.data.Dataset):
 class PendingBatch:
     """A batch whose reads are in flight (from `DeepstackDataset.submit`)."""
 
-    def __init__(self, ds: DeepstackDataset, idx, lengths, starts, reqs, data, contiguous: bool):
-        self.ds, self.idx, self.lengths, self.starts, self.reqs = ds, idx, lengths, starts, reqs
+    def __init__(self, ds: DeepstackDataset, idx, lengths, starts, data, contiguous: bool):
+        self.ds, self.idx, self.lengths, self.starts = ds, idx, lengths, starts
         self.data, self.contiguous = data, contiguous
-        self._results = None
-        self._batch = None
+        self._result = None
+        self._future = None
 
     def done(self) -> bool:
-        return self._results is not None or self._batch.done()
+        return self._result is not None or self._future.done()
 
     def result(self):
         """(stacked batch, None) for contiguous reads, else (None, samples); raises SampleReadError."""

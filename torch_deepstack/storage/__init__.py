@@ -70,7 +70,8 @@ def connect(uri: str | os.PathLike | None = None, *, secret: str | bytes | None 
          create=True; or deepstack://host:port for a cluster (the manager's address). None reads $DEEPSTACK_FS.
     secret: the cluster's shared secret (else $DEEPSTACK_FS_SECRET / $DEEPSTACK_FS_SECRET_FILE).
     options: embedded: chunk_size, sync, io_threads, capacity_bytes, direct_io, read_only (refuse writes with
-             ReadOnly; never garbage-collects; for DataLoader workers); cluster: timeout, io_threads.
+             ReadOnly; never garbage-collects; for DataLoader workers), spin_us (completion polling of
+             batched reads; 0 when several processes read at once); cluster: timeout, io_threads.
     """
     if uri is None:
         uri = os.environ.get(ENV_URI)

@@ -96,8 +96,9 @@ class ChunkTable:
 class ArrayReader:
     """Per-backend cache of ChunkTables plus the call into C. Thread-safe."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, spin_us: int | None = None):
         self.engine = engine
+        self.spin_us = spin_us  # completion polling window (None: fastio.SPIN_US)
         self.tables: dict[int, ChunkTable] = {}
         self.lock = threading.Lock()
         self.open_fds = 0
@@ -143,8 +144,9 @@ class ArrayReader:
             ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
             ring = fastio.uring()
             ctx = 0 if ring else fastio.aio_context()
+            spin = fastio.SPIN_US if self.spin_us is None else self.spin_us
             left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
-                                     ring, ctx, fastio.SPIN_US)
+                                     ring, ctx, spin)
             if left > 0:  # chunks seen for the first time: load them, then read just those requests again
                 res = req[:, 3]
                 again = np.flatnonzero(res == LOAD)
@@ -155,7 +157,7 @@ class ArrayReader:
                         if rows.size:
                             self._load(t, np.unique(rows[:, 0] // t.chunk_size))
                     left = lib.ds_table_read(ptrs.ctypes.data, len(tables), sub.ctypes.data, len(sub), out,
-                                             out_size, ring, ctx, fastio.SPIN_US)
+                                             out_size, ring, ctx, spin)
                     sub[sub[:, 3] == LOAD, 3] = SLOW  # could not be loaded: the general path decides
                     req[again, 3] = sub[:, 3]
             if left < 0:

@@ -175,7 +175,7 @@ def block_crcs(data, block: int) -> bytes | None:
 def crc_many(base_address: int, starts, lengths):
     """CRC32C of the byte ranges [base_address + starts[i], + lengths[i]) in one C call: a uint32 numpy array,
     or None without the helper. The caller guarantees the ranges lie inside memory it holds."""
-    if _lib is None:
+    if load() is None:
         return None
     import numpy as np
 

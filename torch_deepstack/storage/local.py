@@ -40,11 +40,11 @@ def run_sliced(pool: ThreadPoolExecutor, items: list, fn, max_slices: int) -> No
 class LocalBackend(DataBackend):
     """All chunks on one chunk engine; reads fan out over threads (preadv releases the GIL)."""
 
-    def __init__(self, engine: ChunkEngine, io_threads: int = 16):
+    def __init__(self, engine: ChunkEngine, io_threads: int = 16, spin_us: int | None = None):
         self.engine = engine
         self.io_threads = io_threads
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-local")
-        self._arrays = array_read.ArrayReader(engine)
+        self._arrays = array_read.ArrayReader(engine, spin_us)
 
     def _read_slice(self, reads: list[ChunkRead]) -> None:
         eng = self.engine
@@ -113,9 +113,11 @@ def mkfs_embedded(path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, stripe: in
 
 def open_embedded(path: str, *, create: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE, sync: bool = True,
                   io_threads: int = 16, capacity_bytes: int | None = None, direct_io: bool = True,
-                  read_only: bool = False) -> FileSystem:
+                  read_only: bool = False, spin_us: int | None = None) -> FileSystem:
     """Open (or create) an embedded file system. Several processes may open one directory at once (see
-    docs/storage.md); read_only=True refuses every write with `ReadOnly` and never removes anything."""
+    docs/storage.md); read_only=True refuses every write with `ReadOnly` and never removes anything.
+    spin_us: how long a batched read polls for completions before sleeping (default $DEEPSTACK_SPIN_US or
+    100; 0 never polls: right when several processes read at once, e.g. DataLoader workers)."""
     path = os.path.abspath(path)
     marker = os.path.join(path, MARKER)
     if not os.path.exists(marker):
@@ -131,5 +133,7 @@ def open_embedded(path: str, *, create: bool = True, chunk_size: int = DEFAULT_C
     engine = ChunkEngine(os.path.join(path, "target"), "t0", create=False, sync=sync,
                          capacity_bytes=capacity_bytes, direct_io=direct_io, read_only=read_only)
     meta.close = kv.close  # type: ignore[attr-defined]
-    return FileSystem(meta, LocalBackend(engine, io_threads), "file://" + path, io_threads=io_threads,
+    if spin_us is not None and (not isinstance(spin_us, int) or spin_us < 0):
+        raise InvalidArgument(f"spin_us must be an int >= 0, got {spin_us!r}")
+    return FileSystem(meta, LocalBackend(engine, io_threads, spin_us), "file://" + path, io_threads=io_threads,
                       read_only=read_only)
