@@ -740,6 +740,8 @@ class FileSystem:
             o, ln, d, w = req[:, 0], req[:, 1], req[:, 2], req[:, 4]
             got[(o < 0) | (ln < 0) | (d < 0) | (d + ln > len(mv)) | (w < 0) | (w >= len(handles))] = BAD_REQUEST
         nbytes = np.array(got, np.int64)
+        if n == 1 and nbytes[0] >= 0 or n > 1 and nbytes.min() >= 0:  # the common case: all served natively
+            return ArrayReadResult(nbytes, {})
         bad = np.flatnonzero(nbytes == BAD_REQUEST)
         if bad.size:
             k = int(bad[0])
