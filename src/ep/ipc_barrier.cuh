@@ -26,13 +26,13 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   return t;
 }
 
-// The epoch lives in device memory (*counter), not in a kernel argument, so a barrier captured in a CUDA graph
-// advances it on every replay.
-template <int kMaxRanks>
-__global__ void __launch_bounds__(kMaxRanks) ipc_barrier_kernel(
-    unsigned long long* const* __restrict__ flag_arrays,   // [num_ranks] peer-mapped flag arrays
-    int rank, int num_ranks, unsigned long long* __restrict__ counter, unsigned long long timeout_ns,
-    int* __restrict__ error) {
+// One barrier among num_ranks ranks, run by threads 0..num_ranks-1 of a block (the others only join the
+// __syncthreads), so fused kernels can end a phase with it. Every rank makes the same sequence of barriers; the
+// epoch lives in device memory (*counter), not in a kernel argument, so a barrier captured in a CUDA graph advances
+// it on every replay, and kernels derive the receive-area half they use from its parity.
+__device__ __forceinline__ void block_barrier(unsigned long long* const* __restrict__ flag_arrays, int rank,
+                                              int num_ranks, unsigned long long* __restrict__ counter,
+                                              unsigned long long timeout_ns, int* __restrict__ error) {
   const int j = threadIdx.x;
   const unsigned long long epoch = *counter + 1;
   __syncthreads();                                        // everyone has read the old epoch
@@ -51,6 +51,14 @@ __global__ void __launch_bounds__(kMaxRanks) ipc_barrier_kernel(
   }
   __syncthreads();
   if (j == 0) *counter = epoch;
+}
+
+template <int kMaxRanks>
+__global__ void __launch_bounds__(kMaxRanks) ipc_barrier_kernel(
+    unsigned long long* const* __restrict__ flag_arrays,   // [num_ranks] peer-mapped flag arrays
+    int rank, int num_ranks, unsigned long long* __restrict__ counter, unsigned long long timeout_ns,
+    int* __restrict__ error) {
+  block_barrier(flag_arrays, rank, num_ranks, counter, timeout_ns, error);
 }
 
 }  // namespace deepstack

@@ -399,13 +399,14 @@ class Buffer:
         self._check_alive()
         xq, xs = ops.ll_prepare(x, topk_idx, num_max, num_experts, self.group_size, use_fp8, round_scale)
         transport = ops._transport("low_latency_dispatch", self.group_name, x.device, self.group_size)
-        state = core.LowLatencyDispatch(transport, xq, xs, topk_idx, num_max, num_experts)
+        state = core.ll_dispatch_state(transport, xq, xs, topk_idx, num_max, num_experts)
         rx, rs, cnt, src_info, layout_range = state.outputs
-        scales = ops.ll_scales_like(rx) if use_fp8 else None
+        direct = use_fp8 and rs.dim() == 3          # the fused path fills the GEMM's scale layout itself
+        scales = rs if direct else (ops.ll_scales_like(rx) if use_fp8 else None)
 
         def hook():
             state.finish()
-            if scales is not None:
+            if scales is not None and not direct:
                 scales.copy_(rs.view(scales.shape))
             if stats is not None:
                 stats.add_(cnt.to(stats.dtype))
@@ -431,8 +432,8 @@ class Buffer:
             M = handle.num_max_dispatch_tokens_per_rank
             ops.check_ll_combine(x, topk_idx, topk_weights, handle.src_info, handle.layout_range, M)
             transport = ops._transport("low_latency_combine", self.group_name, x.device, self.group_size)
-            state = core.LowLatencyCombine(transport, x, topk_idx, topk_weights, handle.src_info,
-                                           handle.layout_range, M, out=out)
+            state = core.ll_combine_state(transport, x, topk_idx, topk_weights, handle.src_info,
+                                          handle.layout_range, M, out=out)
             return state.out, self.capture(), state.finish
         cx, ev = self._run(
             lambda: torch.ops.deepstack.ep_low_latency_combine(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack.ep import intranode
 from torch_deepstack.ep.layout import count_local_experts, to_local_experts, token_rank_mask
 
 
@@ -143,6 +144,14 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
     mask = is_token_in_rank if is_token_in_rank is not None else token_rank_mask(topk_idx, num_experts, R)
     if num_worst_tokens:                                               # local check, before any collective
         worst_capacity(num_worst_tokens, R, n, "dispatch")
+    if intranode.usable(transport, hidden * x.element_size()):
+        out = intranode.intranode_for(transport).dispatch(x, x_scales, topk_idx, topk_weights, mask, num_experts,
+                                                          expert_alignment, num_worst_tokens)
+        if out is not None:
+            recv = list(out)
+            if is_token_in_rank is not None:
+                recv[5] = mask.clone()
+            return tuple(recv)
     k = topk_idx.shape[1] if topk_idx is not None else 0
     num_scales = x_scales.shape[1] if x_scales is not None else 0
     meta_parts = ([x_scales] if x_scales is not None else []) + \
@@ -177,6 +186,11 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
 def cached_dispatch(transport, x, x_scales, is_token_in_rank, rank_counts, num_recv: int, num_worst_tokens: int):
     """Dispatch with a known layout (a handle): only the data moves. Returns (recv_x, recv_x_scales)."""
     dev = x.device
+    if intranode.usable(transport, x.shape[1] * x.element_size()):
+        out = intranode.intranode_for(transport).cached_dispatch(x, x_scales, is_token_in_rank, rank_counts,
+                                                                 num_recv, num_worst_tokens)
+        if out is not None:
+            return out
     tensors = [x] + ([x_scales] if x_scales is not None else [])
     got, _ = _dispatch_rows(transport, is_token_in_rank, rank_counts, tensors, num_worst_tokens, num_recv)
     recv_x = from_byte_rows(got[0], x.dtype)
@@ -194,6 +208,11 @@ def combine(transport, x, topk_weights, is_token_in_rank, rank_counts, num_worst
     n = is_token_in_rank.shape[0]
     hidden = x.shape[1]
     dev = x.device
+    if x.dtype in intranode.REDUCE_DTYPES and intranode.usable(transport, hidden * x.element_size()):
+        out = intranode.intranode_for(transport).combine(x, topk_weights, is_token_in_rank, rank_counts,
+                                                         num_worst_tokens)
+        if out is not None:
+            return out
     k = topk_weights.shape[1] if topk_weights is not None else 0
     w = topk_weights if topk_weights is not None else torch.empty(x.shape[0], 0, dtype=torch.float32, device=dev)
     mask = is_token_in_rank
@@ -311,10 +330,18 @@ class LowLatencyDispatch:
         return self.outputs
 
 
+def ll_dispatch_state(transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
+    """A started low-latency dispatch: the fused NVLink kernels where they apply, else the torch-op path."""
+    G = x_scales.shape[1] if x_scales is not None else 0
+    if intranode.ll_fits(transport, num_experts // transport.world_size, num_max, x.shape[1] * x.element_size(), G):
+        return intranode.FusedLowLatencyDispatch(transport, x, x_scales, topk_idx, num_max, num_experts)
+    return LowLatencyDispatch(transport, x, x_scales, topk_idx, num_max, num_experts)
+
+
 def ll_dispatch(transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
-    """Returns (recv_x [L, M*R, H], recv_scales [L*M*R, G] row-major or empty, recv_count [L] int32,
-    src_info [L, M*R] int32, layout_range [L, R] int64)."""
-    return LowLatencyDispatch(transport, x, x_scales, topk_idx, num_max, num_experts).finish()
+    """Returns (recv_x [L, M*R, H], recv_scales (MN-major [L, M*R, G], or row-major [L*M*R, G], or empty),
+    recv_count [L] int32, src_info [L, M*R] int32, layout_range [L, R] int64)."""
+    return ll_dispatch_state(transport, x, x_scales, topk_idx, num_max, num_experts).finish()
 
 
 def ll_row_sources(layout_range: torch.Tensor, cap: int):
@@ -370,6 +397,16 @@ class LowLatencyCombine:
         return self.out
 
 
+def ll_combine_state(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int, out=None):
+    """A started low-latency combine: the fused NVLink kernels where they apply, else the torch-op path."""
+    L = x.shape[0]
+    if x.dtype in intranode.REDUCE_DTYPES and intranode.ll_combine_fits(transport, L * transport.world_size,
+                                                                         num_max, x.shape[2] * x.element_size()):
+        return intranode.FusedLowLatencyCombine(transport, x, topk_idx, topk_weights, src_info, layout_range,
+                                                num_max, out=out)
+    return LowLatencyCombine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max, out=out)
+
+
 def ll_combine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int):
     """Weighted sum of each token's expert outputs on its source rank. x: [L, M*R, H] -> [N, H]."""
-    return LowLatencyCombine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max).finish()
+    return ll_combine_state(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max).finish()

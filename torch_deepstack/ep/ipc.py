@@ -15,9 +15,8 @@ import socket
 
 import torch
 import torch.distributed as dist
-from torch.multiprocessing.reductions import reduce_tensor
-
 from torch_deepstack.ep.transport import EPTransportError
+from torch_deepstack.jit import driver
 
 _MAX_RANKS = 64
 _SIGNATURE = "piiplp"    # flag table, rank, num_ranks, epoch counter, timeout_ns, error
@@ -40,9 +39,40 @@ def ipc_usable(group) -> tuple[bool, str]:
     return True, ""
 
 
+# A process may map one peer allocation for several buffers (small tensors share the caching allocator's blocks),
+# and CUDA maps an IPC handle once per process: opened handles are shared and reference-counted.
+_OPENED: dict[tuple[int, bytes], list] = {}
+
+
+def _open_shared(device: int, handle: bytes) -> int:
+    entry = _OPENED.get((device, handle))
+    if entry is None:
+        entry = _OPENED[(device, handle)] = [driver.ipc_import(device, handle), 0]
+    entry[1] += 1
+    return entry[0]
+
+
+def _close_shared(device: int, handle: bytes) -> None:
+    entry = _OPENED.get((device, handle))
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _OPENED[(device, handle)]
+        try:
+            driver.ipc_close(device, entry[0])
+        except Exception:  # noqa: BLE001 - a peer that died may have taken the mapping with it
+            pass
+
+
 def _barrier_kernel():
     from torch_deepstack.jit import KernelSpec, get_kernel
     return get_kernel(KernelSpec("ep/ipc_barrier.cuh", "deepstack::ipc_barrier_kernel", (_MAX_RANKS,)), _SIGNATURE)
+
+
+def _copy_kernel():
+    from torch_deepstack.jit import KernelSpec, get_kernel
+    return get_kernel(KernelSpec("ep/intranode.cuh", "deepstack::ep::copy_bytes_kernel", (_MAX_RANKS,)), "ppl")
 
 
 class IpcTransport:
@@ -66,25 +96,23 @@ class IpcTransport:
         self.flags = torch.zeros(R, dtype=torch.int64, device=self.device)
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
         torch.cuda.synchronize()
-        mine = (reduce_tensor(self.area), reduce_tensor(self.flags))
+        # Every peer's area and flags are mapped into *this* GPU's context (cuIpcOpenMemHandle with lazy peer
+        # access), so this GPU's kernels can store into them through raw pointers.
+        mine = (driver.ipc_export(self.area.data_ptr()), driver.ipc_export(self.flags.data_ptr()))
         everyone: list = [None] * R
         dist.all_gather_object(everyone, mine, group=group)
-        self.peer_area, peer_flags = [], []
-        for j, ((fa, aa), (ff, fargs)) in enumerate(everyone):
+        self._opened: list[bytes] = []
+        self.peer_base: list[int] = []             # each rank's area, as an address valid on this GPU
+        flag_ptrs: list[int] = []
+        for j, (area_h, flags_h) in enumerate(everyone):
             if j == self.rank:
-                self.peer_area.append(self.area)
-                peer_flags.append(self.flags)
+                self.peer_base.append(self.area.data_ptr())
+                flag_ptrs.append(self.flags.data_ptr())
             else:
-                self.peer_area.append(fa(*aa))
-                peer_flags.append(ff(*fargs))
-        self._peer_flags = peer_flags
-        # One small copy to every peer now: torch's cross-device copy enables peer access from this device to the
-        # peer's, which the barrier kernel's flag writes (raw pointers) rely on from the first barrier.
-        for j in range(R):
-            if j != self.rank:
-                self.peer_area[j][0, self.rank, :1].copy_(self.area[0, self.rank, :1])
-        torch.cuda.synchronize()
-        self.flag_table = torch.tensor([f.data_ptr() for f in peer_flags], dtype=torch.int64, device=self.device)
+                self.peer_base.append(self._import(area_h))
+                flag_ptrs.append(self._import(flags_h))
+        self.flag_table = torch.tensor(flag_ptrs, dtype=torch.int64, device=self.device)
+        self._copy = _copy_kernel()
         self.epoch = torch.zeros(1, dtype=torch.int64, device=self.device)   # advanced by the kernel
         self.parity = 0
         self.timeout_ns = int(timeout_s * 1e9)
@@ -92,10 +120,23 @@ class IpcTransport:
         self.broken = False
         dist.barrier(group=group)
 
+    # The fused kernels (intranode.py) pick the half of the receive area from the device-side epoch's parity, so
+    # halves alternate also across CUDA-graph replays. The torch-copy moves below pick it on the host: from the
+    # device epoch when they may sync, else from a host count of the barriers issued.
+    fused = True
+
     # --- synchronisation --------------------------------------------------------------------------------------
     def _barrier(self) -> None:
         self.kernel.launch(1, _MAX_RANKS, self.flag_table, self.rank, self.world_size, self.epoch, self.timeout_ns,
                            self.error)
+        self.note_barrier()
+
+    def note_barrier(self) -> None:
+        """A barrier was issued on the stream (by the barrier kernel or inside a fused kernel)."""
+        self.parity ^= 1
+
+    def check_error(self) -> None:
+        self._check()
 
     def _check(self) -> None:
         if self.broken:
@@ -114,9 +155,9 @@ class IpcTransport:
                                    f"{self.timeout_ns / 1e9:.0f} s (a peer is gone or stalled)")
 
     def _next_half(self) -> int:
-        p = self.parity
-        self.parity ^= 1
-        return p
+        if not torch.cuda.is_current_stream_capturing():
+            self.parity = int(self.epoch.item()) & 1
+        return self.parity
 
     # --- moves ------------------------------------------------------------------------------------------------
     def all_to_all_fixed(self, send: torch.Tensor) -> torch.Tensor:
@@ -131,7 +172,7 @@ class IpcTransport:
             p = self._next_half()
             if hi > lo:
                 for j in range(R):
-                    self.peer_area[j][p, me, :hi - lo].copy_(sb[j, lo:hi])
+                    self._put(j, p, sb[j, lo:hi])
             self._barrier()
             if hi > lo:
                 out[:, lo:hi].copy_(self.area[p, :, :hi - lo])
@@ -171,7 +212,7 @@ class IpcTransport:
             for j in range(R):
                 n = min(self.slot_bytes, send_splits[j] * row - lo)
                 if n > 0:
-                    self.peer_area[j][p, me, :n].copy_(sb[s_off[j] + lo:s_off[j] + lo + n])
+                    self._put(j, p, sb[s_off[j] + lo:s_off[j] + lo + n])
             self._barrier()
             for i in range(R):
                 n = min(self.slot_bytes, recv_splits[i] * row - lo)
@@ -185,8 +226,24 @@ class IpcTransport:
         t = flat[: (flat.numel() // dtype.itemsize) * dtype.itemsize].view(dtype)
         return t if size is None else t[: int(torch.tensor(size).prod())].view(size)
 
+    def _import(self, exported: tuple[bytes, int]) -> int:
+        handle, offset = exported
+        base = _open_shared(self.device.index, handle)
+        self._opened.append(handle)
+        return base + offset
+
+    def _put(self, j: int, half: int, src: torch.Tensor) -> None:
+        """Store the bytes of `src` (contiguous uint8) at the start of this rank's slot in rank j's half."""
+        dst = self.peer_base[j] + (half * self.world_size + self.rank) * self.slot_bytes
+        n = src.numel()
+        self._copy.launch(max(1, min(64, -(-n // 65536))), 512, dst, src, n)
+
     def close(self) -> None:
         if not self.broken and not torch.cuda.is_current_stream_capturing():
             torch.cuda.synchronize()
-        self.peer_area = [self.area]
-        self._peer_flags = []
+        self.peer_base = [self.area.data_ptr()]
+        self.flag_table = None
+        self._intranode = None
+        for h in self._opened:
+            _close_shared(self.device.index, h)
+        self._opened = []

@@ -58,13 +58,14 @@ def count_local_experts(recv_topk_idx: torch.Tensor, num_local_experts: int, ali
 
 def low_latency_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                           num_experts: int) -> int:
-    """Bytes a low-latency buffer needs: the larger of the dispatch and combine exchanges, both directions,
-    double-buffered like DeepEP's (so two results may be held at once).
-
-    Dispatch carries per token a bf16 (or fp8 + fp32 scales) row plus 16 bytes of header and its top-k slots;
-    combine carries one bf16 row per (token, source rank) and the top-k weights."""
-    m, r = num_max_dispatch_tokens_per_rank, num_ranks
-    row = max(hidden * 2, hidden + hidden // 128 * 4) + 16 + 8 * 16
-    per_direction = m * r * row
-    total = 2 * 2 * per_direction
+    """Bytes a low-latency buffer needs: two halves (exchanges alternate between them), each holding the larger of
+    the dispatch receive slots ([experts][tokens] messages of a bf16 or fp8 + scales row, its token index and
+    padding, plus the counts) and the combine receive slots ([experts][tokens] bf16 rows), as the fused NVLink
+    kernels lay them out (src/ep/low_latency.cuh). Like DeepEP's, it grows with experts x tokens."""
+    m, e = num_max_dispatch_tokens_per_rank, num_experts
+    msg = max(hidden * 2, hidden + hidden // 128 * 4) + 4
+    msg = (msg + 15) // 16 * 16
+    dispatch = (e * 4 + 255) // 256 * 256 + e * m * msg
+    combine = e * m * hidden * 2
+    total = 2 * max(dispatch, combine) + 2 * 256 * num_ranks     # slack for the per-rank 256-byte rounding
     return (total + 127) // 128 * 128

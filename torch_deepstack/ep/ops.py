@@ -225,7 +225,9 @@ def ll_dispatch_impl(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
     xq, xs = ll_prepare(x, topk_idx, num_max, num_experts, num_ranks, use_fp8, round_scale)
     t = _transport("ep_low_latency_dispatch", group_name, x.device, num_ranks)
     recv_x, recv_s, count, src_info, layout_range = core.ll_dispatch(t, xq, xs, topk_idx, num_max, num_experts)
-    if use_fp8:
+    if use_fp8 and recv_s.dim() == 3:     # the fused path writes the GEMM's layout directly
+        scales = recv_s
+    elif use_fp8:
         scales = ll_scales_like(recv_x)
         scales.copy_(recv_s.view(scales.shape))
     else:

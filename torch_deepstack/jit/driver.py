@@ -114,3 +114,79 @@ def kernel_param_offsets(kernel: ctypes.c_void_p) -> list[tuple[int, int]] | Non
 def set_max_dynamic_smem(kernel: ctypes.c_void_p, nbytes: int, device: int) -> None:
     check(lib().cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes, kernel, device),
           "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+
+
+CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
+
+
+def enable_peer_access(device: int, peer: int) -> None:
+    """Let kernels running on `device` load and store `peer`'s memory through raw pointers (NVLink/PCIe P2P)."""
+    if device == peer:
+        return
+    cuda = lib()
+    cuda.cuCtxEnablePeerAccess.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    theirs = ctypes.c_void_p()
+    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(theirs), peer), "cuDevicePrimaryCtxRetain(peer)")
+    res = _in_context(device, lambda: cuda.cuCtxEnablePeerAccess(theirs, 0))
+    if res != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED:
+        check(res, f"cuCtxEnablePeerAccess(GPU {device} -> GPU {peer})")
+
+
+class IpcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
+CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+
+
+def _in_context(device: int, fn):
+    """Run fn() with `device`'s primary context current (the one torch uses), restoring the previous one."""
+    cuda = lib()
+    push, pop = cuda.cuCtxPushCurrent_v2, cuda.cuCtxPopCurrent_v2
+    push.argtypes = [ctypes.c_void_p]
+    pop.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    ctx = ctypes.c_void_p()
+    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
+    check(push(ctx), "cuCtxPushCurrent")
+    try:
+        return fn()
+    finally:
+        pop(ctypes.byref(ctypes.c_void_p()))
+
+
+def ipc_export(ptr: int) -> tuple[bytes, int]:
+    """(IPC handle of the allocation holding device address `ptr`, ptr's offset in it)."""
+    cuda = lib()
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    fn = cuda.cuMemGetAddressRange_v2
+    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+    check(fn(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
+    handle = IpcMemHandle()
+    cuda.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(IpcMemHandle), ctypes.c_uint64]
+    check(cuda.cuIpcGetMemHandle(ctypes.byref(handle), base.value), "cuIpcGetMemHandle")
+    return ctypes.string_at(ctypes.addressof(handle), 64), ptr - base.value   # all 64 bytes (NULs included)
+
+
+def ipc_import(device: int, handle: bytes) -> int:
+    """Map a peer's allocation into `device`'s context (peer access enabled as needed): its base address here.
+
+    Opening it in this device's own context is what lets this device's kernels use the address; torch's tensor
+    sharing opens it in the exporting GPU's context instead."""
+    cuda = lib()
+    fn = cuda.cuIpcOpenMemHandle_v2
+    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), IpcMemHandle, ctypes.c_uint]
+    if len(handle) != 64:
+        raise ValueError(f"an IPC memory handle has 64 bytes, got {len(handle)}")
+    h = IpcMemHandle()
+    ctypes.memmove(ctypes.addressof(h), handle, 64)
+    out = ctypes.c_uint64()
+    _in_context(device, lambda: check(fn(ctypes.byref(out), h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                                      "cuIpcOpenMemHandle"))
+    return out.value
+
+
+def ipc_close(device: int, base: int) -> None:
+    cuda = lib()
+    cuda.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
+    _in_context(device, lambda: cuda.cuIpcCloseMemHandle(base))
+

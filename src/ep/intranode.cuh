@@ -1,0 +1,355 @@
+// Normal-mode dispatch and combine over NVLink (CUDA IPC): rows are stored straight into the peers' receive areas by
+// SM copies, with one cross-rank barrier per phase. Python glue: torch_deepstack/ep/intranode.py.
+//
+// Every rank maps every peer's receive area (two halves of half_bytes each). A phase writes into the half given by
+// the parity of the barrier epoch (*counter) before its barrier, and the receiver reads that half after it; since
+// every phase ends with exactly one barrier, the halves alternate on device, also across CUDA-graph replays.
+//
+// Layout of a half for a normal dispatch (byte offsets from the Python side, the same on every rank):
+//   notify table [R][R + L] int32 (row s: source s's token counts per destination rank, then its per-expert
+//   counts for this rank's L experts) | data rows [cap][row_bytes] | scales [cap][S] f32 | top-k [cap][k] i64 |
+//   weights [cap][k] f32 | source token index [cap] i32.
+// Rows from source s start at row sum_{s' < s} rc[s'][me]: the received rows come out grouped by source, each group
+// in token order (the same order as the torch.distributed path, so both transports give identical results).
+#pragma once
+#include <cstdint>
+
+#include "common/vec.cuh"
+#include "ep/ipc_barrier.cuh"
+
+namespace deepstack {
+namespace ep {
+
+constexpr int kWarpThreads = 32;
+
+__device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void st_v4(void* p, const uint4& v) {
+  asm volatile("st.global.L1::no_allocate.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w) : "memory");
+}
+// Data that peers stored before a barrier: read past the (non-coherent) L1.
+__device__ __forceinline__ uint4 ld_volatile_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ int half_before_barrier(const unsigned long long* counter) {
+  return static_cast<int>(*reinterpret_cast<const volatile unsigned long long*>(counter) & 1ull);
+}
+__device__ __forceinline__ int half_after_barrier(const unsigned long long* counter) {
+  return static_cast<int>((*reinterpret_cast<const volatile unsigned long long*>(counter) - 1ull) & 1ull);
+}
+
+// Copy one row of `units` 16-byte vectors from src to each of the `na` destinations (a warp's work; dsts lives in
+// shared memory, so indexing it at run time costs no local memory).
+template <int kUnroll = 4>
+__device__ __forceinline__ void warp_copy_row_to(const uint8_t* src, uint8_t* const* dsts, int na, int units,
+                                                 int lane) {
+  int u = lane;
+  for (; u + (kUnroll - 1) * kWarpThreads < units; u += kUnroll * kWarpThreads) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int r = 0; r < kUnroll; ++r) v[r] = ld_nc_v4(src + (size_t)(u + r * kWarpThreads) * 16);
+    for (int a = 0; a < na; ++a) {
+#pragma unroll
+      for (int r = 0; r < kUnroll; ++r) st_v4(dsts[a] + (size_t)(u + r * kWarpThreads) * 16, v[r]);
+    }
+  }
+  for (; u < units; u += kWarpThreads) {
+    const uint4 v = ld_nc_v4(src + (size_t)u * 16);
+    for (int a = 0; a < na; ++a) st_v4(dsts[a] + (size_t)u * 16, v);
+  }
+}
+
+// kElems floats to one 16-byte vector of T (round to nearest even).
+template <typename T> struct Pack16;
+template <> struct Pack16<float> {
+  static __device__ __forceinline__ uint4 run(const float (&f)[4]) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  }
+};
+template <> struct Pack16<__nv_bfloat16> {
+  static __device__ __forceinline__ uint4 run(const float (&f)[8]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_bfloat162 p = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&p);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+template <> struct Pack16<__half> {
+  static __device__ __forceinline__ uint4 run(const float (&f)[8]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __half2 p = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<const uint32_t*>(&p);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+// Exclusive prefix over lanes (values of lanes >= n count as 0).
+__device__ __forceinline__ int warp_exclusive_sum(int v, int lane) {
+  int incl = v;
+#pragma unroll
+  for (int off = 1; off < kWarpThreads; off <<= 1) {
+    const int o = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += o;
+  }
+  return incl - v;
+}
+
+// Plain byte copy to a peer address (the IPC transport's fallback moves); 16-byte vectors when both ends allow.
+template <int kMaxRanks>
+__global__ void __launch_bounds__(512) copy_bytes_kernel(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src,
+                                                         long long n) {
+  const long long tid = blockIdx.x * (long long)blockDim.x + threadIdx.x, stride = (long long)gridDim.x * blockDim.x;
+  if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15) == 0) {
+    const long long units = n / 16;
+    for (long long u = tid; u < units; u += stride) st_v4(dst + u * 16, ld_nc_v4(src + u * 16));
+    for (long long i = units * 16 + tid; i < n; i += stride) dst[i] = src[i];
+  } else {
+    for (long long i = tid; i < n; i += stride) dst[i] = src[i];
+  }
+}
+
+// ---- 1. notify: exchange token counts per rank and per expert, then a barrier -------------------------------
+// One block. pos_last: the last row of the inclusive cumsum of is_token_in_rank (tokens per destination), or null
+// when there are no tokens. info_out: rc [R][R] (rc[s][j] = tokens s sends to j), tokens received per local
+// expert [L], then the barrier's error word (non-zero: a peer timed out and the counts are not valid).
+template <int kMaxRanks>
+__global__ void __launch_bounds__(1024) notify_dispatch_kernel(
+    const int* __restrict__ pos_last, const int64_t* __restrict__ topk, int n, int k, int L,
+    uint8_t* const* __restrict__ peer_base, long long half_bytes, unsigned long long* const* __restrict__ flag_arrays,
+    int rank, int R, unsigned long long* __restrict__ counter, unsigned long long timeout_ns, int* __restrict__ error,
+    int* __restrict__ info_out) {
+  extern __shared__ int expert_count[];   // [R * L]
+  const int tid = threadIdx.x;
+  const int half = half_before_barrier(counter);
+  const int E = R * L, W = R + L;
+  for (int e = tid; e < E; e += blockDim.x) expert_count[e] = 0;
+  __syncthreads();
+  if (topk != nullptr) {
+    for (int i = tid; i < n * k; i += blockDim.x) {
+      const long long e = topk[i];
+      if (e >= 0 && e < E) atomicAdd(&expert_count[e], 1);
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < R * W; idx += blockDim.x) {
+    const int j = idx / W, w = idx % W;
+    const int v = w < R ? (pos_last != nullptr ? pos_last[w] : 0) : expert_count[j * L + (w - R)];
+    int* table = reinterpret_cast<int*>(peer_base[j] + half * half_bytes);
+    reinterpret_cast<volatile int*>(table)[rank * W + w] = v;
+  }
+  block_barrier(flag_arrays, rank, R, counter, timeout_ns, error);
+  const volatile int* mine = reinterpret_cast<const volatile int*>(peer_base[rank] + half * half_bytes);
+  for (int idx = tid; idx < R * R; idx += blockDim.x) info_out[idx] = mine[(idx / R) * W + idx % R];
+  for (int l = tid; l < L; l += blockDim.x) {
+    int s = 0;
+    for (int src = 0; src < R; ++src) s += mine[src * W + R + l];
+    info_out[R * R + l] = s;
+  }
+  if (tid == 0) info_out[R * R + L] = *reinterpret_cast<volatile int*>(error);
+}
+
+struct DispatchRegions {
+  long long data, scales, topk, weights, src;
+};
+
+// ---- 2. send rows (dispatch and cached dispatch) -----------------------------------------------------------------
+// One warp per token: the row goes to every rank in its mask, at that rank's row base(me) + slot, where
+// base(me) = sum_{s < me} rc[s][j] and slot = pos[t][j] - 1 (pos: inclusive cumsum of the mask over tokens).
+template <int kMaxRanks>
+__global__ void __launch_bounds__(512) dispatch_send_kernel(
+    const uint8_t* __restrict__ x, long long x_stride, int row_bytes, const float* __restrict__ scales,
+    long long scales_stride, int num_scales, const int64_t* __restrict__ topk, const float* __restrict__ weights,
+    int k, int n, const bool* __restrict__ mask, const int* __restrict__ pos, const int* __restrict__ rc,
+    uint8_t* const* __restrict__ peer_base, long long half_bytes, int rank, int R,
+    const unsigned long long* __restrict__ counter, long long off_data, long long off_scales, long long off_topk,
+    long long off_weights, long long off_src) {
+  static_assert(kMaxRanks <= kWarpThreads, "one lane per rank");
+  __shared__ uint8_t* dsts[512 / kWarpThreads][kMaxRanks];       // destination rank's area half
+  __shared__ uint8_t* row_dst[512 / kWarpThreads][kMaxRanks];    // where the data row goes there
+  __shared__ long long rows[512 / kWarpThreads][kMaxRanks];
+  const int lane = threadIdx.x % kWarpThreads, warp = threadIdx.x / kWarpThreads;
+  const int half = half_before_barrier(counter);
+  // this rank's first row in receiver `lane`'s area
+  int base = 0;
+  uint8_t* area = nullptr;
+  if (lane < R) {
+    for (int s = 0; s < rank; ++s) base += rc[s * R + lane];
+    area = peer_base[lane] + half * half_bytes;
+  }
+  const int units = row_bytes / 16;
+  const int warps = gridDim.x * (blockDim.x / kWarpThreads);
+  for (int t = blockIdx.x * (blockDim.x / kWarpThreads) + warp; t < n; t += warps) {
+    const bool m = lane < R && mask[(size_t)t * R + lane];
+    const unsigned act = __ballot_sync(0xffffffffu, m);
+    const int na = __popc(act);
+    if (m) {
+      const int a = __popc(act & ((1u << lane) - 1u));
+      const long long row = base + pos[(size_t)t * R + lane] - 1;
+      dsts[warp][a] = area;
+      rows[warp][a] = row;
+      row_dst[warp][a] = area + off_data + row * row_bytes;
+    }
+    __syncwarp();
+    warp_copy_row_to(x + (size_t)t * x_stride, row_dst[warp], na, units, lane);
+    for (int a = 0; a < na; ++a) {
+      uint8_t* d = dsts[warp][a];
+      const long long r = rows[warp][a];
+      for (int i = lane; i < num_scales; i += kWarpThreads)
+        reinterpret_cast<float*>(d + off_scales)[r * num_scales + i] = scales[(size_t)t * scales_stride + i];
+      if (topk != nullptr)
+        for (int i = lane; i < k; i += kWarpThreads)
+          reinterpret_cast<int64_t*>(d + off_topk)[r * k + i] = topk[(size_t)t * k + i];
+      if (weights != nullptr)
+        for (int i = lane; i < k; i += kWarpThreads)
+          reinterpret_cast<float*>(d + off_weights)[r * k + i] = weights[(size_t)t * k + i];
+      if (lane == 0 && off_src >= 0) reinterpret_cast<int*>(d + off_src)[r] = t;
+    }
+    __syncwarp();
+  }
+}
+
+// ---- 3. receive rows: copy out of this rank's area into the outputs -----------------------------------------
+// Rows past the received count (worst-case mode) get zero data and scales, top-k -1, weight 0 and source -1, so
+// padded outputs are deterministic (a graph replay equals an eager call).
+template <int kMaxRanks>
+__global__ void __launch_bounds__(512) dispatch_recv_kernel(
+    const uint8_t* __restrict__ area, long long half_bytes, const unsigned long long* __restrict__ counter,
+    long long off_data, long long off_scales, long long off_topk, long long off_weights, long long off_src,
+    int row_bytes, int num_scales, int k, int has_topk, int has_weights, int L, int rank, int R,
+    const int* __restrict__ rc, int out_rows, uint8_t* __restrict__ recv_x, float* __restrict__ recv_scales,
+    int64_t* __restrict__ recv_topk, float* __restrict__ recv_w, int* __restrict__ recv_src) {
+  const int lane = threadIdx.x % kWarpThreads;
+  const uint8_t* h = area + half_after_barrier(counter) * half_bytes;
+  int num_recv = 0;
+  for (int s = 0; s < R; ++s) num_recv += rc[s * R + rank];
+  const int units = row_bytes / 16;
+  const int warps = gridDim.x * (blockDim.x / kWarpThreads);
+  for (int i = blockIdx.x * (blockDim.x / kWarpThreads) + threadIdx.x / kWarpThreads; i < out_rows; i += warps) {
+    const bool valid = i < num_recv;
+    uint8_t* dst = recv_x + (size_t)i * row_bytes;
+    if (valid) {
+      const uint8_t* src = h + off_data + (size_t)i * row_bytes;
+      for (int u = lane; u < units; u += kWarpThreads) st_v4(dst + (size_t)u * 16, ld_volatile_v4(src + (size_t)u * 16));
+    } else {
+      for (int u = lane; u < units; u += kWarpThreads) st_v4(dst + (size_t)u * 16, make_uint4(0, 0, 0, 0));
+    }
+    for (int c = lane; c < num_scales; c += kWarpThreads)
+      recv_scales[(size_t)i * num_scales + c] =
+          valid ? reinterpret_cast<const volatile float*>(h + off_scales)[(size_t)i * num_scales + c] : 0.f;
+    for (int c = lane; c < k; c += kWarpThreads) {
+      long long local = -1;
+      if (valid && has_topk) {
+        const long long g = reinterpret_cast<const volatile int64_t*>(h + off_topk)[(size_t)i * k + c];
+        local = (g >= (long long)rank * L && g < (long long)(rank + 1) * L) ? g - (long long)rank * L : -1;
+      }
+      recv_topk[(size_t)i * k + c] = local;
+      if (has_weights)
+        recv_w[(size_t)i * k + c] =
+            local >= 0 ? reinterpret_cast<const volatile float*>(h + off_weights)[(size_t)i * k + c] : 0.f;
+    }
+    if (lane == 0 && recv_src != nullptr)
+      recv_src[i] = valid ? reinterpret_cast<const volatile int*>(h + off_src)[i] : -1;
+  }
+}
+
+// ---- 4. combine: received rows go home ------------------------------------------------------------------------
+// Row i (from source s, slot q) lands in s's area at row sum_{j < me} rc[s][j] + q: every source sees the rows of
+// each destination j as one block, blocks in rank order.
+template <int kMaxRanks>
+__global__ void __launch_bounds__(512) combine_send_kernel(
+    const uint8_t* __restrict__ x, long long x_stride, int row_bytes, const float* __restrict__ w, int k,
+    const int* __restrict__ rc, int rank, int R, uint8_t* const* __restrict__ peer_base, long long half_bytes,
+    const unsigned long long* __restrict__ counter, long long off_data, long long off_w) {
+  static_assert(kMaxRanks <= kWarpThreads, "one lane per rank");
+  const int lane = threadIdx.x % kWarpThreads;
+  const int half = half_before_barrier(counter);
+  const int cnt = lane < R ? rc[lane * R + rank] : 0;          // rows received from source `lane`
+  const int begin = warp_exclusive_sum(cnt, lane);
+  int home_base = 0;                                           // my block's first row in source `lane`'s area
+  if (lane < R)
+    for (int j = 0; j < rank; ++j) home_base += rc[lane * R + j];
+  const int num_recv = __shfl_sync(0xffffffffu, begin + cnt, R - 1);
+  const int units = row_bytes / 16;
+  const int warps = gridDim.x * (blockDim.x / kWarpThreads);
+  for (int i = blockIdx.x * (blockDim.x / kWarpThreads) + threadIdx.x / kWarpThreads; i < num_recv; i += warps) {
+    const unsigned le = __ballot_sync(0xffffffffu, lane < R && begin <= i);
+    const int s = 31 - __clz(le);                              // the last source whose block starts at or before i
+    const long long row = __shfl_sync(0xffffffffu, home_base, s) + (i - __shfl_sync(0xffffffffu, begin, s));
+    uint8_t* h = peer_base[s] + half * half_bytes;
+    uint8_t* dst = h + off_data + row * row_bytes;
+    warp_copy_row_to(x + (size_t)i * x_stride, &dst, 1, units, lane);
+    if (w != nullptr)
+      for (int c = lane; c < k; c += kWarpThreads)
+        reinterpret_cast<float*>(h + off_w)[row * k + c] = w[(size_t)i * k + c];
+  }
+}
+
+// Sum each token's returned rows in fp32, in rank order (bitwise repeatable), and write them in T.
+template <typename T, int kMaxRanks>
+__global__ void __launch_bounds__(512) combine_reduce_kernel(
+    const uint8_t* __restrict__ area, long long half_bytes, const unsigned long long* __restrict__ counter,
+    long long off_data, long long off_w, const bool* __restrict__ mask, const int* __restrict__ pos,
+    const int* __restrict__ rc, int rank, int R, int n, int hidden, int k, T* __restrict__ out,
+    float* __restrict__ out_w) {
+  static_assert(kMaxRanks <= kWarpThreads, "one lane per rank");
+  constexpr int kElems = 16 / sizeof(T);
+  __shared__ const uint8_t* srcs[512 / kWarpThreads][kMaxRanks];
+  const int lane = threadIdx.x % kWarpThreads, warp = threadIdx.x / kWarpThreads;
+  const uint8_t* h = area + half_after_barrier(counter) * half_bytes;
+  const int row_bytes = hidden * (int)sizeof(T);
+  const int sent = lane < R ? rc[rank * R + lane] : 0;
+  const int dest_base = warp_exclusive_sum(sent, lane);        // first row of destination `lane`'s block
+  const int units = hidden / kElems;
+  const int warps = gridDim.x * (blockDim.x / kWarpThreads);
+  for (int t = blockIdx.x * (blockDim.x / kWarpThreads) + warp; t < n; t += warps) {
+    const bool m = lane < R && mask[(size_t)t * R + lane];
+    const unsigned act = __ballot_sync(0xffffffffu, m);
+    const int na = __popc(act);
+    if (m) {
+      const long long row = dest_base + pos[(size_t)t * R + lane] - 1;
+      srcs[warp][__popc(act & ((1u << lane) - 1u))] = h + off_data + row * row_bytes;
+    }
+    __syncwarp();
+    for (int u = lane; u < units; u += kWarpThreads) {
+      float acc[kElems];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
+      for (int a = 0; a < na; ++a) {
+        float f[kElems];
+        Unpack16<T>::run(ld_volatile_v4(srcs[warp][a] + (size_t)u * 16), f);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) acc[e] += f[e];
+      }
+      *reinterpret_cast<uint4*>(out + (size_t)t * hidden + (size_t)u * kElems) = Pack16<T>::run(acc);
+    }
+    if (out_w != nullptr) {
+      for (int c = lane; c < k; c += kWarpThreads) {
+        float s = 0.f;
+        for (int a = 0; a < na; ++a) {
+          const long long row = (srcs[warp][a] - (h + off_data)) / row_bytes;
+          s += reinterpret_cast<const volatile float*>(h + off_w)[row * k + c];
+        }
+        out_w[(size_t)t * k + c] = s;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+}  // namespace ep
+}  // namespace deepstack

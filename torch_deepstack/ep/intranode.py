@@ -1,0 +1,389 @@
+"""Fused NVLink kernels for the IPC transport (src/ep/intranode.cuh, src/ep/low_latency.cuh).
+
+The torch-op path in core.py moves rows with several copies per peer and round; here every phase is one kernel
+that stores rows straight into the peers' mapped receive areas, then one barrier, then one kernel that reads this
+rank's area into the outputs. Results are identical to the torch.distributed path (same row order, same fp32
+summation order for normal combine). A call falls back to core.py's path when its rows do not fit one half of the
+receive area (the decision uses numbers every rank has, so all ranks take the same path).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from torch_deepstack.jit import KernelSpec, get_kernel
+
+MAX_RANKS = 32          # one lane per rank in the kernels
+SEND_BLOCKS = 32        # SMs given to the copy kernels (DeepEP's intranode default is 24)
+_ALIGN = 256
+_CTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
+REDUCE_DTYPES = tuple(_CTYPE)     # dtypes the combine kernels sum
+
+
+def _align(v: int, a: int = _ALIGN) -> int:
+    return (v + a - 1) // a * a
+
+
+def _kernel(header: str, name: str, signature: str, *targs):
+    return get_kernel(KernelSpec(f"ep/{header}", f"deepstack::ep::{name}", targs), signature)
+
+
+# Kernel signatures, one code per parameter in order (see torch_deepstack/jit/launch.py).
+_SIG = {
+    "notify_dispatch_kernel": "pp iii p l p ii p l pp",
+    "dispatch_send_kernel": "p l i p l i pp ii pppp l ii p lllll",
+    "dispatch_recv_kernel": "p l p lllll iiiiiiii p i ppppp",
+    "combine_send_kernel": "p l i p i p ii p l p ll",
+    "combine_reduce_kernel": "p l p ll ppp iiiii pp",
+    "ll_dispatch_send_kernel": "p l i p l i p iiii p l ii p ll i",
+    "ll_dispatch_recv_kernel": "p l p ll iiiii pp ll ppp",
+    "ll_combine_send_kernel": "p i pp iiii p l p l",
+    "ll_combine_reduce_kernel": "p l p l pp iiii p",
+}
+
+
+def _kernel(header: str, name: str, *targs):
+    return get_kernel(KernelSpec(f"ep/{header}", f"deepstack::ep::{name}", targs), _SIG[name].replace(" ", ""))
+
+
+def notify_kernel():
+    return _kernel("intranode.cuh", "notify_dispatch_kernel", MAX_RANKS)
+
+
+def send_kernel():
+    return _kernel("intranode.cuh", "dispatch_send_kernel", MAX_RANKS)
+
+
+def recv_kernel():
+    return _kernel("intranode.cuh", "dispatch_recv_kernel", MAX_RANKS)
+
+
+def combine_send_kernel():
+    return _kernel("intranode.cuh", "combine_send_kernel", MAX_RANKS)
+
+
+def combine_reduce_kernel(dtype):
+    return _kernel("intranode.cuh", "combine_reduce_kernel", _CTYPE[dtype], MAX_RANKS)
+
+
+def ll_send_kernel():
+    return _kernel("low_latency.cuh", "ll_dispatch_send_kernel", MAX_RANKS)
+
+
+def ll_recv_kernel():
+    return _kernel("low_latency.cuh", "ll_dispatch_recv_kernel", MAX_RANKS)
+
+
+def ll_combine_send_kernel():
+    return _kernel("low_latency.cuh", "ll_combine_send_kernel", MAX_RANKS)
+
+
+def ll_combine_reduce_kernel(dtype):
+    return _kernel("low_latency.cuh", "ll_combine_reduce_kernel", _CTYPE[dtype])
+
+
+class NormalLayout:
+    """Byte offsets inside one half for a normal dispatch (or combine, with no notify table or top-k)."""
+
+    def __init__(self, half_bytes: int, R: int, L: int, row_bytes: int, num_scales: int, k: int,
+                 with_notify: bool = True, with_topk: bool = True):
+        self.notify = _align(R * (R + L) * 4) if with_notify else 0
+        per_row = row_bytes + num_scales * 4 + (k * 8 if with_topk else 0) + k * 4 + 4
+        self.cap = max(0, (half_bytes - self.notify - 5 * _ALIGN) // per_row)
+        cap = self.cap
+        self.data = self.notify
+        self.scales = _align(self.data + cap * row_bytes)
+        self.topk = _align(self.scales + cap * num_scales * 4)
+        self.weights = _align(self.topk + (cap * k * 8 if with_topk else 0))
+        self.src = _align(self.weights + cap * k * 4)
+
+
+def usable(transport, row_bytes: int) -> bool:
+    return (getattr(transport, "fused", False) and transport.world_size <= MAX_RANKS and row_bytes % 16 == 0
+            and row_bytes > 0)
+
+
+class Intranode:
+    """The fused moves of one IpcTransport."""
+
+    def __init__(self, t):
+        self.t = t
+        R = t.world_size
+        self.R, self.rank = R, t.rank
+        self.half_bytes = R * t.slot_bytes
+        self.peer_base = torch.tensor(t.peer_base, dtype=torch.int64, device=t.device)
+        self.area_ptr = t.area.data_ptr()
+        self.blocks = SEND_BLOCKS
+        self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> (weakref, counts on the host)
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------
+    def _remember(self, rc_dev: torch.Tensor, rc_host: torch.Tensor) -> None:
+        if len(self._host_counts) > 64:
+            self._host_counts = {p: v for p, v in self._host_counts.items() if v[0]() is not None}
+        self._host_counts[rc_dev.data_ptr()] = (weakref.ref(rc_dev), rc_host)
+
+    def host_counts(self, rc_dev: torch.Tensor) -> torch.Tensor:
+        """The rank-count matrix on the host: remembered from the dispatch that made it, else one device read."""
+        hit = self._host_counts.get(rc_dev.data_ptr())
+        if hit is not None and hit[0]() is rc_dev:
+            return hit[1]
+        rc_host = rc_dev.cpu()
+        self._remember(rc_dev, rc_host)
+        return rc_host
+
+    def _barrier(self):
+        self.t._barrier()
+
+    # --- normal dispatch --------------------------------------------------------------------------------------
+    def notify(self, mask: torch.Tensor, pos: torch.Tensor, topk_idx, L: int) -> torch.Tensor:
+        """Exchange counts: -> info int32 [R*R + L + 1] (rank counts, received tokens per local expert, error)."""
+        t, R = self.t, self.R
+        n = mask.shape[0]
+        info = torch.empty(R * R + L + 1, dtype=torch.int32, device=mask.device)
+        k = topk_idx.shape[1] if topk_idx is not None else 0
+        notify_kernel().launch(1, 1024, pos[n - 1] if n else None, topk_idx, n, k, L, self.peer_base,
+                               self.half_bytes, t.flag_table, self.rank, R, t.epoch, t.timeout_ns, t.error, info,
+                               smem=R * L * 4)
+        t.note_barrier()
+        return info
+
+    def send_rows(self, x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay: NormalLayout):
+        n = x.shape[0]
+        if n:
+            k = topk_idx.shape[1] if topk_idx is not None else 0
+            xb = x.view(torch.uint8) if x.dtype != torch.uint8 else x
+            send_kernel().launch(self.blocks, 512, xb, x.stride(0) * x.element_size(),
+                                 x.shape[1] * x.element_size(), x_scales,
+                                 x_scales.stride(0) if x_scales is not None else 0,
+                                 x_scales.shape[1] if x_scales is not None else 0, topk_idx, topk_weights, k, n,
+                                 mask, pos, rc_dev, self.peer_base, self.half_bytes, self.rank, self.R, self.t.epoch,
+                                 lay.data, lay.scales, lay.topk, lay.weights, lay.src)
+        self._barrier()
+
+    def recv_rows(self, lay: NormalLayout, rc_dev, out_rows: int, row_bytes: int, dtype, num_scales: int, k: int,
+                  has_topk: bool, has_weights: bool, L: int):
+        dev = rc_dev.device
+        recv_x = torch.empty(out_rows, row_bytes // dtype.itemsize, dtype=dtype, device=dev)
+        recv_scales = torch.empty(out_rows, num_scales, dtype=torch.float32, device=dev)
+        recv_topk = torch.empty(out_rows, k, dtype=torch.int64, device=dev)
+        recv_w = torch.empty(out_rows, k, dtype=torch.float32, device=dev) if has_weights else None
+        recv_src = torch.empty(out_rows, dtype=torch.int32, device=dev)
+        if out_rows:
+            recv_kernel().launch(self.blocks * 2, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data,
+                                 lay.scales, lay.topk, lay.weights, lay.src, row_bytes, num_scales, k, int(has_topk),
+                                 int(has_weights), L, self.rank, self.R, rc_dev, out_rows, recv_x.view(torch.uint8),
+                                 recv_scales, recv_topk, recv_w, recv_src)
+        return recv_x, recv_scales, recv_topk, recv_w, recv_src
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, mask, num_experts: int, expert_alignment: int,
+                 num_worst_tokens: int):
+        """core.dispatch over the fused kernels, or None when the rows do not fit (the caller falls back)."""
+        R, rank = self.R, self.rank
+        L = num_experts // R
+        n, hidden = x.shape
+        row_bytes = hidden * x.element_size()
+        num_scales = x_scales.shape[1] if x_scales is not None else 0
+        k = topk_idx.shape[1] if topk_idx is not None else 0
+        lay = NormalLayout(self.half_bytes, R, L, row_bytes, num_scales, k)
+        if num_worst_tokens and num_worst_tokens > lay.cap:
+            return None
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        x_scales = x_scales.contiguous() if x_scales is not None else None
+        topk_idx = topk_idx.contiguous() if topk_idx is not None else None
+        topk_weights = topk_weights.contiguous() if topk_weights is not None else None
+        mask = mask.contiguous()
+        pos = torch.cumsum(mask, 0, dtype=torch.int32)
+        info = self.notify(mask, pos, topk_idx, L)
+        rc_dev = info[:R * R].view(R, R)
+        if num_worst_tokens:
+            out_rows = num_worst_tokens
+            per_expert = info[R * R:R * R + L]
+            per_expert = (per_expert + (expert_alignment - 1)) // expert_alignment * expert_alignment
+        else:
+            host = info.cpu()
+            if int(host[-1]):
+                self.t.check_error()                   # raises: a peer did not reach the count exchange
+            rc_host = host[:R * R].view(R, R)
+            if int(rc_host.sum(0).max()) > lay.cap:
+                return None
+            self._remember(rc_dev, rc_host)
+            out_rows = int(rc_host[:, rank].sum())
+            a = expert_alignment
+            per_expert = torch.tensor([(int(v) + a - 1) // a * a for v in host[R * R:R * R + L].tolist()],
+                                      dtype=torch.int32).to(x.device, non_blocking=True)
+        self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay)
+        recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(
+            lay, rc_dev, out_rows, row_bytes, x.dtype, num_scales, k, topk_idx is not None,
+            topk_weights is not None, L)
+        self.t.check_error()
+        if x_scales is None:
+            recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
+        if recv_w is None:
+            recv_w = torch.empty(out_rows, 0, dtype=torch.float32, device=x.device)
+        return recv_x, recv_scales, recv_topk, recv_w, per_expert, mask, rc_dev, recv_src
+
+    def cached_dispatch(self, x, x_scales, mask, rc_dev, num_recv: int, num_worst_tokens: int):
+        R = self.R
+        row_bytes = x.shape[1] * x.element_size()
+        num_scales = x_scales.shape[1] if x_scales is not None else 0
+        lay = NormalLayout(self.half_bytes, R, 0, row_bytes, num_scales, 0)
+        if num_worst_tokens:
+            if num_worst_tokens > lay.cap:
+                return None
+        elif int(self.host_counts(rc_dev).sum(0).max()) > lay.cap:
+            return None
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        x_scales = x_scales.contiguous() if x_scales is not None else None
+        mask = mask.contiguous()
+        pos = torch.cumsum(mask, 0, dtype=torch.int32)
+        self.send_rows(x, x_scales, None, None, mask, pos, rc_dev, lay)
+        recv_x, recv_scales, _, _, _ = self.recv_rows(lay, rc_dev, num_recv, row_bytes, x.dtype, num_scales, 0,
+                                                      False, False, 0)
+        self.t.check_error()
+        if x_scales is None:
+            recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
+        return recv_x, recv_scales
+
+    # --- normal combine ---------------------------------------------------------------------------------------
+    def combine(self, x, topk_weights, mask, rc_dev, num_worst_tokens: int):
+        R, rank = self.R, self.rank
+        n = mask.shape[0]
+        hidden = x.shape[1]
+        row_bytes = hidden * x.element_size()
+        k = topk_weights.shape[1] if topk_weights is not None else 0
+        lay = NormalLayout(self.half_bytes, R, 0, row_bytes, 0, k, with_notify=False, with_topk=False)
+        if num_worst_tokens:
+            if num_worst_tokens > lay.cap:
+                return None
+        elif int(self.host_counts(rc_dev).sum(1).max()) > lay.cap:
+            return None
+        mask = mask.contiguous()
+        pos = torch.cumsum(mask, 0, dtype=torch.int32)
+        x = x.contiguous()
+        w = topk_weights.contiguous() if topk_weights is not None else None
+        if x.shape[0]:
+            combine_send_kernel().launch(self.blocks, 512, x.view(torch.uint8), row_bytes, row_bytes, w, k, rc_dev,
+                                         rank, R, self.peer_base, self.half_bytes, self.t.epoch, lay.data,
+                                         lay.weights)
+        self._barrier()
+        out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
+        out_w = torch.empty(n, k, dtype=torch.float32, device=x.device)
+        if n:
+            combine_reduce_kernel(x.dtype).launch(self.blocks * 2, 512, self.area_ptr, self.half_bytes,
+                                                  self.t.epoch, lay.data, lay.weights, mask, pos, rc_dev, rank, R,
+                                                  n, hidden, k, out, out_w if k else None)
+        self.t.check_error()
+        return out, out_w
+
+
+def intranode_for(transport):
+    """The fused kernels of an IPC transport (made once per transport)."""
+    fused = getattr(transport, "_intranode", None)
+    if fused is None:
+        fused = transport._intranode = Intranode(transport)
+    return fused
+
+
+# --- low-latency mode -----------------------------------------------------------------------------------------
+
+class LowLatencyLayout:
+    def __init__(self, R: int, L: int, M: int, data_bytes: int, num_scales: int):
+        self.msg = _align(data_bytes + num_scales * 4 + 4, 16)
+        self.counts = 0
+        self.slots = _align(L * R * 4)
+        self.dispatch_bytes = self.slots + L * R * M * self.msg
+
+    @staticmethod
+    def combine_bytes(num_experts: int, M: int, row_bytes: int) -> int:
+        return num_experts * M * row_bytes
+
+
+def ll_fits(transport, L: int, M: int, data_bytes: int, num_scales: int) -> bool:
+    lay = LowLatencyLayout(transport.world_size, L, M, data_bytes, num_scales)
+    return usable(transport, data_bytes) and lay.dispatch_bytes <= transport.world_size * transport.slot_bytes
+
+
+class FusedLowLatencyDispatch:
+    """Same interface as core.LowLatencyDispatch: the send runs now, finish() (the receive hook) runs the barrier
+    and unpacks. `outputs` = (recv_x, recv_scales MN-major [L, M*R, G] or empty, count, src_info, layout_range)."""
+
+    def __init__(self, transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
+        f = self.f = intranode_for(transport)
+        R, rank = f.R, f.rank
+        L = self.L = num_experts // R
+        n, hidden = x.shape
+        dev = x.device
+        k = topk_idx.shape[1]
+        self.M = M = num_max
+        data_bytes = hidden * x.element_size()
+        G = x_scales.shape[1] if x_scales is not None else 0
+        self.lay = lay = LowLatencyLayout(R, L, M, data_bytes, G)
+        self.data_bytes, self.G = data_bytes, G
+        topk = topk_idx.contiguous()
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        x_scales = x_scales.contiguous() if x_scales is not None else None
+        ll_send_kernel().launch(max(1, min(f.blocks * 2, -(-num_experts // 8))), 256, x.view(torch.uint8),
+                                x.stride(0) * x.element_size(), data_bytes, x_scales,
+                                x_scales.stride(0) if x_scales is not None else 0, G, topk, n, k, M, L, f.peer_base,
+                                f.half_bytes, rank, R, transport.epoch, lay.counts, lay.slots, lay.msg)
+        cap = M * R
+        self.recv_x = torch.empty(L, cap, hidden, dtype=x.dtype, device=dev)
+        if G:   # MN-major and TMA-aligned per expert, as the masked grouped FP8 GEMM reads them
+            from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
+            self.recv_scales = mn_major_tma_aligned_empty((L, cap, G), device=dev)
+        else:
+            self.recv_scales = torch.empty(0, dtype=torch.float32, device=dev)
+        self.count = torch.empty(L, dtype=torch.int32, device=dev)
+        self.src_info = torch.empty(L, cap, dtype=torch.int32, device=dev)
+        self.layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
+        self.outputs = (self.recv_x, self.recv_scales, self.count, self.src_info, self.layout_range)
+
+    def finish(self):
+        f = self.f
+        f._barrier()
+        rs = self.recv_scales
+        sl, sg = (rs.stride(0), rs.stride(2)) if self.G else (0, 0)
+        ll_recv_kernel().launch(self.L, 512, f.area_ptr, f.half_bytes, f.t.epoch, self.lay.counts, self.lay.slots,
+                                self.lay.msg, self.data_bytes, self.G, self.M, f.R, self.recv_x.view(torch.uint8),
+                                rs if self.G else None, sl, sg, self.count, self.src_info, self.layout_range)
+        f.t.check_error()
+        return self.outputs
+
+
+class FusedLowLatencyCombine:
+    """Same interface as core.LowLatencyCombine: the expert outputs go home now; finish() (the receive hook) runs
+    the barrier and the weighted sum."""
+
+    def __init__(self, transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int, out=None):
+        f = self.f = intranode_for(transport)
+        L, cap, hidden = x.shape
+        self.M = num_max
+        self.row_bytes = hidden * x.element_size()
+        x = x.contiguous()
+        ll_combine_send_kernel().launch(f.blocks * 2, 256, x.view(torch.uint8), self.row_bytes,
+                                        src_info.contiguous(), layout_range.contiguous(), L, num_max, f.rank, f.R,
+                                        f.peer_base, f.half_bytes, transport.epoch, 0)
+        self.topk = topk_idx.contiguous()
+        self.w = topk_weights.contiguous().float()
+        self.n, self.hidden, self.dtype = topk_idx.shape[0], hidden, x.dtype
+        self.out = out if out is not None else torch.empty(self.n, hidden, dtype=x.dtype, device=x.device)
+
+    def finish(self):
+        f = self.f
+        f._barrier()
+        if self.n:
+            out = self.out if self.out.is_contiguous() and self.out.dtype == self.dtype else \
+                torch.empty(self.n, self.hidden, dtype=self.dtype, device=self.out.device)
+            ll_combine_reduce_kernel(self.dtype).launch(max(1, min(f.blocks * 2, -(-self.n // 8))), 256, f.area_ptr,
+                                                        f.half_bytes, f.t.epoch, 0, self.topk, self.w, self.n,
+                                                        self.topk.shape[1], self.hidden, self.M, out)
+            if out is not self.out:
+                self.out.copy_(out)
+        f.t.check_error()
+        return self.out
+
+
+def ll_combine_fits(transport, num_experts: int, M: int, row_bytes: int) -> bool:
+    return usable(transport, row_bytes) and \
+        LowLatencyLayout.combine_bytes(num_experts, M, row_bytes) <= transport.world_size * transport.slot_bytes
