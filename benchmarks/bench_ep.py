@@ -45,6 +45,7 @@ def run_rank(rank, world, port, backend, transports, args, results):
                             timeout=datetime.timedelta(seconds=120))
     dev = torch.device("cuda", rank % torch.cuda.device_count() if backend == "nccl" else 0)
     torch.cuda.set_device(dev)
+    Buffer.set_num_sms(args.num_sms)
     n, h, k, e = args.tokens, args.hidden, args.topk, args.experts
     rep, warm = args.rep, args.warmup
     x = torch.randn(n, h, device=dev, dtype=torch.bfloat16)
@@ -122,6 +123,7 @@ def main():
     ap.add_argument("--shared-gpu", type=int, default=0, help="also run N processes sharing GPU 0 over IPC")
     ap.add_argument("--transports", default="ipc,dist")
     ap.add_argument("--nvl-bytes", type=int, default=1 << 30)
+    ap.add_argument("--num-sms", type=int, default=24, help="SMs of the NVLink send kernels (DeepEP's test: 24)")
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     args = ap.parse_args()
@@ -133,6 +135,8 @@ def main():
     t.notes.append("GB/s as DeepEP counts it (dispatch: received bytes, combine: sent bytes); baseline = one "
                    "all_to_all_single of the same rows with host-known splits, same run; ours / a2a = speed ratio")
     t.notes.append("low-latency rows: 128 tokens per rank, FP8 dispatch (incl. quantisation), bf16 combine")
+    t.notes.append(f"NVLink send kernels on {args.num_sms} SMs (Buffer.set_num_sms); receive/reduce kernels, which "
+                   f"run after the barrier, on all SMs")
     t.notes.append("(graph) rows: the capturable forms (num_worst_tokens = tokens x ranks; low-latency) replayed "
                    "from a CUDA graph; other rows are eager calls, which include host syncs and op launches")
     h = args.hidden

@@ -124,19 +124,18 @@ __global__ void __launch_bounds__(256) ll_combine_send_kernel(
   }
 }
 
+// One block per token (its threads split the hidden dimension), so even 128 tokens keep many SMs busy.
 template <typename T>
 __global__ void __launch_bounds__(256) ll_combine_reduce_kernel(
     const uint8_t* __restrict__ area, long long half_bytes, const unsigned long long* __restrict__ counter,
     long long off_slots, const int64_t* __restrict__ topk, const float* __restrict__ weights, int n, int k,
     int hidden, int M, T* __restrict__ out) {
   constexpr int kElems = 16 / sizeof(T);
-  const int lane = threadIdx.x % kWarpThreads;
   const uint8_t* h = area + half_after_barrier(counter) * half_bytes + off_slots;
   const size_t row_bytes = (size_t)hidden * sizeof(T);
   const int units = hidden / kElems;
-  const int warps = gridDim.x * (blockDim.x / kWarpThreads);
-  for (int t = blockIdx.x * (blockDim.x / kWarpThreads) + threadIdx.x / kWarpThreads; t < n; t += warps) {
-    for (int u = lane; u < units; u += kWarpThreads) {
+  for (int t = blockIdx.x; t < n; t += gridDim.x) {
+    for (int u = threadIdx.x; u < units; u += blockDim.x) {
       float acc[kElems];
 #pragma unroll
       for (int e = 0; e < kElems; ++e) acc[e] = 0.f;

@@ -147,9 +147,11 @@ class Buffer:
 
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
-        if new_num_sms % 2 != 0:
-            raise ValueError(f"num_sms must be even, got {new_num_sms}")
+        if new_num_sms % 2 != 0 or new_num_sms <= 0:
+            raise ValueError(f"num_sms must be even and positive, got {new_num_sms}")
         cls.num_sms = new_num_sms
+        from torch_deepstack.ep import intranode
+        intranode.num_sms = new_num_sms            # SMs of the NVLink send kernels
 
     @staticmethod
     def capture() -> EventOverlap:

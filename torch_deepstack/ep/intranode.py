@@ -15,7 +15,9 @@ import torch
 from torch_deepstack.jit import KernelSpec, get_kernel
 
 MAX_RANKS = 32          # one lane per rank in the kernels
-SEND_BLOCKS = 32        # SMs given to the copy kernels (DeepEP's intranode default is 24)
+# Blocks (one per SM) the send kernels use, which may overlap with compute; ep.Buffer.set_num_sms sets it. The
+# receive and reduce kernels run after the barrier with nothing to overlap, so they take every SM.
+num_sms = 20
 _ALIGN = 256
 _CTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
 REDUCE_DTYPES = tuple(_CTYPE)     # dtypes the combine kernels sum
@@ -114,7 +116,7 @@ class Intranode:
         self.half_bytes = R * t.slot_bytes
         self.peer_base = torch.tensor(t.peer_base, dtype=torch.int64, device=t.device)
         self.area_ptr = t.area.data_ptr()
-        self.blocks = SEND_BLOCKS
+        self.all_blocks = 2 * torch.cuda.get_device_properties(t.device).multi_processor_count
         self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> (weakref, counts on the host)
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ class Intranode:
         if n:
             k = topk_idx.shape[1] if topk_idx is not None else 0
             xb = x.view(torch.uint8) if x.dtype != torch.uint8 else x
-            send_kernel().launch(self.blocks, 512, xb, x.stride(0) * x.element_size(),
+            send_kernel().launch(num_sms, 512, xb, x.stride(0) * x.element_size(),
                                  x.shape[1] * x.element_size(), x_scales,
                                  x_scales.stride(0) if x_scales is not None else 0,
                                  x_scales.shape[1] if x_scales is not None else 0, topk_idx, topk_weights, k, n,
@@ -170,7 +172,7 @@ class Intranode:
         recv_w = torch.empty(out_rows, k, dtype=torch.float32, device=dev) if has_weights else None
         recv_src = torch.empty(out_rows, dtype=torch.int32, device=dev)
         if out_rows:
-            recv_kernel().launch(self.blocks * 2, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data,
+            recv_kernel().launch(self.all_blocks, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data,
                                  lay.scales, lay.topk, lay.weights, lay.src, row_bytes, num_scales, k, int(has_topk),
                                  int(has_weights), L, self.rank, self.R, rc_dev, out_rows, recv_x.view(torch.uint8),
                                  recv_scales, recv_topk, recv_w, recv_src)
@@ -263,14 +265,14 @@ class Intranode:
         x = x.contiguous()
         w = topk_weights.contiguous() if topk_weights is not None else None
         if x.shape[0]:
-            combine_send_kernel().launch(self.blocks, 512, x.view(torch.uint8), row_bytes, row_bytes, w, k, rc_dev,
+            combine_send_kernel().launch(num_sms, 512, x.view(torch.uint8), row_bytes, row_bytes, w, k, rc_dev,
                                          rank, R, self.peer_base, self.half_bytes, self.t.epoch, lay.data,
                                          lay.weights)
         self._barrier()
         out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
         out_w = torch.empty(n, k, dtype=torch.float32, device=x.device)
         if n:
-            combine_reduce_kernel(x.dtype).launch(self.blocks * 2, 512, self.area_ptr, self.half_bytes,
+            combine_reduce_kernel(x.dtype).launch(self.all_blocks, 512, self.area_ptr, self.half_bytes,
                                                   self.t.epoch, lay.data, lay.weights, mask, pos, rc_dev, rank, R,
                                                   n, hidden, k, out, out_w if k else None)
         self.t.check_error()
@@ -323,7 +325,7 @@ class FusedLowLatencyDispatch:
         topk = topk_idx.contiguous()
         x = x if x.stride(-1) == 1 else x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
-        ll_send_kernel().launch(max(1, min(f.blocks * 2, -(-num_experts // 8))), 256, x.view(torch.uint8),
+        ll_send_kernel().launch(max(1, min(f.all_blocks, -(-num_experts // 8))), 256, x.view(torch.uint8),
                                 x.stride(0) * x.element_size(), data_bytes, x_scales,
                                 x_scales.stride(0) if x_scales is not None else 0, G, topk, n, k, M, L, f.peer_base,
                                 f.half_bytes, rank, R, transport.epoch, lay.counts, lay.slots, lay.msg)
@@ -361,7 +363,7 @@ class FusedLowLatencyCombine:
         self.M = num_max
         self.row_bytes = hidden * x.element_size()
         x = x.contiguous()
-        ll_combine_send_kernel().launch(f.blocks * 2, 256, x.view(torch.uint8), self.row_bytes,
+        ll_combine_send_kernel().launch(f.all_blocks, 256, x.view(torch.uint8), self.row_bytes,
                                         src_info.contiguous(), layout_range.contiguous(), L, num_max, f.rank, f.R,
                                         f.peer_base, f.half_bytes, transport.epoch, 0)
         self.topk = topk_idx.contiguous()
@@ -375,7 +377,7 @@ class FusedLowLatencyCombine:
         if self.n:
             out = self.out if self.out.is_contiguous() and self.out.dtype == self.dtype else \
                 torch.empty(self.n, self.hidden, dtype=self.dtype, device=self.out.device)
-            ll_combine_reduce_kernel(self.dtype).launch(max(1, min(f.blocks * 2, -(-self.n // 8))), 256, f.area_ptr,
+            ll_combine_reduce_kernel(self.dtype).launch(max(1, min(4 * f.all_blocks, self.n)), 256, f.area_ptr,
                                                         f.half_bytes, f.t.epoch, 0, self.topk, self.w, self.n,
                                                         self.topk.shape[1], self.hidden, self.M, out)
             if out is not self.out:
