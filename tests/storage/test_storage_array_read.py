@@ -266,3 +266,23 @@ def test_whole_chunks_into_an_aligned_buffer(fs):
         res = fs.read_array(f, np.arange(8) * CS, np.full(8, CS), out)
     assert res.ok and res.nbytes.tolist() == [CS] * 7 + [3000]
     assert bytes(out[:size]) == data
+
+
+def test_file_too_large_for_a_table_uses_the_general_path(fs, mode, monkeypatch):
+    from torch_deepstack.storage import array_read
+
+    monkeypatch.setattr(array_read, "MAX_TABLE_BYTES", 100)
+    rng = np.random.default_rng()
+    data = _random_file(fs, "/huge", rng, 5 * CS + 10)
+    offs, lens = _random_requests(rng, len(data), 60)
+    out = np.zeros(int(lens.sum()), np.uint8)
+    with fs.open("/huge") as f:
+        res = fs.read_array(f, offs, lens, out)
+    assert res.ok
+    pos = 0
+    for k, (o, ln) in enumerate(zip(offs.tolist(), lens.tolist())):
+        want = data[o:o + ln]
+        assert int(res.nbytes[k]) == len(want) and bytes(out[pos:pos + len(want)]) == want
+        pos += ln
+    if mode != "pure-python":
+        assert all(t.nchunks == 0 for t in fs.backend._arrays.tables.values())

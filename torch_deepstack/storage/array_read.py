@@ -30,7 +30,23 @@ from torch_deepstack.storage import fastio
 from torch_deepstack.storage.chunk_engine import O_DIRECT
 
 SLOW, LOAD, BAD = -1000000, -1000001, -1000002  # DS_SLOW, DS_LOAD, DS_BAD in fastio.cpp
-MAX_OPEN = 4096  # fds all tables of one backend may hold before they are dropped and rebuilt
+
+
+def _max_open() -> int:
+    """A quarter of the process's fd limit (DataLoader workers each count separately), at most 4096."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 16
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(16, min(4096, soft // 4))
+
+
+MAX_OPEN = _max_open()  # fds all tables of one backend may hold before they are dropped and rebuilt
+MAX_TABLE_BYTES = 64 << 20  # a file whose chunk table would be larger is served by the general path
 
 
 class _Table(ctypes.Structure):
@@ -48,6 +64,8 @@ class ChunkTable:
         cs, blk = self.chunk_size, engine.crc_block
         self.nchunks = -(-self.length // cs)
         self.stride = -(-cs // blk)
+        if self.nchunks * (self.stride * 4 + 16) > MAX_TABLE_BYTES:
+            self.nchunks = 0  # no rows: C sends every request inside the file to the general path
         self.fd = np.full(self.nchunks, -1, np.int64)  # -1 not loaded, -2 a hole (no committed version)
         self.vlen = np.zeros(self.nchunks, np.int64)
         self.crcs = np.zeros((self.nchunks, self.stride), np.uint32)
@@ -79,7 +97,7 @@ class ChunkTable:
                 continue  # a chunk longer than this file's chunk size: leave it to the general path
             try:
                 h = e._fds.acquire(e._data_path(cid, v.ver), flags)
-            except FileNotFoundError:  # retired by a concurrent commit: the general path re-reads the row
+            except OSError:  # retired by a concurrent commit, or out of fds: the general path handles it
                 continue
             self.handles.append(h)
             self.crcs[idx, :len(v.page_crcs) // 4] = np.frombuffer(v.page_crcs, "<u4")
