@@ -125,8 +125,12 @@ __global__ void __launch_bounds__(512) copy_bytes_kernel(uint8_t* __restrict__ d
 
 // ---- 1. notify: exchange token counts per rank and per expert, then a barrier -------------------------------
 // One block. pos_last: the last row of the inclusive cumsum of is_token_in_rank (tokens per destination), or null
-// when there are no tokens. info_out: rc [R][R] (rc[s][j] = tokens s sends to j), tokens received per local
-// expert [L], then the barrier's error word (non-zero: a peer timed out and the counts are not valid).
+// when there are no tokens. Each rank's notify row holds its counts per destination [R], its counts per expert of
+// the row's owner [L], and a flag for expert ids outside [-1, E) (so every rank learns that some rank passed bad
+// input, and all of them can raise instead of some waiting forever). info_out: rc [R][R] (rc[s][j] = tokens s
+// sends to j), tokens received per local expert [L], the bad-id flag of every rank [R], this rank's lowest and
+// highest expert id (clamped to int32), then the barrier's error word (non-zero: a peer timed out, the counts are
+// not valid).
 template <int kMaxRanks>
 __global__ void __launch_bounds__(1024) notify_dispatch_kernel(
     const int* __restrict__ pos_last, const int64_t* __restrict__ topk, int n, int k, int L,
@@ -134,21 +138,32 @@ __global__ void __launch_bounds__(1024) notify_dispatch_kernel(
     int rank, int R, unsigned long long* __restrict__ counter, unsigned long long timeout_ns, int* __restrict__ error,
     int* __restrict__ info_out) {
   extern __shared__ int expert_count[];   // [R * L]
+  __shared__ long long id_lo, id_hi;
   const int tid = threadIdx.x;
   const int half = half_before_barrier(counter);
-  const int E = R * L, W = R + L;
+  const int E = R * L, W = R + L + 1;
   for (int e = tid; e < E; e += blockDim.x) expert_count[e] = 0;
-  __syncthreads();
-  if (topk != nullptr) {
-    for (int i = tid; i < n * k; i += blockDim.x) {
-      const long long e = topk[i];
-      if (e >= 0 && e < E) atomicAdd(&expert_count[e], 1);
-    }
+  if (tid == 0) {
+    id_lo = -1;
+    id_hi = -1;
   }
   __syncthreads();
+  if (topk != nullptr) {
+    long long lo = -1, hi = -1;
+    for (int i = tid; i < n * k; i += blockDim.x) {
+      const long long e = topk[i];
+      lo = e < lo ? e : lo;
+      hi = e > hi ? e : hi;
+      if (e >= 0 && e < E) atomicAdd(&expert_count[e], 1);
+    }
+    atomicMin(&id_lo, lo);
+    atomicMax(&id_hi, hi);
+  }
+  __syncthreads();
+  const int bad = id_lo < -1 || id_hi >= E;
   for (int idx = tid; idx < R * W; idx += blockDim.x) {
     const int j = idx / W, w = idx % W;
-    const int v = w < R ? (pos_last != nullptr ? pos_last[w] : 0) : expert_count[j * L + (w - R)];
+    const int v = w < R ? (pos_last != nullptr ? pos_last[w] : 0) : (w < R + L ? expert_count[j * L + (w - R)] : bad);
     int* table = reinterpret_cast<int*>(peer_base[j] + half * half_bytes);
     reinterpret_cast<volatile int*>(table)[rank * W + w] = v;
   }
@@ -160,7 +175,13 @@ __global__ void __launch_bounds__(1024) notify_dispatch_kernel(
     for (int src = 0; src < R; ++src) s += mine[src * W + R + l];
     info_out[R * R + l] = s;
   }
-  if (tid == 0) info_out[R * R + L] = *reinterpret_cast<volatile int*>(error);
+  for (int src = tid; src < R; src += blockDim.x) info_out[R * R + L + src] = mine[src * W + R + L];
+  if (tid == 0) {
+    const long long kMin = -2147483647ll - 1, kMax = 2147483647ll;
+    info_out[R * R + L + R] = static_cast<int>(id_lo < kMin ? kMin : id_lo);
+    info_out[R * R + L + R + 1] = static_cast<int>(id_hi > kMax ? kMax : id_hi);
+    info_out[R * R + L + R + 2] = *reinterpret_cast<volatile int*>(error);
+  }
 }
 
 struct DispatchRegions {
@@ -177,11 +198,13 @@ __global__ void __launch_bounds__(512) dispatch_send_kernel(
     int k, int n, const bool* __restrict__ mask, const int* __restrict__ pos, const int* __restrict__ rc,
     uint8_t* const* __restrict__ peer_base, long long half_bytes, int rank, int R,
     const unsigned long long* __restrict__ counter, long long off_data, long long off_scales, long long off_topk,
-    long long off_weights, long long off_src) {
+    long long off_weights, long long off_src, uint8_t* __restrict__ out_x, float* __restrict__ out_scales,
+    int64_t* __restrict__ out_topk, float* __restrict__ out_w, int* __restrict__ out_src, int L) {
   static_assert(kMaxRanks <= kWarpThreads, "one lane per rank");
   __shared__ uint8_t* dsts[512 / kWarpThreads][kMaxRanks];       // destination rank's area half
   __shared__ uint8_t* row_dst[512 / kWarpThreads][kMaxRanks];    // where the data row goes there
   __shared__ long long rows[512 / kWarpThreads][kMaxRanks];
+  __shared__ int dst_rank[512 / kWarpThreads][kMaxRanks];
   const int lane = threadIdx.x % kWarpThreads, warp = threadIdx.x / kWarpThreads;
   const int half = half_before_barrier(counter);
   // this rank's first row in receiver `lane`'s area
@@ -191,6 +214,8 @@ __global__ void __launch_bounds__(512) dispatch_send_kernel(
     for (int s = 0; s < rank; ++s) base += rc[s * R + lane];
     area = peer_base[lane] + half * half_bytes;
   }
+  // Rows for this rank itself go straight into the outputs (out_x non-null), in their final form.
+  const bool direct_self = out_x != nullptr;
   const int units = row_bytes / 16;
   const int warps = gridDim.x * (blockDim.x / kWarpThreads);
   for (int t = blockIdx.x * (blockDim.x / kWarpThreads) + warp; t < n; t += warps) {
@@ -202,13 +227,26 @@ __global__ void __launch_bounds__(512) dispatch_send_kernel(
       const long long row = base + pos[(size_t)t * R + lane] - 1;
       dsts[warp][a] = area;
       rows[warp][a] = row;
-      row_dst[warp][a] = area + off_data + row * row_bytes;
+      dst_rank[warp][a] = lane;
+      row_dst[warp][a] = (direct_self && lane == rank) ? out_x + row * row_bytes : area + off_data + row * row_bytes;
     }
     __syncwarp();
     warp_copy_row_to(x + (size_t)t * x_stride, row_dst[warp], na, units, lane);
     for (int a = 0; a < na; ++a) {
       uint8_t* d = dsts[warp][a];
       const long long r = rows[warp][a];
+      if (direct_self && dst_rank[warp][a] == rank) {
+        for (int i = lane; i < num_scales; i += kWarpThreads)
+          out_scales[r * num_scales + i] = scales[(size_t)t * scales_stride + i];
+        for (int i = lane; i < k; i += kWarpThreads) {
+          const long long g = topk[(size_t)t * k + i];
+          const long long local = (g >= (long long)rank * L && g < (long long)(rank + 1) * L) ? g - (long long)rank * L : -1;
+          out_topk[r * k + i] = local;
+          if (out_w != nullptr) out_w[r * k + i] = local >= 0 ? weights[(size_t)t * k + i] : 0.f;
+        }
+        if (lane == 0 && out_src != nullptr) out_src[r] = t;
+        continue;
+      }
       for (int i = lane; i < num_scales; i += kWarpThreads)
         reinterpret_cast<float*>(d + off_scales)[r * num_scales + i] = scales[(size_t)t * scales_stride + i];
       if (topk != nullptr)
@@ -232,14 +270,19 @@ __global__ void __launch_bounds__(512) dispatch_recv_kernel(
     long long off_data, long long off_scales, long long off_topk, long long off_weights, long long off_src,
     int row_bytes, int num_scales, int k, int has_topk, int has_weights, int L, int rank, int R,
     const int* __restrict__ rc, int out_rows, uint8_t* __restrict__ recv_x, float* __restrict__ recv_scales,
-    int64_t* __restrict__ recv_topk, float* __restrict__ recv_w, int* __restrict__ recv_src) {
+    int64_t* __restrict__ recv_topk, float* __restrict__ recv_w, int* __restrict__ recv_src, int skip_self) {
   const int lane = threadIdx.x % kWarpThreads;
   const uint8_t* h = area + half_after_barrier(counter) * half_bytes;
-  int num_recv = 0;
-  for (int s = 0; s < R; ++s) num_recv += rc[s * R + rank];
+  int num_recv = 0, self_begin = 0;
+  for (int s = 0; s < R; ++s) {
+    if (s == rank) self_begin = num_recv;
+    num_recv += rc[s * R + rank];
+  }
+  const int self_end = skip_self ? self_begin + rc[rank * R + rank] : self_begin;   // rows the sender wrote
   const int units = row_bytes / 16;
   const int warps = gridDim.x * (blockDim.x / kWarpThreads);
   for (int i = blockIdx.x * (blockDim.x / kWarpThreads) + threadIdx.x / kWarpThreads; i < out_rows; i += warps) {
+    if (i >= self_begin && i < self_end) continue;
     const bool valid = i < num_recv;
     uint8_t* dst = recv_x + (size_t)i * row_bytes;
     if (valid) {
@@ -274,7 +317,7 @@ template <int kMaxRanks>
 __global__ void __launch_bounds__(512) combine_send_kernel(
     const uint8_t* __restrict__ x, long long x_stride, int row_bytes, const float* __restrict__ w, int k,
     const int* __restrict__ rc, int rank, int R, uint8_t* const* __restrict__ peer_base, long long half_bytes,
-    const unsigned long long* __restrict__ counter, long long off_data, long long off_w) {
+    const unsigned long long* __restrict__ counter, long long off_data, long long off_w, int skip_self) {
   static_assert(kMaxRanks <= kWarpThreads, "one lane per rank");
   const int lane = threadIdx.x % kWarpThreads;
   const int half = half_before_barrier(counter);
@@ -290,6 +333,7 @@ __global__ void __launch_bounds__(512) combine_send_kernel(
     const unsigned le = __ballot_sync(0xffffffffu, lane < R && begin <= i);
     const int s = 31 - __clz(le);                              // the last source whose block starts at or before i
     const long long row = __shfl_sync(0xffffffffu, home_base, s) + (i - __shfl_sync(0xffffffffu, begin, s));
+    if (skip_self && s == rank) continue;                      // the reduce reads this rank's own rows from x
     uint8_t* h = peer_base[s] + half * half_bytes;
     uint8_t* dst = h + off_data + row * row_bytes;
     warp_copy_row_to(x + (size_t)i * x_stride, &dst, 1, units, lane);
@@ -299,21 +343,25 @@ __global__ void __launch_bounds__(512) combine_send_kernel(
   }
 }
 
-// Sum each token's returned rows in fp32, in rank order (bitwise repeatable), and write them in T.
+// Sum each token's returned rows in fp32, in rank order (bitwise repeatable), and write them in T. With x_self,
+// this rank's own rows are read straight from the expert output (the send kernel skipped them).
 template <typename T, int kMaxRanks>
 __global__ void __launch_bounds__(512) combine_reduce_kernel(
     const uint8_t* __restrict__ area, long long half_bytes, const unsigned long long* __restrict__ counter,
     long long off_data, long long off_w, const bool* __restrict__ mask, const int* __restrict__ pos,
     const int* __restrict__ rc, int rank, int R, int n, int hidden, int k, T* __restrict__ out,
-    float* __restrict__ out_w) {
+    float* __restrict__ out_w, const uint8_t* __restrict__ x_self, const float* __restrict__ w_self) {
   static_assert(kMaxRanks <= kWarpThreads, "one lane per rank");
   constexpr int kElems = 16 / sizeof(T);
   __shared__ const uint8_t* srcs[512 / kWarpThreads][kMaxRanks];
+  __shared__ const float* wsrcs[512 / kWarpThreads][kMaxRanks];
   const int lane = threadIdx.x % kWarpThreads, warp = threadIdx.x / kWarpThreads;
   const uint8_t* h = area + half_after_barrier(counter) * half_bytes;
   const int row_bytes = hidden * (int)sizeof(T);
   const int sent = lane < R ? rc[rank * R + lane] : 0;
   const int dest_base = warp_exclusive_sum(sent, lane);        // first row of destination `lane`'s block
+  const int recv = lane < R ? rc[lane * R + rank] : 0;
+  const int self_begin = __shfl_sync(0xffffffffu, warp_exclusive_sum(recv, lane), rank);   // my rows in x
   const int units = hidden / kElems;
   const int warps = gridDim.x * (blockDim.x / kWarpThreads);
   for (int t = blockIdx.x * (blockDim.x / kWarpThreads) + warp; t < n; t += warps) {
@@ -321,8 +369,16 @@ __global__ void __launch_bounds__(512) combine_reduce_kernel(
     const unsigned act = __ballot_sync(0xffffffffu, m);
     const int na = __popc(act);
     if (m) {
-      const long long row = dest_base + pos[(size_t)t * R + lane] - 1;
-      srcs[warp][__popc(act & ((1u << lane) - 1u))] = h + off_data + row * row_bytes;
+      const int a = __popc(act & ((1u << lane) - 1u));
+      const long long slot = pos[(size_t)t * R + lane] - 1;
+      if (x_self != nullptr && lane == rank) {
+        srcs[warp][a] = x_self + (self_begin + slot) * row_bytes;
+        wsrcs[warp][a] = w_self != nullptr ? w_self + (self_begin + slot) * k : nullptr;
+      } else {
+        const long long row = dest_base + slot;
+        srcs[warp][a] = h + off_data + row * row_bytes;
+        wsrcs[warp][a] = reinterpret_cast<const float*>(h + off_w) + row * k;
+      }
     }
     __syncwarp();
     for (int u = lane; u < units; u += kWarpThreads) {
@@ -340,10 +396,7 @@ __global__ void __launch_bounds__(512) combine_reduce_kernel(
     if (out_w != nullptr) {
       for (int c = lane; c < k; c += kWarpThreads) {
         float s = 0.f;
-        for (int a = 0; a < na; ++a) {
-          const long long row = (srcs[warp][a] - (h + off_data)) / row_bytes;
-          s += reinterpret_cast<const volatile float*>(h + off_w)[row * k + c];
-        }
+        for (int a = 0; a < na; ++a) s += reinterpret_cast<const volatile float*>(wsrcs[warp][a])[c];
         out_w[(size_t)t * k + c] = s;
       }
     }

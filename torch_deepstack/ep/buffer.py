@@ -246,6 +246,15 @@ class Buffer:
                              f"on {self.group_size} ranks: normal mode needs at least {need} bytes "
                              f"(Config.get_nvl_buffer_size_hint gives a good size)")
 
+    def _host_list(self, t: torch.Tensor) -> list:
+        """t.tolist(), without a host sync when the fused path already has the values on the host."""
+        if self._ipc is not None and t.is_cuda:
+            from torch_deepstack.ep.intranode import intranode_for
+            cached = intranode_for(self._ipc).host_list(t)
+            if cached is not None:
+                return list(cached)
+        return t.tolist()
+
     # --- streams and events -----------------------------------------------------------------------------------
     def _run(self, fn, inputs, previous_event, async_finish, allocate_on_comm_stream):
         self._check_alive()
@@ -329,7 +338,7 @@ class Buffer:
         rx, rs, ridx, rw, per_expert, mask, rank_counts, src_idx = outs
         new_handle = DispatchHandle(torch.cumsum(rank_counts, 0, dtype=torch.int32), rank_counts, src_idx, mask,
                                     per_expert, num_worst_tokens, self.buffer_id)
-        per_expert_list = [] if num_worst_tokens > 0 else per_expert.tolist()
+        per_expert_list = [] if num_worst_tokens > 0 else self._host_list(per_expert)
         recv_x = (rx, rs) if x_scales is not None else rx
         if topk_idx is None:
             ridx = rw = None

@@ -34,10 +34,10 @@ def _kernel(header: str, name: str, signature: str, *targs):
 # Kernel signatures, one code per parameter in order (see torch_deepstack/jit/launch.py).
 _SIG = {
     "notify_dispatch_kernel": "pp iii p l p ii p l pp",
-    "dispatch_send_kernel": "p l i p l i pp ii pppp l ii p lllll",
-    "dispatch_recv_kernel": "p l p lllll iiiiiiii p i ppppp",
-    "combine_send_kernel": "p l i p i p ii p l p ll",
-    "combine_reduce_kernel": "p l p ll ppp iiiii pp",
+    "dispatch_send_kernel": "p l i p l i pp ii pppp l ii p lllll ppppp i",
+    "dispatch_recv_kernel": "p l p lllll iiiiiiii p i ppppp i",
+    "combine_send_kernel": "p l i p i p ii p l p ll i",
+    "combine_reduce_kernel": "p l p ll ppp iiiii pp pp",
     "ll_dispatch_send_kernel": "p l i p l i p iiii p l ii p ll i",
     "ll_dispatch_recv_kernel": "p l p ll iiiii pp ll ppp",
     "ll_combine_send_kernel": "p i pp iiii p l p l",
@@ -117,32 +117,61 @@ class Intranode:
         self.peer_base = torch.tensor(t.peer_base, dtype=torch.int64, device=t.device)
         self.area_ptr = t.area.data_ptr()
         self.all_blocks = 2 * torch.cuda.get_device_properties(t.device).multi_processor_count
-        self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> (weakref, counts on the host)
+        self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> (the tensor, counts on the host)
+        self._last_per_expert = None
+        self._err_host = self._err_event = None
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
+    # Host copies of small results: held with a strong reference to the device tensor, so its memory cannot be
+    # reused by another tensor while the entry lives, and a data_ptr match means the same result.
     def _remember(self, rc_dev: torch.Tensor, rc_host: torch.Tensor) -> None:
-        if len(self._host_counts) > 64:
-            self._host_counts = {p: v for p, v in self._host_counts.items() if v[0]() is not None}
-        self._host_counts[rc_dev.data_ptr()] = (weakref.ref(rc_dev), rc_host)
+        if len(self._host_counts) >= 64:
+            self._host_counts.pop(next(iter(self._host_counts)))
+        self._host_counts[rc_dev.data_ptr()] = (rc_dev, rc_host)
 
     def host_counts(self, rc_dev: torch.Tensor) -> torch.Tensor:
         """The rank-count matrix on the host: remembered from the dispatch that made it, else one device read."""
         hit = self._host_counts.get(rc_dev.data_ptr())
-        if hit is not None and hit[0]() is rc_dev:
+        if hit is not None and hit[0].shape == rc_dev.shape:
             return hit[1]
         rc_host = rc_dev.cpu()
         self._remember(rc_dev, rc_host)
         return rc_host
+
+    def host_list(self, t: torch.Tensor) -> list | None:
+        """The per-expert counts of the last exact dispatch as a host list, if `t` is that result."""
+        last = self._last_per_expert
+        if last is not None and last[0].data_ptr() == t.data_ptr() and last[0].shape == t.shape:
+            return last[1]
+        return None
+
+    # Errors without host syncs: the barrier's sticky error word is copied to pinned memory after each call and
+    # read at the start of the next one (the exact dispatch's count exchange also reports it at once).
+    def _raise_pending(self) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        if self._err_event is not None and self._err_event.query() and int(self._err_host[0]):
+            self.t.check_error()
+
+    def _finish(self) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        if self._err_host is None:
+            self._err_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+            self._err_event = torch.cuda.Event()
+        self._err_host.copy_(self.t.error, non_blocking=True)
+        self._err_event.record()
 
     def _barrier(self):
         self.t._barrier()
 
     # --- normal dispatch --------------------------------------------------------------------------------------
     def notify(self, mask: torch.Tensor, pos: torch.Tensor, topk_idx, L: int) -> torch.Tensor:
-        """Exchange counts: -> info int32 [R*R + L + 1] (rank counts, received tokens per local expert, error)."""
+        """Exchange counts: -> info int32 (see notify_dispatch_kernel): rank counts [R*R], received tokens per local
+        expert [L], bad-expert-id flags [R], lowest and highest id, error word."""
         t, R = self.t, self.R
         n = mask.shape[0]
-        info = torch.empty(R * R + L + 1, dtype=torch.int32, device=mask.device)
+        info = torch.empty(R * R + L + R + 3, dtype=torch.int32, device=mask.device)
         k = topk_idx.shape[1] if topk_idx is not None else 0
         notify_kernel().launch(1, 1024, pos[n - 1] if n else None, topk_idx, n, k, L, self.peer_base,
                                self.half_bytes, t.flag_table, self.rank, R, t.epoch, t.timeout_ns, t.error, info,
@@ -150,33 +179,53 @@ class Intranode:
         t.note_barrier()
         return info
 
-    def send_rows(self, x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay: NormalLayout):
+    def _check_notify(self, host: torch.Tensor, L: int, num_experts: int) -> None:
+        R = self.R
+        if int(host[-1]):
+            self.t.check_error()                       # raises: a peer did not reach the count exchange
+        bad = [r for r, b in enumerate(host[R * R + L:R * R + L + R].tolist()) if b]
+        if bad:
+            lo, hi = host[R * R + L + R:R * R + L + R + 2].tolist()
+            if self.rank in bad:
+                raise ValueError(f"ep_dispatch: topk_idx holds expert ids in [{lo}, {hi}]; valid ids are -1 "
+                                 f"(unused slot) and 0..{num_experts - 1} (num_experts={num_experts})")
+            raise ValueError(f"ep_dispatch: rank(s) {bad} passed topk_idx with expert ids in an invalid range "
+                             f"(valid: -1..{num_experts - 1}); every rank raises so that none waits for them")
+
+    def send_rows(self, x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay: NormalLayout, outs, L: int):
+        """Rows to every destination's area; this rank's own rows straight into `outs` (see alloc_outputs)."""
         n = x.shape[0]
         if n:
             k = topk_idx.shape[1] if topk_idx is not None else 0
             xb = x.view(torch.uint8) if x.dtype != torch.uint8 else x
+            recv_x, recv_scales, recv_topk, recv_w, recv_src = outs
             send_kernel().launch(num_sms, 512, xb, x.stride(0) * x.element_size(),
                                  x.shape[1] * x.element_size(), x_scales,
                                  x_scales.stride(0) if x_scales is not None else 0,
                                  x_scales.shape[1] if x_scales is not None else 0, topk_idx, topk_weights, k, n,
                                  mask, pos, rc_dev, self.peer_base, self.half_bytes, self.rank, self.R, self.t.epoch,
-                                 lay.data, lay.scales, lay.topk, lay.weights, lay.src)
+                                 lay.data, lay.scales, lay.topk, lay.weights, lay.src, recv_x.view(torch.uint8),
+                                 recv_scales, recv_topk, recv_w, recv_src, L)
         self._barrier()
 
-    def recv_rows(self, lay: NormalLayout, rc_dev, out_rows: int, row_bytes: int, dtype, num_scales: int, k: int,
-                  has_topk: bool, has_weights: bool, L: int):
-        dev = rc_dev.device
-        recv_x = torch.empty(out_rows, row_bytes // dtype.itemsize, dtype=dtype, device=dev)
-        recv_scales = torch.empty(out_rows, num_scales, dtype=torch.float32, device=dev)
-        recv_topk = torch.empty(out_rows, k, dtype=torch.int64, device=dev)
-        recv_w = torch.empty(out_rows, k, dtype=torch.float32, device=dev) if has_weights else None
-        recv_src = torch.empty(out_rows, dtype=torch.int32, device=dev)
+    @staticmethod
+    def alloc_outputs(out_rows: int, row_bytes: int, dtype, num_scales: int, k: int, has_weights: bool, device):
+        return (torch.empty(out_rows, row_bytes // dtype.itemsize, dtype=dtype, device=device),
+                torch.empty(out_rows, num_scales, dtype=torch.float32, device=device),
+                torch.empty(out_rows, k, dtype=torch.int64, device=device),
+                torch.empty(out_rows, k, dtype=torch.float32, device=device) if has_weights else None,
+                torch.empty(out_rows, dtype=torch.int32, device=device))
+
+    def recv_rows(self, lay: NormalLayout, rc_dev, outs, row_bytes: int, num_scales: int, k: int, has_topk: bool,
+                  L: int):
+        recv_x, recv_scales, recv_topk, recv_w, recv_src = outs
+        out_rows = recv_x.shape[0]
         if out_rows:
             recv_kernel().launch(self.all_blocks, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data,
                                  lay.scales, lay.topk, lay.weights, lay.src, row_bytes, num_scales, k, int(has_topk),
-                                 int(has_weights), L, self.rank, self.R, rc_dev, out_rows, recv_x.view(torch.uint8),
-                                 recv_scales, recv_topk, recv_w, recv_src)
-        return recv_x, recv_scales, recv_topk, recv_w, recv_src
+                                 int(recv_w is not None), L, self.rank, self.R, rc_dev, out_rows,
+                                 recv_x.view(torch.uint8), recv_scales, recv_topk, recv_w, recv_src, 1)
+        return outs
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, mask, num_experts: int, expert_alignment: int,
                  num_worst_tokens: int):
@@ -195,6 +244,7 @@ class Intranode:
         topk_idx = topk_idx.contiguous() if topk_idx is not None else None
         topk_weights = topk_weights.contiguous() if topk_weights is not None else None
         mask = mask.contiguous()
+        self._raise_pending()
         pos = torch.cumsum(mask, 0, dtype=torch.int32)
         info = self.notify(mask, pos, topk_idx, L)
         rc_dev = info[:R * R].view(R, R)
@@ -203,22 +253,22 @@ class Intranode:
             per_expert = info[R * R:R * R + L]
             per_expert = (per_expert + (expert_alignment - 1)) // expert_alignment * expert_alignment
         else:
-            host = info.cpu()
-            if int(host[-1]):
-                self.t.check_error()                   # raises: a peer did not reach the count exchange
+            host = info.cpu()                          # the one host sync of an exact-size dispatch
+            self._check_notify(host, L, num_experts)
             rc_host = host[:R * R].view(R, R)
             if int(rc_host.sum(0).max()) > lay.cap:
                 return None
             self._remember(rc_dev, rc_host)
             out_rows = int(rc_host[:, rank].sum())
             a = expert_alignment
-            per_expert = torch.tensor([(int(v) + a - 1) // a * a for v in host[R * R:R * R + L].tolist()],
-                                      dtype=torch.int32).to(x.device, non_blocking=True)
-        self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay)
-        recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(
-            lay, rc_dev, out_rows, row_bytes, x.dtype, num_scales, k, topk_idx is not None,
-            topk_weights is not None, L)
-        self.t.check_error()
+            counts = [(int(v) + a - 1) // a * a for v in host[R * R:R * R + L].tolist()]
+            per_expert = torch.tensor(counts, dtype=torch.int32).to(x.device, non_blocking=True)
+            self._last_per_expert = (per_expert, counts)
+        outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, topk_weights is not None, x.device)
+        self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, outs, L)
+        recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales,
+                                                                          k, topk_idx is not None, L)
+        self._finish()
         if x_scales is None:
             recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
         if recv_w is None:
@@ -235,14 +285,15 @@ class Intranode:
                 return None
         elif int(self.host_counts(rc_dev).sum(0).max()) > lay.cap:
             return None
+        self._raise_pending()
         x = x if x.stride(-1) == 1 else x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
         mask = mask.contiguous()
         pos = torch.cumsum(mask, 0, dtype=torch.int32)
-        self.send_rows(x, x_scales, None, None, mask, pos, rc_dev, lay)
-        recv_x, recv_scales, _, _, _ = self.recv_rows(lay, rc_dev, num_recv, row_bytes, x.dtype, num_scales, 0,
-                                                      False, False, 0)
-        self.t.check_error()
+        outs = self.alloc_outputs(num_recv, row_bytes, x.dtype, num_scales, 0, False, x.device)
+        self.send_rows(x, x_scales, None, None, mask, pos, rc_dev, lay, outs, 0)
+        recv_x, recv_scales, _, _, _ = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales, 0, False, 0)
+        self._finish()
         if x_scales is None:
             recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
         return recv_x, recv_scales
@@ -260,6 +311,7 @@ class Intranode:
                 return None
         elif int(self.host_counts(rc_dev).sum(1).max()) > lay.cap:
             return None
+        self._raise_pending()
         mask = mask.contiguous()
         pos = torch.cumsum(mask, 0, dtype=torch.int32)
         x = x.contiguous()
@@ -267,15 +319,16 @@ class Intranode:
         if x.shape[0]:
             combine_send_kernel().launch(num_sms, 512, x.view(torch.uint8), row_bytes, row_bytes, w, k, rc_dev,
                                          rank, R, self.peer_base, self.half_bytes, self.t.epoch, lay.data,
-                                         lay.weights)
+                                         lay.weights, 1)
         self._barrier()
         out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
         out_w = torch.empty(n, k, dtype=torch.float32, device=x.device)
         if n:
             combine_reduce_kernel(x.dtype).launch(self.all_blocks, 512, self.area_ptr, self.half_bytes,
                                                   self.t.epoch, lay.data, lay.weights, mask, pos, rc_dev, rank, R,
-                                                  n, hidden, k, out, out_w if k else None)
-        self.t.check_error()
+                                                  n, hidden, k, out, out_w if k else None, x.view(torch.uint8),
+                                                  w)
+        self._finish()
         return out, out_w
 
 
@@ -322,6 +375,7 @@ class FusedLowLatencyDispatch:
         G = x_scales.shape[1] if x_scales is not None else 0
         self.lay = lay = LowLatencyLayout(R, L, M, data_bytes, G)
         self.data_bytes, self.G = data_bytes, G
+        f._raise_pending()
         topk = topk_idx.contiguous()
         x = x if x.stride(-1) == 1 else x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
@@ -349,7 +403,7 @@ class FusedLowLatencyDispatch:
         ll_recv_kernel().launch(self.L, 512, f.area_ptr, f.half_bytes, f.t.epoch, self.lay.counts, self.lay.slots,
                                 self.lay.msg, self.data_bytes, self.G, self.M, f.R, self.recv_x.view(torch.uint8),
                                 rs if self.G else None, sl, sg, self.count, self.src_info, self.layout_range)
-        f.t.check_error()
+        f._finish()
         return self.outputs
 
 
@@ -359,6 +413,7 @@ class FusedLowLatencyCombine:
 
     def __init__(self, transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int, out=None):
         f = self.f = intranode_for(transport)
+        f._raise_pending()
         L, cap, hidden = x.shape
         self.M = num_max
         self.row_bytes = hidden * x.element_size()
@@ -382,7 +437,7 @@ class FusedLowLatencyCombine:
                                                         self.topk.shape[1], self.hidden, self.M, out)
             if out is not self.out:
                 self.out.copy_(out)
-        f.t.check_error()
+        f._finish()
         return self.out
 
 

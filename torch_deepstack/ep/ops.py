@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from torch_deepstack._library import autograd, cuda_kernel, reference, sample_inputs
-from torch_deepstack.ep import core
+from torch_deepstack.ep import core, intranode
 from torch_deepstack.ep.checks import (FP8_GROUP, check_expert_range, check_same_device, check_topk,
                                        check_topology, check_x)
 from torch_deepstack.ep.layout import dispatch_layout
@@ -71,9 +71,13 @@ def dispatch_impl(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_exp
                         expert_alignment, num_worst_tokens)
     check_same_device(op, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights,
                       is_token_in_rank=is_token_in_rank)
-    if topk_idx is not None:
-        check_expert_range(op, topk_idx, num_experts)
     t = _transport(op, group_name, x.device, num_ranks)
+    # The fused NVLink exact-size dispatch checks expert ids in its count exchange (every rank raises together),
+    # which saves this host sync; the other paths check here, before any collective.
+    checked_in_kernel = (num_worst_tokens == 0 and is_token_in_rank is not None
+                         and intranode.usable(t, x.shape[1] * x.element_size()))
+    if topk_idx is not None and not checked_in_kernel:
+        check_expert_range(op, topk_idx, num_experts)
     return core.dispatch(t, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment,
                          num_worst_tokens)
 
