@@ -69,34 +69,33 @@ __device__ __forceinline__ void warp_copy_row_to(const uint8_t* src, uint8_t* co
 }
 
 // kElems floats to one 16-byte vector of T (round to nearest even).
-template <typename T> struct Pack16;
+__device__ __forceinline__ uint32_t pack2(float a, float b, __nv_bfloat16) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&p);
+}
+__device__ __forceinline__ uint32_t pack2(float a, float b, __half) {
+  const __half2 p = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&p);
+}
+template <typename T> struct Pack16 {   // 2-byte types
+  static __device__ __forceinline__ uint4 run(const float (&f)[8]) {
+    return make_uint4(pack2(f[0], f[1], T()), pack2(f[2], f[3], T()), pack2(f[4], f[5], T()), pack2(f[6], f[7], T()));
+  }
+};
 template <> struct Pack16<float> {
   static __device__ __forceinline__ uint4 run(const float (&f)[4]) {
     return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
   }
 };
-template <> struct Pack16<__nv_bfloat16> {
-  static __device__ __forceinline__ uint4 run(const float (&f)[8]) {
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat162 p = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-      w[i] = *reinterpret_cast<const uint32_t*>(&p);
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
-};
-template <> struct Pack16<__half> {
-  static __device__ __forceinline__ uint4 run(const float (&f)[8]) {
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __half2 p = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-      w[i] = *reinterpret_cast<const uint32_t*>(&p);
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
-};
+
+// The ranks token t goes to (mask row t), one lane per rank: returns how many; `a` is this lane's index among them
+// (valid when the lane's rank is in the mask), so the warp can list destinations in rank order.
+__device__ __forceinline__ int warp_mask_ranks(const bool* __restrict__ mask, int t, int R, int lane, bool& m, int& a) {
+  m = lane < R && mask[(size_t)t * R + lane];
+  const unsigned act = __ballot_sync(0xffffffffu, m);
+  a = __popc(act & ((1u << lane) - 1u));
+  return __popc(act);
+}
 
 // Exclusive prefix over lanes (values of lanes >= n count as 0).
 __device__ __forceinline__ int warp_exclusive_sum(int v, int lane) {
@@ -219,11 +218,10 @@ __global__ void __launch_bounds__(512) dispatch_send_kernel(
   const int units = row_bytes / 16;
   const int warps = gridDim.x * (blockDim.x / kWarpThreads);
   for (int t = blockIdx.x * (blockDim.x / kWarpThreads) + warp; t < n; t += warps) {
-    const bool m = lane < R && mask[(size_t)t * R + lane];
-    const unsigned act = __ballot_sync(0xffffffffu, m);
-    const int na = __popc(act);
+    bool m;
+    int a;
+    const int na = warp_mask_ranks(mask, t, R, lane, m, a);
     if (m) {
-      const int a = __popc(act & ((1u << lane) - 1u));
       const long long row = base + pos[(size_t)t * R + lane] - 1;
       dsts[warp][a] = area;
       rows[warp][a] = row;
@@ -365,11 +363,10 @@ __global__ void __launch_bounds__(512) combine_reduce_kernel(
   const int units = hidden / kElems;
   const int warps = gridDim.x * (blockDim.x / kWarpThreads);
   for (int t = blockIdx.x * (blockDim.x / kWarpThreads) + warp; t < n; t += warps) {
-    const bool m = lane < R && mask[(size_t)t * R + lane];
-    const unsigned act = __ballot_sync(0xffffffffu, m);
-    const int na = __popc(act);
+    bool m;
+    int a;
+    const int na = warp_mask_ranks(mask, t, R, lane, m, a);
     if (m) {
-      const int a = __popc(act & ((1u << lane) - 1u));
       const long long slot = pos[(size_t)t * R + lane] - 1;
       if (x_self != nullptr && lane == rank) {
         srcs[warp][a] = x_self + (self_begin + slot) * row_bytes;

@@ -440,6 +440,9 @@ def error_checks(rank, ws, device="cpu", transport="auto"):
         ll.low_latency_dispatch(x.bfloat16(), idx, 16, num_experts)
     with pytest.raises(ValueError, match="num_worst_tokens=.* gives each source rank"):
         buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=ws, **kw)
+    if transport == "ipc":      # every rank lays out its peer-mapped area alike, so sizes must agree
+        with pytest.raises(ValueError, match="same buffer size"):
+            make_buffer(device, transport, num_nvl_bytes=(1 << 22) + rank * (1 << 16))
     # the group still works after all that
     y, _, _ = buf.combine(rx, handle)
     assert y.shape == x.shape

@@ -8,7 +8,6 @@ receive area (the decision uses numbers every rank has, so all ranks take the sa
 """
 from __future__ import annotations
 
-import weakref
 
 import torch
 
@@ -27,10 +26,6 @@ def _align(v: int, a: int = _ALIGN) -> int:
     return (v + a - 1) // a * a
 
 
-def _kernel(header: str, name: str, signature: str, *targs):
-    return get_kernel(KernelSpec(f"ep/{header}", f"deepstack::ep::{name}", targs), signature)
-
-
 # Kernel signatures, one code per parameter in order (see torch_deepstack/jit/launch.py).
 _SIG = {
     "notify_dispatch_kernel": "pp iii p l p ii p l pp",
@@ -45,44 +40,10 @@ _SIG = {
 }
 
 
-def _kernel(header: str, name: str, *targs):
+def kernel(name: str, *targs):
+    """A compiled kernel of src/ep/intranode.cuh (ll_* names: low_latency.cuh), specialised on `targs`."""
+    header = "low_latency.cuh" if name.startswith("ll_") else "intranode.cuh"
     return get_kernel(KernelSpec(f"ep/{header}", f"deepstack::ep::{name}", targs), _SIG[name].replace(" ", ""))
-
-
-def notify_kernel():
-    return _kernel("intranode.cuh", "notify_dispatch_kernel", MAX_RANKS)
-
-
-def send_kernel():
-    return _kernel("intranode.cuh", "dispatch_send_kernel", MAX_RANKS)
-
-
-def recv_kernel():
-    return _kernel("intranode.cuh", "dispatch_recv_kernel", MAX_RANKS)
-
-
-def combine_send_kernel():
-    return _kernel("intranode.cuh", "combine_send_kernel", MAX_RANKS)
-
-
-def combine_reduce_kernel(dtype):
-    return _kernel("intranode.cuh", "combine_reduce_kernel", _CTYPE[dtype], MAX_RANKS)
-
-
-def ll_send_kernel():
-    return _kernel("low_latency.cuh", "ll_dispatch_send_kernel", MAX_RANKS)
-
-
-def ll_recv_kernel():
-    return _kernel("low_latency.cuh", "ll_dispatch_recv_kernel", MAX_RANKS)
-
-
-def ll_combine_send_kernel():
-    return _kernel("low_latency.cuh", "ll_combine_send_kernel", MAX_RANKS)
-
-
-def ll_combine_reduce_kernel(dtype):
-    return _kernel("low_latency.cuh", "ll_combine_reduce_kernel", _CTYPE[dtype])
 
 
 class NormalLayout:
@@ -165,6 +126,13 @@ class Intranode:
     def _barrier(self):
         self.t._barrier()
 
+    def _fits(self, lay: NormalLayout, rc_dev, num_worst_tokens: int, axis: int) -> bool:
+        """Whether every rank's rows fit one half: rows received per rank are rc's column sums (axis 0: dispatch)
+        or, for combine, its row sums (axis 1); num_worst_tokens bounds both. The same answer on every rank."""
+        if num_worst_tokens:
+            return num_worst_tokens <= lay.cap
+        return int(self.host_counts(rc_dev).sum(axis).max()) <= lay.cap
+
     # --- normal dispatch --------------------------------------------------------------------------------------
     def notify(self, mask: torch.Tensor, pos: torch.Tensor, topk_idx, L: int) -> torch.Tensor:
         """Exchange counts: -> info int32 (see notify_dispatch_kernel): rank counts [R*R], received tokens per local
@@ -173,9 +141,9 @@ class Intranode:
         n = mask.shape[0]
         info = torch.empty(R * R + L + R + 3, dtype=torch.int32, device=mask.device)
         k = topk_idx.shape[1] if topk_idx is not None else 0
-        notify_kernel().launch(1, 1024, pos[n - 1] if n else None, topk_idx, n, k, L, self.peer_base,
-                               self.half_bytes, t.flag_table, self.rank, R, t.epoch, t.timeout_ns, t.error, info,
-                               smem=R * L * 4)
+        kernel("notify_dispatch_kernel", MAX_RANKS).launch(1, 1024, pos[n - 1] if n else None, topk_idx, n, k, L,
+                                                           self.peer_base, self.half_bytes, t.flag_table, self.rank, R,
+                                                           t.epoch, t.timeout_ns, t.error, info, smem=R * L * 4)
         t.note_barrier()
         return info
 
@@ -199,13 +167,12 @@ class Intranode:
             k = topk_idx.shape[1] if topk_idx is not None else 0
             xb = x.view(torch.uint8) if x.dtype != torch.uint8 else x
             recv_x, recv_scales, recv_topk, recv_w, recv_src = outs
-            send_kernel().launch(num_sms, 512, xb, x.stride(0) * x.element_size(),
-                                 x.shape[1] * x.element_size(), x_scales,
-                                 x_scales.stride(0) if x_scales is not None else 0,
-                                 x_scales.shape[1] if x_scales is not None else 0, topk_idx, topk_weights, k, n,
-                                 mask, pos, rc_dev, self.peer_base, self.half_bytes, self.rank, self.R, self.t.epoch,
-                                 lay.data, lay.scales, lay.topk, lay.weights, lay.src, recv_x.view(torch.uint8),
-                                 recv_scales, recv_topk, recv_w, recv_src, L)
+            launch = kernel("dispatch_send_kernel", MAX_RANKS).launch
+            launch(num_sms, 512, xb, x.stride(0) * x.element_size(), x.shape[1] * x.element_size(), x_scales,
+                   x_scales.stride(0) if x_scales is not None else 0, x_scales.shape[1] if x_scales is not None else 0,
+                   topk_idx, topk_weights, k, n, mask, pos, rc_dev, self.peer_base, self.half_bytes, self.rank, self.R,
+                   self.t.epoch, lay.data, lay.scales, lay.topk, lay.weights, lay.src, recv_x.view(torch.uint8),
+                   recv_scales, recv_topk, recv_w, recv_src, L)
         self._barrier()
 
     @staticmethod
@@ -221,10 +188,11 @@ class Intranode:
         recv_x, recv_scales, recv_topk, recv_w, recv_src = outs
         out_rows = recv_x.shape[0]
         if out_rows:
-            recv_kernel().launch(self.all_blocks, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data,
-                                 lay.scales, lay.topk, lay.weights, lay.src, row_bytes, num_scales, k, int(has_topk),
-                                 int(recv_w is not None), L, self.rank, self.R, rc_dev, out_rows,
-                                 recv_x.view(torch.uint8), recv_scales, recv_topk, recv_w, recv_src, 1)
+            launch = kernel("dispatch_recv_kernel", MAX_RANKS).launch
+            launch(self.all_blocks, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data, lay.scales, lay.topk,
+                   lay.weights, lay.src, row_bytes, num_scales, k, int(has_topk), int(recv_w is not None), L,
+                   self.rank, self.R, rc_dev, out_rows, recv_x.view(torch.uint8), recv_scales, recv_topk, recv_w,
+                   recv_src, 1)
         return outs
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, mask, num_experts: int, expert_alignment: int,
@@ -280,10 +248,7 @@ class Intranode:
         row_bytes = x.shape[1] * x.element_size()
         num_scales = x_scales.shape[1] if x_scales is not None else 0
         lay = NormalLayout(self.half_bytes, R, 0, row_bytes, num_scales, 0)
-        if num_worst_tokens:
-            if num_worst_tokens > lay.cap:
-                return None
-        elif int(self.host_counts(rc_dev).sum(0).max()) > lay.cap:
+        if not self._fits(lay, rc_dev, num_worst_tokens, 0):
             return None
         self._raise_pending()
         x = x if x.stride(-1) == 1 else x.contiguous()
@@ -306,10 +271,7 @@ class Intranode:
         row_bytes = hidden * x.element_size()
         k = topk_weights.shape[1] if topk_weights is not None else 0
         lay = NormalLayout(self.half_bytes, R, 0, row_bytes, 0, k, with_notify=False, with_topk=False)
-        if num_worst_tokens:
-            if num_worst_tokens > lay.cap:
-                return None
-        elif int(self.host_counts(rc_dev).sum(1).max()) > lay.cap:
+        if not self._fits(lay, rc_dev, num_worst_tokens, 1):
             return None
         self._raise_pending()
         mask = mask.contiguous()
@@ -317,17 +279,16 @@ class Intranode:
         x = x.contiguous()
         w = topk_weights.contiguous() if topk_weights is not None else None
         if x.shape[0]:
-            combine_send_kernel().launch(num_sms, 512, x.view(torch.uint8), row_bytes, row_bytes, w, k, rc_dev,
-                                         rank, R, self.peer_base, self.half_bytes, self.t.epoch, lay.data,
-                                         lay.weights, 1)
+            kernel("combine_send_kernel", MAX_RANKS).launch(num_sms, 512, x.view(torch.uint8), row_bytes, row_bytes, w,
+                                                            k, rc_dev, rank, R, self.peer_base, self.half_bytes,
+                                                            self.t.epoch, lay.data, lay.weights, 1)
         self._barrier()
         out = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
         out_w = torch.empty(n, k, dtype=torch.float32, device=x.device)
         if n:
-            combine_reduce_kernel(x.dtype).launch(self.all_blocks, 512, self.area_ptr, self.half_bytes,
-                                                  self.t.epoch, lay.data, lay.weights, mask, pos, rc_dev, rank, R,
-                                                  n, hidden, k, out, out_w if k else None, x.view(torch.uint8),
-                                                  w)
+            launch = kernel("combine_reduce_kernel", _CTYPE[x.dtype], MAX_RANKS).launch
+            launch(self.all_blocks, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data, lay.weights, mask,
+                   pos, rc_dev, rank, R, n, hidden, k, out, out_w if k else None, x.view(torch.uint8), w)
         self._finish()
         return out, out_w
 
@@ -379,10 +340,12 @@ class FusedLowLatencyDispatch:
         topk = topk_idx.contiguous()
         x = x if x.stride(-1) == 1 else x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
-        ll_send_kernel().launch(max(1, min(f.all_blocks, -(-num_experts // 8))), 256, x.view(torch.uint8),
-                                x.stride(0) * x.element_size(), data_bytes, x_scales,
-                                x_scales.stride(0) if x_scales is not None else 0, G, topk, n, k, M, L, f.peer_base,
-                                f.half_bytes, rank, R, transport.epoch, lay.counts, lay.slots, lay.msg)
+        kernel("ll_dispatch_send_kernel", MAX_RANKS).launch(max(1, min(f.all_blocks, -(-num_experts // 8))), 256,
+                                                            x.view(torch.uint8), x.stride(0) * x.element_size(),
+                                                            data_bytes, x_scales,
+                                                            x_scales.stride(0) if x_scales is not None else 0, G, topk,
+                                                            n, k, M, L, f.peer_base, f.half_bytes, rank, R,
+                                                            transport.epoch, lay.counts, lay.slots, lay.msg)
         cap = M * R
         self.recv_x = torch.empty(L, cap, hidden, dtype=x.dtype, device=dev)
         if G:   # MN-major and TMA-aligned per expert, as the masked grouped FP8 GEMM reads them
@@ -400,9 +363,11 @@ class FusedLowLatencyDispatch:
         f._barrier()
         rs = self.recv_scales
         sl, sg = (rs.stride(0), rs.stride(2)) if self.G else (0, 0)
-        ll_recv_kernel().launch(self.L, 512, f.area_ptr, f.half_bytes, f.t.epoch, self.lay.counts, self.lay.slots,
-                                self.lay.msg, self.data_bytes, self.G, self.M, f.R, self.recv_x.view(torch.uint8),
-                                rs if self.G else None, sl, sg, self.count, self.src_info, self.layout_range)
+        kernel("ll_dispatch_recv_kernel", MAX_RANKS).launch(self.L, 512, f.area_ptr, f.half_bytes, f.t.epoch,
+                                                            self.lay.counts, self.lay.slots, self.lay.msg,
+                                                            self.data_bytes, self.G, self.M, f.R,
+                                                            self.recv_x.view(torch.uint8), rs if self.G else None, sl,
+                                                            sg, self.count, self.src_info, self.layout_range)
         f._finish()
         return self.outputs
 
@@ -418,9 +383,10 @@ class FusedLowLatencyCombine:
         self.M = num_max
         self.row_bytes = hidden * x.element_size()
         x = x.contiguous()
-        ll_combine_send_kernel().launch(f.all_blocks, 256, x.view(torch.uint8), self.row_bytes,
-                                        src_info.contiguous(), layout_range.contiguous(), L, num_max, f.rank, f.R,
-                                        f.peer_base, f.half_bytes, transport.epoch, 0)
+        kernel("ll_combine_send_kernel", MAX_RANKS).launch(f.all_blocks, 256, x.view(torch.uint8), self.row_bytes,
+                                                           src_info.contiguous(), layout_range.contiguous(), L,
+                                                           num_max, f.rank, f.R, f.peer_base, f.half_bytes,
+                                                           transport.epoch, 0)
         self.topk = topk_idx.contiguous()
         self.w = topk_weights.contiguous().float()
         self.n, self.hidden, self.dtype = topk_idx.shape[0], hidden, x.dtype
@@ -432,9 +398,9 @@ class FusedLowLatencyCombine:
         if self.n:
             out = self.out if self.out.is_contiguous() and self.out.dtype == self.dtype else \
                 torch.empty(self.n, self.hidden, dtype=self.dtype, device=self.out.device)
-            ll_combine_reduce_kernel(self.dtype).launch(max(1, min(4 * f.all_blocks, self.n)), 256, f.area_ptr,
-                                                        f.half_bytes, f.t.epoch, 0, self.topk, self.w, self.n,
-                                                        self.topk.shape[1], self.hidden, self.M, out)
+            launch = kernel("ll_combine_reduce_kernel", _CTYPE[self.dtype]).launch
+            launch(max(1, min(4 * f.all_blocks, self.n)), 256, f.area_ptr, f.half_bytes, f.t.epoch, 0, self.topk,
+                   self.w, self.n, self.topk.shape[1], self.hidden, self.M, out)
             if out is not self.out:
                 self.out.copy_(out)
         f._finish()

@@ -98,13 +98,17 @@ class IpcTransport:
         torch.cuda.synchronize()
         # Every peer's area and flags are mapped into *this* GPU's context (cuIpcOpenMemHandle with lazy peer
         # access), so this GPU's kernels can store into them through raw pointers.
-        mine = (driver.ipc_export(self.area.data_ptr()), driver.ipc_export(self.flags.data_ptr()))
+        mine = (driver.ipc_export(self.area.data_ptr()), driver.ipc_export(self.flags.data_ptr()), self.slot_bytes)
         everyone: list = [None] * R
         dist.all_gather_object(everyone, mine, group=group)
+        sizes = [e[2] for e in everyone]
+        if len(set(sizes)) != 1:     # every rank lays out its area the same way: sizes must match
+            raise ValueError(f"ep.Buffer: every rank must pass the same buffer size; the IPC areas would be "
+                             f"{[2 * R * b for b in sizes]} bytes on ranks 0..{R - 1}")
         self._opened: list[bytes] = []
         self.peer_base: list[int] = []             # each rank's area, as an address valid on this GPU
         flag_ptrs: list[int] = []
-        for j, (area_h, flags_h) in enumerate(everyone):
+        for j, (area_h, flags_h, _) in enumerate(everyone):
             if j == self.rank:
                 self.peer_base.append(self.area.data_ptr())
                 flag_ptrs.append(self.flags.data_ptr())
@@ -161,7 +165,7 @@ class IpcTransport:
 
     # --- moves ------------------------------------------------------------------------------------------------
     def all_to_all_fixed(self, send: torch.Tensor) -> torch.Tensor:
-        R, me = self.world_size, self.rank
+        R = self.world_size
         if send.shape[0] != R:
             raise ValueError(f"ipc all_to_all_fixed: first dim must be num_ranks={R}, got {tuple(send.shape)}")
         sb = send.contiguous().view(torch.uint8).reshape(R, -1)
@@ -193,7 +197,7 @@ class IpcTransport:
                                    f"{str(e).splitlines()[0]}") from e
 
     def all_to_all_v(self, send: torch.Tensor, send_splits, recv_splits) -> torch.Tensor:
-        R, me = self.world_size, self.rank
+        R = self.world_size
         row = send[0].numel() * send.element_size() if send.shape[0] else \
             int(torch.tensor(send.shape[1:]).prod()) * send.element_size()
         sb = send.contiguous().view(torch.uint8).reshape(-1)
