@@ -112,3 +112,29 @@ def test_dataloader_workers_do_not_poll_for_completions(tmp_path):
     assert got == [[0]]
     with pytest.raises(st.InvalidArgument, match="spin_us"):
         st.connect(uri, spin_us=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int16, torch.uint8, torch.bfloat16])
+def test_list_path_fixed_shape_tensors(fs, dtype):
+    """Non-batched fixed-shape samples come back as views made by one strided view of the batch buffer."""
+    rng = np.random.default_rng()
+    shape = tuple(int(k) for k in rng.integers(1, 40, 2))
+    x = torch.from_numpy(rng.standard_normal((300, *shape)) * 100).to(dtype)
+    pack(fs, "/f", x, shard_bytes=int(rng.integers(20_000, 80_000)))
+    ds = DeepstackDataset(fs, "/f")
+    for b in (1, 2, 77):
+        idx = rng.integers(-300, 300, b).tolist()
+        got = ds.__getitems__(idx)
+        assert len(got) == b
+        for g, i in zip(got, idx):
+            assert g.dtype == dtype and g.shape == shape and torch.equal(g, x[i])
+
+
+def test_list_path_variable_shape_tensors(fs):
+    rng = np.random.default_rng()
+    xs = [torch.from_numpy(rng.standard_normal((int(rng.integers(0, 50)), 3)).astype(np.float32)) for _ in range(120)]
+    pack(fs, "/v", xs)
+    ds = DeepstackDataset(fs, "/v")
+    idx = rng.integers(0, 120, 64).tolist()
+    got = ds.__getitems__(idx)
+    assert all(g.shape == xs[i].shape and torch.equal(g, xs[i]) for g, i in zip(got, idx))

@@ -255,14 +255,36 @@ class DeepstackDataset(torch.utils.data.Dataset):
             shape = tuple(self.index.meta["shape"])
             batch = data.view(dtype).view(len(idx), *shape) if len(idx) else torch.empty(0, *shape, dtype=dtype)
             return batch, None
-        return None, [self._decode(data, int(i), int(st), int(n)) for i, st, n in zip(idx, p.starts, lengths)]
+        return None, self._decode_all(data, idx, p.starts, lengths)
 
-    def _decode(self, data: torch.Tensor, i: int, start: int, n: int):
-        raw = data[start:start + n]
-        if self.index.sample_type == "bytes":
+    def _decode_all(self, data: torch.Tensor, idx: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list:
+        """The samples as views of the batch buffer, made by a few tensor ops rather than one Python slice per
+        sample (which cost ~4 us each)."""
+        b = len(idx)
+        if b == 0:
+            return []
+        ix = self.index
+        n0 = int(lengths[0])
+        if ix.sample_type == "tensor" and ix.shapes is None and n0 > 0 and (lengths == n0).all():
+            slot = int(starts[1] - starts[0]) if b > 1 else n0
+            if (starts == np.arange(b, dtype=np.int64) * slot).all():  # uniform slots: one strided view
+                rows = data.as_strided((b, n0), (slot, 1))
+                return list(rows.view(ix.dtype).view(b, *ix.meta["shape"]).unbind(0))
+        # Variable sizes: one split over the buffer (sample, gap, sample, gap, ...) in buffer order.
+        order = np.argsort(starts, kind="stable")
+        st, ln = starts[order], lengths[order]
+        sizes = np.empty(2 * b, np.int64)
+        sizes[0::2] = ln
+        sizes[1:-1:2] = st[1:] - (st[:-1] + ln[:-1])
+        sizes[-1] = data.numel() - int(st[-1] + ln[-1])
+        pieces = torch.split(data[int(st[0]):], sizes.tolist())[0::2]
+        inv = np.empty(b, np.int64)
+        inv[order] = np.arange(b)
+        raw = [pieces[j] for j in inv.tolist()]
+        if ix.sample_type == "bytes":
             return raw
-        dtype = self.index.dtype
-        return raw.view(dtype).view(self.index.shape_of(i))
+        dtype = ix.dtype
+        return [r.view(dtype).view(ix.shape_of(int(i))) for r, i in zip(raw, idx.tolist())]
 
     def name(self, i: int) -> str | None:
         """The recorded name of sample i (e.g. its source file), if the pack has names."""
