@@ -37,7 +37,9 @@ NOTES = [
     "The embedded read path plans a whole batch in one native call (`ds_table_read` in src/storage/fastio.cpp:",
     "per-file chunk tables of fds, lengths and page CRCs; the batch goes to io_uring at once, every block's",
     "CRC32C is checked, unaligned requests are copied out of a bounce arena), so Python costs about 1-2 us per",
-    "request in `batch_read` (building the request list and the results) and ~10 us per call in `read_array`.",
+    "request in `batch_read` (building the request list and the results) and ~10 us per call in `read_array`",
+    "(its rows draw the offsets up front, as a dataset's index holds them; drawing them with numpy per call",
+    "had cost more than the call itself at qd 1).",
     "The reader polls the completion ring before sleeping (hybrid polling, the window growing with the batch;",
     "fio's batched mode sleeps), which is worth most at small queue depths on this virtio disk.",
     "Before the array path (same machine and command, earlier on 2026-11-29) embedded 4 KiB reads reached",
@@ -45,11 +47,15 @@ NOTES = [
     "Large blocks: fio's own rate swings by 2x between neighbouring rows (e.g. 1 MiB at qd 4 against qd 16),",
     "and the ratio with it; an A/B of the old and new read paths on one file, alternating runs, showed no",
     "difference at 128 KiB and 1 MiB (the device is the limit there) and +45% at 4 KiB qd 4.",
-    "The loopback cluster is unchanged by this work and CPU/latency-bound: client, three services and the",
-    "manager share two cores, so every read pays two process hops and the services' Python request handling",
-    "(about 50 us of service CPU per 4 KiB read); and its replicas share the one disk, so 1/3 is the write",
-    "ceiling. The disk's speed moves by up to 2x from minute to minute (the host's other tenants), hence the",
-    "interleaved best-of runs.",
+    "The loopback cluster is unchanged by this work (so its ratio fell as embedded got faster) and",
+    "latency-bound: a batch is split over three services (about qd/3 reads each), each read pays two process",
+    "hops, and client, services and manager share two cores. A py-spy profile of one service at 4 KiB qd 16",
+    "(2026-11-29 14:10 UTC): ~26% of its thread's time waiting for the next request, ~28% waiting for I/O",
+    "completions (services sleep instead of polling), ~20% in sendmsg and io_uring submission, ~15-20% in",
+    "Python request handling. Closing that gap needs more batches in flight per client or a short-circuit",
+    "local read of a co-located serving replica, not cheaper per-request code. Its replicas share the one",
+    "disk, so 1/3 is the write ceiling. The disk's speed moves by up to 2x from minute to minute (the host's",
+    "other tenants), hence the interleaved best-of runs.",
 ]
 
 
@@ -86,22 +92,24 @@ def bench_reads(fs, path, size, bs, qd, seconds):
 
 
 def bench_reads_array(fs, path, size, bs, qd, seconds):
-    """The same pattern through the vectorised API: one `read_array` call per qd requests."""
+    """The same pattern through the vectorised API: one `read_array` call per qd requests (offsets drawn up
+    front, as a dataset's index holds them)."""
     f = fs.open(path)
     buf = aligned(qd * bs)
-    rng = np.random.default_rng(1234)
     nblocks = size // bs
+    offsets = np.random.default_rng(1234).integers(0, nblocks, (int(seconds * 400_000) // qd + 2, qd)) * bs
     lengths = np.full(qd, bs, np.int64)
     dests = np.arange(qd, dtype=np.int64) * bs
-    fs.read_array(f, rng.integers(0, nblocks, qd) * bs, lengths, buf, dests).raise_first()
+    fs.read_array(f, offsets[-1], lengths, buf, dests).raise_first()
     ios = 0
     t0 = time.perf_counter()
-    while True:
-        fs.read_array(f, rng.integers(0, nblocks, qd) * bs, lengths, buf, dests).raise_first()
+    for row in offsets:
+        fs.read_array(f, row, lengths, buf, dests).raise_first()
         ios += qd
         dt = time.perf_counter() - t0
         if dt >= seconds:
             return ios / dt
+    return ios / (time.perf_counter() - t0)
 
 
 def fio_reads(files, bs, qd, seconds, batched=True):

@@ -157,8 +157,10 @@ class ArrayReader:
         `out_size` bytes, -, index into `inodes`). Returns column 3: each request's byte count (holes read as
         zeros), SLOW for those the general path must serve, BAD for invalid ones."""
         lib = fastio.load()
-        tables = [self._table(ino) for ino in inodes]
+        tables: list[ChunkTable] = []
         try:
+            for ino in inodes:
+                tables.append(self._table(ino))
             ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
             ring = fastio.uring()
             ctx = 0 if ring else fastio.aio_context()
