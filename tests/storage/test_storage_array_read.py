@@ -2,6 +2,7 @@
 and CRC-checks a whole batch. Every result is compared with the bytes written and with the general path."""
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -286,3 +287,27 @@ def test_file_too_large_for_a_table_uses_the_general_path(fs, mode, monkeypatch)
         pos += ln
     if mode != "pure-python":
         assert all(t.nchunks == 0 for t in fs.backend._arrays.tables.values())
+
+
+def test_removed_files_do_not_stay_open(fs, mode):
+    """A chunk table holds fds; removing (or overwriting) the file must give them back at once, so the disk
+    space is freed even if the reader never reads again."""
+    rng = np.random.default_rng()
+    _random_file(fs, "/gone", rng, 3 * CS)
+    f = fs.open("/gone")
+    assert fs.read_array(f, np.arange(3) * CS, np.full(3, CS), np.zeros(3 * CS, np.uint8)).ok
+    root = fs.backend.engine.root
+
+    def open_chunk_files():
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(root) and ".v" in os.path.basename(target):
+                out.append(target)
+        return out
+
+    fs.remove("/gone")
+    assert open_chunk_files() == []

@@ -120,6 +120,15 @@ class ArrayReader:
         self.tables: dict[int, ChunkTable] = {}
         self.lock = threading.Lock()
         self.open_fds = 0
+        engine.retire_hooks.append(self.drop_stale)
+
+    def drop_stale(self) -> None:
+        """Give back the fds of tables from an older engine generation (a version was retired or the cache
+        dropped): without this a removed file would keep its disk space while its table lived."""
+        gen = self.engine.generation
+        with self.lock:
+            for t in [t for t in self.tables.values() if t.generation != gen]:
+                self._retire(t)
 
     def _table(self, inode: dict) -> ChunkTable:
         """The current table for this inode (counted as in use: pair with _done)."""
@@ -196,6 +205,8 @@ class ArrayReader:
             self.open_fds += added
 
     def close(self) -> None:
+        if self.drop_stale in self.engine.retire_hooks:
+            self.engine.retire_hooks.remove(self.drop_stale)
         with self.lock:
             for t in list(self.tables.values()):
                 self._retire(t)

@@ -242,6 +242,9 @@ class ChunkEngine:
         # Bumped whenever a cached committed version may change (commit, removal, row re-read, cache drop):
         # the array read path (array_read.py) keeps per-file chunk tables valid for one generation.
         self.generation = 0
+        # Called (no arguments) when versions are retired or the cache is dropped: holders of version fds
+        # (the array read path's chunk tables) give stale ones back, so removed files free their space.
+        self.retire_hooks: list = []
         self._meta_lock = threading.RLock()
         self._reserved = 0
         self._fds = _FdCache()
@@ -395,6 +398,8 @@ class ChunkEngine:
             self._complete = False
             self.generation += 1
         self._fds.close()  # in-flight reads keep their descriptors until they release them
+        for hook in self.retire_hooks:
+            hook()
         return True
 
     def _data_path(self, cid: str, ver: int) -> str:
@@ -730,6 +735,8 @@ class ChunkEngine:
 
     def _remove_file(self, cid: str, ver: int) -> None:
         path = self._data_path(cid, ver)
+        for hook in self.retire_hooks:
+            hook()
         self._fds.forget(path)
         try:
             os.unlink(path)
