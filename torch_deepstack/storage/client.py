@@ -599,8 +599,10 @@ class FileSystem:
         import numpy as np
 
         which_of: dict = {}
-        inodes, offs, lens, addrs, whichs, views = [], [], [], [], [], []
-        for r in reqs:
+        inodes, rows, views = [], [], []
+        add_row, add_view = rows.append, views.append
+        from_buffer, addressof = ctypes.c_char.from_buffer, ctypes.addressof
+        for r in reqs:  # the per-request cost of this path: keep it lean
             f, off, length, out = r.file, r.offset, r.length, r.out
             if type(f) is not File or type(off) is not int or type(length) is not int or off < 0 or length < 0:
                 return None
@@ -613,21 +615,20 @@ class FileSystem:
             if out is None:
                 mv = memoryview(bytearray(length))
             else:
-                mv = _fast_bytes(out)
-                if mv is None:
+                try:
+                    mv = memoryview(out)
+                except TypeError:  # e.g. a torch tensor
+                    mv = None
+                if mv is None or mv.readonly or mv.ndim != 1 or mv.format != "B" or not mv.c_contiguous:
                     try:
                         mv = writable_bytes(out)
                     except InvalidArgument:
                         return None
             if len(mv) < length:
                 return None
-            offs.append(off)
-            lens.append(length)
-            addrs.append(buffer_address(mv) if length else 0)
-            whichs.append(w)
-            views.append(mv)
-        req = np.empty((len(reqs), 5), np.int64)
-        req[:, 0], req[:, 1], req[:, 2], req[:, 4] = offs, lens, addrs, whichs
+            add_row((off, length, addressof(from_buffer(mv)) if length else 0, 0, w))
+            add_view(mv)
+        req = np.array(rows, np.int64)
         got = self.backend.read_array(inodes, req, 0, 1 << 62)  # requests carry absolute addresses
         if got is None:
             return None
