@@ -20,6 +20,7 @@ and planners work as with FileSystemWriter.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import secrets
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystemBase, _StoragePrefix
 
 from torch_deepstack import storage
+
+logger = logging.getLogger(__name__)
 from torch_deepstack.data._fs import FSHandle, join
 
 LATEST = "LATEST"
@@ -231,5 +234,10 @@ class DeepstackStorageReader(FileSystemReader):
             raise FileNotFoundError(f"no committed checkpoint at {self.base} on {fs.uri} (no {LATEST})")
 
     def read_metadata(self, *args: Any, **kwargs: Any):
-        self._resolve()
+        try:
+            self._resolve()
+        except FileNotFoundError as e:
+            # torch 2.10's dcp.load swallows read_metadata errors and reports only "metadata is None": say why here.
+            logger.error("%s", e)
+            raise
         return super().read_metadata(*args, **kwargs)
