@@ -17,8 +17,9 @@
 namespace deepstack {
 namespace ep {
 
+// (256, 1) and (512, 1) below: without a minimum of one block ptxas aimed at full occupancy and spilled (4-28 bytes).
 template <int kMaxRanks>
-__global__ void __launch_bounds__(256) ll_dispatch_send_kernel(
+__global__ void __launch_bounds__(256, 1) ll_dispatch_send_kernel(
     const uint8_t* __restrict__ x, long long x_stride, int data_bytes, const float* __restrict__ scales,
     long long scales_stride, int num_scales, const int64_t* __restrict__ topk, int n, int k, int M, int L,
     uint8_t* const* __restrict__ peer_base, long long half_bytes, int rank, int R,
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(256) ll_dispatch_send_kernel(
 // One block per local expert. recv_scales: element (l, row, g) at l * sl + g * sg + row (MN-major); null when the
 // data carries no scales.
 template <int kMaxRanks>
-__global__ void __launch_bounds__(512) ll_dispatch_recv_kernel(
+__global__ void __launch_bounds__(512, 1) ll_dispatch_recv_kernel(
     const uint8_t* __restrict__ area, long long half_bytes, const unsigned long long* __restrict__ counter,
     long long off_counts, long long off_slots, int msg_bytes, int data_bytes, int num_scales, int M, int R,
     uint8_t* __restrict__ recv_x, float* __restrict__ recv_scales, long long sl, long long sg,

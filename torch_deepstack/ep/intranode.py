@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_deepstack.jit import KernelSpec, get_kernel
+from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 
 MAX_RANKS = 32          # one lane per rank in the kernels
 # Blocks (one per SM) the send kernels use, which may overlap with compute; ep.Buffer.set_num_sms sets it. The
@@ -40,10 +40,28 @@ _SIG = {
 }
 
 
+def spec(name: str, *targs) -> KernelSpec:
+    header = "low_latency.cuh" if name.startswith("ll_") else "intranode.cuh"
+    return KernelSpec(f"ep/{header}", f"deepstack::ep::{name}", targs)
+
+
 def kernel(name: str, *targs):
     """A compiled kernel of src/ep/intranode.cuh (ll_* names: low_latency.cuh), specialised on `targs`."""
-    header = "low_latency.cuh" if name.startswith("ll_") else "intranode.cuh"
-    return get_kernel(KernelSpec(f"ep/{header}", f"deepstack::ep::{name}", targs), _SIG[name].replace(" ", ""))
+    return get_kernel(spec(name, *targs), _SIG[name].replace(" ", ""))
+
+
+@register_prebuild("ep")
+def _prebuild():
+    """Every fused NVLink kernel, so `deepstack jit prebuild` and the spill check cover them."""
+    from torch_deepstack.ep.ipc import _MAX_RANKS
+    specs = [spec(n, MAX_RANKS) for n in ("notify_dispatch_kernel", "dispatch_send_kernel", "dispatch_recv_kernel",
+                                         "combine_send_kernel", "ll_dispatch_send_kernel", "ll_dispatch_recv_kernel",
+                                         "ll_combine_send_kernel")]
+    specs += [spec("combine_reduce_kernel", c, MAX_RANKS) for c in _CTYPE.values()]
+    specs += [spec("ll_combine_reduce_kernel", c) for c in _CTYPE.values()]
+    specs += [spec("copy_bytes_kernel", _MAX_RANKS),
+              KernelSpec("ep/ipc_barrier.cuh", "deepstack::ipc_barrier_kernel", (_MAX_RANKS,))]
+    return specs
 
 
 class NormalLayout:
