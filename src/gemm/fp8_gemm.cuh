@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cuda.h>
 #include <cuda_bf16.h>
+#include <type_traits>
 
 #include "common/sm90.cuh"
 #include "gemm/wgmma_fp8.cuh"
@@ -125,6 +126,18 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   float* smem_sfb = smem_sfa + kStages * kBlockM;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem_sfb + kStages * kSfbStride);
   uint64_t* empty = full + kStages;
+  // Epilogue staging, one slice per math warp: 16 rows x 16 bf16 columns, rows 48 bytes apart (conflict-free
+  // fragment writes). Accumulators leave through it as 16-byte row-contiguous stores instead of 4-byte ones: at
+  // small K the 4-byte stores throttled the load/store queue (ncu: 31% of stall cycles at 4096x32768x512).
+  // EXPERIMENTAL, off by default: compiled and spill-free, not yet run on a GPU. Enable with
+  // DEEPSTACK_GEMM_DEFINES=DS_STAGED_EPILOGUE (the Python side then reserves its shared memory).
+#ifdef DS_STAGED_EPILOGUE
+  constexpr bool kStagedEpilogue = std::is_same<OutT, __nv_bfloat16>::value && !kHasC && kN % 8 == 0;
+#else
+  constexpr bool kStagedEpilogue = false;
+#endif
+  constexpr int kStageWords = 16 * 12;                          // per warp, 32-bit words
+  uint32_t* epi_stage = reinterpret_cast<uint32_t*>(empty + kStages);
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -272,6 +285,34 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       int row_limit = M;
       if (kKind == kGemmMasked) row_limit = __ldg(layout + tile.g);
       const int64_t row_base = kKind == kGemmMasked ? static_cast<int64_t>(tile.g) * M : 0;
+      if constexpr (kStagedEpilogue) {
+        if (((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0) {
+          uint32_t* st = epi_stage + (wg * 4 + warp_in_wg) * kStageWords;
+          const int srow = lane >> 1, shalf = lane & 1;            // the row and 8-column half this lane stores
+          const int grow = tile.m0 + wg * 64 + warp_in_wg * 16 + srow;
+          bool row_ok = grow < row_limit;
+          if (kKind == kGemmContiguous && row_ok) row_ok = __ldg(layout + grow) >= 0;
+          OutT* drow = d + (row_base + grow) * static_cast<int64_t>(ldd);
+#pragma unroll
+          for (int cc = 0; cc < kBlockN / 16; ++cc) {
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int j = cc * 2 + jj;
+                const __nv_bfloat162 v = __floats2bfloat162_rn(fin[j * 4 + h * 2], fin[j * 4 + h * 2 + 1]);
+                st[(lane / 4 + h * 8) * 12 + jj * 4 + lane % 4] = *reinterpret_cast<const uint32_t*>(&v);
+              }
+            }
+            __syncwarp();
+            const uint4 v = *reinterpret_cast<const uint4*>(st + srow * 12 + shalf * 4);
+            const int col = tile.n0 + cc * 16 + shalf * 8;
+            if (row_ok && col < kN) *reinterpret_cast<uint4*>(drow + col) = v;
+            __syncwarp();                                          // reads done before the next slice overwrites
+          }
+          continue;
+        }
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = tile.m0 + row_local + h * 8;

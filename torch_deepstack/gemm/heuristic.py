@@ -9,6 +9,7 @@ N = 7168 or 2112.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 SMEM_BUDGET = 232448            # bytes of shared memory one SM90 CTA may use
@@ -46,8 +47,15 @@ def stage_bytes(block_m: int, block_n: int, sf_b_per_row: bool) -> int:
     return block_m * 128 + block_n * 128 + block_m * 4 + ((block_n + 31) // 32 * 128 if sf_b_per_row else 0)
 
 
+def epilogue_staging_bytes() -> int:
+    """Shared memory of the experimental staged epilogue (src/gemm/fp8_gemm.cuh, DS_STAGED_EPILOGUE): up to 8
+    math warps x 16 rows x 48 bytes; 0 unless DEEPSTACK_GEMM_DEFINES enables it."""
+    return 2 * 4 * 16 * 48 if "DS_STAGED_EPILOGUE" in os.environ.get("DEEPSTACK_GEMM_DEFINES", "") else 0
+
+
 def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
-    return cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024
+    return (cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024
+            + epilogue_staging_bytes())
 
 
 def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_per_row: bool = False,
@@ -69,5 +77,6 @@ def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_pe
             if best_key is None or key < best_key:
                 best_key, best = key, (bm, bn)
     bm, bn = best
-    stages = min(MAX_STAGES, (SMEM_BUDGET - 1024 - 16 * MAX_STAGES) // stage_bytes(bm, bn, sf_b_per_row))
+    stages = min(MAX_STAGES,
+                 (SMEM_BUDGET - 1024 - 16 * MAX_STAGES - epilogue_staging_bytes()) // stage_bytes(bm, bn, sf_b_per_row))
     return GemmConfig(bm, bn, stages, num_sms)
