@@ -58,3 +58,16 @@ def assert_close_to_reference(op, args, kwargs=None, device="cuda", atol=0.0, rt
         else:
             torch.testing.assert_close(f.float(), r.float(), atol=atol, rtol=rtol, msg=f"output {i}")
     return fast, ref
+
+
+def use_storage_read_path(kind: str, monkeypatch) -> None:
+    """Run a storage test on one read path: "pure-python" disables the C helper (torch_deepstack.storage.fastio),
+    "c-helper" skips the test where the helper cannot be built."""
+    import pytest
+
+    from torch_deepstack.storage import fastio
+    if kind == "pure-python":
+        monkeypatch.setattr(fastio, "_lib", None)
+        monkeypatch.setattr(fastio, "_tried", True)
+    elif fastio.load() is None:
+        pytest.skip(f"C helper unavailable: {fastio.reason}")

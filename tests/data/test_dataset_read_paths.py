@@ -7,18 +7,14 @@ import torch
 import torch_deepstack.storage as st
 from torch_deepstack.data import DeepstackDataset, PrefetchLoader, SampleReadError, pack
 from torch_deepstack.data.dataset import _slots
-from torch_deepstack.storage import fastio
 
 from datahelpers import sample_bytes
+from tests.helpers import use_storage_read_path
 
 
 @pytest.fixture(params=["c-helper", "pure-python"])
 def fs(tmp_path, request, monkeypatch):
-    if request.param == "pure-python":
-        monkeypatch.setattr(fastio, "_lib", None)
-        monkeypatch.setattr(fastio, "_tried", True)
-    elif fastio.load() is None:
-        pytest.skip(f"C helper unavailable: {fastio.reason}")
+    use_storage_read_path(request.param, monkeypatch)
     f = st.connect(str(tmp_path / "fs"), chunk_size=256 << 10, sync=False)
     yield f
     f.close()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import torch_deepstack.storage as st
+from tests.helpers import use_storage_read_path
 from tests.storage.torn_reads import torn_chunk_reads
 from torch_deepstack.storage import (AlreadyExists, BadURI, ChunkCorrupt, DirectoryNotEmpty, InvalidArgument,
                                      IsADirectory, NameTooLong, NoSpace, NotFound, ReadRequest)
@@ -18,13 +19,7 @@ CS = 64 << 10
 @pytest.fixture(params=["c-helper", "pure-python"])
 def fs(tmp_path, request, monkeypatch):
     """Every client test runs on the C read path and on the pure-Python fallback."""
-    from torch_deepstack.storage import fastio
-
-    if request.param == "pure-python":
-        monkeypatch.setattr(fastio, "_lib", None)
-        monkeypatch.setattr(fastio, "_tried", True)
-    elif fastio.load() is None:
-        pytest.skip(f"C helper unavailable: {fastio.reason}")
+    use_storage_read_path(request.param, monkeypatch)
     f = st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False)
     yield f
     f.close()
