@@ -183,10 +183,6 @@ __global__ void __launch_bounds__(1024) notify_dispatch_kernel(
   }
 }
 
-struct DispatchRegions {
-  long long data, scales, topk, weights, src;
-};
-
 // ---- 2. send rows (dispatch and cached dispatch) -----------------------------------------------------------------
 // One warp per token: the row goes to every rank in its mask, at that rank's row base(me) + slot, where
 // base(me) = sum_{s < me} rc[s][j] and slot = pos[t][j] - 1 (pos: inclusive cumsum of the mask over tokens).

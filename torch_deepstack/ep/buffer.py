@@ -411,14 +411,10 @@ class Buffer:
         xq, xs = ops.ll_prepare(x, topk_idx, num_max, num_experts, self.group_size, use_fp8, round_scale)
         transport = ops._transport("low_latency_dispatch", self.group_name, x.device, self.group_size)
         state = core.ll_dispatch_state(transport, xq, xs, topk_idx, num_max, num_experts)
-        rx, rs, cnt, src_info, layout_range = state.outputs
-        direct = use_fp8 and rs.dim() == 3          # the fused path fills the GEMM's scale layout itself
-        scales = rs if direct else (ops.ll_scales_like(rx) if use_fp8 else None)
+        rx, scales, cnt, src_info, layout_range = state.outputs
 
         def hook():
             state.finish()
-            if scales is not None and not direct:
-                scales.copy_(rs.view(scales.shape))
             if stats is not None:
                 stats.add_(cnt.to(stats.dtype))
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from torch_deepstack.ep import intranode
+from torch_deepstack.ep.checks import check_expert_range
 from torch_deepstack.ep.layout import count_local_experts, to_local_experts, token_rank_mask
+from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
 
 # --- byte rows ----------------------------------------------------------------------------------------------
@@ -141,10 +143,15 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
     L = num_experts // R
     n, hidden = x.shape
     dev = x.device
+    fused = intranode.usable(transport, hidden * x.element_size())
+    # Expert ids are checked before any collective (a host sync), except where the fused exact-size dispatch
+    # checks them in its count exchange, where every rank learns of bad ids and raises together.
+    if topk_idx is not None and not (fused and num_worst_tokens == 0 and is_token_in_rank is not None):
+        check_expert_range("ep_dispatch", topk_idx, num_experts)
     mask = is_token_in_rank if is_token_in_rank is not None else token_rank_mask(topk_idx, num_experts, R)
     if num_worst_tokens:                                               # local check, before any collective
         worst_capacity(num_worst_tokens, R, n, "dispatch")
-    if intranode.usable(transport, hidden * x.element_size()):
+    if fused:
         out = intranode.intranode_for(transport).dispatch(x, x_scales, topk_idx, topk_weights, mask, num_experts,
                                                           expert_alignment, num_worst_tokens)
         if out is not None:
@@ -300,9 +307,10 @@ class LowLatencyDispatch:
         self.src_info = torch.full((dump + 1,), -1, dtype=torch.int32, device=dev)
         self.recv_count = torch.empty(L, dtype=torch.int32, device=dev)
         self.layout_range = torch.empty(L, R, dtype=torch.int64, device=dev)
-        recv_scales = self.out_s[:dump] if self.out_s is not None else torch.empty(0, dtype=torch.float32,
-                                                                                    device=dev)
-        self.outputs = (self.out[:dump].view(x.dtype).view(L, cap, hidden), recv_scales, self.recv_count,
+        # fp8 scales leave in the layout the masked grouped FP8 GEMM reads (MN-major, TMA-aligned per expert)
+        self.scales = (mn_major_tma_aligned_empty((L, cap, self.num_scales), device=dev) if self.num_scales
+                       else torch.empty(0, dtype=torch.float32, device=dev))
+        self.outputs = (self.out[:dump].view(x.dtype).view(L, cap, hidden), self.scales, self.recv_count,
                         self.src_info[:dump].view(L, cap), self.layout_range)
 
     def finish(self):
@@ -327,6 +335,7 @@ class LowLatencyDispatch:
         self.out.index_put_((dst,), data.index_select(0, src))       # valid destinations are distinct
         if scales is not None:
             self.out_s.index_put_((dst,), scales.index_select(0, src))
+            self.scales.copy_(self.out_s[:dump].view(L, cap, -1))
         return self.outputs
 
 
@@ -339,7 +348,7 @@ def ll_dispatch_state(transport, x, x_scales, topk_idx, num_max: int, num_expert
 
 
 def ll_dispatch(transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
-    """Returns (recv_x [L, M*R, H], recv_scales (MN-major [L, M*R, G], or row-major [L*M*R, G], or empty),
+    """Returns (recv_x [L, M*R, H], recv_scales (MN-major [L, M*R, G] or empty),
     recv_count [L] int32, src_info [L, M*R] int32, layout_range [L, R] int64)."""
     return ll_dispatch_state(transport, x, x_scales, topk_idx, num_max, num_experts).finish()
 

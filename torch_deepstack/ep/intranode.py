@@ -234,11 +234,10 @@ class Intranode:
         pos = torch.cumsum(mask, 0, dtype=torch.int32)
         info = self.notify(mask, pos, topk_idx, L)
         rc_dev = info[:R * R].view(R, R)
-        if num_worst_tokens:
-            out_rows = num_worst_tokens
-            per_expert = info[R * R:R * R + L]
-            per_expert = (per_expert + (expert_alignment - 1)) // expert_alignment * expert_alignment
-        else:
+        a = expert_alignment
+        per_expert = (info[R * R:R * R + L] + (a - 1)) // a * a       # tokens per local expert, rounded up
+        out_rows = num_worst_tokens
+        if not num_worst_tokens:
             host = info.cpu()                          # the one host sync of an exact-size dispatch
             self._check_notify(host, L, num_experts)
             rc_host = host[:R * R].view(R, R)
@@ -246,10 +245,7 @@ class Intranode:
                 return None
             self._remember(rc_dev, rc_host)
             out_rows = int(rc_host[:, rank].sum())
-            a = expert_alignment
-            counts = [(int(v) + a - 1) // a * a for v in host[R * R:R * R + L].tolist()]
-            per_expert = torch.tensor(counts, dtype=torch.int32).to(x.device, non_blocking=True)
-            self._last_per_expert = (per_expert, counts)
+            self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L].tolist()])
         outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, topk_weights is not None, x.device)
         self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, outs, L)
         recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import torch
 
 from torch_deepstack._library import autograd, cuda_kernel, reference, sample_inputs
-from torch_deepstack.ep import core, intranode
+from torch_deepstack.ep import core
 from torch_deepstack.ep.checks import (FP8_GROUP, check_expert_range, check_same_device, check_topk,
                                        check_topology, check_x)
 from torch_deepstack.ep.layout import dispatch_layout
 from torch_deepstack.ep.transport import transport_for
-from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
 
 def _transport(op: str, group_name: str, device, num_ranks: int | None = None):
@@ -72,12 +71,6 @@ def dispatch_impl(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_exp
     check_same_device(op, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights,
                       is_token_in_rank=is_token_in_rank)
     t = _transport(op, group_name, x.device, num_ranks)
-    # The fused NVLink exact-size dispatch checks expert ids in its count exchange (every rank raises together),
-    # which saves this host sync; the other paths check here, before any collective.
-    checked_in_kernel = (num_worst_tokens == 0 and is_token_in_rank is not None
-                         and intranode.usable(t, x.shape[1] * x.element_size()))
-    if topk_idx is not None and not checked_in_kernel:
-        check_expert_range(op, topk_idx, num_experts)
     return core.dispatch(t, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment,
                          num_worst_tokens)
 
@@ -216,27 +209,12 @@ def ll_prepare(x, topk_idx, num_max, num_experts, num_ranks, use_fp8, round_scal
     return q, s.contiguous()
 
 
-def ll_scales_like(recv_x):
-    """The fp8 scales of a low-latency receive: MN-major, TMA-aligned per expert (what the masked grouped FP8
-    GEMM reads)."""
-    return mn_major_tma_aligned_empty((recv_x.shape[0], recv_x.shape[1], recv_x.shape[2] // FP8_GROUP),
-                                      device=recv_x.device)
-
-
 def ll_dispatch_impl(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, num_ranks, group_name,
                      use_fp8=True, round_scale=False):
     num_max = num_max_dispatch_tokens_per_rank
     xq, xs = ll_prepare(x, topk_idx, num_max, num_experts, num_ranks, use_fp8, round_scale)
     t = _transport("ep_low_latency_dispatch", group_name, x.device, num_ranks)
-    recv_x, recv_s, count, src_info, layout_range = core.ll_dispatch(t, xq, xs, topk_idx, num_max, num_experts)
-    if use_fp8 and recv_s.dim() == 3:     # the fused path writes the GEMM's layout directly
-        scales = recv_s
-    elif use_fp8:
-        scales = ll_scales_like(recv_x)
-        scales.copy_(recv_s.view(scales.shape))
-    else:
-        scales = torch.empty(0, dtype=torch.float32, device=x.device)
-    return recv_x, scales, count, src_info, layout_range
+    return core.ll_dispatch(t, xq, xs, topk_idx, num_max, num_experts)
 
 
 reference("ep_low_latency_dispatch")(ll_dispatch_impl)

@@ -116,22 +116,6 @@ def set_max_dynamic_smem(kernel: ctypes.c_void_p, nbytes: int, device: int) -> N
           "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
 
 
-CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
-
-
-def enable_peer_access(device: int, peer: int) -> None:
-    """Let kernels running on `device` load and store `peer`'s memory through raw pointers (NVLink/PCIe P2P)."""
-    if device == peer:
-        return
-    cuda = lib()
-    cuda.cuCtxEnablePeerAccess.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-    theirs = ctypes.c_void_p()
-    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(theirs), peer), "cuDevicePrimaryCtxRetain(peer)")
-    res = _in_context(device, lambda: cuda.cuCtxEnablePeerAccess(theirs, 0))
-    if res != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED:
-        check(res, f"cuCtxEnablePeerAccess(GPU {device} -> GPU {peer})")
-
-
 class IpcMemHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * 64)]
 
