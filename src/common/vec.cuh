@@ -42,6 +42,29 @@ template <> struct Unpack16<float> { static __device__ __forceinline__ void run(
 template <> struct Unpack16<__nv_bfloat16> { static __device__ __forceinline__ void run(const uint4& r, float (&f)[8]) { unpack16_bf16(r, f); } };
 template <> struct Unpack16<__half> { static __device__ __forceinline__ void run(const uint4& r, float (&f)[8]) { unpack16_fp16(r, f); } };
 
+// Two floats to one 32-bit word of two T (bf16 or fp16, round to nearest even), `lo` in the low half.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The inverse of Unpack16: 16 / sizeof(T) floats to one 16-byte vector of T.
+template <typename T> struct Pack16 {   // 2-byte types
+  static __device__ __forceinline__ uint4 run(const float (&f)[8]) {
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+  }
+};
+template <> struct Pack16<float> {
+  static __device__ __forceinline__ uint4 run(const float (&f)[4]) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+  }
+};
+
 // Max over aligned groups of kLanes consecutive lanes (kLanes a power of two dividing 32).
 template <int kLanes>
 __device__ __forceinline__ float group_max(float v) {

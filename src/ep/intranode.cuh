@@ -68,26 +68,6 @@ __device__ __forceinline__ void warp_copy_row_to(const uint8_t* src, uint8_t* co
   }
 }
 
-// kElems floats to one 16-byte vector of T (round to nearest even).
-__device__ __forceinline__ uint32_t pack2(float a, float b, __nv_bfloat16) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
-__device__ __forceinline__ uint32_t pack2(float a, float b, __half) {
-  const __half2 p = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
-template <typename T> struct Pack16 {   // 2-byte types
-  static __device__ __forceinline__ uint4 run(const float (&f)[8]) {
-    return make_uint4(pack2(f[0], f[1], T()), pack2(f[2], f[3], T()), pack2(f[4], f[5], T()), pack2(f[6], f[7], T()));
-  }
-};
-template <> struct Pack16<float> {
-  static __device__ __forceinline__ uint4 run(const float (&f)[4]) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-  }
-};
-
 // The ranks token t goes to (mask row t), one lane per rank: returns how many; `a` is this lane's index among them
 // (valid when the lane's rank is in the mask), so the warp can list destinations in rank order.
 __device__ __forceinline__ int warp_mask_ranks(const bool* __restrict__ mask, int t, int R, int lane, bool& m, int& a) {

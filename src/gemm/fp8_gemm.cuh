@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "common/sm90.cuh"
+#include "common/vec.cuh"
 #include "gemm/wgmma_fp8.cuh"
 
 namespace deepstack {
@@ -300,8 +301,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const int j = cc * 2 + jj;
-                const __nv_bfloat162 v = __floats2bfloat162_rn(fin[j * 4 + h * 2], fin[j * 4 + h * 2 + 1]);
-                st[(lane / 4 + h * 8) * 12 + jj * 4 + lane % 4] = *reinterpret_cast<const uint32_t*>(&v);
+                st[(lane / 4 + h * 8) * 12 + jj * 4 + lane % 4] =
+                    pack2<__nv_bfloat16>(fin[j * 4 + h * 2], fin[j * 4 + h * 2 + 1]);
               }
             }
             __syncwarp();

@@ -6,22 +6,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/vec.cuh"
+
 namespace deepstack {
 namespace mla {
-
-template <typename T> struct Pack2;
-template <> struct Pack2<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t run(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-template <> struct Pack2<__half> {
-  static __device__ __forceinline__ uint32_t run(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
 
 template <typename T>
 __global__ void __launch_bounds__(256) mla_combine_kernel(
@@ -67,7 +55,7 @@ __global__ void __launch_bounds__(256) mla_combine_kernel(
   T* dst = out + ((static_cast<long long>(req) * s_q + s) * h_q + head) * 512;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    uint2 v = make_uint2(Pack2<T>::run(acc[4 * i], acc[4 * i + 1]), Pack2<T>::run(acc[4 * i + 2], acc[4 * i + 3]));
+    uint2 v = make_uint2(pack2<T>(acc[4 * i], acc[4 * i + 1]), pack2<T>(acc[4 * i + 2], acc[4 * i + 3]));
     *reinterpret_cast<uint2*>(dst + 4 * (lane + 32 * i)) = v;
   }
   if (lane == 0) lse[(static_cast<long long>(req) * h_q + head) * s_q + s] = total;

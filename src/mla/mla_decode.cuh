@@ -20,6 +20,7 @@
 #include <cuda.h>
 
 #include "common/sm90.cuh"
+#include "common/vec.cuh"
 #include "mla/wgmma.cuh"
 
 namespace deepstack {
@@ -42,10 +43,6 @@ template <> struct Ops<__nv_bfloat16> {
   template <int kT> static __device__ __forceinline__ void pv_ss(float (&d)[128], uint64_t a, uint64_t b, int acc) {
     wgmma::m64n256k16_ss_bf16<kT>(d, a, b, acc);
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
 };
 template <> struct Ops<__half> {
   template <int kT> static __device__ __forceinline__ void qk(float (&d)[32], uint64_t a, uint64_t b, int acc) {
@@ -56,10 +53,6 @@ template <> struct Ops<__half> {
   }
   template <int kT> static __device__ __forceinline__ void pv_ss(float (&d)[128], uint64_t a, uint64_t b, int acc) {
     wgmma::m64n256k16_ss_f16<kT>(d, a, b, acc);
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
   }
 };
 
@@ -360,10 +353,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         uint32_t pa[4][4];
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) {
-          pa[kb][0] = Ops<T>::pack(s[8 * kb + 0], s[8 * kb + 1]);
-          pa[kb][1] = Ops<T>::pack(s[8 * kb + 2], s[8 * kb + 3]);
-          pa[kb][2] = Ops<T>::pack(s[8 * kb + 4], s[8 * kb + 5]);
-          pa[kb][3] = Ops<T>::pack(s[8 * kb + 6], s[8 * kb + 7]);
+          pa[kb][0] = pack2<T>(s[8 * kb + 0], s[8 * kb + 1]);
+          pa[kb][1] = pack2<T>(s[8 * kb + 2], s[8 * kb + 3]);
+          pa[kb][2] = pack2<T>(s[8 * kb + 4], s[8 * kb + 5]);
+          pa[kb][3] = pack2<T>(s[8 * kb + 6], s[8 * kb + 7]);
         }
         if (!first_tile) sm90::bar_sync(2, 256);   // WG1 is done reading the previous P and scales
         first_tile = false;
@@ -474,7 +467,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
                  wg * 256 + 2 * t;
 #pragma unroll
         for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<uint32_t*>(dst + 8 * j) = Ops<T>::pack(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+          *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
       } else {
         float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + gr) * kDV + wg * 256 + 2 * t;
 #pragma unroll
