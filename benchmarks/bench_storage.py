@@ -16,8 +16,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch_deepstack.storage as st  # noqa: E402
+from torch_deepstack.testing.local_cluster import LocalCluster, start_etcd, stop_process  # noqa: E402
 
 SECRET = b"bench-secret"
 
@@ -57,12 +56,6 @@ NOTES = [
     "disk, so 1/3 is the write ceiling. The disk's speed moves by up to 2x from minute to minute (the host's",
     "other tenants), hence the interleaved best-of runs.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def aligned(n: int) -> np.ndarray:
@@ -162,26 +155,12 @@ def meta_ops_etcd(base, n):
     from torch_deepstack.storage.local import LocalBackend
     from torch_deepstack.storage.meta import MetaStore
 
-    exe = shutil.which("etcd")
-    if exe is None:
-        return None
-    cport, pport = free_port(), free_port()
-    d = os.path.join(base, "etcd")
-    proc = subprocess.Popen([exe, "--data-dir", d, "--listen-client-urls", f"http://127.0.0.1:{cport}",
-                             "--advertise-client-urls", f"http://127.0.0.1:{cport}",
-                             "--listen-peer-urls", f"http://127.0.0.1:{pport}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                kv = EtcdKV("127.0.0.1", cport, timeout=2)
-                kv.get(b"probe")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(0.2)
+        proc, cport = start_etcd(os.path.join(base, "etcd"))
+    except (FileNotFoundError, RuntimeError):
+        return None
+    try:
+        kv = EtcdKV("127.0.0.1", cport, timeout=2)
         meta = MetaStore(kv)
         meta.init()
         fs = FileSystem(meta, LocalBackend(ChunkEngine(os.path.join(base, "etcd-target"), "t0")), "etcd-bench")
@@ -191,57 +170,7 @@ def meta_ops_etcd(base, n):
             fs.close()
             kv.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-class LoopbackCluster:
-    def __init__(self, root, sync=True):
-        self.root, self.procs = root, []
-        self.port = free_port()
-        secret_file = os.path.join(root, "secret")
-        with open(secret_file, "wb") as f:
-            f.write(SECRET)
-        self.env = dict(os.environ, DEEPSTACK_FS_SECRET_FILE=secret_file, PYTHONPATH=ROOT)
-        cli = [sys.executable, "-m", "torch_deepstack.storage.cli"]
-        kv = f"sqlite://{root}/meta.db"
-        subprocess.run(cli + ["mkfs", "--kv", kv, "--services", "s1,s2,s3", "--replicas", "3"], env=self.env,
-                       check=True, capture_output=True)
-        self._spawn(cli + ["serve", "manager", "--kv", kv, "--port", str(self.port)], "manager")
-        for s in ("s1", "s2", "s3"):
-            self._spawn(cli + ["serve", "storage", "--id", s, "--manager", f"127.0.0.1:{self.port}",
-                               "--target", os.path.join(root, s)] + ([] if sync else ["--no-sync"]), s)
-        self.fs = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                fs = st.connect(f"deepstack://127.0.0.1:{self.port}", secret=SECRET)
-                states = [t["state"] for c in fs.backend.refresh()["chains"].values() for t in c["targets"]]
-                if states and all(s == "serving" for s in states):
-                    self.fs = fs
-                    return
-                fs.close()
-            except st.StorageError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("cluster did not come up")
-
-    def _spawn(self, cmd, name):
-        log = open(os.path.join(self.root, name + ".log"), "w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
-        if name == "manager":
-            time.sleep(0.5)
-
-    def stop(self):
-        if self.fs:
-            self.fs.close()
-        for p in self.procs:
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_process(proc)
 
 
 def chunk_files(fs, path):
@@ -283,10 +212,13 @@ def main(argv=None) -> int:
         emb = st.connect(os.path.join(base, "embedded"), chunk_size=args.chunk_size)
         results["write_embedded"] = write_file(emb, "/data.bin", args.size, args.chunk_size)
         files = chunk_files(emb, "/data.bin")
-        os.makedirs(os.path.join(base, "cluster"))
-        cluster = LoopbackCluster(os.path.join(base, "cluster"))
+        # mkfs defaults (1 MiB chunks, 3 s lease) and fdatasync on, as a deployment would run
+        cluster = LocalCluster(os.path.join(base, "cluster"), chunk_size=None, stripe=None, lease=None,
+                               secret=SECRET, sync=True)
+        cfs = None
         try:
-            results["write_cluster"] = write_file(cluster.fs, "/data.bin", args.size, args.chunk_size)
+            cfs = cluster.start().connect()
+            results["write_cluster"] = write_file(cfs, "/data.bin", args.size, args.chunk_size)
             for bs in sizes:
                 for qd in qds:
                     secs = max(1, round(args.seconds))
@@ -304,14 +236,16 @@ def main(argv=None) -> int:
                         row["array"] = max(row["array"],
                                            bench_reads_array(emb, "/data.bin", args.size, bs, qd, args.seconds))
                         row["cluster"] = max(row["cluster"],
-                                             bench_reads(cluster.fs, "/data.bin", args.size, bs, qd, args.seconds))
+                                             bench_reads(cfs, "/data.bin", args.size, bs, qd, args.seconds))
                     results["reads"].append(row)
                     print(fmt_row(row), flush=True)
             n = 100 if args.quick else 400
             results["meta_embedded"] = meta_ops(emb, n)
-            results["meta_cluster"] = meta_ops(cluster.fs, n)
+            results["meta_cluster"] = meta_ops(cfs, n)
             results["meta_etcd"] = meta_ops_etcd(base, n)
         finally:
+            if cfs is not None:
+                cfs.close()
             cluster.stop()
             emb.close()
     finally:

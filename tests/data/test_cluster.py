@@ -1,8 +1,6 @@
 """The Dataset, the checkpoint backend and KV offload on a real deepstack cluster (manager + 3 storage services
 as processes on loopback, 3 replicas): a storage service killed mid-epoch fails over to the other replicas with
 every sample still exact; with every service down, reads fail with a clear error within the retry budget."""
-import importlib.util
-import os
 import time
 
 import numpy as np
@@ -11,28 +9,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from torch_deepstack.data import DeepstackDataset, KVCacheStore, SampleReadError, pack, prefix_block_keys
+from torch_deepstack.testing.local_cluster import LocalCluster
 
 from datahelpers import as_list, random_bytes_samples, sample_bytes
 
 
-def _cluster_class():
-    # The storage tests own the process-cluster fixture; reuse its Cluster class rather than a second copy.
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "storage", "conftest.py")
-    if not os.path.exists(path):
-        pytest.skip("tests/storage/conftest.py (the cluster harness) is not there")
-    spec = importlib.util.spec_from_file_location("_storage_cluster_harness", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.Cluster, mod.SECRET
-
-
 @pytest.fixture
 def cluster(tmp_path):
-    Cluster, secret = _cluster_class()
-    c = Cluster(tmp_path / "cluster", chunk_size=256 << 10)
+    c = LocalCluster(tmp_path / "cluster", chunk_size=256 << 10)
     try:
         c.start()
-        yield c, secret
+        yield c, c.secret
     finally:
         c.stop()
 

@@ -1,1 +1,2 @@
-"""Helpers for benchmarks (bench.py) shared by every area's benchmarks/bench_<area>.py script."""
+"""Helpers shared by tests and benchmarks: timing and result tables (bench.py), and real storage clusters and
+etcd on loopback (local_cluster.py)."""
