@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torch_deepstack.testing.local_cluster import free_port
 
 
 def routing(n, num_experts, topk, rank, device):

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 
 import torch
 
 import torch_deepstack  # noqa: F401
 from torch_deepstack.mla import fp8_format, get_mla_metadata, mla_decode_with_kvcache
+from torch_deepstack.testing.bench import bench_gpu
 
 D, DV, PAGE = 576, 512, 64
 
@@ -64,25 +64,8 @@ def torch_decode(q, cache, bt, seq, causal):
 
 
 def time_graph(fn, reps):
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    del g
-    return statistics.median(times)
+    """Median microseconds of fn replayed from a CUDA graph, L2 flushed before each replay."""
+    return bench_gpu(fn, warmup=1, rep=reps, use_graph=True) * 1e3
 
 
 def run(configs, reps, baseline, fp8_rows, causal=True):

@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torch_deepstack.testing.local_cluster import free_port
 
 
 def _entry(rank, world_size, port, fn, args, errq, backend, pg_timeout_s):
