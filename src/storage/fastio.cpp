@@ -125,12 +125,12 @@ static void finish(ds_io* io) {
     if (io->copy_dst) memcpy((void*)io->copy_dst, b + io->copy_src_off, (size_t)io->copy_len);
 }
 
-// Returns 0, or -errno when the batch could not be submitted at all (each io's result says how it went).
+int ds_submit(ds_io* ios, int start, int count, uint64_t ctx_raw);
+int ds_reap(int count, uint64_t ctx_raw);
+
+// Returns 0, or -errno when waiting for completions failed (each io's result says how it went). Native AIO in
+// waves of `depth` (<= 256): submit a wave, reap it.
 int ds_read_batch(ds_io* ios, int n, uint64_t ctx_raw, int depth) {
-    aio_context_t ctx = (aio_context_t)ctx_raw;
-    struct iocb cbs[256];
-    struct iocb* ptrs[256];
-    struct io_event events[256];
     if (depth > 256) depth = 256;
     if (n == 1) {  // a lone read: a plain pread has less overhead than an AIO round trip
         ds_io* io = &ios[0];
@@ -144,37 +144,8 @@ int ds_read_batch(ds_io* ios, int n, uint64_t ctx_raw, int depth) {
     }
     for (int base = 0; base < n; base += depth) {
         int m = n - base < depth ? n - base : depth;
-        for (int i = 0; i < m; i++) {
-            ds_io* io = &ios[base + i];
-            fill_read_iocb(&cbs[i], io, (uint64_t)(base + i));
-            ptrs[i] = &cbs[i];
-            io->result = -EINPROGRESS;
-        }
-        int submitted = 0;
-        while (submitted < m) {
-            long r = syscall(SYS_io_submit, ctx, (long)(m - submitted), ptrs + submitted);
-            if (r < 0) {
-                if (errno == EINTR || errno == EAGAIN) continue;
-                int err = errno;
-                for (int i = submitted; i < m; i++) ios[base + i].result = -err;
-                break;
-            }
-            submitted += (int)r;
-        }
-        int done = 0;
-        while (done < submitted) {
-            long r = syscall(SYS_io_getevents, ctx, 1L, (long)(submitted - done), events, nullptr);
-            if (r < 0) {
-                if (errno == EINTR) continue;
-                return -errno;
-            }
-            for (long k = 0; k < r; k++) {
-                ds_io* io = &ios[events[k].data];
-                io->result = events[k].res;
-                finish(io);
-            }
-            done += (int)r;
-        }
+        int rc = ds_reap(ds_submit(ios, base, m, ctx_raw), ctx_raw);
+        if (rc < 0) return rc;
     }
     return 0;
 }
