@@ -9,14 +9,13 @@ routing refresh, until every replica has been tried or the deadline passes.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
 from torch_deepstack.storage.errors import (NotServing, StaleRouting, StorageError, Unavailable, error_from_code)
-from torch_deepstack.storage.rpc import RpcClient
+from torch_deepstack.storage.rpc import RpcClient, RpcClients
 
 RETRYABLE = (Unavailable, StaleRouting, NotServing)
 
@@ -62,8 +61,7 @@ class ClusterBackend(DataBackend):
         self.manager, self.secret, self.timeout = manager, secret, timeout
         self.retry_for = retry_for
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-cluster")
-        self._clients: dict[str, RpcClient] = {}
-        self._lock = threading.Lock()
+        self._clients = RpcClients(secret, timeout)
         self._failed: dict[str, float] = {}  # target -> monotonic time of last failure
         self._local = _local_hosts()
         self.routing: dict = {}
@@ -87,12 +85,7 @@ class ClusterBackend(DataBackend):
         addr = self.routing["addresses"].get(target)
         if not addr:
             raise Unavailable(f"target {target} has no known address")
-        with self._lock:
-            c = self._clients.get(addr)
-            if c is None:
-                host, port = addr.rsplit(":", 1)
-                c = self._clients[addr] = RpcClient(host, int(port), self.secret, timeout=self.timeout)
-            return c
+        return self._clients.get(addr)
 
     def _replicas(self, chain_id: str, chunk: str, exclude: set[str]) -> list[str]:
         chain = self.routing["chains"][chain_id]
@@ -290,10 +283,7 @@ class ClusterBackend(DataBackend):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        with self._lock:
-            for c in self._clients.values():
-                c.close()
-            self._clients.clear()
+        self._clients.close()
 
 
 def open_cluster(host: str, port: int, secret: bytes, *, timeout: float = 10.0, io_threads: int = 16,

@@ -396,3 +396,26 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05,
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+class RpcClients:
+    """One RpcClient per "host:port" address, made on first use; thread-safe."""
+
+    def __init__(self, secret: bytes, timeout: float):
+        self.secret, self.timeout = secret, timeout
+        self._clients: dict[str, RpcClient] = {}
+        self._lock = threading.Lock()
+
+    def get(self, addr: str) -> RpcClient:
+        with self._lock:
+            c = self._clients.get(addr)
+            if c is None:
+                host, port = addr.rsplit(":", 1)
+                c = self._clients[addr] = RpcClient(host, int(port), self.secret, timeout=self.timeout)
+            return c
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            c.close()

@@ -28,7 +28,7 @@ from torch_deepstack.storage.chunk_engine import ChunkEngine, aligned_buffer
 from torch_deepstack.storage.errors import (InvalidArgument, NotFound, NotServing, StaleRouting, StorageError,
                                             Unavailable)
 from torch_deepstack.storage.paths import validate_chunk_id
-from torch_deepstack.storage.rpc import RpcClient, RpcServer
+from torch_deepstack.storage.rpc import RpcClient, RpcClients, RpcServer
 
 log = logging.getLogger("torch_deepstack.storage.service")
 
@@ -90,8 +90,7 @@ class StorageService:
         self._routing_lock = threading.Lock()
         self._routing_changed = threading.Condition(self._routing_lock)
         self._last_lease = 0.0
-        self._peers: dict[str, RpcClient] = {}
-        self._peers_lock = threading.Lock()
+        self._peers = RpcClients(self.secret, self.rpc_timeout)
         self._locks = _ChunkLocks()
         self._syncing: set[str] = set()
         self._tls = threading.local()
@@ -166,12 +165,7 @@ class StorageService:
         addr = (self.routing or {}).get("addresses", {}).get(target_id)
         if not addr:
             raise Unavailable(f"no address known for target {target_id}")
-        with self._peers_lock:
-            c = self._peers.get(addr)
-            if c is None:
-                host, port = addr.rsplit(":", 1)
-                c = self._peers[addr] = RpcClient(host, int(port), self.secret, timeout=self.rpc_timeout)
-            return c
+        return self._peers.get(addr)
 
     def _engine(self, target_id: str) -> ChunkEngine:
         eng = self.engines.get(target_id)
@@ -502,7 +496,6 @@ class StorageService:
         self.server.stop()
         self._writer.shutdown(wait=False)
         self.manager.close()
-        for c in self._peers.values():
-            c.close()
+        self._peers.close()
         for e in self.engines.values():
             e.close()
