@@ -9,6 +9,8 @@ receive area (the decision uses numbers every rank has, so all ranks take the sa
 from __future__ import annotations
 
 
+import functools
+
 import torch
 
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
@@ -45,8 +47,10 @@ def spec(name: str, *targs) -> KernelSpec:
     return KernelSpec(f"ep/{header}", f"deepstack::ep::{name}", targs)
 
 
+@functools.lru_cache(maxsize=None)
 def kernel(name: str, *targs):
-    """A compiled kernel of src/ep/intranode.cuh (ll_* names: low_latency.cuh), specialised on `targs`."""
+    """A compiled kernel of src/ep/intranode.cuh (ll_* names: low_latency.cuh), specialised on `targs` (looked up
+    once per process: every EP call launches several)."""
     return get_kernel(spec(name, *targs), _SIG[name].replace(" ", ""))
 
 
