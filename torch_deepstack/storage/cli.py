@@ -134,8 +134,7 @@ def _progress(total: int, desc: str):
 
 
 def cmd_put(args) -> int:
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         size = os.path.getsize(args.local)
         block = 8 << 20
         with open(args.local, "rb") as src, fs.open(args.remote, "wb") as dst, _progress(size, "put") as bar:
@@ -147,13 +146,10 @@ def cmd_put(args) -> int:
                 bar.update(len(data))
         print(f"{args.local} -> {args.remote} ({size} bytes)")
         return 0
-    finally:
-        fs.close()
 
 
 def cmd_get(args) -> int:
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         with fs.open(args.remote, "rb") as src:
             size = src.size
             block = 8 << 20
@@ -169,13 +165,10 @@ def cmd_get(args) -> int:
             os.replace(tmp, args.local)
         print(f"{args.remote} -> {args.local} ({size} bytes)")
         return 0
-    finally:
-        fs.close()
 
 
 def cmd_ls(args) -> int:
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         for name, kind in fs.scandir(args.path):
             if args.long:
                 st = fs.stat(args.path.rstrip("/") + "/" + name)
@@ -184,52 +177,38 @@ def cmd_ls(args) -> int:
             else:
                 print(name + ("/" if kind == "dir" else ""))
         return 0
-    finally:
-        fs.close()
 
 
 def cmd_stat(args) -> int:
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         st = fs.stat(args.path)
         for k, v in vars(st).items():
             print(f"{k:11} {v}")
         return 0
-    finally:
-        fs.close()
 
 
 def cmd_rm(args) -> int:
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         fs.remove(args.path, recursive=args.recursive)
         return 0
-    finally:
-        fs.close()
 
 
 def cmd_mkdir(args) -> int:
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         fs.mkdir(args.path, parents=args.parents, exist_ok=args.parents, chunk_size=args.chunk_size)
         return 0
-    finally:
-        fs.close()
 
 
 def cmd_fsck(args) -> int:
     from torch_deepstack.storage.fsck import fsck
 
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         rep = fsck(fs, repair=not args.no_repair, gc=args.gc)
         for tid, cid in rep.corrupt:
             state = "repaired" if (tid, cid) in rep.repaired else "NOT repaired"
             print(f"corrupt: target {tid} chunk {cid} ({state})")
         print(rep.summary())
         return 0 if rep.clean else 1
-    finally:
-        fs.close()
 
 
 def cmd_bench(args) -> int:
@@ -237,8 +216,7 @@ def cmd_bench(args) -> int:
 
     import numpy as np
 
-    fs = _fs(args)
-    try:
+    with _fs(args) as fs:
         path = args.path
         size = args.size
         if not fs.exists(path) or fs.stat(path).size < size:
@@ -267,8 +245,6 @@ def cmd_bench(args) -> int:
         dt = time.perf_counter() - t0
         print(f"random read bs={bs} qd={qd}: {ios / dt:.0f} IOPS, {ios * bs / dt / 2**20:.1f} MiB/s")
         return 0
-    finally:
-        fs.close()
 
 
 # ---------------------------------------------------------------------------------------------- parser
