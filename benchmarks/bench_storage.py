@@ -215,15 +215,16 @@ def main(argv=None) -> int:
         # mkfs defaults (1 MiB chunks, 3 s lease) and fdatasync on, as a deployment would run
         cluster = LocalCluster(os.path.join(base, "cluster"), chunk_size=None, stripe=None, lease=None,
                                secret=SECRET, sync=True)
-        cfs = None
+        cfs = rpc_fs = None
         try:
-            cfs = cluster.start().connect()
+            cfs = cluster.start().connect()  # short-circuit reads on (the default): same-host replicas
+            rpc_fs = cluster.connect(short_circuit=False)  # every read through the storage services
             results["write_cluster"] = write_file(cfs, "/data.bin", args.size, args.chunk_size)
             for bs in sizes:
                 for qd in qds:
                     secs = max(1, round(args.seconds))
                     row = {"bs": bs, "qd": qd, "fio": None, "fio_stream": None, "embedded": 0, "array": 0,
-                           "cluster": 0}
+                           "cluster": 0, "cluster_rpc": 0}
                     # Interleaved repetitions, best of each: on a shared 2-core machine a neighbour's burst
                     # would otherwise decide the ratio.
                     for _ in range(args.repeat):
@@ -237,15 +238,19 @@ def main(argv=None) -> int:
                                            bench_reads_array(emb, "/data.bin", args.size, bs, qd, args.seconds))
                         row["cluster"] = max(row["cluster"],
                                              bench_reads(cfs, "/data.bin", args.size, bs, qd, args.seconds))
+                        row["cluster_rpc"] = max(row["cluster_rpc"],
+                                                 bench_reads(rpc_fs, "/data.bin", args.size, bs, qd, args.seconds))
                     results["reads"].append(row)
                     print(fmt_row(row), flush=True)
             n = 100 if args.quick else 400
             results["meta_embedded"] = meta_ops(emb, n)
             results["meta_cluster"] = meta_ops(cfs, n)
             results["meta_etcd"] = meta_ops_etcd(base, n)
+            results["short_circuit"] = cfs.backend.short_circuit_stats
         finally:
-            if cfs is not None:
-                cfs.close()
+            for c in (cfs, rpc_fs):
+                if c is not None:
+                    c.close()
             cluster.stop()
             emb.close()
     finally:
@@ -270,7 +275,8 @@ def fmt_row(r):
     stream = f"{r['fio_stream']:.0f}" if r.get("fio_stream") else "n/a"
     aratio = f"{r['array'] / r['fio']:.2f}" if r["fio"] and r.get("array") else "n/a"
     return (f"bs={r['bs'] >> 10:5d}K qd={r['qd']:2d}  fio {fio} (full queue {stream})  embedded {r['embedded']:9.0f} ({ratio} of fio)  "
-            f"read_array {r.get('array', 0):9.0f} ({aratio})  cluster {r['cluster']:9.0f} ({r['cluster'] / r['embedded']:.2f} of embedded)  IOPS")
+            f"read_array {r.get('array', 0):9.0f} ({aratio})  cluster {r['cluster']:9.0f} ({r['cluster'] / r['embedded']:.2f} of embedded)  "
+            f"cluster rpc-only {r.get('cluster_rpc', 0):9.0f} ({r.get('cluster_rpc', 0) / r['embedded']:.2f})  IOPS")
 
 
 def write_docs(res):

@@ -342,7 +342,10 @@ int ds_reap(int count, uint64_t ctx_raw) {
 
 // ---- whole-batch planning for one call (the array read path, torch_deepstack/storage/array_read.py) ----
 // A file's chunk table, built and kept current by Python: per chunk the open fd of its committed version
-// (-1: not loaded yet, -2: a hole), the committed length and its page CRCs at crcs[chunk * crc_stride].
+// (-1: not loaded yet, -2: a hole, -3: not served by this table: the general path reads it), the committed
+// length and its page CRCs at crcs[chunk * crc_stride]. `strict` (the cluster's short-circuit tables): a hole
+// or a read past the chunk's committed length is not zero-filled but left to the general path, which confirms
+// short answers with a second replica.
 // A request is one row of 5 int64: file offset, length, offset in the output buffer, result (out), table index.
 struct ds_table {
     int64_t file_len;
@@ -353,6 +356,7 @@ struct ds_table {
     const int64_t* fd;
     const int64_t* vlen;
     const uint32_t* crcs;
+    int64_t strict;
 };
 
 // Results other than a byte count. SLOW: left to Python's general read path, which retries, re-reads the
@@ -451,9 +455,17 @@ int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* r
             left++;
             continue;
         }
+        if (fd < -2) {  // not served by this table
+            left++;
+            continue;
+        }
         int64_t vl = fd == -2 ? 0 : tb->vlen[idx];
         int64_t nc = vl - inc < nf ? vl - inc : nf;
         if (nc < 0) nc = 0;
+        if (nc < nf && tb->strict) {  // short: the general path decides (another replica may hold more)
+            left++;
+            continue;
+        }
         uint8_t* dest = (uint8_t*)(out + (uint64_t)doff);
         if (nc < nf) memset(dest + nc, 0, (size_t)(nf - nc));  // a hole, or past the chunk's end: zeros
         if (nc == 0) {

@@ -52,7 +52,7 @@ MAX_TABLE_BYTES = 64 << 20  # a file whose chunk table would be larger is served
 class _Table(ctypes.Structure):
     _fields_ = [("file_len", ctypes.c_int64), ("chunk_size", ctypes.c_int64), ("crc_block", ctypes.c_int64),
                 ("nchunks", ctypes.c_int64), ("crc_stride", ctypes.c_int64), ("fd", ctypes.c_void_p),
-                ("vlen", ctypes.c_void_p), ("crcs", ctypes.c_void_p)]
+                ("vlen", ctypes.c_void_p), ("crcs", ctypes.c_void_p), ("strict", ctypes.c_int64)]
 
 
 class ChunkTable:
@@ -74,7 +74,7 @@ class ChunkTable:
         self.users = 0
         self.retired = False
         self.struct = _Table(self.length, cs, blk, self.nchunks, self.stride, self.fd.ctypes.data,
-                             self.vlen.ctypes.data, self.crcs.ctypes.data)
+                             self.vlen.ctypes.data, self.crcs.ctypes.data, 0)
         self.address = ctypes.addressof(self.struct)
         self.ptrs = np.array([self.address], np.uint64)
 

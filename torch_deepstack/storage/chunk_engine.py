@@ -245,6 +245,10 @@ class ChunkEngine:
         # Called (no arguments) when versions are retired or the cache is dropped: holders of version fds
         # (the array read path's chunk tables) give stale ones back, so removed files free their space.
         self.retire_hooks: list = []
+        # Called as hook(chunk id, or None for every chunk), under the metadata lock, whenever a chunk's
+        # committed version may have changed, before the change is acknowledged to anyone: the storage
+        # service's short-circuit page (short_circuit.py) tells same-host clients holding fds to re-check.
+        self.change_hooks: list = []
         self._meta_lock = threading.RLock()
         self._reserved = 0
         self._fds = _FdCache()
@@ -333,7 +337,7 @@ class ChunkEngine:
             rows = self._db.execute(f"SELECT {self._COLUMNS} FROM chunks").fetchall()
         with self._meta_lock:
             self._meta = {row[0]: self._from_row(row) for row in rows}
-            self.generation += 1
+            self._changed(None)
             self._complete = True
 
     def _load(self, gc: bool) -> None:
@@ -372,11 +376,11 @@ class ChunkEngine:
             if row is None:
                 self._meta.pop(cid, None)
                 if old is not None and old.committed is not None:
-                    self.generation += 1
+                    self._changed(cid)
                 return None
             m = self._meta[cid] = self._from_row(row)
             if old is not None and old.committed != m.committed:
-                self.generation += 1
+                self._changed(cid)
             return m
 
     def _cached(self, cid: str) -> ChunkMeta | None:
@@ -396,11 +400,17 @@ class ChunkEngine:
         with self._meta_lock:
             self._meta = {}
             self._complete = False
-            self.generation += 1
+            self._changed(None)
         self._fds.close()  # in-flight reads keep their descriptors until they release them
         for hook in self.retire_hooks:
             hook()
         return True
+
+    def _changed(self, cid: str | None) -> None:
+        """A committed version changed (caller holds _meta_lock): new generation, tell the hooks."""
+        self.generation += 1
+        for hook in self.change_hooks:
+            hook(cid)
 
     def _data_path(self, cid: str, ver: int) -> str:
         return f"{self._data_root}/{cid[-2:]}/{cid}.v{ver}"
@@ -669,7 +679,7 @@ class ChunkEngine:
             m = ChunkMeta(cid, m.pending, None, m.chain_ver)
             self._persist(m)
             self._meta[cid] = m
-            self.generation += 1
+            self._changed(cid)
         if old is not None and old.ver != ver:
             self._remove_file(cid, old.ver)
 
@@ -686,7 +696,7 @@ class ChunkEngine:
             m = ChunkMeta(cid, v, None, max(chain_ver, m.chain_ver))
             old = self._swap(m)
             self._meta[cid] = m
-            self.generation += 1
+            self._changed(cid)
         for x in old - {v.ver}:
             self._remove_file(cid, x)
         return v
@@ -728,7 +738,7 @@ class ChunkEngine:
             with self._meta_lock:
                 self._meta.pop(cid, None)
                 old = self._swap(ChunkMeta(cid))
-                self.generation += 1
+                self._changed(cid)
             for ver in old:
                 self._remove_file(cid, ver)
             return bool(old)

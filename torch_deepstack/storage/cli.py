@@ -120,7 +120,8 @@ def cmd_serve(args) -> int:
         return 2
     targets = {f"{args.id}-t{i}": path for i, path in enumerate(args.target)}
     s = StorageService(args.id, targets, args.manager, secret, host=args.host, port=args.port,
-                       sync=not args.no_sync, capacity_bytes=args.capacity)
+                       sync=not args.no_sync, capacity_bytes=args.capacity,
+                       short_circuit=not args.no_short_circuit)
     s.start()
     _announce(s.address, args.port_file)
     return _wait_forever(s.stop)
@@ -280,6 +281,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--manager", type=_hostport, help="storage: manager HOST:PORT")
     s.add_argument("--target", action="append", help="storage: a target directory (repeat; ids <id>-t0, -t1..)")
     s.add_argument("--no-sync", action="store_true", help="storage: skip fdatasync (tests/benchmarks only)")
+    s.add_argument("--no-short-circuit", action="store_true",
+                   help="storage: do not hand same-host clients chunk fds (every read goes through RPC)")
     s.add_argument("--capacity", type=parse_size, help="storage: bytes each target may hold (a quota)")
     common(s, fs=False)
     s.set_defaults(func=_guarded(cmd_serve))

@@ -594,24 +594,27 @@ class FileSystem:
     def _batch_read_native(self, reqs: list[ReadRequest], timeout: float | None) -> list[ReadResult] | None:
         """batch_read through the backend's array path (one native call plans, reads and checks the batch)
         when every request names an open File and a valid range; None when any does not (the general path
-        then serves the whole batch and reports per-request errors). Requests the native path leaves alone
-        (crossing chunks, retries, errors) go through the general path."""
+        then serves the whole batch and reports per-request errors). A request that crosses chunks is read
+        as one row per chunk. Requests the native path leaves alone (retries, errors) go through the general
+        path."""
         import numpy as np
 
         which_of: dict = {}
         inodes, rows, views = [], [], []
+        extra: list = []  # (request index, row) of the second and later chunks of chunk-crossing requests
         add_row, add_view = rows.append, views.append
         from_buffer, addressof = ctypes.c_char.from_buffer, ctypes.addressof
         for r in reqs:  # the per-request cost of this path: keep it lean
             f, off, length, out = r.file, r.offset, r.length, r.out
             if type(f) is not File or type(off) is not int or type(length) is not int or off < 0 or length < 0:
                 return None
-            w = which_of.get(f)
-            if w is None:
+            wc = which_of.get(f)
+            if wc is None:
                 if f._inode["type"] != "file":
                     return None
-                w = which_of[f] = len(inodes)
+                wc = which_of[f] = (len(inodes), f._inode["chunk_size"])
                 inodes.append(f._inode)
+            w, cs = wc
             if out is None:
                 mv = memoryview(bytearray(length))
             else:
@@ -626,12 +629,26 @@ class FileSystem:
                         return None
             if len(mv) < length:
                 return None
-            add_row((off, length, addressof(from_buffer(mv)) if length else 0, 0, w))
+            addr = addressof(from_buffer(mv)) if length else 0
+            first = cs - off % cs
+            if length > first:  # crosses chunks: one row per chunk
+                i = len(rows)
+                for pos in range(off + first, off + length, cs):
+                    extra.append((i, (pos, min(cs, off + length - pos), addr + pos - off, 0, w)))
+                add_row((off, first, addr, 0, w))
+            else:
+                add_row((off, length, addr, 0, w))
             add_view(mv)
-        req = np.array(rows, np.int64)
+        req = np.array(rows + [row for _, row in extra], np.int64)
         got = self.backend.read_array(inodes, req, 0, 1 << 62)  # requests carry absolute addresses
         if got is None:
             return None
+        if extra:  # a crossing request: the sum of its rows, unless any of them must take the general path
+            got = got.copy()
+            for j, (i, _) in enumerate(extra, len(rows)):
+                n = got[j]
+                got[i] = n + got[i] if n >= 0 and got[i] >= 0 else min(n, got[i])
+            got = got[:len(rows)]
         results, slow = [], []
         for r, mv, n in zip(reqs, views, got.tolist()):
             if n >= 0:

@@ -5,6 +5,11 @@ failed recently, spread by a hash of the chunk id so load covers every replica. 
 batched `read` RPC per service; bytes are received straight into the caller's buffers. A failed item
 (service down, corrupt chunk, stale routing, target not serving) is retried on another replica after a
 routing refresh, until every replica has been tried or the deadline passes.
+
+Short-circuit reads (short_circuit.py): a client on the same host as a serving replica reads its chunk files
+itself through fds the service hands over, in batches planned and checked in C like embedded reads, and
+validated against the service's shared page; what that path does not serve goes through the RPC path above.
+`short_circuit=False` (or DEEPSTACK_SHORT_CIRCUIT=0) turns it off.
 """
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+from torch_deepstack.storage import array_read
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
 from torch_deepstack.storage.errors import (NotServing, StaleRouting, StorageError, Unavailable, error_from_code)
 from torch_deepstack.storage.rpc import RpcClient, RpcClients
+from torch_deepstack.storage.short_circuit import enabled_by_env as short_circuit_by_env
 
 RETRYABLE = (Unavailable, StaleRouting, NotServing)
 
@@ -57,7 +64,7 @@ class RemoteMeta:
 
 class ClusterBackend(DataBackend):
     def __init__(self, manager: RpcClient, secret: bytes, *, timeout: float = 10.0, io_threads: int = 16,
-                 retry_for: float = 30.0):
+                 retry_for: float = 30.0, short_circuit: bool | None = None):
         self.manager, self.secret, self.timeout = manager, secret, timeout
         self.retry_for = retry_for
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-cluster")
@@ -65,6 +72,13 @@ class ClusterBackend(DataBackend):
         self._failed: dict[str, float] = {}  # target -> monotonic time of last failure
         self._local = _local_hosts()
         self.routing: dict = {}
+        if short_circuit is None:
+            short_circuit = short_circuit_by_env()
+        self._sc = None
+        if short_circuit:
+            from torch_deepstack.storage.short_circuit_read import ShortCircuitReader
+
+            self._sc = ShortCircuitReader(self, secret)
         self.refresh()
 
     # ------------------------------------------------------------------ routing
@@ -72,7 +86,10 @@ class ClusterBackend(DataBackend):
         deadline = time.monotonic() + self.retry_for
         while True:
             try:
-                self.routing = self.manager.call("routing")[0]
+                routing = self.manager.call("routing")[0]
+                if self._sc is not None and routing != self.routing:
+                    self._sc.routing_changed()
+                self.routing = routing
                 return self.routing
             except Unavailable:
                 if self.routing or time.monotonic() > deadline:  # keep using the cached table
@@ -101,6 +118,22 @@ class ClusterBackend(DataBackend):
         return sorted(cands, key=rank)
 
     # ------------------------------------------------------------------ reads
+    def array_reads(self) -> bool:
+        """Whether short-circuit reads may serve batches (on: the switch, the C helper, a same-host replica)."""
+        if self._sc is None or not array_read.supported():
+            return False
+        return any(a and a.rsplit(":", 1)[0] in self._local for a in self.routing.get("addresses", {}).values())
+
+    def read_array(self, inodes, req, out, out_size):
+        return self._sc.read(inodes, req, out, out_size) if self._sc is not None else None
+
+    @property
+    def short_circuit_stats(self) -> dict:
+        """Requests served by short-circuit reads, and those it handed to the RPC path (None when off)."""
+        if self._sc is None:
+            return None
+        return {"served": self._sc.served, "passed": self._sc.passed, "sessions": len(self._sc.sessions)}
+
     def _start_read(self, target: str, items: list[tuple[ChunkRead, str]], timeout: float | None = None):
         """Send one batched read RPC to the service of `target` (answer collected by _finish_read)."""
         chains = self.routing["chains"]
@@ -283,14 +316,19 @@ class ClusterBackend(DataBackend):
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        if self._sc is not None:
+            self._sc.close()
         self._clients.close()
 
 
 def open_cluster(host: str, port: int, secret: bytes, *, timeout: float = 10.0, io_threads: int = 16,
-                 retry_for: float = 30.0) -> FileSystem:
+                 retry_for: float = 30.0, short_circuit: bool | None = None) -> FileSystem:
+    """short_circuit: read same-host replicas' chunk files directly (default: on unless
+    DEEPSTACK_SHORT_CIRCUIT=0); False sends every read through the storage services."""
     manager = RpcClient(host, port, secret, timeout=timeout)
     try:
-        backend = ClusterBackend(manager, secret, timeout=timeout, io_threads=io_threads, retry_for=retry_for)
+        backend = ClusterBackend(manager, secret, timeout=timeout, io_threads=io_threads, retry_for=retry_for,
+                                 short_circuit=short_circuit)
     except BaseException:
         manager.close()
         raise

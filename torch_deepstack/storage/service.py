@@ -12,6 +12,9 @@
   chunk versions against it, copies what differs under the chunk lock, removes extras, then sends sync-done.
 * Heartbeats renew the lease at the manager every lease/3 seconds; their answer is the routing table. A
   service that cannot renew its lease stops accepting writes (it may have been replaced in its chains).
+* Short-circuit reads (short_circuit.py): same-host clients get fds of committed chunk versions over a Unix
+  socket and read them themselves, validated against a shared page of serving times and chunk generations
+  that this service keeps current (`short_circuit=False` / `--no-short-circuit` turns it off).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch_deepstack.storage.errors import (InvalidArgument, NotFound, NotServin
                                             Unavailable)
 from torch_deepstack.storage.paths import validate_chunk_id
 from torch_deepstack.storage.rpc import RpcClient, RpcClients, RpcServer
+from torch_deepstack.storage.short_circuit import ShortCircuitServer, machine_id
 
 log = logging.getLogger("torch_deepstack.storage.service")
 
@@ -73,7 +77,7 @@ def _str(args: dict, name: str) -> str:
 class StorageService:
     def __init__(self, service_id: str, targets: dict[str, str], manager: tuple[str, int], secret: bytes, *,
                  host: str = "127.0.0.1", port: int = 0, sync: bool = True, rpc_timeout: float = 10.0,
-                 capacity_bytes: int | None = None):
+                 capacity_bytes: int | None = None, short_circuit: bool = True):
         fastio.SPIN_US = 0  # no completion polling in services (see fastio.SPIN_US)
         self.service_id = service_id
         self.boot = os.urandom(8).hex()  # identifies this incarnation: the manager spots restarts by it
@@ -103,7 +107,10 @@ class StorageService:
             "remove": self._rpc_remove, "dump_meta": self._rpc_dump_meta, "sync_write": self._rpc_sync_write,
             "sync_remove": self._rpc_sync_remove, "sync_done": self._rpc_sync_done, "verify": self._rpc_verify,
             "repair": self._rpc_repair, "ping": lambda a, p: ({"service": self.service_id}, None),
+            "short_circuit": self._rpc_short_circuit,
         }
+        self.short_circuit = ShortCircuitServer(service_id, self.engines, secret, self.boot) if short_circuit \
+            else None
         self.server = RpcServer(handlers, secret, host, port, name=f"storage-{service_id}")
 
     # ------------------------------------------------------------------ routing
@@ -113,6 +120,7 @@ class StorageService:
 
     def _heartbeat_once(self) -> None:
         states = {tid: ("uptodate" if ok else "online") for tid, ok in self.uptodate.items()}
+        sent_at = time.monotonic()  # the manager's lease for us runs from a later moment than this
         routing, _ = self.manager.call("heartbeat", {"service_id": self.service_id, "address": self.address,
                                                      "targets": states, "boot": self.boot},
                                        timeout=self.rpc_timeout)
@@ -122,9 +130,13 @@ class StorageService:
                 if t["id"] in self.uptodate and t["state"] == "serving":
                     self.uptodate[t["id"]] = True
         self._set_routing(routing)
+        if self.short_circuit is not None:
+            self.short_circuit.renew(routing, sent_at)
         self._start_syncs(routing)
 
     def _set_routing(self, routing: dict) -> None:
+        if self.short_circuit is not None:
+            self.short_circuit.restrict(routing)
         with self._routing_changed:
             self.routing = routing
             self._routing_changed.notify_all()
@@ -179,6 +191,12 @@ class StorageService:
             raise NotServing(f"{self.service_id}: lease expired (manager unreachable); refusing writes")
 
     # ------------------------------------------------------------------ reads
+    def _rpc_short_circuit(self, args, payload):
+        """Where same-host clients find the short-circuit socket (and the host it is on)."""
+        if self.short_circuit is None:
+            raise NotServing(f"{self.service_id}: short-circuit reads are turned off")
+        return {"socket": self.short_circuit.name, "machine": machine_id()}, None
+
     def _rpc_read(self, args, payload):
         """Batched read on one target. Columnar arguments (chain, ver, chunk, off, len: one entry per item)
         keep the per-item cost low; the reply lists n per item (-1: failed, see err) and the payload is the
@@ -493,6 +511,8 @@ class StorageService:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.short_circuit is not None:
+            self.short_circuit.close()
         self.server.stop()
         self._writer.shutdown(wait=False)
         self.manager.close()
