@@ -129,10 +129,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   uint64_t* empty = full + kStages;
   // Epilogue staging, one slice per math warp: 16 rows x 16 bf16 columns, rows 48 bytes apart (conflict-free
   // fragment writes). Accumulators leave through it as 16-byte row-contiguous stores instead of 4-byte ones: at
-  // small K the 4-byte stores throttled the load/store queue (ncu: 31% of stall cycles at 4096x32768x512).
-  // EXPERIMENTAL, off by default: compiled and spill-free, not yet run on a GPU. Enable with
-  // DEEPSTACK_GEMM_DEFINES=DS_STAGED_EPILOGUE (the Python side then reserves its shared memory).
-#ifdef DS_STAGED_EPILOGUE
+  // small K the 4-byte stores throttled the load/store queue (ncu: 31% of stall cycles at 4096x32768x512);
+  // measured on the H200 +5-45% at M = 4096. DS_DIRECT_EPILOGUE (via DEEPSTACK_GEMM_DEFINES) turns it off for A/B
+  // runs. bf16 output without C only (the weight-gradient and accumulate forms keep the direct stores).
+#ifndef DS_DIRECT_EPILOGUE
   constexpr bool kStagedEpilogue = std::is_same<OutT, __nv_bfloat16>::value && !kHasC && kN % 8 == 0;
 #else
   constexpr bool kStagedEpilogue = false;

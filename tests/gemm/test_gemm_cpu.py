@@ -15,10 +15,17 @@ ops = torch.ops.deepstack
 
 @pytest.mark.parametrize("m,n,k", [(1, 16, 16), (7, 200, 256), (65, 144, 384), (129, 130, 160)])
 def test_dense_reference_accuracy(m, n, k):
-    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, "cpu")
-    d = poisoned_empty(m, n, dtype=torch.float32, device="cpu")
-    ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-    assert calc_diff(d, a.float() @ b.float().T) < 1e-3
+    # calc_diff is a statistic over the outputs: FP8 rounding alone puts its median near 6e-4, and over a few dozen
+    # outputs (1x16) its spread crosses 1e-3 in ~14% of draws. So the bound is checked over >= 4096 outputs, from
+    # as many fresh draws of this shape as that takes.
+    got, want_exact = [], []
+    for _ in range(-(-4096 // (m * n))):
+        a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, "cpu")
+        d = poisoned_empty(m, n, dtype=torch.float32, device="cpu")
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+        got.append(d.flatten())
+        want_exact.append((a.float() @ b.float().T).flatten())
+    assert calc_diff(torch.cat(got), torch.cat(want_exact)) < 1e-3
     # the reference equals the slice-by-slice definition
     want = torch.zeros(m, n)
     for kb in range(0, k, 128):

@@ -4,7 +4,9 @@ Model: a CTA walks its tiles; per 128-deep K slice a BLOCK_M x BLOCK_N tile cost
 max(tensor-core cycles, bytes moved into the SM / L2 bandwidth per SM). The kernel time is then
 waves x that cost, with waves = ceil(tiles / SMs). We take the config with the lowest modelled time; ties go to
 larger BLOCK_M, then larger BLOCK_N. Non-power-of-two BLOCK_N (multiples of 16) fill more SMs on shapes like
-N = 7168 or 2112.
+N = 7168 or 2112 for one-warpgroup tiles (BLOCK_M 64, small M). Two-warpgroup tiles (BLOCK_M 128) take BLOCK_N in
+{64, 128, 192} only: on the H200 at M = 4096 widths 96, 112, 144 and 160 ran 5-20% slower per FLOP than 128
+(sweep of 2026-11-29, docs/gemm.md), which the model does not capture.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 SMEM_BUDGET = 232448            # bytes of shared memory one SM90 CTA may use
 MAX_STAGES = 10
 MMA_FMA_PER_CYCLE = 4096        # dense FP8 per SM (H100/H200)
-L2_BYTES_PER_CYCLE = 48.0       # sustained L2 -> SM bandwidth per SM (model constant)
+L2_BYTES_PER_CYCLE = 64.0       # sustained L2 -> SM bandwidth per SM (model constant, fitted to H200 sweeps)
 BAND_M_BLOCKS = 16              # rasterisation band (M-blocks walked together)
 
 
@@ -48,9 +50,9 @@ def stage_bytes(block_m: int, block_n: int, sf_b_per_row: bool) -> int:
 
 
 def epilogue_staging_bytes() -> int:
-    """Shared memory of the experimental staged epilogue (src/gemm/fp8_gemm.cuh, DS_STAGED_EPILOGUE): up to 8
-    math warps x 16 rows x 48 bytes; 0 unless DEEPSTACK_GEMM_DEFINES enables it."""
-    return 2 * 4 * 16 * 48 if "DS_STAGED_EPILOGUE" in os.environ.get("DEEPSTACK_GEMM_DEFINES", "") else 0
+    """Shared memory of the staged epilogue (src/gemm/fp8_gemm.cuh): up to 8 math warps x 16 rows x 48 bytes;
+    0 when DEEPSTACK_GEMM_DEFINES has DS_DIRECT_EPILOGUE (the A/B switch back to direct stores)."""
+    return 0 if "DS_DIRECT_EPILOGUE" in os.environ.get("DEEPSTACK_GEMM_DEFINES", "") else 2 * 4 * 16 * 48
 
 
 def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
@@ -68,6 +70,8 @@ def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_pe
             continue
         for bn in range(16, max_bn + 1, 16):
             if not sf_b_per_row and not spans_at_most_two_scale_blocks(bn):
+                continue
+            if bm == 128 and bn % 64:
                 continue
             tiles = cdiv(max(m, 1), bm) * cdiv(n, bn) * num_groups
             waves = cdiv(tiles, num_sms)
