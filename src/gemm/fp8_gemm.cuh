@@ -87,7 +87,7 @@ struct TileScheduler {
 };
 
 template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool kSfbPerRow, typename OutT,
-          typename CT, bool kHasC>
+          typename CT, bool kHasC, int kCluster = 1>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
 fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                 const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
@@ -111,6 +111,14 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #endif
   constexpr int kSfbBlocksN = (kN + 127) / 128;
   constexpr int kAccRegs = kBlockN / 2;
+  // kCluster = 2 (dense 1D2D, launched as 2-CTA clusters): the two CTAs of a cluster take vertically adjacent
+  // M-blocks of one N-block, and each loads half of the shared B tile with TMA multicast into both. L2 -> SM traffic
+  // per CTA and K slice drops from (BLOCK_M + BLOCK_N) x 128 to (BLOCK_M + BLOCK_N / 2) x 128 bytes. A stage may be
+  // refilled only when both CTAs have consumed it, so every math warp releases it in both CTAs.
+  // (128x192 tiles would spill: the cluster bookkeeping costs the math warps one register more)
+  static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
+                                  kBlockN <= 160),
+                "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
   constexpr uint32_t kStageBytes = kBytesA + kBytesB + kBytesSFA + kBytesSFB;   // what TMA delivers per stage
@@ -152,14 +160,18 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(full + s, 1);
-      sm90::mbar_init(empty + s, kMathWG * 4);  // one arrival per math warp
+      sm90::mbar_init(empty + s, kMathWG * 4 * kCluster);  // one arrival per math warp of each CTA
     }
     sm90::fence_barrier_init();
     sm90::fence_proxy_async();
   }
-  __syncthreads();
+  // With clusters the peer's barriers must be initialised before any multicast or remote arrive reaches them.
+  if constexpr (kCluster > 1) sm90::cluster_sync(); else __syncthreads();
 
-  const TileScheduler<kKind, kBlockM, kBlockN, kN> sched(M, num_groups, band, layout);
+  // Clusters walk the list of cluster tiles (kCluster M-blocks high); CTA `rank` takes the rank-th M-block of each.
+  const TileScheduler<kKind, kBlockM * kCluster, kBlockN, kN> sched(M, num_groups, band, layout);
+  const int rank = kCluster > 1 ? static_cast<int>(sm90::cluster_ctarank()) : 0;
+  const int first_tile = blockIdx.x / kCluster, tile_stride = gridDim.x / kCluster;
 #if defined(DS_DBG) && DS_DBG == 3
   if (blockIdx.x == 0 && tid == 0) {  // dump the run-time parameters as the kernel sees them
     const float v[12] = {float(M), float(num_groups), float(ldd), float(ldc), float(band), float(sfb_sg),
@@ -178,16 +190,22 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     if (tid == kMathThreads) {
       int s = 0;
       uint32_t phase = 0;
-      for (int t = blockIdx.x; t < sched.total; t += gridDim.x) {
+      for (int t = first_tile; t < sched.total; t += tile_stride) {
         GemmTile tile;
         if (!sched.resolve(t, tile)) continue;
+        tile.m0 += rank * kBlockM;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = tile.g * kN + tile.n0;
         for (int kb = 0; kb < kLoopKB; ++kb) {
           sm90::mbar_wait(empty + s, phase ^ 1);
           sm90::mbar_arrive_expect_tx(full + s, kStageBytes);
           sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kb * 128, a_row);
-          sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
+          if constexpr (kCluster > 1) {   // this CTA's half of B, into both CTAs
+            sm90::tma_load_2d_multicast(smem_b + s * kBytesB + rank * (kBytesB / 2), &tmap_b, full + s, kb * 128,
+                                        b_row + rank * (kBlockN / 2), (1u << kCluster) - 1);
+          } else {
+            sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
+          }
           sm90::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0, tile.g * kNumKB * (kKind == kGemmMasked) + kb);
           if (kSfbPerRow) sm90::tma_load_2d(smem_sfb + s * kSfbStride, &tmap_sfb, full + s, tile.n0, kb);
           if (++s == kStages) { s = 0; phase ^= 1; }
@@ -207,9 +225,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     float fin[kAccRegs];
     int s = 0;
     uint32_t phase = 0;
-    for (int t = blockIdx.x; t < sched.total; t += gridDim.x) {
+    for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
       if (!sched.resolve(t, tile)) continue;
+      tile.m0 += rank * kBlockM;
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
 #if defined(DS_DBG) && DS_DBG == 4
@@ -246,6 +265,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         if (!kSfbPerRow) {
           __syncwarp();
           if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
+          if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
           const float s00 = sa0 * sb_lo, s01 = sa0 * sb_hi, s10 = sa1 * sb_lo, s11 = sa1 * sb_hi;
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j) {
@@ -339,6 +359,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       }
     }
   }
+  // No CTA may exit while its peer can still arrive on its barriers (the last stage releases).
+  if constexpr (kCluster > 1) sm90::cluster_sync();
 #endif
 }
 

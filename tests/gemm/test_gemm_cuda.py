@@ -45,6 +45,29 @@ def test_dense_fp32_out_with_c(m, n, k):
     _check_dense(m, n, k, torch.bfloat16, with_c=True)
 
 
+@pytest.mark.parametrize("cfg", ["128,128,6", "128,64,8", "128,160,5"])
+@pytest.mark.parametrize("m,n,k", [(129, 200, 384), (300, 4096, 1024), (700, 7168, 2048), (4095, 256, 128)])
+def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
+    """2-CTA clusters sharing B by multicast, odd cluster counts included (a CTA whose M-block is past M still
+    loads its half of B for its peer): every valid row written, and bit-identical to the plain kernel."""
+    from torch_deepstack.gemm import kernels
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    outs = {}
+    for mc in ("1", "0"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
+        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+        torch.cuda.synchronize()
+        assert not d.isnan().any(), f"unwritten outputs (multicast={mc})"
+        outs[mc] = d
+    assert kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[-1] == 1
+    monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", "1")
+    assert kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[-1] == 2
+    assert torch.equal(outs["1"], outs["0"])
+    assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
+
+
 def test_dense_odd_n_and_short_k():
     _check_dense(33, 129, 16)
     _check_dense(130, 77, 144)

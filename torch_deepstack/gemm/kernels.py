@@ -55,10 +55,20 @@ def _forced_config(cfg: GemmConfig) -> GemmConfig:
     return GemmConfig(bm, bn, st, cfg.num_sms)
 
 
-def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, out_dtype, c_dtype, has_c) -> KernelSpec:
-    return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel",
-                      (cfg.block_m, cfg.block_n, n, k, cfg.stages, kind, sf_b_per_row, _CTYPE[out_dtype],
-                       _CTYPE[c_dtype], has_c), defines=_debug_defines())
+def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, out_dtype, c_dtype, has_c,
+              cluster: int = 1) -> KernelSpec:
+    args = (cfg.block_m, cfg.block_n, n, k, cfg.stages, kind, sf_b_per_row, _CTYPE[out_dtype], _CTYPE[c_dtype], has_c)
+    return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel", args + ((cluster,) if cluster > 1 else ()),
+                      defines=_debug_defines())
+
+
+def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -> bool:
+    """2-CTA clusters sharing B by TMA multicast, for dense 1D2D kernels with 128-row tiles at most 160 wide (wider
+    ones spill) and at least two M-blocks. OPT-IN (DEEPSTACK_GEMM_MULTICAST=1): correct and bit-identical to the
+    plain kernel on the H200, but it ran at half the plain kernel's speed there (2026-11-29, docs/gemm.md), for a
+    reason not yet found."""
+    return (kind == KIND_DENSE and not sf_b_per_row and cfg.block_m == 128 and cfg.block_n <= 160 and m_rows > 128
+            and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "1")
 
 
 # Host-side caches: the hot path must cost a few microseconds, not the ~170 us that rebuilding the config, the
@@ -91,16 +101,21 @@ def _sf_map(sf: torch.Tensor, mn: int, cols: int, box: int) -> bytes:
 
 def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype):
     key = (kind, device.index, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype,
-           os.environ.get("DEEPSTACK_GEMM_CONFIG"), os.environ.get("DEEPSTACK_GEMM_DEFINES"), _NUM_SMS_OVERRIDE)
+           os.environ.get("DEEPSTACK_GEMM_CONFIG"), os.environ.get("DEEPSTACK_GEMM_DEFINES"),
+           os.environ.get("DEEPSTACK_GEMM_MULTICAST"), _NUM_SMS_OVERRIDE)
     plan = _PLANS.get(key)
     if plan is None:
         cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1,
                                            num_sms(device), sf_b_per_row))
+        cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row) else 1
         spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
-                         c_dtype or out_dtype, c_dtype is not None)
-        tiles = cdiv(m_rows, cfg.block_m) * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
-        plan = (get_kernel(spec, _GEMM_SIGNATURE), cfg, max(1, min(cfg.num_sms, tiles)),
-                max(1, min(BAND_M_BLOCKS, cdiv(m_rows, cfg.block_m))), smem_bytes(cfg, sf_b_per_row))
+                         c_dtype or out_dtype, c_dtype is not None, cluster)
+        # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each)
+        m_blocks = cdiv(m_rows, cfg.block_m * cluster)
+        tiles = m_blocks * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
+        grid = cluster * max(1, min(cfg.num_sms // cluster, tiles))
+        plan = (get_kernel(spec, _GEMM_SIGNATURE), cfg, grid, max(1, min(BAND_M_BLOCKS // cluster, m_blocks)),
+                smem_bytes(cfg, sf_b_per_row), cluster)
         _PLANS[key] = plan
     return plan
 
@@ -108,13 +123,13 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
 def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
                  k_template=None):
     """m_rows: M (dense), M_sum (contiguous) or M_max (masked)."""
-    kernel, cfg, grid, band, smem = _plan(kind, a.device, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
+    kernel, cfg, grid, band, smem, cluster = _plan(kind, a.device, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
                                           k_template, d.dtype, None if c is None else c.dtype)
     kb = cdiv(k, 128)
     groups_b = b.shape[0] if b.dim() == 3 else 1
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
     tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m)
-    tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n)
+    tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n // cluster)   # multicast: each CTA loads a half
     tmap_sfa = _sf_map(sfa, m_rows, kb * (num_groups if kind == KIND_MASKED else 1), cfg.block_m)
     tmap_sfb = _sf_map(sfb, n, kb, cfg.block_n) if sf_b_per_row else tmap_sfa
     if sf_b_per_row:
@@ -123,8 +138,12 @@ def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k
         sg, sn, sk = sfb.stride()
     else:
         sg, (sn, sk) = 0, sfb.stride()
-    kernel.launch(grid, cfg.threads, tmap_a, tmap_b, tmap_sfa, tmap_sfb, d, c, sfb, layout,
-                  m_rows, num_groups, d.stride(-2), 0 if c is None else c.stride(-2), band, sg, sn, sk, kb, smem=smem)
+    args = (tmap_a, tmap_b, tmap_sfa, tmap_sfb, d, c, sfb, layout, m_rows, num_groups, d.stride(-2),
+            0 if c is None else c.stride(-2), band, sg, sn, sk, kb)
+    if cluster > 1:
+        kernel.launch_cluster(grid, cfg.threads, (cluster, 1, 1), *args, smem=smem)
+    else:
+        kernel.launch(grid, cfg.threads, *args, smem=smem)
 
 
 def _fill_no_k(d, c, accumulate):
@@ -270,7 +289,9 @@ def _prebuild():
     specs = []
     for n, k in DSV3_NK:
         for m in (64, 4096):
-            specs.append(gemm_spec(select_config(m, n, k, 1, 132), n, k, KIND_DENSE, False, bf16, bf16, False))
+            cfg = select_config(m, n, k, 1, 132)
+            specs.append(gemm_spec(cfg, n, k, KIND_DENSE, False, bf16, bf16, False,
+                                   2 if use_multicast(KIND_DENSE, cfg, m, False) else 1))
     for n, k in ((4096, 7168), (7168, 2048)):
         specs.append(gemm_spec(select_config(8192, n, k, 1, 132), n, k, KIND_CONTIGUOUS, False, bf16, bf16, False))
         specs.append(gemm_spec(select_config(256, n, k, 4, 132), n, k, KIND_MASKED, False, bf16, bf16, False))
