@@ -42,13 +42,39 @@ def test_decode_matches_reference(case, parts):
     assert_mla_close(out, lse, ref_out, ref_lse)
 
 
-@pytest.mark.parametrize("case", [(4, 1, 16, 1, 576, torch.bfloat16, 300, False, (1,)),
-                                  (3, 2, 128, 1, 576, torch.bfloat16, 700, True, ()),
-                                  (2, 1, 32, 2, 576, torch.bfloat16, 129, False, (0,))])
+FP8_CASES = [  # rows = s_q * h_q / h_kv <= 32 take mla_decode_fp8.cuh (16 or 32 rows), larger the general kernel
+    (4, 1, 16, 1, 576, torch.bfloat16, 300, False, (1,)),
+    (3, 2, 128, 1, 576, torch.bfloat16, 700, True, ()),
+    (2, 1, 32, 2, 576, torch.bfloat16, 129, False, (0,)),     # h_kv = 2: per-token copies
+    (6, 1, 32, 1, 576, torch.bfloat16, 900, False, (2,)),     # 32 rows
+    (3, 4, 3, 1, 576, torch.bfloat16, 200, True, ()),         # causal, 12 rows
+    (4, 2, 16, 1, 576, torch.bfloat16, 1500, True, (0,)),     # causal, 32 rows, long requests
+    (5, 1, 8, 2, 576, torch.bfloat16, 33, False, ()),         # pages with an empty second half
+    (2, 1, 1, 1, 576, torch.bfloat16, 3000, False, ()),       # one row
+]
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"b{c[0]}sq{c[1]}hq{c[2]}hk{c[3]}")
 @pytest.mark.parametrize("parts", [0, 7])
 def test_fp8_cache_matches_reference(case, parts):
     out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts, fp8=True)
     assert_mla_close(out, lse, ref_out, ref_lse)
+
+
+def test_fp8_small_rows_kernel_matches_general_kernel(monkeypatch):
+    """The few-rows FP8 kernel and the general FP8 kernel agree on the same inputs (both against bf16 rounding)."""
+    from torch_deepstack.mla import kernels
+    lens = varied_lengths(16, 1000, seed=5, zeros=(3,))
+    q, cache, bt, seq = make_case(16, 1, 32, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=5)
+    sched, splits = get_mla_metadata(seq, 32, 1)
+    o_small, l_small = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
+    monkeypatch.setattr(kernels, "_FP8_SMALL_ROWS", False)
+    o_gen, l_gen = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
+    from tests.helpers import calc_diff
+    assert calc_diff(o_small.float(), o_gen.float()) < 1e-5
+    fin = torch.isfinite(l_gen)
+    assert torch.equal(fin, torch.isfinite(l_small))
+    assert float((l_small[fin] - l_gen[fin]).abs().max()) < 1e-3
 
 
 def test_metadata_matches_python_schedule():

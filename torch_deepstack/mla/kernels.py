@@ -31,6 +31,25 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
     return KernelSpec("mla/mla_decode.cuh", "deepstack::mla::mla_decode_kernel", (_CTYPE[dtype], d, fp8))
 
 
+# FP8 caches with few q rows per KV head (s_q * h_q / h_kv <= 32) take mla_decode_fp8.cuh: transposed products with
+# the rows as the small wgmma N (16 or 32) and a bulk-copy-fed raw ring for the dequantising warps. Module
+# attributes so a benchmark can compare against the general kernel (_FP8_SMALL_ROWS = False) or other stage sizes.
+_FP8_SMALL_ROWS = True
+_FP8_STAGE_TOKENS = 32
+_FP8_SMALL_SIG = "pppppppppp" + "iiiiii" + "llll" + "f"
+
+
+def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
+    return KernelSpec("mla/mla_decode_fp8.cuh", "deepstack::mla::fp8small::mla_decode_fp8_kernel", (n, stage_tokens))
+
+
+def fp8_small_smem_bytes(n: int, stage_tokens: int) -> int:
+    """Mirror of fp8small::Layout<n, stage_tokens>::kAlloc."""
+    raw = (3 if n == 16 else 2) * 32 * 656
+    stages = raw // (stage_tokens * 656)
+    return 9 * n * 128 + 2 * 9 * _CHUNK_BYTES + n * 128 + raw + 4 * n * 4 + (stages + 4) * 8 + 1024
+
+
 def combine_spec(dtype: torch.dtype) -> KernelSpec:
     return KernelSpec("mla/mla_combine.cuh", "deepstack::mla::mla_combine_kernel", (_CTYPE[dtype],))
 
@@ -41,7 +60,8 @@ def metadata_spec() -> KernelSpec:
 
 @register_prebuild("mla")
 def _prebuild():
-    specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True)]
+    specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
+             *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32))]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [decode_spec(dt, d, False) for d in (576, 512)]
@@ -138,6 +158,17 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
         if raw.stride(2) != raw.shape[3] or raw.stride(0) != PAGE_SIZE * raw.stride(1):
             raise ValueError(f"{op}: an FP8 k_cache must be contiguous within each block (strides {raw.stride()})")
         kmap, kptr, tok_stride = None, raw.data_ptr(), raw.stride(1)
+        if _FP8_SMALL_ROWS and rows <= 32 and kptr % 16 == 0 and tok_stride % 16 == 0:
+            n = 16 if rows <= 16 else 32
+            get_kernel(fp8_small_spec(n, _FP8_STAGE_TOKENS), _FP8_SMALL_SIG).launch(
+                (parts, h_kv, 1), 384,
+                q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr,
+                h_q, h_kv, s_q, rows, int(bool(causal) and s_q > 1), bt.stride(0),
+                q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E,
+                smem=fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS))
+            get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
+                (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
+            return out, lse
     else:
         if k_cache.data_ptr() % 16 or any((s * k_cache.element_size()) % 16 for s in k_cache.stride()[:3]):
             raise ValueError(f"{op}: k_cache strides must be multiples of 16 bytes (strides {k_cache.stride()})")
