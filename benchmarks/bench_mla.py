@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--fp8-max-rows", type=int, default=64, help="FP8 rows for configs with s_q*h_q <= this")
+    ap.add_argument("--fp8-configs-only", action="store_true",
+                    help="only the configs that get an FP8 row (s_q*h_q <= --fp8-max-rows)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     else:
         configs = [(b, s_q, h, sk) for b in (64, 128) for s_q in (1, 2) for h in (16, 32, 64, 128)
                    for sk in (4096, 8192, 16384)]
+    if args.fp8_configs_only:
+        configs = [c for c in configs if c[1] * c[2] <= args.fp8_max_rows]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     rows = run(configs, args.reps, not args.no_baseline, args.fp8_max_rows)
     if args.json:

@@ -1,20 +1,20 @@
 // MLA decode over an FP8 paged KV cache for few q rows per KV head (s_q x h_q / h_kv <= 32), sm_90a.
 //
-// Why a separate kernel: with <= 32 q rows the 64-row wgmma of mla_decode.cuh wastes 2-4x of its tensor and
-// shared-memory work on padding rows, and its per-page consumer chain (~2.3 us) is slower than the 1.7 us an FP8
-// page must take to beat the bf16 cache by 1.6x. Here the products are transposed so that the row count is the
-// small wgmma N dimension (kN = 16 or 32):
-//   S^T[64 tokens x kN rows]  = K[64 x 576] . Q^T          (A = K tile, K-major; B = Q, K-major)
-//   O^T[512 ch x kN rows]    += V^T[512 x 64] . P^T        (A = V^T read MN-major from the same K tile; B = P^T)
+// Why a separate kernel: with <= 32 q rows the 64-row wgmma of mla_decode.cuh spends 2-4x its tensor and
+// shared-memory work on padding rows, and its per-page consumer chain (~2.3 us) is longer than the ~1.7 us an FP8
+// page may take to beat the bf16 cache by 1.6x. Here the products are transposed so that the q rows are the small
+// wgmma N dimension (kN = 16 or 32):
+//   S^T[64 tokens x kN rows] = K[64 x 576] . Q^T       (A = K tile, K-major; B = Q, K-major)
+//   O^T[512 ch x kN rows]   += V^T[512 x 64] . P^T     (A = V^T read MN-major from the same K tile; B = P^T)
 // Roles (384 threads, 1 CTA per SM):
-//   WG0 (consumer): QK^T, online softmax over the token (M) dimension (warp shuffles + a 4-warp smem max),
-//        P^T -> smem, P V. PV(i) and QK(i+1) are in flight together; softmax overlaps nothing else.
-//   WG1 + WG2 (dequant, 256 threads): raw 656-byte token rows arrive by bulk copies (cp.async.bulk, no registers)
-//        in half-page (32-token) stages, kRawStages deep, with an optional L2 prefetch further ahead; the threads
-//        dequantise from shared memory into the 2-stage bf16 K ring (128-byte swizzled [64 x 64] chunks, the
-//        layout mla_decode.cuh's TMA writes). Rows past s_k are written as zeros.
+//   WG0 (consumer): QK^T, online softmax over the token (M) dimension (warp shuffles + a 4-warp max through shared
+//        memory; lazy rescaling), P^T -> shared memory, P V, then the K stage goes back to the dequant warps.
+//   WG1 + WG2 (dequant, 256 threads): raw 656-byte token rows arrive by bulk copies (cp.async.bulk: no registers
+//        bound the bytes in flight) in a ring of kTok-token stages; the threads read a whole page of stages into
+//        registers, have the ring refilled, then dequantise into the 2-stage bf16 K ring (128-byte swizzled
+//        [64 x 64] chunks, the layout mla_decode.cuh's TMA writes). Rows past s_k are written as zeros.
 // Scheduling, split-KV partials and the empty-row conventions are those of mla_decode.cuh (same metadata, same
-// combine kernel).
+// combine kernel). Where the time goes: docs/mla.md.
 #pragma once
 #include "mla/mla_decode.cuh"
 
@@ -167,10 +167,12 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
 
   if (tid >= 128) {
     // ------------------------------------------ dequant warpgroups ------------------------------------------
-    // Bulk copies (no registers) fill a kR-deep ring of raw kTok-token stages; warp 0 issues them. Each round the
-    // 8 warps read one stage (latent: tokens p * 8 + warp, lane l holding e4m3 bytes [16 l, 16 l + 16), i.e.
-    // channels 16 l.. of chunk l / 4, and its 128-channel group's scale; rope: token dtid / 8, 16-byte unit
-    // dtid % 8), meet at a barrier (the stage is then refilled), dequantise and store into the bf16 K stage.
+    // Bulk copies (no registers) fill a kR-deep ring of raw kTok-token stages; warp 0 issues them. Per page the
+    // 8 warps read the page's stages into registers (latent: tokens p * 8 + warp, lane l holding e4m3 bytes
+    // [16 l, 16 l + 16), i.e. channels 16 l.. of chunk l / 4, and its 128-channel group's scale; rope: token
+    // dtid / 8, 16-byte unit dtid % 8), meet at a barrier (warp 0 then refills those stages), wait for a free
+    // bf16 stage, dequantise and store. No L2 prefetch: bulk or per-line prefetches 2-8 stages ahead of the copies
+    // measured 3-12% slower.
     sm90::regs_decrease<104>();
     const int dtid = tid - 128, dwarp = dtid / 32, lane = tid % 32;
     const bool packed = tok_stride == kFp8TokenBytes;   // a stage is one contiguous run of bytes
@@ -201,55 +203,66 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
     }
     const int rtok = dtid / 8, runit = dtid % 8;
     const int odd = (lane / 4) & 1;
+    constexpr int kParts = kPage / kTok;
     int rs = 0, rph = 0, ks = 0, kph = 0;
 #pragma unroll 1
     while (!pw.done()) {
-      const int valid = pw.valid();
-      if (pw.first()) sm90::mbar_wait(&k_empty[ks], kph ^ 1);
-      sm90::mbar_wait(&raw_full[rs], rph);
-      const uint8_t* raw = sRaw + rs * kRawStageBytes;
-      uint4 v[kTok / 8];
-      float sc[kTok / 8];
+      // Read the page's raw stages into registers first and refill them, so the ring stays in flight while this
+      // warpgroup waits for the consumer to free a bf16 stage.
+      uint4 v[kParts][kTok / 8], rope[kParts];
+      float sc[kParts][kTok / 8];
+      const int rs0 = rs;
 #pragma unroll
-      for (int p = 0; p < kTok / 8; ++p) {
-        const int tok = p * 8 + dwarp;
-        v[p] = make_uint4(0, 0, 0, 0);
-        sc[p] = 0.f;
-        if (tok < valid) {
-          v[p] = *(reinterpret_cast<const uint4*>(raw + tok * kFp8TokenBytes) + lane);
-          sc[p] = *(reinterpret_cast<const float*>(raw + tok * kFp8TokenBytes + 512) + lane / 8);
+      for (int part = 0; part < kParts; ++part) {
+        const int valid = pw.valid();
+        sm90::mbar_wait(&raw_full[rs], rph);
+        const uint8_t* raw = sRaw + rs * kRawStageBytes;
+#pragma unroll
+        for (int p = 0; p < kTok / 8; ++p) {
+          const int tok = p * 8 + dwarp;
+          v[part][p] = make_uint4(0, 0, 0, 0);
+          sc[part][p] = 0.f;
+          if (tok < valid) {
+            v[part][p] = *(reinterpret_cast<const uint4*>(raw + tok * kFp8TokenBytes) + lane);
+            sc[part][p] = *(reinterpret_cast<const float*>(raw + tok * kFp8TokenBytes + 512) + lane / 8);
+          }
+        }
+        rope[part] = make_uint4(0, 0, 0, 0);
+        if (rtok < valid) rope[part] = *(reinterpret_cast<const uint4*>(raw + rtok * kFp8TokenBytes + 528) + runit);
+        rs = rs + 1 == kR ? 0 : rs + 1;
+        rph ^= rs == 0;
+        pw.next();
+      }
+      sm90::bar_sync(4, 256);   // every dequant thread has read this page's stages: refill them
+      if (dwarp == 0) {
+#pragma unroll 1
+        for (int part = 0; part < kParts && !iw.done(); ++part) {
+          issue(iw, (rs0 + part) % kR);
+          iw.next();
         }
       }
-      uint4 rope = make_uint4(0, 0, 0, 0);
-      if (rtok < valid) rope = *(reinterpret_cast<const uint4*>(raw + rtok * kFp8TokenBytes + 528) + runit);
-      sm90::bar_sync(4, 256);   // every dequant thread has read stage rs: refill it
-      if (dwarp == 0 && !iw.done()) {
-        issue(iw, rs);
-        iw.next();
-      }
+      sm90::mbar_wait(&k_empty[ks], kph ^ 1);
       uint8_t* dst = sK + ks * L::kKStage;
-      const int row0 = pw.part * kTok;
 #pragma unroll
-      for (int p = 0; p < kTok / 8; ++p) {
-        // Lanes of odd chunks store their high unit first: each quarter warp's 16-byte stores then hit 8
-        // different bank groups (no conflicts).
-        const int r = row0 + p * 8 + dwarp;
-        uint4 lo, hi;
-        dequant16_bf16(v[p], sc[p], lo, hi);   // zeros past the valid tokens
-        uint8_t* chunk = dst + (lane / 4) * kChunkBytes;
-        *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + odd)) = odd ? hi : lo;
-        *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + 1 - odd)) = odd ? lo : hi;
+      for (int part = 0; part < kParts; ++part) {
+#pragma unroll
+        for (int p = 0; p < kTok / 8; ++p) {
+          // Lanes of odd chunks store their high unit first: each quarter warp's 16-byte stores then hit 8
+          // different bank groups (no conflicts).
+          const int r = part * kTok + p * 8 + dwarp;
+          uint4 lo, hi;
+          dequant16_bf16(v[part][p], sc[part][p], lo, hi);   // zeros past the valid tokens
+          uint8_t* chunk = dst + (lane / 4) * kChunkBytes;
+          *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + odd)) = odd ? hi : lo;
+          *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + 1 - odd)) = odd ? lo : hi;
+        }
+        if (rtok < kTok)
+          *reinterpret_cast<uint4*>(dst + 8 * kChunkBytes + swz(part * kTok + rtok, runit)) = rope[part];
       }
-      if (rtok < kTok) *reinterpret_cast<uint4*>(dst + 8 * kChunkBytes + swz(row0 + rtok, runit)) = rope;
-      if (pw.last()) {
-        sm90::fence_proxy_async();
-        sm90::mbar_arrive(&k_full[ks]);
-        ks ^= 1;
-        kph ^= ks == 0;
-      }
-      rs = rs + 1 == kR ? 0 : rs + 1;
-      rph ^= rs == 0;
-      pw.next();
+      sm90::fence_proxy_async();
+      sm90::mbar_arrive(&k_full[ks]);
+      ks ^= 1;
+      kph ^= ks == 0;
     }
     return;
   }
