@@ -2,13 +2,14 @@
 //
 // A batch of aligned O_DIRECT reads goes to the kernel through io_uring (native AIO where io_uring is not
 // allowed), so the kernel has the batch's full queue depth in flight while Python waits once; then it computes the CRC32C of every
-// block read (SSE4.2 instruction when the CPU has it) and copies unaligned requests out of their bounce
+// block read (SSE4.2 and PCLMULQDQ instructions when the CPU has them) and copies unaligned requests out of their bounce
 // buffers. Plain C ABI, no dependencies: it builds with the system compiler in well under a second, and
 // Python falls back to os.preadv when it cannot be built.
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <immintrin.h>
 #include <linux/aio_abi.h>
 #include <linux/io_uring.h>
 #include <sys/mman.h>
@@ -64,8 +65,46 @@ static uint32_t crc_sw(const uint8_t* p, size_t n, uint32_t crc) {
 }
 
 #if defined(__x86_64__)
+// Large buffers: fold 64 bytes per step with carry-less multiplies (four independent 16-byte lanes, PCLMULQDQ),
+// then reduce the last 16 bytes with the crc32 instruction. The crc32 instruction alone is one dependent
+// chain (~9 GB/s here); folding runs at several times that, which matters for 64 KiB-1 MiB samples that are
+// checksummed on every read. Constants: x^e mod P (CRC32C, bit-reflected) for the fold distances, e = 543 /
+// 479 (64 bytes: low / high 8 bytes of a lane) and 159 / 95 (16 bytes).
+__attribute__((target("sse4.2,pclmul"))) static uint64_t crc_fold(const uint8_t*& p, size_t& n, uint64_t c) {
+    const __m128i k64 = _mm_set_epi64x(0x9e4addf8, 0x740eef02);
+    const __m128i k16 = _mm_set_epi64x(0x493c7d27, 0xf20c0dfe);
+    __m128i x0 = _mm_loadu_si128((const __m128i*)p), x1 = _mm_loadu_si128((const __m128i*)(p + 16));
+    __m128i x2 = _mm_loadu_si128((const __m128i*)(p + 32)), x3 = _mm_loadu_si128((const __m128i*)(p + 48));
+    x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)(uint32_t)c));
+    p += 64;
+    n -= 64;
+#define DS_FOLD(x, k, next) \
+    _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), next)
+    while (n >= 64) {
+        x0 = DS_FOLD(x0, k64, _mm_loadu_si128((const __m128i*)p));
+        x1 = DS_FOLD(x1, k64, _mm_loadu_si128((const __m128i*)(p + 16)));
+        x2 = DS_FOLD(x2, k64, _mm_loadu_si128((const __m128i*)(p + 32)));
+        x3 = DS_FOLD(x3, k64, _mm_loadu_si128((const __m128i*)(p + 48)));
+        p += 64;
+        n -= 64;
+    }
+    __m128i x = DS_FOLD(x0, k16, x1);
+    x = DS_FOLD(x, k16, x2);
+    x = DS_FOLD(x, k16, x3);
+    while (n >= 16) {
+        x = DS_FOLD(x, k16, _mm_loadu_si128((const __m128i*)p));
+        p += 16;
+        n -= 16;
+    }
+#undef DS_FOLD
+    c = __builtin_ia32_crc32di(0, (uint64_t)_mm_cvtsi128_si64(x));
+    return __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(x, 1));
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc_hw(const uint8_t* p, size_t n, uint32_t crc) {
     uint64_t c = ~crc;
+    static const int clmul = __builtin_cpu_supports("pclmul") ? 1 : 0;
+    if (n >= 256 && clmul) c = crc_fold(p, n, c);
     while (n >= 8) {
         uint64_t v;
         memcpy(&v, p, 8);

@@ -256,6 +256,26 @@ def test_crc_many_matches_crc32c(mode):
     assert got.tolist() == [crc32c(buf[s:s + n].tobytes()) for s, n in zip(starts.tolist(), lens.tolist())]
 
 
+def test_native_crc32c_matches_crc32c_at_every_length_and_alignment():
+    """The helper's CRC32C folds buffers of 256 bytes and more with carry-less multiplies (and runs the crc32
+    instruction on the rest): every length around the fold's steps, unaligned starts, and a running value."""
+    lib = fastio.load()
+    if lib is None:
+        pytest.skip("no C helper")
+    from torch_deepstack.storage.crc import crc32c
+
+    rng = np.random.default_rng(7)
+    buf = rng.integers(0, 256, (1 << 20) + 64, dtype=np.uint8)
+    lengths = list(range(0, 700)) + [4095, 4096, 4097, 65536, 65536 + 13, 1 << 20]
+    for k, n in enumerate(lengths):
+        off, init = k % 17, (0, 0xFFFFFFFF, 0x1234567)[k % 3]
+        got = lib.ds_crc32c(buf.ctypes.data + off, n, init)
+        assert got == crc32c(buf[off:off + n].tobytes(), init), (n, off, init)
+    out = np.empty(256, np.uint32)
+    lib.ds_block_crcs(buf.ctypes.data, 1 << 20, 4096, out.ctypes.data)
+    assert out.tolist() == [crc32c(buf[i:i + 4096].tobytes()) for i in range(0, 1 << 20, 4096)]
+
+
 def test_whole_chunks_into_an_aligned_buffer(fs):
     """Page-aligned whole-chunk reads into a page-aligned buffer (the in-place case), the last chunk short."""
     rng = np.random.default_rng()

@@ -158,7 +158,7 @@ def test_a_service_that_dies_or_stops_never_serves_stale_chunks(cluster_factory,
     answered from its stale chunk files."""
     c = cluster_factory().start()
     old = _data(6 * CS, 5)
-    fs = c.connect(retry_for=40)
+    fs = c.connect(retry_for=40, timeout=3)  # a stopped service answers nothing: do not wait long on it
     writer = c.connect(retry_for=40, short_circuit=False)
     try:
         writer.write_bytes("/f", old)
@@ -175,6 +175,7 @@ def test_a_service_that_dies_or_stops_never_serves_stale_chunks(cluster_factory,
                 sess = fs.backend._sc.sessions[fs.backend.routing["addresses"]["s1-t0"]]
                 assert sess.alive() and sess.until.max() < time.monotonic()
             new = _data(6 * CS, 6)
+            writer.backend.refresh()  # a stopped head would hold this write for its full RPC timeout
             with writer.open("/f", "r+b") as w:
                 w.write(new)  # acknowledged by s2 and s3 only
             assert f.pread(0, len(new)) == new

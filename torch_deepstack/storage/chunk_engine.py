@@ -489,8 +489,8 @@ class ChunkEngine:
         byte memoryview of at least `length`), data lands there and `data` is `dest[:n]`."""
         if offset < 0 or length < 0:
             raise InvalidArgument(f"offset and length must be >= 0, got {offset}, {length}")
-        refetched = False
-        for _ in range(4):
+        failed = None  # the version whose read failed last
+        for _ in range(8):
             if version is not None:
                 v = version
             else:
@@ -503,10 +503,11 @@ class ChunkEngine:
                 return n, self._read_version(cid, v, offset, n, dest)
             except (FileNotFoundError, ChunkCorrupt):
                 # A commit (here or in another process) retired this version, or our cached row is older than
-                # the file under its name: re-read the row once. A real corruption fails again and is raised.
-                if version is not None or refetched:
+                # the file under its name: re-read the row and try again while it names a newer version. A
+                # real corruption (or a lost file) fails again on the same version and is raised.
+                if version is not None or failed == v:
                     raise
-                refetched = True
+                failed = v
                 self._fds.forget(self._data_path(cid, v.ver))
                 self._fetch(cid)
         raise StorageError(f"chunk {cid} on {self.target_id}: kept changing during read")
