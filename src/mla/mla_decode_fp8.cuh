@@ -105,8 +105,6 @@ struct Walk {
     }
   }
   __device__ __forceinline__ bool done() const { return req > end_req; }
-  __device__ __forceinline__ bool first() const { return part == 0; }
-  __device__ __forceinline__ bool last() const { return part == kPage / kTok - 1; }
   __device__ __forceinline__ int valid() const { return min(max(sk - blk * kPage - part * kTok, 0), kTok); }
   __device__ __forceinline__ void next() {
     if (++part < kPage / kTok) return;
@@ -383,7 +381,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
           l[j][e] = l[j][e] * scl[j][e] + sum;
         }
       // P^T -> shared memory: [kN rows x 64 tokens], 128-byte swizzle (the previous P V finished reading it:
-      // every consumer thread passed wait<1> before the barrier above).
+      // every consumer thread waited for it at the end of the previous tile).
 #pragma unroll
       for (int j = 0; j < kJ; ++j)
 #pragma unroll
