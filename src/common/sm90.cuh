@@ -90,11 +90,13 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-// Arrive on the mbarrier at `bar`'s offset in the shared memory of cluster CTA `cta`.
+// Arrive on the mbarrier at `bar`'s offset in the shared memory of cluster CTA `cta`, with the default
+// (.release.cta) semantics as CUTLASS's cluster barriers do. `.release.cluster` halved the GEMM's speed on the H200
+// (a cluster-scope release per math warp and K slice); the stage's readers (wgmmas) have completed by then anyway.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}"
       ::"r"(smem_addr(bar)), "r"(cta) : "memory");
 }
 

@@ -64,9 +64,8 @@ def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, ou
 
 def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -> bool:
     """2-CTA clusters sharing B by TMA multicast, for dense 1D2D kernels with 128-row tiles at most 160 wide (wider
-    ones spill) and at least two M-blocks. OPT-IN (DEEPSTACK_GEMM_MULTICAST=1): correct and bit-identical to the
-    plain kernel on the H200, but it ran at half the plain kernel's speed there (2026-11-29, docs/gemm.md), for a
-    reason not yet found."""
+    ones spill) and at least two M-blocks. OPT-IN (DEEPSTACK_GEMM_MULTICAST=1): bit-identical to the plain kernel,
+    but 1-8% slower on the H200 at M = 4096 (the kernel is not L2-bound there; docs/gemm.md)."""
     return (kind == KIND_DENSE and not sf_b_per_row and cfg.block_m == 128 and cfg.block_n <= 160 and m_rows > 128
             and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "1")
 
@@ -113,9 +112,12 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
         # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each)
         m_blocks = cdiv(m_rows, cfg.block_m * cluster)
         tiles = m_blocks * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
-        grid = cluster * max(1, min(cfg.num_sms // cluster, tiles))
-        plan = (get_kernel(spec, _GEMM_SIGNATURE), cfg, grid, max(1, min(BAND_M_BLOCKS // cluster, m_blocks)),
-                smem_bytes(cfg, sf_b_per_row), cluster)
+        kernel, smem = get_kernel(spec, _GEMM_SIGNATURE), smem_bytes(cfg, sf_b_per_row)
+        # persistent grid: one CTA per SM, or as many whole clusters as fit at once (GPCs place clusters whole)
+        slots = cfg.num_sms if cluster == 1 else min(cfg.num_sms // cluster,
+                                                     kernel.max_active_clusters(cluster, cfg.threads, smem))
+        grid = cluster * max(1, min(slots, tiles))
+        plan = (kernel, cfg, grid, max(1, min(BAND_M_BLOCKS // cluster, m_blocks)), smem, cluster)
         _PLANS[key] = plan
     return plan
 

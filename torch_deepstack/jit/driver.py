@@ -111,6 +111,21 @@ def kernel_param_offsets(kernel: ctypes.c_void_p) -> list[tuple[int, int]] | Non
     return out
 
 
+def max_active_clusters(kernel: ctypes.c_void_p, cluster: int, threads: int, smem: int, device: int) -> int:
+    """How many `cluster`-CTA clusters of this kernel fit on the GPU at once (cuOccupancyMaxActiveClusters). GPCs
+    place clusters whole, so this can be below SMs / cluster: a persistent grid larger than it runs a tail wave."""
+    set_max_dynamic_smem(kernel, smem, device)
+    func = ctypes.c_void_p()
+    check(lib().cuKernelGetFunction(ctypes.byref(func), kernel), "cuKernelGetFunction")
+    attr = LaunchAttribute()
+    attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attr.value[0], attr.value[1], attr.value[2] = cluster, 1, 1
+    cfg = LaunchConfig(cluster, 1, 1, threads, 1, 1, smem, None, ctypes.pointer(attr), 1)
+    n = ctypes.c_int()
+    check(lib().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg)), "cuOccupancyMaxActiveClusters")
+    return n.value
+
+
 def set_max_dynamic_smem(kernel: ctypes.c_void_p, nbytes: int, device: int) -> None:
     check(lib().cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes, kernel, device),
           "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")

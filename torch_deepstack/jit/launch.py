@@ -125,6 +125,10 @@ class Kernel:
                                       _c_void_p(stream) if stream else None, None, extra)
             driver.check(res, f"launch of {self.name} grid={grid} block={block} smem={smem}")
 
+    def max_active_clusters(self, cluster: int, threads: int, smem: int) -> int:
+        """Clusters of `cluster` CTAs (`threads` each, `smem` dynamic bytes) that fit on the current GPU at once."""
+        return driver.max_active_clusters(self._handle, cluster, threads, smem, torch._C._cuda_getDevice())
+
     def launch_cluster(self, grid, block, cluster, *args, smem: int = 0, stream: int | None = None) -> None:
         """Launch with thread-block clusters (cuLaunchKernelEx); `cluster` is (x, y, z)."""
         device = torch._C._cuda_getDevice()
