@@ -13,7 +13,7 @@ import pytest
 
 from torch_deepstack.storage import array_read
 from torch_deepstack.storage.chunk_engine import ChunkEngine
-from torch_deepstack.storage.errors import AuthError, StorageError
+from torch_deepstack.storage.errors import AuthError, InvalidArgument, StorageError
 from torch_deepstack.storage.short_circuit import Session
 
 pytestmark = [pytest.mark.timeout(150),
@@ -84,6 +84,12 @@ def test_short_circuit_reads_equal_written_bytes_and_the_switch(cluster_factory,
     with c.connect(short_circuit=False) as fs:
         assert _stats(fs) is None and not fs.backend.array_reads()
         _check_reads(fs, "/f", data)
+    with c.connect(spin_us=0) as fs:  # sleep for completions (what DataLoader workers' clients do)
+        assert fs.backend._sc.spin_us == 0
+        _check_reads(fs, "/f", data, seed=3)
+        assert _stats(fs)["served"] > 0
+    with pytest.raises(InvalidArgument, match="spin_us"):
+        c.connect(spin_us=-1)
     monkeypatch.setenv("DEEPSTACK_SHORT_CIRCUIT", "0")
     with c.connect() as fs:
         assert _stats(fs) is None

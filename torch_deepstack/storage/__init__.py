@@ -71,7 +71,9 @@ def connect(uri: str | os.PathLike | None = None, *, secret: str | bytes | None 
     secret: the cluster's shared secret (else $DEEPSTACK_FS_SECRET / $DEEPSTACK_FS_SECRET_FILE).
     options: embedded: chunk_size, sync, io_threads, capacity_bytes, direct_io, read_only (refuse writes with
              ReadOnly; never garbage-collects; for DataLoader workers), spin_us (completion polling of
-             batched reads; 0 when several processes read at once); cluster: timeout, io_threads.
+             batched reads; 0 when several processes read at once); cluster: timeout, io_threads, retry_for,
+             short_circuit (read same-host replicas' chunk files directly; default on), spin_us (as above, for
+             those reads).
     """
     if uri is None:
         uri = os.environ.get(ENV_URI)

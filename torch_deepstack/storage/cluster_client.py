@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from torch_deepstack.storage import array_read
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
-from torch_deepstack.storage.errors import (NotServing, StaleRouting, StorageError, Unavailable, error_from_code)
+from torch_deepstack.storage.errors import (InvalidArgument, NotServing, StaleRouting, StorageError, Unavailable,
+                                            error_from_code)
 from torch_deepstack.storage.rpc import RpcClient, RpcClients
 from torch_deepstack.storage.short_circuit import enabled_by_env as short_circuit_by_env
 
@@ -64,7 +65,7 @@ class RemoteMeta:
 
 class ClusterBackend(DataBackend):
     def __init__(self, manager: RpcClient, secret: bytes, *, timeout: float = 10.0, io_threads: int = 16,
-                 retry_for: float = 30.0, short_circuit: bool | None = None):
+                 retry_for: float = 30.0, short_circuit: bool | None = None, spin_us: int | None = None):
         self.manager, self.secret, self.timeout = manager, secret, timeout
         self.retry_for = retry_for
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-cluster")
@@ -75,10 +76,11 @@ class ClusterBackend(DataBackend):
         if short_circuit is None:
             short_circuit = short_circuit_by_env()
         self._sc = None
+        self._local_of: tuple = (None, False)  # (routing table, whether it names a service on this host)
         if short_circuit:
             from torch_deepstack.storage.short_circuit_read import ShortCircuitReader
 
-            self._sc = ShortCircuitReader(self, secret)
+            self._sc = ShortCircuitReader(self, secret, spin_us)
         self.refresh()
 
     # ------------------------------------------------------------------ routing
@@ -122,7 +124,11 @@ class ClusterBackend(DataBackend):
         """Whether short-circuit reads may serve batches (on: the switch, the C helper, a same-host replica)."""
         if self._sc is None or not array_read.supported():
             return False
-        return any(a and a.rsplit(":", 1)[0] in self._local for a in self.routing.get("addresses", {}).values())
+        routing = self.routing
+        if self._local_of[0] is not routing:  # once per routing table, not per batch
+            self._local_of = (routing, any(a and a.rsplit(":", 1)[0] in self._local
+                                           for a in routing.get("addresses", {}).values()))
+        return self._local_of[1]
 
     def read_array(self, inodes, req, out, out_size):
         return self._sc.read(inodes, req, out, out_size) if self._sc is not None else None
@@ -322,13 +328,18 @@ class ClusterBackend(DataBackend):
 
 
 def open_cluster(host: str, port: int, secret: bytes, *, timeout: float = 10.0, io_threads: int = 16,
-                 retry_for: float = 30.0, short_circuit: bool | None = None) -> FileSystem:
+                 retry_for: float = 30.0, short_circuit: bool | None = None,
+                 spin_us: int | None = None) -> FileSystem:
     """short_circuit: read same-host replicas' chunk files directly (default: on unless
-    DEEPSTACK_SHORT_CIRCUIT=0); False sends every read through the storage services."""
+    DEEPSTACK_SHORT_CIRCUIT=0); False sends every read through the storage services. spin_us: how long those
+    reads poll for completions before sleeping (default $DEEPSTACK_SPIN_US or 100; 0 when several processes
+    read at once)."""
+    if spin_us is not None and (not isinstance(spin_us, int) or spin_us < 0):
+        raise InvalidArgument(f"spin_us must be an int >= 0, got {spin_us!r}")
     manager = RpcClient(host, port, secret, timeout=timeout)
     try:
         backend = ClusterBackend(manager, secret, timeout=timeout, io_threads=io_threads, retry_for=retry_for,
-                                 short_circuit=short_circuit)
+                                 short_circuit=short_circuit, spin_us=spin_us)
     except BaseException:
         manager.close()
         raise

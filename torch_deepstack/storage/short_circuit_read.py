@@ -110,8 +110,8 @@ class _SCTable:
 class ShortCircuitReader:
     """Per-ClusterBackend state: sessions with same-host services, chunk tables, counters. Thread-safe."""
 
-    def __init__(self, backend, secret: bytes):
-        self.backend, self.secret = backend, secret
+    def __init__(self, backend, secret: bytes, spin_us: int | None = None):
+        self.backend, self.secret, self.spin_us = backend, secret, spin_us
         self.sessions: dict[str, Session] = {}  # service address -> session
         self.refused: dict[str, float] = {}  # service address -> no new attempt before this monotonic time
         self.tables: dict[int, _SCTable] = {}
@@ -274,7 +274,7 @@ class ShortCircuitReader:
             ptrs = np.array([t.address for t in tables], np.uint64)
             ring = fastio.uring()
             ctx = 0 if ring else fastio.aio_context()
-            spin = fastio.SPIN_US
+            spin = fastio.SPIN_US if self.spin_us is None else self.spin_us
             left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
                                      ring, ctx, spin)
             if left > 0:
@@ -291,18 +291,21 @@ class ShortCircuitReader:
                     req[again, 3] = sub[:, 3]
             if left < 0:
                 raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
-            self._validate(tables, req)
+            rejected = self._validate(tables, req)
             res = req[:, 3]
-            self.passed += int(np.count_nonzero(res == SLOW))
+            if left or rejected:
+                self.passed += int(np.count_nonzero(res == SLOW))
             self.served += int(np.count_nonzero(res > 0))
             return res
         finally:
             for t in tables:
                 self._done(t)
 
-    def _validate(self, tables: list[_SCTable], req: np.ndarray) -> None:
+    def _validate(self, tables: list[_SCTable], req: np.ndarray) -> bool:
         """After the I/O: keep a result only if its service is alive, its target still within its serving
-        time and its chunk's generation unchanged since the fd was granted (else: SLOW, table rebuilt)."""
+        time and its chunk's generation unchanged since the fd was granted (else: SLOW, table rebuilt).
+        Returns whether any result was rejected."""
+        rejected = False
         for k, t in enumerate(tables):
             if not t.bases:
                 continue  # nothing loaded from a service: no request was served here
@@ -313,8 +316,10 @@ class ShortCircuitReader:
             if bad is not True:
                 rows &= bad[np.minimum(req[:, 0] // t.chunk_size, t.nchunks - 1)]
             req[rows, 3] = SLOW
+            rejected = True
             with self.lock:
                 self._retire(t)
+        return rejected
 
     def close(self) -> None:
         with self.lock:
