@@ -127,6 +127,52 @@ uint32_t ds_crc32c(const uint8_t* p, uint64_t n, uint32_t crc) {
     return crc_sw(p, n, crc);
 }
 
+// ---- CRC32C of a concatenation from the CRCs of its parts (no second pass over the bytes) ----
+// Polynomials mod P in the bit-reflected form CRC32C uses: a*b mod P, and x^(2^k) mod P for k = 0..31.
+static uint32_t mulmodp(uint32_t a, uint32_t b) {
+    uint32_t prod = 0;
+    for (uint32_t m = 1u << 31; m; m >>= 1) {
+        if (a & m) prod ^= b;
+        b = (b & 1) ? (b >> 1) ^ 0x82F63B78u : b >> 1;
+    }
+    return prod;
+}
+
+struct ds_crc_combiner {
+    uint32_t x2n[32];
+    uint32_t page[4][256];  // "advance over 4096 zero bytes" as four byte tables: the common case, 4 lookups
+    ds_crc_combiner() {
+        uint32_t p = 1u << 30;  // x^1
+        for (int k = 0; k < 32; k++) {
+            x2n[k] = p;
+            p = mulmodp(p, p);
+        }
+        uint32_t m = shift_const(4096);
+        for (int k = 0; k < 4; k++)
+            for (int b = 0; b < 256; b++) page[k][b] = mulmodp(m, (uint32_t)b << (8 * k));
+    }
+    uint32_t shift_const(uint64_t nbytes) const {  // x^(8 * nbytes) mod P
+        uint32_t p = 1u << 31;
+        uint64_t n = nbytes;
+        for (int k = 3; n; n >>= 1, k++)
+            if (n & 1) p = mulmodp(x2n[k & 31], p);
+        return p;
+    }
+    // CRC32C of A || B from crc(A), crc(B) and |B| (the pre/post inversions cancel).
+    uint32_t combine(uint32_t a, uint32_t b, uint64_t len_b) const {
+        if (len_b == 4096)
+            return page[0][a & 0xFF] ^ page[1][(a >> 8) & 0xFF] ^ page[2][(a >> 16) & 0xFF] ^ page[3][a >> 24] ^ b;
+        return mulmodp(shift_const(len_b), a) ^ b;
+    }
+};
+
+static const ds_crc_combiner& crc_combiner() {
+    static const ds_crc_combiner c;  // thread-safe one-time construction
+    return c;
+}
+
+uint32_t ds_crc32c_combine(uint32_t a, uint32_t b, uint64_t len_b) { return crc_combiner().combine(a, b, len_b); }
+
 // CRC32C of every `block` bytes of buf (the last block may be short): the chunk engine's per-block checksums.
 void ds_block_crcs(const uint8_t* buf, uint64_t len, uint64_t block, uint32_t* out) {
     for (uint64_t pos = 0, i = 0; pos < len; pos += block, i++)
@@ -447,8 +493,11 @@ static int run_ios(ds_io* ios, int m, uint64_t ring, uint64_t aio_ctx, int spin_
 // Plans, reads and verifies n requests in one call (data lands at out + row's output offset). Returns the
 // number of requests not completed here (results DS_SLOW / DS_LOAD / DS_BAD), or -errno when waiting for
 // completions failed (reads may still be in flight: fatal).
+// req_crc (optional, n entries): the CRC32C of each request's bytes where its blocks' checks give it for free
+// (the request is exactly the block-aligned range that was read and verified: page-aligned samples), combined
+// from the block CRCs without another pass; -1 elsewhere (the caller checksums those itself).
 int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* req, int64_t n, uint64_t out,
-                      int64_t out_size, uint64_t ring, uint64_t aio_ctx, int spin_us) {
+                      int64_t out_size, uint64_t ring, uint64_t aio_ctx, int spin_us, int64_t* req_crc) {
     int64_t ncrc_max = 0;
     for (int64_t i = 0; i < n; i++) {
         const int64_t* q = req + 5 * i;
@@ -469,6 +518,7 @@ int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* r
     int64_t cpos = 0, bpos = 0, left = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t* q = req + 5 * i;
+        if (req_crc) req_crc[i] = -1;
         int64_t off = q[0], len = q[1], doff = q[2], t = q[4];
         if (off < 0 || len < 0 || doff < 0 || doff > out_size - len || t < 0 || t >= ntables) {
             q[3] = DS_BAD;
@@ -536,7 +586,7 @@ int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* r
             io->copy_len = nc;
         }
         expect[m] = tb->crcs + idx * tb->crc_stride + a0 / blk;
-        owner[m] = i;
+        owner[m] = (inc == a0 && nc == valid && nc == nf) ? i : -1 - i;  // negative: no CRC for free
         cpos += (valid + blk - 1) / blk;
         q[3] = nf;
         m++;
@@ -553,10 +603,19 @@ int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* r
         for (int k = 0; k < m; k++) {
             ds_io* io = &ios[k];
             int64_t ncrc = (io->valid + io->crc_block - 1) / io->crc_block;
-            if (io->result < io->valid ||
-                memcmp((const void*)io->crc_out, expect[k], (size_t)(4 * ncrc)) != 0) {
-                req[5 * owner[k] + 3] = DS_SLOW;
+            int64_t own = owner[k] >= 0 ? owner[k] : -1 - owner[k];
+            const uint32_t* got = (const uint32_t*)io->crc_out;
+            if (io->result < io->valid || memcmp(got, expect[k], (size_t)(4 * ncrc)) != 0) {
+                req[5 * own + 3] = DS_SLOW;
                 left++;
+            } else if (req_crc && owner[k] >= 0) {
+                const ds_crc_combiner& cc = crc_combiner();
+                uint32_t c = got[0];
+                for (int64_t j = 1; j < ncrc; j++) {
+                    int64_t len_j = io->valid - j * io->crc_block;
+                    c = cc.combine(c, got[j], (uint64_t)(len_j < io->crc_block ? len_j : io->crc_block));
+                }
+                req_crc[own] = c;
             }
         }
     }

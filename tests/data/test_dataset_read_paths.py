@@ -134,3 +134,31 @@ def test_list_path_variable_shape_tensors(fs):
     idx = rng.integers(0, 120, 64).tolist()
     got = ds.__getitems__(idx)
     assert all(g.shape == xs[i].shape and torch.equal(g, xs[i]) for g, i in zip(got, idx))
+
+
+def test_page_aligned_samples_are_verified_from_the_storage_block_checks(fs):
+    """Whole-page samples take their CRC32C from the read's own block checks (no second pass): a sample whose
+    bytes no longer match the index is still caught, on a batch that also holds good samples."""
+    rng = np.random.default_rng(5)
+    samples = [torch.from_numpy(rng.integers(0, 256, (2, 4096), dtype=np.uint8)) for _ in range(24)]
+    pack(fs, "/pages", samples)
+    ds = DeepstackDataset(fs, "/pages", batched=True)
+    f = ds._file(0)
+    e = ds.index.entries
+    res = fs.read_array(f, e["offset"].astype(np.int64), e["length"].astype(np.int64),
+                        bytearray(int(e["length"].sum())), checksums=True)
+    res.raise_first()
+    if fs.backend.array_reads():
+        assert (res.crc32c >= 0).all() and (res.crc32c == e["crc"]).all()
+    else:
+        assert (res.crc32c == -1).all()
+    assert torch.equal(ds.read_batch(list(range(24))), torch.stack(samples))
+    k = 7
+    name = ds.index.shard_names[int(e["shard"][k])]
+    data = bytearray(fs.read_bytes(f"/pages/{name}"))
+    data[int(e["offset"][k]) + 4096 + 9] ^= 0x10
+    fs.write_bytes(f"/pages/{name}", bytes(data))  # storage CRCs are fine; only the index's sample CRC differs
+    ds = DeepstackDataset(fs, "/pages", batched=True)
+    with pytest.raises(SampleReadError, match=f"sample {k} .*CRC32C mismatch"):
+        ds.read_batch([3, k, 11])
+    assert torch.equal(ds.read_batch([3, 11]), torch.stack([samples[3], samples[11]]))

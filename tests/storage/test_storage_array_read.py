@@ -11,7 +11,7 @@ import torch
 
 import torch_deepstack.storage as st
 from tests.storage.torn_reads import torn_chunk_reads
-from torch_deepstack.storage import ChunkCorrupt, InvalidArgument, ReadRequest, fastio
+from torch_deepstack.storage import ChunkCorrupt, InvalidArgument, ReadRequest, array_read, fastio
 
 CS = 64 << 10
 
@@ -274,6 +274,37 @@ def test_native_crc32c_matches_crc32c_at_every_length_and_alignment():
     out = np.empty(256, np.uint32)
     lib.ds_block_crcs(buf.ctypes.data, 1 << 20, 4096, out.ctypes.data)
     assert out.tolist() == [crc32c(buf[i:i + 4096].tobytes()) for i in range(0, 1 << 20, 4096)]
+
+
+def test_read_array_checksums_come_from_the_block_checks(fs):
+    """checksums=True: page-aligned whole-block requests (and ones ending at a chunk's end) get the CRC32C of
+    their bytes combined from the blocks' CRCs; the others -1 (the caller checksums them)."""
+    from torch_deepstack.storage.crc import crc32c
+
+    data = np.random.default_rng(3).integers(0, 256, 3 * CS + 12345, dtype=np.uint8).tobytes()
+    fs.write_bytes("/c", data)
+    f = fs.open("/c")
+    offs = np.array([0, 4096, 8192, 100, CS - 4096, 3 * CS, 2 * CS + 4096 * 5, len(data) - 100, 5000, CS])
+    lens = np.array([4096, 8 * 4096, CS - 8192 - 10, 4096, 8192, 12345, 4096 * 7, 100, 0, CS])
+    free = [True, True, False, False, False, True, True, False, False, True]
+    out = bytearray(int(lens.sum()))
+    res = fs.read_array(f, offs, lens, out, checksums=True)
+    res.raise_first()
+    if not array_read.supported():
+        assert (res.crc32c == -1).all()
+        return
+    pos = 0
+    for o, ln, n, c, want_free in zip(offs, lens, res.nbytes, res.crc32c, free):
+        assert bytes(out[pos:pos + n]) == data[o:o + ln]
+        assert (c >= 0) == want_free, (o, ln)
+        if c >= 0:
+            assert c == crc32c(data[o:o + ln])
+        pos += ln
+    assert fs.read_array(f, offs, lens, out).crc32c is None
+    lib = fastio.load()
+    a, b = data[:5000], data[5000:9096]
+    assert lib.ds_crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b)
+    assert lib.ds_crc32c_combine(crc32c(b), crc32c(a), len(a)) == crc32c(b + a)
 
 
 def test_whole_chunks_into_an_aligned_buffer(fs):

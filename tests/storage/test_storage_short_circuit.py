@@ -13,6 +13,7 @@ import pytest
 
 from torch_deepstack.storage import array_read
 from torch_deepstack.storage.chunk_engine import ChunkEngine
+from torch_deepstack.storage.crc import crc32c
 from torch_deepstack.storage.errors import AuthError, InvalidArgument, StorageError
 from torch_deepstack.storage.short_circuit import Session
 
@@ -48,11 +49,12 @@ def _check_reads(fs, path, data, seed=0, n=48):
         assert r.ok, r.error
         assert bytes(r.data) == data[o:o + ln]
     out = bytearray(int(lens.sum()))
-    got = fs.read_array(f, offs, lens, out)
+    got = fs.read_array(f, offs, lens, out, checksums=True)
     got.raise_first()
     pos = 0
-    for o, ln, nb in zip(offs, lens, got.nbytes):
+    for o, ln, nb, c in zip(offs, lens, got.nbytes, got.crc32c):
         assert bytes(out[pos:pos + nb]) == data[o:o + ln]
+        assert c == -1 or c == crc32c(data[o:o + ln])
         pos += ln
     return f
 

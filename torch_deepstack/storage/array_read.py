@@ -161,10 +161,12 @@ class ArrayReader:
             if t.retired and t.users == 0:
                 t.release()
 
-    def read(self, inodes: list[dict], req: np.ndarray, out: int, out_size: int) -> np.ndarray:
+    def read(self, inodes: list[dict], req: np.ndarray, out: int, out_size: int,
+             crcs: np.ndarray | None = None) -> np.ndarray:
         """req: int64 [n, 5] rows (file offset, length, offset in the output buffer at address `out` of
         `out_size` bytes, -, index into `inodes`). Returns column 3: each request's byte count (holes read as
-        zeros), SLOW for those the general path must serve, BAD for invalid ones."""
+        zeros), SLOW for those the general path must serve, BAD for invalid ones. crcs (int64 [n], optional)
+        receives each request's CRC32C where the block checks give it without another pass, else -1."""
         lib = fastio.load()
         tables: list[ChunkTable] = []
         try:
@@ -175,7 +177,7 @@ class ArrayReader:
             ctx = 0 if ring else fastio.aio_context()
             spin = fastio.SPIN_US if self.spin_us is None else self.spin_us
             left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
-                                     ring, ctx, spin)
+                                     ring, ctx, spin, 0 if crcs is None else crcs.ctypes.data)
             if left > 0:  # chunks seen for the first time: load them, then read just those requests again
                 res = req[:, 3]
                 again = np.flatnonzero(res == LOAD)
@@ -185,10 +187,13 @@ class ArrayReader:
                         rows = sub[sub[:, 4] == k]
                         if rows.size:
                             self._load(t, np.unique(rows[:, 0] // t.chunk_size))
+                    sub_crcs = None if crcs is None else np.empty(len(sub), np.int64)
                     left = lib.ds_table_read(ptrs.ctypes.data, len(tables), sub.ctypes.data, len(sub), out,
-                                             out_size, ring, ctx, spin)
+                                             out_size, ring, ctx, spin, 0 if sub_crcs is None else sub_crcs.ctypes.data)
                     sub[sub[:, 3] == LOAD, 3] = SLOW  # could not be loaded: the general path decides
                     req[again, 3] = sub[:, 3]
+                    if crcs is not None:
+                        crcs[again] = sub_crcs
             if left < 0:
                 raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
             return req[:, 3]

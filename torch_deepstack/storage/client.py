@@ -112,6 +112,9 @@ class ArrayReadResult:
     -1 where it failed), `errors` maps failed request indices to their exception."""
     nbytes: Any  # np.ndarray of int64
     errors: dict = field(default_factory=dict)
+    # With read_array(checksums=True): int64 per request, the CRC32C of its bytes where the read's own block
+    # checks gave it without another pass (page-aligned, whole-block requests), -1 where they did not.
+    crc32c: Any = None
 
     @property
     def ok(self) -> bool:
@@ -172,10 +175,11 @@ class DataBackend:
         """Whether read_array below is implemented (and usable in this process)."""
         return False
 
-    def read_array(self, inodes: list[dict], req, out: int, out_size: int):
+    def read_array(self, inodes: list[dict], req, out: int, out_size: int, crcs=None):
         """Optional vectorised reads (see array_read.py): req is an int64 [n, 5] array (file offset, length,
         offset of the destination from address `out`, -, index into inodes). Returns each request's byte count, or a negative value for
-        requests the general path must serve; None where the backend has no such path."""
+        requests the general path must serve; None where the backend has no such path. crcs (int64 [n],
+        optional) receives each request's CRC32C where the read's block checks give it, else -1."""
         return None
 
     def revalidate(self) -> None:
@@ -696,7 +700,7 @@ class FileSystem:
         return results
 
     def read_array(self, files, offsets, lengths, out, out_offsets=None, *, which=None,
-                   timeout: float | None = None) -> ArrayReadResult:
+                   timeout: float | None = None, checksums: bool = False) -> ArrayReadResult:
         """Vectorised `batch_read`: request i reads lengths[i] bytes at offsets[i] of files[which[i]] into
         out[out_offsets[i]:out_offsets[i] + lengths[i]], all in one batch, blocking until done.
 
@@ -705,7 +709,8 @@ class FileSystem:
         one writable buffer (bytearray, numpy array, CPU/pinned tensor). Embedded storage plans, reads and
         CRC-checks the whole batch in one native call; other backends (and requests the native path leaves
         alone) go through `batch_read`, so results are the same either way. Bad arguments raise
-        InvalidArgument; per-request failures come back in `ArrayReadResult.errors`."""
+        InvalidArgument; per-request failures come back in `ArrayReadResult.errors`. checksums=True also
+        fills `ArrayReadResult.crc32c` (see there): an end-to-end check of page-aligned samples for free."""
         import numpy as np
 
         if isinstance(files, (str, File)):
@@ -750,16 +755,17 @@ class FileSystem:
             req[:, 4] = 0
         mv = writable_bytes(out)
         if n == 0:
-            return ArrayReadResult(np.zeros(0, np.int64))
+            return ArrayReadResult(np.zeros(0, np.int64), crc32c=np.zeros(0, np.int64) if checksums else None)
         base = buffer_address(mv) if len(mv) else 0
-        got = self.backend.read_array(inodes, req, base, len(mv)) if self.backend.array_reads() else None
+        crcs = np.full(n, -1, np.int64) if checksums else None
+        got = self.backend.read_array(inodes, req, base, len(mv), crcs) if self.backend.array_reads() else None
         if got is None:  # no native path: check here what it checks
             got = np.full(n, -1, np.int64)
             o, ln, d, w = req[:, 0], req[:, 1], req[:, 2], req[:, 4]
             got[(o < 0) | (ln < 0) | (d < 0) | (d + ln > len(mv)) | (w < 0) | (w >= len(handles))] = BAD_REQUEST
         nbytes = np.array(got, np.int64)
         if n == 1 and nbytes[0] >= 0 or n > 1 and nbytes.min() >= 0:  # the common case: all served natively
-            return ArrayReadResult(nbytes, {})
+            return ArrayReadResult(nbytes, {}, crcs)
         bad = np.flatnonzero(nbytes == BAD_REQUEST)
         if bad.size:
             k = int(bad[0])
@@ -776,7 +782,9 @@ class FileSystem:
                     errors[r.request.userdata] = r.error
                 else:
                     nbytes[r.request.userdata] = r.nbytes
-        return ArrayReadResult(nbytes, errors)
+            if crcs is not None:
+                crcs[slow] = -1  # served by the general path: no block CRCs at hand
+        return ArrayReadResult(nbytes, errors, crcs)
 
     def submit_read_array(self, *args, **kwargs) -> Future:
         """Asynchronous `read_array` (same arguments): a Future of its ArrayReadResult."""

@@ -130,8 +130,8 @@ class ClusterBackend(DataBackend):
                                            for a in routing.get("addresses", {}).values()))
         return self._local_of[1]
 
-    def read_array(self, inodes, req, out, out_size):
-        return self._sc.read(inodes, req, out, out_size) if self._sc is not None else None
+    def read_array(self, inodes, req, out, out_size, crcs=None):
+        return self._sc.read(inodes, req, out, out_size, crcs) if self._sc is not None else None
 
     @property
     def short_circuit_stats(self) -> dict:

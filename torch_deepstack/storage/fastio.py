@@ -108,11 +108,13 @@ def load():
             lib.ds_crc32c.restype = ctypes.c_uint32
             lib.ds_table_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                           ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
-                                          ctypes.c_int]
+                                          ctypes.c_int, ctypes.c_void_p]
             lib.ds_table_read.restype = ctypes.c_int64
             lib.ds_crc_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_void_p]
             lib.ds_crc_many.restype = None
+            lib.ds_crc32c_combine.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64]
+            lib.ds_crc32c_combine.restype = ctypes.c_uint32
             _lib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the Python path
             reason = str(e)

@@ -66,8 +66,8 @@ class LocalBackend(DataBackend):
     def array_reads(self):
         return array_read.supported()
 
-    def read_array(self, inodes, req, out, out_size):
-        return self._arrays.read(inodes, req, out, out_size) if array_read.supported() else None
+    def read_array(self, inodes, req, out, out_size, crcs=None):
+        return self._arrays.read(inodes, req, out, out_size, crcs) if array_read.supported() else None
 
     def revalidate(self):
         self.engine.revalidate()

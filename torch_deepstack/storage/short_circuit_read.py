@@ -261,9 +261,10 @@ class ShortCircuitReader:
             self.open_fds += added
 
     # ------------------------------------------------------------------ reads
-    def read(self, inodes: list[dict], req: np.ndarray, out: int, out_size: int) -> np.ndarray:
+    def read(self, inodes: list[dict], req: np.ndarray, out: int, out_size: int,
+             crcs: np.ndarray | None = None) -> np.ndarray:
         """Same contract as ArrayReader.read: column 3 of req gets each request's byte count, SLOW for the
-        requests the RPC path must serve, BAD for invalid ones."""
+        requests the RPC path must serve, BAD for invalid ones; crcs as there."""
         if os.getpid() != self.pid:
             self._after_fork()
         lib = fastio.load()
@@ -276,7 +277,7 @@ class ShortCircuitReader:
             ctx = 0 if ring else fastio.aio_context()
             spin = fastio.SPIN_US if self.spin_us is None else self.spin_us
             left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
-                                     ring, ctx, spin)
+                                     ring, ctx, spin, 0 if crcs is None else crcs.ctypes.data)
             if left > 0:
                 again = np.flatnonzero(req[:, 3] == LOAD)
                 if again.size:
@@ -285,10 +286,13 @@ class ShortCircuitReader:
                         rows = sub[sub[:, 4] == k]
                         if rows.size:
                             self._load(t, np.unique(rows[:, 0] // t.chunk_size))
+                    sub_crcs = None if crcs is None else np.empty(len(sub), np.int64)
                     left = lib.ds_table_read(ptrs.ctypes.data, len(tables), sub.ctypes.data, len(sub), out,
-                                             out_size, ring, ctx, spin)
+                                             out_size, ring, ctx, spin, 0 if sub_crcs is None else sub_crcs.ctypes.data)
                     sub[sub[:, 3] == LOAD, 3] = SLOW
                     req[again, 3] = sub[:, 3]
+                    if crcs is not None:
+                        crcs[again] = sub_crcs
             if left < 0:
                 raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
             rejected = self._validate(tables, req)
