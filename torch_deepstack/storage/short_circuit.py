@@ -31,9 +31,10 @@ Client side (`ShortCircuitReader`, inside `ClusterBackend.read_array`):
 * After the batch's I/O completes, every request is validated: its session is alive (the Unix socket has not
   hung up: a dead or restarted service is noticed at once), its target's `serving_until` lies in the future
   and its chunk's generation slot still holds the value granted with the fd (checked per chunk only when the
-  target generation moved since the grants: with no writes the check is a few scalar reads per batch). A request that fails any check,
-  reads short, fails its CRC32C or meets a chunk without a local serving replica is served by the RPC path
-  (replica choice, retries, precise errors); the table is dropped and rebuilt on the next batch. So a read
+  target generation moved since the grants: with no writes the check is a few scalar reads per batch). A
+  request that fails any check, reads short, fails its CRC32C or meets a chunk without a local serving
+  replica is served by the RPC path (replica choice, retries, precise errors); the table is dropped and
+  rebuilt on the next batch. So a read
   returns a version that was committed on a serving replica at the moment of the check, as a read served by
   the service does: never uncommitted or stale data.
 
@@ -42,7 +43,6 @@ Switches: `connect(..., short_circuit=False)` or `DEEPSTACK_SHORT_CIRCUIT=0` on 
 """
 from __future__ import annotations
 
-import array
 import hmac
 import json
 import logging
