@@ -60,6 +60,7 @@ class _SCTable:
         self.struct = _CTable(self.length, cs, CRC_BLOCK, n, self.stride, self.fd.ctypes.data,
                               self.vlen.ctypes.data, self.crcs.ctypes.data, 1)
         self.address = ctypes.addressof(self.struct)
+        self.ptrs = np.array([self.address], np.uint64)  # the table list of a one-file batch
 
     def session_index(self, s: Session) -> int:
         for i, x in enumerate(self.sessions):
@@ -120,7 +121,7 @@ class ShortCircuitReader:
         self.epoch = 0
         self.open_fds = 0
         self.pid = os.getpid()
-        self.served = 0  # requests (or chunk pieces of them) whose bytes were read here and validated
+        self.served = 0  # requests (or chunk pieces of them) completed here (read and validated)
         self.passed = 0  # requests handed to the RPC path
 
     # ------------------------------------------------------------------ state
@@ -272,7 +273,7 @@ class ShortCircuitReader:
         try:
             for ino in inodes:
                 tables.append(self._table(ino))
-            ptrs = np.array([t.address for t in tables], np.uint64)
+            ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
             ring = fastio.uring()
             ctx = 0 if ring else fastio.aio_context()
             spin = fastio.SPIN_US if self.spin_us is None else self.spin_us
@@ -299,7 +300,9 @@ class ShortCircuitReader:
             res = req[:, 3]
             if left or rejected:
                 self.passed += int(np.count_nonzero(res == SLOW))
-            self.served += int(np.count_nonzero(res > 0))
+                self.served += int(np.count_nonzero(res > 0))
+            else:  # all completed here (zero-byte requests past the end of a file count too)
+                self.served += len(res)
             return res
         finally:
             for t in tables:
