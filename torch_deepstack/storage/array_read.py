@@ -111,6 +111,39 @@ class ChunkTable:
             self.handles = []
 
 
+def read_tables(tables: list, req: np.ndarray, out: int, out_size: int, crcs: np.ndarray | None,
+                spin_us: float | None, load) -> int:
+    """One native call (ds_table_read) reads `req` through `tables` (chunk tables: .ptrs, .address, .chunk_size).
+    Requests marked LOAD hit chunks a table has not opened yet: `load(table, chunk_ids)` opens them and just those
+    requests are read again; any still unloadable become SLOW. Returns the call's count of requests left to the
+    general path (> 0 when any is SLOW); raises OSError when the batch itself failed."""
+    lib = fastio.load()
+    ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
+    ring = fastio.uring()
+    ctx = 0 if ring else fastio.aio_context()
+    spin = fastio.SPIN_US if spin_us is None else spin_us
+    left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
+                             ring, ctx, spin, 0 if crcs is None else crcs.ctypes.data)
+    if left > 0:  # chunks seen for the first time: load them, then read just those requests again
+        again = np.flatnonzero(req[:, 3] == LOAD)
+        if again.size:
+            sub = req[again]
+            for k, t in enumerate(tables):
+                rows = sub[sub[:, 4] == k]
+                if rows.size:
+                    load(t, np.unique(rows[:, 0] // t.chunk_size))
+            sub_crcs = None if crcs is None else np.empty(len(sub), np.int64)
+            left = lib.ds_table_read(ptrs.ctypes.data, len(tables), sub.ctypes.data, len(sub), out, out_size,
+                                     ring, ctx, spin, 0 if sub_crcs is None else sub_crcs.ctypes.data)
+            sub[sub[:, 3] == LOAD, 3] = SLOW  # could not be loaded: the general path decides
+            req[again, 3] = sub[:, 3]
+            if crcs is not None:
+                crcs[again] = sub_crcs
+    if left < 0:
+        raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
+    return left
+
+
 class ArrayReader:
     """Per-backend cache of ChunkTables plus the call into C. Thread-safe."""
 
@@ -167,35 +200,11 @@ class ArrayReader:
         `out_size` bytes, -, index into `inodes`). Returns column 3: each request's byte count (holes read as
         zeros), SLOW for those the general path must serve, BAD for invalid ones. crcs (int64 [n], optional)
         receives each request's CRC32C where the block checks give it without another pass, else -1."""
-        lib = fastio.load()
         tables: list[ChunkTable] = []
         try:
             for ino in inodes:
                 tables.append(self._table(ino))
-            ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
-            ring = fastio.uring()
-            ctx = 0 if ring else fastio.aio_context()
-            spin = fastio.SPIN_US if self.spin_us is None else self.spin_us
-            left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
-                                     ring, ctx, spin, 0 if crcs is None else crcs.ctypes.data)
-            if left > 0:  # chunks seen for the first time: load them, then read just those requests again
-                res = req[:, 3]
-                again = np.flatnonzero(res == LOAD)
-                if again.size:
-                    sub = req[again]
-                    for k, t in enumerate(tables):
-                        rows = sub[sub[:, 4] == k]
-                        if rows.size:
-                            self._load(t, np.unique(rows[:, 0] // t.chunk_size))
-                    sub_crcs = None if crcs is None else np.empty(len(sub), np.int64)
-                    left = lib.ds_table_read(ptrs.ctypes.data, len(tables), sub.ctypes.data, len(sub), out,
-                                             out_size, ring, ctx, spin, 0 if sub_crcs is None else sub_crcs.ctypes.data)
-                    sub[sub[:, 3] == LOAD, 3] = SLOW  # could not be loaded: the general path decides
-                    req[again, 3] = sub[:, 3]
-                    if crcs is not None:
-                        crcs[again] = sub_crcs
-            if left < 0:
-                raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
+            read_tables(tables, req, out, out_size, crcs, self.spin_us, self._load)
             return req[:, 3]
         finally:
             for t in tables:

@@ -15,8 +15,7 @@ import time
 
 import numpy as np
 
-from torch_deepstack.storage import fastio
-from torch_deepstack.storage.array_read import LOAD, MAX_OPEN, MAX_TABLE_BYTES, SLOW
+from torch_deepstack.storage.array_read import MAX_OPEN, MAX_TABLE_BYTES, SLOW, read_tables
 from torch_deepstack.storage.array_read import _Table as _CTable
 from torch_deepstack.storage.errors import StorageError
 from torch_deepstack.storage.paths import chunk_id
@@ -268,34 +267,11 @@ class ShortCircuitReader:
         requests the RPC path must serve, BAD for invalid ones; crcs as there."""
         if os.getpid() != self.pid:
             self._after_fork()
-        lib = fastio.load()
         tables: list[_SCTable] = []
         try:
             for ino in inodes:
                 tables.append(self._table(ino))
-            ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
-            ring = fastio.uring()
-            ctx = 0 if ring else fastio.aio_context()
-            spin = fastio.SPIN_US if self.spin_us is None else self.spin_us
-            left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
-                                     ring, ctx, spin, 0 if crcs is None else crcs.ctypes.data)
-            if left > 0:
-                again = np.flatnonzero(req[:, 3] == LOAD)
-                if again.size:
-                    sub = req[again]
-                    for k, t in enumerate(tables):
-                        rows = sub[sub[:, 4] == k]
-                        if rows.size:
-                            self._load(t, np.unique(rows[:, 0] // t.chunk_size))
-                    sub_crcs = None if crcs is None else np.empty(len(sub), np.int64)
-                    left = lib.ds_table_read(ptrs.ctypes.data, len(tables), sub.ctypes.data, len(sub), out,
-                                             out_size, ring, ctx, spin, 0 if sub_crcs is None else sub_crcs.ctypes.data)
-                    sub[sub[:, 3] == LOAD, 3] = SLOW
-                    req[again, 3] = sub[:, 3]
-                    if crcs is not None:
-                        crcs[again] = sub_crcs
-            if left < 0:
-                raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
+            left = read_tables(tables, req, out, out_size, crcs, self.spin_us, self._load)
             rejected = self._validate(tables, req)
             res = req[:, 3]
             if left or rejected:
