@@ -257,22 +257,41 @@ def test_cli_embedded_roundtrip(tmp_path, capsys):
 
 
 def test_reads_after_fork_use_their_own_io_context(fs):
-    """DataLoader workers fork: a child must read correctly without touching the parent's io_uring."""
+    """DataLoader workers fork: a child must read correctly without touching the parent's io_uring, and without
+    the parent's I/O threads (which do not survive fork: with the parent's pool at its full thread count, the
+    child's pure-Python reads used to wait forever on it)."""
     import multiprocessing as mp
+    import threading
 
     data = os.urandom(4 * CS)
     fs.write_bytes("/d", data)
     fs.batch_read([("/d", i * 4096, 4096) for i in range(20)])  # the parent's ring exists now
+    # Bring every I/O pool of the parent to its full thread count (all workers busy at once).
+    pools = [getattr(fs.backend, "pool", None), fs._async_pool]
+    for pool in [p for p in pools if p is not None]:
+        n = pool._max_workers
+        gate = threading.Barrier(n + 1)
+        futs = [pool.submit(gate.wait, 10) for _ in range(n)]
+        gate.wait(10)
+        for f in futs:
+            f.result()
     ctx = mp.get_context("fork")
     q = ctx.Queue()
 
     def child():
         res = fs.batch_read([("/d", i * 4096, 4096) for i in range(20)])
-        q.put(all(bytes(r.data) == data[i * 4096:(i + 1) * 4096] for i, r in enumerate(res)))
+        ok = all(bytes(r.data) == data[i * 4096:(i + 1) * 4096] for i, r in enumerate(res))
+        ok = ok and bytes(fs.submit_reads([("/d", 0, 4096)]).wait(30)[0].data) == data[:4096]
+        q.put(ok)
     p = ctx.Process(target=child)
     p.start()
-    ok = q.get(timeout=60)
-    p.join(30)
+    try:
+        ok = q.get(timeout=60)
+        p.join(30)
+    finally:
+        if p.is_alive():  # never leave a hung child: interpreter exit would wait for it
+            p.kill()
+            p.join(10)
     assert ok and p.exitcode == 0
     res = fs.batch_read([("/d", i * 4096, 4096) for i in range(20)])
     assert all(bytes(r.data) == data[i * 4096:(i + 1) * 4096] for i, r in enumerate(res))

@@ -10,12 +10,13 @@ import io
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from torch_deepstack.storage.errors import (InvalidArgument, IsADirectory, NotFound, ReadOnly, StorageError)
 from torch_deepstack.storage.paths import chunk_id, normalize, split_path
+from torch_deepstack.storage.threads import ForkSafeExecutor
 
 
 def buffer_address(mv: memoryview) -> int:
@@ -411,7 +412,7 @@ class FileSystem:
         self.backend = backend
         self.uri = uri
         self.io_threads = io_threads  # backends hold the I/O threads; this pool only runs submit_reads batches
-        self._async_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deepstack-batch")
+        self._async_pool = ForkSafeExecutor(4, "deepstack-batch")
         self._closed = False
 
     # ------------------------------------------------------------ namespace

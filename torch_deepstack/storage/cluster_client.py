@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from torch_deepstack.storage.threads import ForkSafeExecutor
 
 from torch_deepstack.storage import array_read
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
@@ -68,7 +68,7 @@ class ClusterBackend(DataBackend):
                  retry_for: float = 30.0, short_circuit: bool | None = None, spin_us: int | None = None):
         self.manager, self.secret, self.timeout = manager, secret, timeout
         self.retry_for = retry_for
-        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-cluster")
+        self.pool = ForkSafeExecutor(io_threads, "deepstack-cluster")
         self._clients = RpcClients(secret, timeout)
         self._failed: dict[str, float] = {}  # target -> monotonic time of last failure
         self._local = _local_hosts()

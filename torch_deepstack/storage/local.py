@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from torch_deepstack.storage.threads import ForkSafeExecutor
 
 from torch_deepstack.storage import array_read, fastio
 from torch_deepstack.storage.chunk_engine import ChunkEngine
@@ -22,7 +22,7 @@ from torch_deepstack.storage.meta import DEFAULT_CHUNK_SIZE, MetaStore
 MARKER = "deepstack-fs.json"
 
 
-def run_sliced(pool: ThreadPoolExecutor, items: list, fn, max_slices: int) -> None:
+def run_sliced(pool: ForkSafeExecutor, items: list, fn, max_slices: int) -> None:
     """Run fn(slice) over contiguous slices of items: one slice inline, the rest on the pool. Batching slices
     (instead of one task per item) keeps thread hand-offs off the per-request cost of small reads."""
     if len(items) <= 1 or max_slices <= 1:
@@ -43,7 +43,7 @@ class LocalBackend(DataBackend):
     def __init__(self, engine: ChunkEngine, io_threads: int = 16, spin_us: int | None = None):
         self.engine = engine
         self.io_threads = io_threads
-        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="deepstack-local")
+        self.pool = ForkSafeExecutor(io_threads, "deepstack-local")
         self._arrays = array_read.ArrayReader(engine, spin_us)
 
     def _read_slice(self, reads: list[ChunkRead]) -> None:
