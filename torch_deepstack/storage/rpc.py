@@ -282,18 +282,23 @@ class RpcServer:
 
     def stop(self) -> None:
         self._stop.set()
+        close_listener(self.sock, self._lock, self._conns)
+
+
+def close_listener(sock: socket.socket, lock: threading.Lock, conns) -> None:
+    """Close a server's listening socket, then shut down every live connection (their handler threads see EOF)."""
+    try:
+        sock.close()
+    except OSError:
+        pass
+    with lock:
+        live = list(conns)
+    for c in live:
         try:
-            self.sock.close()
+            c.shutdown(socket.SHUT_RDWR)
+            c.close()
         except OSError:
             pass
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-                c.close()
-            except OSError:
-                pass
 
 
 # ---------------------------------------------------------------------------------------------- client

@@ -58,6 +58,7 @@ import zlib
 from torch_deepstack.storage.chunk_engine import O_DIRECT
 from torch_deepstack.storage.errors import AuthError, InvalidArgument, StorageError, Unavailable
 from torch_deepstack.storage.paths import validate_chunk_id
+from torch_deepstack.storage.rpc import close_listener
 
 log = logging.getLogger("torch_deepstack.storage.short_circuit")
 
@@ -276,17 +277,7 @@ class ShortCircuitServer:
         for eng, hook in self._hooks:
             if hook in eng.change_hooks:
                 eng.change_hooks.remove(hook)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        close_listener(self.sock, self._lock, self._conns)
 
 
 # ---------------------------------------------------------------------------------------------- client
