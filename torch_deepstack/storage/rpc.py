@@ -204,7 +204,66 @@ class _Channel:
 Handler = Callable[[dict, Any], tuple[dict, Any]]
 
 
-class RpcServer:
+class ConnectionServer:
+    """The connection bookkeeping of a thread-per-connection server (the TCP RPC server, the short-circuit fd
+    socket): an accept loop that tracks every live connection, so that stopping closes the listener and then
+    shuts each connection down. Subclasses call _init_listener() and, when ready, _start_accepting(); they
+    define _serve(conn), which ends with _forget(conn)."""
+
+    def _init_listener(self, sock: socket.socket, name: str) -> None:
+        self.sock, self._thread_name = sock, name
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def _start_accepting(self) -> None:
+        threading.Thread(target=self._accept_loop, name=f"{self._thread_name}-accept", daemon=True).start()
+
+    def _prepare(self, conn: socket.socket) -> None:
+        """Hook: per-connection socket options."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._prepare(conn)
+            with self._lock:
+                if self._stop.is_set():  # stopped while accepting: nobody would shut this one down
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name=f"{self._thread_name}-conn", daemon=True).start()
+
+    def _forget(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+    def _close_listener(self) -> None:
+        self._stop.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            live = list(self._conns)
+        for c in live:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+
+
+class RpcServer(ConnectionServer):
     """Thread-per-connection server. `handlers[method](args, payload) -> (result dict, payload)`.
     Handlers raise StorageError subclasses; their `code` and message travel back to the caller."""
 
@@ -213,32 +272,19 @@ class RpcServer:
         if not secret:
             raise AuthError("an RPC server needs a non-empty shared secret")
         self.handlers, self.secret, self.name = handlers, secret, name
-        self.sock = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self._init_listener(socket.create_server((host, port), reuse_port=False, backlog=128), name)
         self.host, self.port = self.sock.getsockname()[:2]
-        self._stop = threading.Event()
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "RpcServer":
-        self._thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
-        self._thread.start()
+        self._start_accepting()
         return self
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            _tune(conn)
-            with self._lock:
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-conn", daemon=True).start()
+    def _prepare(self, conn: socket.socket) -> None:
+        _tune(conn)
 
     def _serve(self, conn: socket.socket) -> None:
         nonce = os.urandom(NONCE_BYTES)
@@ -273,32 +319,10 @@ class RpcServer:
         except (ConnectionError, OSError):
             pass
         finally:
-            with self._lock:
-                self._conns.discard(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
+            self._forget(conn)
 
     def stop(self) -> None:
-        self._stop.set()
-        close_listener(self.sock, self._lock, self._conns)
-
-
-def close_listener(sock: socket.socket, lock: threading.Lock, conns) -> None:
-    """Close a server's listening socket, then shut down every live connection (their handler threads see EOF)."""
-    try:
-        sock.close()
-    except OSError:
-        pass
-    with lock:
-        live = list(conns)
-    for c in live:
-        try:
-            c.shutdown(socket.SHUT_RDWR)
-            c.close()
-        except OSError:
-            pass
+        self._close_listener()
 
 
 # ---------------------------------------------------------------------------------------------- client

@@ -58,7 +58,7 @@ import zlib
 from torch_deepstack.storage.chunk_engine import O_DIRECT
 from torch_deepstack.storage.errors import AuthError, InvalidArgument, StorageError, Unavailable
 from torch_deepstack.storage.paths import validate_chunk_id
-from torch_deepstack.storage.rpc import close_listener
+from torch_deepstack.storage.rpc import ConnectionServer
 
 log = logging.getLogger("torch_deepstack.storage.short_circuit")
 
@@ -119,7 +119,7 @@ def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[bytes, list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------- service
-class ShortCircuitServer:
+class ShortCircuitServer(ConnectionServer):
     """The service's side: the shared page, the generation hooks and the Unix socket."""
 
     def __init__(self, service_id: str, engines: dict, secret: bytes, boot: str):
@@ -141,13 +141,11 @@ class ShortCircuitServer:
             hook = self._bumper(k)
             engines[tid].change_hooks.append(hook)
             self._hooks.append((engines[tid], hook))
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.bind("\0" + self.name)
-        self.sock.listen(64)
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept_loop, name=f"sc-{service_id}-accept", daemon=True).start()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.bind("\0" + self.name)
+        sock.listen(64)
+        self._init_listener(sock, f"sc-{service_id}")
+        self._start_accepting()
 
     def _bumper(self, k: int):
         gens, glob, base = self.gens, self.glob, k * NSLOTS
@@ -183,19 +181,6 @@ class ShortCircuitServer:
         return {t["id"]: t["state"] for c in routing.get("chains", {}).values() for t in c["targets"]}
 
     # ------------------------------------------------------------------ socket
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                if self._stop.is_set():
-                    conn.close()
-                    return
-                self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="sc-conn", daemon=True).start()
-
     def _serve(self, conn: socket.socket) -> None:
         nonce = os.urandom(NONCE_BYTES)
         seq = 0
@@ -229,9 +214,7 @@ class ShortCircuitServer:
         except (OSError, ValueError):
             pass
         finally:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.close()
+            self._forget(conn)
 
     def _open(self, header: dict):
         tid, chunks = header.get("target"), header.get("chunks")
@@ -277,7 +260,7 @@ class ShortCircuitServer:
         for eng, hook in self._hooks:
             if hook in eng.change_hooks:
                 eng.change_hooks.remove(hook)
-        close_listener(self.sock, self._lock, self._conns)
+        self._close_listener()
 
 
 # ---------------------------------------------------------------------------------------------- client
