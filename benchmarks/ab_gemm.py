@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from torch_deepstack.gemm import kernels
-from torch_deepstack.gemm.heuristic import select_config
 from torch_deepstack.jit import cache
 
 NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -48,10 +47,8 @@ def prebuild(cases, jobs: int) -> None:
     specs = []
     for (m, n, k), variant, cfg in cases:
         select(variant, cfg)
-        c = kernels._forced_config(select_config(m, n, k, 1, 132))
-        cluster = 2 if kernels.use_multicast(kernels.KIND_DENSE, c, m, False) else 1
-        specs.append(kernels.gemm_spec(c, n, k, kernels.KIND_DENSE, False, torch.bfloat16, torch.bfloat16, False,
-                                       cluster))
+        specs.append(kernels.choose_spec(kernels.KIND_DENSE, m, 1, n, k, m, False, None, torch.bfloat16, None,
+                                         132)[0])
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(cache.build, set(specs)))
     print(f"prebuilt {len(set(specs))} specialisations", flush=True)

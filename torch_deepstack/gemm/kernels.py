@@ -98,17 +98,26 @@ def _sf_map(sf: torch.Tensor, mn: int, cols: int, box: int) -> bytes:
     return _tmap(sf.data_ptr(), torch.float32, (mn, cols), (tma_aligned_size(mn) * 4,), (box, 1))
 
 
+def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expected_m: int, sf_b_per_row: bool,
+                k_template, out_dtype, c_dtype, num_sms_: int) -> tuple[KernelSpec, GemmConfig, int]:
+    """The specialisation a call runs: (spec, block config, cluster size). Honours the DEEPSTACK_GEMM_* switches;
+    needs no GPU, so benchmarks and the prebuild list compile exactly what calls will load."""
+    cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_,
+                                       sf_b_per_row))
+    cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row) else 1
+    spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
+                     c_dtype or out_dtype, c_dtype is not None, cluster)
+    return spec, cfg, cluster
+
+
 def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype):
     key = (kind, device.index, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype,
            os.environ.get("DEEPSTACK_GEMM_CONFIG"), os.environ.get("DEEPSTACK_GEMM_DEFINES"),
            os.environ.get("DEEPSTACK_GEMM_MULTICAST"), _NUM_SMS_OVERRIDE)
     plan = _PLANS.get(key)
     if plan is None:
-        cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1,
-                                           num_sms(device), sf_b_per_row))
-        cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row) else 1
-        spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
-                         c_dtype or out_dtype, c_dtype is not None, cluster)
+        spec, cfg, cluster = choose_spec(kind, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template,
+                                         out_dtype, c_dtype, num_sms(device))
         # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each)
         m_blocks = cdiv(m_rows, cfg.block_m * cluster)
         tiles = m_blocks * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
@@ -291,9 +300,7 @@ def _prebuild():
     specs = []
     for n, k in DSV3_NK:
         for m in (64, 4096):
-            cfg = select_config(m, n, k, 1, 132)
-            specs.append(gemm_spec(cfg, n, k, KIND_DENSE, False, bf16, bf16, False,
-                                   2 if use_multicast(KIND_DENSE, cfg, m, False) else 1))
+            specs.append(choose_spec(KIND_DENSE, m, 1, n, k, m, False, None, bf16, None, 132)[0])
     for n, k in ((4096, 7168), (7168, 2048)):
         specs.append(gemm_spec(select_config(8192, n, k, 1, 132), n, k, KIND_CONTIGUOUS, False, bf16, bf16, False))
         specs.append(gemm_spec(select_config(256, n, k, 4, 132), n, k, KIND_MASKED, False, bf16, bf16, False))
