@@ -38,3 +38,18 @@ def test_one_process_per_gpu(world_size, transport):
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs, this machine has {torch.cuda.device_count()}")
     run_world(workers.normal_mode_checks, world_size, 13, "cuda", transport, backend="nccl", timeout_s=550)
+
+
+@pytest.mark.cuda
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_one_process_per_gpu_errors_and_dead_peer(world_size):
+    """Bad input on distinct GPUs raises everywhere before any collective (both transports); a peer that exits
+    makes the NVLink barrier report it (EPTransportError) in bounded time."""
+    import torch
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, this machine has {torch.cuda.device_count()}")
+    for transport in ("dist", "ipc"):
+        run_world(workers.error_checks, world_size, "cuda", transport, backend="nccl", timeout_s=150)
+    run_world(workers.dead_peer_check, world_size, "cuda", "ipc", backend="nccl", timeout_s=120,
+              allow_exit=tuple(range(world_size)))

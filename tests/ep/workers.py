@@ -333,11 +333,13 @@ def normal_mode_checks(rank, ws, seed, device="cpu", transport="auto"):
     if device != "cpu":
         check_low_latency_graph(ll.buf, seed, rank, ws, num_experts, num_max=40)
         check_worst_mode_graph(buf.buf, seed, rank, ws, num_experts)
+        check_decode_step_graph(ll.buf, seed, rank, ws, num_experts, num_max=40)
     dist.barrier()
 
 
-def _replay_matches_eager(step, statics, fresh_inputs):
-    """Capture step() in a CUDA graph, then for new inputs copied into `statics` the replay equals eager."""
+def _replay_matches_eager(step, statics, fresh_inputs, check=None):
+    """Capture step() in a CUDA graph, then for new inputs copied into `statics` the replay equals eager (and
+    passes `check(i, outputs)` for the i-th inputs when given)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -347,7 +349,7 @@ def _replay_matches_eager(step, statics, fresh_inputs):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    for inputs in fresh_inputs:
+    for i, inputs in enumerate(fresh_inputs):
         for st, v in zip(statics, inputs):
             st.copy_(v)
         graph.replay()
@@ -355,6 +357,8 @@ def _replay_matches_eager(step, statics, fresh_inputs):
         eager = step()
         for a, b in zip(captured, eager):
             assert torch.equal(a, b), "CUDA-graph replay differs from eager"
+        if check is not None:
+            check(i, captured)
 
 
 def check_low_latency_graph(buf, seed, rank, ws, num_experts, num_max):
@@ -371,6 +375,51 @@ def check_low_latency_graph(buf, seed, rank, ws, num_experts, num_max):
         out, _, _ = buf.low_latency_combine(y, statics[1], statics[2], handle)
         return out, cnt
     _replay_matches_eager(step, statics, [inputs(seed + 100 + i) for i in range(3)])
+
+
+def check_decode_step_graph(buf, seed, rank, ws, num_experts, num_max):
+    """A whole MoE decode step in one CUDA graph: low-latency FP8 dispatch -> this rank's experts as one masked
+    grouped FP8 GEMM (the layout dispatch writes is the one the GEMM reads) -> low-latency combine. Replays equal
+    eager calls, and every replay matches an fp32 reference built from the dequantised operands."""
+    from torch_deepstack.gemm import m_grouped_fp8_gemm_nt_masked, per_block_quant_fp8
+    L = num_experts // ws
+    g = torch.Generator().manual_seed(seed * 7919)
+    experts = torch.randn(num_experts, HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5   # alike on every rank
+    wq, wsc = zip(*(per_block_quant_fp8(experts[e].to(torch.bfloat16).cuda()) for e in range(num_experts)))
+    deq_w = [q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1) for q, s in zip(wq, wsc)]
+    bq, bs = torch.stack(wq[rank * L:(rank + 1) * L]), torch.stack(wsc[rank * L:(rank + 1) * L])
+
+    def inputs(s):
+        x, idx, w = make_inputs(s, rank, num_experts, torch.bfloat16, n=num_max)
+        return x.cuda(), idx.cuda(), w.cuda()
+    statics = [t.clone() for t in inputs(seed)]
+
+    def step():
+        (rx, rs), cnt, handle, _, _ = buf.low_latency_dispatch(statics[0], statics[1], num_max, num_experts,
+                                                               use_fp8=True)
+        y = m_grouped_fp8_gemm_nt_masked(rx, rs, bq, bs, cnt, expected_m=num_max)
+        out, _, _ = buf.low_latency_combine(y, statics[1], statics[2], handle)
+        return out, cnt
+
+    seeds = [seed + 300 + i for i in range(3)]
+
+    def matches_reference(i, outputs):
+        x, idx, w = statics                       # hold the inputs of seeds[i] during its check
+        q, s = torch.ops.deepstack.per_token_group_quant_fp8(x, 128)
+        deq_x = q.float() * s.repeat_interleave(128, 1)
+        ref = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for t in range(x.shape[0]):
+            for k, e in enumerate(idx[t].tolist()):
+                if e >= 0:
+                    ref[t] += w[t, k] * (deq_w[e] @ deq_x[t])
+        assert calc_diff(outputs[0].float(), ref) < 1e-4
+        count = torch.zeros(L, dtype=torch.int32)            # tokens of every rank that name each local expert
+        for r in range(ws):
+            _, ii, _ = make_inputs(seeds[i], r, num_experts, torch.bfloat16, n=num_max)
+            for l in range(L):
+                count[l] += int((ii == rank * L + l).any(1).sum())
+        assert torch.equal(outputs[1].cpu(), count)
+    _replay_matches_eager(step, statics, [inputs(v) for v in seeds], check=matches_reference)
 
 
 def check_worst_mode_graph(buf, seed, rank, ws, num_experts):
