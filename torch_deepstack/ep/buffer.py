@@ -260,7 +260,16 @@ class Buffer:
         self._check_alive()
         if self.device.type != "cuda":
             return fn(), EventOverlap(None)
-        cur, comm = torch.cuda.current_stream(), self._comm_stream
+        cur = torch.cuda.current_stream()
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            # The default call: the caller's stream would wait for the comm stream before we return, so running
+            # on the caller's stream is the same order, without the cross-stream events and record_stream calls
+            # (about a fifth of an eager call's host time on the H200 machine).
+            out = fn()
+            ev = torch.cuda.Event()
+            ev.record(cur)
+            return out, EventOverlap(ev)
+        comm = self._comm_stream
         if previous_event is not None and previous_event.event is not None:
             comm.wait_event(previous_event.event)
         else:
