@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from torch_deepstack.ep import intranode
 from torch_deepstack.ep.buffer import Buffer
@@ -63,3 +64,12 @@ def test_fused_path_is_refused_where_the_kernels_do_not_apply():
     assert not intranode.usable(t, 520)                            # rows must be whole 16-byte vectors
     assert not intranode.usable(SimpleNamespace(fused=True, world_size=33, slot_bytes=1 << 20), 512)
     assert not intranode.usable(SimpleNamespace(world_size=2), 512)   # torch.distributed transports
+
+
+@pytest.mark.parametrize("n,R", [(0, 2), (1, 1), (4096, 2), (77, 8), (300, 5)])
+def test_inclusive_rank_positions_equals_cumsum(n, R):
+    from torch_deepstack.ep.layout import inclusive_rank_positions
+    mask = torch.rand(n, R) < 0.4
+    pos = inclusive_rank_positions(mask)
+    assert pos.dtype == torch.int32 and pos.is_contiguous()
+    assert torch.equal(pos, torch.cumsum(mask, 0, dtype=torch.int32))

@@ -17,7 +17,8 @@ import torch
 
 from torch_deepstack.ep import intranode
 from torch_deepstack.ep.checks import check_expert_range
-from torch_deepstack.ep.layout import count_local_experts, to_local_experts, token_rank_mask
+from torch_deepstack.ep.layout import (count_local_experts, inclusive_rank_positions, to_local_experts,
+                                      token_rank_mask)
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
 
@@ -128,7 +129,7 @@ def _dispatch_rows(transport, mask, rank_counts, tensors, num_worst_tokens: int,
 
 def slot_positions(mask: torch.Tensor) -> torch.Tensor:
     """pos[t, j] = how many earlier tokens also go to rank j (the row's slot in block j); -1 where not sent."""
-    pos = torch.cumsum(mask.to(torch.int32), dim=0) - 1
+    pos = inclusive_rank_positions(mask) - 1
     return torch.where(mask, pos, torch.full_like(pos, -1))
 
 

@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from torch_deepstack.ep.layout import inclusive_rank_positions
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 
 MAX_RANKS = 32          # one lane per rank in the kernels
@@ -235,7 +236,7 @@ class Intranode:
         topk_weights = topk_weights.contiguous() if topk_weights is not None else None
         mask = mask.contiguous()
         self._raise_pending()
-        pos = torch.cumsum(mask, 0, dtype=torch.int32)
+        pos = inclusive_rank_positions(mask)
         info = self.notify(mask, pos, topk_idx, L)
         rc_dev = info[:R * R].view(R, R)
         a = expert_alignment
@@ -272,7 +273,7 @@ class Intranode:
         x = x if x.stride(-1) == 1 else x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
         mask = mask.contiguous()
-        pos = torch.cumsum(mask, 0, dtype=torch.int32)
+        pos = inclusive_rank_positions(mask)
         outs = self.alloc_outputs(num_recv, row_bytes, x.dtype, num_scales, 0, False, x.device)
         self.send_rows(x, x_scales, None, None, mask, pos, rc_dev, lay, outs, 0)
         recv_x, recv_scales, _, _, _ = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales, 0, False, 0)
@@ -293,7 +294,7 @@ class Intranode:
             return None
         self._raise_pending()
         mask = mask.contiguous()
-        pos = torch.cumsum(mask, 0, dtype=torch.int32)
+        pos = inclusive_rank_positions(mask)
         x = x.contiguous()
         w = topk_weights.contiguous() if topk_weights is not None else None
         if x.shape[0]:

@@ -39,6 +39,15 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int):
     return per_rank, per_expert, is_token_in_rank
 
 
+def inclusive_rank_positions(mask: torch.Tensor) -> torch.Tensor:
+    """int32 [N, R]: for each token and rank, how many tokens up to and including it go to that rank.
+
+    torch.cumsum over dim 0 of a narrow [N, R] tensor runs as an outer-dimension scan, which took 226 us for
+    N=4096, R=2 on an H200 (more than a whole cached FP8 dispatch moves data); scanning the transposed [R, N] copy
+    along its rows takes a few us."""
+    return torch.cumsum(mask.t().contiguous(), 1, dtype=torch.int32).t().contiguous()
+
+
 def to_local_experts(topk_idx: torch.Tensor, rank: int, num_local_experts: int) -> torch.Tensor:
     """Re-index global expert ids to this rank's local ids; -1 for experts that live elsewhere."""
     local = topk_idx - rank * num_local_experts
