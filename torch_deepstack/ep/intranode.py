@@ -13,7 +13,6 @@ import functools
 
 import torch
 
-from torch_deepstack.ep.layout import inclusive_rank_positions
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 
 MAX_RANKS = 32          # one lane per rank in the kernels
@@ -31,6 +30,7 @@ def _align(v: int, a: int = _ALIGN) -> int:
 
 # Kernel signatures, one code per parameter in order (see torch_deepstack/jit/launch.py).
 _SIG = {
+    "rank_positions_kernel": "p ii p",
     "notify_dispatch_kernel": "pp iii p l p ii p l pp",
     "dispatch_send_kernel": "p l i p l i pp ii pppp l ii p lllll ppppp i",
     "dispatch_recv_kernel": "p l p lllll iiiiiiii p i ppppp i",
@@ -62,6 +62,7 @@ def _prebuild():
     specs = [spec(n, MAX_RANKS) for n in ("notify_dispatch_kernel", "dispatch_send_kernel", "dispatch_recv_kernel",
                                          "combine_send_kernel", "ll_dispatch_send_kernel", "ll_dispatch_recv_kernel",
                                          "ll_combine_send_kernel")]
+    specs += [spec("rank_positions_kernel")]
     specs += [spec("combine_reduce_kernel", c, MAX_RANKS) for c in _CTYPE.values()]
     specs += [spec("ll_combine_reduce_kernel", c) for c in _CTYPE.values()]
     specs += [spec("copy_bytes_kernel", _MAX_RANKS),
@@ -85,6 +86,15 @@ class NormalLayout:
         self.src = _align(self.weights + cap * k * 4)
 
 
+def rank_positions(mask: torch.Tensor) -> torch.Tensor:
+    """layout.inclusive_rank_positions in one kernel launch (int32 [N, R])."""
+    n, R = mask.shape
+    pos = torch.empty(n, R, dtype=torch.int32, device=mask.device)
+    if n:
+        kernel("rank_positions_kernel").launch(1, 1024, mask, n, R, pos)
+    return pos
+
+
 def usable(transport, row_bytes: int) -> bool:
     return (getattr(transport, "fused", False) and transport.world_size <= MAX_RANKS and row_bytes % 16 == 0
             and row_bytes > 0)
@@ -101,26 +111,27 @@ class Intranode:
         self.peer_base = torch.tensor(t.peer_base, dtype=torch.int64, device=t.device)
         self.area_ptr = t.area.data_ptr()
         self.all_blocks = 2 * torch.cuda.get_device_properties(t.device).multi_processor_count
-        self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> (the tensor, counts on the host)
+        self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> _remember's entry
         self._last_per_expert = None
         self._err_host = self._err_event = None
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
     # Host copies of small results: held with a strong reference to the device tensor, so its memory cannot be
     # reused by another tensor while the entry lives, and a data_ptr match means the same result.
-    def _remember(self, rc_dev: torch.Tensor, rc_host: torch.Tensor) -> None:
+    def _remember(self, rc_dev: torch.Tensor, rc_host: torch.Tensor) -> tuple:
         if len(self._host_counts) >= 64:
             self._host_counts.pop(next(iter(self._host_counts)))
-        self._host_counts[rc_dev.data_ptr()] = (rc_dev, rc_host)
+        # (device tensor, host copy, most rows any rank receives, most rows any rank sends): _fits per call
+        entry = (rc_dev, rc_host, int(rc_host.sum(0).max()), int(rc_host.sum(1).max()))
+        self._host_counts[rc_dev.data_ptr()] = entry
+        return entry
 
-    def host_counts(self, rc_dev: torch.Tensor) -> torch.Tensor:
-        """The rank-count matrix on the host: remembered from the dispatch that made it, else one device read."""
+    def _counts_entry(self, rc_dev: torch.Tensor) -> tuple:
+        """Remembered from the dispatch that made rc_dev, else one device read."""
         hit = self._host_counts.get(rc_dev.data_ptr())
         if hit is not None and hit[0].shape == rc_dev.shape:
-            return hit[1]
-        rc_host = rc_dev.cpu()
-        self._remember(rc_dev, rc_host)
-        return rc_host
+            return hit
+        return self._remember(rc_dev, rc_dev.cpu())
 
     def host_list(self, t: torch.Tensor) -> list | None:
         """The per-expert counts of the last exact dispatch as a host list, if `t` is that result."""
@@ -154,7 +165,7 @@ class Intranode:
         or, for combine, its row sums (axis 1); num_worst_tokens bounds both. The same answer on every rank."""
         if num_worst_tokens:
             return num_worst_tokens <= lay.cap
-        return int(self.host_counts(rc_dev).sum(axis).max()) <= lay.cap
+        return self._counts_entry(rc_dev)[2 + axis] <= lay.cap
 
     # --- normal dispatch --------------------------------------------------------------------------------------
     def notify(self, mask: torch.Tensor, pos: torch.Tensor, topk_idx, L: int) -> torch.Tensor:
@@ -236,7 +247,7 @@ class Intranode:
         topk_weights = topk_weights.contiguous() if topk_weights is not None else None
         mask = mask.contiguous()
         self._raise_pending()
-        pos = inclusive_rank_positions(mask)
+        pos = rank_positions(mask)
         info = self.notify(mask, pos, topk_idx, L)
         rc_dev = info[:R * R].view(R, R)
         a = expert_alignment
@@ -246,9 +257,8 @@ class Intranode:
             host = info.cpu()                          # the one host sync of an exact-size dispatch
             self._check_notify(host, L, num_experts)
             rc_host = host[:R * R].view(R, R)
-            if int(rc_host.sum(0).max()) > lay.cap:
+            if self._remember(rc_dev, rc_host)[2] > lay.cap:
                 return None
-            self._remember(rc_dev, rc_host)
             out_rows = int(rc_host[:, rank].sum())
             self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L].tolist()])
         outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, topk_weights is not None, x.device)
@@ -273,7 +283,7 @@ class Intranode:
         x = x if x.stride(-1) == 1 else x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
         mask = mask.contiguous()
-        pos = inclusive_rank_positions(mask)
+        pos = rank_positions(mask)
         outs = self.alloc_outputs(num_recv, row_bytes, x.dtype, num_scales, 0, False, x.device)
         self.send_rows(x, x_scales, None, None, mask, pos, rc_dev, lay, outs, 0)
         recv_x, recv_scales, _, _, _ = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales, 0, False, 0)
@@ -294,7 +304,7 @@ class Intranode:
             return None
         self._raise_pending()
         mask = mask.contiguous()
-        pos = inclusive_rank_positions(mask)
+        pos = rank_positions(mask)
         x = x.contiguous()
         w = topk_weights.contiguous() if topk_weights is not None else None
         if x.shape[0]:
