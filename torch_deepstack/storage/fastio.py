@@ -206,9 +206,9 @@ class Pipeline:
         self.ring = uring()
         if self.ring:
             self.ctx, self._submit = self.ring, _lib.ds_ring_submit
-            # Poll only for a few reads: with many in flight the wait is long and polling would just
-            # take a core away from the kernel completing them.
-            self._reap = lambda count, ctx: _lib.ds_ring_reap(count, ctx, SPIN_US if count <= 2 else 0)
+            # ds_ring_reap polls only for the last two reads: with many in flight the wait is long and
+            # polling would just take a core away from the kernel completing them.
+            self._reap = lambda count, ctx: _lib.ds_ring_reap(count, ctx, SPIN_US)
         else:
             self.ctx, self._submit, self._reap = aio_context(), _lib.ds_submit, _lib.ds_reap
         self.inflight = 0
