@@ -12,8 +12,13 @@ uniformly shuffled order over the same samples stored as
   own chunk files: the device ceiling for these exact bytes (optional: Debian `fio`), sampled between the
   reader runs of every worker count and reported as its best run.
 Page cache is dropped (posix_fadvise DONTNEED on every file) before every measurement; deepstack and fio read
-with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded) and is the
-best of --repeat runs, the readers interleaved (the disk and the 2 cores are shared with other work).
+with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded; DataLoader
+workers persist across the epochs of one window) and is the best of --repeat runs, the readers interleaved
+(the disk and the 2 cores are shared with other work). Same window, same pattern: deepstack readers run
+further epochs (each a new shuffle) until the window is over, like fio's --runtime; the page-cache readers
+(file-per-sample, LitData) stop after one epoch, since a second would come from memory; fio draws a new
+random sequence every run (randrepeat=0), as every reader run reshuffles. What stays warm for all alike:
+metadata (directory entries and inodes of the sample files; deepstack's index and chunk table rows).
 
 Checkpoint rows: dcp.save/dcp.load of a float32 state dict through DeepstackStorageWriter/Reader against
 torch.save (+ fsync) / torch.load on a local file.
@@ -143,17 +148,29 @@ class _litdata_sample:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def measure(loader, size: int, seconds: float, check) -> tuple[float, float, int]:
-    """(samples/s, GB/s, samples) over `seconds` after the first batch; `check(batch)` spot-checks content."""
+def measure(loader, size: int, seconds: float, check, one_epoch: bool = False) -> tuple[float, float, int]:
+    """(samples/s, GB/s, samples) over `seconds` after the first batch (start-up excluded); further epochs run
+    until the window is over, so a direct-I/O reader is timed over the same window as fio (a 2k x 1 MiB epoch
+    takes ~1.5 s: timing one epoch against fio's 6 s had compared runs of different lengths, and the best of
+    several short runs sits higher than the best of long ones). one_epoch: stop at the end of the first epoch
+    (readers through the page cache: a second epoch would be served from memory, not the disk; their window
+    is then the shorter one, which if anything favours them). `check(batch)` spot-checks content."""
     it = iter(loader)
     first = next(it)
     check(first)
     n, t0 = 0, time.perf_counter()
     deadline = t0 + seconds
-    for batch in it:
-        n += len(batch["x"] if isinstance(batch, dict) else batch)
-        if time.perf_counter() > deadline:
-            break
+    while True:
+        for batch in it:
+            n += len(batch["x"] if isinstance(batch, dict) else batch)
+            if time.perf_counter() > deadline:
+                break
+        else:  # epoch over inside the window: the next one (a new shuffle)
+            if one_epoch:
+                break
+            it = iter(loader)
+            continue
+        break
     dt = time.perf_counter() - t0
     del it
     return n / dt, n * size / dt / 1e9, n
@@ -173,6 +190,7 @@ def run_fio(directory: str, size: int, seconds: float, jobs: int) -> float | Non
     out = subprocess.run(["fio", "--name=ceiling", f"--opendir={directory}", "--rw=randread", f"--bs={size}",
                           "--direct=1", "--ioengine=libaio", "--iodepth=32", f"--numjobs={jobs}",
                           f"--runtime={max(1, int(seconds))}", "--time_based", "--group_reporting",
+                          "--randrepeat=0",  # a new random sequence every run, as each reader run reshuffles
                           "--output-format=json"], capture_output=True, text=True)
     if out.returncode != 0:
         print(f"  fio failed: {out.stderr.strip()[:200]}", flush=True)
@@ -198,7 +216,8 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
         names = {"deepstack": "deepstack (DeepstackDataset)", "prefetch": "deepstack PrefetchLoader (depth 4)",
                  "files": "file-per-sample (open().read())", "litdata": "litdata StreamingDataset(shuffle=True)"}
         for w in workers:
-            common = dict(batch_size=batch, num_workers=w, persistent_workers=False,
+            # persistent workers: the epochs after the first inside one timed window reuse them (every reader alike)
+            common = dict(batch_size=batch, num_workers=w, persistent_workers=w > 0,
                           multiprocessing_context=args.mp_context if w else None)
             rows: dict[str, tuple[float, float]] = {}
             for rep in range(args.repeat):  # readers interleaved, best of --repeat: the disk is shared and noisy
@@ -210,13 +229,13 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
                 # ceiling: comparing a best of 6 with a best of 2 on this disk measured the disk's mood).
                 drop_cache(p["fs"])
                 r = measure(PrefetchLoader(DeepstackDataset(p["fs"], "/ds", batched=True), batch, shuffle=True,
-                                           generator=torch.Generator().manual_seed(rep), depth=4), size,
+                                           generator=torch.Generator().manual_seed(1000 + rep), depth=4), size,
                             args.seconds, check_stacked)
                 prefetch_runs = rows.setdefault("_prefetch_runs", [])
                 prefetch_runs.append(r[:2])
                 if fio_now:
                     pairs.append(r[0] / fio_now)
-                g = torch.Generator().manual_seed(0)
+                g = torch.Generator().manual_seed(rep)  # a new order every run, for every reader
                 ds = DeepstackDataset(p["fs"], "/ds", batched=True)
                 drop_cache(p["fs"])
                 r = measure(DataLoader(ds, shuffle=True, generator=g, collate_fn=ds.collate_fn, **common),
@@ -224,7 +243,7 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
                 rows["deepstack"] = max(rows.get("deepstack", (0, 0)), r[:2])
                 drop_cache(p["files"])
                 r = measure(DataLoader(FilePerSample(p["files"], n), shuffle=True, generator=g, **common),
-                            size, args.seconds, check_stacked)
+                            size, args.seconds, check_stacked, one_epoch=True)
                 rows["files"] = max(rows.get("files", (0, 0)), r[:2])
                 if p.get("t_litdata") and not args.no_litdata:
                     from litdata import StreamingDataLoader, StreamingDataset
@@ -233,8 +252,9 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         lds = StreamingDataset(input_dir=p["litdata"], shuffle=True, seed=0)
-                        r = measure(StreamingDataLoader(lds, batch_size=batch, num_workers=w), size, args.seconds,
-                                    check_stacked)
+                        r = measure(StreamingDataLoader(lds, batch_size=batch, num_workers=w,
+                                                        persistent_workers=w > 0), size, args.seconds,
+                                    check_stacked, one_epoch=True)
                     rows["litdata"] = max(rows.get("litdata", (0, 0)), r[:2])
             prefetch = rows.pop("_prefetch_runs")
             prefetch_all.extend(prefetch)
