@@ -498,14 +498,35 @@ static int run_ios(ds_io* ios, int m, uint64_t ring, uint64_t aio_ctx, int spin_
     return 0;
 }
 
-// Plans, reads and verifies n requests in one call (data lands at out + row's output offset). Returns the
-// number of requests not completed here (results DS_SLOW / DS_LOAD / DS_BAD), or -errno when waiting for
-// completions failed (reads may still be in flight: fatal).
-// req_crc (optional, n entries): the CRC32C of each request's bytes where its blocks' checks give it for free
-// (the request is exactly the block-aligned range that was read and verified: page-aligned samples), combined
-// from the block CRCs without another pass; -1 elsewhere (the caller checksums those itself).
-int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* req, int64_t n, uint64_t out,
-                      int64_t out_size, uint64_t ring, uint64_t aio_ctx, int spin_us, int64_t* req_crc) {
+// One planned batch of table reads (a "wave"): its I/O records and what verifying them needs.
+struct ds_wave {
+    ds_io* ios;
+    int64_t* owner;            // request index per io; negative (-1 - i): no CRC for free
+    const uint32_t** expect;   // the table's page CRCs each io must match
+    uint32_t* got_crcs;        // the CRCs each io's blocks gave
+    uint8_t* bounce;           // own bounce buffer (waves in flight together), or nullptr (the thread's arena)
+    int m;                     // ios planned
+    int64_t* req;
+    int64_t n;
+    int64_t* req_crc;
+    int64_t left;              // requests not completed by planning (DS_SLOW / DS_LOAD / DS_BAD)
+    ds_wave* next;
+};
+
+static void wave_free(ds_wave* w) {
+    if (!w) return;
+    free(w->ios); free(w->owner); free(w->expect); free(w->got_crcs); free(w->bounce);
+    free(w);
+}
+
+// Plans n requests (see ds_table_read): fills w's ios, marks requests that planning alone settles. own_bounce:
+// unaligned requests get a bounce buffer of their own instead of the thread's arena. Returns 0 or -ENOMEM.
+static int plan_wave(ds_wave* w, const ds_table* const* tables, int64_t ntables, int64_t* req, int64_t n,
+                     uint64_t out, int64_t out_size, int64_t* req_crc, bool own_bounce) {
+    memset(w, 0, sizeof(*w));
+    w->req = req;
+    w->n = n;
+    w->req_crc = req_crc;
     int64_t ncrc_max = 0;
     for (int64_t i = 0; i < n; i++) {
         const int64_t* q = req + 5 * i;
@@ -514,14 +535,12 @@ int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* r
         if (q[1] > 0) ncrc_max += q[1] / blk + 2;
     }
     size_t nn = (size_t)(n > 0 ? n : 1);
-    ds_io* ios = (ds_io*)malloc(sizeof(ds_io) * nn);
-    int64_t* owner = (int64_t*)malloc(sizeof(int64_t) * nn);
-    const uint32_t** expect = (const uint32_t**)malloc(sizeof(uint32_t*) * nn);
-    uint32_t* got_crcs = (uint32_t*)malloc(sizeof(uint32_t) * (size_t)(ncrc_max > 0 ? ncrc_max : 1));
-    if (!ios || !owner || !expect || !got_crcs) {
-        free(ios); free(owner); free(expect); free(got_crcs);
-        return -ENOMEM;
-    }
+    w->ios = (ds_io*)malloc(sizeof(ds_io) * nn);
+    w->owner = (int64_t*)malloc(sizeof(int64_t) * nn);
+    w->expect = (const uint32_t**)malloc(sizeof(uint32_t*) * nn);
+    w->got_crcs = (uint32_t*)malloc(sizeof(uint32_t) * (size_t)(ncrc_max > 0 ? ncrc_max : 1));
+    if (!w->ios || !w->owner || !w->expect || !w->got_crcs) return -ENOMEM;
+    ds_io* ios = w->ios;
     int m = 0;
     int64_t cpos = 0, bpos = 0, left = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -580,55 +599,188 @@ int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* r
         io->length = a1 - a0;
         io->valid = valid;
         io->crc_block = blk;
-        io->crc_out = (uint64_t)(got_crcs + cpos);
+        io->crc_out = (uint64_t)(w->got_crcs + cpos);
         io->result = 0;
         if (inc == a0 && nc == a1 - a0 && ((uint64_t)dest & 4095) == 0) {  // lands in place
             io->buf = (uint64_t)dest;
             io->copy_dst = 0;
             io->copy_src_off = io->copy_len = 0;
-        } else {  // through the bounce arena (its address is added below), copied out once read
+        } else {  // through a bounce buffer (its address is added below), copied out once read
             io->buf = (uint64_t)bpos;
             bpos += a1 - a0;
             io->copy_dst = (uint64_t)dest;
             io->copy_src_off = inc - a0;
             io->copy_len = nc;
         }
-        expect[m] = tb->crcs + idx * tb->crc_stride + a0 / blk;
-        owner[m] = (inc == a0 && nc == valid && nc == nf) ? i : -1 - i;  // negative: no CRC for free
+        w->expect[m] = tb->crcs + idx * tb->crc_stride + a0 / blk;
+        w->owner[m] = (inc == a0 && nc == valid && nc == nf) ? i : -1 - i;  // negative: no CRC for free
         cpos += (valid + blk - 1) / blk;
         q[3] = nf;
         m++;
     }
-    int rc = 0;
+    w->m = m;
+    w->left = left;
     if (bpos) {
-        uint8_t* arena = tls_arena.get((size_t)bpos);
-        if (!arena) rc = -ENOMEM;
-        for (int k = 0; k < m && arena; k++)
+        uint8_t* arena = nullptr;
+        if (own_bounce) {
+            void* q = nullptr;
+            if (posix_memalign(&q, 4096, (size_t)bpos) == 0) arena = w->bounce = (uint8_t*)q;
+        } else {
+            arena = tls_arena.get((size_t)bpos);
+        }
+        if (!arena) return -ENOMEM;
+        for (int k = 0; k < m; k++)
             if (ios[k].copy_dst) ios[k].buf += (uint64_t)arena;
     }
-    if (rc == 0) rc = run_ios(ios, m, ring, aio_ctx, spin_us);
-    if (rc == 0) {
-        for (int k = 0; k < m; k++) {
-            ds_io* io = &ios[k];
-            int64_t ncrc = (io->valid + io->crc_block - 1) / io->crc_block;
-            int64_t own = owner[k] >= 0 ? owner[k] : -1 - owner[k];
-            const uint32_t* got = (const uint32_t*)io->crc_out;
-            if (io->result < io->valid || memcmp(got, expect[k], (size_t)(4 * ncrc)) != 0) {
-                req[5 * own + 3] = DS_SLOW;
-                left++;
-            } else if (req_crc && owner[k] >= 0) {
-                const ds_crc_combiner& cc = crc_combiner();
-                uint32_t c = got[0];
-                for (int64_t j = 1; j < ncrc; j++) {
-                    int64_t len_j = io->valid - j * io->crc_block;
-                    c = cc.combine(c, got[j], (uint64_t)(len_j < io->crc_block ? len_j : io->crc_block));
-                }
-                req_crc[own] = c;
+    return 0;
+}
+
+// After every io of the wave completed: a short read, an I/O error or a CRC mismatch sends the request to the
+// general path (DS_SLOW); verified whole-block requests get their CRC32C combined from the block CRCs.
+static int64_t verify_wave(ds_wave* w) {
+    int64_t left = w->left;
+    for (int k = 0; k < w->m; k++) {
+        ds_io* io = &w->ios[k];
+        int64_t ncrc = (io->valid + io->crc_block - 1) / io->crc_block;
+        int64_t own = w->owner[k] >= 0 ? w->owner[k] : -1 - w->owner[k];
+        const uint32_t* got = (const uint32_t*)io->crc_out;
+        if (io->result < io->valid || memcmp(got, w->expect[k], (size_t)(4 * ncrc)) != 0) {
+            w->req[5 * own + 3] = DS_SLOW;
+            left++;
+        } else if (w->req_crc && w->owner[k] >= 0) {
+            const ds_crc_combiner& cc = crc_combiner();
+            uint32_t c = got[0];
+            for (int64_t j = 1; j < ncrc; j++) {
+                int64_t len_j = io->valid - j * io->crc_block;
+                c = cc.combine(c, got[j], (uint64_t)(len_j < io->crc_block ? len_j : io->crc_block));
             }
+            w->req_crc[own] = c;
         }
     }
-    free(ios); free(owner); free(expect); free(got_crcs);
-    return rc < 0 ? rc : left;
+    return left;
+}
+
+// Plans, reads and verifies n requests in one call (data lands at out + row's output offset). Returns the
+// number of requests not completed here (results DS_SLOW / DS_LOAD / DS_BAD), or -errno when waiting for
+// completions failed (reads may still be in flight: fatal).
+// req_crc (optional, n entries): the CRC32C of each request's bytes where its blocks' checks give it for free
+// (the request is exactly the block-aligned range that was read and verified: page-aligned samples), combined
+// from the block CRCs without another pass; -1 elsewhere (the caller checksums those itself).
+int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* req, int64_t n, uint64_t out,
+                      int64_t out_size, uint64_t ring, uint64_t aio_ctx, int spin_us, int64_t* req_crc) {
+    ds_wave* w = (ds_wave*)malloc(sizeof(ds_wave));
+    if (!w) return -ENOMEM;
+    int rc = plan_wave(w, tables, ntables, req, n, out, out_size, req_crc, false);
+    if (rc == 0) rc = run_ios(w->ios, w->m, ring, aio_ctx, spin_us);
+    int64_t left = rc == 0 ? verify_wave(w) : rc;
+    wave_free(w);
+    return left;
+}
+
+// ---- the same in waves: submit a wave, prepare the next while it is in flight, wait for all at the end ----
+// batch_read builds its rows in Python (~1 us per request); submitting the first rows early lets the device
+// work while Python builds the rest. A handle collects the waves of one batch on one thread's io_uring; nothing
+// else may use that ring until ds_waves_wait returned (batch_read is synchronous, so it holds by itself).
+struct ds_waves {
+    ds_wave* head;
+    ds_wave* tail;
+    int inflight;  // submitted, not yet reaped
+};
+
+// Reap at least `want` completions of the handle's ios (finishing each: CRCs, copy-out).
+static int waves_reap(ds_ring* r, ds_waves* h, int want, int spin_us) {
+    int done = 0, polls = 0;
+    uint64_t spin_until = 0;
+    while (done < want) {
+        unsigned head = __atomic_load_n(r->cq_head, __ATOMIC_RELAXED);
+        unsigned tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+        if (head == tail) {
+            int left = h->inflight;
+            if (spin_us > 0 && left <= REAP_TAIL) {
+                if (!spin_until) spin_until = now_ns() + (uint64_t)spin_us * 1000ull;
+                if ((++polls & 15) || now_ns() < spin_until) {
+#if defined(__x86_64__)
+                    __builtin_ia32_pause();
+#endif
+                    continue;
+                }
+            }
+            int k = want - done;
+            if (left > REAP_TAIL && k > (left - REAP_TAIL) / 4) k = (left - REAP_TAIL) / 4;
+            if (k < 1) k = 1;
+            int rc = ring_enter(r, 0, (unsigned)k);
+            if (rc < 0) return rc;
+            continue;
+        }
+        while (head != tail) {
+            struct io_uring_cqe* cqe = &r->cqes[head & *r->cq_mask];
+            ds_io* io = (ds_io*)cqe->user_data;
+            io->result = cqe->res;
+            finish(io);
+            head++;
+            done++;
+            h->inflight--;
+        }
+        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+    }
+    return 0;
+}
+
+// Plans a wave of n requests (as ds_table_read) and submits its reads without waiting. handle: 0 for a new
+// batch, or what an earlier call returned. Returns the handle (never 0), or 0 when out of memory (nothing of
+// this wave was submitted; earlier waves are still in flight: call ds_waves_wait on the old handle).
+// The arrays (tables, req, req_crc) and the output must stay valid until ds_waves_wait returned.
+uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t ntables, int64_t* req, int64_t n,
+                         uint64_t out, int64_t out_size, uint64_t ring, int64_t* req_crc) {
+    ds_waves* h = (ds_waves*)handle;
+    if (!h) {
+        h = (ds_waves*)calloc(1, sizeof(ds_waves));
+        if (!h) return 0;
+    }
+    ds_wave* w = (ds_wave*)malloc(sizeof(ds_wave));
+    if (!w || plan_wave(w, tables, ntables, req, n, out, out_size, req_crc, true) != 0) {
+        wave_free(w);
+        if (!handle) free(h);
+        return 0;
+    }
+    if (h->tail) h->tail->next = w; else h->head = w;
+    h->tail = w;
+    ds_ring* r = (ds_ring*)ring;
+    for (int base = 0; base < w->m;) {  // at most 256 in flight (the ring's submission entries)
+        int room = 256 - h->inflight;
+        if (room <= 0) {
+            if (waves_reap(r, h, 1, 0) < 0) {  // cannot wait: leave the rest unsubmitted, failed
+                for (int k = base; k < w->m; k++) w->ios[k].result = -EIO;
+                break;
+            }
+            continue;
+        }
+        int k = w->m - base < room ? w->m - base : room;
+        int got = ds_ring_submit(w->ios, base, k, ring);  // records it could not submit carry -errno
+        h->inflight += got;
+        base += k;
+    }
+    return (uint64_t)h;
+}
+
+// Waits for every wave of the handle, verifies them and frees the handle. Returns the number of requests (over
+// all waves) not completed here, as ds_table_read, or -errno when waiting failed (reads may still be in flight:
+// fatal; the handle is then kept, never freed under the kernel).
+int64_t ds_waves_wait(uint64_t handle, uint64_t ring, int spin_us) {
+    ds_waves* h = (ds_waves*)handle;
+    if (h->inflight > 0) {
+        int rc = waves_reap((ds_ring*)ring, h, h->inflight, spin_us > 0 ? spin_us + spin_us * REAP_TAIL / 8 : 0);
+        if (rc < 0) return rc;
+    }
+    int64_t left = 0;
+    for (ds_wave* w = h->head; w;) {
+        left += verify_wave(w);
+        ds_wave* next = w->next;
+        wave_free(w);
+        w = next;
+    }
+    free(h);
+    return left;
 }
 
 // CRC32C of n byte ranges base[start[i], +len[i]) (a batch of samples' end-to-end checksums in one call).

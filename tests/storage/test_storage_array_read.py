@@ -126,6 +126,46 @@ def test_batch_read_native_equals_general_path(fs, monkeypatch):
     assert native[-1][3] is InvalidArgument
 
 
+def test_batch_read_in_waves_equals_general_path(fs, monkeypatch):
+    """A batch of 16+ requests on open Files is read in waves (io_uring: the first rows go to the device while
+    Python builds the rest); tuples and ReadRequests, two files, chunks loaded for the first time in both waves,
+    chunk-crossing, unaligned and past-EOF requests: results equal the general path's and the bytes written.
+    A request the native path refuses after the first wave was submitted sends the whole batch to the general
+    path (the wave in flight finishes first)."""
+    rng = np.random.default_rng()
+    a = _random_file(fs, "/wa", rng, 7 * CS + 123, hole_at=2)
+    b = _random_file(fs, "/wb", rng, 3 * CS)
+    fa, fb = fs.open("/wa"), fs.open("/wb")
+    offs_a, lens_a = _random_requests(rng, len(a), 90)
+    offs_b, lens_b = _random_requests(rng, len(b), 30)
+    plan = [(fa, a, int(o), int(ln)) for o, ln in zip(offs_a, lens_a)] + \
+           [(fb, b, int(o), int(ln)) for o, ln in zip(offs_b, lens_b)]
+    order = rng.permutation(len(plan))
+    plan = [plan[k] for k in order]
+
+    def run(bad_at=None):
+        reqs = []
+        for k, (f, _, o, ln) in enumerate(plan):
+            buf = np.full(ln + 5, 0xCD, np.uint8)[:ln] if k % 4 else None
+            reqs.append((f, o, ln, buf, k) if k % 2 else ReadRequest(f, o, ln, buf, k))
+        if bad_at is not None:
+            reqs.insert(bad_at, (fa, -1, 10, None, "bad"))
+        res = fs.batch_read(reqs)
+        return [(r.userdata, r.nbytes, None if r.data is None else bytes(r.data), type(r.error)) for r in res]
+
+    native = run()
+    again = run()  # tables now loaded
+    late_bad = run(bad_at=fs.WAVE_FIRST + 3)
+    monkeypatch.setattr(fs.backend, "array_reads", lambda: False)
+    general = run()
+    assert native == general and again == general
+    for k, (_, data, o, ln) in enumerate(plan):
+        assert native[k][:3] == (k, len(_expected(data, o, ln)), _expected(data, o, ln)), k
+    bad = late_bad.pop(fs.WAVE_FIRST + 3)
+    assert bad[0] == "bad" and bad[3] is InvalidArgument
+    assert late_bad == general
+
+
 def test_read_array_several_files_tensor_out_and_paths(fs):
     rng = np.random.default_rng()
     fs.mkdir("/m")

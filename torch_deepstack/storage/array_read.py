@@ -124,6 +124,12 @@ def read_tables(tables: list, req: np.ndarray, out: int, out_size: int, crcs: np
     spin = fastio.SPIN_US if spin_us is None else spin_us
     left = lib.ds_table_read(ptrs.ctypes.data, len(tables), req.ctypes.data, len(req), out, out_size,
                              ring, ctx, spin, 0 if crcs is None else crcs.ctypes.data)
+    return _read_loaded(tables, ptrs, req, out, out_size, crcs, ring, ctx, spin, load, left)
+
+
+def _read_loaded(tables, ptrs, req, out, out_size, crcs, ring, ctx, spin, load, left: int) -> int:
+    """After a native read returned `left`: load the chunks of requests marked LOAD and read just those again."""
+    lib = fastio._lib
     if left > 0:  # chunks seen for the first time: load them, then read just those requests again
         again = np.flatnonzero(req[:, 3] == LOAD)
         if again.size:
@@ -226,8 +232,61 @@ class ArrayReader:
                 self._retire(t)
 
 
+class Waves:
+    """One batch read submitted in waves on this thread's io_uring (ds_waves_submit / ds_waves_wait): batch_read
+    submits its first rows while Python still builds the rest. Use from one thread, submit() each wave's rows
+    (as ArrayReader.read takes them, absolute addresses), then wait() once: it fills column 3 of every wave's
+    rows as read() would."""
+
+    def __init__(self, reader: "ArrayReader"):
+        self.reader = reader
+        self.ring = fastio.uring()
+        self.tables: list[ChunkTable] = []
+        self.waves: list = []  # (req, ptrs): kept alive while the kernel and C use them
+        self.handle = 0
+
+    def submit(self, inodes: list[dict], req: np.ndarray) -> None:
+        r = self.reader
+        while len(self.tables) < len(inodes):
+            self.tables.append(r._table(inodes[len(self.tables)]))
+        ptrs = np.array([t.address for t in self.tables], np.uint64)
+        h = fastio._lib.ds_waves_submit(self.handle, ptrs.ctypes.data, len(ptrs), req.ctypes.data, len(req), 0,
+                                        1 << 62, self.ring, 0)
+        if not h:
+            self.wait()  # what is in flight first; then report
+            raise MemoryError("batched read: out of memory planning a wave")
+        self.handle = h
+        self.waves.append((req, ptrs))
+
+    def wait(self) -> None:
+        r = self.reader
+        try:
+            if not self.handle:
+                return
+            spin = fastio.SPIN_US if r.spin_us is None else r.spin_us
+            left = fastio._lib.ds_waves_wait(self.handle, self.ring, spin)
+            self.handle = 0
+            if left < 0:
+                raise OSError(-left, f"batched read failed: {os.strerror(-left)}")
+            if left:
+                ptrs = np.array([t.address for t in self.tables], np.uint64)
+                for req, _ in self.waves:
+                    _read_loaded(self.tables, ptrs, req, 0, 1 << 62, None, self.ring, 0, spin, r._load,
+                                 int((req[:, 3] < 0).sum()))
+        finally:
+            if not self.handle:  # a failed wait keeps the tables (and their fds): reads may still be in flight
+                for t in self.tables:
+                    r._done(t)
+                self.tables = []
+
+
 def supported() -> bool:
     return fastio.load() is not None and hasattr(fastio._lib, "ds_table_read")
 
 
-__all__ = ["ArrayReader", "ChunkTable", "SLOW", "LOAD", "BAD", "supported"]
+def waves_supported() -> bool:
+    """Waves need the C helper and this thread's io_uring (native AIO reads a batch in one call instead)."""
+    return supported() and bool(fastio.uring())
+
+
+__all__ = ["ArrayReader", "ChunkTable", "Waves", "SLOW", "LOAD", "BAD", "supported", "waves_supported"]

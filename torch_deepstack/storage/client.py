@@ -136,22 +136,42 @@ class ReadRequest:
     userdata: Any = None
 
 
-@dataclass
 class ReadResult:
     """Completion of one request: `nbytes` read (short at end of file), `data` a view of the bytes in the
-    caller's buffer (or a fresh bytearray when no `out` was given), `error` set on failure."""
-    request: ReadRequest
-    nbytes: int = 0
-    data: memoryview | None = None
-    error: BaseException | None = None
+    caller's buffer (or a fresh bytearray when no `out` was given), `error` set on failure, `request` the
+    ReadRequest (a request given as a tuple becomes one when first asked for: batch_read makes one result per
+    request on its hot path, hence also the slots)."""
+
+    __slots__ = ("_request", "nbytes", "data", "error")
+
+    def __init__(self, request, nbytes: int = 0, data: memoryview | None = None,
+                 error: BaseException | None = None):
+        self._request, self.nbytes, self.data, self.error = request, nbytes, data, error
+
+    @property
+    def request(self) -> ReadRequest:
+        r = self._request
+        if type(r) is not ReadRequest:
+            r = self._request = ReadRequest(*r)
+        return r
+
+    @request.setter
+    def request(self, value) -> None:
+        self._request = value
 
     @property
     def userdata(self):
-        return self.request.userdata
+        r = self._request
+        if type(r) is tuple:
+            return r[4] if len(r) > 4 else None
+        return r.userdata
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def __repr__(self) -> str:
+        return f"ReadResult(request={self.request!r}, nbytes={self.nbytes}, error={self.error!r})"
 
 
 class DataBackend:
@@ -175,6 +195,11 @@ class DataBackend:
     def array_reads(self) -> bool:
         """Whether read_array below is implemented (and usable in this process)."""
         return False
+
+    def begin_waves(self):
+        """Optional: an object reading read_array's rows in waves (submit(inodes, req) each, wait() once; see
+        array_read.Waves), or None."""
+        return None
 
     def read_array(self, inodes: list[dict], req, out: int, out_size: int, crcs=None):
         """Optional vectorised reads (see array_read.py): req is an int64 [n, 5] array (file offset, length,
@@ -589,85 +614,133 @@ class FileSystem:
         reported in `ReadResult.error`, not raised. `timeout` (seconds) bounds how long a cluster read waits
         for and retries replicas; requests still failing then carry `TimeoutError` or the last replica's
         error. (Local reads always run to completion.)"""
-        reqs = [r if isinstance(r, ReadRequest) else ReadRequest(*r) for r in requests]
+        reqs = requests if type(requests) is list else list(requests)
         if reqs and self.backend.array_reads():
             results = self._batch_read_native(reqs, timeout)
             if results is not None:
                 return results
-        return self._batch_read_general(reqs, timeout)
+        return self._batch_read_general([r if type(r) is ReadRequest else ReadRequest(*r) for r in reqs], timeout)
 
-    def _batch_read_native(self, reqs: list[ReadRequest], timeout: float | None) -> list[ReadResult] | None:
+    def _batch_read_native(self, reqs: list, timeout: float | None) -> list[ReadResult] | None:
         """batch_read through the backend's array path (one native call plans, reads and checks the batch)
-        when every request names an open File and a valid range; None when any does not (the general path
-        then serves the whole batch and reports per-request errors). A request that crosses chunks is read
-        as one row per chunk. Requests the native path leaves alone (retries, errors) go through the general
-        path."""
+        when every request (a ReadRequest or a tuple) names an open File and a valid range; None when any does
+        not (the general path then serves the whole batch and reports per-request errors). A request that
+        crosses chunks is read as one row per chunk. Requests the native path leaves alone (retries, errors)
+        go through the general path.
+
+        The loop below is batch_read's per-request cost (~1 us of Python): keep it lean. Where the backend
+        reads in waves (embedded storage on io_uring), a batch of 16 or more submits its first WAVE_FIRST rows
+        as soon as they are built, so the device reads them while Python builds the rest."""
         import numpy as np
 
+        waves = self.backend.begin_waves() if len(reqs) >= 2 * self.WAVE_FIRST else None
+        cut = self.WAVE_FIRST if waves is not None else -1
+        parts: list = []  # per wave: (rows array, index of its first request, its requests, its extras)
         which_of: dict = {}
-        inodes, rows, views = [], [], []
+        inodes, flat, views = [], [], []  # flat: 5 int64 per row (one np.array of ints: half the cost of tuples)
         extra: list = []  # (request index, row) of the second and later chunks of chunk-crossing requests
-        add_row, add_view = rows.append, views.append
+        add_view = views.append
         from_buffer, addressof = ctypes.c_char.from_buffer, ctypes.addressof
-        for r in reqs:  # the per-request cost of this path: keep it lean
-            f, off, length, out = r.file, r.offset, r.length, r.out
-            if type(f) is not File or type(off) is not int or type(length) is not int or off < 0 or length < 0:
-                return None
-            wc = which_of.get(f)
-            if wc is None:
-                if f._inode["type"] != "file":
+        ok = False
+        try:
+            for r in reqs:
+                if len(views) == cut:  # the first wave goes to the device now
+                    parts.append(self._submit_wave(waves, inodes, flat, extra, 0, cut))
+                    flat, extra = [], []
+                if type(r) is tuple and 3 <= len(r) <= 5:
+                    f, off, length = r[0], r[1], r[2]
+                    out = r[3] if len(r) > 3 else None
+                elif type(r) is ReadRequest:
+                    f, off, length, out = r.file, r.offset, r.length, r.out
+                else:
                     return None
-                wc = which_of[f] = (len(inodes), f._inode["chunk_size"])
-                inodes.append(f._inode)
-            w, cs = wc
-            if out is None:
-                mv = memoryview(bytearray(length))
-            else:
-                try:
-                    mv = memoryview(out)
-                except TypeError:  # e.g. a torch tensor
-                    mv = None
-                if mv is None or mv.readonly or mv.ndim != 1 or mv.format != "B" or not mv.c_contiguous:
-                    try:
-                        mv = writable_bytes(out)
-                    except InvalidArgument:
+                if type(f) is not File or type(off) is not int or type(length) is not int or off < 0 \
+                        or length < 0:
+                    return None
+                wc = which_of.get(f)
+                if wc is None:
+                    if f._inode["type"] != "file":
                         return None
-            if len(mv) < length:
-                return None
-            addr = addressof(from_buffer(mv)) if length else 0
-            first = cs - off % cs
-            if length > first:  # crosses chunks: one row per chunk
-                i = len(rows)
-                for pos in range(off + first, off + length, cs):
-                    extra.append((i, (pos, min(cs, off + length - pos), addr + pos - off, 0, w)))
-                add_row((off, first, addr, 0, w))
+                    wc = which_of[f] = (len(inodes), f._inode["chunk_size"])
+                    inodes.append(f._inode)
+                w, cs = wc
+                if out is None:
+                    mv = memoryview(bytearray(length))
+                else:
+                    try:
+                        mv = memoryview(out)
+                    except TypeError:  # e.g. a torch tensor
+                        mv = None
+                    if mv is None or mv.readonly or mv.ndim != 1 or mv.format != "B" or not mv.c_contiguous:
+                        try:
+                            mv = writable_bytes(out)
+                        except InvalidArgument:
+                            return None
+                if len(mv) < length:
+                    return None
+                addr = addressof(from_buffer(mv)) if length else 0
+                first = cs - off % cs
+                if length > first:  # crosses chunks: one row per chunk
+                    i = len(views)
+                    for pos in range(off + first, off + length, cs):
+                        extra.append((i, (pos, min(cs, off + length - pos), addr + pos - off, 0, w)))
+                    flat.extend((off, first, addr, 0, w))
+                else:
+                    flat.extend((off, length, addr, 0, w))
+                add_view(mv)
+            start = parts[-1][1] + parts[-1][2] if parts else 0
+            if waves is not None:
+                parts.append(self._submit_wave(waves, inodes, flat, extra, start, len(views) - start))
+                waves.wait()
             else:
-                add_row((off, length, addr, 0, w))
-            add_view(mv)
-        req = np.array(rows + [row for _, row in extra], np.int64)
-        got = self.backend.read_array(inodes, req, 0, 1 << 62)  # requests carry absolute addresses
-        if got is None:
-            return None
-        if extra:  # a crossing request: the sum of its rows, unless any of them must take the general path
-            got = got.copy()
-            for j, (i, _) in enumerate(extra, len(rows)):
-                n = got[j]
+                req = self._rows(flat, extra)
+                got = self.backend.read_array(inodes, req, 0, 1 << 62)  # requests carry absolute addresses
+                if got is None:
+                    return None
+                req[:, 3] = got
+                parts.append((req, 0, len(views), extra))
+            ok = True
+        finally:
+            if not ok and parts and waves is not None:
+                waves.wait()  # reads in flight land in the caller's buffers: let them finish first
+        got = np.empty(len(views), np.int64)
+        for req, first_req, count, ext in parts:
+            g = req[:, 3]
+            got[first_req:first_req + count] = g[:count]
+            for j, (i, _) in enumerate(ext, count):  # a crossing request: the sum of its rows, unless any of
+                n = g[j]                               # them must take the general path
                 got[i] = n + got[i] if n >= 0 and got[i] >= 0 else min(n, got[i])
-            got = got[:len(rows)]
         results, slow = [], []
+        add = results.append
         for r, mv, n in zip(reqs, views, got.tolist()):
             if n >= 0:
-                results.append(ReadResult(r, n, mv[:n]))
+                add(ReadResult(r, n, mv if n == len(mv) else mv[:n]))
             else:
-                results.append(None)
-                slow.append(len(results) - 1)
+                slow.append(len(results))
+                add(None)
         if slow:
-            again = self._batch_read_general([ReadRequest(reqs[k].file, reqs[k].offset, reqs[k].length, views[k],
-                                                          reqs[k].userdata) for k in slow], timeout)
-            for k, res in zip(slow, again):
-                res.request = reqs[k]
+            redo = [reqs[k] if type(reqs[k]) is ReadRequest else ReadRequest(*reqs[k]) for k in slow]
+            again = self._batch_read_general([ReadRequest(q.file, q.offset, q.length, views[k], q.userdata)
+                                              for k, q in zip(slow, redo)], timeout)
+            for k, q, res in zip(slow, redo, again):
+                res.request = q
                 results[k] = res
         return results
+
+    WAVE_FIRST = 8  # requests in batch_read's first wave (see _batch_read_native)
+
+    @staticmethod
+    def _rows(flat: list, extra: list):
+        import numpy as np
+
+        for _, row in extra:
+            flat.extend(row)
+        return np.array(flat, np.int64).reshape(-1, 5)
+
+    def _submit_wave(self, waves, inodes, flat, extra, first_req: int, count: int):
+        req = self._rows(flat, [(i - first_req, row) for i, row in extra])
+        waves.submit(inodes, req)
+        return req, first_req, count, [(i, row) for i, row in extra]
 
     def _batch_read_general(self, reqs: list[ReadRequest], timeout: float | None) -> list[ReadResult]:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -110,6 +110,12 @@ def load():
                                           ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
                                           ctypes.c_int, ctypes.c_void_p]
             lib.ds_table_read.restype = ctypes.c_int64
+            lib.ds_waves_submit.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                            ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64,
+                                            ctypes.c_void_p]
+            lib.ds_waves_submit.restype = ctypes.c_uint64
+            lib.ds_waves_wait.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+            lib.ds_waves_wait.restype = ctypes.c_int64
             lib.ds_crc_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_void_p]
             lib.ds_crc_many.restype = None

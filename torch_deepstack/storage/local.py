@@ -69,6 +69,9 @@ class LocalBackend(DataBackend):
     def read_array(self, inodes, req, out, out_size, crcs=None):
         return self._arrays.read(inodes, req, out, out_size, crcs) if array_read.supported() else None
 
+    def begin_waves(self):
+        return array_read.Waves(self._arrays) if array_read.waves_supported() else None
+
     def revalidate(self):
         self.engine.revalidate()
 
