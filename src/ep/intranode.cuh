@@ -167,8 +167,11 @@ __global__ void __launch_bounds__(1024) notify_dispatch_kernel(
 // One block; each thread owns a contiguous run of tokens, and a block scan per rank joins the runs. One launch
 // instead of torch's transpose + scan + transpose (three ops of host time per call; an outer-dimension cumsum
 // took 226 us on the GPU).
+// (A template, like every kernel here, so that only the specialisation asked for is compiled into a cubin.)
+template <int kMaxRanks>
 __global__ void __launch_bounds__(1024) rank_positions_kernel(const bool* __restrict__ mask, int n, int R,
                                                                int* __restrict__ pos) {
+  static_assert(kMaxRanks <= kWarpThreads, "one lane per rank elsewhere in this file");
   __shared__ int warp_sums[32];
   const int tid = threadIdx.x, lane = tid % kWarpThreads, warp = tid / kWarpThreads;
   const int num_warps = blockDim.x / kWarpThreads;

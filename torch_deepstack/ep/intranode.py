@@ -62,7 +62,7 @@ def _prebuild():
     specs = [spec(n, MAX_RANKS) for n in ("notify_dispatch_kernel", "dispatch_send_kernel", "dispatch_recv_kernel",
                                          "combine_send_kernel", "ll_dispatch_send_kernel", "ll_dispatch_recv_kernel",
                                          "ll_combine_send_kernel")]
-    specs += [spec("rank_positions_kernel")]
+    specs += [spec("rank_positions_kernel", MAX_RANKS)]
     specs += [spec("combine_reduce_kernel", c, MAX_RANKS) for c in _CTYPE.values()]
     specs += [spec("ll_combine_reduce_kernel", c) for c in _CTYPE.values()]
     specs += [spec("copy_bytes_kernel", _MAX_RANKS),
@@ -91,7 +91,7 @@ def rank_positions(mask: torch.Tensor) -> torch.Tensor:
     n, R = mask.shape
     pos = torch.empty(n, R, dtype=torch.int32, device=mask.device)
     if n:
-        kernel("rank_positions_kernel").launch(1, 1024, mask, n, R, pos)
+        kernel("rank_positions_kernel", MAX_RANKS).launch(1, 1024, mask, n, R, pos)
     return pos
 
 
