@@ -831,14 +831,17 @@ class FileSystem:
         if n == 0:
             return ArrayReadResult(np.zeros(0, np.int64), crc32c=np.zeros(0, np.int64) if checksums else None)
         base = buffer_address(mv) if len(mv) else 0
-        crcs = np.full(n, -1, np.int64) if checksums else None
-        got = self.backend.read_array(inodes, req, base, len(mv), crcs) if self.backend.array_reads() else None
+        native = self.backend.array_reads()
+        crcs = (np.empty(n, np.int64) if native else np.full(n, -1, np.int64)) if checksums else None
+        got = self.backend.read_array(inodes, req, base, len(mv), crcs) if native else None
         if got is None:  # no native path: check here what it checks
+            if crcs is not None:
+                crcs.fill(-1)
             got = np.full(n, -1, np.int64)
             o, ln, d, w = req[:, 0], req[:, 1], req[:, 2], req[:, 4]
             got[(o < 0) | (ln < 0) | (d < 0) | (d + ln > len(mv)) | (w < 0) | (w >= len(handles))] = BAD_REQUEST
         nbytes = np.array(got, np.int64)
-        if n == 1 and nbytes[0] >= 0 or n > 1 and nbytes.min() >= 0:  # the common case: all served natively
+        if (min(nbytes.tolist()) if n <= 64 else nbytes.min()) >= 0:  # the common case: all served natively
             return ArrayReadResult(nbytes, {}, crcs)
         bad = np.flatnonzero(nbytes == BAD_REQUEST)
         if bad.size:
