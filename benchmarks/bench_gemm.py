@@ -10,7 +10,6 @@ import torch
 
 import torch_deepstack  # noqa: F401
 from torch_deepstack.gemm import api, kernels
-from torch_deepstack.gemm.heuristic import select_config
 from torch_deepstack.quant import per_token_group_quant_fp8
 from torch_deepstack.testing.bench import BenchTable, bench_gpu
 
@@ -59,8 +58,10 @@ def dense(table, ms_list, nk):
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             bf16 = tflops(flops, bench_gpu(lambda: x @ w.T))
             ref = DEEPGEMM_H200.get(m, [None] * 6)[NK.index((n, k))] if (n, k) in NK else None
-            cfg = select_config(m, n, k, 1, kernels.num_sms(torch.device("cuda")))
-            table.add("dense", f"{m}x{n}x{k}", f"{cfg.block_m}x{cfg.block_n}/{cfg.stages}", t * 1e3, ours,
+            cfg = kernels.choose_spec(kernels.KIND_DENSE, m, 1, n, k, m, False, None, torch.bfloat16, None,
+                                      kernels.num_sms(torch.device("cuda")))[1]
+            epi = "/tma" if cfg.tma_store else ""
+            table.add("dense", f"{m}x{n}x{k}", f"{cfg.block_m}x{cfg.block_n}/{cfg.stages}{epi}", t * 1e3, ours,
                       nbytes / t / 1e6, ref or "-", ours / ref if ref else "-",
                       cub if cub else f"refused", ours / cub if cub else "-", bf16)
 

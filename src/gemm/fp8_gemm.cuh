@@ -43,6 +43,21 @@ template <> struct OutStore<float> {
 __device__ __forceinline__ float load_c(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ float load_c(const float* p) { return *p; }
 
+// TMA tensor stores (shared -> global, bulk async-group completion), for the TMA-store epilogue.
+// Out-of-bounds rows and columns of the box are not written.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(sm90::smem_addr(src)), "r"(c0), "r"(c1) : "memory");
+}
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Wait until the committed stores have finished reading shared memory (the buffer may be rewritten)...
+__device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// ... or have completed entirely (before the CTA exits).
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
 // Which (group, m-block, n-block) the linear tile index t is, and whether it has any valid row.
 struct GemmTile {
   int g, m0, n0;
@@ -87,7 +102,7 @@ struct TileScheduler {
 };
 
 template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool kSfbPerRow, typename OutT,
-          typename CT, bool kHasC, int kCluster = 1>
+          typename CT, bool kHasC, int kCluster = 1, bool kTmaStore = false>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
 fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                 const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
@@ -120,6 +135,16 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
                                   kBlockN <= 160),
                 "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
+  // kTmaStore (dense bf16 output without C, BLOCK_N a multiple of 64): the epilogue writes the tile into its own
+  // BLOCK_M x BLOCK_N bf16 shared-memory buffer (each math warp its 16 rows, as 16 x 64 boxes of 2 KB with the
+  // 128-byte swizzle) and leaves it to TMA stores (tmap_sfb then describes D), so the math warps go on to the next
+  // tile at once; a warp waits for its previous stores to have read the buffer only before rewriting it, a tile
+  // later. The buffer costs pipeline stages (128x128: 6 -> 5), which is why the host enables it only for K-loops
+  // short enough that the epilogue weighs more (measured, docs/gemm.md).
+  constexpr int kEpiWarpBytes = kBlockN * 32;                   // one warp's 16 rows of bf16
+  static_assert(!kTmaStore || (kKind == kGemmDense && !kSfbPerRow && !kHasC && kCluster == 1 &&
+                               std::is_same<OutT, __nv_bfloat16>::value && kBlockN % 64 == 0),
+                "the TMA-store epilogue is for dense bf16 output without C, BLOCK_N a multiple of 64, no clusters");
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
   constexpr uint32_t kStageBytes = kBytesA + kBytesB + kBytesSFA + kBytesSFB;   // what TMA delivers per stage
@@ -132,7 +157,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   uint8_t* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* smem_a = smem;
   uint8_t* smem_b = smem_a + kStages * kBytesA;
-  float* smem_sfa = reinterpret_cast<float*>(smem_b + kStages * kBytesB);
+  // TMA-store staging (1024-byte aligned, as the 128-byte swizzle needs: kBytesB is a multiple of 2048 here).
+  constexpr uint32_t kTmaStageBytes = kTmaStore ? kBlockM * kBlockN * 2 : 0;
+  uint8_t* smem_d = smem_b + kStages * kBytesB;
+  float* smem_sfa = reinterpret_cast<float*>(smem_d + kTmaStageBytes);
   float* smem_sfb = smem_sfa + kStages * kBlockM;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem_sfb + kStages * kSfbStride);
   uint64_t* empty = full + kStages;
@@ -147,7 +175,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr bool kStagedEpilogue = false;
 #endif
   constexpr int kStageWords = 16 * 12;                          // per warp, 32-bit words
-  uint32_t* epi_stage = reinterpret_cast<uint32_t*>(empty + kStages);
+  // (with kTmaStore the staged path is only the fallback for an unaligned D and borrows the TMA staging buffer)
+  uint32_t* epi_stage = kTmaStore ? reinterpret_cast<uint32_t*>(smem_d) : reinterpret_cast<uint32_t*>(empty + kStages);
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -155,7 +184,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     sm90::prefetch_tensor_map(&tmap_a);
     sm90::prefetch_tensor_map(&tmap_b);
     sm90::prefetch_tensor_map(&tmap_sfa);
-    if (kSfbPerRow) sm90::prefetch_tensor_map(&tmap_sfb);
+    if (kSfbPerRow || kTmaStore) sm90::prefetch_tensor_map(&tmap_sfb);
   }
   if (tid == 0) {
 #pragma unroll
@@ -226,6 +255,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     float fin[kAccRegs];
     int s = 0;
     uint32_t phase = 0;
+    // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
+    const bool tma_ok = kTmaStore && ((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0;
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
       if (!sched.resolve(t, tile)) continue;
@@ -307,6 +338,33 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       int row_limit = M;
       if (kKind == kGemmMasked) row_limit = __ldg(layout + tile.g);
       const int64_t row_base = kKind == kGemmMasked ? static_cast<int64_t>(tile.g) * M : 0;
+      if constexpr (kTmaStore) {
+        if (tma_ok) {
+          uint8_t* buf = smem_d + (wg * 4 + warp_in_wg) * kEpiWarpBytes;
+          if (lane == 0) tma_store_wait_read();   // this warp's stores of the previous tile have read the buffer
+          __syncwarp();
+          // Rows r0 = lane / 4 and r0 + 8 (128 B each, both with swizzle phase r0): the 16-byte chunk c of a row
+          // sits at chunk c ^ r0. buf is 1024-byte aligned, so the address of chunk c is x ^ (c << 4) with x that
+          // of chunk 0: one base register, not one per chunk.
+          const int r0 = lane / 4;
+          const uint32_t x = sm90::smem_addr(buf) + r0 * 128 + (r0 << 4) + (lane % 4) * 4;
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const uint32_t addr = (x + (j / 8) * 2048) ^ ((j % 8) << 4);
+            st_shared_u32(addr, pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]));
+            st_shared_u32(addr + 8 * 128, pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]));
+          }
+          sm90::fence_proxy_async();               // generic-proxy writes visible to the TMA (async proxy)
+          __syncwarp();
+          const int row = tile.m0 + wg * 64 + warp_in_wg * 16;
+          if (lane == 0 && row < M) {
+#pragma unroll
+            for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, row);
+            tma_store_commit();
+          }
+          continue;
+        }
+      }
       if constexpr (kStagedEpilogue) {
         if (((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0) {
           uint32_t* st = epi_stage + (wg * 4 + warp_in_wg) * kStageWords;
@@ -358,6 +416,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           }
         }
       }
+    }
+    if constexpr (kTmaStore) {
+      if (lane == 0) tma_store_wait_all();  // shared memory must outlive this warp's stores
     }
   }
   // No CTA may exit while its peer can still arrive on its barriers (the last stage releases).

@@ -40,3 +40,43 @@ def test_gemm_compiles_without_spills(monkeypatch, tmp_path, defines, m, n, k, k
     r = jit.build(spec)
     assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
     assert "C7514" not in r.meta["ptxas"] and "C7520" not in r.meta["ptxas"]   # no serialised wgmma
+
+
+def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
+    def choose(m=4096, n=7168, k=2048, kind=kernels.KIND_DENSE, out=torch.bfloat16, c=None):
+        return kernels.choose_spec(kind, m, 1, n, k, m, False, None, out, c, 132)
+    spec, cfg, _ = choose()                                   # default: on for 128-row tiles at K <= 8192
+    assert cfg.tma_store and spec.template_args[-2:] == (1, True)
+    assert heuristic.smem_bytes(cfg, False) <= heuristic.SMEM_BUDGET
+    assert not choose(k=16384)[1].tma_store and not choose(m=64)[1].tma_store
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "0")
+    _, plain, _ = choose()
+    assert not plain.tma_store and plain.stages == cfg.stages + 1   # the staging tile costs one 128x128 stage
+    assert heuristic.smem_bytes(cfg, False) - heuristic.smem_bytes(plain, False) == (
+        128 * 128 * 2 - 2 * 4 * 16 * 48 - heuristic.stage_bytes(128, 128, False) - 16)
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "1")
+    assert choose(k=16384)[1].tma_store and choose(m=64)[1].tma_store
+    # C accumulation, fp32 output, the grouped kinds and widths that are not multiples of 64 keep their epilogues
+    for kind, out, c in ((kernels.KIND_DENSE, torch.bfloat16, torch.bfloat16), (kernels.KIND_DENSE, torch.float32, None),
+                         (kernels.KIND_CONTIGUOUS, torch.bfloat16, None)):
+        assert not choose(kind=kind, out=out, c=c)[1].tma_store
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", "64,112,8")
+    assert not choose()[1].tma_store
+    monkeypatch.delenv("DEEPSTACK_GEMM_CONFIG")
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "2")
+    with pytest.raises(ValueError, match="DEEPSTACK_GEMM_TMA_STORE"):
+        choose()
+
+
+@needs_nvcc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("m,n,k", [(4096, 7168, 2048), (4096, 32768, 512), (64, 7168, 16384)])
+def test_tma_store_kernels_compile_without_spills(monkeypatch, tmp_path, m, n, k):
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "1")
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
+    monkeypatch.setenv("DEEPSTACK_JIT_CACHE_DIR", str(tmp_path))
+    spec, cfg, _ = kernels.choose_spec(kernels.KIND_DENSE, m, 1, n, k, m, False, None, torch.bfloat16, None, 132)
+    assert cfg.tma_store
+    r = jit.build(spec)
+    assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
+    assert "C7514" not in r.meta["ptxas"] and "C7520" not in r.meta["ptxas"]   # no serialised wgmma

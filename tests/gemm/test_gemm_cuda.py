@@ -68,6 +68,33 @@ def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
 
 
+@pytest.mark.parametrize("cfg", ["128,128,6", "128,192,5", "64,128,8", "128,64,8"])
+@pytest.mark.parametrize("m,n,k", [(129, 200, 384), (4095, 2112, 1024)])
+def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
+    """The TMA-store epilogue gives the plain kernel's bits: every element written, nothing past N or M (TMA clips
+    the boxes), and with a D row pitch that is not 16-byte aligned the kernel falls back to direct stores. Tiles
+    past M and several tiles per CTA included (4095 rows, 200 columns)."""
+    from torch_deepstack.gemm import kernels
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    outs = {}
+    for tma in ("0", "1"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+        plan_cfg = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[1]
+        assert plan_cfg.tma_store == (tma == "1")
+        for pad in (0, 2):                           # pad 2: row pitch n + 2 elements, not 16-byte aligned
+            buf = poisoned_empty(m + 1, n + pad, dtype=torch.bfloat16, device=DEV)
+            d = buf[:m, :n]
+            ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+            torch.cuda.synchronize()
+            assert not d.isnan().any(), f"unwritten outputs (tma={tma}, pad={pad})"
+            assert buf[m:].isnan().all() and buf[:, n:].isnan().all(), "written past M or N"
+            outs[(tma, pad)] = d.clone()
+    for key, d in outs.items():
+        assert torch.equal(d, outs[("0", 0)]), f"{key} differs from the plain kernel"
+    assert calc_diff(outs[("0", 0)], a.float() @ b.float().T) < 1e-3
+
+
 def test_dense_odd_n_and_short_k():
     _check_dense(33, 129, 16)
     _check_dense(130, 77, 144)

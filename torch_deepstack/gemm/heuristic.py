@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SMEM_BUDGET = 232448            # bytes of shared memory one SM90 CTA may use
 MAX_STAGES = 10
@@ -31,6 +31,7 @@ class GemmConfig:
     block_n: int
     stages: int
     num_sms: int
+    tma_store: bool = False     # TMA-store epilogue (its own BLOCK_M x BLOCK_N bf16 staging tile in shared memory)
 
     @property
     def threads(self) -> int:
@@ -55,9 +56,21 @@ def epilogue_staging_bytes() -> int:
     return 0 if "DS_DIRECT_EPILOGUE" in os.environ.get("DEEPSTACK_GEMM_DEFINES", "") else 2 * 4 * 16 * 48
 
 
+def tma_store_staging_bytes(block_m: int, block_n: int) -> int:
+    """Shared memory of the TMA-store epilogue: the whole bf16 tile (the staged path's buffer is then not needed)."""
+    return block_m * block_n * 2
+
+
 def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
-    return (cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024
-            + epilogue_staging_bytes())
+    staging = tma_store_staging_bytes(cfg.block_m, cfg.block_n) if cfg.tma_store else epilogue_staging_bytes()
+    return cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024 + staging
+
+
+def with_tma_store(cfg: GemmConfig, sf_b_per_row: bool = False) -> GemmConfig:
+    """`cfg` with the TMA-store epilogue: its staging tile is reserved and the stage count cut to what still fits."""
+    staging = tma_store_staging_bytes(cfg.block_m, cfg.block_n)
+    fit = (SMEM_BUDGET - 1024 - 16 * MAX_STAGES - staging) // stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row)
+    return replace(cfg, stages=min(cfg.stages, fit), tma_store=True)
 
 
 def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_per_row: bool = False,

@@ -10,7 +10,7 @@ import torch
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import cdiv
-from torch_deepstack.gemm.heuristic import BAND_M_BLOCKS, GemmConfig, select_config, smem_bytes
+from torch_deepstack.gemm.heuristic import BAND_M_BLOCKS, GemmConfig, select_config, smem_bytes, with_tma_store
 from torch_deepstack.gemm.layout import as_mn_major_sf
 from torch_deepstack.gemm.reference import transposed_quant_empty
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
@@ -52,14 +52,17 @@ def _forced_config(cfg: GemmConfig) -> GemmConfig:
     if not raw:
         return cfg
     bm, bn, st = (int(v) for v in raw.split(","))
-    return GemmConfig(bm, bn, st, cfg.num_sms)
+    return GemmConfig(bm, bn, st, cfg.num_sms, cfg.tma_store)
 
 
 def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, out_dtype, c_dtype, has_c,
               cluster: int = 1) -> KernelSpec:
     args = (cfg.block_m, cfg.block_n, n, k, cfg.stages, kind, sf_b_per_row, _CTYPE[out_dtype], _CTYPE[c_dtype], has_c)
-    return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel", args + ((cluster,) if cluster > 1 else ()),
-                      defines=_debug_defines())
+    if cfg.tma_store:
+        args += (cluster, True)
+    elif cluster > 1:
+        args += (cluster,)
+    return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel", args, defines=_debug_defines())
 
 
 def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -> bool:
@@ -68,6 +71,28 @@ def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -
     but 1-8% slower on the H200 at M = 4096 (the kernel is not L2-bound there; docs/gemm.md)."""
     return (kind == KIND_DENSE and not sf_b_per_row and cfg.block_m == 128 and cfg.block_n <= 160 and m_rows > 128
             and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "1")
+
+
+# The TMA-store epilogue's staging tile costs a pipeline stage (128x128: 6 -> 5); it paid for 128-row tiles up to
+# K = 7168 on the H200 (+25% at K = 512, +9-11% at K = 1536-2048, +0-1% at 7168) but not at K = 16384 (-9% in one
+# run, +2% in another), nor for 64-row tiles (M <= 128: 0 to -14%). docs/gemm.md has the A/B numbers.
+TMA_STORE_MAX_K = 8192
+
+
+def use_tma_store(kind: int, cfg: GemmConfig, k: int, sf_b_per_row: bool, out_dtype, has_c: bool,
+                  cluster: int) -> bool:
+    """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for dense bf16 output without C, BLOCK_N a
+    multiple of 64, no clusters; on by default for 128-row tiles with K <= TMA_STORE_MAX_K.
+    DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible (A/B runs, tests)."""
+    if not (kind == KIND_DENSE and not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1
+            and cfg.block_n % 64 == 0):
+        return False
+    forced = os.environ.get("DEEPSTACK_GEMM_TMA_STORE", "").strip()
+    if not forced:
+        return cfg.block_m == 128 and k <= TMA_STORE_MAX_K
+    if forced not in ("0", "1"):
+        raise ValueError(f"DEEPSTACK_GEMM_TMA_STORE must be 0 or 1, got {forced!r}")
+    return forced == "1"
 
 
 # Host-side caches: the hot path must cost a few microseconds, not the ~170 us that rebuilding the config, the
@@ -105,6 +130,8 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
     cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_,
                                        sf_b_per_row))
     cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row) else 1
+    if use_tma_store(kind, cfg, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
+        cfg = with_tma_store(cfg, sf_b_per_row)
     spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
                      c_dtype or out_dtype, c_dtype is not None, cluster)
     return spec, cfg, cluster
@@ -113,7 +140,7 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
 def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype):
     key = (kind, device.index, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype,
            os.environ.get("DEEPSTACK_GEMM_CONFIG"), os.environ.get("DEEPSTACK_GEMM_DEFINES"),
-           os.environ.get("DEEPSTACK_GEMM_MULTICAST"), _NUM_SMS_OVERRIDE)
+           os.environ.get("DEEPSTACK_GEMM_MULTICAST"), os.environ.get("DEEPSTACK_GEMM_TMA_STORE"), _NUM_SMS_OVERRIDE)
     plan = _PLANS.get(key)
     if plan is None:
         spec, cfg, cluster = choose_spec(kind, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template,
@@ -143,6 +170,10 @@ def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k
     tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n // cluster)   # multicast: each CTA loads a half
     tmap_sfa = _sf_map(sfa, m_rows, kb * (num_groups if kind == KIND_MASKED else 1), cfg.block_m)
     tmap_sfb = _sf_map(sfb, n, kb, cfg.block_n) if sf_b_per_row else tmap_sfa
+    if cfg.tma_store and (d.data_ptr() | d.stride(-2) * 2) % 16 == 0:
+        # the 1D2D kernel reads B scales with plain loads, so the fourth tensor-map slot carries D: 16 x 64 boxes,
+        # one per math warp and 64 columns (the kernel tests the same alignment and stores directly without it)
+        tmap_sfb = _tmap(d.data_ptr(), d.dtype, (n, m_rows), (d.stride(-2) * 2,), (64, 16), 128)
     if sf_b_per_row:
         sg = sn = sk = 0
     elif sfb.dim() == 3:
