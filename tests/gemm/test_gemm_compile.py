@@ -49,6 +49,7 @@ def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
     assert cfg.tma_store and spec.template_args[-2:] == (1, True)
     assert heuristic.smem_bytes(cfg, False) <= heuristic.SMEM_BUDGET
     assert not choose(k=16384)[1].tma_store and not choose(m=64)[1].tma_store
+    assert choose(m=129, n=24576, k=1536)[1].tma_store and not choose(m=128, n=24576, k=1536)[1].tma_store
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "0")
     _, plain, _ = choose()
     assert not plain.tma_store and plain.stages == cfg.stages + 1   # the staging tile costs one 128x128 stage

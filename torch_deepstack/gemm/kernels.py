@@ -75,21 +75,23 @@ def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -
 
 # The TMA-store epilogue's staging tile costs a pipeline stage (128x128: 6 -> 5); it paid for 128-row tiles up to
 # K = 7168 on the H200 (+25% at K = 512, +9-11% at K = 1536-2048, +0-1% at 7168) but not at K = 16384 (-9% in one
-# run, +2% in another), nor for 64-row tiles (M <= 128: 0 to -14%). docs/gemm.md has the A/B numbers.
+# run, +2% in another), nor for 64-row tiles (0 to -13%). docs/gemm.md has the A/B numbers. It also needs D's
+# tensor map, encoded on the host once per output pointer: calls with M <= 128 (kernels of ~15-25 us, +1-3% measured
+# with a reused D) keep the plain epilogue, so a caller that allocates D per call pays no encode there.
 TMA_STORE_MAX_K = 8192
 
 
-def use_tma_store(kind: int, cfg: GemmConfig, k: int, sf_b_per_row: bool, out_dtype, has_c: bool,
+def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row: bool, out_dtype, has_c: bool,
                   cluster: int) -> bool:
     """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for dense bf16 output without C, BLOCK_N a
-    multiple of 64, no clusters; on by default for 128-row tiles with K <= TMA_STORE_MAX_K.
+    multiple of 64, no clusters; on by default for 128-row tiles with M > 128 and K <= TMA_STORE_MAX_K.
     DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible (A/B runs, tests)."""
     if not (kind == KIND_DENSE and not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1
             and cfg.block_n % 64 == 0):
         return False
     forced = os.environ.get("DEEPSTACK_GEMM_TMA_STORE", "").strip()
     if not forced:
-        return cfg.block_m == 128 and k <= TMA_STORE_MAX_K
+        return cfg.block_m == 128 and m_rows > 128 and k <= TMA_STORE_MAX_K
     if forced not in ("0", "1"):
         raise ValueError(f"DEEPSTACK_GEMM_TMA_STORE must be 0 or 1, got {forced!r}")
     return forced == "1"
@@ -130,7 +132,7 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
     cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_,
                                        sf_b_per_row))
     cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row) else 1
-    if use_tma_store(kind, cfg, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
+    if use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
         cfg = with_tma_store(cfg, sf_b_per_row)
     spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
                      c_dtype or out_dtype, c_dtype is not None, cluster)
