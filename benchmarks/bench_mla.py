@@ -68,7 +68,7 @@ def time_graph(fn, reps):
     return bench_gpu(fn, warmup=1, rep=reps, use_graph=True) * 1e3
 
 
-def run(configs, reps, baseline, fp8_rows, causal=True, fp8_kernels=("smem",)):
+def run(configs, reps, baseline, fp8_rows, causal=True):
     rows = []
     for b, s_q, h_q, mean in configs:
         res = {"b": b, "s_q": s_q, "h_q": h_q, "mean_sk": mean}
@@ -88,16 +88,9 @@ def run(configs, reps, baseline, fp8_rows, causal=True, fp8_kernels=("smem",)):
         del cache
         if fp8_rows and s_q * h_q <= fp8_rows:
             q8, cache8, bt8, seq8 = build(b, s_q, h_q, mean, fp8=True)
-            from torch_deepstack.mla import kernels
-            for i, name in enumerate(fp8_kernels):   # the first one is the table's FP8 column
-                kernels._FP8_SMALL_KERNEL = name
-                us8 = time_graph(lambda: mla_decode_with_kvcache(q8, cache8, bt8, seq8, DV, sched, splits,
-                                                                 causal=causal, is_fp8_kvcache=True), reps)
-                if i == 0:
-                    res.update(fp8_us=us8, fp8_speedup=us / us8)
-                else:
-                    res[f"fp8_{name}_us"] = us8
-            kernels._FP8_SMALL_KERNEL = fp8_kernels[0]
+            us8 = time_graph(lambda: mla_decode_with_kvcache(q8, cache8, bt8, seq8, DV, sched, splits, causal=causal,
+                                                             is_fp8_kvcache=True), reps)
+            res.update(fp8_us=us8, fp8_speedup=us / us8)
             del cache8
         torch.cuda.empty_cache()
         rows.append(res)
@@ -129,8 +122,6 @@ def main(argv=None) -> int:
                     help="only the configs that get an FP8 row (s_q*h_q <= --fp8-max-rows)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--configs", help="only these configs: 'b,s_q,h_q,mean_sk;...'")
-    ap.add_argument("--fp8-kernels", default="smem",
-                    help="few-rows FP8 kernels to time, comma-separated (regs, smem); the first fills the FP8 column")
     args = ap.parse_args(argv)
     if args.quick:
         configs = [(64, 1, 16, 4096), (128, 1, 16, 8192), (128, 1, 64, 8192), (128, 1, 128, 8192),
@@ -143,21 +134,11 @@ def main(argv=None) -> int:
     if args.fp8_configs_only:
         configs = [c for c in configs if c[1] * c[2] <= args.fp8_max_rows]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows = run(configs, args.reps, not args.no_baseline, args.fp8_max_rows,
-               fp8_kernels=tuple(args.fp8_kernels.split(",")))
+    rows = run(configs, args.reps, not args.no_baseline, args.fp8_max_rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     print(table(rows))
-    extra = [k for k in args.fp8_kernels.split(",")[1:]]
-    if extra and any("fp8_us" in r for r in rows):
-        print(f"\n| b | s_q | h_q | mean s_k | bf16 µs | FP8 {args.fp8_kernels.split(',')[0]} µs | "
-              + " | ".join(f"FP8 {k} µs" for k in extra) + " | FP8 / bf16 speed |")
-        print("|" + "---|" * (6 + len(extra)))
-        for r in rows:
-            if "fp8_us" in r:
-                print(f"| {r['b']} | {r['s_q']} | {r['h_q']} | {r['mean_sk']} | {r['us']:.1f} | {r['fp8_us']:.1f} | "
-                      + " | ".join(f"{r[f'fp8_{k}_us']:.1f}" for k in extra) + f" | {r['fp8_speedup']:.2f}x |")
     return 0
 
 

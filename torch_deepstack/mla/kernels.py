@@ -37,30 +37,6 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
 _FP8_SMALL_ROWS = True
 _FP8_STAGE_TOKENS = 32          # raw ring stage; 16 measured 5-10% slower (more barriers per page)
 _FP8_SMALL_SIG = "pppppppppp" + "iiiiii" + "llll" + "f"
-# Which few-rows FP8 kernel: "smem" (mla_decode_fp8.cuh: dequantised bf16 K tiles in shared memory, read by one
-# consumer warpgroup; measured) or "regs" (mla_decode_fp8_regs.cuh: wgmma A operands dequantised straight from the
-# raw rows into registers, two worker warpgroups on alternate pages). "regs" stays opt-in until it has passed the
-# CUDA tests and been timed on the H200 (docs/mla.md).
-_FP8_SMALL_KERNEL = "smem"
-_FP8_REGS_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
-
-
-def fp8_regs_spec(n: int) -> KernelSpec:
-    """n = q rows per CTA (16 or 32); two worker warpgroups take alternate pages."""
-    return KernelSpec("mla/mla_decode_fp8_regs.cuh", "deepstack::mla::fp8regs::mla_decode_fp8_regs_kernel", (n,))
-
-
-def fp8_regs_smem_bytes(n: int) -> int:
-    """Mirror of fp8regs::Layout<n>::kAlloc."""
-    stages = 4 if n == 16 else 3
-    return 2 * 9 * n * 128 + 2 * n * 128 + stages * 64 * 656 + 2 * 4 * n * 4 + (2 * stages + 2) * 8 + 1024
-
-
-def fp8_regs_merge_floats(n: int) -> int:
-    """Mirror of fp8regs::Layout<n>::kMergeFloats (per worker thread, 128 threads per CTA)."""
-    return 8 * (n // 2) + 4 * (n // 8)
-
-
 def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
     return KernelSpec("mla/mla_decode_fp8.cuh", "deepstack::mla::fp8small::mla_decode_fp8_kernel", (n, stage_tokens))
 
@@ -83,7 +59,7 @@ def metadata_spec() -> KernelSpec:
 @register_prebuild("mla")
 def _prebuild():
     specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
-             *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32))]
+             *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32))]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [decode_spec(dt, d, False) for d in (576, 512)]
@@ -184,17 +160,9 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
             n = 16 if rows <= 16 else 32
             tail = (h_q, h_kv, s_q, rows, int(bool(causal) and s_q > 1), bt.stride(0),
                     q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
-            if _FP8_SMALL_KERNEL == "regs":
-                # scratch for the two worker warpgroups' partial results of a request (written and read once each)
-                scratch = torch.empty(parts * h_kv * 128 * fp8_regs_merge_floats(n), dtype=torch.float32,
-                                      device=q.device)
-                get_kernel(fp8_regs_spec(n), _FP8_REGS_SIG).launch(
-                    (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, scratch,
-                    *tail, smem=fp8_regs_smem_bytes(n))
-            else:
-                get_kernel(fp8_small_spec(n, _FP8_STAGE_TOKENS), _FP8_SMALL_SIG).launch(
-                    (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr,
-                    *tail, smem=fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS))
+            get_kernel(fp8_small_spec(n, _FP8_STAGE_TOKENS), _FP8_SMALL_SIG).launch(
+                (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr,
+                *tail, smem=fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS))
             get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
                 (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
             return out, lse
