@@ -346,23 +346,19 @@ static inline uint64_t now_ns() {
 }
 
 // Waits for `count` completions, finishing each (CRC32C of its blocks, copy-out) as it arrives, so the CPU
-// work of early reads overlaps the I/O of later ones. While more than REAP_TAIL reads are outstanding the
-// thread sleeps in the kernel until a quarter of them (at least one) completed: a few wake-ups per batch, no
-// polling. For the last REAP_TAIL it first polls the completion ring for up to `spin_us` microseconds (hybrid
-// polling: a read that completes inside the window costs no sleep/wake-up latency, which is what a small batch
-// waits on), then sleeps. Polling only the tail matters when several threads read at once (DataLoader-style
-// prefetching on 2 cores): polling whole batches had taken ~40% of the loader's CPU at 64 KiB.
-#define REAP_TAIL 2
-int ds_ring_reap(int count, uint64_t h, int spin_us) {
-    ds_ring* r = (ds_ring*)h;
+// work of early reads overlaps the I/O of later ones. While more than `tail` reads are outstanding the thread
+// sleeps in the kernel until a quarter of them (at least one) completed: a few wake-ups per batch, no polling.
+// For the last `tail` it first polls the completion ring for up to `spin_us` microseconds (hybrid polling: a
+// read that completes inside the window costs no sleep/wake-up latency), then sleeps.
+static int reap(ds_ring* r, int count, int spin_us, int tail, int* inflight) {
     int done = 0, polls = 0;
     uint64_t spin_until = 0;
     while (done < count) {
         unsigned head = __atomic_load_n(r->cq_head, __ATOMIC_RELAXED);
-        unsigned tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
-        if (head == tail) {
+        unsigned ctail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+        if (head == ctail) {
             int left = count - done;
-            if (spin_us > 0 && left <= REAP_TAIL) {
+            if (spin_us > 0 && left <= tail) {
                 if (!spin_until) spin_until = now_ns() + (uint64_t)spin_us * 1000ull;
                 if ((++polls & 15) || now_ns() < spin_until) {  // read the clock every 16 polls
 #if defined(__x86_64__)
@@ -371,23 +367,62 @@ int ds_ring_reap(int count, uint64_t h, int spin_us) {
                     continue;
                 }
             }
-            int want = left <= REAP_TAIL ? left : (left - REAP_TAIL) / 4;
+            int want = left <= tail ? left : (left - tail) / 4;
             if (want < 1) want = 1;
             int rc = ring_enter(r, 0, (unsigned)want);
             if (rc < 0) return rc;
             continue;
         }
-        while (head != tail) {
+        while (head != ctail) {
             struct io_uring_cqe* cqe = &r->cqes[head & *r->cq_mask];
             ds_io* io = (ds_io*)cqe->user_data;
             io->result = cqe->res;
             finish(io);
             head++;
             done++;
+            if (inflight) --*inflight;
         }
         __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
     }
     return 0;
+}
+
+// Which reads of a batch to poll for, and how long (batches read by io_uring on the array path):
+// * a thread reading alone (no other thread of the process inside a batched read) polls for the whole batch,
+//   the window growing with it (spin_us plus spin_us/8 per read, at most 10x): a synchronous caller waits on
+//   the batch's latency and has nothing else to run; polling measured faster than sleeping at every queue
+//   depth on this virtio disk (a sleep/wake-up is 10-20% of a 4 KiB read; tail-only polling lost 13-15% at
+//   4 KiB qd 64 in a 6-round A/B);
+// * while other threads read too (an in-process prefetching loader) it polls only for the last REAP_TAIL reads
+//   (spin_us plus spin_us/8 per read): polling all of every batch had taken ~40% of PrefetchLoader's CPU at
+//   64 KiB (four reader threads polling on 2 cores) for no throughput;
+// * a batch of one or two reads of up to 2x spin_us KiB (queue depth 1) also polls through the transfer at
+//   ~1 GB/s (1 us per KiB): a 128 KiB read outlasted the base window and paid a wake-up (+25-65% IOPS at
+//   128 KiB qd 1 in 3 of 4 interleaved A/B rounds); larger reads keep the base window.
+#define REAP_TAIL 2
+static int active_readers = 0;  // threads inside a batched read (ds_table_read, ds_waves_wait)
+
+static void poll_plan(int n, int64_t max_read, int spin_us, bool alone, int* window, int* tail) {
+    if (spin_us <= 0) {
+        *window = 0;
+        *tail = REAP_TAIL;
+        return;
+    }
+    if (alone) {
+        *tail = n;
+        *window = spin_us + spin_us * n / 8;
+        if (*window > 10 * spin_us) *window = 10 * spin_us;
+    } else {
+        *tail = REAP_TAIL;
+        *window = spin_us + spin_us * (n < REAP_TAIL ? n : REAP_TAIL) / 8;
+    }
+    int64_t kib = max_read >> 10;
+    if (n <= REAP_TAIL && kib <= 2 * spin_us) *window = spin_us + (int)kib;
+}
+
+// Waits for `count` completions (the general read path's pipeline): polls only for the last REAP_TAIL reads.
+int ds_ring_reap(int count, uint64_t h, int spin_us) {
+    return reap((ds_ring*)h, count, spin_us, REAP_TAIL, nullptr);
 }
 
 // Split form for pipelining (native AIO fallback): submit ios[start, start+count) now (the caller prepares the next wave while
@@ -490,15 +525,14 @@ static int run_ios(ds_io* ios, int m, uint64_t ring, uint64_t aio_ctx, int spin_
         int k = m - base < 256 ? m - base : 256;
         int got = ds_ring_submit(ios, base, k, ring);
         if (got > 0) {
-            // Hybrid polling of the batch's last reads (see ds_ring_reap): 100 us plus 12.5 us per read polled.
-            // A batch of one or two reads of up to 2x spin_us KiB is latency-bound (qd 1): the window also
-            // covers the transfer at ~1 GB/s (1 us per KiB), or a 128 KiB read outlasts it and pays a wake-up
-            // (~15% of its time here; +25-65% IOPS at 128 KiB qd 1 in 3 of 4 interleaved A/B rounds). Larger
-            // reads keep the base window: a wake-up is small next to their transfer, polling through it is not.
-            int window = spin_us > 0 ? spin_us + spin_us * (got < REAP_TAIL ? got : REAP_TAIL) / 8 : 0;
-            int64_t kib = ios[base].length >> 10;
-            if (window && got <= REAP_TAIL && kib <= 2 * spin_us) window = spin_us + (int)kib;
-            int rc = ds_ring_reap(got, ring, window);
+            int64_t max_read = 0;
+            for (int j = base; j < base + got; j++)
+                if (ios[j].length > max_read) max_read = ios[j].length;
+            int window, tail;
+            bool alone = __atomic_fetch_add(&active_readers, 1, __ATOMIC_RELAXED) == 0;
+            poll_plan(got, max_read, spin_us, alone, &window, &tail);
+            int rc = reap((ds_ring*)ring, got, window, tail, nullptr);
+            __atomic_fetch_sub(&active_readers, 1, __ATOMIC_RELAXED);
             if (rc < 0) return rc;
         }
     }
@@ -691,47 +725,10 @@ int64_t ds_table_read(const ds_table* const* tables, int64_t ntables, int64_t* r
 struct ds_waves {
     ds_wave* head;
     ds_wave* tail;
-    int inflight;  // submitted, not yet reaped
+    int inflight;      // submitted, not yet reaped
+    int64_t max_read;
+    int64_t nreads;
 };
-
-// Reap at least `want` completions of the handle's ios (finishing each: CRCs, copy-out).
-static int waves_reap(ds_ring* r, ds_waves* h, int want, int spin_us) {
-    int done = 0, polls = 0;
-    uint64_t spin_until = 0;
-    while (done < want) {
-        unsigned head = __atomic_load_n(r->cq_head, __ATOMIC_RELAXED);
-        unsigned tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
-        if (head == tail) {
-            int left = h->inflight;
-            if (spin_us > 0 && left <= REAP_TAIL) {
-                if (!spin_until) spin_until = now_ns() + (uint64_t)spin_us * 1000ull;
-                if ((++polls & 15) || now_ns() < spin_until) {
-#if defined(__x86_64__)
-                    __builtin_ia32_pause();
-#endif
-                    continue;
-                }
-            }
-            int k = want - done;
-            if (left > REAP_TAIL && k > (left - REAP_TAIL) / 4) k = (left - REAP_TAIL) / 4;
-            if (k < 1) k = 1;
-            int rc = ring_enter(r, 0, (unsigned)k);
-            if (rc < 0) return rc;
-            continue;
-        }
-        while (head != tail) {
-            struct io_uring_cqe* cqe = &r->cqes[head & *r->cq_mask];
-            ds_io* io = (ds_io*)cqe->user_data;
-            io->result = cqe->res;
-            finish(io);
-            head++;
-            done++;
-            h->inflight--;
-        }
-        __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
-    }
-    return 0;
-}
 
 // Plans a wave of n requests (as ds_table_read) and submits its reads without waiting. handle: 0 for a new
 // batch, or what an earlier call returned. Returns the handle (never 0), or 0 when out of memory (nothing of
@@ -756,7 +753,7 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
     for (int base = 0; base < w->m;) {  // at most 256 in flight (the ring's submission entries)
         int room = 256 - h->inflight;
         if (room <= 0) {
-            if (waves_reap(r, h, 1, 0) < 0) {  // cannot wait: leave the rest unsubmitted, failed
+            if (reap(r, 1, 0, REAP_TAIL, &h->inflight) < 0) {  // cannot wait: the rest stays unsubmitted, failed
                 for (int k = base; k < w->m; k++) w->ios[k].result = -EIO;
                 break;
             }
@@ -765,6 +762,9 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
         int k = w->m - base < room ? w->m - base : room;
         int got = ds_ring_submit(w->ios, base, k, ring);  // records it could not submit carry -errno
         h->inflight += got;
+        for (int j = base; j < base + got; j++)
+            if (w->ios[j].length > h->max_read) h->max_read = w->ios[j].length;
+        h->nreads += got;
         base += k;
     }
     return (uint64_t)h;
@@ -776,7 +776,11 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
 int64_t ds_waves_wait(uint64_t handle, uint64_t ring, int spin_us) {
     ds_waves* h = (ds_waves*)handle;
     if (h->inflight > 0) {
-        int rc = waves_reap((ds_ring*)ring, h, h->inflight, spin_us > 0 ? spin_us + spin_us * REAP_TAIL / 8 : 0);
+        int window, tail;
+        bool alone = __atomic_fetch_add(&active_readers, 1, __ATOMIC_RELAXED) == 0;
+        poll_plan((int)h->nreads, h->max_read, spin_us, alone, &window, &tail);
+        int rc = reap((ds_ring*)ring, h->inflight, window, tail, &h->inflight);
+        __atomic_fetch_sub(&active_readers, 1, __ATOMIC_RELAXED);
         if (rc < 0) return rc;
     }
     int64_t left = 0;
