@@ -173,6 +173,10 @@ def measure(loader, size: int, seconds: float, check, one_epoch: bool = False) -
         break
     dt = time.perf_counter() - t0
     del it
+    kept = getattr(loader, "_iterator", None)  # persistent workers: stop them here, in this process (left to
+    if kept is not None:                        # the GC, a forked worker of the next loader could run the
+        kept._shutdown_workers()                # iterator's __del__ and fail its is_alive() check)
+        loader._iterator = None
     return n / dt, n * size / dt / 1e9, n
 
 
