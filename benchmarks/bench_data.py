@@ -14,11 +14,14 @@ uniformly shuffled order over the same samples stored as
 Page cache is dropped (posix_fadvise DONTNEED on every file) before every measurement; deepstack and fio read
 with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded; DataLoader
 workers persist across the epochs of one window) and is the best of --repeat runs, the readers interleaved
-(the disk and the 2 cores are shared with other work). Same window, same pattern: deepstack readers run
-further epochs (each a new shuffle) until the window is over, like fio's --runtime; the page-cache readers
-(file-per-sample, LitData) stop after one epoch, since a second would come from memory; fio draws a new
-random sequence every run (randrepeat=0), as every reader run reshuffles. What stays warm for all alike:
-metadata (directory entries and inodes of the sample files; deepstack's index and chunk table rows).
+(the disk and the 2 cores are shared with other work). Same window, same pattern, same cache state: every
+reader runs further epochs (each a new shuffle) until the window is over, like fio's --runtime; before each
+further epoch of file-per-sample its files are dropped from the page cache again, off the clock, or that
+epoch would come from memory; LitData, which serves later epochs from chunks it keeps (4.4 GB/s in a test),
+is timed over its first epoch only (~1.5 s at 1 MiB, which if anything favours it); fio draws a new random
+sequence every run
+(randrepeat=0), as every reader run reshuffles. What stays warm for all alike: metadata (directory entries
+and inodes of the sample files; deepstack's index and chunk table rows).
 
 Checkpoint rows: dcp.save/dcp.load of a float32 state dict through DeepstackStorageWriter/Reader against
 torch.save (+ fsync) / torch.load on a local file.
@@ -60,8 +63,9 @@ def sample_bytes(i: int, size: int) -> np.ndarray:
     return a
 
 
-def drop_cache(root: str) -> None:
-    os.sync()  # DONTNEED leaves dirty pages alone: write them back first
+def drop_cache(root: str, sync: bool = True) -> None:
+    if sync:
+        os.sync()  # DONTNEED leaves dirty pages alone: write them back first (not needed between epochs)
     for dirpath, _, files in os.walk(root):
         for f in files:
             try:
@@ -148,30 +152,40 @@ class _litdata_sample:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def measure(loader, size: int, seconds: float, check, one_epoch: bool = False) -> tuple[float, float, int]:
+def measure(loader, size: int, seconds: float, check, between_epochs=None,
+            max_epochs: int | None = None) -> tuple[float, float, int]:
     """(samples/s, GB/s, samples) over `seconds` after the first batch (start-up excluded); further epochs run
-    until the window is over, so a direct-I/O reader is timed over the same window as fio (a 2k x 1 MiB epoch
-    takes ~1.5 s: timing one epoch against fio's 6 s had compared runs of different lengths, and the best of
-    several short runs sits higher than the best of long ones). one_epoch: stop at the end of the first epoch
-    (readers through the page cache: a second epoch would be served from memory, not the disk; their window
-    is then the shorter one, which if anything favours them). `check(batch)` spot-checks content."""
+    until the window is over, so every reader is timed over the same window as fio (a 2k x 1 MiB epoch takes
+    ~1.5 s: timing one epoch against fio's 6 s had compared runs of different lengths, and the best of
+    several short runs sits higher than the best of long ones). between_epochs: run before each further epoch,
+    off the clock (readers through the page cache drop it there, or their second epoch would come from
+    memory). max_epochs=1: a reader whose later epochs come from its own cache whatever the page cache holds
+    (LitData keeps chunks) is timed over its first epoch only, a shorter window, which if anything favours it.
+    `check(batch)` spot-checks content."""
     it = iter(loader)
     first = next(it)
     check(first)
     n, t0 = 0, time.perf_counter()
-    deadline = t0 + seconds
+    deadline, paused, epochs = t0 + seconds, 0.0, 1
     while True:
         for batch in it:
             n += len(batch["x"] if isinstance(batch, dict) else batch)
             if time.perf_counter() > deadline:
                 break
         else:  # epoch over inside the window: the next one (a new shuffle)
-            if one_epoch:
+            if max_epochs is not None and epochs >= max_epochs:
                 break
+            epochs += 1
+            if between_epochs is not None:
+                t = time.perf_counter()
+                between_epochs()
+                t = time.perf_counter() - t
+                paused += t
+                deadline += t
             it = iter(loader)
             continue
         break
-    dt = time.perf_counter() - t0
+    dt = time.perf_counter() - t0 - paused
     del it
     kept = getattr(loader, "_iterator", None)  # persistent workers: stop them here, in this process (left to
     if kept is not None:                        # the GC, a forked worker of the next loader could run the
@@ -247,7 +261,7 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
                 rows["deepstack"] = max(rows.get("deepstack", (0, 0)), r[:2])
                 drop_cache(p["files"])
                 r = measure(DataLoader(FilePerSample(p["files"], n), shuffle=True, generator=g, **common),
-                            size, args.seconds, check_stacked, one_epoch=True)
+                            size, args.seconds, check_stacked, between_epochs=lambda: drop_cache(p["files"], sync=False))
                 rows["files"] = max(rows.get("files", (0, 0)), r[:2])
                 if p.get("t_litdata") and not args.no_litdata:
                     from litdata import StreamingDataLoader, StreamingDataset
@@ -258,7 +272,7 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
                         lds = StreamingDataset(input_dir=p["litdata"], shuffle=True, seed=0)
                         r = measure(StreamingDataLoader(lds, batch_size=batch, num_workers=w,
                                                         persistent_workers=w > 0), size, args.seconds,
-                                    check_stacked, one_epoch=True)
+                                    check_stacked, max_epochs=1)
                     rows["litdata"] = max(rows.get("litdata", (0, 0)), r[:2])
             prefetch = rows.pop("_prefetch_runs")
             prefetch_all.extend(prefetch)
