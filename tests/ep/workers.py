@@ -361,8 +361,9 @@ def _replay_matches_eager(step, statics, fresh_inputs, check=None):
             check(i, captured)
 
 
-def check_low_latency_graph(buf, seed, rank, ws, num_experts, num_max):
-    """Low-latency dispatch + combine captured in one CUDA graph (the decode-step pattern) replays correctly."""
+def _ll_step(buf, seed, rank, num_experts, num_max, experts):
+    """(inputs(seed), static inputs, step) for a decode step to capture: low-latency FP8 dispatch of the static
+    bf16 tokens -> experts(recv_x, recv_scales, count) -> low-latency combine; step() returns (out, count)."""
     def inputs(s):
         x, idx, w = make_inputs(s, rank, num_experts, torch.bfloat16, n=num_max)
         return x.cuda(), idx.cuda(), w.cuda()
@@ -371,9 +372,16 @@ def check_low_latency_graph(buf, seed, rank, ws, num_experts, num_max):
     def step():
         (rx, rs), cnt, handle, _, _ = buf.low_latency_dispatch(statics[0], statics[1], num_max, num_experts,
                                                                use_fp8=True)
-        y = (rx.float() * rs.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
-        out, _, _ = buf.low_latency_combine(y, statics[1], statics[2], handle)
+        out, _, _ = buf.low_latency_combine(experts(rx, rs, cnt), statics[1], statics[2], handle)
         return out, cnt
+    return inputs, statics, step
+
+
+def check_low_latency_graph(buf, seed, rank, ws, num_experts, num_max):
+    """Low-latency dispatch + combine captured in one CUDA graph (the decode-step pattern) replays correctly."""
+    def dequantise(rx, rs, cnt):
+        return (rx.float() * rs.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+    inputs, statics, step = _ll_step(buf, seed, rank, num_experts, num_max, dequantise)
     _replay_matches_eager(step, statics, [inputs(seed + 100 + i) for i in range(3)])
 
 
@@ -389,17 +397,9 @@ def check_decode_step_graph(buf, seed, rank, ws, num_experts, num_max):
     deq_w = [q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1) for q, s in zip(wq, wsc)]
     bq, bs = torch.stack(wq[rank * L:(rank + 1) * L]), torch.stack(wsc[rank * L:(rank + 1) * L])
 
-    def inputs(s):
-        x, idx, w = make_inputs(s, rank, num_experts, torch.bfloat16, n=num_max)
-        return x.cuda(), idx.cuda(), w.cuda()
-    statics = [t.clone() for t in inputs(seed)]
-
-    def step():
-        (rx, rs), cnt, handle, _, _ = buf.low_latency_dispatch(statics[0], statics[1], num_max, num_experts,
-                                                               use_fp8=True)
-        y = m_grouped_fp8_gemm_nt_masked(rx, rs, bq, bs, cnt, expected_m=num_max)
-        out, _, _ = buf.low_latency_combine(y, statics[1], statics[2], handle)
-        return out, cnt
+    def local_experts(rx, rs, cnt):
+        return m_grouped_fp8_gemm_nt_masked(rx, rs, bq, bs, cnt, expected_m=num_max)
+    inputs, statics, step = _ll_step(buf, seed, rank, num_experts, num_max, local_experts)
 
     seeds = [seed + 300 + i for i in range(3)]
 
