@@ -53,12 +53,19 @@ __device__ __forceinline__ void block_barrier(unsigned long long* const* __restr
   if (j == 0) *counter = epoch;
 }
 
+// host_error (nullable): a word of host-mapped pinned memory. Every fused EP call ends its sends with this barrier,
+// so copying a set error word there (earlier barriers' timeouts included) lets the host see it on its next call
+// without a per-call copy, event or sync.
 template <int kMaxRanks>
 __global__ void __launch_bounds__(kMaxRanks) ipc_barrier_kernel(
     unsigned long long* const* __restrict__ flag_arrays,   // [num_ranks] peer-mapped flag arrays
     int rank, int num_ranks, unsigned long long* __restrict__ counter, unsigned long long timeout_ns,
-    int* __restrict__ error) {
+    int* __restrict__ error, int* __restrict__ host_error) {
   block_barrier(flag_arrays, rank, num_ranks, counter, timeout_ns, error);
+  if (threadIdx.x == 0 && host_error != nullptr) {
+    const int e = *reinterpret_cast<volatile int*>(error);
+    if (e != 0) *reinterpret_cast<volatile int*>(host_error) = e;
+  }
 }
 
 }  // namespace deepstack

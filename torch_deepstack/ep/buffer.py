@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from torch_deepstack.ep import core
+from torch_deepstack.ep import core, ops
 from torch_deepstack.ep.layout import low_latency_size_hint
 from torch_deepstack.ep.transport import (DEFAULT_TIMEOUT_S, register_transport, set_timeout,
                                           unregister_transport)
@@ -78,6 +78,28 @@ class LowLatencyHandle(NamedTuple):
     hidden: int
     num_experts: int
     buffer_id: int
+
+
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_functorch_on = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _direct_ok(*tensors) -> bool:
+    """Whether an eager call may run the op's implementation (ops.*_impl: the same checks and kernels) without
+    going through torch.ops: plain tensors, nothing for autograd to record, no dispatch or function mode, no
+    functorch transform, not being traced. The dispatcher is what those need; for a plain eager call it only
+    adds its Python layers (register_autograd's wrapper, redispatch): ~45 us of a ~180 us call on the H200."""
+    if torch.compiler.is_compiling() or _dispatch_stack_len is None or _function_mode_on is None \
+            or _functorch_on is None:
+        return False
+    if _dispatch_stack_len() or _function_mode_on() or _functorch_on():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (t.__class__ is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _group_device(group, transport: str) -> torch.device:
@@ -260,15 +282,13 @@ class Buffer:
         self._check_alive()
         if self.device.type != "cuda":
             return fn(), EventOverlap(None)
-        cur = torch.cuda.current_stream()
         if previous_event is None and not async_finish and not allocate_on_comm_stream:
             # The default call: the caller's stream would wait for the comm stream before we return, so running
             # on the caller's stream is the same order, without the cross-stream events and record_stream calls
-            # (about a fifth of an eager call's host time on the H200 machine).
-            out = fn()
-            ev = torch.cuda.Event()
-            ev.record(cur)
-            return out, EventOverlap(ev)
+            # (about a fifth of an eager call's host time on the H200 machine). As in DeepEP, a call that is not
+            # async_finish returns no event: everything is already ordered on the caller's stream.
+            return fn(), EventOverlap(None)
+        cur = torch.cuda.current_stream()
         comm = self._comm_stream
         if previous_event is not None and previous_event.event is not None:
             comm.wait_event(previous_event.event)
@@ -296,8 +316,9 @@ class Buffer:
         """-> (num_tokens_per_rank [R] int32, None (no RDMA ranks: intranode), num_tokens_per_expert [E] int32,
         is_token_in_rank [N, R] bool, event)."""
         self._check_device("get_dispatch_layout", topk_idx)
+        op = ops.get_dispatch_layout_impl if _direct_ok(topk_idx) else torch.ops.deepstack.ep_get_dispatch_layout
         (per_rank, per_expert, in_rank), ev = self._run(
-            lambda: torch.ops.deepstack.ep_get_dispatch_layout(topk_idx, num_experts, self.group_size),
+            lambda: op(topk_idx, num_experts, self.group_size),
             [topk_idx], previous_event, async_finish, allocate_on_comm_stream)
         return per_rank, None, per_expert, in_rank, ev
 
@@ -320,10 +341,10 @@ class Buffer:
             if num_worst_tokens and num_worst_tokens != handle.num_worst_tokens:
                 raise ValueError(f"dispatch: num_worst_tokens={num_worst_tokens} differs from the handle's "
                                  f"{handle.num_worst_tokens}")
+            op = ops.dispatch_cached_impl if _direct_ok(x_data, x_scales) else torch.ops.deepstack.ep_dispatch_cached
             (rx, rs), ev = self._run(
-                lambda: torch.ops.deepstack.ep_dispatch_cached(
-                    x_data, x_scales, handle.is_token_in_rank, handle.rank_counts, handle.recv_src_idx,
-                    self.group_name, handle.num_worst_tokens),
+                lambda: op(x_data, x_scales, handle.is_token_in_rank, handle.rank_counts, handle.recv_src_idx,
+                           self.group_name, handle.num_worst_tokens),
                 [x_data, x_scales], previous_event, async_finish, allocate_on_comm_stream)
             return ((rx, rs) if x_scales is not None else rx), None, None, None, handle, ev
         if topk_idx is None and is_token_in_rank is None:
@@ -338,10 +359,10 @@ class Buffer:
         if num_tokens_per_rank is not None and tuple(num_tokens_per_rank.shape) != (self.group_size,):
             raise ValueError(f"dispatch: num_tokens_per_rank must be [{self.group_size}], "
                              f"got {tuple(num_tokens_per_rank.shape)}")
+        op = ops.dispatch_impl if _direct_ok(x_data, x_scales, topk_weights) else torch.ops.deepstack.ep_dispatch
         outs, ev = self._run(
-            lambda: torch.ops.deepstack.ep_dispatch(
-                x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, self.group_size,
-                self.group_name, expert_alignment, num_worst_tokens),
+            lambda: op(x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, self.group_size,
+                       self.group_name, expert_alignment, num_worst_tokens),
             [x_data, x_scales, topk_idx, topk_weights, is_token_in_rank], previous_event, async_finish,
             allocate_on_comm_stream)
         rx, rs, ridx, rw, per_expert, mask, rank_counts, src_idx = outs
@@ -363,9 +384,10 @@ class Buffer:
         self._check_handle(handle, DispatchHandle)
         self._check_device("combine", x)
         self._check_nvl_size(x)
+        op = ops.combine_impl if _direct_ok(x, topk_weights) else torch.ops.deepstack.ep_combine
         (cx, cw), ev = self._run(
-            lambda: torch.ops.deepstack.ep_combine(x, topk_weights, handle.is_token_in_rank, handle.rank_counts,
-                                                   handle.recv_src_idx, self.group_name, handle.num_worst_tokens),
+            lambda: op(x, topk_weights, handle.is_token_in_rank, handle.rank_counts, handle.recv_src_idx,
+                       self.group_name, handle.num_worst_tokens),
             [x, topk_weights], previous_event, async_finish, allocate_on_comm_stream)
         if bias is not None:
             for b in (bias if isinstance(bias, tuple) else (bias,)):
@@ -403,10 +425,10 @@ class Buffer:
         if return_recv_hook:
             return self._ll_dispatch_with_hook(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                                                cumulative_local_expert_recv_stats, use_fp8, round_scale)
+        op = ops.ll_dispatch_impl if _direct_ok(x) else torch.ops.deepstack.ep_low_latency_dispatch
         (rx, rs, cnt, src_info, layout_range), ev = self._run(
-            lambda: torch.ops.deepstack.ep_low_latency_dispatch(
-                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, self.group_name,
-                use_fp8, round_scale),
+            lambda: op(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, self.group_name,
+                       use_fp8, round_scale),
             [x, topk_idx], None, async_finish, False)
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats.add_(cnt.to(cumulative_local_expert_recv_stats.dtype))
@@ -415,7 +437,6 @@ class Buffer:
         return ((rx, rs) if use_fp8 else rx), cnt, handle, ev, None
 
     def _ll_dispatch_with_hook(self, x, topk_idx, num_max, num_experts, stats, use_fp8, round_scale):
-        from torch_deepstack.ep import ops
         self._check_alive()
         xq, xs = ops.ll_prepare(x, topk_idx, num_max, num_experts, self.group_size, use_fp8, round_scale)
         transport = ops._transport("low_latency_dispatch", self.group_name, x.device, self.group_size)
@@ -443,7 +464,6 @@ class Buffer:
         self._check_device("low_latency_combine", x)
         self._check_ll_size(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         if return_recv_hook:
-            from torch_deepstack.ep import ops
             self._check_alive()
             M = handle.num_max_dispatch_tokens_per_rank
             ops.check_ll_combine(x, topk_idx, topk_weights, handle.src_info, handle.layout_range, M)
@@ -451,10 +471,10 @@ class Buffer:
             state = core.ll_combine_state(transport, x, topk_idx, topk_weights, handle.src_info,
                                           handle.layout_range, M, out=out)
             return state.out, self.capture(), state.finish
+        op = ops.ll_combine_impl if _direct_ok(x, topk_weights) else torch.ops.deepstack.ep_low_latency_combine
         cx, ev = self._run(
-            lambda: torch.ops.deepstack.ep_low_latency_combine(
-                x, topk_idx, topk_weights, handle.src_info, handle.layout_range,
-                handle.num_max_dispatch_tokens_per_rank, self.group_name),
+            lambda: op(x, topk_idx, topk_weights, handle.src_info, handle.layout_range,
+                       handle.num_max_dispatch_tokens_per_rank, self.group_name),
             [x, topk_idx, topk_weights], None, async_finish, False)
         if out is not None:
             out.copy_(cx)

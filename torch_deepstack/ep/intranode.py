@@ -113,7 +113,7 @@ class Intranode:
         self.all_blocks = 2 * torch.cuda.get_device_properties(t.device).multi_processor_count
         self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> _remember's entry
         self._last_per_expert = None
-        self._err_host = self._err_event = None
+        self._pos = None    # (mask, mask._version, rank_positions(mask)) of the last mask seen
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
     # Host copies of small results: held with a strong reference to the device tensor, so its memory cannot be
@@ -140,22 +140,23 @@ class Intranode:
             return last[1]
         return None
 
-    # Errors without host syncs: the barrier's sticky error word is copied to pinned memory after each call and
-    # read at the start of the next one (the exact dispatch's count exchange also reports it at once).
+    # Errors without host syncs: every call's barrier kernel copies a set error word into host-mapped memory,
+    # read at the start of the next call (the exact dispatch's count exchange also reports it at once).
     def _raise_pending(self) -> None:
-        if torch.cuda.is_current_stream_capturing():
-            return
-        if self._err_event is not None and self._err_event.query() and int(self._err_host[0]):
+        if self.t.error_seen() and not torch.cuda.is_current_stream_capturing():
             self.t.check_error()
 
-    def _finish(self) -> None:
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """rank_positions(mask), reused while the same mask tensor comes back unchanged (a handle's mask serves
+        every cached dispatch and combine of a layer). Not reused into a CUDA graph: a graph must own its inputs."""
         if torch.cuda.is_current_stream_capturing():
-            return
-        if self._err_host is None:
-            self._err_host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-            self._err_event = torch.cuda.Event()
-        self._err_host.copy_(self.t.error, non_blocking=True)
-        self._err_event.record()
+            return rank_positions(mask)
+        hit = self._pos
+        if hit is not None and hit[0] is mask and hit[1] == mask._version:
+            return hit[2]
+        pos = rank_positions(mask)
+        self._pos = (mask, mask._version, pos)
+        return pos
 
     def _barrier(self):
         self.t._barrier()
@@ -210,10 +211,15 @@ class Intranode:
         self._barrier()
 
     @staticmethod
-    def alloc_outputs(out_rows: int, row_bytes: int, dtype, num_scales: int, k: int, has_weights: bool, device):
-        return (torch.empty(out_rows, row_bytes // dtype.itemsize, dtype=dtype, device=device),
-                torch.empty(out_rows, num_scales, dtype=torch.float32, device=device),
-                torch.empty(out_rows, k, dtype=torch.int64, device=device),
+    def alloc_outputs(out_rows: int, row_bytes: int, dtype, num_scales: int, k: int, has_weights: bool, device,
+                      with_layout: bool = True):
+        """(recv_x, recv_scales, recv_topk, recv_w, recv_src); a cached dispatch (with_layout=False) moves data
+        only: no top-k, weights or source index (the kernels skip None outputs)."""
+        x = torch.empty(out_rows, row_bytes // dtype.itemsize, dtype=dtype, device=device)
+        scales = torch.empty(out_rows, num_scales, dtype=torch.float32, device=device) if num_scales else None
+        if not with_layout:
+            return x, scales, None, None, None
+        return (x, scales, torch.empty(out_rows, k, dtype=torch.int64, device=device),
                 torch.empty(out_rows, k, dtype=torch.float32, device=device) if has_weights else None,
                 torch.empty(out_rows, dtype=torch.int32, device=device))
 
@@ -247,7 +253,7 @@ class Intranode:
         topk_weights = topk_weights.contiguous() if topk_weights is not None else None
         mask = mask.contiguous()
         self._raise_pending()
-        pos = rank_positions(mask)
+        pos = self._positions(mask)
         info = self.notify(mask, pos, topk_idx, L)
         rc_dev = info[:R * R].view(R, R)
         a = expert_alignment
@@ -265,7 +271,6 @@ class Intranode:
         self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, outs, L)
         recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales,
                                                                           k, topk_idx is not None, L)
-        self._finish()
         if x_scales is None:
             recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
         if recv_w is None:
@@ -283,11 +288,10 @@ class Intranode:
         x = x if x.stride(-1) == 1 else x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
         mask = mask.contiguous()
-        pos = rank_positions(mask)
-        outs = self.alloc_outputs(num_recv, row_bytes, x.dtype, num_scales, 0, False, x.device)
+        pos = self._positions(mask)
+        outs = self.alloc_outputs(num_recv, row_bytes, x.dtype, num_scales, 0, False, x.device, with_layout=False)
         self.send_rows(x, x_scales, None, None, mask, pos, rc_dev, lay, outs, 0)
         recv_x, recv_scales, _, _, _ = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales, 0, False, 0)
-        self._finish()
         if x_scales is None:
             recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
         return recv_x, recv_scales
@@ -304,7 +308,7 @@ class Intranode:
             return None
         self._raise_pending()
         mask = mask.contiguous()
-        pos = rank_positions(mask)
+        pos = self._positions(mask)
         x = x.contiguous()
         w = topk_weights.contiguous() if topk_weights is not None else None
         if x.shape[0]:
@@ -318,7 +322,6 @@ class Intranode:
             launch = kernel("combine_reduce_kernel", _CTYPE[x.dtype], MAX_RANKS).launch
             launch(self.all_blocks, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data, lay.weights, mask,
                    pos, rc_dev, rank, R, n, hidden, k, out, out_w if k else None, x.view(torch.uint8), w)
-        self._finish()
         return out, out_w
 
 
@@ -397,7 +400,6 @@ class FusedLowLatencyDispatch:
                                                             self.data_bytes, self.G, self.M, f.R,
                                                             self.recv_x.view(torch.uint8), rs if self.G else None, sl,
                                                             sg, self.count, self.src_info, self.layout_range)
-        f._finish()
         return self.outputs
 
 
@@ -432,7 +434,6 @@ class FusedLowLatencyCombine:
                    self.w, self.n, self.topk.shape[1], self.hidden, self.M, out)
             if out is not self.out:
                 self.out.copy_(out)
-        f._finish()
         return self.out
 
 

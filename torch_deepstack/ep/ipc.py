@@ -19,7 +19,7 @@ from torch_deepstack.ep.transport import EPTransportError
 from torch_deepstack.jit import driver
 
 _MAX_RANKS = 64
-_SIGNATURE = "piiplp"    # flag table, rank, num_ranks, epoch counter, timeout_ns, error
+_SIGNATURE = "piiplpp"   # flag table, rank, num_ranks, epoch counter, timeout_ns, error, host error word
 
 
 def ipc_usable(group) -> tuple[bool, str]:
@@ -95,6 +95,7 @@ class IpcTransport:
         self.area = torch.zeros(2, R, self.slot_bytes, dtype=torch.uint8, device=self.device)
         self.flags = torch.zeros(R, dtype=torch.int64, device=self.device)
         self.error = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.host_error = driver.HostMappedWords(1)     # the barrier kernel copies a set error word here
         torch.cuda.synchronize()
         # Every peer's area and flags are mapped into *this* GPU's context (cuIpcOpenMemHandle with lazy peer
         # access), so this GPU's kernels can store into them through raw pointers.
@@ -132,8 +133,12 @@ class IpcTransport:
     # --- synchronisation --------------------------------------------------------------------------------------
     def _barrier(self) -> None:
         self.kernel.launch(1, _MAX_RANKS, self.flag_table, self.rank, self.world_size, self.epoch, self.timeout_ns,
-                           self.error)
+                           self.error, self.host_error.device_ptr)
         self.note_barrier()
+
+    def error_seen(self) -> bool:
+        """Whether a barrier has reported an error so far (a host read of host-mapped memory: no sync)."""
+        return self.host_error[0] != 0
 
     def note_barrier(self) -> None:
         """A barrier was issued on the stream (by the barrier kernel or inside a fused kernel)."""
@@ -243,7 +248,8 @@ class IpcTransport:
         self._copy.launch(max(1, min(64, -(-n // 65536))), 512, dst, src, n)
 
     def close(self) -> None:
-        if not self.broken and not torch.cuda.is_current_stream_capturing():
+        synced = not self.broken and not torch.cuda.is_current_stream_capturing()
+        if synced:
             torch.cuda.synchronize()
         self.peer_base = [self.area.data_ptr()]
         self.flag_table = None
@@ -251,3 +257,5 @@ class IpcTransport:
         for h in self._opened:
             _close_shared(self.device.index, h)
         self._opened = []
+        if synced:     # no kernel can still store into it (else the process reclaims the page at exit)
+            self.host_error.free()

@@ -189,3 +189,37 @@ def ipc_close(device: int, base: int) -> None:
     cuda.cuIpcCloseMemHandle.argtypes = [ctypes.c_uint64]
     _in_context(device, lambda: cuda.cuIpcCloseMemHandle(base))
 
+
+CU_MEMHOSTALLOC_PORTABLE, CU_MEMHOSTALLOC_DEVICEMAP = 0x01, 0x02
+
+
+class HostMappedWords:
+    """`n` zeroed int32 words of pinned host memory that kernels can store into (cuMemHostAlloc with DEVICEMAP):
+    a kernel reports a rare event (an error) by a plain store and the host reads it with no copy, event or sync.
+    `device_ptr` is the address to pass to kernels; `[i]` reads word i on the host."""
+
+    def __init__(self, n: int):
+        cuda = lib()
+        cuda.cuMemHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+        cuda.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
+                                                      ctypes.c_uint]
+        cuda.cuMemFreeHost.argtypes = [ctypes.c_void_p]
+        host = ctypes.c_void_p()
+        check(cuda.cuMemHostAlloc(ctypes.byref(host), 4 * n, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP),
+              "cuMemHostAlloc")
+        self._host = host
+        ctypes.memset(host, 0, 4 * n)
+        dev = ctypes.c_uint64()
+        check(cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(dev), host, 0), "cuMemHostGetDevicePointer")
+        self.device_ptr = dev.value
+        self._words = (ctypes.c_int32 * n).from_address(host.value)
+
+    def __getitem__(self, i: int) -> int:
+        return self._words[i]
+
+    def free(self) -> None:
+        if self._host is not None:
+            self._words = None
+            lib().cuMemFreeHost(self._host)
+            self._host = None
+
