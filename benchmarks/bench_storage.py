@@ -203,7 +203,13 @@ def main(argv=None) -> int:
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--from-json", help="only re-render docs/benchmarks.md from results saved with --json")
+    ap.add_argument("--paired", default=None, metavar="BS:QD,...",
+                    help="paired embedded runs only, e.g. 128K:1,4K:16: per round fio (batched), then batch_read "
+                         "and read_array in alternating order; prints each round's ratios and their medians")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds of --paired")
     args = ap.parse_args(argv)
+    if args.paired:
+        return paired(args)
     if args.from_json:
         with open(args.from_json) as f:
             write_docs(json.load(f))
@@ -275,6 +281,46 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=1)
     if args.write_docs:
         write_docs(results)
+    return 0
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(t[-1:], 1)
+    return int(t[:-1] if t[-1:] in "KM" else t) * mult
+
+
+def paired(args) -> int:
+    """Paired A/B against fio on the embedded stack: each round runs fio (batched) and then both of our APIs,
+    their order alternating between rounds (a disk burst fading within a round would otherwise always favour
+    whichever runs first); the ratio of each run is against the fio run of its round."""
+    points = [(_size(p.split(":")[0]), int(p.split(":")[1])) for p in args.paired.split(",")]
+    base = tempfile.mkdtemp(prefix="deepstack-bench-", dir=args.dir)
+    print(f"paired runs, {args.rounds} rounds of {args.seconds} s, load average {os.getloadavg()}", flush=True)
+    try:
+        emb = st.connect(os.path.join(base, "embedded"), chunk_size=args.chunk_size)
+        write_file(emb, "/data.bin", args.size, args.chunk_size)
+        files = chunk_files(emb, "/data.bin")
+        for bs, qd in points:
+            ratios = {"batch_read": [], "read_array": []}
+            for k in range(args.rounds):
+                fio = fio_reads(files, bs, qd, max(1, round(args.seconds)))
+                order = ["batch_read", "read_array"] if k % 2 == 0 else ["read_array", "batch_read"]
+                got = {}
+                for name in order:
+                    fn = bench_reads if name == "batch_read" else bench_reads_array
+                    got[name] = fn(emb, "/data.bin", args.size, bs, qd, args.seconds)
+                    ratios[name].append(got[name] / fio)
+                print(f"bs={bs >> 10}K qd={qd} round {k}: fio {fio:.0f}, batch_read {got['batch_read']:.0f} "
+                      f"({got['batch_read'] / fio:.2f}), read_array {got['read_array']:.0f} "
+                      f"({got['read_array'] / fio:.2f}), first: {order[0]}, load {os.getloadavg()[0]:.2f}",
+                      flush=True)
+            print(f"bs={bs >> 10}K qd={qd} median of {args.rounds} paired ratios: batch_read "
+                  f"{np.median(ratios['batch_read']):.2f}, read_array {np.median(ratios['read_array']):.2f}",
+                  flush=True)
+        emb.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

@@ -166,6 +166,90 @@ def test_batch_read_in_waves_equals_general_path(fs, monkeypatch):
     assert late_bad == general
 
 
+def test_batch_read_native_buffer_kinds_equal_general_path(fs, monkeypatch):
+    """batch_read's native path takes each destination's address by type (numpy arrays of any dtype and shape,
+    CPU tensors, bytearrays, memoryviews, no buffer at all); every kind lands the written bytes, `data` (made on
+    first access) views exactly them inside the caller's buffer, and results equal the general path's. Buffers
+    the native path cannot use (read-only, non-contiguous, too small, a non-CPU tensor) are reported per
+    request as the general path reports them."""
+    rng = np.random.default_rng()
+    size = 5 * CS + 321
+    data = _random_file(fs, "/k", rng, size)
+    f = fs.open("/k")
+    kinds = ["u8", "f32_2d", "tensor", "tensor_i16_2d", "bytearray", "memoryview", "none"]
+
+    def make(kind, ln):
+        if kind == "u8":
+            return np.full(ln + 3, 0xCD, np.uint8)[:ln]
+        if kind == "f32_2d":
+            return np.zeros((-(-ln // 8), 2), np.float32)  # >= ln bytes
+        if kind == "tensor":
+            return torch.full((ln,), 7, dtype=torch.uint8)
+        if kind == "tensor_i16_2d":
+            return torch.zeros(-(-ln // 4), 2, dtype=torch.int16)
+        if kind == "bytearray":
+            return bytearray(ln + 11)
+        if kind == "memoryview":
+            return memoryview(bytearray(ln + 2))
+        return None
+
+    def run():
+        reqs, outs = [], []
+        for k in range(70):
+            kind = kinds[k % len(kinds)]
+            o = int(rng.integers(0, size)) if k % 5 else int(rng.integers(0, size // CS)) * CS
+            ln = int(rng.integers(0, 3 * CS)) if k % 9 else 0  # some cross chunks, some run past the end
+            out = make(kind, max(ln, 1))
+            outs.append(out)
+            reqs.append((f, o, ln, out, k) if k % 2 else ReadRequest(f, o, ln, out, k))
+        bad = [(f, 0, 64, np.zeros(64, np.uint8), "ok"),
+               (f, 0, 64, np.frombuffer(bytes(64), np.uint8), "readonly"),
+               (f, 0, 64, np.zeros(128, np.uint8)[::2], "strided"),
+               (f, 0, 64, torch.zeros(8, 16, dtype=torch.uint8).t(), "tensor-strided"),
+               (f, 0, 64, bytearray(10), "small"),
+               (f, 0, 64, torch.zeros(64, dtype=torch.uint8, device="meta"), "meta")]
+        got = []  # the good requests in one batch (the native path), the bad ones in another (a refused
+        for r, q in zip(fs.batch_read(reqs) + fs.batch_read(bad), reqs + bad):  # buffer sends its whole batch on)
+            out = q[3] if isinstance(q, tuple) else q.out
+            d = None if r.data is None else bytes(r.data)
+            if r.error is None and out is not None:  # data views the bytes inside the caller's buffer
+                flat = out.reshape(-1).view(torch.uint8).numpy() if isinstance(out, torch.Tensor) else \
+                    np.frombuffer(memoryview(out).cast("B"), np.uint8)
+                assert bytes(flat[:r.nbytes]) == d
+            got.append((r.userdata, r.nbytes, d, type(r.error)))
+        return got, [(q[1], q[2]) if isinstance(q, tuple) else (q.offset, q.length) for q in reqs]
+
+    rng_state = rng.bit_generator.state
+    native, spans = run()
+    rng.bit_generator.state = rng_state
+    monkeypatch.setattr(fs.backend, "array_reads", lambda: False)
+    general, spans2 = run()
+    assert spans == spans2 and native == general
+    for k, (o, ln) in enumerate(spans):
+        assert native[k][:3] == (k, len(_expected(data, o, ln)), _expected(data, o, ln)), k
+    errors = {u: e for u, _, _, e in native[len(spans):]}
+    assert errors["ok"] is type(None)
+    for name in ("readonly", "strided", "tensor-strided", "small", "meta"):
+        assert errors[name] is InvalidArgument, name
+
+
+def test_batch_read_native_buffer_kinds_alone_take_the_native_path(fs, monkeypatch):
+    """The buffer kinds above are served by the native path itself (not handed to the general path)."""
+    if not fs.backend.array_reads():
+        pytest.skip("no native path in this mode")
+    rng = np.random.default_rng()
+    data = _random_file(fs, "/n", rng, 3 * CS)
+    f = fs.open("/n")
+    monkeypatch.setattr(type(fs), "_batch_read_general",
+                        lambda self, reqs, timeout: pytest.fail("general path used"))
+    outs = [np.zeros(4096, np.uint8), np.zeros((512, 2), np.float32), torch.zeros(4096, dtype=torch.uint8),
+            bytearray(4096), memoryview(bytearray(4096)), None]
+    res = fs.batch_read([(f, 4096 * k + 5, 4096, out) for k, out in enumerate(outs)] + [(f, 7, 0)])
+    for k, r in enumerate(res[:-1]):
+        assert r.ok and r.nbytes == 4096 and bytes(r.data) == data[4096 * k + 5:4096 * (k + 1) + 5]
+    assert res[-1].ok and res[-1].nbytes == 0 and bytes(res[-1].data) == b""
+
+
 def test_read_array_several_files_tensor_out_and_paths(fs):
     rng = np.random.default_rng()
     fs.mkdir("/m")
