@@ -68,7 +68,7 @@ def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
 
 
-@pytest.mark.parametrize("cfg", ["128,128,6", "128,192,5", "64,128,8", "128,64,8"])
+@pytest.mark.parametrize("cfg", ["128,128,6", "128,192,5", "64,128,8", "128,64,8", "256,128,4", "256,64,5"])
 @pytest.mark.parametrize("m,n,k", [(129, 200, 384), (4095, 2112, 1024)])
 def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
     """The TMA-store epilogue gives the plain kernel's bits: every element written, nothing past N or M (TMA clips
@@ -93,6 +93,39 @@ def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
     for key, d in outs.items():
         assert torch.equal(d, outs[("0", 0)]), f"{key} differs from the plain kernel"
     assert calc_diff(outs[("0", 0)], a.float() @ b.float().T) < 1e-3
+
+
+@pytest.mark.parametrize("m,n,k", [(129, 200, 384), (300, 4096, 1024), (4095, 2112, 1024), (700, 7168, 2048)])
+def test_256_row_tiles_match_128_row_tiles(monkeypatch, m, n, k):
+    """256-row tiles (two 64-row waves per math warpgroup) compute every 64-row block exactly as 128-row tiles of
+    the same width do, so the outputs are bit-identical: bf16 (staged epilogue), fp32 and bf16 with C (direct
+    stores), tiles past M, and the masked kind (rows past masked_m untouched)."""
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    c32, c16 = fresh_randn(m, n, device=DEV), fresh_randn(m, n, dtype=torch.bfloat16, device=DEV)
+    g, m_max = 2, 640
+    amq, amsf = quant_a(fresh_randn(g, m_max, k, dtype=torch.bfloat16, device=DEV))
+    _, bmq, bmsf = grouped_b(g, n, k, DEV)
+    masked_m = torch.tensor([m_max - 3, 130], dtype=torch.int32, device=DEV)
+    outs = {}
+    for cfg in ("256,128,4", "128,128,6"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+        res = []
+        for out_dtype, c in ((torch.bfloat16, None), (torch.float32, c32), (torch.bfloat16, c16)):
+            d = poisoned_empty(m, n, dtype=out_dtype, device=DEV)
+            ops.fp8_gemm_nt(aq, asf, bq, bsf, d, c)
+            res.append(d)
+        dm = poisoned_empty(g, m_max, n, dtype=torch.bfloat16, device=DEV)
+        ops.m_grouped_fp8_gemm_nt_masked(amq, amsf, bmq, bmsf, dm, masked_m, 256)
+        res.append(dm)
+        torch.cuda.synchronize()
+        for d in res[:3]:
+            assert not d.isnan().any(), f"unwritten outputs ({cfg})"
+        for i, rows in enumerate(masked_m.tolist()):
+            assert not dm[i, :rows].isnan().any() and dm[i, rows:].isnan().all(), f"masked rows wrong ({cfg})"
+        outs[cfg] = res
+    for x, y in zip(outs["256,128,4"], outs["128,128,6"]):
+        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
+    assert calc_diff(outs["256,128,4"][0], a.float() @ b.float().T) < 1e-3
 
 
 def test_dense_odd_n_and_short_k():

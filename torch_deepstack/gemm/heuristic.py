@@ -35,7 +35,8 @@ class GemmConfig:
 
     @property
     def threads(self) -> int:
-        return (self.block_m // 64 + 1) * 128
+        # one math warpgroup per 64 rows up to 128 (256-row tiles: two warpgroups of two 64-row waves), + producer
+        return (min(self.block_m // 64, 2) + 1) * 128
 
 
 def spans_at_most_two_scale_blocks(block_n: int) -> bool:
@@ -79,12 +80,14 @@ def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_pe
     max_bn = 160 if sf_b_per_row else 192
     best_key, best = None, None
     for bm in block_m_choices:
-        if bm == 128 and m <= 64 and 64 in block_m_choices:
+        if (bm == 128 and m <= 64 and 64 in block_m_choices) or (bm == 256 and m <= 128):
             continue
         for bn in range(16, max_bn + 1, 16):
             if not sf_b_per_row and not spans_at_most_two_scale_blocks(bn):
                 continue
-            if bm == 128 and bn % 64:
+            if bm >= 128 and bn % 64:
+                continue
+            if bm == 256 and (bn > 128 or sf_b_per_row):
                 continue
             tiles = cdiv(max(m, 1), bm) * cdiv(n, bn) * num_groups
             waves = cdiv(tiles, num_sms)
