@@ -74,7 +74,7 @@ def _rank(rank, world, port, tree, profile, results):
         if rank == 0:
             results[name] = best
     if profile:
-        for name in ("cached dispatch fp8", "combine bf16"):
+        for name in ("cached dispatch fp8", "combine bf16", "exact dispatch bf16 (syncs)"):
             torch.cuda.synchronize()
             dist.barrier()
             prof = cProfile.Profile()

@@ -118,11 +118,14 @@ class Intranode:
     # --- bookkeeping ------------------------------------------------------------------------------------------
     # Host copies of small results: held with a strong reference to the device tensor, so its memory cannot be
     # reused by another tensor while the entry lives, and a data_ptr match means the same result.
-    def _remember(self, rc_dev: torch.Tensor, rc_host: torch.Tensor) -> tuple:
+    def _remember(self, rc_dev: torch.Tensor, flat: list) -> tuple:
+        """flat: the R x R counts, row-major, as a host list (plain Python: this runs while the GPU waits)."""
         if len(self._host_counts) >= 64:
             self._host_counts.pop(next(iter(self._host_counts)))
-        # (device tensor, host copy, most rows any rank receives, most rows any rank sends): _fits per call
-        entry = (rc_dev, rc_host, int(rc_host.sum(0).max()), int(rc_host.sum(1).max()))
+        R = self.R
+        rows = [flat[i * R:(i + 1) * R] for i in range(R)]
+        # (device tensor, rows, most rows any rank receives, most rows any rank sends): _fits per call
+        entry = (rc_dev, rows, max(map(sum, zip(*rows))), max(map(sum, rows)))
         self._host_counts[rc_dev.data_ptr()] = entry
         return entry
 
@@ -131,7 +134,7 @@ class Intranode:
         hit = self._host_counts.get(rc_dev.data_ptr())
         if hit is not None and hit[0].shape == rc_dev.shape:
             return hit
-        return self._remember(rc_dev, rc_dev.cpu())
+        return self._remember(rc_dev, rc_dev.reshape(-1).tolist())
 
     def host_list(self, t: torch.Tensor) -> list | None:
         """The per-expert counts of the last exact dispatch as a host list, if `t` is that result."""
@@ -182,13 +185,13 @@ class Intranode:
         t.note_barrier()
         return info
 
-    def _check_notify(self, host: torch.Tensor, L: int, num_experts: int) -> None:
+    def _check_notify(self, host: list, L: int, num_experts: int) -> None:
         R = self.R
-        if int(host[-1]):
+        if host[-1]:
             self.t.check_error()                       # raises: a peer did not reach the count exchange
-        bad = [r for r, b in enumerate(host[R * R + L:R * R + L + R].tolist()) if b]
+        bad = [r for r, b in enumerate(host[R * R + L:R * R + L + R]) if b]
         if bad:
-            lo, hi = host[R * R + L + R:R * R + L + R + 2].tolist()
+            lo, hi = host[R * R + L + R:R * R + L + R + 2]
             if self.rank in bad:
                 raise ValueError(f"ep_dispatch: topk_idx holds expert ids in [{lo}, {hi}]; valid ids are -1 "
                                  f"(unused slot) and 0..{num_experts - 1} (num_experts={num_experts})")
@@ -257,16 +260,17 @@ class Intranode:
         info = self.notify(mask, pos, topk_idx, L)
         rc_dev = info[:R * R].view(R, R)
         a = expert_alignment
-        per_expert = (info[R * R:R * R + L] + (a - 1)) // a * a       # tokens per local expert, rounded up
+        per_expert = info[R * R:R * R + L]                              # tokens per local expert, rounded up
+        per_expert = (per_expert + (a - 1)) // a * a if a > 1 else per_expert.clone()
         out_rows = num_worst_tokens
         if not num_worst_tokens:
-            host = info.cpu()                          # the one host sync of an exact-size dispatch
+            host = info.tolist()                       # the one host sync of an exact-size dispatch
             self._check_notify(host, L, num_experts)
-            rc_host = host[:R * R].view(R, R)
-            if self._remember(rc_dev, rc_host)[2] > lay.cap:
+            entry = self._remember(rc_dev, host[:R * R])
+            if entry[2] > lay.cap:
                 return None
-            out_rows = int(rc_host[:, rank].sum())
-            self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L].tolist()])
+            out_rows = sum(row[rank] for row in entry[1])
+            self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L]])
         outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, topk_weights is not None, x.device)
         self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, outs, L)
         recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales,
