@@ -19,7 +19,7 @@ import sys
 import torch
 
 import torch_deepstack  # noqa: F401
-from torch_deepstack.mla import fp8_format, get_mla_metadata, mla_decode_with_kvcache
+from torch_deepstack.mla import fp8_format, get_mla_metadata, kernels, mla_decode_with_kvcache
 from torch_deepstack.testing.bench import bench_gpu
 
 D, DV, PAGE = 576, 512, 64
@@ -68,7 +68,21 @@ def time_graph(fn, reps):
     return bench_gpu(fn, warmup=1, rep=reps, use_graph=True) * 1e3
 
 
-def run(configs, reps, baseline, fp8_rows, causal=True):
+def time_kernels(fn, reps, decode_kernels, rounds):
+    """{kernel: best-of-rounds median µs}, the bf16 decode kernels interleaved round by round (A B A B ...)."""
+    best = {}
+    saved = kernels._DECODE_KERNEL
+    try:
+        for _ in range(rounds):
+            for k in decode_kernels:
+                kernels._DECODE_KERNEL = k
+                best[k] = min(best.get(k, math.inf), time_graph(fn, reps))
+    finally:
+        kernels._DECODE_KERNEL = saved
+    return best
+
+
+def run(configs, reps, baseline, fp8_rows, causal=True, decode_kernels=(), rounds=1, meta=True):
     rows = []
     for b, s_q, h_q, mean in configs:
         res = {"b": b, "s_q": s_q, "h_q": h_q, "mean_sk": mean}
@@ -77,9 +91,16 @@ def run(configs, reps, baseline, fp8_rows, causal=True):
         flop = 2 * s_q * h_q * (D + DV) * sum_sk
         qo_bytes = b * s_q * h_q * (D + DV) * 2
         sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
-        us = time_graph(lambda: mla_decode_with_kvcache(q, cache, bt, seq, DV, sched, splits, causal=causal), reps)
+        decode = lambda: mla_decode_with_kvcache(q, cache, bt, seq, DV, sched, splits, causal=causal)  # noqa: E731
+        if decode_kernels:
+            per_kernel = time_kernels(decode, reps, decode_kernels, rounds)
+            res.update({f"us_{k}": v for k, v in per_kernel.items()})
+            us = per_kernel.get(kernels.decode_kernel_for(s_q * h_q), min(per_kernel.values()))
+        else:
+            us = time_graph(decode, reps)
         res.update(us=us, tbps=(sum_sk * D * 2 + qo_bytes) / us / 1e6, tflops=flop / us / 1e6)
-        res["meta_us"] = time_graph(lambda: get_mla_metadata(seq, s_q * h_q, 1), reps)
+        if meta:
+            res["meta_us"] = time_graph(lambda: get_mla_metadata(seq, s_q * h_q, 1), reps)
         if baseline:
             try:
                 res["torch_us"] = time_graph(lambda: torch_decode(q, cache, bt, seq, causal), max(3, reps // 6))
@@ -101,14 +122,17 @@ def run(configs, reps, baseline, fp8_rows, causal=True):
 def table(rows) -> str:
     head = ("| b | s_q | h_q | mean s_k | µs | TB/s | TFLOPS | torch µs | speedup | FP8 µs | FP8 gain | "
             "metadata µs |")
-    lines = [head, "|" + "---|" * 12]
+    ab = sorted(k[3:] for k in (rows[0] if rows else {}) if k.startswith("us_"))
+    if ab:
+        head += "".join(f" {k} µs |" for k in ab)
+    lines = [head, "|" + "---|" * (12 + len(ab))]
     for r in rows:
         t = r.get("torch_us")
         torch_cols = ("", "") if t is None else (f"{t:.0f}", f"{t / r['us']:.1f}x")
         fp8_cols = ("", "") if "fp8_us" not in r else (f"{r['fp8_us']:.1f}", f"{r['fp8_speedup']:.2f}x")
         lines.append(f"| {r['b']} | {r['s_q']} | {r['h_q']} | {r['mean_sk']} | {r['us']:.1f} | {r['tbps']:.2f} | "
                      f"{r['tflops']:.0f} | {torch_cols[0]} | {torch_cols[1]} | {fp8_cols[0]} | {fp8_cols[1]} | "
-                     f"{r['meta_us']:.1f} |")
+                     f"{r.get('meta_us', math.nan):.1f} |" + "".join(f" {r['us_' + k]:.1f} |" for k in ab))
     return "\n".join(lines)
 
 
@@ -120,6 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-max-rows", type=int, default=64, help="FP8 rows for configs with s_q*h_q <= this")
     ap.add_argument("--fp8-configs-only", action="store_true",
                     help="only the configs that get an FP8 row (s_q*h_q <= --fp8-max-rows)")
+    ap.add_argument("--decode-kernels", help="A/B the bf16 decode kernels, e.g. 'general,overlap' (interleaved, "
+                                             "best of --rounds); the us column follows the default rule")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds for --decode-kernels")
+    ap.add_argument("--no-metadata", action="store_true", help="skip timing get_mla_metadata")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--configs", help="only these configs: 'b,s_q,h_q,mean_sk;...'")
     args = ap.parse_args(argv)
@@ -134,7 +162,9 @@ def main(argv=None) -> int:
     if args.fp8_configs_only:
         configs = [c for c in configs if c[1] * c[2] <= args.fp8_max_rows]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows = run(configs, args.reps, not args.no_baseline, args.fp8_max_rows)
+    ab = tuple(k for k in (args.decode_kernels or "").split(",") if k)
+    rows = run(configs, args.reps, not args.no_baseline, args.fp8_max_rows, decode_kernels=ab, rounds=args.rounds,
+               meta=not args.no_metadata)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -35,10 +35,32 @@ def run_case(b, s_q, h_q, h_kv, d, dtype, mean, causal, zeros, parts, fp8=False,
     return out, lse, ref_out.to(dtype), ref_lse, (q, cache, bt, seq)
 
 
+@pytest.fixture(params=["general", "overlap", "overlap_pf"])
+def decode_kernel(request, monkeypatch):
+    """Force one of the bf16/fp16 decode kernels (mla_decode.cuh, mla_decode_overlap.cuh without / with prefetch)."""
+    from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_DECODE_KERNEL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("parts", [0, 5])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}sq{c[1]}hq{c[2]}hk{c[3]}d{c[4]}{str(c[5])[-4:]}")
-def test_decode_matches_reference(case, parts):
+def test_decode_matches_reference(case, parts, decode_kernel):
     out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts)
+    assert_mla_close(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("case", [
+    (12, 2, 128, 1, 576, torch.bfloat16, 1500, True, (4,)),   # 4 row blocks, ~24 pages per request, stages wrap
+    (7, 1, 128, 1, 512, torch.float16, 700, False, (0, 6)),   # d = 512 (8 chunks), empty first/last request
+])
+@pytest.mark.parametrize("parts", [0, 3, 40])
+@pytest.mark.parametrize("which", ["overlap", "overlap_pf"])
+def test_overlap_kernel_long_requests(case, parts, which, monkeypatch):
+    """The overlap kernel over many tiles per part, parts that start/end mid-request, and request switches."""
+    from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_DECODE_KERNEL", which)
+    out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts, seed=3)
     assert_mla_close(out, lse, ref_out, ref_lse)
 
 
@@ -100,8 +122,35 @@ def test_append_matches_reference():
         assert torch.equal(gpu.cpu(), ref)
 
 
-def test_cuda_graph_replay_with_new_lengths():
-    b, s_q, h_q, d = 4, 1, 16, 576
+@pytest.mark.parametrize("which", ["general", "overlap", "overlap_pf"])
+def test_decode_with_growing_scores(which, monkeypatch):
+    """Scores that grow along the sequence (and shrink for some rows), so the running max moves mid-request by more
+    than the overlap kernel's lazy-rescaling margin (2^8) and O / l are rescaled several times."""
+    from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_DECODE_KERNEL", which)
+    b, s_q, h_q, d = 3, 2, 128, 576
+    lens = [1000, 700, 1300]
+    q, cache, bt, seq = make_case(b, s_q, h_q, 1, d, torch.bfloat16, lens, seed=7)
+    # Channel 0 of token t gets a ramp of ~0.9 * t / 64 in score (natural log, after the softmax scale): the max of a
+    # row moves by ~20 log2 units over 1000 tokens; half of the heads see the ramp reversed (max in the first page).
+    pos = torch.zeros(cache.shape[0], 64)
+    for i, n in enumerate(lens):
+        for blk in range((n + 63) // 64):
+            pos[int(bt[i, blk])] = torch.arange(64) + 64 * blk
+    ramp = (pos / 64 * 0.9 * d ** 0.5 / 4).to(cache.dtype)
+    cache[:, :, 0, 0] = torch.where(cache[:, :, 0, 0].isnan(), cache[:, :, 0, 0], ramp)
+    q[..., 0] = 4.0
+    q[:, :, ::2, 0] = -4.0
+    q, cache, bt, seq = q.cuda(), cache.cuda(), bt.cuda(), seq.cuda()
+    sched, splits = get_mla_metadata(seq, s_q * h_q, 1, num_sm_parts=4)
+    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=True)
+    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), d ** -0.5, True, False)
+    assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
+
+
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_cuda_graph_replay_with_new_lengths(h_q):
+    b, s_q, d = 4, 1, 576
     lens = [300, 100, 0, 64]
     q, cache, bt, seq = make_case(b, s_q, h_q, 1, d, torch.bfloat16, [400] * b, device="cuda")
     seq.copy_(torch.tensor(lens, dtype=torch.int32))

@@ -31,6 +31,34 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
     return KernelSpec("mla/mla_decode.cuh", "deepstack::mla::mla_decode_kernel", (_CTYPE[dtype], d, fp8))
 
 
+# bf16/fp16 caches: mla_decode_overlap.cuh keeps the tensor cores busy during the softmax (WG1's P V half queued behind
+# WG0's next Q K^T). "auto" takes it for more than _OVERLAP_MIN_ROWS q rows per KV head; "general", "overlap" and
+# "overlap_pf" (+ L2 prefetch of the late chunks) force one kernel (benchmarks and tests compare them).
+_DECODE_KERNELS = ("auto", "general", "overlap", "overlap_pf")
+_DECODE_KERNEL = "auto"
+_OVERLAP_MIN_ROWS = 128
+
+
+def overlap_spec(dtype: torch.dtype, d: int, prefetch_late: bool = False) -> KernelSpec:
+    return KernelSpec("mla/mla_decode_overlap.cuh", "deepstack::mla::mla_decode_overlap_kernel",
+                      (_CTYPE[dtype], d, prefetch_late))
+
+
+def overlap_smem_bytes(d: int) -> int:
+    """Mirror of OverlapLayout<d>::kAlloc."""
+    chunks = d // 64
+    return 3 * chunks * _CHUNK_BYTES + _CHUNK_BYTES + 2 * 64 * 4 + (2 * chunks + 4) * 8 + 1024
+
+
+def decode_kernel_for(rows: int) -> str:
+    """'general', 'overlap' or 'overlap_pf': the bf16/fp16 decode kernel for this many q rows per KV head."""
+    if _DECODE_KERNEL not in _DECODE_KERNELS:
+        raise ValueError(f"_DECODE_KERNEL must be one of {_DECODE_KERNELS}, got {_DECODE_KERNEL!r}")
+    if _DECODE_KERNEL != "auto":
+        return _DECODE_KERNEL
+    return "overlap" if rows > _OVERLAP_MIN_ROWS else "general"
+
+
 # FP8 caches with few q rows per KV head (s_q * h_q / h_kv <= 32) take mla_decode_fp8.cuh: transposed products with
 # the rows as the small wgmma N (16 or 32) and a bulk-copy-fed raw ring for the dequantising warps. Module
 # attributes so a benchmark can compare against the general kernel (_FP8_SMALL_ROWS = False) or another stage size.
@@ -63,6 +91,7 @@ def _prebuild():
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [decode_spec(dt, d, False) for d in (576, 512)]
+        specs += [overlap_spec(dt, d, pf) for d in (576, 512) for pf in (False, True)]
     return specs
 
 
@@ -172,12 +201,17 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
         kmap, kptr, tok_stride = _kv_tensor_map_device(k_cache), 0, 0
     scale = default_softmax_scale(d, softmax_scale)
     causal_flag = int(bool(causal) and s_q > 1)
-    kernel = get_kernel(decode_spec(q.dtype, d, is_fp8_kvcache), _DECODE_SIG)
+    which = "general" if is_fp8_kvcache else decode_kernel_for(rows)
+    if which != "general":
+        kernel = get_kernel(overlap_spec(q.dtype, d, which == "overlap_pf"), _DECODE_SIG)
+        smem = overlap_smem_bytes(d)
+    else:
+        kernel, smem = get_kernel(decode_spec(q.dtype, d, is_fp8_kvcache), _DECODE_SIG), decode_smem_bytes(d)
     kernel.launch((parts, h_kv, (rows + 63) // 64), 384,
                   q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap,
                   h_q, h_kv, s_q, rows, causal_flag, bt.stride(0),
                   q.stride(0), q.stride(1), q.stride(2), tok_stride, scale * _LOG2E,
-                  smem=decode_smem_bytes(d))
+                  smem=smem)
     get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
         (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
     return out, lse
