@@ -50,6 +50,7 @@ from torch_deepstack.data import (DeepstackDataset, DeepstackStorageReader, Deep
 from torch_deepstack.testing.bench import BenchTable, update_markdown_block
 
 KIB = 1024
+DEFAULT_WORKER_BUFFERS = 6  # DeepstackDataset's default
 FULL_SAMPLES = {4 * KIB: 200_000, 64 * KIB: 32_000, 1024 * KIB: 2_000}
 QUICK_SAMPLES = {4 * KIB: 20_000, 64 * KIB: 3_000, 1024 * KIB: 300}
 
@@ -296,6 +297,52 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
         print(f"  best deepstack: {best:.0f} samples/s; ratios {ratio}", flush=True)
 
 
+def ab_worker_buffers(args) -> None:
+    """Paired A/B of DataLoader workers' batch buffers: per size and worker count, rounds of two runs over the
+    same window, `worker_buffers=0` (a fresh shared-memory buffer per batch) and the default (recycled slabs),
+    their order alternating between rounds. Reports samples/s and the CPU time per sample of the main process
+    and its workers together (workers are joined at the end of each run, so their time is in RUSAGE_CHILDREN;
+    worker start-up is included, the same for both)."""
+    import resource
+
+    sizes = [int(s) * KIB for s in args.sizes.split(",")]
+    workers = [int(w) for w in args.workers.split(",") if int(w) > 0]
+    counts = QUICK_SAMPLES if args.quick else FULL_SAMPLES
+    print(f"A/B worker_buffers, {args.ab_buffers} rounds of {args.seconds} s, load average {os.getloadavg()}",
+          flush=True)
+    for size in sizes:
+        n = args.samples or counts[size]
+        p = prepare(args.dir, size, n, False)
+        batch = max(8, min(256, (4 << 20) // size))
+        for w in workers:
+            runs: dict[str, list] = {"fresh": [], "reused": []}
+            for rnd in range(args.ab_buffers):
+                order = ["fresh", "reused"] if rnd % 2 == 0 else ["reused", "fresh"]
+                for name in order:
+                    ds = DeepstackDataset(p["fs"], "/ds", batched=True,
+                                          worker_buffers=0 if name == "fresh" else DEFAULT_WORKER_BUFFERS)
+                    drop_cache(p["fs"])
+                    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+                    sps, _, got = measure(DataLoader(ds, shuffle=True, generator=torch.Generator().manual_seed(rnd),
+                                                     collate_fn=ds.collate_fn, batch_size=batch, num_workers=w,
+                                                     persistent_workers=True, multiprocessing_context=args.mp_context),
+                                          size, args.seconds, check_stacked)
+                    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+                    usr = (r1.ru_utime - r0.ru_utime + c1.ru_utime - c0.ru_utime) / got * 1e6
+                    sys_ = (r1.ru_stime - r0.ru_stime + c1.ru_stime - c0.ru_stime) / got * 1e6
+                    runs[name].append((sps, usr, sys_))
+                f, r = runs["fresh"][-1], runs["reused"][-1]
+                print(f"{size // KIB} KiB, {w} workers, round {rnd}: fresh {f[0]:.0f} samples/s "
+                      f"(user {f[1]:.0f} + sys {f[2]:.0f} us/sample), reused {r[0]:.0f} samples/s (user {r[1]:.0f} "
+                      f"+ sys {r[2]:.0f} us/sample), first: {order[0]}, load {os.getloadavg()[0]:.2f}", flush=True)
+            med = {k: np.median(np.array(v), axis=0) for k, v in runs.items()}
+            ratio = float(np.median([r[0] / f[0] for f, r in zip(runs["fresh"], runs["reused"])]))
+            print(f"{size // KIB} KiB, {w} workers, medians of {args.ab_buffers}: fresh {med['fresh'][0]:.0f} "
+                  f"samples/s, {med['fresh'][1]:.0f} + {med['fresh'][2]:.0f} us/sample; reused "
+                  f"{med['reused'][0]:.0f} samples/s, {med['reused'][1]:.0f} + {med['reused'][2]:.0f} us/sample; "
+                  f"paired throughput ratio {ratio:.2f}", flush=True)
+
+
 def checkpoint_rows(args, table: BenchTable) -> None:
     mb = 128 if args.quick else 1024
     g = torch.Generator().manual_seed(0)
@@ -394,10 +441,16 @@ def main() -> int:
     ap.add_argument("--no-loader", action="store_true", help="skip the DataLoader rows")
     ap.add_argument("--no-kv", action="store_true", help="skip the KV-cache offload rows")
     ap.add_argument("--save", action="store_true", help="record the table in docs/benchmarks.md (## Data)")
+    ap.add_argument("--ab-buffers", type=int, default=0, metavar="ROUNDS",
+                    help="only a paired A/B of the workers' batch buffers (fresh per batch vs recycled), ROUNDS "
+                         "rounds per size and worker count (--sizes, --workers)")
     args = ap.parse_args()
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)
     args.repeat = args.repeat or (1 if args.quick else 2)
     os.makedirs(args.dir, exist_ok=True)
+    if args.ab_buffers:
+        ab_worker_buffers(args)
+        return 0
     table = BenchTable("data", "loader", "DataLoader throughput, shuffled, and checkpoint save/load",
                        ["data", "samples", "reader", "workers", "samples/s", "GB/s", "note"])
     table.notes.append(f"machine: {os.cpu_count()} CPU cores; data under {args.dir} "

@@ -18,6 +18,7 @@ import torch
 import torch.utils.data
 
 from torch_deepstack import storage
+from torch_deepstack.data import shm_pool
 from torch_deepstack.data._fs import FSHandle, join
 from torch_deepstack.data.format import INDEX_NAME, PackIndex
 from torch_deepstack.storage.client import ArrayReadResult
@@ -61,9 +62,16 @@ def _in_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
 
 
-def alloc_batch_buffer(nbytes: int, *, shared: bool, pin: bool) -> tuple[torch.Tensor, int]:
+def alloc_batch_buffer(nbytes: int, *, shared: bool, pin: bool, reuse: int = 0) -> tuple[torch.Tensor, int]:
     """(uint8 buffer, offset of its first 4 KiB-aligned byte). Shared memory in DataLoader workers (the batch
-    then crosses to the main process without a copy), pinned memory for direct H2D when asked and possible."""
+    then crosses to the main process without a copy): with reuse > 0 a free slab of this worker's pool of up to
+    `reuse` recycled buffers (see shm_pool.py), else a fresh one. Pinned memory for direct H2D when asked and
+    possible."""
+    if shared and reuse > 0:
+        pool = shm_pool.worker_pool(reuse)
+        buf = pool.acquire(nbytes) if pool is not None else None
+        if buf is not None:
+            return buf, 0  # slab data is page-aligned
     size = nbytes + PAGE
     if shared:
         buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
@@ -85,6 +93,9 @@ class DeepstackDataset(torch.utils.data.Dataset):
              workers leave pinning to DataLoader(pin_memory=True).
     verify: check every sample's CRC32C from the index (end to end, on top of storage's page CRCs).
     timeout: seconds one batched read may take before SampleReadError (never hang on a dead cluster).
+    worker_buffers: shared-memory batch buffers each DataLoader worker keeps and reuses once the main process
+             has released the batch in them (its tensors and every view of them are gone); a kept batch is never
+             overwritten, and with none free a worker allocates a fresh buffer. 0: a fresh buffer per batch.
     secret, storage_options: for the clients this dataset opens (in each worker): the cluster secret and
              connect() options such as io_threads, or timeout / retry_for for a cluster.
 
@@ -94,9 +105,13 @@ class DeepstackDataset(torch.utils.data.Dataset):
 
     def __init__(self, fs: storage.FileSystem | str, path: str, *, transform: Callable[[Any], Any] | None = None,
                  batched: bool = False, pin_memory: bool = False, verify: bool = True, timeout: float = 60.0,
-                 secret: str | bytes | None = None, storage_options: dict | None = None):
+                 secret: str | bytes | None = None, storage_options: dict | None = None,
+                 worker_buffers: int = 6):
         self._handle = FSHandle(fs, secret=secret, options=storage_options)
         self.path = join(path)
+        if not isinstance(worker_buffers, int) or worker_buffers < 0:
+            raise ValueError(f"worker_buffers: expected an int >= 0, got {worker_buffers!r}")
+        self.worker_buffers = worker_buffers
         self.transform = transform
         self.batched = batched
         self.pin_memory = pin_memory
@@ -195,7 +210,9 @@ class DeepstackDataset(torch.utils.data.Dataset):
         else:
             starts = _slots(lengths)
         total = int((starts + lengths).max()) if len(idx) else 0
-        buf, base = alloc_batch_buffer(total, shared=_in_worker(), pin=self.pin_memory and not _in_worker())
+        worker = _in_worker()
+        buf, base = alloc_batch_buffer(total, shared=worker, pin=self.pin_memory and not worker,
+                                       reuse=getattr(self, "worker_buffers", 0))
         data = buf[base:base + total]
         pending = PendingBatch(self, idx, lengths, starts, data, contiguous)
         if not len(idx):
