@@ -22,6 +22,18 @@ def test_processes_sharing_one_gpu_over_ipc(world_size):
 
 
 @pytest.mark.cuda
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world_size", [4, 8])
+def test_ranks_spread_over_gpus_over_ipc(world_size):
+    """World sizes 4 and 8 on the GPUs there are (rank r on GPU r % count): the fused NVLink kernels with R peers,
+    some across NVLink and some on the same GPU. Not a substitute for one process per GPU (no bandwidth claim)."""
+    import torch
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs to mix NVLink and same-GPU peers")
+    run_world(workers.spread_over_gpus_checks, world_size, 17, timeout_s=550)
+
+
+@pytest.mark.cuda
 @pytest.mark.timeout(200)
 def test_ipc_errors_and_dead_peer():
     run_world(workers.error_checks, 2, "cuda", "ipc", timeout_s=90)

@@ -313,7 +313,14 @@ def check_low_latency_gradients(buf, seed, rank, ws, num_experts, num_max):
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
     (ref * gy).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-4)
+    # grad_w[t, k] = c(e_k) <gy_t, x_t>: an fp32 dot product of HIDDEN terms, summed in another order than
+    # autograd's. Where the terms cancel, rounding is relative to the sum of their magnitudes, which grows with c
+    # (up to 64 at 8 ranks), so the bound adds 2e-7 (~3.4 x 2^-24) of that sum to the plain tolerances.
+    terms = (gy.abs() * x.detach().abs()).sum(1, keepdim=True) * c.abs()
+    err = (w.grad - wr.grad).abs()
+    bound = 1e-4 + 1e-5 * wr.grad.abs() + 2e-7 * terms
+    assert bool((err <= bound).all()), f"grad_w off by {float(err.max()):.3g}, bound there " \
+                                       f"{float(bound.flatten()[err.argmax()]):.3g}"
 
 
 def normal_mode_checks(rank, ws, seed, device="cpu", transport="auto"):
@@ -335,6 +342,13 @@ def normal_mode_checks(rank, ws, seed, device="cpu", transport="auto"):
         check_worst_mode_graph(buf.buf, seed, rank, ws, num_experts)
         check_decode_step_graph(ll.buf, seed, rank, ws, num_experts, num_max=40)
     dist.barrier()
+
+
+def spread_over_gpus_checks(rank, ws, seed):
+    """normal_mode_checks with rank r on GPU r % device_count: peers on other GPUs (NVLink) and on the same GPU
+    at once, so the fused kernels run with R = ws on fewer GPUs than ranks (gloo carries only the IPC handles)."""
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    normal_mode_checks(rank, ws, seed, "cuda", "ipc")
 
 
 def _replay_matches_eager(step, statics, fresh_inputs, check=None):
