@@ -46,12 +46,8 @@ __device__ __forceinline__ uint64_t opaque_u64(uint64_t v) {
   return v;
 }
 
-// L2 prefetch of one TMA box (no shared memory, no barrier).
-__device__ __forceinline__ void tma_prefetch_l2_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {
-  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];"
-               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
-}
-
+// Lazy rescaling: the running max of a row moves only when a tile's max exceeds it by more than kLazyMax (log2
+// units), so P <= 2^kLazyMax and O is rarely rescaled; exact, since out and lse use the same max.
 constexpr float kLazyMax = 8.f;
 
 // O rows (g, g + 8) *= (sc0, sc1); skipped by the whole warp when no row of it moved its max (the common case).
@@ -64,9 +60,7 @@ __device__ __forceinline__ void rescale_rows(float (&o)[128], float sc0, float s
   }
 }
 
-// kPrefetchB: when a tile's first chunks are loaded, also prefetch its late chunks (4..7) into L2, so their load
-// (issued only once WG1 frees them, a Q K^T before they are needed) hits L2.
-template <typename T, int kDQK, bool kPrefetchB>
+template <typename T, int kDQK>
 __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
     const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
     float* __restrict__ lse_accum, const int* __restrict__ block_table, const int* __restrict__ seqlens,
@@ -133,10 +127,6 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
           if (late_chunk(c)) continue;
           sm90::mbar_arrive_expect_tx(&fb[c], kChunkBytes);
           sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, policy);
-        }
-        if constexpr (kPrefetchB) {
-#pragma unroll
-          for (int c = 4; c < 8; ++c) tma_prefetch_l2_4d(kmap, c * 64, kvh, 0, page);
         }
         sm90::mbar_wait(&empty_b[stage], phase ^ 1);
 #pragma unroll
@@ -258,8 +248,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
           mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
           mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
         }
-        // Lazy rescaling: the running max moves only when the tile's max exceeds it by more than kLazyMax (log2
-        // units), so P <= 2^kLazyMax and O is rarely rescaled (exact: out and lse use the same max).
+        // Lazy rescaling (see kLazyMax).
         const float sc0 = mx0 > m0 + kLazyMax ? exp2f(m0 - mx0) : 1.f;
         const float sc1 = mx1 > m1 + kLazyMax ? exp2f(m1 - mx1) : 1.f;
         if (sc0 != 1.f) m0 = mx0;

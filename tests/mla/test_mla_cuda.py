@@ -35,9 +35,9 @@ def run_case(b, s_q, h_q, h_kv, d, dtype, mean, causal, zeros, parts, fp8=False,
     return out, lse, ref_out.to(dtype), ref_lse, (q, cache, bt, seq)
 
 
-@pytest.fixture(params=["general", "overlap", "overlap_pf"])
+@pytest.fixture(params=["general", "overlap"])
 def decode_kernel(request, monkeypatch):
-    """Force one of the bf16/fp16 decode kernels (mla_decode.cuh, mla_decode_overlap.cuh without / with prefetch)."""
+    """Force one of the bf16/fp16 decode kernels (mla_decode.cuh, mla_decode_overlap.cuh)."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_DECODE_KERNEL", request.param)
     return request.param
@@ -55,11 +55,10 @@ def test_decode_matches_reference(case, parts, decode_kernel):
     (7, 1, 128, 1, 512, torch.float16, 700, False, (0, 6)),   # d = 512 (8 chunks), empty first/last request
 ])
 @pytest.mark.parametrize("parts", [0, 3, 40])
-@pytest.mark.parametrize("which", ["overlap", "overlap_pf"])
-def test_overlap_kernel_long_requests(case, parts, which, monkeypatch):
+def test_overlap_kernel_long_requests(case, parts, monkeypatch):
     """The overlap kernel over many tiles per part, parts that start/end mid-request, and request switches."""
     from torch_deepstack.mla import kernels
-    monkeypatch.setattr(kernels, "_DECODE_KERNEL", which)
+    monkeypatch.setattr(kernels, "_DECODE_KERNEL", "overlap")
     out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts, seed=3)
     assert_mla_close(out, lse, ref_out, ref_lse)
 
@@ -122,7 +121,7 @@ def test_append_matches_reference():
         assert torch.equal(gpu.cpu(), ref)
 
 
-@pytest.mark.parametrize("which", ["general", "overlap", "overlap_pf"])
+@pytest.mark.parametrize("which", ["general", "overlap"])
 def test_decode_with_growing_scores(which, monkeypatch):
     """Scores that grow along the sequence (and shrink for some rows), so the running max moves mid-request by more
     than the overlap kernel's lazy-rescaling margin (2^8) and O / l are rescaled several times."""

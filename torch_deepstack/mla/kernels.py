@@ -31,17 +31,17 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
     return KernelSpec("mla/mla_decode.cuh", "deepstack::mla::mla_decode_kernel", (_CTYPE[dtype], d, fp8))
 
 
-# bf16/fp16 caches: mla_decode_overlap.cuh keeps the tensor cores busy during the softmax (WG1's P V half queued behind
-# WG0's next Q K^T). "auto" takes it for more than _OVERLAP_MIN_ROWS q rows per KV head; "general", "overlap" and
-# "overlap_pf" (+ L2 prefetch of the late chunks) force one kernel (benchmarks and tests compare them).
-_DECODE_KERNELS = ("auto", "general", "overlap", "overlap_pf")
+# bf16/fp16 caches: mla_decode.cuh ("general") or mla_decode_overlap.cuh ("overlap": WG1's P V half queued behind
+# WG0's next Q K^T, so the softmax no longer idles the tensor cores). "auto" takes the overlap kernel for more than
+# _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md); the others force one kernel
+# (benchmarks and tests compare them).
+_DECODE_KERNELS = ("general", "overlap")
 _DECODE_KERNEL = "auto"
 _OVERLAP_MIN_ROWS = 128
 
 
-def overlap_spec(dtype: torch.dtype, d: int, prefetch_late: bool = False) -> KernelSpec:
-    return KernelSpec("mla/mla_decode_overlap.cuh", "deepstack::mla::mla_decode_overlap_kernel",
-                      (_CTYPE[dtype], d, prefetch_late))
+def overlap_spec(dtype: torch.dtype, d: int) -> KernelSpec:
+    return KernelSpec("mla/mla_decode_overlap.cuh", "deepstack::mla::mla_decode_overlap_kernel", (_CTYPE[dtype], d))
 
 
 def overlap_smem_bytes(d: int) -> int:
@@ -51,12 +51,19 @@ def overlap_smem_bytes(d: int) -> int:
 
 
 def decode_kernel_for(rows: int) -> str:
-    """'general', 'overlap' or 'overlap_pf': the bf16/fp16 decode kernel for this many q rows per KV head."""
+    """'general' or 'overlap': the bf16/fp16 decode kernel for this many q rows per KV head."""
+    if _DECODE_KERNEL == "auto":
+        return "overlap" if rows > _OVERLAP_MIN_ROWS else "general"
     if _DECODE_KERNEL not in _DECODE_KERNELS:
-        raise ValueError(f"_DECODE_KERNEL must be one of {_DECODE_KERNELS}, got {_DECODE_KERNEL!r}")
-    if _DECODE_KERNEL != "auto":
-        return _DECODE_KERNEL
-    return "overlap" if rows > _OVERLAP_MIN_ROWS else "general"
+        raise ValueError(f"_DECODE_KERNEL must be 'auto' or one of {_DECODE_KERNELS}, got {_DECODE_KERNEL!r}")
+    return _DECODE_KERNEL
+
+
+def bf16_decode_spec(dtype: torch.dtype, d: int, rows: int) -> tuple[KernelSpec, int]:
+    """(spec, shared-memory bytes) of the decode kernel that a bf16/fp16 cache with `rows` q rows per KV head takes."""
+    if decode_kernel_for(rows) == "overlap":
+        return overlap_spec(dtype, d), overlap_smem_bytes(d)
+    return decode_spec(dtype, d, False), decode_smem_bytes(d)
 
 
 # FP8 caches with few q rows per KV head (s_q * h_q / h_kv <= 32) take mla_decode_fp8.cuh: transposed products with
@@ -90,8 +97,8 @@ def _prebuild():
              *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32))]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
-        specs += [decode_spec(dt, d, False) for d in (576, 512)]
-        specs += [overlap_spec(dt, d, pf) for d in (576, 512) for pf in (False, True)]
+        specs += [spec(dt, d) for d in (576, 512)
+                  for spec in (lambda t, dd: decode_spec(t, dd, False), overlap_spec)]
     return specs
 
 
@@ -201,12 +208,11 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
         kmap, kptr, tok_stride = _kv_tensor_map_device(k_cache), 0, 0
     scale = default_softmax_scale(d, softmax_scale)
     causal_flag = int(bool(causal) and s_q > 1)
-    which = "general" if is_fp8_kvcache else decode_kernel_for(rows)
-    if which != "general":
-        kernel = get_kernel(overlap_spec(q.dtype, d, which == "overlap_pf"), _DECODE_SIG)
-        smem = overlap_smem_bytes(d)
+    if is_fp8_kvcache:
+        spec, smem = decode_spec(q.dtype, d, True), decode_smem_bytes(d)
     else:
-        kernel, smem = get_kernel(decode_spec(q.dtype, d, is_fp8_kvcache), _DECODE_SIG), decode_smem_bytes(d)
+        spec, smem = bf16_decode_spec(q.dtype, d, rows)
+    kernel = get_kernel(spec, _DECODE_SIG)
     kernel.launch((parts, h_kv, (rows + 63) // 64), 384,
                   q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap,
                   h_q, h_kv, s_q, rows, causal_flag, bt.stride(0),
