@@ -67,6 +67,12 @@ def aligned(n: int) -> np.ndarray:
     return raw[off:off + n]
 
 
+def draw_offsets(nblocks, qd, seconds):
+    """The block numbers both APIs read, batch by batch: the same sequence for both (they had drawn different
+    ones, and on this virtio disk one fixed sequence read again and again can run at another rate than another)."""
+    return np.random.default_rng(1234).integers(0, nblocks, (int(seconds * 400_000) // qd + 2, qd))
+
+
 def bench_reads(fs, path, size, bs, qd, seconds):
     """qd (file, offset, length, buffer) requests per `batch_read` call, built per call as a user's loop
     would; the offsets are drawn up front (as for read_array below: drawing them with `random` in the loop
@@ -75,8 +81,7 @@ def bench_reads(fs, path, size, bs, qd, seconds):
     buf = aligned(qd * bs).reshape(qd, bs)
     rows = [buf[i] for i in range(qd)]
     nblocks = size // bs
-    offsets = (np.random.default_rng(1234).integers(0, nblocks, (int(seconds * 200_000) // qd + 2, qd))
-               * bs).tolist()
+    offsets = (draw_offsets(nblocks, qd, seconds) * bs).tolist()
     # warm-up batch (opens files, fills fd cache)
     fs.batch_read([(f, off, bs, b) for off, b in zip(offsets[-1], rows)])
     ios = 0
@@ -99,7 +104,7 @@ def bench_reads_array(fs, path, size, bs, qd, seconds):
     f = fs.open(path)
     buf = aligned(qd * bs)
     nblocks = size // bs
-    offsets = np.random.default_rng(1234).integers(0, nblocks, (int(seconds * 400_000) // qd + 2, qd)) * bs
+    offsets = draw_offsets(nblocks, qd, seconds) * bs
     lengths = np.full(qd, bs, np.int64)
     dests = np.arange(qd, dtype=np.int64) * bs
     fs.read_array(f, offsets[-1], lengths, buf, dests).raise_first()

@@ -292,6 +292,7 @@ def _start_pruner() -> None:  # caller holds _MAIN_LOCK
 
 def _after_fork_in_child() -> None:
     global _MAPPED, _PRUNER, _MAIN_LOCK
+    _LOCAL.clear()  # the parent's slabs are not the child's to send
     _INHERITED.append(_MAPPED)  # the child shares these mappings; dropping them could unmap a user's tensor
     _MAPPED = {}
     _PRUNER = None
