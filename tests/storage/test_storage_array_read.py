@@ -380,6 +380,36 @@ def test_crc_many_matches_crc32c(mode):
     assert got.tolist() == [crc32c(buf[s:s + n].tobytes()) for s, n in zip(starts.tolist(), lens.tolist())]
 
 
+CRC_CHECK = """
+import sys, numpy as np
+from torch_deepstack.storage import fastio
+from torch_deepstack.storage.crc import crc32c
+lib = fastio.load()
+buf = np.random.default_rng(7).integers(0, 256, (1 << 20) + 64, dtype=np.uint8)
+for k, n in enumerate(list(range(0, 1100)) + list(range(1100, 4200, 7)) + [65536 + 13, 1 << 20]):
+    off, init = k % 17, (0, 0xFFFFFFFF, 0x1234567)[k % 3]
+    assert lib.ds_crc32c(buf.ctypes.data + off, n, init) == crc32c(buf[off:off + n].tobytes(), init), (n, off)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("wide", ["1", "0"])
+def test_native_crc32c_every_kernel_matches(wide):
+    """Both folding kernels (AVX-512 VPCLMULQDQ, 256 bytes a step, where the CPU has it; 128-bit PCLMULQDQ,
+    64 bytes a step, with DEEPSTACK_CRC_AVX512=0) against the reference, in a fresh process each (the choice
+    is made once per process): every length through several steps of both, unaligned starts, running values."""
+    if fastio.load() is None:
+        pytest.skip("no C helper")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DEEPSTACK_CRC_AVX512=wide)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", CRC_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_native_crc32c_matches_crc32c_at_every_length_and_alignment():
     """The helper's CRC32C folds buffers of 256 bytes and more with carry-less multiplies (and runs the crc32
     instruction on the rest): every length around the fold's steps, unaligned starts, and a running value."""
@@ -390,7 +420,8 @@ def test_native_crc32c_matches_crc32c_at_every_length_and_alignment():
 
     rng = np.random.default_rng(7)
     buf = rng.integers(0, 256, (1 << 20) + 64, dtype=np.uint8)
-    lengths = list(range(0, 700)) + [4095, 4096, 4097, 65536, 65536 + 13, 1 << 20]
+    lengths = list(range(0, 700)) + [1023, 1024, 1025, 2047, 2048, 2049, 4095, 4096, 4097, 65536, 65536 + 13,
+                                     1 << 20]
     for k, n in enumerate(lengths):
         off, init = k % 17, (0, 0xFFFFFFFF, 0x1234567)[k % 3]
         got = lib.ds_crc32c(buf.ctypes.data + off, n, init)
