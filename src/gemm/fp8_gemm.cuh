@@ -103,28 +103,27 @@ struct TileScheduler {
 
 template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool kSfbPerRow, typename OutT,
           typename CT, bool kHasC, int kCluster = 1, bool kTmaStore = false>
-__global__ void __launch_bounds__(((kBlockM == 64 ? 1 : 2) + 1) * 128, 1)
+__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
 fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                 const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
                 OutT* __restrict__ d, const CT* c, const float* __restrict__ sfb, const int* __restrict__ layout,
                 int M, int num_groups, int ldd, int ldc, int band, int sfb_sg, int sfb_sn, int sfb_sk, int num_kb_rt) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256,
-                "BLOCK_M is 64 (1 math warpgroup), 128 (2) or 256 (2, two 64-row waves each)");
+  static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 (1 math warpgroup) or 128 (2)");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "BLOCK_N is a multiple of 16 in [16, 256]");
   // 1D2D: a tile starts at a multiple of kBlockN, so it touches at most two 128-wide B scale blocks only when
   // kBlockN <= 128 + gcd(kBlockN, 128) (gcd = lowest set bit here); e.g. 176 would need three.
   static_assert(kSfbPerRow || kBlockN <= 128 + ((kBlockN & -kBlockN) < 128 ? (kBlockN & -kBlockN) : 128),
                 "BLOCK_N would let a tile span three B scale blocks");
-  // BLOCK_M = 256: each math warpgroup owns rows [64 wg + 128 w, +64) for waves w = 0, 1: per K slice it runs the
-  // 4 wgmmas of wave 0, promotes them, then those of wave 1 (one `acc` set, two `fin` sets: 64 + 2 x 64 registers at
-  // BLOCK_N = 128). Per slice a CTA then moves (256 + 128) x 128 bytes for 256 x 128 x 128 MACs: 25% less L2 -> SM
-  // traffic per FLOP than 128 x 128, and half the barrier round trips per FLOP.
-  constexpr int kMathWG = kBlockM == 64 ? 1 : 2;
-  constexpr int kWaves = kBlockM / (64 * kMathWG);
+  constexpr int kMathWG = kBlockM / 64;
   constexpr int kMathThreads = kMathWG * 128;
-  static_assert(kWaves == 1 || (kBlockN <= 128 && kKind != kGemmContiguous),
-                "256-row tiles: BLOCK_N <= 128 (registers), not for the contiguous kind (groups are 128-row aligned)");
+  // Pipelined promotion (main loop below): two accumulator sets, so BLOCK_N <= 128 (3 x 64 registers per thread).
+  // DS_SERIAL_PROMOTE (via DEEPSTACK_GEMM_DEFINES) restores the one-slice-at-a-time loop for A/B runs.
+#if !defined(DS_SERIAL_PROMOTE) && !defined(DS_DBG)
+  constexpr bool kPipePromote = !kSfbPerRow && kBlockN <= 128;
+#else
+  constexpr bool kPipePromote = false;
+#endif
   // kK == 0: K is a run-time value (the weight-gradient GEMM, whose K is the token count).
   const int kNumKB = kK > 0 ? (kK + 127) / 128 : num_kb_rt;
 #if defined(DS_DBG) && DS_DBG == 4
@@ -141,7 +140,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // host side: on the H200 it was bit-identical but 1-8% slower than kCluster = 1 (not L2-bound there).
   // (128x192 tiles would spill: the cluster bookkeeping costs the math warps one register more)
   static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
-                                  kBlockN <= 160 && kWaves == 1),
+                                  kBlockN <= 160),
                 "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
   // kTmaStore (dense bf16 output without C, BLOCK_N a multiple of 64): the epilogue writes the tile into its own
   // BLOCK_M x BLOCK_N bf16 shared-memory buffer (each math warp its 16 rows, as 16 x 64 boxes of 2 KB with the
@@ -257,10 +256,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #endif
     const int lane = tid % 32;
     const int warp_in_wg = (tid % 128) / 32;
-    const int row_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and row_local + 8 (+ 128 per wave)
+    const int row_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and row_local + 8
     const int col_local = (lane % 4) * 2;                        // + 8 * j, and + 1
     float acc[kAccRegs];
-    float fin[kWaves * kAccRegs];                                // wave w: fin[w * kAccRegs + i]
+    float fin[kAccRegs];
     int s = 0;
     uint32_t phase = 0;
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
@@ -270,10 +269,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       if (!sched.resolve(t, tile)) continue;
       tile.m0 += rank * kBlockM;
 #pragma unroll
-      for (int i = 0; i < kWaves * kAccRegs; ++i) fin[i] = 0.f;
+      for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
 #if defined(DS_DBG) && DS_DBG == 4
 #pragma unroll
-      for (int i = 0; i < kWaves * kAccRegs; ++i) fin[i] = 1.f + i % kAccRegs;
+      for (int i = 0; i < kAccRegs; ++i) fin[i] = 1.f + i;
 #endif
 
       // 1D2D: the tile's columns span one or two 128-wide scale blocks of B; columns below `split` use the first.
@@ -283,70 +282,117 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       const float* sfb_lo = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_lo * sfb_sn);
       const float* sfb_hi = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_hi * sfb_sn);
 
-      for (int kb = 0; kb < kLoopKB; ++kb) {
+      int kb = 0;
+      if constexpr (kPipePromote) {
+        // Slices go four at a time through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
+        // i is waited for and promoted, so a warpgroup's promotion overlaps its own tensor-core work instead of
+        // leaving the tensor cores to the other warpgroup (ncu: tensor pipe 73% busy with the serial promotion).
+        // Nothing is in flight across the loop's back edge: ptxas serialises every wgmma (C7514) when accumulators
+        // retired by a wait in one iteration were issued in another.
+        float acc2[kAccRegs];
+        float sc0[4], sc1[4];
+        int st0 = 0, st1 = 0;
+        const auto issue = [&](float (&a)[kAccRegs], float (&sc)[4], int& stage, int k_blk) {
+          const float b_lo = __ldg(sfb_lo + k_blk * sfb_sk), b_hi = __ldg(sfb_hi + k_blk * sfb_sk);
+          sm90::mbar_wait(full + s, phase);
+          const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
+          sc[0] = a0 * b_lo; sc[1] = a0 * b_hi; sc[2] = a1 * b_lo; sc[3] = a1 * b_hi;
+          const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+          const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+          sm90::fence_regs(a);
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, a, k > 0);
+          sm90::wgmma_commit();
+          stage = s;
+          if (++s == kStages) { s = 0; phase ^= 1; }
+        };
+        const auto promote = [&](float (&a)[kAccRegs], const float (&sc)[4], int stage) {
+          sm90::fence_regs(a);
+          __syncwarp();
+          if (lane == 0) sm90::mbar_arrive(empty + stage);
+          if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + stage, rank ^ 1);
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const bool lo = j * 8 < split;
+            const float r0 = lo ? sc[0] : sc[1], r1 = lo ? sc[2] : sc[3];
+            fin[j * 4 + 0] = fmaf(a[j * 4 + 0], r0, fin[j * 4 + 0]);
+            fin[j * 4 + 1] = fmaf(a[j * 4 + 1], r0, fin[j * 4 + 1]);
+            fin[j * 4 + 2] = fmaf(a[j * 4 + 2], r1, fin[j * 4 + 2]);
+            fin[j * 4 + 3] = fmaf(a[j * 4 + 3], r1, fin[j * 4 + 3]);
+          }
+        };
+        for (; kb + 4 <= kLoopKB; kb += 4) {
+          issue(acc, sc0, st0, kb);
+          issue(acc2, sc1, st1, kb + 1);
+          sm90::wgmma_wait<1>();
+          promote(acc, sc0, st0);
+          issue(acc, sc0, st0, kb + 2);
+          sm90::wgmma_wait<1>();
+          promote(acc2, sc1, st1);
+          issue(acc2, sc1, st1, kb + 3);
+          sm90::wgmma_wait<1>();
+          promote(acc, sc0, st0);
+          sm90::wgmma_wait<0>();
+          promote(acc2, sc1, st1);
+        }
+      }
+      for (; kb < kLoopKB; ++kb) {
         float sb_lo = 0.f, sb_hi = 0.f;
         if (!kSfbPerRow) {
           sb_lo = __ldg(sfb_lo + kb * sfb_sk);
           sb_hi = __ldg(sfb_hi + kb * sfb_sk);
         }
         sm90::mbar_wait(full + s, phase);
+        const float sa0 = smem_sfa[s * kBlockM + row_local];
+        const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
+        const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+        const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+        sm90::fence_regs(acc);
+        sm90::wgmma_fence();
 #pragma unroll
-        for (int w = 0; w < kWaves; ++w) {
-          float* fw = fin + w * kAccRegs;
-          const float sa0 = smem_sfa[s * kBlockM + w * 128 + row_local];
-          const float sa1 = smem_sfa[s * kBlockM + w * 128 + row_local + 8];
-          const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + (w * 128 + wg * 64) * 128);
-          const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
-          sm90::fence_regs(acc);
-          sm90::wgmma_fence();
-#pragma unroll
-          for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
-          sm90::wgmma_commit();
-          sm90::wgmma_wait<0>();
-          sm90::fence_regs(acc);
+        for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(acc);
 
-          if (!kSfbPerRow) {
-            if (w == kWaves - 1) {   // the stage's operands and scales are all read once the last wave's wgmmas are done
-              __syncwarp();
-              if (lane == 0) sm90::mbar_arrive(empty + s);
-              if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
-            }
-            const float s00 = sa0 * sb_lo, s01 = sa0 * sb_hi, s10 = sa1 * sb_lo, s11 = sa1 * sb_hi;
+        if (!kSfbPerRow) {
+          __syncwarp();
+          if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
+          if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
+          const float s00 = sa0 * sb_lo, s01 = sa0 * sb_hi, s10 = sa1 * sb_lo, s11 = sa1 * sb_hi;
 #pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-              const bool lo = j * 8 < split;
-              const float r0 = lo ? s00 : s01, r1 = lo ? s10 : s11;
-              fw[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fw[j * 4 + 0]);
-              fw[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fw[j * 4 + 1]);
-              fw[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fw[j * 4 + 2]);
-              fw[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fw[j * 4 + 3]);
-            }
-          } else {
-            const float* sb = smem_sfb + s * kSfbStride + col_local;
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-              const float2 b = *reinterpret_cast<const float2*>(sb + j * 8);
-              fw[j * 4 + 0] = fmaf(acc[j * 4 + 0], sa0 * b.x, fw[j * 4 + 0]);
-              fw[j * 4 + 1] = fmaf(acc[j * 4 + 1], sa0 * b.y, fw[j * 4 + 1]);
-              fw[j * 4 + 2] = fmaf(acc[j * 4 + 2], sa1 * b.x, fw[j * 4 + 2]);
-              fw[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fw[j * 4 + 3]);
-            }
-            if (w == kWaves - 1) {
-              __syncwarp();
-              if (lane == 0) sm90::mbar_arrive(empty + s);
-            }
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const bool lo = j * 8 < split;
+            const float r0 = lo ? s00 : s01, r1 = lo ? s10 : s11;
+            fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fin[j * 4 + 0]);
+            fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fin[j * 4 + 1]);
+            fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fin[j * 4 + 2]);
+            fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fin[j * 4 + 3]);
           }
-#ifdef DS_DBG
-          if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
+        } else {
+          const float* sb = smem_sfb + s * kSfbStride + col_local;
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) fw[i] = acc[i];
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const float2 b = *reinterpret_cast<const float2*>(sb + j * 8);
+            fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], sa0 * b.x, fin[j * 4 + 0]);
+            fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], sa0 * b.y, fin[j * 4 + 1]);
+            fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], sa1 * b.x, fin[j * 4 + 2]);
+            fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fin[j * 4 + 3]);
           }
-          if (DS_DBG == 2) {  // the scales only
-#pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) fw[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb_lo;
-          }
-#endif
+          __syncwarp();
+          if (lane == 0) sm90::mbar_arrive(empty + s);
         }
+#ifdef DS_DBG
+        if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) fin[i] = acc[i];
+        }
+        if (DS_DBG == 2) {  // the scales only
+#pragma unroll
+          for (int i = 0; i < kAccRegs; ++i) fin[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb_lo;
+        }
+#endif
         if (++s == kStages) { s = 0; phase ^= 1; }
       }
 
@@ -356,36 +402,26 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       const int64_t row_base = kKind == kGemmMasked ? static_cast<int64_t>(tile.g) * M : 0;
       if constexpr (kTmaStore) {
         if (tma_ok) {
+          uint8_t* buf = smem_d + (wg * 4 + warp_in_wg) * kEpiWarpBytes;
           if (lane == 0) tma_store_wait_read();   // this warp's stores of the previous tile have read the buffer
           __syncwarp();
           // Rows r0 = lane / 4 and r0 + 8 (128 B each, both with swizzle phase r0): the 16-byte chunk c of a row
           // sits at chunk c ^ r0. buf is 1024-byte aligned, so the address of chunk c is x ^ (c << 4) with x that
-          // of chunk 0: one base register, not one per chunk. Each (wave, warp) has its own 16-row slice.
+          // of chunk 0: one base register, not one per chunk.
           const int r0 = lane / 4;
+          const uint32_t x = sm90::smem_addr(buf) + r0 * 128 + (r0 << 4) + (lane % 4) * 4;
 #pragma unroll
-          for (int w = 0; w < kWaves; ++w) {
-            const uint8_t* buf = smem_d + ((w * kMathWG + wg) * 4 + warp_in_wg) * kEpiWarpBytes;
-            const uint32_t x = sm90::smem_addr(buf) + r0 * 128 + (r0 << 4) + (lane % 4) * 4;
-            const float* fw = fin + w * kAccRegs;
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-              const uint32_t addr = (x + (j / 8) * 2048) ^ ((j % 8) << 4);
-              st_shared_u32(addr, pack2<__nv_bfloat16>(fw[j * 4 + 0], fw[j * 4 + 1]));
-              st_shared_u32(addr + 8 * 128, pack2<__nv_bfloat16>(fw[j * 4 + 2], fw[j * 4 + 3]));
-            }
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const uint32_t addr = (x + (j / 8) * 2048) ^ ((j % 8) << 4);
+            st_shared_u32(addr, pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]));
+            st_shared_u32(addr + 8 * 128, pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]));
           }
           sm90::fence_proxy_async();               // generic-proxy writes visible to the TMA (async proxy)
           __syncwarp();
-          if (lane == 0) {
+          const int row = tile.m0 + wg * 64 + warp_in_wg * 16;
+          if (lane == 0 && row < M) {
 #pragma unroll
-            for (int w = 0; w < kWaves; ++w) {
-              const uint8_t* buf = smem_d + ((w * kMathWG + wg) * 4 + warp_in_wg) * kEpiWarpBytes;
-              const int row = tile.m0 + w * 128 + wg * 64 + warp_in_wg * 16;
-              if (row < M) {
-#pragma unroll
-                for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, row);
-              }
-            }
+            for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, row);
             tma_store_commit();
           }
           continue;
@@ -395,57 +431,50 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         if (((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0) {
           uint32_t* st = epi_stage + (wg * 4 + warp_in_wg) * kStageWords;
           const int srow = lane >> 1, shalf = lane & 1;            // the row and 8-column half this lane stores
+          const int grow = tile.m0 + wg * 64 + warp_in_wg * 16 + srow;
+          bool row_ok = grow < row_limit;
+          if (kKind == kGemmContiguous && row_ok) row_ok = __ldg(layout + grow) >= 0;
+          OutT* drow = d + (row_base + grow) * static_cast<int64_t>(ldd);
 #pragma unroll
-          for (int w = 0; w < kWaves; ++w) {
-            const float* fw = fin + w * kAccRegs;
-            const int grow = tile.m0 + w * 128 + wg * 64 + warp_in_wg * 16 + srow;
-            bool row_ok = grow < row_limit;
-            if (kKind == kGemmContiguous && row_ok) row_ok = __ldg(layout + grow) >= 0;
-            OutT* drow = d + (row_base + grow) * static_cast<int64_t>(ldd);
+          for (int cc = 0; cc < kBlockN / 16; ++cc) {
 #pragma unroll
-            for (int cc = 0; cc < kBlockN / 16; ++cc) {
+            for (int jj = 0; jj < 2; ++jj) {
 #pragma unroll
-              for (int jj = 0; jj < 2; ++jj) {
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                  const int j = cc * 2 + jj;
-                  st[(lane / 4 + h * 8) * 12 + jj * 4 + lane % 4] =
-                      pack2<__nv_bfloat16>(fw[j * 4 + h * 2], fw[j * 4 + h * 2 + 1]);
-                }
+              for (int h = 0; h < 2; ++h) {
+                const int j = cc * 2 + jj;
+                st[(lane / 4 + h * 8) * 12 + jj * 4 + lane % 4] =
+                    pack2<__nv_bfloat16>(fin[j * 4 + h * 2], fin[j * 4 + h * 2 + 1]);
               }
-              __syncwarp();
-              const uint4 v = *reinterpret_cast<const uint4*>(st + srow * 12 + shalf * 4);
-              const int col = tile.n0 + cc * 16 + shalf * 8;
-              if (row_ok && col < kN) *reinterpret_cast<uint4*>(drow + col) = v;
-              __syncwarp();                                        // reads done before the next slice overwrites
             }
+            __syncwarp();
+            const uint4 v = *reinterpret_cast<const uint4*>(st + srow * 12 + shalf * 4);
+            const int col = tile.n0 + cc * 16 + shalf * 8;
+            if (row_ok && col < kN) *reinterpret_cast<uint4*>(drow + col) = v;
+            __syncwarp();                                          // reads done before the next slice overwrites
           }
           continue;
         }
       }
 #pragma unroll
-      for (int w = 0; w < kWaves; ++w) {
+      for (int h = 0; h < 2; ++h) {
+        const int row = tile.m0 + row_local + h * 8;
+        bool valid = row < row_limit;
+        if (kKind == kGemmContiguous && valid) valid = __ldg(layout + row) >= 0;
+        if (!valid) continue;
+        OutT* drow = d + (row_base + row) * static_cast<int64_t>(ldd);
+        const CT* crow = kHasC ? c + (row_base + row) * static_cast<int64_t>(ldc) : nullptr;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = tile.m0 + w * 128 + row_local + h * 8;
-          bool valid = row < row_limit;
-          if (kKind == kGemmContiguous && valid) valid = __ldg(layout + row) >= 0;
-          if (!valid) continue;
-          OutT* drow = d + (row_base + row) * static_cast<int64_t>(ldd);
-          const CT* crow = kHasC ? c + (row_base + row) * static_cast<int64_t>(ldc) : nullptr;
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const int col = tile.n0 + j * 8 + col_local;
-            float v0 = fin[w * kAccRegs + j * 4 + h * 2], v1 = fin[w * kAccRegs + j * 4 + h * 2 + 1];
-            if (kN % 2 == 0) {
-              if (col < kN) {
-                if (kHasC) { v0 += load_c(crow + col); v1 += load_c(crow + col + 1); }
-                OutStore<OutT>::pair(drow + col, v0, v1);
-              }
-            } else {
-              if (col < kN) OutStore<OutT>::one(drow + col, kHasC ? v0 + load_c(crow + col) : v0);
-              if (col + 1 < kN) OutStore<OutT>::one(drow + col + 1, kHasC ? v1 + load_c(crow + col + 1) : v1);
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const int col = tile.n0 + j * 8 + col_local;
+          float v0 = fin[j * 4 + h * 2], v1 = fin[j * 4 + h * 2 + 1];
+          if (kN % 2 == 0) {
+            if (col < kN) {
+              if (kHasC) { v0 += load_c(crow + col); v1 += load_c(crow + col + 1); }
+              OutStore<OutT>::pair(drow + col, v0, v1);
             }
+          } else {
+            if (col < kN) OutStore<OutT>::one(drow + col, kHasC ? v0 + load_c(crow + col) : v0);
+            if (col + 1 < kN) OutStore<OutT>::one(drow + col + 1, kHasC ? v1 + load_c(crow + col + 1) : v1);
           }
         }
       }

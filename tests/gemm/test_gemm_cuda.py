@@ -68,7 +68,7 @@ def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
 
 
-@pytest.mark.parametrize("cfg", ["128,128,6", "128,192,5", "64,128,8", "128,64,8", "256,128,4", "256,64,5"])
+@pytest.mark.parametrize("cfg", ["128,128,6", "128,192,5", "64,128,8", "128,64,8"])
 @pytest.mark.parametrize("m,n,k", [(129, 200, 384), (4095, 2112, 1024)])
 def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
     """The TMA-store epilogue gives the plain kernel's bits: every element written, nothing past N or M (TMA clips
@@ -95,37 +95,28 @@ def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs[("0", 0)], a.float() @ b.float().T) < 1e-3
 
 
-@pytest.mark.parametrize("m,n,k", [(129, 200, 384), (300, 4096, 1024), (4095, 2112, 1024), (700, 7168, 2048)])
-def test_256_row_tiles_match_128_row_tiles(monkeypatch, m, n, k):
-    """256-row tiles (two 64-row waves per math warpgroup) compute every 64-row block exactly as 128-row tiles of
-    the same width do, so the outputs are bit-identical: bf16 (staged epilogue), fp32 and bf16 with C (direct
-    stores), tiles past M, and the masked kind (rows past masked_m untouched)."""
-    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
-    c32, c16 = fresh_randn(m, n, device=DEV), fresh_randn(m, n, dtype=torch.bfloat16, device=DEV)
-    g, m_max = 2, 640
-    amq, amsf = quant_a(fresh_randn(g, m_max, k, dtype=torch.bfloat16, device=DEV))
-    _, bmq, bmsf = grouped_b(g, n, k, DEV)
-    masked_m = torch.tensor([m_max - 3, 130], dtype=torch.int32, device=DEV)
+@pytest.mark.parametrize("m,n,k", [(129, 200, 1152), (300, 4096, 1024), (4095, 2112, 640), (64, 7168, 2048),
+                                   (700, 576, 384)])
+def test_pipelined_promotion_matches_serial(monkeypatch, m, n, k):
+    """Tiles at most 128 wide promote slice i while the wgmmas of slice i + 1 run (four slices per loop trip, the
+    rest one at a time): same operations in the same order as the serial loop, so bit-identical, for K-slice counts
+    that are and are not multiples of four (9, 8, 5, 16, 3), 64- and 128-row tiles, and the contiguous kind."""
+    _, _, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    ids = torch.arange(m, device=DEV, dtype=torch.int32) // 128 % 2
+    ids[ids.numel() // 2:][:64] = -1
+    _, bq2, bsf2 = grouped_b(2, n, k, DEV)
     outs = {}
-    for cfg in ("256,128,4", "128,128,6"):
-        monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
-        res = []
-        for out_dtype, c in ((torch.bfloat16, None), (torch.float32, c32), (torch.bfloat16, c16)):
-            d = poisoned_empty(m, n, dtype=out_dtype, device=DEV)
-            ops.fp8_gemm_nt(aq, asf, bq, bsf, d, c)
-            res.append(d)
-        dm = poisoned_empty(g, m_max, n, dtype=torch.bfloat16, device=DEV)
-        ops.m_grouped_fp8_gemm_nt_masked(amq, amsf, bmq, bmsf, dm, masked_m, 256)
-        res.append(dm)
+    for defines in ("", "DS_SERIAL_PROMOTE"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+        dc = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq2, bsf2, dc, ids)
         torch.cuda.synchronize()
-        for d in res[:3]:
-            assert not d.isnan().any(), f"unwritten outputs ({cfg})"
-        for i, rows in enumerate(masked_m.tolist()):
-            assert not dm[i, :rows].isnan().any() and dm[i, rows:].isnan().all(), f"masked rows wrong ({cfg})"
-        outs[cfg] = res
-    for x, y in zip(outs["256,128,4"], outs["128,128,6"]):
-        assert torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0))
-    assert calc_diff(outs["256,128,4"][0], a.float() @ b.float().T) < 1e-3
+        assert not d.isnan().any() and not dc[ids >= 0].isnan().any() and dc[ids < 0].isnan().all()
+        outs[defines] = (d, dc)
+    assert torch.equal(outs[""][0], outs["DS_SERIAL_PROMOTE"][0])
+    assert torch.equal(outs[""][1].nan_to_num(7.0), outs["DS_SERIAL_PROMOTE"][1].nan_to_num(7.0))
 
 
 def test_dense_odd_n_and_short_k():

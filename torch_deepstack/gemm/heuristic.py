@@ -6,7 +6,8 @@ waves x that cost, with waves = ceil(tiles / SMs). We take the config with the l
 larger BLOCK_M, then larger BLOCK_N. Non-power-of-two BLOCK_N (multiples of 16) fill more SMs on shapes like
 N = 7168 or 2112 for one-warpgroup tiles (BLOCK_M 64, small M). Two-warpgroup tiles (BLOCK_M 128) take BLOCK_N in
 {64, 128, 192} only: on the H200 at M = 4096 widths 96, 112, 144 and 160 ran 5-20% slower per FLOP than 128
-(sweep of 2026-11-29, docs/gemm.md), which the model does not capture.
+(sweep of 2026-11-29, docs/gemm.md), which the model does not capture. Tiles at most 128 wide get a credit for
+their pipelined promotion (PIPELINED_PROMOTION_CREDIT).
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ MAX_STAGES = 10
 MMA_FMA_PER_CYCLE = 4096        # dense FP8 per SM (H100/H200)
 L2_BYTES_PER_CYCLE = 64.0       # sustained L2 -> SM bandwidth per SM (model constant, fitted to H200 sweeps)
 BAND_M_BLOCKS = 16              # rasterisation band (M-blocks walked together)
+# 1D2D tiles at most 128 wide overlap each K slice's promotion with the next slice's wgmmas (two accumulator sets;
+# wider tiles lack the registers). Measured on the H200 (2026-11-29): 6-13% faster than the serial promotion at
+# M = 4096, and 128x128 then beat 128x192 by 5% at N = 2112 and 11% at N = 32768; the credit is fitted to that.
+PIPELINED_PROMOTION_CREDIT = 0.85
 
 
 def cdiv(a: int, b: int) -> int:
@@ -35,8 +40,7 @@ class GemmConfig:
 
     @property
     def threads(self) -> int:
-        # one math warpgroup per 64 rows up to 128 (256-row tiles: two warpgroups of two 64-row waves), + producer
-        return (min(self.block_m // 64, 2) + 1) * 128
+        return (self.block_m // 64 + 1) * 128
 
 
 def spans_at_most_two_scale_blocks(block_n: int) -> bool:
@@ -80,18 +84,18 @@ def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_pe
     max_bn = 160 if sf_b_per_row else 192
     best_key, best = None, None
     for bm in block_m_choices:
-        if (bm == 128 and m <= 64 and 64 in block_m_choices) or (bm == 256 and m <= 128):
+        if bm == 128 and m <= 64 and 64 in block_m_choices:
             continue
         for bn in range(16, max_bn + 1, 16):
             if not sf_b_per_row and not spans_at_most_two_scale_blocks(bn):
                 continue
-            if bm >= 128 and bn % 64:
-                continue
-            if bm == 256 and (bn > 128 or sf_b_per_row):
+            if bm == 128 and bn % 64:
                 continue
             tiles = cdiv(max(m, 1), bm) * cdiv(n, bn) * num_groups
             waves = cdiv(tiles, num_sms)
             per_slice = max(bm * bn * 128 / MMA_FMA_PER_CYCLE, (bm + bn) * 128 / L2_BYTES_PER_CYCLE)
+            if not sf_b_per_row and bn <= 128:
+                per_slice *= PIPELINED_PROMOTION_CREDIT
             cost = waves * per_slice
             key = (round(cost, 3), -bm, -bn)
             if best_key is None or key < best_key:

@@ -91,7 +91,7 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
         return False
     forced = os.environ.get("DEEPSTACK_GEMM_TMA_STORE", "").strip()
     if not forced:
-        return cfg.block_m >= 128 and m_rows > 128 and k <= TMA_STORE_MAX_K
+        return cfg.block_m == 128 and m_rows > 128 and k <= TMA_STORE_MAX_K
     if forced not in ("0", "1"):
         raise ValueError(f"DEEPSTACK_GEMM_TMA_STORE must be 0 or 1, got {forced!r}")
     return forced == "1"
@@ -125,23 +125,12 @@ def _sf_map(sf: torch.Tensor, mn: int, cols: int, box: int) -> bytes:
     return _tmap(sf.data_ptr(), torch.float32, (mn, cols), (tma_aligned_size(mn) * 4,), (box, 1))
 
 
-def block_m_choices(kind: int, sf_b_per_row: bool) -> tuple:
-    """256-row tiles (two math warpgroups, two 64-row waves each) exist for the dense 1D2D kind only (contiguous
-    groups are 128-row aligned). DEEPSTACK_GEMM_BM256=1 lets the heuristic pick them (experiment switch)."""
-    if kind == KIND_DENSE and not sf_b_per_row and os.environ.get("DEEPSTACK_GEMM_BM256", "0") == "1":
-        return (64, 128, 256)
-    return (64, 128)
-
-
 def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expected_m: int, sf_b_per_row: bool,
                 k_template, out_dtype, c_dtype, num_sms_: int) -> tuple[KernelSpec, GemmConfig, int]:
     """The specialisation a call runs: (spec, block config, cluster size). Honours the DEEPSTACK_GEMM_* switches;
     needs no GPU, so benchmarks and the prebuild list compile exactly what calls will load."""
     cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_,
-                                       sf_b_per_row, block_m_choices(kind, sf_b_per_row)))
-    if cfg.block_m == 256 and (kind == KIND_CONTIGUOUS or sf_b_per_row or cfg.block_n > 128):
-        raise ValueError(f"256-row tiles exist for the dense and masked kinds with 128x128 B scales and block_n <= 128 "
-                         f"(got block_n={cfg.block_n}, kind={kind}, per-row B scales={sf_b_per_row})")
+                                       sf_b_per_row))
     cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row) else 1
     if use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
         cfg = with_tma_store(cfg, sf_b_per_row)
@@ -153,8 +142,7 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
 def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype):
     key = (kind, device.index, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype,
            os.environ.get("DEEPSTACK_GEMM_CONFIG"), os.environ.get("DEEPSTACK_GEMM_DEFINES"),
-           os.environ.get("DEEPSTACK_GEMM_MULTICAST"), os.environ.get("DEEPSTACK_GEMM_TMA_STORE"),
-           os.environ.get("DEEPSTACK_GEMM_BM256"), _NUM_SMS_OVERRIDE)
+           os.environ.get("DEEPSTACK_GEMM_MULTICAST"), os.environ.get("DEEPSTACK_GEMM_TMA_STORE"), _NUM_SMS_OVERRIDE)
     plan = _PLANS.get(key)
     if plan is None:
         spec, cfg, cluster = choose_spec(kind, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template,
