@@ -250,6 +250,77 @@ def test_batch_read_native_buffer_kinds_alone_take_the_native_path(fs, monkeypat
     assert res[-1].ok and res[-1].nbytes == 0 and bytes(res[-1].data) == b""
 
 
+def test_batch_read_c_parser_equals_python_loop_and_general_path(fs, monkeypatch):
+    """Batches of 4+ requests are parsed in C (pyrows.cpp) where it builds: tuples and ReadRequests, three
+    files (two met first mid-batch, so parsing resumes after each is registered), numpy / bytearray /
+    memoryview / no buffer; results equal the Python loop's and the general path's and the bytes written. A
+    request the parser refuses (a tensor buffer, a chunk-crossing range) hands the batch to the Python loop.
+    The buffer exports taken for the reads are released afterwards (a bytearray can grow again)."""
+    from torch_deepstack.storage import pyrows
+
+    if not fs.backend.array_reads() or pyrows.load() is None:
+        pytest.skip(f"no native path or no C parser ({pyrows.reason})")
+    rng = np.random.default_rng()
+    files = {p: _random_file(fs, p, rng, n) for p, n in (("/p0", 3 * CS), ("/p1", 2 * CS + 99), ("/p2", CS))}
+    handles = {p: fs.open(p) for p in files}
+    parsed = []  # per call: whether the C-parsed path served the batch
+    real = type(fs)._batch_read_parsed
+
+    def spy(self, lib, reqs, timeout):
+        res = real(self, lib, reqs, timeout)
+        parsed.append(res is not None)
+        return res
+    monkeypatch.setattr(type(fs), "_batch_read_parsed", spy)
+    arrays = []
+
+    def batch(extra=None):
+        reqs = []
+        for k in range(40):
+            p = ("/p0", "/p1", "/p2")[0 if k < 10 else k % 3]
+            size = len(files[p])
+            ln = int(rng.integers(1, 9000))
+            o = int(rng.integers(0, size))
+            o = min(o, (o // CS + 1) * CS - ln) if o % CS + ln > CS else o  # inside one chunk
+            o = max(o, 0)
+            kind = k % 4
+            out = (np.zeros(ln + 3, np.uint8), bytearray(ln), memoryview(bytearray(ln + 1)), None)[kind]
+            arrays.append(out)
+            reqs.append((handles[p], o, ln, out, k) if k % 2 else ReadRequest(handles[p], o, ln, out, k))
+        if extra is not None:
+            reqs.insert(7, extra)
+        return reqs
+
+    def run(reqs):
+        res = fs.batch_read(reqs)
+        return [(r.userdata, r.nbytes, None if r.data is None else bytes(r.data), type(r.error)) for r in res]
+
+    reqs = batch()
+    native = run(reqs)
+    assert parsed == [True]  # parsed in C
+    for (u, n, d, e), q in zip(native, reqs):
+        f, o, ln = (q[0], q[1], q[2]) if isinstance(q, tuple) else (q.file, q.offset, q.length)
+        want = files[f.path][o:o + ln]
+        assert (n, d, e) == (len(want), want, type(None)), u
+    monkeypatch.setattr(pyrows, "_lib", None)
+    monkeypatch.setattr(pyrows, "_tried", True)
+    assert run(reqs) == native  # the Python loop
+    monkeypatch.setattr(fs.backend, "array_reads", lambda: False)
+    assert run(reqs) == native  # the general path
+    monkeypatch.undo()
+    monkeypatch.setattr(type(fs), "_batch_read_parsed", spy)
+    for extra in ((handles["/p0"], 5, 64, torch.zeros(64, dtype=torch.uint8), "tensor"),
+                  (handles["/p0"], CS - 10, 100, None, "crossing")):
+        reqs = batch(extra)
+        got = run(reqs)
+        assert parsed[-1] is False  # refused: the Python loop served it
+        for (u, n, d, e), q in zip(got, reqs):
+            f, o, ln = (q[0], q[1], q[2]) if isinstance(q, tuple) else (q.file, q.offset, q.length)
+            assert (n, d, e) == (len(files[f.path][o:o + ln]), files[f.path][o:o + ln], type(None)), u
+    for a in arrays:
+        if isinstance(a, bytearray):
+            a.extend(b"x")  # BufferError if an export had been left behind
+
+
 def test_read_array_several_files_tensor_out_and_paths(fs):
     rng = np.random.default_rng()
     fs.mkdir("/m")

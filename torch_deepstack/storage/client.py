@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from torch_deepstack.storage import pyrows
 from torch_deepstack.storage.errors import (InvalidArgument, IsADirectory, NotFound, ReadOnly, StorageError)
 from torch_deepstack.storage.paths import chunk_id, normalize, split_path
 from torch_deepstack.storage.threads import ForkSafeExecutor
@@ -650,6 +651,12 @@ class FileSystem:
         as soon as they are built, so the device reads them while Python builds the rest."""
         import numpy as np
 
+        if len(reqs) >= self.PARSE_MIN:
+            lib = pyrows.load()
+            if lib is not None:
+                results = self._batch_read_parsed(lib, reqs, timeout)
+                if results is not None:
+                    return results
         waves = self.backend.begin_waves() if len(reqs) >= 2 * self.WAVE_FIRST else None
         cut = self.WAVE_FIRST if waves is not None else -1
         parts: list = []  # per wave: (rows array, index of its first request, its requests, its extras)
@@ -765,6 +772,11 @@ class FileSystem:
                     n = g[j]                               # of them must take the general path
                     got_a[i] = n + got_a[i] if n >= 0 and got_a[i] >= 0 else min(n, got_a[i])
             got = got_a.tolist()
+        return self._native_results(reqs, outs, got, timeout)
+
+    def _native_results(self, reqs: list, outs: list, got: list, timeout: float | None) -> list[ReadResult]:
+        """One ReadResult per request from the native path's byte counts; those it left (negative counts) are
+        read again, into the same buffers, by the general path."""
         results, slow = [], []
         add = results.append
         for r, out, n in zip(reqs, outs, got):
@@ -781,6 +793,62 @@ class FileSystem:
                 res.request = q
                 results[k] = res
         return results
+
+    PARSE_MIN = 4  # batches this long or longer have their requests parsed in C (when it is available)
+
+    def _batch_read_parsed(self, lib, reqs: list, timeout: float | None) -> list[ReadResult] | None:
+        """batch_read's native path with the requests parsed in C (pyrows.cpp): one call turns the request list
+        into rows, another reads them. None where a request is not a plain one (the Python loop then decides)."""
+        import numpy as np
+
+        from torch_deepstack.storage.array_read import address
+
+        n = len(reqs)
+        rows = np.empty((n, 5), np.int64)
+        ctl = np.zeros(2, np.int64)  # status, handle of the buffer exports
+        sizes = np.zeros(8, np.int64)  # chunk size per file index
+        which_of: dict = {}
+        inodes, outs, handles = [], [], []
+        base, ctl_at = address(rows), address(ctl)
+        r = reqs[0]  # the first request's File up front: a batch on one file then parses in one call
+        f = r[0] if type(r) is tuple and r else getattr(r, "file", None)
+        if type(f) is File and f._inode["type"] == "file":
+            which_of[f] = 0
+            sizes[0] = f._inode["chunk_size"]
+            inodes.append(f._inode)
+        start = 0
+        try:
+            while True:
+                ctl[1] = 0
+                try:
+                    i = lib.ds_rows_parse(reqs, start, File, ReadRequest, which_of, address(sizes), len(inodes),
+                                          base + 40 * start, outs, ctl_at, ctl_at + 8)
+                finally:
+                    if ctl[1]:
+                        handles.append(int(ctl[1]))
+                status = int(ctl[0])
+                if status == 0:
+                    break
+                if status != 1:
+                    return None
+                r = reqs[i]  # a File seen for the first time: give it an index, go on from there
+                f = r[0] if type(r) is tuple else r.file
+                if f._inode["type"] != "file":
+                    return None
+                if len(inodes) == len(sizes):
+                    sizes = np.concatenate([sizes, np.zeros(len(sizes), np.int64)])
+                which_of[f] = len(inodes)
+                sizes[len(inodes)] = f._inode["chunk_size"]
+                inodes.append(f._inode)
+                start = i
+            got = self.backend.read_array(inodes, rows, 0, 1 << 62)  # rows carry absolute addresses
+            if got is None:
+                return None
+            got = got.tolist()
+        finally:
+            for h in handles:  # the reads are over (read_array is synchronous): the buffers may move again
+                lib.ds_rows_release(h)
+        return self._native_results(reqs, outs, got, timeout)
 
     WAVE_FIRST = 8  # requests in batch_read's first wave (see _batch_read_native)
 

@@ -37,22 +37,23 @@ _tls = threading.local()
 reason: str | None = None
 
 
-def _source() -> str | None:
+def _source(name: str = "fastio.cpp") -> str | None:
     pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (os.path.join(os.path.dirname(pkg), "src", "storage", "fastio.cpp"),
-                 os.path.join(pkg, "_src", "storage", "fastio.cpp")):
+    for cand in (os.path.join(os.path.dirname(pkg), "src", "storage", name),
+                 os.path.join(pkg, "_src", "storage", name)):
         if os.path.exists(cand):
             return cand
     return None
 
 
-def _build(src: str) -> str:
+def _build(src: str, extra: tuple = (), stem: str = "fastio") -> str:
     with open(src, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        digest = hashlib.sha256(f.read() + repr(extra).encode()).hexdigest()[:16] if extra else \
+            hashlib.sha256(f.read()).hexdigest()[:16]
     cache = os.environ.get("DEEPSTACK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                   "torch_deepstack")
     out_dir = os.path.join(cache, "storage")
-    so = os.path.join(out_dir, f"fastio-{digest}.so")
+    so = os.path.join(out_dir, f"{stem}-{digest}.so")
     if os.path.exists(so):
         return so
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -62,8 +63,8 @@ def _build(src: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-o", tmp, src], capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", *extra, "-o", tmp, src], capture_output=True,
+                           text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {r.stderr.strip()[-500:]}")
         os.replace(tmp, so)  # atomic: concurrent builders race harmlessly

@@ -1,0 +1,175 @@
+// batch_read's request parsing in C (torch_deepstack/storage/pyrows.py loads it with ctypes.PyDLL: every call
+// runs with the GIL held). Python spent ~1 us per request taking request tuples apart, checking them and finding
+// each destination's address; here that is a few dozen ns. Only the plain case is handled: anything else makes
+// the caller fall back to its Python loop, which decides (and reports errors) exactly as before.
+#include <Python.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+extern "C" {
+
+// Buffer exports held while the reads run (a bytearray cannot be resized under them), released by ds_rows_release.
+struct ds_views {
+    Py_ssize_t n, cap;
+    Py_buffer v[1];
+};
+
+static ds_views* views_new(Py_ssize_t cap) {
+    ds_views* h = (ds_views*)malloc(sizeof(ds_views) + sizeof(Py_buffer) * (size_t)(cap > 0 ? cap : 1));
+    if (h) {
+        h->n = 0;
+        h->cap = cap;
+    }
+    return h;
+}
+
+void ds_rows_release(void* handle) {
+    ds_views* h = (ds_views*)handle;
+    if (!h) return;
+    for (Py_ssize_t i = 0; i < h->n; i++) PyBuffer_Release(&h->v[i]);
+    free(h);
+}
+
+// Parses requests reqs[start:] (a list of tuples (file, offset, length[, out[, userdata]]) or ReadRequests).
+// Per request: `file` exactly of type file_type and a key of which_of (dict File -> file index, whose chunk size
+// is chunk_sizes[index]); offset and length ints >= 0; the request inside one chunk; out None (a zeroed
+// bytearray of `length` bytes is made) or an object exporting a writable, C-contiguous buffer of >= length
+// bytes. Writes rows[5 * i] = (offset, length, address of out, 0, file index) and appends out (or the new
+// bytearray) to `outs`. Returns the number of requests parsed; *status tells why it stopped early:
+// 0 all parsed, 1 request at the returned index names a File not in which_of yet (the caller adds it and calls
+// again from there), 2 the request is not a plain one (the caller uses its general loop for the batch),
+// -1 a Python error is set. *views receives the handle of the buffer exports (release with ds_rows_release;
+// one handle per call).
+Py_ssize_t ds_rows_parse(PyObject* reqs, Py_ssize_t start, PyObject* file_type, PyObject* request_type,
+                         PyObject* which_of, const int64_t* chunk_sizes, Py_ssize_t nfiles, int64_t* rows,
+                         PyObject* outs, int64_t* status, void** views) {
+    static PyObject *s_file = nullptr, *s_offset, *s_length, *s_out;
+    if (!s_file) {
+        s_file = PyUnicode_InternFromString("file");
+        s_offset = PyUnicode_InternFromString("offset");
+        s_length = PyUnicode_InternFromString("length");
+        s_out = PyUnicode_InternFromString("out");
+        if (!s_file || !s_offset || !s_length || !s_out) {
+            *status = -1;
+            return start;
+        }
+    }
+    *status = 0;
+    *views = nullptr;
+    Py_ssize_t n = PyList_GET_SIZE(reqs);
+    ds_views* h = views_new(n - start);
+    if (!h) {
+        PyErr_NoMemory();
+        *status = -1;
+        return start;
+    }
+    *views = h;
+    Py_ssize_t i = start;
+    for (; i < n; i++) {
+        PyObject* r = PyList_GET_ITEM(reqs, i);
+        PyObject *f, *off_o, *len_o, *out;
+        PyObject *owned[4] = {nullptr, nullptr, nullptr, nullptr};
+        if (PyTuple_CheckExact(r)) {
+            Py_ssize_t k = PyTuple_GET_SIZE(r);
+            if (k < 3 || k > 5) { *status = 2; break; }
+            f = PyTuple_GET_ITEM(r, 0);
+            off_o = PyTuple_GET_ITEM(r, 1);
+            len_o = PyTuple_GET_ITEM(r, 2);
+            out = k > 3 ? PyTuple_GET_ITEM(r, 3) : Py_None;
+        } else if ((PyObject*)Py_TYPE(r) == request_type) {
+            f = owned[0] = PyObject_GetAttr(r, s_file);
+            off_o = owned[1] = PyObject_GetAttr(r, s_offset);
+            len_o = owned[2] = PyObject_GetAttr(r, s_length);
+            out = owned[3] = PyObject_GetAttr(r, s_out);
+            if (!f || !off_o || !len_o || !out) {
+                for (PyObject* o : owned) Py_XDECREF(o);
+                *status = -1;
+                break;
+            }
+        } else {
+            *status = 2;
+            break;
+        }
+        int st = 0;
+        int64_t off = 0, len = 0, idx = -1, addr = 0;
+        PyObject* keep_out = nullptr;  // new reference appended to outs
+        if ((PyObject*)Py_TYPE(f) != file_type || !PyLong_CheckExact(off_o) || !PyLong_CheckExact(len_o)) {
+            st = 2;
+        } else {
+            int ovf1 = 0, ovf2 = 0;
+            off = PyLong_AsLongLongAndOverflow(off_o, &ovf1);
+            len = PyLong_AsLongLongAndOverflow(len_o, &ovf2);
+            if (ovf1 || ovf2 || off < 0 || len < 0) st = 2;
+        }
+        if (!st) {
+            PyObject* w = PyDict_GetItemWithError(which_of, f);  // borrowed
+            if (!w) {
+                st = PyErr_Occurred() ? -1 : 1;
+            } else {
+                idx = PyLong_AsLongLong(w);
+                if (idx < 0 || idx >= nfiles) st = 2;
+            }
+        }
+        if (!st) {
+            int64_t cs = chunk_sizes[idx];
+            if (cs <= 0 || off % cs + len > cs) st = 2;  // crosses a chunk (or an odd layout): the general loop
+        }
+        if (!st && len == 0) st = 2;  // empty requests: the general loop validates their buffer
+        if (!st) {
+            if (out == Py_None) {
+                keep_out = PyByteArray_FromStringAndSize(nullptr, (Py_ssize_t)len);
+                if (!keep_out) {
+                    st = -1;
+                } else {
+                    memset(PyByteArray_AS_STRING(keep_out), 0, (size_t)len);
+                    addr = (int64_t)(uintptr_t)PyByteArray_AS_STRING(keep_out);
+                    Py_buffer* v = &h->v[h->n];
+                    if (PyObject_GetBuffer(keep_out, v, PyBUF_WRITABLE) < 0) {
+                        st = -1;
+                    } else {
+                        h->n++;
+                    }
+                }
+            } else if (!PyObject_CheckBuffer(out)) {
+                st = 2;  // e.g. a torch tensor: the Python loop knows it
+            } else {
+                Py_buffer* v = &h->v[h->n];
+                if (PyObject_GetBuffer(out, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+                    PyErr_Clear();  // read-only or strided: the general loop reports it per request
+                    st = 2;
+                } else if (v->len < len) {
+                    PyBuffer_Release(v);
+                    st = 2;
+                } else {
+                    h->n++;
+                    addr = (int64_t)(uintptr_t)v->buf;
+                    Py_INCREF(out);
+                    keep_out = out;
+                }
+            }
+        }
+        for (PyObject* o : owned) Py_XDECREF(o);
+        if (st) {
+            Py_XDECREF(keep_out);
+            *status = st;
+            break;
+        }
+        int rc = PyList_Append(outs, keep_out);
+        Py_DECREF(keep_out);
+        if (rc < 0) {
+            *status = -1;
+            break;
+        }
+        int64_t* q = rows + 5 * (i - start);
+        q[0] = off;
+        q[1] = len;
+        q[2] = addr;
+        q[3] = 0;
+        q[4] = idx;
+    }
+    return i;
+}
+
+}  // extern "C"
