@@ -210,6 +210,9 @@ __global__ void __launch_bounds__(1024) rank_positions_kernel(const bool* __rest
 // ---- 2. send rows (dispatch and cached dispatch) -----------------------------------------------------------------
 // One warp per token: the row goes to every rank in its mask, at that rank's row base(me) + slot, where
 // base(me) = sum_{s < me} rc[s][j] and slot = pos[t][j] - 1 (pos: inclusive cumsum of the mask over tokens).
+// cap > 0: the host has not seen the counts yet (an exact dispatch sends while the host waits for them), so the
+// kernel checks the fit itself: if any rank would receive more than cap rows, nothing is sent. Every rank reads the
+// same counts, so all skip together, and the host, which checks the same numbers, falls back.
 template <int kMaxRanks>
 __global__ void __launch_bounds__(512) dispatch_send_kernel(
     const uint8_t* __restrict__ x, long long x_stride, int row_bytes, const float* __restrict__ scales,
@@ -218,13 +221,20 @@ __global__ void __launch_bounds__(512) dispatch_send_kernel(
     uint8_t* const* __restrict__ peer_base, long long half_bytes, int rank, int R,
     const unsigned long long* __restrict__ counter, long long off_data, long long off_scales, long long off_topk,
     long long off_weights, long long off_src, uint8_t* __restrict__ out_x, float* __restrict__ out_scales,
-    int64_t* __restrict__ out_topk, float* __restrict__ out_w, int* __restrict__ out_src, int L) {
+    int64_t* __restrict__ out_topk, float* __restrict__ out_w, int* __restrict__ out_src, int L, int cap) {
   static_assert(kMaxRanks <= kWarpThreads, "one lane per rank");
   __shared__ uint8_t* dsts[512 / kWarpThreads][kMaxRanks];       // destination rank's area half
   __shared__ uint8_t* row_dst[512 / kWarpThreads][kMaxRanks];    // where the data row goes there
   __shared__ long long rows[512 / kWarpThreads][kMaxRanks];
   __shared__ int dst_rank[512 / kWarpThreads][kMaxRanks];
   const int lane = threadIdx.x % kWarpThreads, warp = threadIdx.x / kWarpThreads;
+  if (cap > 0) {                                               // every warp decides alike (no block barrier below)
+    int received = 0;
+    if (lane < R)
+      for (int s = 0; s < R; ++s) received += rc[s * R + lane];
+    for (int o = kWarpThreads / 2; o > 0; o >>= 1) received = max(received, __shfl_xor_sync(0xffffffffu, received, o));
+    if (received > cap) return;
+  }
   const int half = half_before_barrier(counter);
   // this rank's first row in receiver `lane`'s area
   int base = 0;

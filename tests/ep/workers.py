@@ -341,7 +341,31 @@ def normal_mode_checks(rank, ws, seed, device="cpu", transport="auto"):
         check_low_latency_graph(ll.buf, seed, rank, ws, num_experts, num_max=40)
         check_worst_mode_graph(buf.buf, seed, rank, ws, num_experts)
         check_decode_step_graph(ll.buf, seed, rank, ws, num_experts, num_max=40)
+    if device != "cpu" and buf.buf._ipc is not None:
+        check_own_transports_and_overflow(buf, ll, seed, rank, ws, num_experts, device, transport)
     dist.barrier()
+
+
+def check_own_transports_and_overflow(buf, ll, seed, rank, ws, num_experts, device, transport):
+    """Each Buffer's calls use its own IPC buffers (two Buffers on one group), and an exact dispatch whose rows
+    exceed one half of a small Buffer's area (the fused send skips itself on the GPU, the host falls back to the
+    multi-round copies) still delivers every row, on a Buffer made after the others and destroyed before them."""
+    from torch_deepstack.ep.intranode import NormalLayout
+    from torch_deepstack.ep.transport import transport_for
+    dev = torch.device(device)
+    assert transport_for(buf.buf._op_group, dev) is buf.buf._ipc
+    assert transport_for(ll.buf._op_group, dev) is ll.buf._ipc and ll.buf._ipc is not buf.buf._ipc
+    small = make_buffer(device, transport, num_nvl_bytes=40 << 10, timeout_s=60)
+    t = small.buf._ipc
+    cap = NormalLayout(ws * t.slot_bytes, ws, num_experts // ws, HIDDEN * 4, 0, NUM_TOPK).cap
+    received = len(expected_receive(seed, rank, ws, num_experts))
+    everyone = [None] * ws
+    dist.all_gather_object(everyone, received)
+    assert max(everyone) > cap, (everyone, cap)         # the fused path cannot hold it: the fallback runs
+    check_dispatch(small, seed, rank, ws, num_experts)
+    small.buf.destroy()
+    assert transport_for(buf.buf._op_group, dev) is buf.buf._ipc
+    check_dispatch(buf, seed, rank, ws, num_experts)      # the earlier Buffer still works through its own area
 
 
 def spread_over_gpus_checks(rank, ws, seed):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from torch_deepstack.ep import core, ops
 from torch_deepstack.ep.layout import low_latency_size_hint
-from torch_deepstack.ep.transport import (DEFAULT_TIMEOUT_S, register_transport, set_timeout,
+from torch_deepstack.ep.transport import (BUFFER_SEP, DEFAULT_TIMEOUT_S, register_transport, set_timeout,
                                           unregister_transport)
 
 _ids = itertools.count(1)
@@ -144,6 +144,7 @@ class Buffer:
         self.buffer_id = next(_ids)
         self._destroyed = False
         self._ipc = None
+        self._op_group = self.group_name      # what the ops get: this Buffer's own name once it has IPC buffers
         set_timeout(self.group_name, timeout_s)
         self._comm_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         if self.device.type == "cuda" and transport != "dist":
@@ -152,7 +153,8 @@ class Buffer:
             area = max(self.num_nvl_bytes, self.num_rdma_bytes)   # low-latency exchanges use the same area
             if usable and area >= ipc.IpcTransport.min_bytes(self.group_size):
                 self._ipc = ipc.IpcTransport(self.group, area, timeout_s)
-                register_transport(self.group_name, self._ipc)
+                self._op_group = f"{self.group_name}{BUFFER_SEP}{self.buffer_id}"
+                register_transport(self._op_group, self._ipc)
             elif transport == "ipc":
                 if usable:
                     raise ValueError(f"ep.Buffer buffers too small for the IPC transport: max(num_nvl_bytes, "
@@ -231,7 +233,7 @@ class Buffer:
         if self._destroyed:
             return
         if self._ipc is not None:
-            unregister_transport(self.group_name, self._ipc)
+            unregister_transport(self._op_group, self._ipc)
             self._ipc.close()
             self._ipc = None
         self._destroyed = True
@@ -344,7 +346,7 @@ class Buffer:
             op = ops.dispatch_cached_impl if _direct_ok(x_data, x_scales) else torch.ops.deepstack.ep_dispatch_cached
             (rx, rs), ev = self._run(
                 lambda: op(x_data, x_scales, handle.is_token_in_rank, handle.rank_counts, handle.recv_src_idx,
-                           self.group_name, handle.num_worst_tokens),
+                           self._op_group, handle.num_worst_tokens),
                 [x_data, x_scales], previous_event, async_finish, allocate_on_comm_stream)
             return ((rx, rs) if x_scales is not None else rx), None, None, None, handle, ev
         if topk_idx is None and is_token_in_rank is None:
@@ -362,7 +364,7 @@ class Buffer:
         op = ops.dispatch_impl if _direct_ok(x_data, x_scales, topk_weights) else torch.ops.deepstack.ep_dispatch
         outs, ev = self._run(
             lambda: op(x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, self.group_size,
-                       self.group_name, expert_alignment, num_worst_tokens),
+                       self._op_group, expert_alignment, num_worst_tokens),
             [x_data, x_scales, topk_idx, topk_weights, is_token_in_rank], previous_event, async_finish,
             allocate_on_comm_stream)
         rx, rs, ridx, rw, per_expert, mask, rank_counts, src_idx = outs
@@ -387,7 +389,7 @@ class Buffer:
         op = ops.combine_impl if _direct_ok(x, topk_weights) else torch.ops.deepstack.ep_combine
         (cx, cw), ev = self._run(
             lambda: op(x, topk_weights, handle.is_token_in_rank, handle.rank_counts, handle.recv_src_idx,
-                       self.group_name, handle.num_worst_tokens),
+                       self._op_group, handle.num_worst_tokens),
             [x, topk_weights], previous_event, async_finish, allocate_on_comm_stream)
         if bias is not None:
             for b in (bias if isinstance(bias, tuple) else (bias,)):
@@ -427,7 +429,7 @@ class Buffer:
                                                cumulative_local_expert_recv_stats, use_fp8, round_scale)
         op = ops.ll_dispatch_impl if _direct_ok(x) else torch.ops.deepstack.ep_low_latency_dispatch
         (rx, rs, cnt, src_info, layout_range), ev = self._run(
-            lambda: op(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, self.group_name,
+            lambda: op(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_size, self._op_group,
                        use_fp8, round_scale),
             [x, topk_idx], None, async_finish, False)
         if cumulative_local_expert_recv_stats is not None:
@@ -439,7 +441,7 @@ class Buffer:
     def _ll_dispatch_with_hook(self, x, topk_idx, num_max, num_experts, stats, use_fp8, round_scale):
         self._check_alive()
         xq, xs = ops.ll_prepare(x, topk_idx, num_max, num_experts, self.group_size, use_fp8, round_scale)
-        transport = ops._transport("low_latency_dispatch", self.group_name, x.device, self.group_size)
+        transport = ops._transport("low_latency_dispatch", self._op_group, x.device, self.group_size)
         state = core.ll_dispatch_state(transport, xq, xs, topk_idx, num_max, num_experts)
         rx, scales, cnt, src_info, layout_range = state.outputs
 
@@ -467,14 +469,14 @@ class Buffer:
             self._check_alive()
             M = handle.num_max_dispatch_tokens_per_rank
             ops.check_ll_combine(x, topk_idx, topk_weights, handle.src_info, handle.layout_range, M)
-            transport = ops._transport("low_latency_combine", self.group_name, x.device, self.group_size)
+            transport = ops._transport("low_latency_combine", self._op_group, x.device, self.group_size)
             state = core.ll_combine_state(transport, x, topk_idx, topk_weights, handle.src_info,
                                           handle.layout_range, M, out=out)
             return state.out, self.capture(), state.finish
         op = ops.ll_combine_impl if _direct_ok(x, topk_weights) else torch.ops.deepstack.ep_low_latency_combine
         cx, ev = self._run(
             lambda: op(x, topk_idx, topk_weights, handle.src_info, handle.layout_range,
-                       handle.num_max_dispatch_tokens_per_rank, self.group_name),
+                       handle.num_max_dispatch_tokens_per_rank, self._op_group),
             [x, topk_idx, topk_weights], None, async_finish, False)
         if out is not None:
             out.copy_(cx)

@@ -32,7 +32,7 @@ def _align(v: int, a: int = _ALIGN) -> int:
 _SIG = {
     "rank_positions_kernel": "p ii p",
     "notify_dispatch_kernel": "pp iii p l p ii p l pp",
-    "dispatch_send_kernel": "p l i p l i pp ii pppp l ii p lllll ppppp i",
+    "dispatch_send_kernel": "p l i p l i pp ii pppp l ii p lllll ppppp i i",
     "dispatch_recv_kernel": "p l p lllll iiiiiiii p i ppppp i",
     "combine_send_kernel": "p l i p i p ii p l p ll i",
     "combine_reduce_kernel": "p l p ll ppp iiiii pp pp",
@@ -114,6 +114,7 @@ class Intranode:
         self._host_counts: dict[int, tuple] = {}   # rank_counts data_ptr -> _remember's entry
         self._last_per_expert = None
         self._pos = None    # (mask, mask._version, rank_positions(mask)) of the last mask seen
+        self._info_host = None
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
     # Host copies of small results: held with a strong reference to the device tensor, so its memory cannot be
@@ -148,6 +149,12 @@ class Intranode:
     def _raise_pending(self) -> None:
         if self.t.error_seen() and not torch.cuda.is_current_stream_capturing():
             self.t.check_error()
+
+    def _host_info(self, size: int) -> tuple:
+        """A pinned int32 buffer for the count exchange's result and the event that says it has arrived."""
+        if self._info_host is None or self._info_host[0].numel() != size:
+            self._info_host = (torch.empty(size, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+        return self._info_host
 
     def _positions(self, mask: torch.Tensor) -> torch.Tensor:
         """rank_positions(mask), reused while the same mask tensor comes back unchanged (a handle's mask serves
@@ -198,19 +205,23 @@ class Intranode:
             raise ValueError(f"ep_dispatch: rank(s) {bad} passed topk_idx with expert ids in an invalid range "
                              f"(valid: -1..{num_experts - 1}); every rank raises so that none waits for them")
 
-    def send_rows(self, x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay: NormalLayout, outs, L: int):
-        """Rows to every destination's area; this rank's own rows straight into `outs` (see alloc_outputs)."""
+    def send_rows(self, x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay: NormalLayout, outs, L: int,
+                  cap: int = 0):
+        """Rows to every destination's area; this rank's own rows straight into `outs` (see alloc_outputs), or,
+        with outs=None, into its own area like everyone else's. cap > 0: the kernel checks the fit (see
+        dispatch_send_kernel) because the host has not seen the counts."""
         n = x.shape[0]
         if n:
             k = topk_idx.shape[1] if topk_idx is not None else 0
             xb = x.view(torch.uint8) if x.dtype != torch.uint8 else x
-            recv_x, recv_scales, recv_topk, recv_w, recv_src = outs
+            recv_x, recv_scales, recv_topk, recv_w, recv_src = outs if outs is not None else (None,) * 5
             launch = kernel("dispatch_send_kernel", MAX_RANKS).launch
             launch(num_sms, 512, xb, x.stride(0) * x.element_size(), x.shape[1] * x.element_size(), x_scales,
                    x_scales.stride(0) if x_scales is not None else 0, x_scales.shape[1] if x_scales is not None else 0,
                    topk_idx, topk_weights, k, n, mask, pos, rc_dev, self.peer_base, self.half_bytes, self.rank, self.R,
-                   self.t.epoch, lay.data, lay.scales, lay.topk, lay.weights, lay.src, recv_x.view(torch.uint8),
-                   recv_scales, recv_topk, recv_w, recv_src, L)
+                   self.t.epoch, lay.data, lay.scales, lay.topk, lay.weights, lay.src,
+                   recv_x.view(torch.uint8) if recv_x is not None else None, recv_scales, recv_topk, recv_w, recv_src,
+                   L, cap)
         self._barrier()
 
     @staticmethod
@@ -227,7 +238,9 @@ class Intranode:
                 torch.empty(out_rows, dtype=torch.int32, device=device))
 
     def recv_rows(self, lay: NormalLayout, rc_dev, outs, row_bytes: int, num_scales: int, k: int, has_topk: bool,
-                  L: int):
+                  L: int, own_rows_sent: bool = True):
+        """Rows out of this rank's area into `outs`; own_rows_sent: send_rows already wrote this rank's own rows
+        into them (else they are in the area too)."""
         recv_x, recv_scales, recv_topk, recv_w, recv_src = outs
         out_rows = recv_x.shape[0]
         if out_rows:
@@ -235,7 +248,7 @@ class Intranode:
             launch(self.all_blocks, 512, self.area_ptr, self.half_bytes, self.t.epoch, lay.data, lay.scales, lay.topk,
                    lay.weights, lay.src, row_bytes, num_scales, k, int(has_topk), int(recv_w is not None), L,
                    self.rank, self.R, rc_dev, out_rows, recv_x.view(torch.uint8), recv_scales, recv_topk, recv_w,
-                   recv_src, 1)
+                   recv_src, int(own_rows_sent))
         return outs
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, mask, num_experts: int, expert_alignment: int,
@@ -262,19 +275,32 @@ class Intranode:
         a = expert_alignment
         per_expert = info[R * R:R * R + L]                              # tokens per local expert, rounded up
         per_expert = (per_expert + (a - 1)) // a * a if a > 1 else per_expert.clone()
-        out_rows = num_worst_tokens
-        if not num_worst_tokens:
-            host = info.tolist()                       # the one host sync of an exact-size dispatch
+        has_w = topk_weights is not None
+        if num_worst_tokens:
+            out_rows = num_worst_tokens
+            outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, has_w, x.device)
+            self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, outs, L)
+            own_rows_sent = True
+        else:
+            # The one host sync of an exact-size dispatch: the counts go to pinned memory and the rows go out
+            # while the host waits for them (own rows through this rank's area, as no output exists yet; the
+            # kernel skips the sends if some rank's rows do not fit, as the host decides below).
+            host_info, ready = self._host_info(info.numel())
+            host_info.copy_(info, non_blocking=True)
+            ready.record()
+            self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, None, L, cap=lay.cap)
+            ready.synchronize()
+            host = host_info.tolist()
             self._check_notify(host, L, num_experts)
             entry = self._remember(rc_dev, host[:R * R])
             if entry[2] > lay.cap:
                 return None
             out_rows = sum(row[rank] for row in entry[1])
             self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L]])
-        outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, topk_weights is not None, x.device)
-        self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, outs, L)
+            outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, has_w, x.device)
+            own_rows_sent = False
         recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales,
-                                                                          k, topk_idx is not None, L)
+                                                                          k, topk_idx is not None, L, own_rows_sent)
         if x_scales is None:
             recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
         if recv_w is None:

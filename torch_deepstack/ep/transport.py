@@ -38,13 +38,23 @@ class Transport(Protocol):
     def all_to_all_fixed(self, send: torch.Tensor) -> torch.Tensor: ...
 
 
+# An ep.Buffer with its own transport gives its ops the name "<group name>@buffer<id>": the transport registry is
+# keyed by that whole name (so two Buffers on one group each use their own buffers), the process group by the part
+# before it.
+BUFFER_SEP = "@buffer"
+
+
+def process_group_name(group_name: str) -> str:
+    return group_name.split(BUFFER_SEP, 1)[0]
+
+
 def resolve_group(group_name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
     if not dist.is_initialized():
         raise EPTransportError(f"group_name={group_name!r}: torch.distributed is not initialised "
                                f"(call torch.distributed.init_process_group first)")
     try:
-        return _resolve_process_group(group_name)
+        return _resolve_process_group(process_group_name(group_name))
     except Exception as e:  # noqa: BLE001 - re-raised with the name the caller passed
         raise EPTransportError(f"group_name={group_name!r} names no live process group ({e})") from None
 
@@ -137,7 +147,8 @@ DEFAULT_TIMEOUT_S = 120.0
 
 
 def register_transport(group_name: str, transport) -> None:
-    """Route the CUDA tensors of ops on `group_name` through `transport` (e.g. the NVLink IPC transport)."""
+    """Route the CUDA tensors of ops on `group_name` through `transport` (e.g. the NVLink IPC transport). ep.Buffer
+    registers under its own name (group name + BUFFER_SEP + id), so each Buffer's calls use its own memory."""
     _CUDA_TRANSPORTS[group_name] = transport
 
 
@@ -150,7 +161,7 @@ def set_timeout(group_name: str, seconds: float) -> None:
     """Bound every collective of this group's torch.distributed transport (a dead peer then raises)."""
     group = resolve_group(group_name)
     t = DistTransport(group, seconds)
-    _DIST_CACHE[(group_name, id(group))] = t
+    _DIST_CACHE[(process_group_name(group_name), id(group))] = t
 
 
 def transport_for(group_name: str, device: torch.device):
@@ -158,7 +169,7 @@ def transport_for(group_name: str, device: torch.device):
     if device.type == "cuda" and group_name in _CUDA_TRANSPORTS:
         return _CUDA_TRANSPORTS[group_name]
     group = resolve_group(group_name)
-    key = (group_name, id(group))
+    key = (process_group_name(group_name), id(group))
     t = _DIST_CACHE.get(key)
     if t is None:
         t = _DIST_CACHE[key] = DistTransport(group, DEFAULT_TIMEOUT_S)
