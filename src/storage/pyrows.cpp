@@ -35,16 +35,44 @@ void ds_rows_release(void* handle) {
 // Parses requests reqs[start:] (a list of tuples (file, offset, length[, out[, userdata]]) or ReadRequests).
 // Per request: `file` exactly of type file_type and a key of which_of (dict File -> file index, whose chunk size
 // is chunk_sizes[index]); offset and length ints >= 0; the request inside one chunk; out None (a zeroed
-// bytearray of `length` bytes is made) or an object exporting a writable, C-contiguous buffer of >= length
-// bytes. Writes rows[5 * i] = (offset, length, address of out, 0, file index) and appends out (or the new
+// bytearray of `length` bytes is made), a contiguous CPU tensor of type tensor_type (exactly; Py_None: no torch)
+// or an object exporting a writable, C-contiguous buffer, of >= length bytes. Writes rows[5 * i] = (offset, length, address of out, 0, file index) and appends out (or the new
 // bytearray) to `outs`. Returns the number of requests parsed; *status tells why it stopped early:
 // 0 all parsed, 1 request at the returned index names a File not in which_of yet (the caller adds it and calls
 // again from there), 2 the request is not a plain one (the caller uses its general loop for the batch),
 // -1 a Python error is set. *views receives the handle of the buffer exports (release with ds_rows_release;
 // one handle per call).
+// A CPU tensor's address (its storage outlives the call: the request list holds the tensor), or 0 when it is
+// not a contiguous CPU tensor of at least `len` bytes (then the Python loop decides).
+static int64_t tensor_address(PyObject* t, int64_t len) {
+    static PyObject *s_is_cpu = nullptr, *s_is_contiguous, *s_nbytes, *s_data_ptr;
+    if (!s_is_cpu) {
+        s_is_cpu = PyUnicode_InternFromString("is_cpu");
+        s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+        s_nbytes = PyUnicode_InternFromString("nbytes");
+        s_data_ptr = PyUnicode_InternFromString("data_ptr");
+        if (!s_is_cpu || !s_is_contiguous || !s_nbytes || !s_data_ptr) return 0;
+    }
+    int64_t addr = 0;
+    PyObject *cpu = PyObject_GetAttr(t, s_is_cpu), *contig = nullptr, *nb = nullptr, *dp = nullptr;
+    if (cpu == Py_True) contig = PyObject_CallMethodObjArgs(t, s_is_contiguous, nullptr);
+    if (contig == Py_True) nb = PyObject_GetAttr(t, s_nbytes);
+    if (nb && PyLong_Check(nb) && PyLong_AsLongLong(nb) >= len) dp = PyObject_CallMethodObjArgs(t, s_data_ptr, nullptr);
+    if (dp && PyLong_Check(dp)) addr = (int64_t)PyLong_AsUnsignedLongLongMask(dp);
+    Py_XDECREF(cpu);
+    Py_XDECREF(contig);
+    Py_XDECREF(nb);
+    Py_XDECREF(dp);
+    if (PyErr_Occurred()) {  // e.g. a sparse tensor's is_contiguous
+        PyErr_Clear();
+        addr = 0;
+    }
+    return addr;
+}
+
 Py_ssize_t ds_rows_parse(PyObject* reqs, Py_ssize_t start, PyObject* file_type, PyObject* request_type,
-                         PyObject* which_of, const int64_t* chunk_sizes, Py_ssize_t nfiles, int64_t* rows,
-                         PyObject* outs, int64_t* status, void** views) {
+                         PyObject* tensor_type, PyObject* which_of, const int64_t* chunk_sizes, Py_ssize_t nfiles,
+                         int64_t* rows, PyObject* outs, int64_t* status, void** views) {
     static PyObject *s_file = nullptr, *s_offset, *s_length, *s_out;
     if (!s_file) {
         s_file = PyUnicode_InternFromString("file");
@@ -132,8 +160,16 @@ Py_ssize_t ds_rows_parse(PyObject* reqs, Py_ssize_t start, PyObject* file_type, 
                         h->n++;
                     }
                 }
+            } else if ((PyObject*)Py_TYPE(out) == tensor_type) {
+                addr = tensor_address(out, len);
+                if (addr) {
+                    Py_INCREF(out);
+                    keep_out = out;
+                } else {
+                    st = 2;
+                }
             } else if (!PyObject_CheckBuffer(out)) {
-                st = 2;  // e.g. a torch tensor: the Python loop knows it
+                st = 2;  // anything else: the Python loop knows it
             } else {
                 Py_buffer* v = &h->v[h->n];
                 if (PyObject_GetBuffer(out, v, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {

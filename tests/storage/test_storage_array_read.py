@@ -253,8 +253,9 @@ def test_batch_read_native_buffer_kinds_alone_take_the_native_path(fs, monkeypat
 def test_batch_read_c_parser_equals_python_loop_and_general_path(fs, monkeypatch):
     """Batches of 4+ requests are parsed in C (pyrows.cpp) where it builds: tuples and ReadRequests, three
     files (two met first mid-batch, so parsing resumes after each is registered), numpy / bytearray /
-    memoryview / no buffer; results equal the Python loop's and the general path's and the bytes written. A
-    request the parser refuses (a tensor buffer, a chunk-crossing range) hands the batch to the Python loop.
+    memoryview / CPU tensors / no buffer; results equal the Python loop's and the general path's and the bytes
+    written. A request the parser refuses (a tensor subclass, a chunk-crossing range) hands the batch to the
+    Python loop.
     The buffer exports taken for the reads are released afterwards (a bytearray can grow again)."""
     from torch_deepstack.storage import pyrows
 
@@ -282,8 +283,9 @@ def test_batch_read_c_parser_equals_python_loop_and_general_path(fs, monkeypatch
             o = int(rng.integers(0, size))
             o = min(o, (o // CS + 1) * CS - ln) if o % CS + ln > CS else o  # inside one chunk
             o = max(o, 0)
-            kind = k % 4
-            out = (np.zeros(ln + 3, np.uint8), bytearray(ln), memoryview(bytearray(ln + 1)), None)[kind]
+            kind = k % 6
+            out = (np.zeros(ln + 3, np.uint8), bytearray(ln), memoryview(bytearray(ln + 1)), None,
+                   torch.zeros(ln, dtype=torch.uint8), torch.zeros(-(-ln // 4), 2, dtype=torch.int16))[kind]
             arrays.append(out)
             reqs.append((handles[p], o, ln, out, k) if k % 2 else ReadRequest(handles[p], o, ln, out, k))
         if extra is not None:
@@ -308,7 +310,8 @@ def test_batch_read_c_parser_equals_python_loop_and_general_path(fs, monkeypatch
     assert run(reqs) == native  # the general path
     monkeypatch.undo()
     monkeypatch.setattr(type(fs), "_batch_read_parsed", spy)
-    for extra in ((handles["/p0"], 5, 64, torch.zeros(64, dtype=torch.uint8), "tensor"),
+    for extra in ((handles["/p0"], 5, 64, torch.nn.Parameter(torch.zeros(64, dtype=torch.uint8), requires_grad=False),
+                   "a tensor subclass"),
                   (handles["/p0"], CS - 10, 100, None, "crossing")):
         reqs = batch(extra)
         got = run(reqs)

@@ -810,6 +810,8 @@ class FileSystem:
         which_of: dict = {}
         inodes, outs, handles = [], [], []
         base, ctl_at = address(rows), address(ctl)
+        torch = sys.modules.get("torch")
+        tensor = torch.Tensor if torch is not None else None
         r = reqs[0]  # the first request's File up front: a batch on one file then parses in one call
         f = r[0] if type(r) is tuple and r else getattr(r, "file", None)
         if type(f) is File and f._inode["type"] == "file":
@@ -821,8 +823,8 @@ class FileSystem:
             while True:
                 ctl[1] = 0
                 try:
-                    i = lib.ds_rows_parse(reqs, start, File, ReadRequest, which_of, address(sizes), len(inodes),
-                                          base + 40 * start, outs, ctl_at, ctl_at + 8)
+                    i = lib.ds_rows_parse(reqs, start, File, ReadRequest, tensor, which_of, address(sizes),
+                                          len(inodes), base + 40 * start, outs, ctl_at, ctl_at + 8)
                 finally:
                     if ctl[1]:
                         handles.append(int(ctl[1]))

@@ -41,8 +41,8 @@ def load():
                 raise RuntimeError("Python.h not found (install the Python development headers)")
             lib = ctypes.PyDLL(fastio._build(src, ("-I" + inc,), "pyrows"))
             lib.ds_rows_parse.argtypes = [ctypes.py_object, ctypes.c_ssize_t, ctypes.py_object, ctypes.py_object,
-                                          ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_void_p,
-                                          ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
+                                          ctypes.py_object, ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t,
+                                          ctypes.c_void_p, ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p]
             lib.ds_rows_parse.restype = ctypes.c_ssize_t
             lib.ds_rows_release.argtypes = [ctypes.c_void_p]
             lib.ds_rows_release.restype = None
