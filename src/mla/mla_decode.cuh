@@ -98,6 +98,67 @@ struct SmemLayout {
   static constexpr int kAlloc = kBytes + 1024;                    // slack to align the base to 1024 bytes
 };
 
+// ---- the end of a request, shared by the decode kernels' two consumer warpgroups (256 threads) ----
+// WG0 sums its rows' softmax denominators over the quad, writes lse (the request computed by one part) or
+// lse_accum (a split request's partial) and 1 / sum into sFinal; after named barrier kBarFinal both warpgroups write
+// their half of O, normalised, to out or to the fp32 partials o_accum that mla_combine merges.
+constexpr int kBarFinal = 4;
+
+template <typename T>
+__device__ __forceinline__ void finish_request(
+    const float (&o)[128], float l0, float l1, float m0, float m1, int wg, int t, int row0, int row1, int grow0,
+    int grow1, int req, int begin_req, int begin_split, const int* __restrict__ num_splits, int h_q, int h_kv, int s_q,
+    int rows, int hpk, int kvh, float* sFinal, T* __restrict__ out, float* __restrict__ lse,
+    float* __restrict__ o_accum, float* __restrict__ lse_accum) {
+  const float kInf = __int_as_float(0x7f800000);
+  const int split = req == begin_req ? begin_split : num_splits[req];   // read here: fewer live registers
+  const bool single = num_splits[req + 1] - num_splits[req] == 1;
+  if (wg == 0) {
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    const float empty_lse = single ? kInf : -kInf;
+    const float kLn2 = 0.6931471805599453f;
+    const float lse0 = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : empty_lse;
+    const float lse1 = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : empty_lse;
+    if (t == 0) {
+      sFinal[row0] = l0 > 0.f ? 1.f / l0 : 0.f;
+      sFinal[row1] = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int gr = h ? grow1 : grow0;
+        if (gr < rows) {
+          const float v = h ? lse1 : lse0;
+          if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + gr % hpk) * s_q + gr / hpk] = v;
+          else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + gr] = v;
+        }
+      }
+    }
+  }
+  sm90::bar_sync(kBarFinal, 256);
+  const float inv0 = sFinal[row0], inv1 = sFinal[row1];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int gr = h ? grow1 : grow0;
+    const float inv = h ? inv1 : inv0;
+    if (gr >= rows) continue;
+    if (single) {
+      T* dst = out + ((static_cast<long long>(req) * s_q + gr / hpk) * h_q + kvh * hpk + gr % hpk) * kDV +
+               wg * 256 + 2 * t;
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    } else {
+      float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + gr) * kDV + wg * 256 + 2 * t;
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+    }
+  }
+}
+
 template <typename T, int kDQK, bool kFp8>
 __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
     const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
@@ -428,53 +489,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
       phase ^= stage == 0;
     }
 
-    // ---- finish this request: normalise, write out/lse (single split) or the fp32 partials ----
-    const int split = req == begin_req ? begin_split : num_splits[req];   // read here: fewer live registers
-    const bool single = num_splits[req + 1] - num_splits[req] == 1;
-    if (wg == 0) {
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-      }
-      const float empty_lse = single ? kInf : -kInf;
-      const float kLn2 = 0.6931471805599453f;
-      const float lse0 = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : empty_lse;
-      const float lse1 = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : empty_lse;
-      if (t == 0) {
-        sFinal[row0] = l0 > 0.f ? 1.f / l0 : 0.f;
-        sFinal[row1] = l1 > 0.f ? 1.f / l1 : 0.f;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int gr = h ? grow1 : grow0;
-          if (gr < rows) {
-            const float v = h ? lse1 : lse0;
-            if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + gr % hpk) * s_q + gr / hpk] = v;
-            else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + gr] = v;
-          }
-        }
-      }
-    }
-    sm90::bar_sync(4, 256);
-    const float inv0 = sFinal[row0], inv1 = sFinal[row1];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int gr = h ? grow1 : grow0;
-      const float inv = h ? inv1 : inv0;
-      if (gr >= rows) continue;
-      if (single) {
-        T* dst = out + ((static_cast<long long>(req) * s_q + gr / hpk) * h_q + kvh * hpk + gr % hpk) * kDV +
-                 wg * 256 + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      } else {
-        float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + gr) * kDV + wg * 256 + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      }
-    }
+    finish_request<T>(o, l0, l1, m0, m1, wg, t, row0, row1, grow0, grow1, req, begin_req, begin_split, num_splits, h_q,
+                      h_kv, s_q, rows, hpk, kvh, sFinal, out, lse, o_accum, lse_accum);
   }
   if (wg == 0 && !first_tile) sm90::bar_sync(2, 256);   // match WG1's last "P free" arrival
 }

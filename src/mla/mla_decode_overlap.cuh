@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
   constexpr int kChunks = L::kChunks;
   static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
   // Named barriers: 1 Q loaded / sQ free, 2 sP free (WG1 -> WG0), 3 sP ready (WG0 -> WG1), 4 final sums.
-  constexpr int kBarQ = 1, kBarPFree = 2, kBarPReady = 3, kBarFinal = 4;
+  constexpr int kBarQ = 1, kBarPFree = 2, kBarPReady = 3;   // kBarFinal = 4: finish_request
 
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (sm90::smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -351,53 +351,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
       }
     }
 
-    // ---- finish this request: normalise, write out/lse (single split) or the fp32 partials ----
-    const int split = req == begin_req ? begin_split : num_splits[req];
-    const bool single = num_splits[req + 1] - num_splits[req] == 1;
-    if (wg == 0) {
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-      }
-      const float empty_lse = single ? kInf : -kInf;
-      const float kLn2 = 0.6931471805599453f;
-      const float lse0 = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : empty_lse;
-      const float lse1 = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : empty_lse;
-      if (t == 0) {
-        sFinal[row0] = l0 > 0.f ? 1.f / l0 : 0.f;
-        sFinal[row1] = l1 > 0.f ? 1.f / l1 : 0.f;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int gr = h ? grow1 : grow0;
-          if (gr < rows) {
-            const float v = h ? lse1 : lse0;
-            if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + gr % hpk) * s_q + gr / hpk] = v;
-            else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + gr] = v;
-          }
-        }
-      }
-    }
-    sm90::bar_sync(kBarFinal, 256);
-    const float inv0 = sFinal[row0], inv1 = sFinal[row1];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int gr = h ? grow1 : grow0;
-      const float inv = h ? inv1 : inv0;
-      if (gr >= rows) continue;
-      if (single) {
-        T* dst = out + ((static_cast<long long>(req) * s_q + gr / hpk) * h_q + kvh * hpk + gr % hpk) * kDV +
-                 wg * 256 + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      } else {
-        float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + gr) * kDV + wg * 256 + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-      }
-    }
+    finish_request<T>(o, l0, l1, m0, m1, wg, t, row0, row1, grow0, grow1, req, begin_req, begin_split, num_splits, h_q,
+                      h_kv, s_q, rows, hpk, kvh, sFinal, out, lse, o_accum, lse_accum);
   }
   if (wg == 0 && !first_tile) sm90::bar_sync(kBarPFree, 256);   // match WG1's last "P free" arrival
 }
