@@ -98,6 +98,48 @@ struct SmemLayout {
   static constexpr int kAlloc = kBytes + 1024;                    // slack to align the base to 1024 bytes
 };
 
+// Q rows rb * 64 .. rb * 64 + 63 of request `req` (this KV head's q rows: s * hpk + local head) into the 128-byte
+// swizzled chunks of sQ, zeros past the last row; run by the 256 consumer threads.
+template <typename T, int kChunks>
+__device__ __forceinline__ void load_q_tile(uint8_t* sQ, const T* __restrict__ q, int tid, int rb, int rows, int hpk,
+                                            int kvh, int req, long long q_sb, long long q_ss, long long q_sh) {
+#pragma unroll 1
+  for (int u = tid; u < 64 * kChunks * 8; u += 256) {
+    const int r = u / (kChunks * 8), cu = u % (kChunks * 8);
+    const int gr = rb * 64 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (gr < rows) {
+      const int s = gr / hpk, head = kvh * hpk + gr % hpk;
+      v = __ldg(reinterpret_cast<const uint4*>(q + req * q_sb + s * q_ss + head * q_sh) + cu);
+    }
+    *reinterpret_cast<uint4*>(sQ + (cu / 8) * kChunkBytes + swz(r, cu % 8)) = v;
+  }
+}
+
+// Mask a tile's scores to the visible keys (a select, so NaN in unused cache slots never reaches the max), scale them
+// to log2 units, and fold the tile's row maxima over the quad into mx0 / mx1 (rows g and g + 8 of the accumulator;
+// tok0: this thread's first key).
+__device__ __forceinline__ void mask_scale_max(float (&s)[32], int tok0, int lim0, int lim1, float scale_log2,
+                                               float& mx0, float& mx1) {
+  const float kInf = __int_as_float(0x7f800000);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = tok0 + 8 * j + e;
+      s[4 * j + e] = tok < lim0 ? s[4 * j + e] * scale_log2 : -kInf;
+      s[4 * j + 2 + e] = tok < lim1 ? s[4 * j + 2 + e] * scale_log2 : -kInf;
+      mx0 = fmaxf(mx0, s[4 * j + e]);
+      mx1 = fmaxf(mx1, s[4 * j + 2 + e]);
+    }
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+  }
+}
+
 // ---- the end of a request, shared by the decode kernels' two consumer warpgroups (256 threads) ----
 // WG0 sums its rows' softmax denominators over the quad, writes lse (the request computed by one part) or
 // lse_accum (a split request's partial) and 1 / sum into sFinal; after named barrier kBarFinal both warpgroups write
@@ -333,17 +375,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
 
     // Q rows of this block -> shared memory (zeros past the last row), 128-byte swizzled chunks.
     sm90::bar_sync(1, 256);   // everyone is done with the previous request's sQ / sFinal
-#pragma unroll 1
-    for (int u = tid; u < 64 * kChunks * 8; u += 256) {
-      const int r = u / (kChunks * 8), cu = u % (kChunks * 8);
-      const int gr = rb * 64 + r;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (gr < rows) {
-        const int s = gr / hpk, head = kvh * hpk + gr % hpk;
-        v = __ldg(reinterpret_cast<const uint4*>(q + req * q_sb + s * q_ss + head * q_sh) + cu);
-      }
-      *reinterpret_cast<uint4*>(sQ + (cu / 8) * kChunkBytes + swz(r, cu % 8)) = v;
-    }
+    load_q_tile<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
     sm90::fence_proxy_async();
     sm90::bar_sync(1, 256);
 
@@ -376,24 +408,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         sm90::fence_regs(s);
 
         // Mask (select, so NaN in unused cache slots never reaches the max) and online softmax in log2 units.
-        const int tok0 = blk * kPage + 2 * t;
         float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int tok = tok0 + 8 * j + e;
-            s[4 * j + e] = tok < lim0 ? s[4 * j + e] * scale_log2 : -kInf;
-            s[4 * j + 2 + e] = tok < lim1 ? s[4 * j + 2 + e] * scale_log2 : -kInf;
-            mx0 = fmaxf(mx0, s[4 * j + e]);
-            mx1 = fmaxf(mx1, s[4 * j + 2 + e]);
-          }
-        }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
+        mask_scale_max(s, blk * kPage + 2 * t, lim0, lim1, scale_log2, mx0, mx1);
         const float base0 = mx0 == -kInf ? 0.f : mx0, base1 = mx1 == -kInf ? 0.f : mx1;
         const float sc0 = exp2f(m0 - base0), sc1 = exp2f(m1 - base1);
         m0 = mx0;

@@ -184,17 +184,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
 
     // Q rows of this block -> shared memory (zeros past the last row), 128-byte swizzled chunks.
     sm90::bar_sync(kBarQ, 256);   // everyone is done with the previous request's sQ / sFinal
-#pragma unroll 1
-    for (int u = tid; u < 64 * kChunks * 8; u += 256) {
-      const int r = u / (kChunks * 8), cu = u % (kChunks * 8);
-      const int gr = rb * 64 + r;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (gr < rows) {
-        const int s = gr / hpk, head = kvh * hpk + gr % hpk;
-        v = __ldg(reinterpret_cast<const uint4*>(q + req * q_sb + s * q_ss + head * q_sh) + cu);
-      }
-      *reinterpret_cast<uint4*>(sQ + (cu / 8) * kChunkBytes + swz(r, cu % 8)) = v;
-    }
+    load_q_tile<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
     sm90::fence_proxy_async();
     sm90::bar_sync(kBarQ, 256);
 
@@ -230,24 +220,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
         }
 
         // Mask (select, so NaN in unused cache slots never reaches the max) and online softmax in log2 units.
-        const int tok0 = blk * kPage + 2 * t;
         float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int tok = tok0 + 8 * j + e;
-            s[4 * j + e] = tok < lim0 ? s[4 * j + e] * scale_log2 : -kInf;
-            s[4 * j + 2 + e] = tok < lim1 ? s[4 * j + 2 + e] * scale_log2 : -kInf;
-            mx0 = fmaxf(mx0, s[4 * j + e]);
-            mx1 = fmaxf(mx1, s[4 * j + 2 + e]);
-          }
-        }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
+        mask_scale_max(s, blk * kPage + 2 * t, lim0, lim1, scale_log2, mx0, mx1);
         // Lazy rescaling (see kLazyMax).
         const float sc0 = mx0 > m0 + kLazyMax ? exp2f(m0 - mx0) : 1.f;
         const float sc1 = mx1 > m1 + kLazyMax ? exp2f(m1 - mx1) : 1.f;
