@@ -171,3 +171,45 @@ def test_slab_protocol_in_one_process(monkeypatch):
     assert pool.acquire(5000) is not None and pool.acquire(5000) is None  # full: the caller allocates fresh
     assert pool.fallbacks == 1
     del again
+
+
+HELD: list = []
+
+
+def _drop_held_copy() -> None:  # runs in a forked child: its copy of the parent's batch dies there
+    HELD.clear()
+    gc.collect()
+
+
+def _slab_header_of(t: torch.Tensor):
+    import ctypes
+
+    for mm, hdr, _ in shm_pool._MAPPED.values():
+        if ctypes.addressof(ctypes.c_char.from_buffer(mm, shm_pool.HEADER)) == t.untyped_storage().data_ptr():
+            return hdr
+    raise AssertionError("batch not in a mapped slab")
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_childs_copy_of_a_batch_does_not_release_it(page_pack):
+    """A process forked while the main one holds a batch (a second DataLoader's worker, say) has a copy of it;
+    that copy dying in the child must not mark the slab released in the shared header."""
+    import multiprocessing
+
+    dl = loader(page_pack, buffers=2, persistent=True, workers=1)
+    it = iter(dl)
+    HELD.append(next(it))
+    hdr = _slab_header_of(HELD[0])
+    want = ids(HELD[0])
+    sent = int(hdr[shm_pool.W_SENT])
+    assert int(hdr[shm_pool.W_RELEASED]) < sent
+    child = multiprocessing.get_context("fork").Process(target=_drop_held_copy)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert int(hdr[shm_pool.W_RELEASED]) < sent  # still held here
+    check_rows(HELD[0], want)
+    HELD.clear()
+    gc.collect()
+    assert int(hdr[shm_pool.W_RELEASED]) >= sent
+    del it

@@ -243,7 +243,9 @@ def _rebuild(key, fd, size, gen, nbytes, dtype, shape, stride, offset):
 
 
 def _released(m: list, vkey: tuple, count: list):
-    def done(ref, m=m, vkey=vkey, count=count):
+    def done(ref, m=m, vkey=vkey, count=count, pid=os.getpid()):
+        if os.getpid() != pid:  # a forked child's copy of the batch died: the parent may still hold it
+            return
         entry = _VIEWS.get(vkey)
         if entry is not None and entry[0] is ref:
             _VIEWS.pop(vkey, None)
@@ -291,12 +293,14 @@ def _start_pruner() -> None:  # caller holds _MAIN_LOCK
 
 
 def _after_fork_in_child() -> None:
-    global _MAPPED, _PRUNER, _MAIN_LOCK
+    global _MAPPED, _VIEWS, _PRUNER, _MAIN_LOCK, _COUNT_LOCK
     _LOCAL.clear()  # the parent's slabs are not the child's to send
-    _INHERITED.append(_MAPPED)  # the child shares these mappings; dropping them could unmap a user's tensor
-    _MAPPED = {}
+    # The child shares these mappings; dropping them could unmap a user's tensor. Its copies of the parent's
+    # batches never count as released (the callbacks check the pid): only the parent's own tensors do.
+    _INHERITED.append((_MAPPED, _VIEWS))
+    _MAPPED, _VIEWS = {}, {}
     _PRUNER = None
-    _MAIN_LOCK = threading.Lock()
+    _MAIN_LOCK, _COUNT_LOCK = threading.Lock(), threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
