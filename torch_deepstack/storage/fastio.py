@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -74,61 +75,72 @@ def _build(src: str, extra: tuple = (), stem: str = "fastio") -> str:
     return so
 
 
+def load_once(module, env: str, opener, what: str, fallback: str):
+    """Build and load an optional native helper once per process (thread-safe), for fastio and pyrows: sets
+    module._lib to opener()'s library, or to None with module.reason when it cannot be had (disabled by env=0, no
+    source, compiler or headers: the caller keeps its Python path), and returns module._lib."""
+    if module._tried:
+        return module._lib
+    with module._lock:
+        if not module._tried:
+            try:
+                if os.environ.get(env, "1") == "0":
+                    raise RuntimeError(f"disabled by {env}=0")
+                module._lib = opener()
+            except Exception as e:  # noqa: BLE001 - any failure means: use the Python path
+                module.reason = str(e)
+                log.info("%s unavailable (%s); %s", what, module.reason, fallback)
+                module._lib = None
+            module._tried = True
+        return module._lib
+
+
+def _open():
+    src = _source()
+    if src is None:
+        raise RuntimeError("src/storage/fastio.cpp not found")
+    lib = ctypes.CDLL(_build(src))
+    lib.ds_read_batch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
+    lib.ds_read_batch.restype = ctypes.c_int
+    lib.ds_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
+    lib.ds_submit.restype = ctypes.c_int
+    lib.ds_reap.argtypes = [ctypes.c_int, ctypes.c_uint64]
+    lib.ds_reap.restype = ctypes.c_int
+    lib.ds_ring_setup.argtypes = [ctypes.c_uint]
+    lib.ds_ring_setup.restype = ctypes.c_uint64
+    lib.ds_ring_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
+    lib.ds_ring_submit.restype = ctypes.c_int
+    lib.ds_ring_reap.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
+    lib.ds_ring_reap.restype = ctypes.c_int
+    lib.ds_aio_setup.argtypes = [ctypes.c_int]
+    lib.ds_aio_setup.restype = ctypes.c_uint64
+    lib.ds_block_crcs.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p]
+    lib.ds_block_crcs.restype = None
+    lib.ds_crc32c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32]
+    lib.ds_crc32c.restype = ctypes.c_uint32
+    lib.ds_table_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
+                                  ctypes.c_int, ctypes.c_void_p]
+    lib.ds_table_read.restype = ctypes.c_int64
+    lib.ds_waves_submit.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64,
+                                    ctypes.c_void_p]
+    lib.ds_waves_submit.restype = ctypes.c_uint64
+    lib.ds_waves_wait.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+    lib.ds_waves_wait.restype = ctypes.c_int64
+    lib.ds_crc_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                ctypes.c_void_p]
+    lib.ds_crc_many.restype = None
+    lib.ds_crc32c_combine.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64]
+    lib.ds_crc32c_combine.restype = ctypes.c_uint32
+    return lib
+
+
 def load():
     """The ctypes library, or None (see `reason`)."""
-    global _lib, _tried, reason
     if _tried:
         return _lib
-    with _lock:
-        if _tried:
-            return _lib
-        try:
-            if os.environ.get("DEEPSTACK_FASTIO", "1") == "0":
-                raise RuntimeError("disabled by DEEPSTACK_FASTIO=0")
-            src = _source()
-            if src is None:
-                raise RuntimeError("src/storage/fastio.cpp not found")
-            lib = ctypes.CDLL(_build(src))
-            lib.ds_read_batch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
-            lib.ds_read_batch.restype = ctypes.c_int
-            lib.ds_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
-            lib.ds_submit.restype = ctypes.c_int
-            lib.ds_reap.argtypes = [ctypes.c_int, ctypes.c_uint64]
-            lib.ds_reap.restype = ctypes.c_int
-            lib.ds_ring_setup.argtypes = [ctypes.c_uint]
-            lib.ds_ring_setup.restype = ctypes.c_uint64
-            lib.ds_ring_submit.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
-            lib.ds_ring_submit.restype = ctypes.c_int
-            lib.ds_ring_reap.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
-            lib.ds_ring_reap.restype = ctypes.c_int
-            lib.ds_aio_setup.argtypes = [ctypes.c_int]
-            lib.ds_aio_setup.restype = ctypes.c_uint64
-            lib.ds_block_crcs.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p]
-            lib.ds_block_crcs.restype = None
-            lib.ds_crc32c.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32]
-            lib.ds_crc32c.restype = ctypes.c_uint32
-            lib.ds_table_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                          ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64,
-                                          ctypes.c_int, ctypes.c_void_p]
-            lib.ds_table_read.restype = ctypes.c_int64
-            lib.ds_waves_submit.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                            ctypes.c_int64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_uint64,
-                                            ctypes.c_void_p]
-            lib.ds_waves_submit.restype = ctypes.c_uint64
-            lib.ds_waves_wait.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
-            lib.ds_waves_wait.restype = ctypes.c_int64
-            lib.ds_crc_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_void_p]
-            lib.ds_crc_many.restype = None
-            lib.ds_crc32c_combine.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64]
-            lib.ds_crc32c_combine.restype = ctypes.c_uint32
-            _lib = lib
-        except Exception as e:  # noqa: BLE001 - any failure means: use the Python path
-            reason = str(e)
-            log.info("storage fast I/O helper unavailable (%s); using os.preadv", reason)
-            _lib = None
-        _tried = True
-        return _lib
+    return load_once(sys.modules[__name__], "DEEPSTACK_FASTIO", _open, "storage fast I/O helper", "using os.preadv")
 
 
 _uring_ok = True
