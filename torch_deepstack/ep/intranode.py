@@ -273,8 +273,8 @@ class Intranode:
         info = self.notify(mask, pos, topk_idx, L)
         rc_dev = info[:R * R].view(R, R)
         a = expert_alignment
-        per_expert = info[R * R:R * R + L]                              # tokens per local expert, rounded up
-        per_expert = (per_expert + (a - 1)) // a * a if a > 1 else per_expert.clone()
+        per_expert = info[R * R:R * R + L]                              # tokens per local expert
+        per_expert = (per_expert + (a - 1)) // a * a if a > 1 else per_expert.clone()   # rounded up to a
         has_w = topk_weights is not None
         if num_worst_tokens:
             out_rows = num_worst_tokens
