@@ -35,9 +35,9 @@ def run_case(b, s_q, h_q, h_kv, d, dtype, mean, causal, zeros, parts, fp8=False,
     return out, lse, ref_out.to(dtype), ref_lse, (q, cache, bt, seq)
 
 
-@pytest.fixture(params=["general", "overlap", "fewrows"])
+@pytest.fixture(params=["general", "overlap"])
 def decode_kernel(request, monkeypatch):
-    """Force one of the bf16/fp16 decode kernels (mla_decode.cuh, mla_decode_overlap.cuh, mla_decode_fewrows.cuh)."""
+    """Force one of the bf16/fp16 decode kernels (mla_decode.cuh, mla_decode_overlap.cuh)."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_DECODE_KERNEL", request.param)
     return request.param
@@ -46,8 +46,6 @@ def decode_kernel(request, monkeypatch):
 @pytest.mark.parametrize("parts", [0, 5])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}sq{c[1]}hq{c[2]}hk{c[3]}d{c[4]}{str(c[5])[-4:]}")
 def test_decode_matches_reference(case, parts, decode_kernel):
-    if decode_kernel == "fewrows" and case[1] * case[2] // case[3] > 32:
-        pytest.skip("the few-rows kernel serves <= 32 q rows per KV head (more fall back to the general kernel)")
     out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts)
     assert_mla_close(out, lse, ref_out, ref_lse)
 
@@ -62,23 +60,6 @@ def test_overlap_kernel_long_requests(case, parts, monkeypatch):
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_DECODE_KERNEL", "overlap")
     out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts, seed=3)
-    assert_mla_close(out, lse, ref_out, ref_lse)
-
-
-@pytest.mark.parametrize("case", [
-    (12, 1, 16, 1, 576, torch.bfloat16, 1500, False, (4,)),   # ~24 pages per request: the slot ring wraps many times
-    (7, 2, 16, 1, 512, torch.float16, 700, True, (0, 6)),     # d = 512, causal, 32 rows, empty first/last request
-    (6, 1, 31, 1, 576, torch.bfloat16, 900, False, (2,)),     # odd h_q, 31 of 32 rows
-    (5, 1, 32, 2, 576, torch.bfloat16, 400, False, ()),       # h_kv = 2
-    (3, 4, 7, 1, 576, torch.float16, 1200, True, ()),         # causal s_q = 4, 28 rows
-    (9, 1, 1, 1, 512, torch.bfloat16, 65, False, (1,)),       # one row, pages with one valid token
-])
-@pytest.mark.parametrize("parts", [0, 3, 40])
-def test_fewrows_kernel_long_requests(case, parts, monkeypatch):
-    """The few-rows bf16/fp16 kernel over many pages per part, parts that start/end mid-request, request switches."""
-    from torch_deepstack.mla import kernels
-    monkeypatch.setattr(kernels, "_DECODE_KERNEL", "fewrows")
-    out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts, seed=4)
     assert_mla_close(out, lse, ref_out, ref_lse)
 
 
@@ -140,13 +121,13 @@ def test_append_matches_reference():
         assert torch.equal(gpu.cpu(), ref)
 
 
-@pytest.mark.parametrize("which", ["general", "overlap", "fewrows"])
+@pytest.mark.parametrize("which", ["general", "overlap"])
 def test_decode_with_growing_scores(which, monkeypatch):
     """Scores that grow along the sequence (and shrink for some rows), so the running max moves mid-request by more
     than the overlap kernel's lazy-rescaling margin (2^8) and O / l are rescaled several times."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_DECODE_KERNEL", which)
-    b, s_q, h_q, d = 3, 2, 16 if which == "fewrows" else 128, 576   # fewrows: 32 rows
+    b, s_q, h_q, d = 3, 2, 128, 576
     lens = [1000, 700, 1300]
     q, cache, bt, seq = make_case(b, s_q, h_q, 1, d, torch.bfloat16, lens, seed=7)
     # Channel 0 of token t gets a ramp of ~0.9 * t / 64 in score (natural log, after the softmax scale): the max of a

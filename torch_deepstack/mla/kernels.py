@@ -34,16 +34,10 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
 # bf16/fp16 caches: mla_decode.cuh ("general") or mla_decode_overlap.cuh ("overlap": WG1's P V half queued behind
 # WG0's next Q K^T, so the softmax no longer idles the tensor cores). "auto" takes the overlap kernel for more than
 # _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md); the others force one kernel
-# (benchmarks and tests compare them). "fewrows" (mla_decode_fewrows.cuh: transposed products with the q rows as the
-# wgmma N, a ring of single-chunk slots keeping ~2 pages in flight) serves up to _FEWROWS_MAX_ROWS rows; forced for
-# more rows it falls back to "general". "auto" takes it for those rows when _FEWROWS_AUTO: off, since it measured
-# 0.4-2.5% slower than the general kernel under the benchmark's write-flushed L2 (faster with a clean L2): docs/mla.md.
-_DECODE_KERNELS = ("general", "overlap", "fewrows")
+# (benchmarks and tests compare them).
+_DECODE_KERNELS = ("general", "overlap")
 _DECODE_KERNEL = "auto"
 _OVERLAP_MIN_ROWS = 128
-_FEWROWS_MAX_ROWS = 32
-_FEWROWS_AUTO = False
-_FEWROWS_THREADS = 160
 
 
 def overlap_spec(dtype: torch.dtype, d: int) -> KernelSpec:
@@ -57,40 +51,19 @@ def overlap_smem_bytes(d: int) -> int:
 
 
 def decode_kernel_for(rows: int) -> str:
-    """'general', 'overlap' or 'fewrows': the bf16/fp16 decode kernel for this many q rows per KV head."""
+    """'general' or 'overlap': the bf16/fp16 decode kernel for this many q rows per KV head."""
     if _DECODE_KERNEL == "auto":
-        if _FEWROWS_AUTO and rows <= _FEWROWS_MAX_ROWS:
-            return "fewrows"
         return "overlap" if rows > _OVERLAP_MIN_ROWS else "general"
     if _DECODE_KERNEL not in _DECODE_KERNELS:
         raise ValueError(f"_DECODE_KERNEL must be 'auto' or one of {_DECODE_KERNELS}, got {_DECODE_KERNEL!r}")
-    if _DECODE_KERNEL == "fewrows" and rows > _FEWROWS_MAX_ROWS:
-        return "general"
     return _DECODE_KERNEL
 
 
-def fewrows_spec(dtype: torch.dtype, d: int, n: int) -> KernelSpec:
-    return KernelSpec("mla/mla_decode_fewrows.cuh", "deepstack::mla::fewrows::mla_decode_fewrows_kernel",
-                      (_CTYPE[dtype], d, n))
-
-
-def fewrows_smem_bytes(d: int, n: int) -> int:
-    """Mirror of fewrows::Layout<d, n>::kAlloc (Q, P^T, as many 8 KB chunk slots as fit, row maxima, barriers)."""
-    slot0 = (d // 64) * n * 128 + n * 128
-    slots = (232448 - (slot0 + 1024 + 16 * n)) // (_CHUNK_BYTES + 16)
-    return slot0 + slots * _CHUNK_BYTES + 16 * n + 16 * slots + 1024
-
-
-def bf16_decode_spec(dtype: torch.dtype, d: int, rows: int) -> tuple[KernelSpec, int, int]:
-    """(spec, shared-memory bytes, threads) of the decode kernel a bf16/fp16 cache with `rows` q rows per KV head
-    takes."""
-    kind = decode_kernel_for(rows)
-    if kind == "fewrows":
-        n = 16 if rows <= 16 else 32
-        return fewrows_spec(dtype, d, n), fewrows_smem_bytes(d, n), _FEWROWS_THREADS
-    if kind == "overlap":
-        return overlap_spec(dtype, d), overlap_smem_bytes(d), 384
-    return decode_spec(dtype, d, False), decode_smem_bytes(d), 384
+def bf16_decode_spec(dtype: torch.dtype, d: int, rows: int) -> tuple[KernelSpec, int]:
+    """(spec, shared-memory bytes) of the decode kernel that a bf16/fp16 cache with `rows` q rows per KV head takes."""
+    if decode_kernel_for(rows) == "overlap":
+        return overlap_spec(dtype, d), overlap_smem_bytes(d)
+    return decode_spec(dtype, d, False), decode_smem_bytes(d)
 
 
 # FP8 caches with few q rows per KV head (s_q * h_q / h_kv <= 32) take mla_decode_fp8.cuh: transposed products with
@@ -126,7 +99,6 @@ def _prebuild():
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
                   for spec in (lambda t, dd: decode_spec(t, dd, False), overlap_spec)]
-        specs += [fewrows_spec(dt, d, n) for d in (576, 512) for n in (16, 32)]
     return specs
 
 
@@ -237,11 +209,11 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
     scale = default_softmax_scale(d, softmax_scale)
     causal_flag = int(bool(causal) and s_q > 1)
     if is_fp8_kvcache:
-        spec, smem, threads = decode_spec(q.dtype, d, True), decode_smem_bytes(d), 384
+        spec, smem = decode_spec(q.dtype, d, True), decode_smem_bytes(d)
     else:
-        spec, smem, threads = bf16_decode_spec(q.dtype, d, rows)
+        spec, smem = bf16_decode_spec(q.dtype, d, rows)
     kernel = get_kernel(spec, _DECODE_SIG)
-    kernel.launch((parts, h_kv, (rows + 63) // 64), threads,
+    kernel.launch((parts, h_kv, (rows + 63) // 64), 384,
                   q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap,
                   h_q, h_kv, s_q, rows, causal_flag, bt.stride(0),
                   q.stride(0), q.stride(1), q.stride(2), tok_stride, scale * _LOG2E,
