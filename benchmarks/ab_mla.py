@@ -95,12 +95,14 @@ def run(configs, variants, flushes, reps, rounds, no_combine):
     try:
         for b, s_q, h_q, mean in configs:
             q, cache, bt, seq = bench_mla.build(b, s_q, h_q, mean)
-            sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
-            fn = lambda: mla_decode_with_kvcache(q, cache, bt, seq, bench_mla.DV, sched, splits, causal=True)  # noqa
             best = {}
             for _ in range(rounds):
                 for v in variants:
                     kernels._DECODE_KERNEL, _state["defines"] = parse_variant(v)
+                    # per variant: the row-block cluster kernels may plan fewer parts (whole clusters per GPC)
+                    sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
+                    fn = lambda: mla_decode_with_kvcache(q, cache, bt, seq, bench_mla.DV, sched, splits,  # noqa
+                                                         causal=True)
                     for comb in modes:
                         _state["combine"] = comb
                         for fl in flushes:

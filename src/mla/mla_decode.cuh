@@ -59,6 +59,38 @@ template <> struct Ops<__half> {
 // Byte offset of the 16-byte unit `u` (0..7) of row `r` inside a 128-byte-swizzled [rows x 64] 16-bit tile.
 __device__ __forceinline__ uint32_t swz(int r, int u) { return r * 128 + ((u ^ (r & 7)) << 4); }
 
+// ---- row-block clusters (bf16/fp16 caches): the kCluster CTAs of one (part, KV head) that hold consecutive 64-row
+// blocks read the same pages. As a thread-block cluster they load each page once: CTA r issues the 64-channel boxes
+// c with c % kCluster == r, multicast into every CTA of the cluster (same shared-memory offset; each CTA's "full"
+// barrier counts all kChunks boxes), and a stage is refilled only after the consumers of every CTA released it (each
+// consumer warp arrives on the "empty" barrier of every CTA). Without it each CTA streamed its own copy of the
+// pages (two or four L2 reads per page, and DRAM reads whenever the CTAs drifted apart).
+//
+// The 4-D box load of sm90::tma_load_4d, multicast to the CTAs of `cta_mask`.
+__device__ __forceinline__ void tma_load_4d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                                      int c2, int c3, uint16_t cta_mask, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      ".L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7, %8;"
+      ::"r"(sm90::smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(sm90::smem_addr(bar)), "r"(c0), "r"(c1),
+        "r"(c2), "r"(c3), "h"(cta_mask), "l"(policy)
+      : "memory");
+}
+// A consumer warp is done with a stage: one arrival per warp on the "empty" barrier of every CTA of the cluster.
+template <int kCluster>
+__device__ __forceinline__ void release_stage_cluster(uint64_t* bar, int lane) {
+  __syncwarp();
+  if (lane == 0) {
+#pragma unroll
+    for (int c = 0; c < kCluster; ++c) sm90::mbar_arrive_cluster(bar, c);
+  }
+}
+// Arrivals an "empty" barrier waits for: every consumer thread (no cluster), or one per consumer warp of each CTA.
+template <int kCluster>
+__device__ __forceinline__ constexpr uint32_t empty_count(int consumer_threads) {
+  return kCluster == 1 ? consumer_threads : consumer_threads / 32 * kCluster;
+}
+
 // 16 e4m3 values (one 16-byte load) times `scale` -> 16 bf16 values, as two 16-byte units, without conversion
 // instructions (they issue at a quarter of the FMA rate and were ~40% of the FP8 producer's time).
 // Two e4m3 bytes s.eeee.mmm moved to bf16 bit positions (sign -> 15, eeee.mmm -> 10..4 of each half) are exactly
@@ -235,7 +267,7 @@ __device__ __forceinline__ void finish_request(
   }
 }
 
-template <typename T, int kDQK, bool kFp8>
+template <typename T, int kDQK, bool kFp8, int kCluster = 1>
 __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
     const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
     float* __restrict__ lse_accum, const int* __restrict__ block_table, const int* __restrict__ seqlens,
@@ -247,6 +279,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
   constexpr int kChunks = L::kChunks;
   static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
   static_assert(!kFp8 || (kDQK == 576 && sizeof(T) == 2), "the FP8 cache format has 576 channels");
+  static_assert(kCluster == 1 || (!kFp8 && (kCluster == 2 || kCluster == 4)), "row-block clusters: bf16/fp16, 2 or 4");
   constexpr int kProducerRegs = kFp8 ? 88 : 40;
   constexpr int kConsumerRegs = kFp8 ? 208 : 232;   // 2 * consumer + producer = 3 * 168 (the entry cap)
 
@@ -268,11 +301,12 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       sm90::mbar_init(&full[s], kFp8 ? 128 : 1);
-      sm90::mbar_init(&empty[s], 256);
+      sm90::mbar_init(&empty[s], empty_count<kCluster>(256));
     }
     sm90::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) sm90::cluster_sync();   // the peers' barriers are initialised before any remote use
+  else __syncthreads();
 
   const int* meta = sched + blockIdx.x * kSchedInts;
   const int begin_req = meta[0], begin_blk = meta[1], end_req = meta[2], end_blk = meta[3], begin_split = meta[4];
@@ -329,9 +363,18 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         if constexpr (!kFp8) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           sm90::mbar_arrive_expect_tx(&full[stage], kChunks * kChunkBytes);
+          if constexpr (kCluster == 1) {
 #pragma unroll
-          for (int c = 0; c < kChunks; ++c)
-            sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &full[stage], c * 64, kvh, 0, page, policy);
+            for (int c = 0; c < kChunks; ++c)
+              sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &full[stage], c * 64, kvh, 0, page, policy);
+          } else {
+            const int rank = static_cast<int>(sm90::cluster_ctarank());
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c)
+              if (c % kCluster == rank)
+                tma_load_4d_multicast(dst + c * kChunkBytes, kmap, &full[stage], c * 64, kvh, 0, page,
+                                      (1u << kCluster) - 1, policy);
+          }
         } else {
           pf_issue();
           const int valid = min(kPage, sk - blk * kPage);
@@ -382,6 +425,16 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
           sm90::fence_proxy_async();
           sm90::mbar_arrive(&full[stage]);
         }
+        stage ^= 1;
+        phase ^= stage == 0;
+      }
+    }
+    if constexpr (kCluster > 1) {
+      // Stay until every CTA of the cluster has released both stages: no peer arrives on (or receives boxes into)
+      // this CTA's shared memory after it exits.
+#pragma unroll 1
+      for (int i = 0; i < 2; ++i) {
+        sm90::mbar_wait(&empty[stage], phase ^ 1);
         stage ^= 1;
         phase ^= stage == 0;
       }
@@ -535,7 +588,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         sm90::fence_regs(o);
         sm90::bar_arrive(2, 256);                  // P buffer free
       }
-      sm90::mbar_arrive(&empty[stage]);
+      if constexpr (kCluster == 1) sm90::mbar_arrive(&empty[stage]);
+      else release_stage_cluster<kCluster>(&empty[stage], lane);
       stage ^= 1;
       phase ^= stage == 0;
     }

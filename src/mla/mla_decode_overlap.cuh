@@ -12,7 +12,8 @@
 // therefore released later (a QK^T later than before), so the ring releases a tile in two halves: per-chunk
 // "full" barriers (one per 64-channel TMA box) and two "empty" barriers per stage, one for the chunks that only WG0
 // reads last (V[:, :256] and the rope chunk), one for WG1's V[:, 256:]. S(i+2) consumes the late chunks last.
-// Same metadata, output, split-KV partials, combine kernel and empty-row conventions as mla_decode.cuh.
+// Same metadata, output, split-KV partials, combine kernel and empty-row conventions as mla_decode.cuh. kCluster > 1:
+// the row-block CTAs of a (part, KV head) form a cluster that loads each page once (multicast; mla_decode.cuh).
 #pragma once
 #include <type_traits>
 
@@ -60,7 +61,7 @@ __device__ __forceinline__ void rescale_rows(float (&o)[128], float sc0, float s
   }
 }
 
-template <typename T, int kDQK>
+template <typename T, int kDQK, int kCluster = 1>
 __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
     const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
     float* __restrict__ lse_accum, const int* __restrict__ block_table, const int* __restrict__ seqlens,
@@ -71,6 +72,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
   using L = OverlapLayout<kDQK>;
   constexpr int kChunks = L::kChunks;
   static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
+  static_assert(kCluster == 1 || kCluster == 2 || kCluster == 4, "row-block clusters of 2 or 4");
   // Named barriers: 1 Q loaded / sQ free, 2 sP free (WG1 -> WG0), 3 sP ready (WG0 -> WG1), 4 final sums.
   constexpr int kBarQ = 1, kBarPFree = 2, kBarPReady = 3;   // kBarFinal = 4: finish_request
 
@@ -92,12 +94,13 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
     for (int i = 0; i < 2 * kChunks; ++i) sm90::mbar_init(&full[i], 1);
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      sm90::mbar_init(&empty_a[s], 128);
-      sm90::mbar_init(&empty_b[s], 128);
+      sm90::mbar_init(&empty_a[s], empty_count<kCluster>(128));
+      sm90::mbar_init(&empty_b[s], empty_count<kCluster>(128));
     }
     sm90::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) sm90::cluster_sync();   // the peers' barriers are initialised before any remote use
+  else __syncthreads();
 
   const int* meta = sched + blockIdx.x * kSchedInts;
   const int begin_req = meta[0], begin_blk = meta[1], end_req = meta[2], end_blk = meta[3], begin_split = meta[4];
@@ -111,6 +114,17 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
     sm90::fence_tensormap_acquire(kmap);
     sm90::prefetch_tensor_map(kmap);
     const uint64_t policy = sm90::evict_first_policy();
+    const int rank = kCluster > 1 ? static_cast<int>(sm90::cluster_ctarank()) : 0;
+    // Box c of a page: a plain load (no cluster), or multicast by CTA c % kCluster of the cluster.
+    auto load_box = [&](uint8_t* dst, uint64_t* fb, int c, int page) {
+      sm90::mbar_arrive_expect_tx(&fb[c], kChunkBytes);
+      if constexpr (kCluster == 1) {
+        sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, policy);
+      } else if (c % kCluster == rank) {
+        tma_load_4d_multicast(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, (1u << kCluster) - 1,
+                              policy);
+      }
+    };
     int stage = 0, phase = 0;
     for (int req = begin_req; req <= end_req; ++req) {
       const int sk = seqlens[req];
@@ -125,15 +139,21 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           if (late_chunk(c)) continue;
-          sm90::mbar_arrive_expect_tx(&fb[c], kChunkBytes);
-          sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, policy);
+          load_box(dst, fb, c, page);
         }
         sm90::mbar_wait(&empty_b[stage], phase ^ 1);
 #pragma unroll
-        for (int c = 4; c < 8; ++c) {
-          sm90::mbar_arrive_expect_tx(&fb[c], kChunkBytes);
-          sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, policy);
-        }
+        for (int c = 4; c < 8; ++c) load_box(dst, fb, c, page);
+        stage ^= 1;
+        phase ^= stage == 0;
+      }
+    }
+    if constexpr (kCluster > 1) {
+      // Stay until every CTA of the cluster has released both stages (see mla_decode.cuh).
+#pragma unroll 1
+      for (int i = 0; i < 2; ++i) {
+        sm90::mbar_wait(&empty_a[stage], phase ^ 1);
+        sm90::mbar_wait(&empty_b[stage], phase ^ 1);
         stage ^= 1;
         phase ^= stage == 0;
       }
@@ -269,7 +289,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
           sm90::wgmma_wait<0>();
         }
         sm90::fence_regs(o);
-        sm90::mbar_arrive(&empty_a[stage]);        // V[:, :256] and rope of this stage are free
+        // V[:, :256] and rope of this stage are free
+        if constexpr (kCluster == 1) sm90::mbar_arrive(&empty_a[stage]);
+        else release_stage_cluster<kCluster>(&empty_a[stage], lane);
 
         if (!first_tile) sm90::bar_sync(kBarPFree, 256);   // WG1 is done reading the previous P and scales
         first_tile = false;
@@ -319,7 +341,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
         sm90::wgmma_wait<0>();
         sm90::fence_regs(o);
         sm90::bar_arrive(kBarPFree, 256);          // P buffer free
-        sm90::mbar_arrive(&empty_b[stage]);        // V[:, 256:] of this stage is free
+        // V[:, 256:] of this stage is free
+        if constexpr (kCluster == 1) sm90::mbar_arrive(&empty_b[stage]);
+        else release_stage_cluster<kCluster>(&empty_b[stage], lane);
         stage ^= 1;
         phase ^= stage == 0;
       }

@@ -63,6 +63,30 @@ def test_overlap_kernel_long_requests(case, parts, monkeypatch):
     assert_mla_close(out, lse, ref_out, ref_lse)
 
 
+PAIR_CASES = [  # 2 or 4 64-row blocks per KV head: the row-block cluster kernels (pages multicast to 2 CTAs)
+    (8, 1, 128, 1, 576, torch.bfloat16, 1000, False, (3,)),
+    (5, 2, 64, 1, 576, torch.bfloat16, 1500, True, (0,)),     # s_q 2 x 64 heads, causal
+    (4, 2, 126, 2, 576, torch.bfloat16, 700, True, ()),       # h_kv 2, 126 rows: a partial second block
+    (7, 1, 128, 1, 512, torch.float16, 700, False, (0, 6)),   # d = 512, fp16, empty first/last request
+    (12, 2, 128, 1, 576, torch.bfloat16, 1500, True, (4,)),   # 256 rows: two clusters per (part, KV head)
+    (3, 1, 256, 2, 576, torch.float16, 900, False, ()),       # h_kv 2, 128 rows each
+]
+
+
+@pytest.mark.parametrize("kernel", ["general_pair", "overlap_pair"])
+@pytest.mark.parametrize("parts", [0, 3, 40])
+@pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: f"b{c[0]}sq{c[1]}hq{c[2]}hk{c[3]}d{c[4]}{str(c[5])[-4:]}")
+def test_row_block_cluster_kernels(case, parts, kernel, monkeypatch):
+    """Clusters of two row-block CTAs sharing each page load: parts that start/end mid-request, request switches,
+    stages that wrap, parts with no work, more clusters than fit at once (parts 40 with h_kv 2)."""
+    from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_DECODE_KERNEL", kernel)
+    b, s_q, h_q, h_kv = case[:4]
+    assert kernels.decode_cluster_for(s_q * h_q // h_kv) == 2
+    out, lse, ref_out, ref_lse, _ = run_case(*case, parts=parts, seed=5)
+    assert_mla_close(out, lse, ref_out, ref_lse)
+
+
 FP8_CASES = [  # rows = s_q * h_q / h_kv <= 32 take mla_decode_fp8.cuh (16 or 32 rows), larger the general kernel
     (4, 1, 16, 1, 576, torch.bfloat16, 300, False, (1,)),
     (3, 2, 128, 1, 576, torch.bfloat16, 700, True, ()),
@@ -121,7 +145,7 @@ def test_append_matches_reference():
         assert torch.equal(gpu.cpu(), ref)
 
 
-@pytest.mark.parametrize("which", ["general", "overlap"])
+@pytest.mark.parametrize("which", ["general", "overlap", "general_pair", "overlap_pair"])
 def test_decode_with_growing_scores(which, monkeypatch):
     """Scores that grow along the sequence (and shrink for some rows), so the running max moves mid-request by more
     than the overlap kernel's lazy-rescaling margin (2^8) and O / l are rescaled several times."""
@@ -147,8 +171,10 @@ def test_decode_with_growing_scores(which, monkeypatch):
     assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
 
 
-@pytest.mark.parametrize("h_q", [16, 128])
-def test_cuda_graph_replay_with_new_lengths(h_q):
+@pytest.mark.parametrize("h_q,kernel", [(16, "auto"), (128, "auto"), (128, "general_pair"), (128, "overlap_pair")])
+def test_cuda_graph_replay_with_new_lengths(h_q, kernel, monkeypatch):
+    from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_DECODE_KERNEL", kernel)
     b, s_q, d = 4, 1, 576
     lens = [300, 100, 0, 64]
     q, cache, bt, seq = make_case(b, s_q, h_q, 1, d, torch.bfloat16, [400] * b, device="cuda")

@@ -27,21 +27,28 @@ _CHUNK_BYTES = 64 * 64 * 2
 _LOG2E = 1.4426950408889634
 
 
-def decode_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
-    return KernelSpec("mla/mla_decode.cuh", "deepstack::mla::mla_decode_kernel", (_CTYPE[dtype], d, fp8))
+def decode_spec(dtype: torch.dtype, d: int, fp8: bool, cluster: int = 1) -> KernelSpec:
+    return KernelSpec("mla/mla_decode.cuh", "deepstack::mla::mla_decode_kernel",
+                      (_CTYPE[dtype], d, fp8) + ((cluster,) if cluster > 1 else ()))
 
 
 # bf16/fp16 caches: mla_decode.cuh ("general") or mla_decode_overlap.cuh ("overlap": WG1's P V half queued behind
 # WG0's next Q K^T, so the softmax no longer idles the tensor cores). "auto" takes the overlap kernel for more than
-# _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md); the others force one kernel
-# (benchmarks and tests compare them).
-_DECODE_KERNELS = ("general", "overlap")
+# _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md), the general kernel as row-block
+# pairs for 65.._OVERLAP_MIN_ROWS rows (5-7% faster than two independent CTAs, H200 2026-11-29 21:07 UTC), else the
+# general kernel; the others force one kernel
+# (benchmarks and tests compare them). "general_pair" / "overlap_pair": the same kernels launched as clusters of
+# _PAIR_CLUSTER row-block CTAs that load each page once and multicast it (mla_decode.cuh); used when the number of
+# 64-row blocks is a multiple of the cluster size, else the plain kernel.
+_DECODE_KERNELS = ("general", "overlap", "general_pair", "overlap_pair")
 _DECODE_KERNEL = "auto"
 _OVERLAP_MIN_ROWS = 128
+_PAIR_CLUSTER = 2
 
 
-def overlap_spec(dtype: torch.dtype, d: int) -> KernelSpec:
-    return KernelSpec("mla/mla_decode_overlap.cuh", "deepstack::mla::mla_decode_overlap_kernel", (_CTYPE[dtype], d))
+def overlap_spec(dtype: torch.dtype, d: int, cluster: int = 1) -> KernelSpec:
+    return KernelSpec("mla/mla_decode_overlap.cuh", "deepstack::mla::mla_decode_overlap_kernel",
+                      (_CTYPE[dtype], d) + ((cluster,) if cluster > 1 else ()))
 
 
 def overlap_smem_bytes(d: int) -> int:
@@ -53,17 +60,27 @@ def overlap_smem_bytes(d: int) -> int:
 def decode_kernel_for(rows: int) -> str:
     """'general' or 'overlap': the bf16/fp16 decode kernel for this many q rows per KV head."""
     if _DECODE_KERNEL == "auto":
-        return "overlap" if rows > _OVERLAP_MIN_ROWS else "general"
+        return "overlap" if rows > _OVERLAP_MIN_ROWS else "general_pair" if rows > 64 else "general"
     if _DECODE_KERNEL not in _DECODE_KERNELS:
         raise ValueError(f"_DECODE_KERNEL must be 'auto' or one of {_DECODE_KERNELS}, got {_DECODE_KERNEL!r}")
     return _DECODE_KERNEL
 
 
-def bf16_decode_spec(dtype: torch.dtype, d: int, rows: int) -> tuple[KernelSpec, int]:
-    """(spec, shared-memory bytes) of the decode kernel that a bf16/fp16 cache with `rows` q rows per KV head takes."""
-    if decode_kernel_for(rows) == "overlap":
-        return overlap_spec(dtype, d), overlap_smem_bytes(d)
-    return decode_spec(dtype, d, False), decode_smem_bytes(d)
+def decode_cluster_for(rows: int) -> int:
+    """Row-block CTAs per cluster (1: no cluster) of the bf16/fp16 decode kernel for `rows` q rows per KV head."""
+    blocks = (rows + 63) // 64
+    if decode_kernel_for(rows).endswith("_pair") and blocks % _PAIR_CLUSTER == 0:
+        return _PAIR_CLUSTER
+    return 1
+
+
+def bf16_decode_spec(dtype: torch.dtype, d: int, rows: int) -> tuple[KernelSpec, int, int]:
+    """(spec, shared-memory bytes, cluster size) of the decode kernel that a bf16/fp16 cache with `rows` q rows per
+    KV head takes."""
+    cluster = decode_cluster_for(rows)
+    if decode_kernel_for(rows).startswith("overlap"):
+        return overlap_spec(dtype, d, cluster), overlap_smem_bytes(d), cluster
+    return decode_spec(dtype, d, False, cluster), decode_smem_bytes(d), cluster
 
 
 # FP8 caches with few q rows per KV head (s_q * h_q / h_kv <= 32) take mla_decode_fp8.cuh: transposed products with
@@ -98,7 +115,8 @@ def _prebuild():
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
-                  for spec in (lambda t, dd: decode_spec(t, dd, False), overlap_spec)]
+                  for spec in (lambda t, dd: decode_spec(t, dd, False), overlap_spec,
+                               lambda t, dd: decode_spec(t, dd, False, _PAIR_CLUSTER))]
     return specs
 
 
@@ -112,6 +130,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=16)
+def _max_active_clusters(device_index: int, kernel: str, cluster: int) -> int:
+    """Clusters of `cluster` decode CTAs (bf16, d = 576: the largest shared memory) resident at once on the GPU."""
+    if kernel.startswith("overlap"):
+        spec, smem = overlap_spec(torch.bfloat16, 576, cluster), overlap_smem_bytes(576)
+    else:
+        spec, smem = decode_spec(torch.bfloat16, 576, False, cluster), decode_smem_bytes(576)
+    with torch.cuda.device(device_index):
+        return get_kernel(spec, _DECODE_SIG).max_active_clusters(cluster, 384, smem)
+
+
 def _check_block_table_enabled() -> bool:
     return os.environ.get("DEEPSTACK_MLA_CHECK_BLOCK_TABLE", "1") != "0"
 
@@ -120,9 +149,14 @@ def _check_block_table_enabled() -> bool:
 def get_mla_metadata_cuda(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int = 0):
     check_metadata_inputs(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
     dev = cache_seqlens.device
-    parts = num_sm_parts or num_sm_parts_for(_num_sms(dev.index if dev.index is not None else
-                                                      torch.cuda.current_device()),
-                                             num_q_tokens_per_head_k, num_heads_k)
+    dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
+    parts = num_sm_parts or num_sm_parts_for(_num_sms(dev_index), num_q_tokens_per_head_k, num_heads_k)
+    cluster = decode_cluster_for(num_q_tokens_per_head_k)
+    if not num_sm_parts and cluster > 1:
+        # GPCs place clusters whole: no more parts than clusters of the decode kernel fit at once (else a tail wave).
+        per_part = num_heads_k * ((num_q_tokens_per_head_k + 63) // 64) // cluster
+        parts = max(1, min(parts, _max_active_clusters(dev_index, decode_kernel_for(num_q_tokens_per_head_k),
+                                                       cluster) // per_part))
     b = cache_seqlens.shape[0]
     sched = torch.empty(parts, SCHED_INTS, dtype=torch.int32, device=dev)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
@@ -209,15 +243,17 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
     scale = default_softmax_scale(d, softmax_scale)
     causal_flag = int(bool(causal) and s_q > 1)
     if is_fp8_kvcache:
-        spec, smem = decode_spec(q.dtype, d, True), decode_smem_bytes(d)
+        spec, smem, cluster = decode_spec(q.dtype, d, True), decode_smem_bytes(d), 1
     else:
-        spec, smem = bf16_decode_spec(q.dtype, d, rows)
+        spec, smem, cluster = bf16_decode_spec(q.dtype, d, rows)
     kernel = get_kernel(spec, _DECODE_SIG)
-    kernel.launch((parts, h_kv, (rows + 63) // 64), 384,
-                  q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap,
-                  h_q, h_kv, s_q, rows, causal_flag, bt.stride(0),
-                  q.stride(0), q.stride(1), q.stride(2), tok_stride, scale * _LOG2E,
-                  smem=smem)
+    args = (q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap, h_q, h_kv, s_q, rows, causal_flag,
+            bt.stride(0), q.stride(0), q.stride(1), q.stride(2), tok_stride, scale * _LOG2E)
+    grid = (parts, h_kv, (rows + 63) // 64)
+    if cluster > 1:
+        kernel.launch_cluster(grid, 384, (1, 1, cluster), *args, smem=smem)
+    else:
+        kernel.launch(grid, 384, *args, smem=smem)
     get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
         (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
     return out, lse
