@@ -10,7 +10,8 @@ of the dequantised operands (cosine difference < 1e-4) before it is timed.
 A variant is NAME:DEFINES[:MULTICAST[:TMA_STORE]] (DEFINES as for DEEPSTACK_GEMM_DEFINES, comma-separated;
 MULTICAST 1 enables the 2-CTA multicast kernel; TMA_STORE 1/0 forces the TMA-store epilogue on/off wherever it is
 possible, empty keeps the default policy). `--shapes 4096x7168x16384,128x24576x1536` times those shapes instead of
---ms x the DeepSeek-V3 (N, K) list. `--prebuild-only` compiles every needed specialisation (nvcc, no GPU needed) into
+--ms x the DeepSeek-V3 (N, K) list; a shape written cGxMGxNxK (contiguous: G groups of MG rows, all valid) or mGxMGxNxK
+(masked: G groups of M_max = 4096 rows, MG of them valid, expected_m = MG) times that grouped kind. `--prebuild-only` compiles every needed specialisation (nvcc, no GPU needed) into
 DEEPSTACK_JIT_CACHE_DIR, so a GPU run can carry the cache and spend no device time compiling. The config column is
 the one the call ran (block_m x block_n / stages, "/tma" with the TMA-store epilogue).
 """
@@ -51,75 +52,152 @@ def select(variant, cfg) -> None:
         os.environ.pop("DEEPSTACK_GEMM_CONFIG", None)
 
 
+MASKED_M_MAX = 4096
+
+
+def parse_shape(text: str) -> tuple:
+    """(kind, groups, rows per group, N, K): 'MxNxK' dense, 'cGxMGxNxK' contiguous, 'mGxMGxNxK' masked."""
+    kind = {"c": kernels.KIND_CONTIGUOUS, "m": kernels.KIND_MASKED}.get(text[0], kernels.KIND_DENSE)
+    dims = [int(v) for v in (text[1:] if kind != kernels.KIND_DENSE else text).split("x")]
+    return (kind, 1, *dims) if kind == kernels.KIND_DENSE else (kind, *dims)
+
+
+def shape_name(shape) -> str:
+    kind, g, mg, n, k = shape
+    return f"{'' if kind == kernels.KIND_DENSE else 'cm'[kind - 1]}{'' if kind == kernels.KIND_DENSE else f'{g}x'}{mg}x{n}x{k}"
+
+
+def spec_args(shape) -> tuple:
+    """choose_spec's arguments for a shape: (kind, m_rows, groups, n, k, expected_m)."""
+    kind, g, mg, n, k = shape
+    if kind == kernels.KIND_MASKED:
+        return kind, MASKED_M_MAX, g, n, k, mg
+    return kind, g * mg, g, n, k, g * mg
+
+
 def prebuild(cases, jobs: int) -> None:
     specs = []
-    for (m, n, k), variant, cfg in cases:
+    for shape, variant, cfg in cases:
         select(variant, cfg)
-        specs.append(kernels.choose_spec(kernels.KIND_DENSE, m, 1, n, k, m, False, None, torch.bfloat16, None,
-                                         132)[0])
+        kind, m_rows, g, n, k, em = spec_args(shape)
+        specs.append(kernels.choose_spec(kind, m_rows, g, n, k, em, False, None, torch.bfloat16, None, 132)[0])
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(cache.build, set(specs)))
     print(f"prebuilt {len(set(specs))} specialisations", flush=True)
 
 
-def run(shapes, variants, configs, reps: int) -> list:
+def make_call(shape):
+    """(call, check, d): call runs the op once on fresh random data into d; check() returns the largest cosine
+    difference of a group's valid rows against a float64 matmul of the dequantised operands (inf if one is not
+    finite: poison d with NaN before the call)."""
     from torch_deepstack.gemm import api
     from torch_deepstack.quant import per_token_group_quant_fp8
+
+    kind, g, mg, n, k = shape
+    m_max = MASKED_M_MAX if kind == kernels.KIND_MASKED else g * mg
+    x = torch.randn(*((g, m_max) if kind == kernels.KIND_MASKED else (g * mg,)), k, device="cuda",
+                    dtype=torch.bfloat16)
+    aq, asf = per_token_group_quant_fp8(x)
+    qs = [api.per_block_quant_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(g)]
+    bq, bsf = (qs[0] if kind == kernels.KIND_DENSE else
+               (torch.stack([q for q, _ in qs]), torch.stack([s_ for _, s_ in qs])))
+    d = torch.full((*aq.shape[:-1], n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    ops = torch.ops.deepstack
+    if kind == kernels.KIND_DENSE:
+        def call():
+            ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+    elif kind == kernels.KIND_CONTIGUOUS:
+        ids = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(mg)
+
+        def call():
+            ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids)
+    else:
+        masked_m = torch.full((g,), mg, device="cuda", dtype=torch.int32)
+
+        def call():
+            ops.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, mg)
+
+    def dequant(q, s, rows_per_scale):
+        s = s.double().repeat_interleave(128, -1)[..., :k]
+        if rows_per_scale > 1:
+            s = s.repeat_interleave(rows_per_scale, -2)[..., :q.shape[-2], :]
+        return q.double() * s
+
+    def check() -> float:
+        diffs = []
+        for i in range(g):
+            if kind == kernels.KIND_DENSE:
+                a_i, sa_i, d_i = aq, asf, d
+            elif kind == kernels.KIND_CONTIGUOUS:
+                a_i, sa_i, d_i = aq[i * mg:(i + 1) * mg], asf[i * mg:(i + 1) * mg], d[i * mg:(i + 1) * mg]
+            else:
+                a_i, sa_i, d_i = aq[i, :mg], asf[i, :mg], d[i, :mg]
+            b_i, sb_i = (bq, bsf) if kind == kernels.KIND_DENSE else (bq[i], bsf[i])
+            want = (dequant(a_i, sa_i, 1) @ dequant(b_i, sb_i, 128).T).flatten()
+            got = d_i.double().flatten()
+            if not torch.isfinite(got).all():
+                return float("inf")
+            diffs.append(1 - torch.nn.functional.cosine_similarity(got, want, 0).item())
+        return max(diffs)
+
+    return call, check, d
+
+
+def run(shapes, variants, configs, reps: int, graph: bool = False) -> list:
     from torch_deepstack.testing.bench import bench_gpu
 
     rows = []
-    for m, n, k in shapes:
-        aq, asf = per_token_group_quant_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-        bq, bsf = api.per_block_quant_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
-        a_deq = aq.double() * asf.double().repeat_interleave(128, 1)[:, :k]
-        b_deq = bq.double() * bsf.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
-        want = (a_deq @ b_deq.T).flatten()
+    for shape in shapes:
+        kind, g, mg, n, k = shape
+        flops = 2 * g * mg * n * k
+        call, check, d = make_call(shape)
+        name = shape_name(shape)
         best: dict = {}
         for _ in range(reps):
             for variant, cfg in itertools.product(variants, configs):
                 select(variant, cfg)
-                d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                d.fill_(float("nan"))
                 try:
-                    torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
+                    call()
                 except Exception as e:  # noqa: BLE001 - e.g. a forced config that exceeds shared memory
-                    print(f"skip {m}x{n}x{k} {variant[0]} {cfg}: {str(e)[:80]}")
+                    print(f"skip {name} {variant[0]} {cfg}: {str(e)[:80]}")
                     continue
-                diff = 1 - torch.nn.functional.cosine_similarity(d.double().flatten(), want, 0).item()
-                ok = bool(torch.isfinite(d).all()) and diff < 1e-4
-                tflops = 2 * m * n * k / bench_gpu(lambda: torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)) / 1e9
-                _, used, _ = kernels.choose_spec(kernels.KIND_DENSE, m, 1, n, k, m, False, None, torch.bfloat16, None,
-                                                 kernels.num_sms(d.device))
+                ok = check() < 1e-4
+                tflops = flops / bench_gpu(call, use_graph=graph) / 1e9
+                _, used, _ = kernels.choose_spec(*spec_args(shape), False, None, torch.bfloat16, None, 132)
                 label = f"{used.block_m}x{used.block_n}/{used.stages}{'/tma' if used.tma_store else ''}"
                 key = (variant[0], label if cfg is None else f"{label} (forced)")
                 prev_tf, prev_ok = best.get(key, (0.0, True))
                 best[key] = (max(prev_tf, tflops), prev_ok and ok)
-        for (name, cfg), (tflops, ok) in best.items():
-            rows.append((f"{m}x{n}x{k}", name, cfg, tflops, ok))
-            print(f"{m}x{n}x{k} {name:>16} {str(cfg):>14} {tflops:8.1f} {'ok' if ok else 'WRONG'}", flush=True)
+        for (vname, cfg), (tflops, ok) in best.items():
+            rows.append((name, vname, cfg, tflops, ok))
+            print(f"{name} {vname:>16} {str(cfg):>14} {tflops:8.1f} {'ok' if ok else 'WRONG'}", flush=True)
     return rows
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="64,128,4096", help="comma-separated M values (DeepSeek-V3 N, K shapes)")
-    p.add_argument("--shapes", default="", help="comma-separated MxNxK (replaces --ms)")
+    p.add_argument("--shapes", default="", help="comma-separated MxNxK, cGxMGxNxK or mGxMGxNxK (replaces --ms)")
     p.add_argument("--variant", action="append", default=None, help="NAME:DEFINES[:MULTICAST[:TMA_STORE]] (repeatable)")
     p.add_argument("--config", action="append", default=[], help="bm,bn,stages forced config (repeatable)")
     p.add_argument("--no-heuristic", action="store_true", help="time only the forced configs")
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions; the best median is kept")
+    p.add_argument("--graph", action="store_true",
+                   help="time CUDA-graph replays of the call (kernel time without the host path; L2 still flushed)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel nvcc processes")
     p.add_argument("--prebuild-only", action="store_true", help="compile the specialisations and stop (no GPU)")
     args = p.parse_args()
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
     else:
-        shapes = [(m, n, k) for m in (int(v) for v in args.ms.split(",")) for n, k in NK]
+        shapes = [(kernels.KIND_DENSE, 1, m, n, k) for m in (int(v) for v in args.ms.split(",")) for n, k in NK]
     variants = [parse_variant(v) for v in (args.variant or ["default:"])]
     configs = ([] if args.no_heuristic else [None]) + [tuple(int(v) for v in c.split(",")) for c in args.config]
     prebuild([(s, v, c) for s in shapes for v in variants for c in configs], args.jobs)
     if args.prebuild_only:
         return 0
-    rows = run(shapes, variants, configs, args.reps)
+    rows = run(shapes, variants, configs, args.reps, args.graph)
     print("\n| M x N x K | variant | config | TFLOPS | correct |\n|---|---|---|---|---|")
     for shape, name, cfg, tflops, ok in rows:
         print(f"| {shape} | {name} | {cfg} | {tflops:.1f} | {ok} |")

@@ -114,6 +114,8 @@ struct TileScheduler {
   }
 };
 
+template <int V> struct IntC { static constexpr int value = V; };
+
 template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool kSfbPerRow, typename OutT,
           typename CT, bool kHasC, int kCluster = 1, bool kTmaStore = false>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
@@ -137,6 +139,17 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
   constexpr bool kPipePromote = false;
 #endif
+  // Slices per pipelined loop trip (a trip ends with nothing in flight, so one promotion per trip is not hidden):
+  // 128-row tiles take trips of 8 (then one of 4 where 4..7 slices remain, then one at a time): +1-4% over trips of
+  // 4 at M = 4096 on the H200; 64-row tiles keep trips of 4 (mixed, -8..+4%, in a kernel-only A/B). DS_PIPE4 /
+  // DS_PIPE8 force 4 / 8 for A/B runs.
+#if defined(DS_PIPE4)
+  constexpr int kTrip = 4;
+#elif defined(DS_PIPE8)
+  constexpr int kTrip = 8;
+#else
+  constexpr int kTrip = kBlockM == 128 ? 8 : 4;
+#endif
   // kK == 0: K is a run-time value (the weight-gradient GEMM, whose K is the token count).
   const int kNumKB = kK > 0 ? (kK + 127) / 128 : num_kb_rt;
 #if defined(DS_DBG) && DS_DBG == 4
@@ -155,16 +168,18 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
                                   kBlockN <= 160),
                 "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
-  // kTmaStore (dense bf16 output without C, BLOCK_N a multiple of 64): the epilogue writes the tile into its own
+  // kTmaStore (1D2D bf16 output without C, BLOCK_N a multiple of 64; any kind): the epilogue writes the tile into its own
   // BLOCK_M x BLOCK_N bf16 shared-memory buffer (each math warp its 16 rows, as 16 x 64 boxes of 2 KB with the
   // 128-byte swizzle) and leaves it to TMA stores (tmap_sfb then describes D), so the math warps go on to the next
   // tile at once; a warp waits for its previous stores to have read the buffer only before rewriting it, a tile
   // later. The buffer costs pipeline stages (128x128: 6 -> 5), which is why the host enables it only for K-loops
   // short enough that the epilogue weighs more (measured, docs/gemm.md).
   constexpr int kEpiWarpBytes = kBlockN * 32;                   // one warp's 16 rows of bf16
-  static_assert(!kTmaStore || (kKind == kGemmDense && !kSfbPerRow && !kHasC && kCluster == 1 &&
+  // Grouped kinds: a warp stores by TMA only when all its 16 rows are valid (contiguous: no -1 row, masked: below
+  // masked_m), the staged stores otherwise.
+  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && kCluster == 1 &&
                                std::is_same<OutT, __nv_bfloat16>::value && kBlockN % 64 == 0),
-                "the TMA-store epilogue is for dense bf16 output without C, BLOCK_N a multiple of 64, no clusters");
+                "the TMA-store epilogue is for 1D2D bf16 output without C, BLOCK_N a multiple of 64, no clusters");
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
   constexpr uint32_t kStageBytes = kBytesA + kBytesB + kBytesSFA + kBytesSFB;   // what TMA delivers per stage
@@ -195,8 +210,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr bool kStagedEpilogue = false;
 #endif
   constexpr int kStageWords = 16 * 12;                          // per warp, 32-bit words
-  // (with kTmaStore the staged path is only the fallback for an unaligned D and borrows the TMA staging buffer)
-  uint32_t* epi_stage = kTmaStore ? reinterpret_cast<uint32_t*>(smem_d) : reinterpret_cast<uint32_t*>(empty + kStages);
+  // (with kTmaStore the staged path is the fallback for grouped warps with invalid rows and borrows each warp's part
+  // of the TMA staging tile; an unaligned D takes the direct stores)
+  uint32_t* epi_stage = reinterpret_cast<uint32_t*>(empty + kStages);
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -294,6 +310,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       const int split = (nblk_lo + 1) * 128 - tile.n0;
       const float* sfb_lo = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_lo * sfb_sn);
       const float* sfb_hi = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_hi * sfb_sn);
+      // BLOCK_N dividing 128 (tiles start at multiples of it): every tile lies in one scale block, so the second
+      // block's scale is never read (fewer live registers in the main loop; the values are the same).
+      constexpr bool kOneSfb = 128 % kBlockN == 0;
 
       int kb = 0;
       if constexpr (kPipePromote) {
@@ -306,7 +325,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         float sc0[4], sc1[4];
         int st0 = 0, st1 = 0;
         const auto issue = [&](float (&a)[kAccRegs], float (&sc)[4], int& stage, int k_blk) {
-          const float b_lo = __ldg(sfb_lo + k_blk * sfb_sk), b_hi = __ldg(sfb_hi + k_blk * sfb_sk);
+          const float b_lo = __ldg(sfb_lo + k_blk * sfb_sk);
+          const float b_hi = kOneSfb ? b_lo : __ldg(sfb_hi + k_blk * sfb_sk);
           sm90::mbar_wait(full + s, phase);
           const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
           sc[0] = a0 * b_lo; sc[1] = a0 * b_hi; sc[2] = a1 * b_lo; sc[3] = a1 * b_hi;
@@ -327,7 +347,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + stage, rank ^ 1);
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j) {
-            const bool lo = j * 8 < split;
+            const bool lo = kOneSfb || j * 8 < split;
             const float r0 = lo ? sc[0] : sc[1], r1 = lo ? sc[2] : sc[3];
             fin[j * 4 + 0] = fmaf(a[j * 4 + 0], r0, fin[j * 4 + 0]);
             fin[j * 4 + 1] = fmaf(a[j * 4 + 1], r0, fin[j * 4 + 1]);
@@ -335,26 +355,31 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             fin[j * 4 + 3] = fmaf(a[j * 4 + 3], r1, fin[j * 4 + 3]);
           }
         };
-        for (; kb + 4 <= kLoopKB; kb += 4) {
+        // One trip of kT slices from kb: slice i is issued, then slice i - 1 (the other set) is waited for and
+        // promoted; the last is promoted after wait_group 0.
+        const auto trip = [&](auto len) {
+          constexpr int kT = decltype(len)::value;
           issue(acc, sc0, st0, kb);
-          issue(acc2, sc1, st1, kb + 1);
-          sm90::wgmma_wait<1>();
-          promote(acc, sc0, st0);
-          issue(acc, sc0, st0, kb + 2);
-          sm90::wgmma_wait<1>();
-          promote(acc2, sc1, st1);
-          issue(acc2, sc1, st1, kb + 3);
-          sm90::wgmma_wait<1>();
-          promote(acc, sc0, st0);
+#pragma unroll
+          for (int i = 1; i < kT; ++i) {
+            if (i % 2) issue(acc2, sc1, st1, kb + i); else issue(acc, sc0, st0, kb + i);
+            sm90::wgmma_wait<1>();
+            if (i % 2) promote(acc, sc0, st0); else promote(acc2, sc1, st1);
+          }
           sm90::wgmma_wait<0>();
-          promote(acc2, sc1, st1);
+          if ((kT - 1) % 2) promote(acc2, sc1, st1); else promote(acc, sc0, st0);
+        };
+        for (; kb + kTrip <= kLoopKB; kb += kTrip) trip(IntC<kTrip>{});
+        if (kTrip > 4 && kb + 4 <= kLoopKB) {
+          trip(IntC<4>{});
+          kb += 4;
         }
       }
       for (; kb < kLoopKB; ++kb) {
         float sb_lo = 0.f, sb_hi = 0.f;
         if (!kSfbPerRow) {
           sb_lo = __ldg(sfb_lo + kb * sfb_sk);
-          sb_hi = __ldg(sfb_hi + kb * sfb_sk);
+          sb_hi = kOneSfb ? sb_lo : __ldg(sfb_hi + kb * sfb_sk);
         }
         sm90::mbar_wait(full + s, phase);
         const float sa0 = smem_sfa[s * kBlockM + row_local];
@@ -376,7 +401,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           const float s00 = sa0 * sb_lo, s01 = sa0 * sb_hi, s10 = sa1 * sb_lo, s11 = sa1 * sb_hi;
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j) {
-            const bool lo = j * 8 < split;
+            const bool lo = kOneSfb || j * 8 < split;
             const float r0 = lo ? s00 : s01, r1 = lo ? s10 : s11;
             fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fin[j * 4 + 0]);
             fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fin[j * 4 + 1]);
@@ -416,33 +441,47 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       if constexpr (kTmaStore) {
         if (tma_ok) {
           uint8_t* buf = smem_d + (wg * 4 + warp_in_wg) * kEpiWarpBytes;
-          if (lane == 0) tma_store_wait_read();   // this warp's stores of the previous tile have read the buffer
-          __syncwarp();
-          // Rows r0 = lane / 4 and r0 + 8 (128 B each, both with swizzle phase r0): the 16-byte chunk c of a row
-          // sits at chunk c ^ r0. buf is 1024-byte aligned, so the address of chunk c is x ^ (c << 4) with x that
-          // of chunk 0: one base register, not one per chunk.
-          const int r0 = lane / 4;
-          const uint32_t x = sm90::smem_addr(buf) + r0 * 128 + (r0 << 4) + (lane % 4) * 4;
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const uint32_t addr = (x + (j / 8) * 2048) ^ ((j % 8) << 4);
-            st_shared_u32(addr, pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]));
-            st_shared_u32(addr + 8 * 128, pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]));
+          const int row = tile.m0 + wg * 64 + warp_in_wg * 16;   // this warp's first row
+          // Grouped kinds: the box writes all 16 rows (TMA clips only at the tensor's end), so a warp with an
+          // invalid row among them (contiguous: id -1; masked: at or past masked_m) takes the staged stores below.
+          bool whole = true;
+          if (kKind == kGemmContiguous) {
+            const int r = row + lane % 16;
+            whole = __all_sync(0xffffffffu, r >= M || __ldg(layout + r) >= 0);
           }
-          sm90::fence_proxy_async();               // generic-proxy writes visible to the TMA (async proxy)
+          if (kKind == kGemmMasked) whole = row + 16 <= row_limit;
+          // this warp's stores of the previous tile have read the buffer (the staged stores reuse it too)
+          if (lane == 0) tma_store_wait_read();
           __syncwarp();
-          const int row = tile.m0 + wg * 64 + warp_in_wg * 16;
-          if (lane == 0 && row < M) {
+          if (whole) {
+            // Rows r0 = lane / 4 and r0 + 8 (128 B each, both with swizzle phase r0): the 16-byte chunk c of a row
+            // sits at chunk c ^ r0. buf is 1024-byte aligned, so the address of chunk c is x ^ (c << 4) with x that
+            // of chunk 0: one base register, not one per chunk.
+            const int r0 = lane / 4;
+            const uint32_t x = sm90::smem_addr(buf) + r0 * 128 + (r0 << 4) + (lane % 4) * 4;
 #pragma unroll
-            for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, row);
-            tma_store_commit();
+            for (int j = 0; j < kBlockN / 8; ++j) {
+              const uint32_t addr = (x + (j / 8) * 2048) ^ ((j % 8) << 4);
+              st_shared_u32(addr, pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]));
+              st_shared_u32(addr + 8 * 128, pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]));
+            }
+            sm90::fence_proxy_async();               // generic-proxy writes visible to the TMA (async proxy)
+            __syncwarp();
+            if (lane == 0 && row < M) {
+              const int trow = static_cast<int>(row_base) + row;   // masked: D viewed as [G * M_max, N]
+#pragma unroll
+              for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, trow);
+              tma_store_commit();
+            }
+            continue;
           }
-          continue;
         }
       }
       if constexpr (kStagedEpilogue) {
         if (((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0) {
-          uint32_t* st = epi_stage + (wg * 4 + warp_in_wg) * kStageWords;
+          // (with kTmaStore: the start of this warp's own part of the TMA staging tile, whose stores have read it)
+          uint32_t* st = kTmaStore ? reinterpret_cast<uint32_t*>(smem_d + (wg * 4 + warp_in_wg) * kEpiWarpBytes)
+                                   : epi_stage + (wg * 4 + warp_in_wg) * kStageWords;
           const int srow = lane >> 1, shalf = lane & 1;            // the row and 8-column half this lane stores
           const int grow = tile.m0 + wg * 64 + warp_in_wg * 16 + srow;
           bool row_ok = grow < row_limit;

@@ -96,11 +96,12 @@ def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [(129, 200, 1152), (300, 4096, 1024), (4095, 2112, 640), (64, 7168, 2048),
-                                   (700, 576, 384)])
+                                   (700, 576, 384), (129, 576, 1536), (300, 4096, 2688)])
 def test_pipelined_promotion_matches_serial(monkeypatch, m, n, k):
-    """Tiles at most 128 wide promote slice i while the wgmmas of slice i + 1 run (four slices per loop trip, the
-    rest one at a time): same operations in the same order as the serial loop, so bit-identical, for K-slice counts
-    that are and are not multiples of four (9, 8, 5, 16, 3), 64- and 128-row tiles, and the contiguous kind."""
+    """Tiles at most 128 wide promote slice i while the wgmmas of slice i + 1 run (128-row tiles: trips of eight
+    slices, one of four, the rest one at a time; 64-row tiles: trips of four): same operations in the same order as
+    the serial loop, so bit-identical, for K-slice counts 9, 8, 5, 16, 3, 12 and 21, 64- and 128-row tiles, and the
+    contiguous kind."""
     _, _, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
     ids = torch.arange(m, device=DEV, dtype=torch.int32) // 128 % 2
     ids[ids.numel() // 2:][:64] = -1
@@ -117,6 +118,60 @@ def test_pipelined_promotion_matches_serial(monkeypatch, m, n, k):
         outs[defines] = (d, dc)
     assert torch.equal(outs[""][0], outs["DS_SERIAL_PROMOTE"][0])
     assert torch.equal(outs[""][1].nan_to_num(7.0), outs["DS_SERIAL_PROMOTE"][1].nan_to_num(7.0))
+
+
+def _run_all_kinds(aq, asf, bq2, bsf2, ids, aq3, asf3, masked_m, n):
+    """Dense (B = bq2[0]), contiguous (ids) and masked (aq3, masked_m) calls into poisoned outputs."""
+    d = poisoned_empty(aq.shape[0], n, dtype=torch.bfloat16, device=DEV)
+    ops.fp8_gemm_nt(aq, asf, bq2[0], bsf2[0], d)
+    dc = poisoned_empty(aq.shape[0], n, dtype=torch.bfloat16, device=DEV)
+    ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq2, bsf2, dc, ids)
+    dm = poisoned_empty(aq3.shape[0], aq3.shape[1], n, dtype=torch.bfloat16, device=DEV)
+    ops.m_grouped_fp8_gemm_nt_masked(aq3, asf3, bq2, bsf2, dm, masked_m, int(masked_m.float().mean()))
+    torch.cuda.synchronize()
+    return d, dc, dm
+
+
+def _grouped_inputs(m, n, k, sizes):
+    _, _, (aq, asf), _ = dense_inputs(m, n, k, DEV)
+    ids = contiguous_layout(sizes).to(DEV)
+    assert ids.numel() <= m
+    ids = torch.cat([ids, torch.full((m - ids.numel(),), -1, dtype=torch.int32, device=DEV)])
+    _, bq2, bsf2 = grouped_b(len(sizes), n, k, DEV)
+    aq3, asf3 = quant_a(fresh_randn(len(sizes), 300, k, dtype=torch.bfloat16, device=DEV))
+    masked_m = torch.tensor([min(s, 300) for s in sizes], dtype=torch.int32, device=DEV)
+    return aq, asf, bq2, bsf2, ids, aq3, asf3, masked_m
+
+
+def _check_written(d, dc, dm, ids, masked_m):
+    assert not d.isnan().any(), "dense: unwritten outputs"
+    assert not dc[ids >= 0].isnan().any() and dc[ids < 0].isnan().all(), "contiguous: wrong rows written"
+    for g, s in enumerate(masked_m.tolist()):
+        assert not dm[g, :s].isnan().any() and dm[g, s:].isnan().all(), f"masked group {g}: wrong rows written"
+
+
+@pytest.mark.parametrize("cfg", ["128,128,6", "128,64,8", "128,192,5"])
+@pytest.mark.parametrize("m,n,k", [(1100, 4096, 1024), (1100, 576, 384)])
+def test_grouped_tma_store_matches_plain(monkeypatch, cfg, m, n, k):
+    """TMA-store epilogue for the grouped kinds: a warp stores its 16 rows by TMA only when all are valid, others
+    take the staged stores through the same buffer. Group sizes that are not multiples of 16 (padding rows inside
+    a warp's rows), an empty group, masked counts inside a warp: bit-identical to the plain epilogue, padding rows
+    and rows past masked_m never written."""
+    from torch_deepstack.gemm import kernels
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    args = _grouped_inputs(m, n, k, [157, 0, 201, 77, 300])
+    outs = {}
+    for tma in ("0", "1"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+        for kind, rows in ((kernels.KIND_CONTIGUOUS, m), (kernels.KIND_MASKED, 300)):
+            plan_cfg = kernels._plan(kind, args[0].device, rows, 5, n, k, m if kind == kernels.KIND_CONTIGUOUS
+                                     else int(args[7].float().mean()), False, None, torch.bfloat16, None)[1]
+            # (grouped kinds keep the plain epilogue on 192-wide tiles, whose TMA-store form spills)
+            assert plan_cfg.tma_store == (tma == "1" and cfg != "128,192,5")
+        outs[tma] = _run_all_kinds(*args, n)
+        _check_written(*outs[tma], args[4], args[7])
+    for new, old in zip(outs["1"], outs["0"]):
+        assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
 
 
 def test_dense_odd_n_and_short_k():

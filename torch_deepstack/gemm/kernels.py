@@ -83,15 +83,20 @@ TMA_STORE_MAX_K = 8192
 
 def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row: bool, out_dtype, has_c: bool,
                   cluster: int) -> bool:
-    """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for dense bf16 output without C, BLOCK_N a
-    multiple of 64, no clusters; on by default for 128-row tiles with M > 128 and K <= TMA_STORE_MAX_K.
+    """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for bf16 output without C (any kind; grouped
+    warps with invalid rows among their 16 store through the staged path), BLOCK_N a multiple of 64 (grouped kinds:
+    64 or 128), no clusters; on by default for dense and contiguous 128-row tiles with M > 128 (M_sum for the
+    contiguous kind) and K <= TMA_STORE_MAX_K, off by default for the masked kind (measured slower).
     DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible (A/B runs, tests)."""
-    if not (kind == KIND_DENSE and not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1
+    if not (not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1
             and cfg.block_n % 64 == 0):
+        return False
+    if kind != KIND_DENSE and cfg.block_n > 128:     # the grouped kinds' 192-wide TMA-store kernels spill (ptxas)
         return False
     forced = os.environ.get("DEEPSTACK_GEMM_TMA_STORE", "").strip()
     if not forced:
-        return cfg.block_m == 128 and m_rows > 128 and k <= TMA_STORE_MAX_K
+        # masked: 5-6% slower at 4 x 256 rows, equal at 1 x 1024 (H200, 2026-11-29 20:53 UTC), so off there
+        return kind != KIND_MASKED and cfg.block_m == 128 and m_rows > 128 and k <= TMA_STORE_MAX_K
     if forced not in ("0", "1"):
         raise ValueError(f"DEEPSTACK_GEMM_TMA_STORE must be 0 or 1, got {forced!r}")
     return forced == "1"
@@ -175,7 +180,9 @@ def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k
     if cfg.tma_store and (d.data_ptr() | d.stride(-2) * 2) % 16 == 0:
         # the 1D2D kernel reads B scales with plain loads, so the fourth tensor-map slot carries D: 16 x 64 boxes,
         # one per math warp and 64 columns (the kernel tests the same alignment and stores directly without it)
-        tmap_sfb = _tmap(d.data_ptr(), d.dtype, (n, m_rows), (d.stride(-2) * 2,), (64, 16), 128)
+        # (masked: D [G, M_max, N] with packed groups, viewed as G * M_max rows)
+        d_rows = m_rows * (num_groups if kind == KIND_MASKED else 1)
+        tmap_sfb = _tmap(d.data_ptr(), d.dtype, (n, d_rows), (d.stride(-2) * 2,), (64, 16), 128)
     if sf_b_per_row:
         sg = sn = sk = 0
     elif sfb.dim() == 3:
@@ -335,8 +342,8 @@ def _prebuild():
         for m in (64, 4096):
             specs.append(choose_spec(KIND_DENSE, m, 1, n, k, m, False, None, bf16, None, 132)[0])
     for n, k in ((4096, 7168), (7168, 2048)):
-        specs.append(gemm_spec(select_config(8192, n, k, 1, 132), n, k, KIND_CONTIGUOUS, False, bf16, bf16, False))
-        specs.append(gemm_spec(select_config(256, n, k, 4, 132), n, k, KIND_MASKED, False, bf16, bf16, False))
+        specs.append(choose_spec(KIND_CONTIGUOUS, 4 * 8192, 4, n, k, 4 * 8192, False, None, bf16, None, 132)[0])
+        specs.append(choose_spec(KIND_MASKED, 4096, 4, n, k, 256, False, None, bf16, None, 132)[0])
     for m, n in ((7168, 2048), (2048, 7168)):
         specs.append(gemm_spec(select_config(m, n, 1, 1, 132, True), n, 0, KIND_DENSE, True, f32, f32, True))
     for dt in ("__nv_bfloat16", "float"):
