@@ -49,10 +49,10 @@ def test_gemm_compiles_without_spills(monkeypatch, tmp_path, defines, m, n, k, k
 def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
     def choose(m=4096, n=7168, k=2048, kind=kernels.KIND_DENSE, out=torch.bfloat16, c=None):
         return kernels.choose_spec(kind, m, 1, n, k, m, False, None, out, c, 132)
-    spec, cfg, _ = choose()                                   # default: on for 128-row tiles at K <= 8192
+    spec, cfg, _ = choose()                                   # default: on for 128-row tiles at K <= 16384
     assert cfg.tma_store and spec.template_args[-2:] == (1, True)
     assert heuristic.smem_bytes(cfg, False) <= heuristic.SMEM_BUDGET
-    assert not choose(k=16384)[1].tma_store and not choose(m=64)[1].tma_store
+    assert not choose(k=32768)[1].tma_store and not choose(m=64)[1].tma_store
     assert choose(m=129, n=24576, k=1536)[1].tma_store and not choose(m=128, n=24576, k=1536)[1].tma_store
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "0")
     _, plain, _ = choose()
@@ -60,14 +60,14 @@ def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
     assert heuristic.smem_bytes(cfg, False) - heuristic.smem_bytes(plain, False) == (
         128 * 128 * 2 - 2 * 4 * 16 * 48 - heuristic.stage_bytes(128, 128, False) - 16)
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "1")
-    assert choose(k=16384)[1].tma_store and choose(m=64)[1].tma_store
+    assert choose(k=32768)[1].tma_store and choose(m=64)[1].tma_store
     # C accumulation, fp32 output and widths that are not multiples of 64 keep their epilogues; the grouped kinds
     # (bf16 output, no C) take it like the dense one
     for kind, out, c in ((kernels.KIND_DENSE, torch.bfloat16, torch.bfloat16), (kernels.KIND_DENSE, torch.float32, None)):
         assert not choose(kind=kind, out=out, c=c)[1].tma_store
     monkeypatch.delenv("DEEPSTACK_GEMM_TMA_STORE")
     assert choose(kind=kernels.KIND_CONTIGUOUS, m=8192)[1].tma_store
-    assert not choose(kind=kernels.KIND_CONTIGUOUS, m=8192, k=16384)[1].tma_store
+    assert not choose(kind=kernels.KIND_CONTIGUOUS, m=8192, k=32768)[1].tma_store
     assert not choose(kind=kernels.KIND_MASKED, m=4096)[1].tma_store      # measured slower: off unless forced
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "1")
     assert choose(kind=kernels.KIND_MASKED, m=4096)[1].tma_store

@@ -73,12 +73,13 @@ def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -
             and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "1")
 
 
-# The TMA-store epilogue's staging tile costs a pipeline stage (128x128: 6 -> 5); it paid for 128-row tiles up to
-# K = 7168 on the H200 (+25% at K = 512, +9-11% at K = 1536-2048, +0-1% at 7168) but not at K = 16384 (-9% in one
-# run, +2% in another), nor for 64-row tiles (0 to -13%). docs/gemm.md has the A/B numbers. It also needs D's
-# tensor map, encoded on the host once per output pointer: calls with M <= 128 (kernels of ~15-25 us, +1-3% measured
-# with a reused D) keep the plain epilogue, so a caller that allocates D per call pays no encode there.
-TMA_STORE_MAX_K = 8192
+# The TMA-store epilogue's staging tile costs a pipeline stage (128x128: 6 -> 5); it paid for 128-row tiles on the
+# H200 (+25% at K = 512, +9-11% at K = 1536-2048, +0-1% at 7168; at K = 16384 -9% / +2% with the serial promotion,
+# +3.5% with the pipelined one, 2026-11-29 21:11 UTC, against 0.6% between two timings of one binary), but not for
+# 64-row tiles (0 to -13%). Not measured above K = 16384, hence the limit. docs/gemm.md has the A/B numbers. It also
+# needs D's tensor map, encoded on the host once per output pointer: calls with M <= 128 (kernels of ~15-25 us, +1-3%
+# measured with a reused D) keep the plain epilogue, so a caller that allocates D per call pays no encode there.
+TMA_STORE_MAX_K = 16384
 
 
 def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row: bool, out_dtype, has_c: bool,
