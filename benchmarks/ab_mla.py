@@ -2,7 +2,8 @@
 
 Variants are `kernel[+NAME=VALUE...]`: a decode kernel as `kernels._DECODE_KERNEL` names it ("general", "overlap")
 with extra -D defines for the decode kernel only (the combine kernel is untouched), e.g. a guarded experiment in a
-.cuh. Each variant is timed (whole op: decode + combine, CUDA-graph replay, median; interleaved, best of --rounds):
+.cuh; `+@NAME=VALUE` sets the attribute NAME of torch_deepstack.mla.kernels for that variant instead (e.g.
+`general_pair+@_PAIR_CLUSTER=4`). Each variant is timed (whole op: decode + combine, CUDA-graph replay, median; interleaved, best of --rounds):
   dirty: the L2 flushed by a 256 MB write before every replay (bench_mla.py's method; leaves the L2 full of dirty
          lines that the decode then writes back),
   clean: the L2 flushed by reading 256 MB (no write-back during the decode),
@@ -49,8 +50,26 @@ def _get_kernel(spec, signature):
     return _real_get_kernel(spec, signature)
 
 
+_KERNEL_ATTRS: dict = {}   # kernels.* attributes a variant set, with their original values
+
+
+def apply_variant(text: str) -> None:
+    """Select the variant's kernel, -D defines and kernels.* attributes (the previous variant's attributes undone)."""
+    for name, value in _KERNEL_ATTRS.items():
+        setattr(kernels, name, value)
+    _KERNEL_ATTRS.clear()
+    kernels._DECODE_KERNEL, defines = parse_variant(text)
+    _state["defines"] = tuple(d for d in defines if not d[0].startswith("@"))
+    for name, value in defines:
+        if name.startswith("@"):
+            if not hasattr(kernels, name[1:]):
+                raise ValueError(f"variant {text!r}: torch_deepstack.mla.kernels has no attribute {name[1:]!r}")
+            _KERNEL_ATTRS.setdefault(name[1:], getattr(kernels, name[1:]))
+            setattr(kernels, name[1:], value)
+
+
 def parse_variant(text: str) -> tuple[str, tuple]:
-    """'general+A=1+B=2' -> ('general', (('A', 1), ('B', 2)))."""
+    """'general+A=1+B=2' -> ('general', (('A', 1), ('B', 2))); '+@NAME=V' gives ('@NAME', V)."""
     kernel, *defs = text.split("+")
     if kernel not in kernels._DECODE_KERNELS:
         raise ValueError(f"variant {text!r}: kernel must be one of {kernels._DECODE_KERNELS}")
@@ -98,7 +117,7 @@ def run(configs, variants, flushes, reps, rounds, no_combine):
             best = {}
             for _ in range(rounds):
                 for v in variants:
-                    kernels._DECODE_KERNEL, _state["defines"] = parse_variant(v)
+                    apply_variant(v)
                     # per variant: the row-block cluster kernels may plan fewer parts (whole clusters per GPC)
                     sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
                     fn = lambda: mla_decode_with_kvcache(q, cache, bt, seq, bench_mla.DV, sched, splits,  # noqa
@@ -116,6 +135,7 @@ def run(configs, variants, flushes, reps, rounds, no_combine):
             del cache
             torch.cuda.empty_cache()
     finally:
+        apply_variant("general")
         kernels.get_kernel = _real_get_kernel
         kernels._DECODE_KERNEL, _state["defines"], _state["combine"] = "auto", (), True
     return rows

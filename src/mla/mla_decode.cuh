@@ -64,7 +64,7 @@ __device__ __forceinline__ uint32_t swz(int r, int u) { return r * 128 + ((u ^ (
 // c with c % kCluster == r, multicast into every CTA of the cluster (same shared-memory offset; each CTA's "full"
 // barrier counts all kChunks boxes), and a stage is refilled only after the consumers of every CTA released it (each
 // consumer warp arrives on the "empty" barrier of every CTA). Without it each CTA streamed its own copy of the
-// pages (two or four L2 reads per page, and DRAM reads whenever the CTAs drifted apart).
+// pages (two L2 reads per page, and DRAM reads whenever the CTAs drifted apart).
 //
 // The 4-D box load of sm90::tma_load_4d, multicast to the CTAs of `cta_mask`.
 __device__ __forceinline__ void tma_load_4d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
@@ -279,7 +279,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
   constexpr int kChunks = L::kChunks;
   static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
   static_assert(!kFp8 || (kDQK == 576 && sizeof(T) == 2), "the FP8 cache format has 576 channels");
-  static_assert(kCluster == 1 || (!kFp8 && (kCluster == 2 || kCluster == 4)), "row-block clusters: bf16/fp16, 2 or 4");
+  // Pairs only: clusters of 4 (256 rows) measured 9-12% slower (only 30 fit at once, 120 of 132 SMs; docs/mla.md).
+  static_assert(kCluster == 1 || (!kFp8 && kCluster == 2), "row-block clusters: bf16/fp16 caches, pairs");
   constexpr int kProducerRegs = kFp8 ? 88 : 40;
   constexpr int kConsumerRegs = kFp8 ? 208 : 232;   // 2 * consumer + producer = 3 * 168 (the entry cap)
 

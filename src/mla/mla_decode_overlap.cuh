@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
   using L = OverlapLayout<kDQK>;
   constexpr int kChunks = L::kChunks;
   static_assert(kDQK == 576 || kDQK == 512, "head dim 576 (512 latent + 64 rope) or 512");
-  static_assert(kCluster == 1 || kCluster == 2 || kCluster == 4, "row-block clusters of 2 or 4");
+  static_assert(kCluster == 1 || kCluster == 2, "row-block pairs (see mla_decode.cuh)");
   // Named barriers: 1 Q loaded / sQ free, 2 sP free (WG1 -> WG0), 3 sP ready (WG0 -> WG1), 4 final sums.
   constexpr int kBarQ = 1, kBarPFree = 2, kBarPReady = 3;   // kBarFinal = 4: finish_request
 

@@ -43,7 +43,7 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool, cluster: int = 1) -> Kern
 _DECODE_KERNELS = ("general", "overlap", "general_pair", "overlap_pair")
 _DECODE_KERNEL = "auto"
 _OVERLAP_MIN_ROWS = 128
-_PAIR_CLUSTER = 2
+_PAIR_CLUSTER = 2   # the kernels take pairs only (clusters of 4 measured slower: docs/mla.md)
 
 
 def overlap_spec(dtype: torch.dtype, d: int, cluster: int = 1) -> KernelSpec:
