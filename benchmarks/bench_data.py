@@ -1,27 +1,30 @@
 """Data loading and checkpoint throughput: DeepstackDataset against the alternatives, in the same run.
 
-Loader rows (per sample size, per DataLoader num_workers): samples/s and GB/s of a full DataLoader pass in
-uniformly shuffled order over the same samples stored as
+Loader rows (per sample size, per DataLoader num_workers): samples/s and GB/s in uniformly shuffled order over
+the same samples stored as
 - deepstack: one packed dataset on embedded deepstack storage (DeepstackDataset, batched=True, CRC verified)
-  through DataLoader, and through PrefetchLoader (one process, 4 batched reads in flight; run right after
-  every fio sample, so it gets as many tries as the ceiling, and also reported as the median of those paired
-  PrefetchLoader / fio ratios);
-- file-per-sample: each sample its own local file, read with plain open().read(), default_collate;
+  through DataLoader, and through PrefetchLoader (one process, 4 batched reads in flight);
+- file-per-sample: each sample its own local file, read with plain open().read() (wrapped, not copied),
+  default_collate; the same generator seed as deepstack's DataLoader in each round, so both read the same
+  samples in the same shuffled order (checked on every round's first batch);
 - litdata: LitData's optimize() chunks read by StreamingDataset(shuffle=True) + StreamingDataLoader (optional);
-- fio: random reads of the sample size (O_DIRECT, libaio, iodepth 32, best of 1 and 2 jobs) over deepstack's
-  own chunk files: the device ceiling for these exact bytes (optional: Debian `fio`), sampled between the
-  reader runs of every worker count and reported as its best run.
+- fio: random reads of the sample size at size-aligned offsets over deepstack's own chunk files (the same
+  bytes, block size and O_DIRECT; io_uring, the interface deepstack reads with, QD32, one job: the device
+  ceiling; optional: Debian `fio`).
+Equal statistics: --repeat rounds; a round is, per worker count, one fio run and then every reader once, the
+readers' order rotating between rounds. Every row, fio included, reports the MEDIAN of its runs (best in the
+note); the summary compares medians with medians, and each deepstack run is also divided by the fio run that
+opened its round (median of those ratios). This disk's rate moves 2-5x within a minute, so a best-of ceiling
+measures a burst, not the device (until 2026-11-29 20:07 UTC this benchmark compared best deepstack runs with
+fio's best of 6, libaio QD32).
 Page cache is dropped (posix_fadvise DONTNEED on every file) before every measurement; deepstack and fio read
-with O_DIRECT anyway. Each row runs for --seconds after the first batch (worker start-up excluded; DataLoader
-workers persist across the epochs of one window) and is the best of --repeat runs, the readers interleaved
-(the disk and the 2 cores are shared with other work). Same window, same pattern, same cache state: every
-reader runs further epochs (each a new shuffle) until the window is over, like fio's --runtime; before each
-further epoch of file-per-sample its files are dropped from the page cache again, off the clock, or that
-epoch would come from memory; LitData, which serves later epochs from chunks it keeps (4.4 GB/s in a test),
-is timed over its first epoch only (~1.5 s at 1 MiB, which if anything favours it); fio draws a new random
-sequence every run
-(randrepeat=0), as every reader run reshuffles. What stays warm for all alike: metadata (directory entries
-and inodes of the sample files; deepstack's index and chunk table rows).
+with O_DIRECT anyway. Each run lasts --seconds after the first batch (worker start-up excluded; DataLoader
+workers persist across the epochs of one window): every reader runs further epochs (each a new shuffle) until
+the window is over, like fio's --runtime; before each further epoch of file-per-sample its files are dropped
+from the page cache again, off the clock, or that epoch would come from memory; LitData, which serves later
+epochs from chunks it keeps (4.4 GB/s in a test), is timed over its first epoch only (which if anything
+favours it); fio draws a new random sequence every run (randrepeat=0). What stays warm for all alike:
+metadata (directory entries and inodes of the sample files; deepstack's index and chunk table rows).
 
 Checkpoint rows: dcp.save/dcp.load of a float32 state dict through DeepstackStorageWriter/Reader against
 torch.save (+ fsync) / torch.load on a local file.
@@ -88,8 +91,14 @@ class FilePerSample(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        # plain open().read(); the bytes are wrapped, not copied (default_collate copies them into the batch,
+        # as it does for any Dataset returning per-sample tensors)
         with open(os.path.join(self.root, f"{i // 1000:04d}", f"{i}.bin"), "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            return torch.frombuffer(f.read(), dtype=torch.uint8)
+
+
+# torch.frombuffer warns once per process that bytes are read-only; the batch is a copy made by default_collate
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 def passthrough(x):
@@ -195,22 +204,28 @@ def measure(loader, size: int, seconds: float, check, between_epochs=None,
     return n / dt, n * size / dt / 1e9, n
 
 
+FIRST_IDS: list = []  # sample ids of the first batch of the latest measured run (same order across readers)
+
+
 def check_stacked(batch) -> None:
     x = batch["x"] if isinstance(batch, dict) else batch
     ids = x[:, :8].contiguous().view(torch.int64).reshape(-1)
+    FIRST_IDS[:] = ids.tolist()
     for j in (0, len(ids) - 1):
         want = torch.from_numpy(sample_bytes(int(ids[j]), x.shape[1]))
         assert torch.equal(x[j], want), f"sample {int(ids[j])} read back wrong"
 
 
-def run_fio(directory: str, size: int, seconds: float, jobs: int) -> float | None:
+def run_fio(directory: str, size: int, seconds: float, engine: str = "io_uring", iodepth: int = 32) -> float | None:
+    """IOPS of one fio run: uniform random reads of `size` bytes at size-aligned offsets over every file in
+    `directory` (deepstack's own chunk files), O_DIRECT, one job keeping `iodepth` reads in flight, a new
+    random sequence every run (randrepeat=0, as every reader run reshuffles)."""
     if shutil.which("fio") is None:
         return None
     out = subprocess.run(["fio", "--name=ceiling", f"--opendir={directory}", "--rw=randread", f"--bs={size}",
-                          "--direct=1", "--ioengine=libaio", "--iodepth=32", f"--numjobs={jobs}",
+                          "--direct=1", f"--ioengine={engine}", f"--iodepth={iodepth}", "--numjobs=1",
                           f"--runtime={max(1, int(seconds))}", "--time_based", "--group_reporting",
-                          "--randrepeat=0",  # a new random sequence every run, as each reader run reshuffles
-                          "--output-format=json"], capture_output=True, text=True)
+                          "--randrepeat=0", "--output-format=json"], capture_output=True, text=True)
     if out.returncode != 0:
         print(f"  fio failed: {out.stderr.strip()[:200]}", flush=True)
         return None
@@ -218,83 +233,116 @@ def run_fio(directory: str, size: int, seconds: float, jobs: int) -> float | Non
     return float(json.loads(text)["jobs"][0]["read"]["iops"])
 
 
+NAMES = {"deepstack": "deepstack (DeepstackDataset)", "prefetch": "deepstack PrefetchLoader (depth 4)",
+         "files": "file-per-sample (open().read())", "litdata": "litdata StreamingDataset(shuffle=True)"}
+
+
+def _median(v) -> float:
+    return float(np.median(v)) if len(v) else 0.0
+
+
 def loader_rows(args, table: BenchTable, summary: dict) -> None:
+    """Per size: --repeat rounds; a round is, per worker count, one fio run and then every reader once (the
+    readers' order rotating from round to round, so none always follows fio). Each row reports the median and
+    the best of its runs; fio likewise. Ratios compare medians with medians (the best reader configuration by
+    median against fio's median), and each deepstack run is also paired with the fio run that opened its round
+    (median of those ratios): the disk's rate moves 2-5x within a minute, so a best-of ceiling is a burst."""
     sizes = [int(s) * KIB for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     counts = QUICK_SAMPLES if args.quick else FULL_SAMPLES
     for size in sizes:
         n = args.samples or counts[size]
-        print(f"== {size // KIB} KiB x {n} samples", flush=True)
+        print(f"== {size // KIB} KiB x {n} samples, load average {os.getloadavg()[0]:.2f}", flush=True)
         p = prepare(args.dir, size, n, not args.no_litdata)
         batch = max(8, min(256, (4 << 20) // size))
-        res: dict[str, dict[int, float]] = {}
-        fio_runs: list[float] = []
-        pairs: list[float] = []  # PrefetchLoader run / the fio run just before it (same minute of the disk)
         chunk_dir = os.path.join(p["fs"], "target", "data")
-        prefetch_all: list[tuple[float, float]] = []
-        names = {"deepstack": "deepstack (DeepstackDataset)", "prefetch": "deepstack PrefetchLoader (depth 4)",
-                 "files": "file-per-sample (open().read())", "litdata": "litdata StreamingDataset(shuffle=True)"}
-        for w in workers:
-            # persistent workers: the epochs after the first inside one timed window reuse them (every reader alike)
-            common = dict(batch_size=batch, num_workers=w, persistent_workers=w > 0,
-                          multiprocessing_context=args.mp_context if w else None)
-            rows: dict[str, tuple[float, float]] = {}
-            for rep in range(args.repeat):  # readers interleaved, best of --repeat: the disk is shared and noisy
+        runs: dict[tuple[str, int], list[float]] = {}   # (reader, workers) -> samples/s of every run
+        pairs: dict[tuple[str, int], list[float]] = {}  # (reader, workers) -> run / its round's fio run
+        fio_runs: list[float] = []
+        loads: list[float] = []
+        readers = ["prefetch", "deepstack", "files"] + ([] if args.no_litdata or not p.get("t_litdata")
+                                                        else ["litdata"])
+        for rep in range(args.repeat):
+            for w in workers:
+                # persistent workers: the epochs after the first inside one timed window reuse them (every reader)
+                common = dict(batch_size=batch, num_workers=w, persistent_workers=w > 0,
+                              multiprocessing_context=args.mp_context if w else None)
                 fio_now = 0.0
-                if not args.no_fio:  # the ceiling is sampled between the readers too, and its best run is kept
-                    fio_now = run_fio(chunk_dir, size, args.seconds, 1 + rep % 2) or 0.0
-                    fio_runs.append(fio_now)
-                # The in-process loader runs right after every fio sample (so it gets as many tries as the
-                # ceiling: comparing a best of 6 with a best of 2 on this disk measured the disk's mood).
-                drop_cache(p["fs"])
-                r = measure(PrefetchLoader(DeepstackDataset(p["fs"], "/ds", batched=True), batch, shuffle=True,
-                                           generator=torch.Generator().manual_seed(1000 + rep), depth=4), size,
-                            args.seconds, check_stacked)
-                prefetch_runs = rows.setdefault("_prefetch_runs", [])
-                prefetch_runs.append(r[:2])
-                if fio_now:
-                    pairs.append(r[0] / fio_now)
-                g = torch.Generator().manual_seed(rep)  # a new order every run, for every reader
-                ds = DeepstackDataset(p["fs"], "/ds", batched=True)
-                drop_cache(p["fs"])
-                r = measure(DataLoader(ds, shuffle=True, generator=g, collate_fn=ds.collate_fn, **common),
-                            size, args.seconds, check_stacked)
-                rows["deepstack"] = max(rows.get("deepstack", (0, 0)), r[:2])
-                drop_cache(p["files"])
-                r = measure(DataLoader(FilePerSample(p["files"], n), shuffle=True, generator=g, **common),
-                            size, args.seconds, check_stacked, between_epochs=lambda: drop_cache(p["files"], sync=False))
-                rows["files"] = max(rows.get("files", (0, 0)), r[:2])
-                if p.get("t_litdata") and not args.no_litdata:
-                    from litdata import StreamingDataLoader, StreamingDataset
-
-                    drop_cache(p["litdata"])
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        lds = StreamingDataset(input_dir=p["litdata"], shuffle=True, seed=0)
-                        r = measure(StreamingDataLoader(lds, batch_size=batch, num_workers=w,
-                                                        persistent_workers=w > 0), size, args.seconds,
-                                    check_stacked, max_epochs=1)
-                    rows["litdata"] = max(rows.get("litdata", (0, 0)), r[:2])
-            prefetch = rows.pop("_prefetch_runs")
-            prefetch_all.extend(prefetch)
-            for key, (sps, gbs) in rows.items():
-                res.setdefault(key, {})[w] = sps
-                table.add(f"{size // KIB} KiB", n, names[key], w, sps, gbs, "")
-        sps, gbs = max(prefetch_all)
-        res["prefetch"] = {0: sps}
-        table.add(f"{size // KIB} KiB", n, names["prefetch"], 0, sps, gbs,
-                  f"best of {len(prefetch_all)}, each run right after a fio run")
-        fio = max(fio_runs, default=0.0) or None
+                if not args.no_fio:
+                    fio_now = run_fio(chunk_dir, size, args.seconds, args.fio_engine, args.fio_iodepth) or 0.0
+                    if fio_now:
+                        fio_runs.append(fio_now)
+                loads.append(os.getloadavg()[0])
+                k = (rep * len(workers) + workers.index(w)) % len(readers)
+                first_ids: dict[str, list] = {}
+                for name in readers[k:] + readers[:k]:
+                    if name == "prefetch" and w != workers[0]:
+                        continue  # in-process: no workers; one run per round
+                    key = (name, 0 if name == "prefetch" else w)
+                    # Same order for every reader in a round: each gets its own generator with the round's seed
+                    # (one shared generator would hand each reader the state the previous one left).
+                    g = torch.Generator().manual_seed(rep)
+                    r = _run_reader(name, p, n, size, batch, g, common, args)
+                    runs.setdefault(key, []).append(r)
+                    first_ids[name] = list(FIRST_IDS)
+                    if fio_now and name in ("prefetch", "deepstack"):
+                        pairs.setdefault(key, []).append(r / fio_now)
+                # both DataLoaders of a round read the same samples in the same shuffled order
+                assert first_ids["deepstack"] == first_ids["files"], "deepstack and file-per-sample orders differ"
+        order = ["deepstack", "files", "litdata", "prefetch"]
+        for (name, w), v in sorted(runs.items(), key=lambda kv: (kv[0][0] == "prefetch", kv[0][1],
+                                                                 order.index(kv[0][0]))):
+            pr = pairs.get((name, w))
+            note = f"median of {len(v)}, best {max(v):.0f}"
+            if pr:
+                note += f"; / its round's fio: median {_median(pr):.2f}"
+            table.add(f"{size // KIB} KiB", n, NAMES[name], w if name != "prefetch" else 0, _median(v),
+                      _median(v) * size / 1e9, note)
+        fio = _median(fio_runs) or None
         if fio:
-            table.add(f"{size // KIB} KiB", n, "fio randread (O_DIRECT, QD32, 1-2 jobs)", "-", fio, fio * size / 1e9,
-                      f"ceiling: best of {len(fio_runs)}")
-        best = max(max(res["deepstack"].values()), max(res.get("prefetch", {0: 0}).values()))
-        ratio = {"vs_fio": best / fio if fio else None, "vs_files": best / max(res["files"].values()),
-                 "paired": float(np.median(pairs)) if pairs else None, "pairs": len(pairs)}
-        if "litdata" in res:
-            ratio["vs_litdata"] = best / max(res["litdata"].values())
+            table.add(f"{size // KIB} KiB", n, f"fio randread ({args.fio_engine}, O_DIRECT, QD{args.fio_iodepth})",
+                      "-", fio, fio * size / 1e9, f"ceiling: median of {len(fio_runs)}, best {max(fio_runs):.0f}")
+
+        def best_of(reader_names):
+            cands = [(_median(v), key) for key, v in runs.items() if key[0] in reader_names]
+            return max(cands, default=(0.0, None))
+
+        best, best_key = best_of(("deepstack", "prefetch"))
+        files, _ = best_of(("files",))
+        lit, _ = best_of(("litdata",))
+        ratio = {"best": best_key, "vs_fio": best / fio if fio else None,
+                 "paired": _median(pairs.get(best_key, [])) or None, "pairs": len(pairs.get(best_key, [])),
+                 "vs_files": best / files if files else None, "vs_litdata": best / lit if lit else None,
+                 "fio_median": fio, "fio_best": max(fio_runs, default=None), "load": (min(loads), max(loads))}
         summary[f"{size // KIB} KiB"] = ratio
-        print(f"  best deepstack: {best:.0f} samples/s; ratios {ratio}", flush=True)
+        print(f"  best deepstack (by median): {best:.0f} samples/s {best_key}; ratios {ratio}", flush=True)
+
+
+def _run_reader(name: str, p: dict, n: int, size: int, batch: int, g, common: dict, args) -> float:
+    """samples/s of one timed run of one reader (the page cache dropped first)."""
+    if name == "prefetch":
+        drop_cache(p["fs"])
+        loader = PrefetchLoader(DeepstackDataset(p["fs"], "/ds", batched=True), batch, shuffle=True,
+                                generator=g, depth=4)
+        return measure(loader, size, args.seconds, check_stacked)[0]
+    if name == "deepstack":
+        ds = DeepstackDataset(p["fs"], "/ds", batched=True)
+        drop_cache(p["fs"])
+        return measure(DataLoader(ds, shuffle=True, generator=g, collate_fn=ds.collate_fn, **common),
+                       size, args.seconds, check_stacked)[0]
+    if name == "files":
+        drop_cache(p["files"])
+        return measure(DataLoader(FilePerSample(p["files"], n), shuffle=True, generator=g, **common), size,
+                       args.seconds, check_stacked, between_epochs=lambda: drop_cache(p["files"], sync=False))[0]
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    drop_cache(p["litdata"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lds = StreamingDataset(input_dir=p["litdata"], shuffle=True, seed=int(g.initial_seed()))
+        return measure(StreamingDataLoader(lds, batch_size=batch, num_workers=common["num_workers"],
+                                           persistent_workers=common["persistent_workers"]), size, args.seconds,
+                       check_stacked, max_epochs=1)[0]
 
 
 def ab_worker_buffers(args) -> None:
@@ -431,10 +479,13 @@ def main() -> int:
     ap.add_argument("--sizes", default="4,64,1024", help="sample sizes in KiB")
     ap.add_argument("--workers", default="0,2,8", help="DataLoader num_workers values")
     ap.add_argument("--samples", type=int, default=0, help="samples per size (default: per mode)")
-    ap.add_argument("--seconds", type=float, default=0, help="seconds per measurement (default 3 quick, 8 full)")
+    ap.add_argument("--seconds", type=float, default=0, help="seconds per measurement (default 3 quick, 4 full)")
     ap.add_argument("--mp-context", default="fork", choices=["fork", "spawn", "forkserver"],
                     help="DataLoader worker start method")
-    ap.add_argument("--repeat", type=int, default=0, help="best of N interleaved runs per row (1 quick, 2 full)")
+    ap.add_argument("--repeat", type=int, default=0, help="rounds (runs per row, medians reported; 1 quick, 4 full)")
+    ap.add_argument("--fio-engine", default="io_uring", help="fio ioengine for the ceiling (deepstack reads with "
+                    "io_uring)")
+    ap.add_argument("--fio-iodepth", type=int, default=32, help="fio queue depth for the ceiling")
     ap.add_argument("--no-litdata", action="store_true")
     ap.add_argument("--no-fio", action="store_true")
     ap.add_argument("--no-checkpoint", action="store_true")
@@ -445,8 +496,8 @@ def main() -> int:
                     help="only a paired A/B of the workers' batch buffers (fresh per batch vs recycled), ROUNDS "
                          "rounds per size and worker count (--sizes, --workers)")
     args = ap.parse_args()
-    args.seconds = args.seconds or (3.0 if args.quick else 6.0)
-    args.repeat = args.repeat or (1 if args.quick else 2)
+    args.seconds = args.seconds or (3.0 if args.quick else 4.0)
+    args.repeat = args.repeat or (1 if args.quick else 4)
     os.makedirs(args.dir, exist_ok=True)
     if args.ab_buffers:
         ab_worker_buffers(args)
@@ -461,9 +512,12 @@ def main() -> int:
     if not args.no_checkpoint:
         checkpoint_rows(args, table)
     for k, r in summary.items():
-        table.notes.append(f"{k}: best deepstack / fio = {_pct(r.get('vs_fio'))} (median of {r.get('pairs')} paired "
-                           f"runs, PrefetchLoader / the fio run just before it: {_pct(r.get('paired'))}), / best "
-                           f"file-per-sample = {_x(r.get('vs_files'))}, / best litdata = {_x(r.get('vs_litdata'))}")
+        table.notes.append(
+            f"{k}: best deepstack row by median ({NAMES[r['best'][0]]}, {r['best'][1]} workers) / fio median = "
+            f"{_pct(r.get('vs_fio'))} (median of its {r.get('pairs')} runs / the fio run opening their round: "
+            f"{_pct(r.get('paired'))}; fio median {r.get('fio_median') or 0:.0f}, best {r.get('fio_best') or 0:.0f} "
+            f"IOPS), / best file-per-sample median = {_x(r.get('vs_files'))}, / best litdata median = "
+            f"{_x(r.get('vs_litdata'))}; load average {r['load'][0]:.1f}-{r['load'][1]:.1f}")
     tables = [table] if table.rows else []
     if not args.no_kv:
         tables.append(kv_rows(args))

@@ -58,7 +58,7 @@ NOTES = [
     "storage, in one native call per batch, each batch validated afterwards against the services' shared pages",
     "(service alive, serving time not over, chunk generation unchanged). Its replicas share the one",
     "disk, so 1/3 is the write ceiling. The disk's speed moves by up to 2x from minute to minute (the host's",
-    "other tenants), hence the interleaved best-of runs.",
+    "other tenants), hence interleaved rounds, medians and paired ratios.",
 ]
 
 
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=512 << 20)
     ap.add_argument("--chunk-size", type=int, default=4 << 20)
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per measurement")
-    ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions per point (best is kept)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds per point (medians reported)")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--from-json", help="only re-render docs/benchmarks.md from results saved with --json")
@@ -244,23 +244,26 @@ def main(argv=None) -> int:
             for bs in sizes:
                 for qd in qds:
                     secs = max(1, round(args.seconds))
-                    row = {"bs": bs, "qd": qd, "fio": None, "fio_stream": None, "embedded": 0, "array": 0,
-                           "cluster": 0, "cluster_rpc": 0}
-                    # Interleaved repetitions, best of each: on a shared 2-core machine a neighbour's burst
-                    # would otherwise decide the ratio.
-                    for _ in range(args.repeat):
+                    runs = {k: [] for k in ("fio", "fio_stream", "embedded", "array", "cluster", "cluster_rpc")}
+                    ours = [("embedded", bench_reads, emb), ("array", bench_reads_array, emb),
+                            ("cluster", bench_reads, cfs), ("cluster_rpc", bench_reads, rpc_fs)]
+                    # Interleaved rounds: fio first in each (its batched mode is the reference every ratio is
+                    # taken against), then ours in an order rotating between rounds (the disk's rate drifts
+                    # within a round too). Medians of the rounds are reported: this disk's rate moves 2-5x
+                    # within a minute, and a best-of compares bursts.
+                    for rnd in range(args.repeat):
                         if have_fio:
-                            row["fio"] = max(row["fio"] or 0, fio_reads(files, bs, qd, secs))
-                            row["fio_stream"] = max(row["fio_stream"] or 0,
-                                                    fio_reads(files, bs, qd, secs, batched=False))
-                        row["embedded"] = max(row["embedded"],
-                                              bench_reads(emb, "/data.bin", args.size, bs, qd, args.seconds))
-                        row["array"] = max(row["array"],
-                                           bench_reads_array(emb, "/data.bin", args.size, bs, qd, args.seconds))
-                        row["cluster"] = max(row["cluster"],
-                                             bench_reads(cfs, "/data.bin", args.size, bs, qd, args.seconds))
-                        row["cluster_rpc"] = max(row["cluster_rpc"],
-                                                 bench_reads(rpc_fs, "/data.bin", args.size, bs, qd, args.seconds))
+                            runs["fio"].append(fio_reads(files, bs, qd, secs))
+                            runs["fio_stream"].append(fio_reads(files, bs, qd, secs, batched=False))
+                        k = rnd % len(ours)
+                        for name, fn, fsys in ours[k:] + ours[:k]:
+                            runs[name].append(fn(fsys, "/data.bin", args.size, bs, qd, args.seconds))
+                    row = {"bs": bs, "qd": qd, "runs": runs,
+                           **{k: (float(np.median(v)) if v else None) for k, v in runs.items()}}
+                    if runs["fio"]:  # each run of ours against the fio run that opened its round
+                        row["paired_array"] = float(np.median(np.array(runs["array"]) / np.array(runs["fio"])))
+                        row["paired_embedded"] = float(np.median(np.array(runs["embedded"]) /
+                                                                 np.array(runs["fio"])))
                     results["reads"].append(row)
                     print(fmt_row(row), flush=True)
             n = 100 if args.quick else 400
@@ -345,8 +348,9 @@ def write_docs(res):
     lines = ["## Storage", "",
              f"Date {res['date']}; machine: CPU dev machine, 2 cores (virtio disk, ext4), 1-minute load average "
              f"{res.get('loadavg_at_start', float('nan')):.1f} at the start; command: `{res['cmd']} --write-docs`. Random reads, in IOPS (block-aligned offsets, uniform "
-             f"over a {res['size'] >> 20} MiB file in 4 MiB chunks), best of {res['repeat']} interleaved runs of "
-             f"{res['seconds']} s. Ours: `FileSystem.batch_read` with qd (file, offset, length, buffer) requests "
+             f"over a {res['size'] >> 20} MiB file in 4 MiB chunks), the median of {res['repeat']} interleaved rounds "
+             f"of {res['seconds']} s runs for every column, fio included (each round: fio, then ours in a rotating "
+             f"order; the paired column is the median of read_array / the fio run of the same round). Ours: `FileSystem.batch_read` with qd (file, offset, length, buffer) requests "
              f"per call into a page-aligned buffer, and `FileSystem.read_array` with the same requests as numpy "
              f"arrays (both end in one native call that plans, reads and CRC-checks the batch). fio reads the very chunk files of that file (O_DIRECT, io_uring, same block size and "
              f"queue depth); the ceiling column uses fio's batched mode (submit qd, wait for all qd: "
@@ -357,9 +361,9 @@ def write_docs(res):
              f"replicas' chunk files through fds the services hand over, see docs/storage.md) and with "
              f"`short_circuit=False` (every read an RPC to a storage service).", "",
              "| block | qd | fio IOPS (same batched pattern) | embedded batch_read IOPS | batch_read / fio | "
-             "embedded read_array IOPS | read_array / fio | cluster IOPS (short-circuit) | cluster / embedded | "
+             "embedded read_array IOPS | read_array / fio | read_array / fio, paired | cluster IOPS (short-circuit) | cluster / embedded | "
              "cluster IOPS (RPC only) | RPC only / embedded | fio, queue kept full |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["reads"]:
         fio = f"{r['fio']:.0f}" if r["fio"] else "n/a"
         ratio = f"{r['embedded'] / r['fio']:.2f}" if r["fio"] else "n/a"
@@ -367,19 +371,22 @@ def write_docs(res):
         arr = r.get("array") or 0
         aratio = f"{arr / r['fio']:.2f}" if r["fio"] and arr else "n/a"
         rpc = r.get("cluster_rpc") or 0
+        paired = f"{r['paired_array']:.2f}" if r.get("paired_array") else "n/a"
         lines.append(f"| {r['bs'] >> 10} KiB | {r['qd']} | {fio} | {r['embedded']:.0f} | {ratio} | {arr:.0f} | "
-                     f"{aratio} | {r['cluster']:.0f} | {r['cluster'] / r['embedded']:.2f} | {rpc:.0f} | "
+                     f"{aratio} | {paired} | {r['cluster']:.0f} | {r['cluster'] / r['embedded']:.2f} | {rpc:.0f} | "
                      f"{rpc / r['embedded']:.2f} | {stream} |")
     def span(num, den, bs):
-        vals = [r[num] / r[den] for r in res["reads"] if r["bs"] == bs and r.get(den)]
+        vals = [r[num] / (r[den] if den else 1) for r in res["reads"]
+                if r["bs"] == bs and r.get(num) and (den is None or r.get(den))]
         return f"{min(vals):.2f}-{max(vals):.2f}" if vals else "n/a"
     sizes = sorted({r["bs"] for r in res["reads"]})
     emb = "; ".join(f"{bs >> 10} KiB {span('embedded', 'fio', bs)}" for bs in sizes)
     arr = "; ".join(f"{bs >> 10} KiB {span('array', 'fio', bs)}" for bs in sizes)
     clu = "; ".join(f"{bs >> 10} KiB {span('cluster', 'embedded', bs)}" for bs in sizes)
     rpc = "; ".join(f"{bs >> 10} KiB {span('cluster_rpc', 'embedded', bs)}" for bs in sizes)
-    lines += ["", "Against the targets (ratio range over queue depths): embedded / fio >= 0.9: batch_read " + emb +
-              "; read_array " + arr + ". Cluster / embedded (batch_read) >= 0.7: short-circuit " + clu +
+    par = "; ".join(f"{bs >> 10} KiB {span('paired_array', None, bs)}" for bs in sizes)
+    lines += ["", "Against the targets (ratio range over queue depths, medians): embedded / fio >= 0.9: batch_read "
+              + emb + "; read_array " + arr + "; read_array paired with its round's fio " + par + ". Cluster / embedded (batch_read) >= 0.7: short-circuit " + clu +
               "; RPC only " + rpc +
               f". Replicated / embedded writes >= 1/3: {res['write_cluster'] / res['write_embedded']:.2f}."]
     lines += [""] + [" ".join(NOTES)]
