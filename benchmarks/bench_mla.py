@@ -93,9 +93,11 @@ def run(configs, reps, baseline, fp8_rows, causal=True, decode_kernels=(), round
         sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
         decode = lambda: mla_decode_with_kvcache(q, cache, bt, seq, DV, sched, splits, causal=causal)  # noqa: E731
         if decode_kernels:
-            per_kernel = time_kernels(decode, reps, decode_kernels, rounds)
-            res.update({f"us_{k}": v for k, v in per_kernel.items()})
-            us = per_kernel.get(kernels.decode_kernel_for(s_q * h_q), min(per_kernel.values()))
+            default = kernels.decode_kernel_for(s_q * h_q)   # timed too (interleaved) when not in the list
+            timed = decode_kernels if default in decode_kernels else (*decode_kernels, default)
+            per_kernel = time_kernels(decode, reps, timed, rounds)
+            res.update({f"us_{k}": per_kernel[k] for k in decode_kernels})
+            us = per_kernel[default]
         else:
             us = time_graph(decode, reps)
         res.update(us=us, tbps=(sum_sk * D * 2 + qo_bytes) / us / 1e6, tflops=flop / us / 1e6)
