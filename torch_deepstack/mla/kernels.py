@@ -130,15 +130,22 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=16)
-def _max_active_clusters(device_index: int, kernel: str, cluster: int) -> int:
-    """Clusters of `cluster` decode CTAs (bf16, d = 576: the largest shared memory) resident at once on the GPU."""
-    if kernel.startswith("overlap"):
-        spec, smem = overlap_spec(torch.bfloat16, 576, cluster), overlap_smem_bytes(576)
-    else:
-        spec, smem = decode_spec(torch.bfloat16, 576, False, cluster), decode_smem_bytes(576)
-    with torch.cuda.device(device_index):
-        return get_kernel(spec, _DECODE_SIG).max_active_clusters(cluster, 384, smem)
+_MAX_CLUSTERS: dict = {}
+
+
+def _max_active_clusters(device_index: int, kernel: str, cluster: int) -> int | None:
+    """Clusters of `cluster` decode CTAs (bf16, d = 576: the largest shared memory) resident at once on the GPU;
+    None while a CUDA graph is being captured and the value is not known yet (loading a module there is not safe)."""
+    key = (device_index, kernel, cluster)
+    n = _MAX_CLUSTERS.get(key)
+    if n is None and not torch.cuda.is_current_stream_capturing():
+        if kernel.startswith("overlap"):
+            spec, smem = overlap_spec(torch.bfloat16, 576, cluster), overlap_smem_bytes(576)
+        else:
+            spec, smem = decode_spec(torch.bfloat16, 576, False, cluster), decode_smem_bytes(576)
+        with torch.cuda.device(device_index):
+            n = _MAX_CLUSTERS[key] = get_kernel(spec, _DECODE_SIG).max_active_clusters(cluster, 384, smem)
+    return n
 
 
 def _check_block_table_enabled() -> bool:
@@ -152,11 +159,13 @@ def get_mla_metadata_cuda(cache_seqlens, num_q_tokens_per_head_k: int, num_heads
     dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
     parts = num_sm_parts or num_sm_parts_for(_num_sms(dev_index), num_q_tokens_per_head_k, num_heads_k)
     cluster = decode_cluster_for(num_q_tokens_per_head_k)
-    if not num_sm_parts and cluster > 1:
-        # GPCs place clusters whole: no more parts than clusters of the decode kernel fit at once (else a tail wave).
+    fit = _max_active_clusters(dev_index, decode_kernel_for(num_q_tokens_per_head_k), cluster) \
+        if not num_sm_parts and cluster > 1 else None
+    if fit is not None:
+        # GPCs place clusters whole: no more parts than clusters of the decode kernel fit at once (else a tail wave;
+        # a first call inside CUDA-graph capture skips this, correct either way).
         per_part = num_heads_k * ((num_q_tokens_per_head_k + 63) // 64) // cluster
-        parts = max(1, min(parts, _max_active_clusters(dev_index, decode_kernel_for(num_q_tokens_per_head_k),
-                                                       cluster) // per_part))
+        parts = max(1, min(parts, fit // per_part))
     b = cache_seqlens.shape[0]
     sched = torch.empty(parts, SCHED_INTS, dtype=torch.int32, device=dev)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
