@@ -58,6 +58,35 @@ def _slots(lengths: np.ndarray) -> np.ndarray:
     return starts
 
 
+def _adjacent_runs(shards, offsets, lengths, starts, files, which):
+    """Runs of batch positions whose samples follow each other both in one shard and in the batch buffer, within
+    one storage chunk (a read across chunks leaves the native path): (first position of every run, bytes of
+    every run), or None when no two samples are adjacent (a shuffled batch, the common case). Sequential
+    readers (a SequentialSampler, DeepstackIterableDataset's groups) then read a chunk in one request instead of
+    one per sample."""
+    n = len(offsets)
+    if n < 2:
+        return None
+    ends = offsets + lengths
+    adj = (offsets[1:] == ends[:-1]) & (starts[1:] == starts[:-1] + lengths[:-1]) & (lengths[1:] > 0) & \
+        (lengths[:-1] > 0)
+    if len(files) > 1:
+        adj &= shards[1:] == shards[:-1]
+    if not adj.any():
+        return None
+    chunk = np.array([getattr(f, "_inode", {}).get("chunk_size", 0) for f in files], np.int64)
+    cs = chunk[0] if which is None else chunk[which]
+    if (chunk <= 0).any():
+        return None
+    cs_next = cs if which is None else cs[1:]
+    cs_prev = cs if which is None else cs[:-1]
+    adj &= (ends[1:] - 1) // cs_next == offsets[:-1] // cs_prev  # the next sample ends in this one's chunk
+    if not adj.any():
+        return None
+    first = np.flatnonzero(np.concatenate(([True], ~adj)))
+    return first, np.add.reduceat(lengths, first)
+
+
 def _in_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
 
@@ -224,8 +253,14 @@ class DeepstackDataset(torch.utils.data.Dataset):
         else:
             used, which = np.unique(shards, return_inverse=True)
             files = [self._file(int(s)) for s in used.tolist()]
+        offsets = self._offset[idx]
+        runs = _adjacent_runs(shards, offsets, lengths, starts, files, which)
+        if runs is not None:  # adjacent samples (in the shard and in the buffer) go as one larger read
+            pending.runs, pending.run_lengths = runs
+            offsets, lengths, starts = offsets[runs[0]], runs[1], starts[runs[0]]
+            which = None if which is None else which[runs[0]]
         fs = self._handle.get()
-        args = (files, self._offset[idx], lengths, buf, starts + base)
+        args = (files, offsets, lengths, buf, starts + base)
         # checksums: the read's own block checks give page-aligned samples' CRC32Cs without a second pass
         if wait:
             pending._result = fs.read_array(*args, which=which, timeout=self.timeout, checksums=self.verify)
@@ -247,19 +282,28 @@ class DeepstackDataset(torch.utils.data.Dataset):
             except Exception as e:  # noqa: BLE001 - the whole batch failed
                 raise SampleReadError(f"batched read of {len(idx)} samples from {self.path} on {fs.uri} failed: "
                                       f"{type(e).__name__}: {e}") from e
+        first = p.runs if p.runs is not None else np.arange(len(idx))  # each request's first sample
+        want = p.run_lengths if p.runs is not None else lengths
         if res.errors:
             k = min(res.errors)
             err = res.errors[k]
-            raise SampleReadError(f"reading sample {int(idx[k])} of {self.path} on {fs.uri} failed: "
+            what = (f"sample {int(idx[first[k]])}" if p.runs is None else
+                    f"samples {int(idx[first[k]])}.. (one read of {int(want[k])} bytes)")
+            raise SampleReadError(f"reading {what} of {self.path} on {fs.uri} failed: "
                                   f"{type(err).__name__}: {err}") from err
-        short = np.flatnonzero(res.nbytes != lengths)
+        short = np.flatnonzero(res.nbytes != want)
         if short.size:
             k = int(short[0])
-            raise SampleReadError(f"sample {int(idx[k])} of {self.path}: got {int(res.nbytes[k])} of "
-                                  f"{int(lengths[k])} bytes (shard truncated)")
+            raise SampleReadError(f"sample {int(idx[first[k]])} of {self.path}: got {int(res.nbytes[k])} of "
+                                  f"{int(want[k])} bytes (shard truncated)")
         data = p.data
         if self.verify and len(idx):
             known = res.crc32c  # from storage's block checks (page-aligned samples), -1 where not given
+            if known is not None and p.runs is not None:  # a request's CRC is a sample's only for runs of one
+                per = np.full(len(idx), -1, np.int64)
+                single = np.flatnonzero(np.diff(np.append(first, len(idx))) == 1)
+                per[first[single]] = known[single]
+                known = per
             todo = np.arange(len(idx)) if known is None else np.flatnonzero(known < 0)
             got = np.empty(len(idx), np.int64)
             if known is not None:
@@ -329,6 +373,7 @@ class PendingBatch:
     def __init__(self, ds: DeepstackDataset, idx, lengths, starts, data, contiguous: bool):
         self.ds, self.idx, self.lengths, self.starts = ds, idx, lengths, starts
         self.data, self.contiguous = data, contiguous
+        self.runs = self.run_lengths = None  # coalesced reads: each request's first sample and byte count
         self._result = None
         self._future = None
 
@@ -356,8 +401,9 @@ class DeepstackIterableDataset(torch.utils.data.IterableDataset):
     """Streams every sample of a pack once per epoch, sharded over ranks and DataLoader workers.
 
     Each of the rank*num_workers shards takes a contiguous range of samples and reads it in groups of
-    consecutive samples of about `read_bytes`, one batched read per group. shuffle=True shuffles the order of those requests (and the samples inside
-    each) from `seed` + epoch; call `set_epoch(e)` every epoch. Yields what DeepstackDataset would."""
+    consecutive samples of about `read_bytes`, one batched read per group (in shard order, so adjacent samples
+    coalesce into chunk-sized reads). shuffle=True shuffles the order of the groups and of the samples yielded
+    from each, from `seed` + epoch; call `set_epoch(e)` every epoch. Yields what DeepstackDataset would."""
 
     def __init__(self, fs: storage.FileSystem | str, path: str, *, shuffle: bool = False, seed: int = 0,
                  read_bytes: int = 8 << 20, transform: Callable[[Any], Any] | None = None, verify: bool = True,
@@ -405,5 +451,8 @@ class DeepstackIterableDataset(torch.utils.data.IterableDataset):
             order = np.arange(a, b)
             if rng is not None:
                 rng.shuffle(order)
-            for s in ds.__getitems__(order.tolist()):
+            # read the group in shard order (adjacent samples coalesce into chunk-sized reads), yield it shuffled
+            samples = ds.__getitems__(list(range(a, b)))
+            for j in (order - a).tolist():
+                s = samples[j]
                 yield s if self.transform is None else self.transform(s)
