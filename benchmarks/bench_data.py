@@ -285,6 +285,8 @@ def loader_rows(args, table: BenchTable, summary: dict) -> None:
                     r = _run_reader(name, p, n, size, batch, g, common, args)
                     runs.setdefault(key, []).append(r)
                     first_ids[name] = list(FIRST_IDS)
+                    print(f"  round {rep}, {key[1]} workers: {name} {r:.0f} samples/s (fio {fio_now:.0f}), load "
+                          f"{os.getloadavg()[0]:.2f}", flush=True)
                     if fio_now and name in ("prefetch", "deepstack"):
                         pairs.setdefault(key, []).append(r / fio_now)
                 # both DataLoaders of a round read the same samples in the same shuffled order
