@@ -74,6 +74,19 @@ def draw_offsets(nblocks, qd, seconds):
     return np.random.default_rng(1234).integers(0, nblocks, (int(seconds * 400_000) // qd + 2, qd))
 
 
+LAST_IOS = [0]  # reads of the latest bench_reads / bench_reads_array run (for the device-bytes check)
+
+
+def device_read_bytes(path: str) -> int | None:
+    """Bytes read so far from the block device holding `path` (/sys/dev/block/MAJ:MIN/stat), or None."""
+    try:
+        st_dev = os.stat(path).st_dev
+        with open(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}/stat") as f:
+            return int(f.read().split()[2]) * 512
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def bench_reads(fs, path, size, bs, qd, seconds):
     """qd (file, offset, length, buffer) requests per `batch_read` call, built per call as a user's loop
     would; the offsets are drawn up front (as for read_array below: drawing them with `random` in the loop
@@ -95,7 +108,8 @@ def bench_reads(fs, path, size, bs, qd, seconds):
                 raise r.error
         dt = time.perf_counter() - t0
         if dt >= seconds:
-            return ios / dt
+            break
+    LAST_IOS[0] = ios
     return ios / (time.perf_counter() - t0)
 
 
@@ -116,7 +130,8 @@ def bench_reads_array(fs, path, size, bs, qd, seconds):
         ios += qd
         dt = time.perf_counter() - t0
         if dt >= seconds:
-            return ios / dt
+            break
+    LAST_IOS[0] = ios
     return ios / (time.perf_counter() - t0)
 
 
@@ -245,6 +260,7 @@ def main(argv=None) -> int:
                 for qd in qds:
                     secs = max(1, round(args.seconds))
                     runs = {k: [] for k in ("fio", "fio_stream", "embedded", "array", "cluster", "cluster_rpc")}
+                    disk_share = {"embedded": [], "array": []}  # device bytes / bytes our run read
                     ours = [("embedded", bench_reads, emb), ("array", bench_reads_array, emb),
                             ("cluster", bench_reads, cfs), ("cluster_rpc", bench_reads, rpc_fs)]
                     # Interleaved rounds: fio first in each (its batched mode is the reference every ratio is
@@ -257,8 +273,13 @@ def main(argv=None) -> int:
                             runs["fio_stream"].append(fio_reads(files, bs, qd, secs, batched=False))
                         k = rnd % len(ours)
                         for name, fn, fsys in ours[k:] + ours[:k]:
+                            d0 = device_read_bytes(base)
                             runs[name].append(fn(fsys, "/data.bin", args.size, bs, qd, args.seconds))
-                    row = {"bs": bs, "qd": qd, "runs": runs,
+                            d1 = device_read_bytes(base)
+                            if name in ("embedded", "array") and d0 is not None and d1 is not None:
+                                # the disk must have served what was read (no cache anywhere on our side)
+                                disk_share[name].append((d1 - d0) / (LAST_IOS[0] * bs))
+                    row = {"bs": bs, "qd": qd, "runs": runs, "disk_share": disk_share,
                            **{k: (float(np.median(v)) if v else None) for k, v in runs.items()}}
                     if runs["fio"]:  # each run of ours against the fio run that opened its round
                         row["paired_array"] = float(np.median(np.array(runs["array"]) / np.array(runs["fio"])))
@@ -338,7 +359,9 @@ def fmt_row(r):
     ratio = f"{r['embedded'] / r['fio']:.2f}" if r["fio"] else "n/a"
     stream = f"{r['fio_stream']:.0f}" if r.get("fio_stream") else "n/a"
     aratio = f"{r['array'] / r['fio']:.2f}" if r["fio"] and r.get("array") else "n/a"
-    return (f"bs={r['bs'] >> 10:5d}K qd={r['qd']:2d}  fio {fio} (full queue {stream})  embedded {r['embedded']:9.0f} ({ratio} of fio)  "
+    share = [v for k in ("embedded", "array") for v in r.get("disk_share", {}).get(k, [])]
+    disk = f"  disk served {min(share):.2f}-{max(share):.2f} of our bytes" if share else ""
+    return (f"bs={r['bs'] >> 10:5d}K qd={r['qd']:2d}{disk}  fio {fio} (full queue {stream})  embedded {r['embedded']:9.0f} ({ratio} of fio)  "
             f"read_array {r.get('array', 0):9.0f} ({aratio})  cluster {r['cluster']:9.0f} ({r['cluster'] / r['embedded']:.2f} of embedded)  "
             f"cluster rpc-only {r.get('cluster_rpc', 0):9.0f} ({r.get('cluster_rpc', 0) / r['embedded']:.2f})  IOPS")
 
