@@ -33,13 +33,12 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool, cluster: int = 1) -> Kern
 
 
 # bf16/fp16 caches: mla_decode.cuh ("general") or mla_decode_overlap.cuh ("overlap": WG1's P V half queued behind
-# WG0's next Q K^T, so the softmax no longer idles the tensor cores). "auto" takes the overlap kernel for more than
-# _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md), the general kernel as row-block
-# pairs for 65.._OVERLAP_MIN_ROWS rows (5-7% faster than two independent CTAs, H200 2026-11-29 21:07 UTC), else the
-# general kernel; the others force one kernel
-# (benchmarks and tests compare them). "general_pair" / "overlap_pair": the same kernels launched as clusters of
-# _PAIR_CLUSTER row-block CTAs that load each page once and multicast it (mla_decode.cuh); used when the number of
-# 64-row blocks is a multiple of the cluster size, else the plain kernel.
+# WG0's next Q K^T, so the softmax no longer idles the tensor cores). "general_pair" / "overlap_pair": the same
+# kernels launched as clusters of _PAIR_CLUSTER row-block CTAs that load each page once and multicast it; used when
+# the number of 64-row blocks is a multiple of the cluster size, else the plain kernel. "auto" takes the overlap
+# kernel for more than _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md), general_pair
+# for 65.._OVERLAP_MIN_ROWS rows (5-7% faster than two independent CTAs, H200 2026-11-29 21:07 UTC), else the
+# general kernel; the other names force one kernel (benchmarks and tests compare them).
 _DECODE_KERNELS = ("general", "overlap", "general_pair", "overlap_pair")
 _DECODE_KERNEL = "auto"
 _OVERLAP_MIN_ROWS = 128
