@@ -947,9 +947,9 @@ class FileSystem:
                 raise InvalidArgument(f"{name}: expected a 1-D array of {n} entries (one per request), got shape "
                                       f"{tuple(a.shape)}")
             req[:, col] = a
-        if out_offsets is None:  # back to back
-            np.cumsum(req[:, 1], out=req[:, 2])
-            req[:, 2] -= req[:, 1]
+        if out_offsets is None and n > 0:  # back to back: an exclusive scan of the lengths
+            req[0, 2] = 0
+            req[:-1, 1].cumsum(out=req[1:, 2])
         if which is None:
             req[:, 4] = 0
         mv = writable_bytes(out)
