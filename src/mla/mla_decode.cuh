@@ -206,6 +206,34 @@ __device__ __forceinline__ void mask_scale_max(float (&s)[32], int tok0, int lim
   }
 }
 
+// Scores (log2 units) -> probabilities exp2(s - base) in place, added to the row sums l0 / l1 after rescaling them by
+// sc0 / sc1, and packed as the A operand of the m64n256k16 P V wgmma (rows g / g + 8, k = 2t, 2t + 1 / 2t + 8, 2t + 9
+// of each 16-token step).
+template <typename T>
+__device__ __forceinline__ void exp_sum_pack(float (&s)[32], float base0, float base1, float sc0, float sc1,
+                                             float& l0, float& l1, uint32_t (&pa)[4][4]) {
+  float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[4 * j + e] = exp2f(s[4 * j + e] - base0);
+      s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base1);
+      sum0 += s[4 * j + e];
+      sum1 += s[4 * j + 2 + e];
+    }
+  }
+  l0 = l0 * sc0 + sum0;
+  l1 = l1 * sc1 + sum1;
+#pragma unroll
+  for (int kb = 0; kb < 4; ++kb) {
+    pa[kb][0] = pack2<T>(s[8 * kb + 0], s[8 * kb + 1]);
+    pa[kb][1] = pack2<T>(s[8 * kb + 2], s[8 * kb + 3]);
+    pa[kb][2] = pack2<T>(s[8 * kb + 4], s[8 * kb + 5]);
+    pa[kb][3] = pack2<T>(s[8 * kb + 6], s[8 * kb + 7]);
+  }
+}
+
 // ---- the end of a request, shared by the decode kernels' two consumer warpgroups (256 threads) ----
 // WG0 sums its rows' softmax denominators over the quad, writes lse (the request computed by one part) or
 // lse_accum (a split request's partial) and 1 / sum into sFinal; after named barrier kBarFinal both warpgroups write
@@ -503,27 +531,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         const float sc0 = exp2f(m0 - base0), sc1 = exp2f(m1 - base1);
         m0 = mx0;
         m1 = mx1;
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            s[4 * j + e] = exp2f(s[4 * j + e] - base0);
-            s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base1);
-            sum0 += s[4 * j + e];
-            sum1 += s[4 * j + 2 + e];
-          }
-        }
-        l0 = l0 * sc0 + sum0;
-        l1 = l1 * sc1 + sum1;
         uint32_t pa[4][4];
-#pragma unroll
-        for (int kb = 0; kb < 4; ++kb) {
-          pa[kb][0] = pack2<T>(s[8 * kb + 0], s[8 * kb + 1]);
-          pa[kb][1] = pack2<T>(s[8 * kb + 2], s[8 * kb + 3]);
-          pa[kb][2] = pack2<T>(s[8 * kb + 4], s[8 * kb + 5]);
-          pa[kb][3] = pack2<T>(s[8 * kb + 6], s[8 * kb + 7]);
-        }
+        exp_sum_pack<T>(s, base0, base1, sc0, sc1, l0, l1, pa);
         if (!first_tile) sm90::bar_sync(2, 256);   // WG1 is done reading the previous P and scales
         first_tile = false;
         if (t == 0) {

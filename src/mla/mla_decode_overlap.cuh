@@ -248,28 +248,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
         if (sc0 != 1.f) m0 = mx0;
         if (sc1 != 1.f) m1 = mx1;
         const float base0 = m0 == -kInf ? 0.f : m0, base1 = m1 == -kInf ? 0.f : m1;
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            s[4 * j + e] = exp2f(s[4 * j + e] - base0);
-            s[4 * j + 2 + e] = exp2f(s[4 * j + 2 + e] - base1);
-            sum0 += s[4 * j + e];
-            sum1 += s[4 * j + 2 + e];
-          }
-        }
-        l0 = l0 * sc0 + sum0;
-        l1 = l1 * sc1 + sum1;
-        // P as the A operand of m64n256k16 (rows g / g + 8, k = 2t, 2t + 1 / 2t + 8, 2t + 9 of each 16-token step).
         uint32_t pa[4][4];
-#pragma unroll
-        for (int kb = 0; kb < 4; ++kb) {
-          pa[kb][0] = pack2<T>(s[8 * kb + 0], s[8 * kb + 1]);
-          pa[kb][1] = pack2<T>(s[8 * kb + 2], s[8 * kb + 3]);
-          pa[kb][2] = pack2<T>(s[8 * kb + 4], s[8 * kb + 5]);
-          pa[kb][3] = pack2<T>(s[8 * kb + 6], s[8 * kb + 7]);
-        }
+        exp_sum_pack<T>(s, base0, base1, sc0, sc1, l0, l1, pa);
         rescale_rows(o, sc0, sc1);
         sm90::fence_regs(o);                       // keep the rescale before the fence (else ptxas adds one)
         sm90::wgmma_fence();
