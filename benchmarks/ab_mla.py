@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_mla  # noqa: E402
 
 from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache  # noqa: E402
+from torch_deepstack.testing.bench import bench_gpu  # noqa: E402
 
 _real_get_kernel = kernels.get_kernel
 _state = {"defines": (), "combine": True}
@@ -82,31 +82,6 @@ def parse_variant(text: str) -> tuple[str, tuple]:
     return kernel, tuple(out)
 
 
-_read_buf: torch.Tensor | None = None
-
-
-def time_clean(fn, reps: int) -> float:
-    """Median µs of fn replayed from a CUDA graph, the L2 flushed by reading 256 MB before each replay."""
-    global _read_buf
-    if _read_buf is None:
-        _read_buf = torch.ones(64 * 1024 * 1024, device="cuda")
-    fn()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        _read_buf.sum()
-        s.record()
-        g.replay()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
-
-
 def run(configs, variants, flushes, reps, rounds, no_combine):
     kernels.get_kernel = _get_kernel
     modes = [True, False] if no_combine else [True]
@@ -125,7 +100,8 @@ def run(configs, variants, flushes, reps, rounds, no_combine):
                     for comb in modes:
                         _state["combine"] = comb
                         for fl in flushes:
-                            t = time_clean(fn, reps) if fl == "clean" else bench_mla.time_graph(fn, reps)
+                            t = bench_gpu(fn, warmup=1, rep=reps, flush="read" if fl == "clean" else "write",
+                                          use_graph=True) * 1e3
                             key = f"{v} {fl}" + ("" if comb else " nocombine")
                             best[key] = min(best.get(key, math.inf), t)
             nbytes = int(seq.sum()) * bench_mla.D * 2 + b * s_q * h_q * (bench_mla.D + bench_mla.DV) * 2

@@ -23,15 +23,24 @@ _L2_FLUSH_BYTES = 256 * 1024 * 1024
 _flush_buf: torch.Tensor | None = None
 
 
-def flush_l2() -> None:
+def flush_l2(kind: str = "write") -> None:
+    """Evict L2 with a 256 MB pass: "write" (the default method) leaves it full of dirty lines that the timed call
+    may have to write back; "read" leaves it clean (to see what that write-back costs)."""
     global _flush_buf
     if _flush_buf is None:
         _flush_buf = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    _flush_buf.zero_()
+    if kind == "write":
+        _flush_buf.zero_()
+    elif kind == "read":
+        _flush_buf.view(torch.float32).sum()
+    else:
+        raise ValueError(f"flush_l2: kind must be 'write' or 'read', got {kind!r}")
 
 
-def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool = True, use_graph: bool = False) -> float:
-    """Median milliseconds of `fn()` on the current CUDA stream."""
+def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use_graph: bool = False) -> float:
+    """Median milliseconds of `fn()` on the current CUDA stream. flush: True (= "write"), "read" or False, see
+    flush_l2."""
+    flush_kind = "write" if flush is True else flush
     for _ in range(warmup):
         fn()
     call = fn
@@ -45,8 +54,8 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool = True, use_graph
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     for s, e in zip(starts, ends):
-        if flush:
-            flush_l2()
+        if flush_kind:
+            flush_l2(flush_kind)
         s.record()
         call()
         e.record()
