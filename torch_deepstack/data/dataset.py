@@ -74,7 +74,7 @@ def _adjacent_runs(shards, offsets, lengths, starts, files, which):
         adj &= shards[1:] == shards[:-1]
     if not adj.any():
         return None
-    chunk = np.array([getattr(f, "_inode", {}).get("chunk_size", 0) for f in files], np.int64)
+    chunk = np.array([f.chunk_size for f in files], np.int64)
     cs = chunk[0] if which is None else chunk[which]
     if (chunk <= 0).any():
         return None
