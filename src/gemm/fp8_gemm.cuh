@@ -215,7 +215,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   uint32_t* epi_stage = reinterpret_cast<uint32_t*>(empty + kStages);
 
   const int tid = threadIdx.x;
-  const int wg = tid / 128;
+  // Warpgroup index through a shuffle: ptxas then knows it is warp-uniform and keeps the wgmma descriptors (which
+  // depend on it) in uniform registers instead of rebuilding each from vector registers with R2UR per wgmma.
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   if (tid == kMathThreads) {
     sm90::prefetch_tensor_map(&tmap_a);
     sm90::prefetch_tensor_map(&tmap_b);
