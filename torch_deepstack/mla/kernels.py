@@ -39,7 +39,9 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool, cluster: int = 1) -> Kern
 # kernel for more than _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md), general_pair
 # for 65.._OVERLAP_MIN_ROWS rows (5-7% faster than two independent CTAs, H200 2026-11-29 21:07 UTC), else the
 # general kernel; the other names force one kernel (benchmarks and tests compare them).
-_DECODE_KERNELS = ("general", "overlap", "general_pair", "overlap_pair")
+# "seesaw" / "seesaw_pair" (mla_decode_seesaw.cuh): both consumer warpgroups compute S and softmax, for alternate
+# tiles, so each softmax hides under the other warpgroup's tensor work.
+_DECODE_KERNELS = ("general", "overlap", "general_pair", "overlap_pair", "seesaw", "seesaw_pair")
 _DECODE_KERNEL = "auto"
 _OVERLAP_MIN_ROWS = 128
 _PAIR_CLUSTER = 2   # the kernels take pairs only (clusters of 4 measured slower: docs/mla.md)
@@ -54,6 +56,18 @@ def overlap_smem_bytes(d: int) -> int:
     """Mirror of OverlapLayout<d>::kAlloc."""
     chunks = d // 64
     return 3 * chunks * _CHUNK_BYTES + _CHUNK_BYTES + 2 * 64 * 4 + (2 * chunks + 4) * 8 + 1024
+
+
+def seesaw_spec(dtype: torch.dtype, d: int, cluster: int = 1) -> KernelSpec:
+    return KernelSpec("mla/mla_decode_seesaw.cuh", "deepstack::mla::mla_decode_seesaw_kernel",
+                      (_CTYPE[dtype], d) + ((cluster,) if cluster > 1 else ()))
+
+
+def seesaw_smem_bytes(d: int) -> int:
+    """Mirror of SeesawLayout<d>::kAlloc (d = 576 keeps each P tile in its stage's rope chunk)."""
+    chunks = d // 64
+    p_bufs = 0 if chunks == 9 else 2 * _CHUNK_BYTES
+    return 3 * chunks * _CHUNK_BYTES + p_bufs + 5 * 64 * 4 + 256 * 4 + (2 * chunks + 4) * 8 + 1024
 
 
 def decode_kernel_for(rows: int) -> str:
@@ -79,6 +93,8 @@ def bf16_decode_spec(dtype: torch.dtype, d: int, rows: int) -> tuple[KernelSpec,
     cluster = decode_cluster_for(rows)
     if decode_kernel_for(rows).startswith("overlap"):
         return overlap_spec(dtype, d, cluster), overlap_smem_bytes(d), cluster
+    if decode_kernel_for(rows).startswith("seesaw"):
+        return seesaw_spec(dtype, d, cluster), seesaw_smem_bytes(d), cluster
     return decode_spec(dtype, d, False, cluster), decode_smem_bytes(d), cluster
 
 
@@ -115,7 +131,8 @@ def _prebuild():
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
                   for spec in (lambda t, dd: decode_spec(t, dd, False), overlap_spec,
-                               lambda t, dd: decode_spec(t, dd, False, _PAIR_CLUSTER))]
+                               lambda t, dd: decode_spec(t, dd, False, _PAIR_CLUSTER), seesaw_spec,
+                               lambda t, dd: seesaw_spec(t, dd, _PAIR_CLUSTER))]
     return specs
 
 
