@@ -35,10 +35,11 @@ def decode_spec(dtype: torch.dtype, d: int, fp8: bool, cluster: int = 1) -> Kern
 # bf16/fp16 caches: mla_decode.cuh ("general") or mla_decode_overlap.cuh ("overlap": WG1's P V half queued behind
 # WG0's next Q K^T, so the softmax no longer idles the tensor cores). "general_pair" / "overlap_pair": the same
 # kernels launched as clusters of _PAIR_CLUSTER row-block CTAs that load each page once and multicast it; used when
-# the number of 64-row blocks is a multiple of the cluster size, else the plain kernel. "auto" takes the overlap
-# kernel for more than _OVERLAP_MIN_ROWS q rows per KV head (measured faster only there: docs/mla.md), general_pair
-# for 65.._OVERLAP_MIN_ROWS rows (5-7% faster than two independent CTAs, H200 2026-11-29 21:07 UTC), else the
-# general kernel; the other names force one kernel (benchmarks and tests compare them).
+# the number of 64-row blocks is a multiple of the cluster size, else the plain kernel. "auto" takes seesaw_pair for
+# more than 64 q rows per KV head in an even number of 64-row blocks (H200 2026-11-29 22:53 UTC: 5-9% faster than
+# the overlap kernel at 256 rows and general_pair at 128), else the overlap kernel for more than _OVERLAP_MIN_ROWS
+# rows (an odd number of blocks, not paired), else the general kernel; the other names force one kernel
+# (benchmarks and tests compare them).
 # "seesaw" / "seesaw_pair" (mla_decode_seesaw.cuh): both consumer warpgroups compute S and softmax, for alternate
 # tiles, so each softmax hides under the other warpgroup's tensor work.
 _DECODE_KERNELS = ("general", "overlap", "general_pair", "overlap_pair", "seesaw", "seesaw_pair")
@@ -73,7 +74,9 @@ def seesaw_smem_bytes(d: int) -> int:
 def decode_kernel_for(rows: int) -> str:
     """'general' or 'overlap': the bf16/fp16 decode kernel for this many q rows per KV head."""
     if _DECODE_KERNEL == "auto":
-        return "overlap" if rows > _OVERLAP_MIN_ROWS else "general_pair" if rows > 64 else "general"
+        if rows > 64 and (rows + 63) // 64 % _PAIR_CLUSTER == 0:
+            return "seesaw_pair"   # 5-9% faster than overlap / general_pair at 128 and 256 rows (H200, docs/mla.md)
+        return "overlap" if rows > _OVERLAP_MIN_ROWS else "general"
     if _DECODE_KERNEL not in _DECODE_KERNELS:
         raise ValueError(f"_DECODE_KERNEL must be 'auto' or one of {_DECODE_KERNELS}, got {_DECODE_KERNEL!r}")
     return _DECODE_KERNEL
