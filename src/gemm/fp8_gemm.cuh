@@ -49,8 +49,11 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void*
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
                ::"l"(reinterpret_cast<uint64_t>(map)), "r"(sm90::smem_addr(src)), "r"(c0), "r"(c1) : "memory");
 }
-__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+// Four 8x8 bf16 matrices from the mma fragment layout (register i: row lane / 4, columns 2 (lane % 4) + {0, 1} of
+// matrix i) to the rows whose addresses lanes 8i..8i+7 give.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
+               ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // Wait until the committed stores have finished reading shared memory (the buffer may be rewritten)...
@@ -456,16 +459,20 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           if (lane == 0) tma_store_wait_read();
           __syncwarp();
           if (whole) {
-            // Rows r0 = lane / 4 and r0 + 8 (128 B each, both with swizzle phase r0): the 16-byte chunk c of a row
-            // sits at chunk c ^ r0. buf is 1024-byte aligned, so the address of chunk c is x ^ (c << 4) with x that
-            // of chunk 0: one base register, not one per chunk.
-            const int r0 = lane / 4;
-            const uint32_t x = sm90::smem_addr(buf) + r0 * 128 + (r0 << 4) + (lane % 4) * 4;
+            // stmatrix (8 per 128 columns instead of 32 4-byte stores; H200 +0-2.5% at M = 4096): per pair of
+            // 8-column blocks (j, j + 1) one x4 store of the matrices (rows 0-7, j), (8-15, j), (0-7, j + 1),
+            // (8-15, j + 1); lane l gives row l % 8 (+ 8 for odd l / 8) of matrix l / 8. Row r's 16-byte chunk c sits
+            // at chunk c ^ (r % 8) of its 128-byte box row (128-byte swizzle); buf is 1024-byte aligned and j even,
+            // so the address is one per-lane base XOR (j % 8) << 4.
+            const int rr = lane % 8, mi = lane / 8;
+            const uint32_t z = (sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * 128 + (rr << 4)) ^ ((mi / 2) << 4);
 #pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-              const uint32_t addr = (x + (j / 8) * 2048) ^ ((j % 8) << 4);
-              st_shared_u32(addr, pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]));
-              st_shared_u32(addr + 8 * 128, pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]));
+            for (int j = 0; j < kBlockN / 8; j += 2) {
+              stmatrix_x4((z + (j / 8) * 2048) ^ ((j % 8) << 4),
+                          pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]),
+                          pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]),
+                          pack2<__nv_bfloat16>(fin[j * 4 + 4], fin[j * 4 + 5]),
+                          pack2<__nv_bfloat16>(fin[j * 4 + 6], fin[j * 4 + 7]));
             }
             sm90::fence_proxy_async();               // generic-proxy writes visible to the TMA (async proxy)
             __syncwarp();
