@@ -12,6 +12,7 @@ block size, queue depth and random pattern). Our side reads the file through the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -90,18 +91,21 @@ def device_read_bytes(path: str) -> int | None:
 def bench_reads(fs, path, size, bs, qd, seconds):
     """qd (file, offset, length, buffer) requests per `batch_read` call, built per call as a user's loop
     would; the offsets are drawn up front (as for read_array below: drawing them with `random` in the loop
-    had cost ~0.3 us per request of the benchmark's own time)."""
+    had cost ~0.3 us per request of the benchmark's own time) and kept as a numpy array, one row turned into
+    ints per call: as one Python list of lists (up to 800k lists) they made every full garbage collection in
+    the timed loop walk them (~0.1 s each with torch imported: up to a tenth of a 1 s run, at random)."""
     f = fs.open(path)
     buf = aligned(qd * bs).reshape(qd, bs)
     rows = [buf[i] for i in range(qd)]
     nblocks = size // bs
-    offsets = (draw_offsets(nblocks, qd, seconds) * bs).tolist()
+    offsets = draw_offsets(nblocks, qd, seconds) * bs
     # warm-up batch (opens files, fills fd cache)
-    fs.batch_read([(f, off, bs, b) for off, b in zip(offsets[-1], rows)])
+    fs.batch_read([(f, off, bs, b) for off, b in zip(offsets[-1].tolist(), rows)])
+    gc.collect()  # setup's garbage is not the timed loop's to collect (timeit disables the collector outright)
     ios = 0
     t0 = time.perf_counter()
     for batch in offsets:
-        res = fs.batch_read([(f, off, bs, b) for off, b in zip(batch, rows)])
+        res = fs.batch_read([(f, off, bs, b) for off, b in zip(batch.tolist(), rows)])
         ios += qd
         for r in res:
             if r.error is not None:
@@ -123,6 +127,7 @@ def bench_reads_array(fs, path, size, bs, qd, seconds):
     lengths = np.full(qd, bs, np.int64)
     dests = np.arange(qd, dtype=np.int64) * bs
     fs.read_array(f, offsets[-1], lengths, buf, dests).raise_first()
+    gc.collect()
     ios = 0
     t0 = time.perf_counter()
     for row in offsets:

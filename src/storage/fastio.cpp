@@ -13,6 +13,7 @@
 #include <linux/aio_abi.h>
 #include <linux/io_uring.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -296,20 +297,24 @@ struct ds_ring {
     void* cq_ptr;
     size_t sq_sz, cq_sz, sqes_sz;
     unsigned entries;
+    int defer;  // IORING_SETUP_DEFER_TASKRUN: completions are posted only while this thread is in io_uring_enter
+    struct ds_ring* sleeper;  // the DEFER_TASKRUN companion of a plain ring, or nullptr (see ds_ring_setup)
 };
 
-uint64_t ds_ring_setup(unsigned entries) {
+static ds_ring* ring_open(unsigned entries, unsigned flags) {
     struct io_uring_params p;
     memset(&p, 0, sizeof(p));
+    p.flags = flags;
     int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
-    if (fd < 0) return 0;
+    if (fd < 0) return nullptr;
     ds_ring* r = (ds_ring*)calloc(1, sizeof(ds_ring));
     if (!r) {
         close(fd);
-        return 0;
+        return nullptr;
     }
     r->fd = fd;
     r->entries = p.sq_entries;
+    r->defer = (p.flags & IORING_SETUP_DEFER_TASKRUN) ? 1 : 0;
     r->sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
     r->cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
     bool single = p.features & IORING_FEAT_SINGLE_MMAP;
@@ -324,7 +329,7 @@ uint64_t ds_ring_setup(unsigned entries) {
     if (r->sq_ptr == MAP_FAILED || r->cq_ptr == MAP_FAILED || r->sqes == MAP_FAILED) {
         close(fd);
         free(r);
-        return 0;
+        return nullptr;
     }
     char* sq = (char*)r->sq_ptr;
     char* cq = (char*)r->cq_ptr;
@@ -336,11 +341,10 @@ uint64_t ds_ring_setup(unsigned entries) {
     r->cq_tail = (unsigned*)(cq + p.cq_off.tail);
     r->cq_mask = (unsigned*)(cq + p.cq_off.ring_mask);
     r->cqes = (struct io_uring_cqe*)(cq + p.cq_off.cqes);
-    return (uint64_t)r;
+    return r;
 }
 
-void ds_ring_destroy(uint64_t h) {
-    ds_ring* r = (ds_ring*)h;
+static void ring_close(ds_ring* r) {
     munmap(r->sqes, r->sqes_sz);
     if (r->cq_ptr != r->sq_ptr) munmap(r->cq_ptr, r->cq_sz);
     munmap(r->sq_ptr, r->sq_sz);
@@ -348,9 +352,33 @@ void ds_ring_destroy(uint64_t h) {
     free(r);
 }
 
-static int ring_enter(ds_ring* r, unsigned submit, unsigned wait) {
+// A thread's rings (fastio.uring: one pair per thread). The handle is a plain ring, whose completions the kernel
+// posts from interrupts: a thread polling for a batch sees them in user space at once. Its companion `sleeper`
+// is made with IORING_SETUP_DEFER_TASKRUN (+ SINGLE_ISSUER: only this thread uses it), as fio makes its ring:
+// completions are posted only while the thread is inside io_uring_enter, so a thread sleeping for k reads is
+// woken once, when all k are in; on the plain ring every completion wakes the sleeper to post it. Batches that
+// poll go to the plain ring, batches that sleep to the sleeper (see wait_begin). Kernels before 6.1 refuse the
+// flags: then every batch uses the plain ring. DEEPSTACK_URING_DEFER=0 also does that.
+uint64_t ds_ring_setup(unsigned entries) {
+    ds_ring* r = ring_open(entries, 0);
+    if (!r) return 0;
+    const char* env = getenv("DEEPSTACK_URING_DEFER");
+    if (!(env && env[0] == '0'))
+        r->sleeper = ring_open(entries, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+                                            IORING_SETUP_COOP_TASKRUN);
+    return (uint64_t)r;
+}
+
+void ds_ring_destroy(uint64_t h) {
+    ds_ring* r = (ds_ring*)h;
+    if (r->sleeper) ring_close(r->sleeper);
+    ring_close(r);
+}
+
+static int ring_enter(ds_ring* r, unsigned submit, unsigned wait, bool getevents = false) {
     for (;;) {
-        long ret = syscall(__NR_io_uring_enter, r->fd, submit, wait, wait ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
+        long ret = syscall(__NR_io_uring_enter, r->fd, submit, wait,
+                           (wait || getevents) ? IORING_ENTER_GETEVENTS : 0, nullptr, 0);
         if (ret >= 0) return (int)ret;
         if (errno != EINTR && errno != EAGAIN && errno != EBUSY) return -errno;
         if (errno != EINTR) wait = wait ? wait : 1;  // resources busy: wait for completions, then go on
@@ -396,11 +424,12 @@ static inline uint64_t now_ns() {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-// Waits for `count` completions, finishing each (CRC32C of its blocks, copy-out) as it arrives, so the CPU
-// work of early reads overlaps the I/O of later ones. While more than `tail` reads are outstanding the thread
-// sleeps in the kernel until a quarter of them (at least one) completed: a few wake-ups per batch, no polling.
-// For the last `tail` it first polls the completion ring for up to `spin_us` microseconds (hybrid polling: a
-// read that completes inside the window costs no sleep/wake-up latency), then sleeps.
+// Waits for `count` completions, finishing each (CRC32C of its blocks, copy-out) as it arrives. While more than
+// `tail` reads are outstanding the thread sleeps in the kernel: on a DEFER_TASKRUN ring until all but `tail`
+// completed (one wake-up, as fio's batched mode waits), on a plain ring until a quarter of them (at least one)
+// did. For the last `tail` it first polls for up to `spin_us` microseconds (hybrid polling: a read that
+// completes inside the window costs no sleep/wake-up latency; on a DEFER_TASKRUN ring a poll is an
+// io_uring_enter that posts what completed), then sleeps for the rest.
 static int reap(ds_ring* r, int count, int spin_us, int tail, int* inflight) {
     int done = 0, polls = 0;
     uint64_t spin_until = 0;
@@ -411,14 +440,20 @@ static int reap(ds_ring* r, int count, int spin_us, int tail, int* inflight) {
             int left = count - done;
             if (spin_us > 0 && left <= tail) {
                 if (!spin_until) spin_until = now_ns() + (uint64_t)spin_us * 1000ull;
-                if ((++polls & 15) || now_ns() < spin_until) {  // read the clock every 16 polls
+                if (r->defer) {
+                    if (now_ns() < spin_until) {
+                        int rc = ring_enter(r, 0, 0, true);
+                        if (rc < 0) return rc;
+                        continue;
+                    }
+                } else if ((++polls & 15) || now_ns() < spin_until) {  // read the clock every 16 polls
 #if defined(__x86_64__)
                     __builtin_ia32_pause();
 #endif
                     continue;
                 }
             }
-            int want = left <= tail ? left : (left - tail) / 4;
+            int want = r->defer ? (left > tail ? left - tail : left) : (left <= tail ? left : (left - tail) / 4);
             if (want < 1) want = 1;
             int rc = ring_enter(r, 0, (unsigned)want);
             if (rc < 0) return rc;
@@ -441,9 +476,10 @@ static int reap(ds_ring* r, int count, int spin_us, int tail, int* inflight) {
 // Which reads of a batch to poll for, and how long (batches read by io_uring on the array path):
 // * a thread reading alone (no other thread of the process inside a batched read) polls for the whole batch,
 //   the window growing with it (spin_us plus spin_us/8 per read, at most 10x): a synchronous caller waits on
-//   the batch's latency and has nothing else to run; polling measured faster than sleeping at every queue
-//   depth on this virtio disk (a sleep/wake-up is 10-20% of a 4 KiB read; tail-only polling lost 13-15% at
-//   4 KiB qd 64 in a 6-round A/B);
+//   the batch's latency and has nothing else to run; on an otherwise idle core polling measured faster than
+//   sleeping at small queue depths on this virtio disk (4 KiB qd 1-4: ~1.0 of fio polling, ~0.65-0.7 sleeping,
+//   where the Python around each call runs ~3x slower after a sleep: 28-40 us against 11-15 us), level at
+//   qd 64; but see wait_begin for a core shared with other work;
 // * while other threads read too (an in-process prefetching loader) it polls only for the last REAP_TAIL reads
 //   (spin_us plus spin_us/8 per read): polling all of every batch had taken ~40% of PrefetchLoader's CPU at
 //   64 KiB (four reader threads polling on 2 cores) for no throughput;
@@ -469,6 +505,48 @@ static void poll_plan(int n, int64_t max_read, int spin_us, bool alone, int* win
     }
     int64_t kib = max_read >> 10;
     if (n <= REAP_TAIL && kib <= 2 * spin_us) *window = spin_us + (int)kib;
+}
+
+// Polling pays only while the core is ours: a poller that other runnable tasks preempt (2 cores shared with
+// builds and test suites) spends its CPU share spinning and then waits for the CPU when its reads are done,
+// where a sleeping waiter is woken at once (a sleeper keeps its scheduling credit). So a thread that was
+// preempted involuntarily while polling a batch sleeps through its batches for the next POLL_BACKOFF_NS, as
+// fio does, and then tries polling again. Under two CPU hogs (22:45 UTC, 3 rounds, read_array / fio) polling
+// read 0.55 / 0.57 / 0.45 at 4 KiB qd 16 / 4 KiB qd 64 / 128 KiB qd 1, sleeping on the DEFER_TASKRUN ring
+// 0.94 / 0.84 / 0.62, at a third of the CPU (0.3 of a core against 0.6-1).
+#define POLL_BACKOFF_NS 50000000ull
+static thread_local uint64_t t_nopoll_until = 0;
+
+static long thread_preemptions() {
+    struct rusage ru;
+    return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : 0;
+}
+
+// How one batch waits: on which of the thread's rings it is submitted, and whether it polls (see reap).
+struct wait_plan {
+    ds_ring* ring;
+    int window, tail;
+    bool poll;
+    long preemptions;
+};
+
+// A batch of n reads (the largest max_read bytes) on the thread's rings r. Pair with wait_end.
+static wait_plan wait_begin(ds_ring* r, int n, int64_t max_read, int spin_us) {
+    wait_plan w;
+    bool alone = __atomic_fetch_add(&active_readers, 1, __ATOMIC_RELAXED) == 0;
+    poll_plan(n, max_read, spin_us, alone, &w.window, &w.tail);
+    w.poll = w.window > 0 && (t_nopoll_until == 0 || now_ns() >= t_nopoll_until);
+    w.ring = w.poll || !r->sleeper ? r : r->sleeper;
+    if (!w.poll) w.window = w.tail = 0;
+    w.preemptions = w.poll ? thread_preemptions() : 0;
+    return w;
+}
+
+static int wait_end(const wait_plan& w, int count, int* inflight) {
+    int rc = count > 0 ? reap(w.ring, count, w.window, w.tail, inflight) : 0;
+    if (w.poll && thread_preemptions() != w.preemptions) t_nopoll_until = now_ns() + POLL_BACKOFF_NS;
+    __atomic_fetch_sub(&active_readers, 1, __ATOMIC_RELAXED);
+    return rc;
 }
 
 // Waits for `count` completions (the general read path's pipeline): polls only for the last REAP_TAIL reads.
@@ -574,18 +652,13 @@ static int run_ios(ds_io* ios, int m, uint64_t ring, uint64_t aio_ctx, int spin_
     if (!ring) return ds_read_batch(ios, m, aio_ctx, 256);
     for (int base = 0; base < m; base += 256) {  // the ring has 256 submission entries
         int k = m - base < 256 ? m - base : 256;
-        int got = ds_ring_submit(ios, base, k, ring);
-        if (got > 0) {
-            int64_t max_read = 0;
-            for (int j = base; j < base + got; j++)
-                if (ios[j].length > max_read) max_read = ios[j].length;
-            int window, tail;
-            bool alone = __atomic_fetch_add(&active_readers, 1, __ATOMIC_RELAXED) == 0;
-            poll_plan(got, max_read, spin_us, alone, &window, &tail);
-            int rc = reap((ds_ring*)ring, got, window, tail, nullptr);
-            __atomic_fetch_sub(&active_readers, 1, __ATOMIC_RELAXED);
-            if (rc < 0) return rc;
-        }
+        int64_t max_read = 0;
+        for (int j = base; j < base + k; j++)
+            if (ios[j].length > max_read) max_read = ios[j].length;
+        wait_plan w = wait_begin((ds_ring*)ring, k, max_read, spin_us);
+        int got = ds_ring_submit(ios, base, k, (uint64_t)w.ring);
+        int rc = wait_end(w, got, nullptr);
+        if (rc < 0) return rc;
     }
     return 0;
 }
@@ -779,6 +852,7 @@ struct ds_waves {
     int inflight;      // submitted, not yet reaped
     int64_t max_read;
     int64_t nreads;
+    ds_ring* ring;     // the ring of the thread's pair the batch went to (see wait_begin)
 };
 
 // Plans a wave of n requests (as ds_table_read) and submits its reads without waiting. handle: 0 for a new
@@ -791,6 +865,8 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
     if (!h) {
         h = (ds_waves*)calloc(1, sizeof(ds_waves));
         if (!h) return 0;
+        ds_ring* rr = (ds_ring*)ring;  // the sleeper while this thread is not polling (see wait_begin)
+        h->ring = rr->sleeper && t_nopoll_until && now_ns() < t_nopoll_until ? rr->sleeper : rr;
     }
     ds_wave* w = (ds_wave*)malloc(sizeof(ds_wave));
     if (!w || plan_wave(w, tables, ntables, req, n, out, out_size, req_crc, true) != 0) {
@@ -800,7 +876,7 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
     }
     if (h->tail) h->tail->next = w; else h->head = w;
     h->tail = w;
-    ds_ring* r = (ds_ring*)ring;
+    ds_ring* r = h->ring;
     for (int base = 0; base < w->m;) {  // at most 256 in flight (the ring's submission entries)
         int room = 256 - h->inflight;
         if (room <= 0) {
@@ -811,7 +887,7 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
             continue;
         }
         int k = w->m - base < room ? w->m - base : room;
-        int got = ds_ring_submit(w->ios, base, k, ring);  // records it could not submit carry -errno
+        int got = ds_ring_submit(w->ios, base, k, (uint64_t)r);  // records it could not submit carry -errno
         h->inflight += got;
         for (int j = base; j < base + got; j++)
             if (w->ios[j].length > h->max_read) h->max_read = w->ios[j].length;
@@ -827,11 +903,9 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
 int64_t ds_waves_wait(uint64_t handle, uint64_t ring, int spin_us) {
     ds_waves* h = (ds_waves*)handle;
     if (h->inflight > 0) {
-        int window, tail;
-        bool alone = __atomic_fetch_add(&active_readers, 1, __ATOMIC_RELAXED) == 0;
-        poll_plan((int)h->nreads, h->max_read, spin_us, alone, &window, &tail);
-        int rc = reap((ds_ring*)ring, h->inflight, window, tail, &h->inflight);
-        __atomic_fetch_sub(&active_readers, 1, __ATOMIC_RELAXED);
+        wait_plan w = wait_begin((ds_ring*)ring, (int)h->nreads, h->max_read, spin_us);
+        w.ring = h->ring;  // where the reads are (reap polls or sleeps on either kind of ring)
+        int rc = wait_end(w, h->inflight, &h->inflight);
         if (rc < 0) return rc;
     }
     int64_t left = 0;

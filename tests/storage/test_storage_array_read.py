@@ -102,6 +102,46 @@ def test_read_array_matches_written_bytes(fs):
             assert bytes(out[d:d + len(want)]) == want, (k, o, ln)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("defer", ["1", "0"])
+def test_read_array_every_wait_mode(tmp_path, monkeypatch, defer):
+    """Batches that poll for completions (spin_us > 0: the thread's plain io_uring) and batches that sleep for
+    them (spin_us = 0: its DEFER_TASKRUN companion ring, or the plain ring where DEEPSTACK_URING_DEFER=0 or the
+    kernel refuses the flags), of 1, 16 and 300 reads (more than one ring's worth), land the written bytes."""
+    if fastio.load() is None or not fastio.uring():
+        pytest.skip("needs the C helper and io_uring")
+    monkeypatch.setenv("DEEPSTACK_URING_DEFER", defer)  # read when a thread makes its rings
+    rng = np.random.default_rng()
+    errors = []
+
+    def run(spin_us):
+        try:
+            with st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False, spin_us=spin_us) as fs:
+                data = _random_file(fs, f"/w{spin_us}", rng, 6 * CS + 777, hole_at=1)
+                for n in (1, 16, 300):
+                    offs, lens = _random_requests(rng, len(data), n)
+                    out = np.full(int(lens.sum()) + 1, 0xAB, np.uint8)
+                    with fs.open(f"/w{spin_us}") as f:
+                        res = fs.read_array(f, offs, lens, out)
+                    assert res.ok, res.errors
+                    pos = 0
+                    for k, (o, ln) in enumerate(zip(offs.tolist(), lens.tolist())):
+                        want = _expected(data, o, ln)  # short past the end of the file
+                        assert res.nbytes[k] == len(want) and bytes(out[pos:pos + len(want)]) == want, \
+                            (spin_us, n, o, ln)
+                        pos += ln
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            errors.append(e)
+
+    for spin_us in (100, 0):
+        t = threading.Thread(target=run, args=(spin_us,))  # a new thread makes its rings under this env
+        t.start()
+        t.join(100)
+        assert not t.is_alive(), "read hung"
+    if errors:
+        raise errors[0]
+
+
 def test_batch_read_native_equals_general_path(fs, monkeypatch):
     """batch_read with File requests goes through the array path; the general path must give the same."""
     rng = np.random.default_rng()

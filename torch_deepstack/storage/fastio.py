@@ -29,6 +29,8 @@ AIO_DEPTH = 256
 # Hybrid polling window: poll the completion ring this long before sleeping (0 disables). A small read
 # usually completes inside it, which saves a sleep/wake-up per batch (a large share of a 4 KiB read's cost).
 # Storage services set it to 0: several of them share a machine, and they serve many reads at once anyway.
+# Batches that do not poll (0 here, or a thread preempted while polling: see wait_begin in fastio.cpp) sleep on
+# the thread's DEFER_TASKRUN io_uring, woken once per batch as fio is.
 SPIN_US = int(os.environ.get("DEEPSTACK_SPIN_US", "100"))
 
 _lib = None
@@ -156,7 +158,9 @@ os.register_at_fork(after_in_child=_forget_rings_after_fork)
 
 
 def uring() -> int:
-    """This thread's io_uring (0 where io_uring is unavailable, e.g. blocked by a seccomp policy)."""
+    """This thread's io_uring pair (a plain ring for polled batches and a DEFER_TASKRUN one for sleeping batches,
+    see ds_ring_setup; 0 where io_uring is unavailable, e.g. blocked by a seccomp policy). Per thread: the
+    DEFER_TASKRUN ring may only be used by the thread that made it."""
     global _uring_ok
     ring = getattr(_tls, "ring", None)
     if ring is None:
