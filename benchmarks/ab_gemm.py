@@ -7,9 +7,10 @@ of the dequantised operands (cosine difference < 1e-4) before it is timed.
   python benchmarks/ab_gemm.py --ms 4096 --variant staged: --variant direct:DS_DIRECT_EPILOGUE \
       --config 128,128,6 --config 128,192,5
 
-A variant is NAME:DEFINES[:MULTICAST[:TMA_STORE]] (DEFINES as for DEEPSTACK_GEMM_DEFINES, comma-separated;
+A variant is NAME:DEFINES[:MULTICAST[:TMA_STORE[:SPLIT_TAIL]]] (DEFINES as for DEEPSTACK_GEMM_DEFINES, comma-separated;
 MULTICAST 1 enables the 2-CTA multicast kernel; TMA_STORE 1/0 forces the TMA-store epilogue on/off wherever it is
-possible, empty keeps the default policy). `--shapes 4096x7168x16384,128x24576x1536` times those shapes instead of
+possible, empty keeps the default policy; SPLIT_TAIL 1 splits off the last N % 128 columns of dense GEMMs where
+that pays in waves, kernels.split_tail_columns; 0 or empty: one launch, the default). `--shapes 4096x7168x16384,128x24576x1536` times those shapes instead of
 --ms x the DeepSeek-V3 (N, K) list; a shape written cGxMGxNxK (contiguous: G groups of MG rows, all valid) or mGxMGxNxK
 (masked: G groups of M_max = 4096 rows, MG of them valid, expected_m = MG) times that grouped kind. `--prebuild-only` compiles every needed specialisation (nvcc, no GPU needed) into
 DEEPSTACK_JIT_CACHE_DIR, so a GPU run can carry the cache and spend no device time compiling. The config column is
@@ -30,17 +31,19 @@ from torch_deepstack.jit import cache
 NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 
 
-def parse_variant(text: str) -> tuple[str, str, str, str]:
+def parse_variant(text: str) -> tuple[str, str, str, str, str]:
     name, _, rest = text.partition(":")
     defines, _, rest = rest.partition(":")
-    multicast, _, tma_store = rest.partition(":")
-    return name or "default", defines, multicast or "0", tma_store
+    multicast, _, rest = rest.partition(":")
+    tma_store, _, split_tail = rest.partition(":")
+    return name or "default", defines, multicast or "0", tma_store, split_tail or "0"
 
 
 def select(variant, cfg) -> None:
     """Point the GEMM's environment switches at one variant and config (the plan cache keys on them)."""
-    _, defines, multicast, tma_store = variant
+    _, defines, multicast, tma_store, split_tail = variant
     os.environ["DEEPSTACK_GEMM_DEFINES"] = defines
+    os.environ["DEEPSTACK_GEMM_SPLIT_TAIL"] = split_tail
     os.environ["DEEPSTACK_GEMM_MULTICAST"] = multicast
     if tma_store:
         os.environ["DEEPSTACK_GEMM_TMA_STORE"] = tma_store
@@ -81,6 +84,9 @@ def prebuild(cases, jobs: int) -> None:
         select(variant, cfg)
         kind, m_rows, g, n, k, em = spec_args(shape)
         specs.append(kernels.choose_spec(kind, m_rows, g, n, k, em, False, None, torch.bfloat16, None, 132)[0])
+        tail = kernels.split_tail_columns(m_rows, n, k, 132) if kind == kernels.KIND_DENSE else 0
+        for cols in ((n - tail, tail) if tail else ()):
+            specs.append(kernels.choose_spec(kind, m_rows, g, cols, k, em, False, None, torch.bfloat16, None, 132)[0])
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(cache.build, set(specs)))
     print(f"prebuilt {len(set(specs))} specialisations", flush=True)
@@ -166,6 +172,8 @@ def run(shapes, variants, configs, reps: int, graph: bool = False) -> list:
                 tflops = flops / bench_gpu(call, use_graph=graph) / 1e9
                 _, used, _ = kernels.choose_spec(*spec_args(shape), False, None, torch.bfloat16, None, 132)
                 label = f"{used.block_m}x{used.block_n}/{used.stages}{'/tma' if used.tma_store else ''}"
+                if kind == kernels.KIND_DENSE and kernels.split_tail_columns(mg, n, k, 132):
+                    label += f" +{n % 128} cols"
                 key = (variant[0], label if cfg is None else f"{label} (forced)")
                 prev_tf, prev_ok = best.get(key, (0.0, True))
                 best[key] = (max(prev_tf, tflops), prev_ok and ok)

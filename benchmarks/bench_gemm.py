@@ -61,6 +61,8 @@ def dense(table, ms_list, nk):
             cfg = kernels.choose_spec(kernels.KIND_DENSE, m, 1, n, k, m, False, None, torch.bfloat16, None,
                                       kernels.num_sms(torch.device("cuda")))[1]
             epi = "/tma" if cfg.tma_store else ""
+            tail = kernels.split_tail_columns(m, n, k, kernels.num_sms(torch.device("cuda")))
+            epi += f" +{tail} cols" if tail else ""   # last N % 128 columns as a second launch
             table.add("dense", f"{m}x{n}x{k}", f"{cfg.block_m}x{cfg.block_n}/{cfg.stages}{epi}", t * 1e3, ours,
                       nbytes / t / 1e6, ref or "-", ours / ref if ref else "-",
                       cub if cub else f"refused", ours / cub if cub else "-", bf16)

@@ -95,6 +95,31 @@ def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs[("0", 0)], a.float() @ b.float().T) < 1e-3
 
 
+@pytest.mark.parametrize("m,n,k", [(4096, 2112, 1024), (2000, 2112, 384), (4095, 2112, 256)])
+@pytest.mark.parametrize("out_dtype,with_c", [(torch.bfloat16, False), (torch.float32, True)])
+def test_dense_split_tail_matches_one_launch(monkeypatch, m, n, k, out_dtype, with_c):
+    """Split tail (opt-in, DEEPSTACK_GEMM_SPLIT_TAIL=1): N = 2112 at these M runs its last 64 columns as a second
+    GEMM (narrow tiles); every element written, nothing past N or M (4095 rows: a partial last M-block),
+    bit-identical to the single 128x128 launch (C included)."""
+    from torch_deepstack.gemm import kernels
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    c = fresh_randn(m, n, dtype=out_dtype, device=DEV) if with_c else None
+    outs = {}
+    for split in ("1", "0"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_SPLIT_TAIL", split)
+        assert (kernels.split_tail_columns(m, n, k, kernels.num_sms(aq.device)) == n % 128) == (split == "1")
+        buf = poisoned_empty(m + 1, n + 8, dtype=out_dtype, device=DEV)
+        d = buf[:m, :n]
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d, c)
+        torch.cuda.synchronize()
+        assert not d.isnan().any(), f"unwritten outputs (split={split})"
+        assert buf[m:].isnan().all() and buf[:, n:].isnan().all(), "written past M or N"
+        outs[split] = d.clone()
+    assert torch.equal(outs["1"], outs["0"])
+    want = a.float() @ b.float().T + (c.float() if with_c else 0)
+    assert calc_diff(outs["1"], want) < 1e-3
+
+
 @pytest.mark.parametrize("m,n,k", [(129, 200, 1152), (300, 4096, 1024), (4095, 2112, 640), (64, 7168, 2048),
                                    (700, 576, 384), (129, 576, 1536), (300, 4096, 2688)])
 def test_pipelined_promotion_matches_serial(monkeypatch, m, n, k):

@@ -206,6 +206,36 @@ def _fill_no_k(d, c, accumulate):
         d.add_(c)
 
 
+# Split tail, OPT-IN (DEEPSTACK_GEMM_SPLIT_TAIL=1): dense 1D2D GEMMs whose last 128-wide column of tiles is at most
+# half full and adds a wave of 128x128 tiles (e.g. 4096 x 2112: 32 x 17 = 544 tiles = 4.1 waves on 132 SMs, so 5
+# tile-times) run as two launches: the 128-wide columns (512 tiles, 4 waves) and the last N % 128 columns as their
+# own GEMM, whose narrow tiles (64 x 32 at 4096 x 64) cost a fraction of a 128x128 tile. Each output element is still
+# computed by one tile over the whole K in the same slice order (bit-identical, tested). H200, 4096x2112x7168: GPU
+# time 115 -> 108 us (+7%, CUDA graphs), but the host path doubles (37 -> 75 us per call), and whole-call A/B runs
+# whose host path outlasted the L2 flush before each call measured it 2-52% slower, so it is not the default.
+SPLIT_TAIL_MAX_COLS = 64
+
+
+def split_tail_columns(m: int, n: int, k: int, num_sms_: int) -> int:
+    """How many trailing columns of a dense 1D2D GEMM run as a second launch (0: one launch)."""
+    if os.environ.get("DEEPSTACK_GEMM_SPLIT_TAIL", "0") != "1" or os.environ.get("DEEPSTACK_GEMM_CONFIG"):
+        return 0
+    return _split_tail_columns(m, n, k, num_sms_)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_tail_columns(m: int, n: int, k: int, num_sms_: int) -> int:
+    # cached: select_config is ~20 us of Python, too much for every call's host path
+    tail = n % 128
+    if n < 128 or not 0 < tail <= SPLIT_TAIL_MAX_COLS:
+        return 0
+    cfg = select_config(m, n, k, 1, num_sms_)
+    if (cfg.block_m, cfg.block_n) != (128, 128):
+        return 0
+    m_blocks = cdiv(m, 128)
+    return tail if cdiv(m_blocks * (n // 128), num_sms_) < cdiv(m_blocks * cdiv(n, 128), num_sms_) else 0
+
+
 def _run_dense(a, sfa, b, sfb, d, c, accumulate, *, wgrad: bool):
     """The dense and weight-gradient GEMMs after their checks: empty problems, C/accumulate folding, launch."""
     m, k = a.shape
@@ -219,6 +249,14 @@ def _run_dense(a, sfa, b, sfb, d, c, accumulate, *, wgrad: bool):
         c = c + d
     # wgrad: B carries 1x128 scales too, and K (the token count) changes every step, so it is a run-time value
     # there (template K = 0).
+    tail = 0 if wgrad else split_tail_columns(m, n, k, num_sms(a.device))
+    if tail:
+        sfa, main = as_mn_major_sf(sfa), n - tail
+        for cols, blocks in ((slice(0, main), slice(0, main // 128)), (slice(main, n), slice(main // 128, None))):
+            _launch_gemm(KIND_DENSE, a, sfa, b[cols], sfb[blocks], d[:, cols], None if c is None else c[:, cols],
+                         None, m_rows=m, num_groups=1, n=cols.stop - cols.start, k=k,
+                         expected_m=m, sf_b_per_row=False)
+        return
     _launch_gemm(KIND_DENSE, a, as_mn_major_sf(sfa), b, as_mn_major_sf(sfb) if wgrad else sfb, d, c, None,
                  m_rows=m, num_groups=1, n=n, k=k, expected_m=m, sf_b_per_row=wgrad, k_template=0 if wgrad else None)
 
@@ -342,6 +380,9 @@ def _prebuild():
     for n, k in DSV3_NK:
         for m in (64, 4096):
             specs.append(choose_spec(KIND_DENSE, m, 1, n, k, m, False, None, bf16, None, 132)[0])
+            tail = split_tail_columns(m, n, k, 132)
+            for cols in ((n - tail, tail) if tail else ()):
+                specs.append(choose_spec(KIND_DENSE, m, 1, cols, k, m, False, None, bf16, None, 132)[0])
     for n, k in ((4096, 7168), (7168, 2048)):
         specs.append(choose_spec(KIND_CONTIGUOUS, 4 * 8192, 4, n, k, 4 * 8192, False, None, bf16, None, 132)[0])
         specs.append(choose_spec(KIND_MASKED, 4096, 4, n, k, 256, False, None, bf16, None, 132)[0])
