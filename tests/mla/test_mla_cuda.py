@@ -123,7 +123,8 @@ def test_fp8_small_rows_kernel_matches_general_kernel(monkeypatch):
 
 
 def test_metadata_matches_python_schedule():
-    for seed, (b, mean, parts) in enumerate([(1, 10, 132), (7, 3000, 66), (128, 8192, 132), (33, 0, 5), (300, 64, 17)]):
+    for seed, (b, mean, parts) in enumerate([(1, 10, 132), (7, 3000, 66), (128, 8192, 132), (33, 0, 5), (300, 64, 17),
+                                             (3000, 300, 200), (0, 10, 4)]):
         lens = varied_lengths(b, mean, seed=seed, zeros=(0,) if b > 2 else ())
         seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
         sched, splits = get_mla_metadata(seq, 64, 1, num_sm_parts=parts)

@@ -188,9 +188,10 @@ def get_mla_metadata_cuda(cache_seqlens, num_q_tokens_per_head_k: int, num_heads
     b = cache_seqlens.shape[0]
     sched = torch.empty(parts, SCHED_INTS, dtype=torch.int32, device=dev)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
-    smem = 8 * b
+    smem = 8 * b + 20 * parts   # page and piece counts per request, 5 ints per part (mla_metadata.cuh)
     if smem > 200 * 1024:
-        raise ValueError(f"get_mla_metadata: batch {b} is too large for the one-CTA scheduler (max {200 * 1024 // 8})")
+        raise ValueError(f"get_mla_metadata: batch {b} with {parts} parts is too large for the one-CTA scheduler "
+                         f"(8 * batch + 20 * parts must be <= {200 * 1024})")
     seq = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
     get_kernel(metadata_spec(), _META_SIG).launch(1, 256, seq, sched, num_splits, b, parts, smem=smem)
     return sched, num_splits
