@@ -11,6 +11,7 @@ and with --no-combine also without the combine kernel (wrong results for split r
 
     python benchmarks/ab_mla.py --variants general,overlap --configs "128,1,16,8192;64,1,16,4096"
     python benchmarks/ab_mla.py --variants "general,general+DEEPSTACK_MY_EXPERIMENT=1" --flush dirty,clean
+    python benchmarks/ab_mla.py --fp8 --variants "general,general+@_FP8_SMALL_ROWS=0"   # FP8 caches
 
 The memory-bound measurements of 2026-11-29 20:41-20:50 UTC in docs/mla.md were taken with this script's
 predecessor (same build, timing and flush code).
@@ -82,13 +83,13 @@ def parse_variant(text: str) -> tuple[str, tuple]:
     return kernel, tuple(out)
 
 
-def run(configs, variants, flushes, reps, rounds, no_combine):
+def run(configs, variants, flushes, reps, rounds, no_combine, fp8=False):
     kernels.get_kernel = _get_kernel
     modes = [True, False] if no_combine else [True]
     rows = []
     try:
         for b, s_q, h_q, mean in configs:
-            q, cache, bt, seq = bench_mla.build(b, s_q, h_q, mean)
+            q, cache, bt, seq = bench_mla.build(b, s_q, h_q, mean, fp8=fp8)
             best = {}
             for _ in range(rounds):
                 for v in variants:
@@ -96,7 +97,7 @@ def run(configs, variants, flushes, reps, rounds, no_combine):
                     # per variant: the row-block cluster kernels may plan fewer parts (whole clusters per GPC)
                     sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
                     fn = lambda: mla_decode_with_kvcache(q, cache, bt, seq, bench_mla.DV, sched, splits,  # noqa
-                                                         causal=True)
+                                                         causal=True, is_fp8_kvcache=fp8)
                     for comb in modes:
                         _state["combine"] = comb
                         for fl in flushes:
@@ -104,8 +105,9 @@ def run(configs, variants, flushes, reps, rounds, no_combine):
                                           use_graph=True) * 1e3
                             key = f"{v} {fl}" + ("" if comb else " nocombine")
                             best[key] = min(best.get(key, math.inf), t)
-            nbytes = int(seq.sum()) * bench_mla.D * 2 + b * s_q * h_q * (bench_mla.D + bench_mla.DV) * 2
-            row = {"config": f"{b}/{s_q}/{h_q}/{mean}", "GB": nbytes / 1e9, **best}
+            token_bytes = 656 if fp8 else bench_mla.D * 2
+            nbytes = int(seq.sum()) * token_bytes + b * s_q * h_q * (bench_mla.D + bench_mla.DV) * 2
+            row = {"config": f"{b}/{s_q}/{h_q}/{mean}" + (" fp8" if fp8 else ""), "GB": nbytes / 1e9, **best}
             rows.append(row)
             print(json.dumps(row), flush=True)
             del cache
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-combine", action="store_true", help="also time without the combine kernel")
+    ap.add_argument("--fp8", action="store_true", help="FP8 caches (656-byte rows) instead of bf16")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--flush takes dirty and/or clean, got {args.flush!r}")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";") if c.strip()]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows = run(configs, variants, flushes, args.reps, args.rounds, args.no_combine)
+    rows = run(configs, variants, flushes, args.reps, args.rounds, args.no_combine, args.fp8)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))
