@@ -12,8 +12,8 @@
 #include <immintrin.h>
 #include <linux/aio_abi.h>
 #include <linux/io_uring.h>
+#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -509,17 +509,43 @@ static void poll_plan(int n, int64_t max_read, int spin_us, bool alone, int* win
 
 // Polling pays only while the core is ours: a poller that other runnable tasks preempt (2 cores shared with
 // builds and test suites) spends its CPU share spinning and then waits for the CPU when its reads are done,
-// where a sleeping waiter is woken at once (a sleeper keeps its scheduling credit). So a thread that was
-// preempted involuntarily while polling a batch sleeps through its batches for the next POLL_BACKOFF_NS, as
-// fio does, and then tries polling again. Under two CPU hogs (22:45 UTC, 3 rounds, read_array / fio) polling
-// read 0.55 / 0.57 / 0.45 at 4 KiB qd 16 / 4 KiB qd 64 / 128 KiB qd 1, sleeping on the DEFER_TASKRUN ring
-// 0.94 / 0.84 / 0.62, at a third of the CPU (0.3 of a core against 0.6-1).
-#define POLL_BACKOFF_NS 50000000ull
-static thread_local uint64_t t_nopoll_until = 0;
+// where a sleeping waiter is woken at once (a sleeper keeps its scheduling credit). So a batch polls only
+// while no more tasks are runnable than there are CPUs (this thread included: the kernel's instantaneous count
+// in /proc/loadavg, read at most once per POLL_SAMPLE_NS, ~1 us a read), and otherwise sleeps as fio does.
+// Under two CPU hogs (22:45 UTC, 3 rounds, read_array / fio) polling read 0.55 / 0.57 / 0.45 at 4 KiB qd 16 /
+// 4 KiB qd 64 / 128 KiB qd 1, sleeping on the DEFER_TASKRUN ring 0.94 / 0.84 / 0.62, at a third of the CPU.
+// (Counting preemptions instead fails: kernel workers preempt a poller ~100 times a second even at load 1,
+// and a 50 ms sleeping spell after each lost 10-20% at 4 KiB qd 16 under light load.)
+#define POLL_SAMPLE_NS 1000000ull
+static thread_local uint64_t t_next_sample = 0;
+static thread_local bool t_core_free = true;
+static uint64_t busy_samples = 0;  // samples that found more runnable tasks than CPUs (ds_busy_samples)
 
-static long thread_preemptions() {
-    struct rusage ru;
-    return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : 0;
+uint64_t ds_busy_samples() { return __atomic_load_n(&busy_samples, __ATOMIC_RELAXED); }
+
+// Whether this thread may poll now: fewer runnable tasks than CPUs + 1 at the latest sample.
+static bool core_free(uint64_t now) {
+    if (now < t_next_sample) return t_core_free;
+    t_next_sample = now + POLL_SAMPLE_NS;
+    static int fd = -2;
+    static long ncpu = 0;
+    if (fd == -2) {  // racing threads may both open it: one fd then stays open, harmlessly
+        ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    }
+    char buf[128];
+    ssize_t len = fd >= 0 ? pread(fd, buf, sizeof(buf) - 1, 0) : -1;
+    if (len <= 0) return t_core_free = true;  // no such file: poll as before
+    buf[len] = 0;
+    const char* p = buf;  // "0.52 0.58 0.59 2/100 5957": the fourth field is runnable/total
+    for (int k = 0; k < 3 && p; k++) {
+        p = strchr(p, ' ');
+        if (p) p++;
+    }
+    long running = p ? strtol(p, nullptr, 10) : 0;
+    t_core_free = running <= ncpu || ncpu <= 0;
+    if (!t_core_free) __atomic_fetch_add(&busy_samples, 1, __ATOMIC_RELAXED);
+    return t_core_free;
 }
 
 // How one batch waits: on which of the thread's rings it is submitted, and whether it polls (see reap).
@@ -527,7 +553,6 @@ struct wait_plan {
     ds_ring* ring;
     int window, tail;
     bool poll;
-    long preemptions;
 };
 
 // A batch of n reads (the largest max_read bytes) on the thread's rings r. Pair with wait_end.
@@ -535,16 +560,14 @@ static wait_plan wait_begin(ds_ring* r, int n, int64_t max_read, int spin_us) {
     wait_plan w;
     bool alone = __atomic_fetch_add(&active_readers, 1, __ATOMIC_RELAXED) == 0;
     poll_plan(n, max_read, spin_us, alone, &w.window, &w.tail);
-    w.poll = w.window > 0 && (t_nopoll_until == 0 || now_ns() >= t_nopoll_until);
+    w.poll = w.window > 0 && core_free(now_ns());
     w.ring = w.poll || !r->sleeper ? r : r->sleeper;
     if (!w.poll) w.window = w.tail = 0;
-    w.preemptions = w.poll ? thread_preemptions() : 0;
     return w;
 }
 
 static int wait_end(const wait_plan& w, int count, int* inflight) {
     int rc = count > 0 ? reap(w.ring, count, w.window, w.tail, inflight) : 0;
-    if (w.poll && thread_preemptions() != w.preemptions) t_nopoll_until = now_ns() + POLL_BACKOFF_NS;
     __atomic_fetch_sub(&active_readers, 1, __ATOMIC_RELAXED);
     return rc;
 }
@@ -866,7 +889,7 @@ uint64_t ds_waves_submit(uint64_t handle, const ds_table* const* tables, int64_t
         h = (ds_waves*)calloc(1, sizeof(ds_waves));
         if (!h) return 0;
         ds_ring* rr = (ds_ring*)ring;  // the sleeper while this thread is not polling (see wait_begin)
-        h->ring = rr->sleeper && t_nopoll_until && now_ns() < t_nopoll_until ? rr->sleeper : rr;
+        h->ring = rr->sleeper && !core_free(now_ns()) ? rr->sleeper : rr;
     }
     ds_wave* w = (ds_wave*)malloc(sizeof(ds_wave));
     if (!w || plan_wave(w, tables, ntables, req, n, out, out_size, req_crc, true) != 0) {

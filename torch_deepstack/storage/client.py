@@ -912,9 +912,14 @@ class FileSystem:
         fills `ArrayReadResult.crc32c` (see there): an end-to-end check of page-aligned samples for free."""
         import numpy as np
 
-        if isinstance(files, (str, File)):
+        if type(files) is File and files._inode["type"] == "file":  # the common case, without the loop below
+            handles, inodes, looked_up = [files], [files._inode], False
+            files = ()
+        elif isinstance(files, (str, File)):
             files = [files]
-        handles, inodes, looked_up = [], [], False
+            handles, inodes, looked_up = [], [], False
+        else:
+            handles, inodes, looked_up = [], [], False
         for f in files:
             if isinstance(f, File):
                 ino = f._inode
@@ -935,17 +940,18 @@ class FileSystem:
 
         n = len(offsets) if hasattr(offsets, "__len__") else -1
         req = np.empty((max(n, 0), 5), np.int64)
-        for col, (a, name) in enumerate(((offsets, "offsets"), (lengths, "lengths"), (out_offsets, "out_offsets"),
-                                         (None, ""), (which, "which"))):
+        ndarray, i64, shape = np.ndarray, np.int64, (n,)
+        for col, a in enumerate((offsets, lengths, out_offsets, None, which)):
             if a is None:
                 continue
-            if not (type(a) is np.ndarray and a.dtype == np.int64):
+            if not (type(a) is ndarray and a.dtype == i64 and a.shape == shape):  # else: convert, or say why not
+                name = ("offsets", "lengths", "out_offsets", "", "which")[col]
                 a = np.asarray(a)
                 if a.size and a.dtype.kind not in "iu":
                     raise InvalidArgument(f"{name}: expected integers, got dtype {a.dtype}")
-            if a.shape != (n,):
-                raise InvalidArgument(f"{name}: expected a 1-D array of {n} entries (one per request), got shape "
-                                      f"{tuple(a.shape)}")
+                if a.shape != shape:
+                    raise InvalidArgument(f"{name}: expected a 1-D array of {n} entries (one per request), got "
+                                          f"shape {tuple(a.shape)}")
             req[:, col] = a
         if out_offsets is None and n > 0:  # back to back: an exclusive scan of the lengths
             req[0, 2] = 0

@@ -135,6 +135,8 @@ def _open():
     lib.ds_crc_many.restype = None
     lib.ds_crc32c_combine.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64]
     lib.ds_crc32c_combine.restype = ctypes.c_uint32
+    lib.ds_busy_samples.argtypes = []
+    lib.ds_busy_samples.restype = ctypes.c_uint64
     return lib
 
 
