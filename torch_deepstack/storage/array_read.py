@@ -77,6 +77,7 @@ class ChunkTable:
                              self.vlen.ctypes.data, self.crcs.ctypes.data, 0)
         self.address = ctypes.addressof(self.struct)
         self.ptrs = np.array([self.address], np.uint64)
+        self.ptrs_address = self.ptrs.ctypes.data  # read_tables' argument for this table alone
 
     def load(self, chunks) -> None:
         """Look up and open the given chunk indices (not yet loaded ones); caller holds self.lock."""
@@ -117,13 +118,18 @@ def read_tables(tables: list, req: np.ndarray, out: int, out_size: int, crcs: np
     Requests marked LOAD hit chunks a table has not opened yet: `load(table, chunk_ids)` opens them and just those
     requests are read again; any still unloadable become SLOW. Returns the call's count of requests left to the
     general path (> 0 when any is SLOW); raises OSError when the batch itself failed."""
-    lib = fastio._lib
-    ptrs = tables[0].ptrs if len(tables) == 1 else np.array([t.address for t in tables], np.uint64)
+    if len(tables) == 1:
+        ptrs, ptrs_address = tables[0].ptrs, tables[0].ptrs_address
+    else:
+        ptrs = np.array([t.address for t in tables], np.uint64)
+        ptrs_address = address(ptrs)
     ring = fastio.uring()
     ctx = 0 if ring else fastio.aio_context()
     spin = fastio.SPIN_US if spin_us is None else spin_us
-    left = lib.ds_table_read(address(ptrs), len(tables), address(req), len(req), out, out_size,
-                             ring, ctx, spin, 0 if crcs is None else address(crcs))
+    left = fastio._lib.ds_table_read(ptrs_address, len(tables), address(req), len(req), out, out_size,
+                                     ring, ctx, spin, 0 if crcs is None else address(crcs))
+    if left == 0:  # the common case: every request served
+        return 0
     return _read_loaded(tables, ptrs, req, out, out_size, crcs, ring, ctx, spin, load, left)
 
 

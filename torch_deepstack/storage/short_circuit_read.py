@@ -60,6 +60,7 @@ class _SCTable:
                               self.vlen.ctypes.data, self.crcs.ctypes.data, 1)
         self.address = ctypes.addressof(self.struct)
         self.ptrs = np.array([self.address], np.uint64)  # the table list of a one-file batch
+        self.ptrs_address = self.ptrs.ctypes.data
 
     def session_index(self, s: Session) -> int:
         for i, x in enumerate(self.sessions):
