@@ -76,6 +76,17 @@ __device__ __forceinline__ void tma_load_4d_multicast(void* dst, const CUtensorM
         "r"(c2), "r"(c3), "h"(cta_mask), "l"(policy)
       : "memory");
 }
+// Box c (channels 64c .. 64c + 63) of one page of KV head kvh into dst: a plain TMA load without a cluster; in a
+// cluster only CTA c % kCluster issues it, multicast to all (every CTA's barrier still expects the box's bytes).
+template <int kCluster>
+__device__ __forceinline__ void load_page_box(uint8_t* dst, const CUtensorMap* kmap, uint64_t* bar, int c, int kvh,
+                                              int page, int rank, uint64_t policy) {
+  if constexpr (kCluster == 1) {
+    sm90::tma_load_4d(dst, kmap, bar, c * 64, kvh, 0, page, policy);
+  } else if (c % kCluster == rank) {
+    tma_load_4d_multicast(dst, kmap, bar, c * 64, kvh, 0, page, (1u << kCluster) - 1, policy);
+  }
+}
 // A consumer warp is done with a stage: one arrival per warp on the "empty" barrier of every CTA of the cluster.
 template <int kCluster>
 __device__ __forceinline__ void release_stage_cluster(uint64_t* bar, int lane) {
@@ -392,18 +403,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         if constexpr (!kFp8) {
           sm90::mbar_wait(&empty[stage], phase ^ 1);
           sm90::mbar_arrive_expect_tx(&full[stage], kChunks * kChunkBytes);
-          if constexpr (kCluster == 1) {
+          const int rank = kCluster == 1 ? 0 : static_cast<int>(sm90::cluster_ctarank());
 #pragma unroll
-            for (int c = 0; c < kChunks; ++c)
-              sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &full[stage], c * 64, kvh, 0, page, policy);
-          } else {
-            const int rank = static_cast<int>(sm90::cluster_ctarank());
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c)
-              if (c % kCluster == rank)
-                tma_load_4d_multicast(dst + c * kChunkBytes, kmap, &full[stage], c * 64, kvh, 0, page,
-                                      (1u << kCluster) - 1, policy);
-          }
+          for (int c = 0; c < kChunks; ++c)
+            load_page_box<kCluster>(dst + c * kChunkBytes, kmap, &full[stage], c, kvh, page, rank, policy);
         } else {
           pf_issue();
           const int valid = min(kPage, sk - blk * kPage);

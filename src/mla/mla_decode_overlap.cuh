@@ -115,15 +115,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
     sm90::prefetch_tensor_map(kmap);
     const uint64_t policy = sm90::evict_first_policy();
     const int rank = kCluster > 1 ? static_cast<int>(sm90::cluster_ctarank()) : 0;
-    // Box c of a page: a plain load (no cluster), or multicast by CTA c % kCluster of the cluster.
     auto load_box = [&](uint8_t* dst, uint64_t* fb, int c, int page) {
       sm90::mbar_arrive_expect_tx(&fb[c], kChunkBytes);
-      if constexpr (kCluster == 1) {
-        sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, policy);
-      } else if (c % kCluster == rank) {
-        tma_load_4d_multicast(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, (1u << kCluster) - 1,
-                              policy);
-      }
+      load_page_box<kCluster>(dst + c * kChunkBytes, kmap, &fb[c], c, kvh, page, rank, policy);
     };
     int stage = 0, phase = 0;
     for (int req = begin_req; req <= end_req; ++req) {

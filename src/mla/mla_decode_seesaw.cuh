@@ -170,12 +170,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
     const int rank = kCluster > 1 ? static_cast<int>(sm90::cluster_ctarank()) : 0;
     auto load_box = [&](uint8_t* dst, uint64_t* fb, int c, int page) {
       sm90::mbar_arrive_expect_tx(&fb[c], kChunkBytes);
-      if constexpr (kCluster == 1) {
-        sm90::tma_load_4d(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, policy);
-      } else if (c % kCluster == rank) {
-        tma_load_4d_multicast(dst + c * kChunkBytes, kmap, &fb[c], c * 64, kvh, 0, page, (1u << kCluster) - 1,
-                              policy);
-      }
+      load_page_box<kCluster>(dst + c * kChunkBytes, kmap, &fb[c], c, kvh, page, rank, policy);
     };
     int ph0 = 0, ph1 = 0;   // phase of each stage (tiles alternate stages within a request, starting at stage 0)
     for (int req = begin_req; req <= end_req; ++req) {
