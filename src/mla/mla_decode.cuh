@@ -56,6 +56,18 @@ template <> struct Ops<__half> {
   }
 };
 
+// O[:, 256 columns] += P V for one 64-token tile, as 4 m64n256k16 wgmmas: P (64 x 64) at shared address p and the
+// 256-channel half of V (4 chunks, read MN-major out of the K tile) at shared address v, both 128-byte swizzled.
+template <typename T>
+__device__ __forceinline__ void pv_half_ss(float (&o)[128], uint32_t p, uint32_t v) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t da = sm90::make_desc_sw128(p + k * 32, 16, 1024);
+    const uint64_t db = sm90::make_desc_sw128(v + k * 16 * 128, kChunkBytes, 1024);
+    Ops<T>::template pv_ss<1>(o, da, db, 1);
+  }
+}
+
 // Byte offset of the 16-byte unit `u` (0..7) of row `r` inside a 128-byte-swizzled [rows x 64] 16-bit tile.
 __device__ __forceinline__ uint32_t swz(int r, int u) { return r * 128 + ((u ^ (r & 7)) << 4); }
 
@@ -571,12 +583,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         // P from shared memory as well (keeping it in registers costs 16 registers across the rescale: spills).
         sm90::fence_regs(o);                       // keep the rescale before the fence (else ptxas adds one)
         sm90::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint64_t da = sm90::make_desc_sw128(sPa + k * 32, 16, 1024);
-          const uint64_t db = sm90::make_desc_sw128(kst + k * 16 * 128, kChunkBytes, 1024);
-          Ops<T>::template pv_ss<1>(o, da, db, 1);
-        }
+        pv_half_ss<T>(o, sPa, kst);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_regs(o);
@@ -590,12 +597,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         }
         sm90::fence_regs(o);
         sm90::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint64_t da = sm90::make_desc_sw128(sPa + k * 32, 16, 1024);
-          const uint64_t db = sm90::make_desc_sw128(kst + 4 * kChunkBytes + k * 16 * 128, kChunkBytes, 1024);
-          Ops<T>::template pv_ss<1>(o, da, db, 1);
-        }
+        pv_half_ss<T>(o, sPa, kst + 4 * kChunkBytes);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_regs(o);

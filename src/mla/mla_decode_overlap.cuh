@@ -305,12 +305,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
         rescale_rows(o, sc0, sc1);
         sm90::fence_regs(o);
         sm90::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint64_t da = sm90::make_desc_sw128(sPa + k * 32, 16, 1024);
-          const uint64_t db = sm90::make_desc_sw128(kst + 4 * kChunkBytes + k * 16 * 128, kChunkBytes, 1024);
-          Ops<T>::template pv_ss<1>(o, da, db, 1);
-        }
+        pv_half_ss<T>(o, sPa, kst + 4 * kChunkBytes);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_regs(o);

@@ -300,12 +300,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
           rescale_rows(o, tb0, tb1);
           sm90::fence_regs(o);
           sm90::wgmma_fence();
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const uint64_t da = sm90::make_desc_sw128(sP1 + k * 32, 16, 1024);
-            const uint64_t db = sm90::make_desc_sw128(sKa + kStageBytes + k * 16 * 128, kChunkBytes, 1024);
-            Ops<T>::template pv_ss<1>(o, da, db, 1);
-          }
+          pv_half_ss<T>(o, sP1, sKa + kStageBytes);
           sm90::wgmma_commit();
           // Done before the next S_a is issued: a P V in flight across the loop's back edge made ptxas serialise
           // every wgmma (C7514). It costs no pipe time: WG1's P_b V_bR is queued behind this one by then.
@@ -348,12 +343,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
         rescale_rows(o, ta0, ta1);
         sm90::fence_regs(o);
         sm90::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint64_t da = sm90::make_desc_sw128(sP0 + k * 32, 16, 1024);
-          const uint64_t db = sm90::make_desc_sw128(sKa + 4 * kChunkBytes + k * 16 * 128, kChunkBytes, 1024);
-          Ops<T>::template pv_ss<1>(o, da, db, 1);
-        }
+        pv_half_ss<T>(o, sP0, sKa + 4 * kChunkBytes);
         sm90::wgmma_commit();
         if constexpr (kB) {
           sm90::wgmma_wait<1>();                   // S_b done (P_a V_aR may still run)
