@@ -61,6 +61,26 @@ __device__ __forceinline__ void rescale_rows(float (&o)[128], float sc0, float s
   }
 }
 
+// Barriers of a two-stage K ring whose stages are released in two halves (this kernel and the seesaw kernel): one
+// "full" barrier per stage and 64-channel box (one TMA each) and, per stage, an "empty" barrier for each half (one
+// arrival per consumer warp of every CTA in the cluster). Every CTA of a cluster waits until its peers' barriers are
+// initialised before any remote use.
+template <int kCluster, int kChunks>
+__device__ __forceinline__ void init_half_release_ring(uint64_t* full, uint64_t* empty_a, uint64_t* empty_b) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < 2 * kChunks; ++i) sm90::mbar_init(&full[i], 1);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      sm90::mbar_init(&empty_a[s], empty_count<kCluster>(128));
+      sm90::mbar_init(&empty_b[s], empty_count<kCluster>(128));
+    }
+    sm90::fence_barrier_init();
+  }
+  if constexpr (kCluster > 1) sm90::cluster_sync();
+  else __syncthreads();
+}
+
 template <typename T, int kDQK, int kCluster = 1>
 __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
     const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
@@ -89,18 +109,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
-  if (tid == 0) {
-#pragma unroll
-    for (int i = 0; i < 2 * kChunks; ++i) sm90::mbar_init(&full[i], 1);
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      sm90::mbar_init(&empty_a[s], empty_count<kCluster>(128));
-      sm90::mbar_init(&empty_b[s], empty_count<kCluster>(128));
-    }
-    sm90::fence_barrier_init();
-  }
-  if constexpr (kCluster > 1) sm90::cluster_sync();   // the peers' barriers are initialised before any remote use
-  else __syncthreads();
+  init_half_release_ring<kCluster, kChunks>(full, empty_a, empty_b);
 
   const int* meta = sched + blockIdx.x * kSchedInts;
   const int begin_req = meta[0], begin_blk = meta[1], end_req = meta[2], end_blk = meta[3], begin_split = meta[4];

@@ -142,18 +142,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
-  if (tid == 0) {
-#pragma unroll
-    for (int i = 0; i < 2 * kChunks; ++i) sm90::mbar_init(&full[i], 1);
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      sm90::mbar_init(&empty_l[s], empty_count<kCluster>(128));
-      sm90::mbar_init(&empty_r[s], empty_count<kCluster>(128));
-    }
-    sm90::fence_barrier_init();
-  }
-  if constexpr (kCluster > 1) sm90::cluster_sync();   // the peers' barriers are initialised before any remote use
-  else __syncthreads();
+  init_half_release_ring<kCluster, kChunks>(full, empty_l, empty_r);
 
   const int* meta = sched + blockIdx.x * kSchedInts;
   const int begin_req = meta[0], end_req = meta[2];
