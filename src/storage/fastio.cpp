@@ -511,7 +511,8 @@ static void poll_plan(int n, int64_t max_read, int spin_us, bool alone, int* win
 // builds and test suites) spends its CPU share spinning and then waits for the CPU when its reads are done,
 // where a sleeping waiter is woken at once (a sleeper keeps its scheduling credit). So a batch polls only
 // while no more tasks are runnable than there are CPUs (this thread included: the kernel's instantaneous count
-// in /proc/loadavg, read at most once per POLL_SAMPLE_NS, ~1 us a read), and otherwise sleeps as fio does.
+// in /proc/loadavg, read at most once per POLL_SAMPLE_NS, ~1 us a read; smoothed, see core_free), and otherwise
+// sleeps as fio does.
 // Under two CPU hogs (22:45 UTC, 3 rounds, read_array / fio) polling read 0.55 / 0.57 / 0.45 at 4 KiB qd 16 /
 // 4 KiB qd 64 / 128 KiB qd 1, sleeping on the DEFER_TASKRUN ring 0.94 / 0.84 / 0.62, at a third of the CPU.
 // (Counting preemptions instead fails: kernel workers preempt a poller ~100 times a second even at load 1,
@@ -519,6 +520,7 @@ static void poll_plan(int n, int64_t max_read, int spin_us, bool alone, int* win
 #define POLL_SAMPLE_NS 1000000ull
 static thread_local uint64_t t_next_sample = 0;
 static thread_local bool t_core_free = true;
+static thread_local float t_busy_share = 0.0f;
 static uint64_t busy_samples = 0;  // samples that found more runnable tasks than CPUs (ds_busy_samples)
 
 uint64_t ds_busy_samples() { return __atomic_load_n(&busy_samples, __ATOMIC_RELAXED); }
@@ -527,12 +529,8 @@ uint64_t ds_busy_samples() { return __atomic_load_n(&busy_samples, __ATOMIC_RELA
 static bool core_free(uint64_t now) {
     if (now < t_next_sample) return t_core_free;
     t_next_sample = now + POLL_SAMPLE_NS;
-    static int fd = -2;
-    static long ncpu = 0;
-    if (fd == -2) {  // racing threads may both open it: one fd then stays open, harmlessly
-        ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-        fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-    }
+    static const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);  // C++ statics: initialised once, thread-safe
+    static const int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
     char buf[128];
     ssize_t len = fd >= 0 ? pread(fd, buf, sizeof(buf) - 1, 0) : -1;
     if (len <= 0) return t_core_free = true;  // no such file: poll as before
@@ -543,9 +541,12 @@ static bool core_free(uint64_t now) {
         if (p) p++;
     }
     long running = p ? strtol(p, nullptr, 10) : 0;
-    t_core_free = running <= ncpu || ncpu <= 0;
-    if (!t_core_free) __atomic_fetch_add(&busy_samples, 1, __ATOMIC_RELAXED);
-    return t_core_free;
+    bool busy = running > ncpu && ncpu > 0;
+    if (busy) __atomic_fetch_add(&busy_samples, 1, __ATOMIC_RELAXED);
+    // Smoothed over the last few samples (a kernel worker made runnable for a moment is not contention): the
+    // busy share decays by 1/4 per sample, polling stops once it passes 1/2 (three busy samples in a row).
+    t_busy_share = t_busy_share * 0.75f + (busy ? 0.25f : 0.0f);
+    return t_core_free = t_busy_share < 0.5f;
 }
 
 // How one batch waits: on which of the thread's rings it is submitted, and whether it polls (see reap).
