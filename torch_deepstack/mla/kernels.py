@@ -72,7 +72,7 @@ def seesaw_smem_bytes(d: int) -> int:
 
 
 def decode_kernel_for(rows: int) -> str:
-    """'general' or 'overlap': the bf16/fp16 decode kernel for this many q rows per KV head."""
+    """The bf16/fp16 decode kernel (a name from _DECODE_KERNELS) for this many q rows per KV head."""
     if _DECODE_KERNEL == "auto":
         if rows > 64 and (rows + 63) // 64 % _PAIR_CLUSTER == 0:
             return "seesaw_pair"   # 5-9% faster than overlap / general_pair at 128 and 256 rows (H200, docs/mla.md)
@@ -94,11 +94,16 @@ def bf16_decode_spec(dtype: torch.dtype, d: int, rows: int) -> tuple[KernelSpec,
     """(spec, shared-memory bytes, cluster size) of the decode kernel that a bf16/fp16 cache with `rows` q rows per
     KV head takes."""
     cluster = decode_cluster_for(rows)
-    if decode_kernel_for(rows).startswith("overlap"):
-        return overlap_spec(dtype, d, cluster), overlap_smem_bytes(d), cluster
-    if decode_kernel_for(rows).startswith("seesaw"):
-        return seesaw_spec(dtype, d, cluster), seesaw_smem_bytes(d), cluster
-    return decode_spec(dtype, d, False, cluster), decode_smem_bytes(d), cluster
+    return (*_named_kernel_spec(decode_kernel_for(rows), dtype, d, cluster), cluster)
+
+
+def _named_kernel_spec(kernel: str, dtype: torch.dtype, d: int, cluster: int) -> tuple[KernelSpec, int]:
+    """(spec, shared-memory bytes) of the bf16/fp16 decode kernel called `kernel` (one of _DECODE_KERNELS)."""
+    if kernel.startswith("overlap"):
+        return overlap_spec(dtype, d, cluster), overlap_smem_bytes(d)
+    if kernel.startswith("seesaw"):
+        return seesaw_spec(dtype, d, cluster), seesaw_smem_bytes(d)
+    return decode_spec(dtype, d, False, cluster), decode_smem_bytes(d)
 
 
 # FP8 caches with few q rows per KV head (s_q * h_q / h_kv <= 32) take mla_decode_fp8.cuh: transposed products with
@@ -158,10 +163,7 @@ def _max_active_clusters(device_index: int, kernel: str, cluster: int) -> int | 
     key = (device_index, kernel, cluster)
     n = _MAX_CLUSTERS.get(key)
     if n is None and not torch.cuda.is_current_stream_capturing():
-        if kernel.startswith("overlap"):
-            spec, smem = overlap_spec(torch.bfloat16, 576, cluster), overlap_smem_bytes(576)
-        else:
-            spec, smem = decode_spec(torch.bfloat16, 576, False, cluster), decode_smem_bytes(576)
+        spec, smem = _named_kernel_spec(kernel, torch.bfloat16, 576, cluster)
         with torch.cuda.device(device_index):
             n = _MAX_CLUSTERS[key] = get_kernel(spec, _DECODE_SIG).max_active_clusters(cluster, 384, smem)
     return n
