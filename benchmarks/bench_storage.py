@@ -372,6 +372,9 @@ def fmt_row(r):
             f"cluster rpc-only {r.get('cluster_rpc', 0):9.0f} ({r.get('cluster_rpc', 0) / r['embedded']:.2f})  IOPS")
 
 
+RUN_NOTES = "### Storage run notes"   # the subsection of docs/benchmarks.md that --write-docs keeps
+
+
 def write_docs(res):
     path = os.path.join(ROOT, "docs", "benchmarks.md")
     lines = ["## Storage", "",
@@ -431,7 +434,9 @@ def write_docs(res):
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
     start = text.find("## Storage")
     if start >= 0:
-        end = text.find("\n## ", start + 1)
+        # the generated part ends at the hand-written run notes (kept) or at the next section
+        ends = [i for i in (text.find("\n" + RUN_NOTES, start), text.find("\n## ", start + 1)) if i >= 0]
+        end = min(ends) if ends else -1
         text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
