@@ -68,6 +68,16 @@ __device__ __forceinline__ void pv_half_ss(float (&o)[128], uint32_t p, uint32_t
   }
 }
 
+// The same with P in registers (the A-operand fragments of this thread's rows, as exp_sum_pack packs them).
+template <typename T>
+__device__ __forceinline__ void pv_half_rs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t v) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t db = sm90::make_desc_sw128(v + k * 16 * 128, kChunkBytes, 1024);
+    Ops<T>::template pv_rs<1>(o, pa[k], db, 1);
+  }
+}
+
 // Byte offset of the 16-byte unit `u` (0..7) of row `r` inside a 128-byte-swizzled [rows x 64] 16-bit tile.
 __device__ __forceinline__ uint32_t swz(int r, int u) { return r * 128 + ((u ^ (r & 7)) << 4); }
 
@@ -99,13 +109,18 @@ __device__ __forceinline__ void load_page_box(uint8_t* dst, const CUtensorMap* k
     tma_load_4d_multicast(dst, kmap, bar, c * 64, kvh, 0, page, (1u << kCluster) - 1, policy);
   }
 }
-// A consumer warp is done with a stage: one arrival per warp on the "empty" barrier of every CTA of the cluster.
+// A consumer thread is done with a stage: without a cluster every thread arrives on its CTA's "empty" barrier; in a
+// cluster one arrival per warp on the "empty" barrier of every CTA of the cluster.
 template <int kCluster>
-__device__ __forceinline__ void release_stage_cluster(uint64_t* bar, int lane) {
-  __syncwarp();
-  if (lane == 0) {
+__device__ __forceinline__ void release_stage(uint64_t* bar, int lane) {
+  if constexpr (kCluster == 1) {
+    sm90::mbar_arrive(bar);
+  } else {
+    __syncwarp();
+    if (lane == 0) {
 #pragma unroll
-    for (int c = 0; c < kCluster; ++c) sm90::mbar_arrive_cluster(bar, c);
+      for (int c = 0; c < kCluster; ++c) sm90::mbar_arrive_cluster(bar, c);
+    }
   }
 }
 // Arrivals an "empty" barrier waits for: every consumer thread (no cluster), or one per consumer warp of each CTA.
@@ -603,8 +618,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         sm90::fence_regs(o);
         sm90::bar_arrive(2, 256);                  // P buffer free
       }
-      if constexpr (kCluster == 1) sm90::mbar_arrive(&empty[stage]);
-      else release_stage_cluster<kCluster>(&empty[stage], lane);
+      release_stage<kCluster>(&empty[stage], lane);
       stage ^= 1;
       phase ^= stage == 0;
     }

@@ -256,11 +256,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
         rescale_rows(o, sc0, sc1);
         sm90::fence_regs(o);                       // keep the rescale before the fence (else ptxas adds one)
         sm90::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint64_t db = sm90::make_desc_sw128(kst + k * 16 * 128, kChunkBytes, 1024);
-          Ops<T>::template pv_rs<1>(o, pa[k], db, 1);
-        }
+        pv_half_rs<T>(o, pa, kst);
         sm90::wgmma_commit();
 
         // Next tile's S right behind this P V (WG1's P V half queues after it).
@@ -273,8 +269,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
         }
         sm90::fence_regs(o);
         // V[:, :256] and rope of this stage are free
-        if constexpr (kCluster == 1) sm90::mbar_arrive(&empty_a[stage]);
-        else release_stage_cluster<kCluster>(&empty_a[stage], lane);
+        release_stage<kCluster>(&empty_a[stage], lane);
 
         if (!first_tile) sm90::bar_sync(kBarPFree, 256);   // WG1 is done reading the previous P and scales
         first_tile = false;
@@ -320,8 +315,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
         sm90::fence_regs(o);
         sm90::bar_arrive(kBarPFree, 256);          // P buffer free
         // V[:, 256:] of this stage is free
-        if constexpr (kCluster == 1) sm90::mbar_arrive(&empty_b[stage]);
-        else release_stage_cluster<kCluster>(&empty_b[stage], lane);
+        release_stage<kCluster>(&empty_b[stage], lane);
         stage ^= 1;
         phase ^= stage == 0;
       }

@@ -99,12 +99,6 @@ __device__ __forceinline__ int ld_nc_opaque(const int* p) {
   return v;
 }
 
-template <int kCluster>
-__device__ __forceinline__ void seesaw_release(uint64_t* bar, int lane) {
-  if constexpr (kCluster == 1) sm90::mbar_arrive(bar);
-  else release_stage_cluster<kCluster>(bar, lane);
-}
-
 template <typename T, int kDQK, int kCluster = 1>
 __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
     const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
@@ -268,15 +262,11 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
         rescale_rows(o, sc0, sc1);
         sm90::fence_regs(o);                       // keep the rescale before the fence (else ptxas adds one)
         sm90::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint64_t db = sm90::make_desc_sw128(sKa + k * 16 * 128, kChunkBytes, 1024);
-          Ops<T>::template pv_rs<1>(o, pa[k], db, 1);
-        }
+        pv_half_rs<T>(o, pa, sKa);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_regs(o);
-        seesaw_release<kCluster>(&empty_l[0], lane);   // V_a[:, 0:256] read
+        release_stage<kCluster>(&empty_l[0], lane);   // V_a[:, 0:256] read
         if constexpr (kB) {
           sm90::bar_sync(kBarB, 256);
           const float tb0 = sScale[64 + row0], tb1 = sScale[64 + row1];
@@ -295,7 +285,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
           // every wgmma (C7514). It costs no pipe time: WG1's P_b V_bR is queued behind this one by then.
           sm90::wgmma_wait<0>();
           sm90::fence_regs(o);
-          seesaw_release<kCluster>(&empty_l[1], lane);   // V_b[:, 0:256] and P_b read
+          release_stage<kCluster>(&empty_l[1], lane);   // V_b[:, 0:256] and P_b read
           ph1 ^= 1;
         }
         ph0 ^= 1;
@@ -313,7 +303,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
         constexpr bool kB = decltype(b_tag)::value;
         sm90::wgmma_wait<0>();
         sm90::fence_regs(o);
-        if (pending) seesaw_release<kCluster>(&empty_r[1], lane);
+        if (pending) release_stage<kCluster>(&empty_r[1], lane);
         float s[32];
         sm90::bar_sync(kBarSIssued, 256);
         if constexpr (kB) {
@@ -350,23 +340,18 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
           sm90::bar_arrive(kBarB, 256);
           sm90::wgmma_wait<0>();
           sm90::fence_regs(o);
-          seesaw_release<kCluster>(&empty_r[0], lane);   // V_a[:, 256:512] and P_a read
+          release_stage<kCluster>(&empty_r[0], lane);   // V_a[:, 256:512] and P_a read
           rescale_rows(o, sc0, sc1);
           sm90::fence_regs(o);
           sm90::wgmma_fence();
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const uint64_t db = sm90::make_desc_sw128(sKa + kStageBytes + 4 * kChunkBytes + k * 16 * 128,
-                                                      kChunkBytes, 1024);
-            Ops<T>::template pv_rs<1>(o, pa[k], db, 1);
-          }
+          pv_half_rs<T>(o, pa, sKa + kStageBytes + 4 * kChunkBytes);
           sm90::wgmma_commit();
           pending = true;
           ph1 ^= 1;
         } else {
           sm90::wgmma_wait<0>();
           sm90::fence_regs(o);
-          seesaw_release<kCluster>(&empty_r[0], lane);
+          release_stage<kCluster>(&empty_r[0], lane);
           pending = false;
         }
         ph0 ^= 1;
@@ -376,7 +361,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
       if (odd) pair(b1 - 1, std::false_type{});
       sm90::wgmma_wait<0>();
       sm90::fence_regs(o);
-      if (pending) seesaw_release<kCluster>(&empty_r[1], lane);
+      if (pending) release_stage<kCluster>(&empty_r[1], lane);
       sL[2 * wtid] = l0;
       sL[2 * wtid + 1] = l1;
       sm90::bar_arrive(kBarL, 256);
