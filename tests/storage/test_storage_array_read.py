@@ -11,7 +11,7 @@ import torch
 
 import torch_deepstack.storage as st
 from tests.storage.torn_reads import torn_chunk_reads
-from torch_deepstack.storage import ChunkCorrupt, InvalidArgument, ReadRequest, array_read, fastio
+from torch_deepstack.storage import ChunkCorrupt, InvalidArgument, ReadRequest, array_read, fastio, pyrows
 
 CS = 64 << 10
 
@@ -419,6 +419,20 @@ def test_read_array_detects_corruption(fs, mode):
     with pytest.raises(ChunkCorrupt):
         res.raise_first()
     assert isinstance(fs.batch_read([(f, CS + 4096, 10, None)])[0].error, ChunkCorrupt)
+    # A batch long enough for the C parser (results made while the reads are in flight): the request on the
+    # corrupt block fails alone, a read past the end is short, the rest are whole.
+    tail = _random_file(fs, "/c2", rng, CS + 1000)
+    f2 = fs.open("/c2")
+    bufs = [np.zeros(4096, np.uint8) for _ in range(6)]
+    parsed = fs._batch_read_parsed(pyrows.load(), [(f, 0, 4096, bufs[0]), (f, CS + 4096, 4096, bufs[1]),
+                                                   (f, CS + 100, 50, bufs[2]), (f2, CS, 4096, bufs[3]),
+                                                   (f, 2 * CS, 10, bufs[4]), (f2, 4096, 4096, bufs[5])], None)
+    res = fs.batch_read([(f, 0, 4096, bufs[0]), (f, CS + 4096, 4096, bufs[1]), (f, CS + 100, 50, bufs[2]),
+                         (f2, CS, 4096, bufs[3]), (f, 2 * CS, 10, bufs[4]), (f2, 4096, 4096, bufs[5])])
+    for got in (parsed, res) if pyrows.load() is not None and mode != "pure-python" else (res,):
+        assert [r.nbytes for r in got if r.ok] == [4096, 50, 1000, 0, 4096]
+        assert isinstance(got[1].error, ChunkCorrupt) and not got[1].ok
+        assert bytes(got[3].data) == tail[CS:] and bytes(got[5].data) == tail[4096:8192]
 
 
 def test_read_array_rejects_bad_arguments(fs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import itertools
 import queue
 import sys
 import threading
@@ -136,6 +137,9 @@ class ReadRequest:
     length: int
     out: Any = None
     userdata: Any = None
+
+
+_NONES = itertools.repeat(None)  # map()'s constant arguments (ReadResult's data and error)
 
 
 class ReadResult:
@@ -785,6 +789,12 @@ class FileSystem:
             else:
                 slow.append(len(results))
                 add(None)
+        return self._redo_slow(results, slow, reqs, outs, timeout)
+
+    def _redo_slow(self, results: list, slow: list[int], reqs: list, outs: list,
+                   timeout: float | None) -> list[ReadResult]:
+        """Serves the requests at indices `slow` (left by the native path) through the general path, into the
+        same buffers, and puts their results in place."""
         if slow:
             redo = [reqs[k] if type(reqs[k]) is ReadRequest else ReadRequest(*reqs[k]) for k in slow]
             again = self._batch_read_general([ReadRequest(q.file, q.offset, q.length, outs[k], q.userdata)
@@ -843,6 +853,9 @@ class FileSystem:
                 sizes[len(inodes)] = f._inode["chunk_size"]
                 inodes.append(f._inode)
                 start = i
+            waves = self.backend.begin_waves()
+            if waves is not None:
+                return self._read_parsed_early(waves, reqs, inodes, rows, outs, timeout)
             got = self.backend.read_array(inodes, rows, 0, 1 << 62)  # rows carry absolute addresses
             if got is None:
                 return None
@@ -851,6 +864,29 @@ class FileSystem:
             for h in handles:  # the reads are over (read_array is synchronous): the buffers may move again
                 lib.ds_rows_release(h)
         return self._native_results(reqs, outs, got, timeout)
+
+    def _read_parsed_early(self, waves, reqs: list, inodes: list, rows, outs: list,
+                           timeout: float | None) -> list[ReadResult]:
+        """Submits the parsed rows, then makes the results while the device reads (~0.4 us of Python per
+        request, which the synchronous read_array paid after the reads), each assuming its whole length was
+        read; after the wait only the requests whose byte counts differ are revisited."""
+        waves.submit(inodes, rows)
+        try:
+            results = list(map(ReadResult, reqs, rows[:, 1].tolist(), _NONES, _NONES, outs))
+        finally:
+            waves.wait()  # reads in flight land in the caller's buffers: let them finish first
+        got = rows[:, 3]
+        short = (got != rows[:, 1]).nonzero()[0].tolist()
+        if not short:
+            return results
+        slow = []
+        for k in short:
+            n = int(got[k])
+            if n >= 0:
+                results[k].nbytes = n
+            else:
+                slow.append(k)
+        return self._redo_slow(results, slow, reqs, outs, timeout)
 
     WAVE_FIRST = 8  # requests in batch_read's first wave (see _batch_read_native)
 
