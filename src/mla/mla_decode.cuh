@@ -163,8 +163,9 @@ struct SmemLayout {
   static constexpr int kP = kK + 2 * kChunks * kChunkBytes;
   static constexpr int kScale = kP + kChunkBytes;                 // 64 fp32: per-row rescale of this tile
   static constexpr int kFinal = kScale + 64 * 4;                  // 64 fp32: 1 / row sum at the end
-  static constexpr int kBars = kFinal + 64 * 4;                   // full[2], empty[2]
-  static constexpr int kBytes = kBars + 4 * 8;
+  static constexpr int kBars = kFinal + 64 * 4;                   // full[2], empty[2], q_full, q_free
+  static constexpr int kSplits = kBars + 6 * 8;                   // [2][2] int: num_splits[req], [req + 1] (early Q)
+  static constexpr int kBytes = kSplits + 4 * 4;
   static constexpr int kAlloc = kBytes + 1024;                    // slack to align the base to 1024 bytes
 };
 
@@ -218,6 +219,93 @@ __device__ __forceinline__ void load_q_tile_batched(uint8_t* sQ, const T* __rest
       *reinterpret_cast<uint4*>(sQ + (cu / 8) * kChunkBytes + swz(r, cu % 8)) = v[i];
     }
   }
+}
+
+// ---- early Q (bf16/fp16 caches): the next request piece's Q tile is loaded while the current piece still runs ----
+// Producer warps 1-3 (idle otherwise: one thread issues the page TMAs) copy each piece's Q tile into sQ with cp.async
+// (16-byte copies into the swizzled layout, zero-filled past the last row) as soon as the consumers have finished the
+// previous piece's last Q K^T (mbarrier "q_free"; P V does not read Q), and signal "q_full"; the consumers wait on it
+// before the piece's first Q K^T. Before, the consumers loaded Q themselves after the previous piece's epilogue: a
+// DRAM round trip per piece with the tensor pipe idle. The two num_splits entries the piece's epilogue reads come
+// along (slot = piece parity). Pieces without pages (s_k = 0, or a range ending at a request's first page) load
+// nothing. -DDEEPSTACK_MLA_EARLY_Q=0 restores the consumer-side load (benchmarks/ab_mla.py A/Bs the two).
+#ifndef DEEPSTACK_MLA_EARLY_Q
+#define DEEPSTACK_MLA_EARLY_Q 1
+#endif
+constexpr bool kEarlyQ = DEEPSTACK_MLA_EARLY_Q != 0;
+#if DEEPSTACK_MLA_EARLY_Q
+#define DEEPSTACK_MLA_EQ_UNROLL_1 _Pragma("unroll 1")
+#else
+#define DEEPSTACK_MLA_EQ_UNROLL_1
+#endif
+constexpr int kQLoaderThreads = 96;   // producer warps 1-3
+
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+// One arrival on `bar` once all of this thread's earlier cp.async copies have landed (the barrier counts it).
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(sm90::smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// A read-only int loaded where it is used (asm volatile: not hoisted, so it does not stay live across loops).
+__device__ __forceinline__ int ld_nc_opaque(const int* p) {
+  int v;
+  asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+// The loader loop of producer thread lt (0..95) over the part's pieces (the consumers' range walk). It runs under
+// the producer's 40-register cap: the range is re-read where used and a row's (s, head) is stepped, not divided.
+template <typename T, int kChunks>
+__device__ __forceinline__ void early_q_loader(uint8_t* sQ, int* sSplits, uint64_t* q_full, uint64_t* q_free,
+                                               const T* __restrict__ q, const int* __restrict__ seqlens,
+                                               const int* __restrict__ num_splits, const int* meta, int lt, int rb,
+                                               int rows, int hpk, int kvh, long long q_sb, long long q_ss,
+                                               long long q_sh) {
+  constexpr int kWarps = kQLoaderThreads / 32;
+  const int lane = lt % 32, w = lt / 32;
+  const uint32_t sQa = sm90::smem_addr(sQ);
+  const T* qh = q + static_cast<long long>(kvh) * hpk * q_sh;   // this KV head's first q head
+  int ph = 0;
+#pragma unroll 1
+  for (int req = ld_nc_opaque(meta); req <= ld_nc_opaque(meta + 2); ++req) {
+    const int nblk = (seqlens[req] + kPage - 1) / kPage;
+    const int b0 = req == ld_nc_opaque(meta) ? ld_nc_opaque(meta + 1) : 0;
+    const int b1 = req == ld_nc_opaque(meta + 2) ? ld_nc_opaque(meta + 3) : nblk;
+    if (b0 >= b1) continue;
+    sm90::mbar_wait(q_free, ph ^ 1);   // the previous piece's last Q K^T is done
+    const T* qr = qh + req * q_sb;
+    int gr = rb * 64 + w;              // q row s * hpk + lh of tile row r
+    int s = gr / hpk, lh = gr - s * hpk;
+#pragma unroll 1
+    for (int r = w; r < 64; r += kWarps) {   // a warp per row: 16-byte units lane, lane + 32, ...
+      const bool valid = gr < rows;            // zero-fill past the last row (reading nothing)
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(valid ? qr + s * q_ss + lh * q_sh : q) + lane * 16;
+      const uint32_t bytes = valid ? 16 : 0;
+      const uint32_t dst = sQa + r * 128;
+#pragma unroll
+      for (int i = 0; i < (kChunks * 8 + 31) / 32; ++i) {
+        const int cu = lane + 32 * i;
+        if (cu < kChunks * 8)
+          cp_async_16_zfill(dst + (cu / 8) * kChunkBytes + (((cu % 8) ^ (r & 7)) << 4), src + 512 * i, bytes);
+      }
+      gr += kWarps;
+      lh += kWarps;
+      while (lh >= hpk) {
+        lh -= hpk;
+        ++s;
+      }
+    }
+    if (lt < 2) cp_async_4(sm90::smem_addr(sSplits + 2 * ph + lt), num_splits + req + lt);
+    cp_async_mbar_arrive_noinc(q_full);
+    ph ^= 1;
+  }
+  cp_async_wait_all();
 }
 
 // Mask a tile's scores to the visible keys (a select, so NaN in unused cache slots never reaches the max), scale them
@@ -281,12 +369,13 @@ constexpr int kBarFinal = 4;
 template <typename T>
 __device__ __forceinline__ void finish_request(
     const float (&o)[128], float l0, float l1, float m0, float m1, int wg, int t, int row0, int row1, int grow0,
-    int grow1, int req, int begin_req, int begin_split, const int* __restrict__ num_splits, int h_q, int h_kv, int s_q,
+    int grow1, int req, int begin_req, int begin_split, const int* ns, int h_q, int h_kv, int s_q,
     int rows, int hpk, int kvh, float* sFinal, T* __restrict__ out, float* __restrict__ lse,
     float* __restrict__ o_accum, float* __restrict__ lse_accum) {
   const float kInf = __int_as_float(0x7f800000);
-  const int split = req == begin_req ? begin_split : num_splits[req];   // read here: fewer live registers
-  const bool single = num_splits[req + 1] - num_splits[req] == 1;
+  // ns: num_splits + req, or its copy in shared memory (early Q); read here: fewer live registers
+  const int split = req == begin_req ? begin_split : ns[0];
+  const bool single = ns[1] - ns[0] == 1;
   if (wg == 0) {
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
@@ -361,6 +450,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
   float* sFinal = reinterpret_cast<float*>(smem + L::kFinal);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBars);
   uint64_t* empty = full + 2;
+  uint64_t* q_full = full + 4;   // early Q: the piece's Q tile landed (one cp.async arrival per loader thread)
+  uint64_t* q_free = full + 5;   // early Q: WG0's last Q K^T of the piece is done
+  int* sSplits = reinterpret_cast<int*>(smem + L::kSplits);
+  constexpr bool kEQ = kEarlyQ && !kFp8;   // the FP8 producer needs all of its warpgroup
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -370,20 +463,35 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
       sm90::mbar_init(&full[s], kFp8 ? 128 : 1);
       sm90::mbar_init(&empty[s], empty_count<kCluster>(256));
     }
+    if constexpr (kEQ) {
+      sm90::mbar_init(q_full, kQLoaderThreads);
+      sm90::mbar_init(q_free, 128);
+    }
     sm90::fence_barrier_init();
   }
   if constexpr (kCluster > 1) sm90::cluster_sync();   // the peers' barriers are initialised before any remote use
   else __syncthreads();
 
   const int* meta = sched + blockIdx.x * kSchedInts;
-  const int begin_req = meta[0], begin_blk = meta[1], end_req = meta[2], end_blk = meta[3], begin_split = meta[4];
+  // The part's range. Early Q: read per role instead (live across the role split, it was spilled under the
+  // producer's 40-register cap).
+  const int p_begin_req = kEQ ? 0 : meta[0], p_begin_blk = kEQ ? 0 : meta[1], p_end_req = kEQ ? 0 : meta[2],
+            p_end_blk = kEQ ? 0 : meta[3], p_begin_split = kEQ ? 0 : meta[4];
   const int kvh = blockIdx.y;
   const int rb = blockIdx.z;
 
   if (wg == 2) {
     // ------------------------------------------------ producer ------------------------------------------------
     sm90::regs_decrease<kProducerRegs>();
-    if (!kFp8 && tid != 256) return;
+    const int begin_req = p_begin_req, begin_blk = p_begin_blk, end_req = p_end_req, end_blk = p_end_blk;
+    if (!kFp8 && tid != 256) {
+      if constexpr (kEQ) {
+        if (tid >= 384 - kQLoaderThreads)
+          early_q_loader<T, kChunks>(sQ, sSplits, q_full, q_free, q, seqlens, num_splits, meta,
+                                     tid - (384 - kQLoaderThreads), rb, rows, h_q / h_kv, kvh, q_sb, q_ss, q_sh);
+      }
+      return;
+    }
     if constexpr (!kFp8) {
       sm90::fence_tensormap_acquire(kmap);   // the map was written by a host-to-device copy
       sm90::prefetch_tensor_map(kmap);
@@ -419,11 +527,14 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
 #pragma unroll 1
       for (int i = 0; i < kPrefetch; ++i) pf_issue();
     }
-    for (int req = begin_req; req <= end_req; ++req) {
+    // bf16/fp16: the range re-read where used (kept live, it was spilled under the 40-register cap with early Q)
+    auto range = [&](int i, int v) { return kEQ ? ld_nc_opaque(meta + i) : v; };
+    for (int req = range(0, begin_req); req <= range(2, end_req); ++req) {
       const int sk = seqlens[req];
       const int nblk = (sk + kPage - 1) / kPage;
-      const int b0 = req == begin_req ? begin_blk : 0;
-      const int b1 = req == end_req ? end_blk : nblk;
+      const int b0 = req == range(0, begin_req) ? range(1, begin_blk) : 0;
+      const int b1 = req == range(2, end_req) ? range(3, end_blk) : nblk;
+      DEEPSTACK_MLA_EQ_UNROLL_1   // early Q: not unrolled (the unrolled loop spilled under the 40-register cap)
       for (int blk = b0; blk < b1; ++blk) {
         const int page = block_table[static_cast<long long>(req) * bt_stride + blk];
         uint8_t* dst = sK + stage * kChunks * kChunkBytes;
@@ -503,6 +614,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
 
   // -------------------------------------------------- consumers --------------------------------------------------
   sm90::regs_increase<kConsumerRegs>();
+  const int begin_req = kEQ ? meta[0] : p_begin_req, begin_blk = kEQ ? meta[1] : p_begin_blk,
+            end_req = kEQ ? meta[2] : p_end_req, end_blk = kEQ ? meta[3] : p_end_blk,
+            begin_split = kEQ ? meta[4] : p_begin_split;
   const int wtid = tid % 128, warp = wtid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int row0 = warp * 16 + g, row1 = row0 + 8;           // tile rows of this thread's accumulator
@@ -510,7 +624,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
   const int hpk = h_q / h_kv;
   const float kInf = __int_as_float(0x7f800000);
   const uint32_t sQa = sm90::smem_addr(sQ), sKa = sm90::smem_addr(sK), sPa = sm90::smem_addr(sP);
-  int stage = 0, phase = 0;
+  int stage = 0, phase = 0;   // phase: bit 0 the K ring's parity, bit 1 early Q's (pieces with pages so far, mod 2)
   bool first_tile = true;
 
   for (int req = begin_req; req <= end_req; ++req) {
@@ -521,10 +635,17 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
 
     // Q rows of this block -> shared memory (zeros past the last row), 128-byte swizzled chunks.
     sm90::bar_sync(1, 256);   // everyone is done with the previous request's sQ / sFinal
-    if constexpr (kFp8) load_q_tile<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
-    else load_q_tile_batched<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
-    sm90::fence_proxy_async();
-    sm90::bar_sync(1, 256);
+    if constexpr (kEQ) {
+      if (b0 < b1) {
+        sm90::mbar_wait(q_full, (phase >> 1) & 1);   // loaded by producer warps 1-3 (cp.async)
+        sm90::fence_proxy_async();                     // ... and read by wgmma (async proxy) next
+      }
+    } else {
+      if constexpr (kFp8) load_q_tile<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
+      else load_q_tile_batched<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
+      sm90::fence_proxy_async();
+      sm90::bar_sync(1, 256);
+    }
 
     float o[128];
 #pragma unroll
@@ -535,7 +656,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
     const int lim1 = (causal && grow1 < rows) ? sk - s_q + grow1 / hpk + 1 : sk;
 
     for (int blk = b0; blk < b1; ++blk) {
-      sm90::mbar_wait(&full[stage], phase);
+      sm90::mbar_wait(&full[stage], phase & 1);
       const uint32_t kst = sKa + stage * kChunks * kChunkBytes;
       if (wg == 0) {
         float s[32];
@@ -553,6 +674,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_regs(s);
+        if constexpr (kEQ) {
+          if (blk == b1 - 1) sm90::mbar_arrive(q_free);   // the next piece's Q may load now
+        }
 
         // Mask (select, so NaN in unused cache slots never reaches the max) and online softmax in log2 units.
         float mx0 = m0, mx1 = m1;
@@ -623,7 +747,14 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
       phase ^= stage == 0;
     }
 
-    finish_request<T>(o, l0, l1, m0, m1, wg, t, row0, row1, grow0, grow1, req, begin_req, begin_split, num_splits, h_q,
+    const int* ns = num_splits + req;
+    if constexpr (kEQ) {
+      if (b0 < b1) {
+        ns = sSplits + (phase & 2);
+        phase ^= 2;
+      }
+    }
+    finish_request<T>(o, l0, l1, m0, m1, wg, t, row0, row1, grow0, grow1, req, begin_req, begin_split, ns, h_q,
                       h_kv, s_q, rows, hpk, kvh, sFinal, out, lse, o_accum, lse_accum);
   }
   if (wg == 0 && !first_tile) sm90::bar_sync(2, 256);   // match WG1's last "P free" arrival

@@ -321,8 +321,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_overlap_kernel(
       }
     }
 
-    finish_request<T>(o, l0, l1, m0, m1, wg, t, row0, row1, grow0, grow1, req, begin_req, begin_split, num_splits, h_q,
-                      h_kv, s_q, rows, hpk, kvh, sFinal, out, lse, o_accum, lse_accum);
+    finish_request<T>(o, l0, l1, m0, m1, wg, t, row0, row1, grow0, grow1, req, begin_req, begin_split,
+                      num_splits + req, h_q, h_kv, s_q, rows, hpk, kvh, sFinal, out, lse, o_accum, lse_accum);
   }
   if (wg == 0 && !first_tile) sm90::bar_sync(kBarPFree, 256);   // match WG1's last "P free" arrival
 }

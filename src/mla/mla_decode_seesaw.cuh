@@ -39,8 +39,9 @@ struct SeesawLayout {
   static constexpr int kScale = kM + 2 * 64 * 4;                     // [2][64] fp32: that tile's rescale factor
   static constexpr int kFinal = kScale + 2 * 64 * 4;                 // [64] fp32: 1 / row sum at the end
   static constexpr int kL = kFinal + 64 * 4;                         // [256] fp32: WG1's partial row sums
-  static constexpr int kBars = kL + 256 * 4;                         // full[2][kChunks], empty_l[2], empty_r[2]
-  static constexpr int kBytes = kBars + (2 * kChunks + 4) * 8;
+  static constexpr int kBars = kL + 256 * 4;   // full[2][kChunks], empty_l[2], empty_r[2], q_full, q_free
+  static constexpr int kSplits = kBars + (2 * kChunks + 6) * 8;      // [2][2] int (early Q, see mla_decode.cuh)
+  static constexpr int kBytes = kSplits + 4 * 4;
   static constexpr int kAlloc = kBytes + 1024;                       // slack to align the base to 1024 bytes
 };
 
@@ -92,13 +93,6 @@ __device__ __forceinline__ void seesaw_zero_tail(uint8_t* kt, int valid, int wti
   }
 }
 
-// A read-only int loaded where it is used (asm volatile: not hoisted, so it does not stay live across loops).
-__device__ __forceinline__ int ld_nc_opaque(const int* p) {
-  int v;
-  asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-
 template <typename T, int kDQK, int kCluster = 1>
 __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
     const T* __restrict__ q, T* __restrict__ out, float* __restrict__ lse, float* __restrict__ o_accum,
@@ -129,6 +123,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBars);   // [stage * kChunks + chunk]
   uint64_t* empty_l = full + 2 * kChunks;   // per stage: chunks 0-3 (+ stage 1's P), WG0 after its P V
   uint64_t* empty_r = empty_l + 2;          // per stage: chunks 4-7 (+ stage 0's P), WG1 after its P V
+  uint64_t* q_full = empty_r + 2;           // early Q (mla_decode.cuh): the piece's Q tile landed
+  uint64_t* q_free = q_full + 1;            // early Q: both warpgroups' last Q K^T of the piece are done
+  int* sSplits = reinterpret_cast<int*>(smem + L::kSplits);
   // P of the tile in stage st: the stage's rope chunk (d = 576) or a separate buffer (d = 512).
   auto pbuf = [&](int st) -> uint8_t* {
     return L::kPInRope ? sK + (st * kChunks + 8) * kChunkBytes : smem + L::kP + st * kChunkBytes;
@@ -136,6 +133,12 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
+  if constexpr (kEarlyQ) {
+    if (tid == 0) {   // made visible by init_half_release_ring's fence and CTA / cluster sync
+      sm90::mbar_init(q_full, kQLoaderThreads);
+      sm90::mbar_init(q_free, 256);
+    }
+  }
   init_half_release_ring<kCluster, kChunks>(full, empty_l, empty_r);
 
   const int* meta = sched + blockIdx.x * kSchedInts;
@@ -146,7 +149,14 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
   if (wg == 2) {
     // ------------------------------------------------ producer ------------------------------------------------
     sm90::regs_decrease<40>();
-    if (tid != 256) return;
+    if (tid != 256) {
+      if constexpr (kEarlyQ) {
+        if (tid >= 384 - kQLoaderThreads)
+          early_q_loader<T, kChunks>(sQ, sSplits, q_full, q_free, q, seqlens, num_splits, meta,
+                                     tid - (384 - kQLoaderThreads), rb, rows, h_q / h_kv, kvh, q_sb, q_ss, q_sh);
+      }
+      return;
+    }
     sm90::fence_tensormap_acquire(kmap);
     sm90::prefetch_tensor_map(kmap);
     const uint64_t policy = sm90::evict_first_policy();
@@ -156,11 +166,14 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
       load_page_box<kCluster>(dst + c * kChunkBytes, kmap, &fb[c], c, kvh, page, rank, policy);
     };
     int ph0 = 0, ph1 = 0;   // phase of each stage (tiles alternate stages within a request, starting at stage 0)
-    for (int req = begin_req; req <= end_req; ++req) {
+    // early Q: the range re-read where used and the page loop not unrolled (else spills under the 40-register cap)
+    auto range = [&](int i, int v) { return kEarlyQ ? ld_nc_opaque(meta + i) : v; };
+    for (int req = range(0, begin_req); req <= range(2, end_req); ++req) {
       const int sk = seqlens[req];
       const int nblk = (sk + kPage - 1) / kPage;
-      const int b0 = req == begin_req ? meta[1] : 0;
-      const int b1 = req == end_req ? meta[3] : nblk;
+      const int b0 = req == range(0, begin_req) ? meta[1] : 0;
+      const int b1 = req == range(2, end_req) ? meta[3] : nblk;
+      DEEPSTACK_MLA_EQ_UNROLL_1
       for (int blk = b0; blk < b1; ++blk) {
         const int st = (blk - b0) & 1;
         const int ph = st ? ph1 : ph0;
@@ -201,6 +214,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
   const uint32_t sP0 = sm90::smem_addr(pbuf(0)), sP1 = sm90::smem_addr(pbuf(1));
   constexpr uint32_t kStageBytes = kChunks * kChunkBytes;
   int ph0 = 0, ph1 = 0;
+  int q_phase = 0;   // early Q: pieces with pages so far, mod 2
 
   // The part's range is read again where it is used (kept live across the page loops it was spilled).
   for (int req = begin_req; req <= ld_nc_opaque(meta + 2); ++req) {
@@ -210,9 +224,16 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
     const int b1 = req == ld_nc_opaque(meta + 2) ? ld_nc_opaque(meta + 3) : nblk;
 
     sm90::bar_sync(kBarQ, 256);   // everyone is done with the previous request's sQ / sFinal / sL
-    load_q_tile_batched<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
-    sm90::fence_proxy_async();
-    sm90::bar_sync(kBarQ, 256);
+    if constexpr (kEarlyQ) {
+      if (b0 < b1) {
+        sm90::mbar_wait(q_full, q_phase);   // loaded by producer warps 1-3 (cp.async)
+        sm90::fence_proxy_async();          // ... and read by wgmma (async proxy) next
+      }
+    } else {
+      load_q_tile_batched<T, kChunks>(sQ, q, tid, rb, rows, hpk, kvh, req, q_sb, q_ss, q_sh);
+      sm90::fence_proxy_async();
+      sm90::bar_sync(kBarQ, 256);
+    }
 
     float o[128];
 #pragma unroll
@@ -246,6 +267,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
         sm90::bar_arrive(kBarSIssued, 256);
         sm90::wgmma_wait<0>();
         sm90::fence_regs(s);
+        if constexpr (kEarlyQ) {
+          if (blk + 2 >= b1) sm90::mbar_arrive(q_free);   // last S_a of the piece: the next Q may load
+        }
 
         float sc0, sc1;
         uint32_t pa[4][4];
@@ -304,6 +328,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
         sm90::wgmma_wait<0>();
         sm90::fence_regs(o);
         if (pending) release_stage<kCluster>(&empty_r[1], lane);
+        if constexpr (kEarlyQ && !kB) sm90::mbar_arrive(q_free);   // a lone last tile a: no more S_b in this piece
         float s[32];
         sm90::bar_sync(kBarSIssued, 256);
         if constexpr (kB) {
@@ -327,6 +352,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
         if constexpr (kB) {
           sm90::wgmma_wait<1>();                   // S_b done (P_a V_aR may still run)
           sm90::fence_regs(s);
+          if constexpr (kEarlyQ) {
+            if (blk + 2 >= b1) sm90::mbar_arrive(q_free);   // last S_b of the piece
+          }
           float sc0, sc1;
           uint32_t pa[4][4];
           softmax(s, blk + 1, sc0, sc1, pa);
@@ -370,8 +398,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_seesaw_kernel(
     // q rows recomputed from an opaque block index (kept live across the page loops they were spilled)
     int rbz;
     asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(rbz));
+    const int* ns = num_splits + req;
+    if constexpr (kEarlyQ) {
+      if (b0 < b1) {
+        ns = sSplits + 2 * q_phase;
+        q_phase ^= 1;
+      }
+    }
     finish_request<T>(o, l0, l1, m0, m1, wg, t, row0, row1, rbz * 64 + row0, rbz * 64 + row1, req, ld_nc_opaque(meta),
-                      ld_nc_opaque(meta + 4), num_splits, h_q, h_kv, s_q, rows, hpk, kvh, sFinal, out, lse, o_accum,
+                      ld_nc_opaque(meta + 4), ns, h_q, h_kv, s_q, rows, hpk, kvh, sFinal, out, lse, o_accum,
                       lse_accum);
   }
 }

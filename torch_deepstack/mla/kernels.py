@@ -68,7 +68,7 @@ def seesaw_smem_bytes(d: int) -> int:
     """Mirror of SeesawLayout<d>::kAlloc (d = 576 keeps each P tile in its stage's rope chunk)."""
     chunks = d // 64
     p_bufs = 0 if chunks == 9 else 2 * _CHUNK_BYTES
-    return 3 * chunks * _CHUNK_BYTES + p_bufs + 5 * 64 * 4 + 256 * 4 + (2 * chunks + 4) * 8 + 1024
+    return 3 * chunks * _CHUNK_BYTES + p_bufs + 5 * 64 * 4 + 256 * 4 + (2 * chunks + 6) * 8 + 4 * 4 + 1024
 
 
 def decode_kernel_for(rows: int) -> str:
@@ -146,7 +146,7 @@ def _prebuild():
 
 def decode_smem_bytes(d: int) -> int:
     chunks = d // 64
-    return 3 * chunks * _CHUNK_BYTES + _CHUNK_BYTES + 2 * 64 * 4 + 4 * 8 + 1024
+    return 3 * chunks * _CHUNK_BYTES + _CHUNK_BYTES + 2 * 64 * 4 + 6 * 8 + 4 * 4 + 1024   # SmemLayout<d>::kAlloc
 
 
 @functools.lru_cache(maxsize=8)
