@@ -118,6 +118,22 @@ struct TileScheduler {
 };
 
 template <int V> struct IntC { static constexpr int value = V; };
+// A run-time int with IntC's interface (DS_SFB_RUNTIME: the B-scale block offset as a run-time value, for A/B runs).
+struct RtInt { int value; };
+
+// 1D2D B scales: calls f(IntC<o>{}) for the tile's column offset o = n0 % 128 inside its first 128-wide scale block
+// (o is a multiple of kStep, the gcd of BLOCK_N and 128), so which scale block each 8-column fragment uses is known
+// at compile time. With o a run-time value the promotion picked each fragment's scale with a compare and a select
+// and ptxas re-multiplied every fragment's scale per slice: ~80 more instructions per slice at 128x160 than the 80
+// FFMAs themselves (SASS, nvcc 13.0). One main-loop copy per offset instead (at most 128 / 16 = 8).
+template <int kO, int kStep, typename F>
+__device__ __forceinline__ void with_sfb_offset(int o, F&& f) {
+  if constexpr (kO + kStep >= 128) {
+    f(IntC<kO>{});
+  } else {
+    if (o == kO) f(IntC<kO>{}); else with_sfb_offset<kO + kStep, kStep>(o, f);
+  }
+}
 
 template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool kSfbPerRow, typename OutT,
           typename CT, bool kHasC, int kCluster = 1, bool kTmaStore = false>
@@ -129,13 +145,17 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 (1 math warpgroup) or 128 (2)");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "BLOCK_N is a multiple of 16 in [16, 256]");
-  // 1D2D: a tile starts at a multiple of kBlockN, so it touches at most two 128-wide B scale blocks only when
-  // kBlockN <= 128 + gcd(kBlockN, 128) (gcd = lowest set bit here); e.g. 176 would need three.
-  static_assert(kSfbPerRow || kBlockN <= 128 + ((kBlockN & -kBlockN) < 128 ? (kBlockN & -kBlockN) : 128),
-                "BLOCK_N would let a tile span three B scale blocks");
+  // 1D2D: a tile starts at a multiple of kBlockN, so its offset inside a 128-wide B scale block is a multiple of
+  // gcd(kBlockN, 128) (the lowest set bit here) and it touches at most kSfbSpan blocks (3 at most for BLOCK_N <= 256:
+  // 176-wide tiles starting 96 or 112 columns into a block need three).
+  constexpr int kSfbGcd = (kBlockN & -kBlockN) < 128 ? (kBlockN & -kBlockN) : 128;
+  constexpr int kSfbSpan = (128 - kSfbGcd + kBlockN - 1) / 128 + 1;
+  static_assert(kSfbSpan <= 3, "a tile spans at most three B scale blocks");
   constexpr int kMathWG = kBlockM / 64;
   constexpr int kMathThreads = kMathWG * 128;
   // Pipelined promotion (main loop below): two accumulator sets, so BLOCK_N <= 128 (3 x 64 registers per thread).
+  // (128x144 fits in 232 registers where the K slices are a multiple of 8, spills 48 B otherwise, and ran 3-50%
+  // slower than the serial 128x144 on the H200, 2026-11-30; not offered.)
   // DS_SERIAL_PROMOTE (via DEEPSTACK_GEMM_DEFINES) restores the one-slice-at-a-time loop for A/B runs.
 #if !defined(DS_SERIAL_PROMOTE) && !defined(DS_DBG)
   constexpr bool kPipePromote = !kSfbPerRow && kBlockN <= 128;
@@ -171,18 +191,19 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
                                   kBlockN <= 160),
                 "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
-  // kTmaStore (1D2D bf16 output without C, BLOCK_N a multiple of 64; any kind): the epilogue writes the tile into its own
-  // BLOCK_M x BLOCK_N bf16 shared-memory buffer (each math warp its 16 rows, as 16 x 64 boxes of 2 KB with the
-  // 128-byte swizzle) and leaves it to TMA stores (tmap_sfb then describes D), so the math warps go on to the next
-  // tile at once; a warp waits for its previous stores to have read the buffer only before rewriting it, a tile
+  // kTmaStore (1D2D bf16 output without C; any kind): the epilogue writes the tile into its own BLOCK_M x BLOCK_N bf16
+  // shared-memory buffer (each math warp its 16 rows: as 16 x 64 boxes of 2 KB with the 128-byte swizzle when
+  // BLOCK_N is a multiple of 64, else as one unswizzled 16 x BLOCK_N box with rows BLOCK_N * 2 bytes apart) and leaves
+  // it to TMA stores (tmap_sfb then describes D, with the matching box and swizzle), so the math warps go on to the
+  // next tile at once; a warp waits for its previous stores to have read the buffer only before rewriting it, a tile
   // later. The buffer costs pipeline stages (128x128: 6 -> 5), which is why the host enables it only for K-loops
   // short enough that the epilogue weighs more (measured, docs/gemm.md).
   constexpr int kEpiWarpBytes = kBlockN * 32;                   // one warp's 16 rows of bf16
   // Grouped kinds: a warp stores by TMA only when all its 16 rows are valid (contiguous: no -1 row, masked: below
   // masked_m), the staged stores otherwise.
-  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && kCluster == 1 &&
-                               std::is_same<OutT, __nv_bfloat16>::value && kBlockN % 64 == 0),
-                "the TMA-store epilogue is for 1D2D bf16 output without C, BLOCK_N a multiple of 64, no clusters");
+  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && kCluster == 1 && std::is_same<OutT, __nv_bfloat16>::value),
+                "the TMA-store epilogue is for 1D2D bf16 output without C, no clusters");
+  constexpr bool kTmaSwizzled = kBlockN % 64 == 0;
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
   constexpr uint32_t kStageBytes = kBytesA + kBytesB + kBytesSFA + kBytesSFB;   // what TMA delivers per stage
@@ -309,135 +330,153 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       for (int i = 0; i < kAccRegs; ++i) fin[i] = 1.f + i;
 #endif
 
-      // 1D2D: the tile's columns span one or two 128-wide scale blocks of B; columns below `split` use the first.
+      // 1D2D: the tile's columns span up to kSfbSpan 128-wide scale blocks of B, from block n0 / 128 on (clamped to
+      // the last block: columns past N are never stored). Fragment j (columns 8j..8j+7) uses block (o + 8j) / 128
+      // past it, with o = n0 % 128 a compile-time value (with_sfb_offset).
       const int nblk_lo = tile.n0 / 128;
-      const int nblk_hi = min((tile.n0 + kBlockN - 1) / 128, kSfbBlocksN - 1);
-      const int split = (nblk_lo + 1) * 128 - tile.n0;
-      const float* sfb_lo = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_lo * sfb_sn);
-      const float* sfb_hi = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg + nblk_hi * sfb_sn);
-      // BLOCK_N dividing 128 (tiles start at multiples of it): every tile lies in one scale block, so the second
-      // block's scale is never read (fewer live registers in the main loop; the values are the same).
-      constexpr bool kOneSfb = 128 % kBlockN == 0;
+      const float* sfb_tile = sfb + (kSfbPerRow ? 0 : tile.g * sfb_sg);
+      const float* sfb_blk[3];
+#pragma unroll
+      for (int i = 0; i < 3; ++i) sfb_blk[i] = sfb_tile + min(nblk_lo + i, kSfbBlocksN - 1) * sfb_sn;
+      // BLOCK_N dividing 128 (tiles start at multiples of it): every tile lies in one scale block, so only the first
+      // block's scale is read (fewer live registers in the main loop; the values are the same).
+      constexpr bool kOneSfb = kSfbPerRow || 128 % kBlockN == 0;
 
       int kb = 0;
-      if constexpr (kPipePromote) {
-        // Slices go four at a time through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
-        // i is waited for and promoted, so a warpgroup's promotion overlaps its own tensor-core work instead of
-        // leaving the tensor cores to the other warpgroup (ncu: tensor pipe 73% busy with the serial promotion).
-        // Nothing is in flight across the loop's back edge: ptxas serialises every wgmma (C7514) when accumulators
-        // retired by a wait in one iteration were issued in another.
-        float acc2[kAccRegs];
-        float sc0[4], sc1[4];
-        int st0 = 0, st1 = 0;
-        const auto issue = [&](float (&a)[kAccRegs], float (&sc)[4], int& stage, int k_blk) {
-          const float b_lo = __ldg(sfb_lo + k_blk * sfb_sk);
-          const float b_hi = kOneSfb ? b_lo : __ldg(sfb_hi + k_blk * sfb_sk);
+      const auto main_loop = [&](auto off) {
+        // scale block (0, 1, 2 past nblk_lo) of fragment j, and the pick of one of up to three values by it
+        const auto blk = [&](int j) { return kOneSfb ? 0 : (off.value + 8 * j) / 128; };
+        const auto pick = [](int i, float x0, float x1, float x2) {
+          return i == 0 ? x0 : (kSfbSpan < 3 || i == 1 ? x1 : x2);
+        };
+        // B scales of slice k_blk (blocks a fragment never uses are not loaded: their values are dead)
+        const auto load_sfb = [&](int k_blk, float (&b)[3]) {
+#pragma unroll
+          for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
+        };
+        if constexpr (kPipePromote) {
+          // Slices go four at a time through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
+          // i is waited for and promoted, so a warpgroup's promotion overlaps its own tensor-core work instead of
+          // leaving the tensor cores to the other warpgroup (ncu: tensor pipe 73% busy with the serial promotion).
+          // Nothing is in flight across the loop's back edge: ptxas serialises every wgmma (C7514) when accumulators
+          // retired by a wait in one iteration were issued in another.
+          float acc2[kAccRegs];
+          float sc0[6], sc1[6];     // scale_a (rows r, r + 8) x scale_b of up to three blocks
+          int st0 = 0, st1 = 0;
+          const auto issue = [&](float (&a)[kAccRegs], float (&sc)[6], int& stage, int k_blk) {
+            float b[3];
+            load_sfb(k_blk, b);
+            sm90::mbar_wait(full + s, phase);
+            const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
+#pragma unroll
+            for (int i = 0; i < 3; ++i) { sc[2 * i] = a0 * b[i]; sc[2 * i + 1] = a1 * b[i]; }
+            const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+            const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+            sm90::fence_regs(a);
+            sm90::wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, a, k > 0);
+            sm90::wgmma_commit();
+            stage = s;
+            if (++s == kStages) { s = 0; phase ^= 1; }
+          };
+          const auto promote = [&](float (&a)[kAccRegs], const float (&sc)[6], int stage) {
+            sm90::fence_regs(a);
+            __syncwarp();
+            if (lane == 0) sm90::mbar_arrive(empty + stage);
+            if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + stage, rank ^ 1);
+#pragma unroll
+            for (int j = 0; j < kBlockN / 8; ++j) {
+              const int i = blk(j);
+              const float r0 = pick(i, sc[0], sc[2], sc[4]), r1 = pick(i, sc[1], sc[3], sc[5]);
+              fin[j * 4 + 0] = fmaf(a[j * 4 + 0], r0, fin[j * 4 + 0]);
+              fin[j * 4 + 1] = fmaf(a[j * 4 + 1], r0, fin[j * 4 + 1]);
+              fin[j * 4 + 2] = fmaf(a[j * 4 + 2], r1, fin[j * 4 + 2]);
+              fin[j * 4 + 3] = fmaf(a[j * 4 + 3], r1, fin[j * 4 + 3]);
+            }
+          };
+          // One trip of kT slices from kb: slice i is issued, then slice i - 1 (the other set) is waited for and
+          // promoted; the last is promoted after wait_group 0.
+          const auto trip = [&](auto len) {
+            constexpr int kT = decltype(len)::value;
+            issue(acc, sc0, st0, kb);
+#pragma unroll
+            for (int i = 1; i < kT; ++i) {
+              if (i % 2) issue(acc2, sc1, st1, kb + i); else issue(acc, sc0, st0, kb + i);
+              sm90::wgmma_wait<1>();
+              if (i % 2) promote(acc, sc0, st0); else promote(acc2, sc1, st1);
+            }
+            sm90::wgmma_wait<0>();
+            if ((kT - 1) % 2) promote(acc2, sc1, st1); else promote(acc, sc0, st0);
+          };
+          for (; kb + kTrip <= kLoopKB; kb += kTrip) trip(IntC<kTrip>{});
+          if (kTrip > 4 && kb + 4 <= kLoopKB) {
+            trip(IntC<4>{});
+            kb += 4;
+          }
+        }
+        for (; kb < kLoopKB; ++kb) {
+          float sb[3] = {0.f, 0.f, 0.f};
+          if (!kSfbPerRow) load_sfb(kb, sb);
           sm90::mbar_wait(full + s, phase);
-          const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
-          sc[0] = a0 * b_lo; sc[1] = a0 * b_hi; sc[2] = a1 * b_lo; sc[3] = a1 * b_hi;
+          const float sa0 = smem_sfa[s * kBlockM + row_local];
+          const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
           const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
           const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
-          sm90::fence_regs(a);
+          sm90::fence_regs(acc);
           sm90::wgmma_fence();
 #pragma unroll
-          for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, a, k > 0);
+          for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
           sm90::wgmma_commit();
-          stage = s;
-          if (++s == kStages) { s = 0; phase ^= 1; }
-        };
-        const auto promote = [&](float (&a)[kAccRegs], const float (&sc)[4], int stage) {
-          sm90::fence_regs(a);
-          __syncwarp();
-          if (lane == 0) sm90::mbar_arrive(empty + stage);
-          if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + stage, rank ^ 1);
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const bool lo = kOneSfb || j * 8 < split;
-            const float r0 = lo ? sc[0] : sc[1], r1 = lo ? sc[2] : sc[3];
-            fin[j * 4 + 0] = fmaf(a[j * 4 + 0], r0, fin[j * 4 + 0]);
-            fin[j * 4 + 1] = fmaf(a[j * 4 + 1], r0, fin[j * 4 + 1]);
-            fin[j * 4 + 2] = fmaf(a[j * 4 + 2], r1, fin[j * 4 + 2]);
-            fin[j * 4 + 3] = fmaf(a[j * 4 + 3], r1, fin[j * 4 + 3]);
-          }
-        };
-        // One trip of kT slices from kb: slice i is issued, then slice i - 1 (the other set) is waited for and
-        // promoted; the last is promoted after wait_group 0.
-        const auto trip = [&](auto len) {
-          constexpr int kT = decltype(len)::value;
-          issue(acc, sc0, st0, kb);
-#pragma unroll
-          for (int i = 1; i < kT; ++i) {
-            if (i % 2) issue(acc2, sc1, st1, kb + i); else issue(acc, sc0, st0, kb + i);
-            sm90::wgmma_wait<1>();
-            if (i % 2) promote(acc, sc0, st0); else promote(acc2, sc1, st1);
-          }
           sm90::wgmma_wait<0>();
-          if ((kT - 1) % 2) promote(acc2, sc1, st1); else promote(acc, sc0, st0);
-        };
-        for (; kb + kTrip <= kLoopKB; kb += kTrip) trip(IntC<kTrip>{});
-        if (kTrip > 4 && kb + 4 <= kLoopKB) {
-          trip(IntC<4>{});
-          kb += 4;
-        }
-      }
-      for (; kb < kLoopKB; ++kb) {
-        float sb_lo = 0.f, sb_hi = 0.f;
-        if (!kSfbPerRow) {
-          sb_lo = __ldg(sfb_lo + kb * sfb_sk);
-          sb_hi = kOneSfb ? sb_lo : __ldg(sfb_hi + kb * sfb_sk);
-        }
-        sm90::mbar_wait(full + s, phase);
-        const float sa0 = smem_sfa[s * kBlockM + row_local];
-        const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
-        const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
-        const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
-        sm90::fence_regs(acc);
-        sm90::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
-        sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
-        sm90::fence_regs(acc);
+          sm90::fence_regs(acc);
 
-        if (!kSfbPerRow) {
-          __syncwarp();
-          if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
-          if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
-          const float s00 = sa0 * sb_lo, s01 = sa0 * sb_hi, s10 = sa1 * sb_lo, s11 = sa1 * sb_hi;
+          if (!kSfbPerRow) {
+            __syncwarp();
+            if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
+            if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
+            const float s00 = sa0 * sb[0], s01 = sa0 * sb[1], s02 = sa0 * sb[2];
+            const float s10 = sa1 * sb[0], s11 = sa1 * sb[1], s12 = sa1 * sb[2];
 #pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const bool lo = kOneSfb || j * 8 < split;
-            const float r0 = lo ? s00 : s01, r1 = lo ? s10 : s11;
-            fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fin[j * 4 + 0]);
-            fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fin[j * 4 + 1]);
-            fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fin[j * 4 + 2]);
-            fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fin[j * 4 + 3]);
-          }
-        } else {
-          const float* sb = smem_sfb + s * kSfbStride + col_local;
+            for (int j = 0; j < kBlockN / 8; ++j) {
+              const int i = blk(j);
+              const float r0 = pick(i, s00, s01, s02), r1 = pick(i, s10, s11, s12);
+              fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fin[j * 4 + 0]);
+              fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fin[j * 4 + 1]);
+              fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fin[j * 4 + 2]);
+              fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fin[j * 4 + 3]);
+            }
+          } else {
+            const float* sbr = smem_sfb + s * kSfbStride + col_local;
 #pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const float2 b = *reinterpret_cast<const float2*>(sb + j * 8);
-            fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], sa0 * b.x, fin[j * 4 + 0]);
-            fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], sa0 * b.y, fin[j * 4 + 1]);
-            fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], sa1 * b.x, fin[j * 4 + 2]);
-            fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fin[j * 4 + 3]);
+            for (int j = 0; j < kBlockN / 8; ++j) {
+              const float2 b = *reinterpret_cast<const float2*>(sbr + j * 8);
+              fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], sa0 * b.x, fin[j * 4 + 0]);
+              fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], sa0 * b.y, fin[j * 4 + 1]);
+              fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], sa1 * b.x, fin[j * 4 + 2]);
+              fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fin[j * 4 + 3]);
+            }
+            __syncwarp();
+            if (lane == 0) sm90::mbar_arrive(empty + s);
           }
-          __syncwarp();
-          if (lane == 0) sm90::mbar_arrive(empty + s);
-        }
 #ifdef DS_DBG
-        if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
+          if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) fin[i] = acc[i];
-        }
-        if (DS_DBG == 2) {  // the scales only
+            for (int i = 0; i < kAccRegs; ++i) fin[i] = acc[i];
+          }
+          if (DS_DBG == 2) {  // the scales only
 #pragma unroll
-          for (int i = 0; i < kAccRegs; ++i) fin[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb_lo;
-        }
+            for (int i = 0; i < kAccRegs; ++i) fin[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb[0];
+          }
 #endif
-        if (++s == kStages) { s = 0; phase ^= 1; }
-      }
+          if (++s == kStages) { s = 0; phase ^= 1; }
+        }
+      };
+#if defined(DS_SFB_RUNTIME)
+      main_loop(RtInt{kOneSfb ? 0 : tile.n0 % 128});   // one loop, the offset a run-time value (A/B runs, tests)
+#else
+      if constexpr (kOneSfb) main_loop(IntC<0>{}); else with_sfb_offset<0, kSfbGcd>(tile.n0 % 128, main_loop);
+#endif
 
       // ---- epilogue: registers -> global, only valid rows and columns ----
       int row_limit = M;
@@ -464,11 +503,14 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             // (8-15, j + 1); lane l gives row l % 8 (+ 8 for odd l / 8) of matrix l / 8. Row r's 16-byte chunk c sits
             // at chunk c ^ (r % 8) of its 128-byte box row (128-byte swizzle); buf is 1024-byte aligned and j even,
             // so the address is one per-lane base XOR (j % 8) << 4.
+            // Unswizzled (BLOCK_N not a multiple of 64): row r at r * BLOCK_N * 2 bytes, 8-column block c at 16 c.
             const int rr = lane % 8, mi = lane / 8;
-            const uint32_t z = (sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * 128 + (rr << 4)) ^ ((mi / 2) << 4);
+            const uint32_t z = kTmaSwizzled
+                ? (sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * 128 + (rr << 4)) ^ ((mi / 2) << 4)
+                : sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * (kBlockN * 2) + (mi / 2) * 16;
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; j += 2) {
-              stmatrix_x4((z + (j / 8) * 2048) ^ ((j % 8) << 4),
+              stmatrix_x4(kTmaSwizzled ? (z + (j / 8) * 2048) ^ ((j % 8) << 4) : z + j * 16,
                           pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]),
                           pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]),
                           pack2<__nv_bfloat16>(fin[j * 4 + 4], fin[j * 4 + 5]),
@@ -478,8 +520,12 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             __syncwarp();
             if (lane == 0 && row < M) {
               const int trow = static_cast<int>(row_base) + row;   // masked: D viewed as [G * M_max, N]
+              if constexpr (kTmaSwizzled) {
 #pragma unroll
-              for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, trow);
+                for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, trow);
+              } else {
+                tma_store_2d(&tmap_sfb, buf, tile.n0, trow);
+              }
               tma_store_commit();
             }
             continue;

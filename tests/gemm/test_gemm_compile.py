@@ -24,7 +24,13 @@ def test_staging_buffer_is_reserved_unless_direct_epilogue(monkeypatch):
 def test_two_warpgroup_tiles_use_widths_that_measured_fast():
     for n, k in kernels.DSV3_NK:
         cfg = heuristic.select_config(4096, n, k, 1, 132)
-        assert cfg.block_m == 128 and cfg.block_n in (64, 128, 192)
+        assert cfg.block_m == 128 and cfg.block_n in (64, 128, 176, 192)
+        # 176 (measured 1251 vs 1080 TFLOPS at 4096 x 2112 x 7168) only where it saves waves: 32 x 12 tiles = 3 waves
+        # instead of 32 x 17 = 5 (4.1) at 128
+        assert (cfg.block_n == 176) == (n == 2112)
+    assert heuristic.wave_fill_width(4096, 4096, 1, 132, 128) == 128          # 8 waves either way: no switch
+    assert heuristic.wave_fill_width(4096, 2112, 1, 132, 128) == 176
+    assert heuristic.wave_fill_width(4096, 2112, 1, 114, 128) == 128          # on 114 SMs 128 loses no wave
 
 
 @needs_nvcc
@@ -61,8 +67,8 @@ def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
         128 * 128 * 2 - 2 * 4 * 16 * 48 - heuristic.stage_bytes(128, 128, False) - 16)
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "1")
     assert choose(k=32768)[1].tma_store and choose(m=64)[1].tma_store
-    # C accumulation, fp32 output and widths that are not multiples of 64 keep their epilogues; the grouped kinds
-    # (bf16 output, no C) take it like the dense one
+    # C accumulation and fp32 output keep their epilogues; the grouped kinds (bf16 output, no C) take it like the
+    # dense one
     for kind, out, c in ((kernels.KIND_DENSE, torch.bfloat16, torch.bfloat16), (kernels.KIND_DENSE, torch.float32, None)):
         assert not choose(kind=kind, out=out, c=c)[1].tma_store
     monkeypatch.delenv("DEEPSTACK_GEMM_TMA_STORE")
@@ -71,8 +77,11 @@ def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
     assert not choose(kind=kernels.KIND_MASKED, m=4096)[1].tma_store      # measured slower: off unless forced
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "1")
     assert choose(kind=kernels.KIND_MASKED, m=4096)[1].tma_store
-    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", "64,112,8")
-    assert not choose()[1].tma_store
+    # widths that are not multiples of 64 take it too (unswizzled 16 x BLOCK_N boxes), stages cut to fit
+    for forced, stages in (("64,112,8", 8), ("128,112,7", 6), ("128,176,5", 4)):
+        monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", forced)
+        odd = choose()[1]
+        assert odd.tma_store and odd.stages == stages and heuristic.smem_bytes(odd, False) <= heuristic.SMEM_BUDGET
     monkeypatch.delenv("DEEPSTACK_GEMM_CONFIG")
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "2")
     with pytest.raises(ValueError, match="DEEPSTACK_GEMM_TMA_STORE"):
@@ -92,6 +101,25 @@ def test_tma_store_kernels_compile_without_spills(monkeypatch, tmp_path, m, n, k
     groups, em = (4, 256) if kind == kernels.KIND_MASKED else (1, m)
     spec, cfg, _ = kernels.choose_spec(kind, m, groups, n, k, em, False, None, torch.bfloat16, None, 132)
     assert cfg.tma_store
+    r = jit.build(spec)
+    assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
+    assert not any(code in r.meta["ptxas"] for code in SERIALISED)
+
+
+@needs_nvcc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("cfg,tma", [("128,112,7", "1"), ("128,144,6", "0"), ("128,160,5", "1"), ("128,176,5", "1"),
+                                     ("64,176,7", "0")])
+def test_odd_width_kernels_compile_without_spills(monkeypatch, tmp_path, cfg, tma):
+    """Widths that are not multiples of 64: one main-loop copy per tile offset inside a B scale block, the TMA-store
+    epilogue's unswizzled boxes; no spills, no serialised wgmma."""
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
+    monkeypatch.setenv("DEEPSTACK_JIT_CACHE_DIR", str(tmp_path))
+    spec, used, _ = kernels.choose_spec(kernels.KIND_DENSE, 4096, 1, 2112, 7168, 4096, False, None, torch.bfloat16,
+                                        None, 132)
+    assert used.tma_store == (tma == "1")
     r = jit.build(spec)
     assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
     assert not any(code in r.meta["ptxas"] for code in SERIALISED)

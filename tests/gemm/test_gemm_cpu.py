@@ -178,20 +178,21 @@ def test_split_tail_only_where_the_last_column_adds_a_wave(monkeypatch):
     where the heuristic picked 128x128 tiles and that column of tiles adds a wave (kernels.split_tail_columns)."""
     from torch_deepstack.gemm.kernels import split_tail_columns
     monkeypatch.delenv("DEEPSTACK_GEMM_SPLIT_TAIL", raising=False)
-    assert split_tail_columns(4096, 2112, 7168, 132) == 0        # opt-in
+    assert split_tail_columns(4096, 3136, 7168, 132) == 0        # opt-in
     monkeypatch.setenv("DEEPSTACK_GEMM_SPLIT_TAIL", "1")
-    assert split_tail_columns(4096, 2112, 7168, 132) == 64       # 544 tiles = 5 waves -> 512 = 4 waves + tail
-    assert split_tail_columns(8192, 2112, 7168, 132) == 64
+    assert split_tail_columns(4096, 3136, 7168, 132) == 64       # 800 tiles = 7 waves -> 768 = 6 waves + tail
+    assert split_tail_columns(8192, 1600, 7168, 132) == 64       # 832 tiles = 7 waves -> 768 = 6 waves + tail
+    assert split_tail_columns(4096, 2112, 7168, 132) == 0        # the heuristic takes 128x176 tiles (3 waves)
     assert split_tail_columns(4096, 4160, 7168, 132) == 0        # 1056 tiles: 8 waves either way
     assert split_tail_columns(4096, 7168, 2048, 132) == 0        # N % 128 == 0
     assert split_tail_columns(4096, 2200, 7168, 132) == 0        # last column more than half full
     assert split_tail_columns(64, 2112, 7168, 132) == 0          # 64-row tiles
     assert split_tail_columns(4096, 576, 7168, 132) == 0         # 128x192 tiles
     monkeypatch.setenv("DEEPSTACK_GEMM_SPLIT_TAIL", "0")
-    assert split_tail_columns(4096, 2112, 7168, 132) == 0
+    assert split_tail_columns(4096, 3136, 7168, 132) == 0
     monkeypatch.setenv("DEEPSTACK_GEMM_SPLIT_TAIL", "1")
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", "128,128,6")
-    assert split_tail_columns(4096, 2112, 7168, 132) == 0        # a forced config runs as one launch
+    assert split_tail_columns(4096, 3136, 7168, 132) == 0        # a forced config runs as one launch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -95,12 +95,45 @@ def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs[("0", 0)], a.float() @ b.float().T) < 1e-3
 
 
-@pytest.mark.parametrize("m,n,k", [(4096, 2112, 1024), (2000, 2112, 384), (4095, 2112, 256)])
+@pytest.mark.parametrize("cfg", ["128,112,6", "128,144,6", "128,160,5", "128,176,5", "128,192,5", "64,112,8",
+                                 "64,176,6"])
+@pytest.mark.parametrize("m,n,k", [(4095, 2000, 1152), (300, 1000, 640)])
+def test_odd_widths_match_runtime_scale_pick_and_plain_epilogue(monkeypatch, cfg, m, n, k):
+    """Widths that are not multiples of 64 (tiles start at every offset inside a 128-wide B scale block; 176-wide ones
+    span three blocks): the main loop specialised on that offset, with the TMA-store epilogue (unswizzled 16 x BLOCK_N
+    boxes) or the staged one, with the pipelined promotion where the tile is at most 128 wide, gives the bits of the
+    run-time scale pick with the serial promotion and the staged epilogue. Rows past M (4095, 300), columns past N
+    (2000, 1000), 9 and 5 K slices (pipelined trips of 8 and 4 plus one slice alone); nothing written past M or N."""
+    from torch_deepstack.gemm import kernels
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    outs = {}
+    for name, defines, tma in (("runtime-serial-plain", "DS_SFB_RUNTIME,DS_SERIAL_PROMOTE", "0"),
+                               ("plain", "", "0"), ("tma", "", "1")):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+        plan_cfg = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[1]
+        assert plan_cfg.tma_store == (tma == "1")
+        for pad in (0, 2) if tma == "1" else (0,):   # pad 2: unaligned row pitch, direct stores
+            buf = poisoned_empty(m + 1, n + pad + 8, dtype=torch.bfloat16, device=DEV)
+            d = buf[:m, :n]
+            ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+            torch.cuda.synchronize()
+            assert not d.isnan().any(), f"unwritten outputs ({name}, pad={pad})"
+            assert buf[m:].isnan().all() and buf[:, n:].isnan().all(), f"written past M or N ({name})"
+            outs[(name, pad)] = d.clone()
+    for key, d in outs.items():
+        assert torch.equal(d, outs[("runtime-serial-plain", 0)]), f"{key} differs from the run-time scale pick"
+    assert calc_diff(outs[("tma", 0)], a.float() @ b.float().T) < 1e-3
+
+
+@pytest.mark.parametrize("m,n,k", [(4096, 3136, 1024), (2000, 3120, 384), (4095, 1568, 256)])
 @pytest.mark.parametrize("out_dtype,with_c", [(torch.bfloat16, False), (torch.float32, True)])
 def test_dense_split_tail_matches_one_launch(monkeypatch, m, n, k, out_dtype, with_c):
-    """Split tail (opt-in, DEEPSTACK_GEMM_SPLIT_TAIL=1): N = 2112 at these M runs its last 64 columns as a second
-    GEMM (narrow tiles); every element written, nothing past N or M (4095 rows: a partial last M-block),
-    bit-identical to the single 128x128 launch (C included)."""
+    """Split tail (opt-in, DEEPSTACK_GEMM_SPLIT_TAIL=1): these 128x128 shapes run their last 64 / 48 / 32 columns as
+    a second GEMM (narrow tiles); every element written, nothing past N or M (4095 rows: a partial last M-block),
+    bit-identical to the single 128x128 launch (C included). (N = 2112 no longer splits: the heuristic takes 128x176
+    tiles there.)"""
     from torch_deepstack.gemm import kernels
     a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
     c = fresh_randn(m, n, dtype=out_dtype, device=DEV) if with_c else None
@@ -120,7 +153,7 @@ def test_dense_split_tail_matches_one_launch(monkeypatch, m, n, k, out_dtype, wi
     assert calc_diff(outs["1"], want) < 1e-3
 
 
-@pytest.mark.parametrize("m,n,k", [(129, 200, 1152), (300, 4096, 1024), (4095, 2112, 640), (64, 7168, 2048),
+@pytest.mark.parametrize("m,n,k", [(129, 200, 1152), (300, 4096, 1024), (4095, 3136, 640), (64, 7168, 2048),
                                    (700, 576, 384), (129, 576, 1536), (300, 4096, 2688)])
 def test_pipelined_promotion_matches_serial(monkeypatch, m, n, k):
     """Tiles at most 128 wide promote slice i while the wgmmas of slice i + 1 run (128-row tiles: trips of eight
@@ -175,7 +208,7 @@ def _check_written(d, dc, dm, ids, masked_m):
         assert not dm[g, :s].isnan().any() and dm[g, s:].isnan().all(), f"masked group {g}: wrong rows written"
 
 
-@pytest.mark.parametrize("cfg", ["128,128,6", "128,64,8", "128,192,5"])
+@pytest.mark.parametrize("cfg", ["128,128,6", "128,64,8", "128,192,5", "128,112,6"])
 @pytest.mark.parametrize("m,n,k", [(1100, 4096, 1024), (1100, 576, 384)])
 def test_grouped_tma_store_matches_plain(monkeypatch, cfg, m, n, k):
     """TMA-store epilogue for the grouped kinds: a warp stores its 16 rows by TMA only when all are valid, others

@@ -5,9 +5,11 @@ max(tensor-core cycles, bytes moved into the SM / L2 bandwidth per SM). The kern
 waves x that cost, with waves = ceil(tiles / SMs). We take the config with the lowest modelled time; ties go to
 larger BLOCK_M, then larger BLOCK_N. Non-power-of-two BLOCK_N (multiples of 16) fill more SMs on shapes like
 N = 7168 or 2112 for one-warpgroup tiles (BLOCK_M 64, small M). Two-warpgroup tiles (BLOCK_M 128) take BLOCK_N in
-{64, 128, 192} only: on the H200 at M = 4096 widths 96, 112, 144 and 160 ran 5-20% slower per FLOP than 128
-(sweep of 2026-11-29, docs/gemm.md), which the model does not capture. Tiles at most 128 wide get a credit for
-their pipelined promotion (PIPELINED_PROMOTION_CREDIT).
+{64, 128, 192} in the model; tiles at most 128 wide get a credit for their pipelined promotion
+(PIPELINED_PROMOTION_CREDIT). A 128-row tile the model picked then moves to 176 or 192 columns where fewer waves
+pay for those widths' measured per-column cost (ROW128_WIDE_COST, wave_fill_width): on the H200 at M = 4096
+4096 x 2112 runs 128 x 176 (3 waves instead of 5 tile-times). Widths 112, 144 and 160 stay out: 5-18% more time per
+column than 128 even with the compile-time B-scale split (2026-11-30, docs/gemm.md).
 """
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ BAND_M_BLOCKS = 16              # rasterisation band (M-blocks walked together)
 # wider tiles lack the registers). Measured on the H200 (2026-11-29): 6-13% faster than the serial promotion at
 # M = 4096, and 128x128 then beat 128x192 by 5% at N = 2112 and 11% at N = 32768; the credit is fitted to that.
 PIPELINED_PROMOTION_CREDIT = 0.85
+# Time per column of a 128-row tile relative to 128x128 (pipelined promotion), within a wave, measured on the H200
+# (2026-11-30 00:55 UTC, six M = 4096 DeepSeek-V3 shapes, whole-call A/B, kernels with the B-scale block split known
+# at compile time and the TMA-store epilogue): 176 0.98-1.06 (serial promotion), 192 0.94-1.00; 112 1.07-1.37,
+# 144 1.00-1.13, 160 0.99-1.27 (not offered). A width replaces 128 only when waves x width x cost drop below
+# WAVE_FILL_MARGIN of 128's (the spread of those ratios).
+ROW128_WIDE_COST = {176: 1.03, 192: 1.00}
+WAVE_FILL_MARGIN = 0.95
 
 
 def cdiv(a: int, b: int) -> int:
@@ -44,10 +53,22 @@ class GemmConfig:
 
 
 def spans_at_most_two_scale_blocks(block_n: int) -> bool:
-    """The 1D2D kernel promotes with at most two 128-wide B scale blocks per tile. Tiles start at multiples of
-    block_n, so their offset inside a scale block is a multiple of gcd(block_n, 128): e.g. 176-wide tiles can start 112
-    columns in and touch three blocks, while 144, 160 and 192 never do."""
+    """Tiles start at multiples of block_n, so their offset inside a 128-wide B scale block is a multiple of
+    gcd(block_n, 128): e.g. 176-wide tiles can start 112 columns in and touch three blocks, while 144, 160 and 192
+    never do. The kernel handles three (one main-loop copy per offset); the model keeps to two for 64-row tiles."""
     return block_n <= 128 + math.gcd(block_n, 128)
+
+
+def wave_fill_width(m: int, n: int, num_groups: int, num_sms: int, block_n: int) -> int:
+    """For a 128-row tile of width block_n (128 or 192) picked by the model: 176 or 192 where waves x width x
+    ROW128_WIDE_COST beats block_n's by WAVE_FILL_MARGIN, else block_n. 4096 x 2112 on 132 SMs: 128 -> 5 waves x
+    128 = 640 column-times, 176 -> 3 x 176 x 1.03 = 544 (measured 1080 -> 1251 TFLOPS)."""
+    def cost(bn):
+        waves = cdiv(cdiv(max(m, 1), 128) * cdiv(n, bn) * num_groups, num_sms)
+        return waves * bn * (1.0 if bn == 128 else ROW128_WIDE_COST[bn])
+    base = cost(block_n)
+    best = min((bn for bn in ROW128_WIDE_COST if bn != block_n), key=cost)
+    return best if cost(best) < WAVE_FILL_MARGIN * base else block_n
 
 
 def stage_bytes(block_m: int, block_n: int, sf_b_per_row: bool) -> int:
@@ -101,6 +122,8 @@ def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_pe
             if best_key is None or key < best_key:
                 best_key, best = key, (bm, bn)
     bm, bn = best
+    if bm == 128 and not sf_b_per_row and bn in (128, 192):
+        bn = wave_fill_width(m, n, num_groups, num_sms, bn)
     stages = min(MAX_STAGES,
                  (SMEM_BUDGET - 1024 - 16 * MAX_STAGES - epilogue_staging_bytes()) // stage_bytes(bm, bn, sf_b_per_row))
     return GemmConfig(bm, bn, stages, num_sms)

@@ -85,12 +85,11 @@ TMA_STORE_MAX_K = 16384
 def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row: bool, out_dtype, has_c: bool,
                   cluster: int) -> bool:
     """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for bf16 output without C (any kind; grouped
-    warps with invalid rows among their 16 store through the staged path), BLOCK_N a multiple of 64 (grouped kinds:
-    64 or 128), no clusters; on by default for dense and contiguous 128-row tiles with M > 128 (M_sum for the
-    contiguous kind) and K <= TMA_STORE_MAX_K, off by default for the masked kind (measured slower).
+    warps with invalid rows among their 16 store through the staged path), any BLOCK_N (grouped kinds: at most 128;
+    widths that are not multiples of 64 stage unswizzled 16 x BLOCK_N boxes), no clusters; on by default for dense
+    and contiguous 128-row tiles with M > 128 (M_sum for the contiguous kind) and K <= TMA_STORE_MAX_K, off by default for the masked kind (measured slower).
     DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible (A/B runs, tests)."""
-    if not (not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1
-            and cfg.block_n % 64 == 0):
+    if not (not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1):
         return False
     if kind != KIND_DENSE and cfg.block_n > 128:     # the grouped kinds' 192-wide TMA-store kernels spill (ptxas)
         return False
@@ -179,11 +178,13 @@ def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k
     tmap_sfa = _sf_map(sfa, m_rows, kb * (num_groups if kind == KIND_MASKED else 1), cfg.block_m)
     tmap_sfb = _sf_map(sfb, n, kb, cfg.block_n) if sf_b_per_row else tmap_sfa
     if cfg.tma_store and (d.data_ptr() | d.stride(-2) * 2) % 16 == 0:
-        # the 1D2D kernel reads B scales with plain loads, so the fourth tensor-map slot carries D: 16 x 64 boxes,
-        # one per math warp and 64 columns (the kernel tests the same alignment and stores directly without it)
-        # (masked: D [G, M_max, N] with packed groups, viewed as G * M_max rows)
+        # the 1D2D kernel reads B scales with plain loads, so the fourth tensor-map slot carries D: 16 x 64 boxes
+        # with the 128-byte swizzle, one per math warp and 64 columns, or for widths that are not multiples of 64
+        # one unswizzled 16 x BLOCK_N box per math warp (the kernel tests the same alignment and stores directly
+        # without it) (masked: D [G, M_max, N] with packed groups, viewed as G * M_max rows)
         d_rows = m_rows * (num_groups if kind == KIND_MASKED else 1)
-        tmap_sfb = _tmap(d.data_ptr(), d.dtype, (n, d_rows), (d.stride(-2) * 2,), (64, 16), 128)
+        box, swizzle = ((64, 16), 128) if cfg.block_n % 64 == 0 else ((cfg.block_n, 16), 0)
+        tmap_sfb = _tmap(d.data_ptr(), d.dtype, (n, d_rows), (d.stride(-2) * 2,), box, swizzle)
     if sf_b_per_row:
         sg = sn = sk = 0
     elif sfb.dim() == 3:
@@ -213,6 +214,8 @@ def _fill_no_k(d, c, accumulate):
 # computed by one tile over the whole K in the same slice order (bit-identical, tested). H200, 4096x2112x7168: GPU
 # time 115 -> 108 us (+7%, CUDA graphs), but the host path doubles (37 -> 75 us per call), and whole-call A/B runs
 # whose host path outlasted the L2 flush before each call measured it 2-52% slower, so it is not the default.
+# Since 2026-11-30 the heuristic itself takes 128x176 tiles at 4096 x 2112 (3 waves, heuristic.wave_fill_width), so
+# the split applies only where the final pick is still 128x128 (e.g. 4096 x 3136).
 SPLIT_TAIL_MAX_COLS = 64
 
 
