@@ -233,10 +233,20 @@ __device__ __forceinline__ void load_q_tile_batched(uint8_t* sQ, const T* __rest
 #define DEEPSTACK_MLA_EARLY_Q 1
 #endif
 constexpr bool kEarlyQ = DEEPSTACK_MLA_EARLY_Q != 0;
+// The general kernel (this file) only with -DDEEPSTACK_MLA_EARLY_Q_GENERAL=1: neutral on the H200 (docs/mla.md).
+#ifndef DEEPSTACK_MLA_EARLY_Q_GENERAL
+#define DEEPSTACK_MLA_EARLY_Q_GENERAL 0
+#endif
+constexpr bool kEarlyQGeneral = DEEPSTACK_MLA_EARLY_Q_GENERAL != 0;
 #if DEEPSTACK_MLA_EARLY_Q
 #define DEEPSTACK_MLA_EQ_UNROLL_1 _Pragma("unroll 1")
 #else
 #define DEEPSTACK_MLA_EQ_UNROLL_1
+#endif
+#if DEEPSTACK_MLA_EARLY_Q && DEEPSTACK_MLA_EARLY_Q_GENERAL
+#define DEEPSTACK_MLA_EQ_GENERAL_UNROLL_1 _Pragma("unroll 1")
+#else
+#define DEEPSTACK_MLA_EQ_GENERAL_UNROLL_1
 #endif
 constexpr int kQLoaderThreads = 96;   // producer warps 1-3
 
@@ -453,7 +463,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
   uint64_t* q_full = full + 4;   // early Q: the piece's Q tile landed (one cp.async arrival per loader thread)
   uint64_t* q_free = full + 5;   // early Q: WG0's last Q K^T of the piece is done
   int* sSplits = reinterpret_cast<int*>(smem + L::kSplits);
-  constexpr bool kEQ = kEarlyQ && !kFp8;   // the FP8 producer needs all of its warpgroup
+  // Early Q measured neutral here (memory-bound: the two-stage ring covers the consumers' Q load), so off by default;
+  // the FP8 producer needs all of its warpgroup.
+  constexpr bool kEQ = kEarlyQ && kEarlyQGeneral && !kFp8;
 
   const int tid = threadIdx.x;
   const int wg = tid / 128;
@@ -534,7 +546,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
       const int nblk = (sk + kPage - 1) / kPage;
       const int b0 = req == range(0, begin_req) ? range(1, begin_blk) : 0;
       const int b1 = req == range(2, end_req) ? range(3, end_blk) : nblk;
-      DEEPSTACK_MLA_EQ_UNROLL_1   // early Q: not unrolled (the unrolled loop spilled under the 40-register cap)
+      DEEPSTACK_MLA_EQ_GENERAL_UNROLL_1   // early Q: not unrolled (the unrolled loop spilled under the 40-register cap)
       for (int blk = b0; blk < b1; ++blk) {
         const int page = block_table[static_cast<long long>(req) * bt_stride + blk];
         uint8_t* dst = sK + stage * kChunks * kChunkBytes;

@@ -71,7 +71,8 @@ struct Layout {
   static constexpr int kRaw = kP + kN * 128;
   static constexpr int kRed = kRaw + kRawBytes;           // [4 warps][kN] floats
   static constexpr int kBars = kRed + 4 * kN * 4;         // raw_full[kRawStages], k_full[2], k_empty[2]
-  static constexpr int kBytes = kBars + (kRawStages + 4) * 8;
+  static constexpr int kSplits = kBars + (kRawStages + 4) * 8;   // [2][2] int: early Q's num_splits pairs
+  static constexpr int kBytes = kSplits + 4 * 4;
   static constexpr int kAlloc = kBytes + 1024;
   static_assert(kK % 1024 == 0 && kP % 1024 == 0, "swizzled tiles need 1024-byte alignment");
   static_assert(kAlloc <= 232448, "shared memory");
@@ -144,6 +145,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
   uint64_t* raw_full = reinterpret_cast<uint64_t*>(smem + L::kBars);
   uint64_t* k_full = raw_full + kR;
   uint64_t* k_empty = k_full + 2;
+  int* sSplits = reinterpret_cast<int*>(smem + L::kSplits);
 
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -275,6 +277,40 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
   const uint32_t sQa = sm90::smem_addr(sQ), sKa = sm90::smem_addr(sK), sPa = sm90::smem_addr(sP);
   int ks = 0, kph = 0;
 
+  // Early Q (see mla_decode.cuh; here the consumers issue it themselves): the Q tile of the part's next piece with
+  // pages and its num_splits pair are copied with cp.async (no registers, all in flight at once) as soon as the
+  // current piece's last S^T is done, so the DRAM round trip overlaps the last tile's softmax, P V and the epilogue;
+  // the next piece only waits for its own copies (cp.async.wait_all) and meets at the barrier it had anyway.
+  // -DDEEPSTACK_MLA_EARLY_Q=0: the one-unit-at-a-time load at the start of every piece.
+  auto first_with_pages = [&](int r) {   // the first request >= r whose piece of this part has pages
+    for (; r <= end_req; ++r) {
+      const int rb0 = r == begin_req ? begin_blk : 0;
+      const int rb1 = r == end_req ? end_blk : (seqlens[r] + kPage - 1) / kPage;
+      if (rb0 < rb1) break;
+    }
+    return r;
+  };
+  auto issue_q = [&](int r, int slot) {   // Q rows of request r (zeros past the last row) and its num_splits pair
+    if (r > end_req) return;
+#pragma unroll 1
+    for (int u = tid; u < kN * 72; u += 128) {
+      const int row = u / 72, cu = u % 72;
+      const bool valid = row < rows;
+      const T* src = valid ? q + r * q_sb + (row / hpk) * q_ss + (kvh * hpk + row % hpk) * q_sh + cu * 8 : q;
+      cp_async_16_zfill(sQa + (cu / 8) * L::kQChunk + swz(row, cu % 8), src, valid ? 16 : 0);
+    }
+    if (tid < 2) cp_async_4(sm90::smem_addr(sSplits + 2 * slot + tid), num_splits + r + tid);
+  };
+  // Where the next Q is issued in the piece's last tile: 16 rows under its P V (a consumer-bound kernel: issued
+  // before the softmax, the copies delayed the stage release), 32 rows right after its S^T (H200 A/B 2026-11-30,
+  // docs/mla.md). -DDEEPSTACK_MLA_FP8_EQ_LATE=0 / 1 forces one.
+#ifndef DEEPSTACK_MLA_FP8_EQ_LATE
+#define DEEPSTACK_MLA_FP8_EQ_LATE -1
+#endif
+  constexpr bool kQLate = DEEPSTACK_MLA_FP8_EQ_LATE < 0 ? kN == 16 : DEEPSTACK_MLA_FP8_EQ_LATE != 0;
+  int q_slot = 0;   // early Q: pieces with pages so far, mod 2
+  if constexpr (kEarlyQ) issue_q(first_with_pages(begin_req), 0);
+
   for (int req = begin_req; req <= end_req; ++req) {
     const int sk = seqlens[req];
     const int nblk = (sk + kPage - 1) / kPage;
@@ -282,19 +318,27 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
     const int b1 = req == end_req ? end_blk : nblk;
 
     // Q rows -> shared memory (zeros past the last row): kChunks chunks of [kN rows x 64 ch], 128-byte swizzle.
-    sm90::bar_sync(1, 128);   // the previous request's reads of red are done
-#pragma unroll 1
-    for (int u = tid; u < kN * 72; u += 128) {
-      const int r = u / 72, cu = u % 72;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < rows) {
-        const int s = r / hpk, head = kvh * hpk + r % hpk;
-        v = __ldg(reinterpret_cast<const uint4*>(q + req * q_sb + s * q_ss + head * q_sh) + cu);
+    if constexpr (kEarlyQ) {
+      if (b0 < b1) {
+        cp_async_wait_all();         // this thread's copies of the piece's Q landed
+        sm90::fence_proxy_async();   // ... and are read by wgmma (async proxy) after the barrier
       }
-      *reinterpret_cast<uint4*>(sQ + (cu / 8) * L::kQChunk + swz(r, cu % 8)) = v;
+      sm90::bar_sync(1, 128);   // the previous request's reads of red are done; every thread's Q copies landed
+    } else {
+      sm90::bar_sync(1, 128);   // the previous request's reads of red are done
+#pragma unroll 1
+      for (int u = tid; u < kN * 72; u += 128) {
+        const int r = u / 72, cu = u % 72;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < rows) {
+          const int s = r / hpk, head = kvh * hpk + r % hpk;
+          v = __ldg(reinterpret_cast<const uint4*>(q + req * q_sb + s * q_ss + head * q_sh) + cu);
+        }
+        *reinterpret_cast<uint4*>(sQ + (cu / 8) * L::kQChunk + swz(r, cu % 8)) = v;
+      }
+      sm90::fence_proxy_async();
+      sm90::bar_sync(1, 128);
     }
-    sm90::fence_proxy_async();
-    sm90::bar_sync(1, 128);
 
     float o[8][kN / 2];
 #pragma unroll
@@ -352,6 +396,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
           if (g == 0) red[warp * kN + 8 * j + 2 * t + e] = v;
         }
       sm90::bar_sync(2, 128);
+      if constexpr (kEarlyQ && !kQLate) {
+        // every warp's S^T of the piece's last tile is done: sQ may take the next piece's Q
+        if (blk == b1 - 1) issue_q(first_with_pages(req + 1), q_slot ^ 1);
+      }
       float scl[kJ][2];
       bool any_up = false;
 #pragma unroll
@@ -416,6 +464,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
         }
       }
       sm90::wgmma_commit();
+      if constexpr (kEarlyQ && kQLate) {
+        if (blk == b1 - 1) issue_q(first_with_pages(req + 1), q_slot ^ 1);   // under the last P V
+      }
       // Release the stage now rather than after the next QK^T: with two stages, the dequant warps then get a
       // whole tile's time to fill the other one (measured: as fast as overlapping P V with the next QK^T).
       sm90::wgmma_wait<0>();
@@ -427,8 +478,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
     }
 
     // ---- finish this request: row sums over the 8 lanes of a column and the 4 warps, then out/lse or partials ----
-    const int split = req == begin_req ? begin_split : num_splits[req];
-    const bool single = num_splits[req + 1] - num_splits[req] == 1;
+    const int* ns = num_splits + req;
+    if constexpr (kEarlyQ) {
+      if (b0 < b1) {
+        ns = sSplits + 2 * q_slot;
+        q_slot ^= 1;
+      }
+    }
+    const int split = req == begin_req ? begin_split : ns[0];
+    const bool single = ns[1] - ns[0] == 1;
 #pragma unroll
     for (int j = 0; j < kJ; ++j)
 #pragma unroll

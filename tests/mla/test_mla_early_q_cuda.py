@@ -1,8 +1,9 @@
 """Early Q (mla_decode.cuh): producer warps load each request piece's Q tile (and its num_splits pair) while the
 previous piece still runs, double-buffered by piece parity, skipping pieces without pages. These cases give a part
 many short pieces: requests of 0-3 pages, s_k = 0 requests between others (and first / last), parts that start and
-end mid-request, so the q_full / q_free phases and the split slots alternate many times per CTA. Every bf16/fp16
-kernel that loads Q early (general, seesaw, both as row-block pairs), plus the consumer-side load it replaces."""
+end mid-request, so the q_full / q_free phases and the split slots alternate many times per CTA. Every
+kernel that loads Q early (seesaw and the FP8 few-rows kernel by default, the general kernel with
+-DDEEPSTACK_MLA_EARLY_Q_GENERAL=1; plain and as row-block pairs), plus the load it replaces."""
 from __future__ import annotations
 
 import dataclasses
@@ -51,7 +52,10 @@ def test_many_short_pieces_per_part(case, parts, early_q, monkeypatch):
     from torch_deepstack.mla import kernels
     kernel, s_q, h_q, h_kv, d, dtype, causal = case
     monkeypatch.setattr(kernels, "_DECODE_KERNEL", kernel)
-    if not early_q:
+    if kernel.startswith("general"):   # early Q is opt-in there (-DDEEPSTACK_MLA_EARLY_Q_GENERAL=1)
+        if early_q:
+            _with_defines(monkeypatch, (("DEEPSTACK_MLA_EARLY_Q_GENERAL", 1),))
+    elif not early_q:
         _with_defines(monkeypatch, (("DEEPSTACK_MLA_EARLY_Q", 0),))
     lens = [max(s, s_q) if s else 0 for s in SHORT_LENS]
     q, cache, bt, seq = make_case(len(lens), s_q, h_q, h_kv, d, dtype, lens, device="cuda", seed=11)
@@ -74,3 +78,30 @@ def test_q_rows_change_between_calls(monkeypatch):
         torch.cuda.synchronize()
         ref_out, ref_lse = mla_decode_fp32(q2.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), 576 ** -0.5, False, False)
         assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
+
+
+FP8_CASES = [  # the FP8 few-rows kernel (mla_decode_fp8.cuh: its consumers copy the next piece's Q early)
+    (1, 16, 1, False),   # 16 rows
+    (2, 16, 1, True),    # 32 rows, causal
+    (1, 5, 1, False),    # 5 rows: zero-filled rows in the 16-row tile
+    (1, 32, 2, False),   # h_kv 2, 16 rows each
+]
+
+
+@pytest.mark.parametrize("early_q", [1, 0, "late", "after_s"])
+@pytest.mark.parametrize("parts", [0, 3, 7])
+@pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"sq{c[0]}hq{c[1]}hk{c[2]}")
+def test_fp8_many_short_pieces_per_part(case, parts, early_q, monkeypatch):
+    s_q, h_q, h_kv, causal = case
+    if early_q in ("late", "after_s"):   # force where the next Q is issued (default: by the row count)
+        _with_defines(monkeypatch, (("DEEPSTACK_MLA_FP8_EQ_LATE", int(early_q == "late")),))
+    elif not early_q:
+        _with_defines(monkeypatch, (("DEEPSTACK_MLA_EARLY_Q", 0),))
+    lens = [max(s, s_q) if s else 0 for s in SHORT_LENS]
+    q, cache, bt, seq = make_case(len(lens), s_q, h_q, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
+                                  seed=13)
+    sched, splits = get_mla_metadata(seq, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
+    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal, is_fp8_kvcache=True)
+    torch.cuda.synchronize()
+    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), 576 ** -0.5, causal, True)
+    assert_mla_close(out, lse, ref_out.to(torch.bfloat16), ref_lse)

@@ -120,7 +120,7 @@ def fp8_small_smem_bytes(n: int, stage_tokens: int) -> int:
     """Mirror of fp8small::Layout<n, stage_tokens>::kAlloc."""
     raw = (3 if n == 16 else 2) * 32 * 656
     stages = raw // (stage_tokens * 656)
-    return 9 * n * 128 + 2 * 9 * _CHUNK_BYTES + n * 128 + raw + 4 * n * 4 + (stages + 4) * 8 + 1024
+    return 9 * n * 128 + 2 * 9 * _CHUNK_BYTES + n * 128 + raw + 4 * n * 4 + (stages + 4) * 8 + 4 * 4 + 1024
 
 
 def combine_spec(dtype: torch.dtype) -> KernelSpec:
