@@ -668,7 +668,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_kernel(
     const int lim1 = (causal && grow1 < rows) ? sk - s_q + grow1 / hpk + 1 : sk;
 
     for (int blk = b0; blk < b1; ++blk) {
-      sm90::mbar_wait(&full[stage], phase & 1);
+      sm90::mbar_wait(&full[stage], kEQ ? phase & 1 : phase);
       const uint32_t kst = sKa + stage * kChunks * kChunkBytes;
       if (wg == 0) {
         float s[32];
