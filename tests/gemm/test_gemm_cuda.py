@@ -232,6 +232,34 @@ def test_grouped_tma_store_matches_plain(monkeypatch, cfg, m, n, k):
         assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("cfg", ["128,176,5", "128,112,6"])
+def test_grouped_odd_widths_match_runtime_scale_pick(monkeypatch, cfg):
+    """The heuristic may give the grouped kinds 176-wide tiles too (wave fill): contiguous and masked kinds at 176
+    (three B scale blocks per tile at some offsets) and 112, N = 2000 (every tile offset), 9 K slices: bit-identical
+    to the run-time scale pick with the serial promotion, exactly the valid rows written, and within output rounding
+    of the reference op on the same quantised inputs."""
+    m, n, k = 1100, 2000, 1152
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    args = _grouped_inputs(m, n, k, [157, 0, 201, 77, 300])
+    aq, asf, bq2, bsf2, ids, aq3, asf3, masked_m = args
+    outs = {}
+    for defines in ("DS_SFB_RUNTIME,DS_SERIAL_PROMOTE", ""):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        outs[defines] = _run_all_kinds(*args, n)
+        _check_written(*outs[defines], ids, masked_m)
+    for new, old in zip(outs[""], outs["DS_SFB_RUNTIME,DS_SERIAL_PROMOTE"]):
+        assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
+    _, dc, dm = outs[""]
+    want_c = torch.zeros_like(dc)
+    ref.m_grouped_contiguous_ref(aq, asf, bq2, bsf2, want_c, ids)
+    assert calc_diff(dc[ids >= 0], want_c[ids >= 0]) < 1e-5
+    want_m = torch.zeros_like(dm)
+    ref.m_grouped_masked_ref(aq3, asf3, bq2, bsf2, want_m, masked_m, int(masked_m.float().mean()))
+    for g, rows in enumerate(masked_m.tolist()):
+        if rows:
+            assert calc_diff(dm[g, :rows], want_m[g, :rows]) < 1e-5, f"masked group {g}"
+
+
 def test_dense_odd_n_and_short_k():
     _check_dense(33, 129, 16)
     _check_dense(130, 77, 144)
