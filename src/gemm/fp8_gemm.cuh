@@ -355,7 +355,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
         };
         if constexpr (kPipePromote) {
-          // Slices go four at a time through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
+          // Slices go in trips (kTrip) through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
           // i is waited for and promoted, so a warpgroup's promotion overlaps its own tensor-core work instead of
           // leaving the tensor cores to the other warpgroup (ncu: tensor pipe 73% busy with the serial promotion).
           // Nothing is in flight across the loop's back edge: ptxas serialises every wgmma (C7514) when accumulators
