@@ -8,8 +8,8 @@ N = 7168 or 2112 for one-warpgroup tiles (BLOCK_M 64, small M). Two-warpgroup ti
 {64, 128, 192} in the model; tiles at most 128 wide get a credit for their pipelined promotion
 (PIPELINED_PROMOTION_CREDIT). A 128-row tile the model picked then moves to 176 or 192 columns where fewer waves
 pay for those widths' measured per-column cost (ROW128_WIDE_COST, wave_fill_width): on the H200 at M = 4096
-4096 x 2112 runs 128 x 176 (3 waves instead of 5 tile-times). Widths 112, 144 and 160 stay out: 5-18% more time per
-column than 128 even with the compile-time B-scale split (2026-11-30, docs/gemm.md).
+4096 x 2112 runs 128 x 176 (3 waves instead of 5 tile-times). Widths 112, 144 and 160 stay out: 6-18% more time per
+column than 128 on average (up to 37%) even with the compile-time B-scale split (2026-11-30, docs/gemm.md).
 """
 from __future__ import annotations
 
