@@ -88,7 +88,8 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
     warps with invalid rows among their 16 store through the staged path), any BLOCK_N (grouped kinds: at most 128;
     widths that are not multiples of 64 stage unswizzled 16 x BLOCK_N boxes), no clusters; on by default for dense
     and contiguous 128-row tiles with M > 128 (M_sum for the contiguous kind) and K <= TMA_STORE_MAX_K, off by default
-    for the masked kind (measured slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible (A/B runs, tests)."""
+    for the masked kind (measured slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible
+    (A/B runs, tests)."""
     if not (not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1):
         return False
     if kind != KIND_DENSE and cfg.block_n > 128:     # the grouped kinds' 192-wide TMA-store kernels spill (ptxas)
