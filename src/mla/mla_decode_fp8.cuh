@@ -13,6 +13,12 @@
 //        bound the bytes in flight) in a ring of kTok-token stages; the threads read a whole page of stages into
 //        registers, have the ring refilled, then dequantise into the 2-stage bf16 K ring (128-byte swizzled
 //        [64 x 64] chunks, the layout mla_decode.cuh's TMA writes). Rows past s_k are written as zeros.
+// f16 path (16 rows; -DDEEPSTACK_MLA_FP8_F16=0 turns it off): the dequant warps convert e4m3 pairs with one exact
+// cvt.rn.f16x2.e4m3x2 each, unscaled, into the same layout as f16 (the rope chunk stays bf16), and leave each
+// token's 4 scales and their per-warp maxima in shared memory. Q's latent channels become f16 once per piece with a
+// per-row power-of-two prescale. S^T = sum_g scale[t, g] 2^(e_r - 14) S_g^T + S_rope^T: one f16 accumulator per
+// 128-channel group, folded in fp32. P V per group g with an f16 P^T copy P^T[t, r] scale[t, g] 2^(6 - M_g); O^T
+// group g in units of 2^(M_g - 6), M_g the group's largest scale exponent so far (raised lazily, O^T rescaled).
 // Scheduling, split-KV partials and the empty-row conventions are those of mla_decode.cuh (same metadata, same
 // combine kernel). Where the time goes: docs/mla.md.
 #pragma once
@@ -22,30 +28,64 @@ namespace deepstack {
 namespace mla {
 namespace fp8small {
 
-// D[64 x N] (+)= A[64x16] (smem) * B[16 x N] (smem), bf16 in, fp32 accumulators.
-template <int kTnspA>
+// D[64 x N] (+)= A[64x16] (smem) * B[16 x N] (smem), bf16 (kF16 = false) or f16 in, fp32 accumulators.
+#define DEEPSTACK_FP8S_MMA_N16(TY)                                                                                 \
+  asm volatile(                                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                                                 \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " "                                                 \
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n}\n"                                            \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])           \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTnspA))
+#define DEEPSTACK_FP8S_MMA_N32(TY)                                                                                 \
+  asm volatile(                                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                                 \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "                                                 \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, 0;\n}\n"   \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])     \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTnspA))
+template <int kTnspA, bool kF16>
 __device__ __forceinline__ void mma_n16(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTnspA));
+  if constexpr (kF16) DEEPSTACK_FP8S_MMA_N16("f16");
+  else DEEPSTACK_FP8S_MMA_N16("bf16");
 }
-template <int kTnspA>
+template <int kTnspA, bool kF16>
 __device__ __forceinline__ void mma_n32(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTnspA));
+  if constexpr (kF16) DEEPSTACK_FP8S_MMA_N32("f16");
+  else DEEPSTACK_FP8S_MMA_N32("bf16");
 }
-template <int kN, int kTnspA>
+#undef DEEPSTACK_FP8S_MMA_N16
+#undef DEEPSTACK_FP8S_MMA_N32
+template <int kN, int kTnspA, bool kF16 = false>
 __device__ __forceinline__ void mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  if constexpr (kN == 16) mma_n16<kTnspA>(d, desc_a, desc_b, accumulate);
-  else mma_n32<kTnspA>(d, desc_a, desc_b, accumulate);
+  if constexpr (kN == 16) mma_n16<kTnspA, kF16>(d, desc_a, desc_b, accumulate);
+  else mma_n32<kTnspA, kF16>(d, desc_a, desc_b, accumulate);
+}
+
+// ---- f16 path (kF16, see the kernel comment): exact conversions, the scales applied outside the tensor cores ----
+// Two e4m3 values -> f16x2 with one instruction (every e4m3 value is an f16 value: exact); 16 bytes -> 16 f16.
+__device__ __forceinline__ void dequant16_f16(const uint4& raw, uint4& lo, uint4& hi) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  uint32_t o[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+        : "=r"(o[2 * i]), "=r"(o[2 * i + 1]) : "r"(w[i]));
+  lo = make_uint4(o[0], o[1], o[2], o[3]);
+  hi = make_uint4(o[4], o[5], o[6], o[7]);
+}
+// 2^e as a float for e in [-126, 127]; 0 below.
+__device__ __forceinline__ float pow2i(int e) { return e < -126 ? 0.f : __int_as_float((min(e, 127) + 127) << 23); }
+// The unbiased exponent of a non-negative float (0 -> -127).
+__device__ __forceinline__ int exp_of(float x) { return (__float_as_int(x) >> 23) - 127; }
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+               ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
 
 // Bulk copy (no tensor map) of `bytes` (multiple of 16) global -> shared, completion counted on `bar`.
@@ -57,24 +97,41 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
-template <int kN, int kTok>
+// The f16 path (below) for 16 q rows; -DDEEPSTACK_MLA_FP8_F16=0 keeps every row count on the bf16 dequantisation.
+// 32 rows stay there: four P^T copies (16 KB) and the 5 S^T accumulators do not fit next to its 128 O^T registers
+// and two raw stages.
+#ifndef DEEPSTACK_MLA_FP8_F16
+#define DEEPSTACK_MLA_FP8_F16 1
+#endif
+template <int kN>
+constexpr bool kFp8F16 = DEEPSTACK_MLA_FP8_F16 != 0 && kN == 16;
+
+template <int kN, int kTok, bool kF16 = kFp8F16<kN>>
 struct Layout {
   static constexpr int kChunks = 9;
-  static constexpr int kRawBytes = (kN == 16 ? 3 : 2) * 32 * kFp8TokenBytes;   // what fits next to the bf16 ring
+  // Raw ring: what fits next to the bf16 ring. bf16 path: 3 x 32 tokens for N = 16, 2 x 32 for N = 32. f16 path
+  // (8 KB of P^T copies and 2.3 KB of scales more): 2 x 32 or 5 x 16 tokens.
+  static constexpr int kRawBytes = kF16 ? (kTok == 32 ? 2 : 5) * kTok * kFp8TokenBytes
+                                        : (kN == 16 ? 3 : 2) * 32 * kFp8TokenBytes;
   static constexpr int kStageBytes = kTok * kFp8TokenBytes;
   static constexpr int kRawStages = kRawBytes / kStageBytes;
   static constexpr int kQChunk = kN * 128;                // Q [kN rows x 64 ch], 128-byte swizzle
-  static constexpr int kKStage = kChunks * kChunkBytes;   // one 64-token bf16 page
+  static constexpr int kKStage = kChunks * kChunkBytes;   // one 64-token bf16 (f16 path: f16 latent + bf16 rope) page
+  static constexpr int kPCopies = kF16 ? 4 : 1;           // f16 path: one scaled P^T per 128-channel group
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kChunks * kQChunk;
   static constexpr int kP = kK + 2 * kKStage;             // P^T [kN rows x 64 tokens], 128-byte swizzle
-  static constexpr int kRaw = kP + kN * 128;
+  static constexpr int kScale = kP + kPCopies * kN * 128; // f16 path: [2 stages][64 tokens][4] scales
+  static constexpr int kGmax = kScale + (kF16 ? 2 * 64 * 16 : 0);   // [2 stages][8 dequant warps][4] max scale
+  static constexpr int kQm = kGmax + (kF16 ? 2 * 8 * 16 : 0);       // [kN] 2^(e_r - 14): Q's per-row prescale
+  static constexpr int kRaw = kQm + (kF16 ? kN * 4 : 0);
   static constexpr int kRed = kRaw + kRawBytes;           // [4 warps][kN] floats
   static constexpr int kBars = kRed + 4 * kN * 4;         // raw_full[kRawStages], k_full[2], k_empty[2]
   static constexpr int kSplits = kBars + (kRawStages + 4) * 8;   // [2][2] int: early Q's num_splits pairs
   static constexpr int kBytes = kSplits + 4 * 4;
   static constexpr int kAlloc = kBytes + 1024;
   static_assert(kK % 1024 == 0 && kP % 1024 == 0, "swizzled tiles need 1024-byte alignment");
+  static_assert(kRaw % 16 == 0, "bulk copies need 16-byte aligned destinations");
   static_assert(kAlloc <= 232448, "shared memory");
 };
 
@@ -129,6 +186,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
     long long q_sb, long long q_ss, long long q_sh, long long tok_stride, float scale_log2) {
   static_assert(kN == 16 || kN == 32, "16 or 32 q rows per CTA");
   static_assert(kTok == 16 || kTok == 32, "raw stages of 16 or 32 tokens");
+  constexpr bool kF16 = kFp8F16<kN>;
   using L = Layout<kN, kTok>;
   constexpr int kR = L::kRawStages;
   constexpr int kRawStageBytes = L::kStageBytes;
@@ -146,9 +204,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
   uint64_t* k_full = raw_full + kR;
   uint64_t* k_empty = k_full + 2;
   int* sSplits = reinterpret_cast<int*>(smem + L::kSplits);
+  float* sScale = reinterpret_cast<float*>(smem + L::kScale);   // f16 path: [2][64][4]
+  float* sGmax = reinterpret_cast<float*>(smem + L::kGmax);     // f16 path: [2][8][4]
+  float* sQm = reinterpret_cast<float*>(smem + L::kQm);         // f16 path: [kN]
 
   const int tid = threadIdx.x;
   if (tid == 0) {
+    uint32_t dyn;   // the host passes the largest of the layouts a define may select; never run on less
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < L::kAlloc) __trap();
 #pragma unroll
     for (int s = 0; s < kR; ++s) sm90::mbar_init(&raw_full[s], 1);
 #pragma unroll
@@ -223,7 +287,13 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
           v[part][p] = make_uint4(0, 0, 0, 0);
           sc[part][p] = 0.f;
           if (tok < valid) {
-            v[part][p] = *(reinterpret_cast<const uint4*>(raw + tok * kFp8TokenBytes) + lane);
+            if constexpr (kF16) {   // odd chunks' lanes: high 8 bytes first (stored first, below), no selects
+              const uint2* src = reinterpret_cast<const uint2*>(raw + tok * kFp8TokenBytes) + 2 * lane;
+              const uint2 first = src[odd], second = src[1 - odd];
+              v[part][p] = make_uint4(first.x, first.y, second.x, second.y);
+            } else {
+              v[part][p] = *(reinterpret_cast<const uint4*>(raw + tok * kFp8TokenBytes) + lane);
+            }
             sc[part][p] = *(reinterpret_cast<const float*>(raw + tok * kFp8TokenBytes + 512) + lane / 8);
           }
         }
@@ -243,6 +313,18 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
       }
       sm90::mbar_wait(&k_empty[ks], kph ^ 1);
       uint8_t* dst = sK + ks * L::kKStage;
+      if constexpr (kF16) {
+        // The consumer applies the scales: each token's 4 (0 past the valid tokens) and this warp's max per group.
+        float mx = 0.f;
+#pragma unroll
+        for (int part = 0; part < kParts; ++part)
+#pragma unroll
+          for (int p = 0; p < kTok / 8; ++p) {
+            mx = fmaxf(mx, sc[part][p]);
+            if (lane % 8 == 0) sScale[(ks * 64 + part * kTok + p * 8 + dwarp) * 4 + lane / 8] = sc[part][p];
+          }
+        if (lane % 8 == 0) sGmax[(ks * 8 + dwarp) * 4 + lane / 8] = mx;
+      }
 #pragma unroll
       for (int part = 0; part < kParts; ++part) {
 #pragma unroll
@@ -251,10 +333,16 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
           // different bank groups (no conflicts).
           const int r = part * kTok + p * 8 + dwarp;
           uint4 lo, hi;
-          dequant16_bf16(v[part][p], sc[part][p], lo, hi);   // zeros past the valid tokens
           uint8_t* chunk = dst + (lane / 4) * kChunkBytes;
-          *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + odd)) = odd ? hi : lo;
-          *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + 1 - odd)) = odd ? lo : hi;
+          if constexpr (kF16) {   // unscaled, exact; zeros past the valid tokens; odd lanes' halves came swapped
+            dequant16_f16(v[part][p], lo, hi);
+            *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + odd)) = lo;
+            *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + 1 - odd)) = hi;
+          } else {
+            dequant16_bf16(v[part][p], sc[part][p], lo, hi);   // zeros past the valid tokens
+            *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + odd)) = odd ? hi : lo;
+            *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + 1 - odd)) = odd ? lo : hi;
+          }
         }
         if (rtok < kTok)
           *reinterpret_cast<uint4*>(dst + 8 * kChunkBytes + swz(part * kTok + rtok, runit)) = rope[part];
@@ -308,6 +396,38 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
 #define DEEPSTACK_MLA_FP8_EQ_LATE -1
 #endif
   constexpr bool kQLate = DEEPSTACK_MLA_FP8_EQ_LATE < 0 ? kN == 16 : DEEPSTACK_MLA_FP8_EQ_LATE != 0;
+  // f16 path: Q's 512 latent channels -> f16 in place, row r times 2^(14 - e_r) (e_r: the exponent of the row's
+  // largest |q|), so the row's largest lands in [2^14, 2^15) and every bf16 value down to 2^-17 of it is exact in
+  // f16; the rope chunk stays bf16. sQm[r] = 2^(e_r - 14) undoes it on S^T.
+  auto convert_q = [&]() {
+    constexpr int kT = 128 / kN, kU = 64 / kT;   // threads per row, 16-byte units per thread
+    const int row = tid / kT, sub = tid % kT;
+    uint4 u[kU];
+    __nv_bfloat162 mx = __float2bfloat162_rn(0.f);
+#pragma unroll
+    for (int i = 0; i < kU; ++i) {
+      const int cu = sub + kT * i;
+      u[i] = *reinterpret_cast<const uint4*>(sQ + (cu / 8) * L::kQChunk + swz(row, cu % 8));
+      const uint32_t w[4] = {u[i].x, u[i].y, u[i].z, u[i].w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) mx = __hmax2(mx, __habs2(*reinterpret_cast<const __nv_bfloat162*>(&w[k])));
+    }
+    float m = fmaxf(__low2float(mx), __high2float(mx));
+#pragma unroll
+    for (int o = 1; o < kT; o *= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const int e = m > 0.f ? max(exp_of(m), -100) : 14;
+    const float mul = pow2i(14 - e);
+#pragma unroll
+    for (int i = 0; i < kU; ++i) {
+      const int cu = sub + kT * i;
+      uint32_t w[4] = {u[i].x, u[i].y, u[i].z, u[i].w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        w[k] = pack_f16x2(__uint_as_float(w[k] << 16) * mul, __uint_as_float(w[k] & 0xffff0000u) * mul);
+      *reinterpret_cast<uint4*>(sQ + (cu / 8) * L::kQChunk + swz(row, cu % 8)) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    if (sub == 0) sQm[row] = pow2i(e - 14);
+  };
   int q_slot = 0;   // early Q: pieces with pages so far, mod 2
   if constexpr (kEarlyQ) issue_q(first_with_pages(begin_req), 0);
 
@@ -339,8 +459,25 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
       sm90::fence_proxy_async();
       sm90::bar_sync(1, 128);
     }
+    float qm[kJ][2];   // f16 path: 2^(e_r - 14) of this thread's rows
+    if constexpr (kF16) {
+      if (b0 < b1) {
+        convert_q();
+        sm90::fence_proxy_async();   // generic writes, read by wgmma (async proxy)
+        sm90::bar_sync(1, 128);
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) qm[j][e] = sQm[8 * j + 2 * t + e];
+      }
+    }
 
     float o[8][kN / 2];
+    // f16 path: O^T rows of group g (m64 blocks 2g, 2g + 1) are kept in units of 2^(M_g - 6); M_g (the largest
+    // scale exponent of the group seen so far) only moves up, like the lazy softmax max.
+    int Mg[4];
+#pragma unroll
+    for (int gi = 0; gi < 4; ++gi) Mg[gi] = -1000;
 #pragma unroll
     for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
@@ -362,7 +499,72 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
       sm90::mbar_wait(&k_full[ks], kph);
       const uint32_t kst = sKa + ks * L::kKStage;
       float s[kN / 2];
-      {
+      float csc[2][4];   // f16 path: this thread's two tokens' scales (x 2^(6 - M_g) once M_g is known)
+      float gfac[4];     // f16 path: factor of group g's O^T for this tile's raise of M_g
+      bool graise = false;
+      if constexpr (kF16) {
+        // S^T = sum_g scale[t, g] 2^(e_r - 14) S_g^T + S_rope^T: 4 f16 chains on the unscaled K (one per 128-channel
+        // group) and the rope's bf16 chain, folded in fp32.
+        float sg[4][kN / 2], sr[kN / 2];
+        const uint64_t dk0 = sm90::make_desc_sw128(kst, 16, 1024), dq0 = sm90::make_desc_sw128(sQa, 16, 1024);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int gi = 0; gi < 4; ++gi)
+#pragma unroll
+          for (int cc = 0; cc < 2; ++cc)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const int c = 2 * gi + cc;
+              mma<kN, 0, true>(sg[gi], dk0 + ((c * kChunkBytes + k * 32) >> 4),
+                               dq0 + ((c * L::kQChunk + k * 32) >> 4), (cc | k) != 0);
+            }
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          mma<kN, 0, false>(sr, dk0 + ((8 * kChunkBytes + k * 32) >> 4), dq0 + ((8 * L::kQChunk + k * 32) >> 4),
+                            k != 0);
+        sm90::wgmma_commit();
+        // Under the products: the scales of this thread's tokens (warp * 16 + g, + 8) and the tile's max per group.
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+          const float4 c = *reinterpret_cast<const float4*>(sScale + (ks * 64 + warp * 16 + g + 8 * a) * 4);
+          csc[a][0] = c.x; csc[a][1] = c.y; csc[a][2] = c.z; csc[a][3] = c.w;
+        }
+        float gm[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+          const float4 c = *reinterpret_cast<const float4*>(sGmax + (ks * 8 + w) * 4);
+          gm[0] = fmaxf(gm[0], c.x); gm[1] = fmaxf(gm[1], c.y); gm[2] = fmaxf(gm[2], c.z); gm[3] = fmaxf(gm[3], c.w);
+        }
+#pragma unroll
+        for (int gi = 0; gi < 4; ++gi) {
+          const int mt = max(exp_of(gm[gi]), -120);   // same in every thread
+          gfac[gi] = 1.f;
+          if (mt > Mg[gi]) {
+            gfac[gi] = pow2i(Mg[gi] - mt);
+            Mg[gi] = mt;
+            graise = true;
+          }
+        }
+        sm90::wgmma_wait<0>();
+#pragma unroll
+        for (int gi = 0; gi < 4; ++gi) sm90::fence_regs(sg[gi]);
+        sm90::fence_regs(sr);
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int i = 4 * j + 2 * a + e;
+              const float lat = fmaf(sg[0][i], csc[a][0], fmaf(sg[1][i], csc[a][1],
+                                     fmaf(sg[2][i], csc[a][2], sg[3][i] * csc[a][3])));
+              s[i] = fmaf(lat, qm[j][e], sr[i]);
+            }
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int gi = 0; gi < 4; ++gi) csc[a][gi] *= pow2i(6 - Mg[gi]);
+      } else {
         const uint64_t dk0 = sm90::make_desc_sw128(kst, 16, 1024), dq0 = sm90::make_desc_sw128(sQa, 16, 1024);
         sm90::wgmma_fence();
 #pragma unroll
@@ -373,9 +575,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
                        (c | k) != 0);
         }
         sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_regs(s);
       }
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs(s);
 
       // Mask (select: NaN never reaches the max) and the tile max per row: over this thread's two tokens, the
       // 8 lanes of its column (g), then the 4 warps.
@@ -430,24 +632,52 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
         }
       // P^T -> shared memory: [kN rows x 64 tokens], 128-byte swizzle (the previous P V finished reading it:
       // every consumer thread waited for it at the end of the previous tile).
+      if constexpr (kF16) {
+        // Four f16 copies, group g's = P^T[t, r] scale[t, g] 2^(6 - M_g) <= 2^15 (P <= 2^kSlack, scale < 2^(M_g+1)).
+        // stmatrix .trans: the accumulator fragment of 8 tokens x 8 rows (j, a) is stored as 8 rows of P^T; lane
+        // L gives the address of row L % 8 of matrix L / 8 = 2 j + a.
+        static_assert(kN == 16, "the f16 path's P^T store is written for 16 rows");
+        const uint32_t paddr = sPa + swz(8 * (lane / 16) + lane % 8, 2 * warp + (lane / 8) % 2);
 #pragma unroll
-      for (int j = 0; j < kJ; ++j)
+        for (int gi = 0; gi < 4; ++gi) {
+          uint32_t pr[4];
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int r = 8 * j + 2 * t + e, tok = warp * 16 + g + 8 * a;
-            *reinterpret_cast<T*>(sP + swz(r, tok / 8) + 2 * (tok % 8)) = __float2bfloat16_rn(s[4 * j + 2 * a + e]);
+          for (int mtx = 0; mtx < 4; ++mtx) {
+            const int j = mtx / 2, a = mtx % 2;
+            pr[mtx] = pack_f16x2(s[4 * j + 2 * a] * csc[a][gi], s[4 * j + 2 * a + 1] * csc[a][gi]);
           }
-      if (__any_sync(0xffffffffu, any_up)) {
+          stmatrix_x4_trans(paddr + gi * kN * 128, pr[0], pr[1], pr[2], pr[3]);
+        }
+        if (__any_sync(0xffffffffu, any_up) || graise) {
 #pragma unroll
-        for (int mb = 0; mb < 8; ++mb)
+          for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
-          for (int j = 0; j < kJ; ++j)
+            for (int j = 0; j < kJ; ++j)
 #pragma unroll
-            for (int a = 0; a < 2; ++a)
+              for (int a = 0; a < 2; ++a)
 #pragma unroll
-              for (int e = 0; e < 2; ++e) o[mb][4 * j + 2 * a + e] *= scl[j][e];
+                for (int e = 0; e < 2; ++e) o[mb][4 * j + 2 * a + e] *= scl[j][e] * gfac[mb / 2];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int r = 8 * j + 2 * t + e, tok = warp * 16 + g + 8 * a;
+              *reinterpret_cast<T*>(sP + swz(r, tok / 8) + 2 * (tok % 8)) = __float2bfloat16_rn(s[4 * j + 2 * a + e]);
+            }
+        if (__any_sync(0xffffffffu, any_up)) {
+#pragma unroll
+          for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+            for (int j = 0; j < kJ; ++j)
+#pragma unroll
+              for (int a = 0; a < 2; ++a)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) o[mb][4 * j + 2 * a + e] *= scl[j][e];
+        }
       }
       sm90::fence_proxy_async();
       sm90::bar_sync(3, 128);   // P^T complete (and every thread is done with red)
@@ -459,8 +689,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const uint64_t da = sm90::make_desc_sw128(kst + mb * kChunkBytes + k * 16 * 128, kChunkBytes, 1024);
-          const uint64_t db = sm90::make_desc_sw128(sPa + k * 32, 16, 1024);
-          mma<kN, 1>(o[mb], da, db, 1);
+          const uint64_t db = sm90::make_desc_sw128(sPa + (kF16 ? (mb / 2) * kN * 128 : 0) + k * 32, 16, 1024);
+          mma<kN, 1, kF16>(o[mb], da, db, 1);
         }
       }
       sm90::wgmma_commit();
@@ -499,6 +729,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
       }
     sm90::bar_sync(2, 128);
     const float empty_lse = single ? kInf : -kInf;
+    float gpost[4];   // f16 path: O^T group g is in units of 2^(M_g - 6)
+#pragma unroll
+    for (int gi = 0; gi < 4; ++gi) gpost[gi] = kF16 ? pow2i(Mg[gi] - 6) : 1.f;
     const float kLn2 = 0.6931471805599453f;
 #pragma unroll
     for (int j = 0; j < kJ; ++j)
@@ -519,13 +752,13 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
 #pragma unroll
           for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
-            for (int a = 0; a < 2; ++a) dst[mb * 64 + 8 * a] = __float2bfloat16_rn(o[mb][4 * j + 2 * a + e] * inv);
+            for (int a = 0; a < 2; ++a) dst[mb * 64 + 8 * a] = __float2bfloat16_rn(o[mb][4 * j + 2 * a + e] * (inv * gpost[mb / 2]));
         } else {
           float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + r) * kDV + warp * 16 + g;
 #pragma unroll
           for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
-            for (int a = 0; a < 2; ++a) dst[mb * 64 + 8 * a] = o[mb][4 * j + 2 * a + e] * inv;
+            for (int a = 0; a < 2; ++a) dst[mb * 64 + 8 * a] = o[mb][4 * j + 2 * a + e] * (inv * gpost[mb / 2]);
         }
       }
   }

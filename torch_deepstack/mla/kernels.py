@@ -116,11 +116,25 @@ def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
     return KernelSpec("mla/mla_decode_fp8.cuh", "deepstack::mla::fp8small::mla_decode_fp8_kernel", (n, stage_tokens))
 
 
-def fp8_small_smem_bytes(n: int, stage_tokens: int) -> int:
-    """Mirror of fp8small::Layout<n, stage_tokens>::kAlloc."""
-    raw = (3 if n == 16 else 2) * 32 * 656
+def fp8_small_layout_bytes(n: int, stage_tokens: int, f16: bool) -> int:
+    """Mirror of fp8small::Layout<n, stage_tokens, f16>::kAlloc."""
+    if f16:   # four P^T copies, [2][64][4] scales, [2][8][4] group maxima, [n] Q prescales; a smaller raw ring
+        raw = (2 if stage_tokens == 32 else 5) * stage_tokens * 656
+        extra = 4 * n * 128 + 2 * 64 * 16 + 2 * 8 * 16 + n * 4
+    else:
+        raw = (3 if n == 16 else 2) * 32 * 656
+        extra = n * 128
     stages = raw // (stage_tokens * 656)
-    return 9 * n * 128 + 2 * 9 * _CHUNK_BYTES + n * 128 + raw + 4 * n * 4 + (stages + 4) * 8 + 4 * 4 + 1024
+    return 9 * n * 128 + 2 * 9 * _CHUNK_BYTES + extra + raw + 4 * n * 4 + (stages + 4) * 8 + 4 * 4 + 1024
+
+
+def fp8_small_smem_bytes(n: int, stage_tokens: int) -> int:
+    """Dynamic shared memory for the FP8 few-rows kernel: the larger of its layouts with and without the f16 path
+    (16 rows), so a -DDEEPSTACK_MLA_FP8_F16 variant launches with enough (the kernel traps on less)."""
+    layouts = [fp8_small_layout_bytes(n, stage_tokens, False)]
+    if n == 16:
+        layouts.append(fp8_small_layout_bytes(n, stage_tokens, True))
+    return max(layouts)
 
 
 def combine_spec(dtype: torch.dtype) -> KernelSpec:
