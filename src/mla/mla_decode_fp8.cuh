@@ -105,15 +105,32 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 #endif
 template <int kN>
 constexpr bool kFp8F16 = DEEPSTACK_MLA_FP8_F16 != 0 && kN == 16;
+// f16 path's raw ring: TMA boxes of the latent + scale bytes only (528 per token, any h_kv), the rope box straight into
+// the bf16 K stage (128-byte swizzle), so three 32-token stages fit; -DDEEPSTACK_MLA_FP8_F16_TMA=0: whole 656-byte
+// rows by bulk copies into two stages (the rope copied by the dequant warps).
+#ifndef DEEPSTACK_MLA_FP8_F16_TMA
+#define DEEPSTACK_MLA_FP8_F16_TMA 1
+#endif
+template <int kN>
+constexpr bool kFp8Tma = kFp8F16<kN> && DEEPSTACK_MLA_FP8_F16_TMA != 0;
+constexpr int kFp8LatentBytes = 528;
+// Ablations for timing only (wrong results): 1 = the dequant warps skip the f16 conversion and the K stores, 2 = the
+// consumer skips P V.
+#ifndef DEEPSTACK_MLA_FP8_ABL
+#define DEEPSTACK_MLA_FP8_ABL 0
+#endif   // 512 e4m3 + 4 fp32 scales: what the f16 path's TMA ring holds per token
 
-template <int kN, int kTok, bool kF16 = kFp8F16<kN>>
+template <int kN, int kTok, bool kF16 = kFp8F16<kN>, bool kTma = kFp8Tma<kN>>
 struct Layout {
   static constexpr int kChunks = 9;
   // Raw ring: what fits next to the bf16 ring. bf16 path: 3 x 32 tokens for N = 16, 2 x 32 for N = 32. f16 path
-  // (8 KB of P^T copies and 2.3 KB of scales more): 2 x 32 or 5 x 16 tokens.
-  static constexpr int kRawBytes = kF16 ? (kTok == 32 ? 2 : 5) * kTok * kFp8TokenBytes
+  // (8 KB of P^T copies and 2.3 KB of scales more): TMA ring of 528-byte rows, 96 tokens; bulk copies of 656-byte
+  // rows, 2 x 32 or 5 x 16 tokens.
+  static constexpr int kTokBytes = kTma ? kFp8LatentBytes : kFp8TokenBytes;   // bytes per token in a raw stage
+  static constexpr int kRawBytes = kTma ? 96 * kFp8LatentBytes
+                                 : kF16 ? (kTok == 32 ? 2 : 5) * kTok * kFp8TokenBytes
                                         : (kN == 16 ? 3 : 2) * 32 * kFp8TokenBytes;
-  static constexpr int kStageBytes = kTok * kFp8TokenBytes;
+  static constexpr int kStageBytes = kTok * kTokBytes;
   static constexpr int kRawStages = kRawBytes / kStageBytes;
   static constexpr int kQChunk = kN * 128;                // Q [kN rows x 64 ch], 128-byte swizzle
   static constexpr int kKStage = kChunks * kChunkBytes;   // one 64-token bf16 (f16 path: f16 latent + bf16 rope) page
@@ -124,14 +141,14 @@ struct Layout {
   static constexpr int kScale = kP + kPCopies * kN * 128; // f16 path: [2 stages][64 tokens][4] scales
   static constexpr int kGmax = kScale + (kF16 ? 2 * 64 * 16 : 0);   // [2 stages][8 dequant warps][4] max scale
   static constexpr int kQm = kGmax + (kF16 ? 2 * 8 * 16 : 0);       // [kN] 2^(e_r - 14): Q's per-row prescale
-  static constexpr int kRaw = kQm + (kF16 ? kN * 4 : 0);
+  static constexpr int kRaw = (kQm + (kF16 ? kN * 4 : 0) + 127) / 128 * 128;
   static constexpr int kRed = kRaw + kRawBytes;           // [4 warps][kN] floats
   static constexpr int kBars = kRed + 4 * kN * 4;         // raw_full[kRawStages], k_full[2], k_empty[2]
   static constexpr int kSplits = kBars + (kRawStages + 4) * 8;   // [2][2] int: early Q's num_splits pairs
   static constexpr int kBytes = kSplits + 4 * 4;
   static constexpr int kAlloc = kBytes + 1024;
   static_assert(kK % 1024 == 0 && kP % 1024 == 0, "swizzled tiles need 1024-byte alignment");
-  static_assert(kRaw % 16 == 0, "bulk copies need 16-byte aligned destinations");
+  static_assert(kRaw % 128 == 0 && kStageBytes % 128 == 0, "raw stages start on 128-byte boundaries");
   static_assert(kAlloc <= 232448, "shared memory");
 };
 
@@ -182,11 +199,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
     const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
     float* __restrict__ o_accum, float* __restrict__ lse_accum, const int* __restrict__ block_table,
     const int* __restrict__ seqlens, const int* __restrict__ sched, const int* __restrict__ num_splits,
-    const uint8_t* __restrict__ kcache, int h_q, int h_kv, int s_q, int rows, int causal, int bt_stride,
+    const uint8_t* __restrict__ kcache,
+    const CUtensorMap* __restrict__ kmaps,   // [2] in global memory: latent + scales (int32), rope (bf16); TMA path
+    int h_q, int h_kv, int s_q, int rows, int causal, int bt_stride,
     long long q_sb, long long q_ss, long long q_sh, long long tok_stride, float scale_log2) {
   static_assert(kN == 16 || kN == 32, "16 or 32 q rows per CTA");
   static_assert(kTok == 16 || kTok == 32, "raw stages of 16 or 32 tokens");
   constexpr bool kF16 = kFp8F16<kN>;
+  constexpr bool kTma = kFp8Tma<kN>;
+  constexpr int kTokBytes = Layout<kN, kTok>::kTokBytes;
   using L = Layout<kN, kTok>;
   constexpr int kR = L::kRawStages;
   constexpr int kRawStageBytes = L::kStageBytes;
@@ -217,7 +238,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
     for (int s = 0; s < kR; ++s) sm90::mbar_init(&raw_full[s], 1);
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      sm90::mbar_init(&k_full[s], 256);
+      sm90::mbar_init(&k_full[s], kTma ? 257 : 256);   // TMA path: + the rope box's expect-tx arrival
       sm90::mbar_init(&k_empty[s], 128);
     }
     sm90::fence_barrier_init();
@@ -242,8 +263,22 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
     const bool packed = tok_stride == kFp8TokenBytes;   // a stage is one contiguous run of bytes
     const uint64_t policy = sm90::evict_first_policy();
     using W = Walk<kTok>;
+    if constexpr (kTma) {
+      if (dtid == 0) {
+        sm90::fence_tensormap_acquire(kmaps);       // the maps were written by a host-to-device copy
+        sm90::fence_tensormap_acquire(kmaps + 1);
+      }
+    }
     auto issue = [&](const W& w, int s) {   // warp 0
       const int valid = w.valid();
+      if constexpr (kTma) {   // the whole kTok-token box (slots past s_k hold garbage, never read)
+        if (lane == 0) {
+          sm90::mbar_arrive_expect_tx(&raw_full[s], valid > 0 ? kRawStageBytes : 0);
+          if (valid > 0)
+            sm90::tma_load_4d(sRaw + s * kRawStageBytes, kmaps, &raw_full[s], 0, kvh, w.part * kTok, w.page, policy);
+        }
+        return;
+      }
       if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[s], valid * kFp8TokenBytes);
       if (valid == 0) return;
       const uint8_t* src = kbase + (static_cast<long long>(w.page) * kPage + w.part * kTok) * tok_stride;
@@ -276,6 +311,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
       uint4 v[kParts][kTok / 8], rope[kParts];
       float sc[kParts][kTok / 8];
       const int rs0 = rs;
+      const int page = pw.page;   // TMA path: this page's rope box
 #pragma unroll
       for (int part = 0; part < kParts; ++part) {
         const int valid = pw.valid();
@@ -288,17 +324,18 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
           sc[part][p] = 0.f;
           if (tok < valid) {
             if constexpr (kF16) {   // odd chunks' lanes: high 8 bytes first (stored first, below), no selects
-              const uint2* src = reinterpret_cast<const uint2*>(raw + tok * kFp8TokenBytes) + 2 * lane;
+              const uint2* src = reinterpret_cast<const uint2*>(raw + tok * kTokBytes) + 2 * lane;
               const uint2 first = src[odd], second = src[1 - odd];
               v[part][p] = make_uint4(first.x, first.y, second.x, second.y);
             } else {
               v[part][p] = *(reinterpret_cast<const uint4*>(raw + tok * kFp8TokenBytes) + lane);
             }
-            sc[part][p] = *(reinterpret_cast<const float*>(raw + tok * kFp8TokenBytes + 512) + lane / 8);
+            sc[part][p] = *(reinterpret_cast<const float*>(raw + tok * kTokBytes + 512) + lane / 8);
           }
         }
         rope[part] = make_uint4(0, 0, 0, 0);
-        if (rtok < valid) rope[part] = *(reinterpret_cast<const uint4*>(raw + rtok * kFp8TokenBytes + 528) + runit);
+        if (!kTma && rtok < valid)
+          rope[part] = *(reinterpret_cast<const uint4*>(raw + rtok * kFp8TokenBytes + 528) + runit);
         rs = rs + 1 == kR ? 0 : rs + 1;
         rph ^= rs == 0;
         pw.next();
@@ -313,6 +350,12 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
       }
       sm90::mbar_wait(&k_empty[ks], kph ^ 1);
       uint8_t* dst = sK + ks * L::kKStage;
+      if constexpr (kTma) {   // the rope box lands swizzled in the stage's bf16 chunk 8 (rows past s_k: garbage,
+        if (dtid == 0) {      // masked out of S^T and never read by P V)
+          sm90::mbar_arrive_expect_tx(&k_full[ks], kPage * 128);
+          sm90::tma_load_4d(dst + 8 * kChunkBytes, kmaps + 1, &k_full[ks], 0, kvh, 0, page, policy);
+        }
+      }
       if constexpr (kF16) {
         // The consumer applies the scales: each token's 4 (0 past the valid tokens) and this warp's max per group.
         float mx = 0.f;
@@ -335,6 +378,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
           uint4 lo, hi;
           uint8_t* chunk = dst + (lane / 4) * kChunkBytes;
           if constexpr (kF16) {   // unscaled, exact; zeros past the valid tokens; odd lanes' halves came swapped
+            if constexpr (DEEPSTACK_MLA_FP8_ABL == 1) continue;
             dequant16_f16(v[part][p], lo, hi);
             *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + odd)) = lo;
             *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + 1 - odd)) = hi;
@@ -344,7 +388,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
             *reinterpret_cast<uint4*>(chunk + swz(r, 2 * (lane % 4) + 1 - odd)) = odd ? lo : hi;
           }
         }
-        if (rtok < kTok)
+        if (!kTma && rtok < kTok)
           *reinterpret_cast<uint4*>(dst + 8 * kChunkBytes + swz(part * kTok + rtok, runit)) = rope[part];
       }
       sm90::fence_proxy_async();
@@ -685,7 +729,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_kernel(
       for (int mb = 0; mb < 8; ++mb) sm90::fence_regs(o[mb]);
       sm90::wgmma_fence();
 #pragma unroll
-      for (int mb = 0; mb < 8; ++mb) {
+      for (int mb = 0; mb < (DEEPSTACK_MLA_FP8_ABL == 2 ? 0 : 8); ++mb) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const uint64_t da = sm90::make_desc_sw128(kst + mb * kChunkBytes + k * 16 * 128, kChunkBytes, 1024);

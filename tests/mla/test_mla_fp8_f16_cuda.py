@@ -2,8 +2,9 @@
 per-token scales applied outside the tensor cores (S^T per 128-channel group in fp32, four scaled f16 P^T copies,
 O^T per group in units of a running power of two), Q's latent channels as f16 with a per-row power-of-two prescale.
 
-Every case runs on the f16 path (default) and on the bf16 dequantisation (-DDEEPSTACK_MLA_FP8_F16=0), with both
-raw-stage sizes, against the fp32 reference on the dequantised cache with the issue's tolerances; the q range case
+Every case runs on the f16 path (default: TMA ring of latent + scale bytes, the rope box straight into the K stage;
+32- and 16-token stages), on the f16 path fed by bulk copies of whole rows (-DDEEPSTACK_MLA_FP8_F16_TMA=0) and on the
+bf16 dequantisation (-DDEEPSTACK_MLA_FP8_F16=0), against the fp32 reference on the dequantised cache with the issue's tolerances; the q range case
 adds a per-group check, and the scale case (values 1e-4 .. 1e4) checks each 128-channel group at its own size
 (lse by the issue's rule; out per group: max error within 1/64 of the group's largest |out|, cosine diff < 5e-6).
 """
@@ -22,18 +23,23 @@ from torch_deepstack.mla.reference import mla_decode_fp32
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(params=["f16", "f16_tok16", "bf16"])
+_PATH_DEFINES = {"f16_bulk": (("DEEPSTACK_MLA_FP8_F16_TMA", 0),), "bf16": (("DEEPSTACK_MLA_FP8_F16", 0),)}
+
+
+@pytest.fixture(params=["f16", "f16_tok16", "f16_bulk", "bf16"])
 def fp8_path(request, monkeypatch):
-    """f16 path with 32- or 16-token raw stages, or the bf16 dequantisation (-DDEEPSTACK_MLA_FP8_F16=0)."""
+    """f16 path (TMA raw ring) with 32- or 16-token stages, the f16 path on bulk copies of whole rows
+    (-DDEEPSTACK_MLA_FP8_F16_TMA=0), or the bf16 dequantisation (-DDEEPSTACK_MLA_FP8_F16=0)."""
     from torch_deepstack.mla import kernels
     if request.param == "f16_tok16":
         monkeypatch.setattr(kernels, "_FP8_STAGE_TOKENS", 16)
-    if request.param == "bf16":
+    defines = _PATH_DEFINES.get(request.param)
+    if defines:
         real = kernels.get_kernel
 
         def get_kernel(spec, signature):
             if "fp8small" in spec.kernel:
-                spec = dataclasses.replace(spec, defines=tuple(spec.defines) + (("DEEPSTACK_MLA_FP8_F16", 0),))
+                spec = dataclasses.replace(spec, defines=tuple(spec.defines) + defines)
             return real(spec, signature)
         monkeypatch.setattr(kernels, "get_kernel", get_kernel)
     return request.param

@@ -111,21 +111,24 @@ def _named_kernel_spec(kernel: str, dtype: torch.dtype, d: int, cluster: int) ->
 # attributes so a benchmark can compare against the general kernel (_FP8_SMALL_ROWS = False) or another stage size.
 _FP8_SMALL_ROWS = True
 _FP8_STAGE_TOKENS = 32          # raw ring stage; 16 measured 5-10% slower (more barriers per page)
-_FP8_SMALL_SIG = "pppppppppp" + "iiiiii" + "llll" + "f"
+_FP8_SMALL_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
 def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
     return KernelSpec("mla/mla_decode_fp8.cuh", "deepstack::mla::fp8small::mla_decode_fp8_kernel", (n, stage_tokens))
 
 
-def fp8_small_layout_bytes(n: int, stage_tokens: int, f16: bool) -> int:
-    """Mirror of fp8small::Layout<n, stage_tokens, f16>::kAlloc."""
+def fp8_small_layout_bytes(n: int, stage_tokens: int, f16: bool, tma: bool = False) -> int:
+    """Mirror of fp8small::Layout<n, stage_tokens, f16, tma>::kAlloc."""
     if f16:   # four P^T copies, [2][64][4] scales, [2][8][4] group maxima, [n] Q prescales; a smaller raw ring
-        raw = (2 if stage_tokens == 32 else 5) * stage_tokens * 656
+        tok_bytes = 528 if tma else 656
+        raw = 96 * 528 if tma else (2 if stage_tokens == 32 else 5) * stage_tokens * 656
         extra = 4 * n * 128 + 2 * 64 * 16 + 2 * 8 * 16 + n * 4
     else:
+        tok_bytes = 656
         raw = (3 if n == 16 else 2) * 32 * 656
         extra = n * 128
-    stages = raw // (stage_tokens * 656)
-    return 9 * n * 128 + 2 * 9 * _CHUNK_BYTES + extra + raw + 4 * n * 4 + (stages + 4) * 8 + 4 * 4 + 1024
+    stages = raw // (stage_tokens * tok_bytes)
+    raw_at = -(-(9 * n * 128 + 2 * 9 * _CHUNK_BYTES + extra) // 128) * 128
+    return raw_at + raw + 4 * n * 4 + (stages + 4) * 8 + 4 * 4 + 1024
 
 
 def fp8_small_smem_bytes(n: int, stage_tokens: int) -> int:
@@ -133,8 +136,35 @@ def fp8_small_smem_bytes(n: int, stage_tokens: int) -> int:
     (16 rows), so a -DDEEPSTACK_MLA_FP8_F16 variant launches with enough (the kernel traps on less)."""
     layouts = [fp8_small_layout_bytes(n, stage_tokens, False)]
     if n == 16:
-        layouts.append(fp8_small_layout_bytes(n, stage_tokens, True))
+        layouts += [fp8_small_layout_bytes(n, stage_tokens, True, tma) for tma in (False, True)]
     return max(layouts)
+
+
+def _fp8_tensor_maps(raw: torch.Tensor, stage_tokens: int) -> bytes:
+    """The FP8 few-rows kernel's two TMA maps over a uint8 [blocks, 64, h_kv, 656] cache: the latent + scale bytes
+    as int32 [132, h_kv, 64, blocks] (box: stage_tokens tokens of one head, no swizzle) and the rope as bf16
+    [64, h_kv, 64, blocks] (box: a page, 128-byte swizzle)."""
+    nb, page, h_kv, _ = raw.shape
+    strides = [raw.stride(2), raw.stride(1), raw.stride(0)]
+    lat = make_tensor_map(raw.data_ptr(), torch.int32, [132, h_kv, page, nb], strides, [132, 1, stage_tokens, 1])
+    rope = make_tensor_map(raw.data_ptr() + 528, torch.bfloat16, [64, h_kv, page, nb], strides, [64, 1, page, 1],
+                           swizzle_bytes=128)
+    return lat + rope
+
+
+def _fp8_tensor_maps_device(raw: torch.Tensor, stage_tokens: int) -> torch.Tensor:
+    """_fp8_tensor_maps in device memory, one upload per cache tensor (first use; call once before graph capture)."""
+    key = ("fp8", raw.data_ptr(), tuple(raw.shape), raw.stride(), stage_tokens, raw.device)
+    m = _DEVICE_MAPS.get(key)
+    if m is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("mla_decode_with_kvcache: call it once on this FP8 k_cache before CUDA-graph capture "
+                               "(its TMA descriptors are uploaded on first use)")
+        if len(_DEVICE_MAPS) >= 256:
+            _DEVICE_MAPS.clear()
+        m = torch.frombuffer(bytearray(_fp8_tensor_maps(raw, stage_tokens)), dtype=torch.uint8).to(raw.device)
+        _DEVICE_MAPS[key] = m
+    return m
 
 
 def combine_spec(dtype: torch.dtype) -> KernelSpec:
@@ -275,8 +305,9 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
             n = 16 if rows <= 16 else 32
             tail = (h_q, h_kv, s_q, rows, int(bool(causal) and s_q > 1), bt.stride(0),
                     q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
+            kmaps = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS)
             get_kernel(fp8_small_spec(n, _FP8_STAGE_TOKENS), _FP8_SMALL_SIG).launch(
-                (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr,
+                (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmaps,
                 *tail, smem=fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS))
             get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
                 (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
