@@ -152,19 +152,31 @@ def _fp8_tensor_maps(raw: torch.Tensor, stage_tokens: int) -> bytes:
     return lat + rope
 
 
-def _fp8_tensor_maps_device(raw: torch.Tensor, stage_tokens: int) -> torch.Tensor:
-    """_fp8_tensor_maps in device memory, one upload per cache tensor (first use; call once before graph capture)."""
-    key = ("fp8", raw.data_ptr(), tuple(raw.shape), raw.stride(), stage_tokens, raw.device)
+# The decode kernels read their TMA descriptors from device memory (a by-value CUtensorMap kernel parameter after
+# other parameters failed to launch with error 701 through the JIT's packed-buffer launch). One device copy per
+# cache tensor (address, shape, strides), made on first use: call once before CUDA-graph capture.
+_DEVICE_MAPS: dict = {}
+
+
+def _uploaded_maps(key: tuple, device: torch.device, what: str, make) -> torch.Tensor:
+    """The descriptor bytes `make()` returns, in device memory, uploaded once per key (first use). A first use
+    inside CUDA-graph capture is refused: the upload cannot be captured."""
     m = _DEVICE_MAPS.get(key)
     if m is None:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("mla_decode_with_kvcache: call it once on this FP8 k_cache before CUDA-graph capture "
+            raise RuntimeError(f"mla_decode_with_kvcache: call it once on this {what} before CUDA-graph capture "
                                "(its TMA descriptors are uploaded on first use)")
         if len(_DEVICE_MAPS) >= 256:
             _DEVICE_MAPS.clear()
-        m = torch.frombuffer(bytearray(_fp8_tensor_maps(raw, stage_tokens)), dtype=torch.uint8).to(raw.device)
+        m = torch.frombuffer(bytearray(make()), dtype=torch.uint8).to(device)
         _DEVICE_MAPS[key] = m
     return m
+
+
+def _fp8_tensor_maps_device(raw: torch.Tensor, stage_tokens: int) -> torch.Tensor:
+    """_fp8_tensor_maps in device memory (see _uploaded_maps)."""
+    key = ("fp8", raw.data_ptr(), tuple(raw.shape), raw.stride(), stage_tokens, raw.device)
+    return _uploaded_maps(key, raw.device, "FP8 k_cache", lambda: _fp8_tensor_maps(raw, stage_tokens))
 
 
 def combine_spec(dtype: torch.dtype) -> KernelSpec:
@@ -251,24 +263,10 @@ def _kv_tensor_map(k_cache: torch.Tensor) -> bytes:
                            [64, 1, PAGE_SIZE, 1], swizzle_bytes=128)
 
 
-# The decode kernel reads its TMA descriptor from device memory (a by-value CUtensorMap kernel parameter after
-# other parameters failed to launch with error 701 through the JIT's packed-buffer launch). One 128-byte device
-# copy per cache tensor (address, shape, strides), made on first use: call once before CUDA-graph capture.
-_DEVICE_MAPS: dict = {}
-
-
 def _kv_tensor_map_device(k_cache: torch.Tensor) -> torch.Tensor:
+    """_kv_tensor_map in device memory (see _uploaded_maps)."""
     key = (k_cache.data_ptr(), tuple(k_cache.shape), k_cache.stride(), k_cache.dtype, k_cache.device)
-    m = _DEVICE_MAPS.get(key)
-    if m is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("mla_decode_with_kvcache: call it once on this k_cache before CUDA-graph capture "
-                               "(its TMA descriptor is uploaded on first use)")
-        if len(_DEVICE_MAPS) >= 256:
-            _DEVICE_MAPS.clear()
-        m = torch.frombuffer(bytearray(_kv_tensor_map(k_cache)), dtype=torch.uint8).to(k_cache.device)
-        _DEVICE_MAPS[key] = m
-    return m
+    return _uploaded_maps(key, k_cache.device, "k_cache", lambda: _kv_tensor_map(k_cache))
 
 
 @cuda_kernel("mla_decode_with_kvcache")
