@@ -398,7 +398,7 @@ def test_read_array_sees_writes_made_after_its_table(fs):
     assert bytes(got.data) == new[10:110]
 
 
-def test_read_array_detects_corruption(fs, mode):
+def test_read_array_detects_corruption(fs, mode, monkeypatch):
     rng = np.random.default_rng()
     _random_file(fs, "/c", rng, 2 * CS)
     f = fs.open("/c")
@@ -419,20 +419,22 @@ def test_read_array_detects_corruption(fs, mode):
     with pytest.raises(ChunkCorrupt):
         res.raise_first()
     assert isinstance(fs.batch_read([(f, CS + 4096, 10, None)])[0].error, ChunkCorrupt)
-    # A batch long enough for the C parser (results made while the reads are in flight): the request on the
-    # corrupt block fails alone, a read past the end is short, the rest are whole.
+    # A batch long enough for the C parser, with its results made after the reads (a short batch) and while they
+    # are in flight (EARLY_RESULTS_MIN lowered): the request on the corrupt block fails alone, a read past the end
+    # is short, the rest are whole.
     tail = _random_file(fs, "/c2", rng, CS + 1000)
     f2 = fs.open("/c2")
     bufs = [np.zeros(4096, np.uint8) for _ in range(6)]
-    parsed = fs._batch_read_parsed(pyrows.load(), [(f, 0, 4096, bufs[0]), (f, CS + 4096, 4096, bufs[1]),
-                                                   (f, CS + 100, 50, bufs[2]), (f2, CS, 4096, bufs[3]),
-                                                   (f, 2 * CS, 10, bufs[4]), (f2, 4096, 4096, bufs[5])], None)
-    res = fs.batch_read([(f, 0, 4096, bufs[0]), (f, CS + 4096, 4096, bufs[1]), (f, CS + 100, 50, bufs[2]),
-                         (f2, CS, 4096, bufs[3]), (f, 2 * CS, 10, bufs[4]), (f2, 4096, 4096, bufs[5])])
-    for got in (parsed, res) if pyrows.load() is not None and mode != "pure-python" else (res,):
-        assert [r.nbytes for r in got if r.ok] == [4096, 50, 1000, 0, 4096]
-        assert isinstance(got[1].error, ChunkCorrupt) and not got[1].ok
-        assert bytes(got[3].data) == tail[CS:] and bytes(got[5].data) == tail[4096:8192]
+    reqs = [(f, 0, 4096, bufs[0]), (f, CS + 4096, 4096, bufs[1]), (f, CS + 100, 50, bufs[2]), (f2, CS, 4096, bufs[3]),
+            (f, 2 * CS, 10, bufs[4]), (f2, 4096, 4096, bufs[5])]
+    for early_min in (len(reqs) + 1, 1):
+        monkeypatch.setattr(type(fs), "EARLY_RESULTS_MIN", early_min)
+        parsed = fs._batch_read_parsed(pyrows.load(), reqs, None)
+        res = fs.batch_read(reqs)
+        for got in (parsed, res) if pyrows.load() is not None and mode != "pure-python" else (res,):
+            assert [r.nbytes for r in got if r.ok] == [4096, 50, 1000, 0, 4096]
+            assert isinstance(got[1].error, ChunkCorrupt) and not got[1].ok
+            assert bytes(got[3].data) == tail[CS:] and bytes(got[5].data) == tail[4096:8192]
 
 
 def test_read_array_rejects_bad_arguments(fs):
