@@ -1,12 +1,14 @@
 """Shared data builders and the FlashMLA-style accuracy check for the MLA tests (CPU and CUDA)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from tests.helpers import calc_diff
-from torch_deepstack.mla import fp8_format
+from torch_deepstack.mla import fp8_format, get_mla_metadata, mla_decode_with_kvcache
+from torch_deepstack.mla.reference import mla_decode_fp32
 
 PAGE = 64
 
@@ -64,3 +66,29 @@ def assert_mla_close(out, lse, ref_out, ref_lse, atol=8e-4, rtol=2.01 / 128, cos
 
 def default_scale(d):
     return 1.0 / math.sqrt(d)
+
+
+def decode_and_reference(q, cache, bt, seq, causal, fp8=False, parts=0):
+    """One mla_decode_with_kvcache call (metadata for q's rows per KV head, `parts` SM parts; 0: the device's) and
+    the fp32 reference on the same inputs: (out, lse, ref_out in q's dtype, ref_lse)."""
+    s_q, h_q, d = q.shape[1], q.shape[2], q.shape[3]
+    h_kv = cache.shape[2]
+    sched, splits = get_mla_metadata(seq, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
+    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal, is_fp8_kvcache=fp8)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), d ** -0.5, causal, fp8)
+    return out, lse, ref_out.to(q.dtype), ref_lse
+
+
+def add_kernel_defines(monkeypatch, defines, applies=lambda kernel_name: True):
+    """Compile the MLA kernels whose name `applies` to with extra -D defines ((NAME, VALUE), ...) for this test:
+    the switches the kernels keep for A/B runs (benchmarks/ab_mla.py does the same)."""
+    from torch_deepstack.mla import kernels
+    real = kernels.get_kernel
+
+    def get_kernel(spec, signature):
+        if applies(spec.kernel):
+            spec = dataclasses.replace(spec, defines=tuple(spec.defines) + tuple(defines))
+        return real(spec, signature)
+    monkeypatch.setattr(kernels, "get_kernel", get_kernel)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import torch_deepstack  # noqa: F401
-from tests.mla.mla_data import assert_mla_close, make_case, varied_lengths
+from tests.mla.mla_data import assert_mla_close, decode_and_reference, make_case, varied_lengths
 from torch_deepstack.mla import PagedKVCache, get_mla_metadata, mla_append_kv, mla_decode_with_kvcache
 from torch_deepstack.mla.reference import mla_decode_fp32
 from torch_deepstack.mla.schedule import schedule
@@ -28,11 +28,7 @@ CASES = [  # b, s_q, h_q, h_kv, d, dtype, mean s_k, causal, zero-length requests
 def run_case(b, s_q, h_q, h_kv, d, dtype, mean, causal, zeros, parts, fp8=False, seed=0):
     lens = varied_lengths(b, mean, s_q, seed=seed, zeros=zeros)
     q, cache, bt, seq = make_case(b, s_q, h_q, h_kv, d, dtype, lens, fp8=fp8, device="cuda", seed=seed)
-    sched, splits = get_mla_metadata(seq, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
-    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal, is_fp8_kvcache=fp8)
-    torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), d ** -0.5, causal, fp8)
-    return out, lse, ref_out.to(dtype), ref_lse, (q, cache, bt, seq)
+    return (*decode_and_reference(q, cache, bt, seq, causal, fp8, parts), (q, cache, bt, seq))
 
 
 @pytest.fixture(params=["general", "overlap"])

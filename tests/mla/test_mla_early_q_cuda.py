@@ -6,12 +6,10 @@ kernel that loads Q early (seesaw and the FP8 few-rows kernel by default, the ge
 -DDEEPSTACK_MLA_EARLY_Q_GENERAL=1; plain and as row-block pairs), plus the load it replaces."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from tests.mla.mla_data import assert_mla_close, make_case
+from tests.mla.mla_data import add_kernel_defines, assert_mla_close, decode_and_reference, make_case
 from torch_deepstack.mla import get_mla_metadata, mla_decode_with_kvcache
 from torch_deepstack.mla.reference import mla_decode_fp32
 
@@ -35,14 +33,8 @@ CASES = [  # kernel, s_q, h_q, h_kv, d, dtype, causal
 
 
 def _with_defines(monkeypatch, defines):
-    from torch_deepstack.mla import kernels
-    real = kernels.get_kernel
-
-    def get_kernel(spec, signature):
-        if "combine" not in spec.kernel and "metadata" not in spec.kernel:
-            spec = dataclasses.replace(spec, defines=tuple(spec.defines) + defines)
-        return real(spec, signature)
-    monkeypatch.setattr(kernels, "get_kernel", get_kernel)
+    """The decode kernels (not combine, not metadata) with extra -D defines."""
+    add_kernel_defines(monkeypatch, defines, lambda name: "combine" not in name and "metadata" not in name)
 
 
 @pytest.mark.parametrize("early_q", [1, 0])
@@ -59,11 +51,7 @@ def test_many_short_pieces_per_part(case, parts, early_q, monkeypatch):
         _with_defines(monkeypatch, (("DEEPSTACK_MLA_EARLY_Q", 0),))
     lens = [max(s, s_q) if s else 0 for s in SHORT_LENS]
     q, cache, bt, seq = make_case(len(lens), s_q, h_q, h_kv, d, dtype, lens, device="cuda", seed=11)
-    sched, splits = get_mla_metadata(seq, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
-    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal)
-    torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), d ** -0.5, causal, False)
-    assert_mla_close(out, lse, ref_out.to(dtype), ref_lse)
+    assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, parts=parts))
 
 
 def test_q_rows_change_between_calls(monkeypatch):
@@ -100,8 +88,4 @@ def test_fp8_many_short_pieces_per_part(case, parts, early_q, monkeypatch):
     lens = [max(s, s_q) if s else 0 for s in SHORT_LENS]
     q, cache, bt, seq = make_case(len(lens), s_q, h_q, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
                                   seed=13)
-    sched, splits = get_mla_metadata(seq, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
-    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal, is_fp8_kvcache=True)
-    torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), 576 ** -0.5, causal, True)
-    assert_mla_close(out, lse, ref_out.to(torch.bfloat16), ref_lse)
+    assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))

@@ -10,15 +10,12 @@ adds a per-group check, and the scale case (values 1e-4 .. 1e4) checks each 128-
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import torch_deepstack  # noqa: F401
-from tests.mla.mla_data import assert_mla_close, make_case, varied_lengths
-from torch_deepstack.mla import fp8_format, get_mla_metadata, mla_decode_with_kvcache
-from torch_deepstack.mla.reference import mla_decode_fp32
+from tests.mla.mla_data import add_kernel_defines, assert_mla_close, decode_and_reference, make_case, varied_lengths
+from torch_deepstack.mla import fp8_format
 
 pytestmark = pytest.mark.cuda
 
@@ -35,22 +32,8 @@ def fp8_path(request, monkeypatch):
         monkeypatch.setattr(kernels, "_FP8_STAGE_TOKENS", 16)
     defines = _PATH_DEFINES.get(request.param)
     if defines:
-        real = kernels.get_kernel
-
-        def get_kernel(spec, signature):
-            if "fp8small" in spec.kernel:
-                spec = dataclasses.replace(spec, defines=tuple(spec.defines) + defines)
-            return real(spec, signature)
-        monkeypatch.setattr(kernels, "get_kernel", get_kernel)
+        add_kernel_defines(monkeypatch, defines, lambda name: "fp8small" in name)
     return request.param
-
-
-def _run(q, cache, bt, seq, s_q, h_q, causal, parts):
-    sched, splits = get_mla_metadata(seq, s_q * h_q, 1, num_sm_parts=parts)
-    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal, is_fp8_kvcache=True)
-    torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), 576 ** -0.5, causal, True)
-    return out, lse, ref_out.to(torch.bfloat16), ref_lse
 
 
 def _assert_groups_close(out, ref_out, tol=1 / 64, cos=5e-6):
@@ -97,11 +80,7 @@ def test_fp8_f16_path_matches_reference(case, parts, fp8_path):
     b, s_q, h_q, h_kv, mean, causal, zeros = case
     lens = varied_lengths(b, mean, s_q, seed=21, zeros=zeros)
     q, cache, bt, seq = make_case(b, s_q, h_q, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=21)
-    sched, splits = get_mla_metadata(seq, s_q * h_q // h_kv, h_kv, num_sm_parts=parts)
-    out, lse = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, causal=causal, is_fp8_kvcache=True)
-    torch.cuda.synchronize()
-    ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), 576 ** -0.5, causal, True)
-    assert_mla_close(out, lse, ref_out.to(torch.bfloat16), ref_lse)
+    assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))
 
 
 def _scaled_fp8_case(lens, s_q, h_q, seed, q_scale: float, device="cuda"):
@@ -130,7 +109,7 @@ def test_fp8_scales_far_apart(parts, fp8_path):
     several times per request, P^T copies of tiny and huge groups, and a group tiny throughout."""
     lens = varied_lengths(6, 900, seed=4, zeros=(2,))
     q, cache, bt, seq = _scaled_fp8_case(lens, 1, 16, seed=4, q_scale=3e-2)
-    out, lse, ref_out, ref_lse = _run(q, cache, bt, seq, 1, 16, False, parts)
+    out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=False, fp8=True, parts=parts)
     _assert_lse_close(lse, ref_lse)
     _assert_groups_close(out, ref_out)
     empty = torch.isinf(ref_lse).permute(0, 2, 1)   # rows without keys: out exactly 0
@@ -144,6 +123,6 @@ def test_fp8_q_rows_far_apart(parts, fp8_path):
     q, cache, bt, seq = make_case(5, 2, 8, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=6)
     row_scale = torch.tensor([2.0 ** -30, 2.0 ** -12, 1.0, 400.0, 0.0, 3.0, 2.0 ** -20, 50.0] * 2, device="cuda")
     q = (q.float() * row_scale.reshape(1, 2, 8, 1)).to(torch.bfloat16)
-    out, lse, ref_out, ref_lse = _run(q, cache, bt, seq, 2, 8, True, parts)
+    out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=True, fp8=True, parts=parts)
     assert_mla_close(out, lse, ref_out, ref_lse)
     _assert_groups_close(out, ref_out)
