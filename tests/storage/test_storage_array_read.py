@@ -647,3 +647,56 @@ def test_removed_files_do_not_stay_open(fs, mode):
 
     fs.remove("/gone")
     assert open_chunk_files() == []
+
+
+def test_parse_scratch_reused_per_thread_never_shared():
+    """batch_read's parsed path reuses one set of small arrays per thread: a nested use on the same thread, another
+    thread and batches past the reusable size get arrays of their own; a released set is reused."""
+    from torch_deepstack.storage.client import _SCRATCH_ROWS, _parse_scratch, _release_scratch
+
+    a = _parse_scratch(4)
+    b = _parse_scratch(4)  # `a` still in use
+    assert a[3] != b[3] and a[0].shape == b[0].shape == (4, 5)
+    other = []
+    t = threading.Thread(target=lambda: other.append(_parse_scratch(3)))
+    t.start()
+    t.join()
+    assert other[0][3] not in (a[3], b[3])
+    big = _parse_scratch(_SCRATCH_ROWS + 1)
+    assert big[0].shape == (_SCRATCH_ROWS + 1, 5) and big[3] != a[3]
+    for s in (big, b, a):
+        _release_scratch(s)
+    again = _parse_scratch(7)
+    assert again[3] == a[3] and again[0].shape == (7, 5)
+    _release_scratch(again)
+
+
+@pytest.mark.timeout(120)
+def test_small_batches_from_many_threads(fs, mode):
+    """Threads each issuing many small batch_read calls (the reused parse arrays are per thread) read the bytes
+    written."""
+    rng = np.random.default_rng()
+    data = _random_file(fs, "/t", rng, 5 * CS + 123)
+    f = fs.open("/t")
+    errors = []
+
+    def reader(seed):
+        r = np.random.default_rng(seed)
+        try:
+            for _ in range(150):
+                n = int(r.integers(1, 9))
+                offs = r.integers(0, len(data) - 4096, n).tolist()
+                lens = r.integers(1, 4097, n).tolist()
+                bufs = [bytearray(4096) for _ in range(n)]
+                res = fs.batch_read([(f, o, k, b) for o, k, b in zip(offs, lens, bufs)])
+                for o, k, b, x in zip(offs, lens, bufs, res):
+                    assert x.error is None and x.nbytes == k and bytes(b[:k]) == data[o:o + k]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:2]

@@ -142,6 +142,44 @@ class ReadRequest:
 _NONES = itertools.repeat(None)  # map()'s constant arguments (ReadResult's data and error)
 
 
+# batch_read's parsed path needs three small int64 arrays and their addresses per call (~1.5 us to make); a thread
+# reuses one set for batches of up to _SCRATCH_ROWS requests. A nested call on the same thread (not expected: the
+# parser only reads attributes) gets fresh arrays.
+_SCRATCH_ROWS = 64
+_scratch = threading.local()
+
+
+def _address(a) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(a))
+
+
+def _new_scratch(n: int):
+    import numpy as np
+
+    rows, ctl, sizes = np.empty((n, 5), np.int64), np.zeros(2, np.int64), np.zeros(8, np.int64)
+    return [rows, ctl, sizes, _address(rows), _address(ctl), _address(sizes), False]
+
+
+def _parse_scratch(n: int):
+    """(rows [n, 5], ctl [2], sizes [8] and their three addresses) for one parsed batch; give it back with
+    _release_scratch."""
+    if n > _SCRATCH_ROWS:
+        return tuple(_new_scratch(n)[:6])
+    s = getattr(_scratch, "s", None)
+    if s is None:
+        s = _scratch.s = _new_scratch(_SCRATCH_ROWS)
+    if s[6]:  # in use further up this thread's stack
+        return tuple(_new_scratch(n)[:6])
+    s[6] = True
+    return (s[0][:n], s[1], s[2], s[3], s[4], s[5])
+
+
+def _release_scratch(view) -> None:
+    s = getattr(_scratch, "s", None)
+    if s is not None and view[3] == s[3]:
+        s[6] = False
+
+
 class ReadResult:
     """Completion of one request: `nbytes` read (short at end of file), `data` a view of the bytes in the
     caller's buffer (or a fresh bytearray when no `out` was given), `error` set on failure, `request` the
@@ -781,6 +819,8 @@ class FileSystem:
     def _native_results(self, reqs: list, outs: list, got: list, timeout: float | None) -> list[ReadResult]:
         """One ReadResult per request from the native path's byte counts; those it left (negative counts) are
         read again, into the same buffers, by the general path."""
+        if not got or min(got) >= 0:  # all served (the common case): one map, ~0.2 us per request less
+            return list(map(ReadResult, reqs, got, _NONES, _NONES, outs))
         results, slow = [], []
         add = results.append
         for r, out, n in zip(reqs, outs, got):
@@ -814,31 +854,26 @@ class FileSystem:
     def _batch_read_parsed(self, lib, reqs: list, timeout: float | None) -> list[ReadResult] | None:
         """batch_read's native path with the requests parsed in C (pyrows.cpp): one call turns the request list
         into rows, another reads them. None where a request is not a plain one (the Python loop then decides)."""
-        import numpy as np
-
-        from torch_deepstack.storage.array_read import address
-
         n = len(reqs)
-        rows = np.empty((n, 5), np.int64)
-        ctl = np.zeros(2, np.int64)  # status, handle of the buffer exports
-        sizes = np.zeros(8, np.int64)  # chunk size per file index
         which_of: dict = {}
         inodes, outs, handles = [], [], []
-        base, ctl_at = address(rows), address(ctl)
         torch = sys.modules.get("torch")
         tensor = torch.Tensor if torch is not None else None
-        r = reqs[0]  # the first request's File up front: a batch on one file then parses in one call
-        f = r[0] if type(r) is tuple and r else getattr(r, "file", None)
-        if type(f) is File and f._inode["type"] == "file":
-            which_of[f] = 0
-            sizes[0] = f._inode["chunk_size"]
-            inodes.append(f._inode)
-        start = 0
+        scratch = _parse_scratch(n)
+        # ctl: the parser's status and the handle of its buffer exports (it sets both); sizes: chunk size per file
+        rows, ctl, sizes, base, ctl_at, sizes_at = scratch
         try:
+            r = reqs[0]  # the first request's File up front: a batch on one file then parses in one call
+            f = r[0] if type(r) is tuple and r else getattr(r, "file", None)
+            if type(f) is File and f._inode["type"] == "file":
+                which_of[f] = 0
+                sizes[0] = f._inode["chunk_size"]
+                inodes.append(f._inode)
+            start = 0
             while True:
                 ctl[1] = 0
                 try:
-                    i = lib.ds_rows_parse(reqs, start, File, ReadRequest, tensor, which_of, address(sizes),
+                    i = lib.ds_rows_parse(reqs, start, File, ReadRequest, tensor, which_of, sizes_at,
                                           len(inodes), base + 40 * start, outs, ctl_at, ctl_at + 8)
                 finally:
                     if ctl[1]:
@@ -853,7 +888,10 @@ class FileSystem:
                 if f._inode["type"] != "file":
                     return None
                 if len(inodes) == len(sizes):
+                    import numpy as np
+
                     sizes = np.concatenate([sizes, np.zeros(len(sizes), np.int64)])
+                    sizes_at = _address(sizes)
                 which_of[f] = len(inodes)
                 sizes[len(inodes)] = f._inode["chunk_size"]
                 inodes.append(f._inode)
@@ -868,6 +906,7 @@ class FileSystem:
         finally:
             for h in handles:  # the reads are over (read_array is synchronous): the buffers may move again
                 lib.ds_rows_release(h)
+            _release_scratch(scratch)
         return self._native_results(reqs, outs, got, timeout)
 
     def _read_parsed_early(self, waves, reqs: list, inodes: list, rows, outs: list,
