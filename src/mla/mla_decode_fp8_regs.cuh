@@ -85,6 +85,24 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
 // pair (2t+8, 2t+9).
 __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * (k % 2) + 2 * t; }
 
+// Pipelining of the worker's wgmma chains (A/B switches; defaults measured on the H200, docs/mla.md):
+// S^T: kQB k16 blocks per commit (2 or 4), kQF fragment buffers; P V: kGB groups per commit (1, 2 or 4), kPF buffers.
+#ifndef DEEPSTACK_FP8R_QK_BLOCKS
+#define DEEPSTACK_FP8R_QK_BLOCKS 0   // 0: 4 at 16 rows (1-2% faster than 2, H200 2026-11-30), 2 at 32 (registers)
+#endif
+#ifndef DEEPSTACK_FP8R_QK_BUFS
+#define DEEPSTACK_FP8R_QK_BUFS 2
+#endif
+#ifndef DEEPSTACK_FP8R_PV_GROUPS
+#define DEEPSTACK_FP8R_PV_GROUPS 0   // 0: 2 at 16 rows, 1 at 32 (registers)
+#endif
+#ifndef DEEPSTACK_FP8R_PV_BUFS
+#define DEEPSTACK_FP8R_PV_BUFS 2
+#endif
+#ifndef DEEPSTACK_FP8R_ABL
+#define DEEPSTACK_FP8R_ABL 0   // 1: the workers skip all work on a page (timing of the page stream only)
+#endif
+
 template <int kN>
 struct Layout {
   static constexpr int kStages = kN == 16 ? 4 : 3;           // raw pages in flight (what fits next to Q and P^T)
@@ -121,6 +139,12 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   constexpr int kRedW = kN + 4;   // per warp: the rows' tile max, then the page's largest scale per group
   constexpr int kProducerRegs = 24, kWorkerRegs = 240;   // 24 + 2 x 240 = 3 x 168 (more deadlocks setmaxnreg.inc)
   using T = __nv_bfloat16;
+  constexpr int kQB = DEEPSTACK_FP8R_QK_BLOCKS > 0 ? DEEPSTACK_FP8R_QK_BLOCKS : (kN == 16 ? 4 : 2);
+  constexpr int kQH = 4 / kQB, kQF = DEEPSTACK_FP8R_QK_BUFS;
+  constexpr int kGB = DEEPSTACK_FP8R_PV_GROUPS > 0 ? DEEPSTACK_FP8R_PV_GROUPS : (kN == 16 ? 2 : 1);
+  constexpr int kPF = DEEPSTACK_FP8R_PV_BUFS;
+  static_assert((kQB == 2 || kQB == 4) && kQF >= 2 && 1 + 2 * kQH > kQF, "S^T commits: a group folded before reuse");
+  static_assert((kGB == 1 || kGB == 2 || kGB == 4) && kPF >= 2, "P V batches");
   using fp8small::pow2i;
   using fp8small::exp_of;
   using fp8small::pack_f16x2;
@@ -201,7 +225,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   const int hpk = h_q / h_kv;
   const float kInf = __int_as_float(0x7f800000);
   constexpr float kSlack = 8.f;
-  const uint32_t sQa = sm90::smem_addr(sQ), sPa = sm90::smem_addr(sP);
+  // wgmma B descriptors: one base each, operand offsets added as constants (start address field, 16-byte units)
+  const uint64_t dq0 = sm90::make_desc_sw128(sm90::smem_addr(sQ), 16, 1024);
+  const uint64_t dp0 = sm90::make_desc_sw128(sm90::smem_addr(sP), 16, 1024);
+  const uint32_t sPa = sm90::smem_addr(sP);
   // ldmatrix rows: lane L addresses row L % 8 of matrix L / 8: tokens 8 (L / 8 % 2) + L % 8 of a k16 block,
   // channels 32 warp + 16 (L / 16) of a group (chunk h = L / 16).
   const uint32_t v_lane = (8 * ((lane / 8) % 2) + lane % 8) * kFp8TokenBytes + 16 * (lane / 16) + 32 * warp;
@@ -305,6 +332,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       const int rs = page_idx % kS, rph = (page_idx / kS) & 1;
       const int valid = min(sk - blk * kPage, kPage);
       sm90::mbar_wait(&full[rs], rph);
+      if constexpr (DEEPSTACK_FP8R_ABL == 1) {   // ablation (timing only, wrong results): the page stream alone
+        sm90::mbar_arrive(&empty[rs]);
+        continue;
+      }
       const uint8_t* raw = sRaw + rs * L::kPageBytes;
 
       // ---- S^T = K Q^T: the rope chain (bf16) into s, then 8 steps of 64 channels (f16), group accumulators
@@ -326,7 +357,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       if constexpr (!kLateScales) load_scales();
       float s[kN / 2];
       float acc[2][kN / 2];
-      uint32_t fa[2][2][4];   // [buffer = half-step][k16 block of the half][fragment register]
+      uint32_t fa[kQF][kQB][4];   // [buffer][k16 block of the commit][fragment register]
       {
         const uint4 pa0 = *reinterpret_cast<const uint4*>(ra + 528 + 32 * t);
         const uint4 pa1 = *reinterpret_cast<const uint4*>(ra + 528 + 32 * t + 16);
@@ -345,7 +376,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-          mma_rs<kN, false>(s, fr[kk], sm90::make_desc_sw128(sQa + 8 * L::kQChunk + kk * 32, 16, 1024), kk != 0);
+          mma_rs<kN, false>(s, fr[kk], dq0 + ((8 * L::kQChunk + kk * 32) >> 4), kk != 0);
         sm90::wgmma_commit();
       }
       auto fold = [&](int grp) {   // s += scale[t, grp] * S_grp^T (the group's chain is complete)
@@ -369,8 +400,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
               s[i] = fmaf(ag[i], sc2[a], s[i]);
             }
       };
-      // Commit groups: the rope, then half-steps (c, half) of 2 k16 blocks each. Waiting for all but the last one
-      // before a half-step frees its fragment buffer; at (c, 1) everything through (c - 1, 1) is done.
+      // Commit groups: i = 0 the rope, then i = 1 + kQH c + hs: k16 blocks [kQB hs, kQB hs + kQB) of step c, with
+      // fragment buffer i % kQF. Waiting for all but the last kQF - 1 before commit i (i >= kQF) frees its buffer and
+      // completes every commit <= i - kQF: the rope at i = kQF, group g's last commit, (2g + 2) kQH, at
+      // i = (2g + 2) kQH + kQF, where it is folded (before group g + 2 reuses its accumulator).
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
         const int grp = c / 2;
@@ -378,9 +411,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         const uint4 ua = *reinterpret_cast<const uint4*>(ra + off);
         const uint4 ub = *reinterpret_cast<const uint4*>(rb + off);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          if (c | half) sm90::wgmma_wait<1>();
-          if (c == 0 && half == 1) {   // the rope chain is done: carry it in units of 2^(e_r - 14)
+        for (int hs = 0; hs < kQH; ++hs) {
+          const int i = 1 + kQH * c + hs, buf = i % kQF;
+          if (i >= kQF) sm90::wgmma_wait<kQF - 1>();
+          if (i == kQF) {   // the rope chain is done: carry it in units of 2^(e_r - 14)
             sm90::fence_regs(s);
 #pragma unroll
             for (int j = 0; j < kJ; ++j)
@@ -391,25 +425,29 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
                 s[4 * j + 2 + e] *= qi;
               }
           }
-          if (half == 1 && (c == 2 || c == 4 || c == 6)) fold(c / 2 - 1);   // group c / 2 - 1 is complete
 #pragma unroll
-          for (int x = 0; x < 2; ++x) {
-            const int kk = 2 * half + x;
-            cvt_e4m3x4(word(ua, kk), fa[half][x][0], fa[half][x][2]);
-            cvt_e4m3x4(word(ub, kk), fa[half][x][1], fa[half][x][3]);
+          for (int gf = 0; gf < 4; ++gf)
+            if (i == (2 * gf + 2) * kQH + kQF) fold(gf);
+#pragma unroll
+          for (int x = 0; x < kQB; ++x) {
+            const int kk = kQB * hs + x;
+            cvt_e4m3x4(word(ua, kk), fa[buf][x][0], fa[buf][x][2]);
+            cvt_e4m3x4(word(ub, kk), fa[buf][x][1], fa[buf][x][3]);
           }
           sm90::wgmma_fence();
 #pragma unroll
-          for (int x = 0; x < 2; ++x) {
-            const int kk = 2 * half + x;
-            mma_rs<kN, true>(acc[grp % 2], fa[half][x],
-                             sm90::make_desc_sw128(sQa + c * L::kQChunk + kk * 32, 16, 1024), ((c % 2) | kk) != 0);
+          for (int x = 0; x < kQB; ++x) {
+            const int kk = kQB * hs + x;
+            mma_rs<kN, true>(acc[grp % 2], fa[buf][x], dq0 + ((c * L::kQChunk + kk * 32) >> 4),
+                             ((c % 2) | kk) != 0);
           }
           sm90::wgmma_commit();
         }
       }
       sm90::wgmma_wait<0>();
-      fold(3);
+#pragma unroll
+      for (int gf = 0; gf < 4; ++gf)
+        if ((2 * gf + 2) * kQH + kQF > 8 * kQH) fold(gf);
       if constexpr (kLateScales) load_scales();
 
       // Mask (select: NaN never reaches the max), the scale 2^(e_r - 14) x softmax scale, and the tile max per row:
@@ -528,22 +566,22 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       // ---- O^T += V^T P^T_g, A from registers: per k16 block kk, batches of kGB groups (blocks 2 G, 2 G + 1 each):
       // one ldmatrix.x4.trans per group, prmt + cvt; fragments double-buffered by batch (kGB = 1 at 32 rows, where
       // registers are short) ----
-      constexpr int kGB = kN == 16 ? 2 : 1;
+
 #pragma unroll
       for (int mb = 0; mb < 8; ++mb) sm90::fence_regs(o[mb]);
       {
         const uint32_t vbase = sm90::smem_addr(raw) + v_lane;
-        uint32_t pa[2][2 * kGB][4];   // [buffer][block of the batch][fragment register]
+        uint32_t pa[kPF][2 * kGB][4];   // [buffer][block of the batch][fragment register]
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
           for (int bt = 0; bt < 4 / kGB; ++bt) {
-            const int step = kk * (4 / kGB) + bt, buf = step % 2;
+            const int step = kk * (4 / kGB) + bt, buf = step % kPF;
             uint32_t r[kGB][4];
 #pragma unroll
             for (int x = 0; x < kGB; ++x) ldsm_x4_trans(vbase + kk * 16 * kFp8TokenBytes + 128 * (kGB * bt + x), r[x]);
             if (step == 4 * (4 / kGB) - 1) sm90::mbar_arrive(&empty[rs]);   // this worker's last read of the page
-            if (step > 0) sm90::wgmma_wait<1>();   // the batch before the previous one is done with pa[buf]
+            if (step >= kPF) sm90::wgmma_wait<kPF - 1>();   // the batch that used pa[buf] is done
 #pragma unroll
             for (int x = 0; x < kGB; ++x)
 #pragma unroll
@@ -571,7 +609,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
             for (int bl = 0; bl < 2 * kGB; ++bl) {
               const int mb = 2 * kGB * bt + bl;
               mma_rs<kN, true>(o[mb], pa[buf][bl],
-                               sm90::make_desc_sw128(sPa + (mb / 2) * L::kPCopy + kk * 32, 16, 1024), 1);
+                               dp0 + (((mb / 2) * L::kPCopy + kk * 32) >> 4), 1);
             }
             sm90::wgmma_commit();
           }
