@@ -85,22 +85,13 @@ __device__ __forceinline__ uint32_t word(const uint4& u, int i) {
 // pair (2t+8, 2t+9).
 __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * (k % 2) + 2 * t; }
 
-// Pipelining of the worker's wgmma chains (A/B switches; defaults measured on the H200, docs/mla.md):
-// S^T: kQB k16 blocks per commit (2 or 4), kQF fragment buffers; P V: kGB groups per commit (1, 2 or 4), kPF buffers.
+// Pipelining of the worker's wgmma chains (A/B switches; defaults from the H200 A/B of 2026-11-30, docs/mla.md):
+// S^T: kQB k16 blocks per commit (2 or 4); P V: kGB groups per commit (1, 2 or 4); two fragment buffers each.
 #ifndef DEEPSTACK_FP8R_QK_BLOCKS
-#define DEEPSTACK_FP8R_QK_BLOCKS 0   // 0: 4 at 16 rows (1-2% faster than 2, H200 2026-11-30), 2 at 32 (registers)
-#endif
-#ifndef DEEPSTACK_FP8R_QK_BUFS
-#define DEEPSTACK_FP8R_QK_BUFS 2
+#define DEEPSTACK_FP8R_QK_BLOCKS 0   // 0: 4 at 16 rows (1-2% faster than 2), 2 at 32 (4: spills, 4% slower)
 #endif
 #ifndef DEEPSTACK_FP8R_PV_GROUPS
-#define DEEPSTACK_FP8R_PV_GROUPS 0   // 0: 2 at 16 rows, 1 at 32 (registers)
-#endif
-#ifndef DEEPSTACK_FP8R_PV_BUFS
-#define DEEPSTACK_FP8R_PV_BUFS 2
-#endif
-#ifndef DEEPSTACK_FP8R_ABL
-#define DEEPSTACK_FP8R_ABL 0   // 1: the workers skip all work on a page (timing of the page stream only)
+#define DEEPSTACK_FP8R_PV_GROUPS 2   // 32 rows: 286 us against 303 (1) and 297 (4) at 128/1/32/8192
 #endif
 
 template <int kN>
@@ -140,11 +131,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   constexpr int kProducerRegs = 24, kWorkerRegs = 240;   // 24 + 2 x 240 = 3 x 168 (more deadlocks setmaxnreg.inc)
   using T = __nv_bfloat16;
   constexpr int kQB = DEEPSTACK_FP8R_QK_BLOCKS > 0 ? DEEPSTACK_FP8R_QK_BLOCKS : (kN == 16 ? 4 : 2);
-  constexpr int kQH = 4 / kQB, kQF = DEEPSTACK_FP8R_QK_BUFS;
-  constexpr int kGB = DEEPSTACK_FP8R_PV_GROUPS > 0 ? DEEPSTACK_FP8R_PV_GROUPS : (kN == 16 ? 2 : 1);
-  constexpr int kPF = DEEPSTACK_FP8R_PV_BUFS;
-  static_assert((kQB == 2 || kQB == 4) && kQF >= 2 && 1 + 2 * kQH > kQF, "S^T commits: a group folded before reuse");
-  static_assert((kGB == 1 || kGB == 2 || kGB == 4) && kPF >= 2, "P V batches");
+  constexpr int kQH = 4 / kQB, kQF = 2;   // S^T commits per 64-channel step, fragment buffers
+  constexpr int kGB = DEEPSTACK_FP8R_PV_GROUPS, kPF = 2;
+  static_assert((kQB == 2 || kQB == 4) && 1 + 2 * kQH > kQF, "S^T commits: a group is folded before its reuse");
+  static_assert(kGB == 1 || kGB == 2 || kGB == 4, "P V batches of 1, 2 or 4 groups");
   using fp8small::pow2i;
   using fp8small::exp_of;
   using fp8small::pack_f16x2;
@@ -232,7 +222,6 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   // ldmatrix rows: lane L addresses row L % 8 of matrix L / 8: tokens 8 (L / 8 % 2) + L % 8 of a k16 block,
   // channels 32 warp + 16 (L / 16) of a group (chunk h = L / 16).
   const uint32_t v_lane = (8 * ((lane / 8) % 2) + lane % 8) * kFp8TokenBytes + 16 * (lane / 16) + 32 * warp;
-  float* scratch = merge_scratch + ((static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x) * kMerge) * 128 + wt;
   int page_idx = 0;
 
   for (int req = begin_req; req <= end_req; ++req) {
@@ -332,10 +321,6 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       const int rs = page_idx % kS, rph = (page_idx / kS) & 1;
       const int valid = min(sk - blk * kPage, kPage);
       sm90::mbar_wait(&full[rs], rph);
-      if constexpr (DEEPSTACK_FP8R_ABL == 1) {   // ablation (timing only, wrong results): the page stream alone
-        sm90::mbar_arrive(&empty[rs]);
-        continue;
-      }
       const uint8_t* raw = sRaw + rs * L::kPageBytes;
 
       // ---- S^T = K Q^T: the rope chain (bf16) into s, then 8 steps of 64 channels (f16), group accumulators
@@ -564,8 +549,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       sm90::bar_sync(bar_p, 128);   // P^T complete (and every thread is done with red)
 
       // ---- O^T += V^T P^T_g, A from registers: per k16 block kk, batches of kGB groups (blocks 2 G, 2 G + 1 each):
-      // one ldmatrix.x4.trans per group, prmt + cvt; fragments double-buffered by batch (kGB = 1 at 32 rows, where
-      // registers are short) ----
+      // one ldmatrix.x4.trans per group, prmt + cvt; fragments double-buffered by batch ----
 
 #pragma unroll
       for (int mb = 0; mb < 8; ++mb) sm90::fence_regs(o[mb]);
@@ -627,6 +611,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] *= f;
     }
+    float* scratch =   // (formed here: registers are short in the page loop at 32 rows)
+        merge_scratch + ((static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x) * kMerge) * 128 + wt;
     if (wk == 1) {
       if (nreq > 0) sm90::mbar_wait(merge_free, (nreq - 1) & 1);   // worker 0 has read the previous one
 #pragma unroll
