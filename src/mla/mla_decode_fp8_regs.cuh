@@ -106,7 +106,7 @@ struct Layout {
   static constexpr int kRed = kRaw + kStages * kPageBytes;   // [2 workers][4 warps][kN + 4] floats
   static constexpr int kRow = kRed + 2 * 4 * (kN + 4) * 4;   // [3][kN]: 2^(14 - e_r), 2^(e_r - 14) x softmax scale, lim
   // 32 rows: each worker thread's partial row sums and running maxima [2 workers][l, m][kN / 4][128 threads]
-  static constexpr int kL = kRow + 3 * kN * 4 + 8;   // + the request's s_k and end block (ints)
+  static constexpr int kL = kRow + 3 * kN * 4 + 16;   // + the piece's end block (int; 32 rows: read in the page loop)
   static constexpr int kBars = kL + (kN == 32 ? 2 * 2 * (kN / 4) * 128 * 4 : 0);   // full[kStages], empty[kStages], merged, merge_free
   static constexpr int kBytes = kBars + (2 * kStages + 2) * 8;
   static constexpr int kAlloc = kBytes + 1024;
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   float* sQinv = reinterpret_cast<float*>(smem + L::kRow);   // per q row: 2^(14 - e_r)
   float* sQms = sQinv + kN;                                   // 2^(e_r - 14) x softmax scale (log2 units)
   int* sLim = reinterpret_cast<int*>(sQms + kN);              // keys the row sees
-  int* sSeq = sLim + kN;   // [2]: the request's s_k and the piece's end block, read in the page loop (registers)
+  int* sEnd = sLim + kN;   // the piece's end block: the page loop's bound at 32 rows (in a register, it was spilled)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBars);
   uint64_t* empty = full + kS;
   uint64_t* merged = empty + kS;       // worker 1's partial of the current request is in the scratch
@@ -218,11 +218,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   const int hpk = h_q / h_kv;
   const float kInf = __int_as_float(0x7f800000);
   constexpr float kSlack = 8.f;
-  // wgmma B descriptors: the low words of one base each (the high word, SBO 1024 and the 128-byte swizzle, is a
-  // constant), operand offsets added as constants (start address field, 16-byte units). 32-bit: registers are short.
-  const uint32_t dq0 = static_cast<uint32_t>(sm90::make_desc_sw128(sm90::smem_addr(sQ), 16, 1024));
-  const uint32_t dp0 = static_cast<uint32_t>(sm90::make_desc_sw128(sm90::smem_addr(sP), 16, 1024));
-  constexpr uint64_t kDescHi = (1ull << 62) | (static_cast<uint64_t>(1024 >> 4) << 32);   // as make_desc_sw128
+  // wgmma B descriptors: one base each, operand offsets added as constants (start address field, 16-byte units)
+  const uint64_t dq0 = sm90::make_desc_sw128(sm90::smem_addr(sQ), 16, 1024);
+  const uint64_t dp0 = sm90::make_desc_sw128(sm90::smem_addr(sP), 16, 1024);
   const uint32_t sPa = sm90::smem_addr(sP);
   // ldmatrix rows: lane L addresses row L % 8 of matrix L / 8: tokens 8 (L / 8 % 2) + L % 8 of a k16 block,
   // channels 32 warp + 16 (L / 16) of a group (chunk h = L / 16).
@@ -230,6 +228,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   int page_idx = 0;
 
   for (int req = begin_req; req <= end_req; ++req) {
+    const int nreq = req - begin_req;
     const int sk = seqlens[req];
     const int nblk = (sk + kPage - 1) / kPage;
     const int b0 = req == begin_req ? begin_blk : 0;
@@ -280,10 +279,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         sQinv[row] = pow2i(14 - e);
         sQms[row] = pow2i(e - 14) * scale_log2;
         sLim[row] = (causal && vrow) ? sk - s_q + row / hpk + 1 : sk;   // causal: query s sees sk - s_q + s + 1
-        if (row == 0) {
-          sSeq[0] = sk;
-          sSeq[1] = b1;
-        }
+        if (row == 0) *sEnd = b1;
       }
       if (wt2 < kN * 4) {   // rope: row wt2 / 4, 16 channels 16 tq.. as stored (bf16)
         const int rr = wt2 / 4, tq = wt2 % 4;
@@ -309,14 +305,13 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     for (int mb = 0; mb < 8; ++mb)
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
-    // M_g: group g's O^T is in units of 2^(M_g - 6); only moves up. Byte g of mg_packed holds M_g + 128 (M_g in
-    // [-128, 127]; -128: no page yet, 2^(-128 - 6) = 0 in pow2i), packed: registers are short at 32 rows.
-    uint32_t mg_packed = 0u;
-    auto Mg = [&](int gi) { return static_cast<int>((mg_packed >> (8 * gi)) & 0xFFu) - 128; };
+    int Mg[4];   // group g's O^T is in units of 2^(Mg[g] - 6); only moves up
+#pragma unroll
+    for (int gi = 0; gi < 4; ++gi) Mg[gi] = -1000;
     // This thread's q rows: 8 j + 2 t + e (accumulator columns).
     // Per-row constants (sQinv, sQms, sLim) are read from shared memory where used: registers are short at 32 rows.
     // m, l: the running row maxima and this thread's partial row sums; at 32 rows kept in shared memory between
-    // pages (one slot per thread: sM / sL[(2 j + e) * 128]): with them in registers ptxas spilled loop values (O^T,
+    // pages (one slot per thread: sM / sL[(2 j + e) * 128]): in registers, ptxas spilled loop values there (O^T,
     // the S^T chains and their fragments fill the rest).
     constexpr bool kStateSmem = kN == 32;
     float* sL = reinterpret_cast<float*>(smem + L::kL) + wk * (kN / 4) * 128 + wt;
@@ -335,10 +330,10 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       }
 
 #pragma unroll 1
-    for (int blk = b0; blk < sSeq[1]; ++blk, ++page_idx) {
+    for (int blk = b0; blk < (kN == 32 ? *sEnd : b1); ++blk, ++page_idx) {
       if ((page_idx & 1) != wk) continue;
       const int rs = page_idx % kS, rph = (page_idx / kS) & 1;
-      const int valid = min(sSeq[0] - blk * kPage, kPage);
+      const int valid = min(sk - blk * kPage, kPage);
       sm90::mbar_wait(&full[rs], rph);
       const uint8_t* raw = sRaw + rs * L::kPageBytes;
 
@@ -380,7 +375,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-          mma_rs<kN, false>(s, fr[kk], kDescHi | (dq0 + ((8 * L::kQChunk + kk * 32) >> 4)), kk != 0);
+          mma_rs<kN, false>(s, fr[kk], dq0 + ((8 * L::kQChunk + kk * 32) >> 4), kk != 0);
         sm90::wgmma_commit();
       }
       auto fold = [&](int grp) {   // s += scale[t, grp] * S_grp^T (the group's chain is complete)
@@ -412,21 +407,11 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       for (int c = 0; c < 8; ++c) {
         const int grp = c / 2;
         const int off = 128 * grp + 16 * (2 * t + (c % 2));
+        const uint4 ua = *reinterpret_cast<const uint4*>(ra + off);
+        const uint4 ub = *reinterpret_cast<const uint4*>(rb + off);
 #pragma unroll
         for (int hs = 0; hs < kQH; ++hs) {
           const int i = 1 + kQH * c + hs, buf = i % kQF;
-          uint32_t wa[kQB], wb[kQB];   // this commit's kQB words of the lane's 16 bytes, per token (loaded before the wait)
-          if constexpr (kQB == 4) {
-            const uint4 ua = *reinterpret_cast<const uint4*>(ra + off);
-            const uint4 ub = *reinterpret_cast<const uint4*>(rb + off);
-            wa[0] = ua.x; wa[1] = ua.y; wa[2] = ua.z; wa[3] = ua.w;
-            wb[0] = ub.x; wb[1] = ub.y; wb[2] = ub.z; wb[3] = ub.w;
-          } else {
-            const uint2 ua = *reinterpret_cast<const uint2*>(ra + off + 8 * hs);
-            const uint2 ub = *reinterpret_cast<const uint2*>(rb + off + 8 * hs);
-            wa[0] = ua.x; wa[1] = ua.y;
-            wb[0] = ub.x; wb[1] = ub.y;
-          }
           if (i >= kQF) sm90::wgmma_wait<kQF - 1>();
           if (i == kQF) {   // the rope chain is done: carry it in units of 2^(e_r - 14)
             sm90::fence_regs(s);
@@ -444,14 +429,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
             if (i == (2 * gf + 2) * kQH + kQF) fold(gf);
 #pragma unroll
           for (int x = 0; x < kQB; ++x) {
-            cvt_e4m3x4(wa[x], fa[buf][x][0], fa[buf][x][2]);
-            cvt_e4m3x4(wb[x], fa[buf][x][1], fa[buf][x][3]);
+            const int kk = kQB * hs + x;
+            cvt_e4m3x4(word(ua, kk), fa[buf][x][0], fa[buf][x][2]);
+            cvt_e4m3x4(word(ub, kk), fa[buf][x][1], fa[buf][x][3]);
           }
           sm90::wgmma_fence();
 #pragma unroll
           for (int x = 0; x < kQB; ++x) {
             const int kk = kQB * hs + x;
-            mma_rs<kN, true>(acc[grp % 2], fa[buf][x], kDescHi | (dq0 + ((c * L::kQChunk + kk * 32) >> 4)),
+            mma_rs<kN, true>(acc[grp % 2], fa[buf][x], dq0 + ((c * L::kQChunk + kk * 32) >> 4),
                              ((c % 2) | kk) != 0);
           }
           sm90::wgmma_commit();
@@ -506,17 +492,16 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         for (int gi = 0; gi < 4; ++gi) {
           const int mt = max(exp_of(gm[gi]), -120);   // same in every thread of the worker
           gfac[gi] = 1.f;
-          const int mo = Mg(gi);
-          if (mt > mo) {
-            gfac[gi] = pow2i(mo - mt);
-            mg_packed = (mg_packed & ~(0xFFu << (8 * gi))) | (static_cast<uint32_t>(mt + 128) << (8 * gi));
+          if (mt > Mg[gi]) {
+            gfac[gi] = pow2i(Mg[gi] - mt);
+            Mg[gi] = mt;
             graise = true;
           }
         }
 #pragma unroll
         for (int a = 0; a < 2; ++a)
 #pragma unroll
-          for (int gi = 0; gi < 4; ++gi) csc[a][gi] *= pow2i(6 - Mg(gi));
+          for (int gi = 0; gi < 4; ++gi) csc[a][gi] *= pow2i(6 - Mg[gi]);
       }
       float scl[kJ][2];
       bool any_up = false;
@@ -626,7 +611,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
             for (int bl = 0; bl < 2 * kGB; ++bl) {
               const int mb = 2 * kGB * bt + bl;
               mma_rs<kN, true>(o[mb], pa[buf][bl],
-                               kDescHi | (dp0 + (((mb / 2) * L::kPCopy + kk * 32) >> 4)), 1);
+                               dp0 + (((mb / 2) * L::kPCopy + kk * 32) >> 4), 1);
             }
             sm90::wgmma_commit();
           }
@@ -637,24 +622,16 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       for (int mb = 0; mb < 8; ++mb) sm90::fence_regs(o[mb]);
     }
 
-    if constexpr (kStateSmem) {
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          l[j][e] = sL[(2 * j + e) * 128];
-          m[j][e] = sM[(2 * j + e) * 128];
-        }
-    }
+    // (32 rows: m and l stay in shared memory through the merge, the register peak of the request end, too)
+    auto m_of = [&](int j, int e) { return kStateSmem ? sM[(2 * j + e) * 128] : m[j][e]; };
+    auto l_of = [&](int j, int e) { return kStateSmem ? sL[(2 * j + e) * 128] : l[j][e]; };
     // ---- O^T to true units; merge the two workers' partials of this request (worker 1 -> scratch -> worker 0) ----
 #pragma unroll
     for (int mb = 0; mb < 8; ++mb) {
-      const float f = pow2i(Mg(mb / 2) - 6);
+      const float f = pow2i(Mg[mb / 2] - 6);
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] *= f;
     }
-    int nreq;   // requests before this one in the part; formed here (asm: not hoisted) as registers are short in the loop
-    asm volatile("sub.s32 %0, %1, %2;" : "=r"(nreq) : "r"(req), "r"(begin_req));
     float* scratch =   // (formed here: registers are short in the page loop at 32 rows)
         merge_scratch + ((static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x) * kMerge) * 128 + wt;
     if (wk == 1) {
@@ -667,28 +644,47 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       for (int j = 0; j < kJ; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          __stcg(scratch + (8 * (kN / 2) + 2 * j + e) * 128, m[j][e]);
-          __stcg(scratch + (8 * (kN / 2) + 2 * kJ + 2 * j + e) * 128, l[j][e]);
+          __stcg(scratch + (8 * (kN / 2) + 2 * j + e) * 128, m_of(j, e));
+          __stcg(scratch + (8 * (kN / 2) + 2 * kJ + 2 * j + e) * 128, l_of(j, e));
         }
       sm90::mbar_arrive(merged);
       continue;
     }
-    // Worker 0: merge factors and the merged row sums first; O^T is merged block by block while it is written, so
-    // that no more than one block's scratch loads are live next to O^T (all of them at once was the register peak).
     sm90::mbar_wait(merged, nreq & 1);
-    float f0[kJ][2], f1[kJ][2];   // times 1 / (merged row sum) below
+    {
+      float f0[kJ][2], f1[kJ][2];
 #pragma unroll
-    for (int j = 0; j < kJ; ++j)
+      for (int j = 0; j < kJ; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float m1 = __ldcg(scratch + (8 * (kN / 2) + 2 * j + e) * 128);
-        const float l1 = __ldcg(scratch + (8 * (kN / 2) + 2 * kJ + 2 * j + e) * 128);
-        const float mx = fmaxf(m[j][e], m1);
-        f0[j][e] = mx == -kInf ? 0.f : exp2f(m[j][e] - mx);
-        f1[j][e] = mx == -kInf ? 0.f : exp2f(m1 - mx);
-        m[j][e] = mx;
-        l[j][e] = l[j][e] * f0[j][e] + l1 * f1[j][e];
-      }
+        for (int e = 0; e < 2; ++e) {
+          const float m1 = __ldcg(scratch + (8 * (kN / 2) + 2 * j + e) * 128);
+          const float l1 = __ldcg(scratch + (8 * (kN / 2) + 2 * kJ + 2 * j + e) * 128);
+          const float m0 = m_of(j, e);
+          const float mx = fmaxf(m0, m1);
+          f0[j][e] = mx == -kInf ? 0.f : exp2f(m0 - mx);
+          f1[j][e] = mx == -kInf ? 0.f : exp2f(m1 - mx);
+          const float lm = l_of(j, e) * f0[j][e] + l1 * f1[j][e];
+          if constexpr (kStateSmem) {
+            sM[(2 * j + e) * 128] = mx;
+            sL[(2 * j + e) * 128] = lm;
+          } else {
+            m[j][e] = mx;
+            l[j][e] = lm;
+          }
+        }
+#pragma unroll
+      for (int mb = 0; mb < 8; ++mb)
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int i = 4 * j + 2 * a + e;
+              o[mb][i] = o[mb][i] * f0[j][e] + __ldcg(scratch + (mb * (kN / 2) + i) * 128) * f1[j][e];
+            }
+    }
+    sm90::mbar_arrive(merge_free);
 
     // ---- finish this request: row sums over the 8 lanes of a column and the 4 warps, then out/lse or partials ----
     const int split = req == begin_req ? meta[4] : num_splits[req];   // meta[4]: this part's first split
@@ -697,7 +693,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     for (int j = 0; j < kJ; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        float v = l[j][e];
+        float v = l_of(j, e);
         v += __shfl_xor_sync(0xffffffffu, v, 4);
         v += __shfl_xor_sync(0xffffffffu, v, 8);
         v += __shfl_xor_sync(0xffffffffu, v, 16);
@@ -706,44 +702,35 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     sm90::bar_sync(bar_max, 128);
     const float empty_lse = single ? kInf : -kInf;
     const float kLn2 = 0.6931471805599453f;
+    const int ch0 = 32 * warp + 2 * g;   // block mb = 2 G + h: channels 128 G + 16 h + ch0 (+1)
 #pragma unroll
     for (int j = 0; j < kJ; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int r = 8 * j + 2 * t + e;
+        if (r >= rows) continue;
         const float lt = red[r] + red[kRedW + r] + red[2 * kRedW + r] + red[3 * kRedW + r];
         const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        f0[j][e] *= inv;
-        f1[j][e] *= inv;
-        if (warp == 0 && g == 0 && r < rows) {
-          const float v = lt > 0.f ? (m[j][e] + log2f(lt)) * kLn2 : empty_lse;
+        if (warp == 0 && g == 0) {
+          const float v = lt > 0.f ? (m_of(j, e) + log2f(lt)) * kLn2 : empty_lse;
           if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + r % hpk) * s_q + r / hpk] = v;
           else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + r] = v;
         }
-      }
-    const int ch0 = 32 * warp + 2 * g;   // block mb = 2 G + h: channels 128 G + 16 h + ch0 (+1)
+        if (single) {
+          T* dst = out + ((static_cast<long long>(req) * s_q + r / hpk) * h_q + kvh * hpk + r % hpk) * kDV + ch0;
 #pragma unroll
-    for (int mb = 0; mb < 8; ++mb) {
-      const int ch = 128 * (mb / 2) + 16 * (mb % 2) + ch0;
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int r = 8 * j + 2 * t + e;
-          if (r >= rows) continue;
-          const float v0 = o[mb][4 * j + e] * f0[j][e] + __ldcg(scratch + (mb * (kN / 2) + 4 * j + e) * 128) * f1[j][e];
-          const float v1 =
-              o[mb][4 * j + 2 + e] * f0[j][e] + __ldcg(scratch + (mb * (kN / 2) + 4 * j + 2 + e) * 128) * f1[j][e];
-          if (single) {
-            T* dst = out + ((static_cast<long long>(req) * s_q + r / hpk) * h_q + kvh * hpk + r % hpk) * kDV + ch;
-            *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v0, v1);
-          } else {
-            float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + r) * kDV + ch;
-            *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+          for (int mb = 0; mb < 8; ++mb) {
+            const __nv_bfloat162 p = __floats2bfloat162_rn(o[mb][4 * j + e] * inv, o[mb][4 * j + 2 + e] * inv);
+            *reinterpret_cast<__nv_bfloat162*>(dst + 128 * (mb / 2) + 16 * (mb % 2)) = p;
           }
+        } else {
+          float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + r) * kDV + ch0;
+#pragma unroll
+          for (int mb = 0; mb < 8; ++mb)
+            *reinterpret_cast<float2*>(dst + 128 * (mb / 2) + 16 * (mb % 2)) =
+                make_float2(o[mb][4 * j + e] * inv, o[mb][4 * j + 2 + e] * inv);
         }
-    }
-    sm90::mbar_arrive(merge_free);   // this thread's scratch reads are done
+      }
   }
 }
 

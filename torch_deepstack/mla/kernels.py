@@ -134,7 +134,7 @@ def fp8_regs_smem_bytes(n: int) -> int:
     """Mirror of fp8regs::Layout<n>::kAlloc."""
     stages = 4 if n == 16 else 3
     row_state = 2 * 2 * (n // 4) * 128 * 4 if n == 32 else 0   # 32 rows: the workers' row sums and maxima
-    return (9 * n * 128 + 8 * n * 128 + stages * 64 * 656 + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 8 + row_state
+    return (9 * n * 128 + 8 * n * 128 + stages * 64 * 656 + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 16 + row_state
             + (2 * stages + 2) * 8 + 1024)
 
 
