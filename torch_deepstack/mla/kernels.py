@@ -122,7 +122,7 @@ def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
 # in _FP8_REGS_ROWS, where it measured faster; docs/mla.md), "smem" (always mla_decode_fp8.cuh), "regs" (always
 # the register-A kernel).
 _FP8_SMALL_KERNEL = "auto"
-_FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30: 128/1/16/8192 218 vs 276 us, 128/1/32/8192 301 vs 322
+_FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 216 vs 278 us, 128/1/32/8192 312 vs 326
 _FP8_REGS_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
 
 
