@@ -3,9 +3,9 @@
 // from registers, converted straight from the raw 656-byte rows with one cvt.rn.f16x2.e4m3x2 per byte pair.
 //
 // Why: mla_decode_fp8.cuh stages an f16 K tile in shared memory that one consumer reads twice by wgmma: ~310 KB of
-// shared-memory traffic per 64-token page (~1.96 us/page measured against a ~1.39 us DRAM floor). Here a page costs
-// its raw bytes once in (bulk copy) and once out (the workers' loads): ~84 KB. Numerics are those of the f16 path of
-// mla_decode_fp8.cuh (same tests):
+// shared-memory traffic per 64-token page (~1.96 us/page measured against a ~1.39 us DRAM floor). Here a page's raw
+// bytes are written once (bulk copy) and read twice (S^T and P V fragments): ~125 KB, plus the Q and P^T operand
+// reads. Numerics are those of the f16 path of mla_decode_fp8.cuh (same tests):
 //   S^T[64 tokens x kN] = sum_g scale[t, g] 2^(e_r - 14) S_g^T + S_rope^T: one f16 RS-wgmma chain per 128-channel
 //       group g on the unscaled e4m3 values, Q's latent channels as f16 times 2^(14 - e_r) per row, the rope a bf16
 //       chain; folded in fp32 (the rope term carried in units of 2^(e_r - 14): exact power-of-two scalings).
