@@ -80,6 +80,8 @@ FP8_CASES = [  # the FP8 few-rows kernel (mla_decode_fp8.cuh: its consumers copy
 @pytest.mark.parametrize("parts", [0, 3, 7])
 @pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"sq{c[0]}hq{c[1]}hk{c[2]}")
 def test_fp8_many_short_pieces_per_part(case, parts, early_q, monkeypatch):
+    from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "smem")   # the early Q of mla_decode_fp8.cuh
     s_q, h_q, h_kv, causal = case
     if early_q in ("late", "after_s"):   # force where the next Q is issued (default: by the row count)
         _with_defines(monkeypatch, (("DEEPSTACK_MLA_FP8_EQ_LATE", int(early_q == "late")),))

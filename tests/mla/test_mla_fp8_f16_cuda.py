@@ -28,6 +28,7 @@ def fp8_path(request, monkeypatch):
     """f16 path (TMA raw ring) with 32- or 16-token stages, the f16 path on bulk copies of whole rows
     (-DDEEPSTACK_MLA_FP8_F16_TMA=0), or the bf16 dequantisation (-DDEEPSTACK_MLA_FP8_F16=0)."""
     from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "smem")   # this file tests mla_decode_fp8.cuh
     if request.param == "f16_tok16":
         monkeypatch.setattr(kernels, "_FP8_STAGE_TOKENS", 16)
     defines = _PATH_DEFINES.get(request.param)

@@ -116,6 +116,39 @@ def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
     return KernelSpec("mla/mla_decode_fp8.cuh", "deepstack::mla::fp8small::mla_decode_fp8_kernel", (n, stage_tokens))
 
 
+# Register-A FP8 few-rows kernel (mla_decode_fp8_regs.cuh): no K tile in shared memory, both wgmma A operands
+# converted straight from the raw rows (exact e4m3 -> f16), two worker warpgroups on alternate pages merged per
+# request. _FP8_SMALL_KERNEL picks the few-rows kernel: "auto" (the register-A kernel for the row counts (16 / 32)
+# in _FP8_REGS_ROWS, where it measured faster; docs/mla.md), "smem" (always mla_decode_fp8.cuh), "regs" (always
+# the register-A kernel).
+_FP8_SMALL_KERNEL = "auto"
+_FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 216 vs 278 us, 128/1/32/8192 312 vs 326
+_FP8_REGS_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
+
+
+def fp8_regs_spec(n: int) -> KernelSpec:
+    return KernelSpec("mla/mla_decode_fp8_regs.cuh", "deepstack::mla::fp8regs::mla_decode_fp8_regs_kernel", (n,))
+
+
+def fp8_regs_smem_bytes(n: int) -> int:
+    """Mirror of fp8regs::Layout<n>::kAlloc."""
+    stages = 4 if n == 16 else 3
+    row_state = 2 * 2 * (n // 4) * 128 * 4 if n == 32 else 0   # 32 rows: the workers' row sums and maxima
+    return (9 * n * 128 + 8 * n * 128 + stages * 64 * 656 + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 16 + row_state
+            + (2 * stages + 2) * 8 + 1024)
+
+
+def fp8_regs_merge_floats(n: int) -> int:
+    """Mirror of fp8regs::Layout<n>::kMergeFloats (per worker thread, 128 threads per CTA)."""
+    return 8 * (n // 2) + 4 * (n // 8)
+
+
+def _fp8_use_regs(n: int) -> bool:
+    if _FP8_SMALL_KERNEL not in ("auto", "smem", "regs"):
+        raise ValueError(f"kernels._FP8_SMALL_KERNEL must be 'auto', 'smem' or 'regs', got {_FP8_SMALL_KERNEL!r}")
+    return _FP8_SMALL_KERNEL == "regs" or (_FP8_SMALL_KERNEL == "auto" and n in _FP8_REGS_ROWS)
+
+
 def fp8_small_layout_bytes(n: int, stage_tokens: int, f16: bool, tma: bool = False) -> int:
     """Mirror of fp8small::Layout<n, stage_tokens, f16, tma>::kAlloc."""
     if f16:   # four P^T copies, [2][64][4] scales, [2][8][4] group maxima, [n] Q prescales; a smaller raw ring
@@ -191,7 +224,7 @@ def metadata_spec() -> KernelSpec:
 @register_prebuild("mla")
 def _prebuild():
     specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
-             *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32))]
+             *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32))]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
@@ -304,6 +337,16 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
             n = 16 if rows <= 16 else 32
             tail = (h_q, h_kv, s_q, rows, int(bool(causal) and s_q > 1), bt.stride(0),
                     q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
+            if _fp8_use_regs(n):
+                # the two worker warpgroups' partials of each request (written and read once, L2-resident)
+                scratch = torch.empty(parts * h_kv * 128 * fp8_regs_merge_floats(n), dtype=torch.float32,
+                                      device=q.device)
+                get_kernel(fp8_regs_spec(n), _FP8_REGS_SIG).launch(
+                    (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, scratch,
+                    *tail, smem=fp8_regs_smem_bytes(n))
+                get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
+                    (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
+                return out, lse
             kmaps = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS)
             get_kernel(fp8_small_spec(n, _FP8_STAGE_TOKENS), _FP8_SMALL_SIG).launch(
                 (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmaps,

@@ -1,0 +1,98 @@
+"""The register-A FP8 few-rows kernel (mla_decode_fp8_regs.cuh, 16 and 32 q rows): no K tile in shared memory, both
+wgmma A operands converted from the raw rows (exact e4m3 -> f16), the f16 path's scale handling (per-group S^T folded
+in fp32, four scaled P^T copies, per-group running exponents), two worker warpgroups merged per request.
+
+The f16 path's cases (test_mla_fp8_f16_cuda.py: reference cases with the issue's tolerances, scales 2^-22 .. 2^5
+changing by page, q rows 2^-30 .. 400 apart, NaN in unused slots, s_k = 0, forced splits, h_kv = 2, causal) run on
+this kernel at 16 rows and again at 32 rows, and its results are compared with the shared-memory kernel's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch_deepstack  # noqa: F401
+from tests.mla.mla_data import assert_mla_close, decode_and_reference, make_case, varied_lengths
+from tests.mla.test_mla_early_q_cuda import FP8_CASES as SHORT_CASES
+from tests.mla.test_mla_early_q_cuda import SHORT_LENS
+from tests.mla.test_mla_fp8_f16_cuda import CASES, _assert_groups_close, _assert_lse_close, _scaled_fp8_case
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture
+def regs_kernel(monkeypatch):
+    """Every FP8 few-rows call takes the register-A kernel."""
+    from torch_deepstack.mla import kernels
+    monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
+
+
+CASES_32 = [  # b, s_q, h_q, h_kv, mean s_k, causal, zero-length requests: 17..32 rows per KV head
+    (4, 1, 32, 1, 700, False, (1,)),
+    (3, 2, 16, 1, 300, True, (0,)),   # causal, 32 rows
+    (2, 1, 64, 2, 200, False, ()),    # h_kv 2 (per-token copies), 32 rows each
+    (5, 1, 21, 1, 150, False, (4,)),  # odd h_q: 11 zero rows in the tile
+    (2, 1, 32, 1, 2000, False, ()),   # long requests
+]
+
+
+@pytest.mark.parametrize("parts", [0, 7])
+@pytest.mark.parametrize("case", CASES + CASES_32, ids=lambda c: f"b{c[0]}sq{c[1]}hq{c[2]}hk{c[3]}")
+def test_fp8_regs_matches_reference(case, parts, regs_kernel):
+    b, s_q, h_q, h_kv, mean, causal, zeros = case
+    lens = varied_lengths(b, mean, s_q, seed=21, zeros=zeros)
+    q, cache, bt, seq = make_case(b, s_q, h_q, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=21)
+    assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))
+
+
+@pytest.mark.parametrize("h_q", [16, 32])
+@pytest.mark.parametrize("parts", [0, 5])
+def test_fp8_regs_scales_far_apart(parts, h_q, regs_kernel):
+    """Scales 2^-22 .. 2^5 by page, token and group, a group tiny throughout (see test_mla_fp8_f16_cuda)."""
+    lens = varied_lengths(6, 900, seed=4, zeros=(2,))
+    q, cache, bt, seq = _scaled_fp8_case(lens, 1, h_q, seed=4, q_scale=3e-2)
+    out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=False, fp8=True, parts=parts)
+    _assert_lse_close(lse, ref_lse)
+    _assert_groups_close(out, ref_out)
+    empty = torch.isinf(ref_lse).permute(0, 2, 1)   # rows without keys: out exactly 0
+    assert float(out.float().cpu()[empty].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("h_q", [8, 16])
+@pytest.mark.parametrize("parts", [0, 3])
+def test_fp8_regs_q_rows_far_apart(parts, h_q, regs_kernel):
+    """q rows 2^-30 .. 400 in size and a zero row, causal s_q = 2: 16 and 32 rows."""
+    lens = varied_lengths(5, 600, 2, seed=6, zeros=(3,))
+    q, cache, bt, seq = make_case(5, 2, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=6)
+    row_scale = torch.tensor([2.0 ** -30, 2.0 ** -12, 1.0, 400.0, 0.0, 3.0, 2.0 ** -20, 50.0] * (h_q // 4),
+                             device="cuda")
+    q = (q.float() * row_scale.reshape(1, 2, h_q, 1)).to(torch.bfloat16)
+    out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=True, fp8=True, parts=parts)
+    assert_mla_close(out, lse, ref_out, ref_lse)
+    _assert_groups_close(out, ref_out)
+
+
+@pytest.mark.parametrize("parts", [0, 3, 7])
+@pytest.mark.parametrize("case", SHORT_CASES, ids=lambda c: f"sq{c[0]}hq{c[1]}hk{c[2]}")
+def test_fp8_regs_many_short_pieces_per_part(case, parts, regs_kernel):
+    """Many short requests per SM part (the workers' Q barrier and per-request merges), 16 and 32 rows."""
+    s_q, h_q, h_kv, causal = case
+    lens = [max(s, s_q) if s else 0 for s in SHORT_LENS]
+    q, cache, bt, seq = make_case(len(lens), s_q, h_q, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
+                                  seed=13)
+    assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))
+
+
+@pytest.mark.parametrize("h_q", [16, 32])
+def test_fp8_regs_agrees_with_smem_kernel(h_q, monkeypatch):
+    """Long requests split over many SM parts (worker merges and the combine kernel): the register-A kernel and
+    the shared-memory kernel give the same result within the reference tolerances of each other."""
+    from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
+    lens = varied_lengths(4, 6000, seed=9)
+    q, cache, bt, seq = make_case(4, 1, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=9)
+    sched, splits = get_mla_metadata(seq, h_q, 1)
+    res = {}
+    for k in ("regs", "smem"):
+        monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", k)
+        res[k] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
+    assert_mla_close(*res["regs"], *res["smem"])
