@@ -73,6 +73,7 @@ struct TileScheduler {
   const int* layout;  // contiguous: group id per row; masked: masked_m per group
 
   static constexpr int kNumNB = (kN + kBlockN - 1) / kBlockN;
+  static constexpr int kKindValue = kKind, kBlockMValue = kBlockM;
 
   // Masked kind: the tile list holds only the M-blocks below each group's masked_m (read here from device memory,
   // so the grid never depends on it). Walking all M_max / BLOCK_M blocks and skipping the empty ones instead gave
@@ -93,8 +94,8 @@ struct TileScheduler {
     }
   }
 
-  // Returns false for tiles with no valid row (contiguous padding blocks).
-  __device__ __forceinline__ bool resolve(int t, GemmTile& tile) const {
+  // Tile t's rows and columns (the masked kind: also its group; the contiguous kind's group is read by the caller).
+  __device__ __forceinline__ void place(int t, GemmTile& tile) const {
     int g = 0, r = t, blocks = num_mb;
     if (kKind == kGemmMasked) {   // find t's group: the tiles of groups 0..g-1 come first
       for (blocks = masked_blocks(0); r >= blocks * kNumNB; blocks = masked_blocks(++g)) r -= blocks * kNumNB;
@@ -107,6 +108,22 @@ struct TileScheduler {
     tile.m0 = mb * kBlockM;
     tile.n0 = nb * kBlockN;
     tile.g = g;
+  }
+
+  // Contiguous kind, math warps: one id of tile t per lane (IdLookahead): lane l < 16 row l of the warp's 16 rows
+  // (from `warp_row`, for the epilogue's all-rows-valid vote; rows past M read as valid, TMA clips them), lane 16 the
+  // M-block's first row, lanes 17-31 its last row (the tile's group is the larger of those two).
+  __device__ __forceinline__ int load_lane_id(int t, int warp_row, int lane) const {
+    if (kKind != kGemmContiguous || t >= total) return 0;
+    GemmTile tile;
+    place(t, tile);
+    const int r = lane < 16 ? tile.m0 + warp_row + lane : lane == 16 ? tile.m0 : min(tile.m0 + kBlockM, M) - 1;
+    return r < M ? __ldg(layout + r) : 0;
+  }
+
+  // Returns false for tiles with no valid row (contiguous padding blocks).
+  __device__ __forceinline__ bool resolve(int t, GemmTile& tile) const {
+    place(t, tile);
     if (kKind == kGemmContiguous) {
       const int first = __ldg(layout + tile.m0);
       const int last = __ldg(layout + min(tile.m0 + kBlockM, M) - 1);
@@ -114,6 +131,60 @@ struct TileScheduler {
       return tile.g >= 0;
     }
     return true;
+  }
+};
+
+// Contiguous kind, math warps: a tile's group id comes from m_indices in global memory and is needed at once (B
+// scales, epilogue vote). Loaded when the tile started, that load stalled both math warpgroups twice per tile
+// (resolve, then the epilogue's vote; SASS: LDG, then VIMNMX / VOTE right behind it) with the tensor cores idle.
+// The lookahead loads tile t + stride's ids when tile t starts, so they arrive under t's main loop. The ids are
+// per-lane values (load_lane_id) read out with shuffles when the tile starts: loaded as warp-uniform values, ptxas
+// moved them into uniform registers right at the load (R2UR), which waited for it there. DS_NO_ID_LOOKAHEAD (via
+// DEEPSTACK_GEMM_DEFINES) restores the load-at-start form, for A/B runs. (The producer keeps the load-at-start form:
+// its whole warp walking the tiles with this lookahead ran slower, see ProducerIdLookahead.)
+template <typename Sched>
+struct IdLookahead {
+  int next, warp_row, lane;
+  __device__ __forceinline__ IdLookahead(const Sched& sched, int first_tile, int warp_row_, int lane_)
+      : warp_row(warp_row_), lane(lane_) {
+    next = sched.load_lane_id(first_tile, warp_row, lane);
+  }
+  // Tile t (the one whose ids `next` holds): places it, takes its ids (`id`: this lane's, for valid_rows), starts
+  // the loads for t + stride. False for a padding block.
+  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile, int& id) {
+    sched.place(t, tile);
+    id = next;
+    tile.g = max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
+    next = sched.load_lane_id(t + stride, warp_row, lane);
+    return tile.g >= 0;
+  }
+  // All 16 rows of this warp valid (no -1 id), from this tile's ids
+  __device__ __forceinline__ bool valid_rows(int id) const { return __all_sync(0xffffffffu, lane >= 16 || id >= 0); }
+};
+
+// The producer thread's form (opt-in, DS_PRODUCER_ID_LOOKAHEAD, A/B runs): the ids of tile t + stride loaded when
+// tile t starts. The lane index (0 for the producer thread) in the address keeps the loaded values out of uniform
+// registers until they are used.
+template <typename Sched>
+struct ProducerIdLookahead {
+  int first, last, lane;
+  __device__ __forceinline__ void load(const Sched& sched, int t) {
+    if (kGemmContiguous == Sched::kKindValue && t < sched.total) {
+      GemmTile tile;
+      sched.place(t, tile);
+      first = __ldg(sched.layout + tile.m0 + lane);
+      last = __ldg(sched.layout + min(tile.m0 + Sched::kBlockMValue, sched.M) - 1 + lane);
+    }
+  }
+  __device__ __forceinline__ ProducerIdLookahead(const Sched& sched, int first_tile) : first(-1), last(-1) {
+    asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+    load(sched, first_tile);
+  }
+  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile) {
+    sched.place(t, tile);
+    tile.g = max(first, last);
+    load(sched, t + stride);
+    return tile.g >= 0;
   }
 };
 
@@ -261,7 +332,18 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   if constexpr (kCluster > 1) sm90::cluster_sync(); else __syncthreads();
 
   // Clusters walk the list of cluster tiles (kCluster M-blocks high); CTA `rank` takes the rank-th M-block of each.
-  const TileScheduler<kKind, kBlockM * kCluster, kBlockN, kN> sched(M, num_groups, band, layout);
+  using Sched = TileScheduler<kKind, kBlockM * kCluster, kBlockN, kN>;
+  const Sched sched(M, num_groups, band, layout);
+#ifndef DS_NO_ID_LOOKAHEAD
+  constexpr bool kIdLookahead = kKind == kGemmContiguous;
+#else
+  constexpr bool kIdLookahead = false;
+#endif
+#ifdef DS_PRODUCER_ID_LOOKAHEAD
+  constexpr bool kProducerLookahead = kKind == kGemmContiguous;
+#else
+  constexpr bool kProducerLookahead = false;
+#endif
   const int rank = kCluster > 1 ? static_cast<int>(sm90::cluster_ctarank()) : 0;
   const int first_tile = blockIdx.x / kCluster, tile_stride = gridDim.x / kCluster;
 #if defined(DS_DBG) && DS_DBG == 3
@@ -282,9 +364,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     if (tid == kMathThreads) {
       int s = 0;
       uint32_t phase = 0;
+      ProducerIdLookahead<Sched> ids(sched, kProducerLookahead ? first_tile : sched.total);
       for (int t = first_tile; t < sched.total; t += tile_stride) {
         GemmTile tile;
-        if (!sched.resolve(t, tile)) continue;
+        if (kProducerLookahead ? !ids.take(sched, t, tile_stride, tile) : !sched.resolve(t, tile)) continue;
         tile.m0 += rank * kBlockM;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = tile.g * kN + tile.n0;
@@ -319,9 +402,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     uint32_t phase = 0;
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
     const bool tma_ok = kTmaStore && ((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0;
+    IdLookahead<Sched> ids(sched, kIdLookahead ? first_tile : sched.total, wg * 64 + warp_in_wg * 16, lane);
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
-      if (!sched.resolve(t, tile)) continue;
+      int row_id = 0;
+      if (kIdLookahead ? !ids.take(sched, t, tile_stride, tile, row_id) : !sched.resolve(t, tile)) continue;
       tile.m0 += rank * kBlockM;
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
@@ -490,8 +575,12 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           // invalid row among them (contiguous: id -1; masked: at or past masked_m) takes the staged stores below.
           bool whole = true;
           if (kKind == kGemmContiguous) {
-            const int r = row + lane % 16;
-            whole = __all_sync(0xffffffffu, r >= M || __ldg(layout + r) >= 0);
+            if (kIdLookahead) {
+              whole = ids.valid_rows(row_id);   // loaded a tile ahead
+            } else {
+              const int r = row + lane % 16;
+              whole = __all_sync(0xffffffffu, r >= M || __ldg(layout + r) >= 0);
+            }
           }
           if (kKind == kGemmMasked) whole = row + 16 <= row_limit;
           // this warp's stores of the previous tile have read the buffer (the staged stores reuse it too)

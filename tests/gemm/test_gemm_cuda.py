@@ -232,6 +232,42 @@ def test_grouped_tma_store_matches_plain(monkeypatch, cfg, m, n, k):
         assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,128,6", "0"), ("64,128,8", "0")])
+def test_contiguous_id_lookahead_matches_load_at_start(monkeypatch, cfg, tma):
+    """The contiguous kind's math warps load a tile's group ids one tile ahead: bit-identical to loading them when
+    the tile starts (DS_NO_ID_LOOKAHEAD), and so is the opt-in lookahead in the producer (DS_PRODUCER_ID_LOOKAHEAD),
+    with padding blocks between groups (skipped tiles), groups whose padding sits inside a warp's 16 rows, an empty group, rows
+    past M in the last block, and 7 CTAs (many tiles per CTA, so every lookahead crosses tiles); padding rows never
+    written, valid rows all written."""
+    from torch_deepstack.gemm import kernels
+    # groups 0 (157 rows) and 1 (empty), two padding blocks, groups 2-4; the last group ends at M = 1196, inside
+    # its last 128-row block
+    m, n, k = 1196, 576, 384
+    _, _, (aq, asf), _ = dense_inputs(m, n, k, DEV)
+    ids = torch.cat([contiguous_layout([157, 0]), torch.full((256,), -1, dtype=torch.int32),
+                     contiguous_layout([0, 0, 201, 77, 300])])[:m].to(DEV)
+    _, bq5, bsf5 = grouped_b(5, n, k, DEV)
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+    outs = {}
+    try:
+        kernels.set_num_sms(7)
+        for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", ""):
+            monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+            d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+            ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq5, bsf5, d, ids)
+            torch.cuda.synchronize()
+            assert not d[ids >= 0].isnan().any() and d[ids < 0].isnan().all(), f"{defines}: wrong rows written"
+            outs[defines] = d
+    finally:
+        kernels.set_num_sms(None)
+    for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD"):
+        assert torch.equal(outs[""].nan_to_num(7.0), outs[defines].nan_to_num(7.0)), defines
+    want = torch.zeros_like(outs[""])
+    ref.m_grouped_contiguous_ref(aq, asf, bq5, bsf5, want, ids)
+    assert calc_diff(outs[""][ids >= 0], want[ids >= 0]) < 1e-5
+
+
 @pytest.mark.parametrize("cfg", ["128,176,5", "128,112,6"])
 def test_grouped_odd_widths_match_runtime_scale_pick(monkeypatch, cfg):
     """The heuristic may give the grouped kinds 176-wide tiles too (wave fill): contiguous and masked kinds at 176
