@@ -94,7 +94,7 @@ __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * 
 #define DEEPSTACK_FP8R_PV_GROUPS 2   // 32 rows: 286 us against 303 (1) and 297 (4) at 128/1/32/8192
 #endif
 
-template <int kN>
+template <int kN, bool kSplit = false>
 struct Layout {
   static constexpr int kStages = kN == 16 ? 4 : 3;           // raw pages in flight (what fits next to Q and P^T)
   static constexpr int kPageBytes = kPage * kFp8TokenBytes;  // 41984
@@ -102,12 +102,14 @@ struct Layout {
   static constexpr int kPCopy = kN * 128;                    // one P^T copy [kN rows x 64 tokens] f16, 128-byte swizzle
   static constexpr int kQ = 0;                               // 9 chunks, shared by both workers
   static constexpr int kP = kQ + 9 * kQChunk;                // [2 workers][4 groups] P^T copies
-  static constexpr int kRaw = kP + 8 * kPCopy;
+  static constexpr int kRaw = kP + (kSplit ? 4 : 8) * kPCopy;   // split: one copy per group (its worker's)
   static constexpr int kRed = kRaw + kStages * kPageBytes;   // [2 workers][4 warps][kN + 4] floats
   static constexpr int kRow = kRed + 2 * 4 * (kN + 4) * 4;   // [3][kN]: 2^(14 - e_r), 2^(e_r - 14) x softmax scale, lim
   // 32 rows: each worker thread's partial row sums and running maxima [2 workers][l, m][kN / 4][128 threads]
   static constexpr int kL = kRow + 3 * kN * 4 + 16;   // + the piece's end block (int; 32 rows: read in the page loop)
-  static constexpr int kBars = kL + (kN == 32 ? 2 * 2 * (kN / 4) * 128 * 4 : 0);   // full[kStages], empty[kStages], merged, merge_free
+  static constexpr int kX = kL + (kN == 32 && !kSplit ? 2 * 2 * (kN / 4) * 128 * 4 : 0);
+  // split: the workers' partial S^T [page parity][worker][kN / 2][128 threads] floats
+  static constexpr int kBars = kX + (kSplit ? 2 * 2 * (kN / 2) * 128 * 4 : 0);   // full[kStages], empty[kStages], merged, merge_free
   static constexpr int kBytes = kBars + (2 * kStages + 2) * 8;
   static constexpr int kAlloc = kBytes + 1024;
   static constexpr int kMergeFloats = 8 * (kN / 2) + 2 * 2 * (kN / 8);   // per worker thread: O^T, m, l
@@ -116,7 +118,7 @@ struct Layout {
   static_assert(kAlloc <= 232448, "shared memory");
 };
 
-template <int kN>
+template <int kN, bool kSplit = false>
 __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     const __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
     float* __restrict__ o_accum, float* __restrict__ lse_accum, const int* __restrict__ block_table,
@@ -125,18 +127,23 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     int causal, int bt_stride, long long q_sb, long long q_ss, long long q_sh, long long tok_stride,
     float scale_log2) {
   static_assert(kN == 16 || kN == 32, "16 or 32 q rows per CTA");
-  using L = Layout<kN>;
+  static_assert(!kSplit || kN == 32, "the channel split is a 32-row variant");
+  using L = Layout<kN, kSplit>;
+  // kSplit: both workers take every page; worker wk owns 128-channel groups kG0 = 2 wk, 2 wk + 1 (S^T partial and O^T)
+  constexpr int kNG = kSplit ? 2 : 4;   // groups per worker
+  constexpr int kSteps = 2 * kNG;       // 64-channel S^T steps per worker
   constexpr int kS = L::kStages;
   constexpr int kJ = kN / 8;   // n8 column blocks of the accumulators
   constexpr int kMerge = L::kMergeFloats;
   constexpr int kRedW = kN + 4;   // per warp: the rows' tile max, then the page's largest scale per group
   constexpr int kProducerRegs = 24, kWorkerRegs = 240;   // 24 + 2 x 240 = 3 x 168 (more deadlocks setmaxnreg.inc)
   using T = __nv_bfloat16;
-  constexpr int kQB = DEEPSTACK_FP8R_QK_BLOCKS > 0 ? DEEPSTACK_FP8R_QK_BLOCKS : (kN == 16 ? 4 : 2);
+  constexpr int kQB = DEEPSTACK_FP8R_QK_BLOCKS > 0 ? DEEPSTACK_FP8R_QK_BLOCKS : (kN == 16 || kSplit ? 4 : 2);
   constexpr int kQH = 4 / kQB, kQF = 2;   // S^T commits per 64-channel step, fragment buffers
-  constexpr int kGB = DEEPSTACK_FP8R_PV_GROUPS, kPF = 2;
+  constexpr int kGB = DEEPSTACK_FP8R_PV_GROUPS < kNG ? DEEPSTACK_FP8R_PV_GROUPS : kNG, kPF = 2;
   static_assert((kQB == 2 || kQB == 4) && 1 + 2 * kQH > kQF, "S^T commits: a group is folded before its reuse");
   static_assert(kGB == 1 || kGB == 2 || kGB == 4, "P V batches of 1, 2 or 4 groups");
+  constexpr int kBatches = kNG / kGB;   // P V commits per k16 block
   using fp8small::pow2i;
   using fp8small::exp_of;
   using fp8small::pack_f16x2;
@@ -162,7 +169,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
       sm90::mbar_init(&full[s], 1);
-      sm90::mbar_init(&empty[s], 128);
+      sm90::mbar_init(&empty[s], kSplit ? 256 : 128);   // split: both workers read every page
     }
     sm90::mbar_init(merged, 128);
     sm90::mbar_init(merge_free, 128);
@@ -212,7 +219,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   const int wk = tid / 128 - 1;      // worker wk takes the pages whose index over the CTA's range has parity wk
   const int wt = tid % 128, wt2 = tid - 128, warp = wt / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  uint8_t* sP = smem + L::kP + wk * 4 * L::kPCopy;
+  const int kG0 = kSplit ? 2 * wk : 0;   // split: this worker's first 128-channel group
+  uint8_t* sP = smem + L::kP + (kSplit ? kG0 : wk * 4) * L::kPCopy;   // this worker's P^T copies (one per group)
   float* red = reinterpret_cast<float*>(smem + L::kRed) + wk * 4 * kRedW;
   const int bar_max = 1 + 2 * wk, bar_p = 2 + 2 * wk, bar_q = 5;
   const int hpk = h_q / h_kv;
@@ -220,11 +228,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   constexpr float kSlack = 8.f;
   // wgmma B descriptors: one base each, operand offsets added as constants (start address field, 16-byte units)
   const uint64_t dq0 = sm90::make_desc_sw128(sm90::smem_addr(sQ), 16, 1024);
+  const uint64_t dqg = dq0 + ((2 * kG0 * L::kQChunk) >> 4);   // the first Q chunk of this worker's groups
   const uint64_t dp0 = sm90::make_desc_sw128(sm90::smem_addr(sP), 16, 1024);
   const uint32_t sPa = sm90::smem_addr(sP);
   // ldmatrix rows: lane L addresses row L % 8 of matrix L / 8: tokens 8 (L / 8 % 2) + L % 8 of a k16 block,
   // channels 32 warp + 16 (L / 16) of a group (chunk h = L / 16).
-  const uint32_t v_lane = (8 * ((lane / 8) % 2) + lane % 8) * kFp8TokenBytes + 16 * (lane / 16) + 32 * warp;
+  const uint32_t v_lane =
+      (8 * ((lane / 8) % 2) + lane % 8) * kFp8TokenBytes + 16 * (lane / 16) + 32 * warp + 128 * kG0;
+  constexpr int kBarX = 6;   // split: the two workers' partial S^T exchange (256 threads)
+  float* sX = reinterpret_cast<float*>(smem + L::kX) + wt;
   int page_idx = 0;
 
   for (int req = begin_req; req <= end_req; ++req) {
@@ -300,20 +312,20 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     sm90::fence_proxy_async();    // generic writes, read by wgmma (async proxy)
     sm90::bar_sync(bar_q, 256);
 
-    float o[8][kN / 2];
+    float o[2 * kNG][kN / 2];   // m64 blocks 2 G + h of this worker's groups G
 #pragma unroll
-    for (int mb = 0; mb < 8; ++mb)
+    for (int mb = 0; mb < 2 * kNG; ++mb)
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
-    int Mg[4];   // group g's O^T is in units of 2^(Mg[g] - 6); only moves up
+    int Mg[kNG];   // group g's O^T is in units of 2^(Mg[g] - 6); only moves up
 #pragma unroll
-    for (int gi = 0; gi < 4; ++gi) Mg[gi] = -1000;
+    for (int gi = 0; gi < kNG; ++gi) Mg[gi] = -1000;
     // This thread's q rows: 8 j + 2 t + e (accumulator columns).
     // Per-row constants (sQinv, sQms, sLim) are read from shared memory where used: registers are short at 32 rows.
     // m, l: the running row maxima and this thread's partial row sums; at 32 rows kept in shared memory between
     // pages (one slot per thread: sM / sL[(2 j + e) * 128]): in registers, ptxas spilled loop values there (O^T,
     // the S^T chains and their fragments fill the rest).
-    constexpr bool kStateSmem = kN == 32;
+    constexpr bool kStateSmem = kN == 32 && !kSplit;   // split: O^T is half as large, m and l fit
     float* sL = reinterpret_cast<float*>(smem + L::kL) + wk * (kN / 4) * 128 + wt;
     float* sM = sL + 2 * (kN / 4) * 128;
     float m[kJ][2], l[kJ][2];
@@ -330,8 +342,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       }
 
 #pragma unroll 1
-    for (int blk = b0; blk < (kN == 32 ? *sEnd : b1); ++blk, ++page_idx) {
-      if ((page_idx & 1) != wk) continue;
+    for (int blk = b0; blk < (kN == 32 && !kSplit ? *sEnd : b1); ++blk, ++page_idx) {
+      if (!kSplit && (page_idx & 1) != wk) continue;
       const int rs = page_idx % kS, rph = (page_idx / kS) & 1;
       const int valid = min(sk - blk * kPage, kPage);
       sm90::mbar_wait(&full[rs], rph);
@@ -344,20 +356,44 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       const uint8_t* rb = ra + 8 * kFp8TokenBytes;
       // csc: the two tokens' scales (zeros past the valid tokens), x 2^(6 - M_g) once M_g is known. At 32 rows they
       // are loaded after S^T (the folds read their two scales from shared memory: registers are short there).
-      constexpr bool kLateScales = kN == 32;
-      float csc[2][4];
+      constexpr bool kLateScales = kN == 32 && !kSplit;
+      float csc[2][kNG];   // split: this worker's groups kG0, kG0 + 1
       auto load_scales = [&]() {
-        const float4 x = *reinterpret_cast<const float4*>(ra + 512);
-        const float4 y = *reinterpret_cast<const float4*>(rb + 512);
-        const bool va = ta < valid, vb = ta + 8 < valid;
-        csc[0][0] = va ? x.x : 0.f; csc[0][1] = va ? x.y : 0.f; csc[0][2] = va ? x.z : 0.f; csc[0][3] = va ? x.w : 0.f;
-        csc[1][0] = vb ? y.x : 0.f; csc[1][1] = vb ? y.y : 0.f; csc[1][2] = vb ? y.z : 0.f; csc[1][3] = vb ? y.w : 0.f;
+        if constexpr (kSplit) {
+          const float2 x = *reinterpret_cast<const float2*>(ra + 512 + 4 * kG0);
+          const float2 y = *reinterpret_cast<const float2*>(rb + 512 + 4 * kG0);
+          const bool va = ta < valid, vb = ta + 8 < valid;
+          csc[0][0] = va ? x.x : 0.f; csc[0][1] = va ? x.y : 0.f;
+          csc[1][0] = vb ? y.x : 0.f; csc[1][1] = vb ? y.y : 0.f;
+        } else {
+          const float4 x = *reinterpret_cast<const float4*>(ra + 512);
+          const float4 y = *reinterpret_cast<const float4*>(rb + 512);
+          const bool va = ta < valid, vb = ta + 8 < valid;
+          csc[0][0] = va ? x.x : 0.f; csc[0][1] = va ? x.y : 0.f; csc[0][2] = va ? x.z : 0.f; csc[0][3] = va ? x.w : 0.f;
+          csc[1][0] = vb ? y.x : 0.f; csc[1][1] = vb ? y.y : 0.f; csc[1][2] = vb ? y.z : 0.f; csc[1][3] = vb ? y.w : 0.f;
+        }
       };
       if constexpr (!kLateScales) load_scales();
       float s[kN / 2];
       float acc[2][kN / 2];
       uint32_t fa[kQF][kQB][4];   // [buffer][k16 block of the commit][fragment register]
-      {
+      if constexpr (kSplit) {   // worker wk: the rope's k16 blocks 2 wk, 2 wk + 1 (16 bytes per token and lane)
+        const uint4 pa = *reinterpret_cast<const uint4*>(ra + 528 + 32 * t + 16 * wk);
+        const uint4 pb = *reinterpret_cast<const uint4*>(rb + 528 + 32 * t + 16 * wk);
+        uint32_t fr[2][4];
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          fr[x][0] = word(pa, 2 * x);
+          fr[x][1] = word(pb, 2 * x);
+          fr[x][2] = word(pa, 2 * x + 1);
+          fr[x][3] = word(pb, 2 * x + 1);
+        }
+        const uint64_t dr = dq0 + ((8 * L::kQChunk + wk * 64) >> 4);
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int x = 0; x < 2; ++x) mma_rs<kN, false>(s, fr[x], dr + ((x * 32) >> 4), x != 0);
+        sm90::wgmma_commit();
+      } else {
         const uint4 pa0 = *reinterpret_cast<const uint4*>(ra + 528 + 32 * t);
         const uint4 pa1 = *reinterpret_cast<const uint4*>(ra + 528 + 32 * t + 16);
         const uint4 pb0 = *reinterpret_cast<const uint4*>(rb + 528 + 32 * t);
@@ -379,7 +415,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         sm90::wgmma_commit();
       }
       auto fold = [&](int grp) {   // s += scale[t, grp] * S_grp^T (the group's chain is complete)
-        float (&ag)[kN / 2] = acc[grp % 2];
+        float (&ag)[kN / 2] = acc[grp % 2];   // grp: the worker's group index (split: group kG0 + grp)
         sm90::fence_regs(ag);
         float sc2[2];   // rows past the valid tokens may fold garbage: the mask below selects them out
         if constexpr (kLateScales) {
@@ -404,9 +440,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       // completes every commit <= i - kQF: the rope at i = kQF, group g's last commit, (2g + 2) kQH, at
       // i = (2g + 2) kQH + kQF, where it is folded (before group g + 2 reuses its accumulator).
 #pragma unroll
-      for (int c = 0; c < 8; ++c) {
+      for (int c = 0; c < kSteps; ++c) {   // (split: step c of this worker's groups, 2 kG0 + c of the row)
         const int grp = c / 2;
-        const int off = 128 * grp + 16 * (2 * t + (c % 2));
+        const int off = 128 * (kG0 + grp) + 16 * (2 * t + (c % 2));
         const uint4 ua = *reinterpret_cast<const uint4*>(ra + off);
         const uint4 ub = *reinterpret_cast<const uint4*>(rb + off);
 #pragma unroll
@@ -425,7 +461,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
               }
           }
 #pragma unroll
-          for (int gf = 0; gf < 4; ++gf)
+          for (int gf = 0; gf < kNG; ++gf)
             if (i == (2 * gf + 2) * kQH + kQF) fold(gf);
 #pragma unroll
           for (int x = 0; x < kQB; ++x) {
@@ -437,7 +473,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
 #pragma unroll
           for (int x = 0; x < kQB; ++x) {
             const int kk = kQB * hs + x;
-            mma_rs<kN, true>(acc[grp % 2], fa[buf][x], dq0 + ((c * L::kQChunk + kk * 32) >> 4),
+            mma_rs<kN, true>(acc[grp % 2], fa[buf][x], dqg + ((c * L::kQChunk + kk * 32) >> 4),
                              ((c % 2) | kk) != 0);
           }
           sm90::wgmma_commit();
@@ -445,9 +481,21 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       }
       sm90::wgmma_wait<0>();
 #pragma unroll
-      for (int gf = 0; gf < 4; ++gf)
-        if ((2 * gf + 2) * kQH + kQF > 8 * kQH) fold(gf);
+      for (int gf = 0; gf < kNG; ++gf)
+        if ((2 * gf + 2) * kQH + kQF > kSteps * kQH) fold(gf);
       if constexpr (kLateScales) load_scales();
+      if constexpr (kSplit) {
+        // S^T = this worker's partial (its rope half, its two groups) + the other's, through shared memory; double
+        // buffered by page parity (a worker writes a buffer again only after the next exchange barrier, which the
+        // other passes after reading it). s0 + s1 is the same float in both workers, so their softmax states agree.
+        float* xw = sX + (2 * (page_idx & 1) + wk) * (kN / 2) * 128;
+        const float* xr = sX + (2 * (page_idx & 1) + (wk ^ 1)) * (kN / 2) * 128;
+#pragma unroll
+        for (int i = 0; i < kN / 2; ++i) xw[i * 128] = s[i];
+        sm90::bar_sync(kBarX, 256);
+#pragma unroll
+        for (int i = 0; i < kN / 2; ++i) s[i] += xr[i * 128];
+      }
 
       // Mask (select: NaN never reaches the max), the scale 2^(e_r - 14) x softmax scale, and the tile max per row:
       // over this thread's two tokens, the 8 lanes of its column (g), then the 4 warps. Lane t also reduces group
@@ -471,15 +519,19 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
           if (g == 0) red[warp * kRedW + 8 * j + 2 * t + e] = v;
         }
       {
-        float v = fmaxf(t == 0 ? csc[0][0] : t == 1 ? csc[0][1] : t == 2 ? csc[0][2] : csc[0][3],
-                        t == 0 ? csc[1][0] : t == 1 ? csc[1][1] : t == 2 ? csc[1][2] : csc[1][3]);
+        float v;
+        if constexpr (kSplit)   // lane t: the worker's group t % 2 (lanes 2, 3 repeat lanes 0, 1)
+          v = fmaxf(t % 2 == 0 ? csc[0][0] : csc[0][1], t % 2 == 0 ? csc[1][0] : csc[1][1]);
+        else
+          v = fmaxf(t == 0 ? csc[0][0] : t == 1 ? csc[0][1] : t == 2 ? csc[0][2] : csc[0][3],
+                    t == 0 ? csc[1][0] : t == 1 ? csc[1][1] : t == 2 ? csc[1][2] : csc[1][3]);
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
         if (g == 0) red[warp * kRedW + kN + t] = v;
       }
       sm90::bar_sync(bar_max, 128);
-      float gfac[4];
+      float gfac[kNG];
       bool graise = false;
       {
         float gm[4] = {0.f, 0.f, 0.f, 0.f};
@@ -489,7 +541,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
           gm[0] = fmaxf(gm[0], c4.x); gm[1] = fmaxf(gm[1], c4.y); gm[2] = fmaxf(gm[2], c4.z); gm[3] = fmaxf(gm[3], c4.w);
         }
 #pragma unroll
-        for (int gi = 0; gi < 4; ++gi) {
+        for (int gi = 0; gi < kNG; ++gi) {
           const int mt = max(exp_of(gm[gi]), -120);   // same in every thread of the worker
           gfac[gi] = 1.f;
           if (mt > Mg[gi]) {
@@ -501,7 +553,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
 #pragma unroll
         for (int a = 0; a < 2; ++a)
 #pragma unroll
-          for (int gi = 0; gi < 4; ++gi) csc[a][gi] *= pow2i(6 - Mg[gi]);
+          for (int gi = 0; gi < kNG; ++gi) csc[a][gi] *= pow2i(6 - Mg[gi]);
       }
       float scl[kJ][2];
       bool any_up = false;
@@ -541,7 +593,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       {
         const uint32_t paddr = sPa + swz(8 * (lane / 16) + lane % 8, 2 * warp + (lane / 8) % 2);
 #pragma unroll
-        for (int gi = 0; gi < 4; ++gi)
+        for (int gi = 0; gi < kNG; ++gi)
 #pragma unroll
           for (int jj = 0; jj < kJ / 2; ++jj) {
             uint32_t pr[4];
@@ -555,7 +607,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       }
       if (__any_sync(0xffffffffu, any_up) || graise) {
 #pragma unroll
-        for (int mb = 0; mb < 8; ++mb)
+        for (int mb = 0; mb < 2 * kNG; ++mb)
 #pragma unroll
           for (int j = 0; j < kJ; ++j)
 #pragma unroll
@@ -570,19 +622,19 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       // one ldmatrix.x4.trans per group, prmt + cvt; fragments double-buffered by batch ----
 
 #pragma unroll
-      for (int mb = 0; mb < 8; ++mb) sm90::fence_regs(o[mb]);
+      for (int mb = 0; mb < 2 * kNG; ++mb) sm90::fence_regs(o[mb]);
       {
         const uint32_t vbase = sm90::smem_addr(raw) + v_lane;
         uint32_t pa[kPF][2 * kGB][4];   // [buffer][block of the batch][fragment register]
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-          for (int bt = 0; bt < 4 / kGB; ++bt) {
-            const int step = kk * (4 / kGB) + bt, buf = step % kPF;
+          for (int bt = 0; bt < kBatches; ++bt) {
+            const int step = kk * kBatches + bt, buf = step % kPF;
             uint32_t r[kGB][4];
 #pragma unroll
             for (int x = 0; x < kGB; ++x) ldsm_x4_trans(vbase + kk * 16 * kFp8TokenBytes + 128 * (kGB * bt + x), r[x]);
-            if (step == 4 * (4 / kGB) - 1) sm90::mbar_arrive(&empty[rs]);   // this worker's last read of the page
+            if (step == 4 * kBatches - 1) sm90::mbar_arrive(&empty[rs]);   // this worker's last read of the page
             if (step >= kPF) sm90::wgmma_wait<kPF - 1>();   // the batch that used pa[buf] is done
 #pragma unroll
             for (int x = 0; x < kGB; ++x)
@@ -619,7 +671,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       sm90::wgmma_wait<0>();
       }
 #pragma unroll
-      for (int mb = 0; mb < 8; ++mb) sm90::fence_regs(o[mb]);
+      for (int mb = 0; mb < 2 * kNG; ++mb) sm90::fence_regs(o[mb]);
     }
 
     // (32 rows: m and l stay in shared memory through the merge, the register peak of the request end, too)
@@ -627,11 +679,12 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     auto l_of = [&](int j, int e) { return kStateSmem ? sL[(2 * j + e) * 128] : l[j][e]; };
     // ---- O^T to true units; merge the two workers' partials of this request (worker 1 -> scratch -> worker 0) ----
 #pragma unroll
-    for (int mb = 0; mb < 8; ++mb) {
+    for (int mb = 0; mb < 2 * kNG; ++mb) {
       const float f = pow2i(Mg[mb / 2] - 6);
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] *= f;
     }
+    if constexpr (!kSplit) {   // (split: each worker holds the whole request for its channels, nothing to merge)
     float* scratch =   // (formed here: registers are short in the page loop at 32 rows)
         merge_scratch + ((static_cast<long long>(blockIdx.y) * gridDim.x + blockIdx.x) * kMerge) * 128 + wt;
     if (wk == 1) {
@@ -685,6 +738,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
             }
     }
     sm90::mbar_arrive(merge_free);
+    }
 
     // ---- finish this request: row sums over the 8 lanes of a column and the 4 warps, then out/lse or partials ----
     const int split = req == begin_req ? meta[4] : num_splits[req];   // meta[4]: this part's first split
@@ -711,7 +765,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         if (r >= rows) continue;
         const float lt = red[r] + red[kRedW + r] + red[2 * kRedW + r] + red[3 * kRedW + r];
         const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        if (warp == 0 && g == 0) {
+        if (warp == 0 && g == 0 && (!kSplit || wk == 0)) {   // (split: both workers hold the same m and l)
           const float v = lt > 0.f ? (m_of(j, e) + log2f(lt)) * kLn2 : empty_lse;
           if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + r % hpk) * s_q + r / hpk] = v;
           else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + r] = v;
@@ -719,15 +773,15 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         if (single) {
           T* dst = out + ((static_cast<long long>(req) * s_q + r / hpk) * h_q + kvh * hpk + r % hpk) * kDV + ch0;
 #pragma unroll
-          for (int mb = 0; mb < 8; ++mb) {
+          for (int mb = 0; mb < 2 * kNG; ++mb) {
             const __nv_bfloat162 p = __floats2bfloat162_rn(o[mb][4 * j + e] * inv, o[mb][4 * j + 2 + e] * inv);
-            *reinterpret_cast<__nv_bfloat162*>(dst + 128 * (mb / 2) + 16 * (mb % 2)) = p;
+            *reinterpret_cast<__nv_bfloat162*>(dst + 128 * (kG0 + mb / 2) + 16 * (mb % 2)) = p;
           }
         } else {
           float* dst = o_accum + ((static_cast<long long>(split) * h_kv + kvh) * rows + r) * kDV + ch0;
 #pragma unroll
-          for (int mb = 0; mb < 8; ++mb)
-            *reinterpret_cast<float2*>(dst + 128 * (mb / 2) + 16 * (mb % 2)) =
+          for (int mb = 0; mb < 2 * kNG; ++mb)
+            *reinterpret_cast<float2*>(dst + 128 * (kG0 + mb / 2) + 16 * (mb % 2)) =
                 make_float2(o[mb][4 * j + e] * inv, o[mb][4 * j + 2 + e] * inv);
         }
       }
