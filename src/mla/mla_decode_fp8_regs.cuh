@@ -326,6 +326,20 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     // pages (one slot per thread: sM / sL[(2 j + e) * 128]): in registers, ptxas spilled loop values there (O^T,
     // the S^T chains and their fragments fill the rest).
     constexpr bool kStateSmem = kN == 32 && !kSplit;   // split: O^T is half as large, m and l fit
+    // Split: the per-row constants in registers for the request (read from shared memory on every page otherwise).
+    constexpr bool kRowRegs = kSplit;
+    float rq_inv[kRowRegs ? kJ : 1][2], rq_ms[kRowRegs ? kJ : 1][2];
+    int rq_lim[kRowRegs ? kJ : 1][2];
+    if constexpr (kRowRegs) {
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          rq_inv[j][e] = sQinv[8 * j + 2 * t + e];
+          rq_ms[j][e] = sQms[8 * j + 2 * t + e];
+          rq_lim[j][e] = sLim[8 * j + 2 * t + e];
+        }
+    }
     float* sL = reinterpret_cast<float*>(smem + L::kL) + wk * (kN / 4) * 128 + wt;
     float* sM = sL + 2 * (kN / 4) * 128;
     float m[kJ][2], l[kJ][2];
@@ -455,7 +469,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
             for (int j = 0; j < kJ; ++j)
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
-                const float qi = sQinv[8 * j + 2 * t + e];
+                const float qi = kRowRegs ? rq_inv[kRowRegs ? j : 0][e] : sQinv[8 * j + 2 * t + e];
                 s[4 * j + e] *= qi;
                 s[4 * j + 2 + e] *= qi;
               }
@@ -505,8 +519,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       for (int j = 0; j < kJ; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int lim = sLim[8 * j + 2 * t + e];
-          const float qms = sQms[8 * j + 2 * t + e];
+          const int lim = kRowRegs ? rq_lim[kRowRegs ? j : 0][e] : sLim[8 * j + 2 * t + e];
+          const float qms = kRowRegs ? rq_ms[kRowRegs ? j : 0][e] : sQms[8 * j + 2 * t + e];
 #pragma unroll
           for (int a = 0; a < 2; ++a) {
             float& x = s[4 * j + 2 * a + e];
