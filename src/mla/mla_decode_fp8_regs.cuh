@@ -25,6 +25,12 @@
 // (m, l, O^T in true units) through a global scratch buffer to worker 0, which merges and writes the result.
 // Registers: setmaxnreg 24 (copies) / 240 (workers): 24 + 2 x 240 = 3 x 168, the CTA's launch allocation.
 // Scheduling, split-KV partials, the combine kernel and the empty-row conventions are those of mla_decode.cuh.
+// kSplit (32 rows, opt-in: kernels._FP8_REGS_SPLIT32): both workers take EVERY page; worker wk owns the 128-channel
+// groups 2 wk, 2 wk + 1: its S^T partial (those groups' four 64-channel steps plus rope k16 blocks 2 wk, 2 wk + 1) is
+// added to the other's through shared memory (a slot per page parity and worker, named barrier 6 over 256 threads),
+// both then run the same softmax (same floats, so the same m, l, M_g), write the P^T copies of their own groups and
+// accumulate O^T for their 256 V channels (64 registers instead of 128: m, l and the row constants stay in
+// registers). No per-request merge; worker 0 writes lse. Each page is released by 256 arrivals.
 #pragma once
 #include "mla/mla_decode.cuh"
 #include "mla/mla_decode_fp8.cuh"
