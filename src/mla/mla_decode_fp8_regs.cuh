@@ -96,6 +96,12 @@ __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * 
 #ifndef DEEPSTACK_FP8R_QK_BLOCKS
 #define DEEPSTACK_FP8R_QK_BLOCKS 0   // 0: 4 at 16 rows (1-2% faster than 2), 2 at 32 (4: spills, 4% slower)
 #endif
+// Split variant only: 1 = each worker runs the softmax for its 16 of the 32 rows (the S^T exchange then sends only
+// the other worker's rows) and writes all four P^T copies for them; the copies, the O^T rescale factors and the row
+// sums are shared through shared memory behind a 256-thread barrier per page. 0 = both run it for all 32 rows.
+#ifndef DEEPSTACK_FP8R_SPLIT_ROWS
+#define DEEPSTACK_FP8R_SPLIT_ROWS 0
+#endif
 #ifndef DEEPSTACK_FP8R_PV_GROUPS
 #define DEEPSTACK_FP8R_PV_GROUPS 2   // 32 rows: 286 us against 303 (1) and 297 (4) at 128/1/32/8192
 #endif
@@ -115,7 +121,8 @@ struct Layout {
   static constexpr int kL = kRow + 3 * kN * 4 + 16;   // + the piece's end block (int; 32 rows: read in the page loop)
   static constexpr int kX = kL + (kN == 32 && !kSplit ? 2 * 2 * (kN / 4) * 128 * 4 : 0);
   // split: the workers' partial S^T [page parity][worker][kN / 2][128 threads] floats
-  static constexpr int kBars = kX + (kSplit ? 2 * 2 * (kN / 2) * 128 * 4 : 0);   // full[kStages], empty[kStages], merged, merge_free
+  static constexpr int kScl = kX + (kSplit ? 2 * 2 * (kN / 2) * 128 * 4 : 0);   // split: [kN] rescale factors, [kN] row sums
+  static constexpr int kBars = kScl + (kSplit ? 2 * kN * 4 : 0);   // full[kStages], empty[kStages], merged, merge_free
   static constexpr int kBytes = kBars + (2 * kStages + 2) * 8;
   static constexpr int kAlloc = kBytes + 1024;
   static constexpr int kMergeFloats = 8 * (kN / 2) + 2 * 2 * (kN / 8);   // per worker thread: O^T, m, l
@@ -150,6 +157,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   static_assert((kQB == 2 || kQB == 4) && 1 + 2 * kQH > kQF, "S^T commits: a group is folded before its reuse");
   static_assert(kGB == 1 || kGB == 2 || kGB == 4, "P V batches of 1, 2 or 4 groups");
   constexpr int kBatches = kNG / kGB;   // P V commits per k16 block
+  constexpr bool kRowSplit = kSplit && DEEPSTACK_FP8R_SPLIT_ROWS != 0;
+  constexpr int kMG = kRowSplit ? 4 : kNG;   // groups whose running exponent M_g the worker tracks
+  constexpr int kJs = kRowSplit ? kJ / 2 : kJ;   // n8 column blocks whose softmax the worker runs
   using fp8small::pow2i;
   using fp8small::exp_of;
   using fp8small::pack_f16x2;
@@ -242,7 +252,11 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   const uint32_t v_lane =
       (8 * ((lane / 8) % 2) + lane % 8) * kFp8TokenBytes + 16 * (lane / 16) + 32 * warp + 128 * kG0;
   constexpr int kBarX = 6;   // split: the two workers' partial S^T exchange (256 threads)
+  constexpr int kBarP2 = 7;   // split rows: both workers' P^T rows written (256 threads)
   float* sX = reinterpret_cast<float*>(smem + L::kX) + wt;
+  float* sScl = reinterpret_cast<float*>(smem + L::kScl);   // split rows: this page's O^T rescale factor per row
+  float* sLt = sScl + kN;                                     // split rows: the request's row sums
+  const int kR0 = kRowSplit ? 16 * wk : 0;                    // split rows: this worker's first row
   int page_idx = 0;
 
   for (int req = begin_req; req <= end_req; ++req) {
@@ -323,9 +337,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     for (int mb = 0; mb < 2 * kNG; ++mb)
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
-    int Mg[kNG];   // group g's O^T is in units of 2^(Mg[g] - 6); only moves up
+    int Mg[kMG];   // group g's O^T is in units of 2^(Mg[g] - 6); only moves up (split rows: all four groups)
 #pragma unroll
-    for (int gi = 0; gi < kNG; ++gi) Mg[gi] = -1000;
+    for (int gi = 0; gi < kMG; ++gi) Mg[gi] = -1000;
     // This thread's q rows: 8 j + 2 t + e (accumulator columns).
     // Per-row constants (sQinv, sQms, sLim) are read from shared memory where used: registers are short at 32 rows.
     // m, l: the running row maxima and this thread's partial row sums; at 32 rows kept in shared memory between
@@ -342,8 +356,8 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           rq_inv[j][e] = sQinv[8 * j + 2 * t + e];
-          rq_ms[j][e] = sQms[8 * j + 2 * t + e];
-          rq_lim[j][e] = sLim[8 * j + 2 * t + e];
+          rq_ms[j][e] = sQms[(8 * j + kR0) % kN + 2 * t + e];   // split rows: entries j < 2 are this worker's rows
+          rq_lim[j][e] = sLim[(8 * j + kR0) % kN + 2 * t + e];
         }
     }
     float* sL = reinterpret_cast<float*>(smem + L::kL) + wk * (kN / 4) * 128 + wt;
@@ -377,9 +391,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       // csc: the two tokens' scales (zeros past the valid tokens), x 2^(6 - M_g) once M_g is known. At 32 rows they
       // are loaded after S^T (the folds read their two scales from shared memory: registers are short there).
       constexpr bool kLateScales = kN == 32 && !kSplit;
-      float csc[2][kNG];   // split: this worker's groups kG0, kG0 + 1
+      float csc[2][kMG];   // split: this worker's groups kG0, kG0 + 1 (split rows: all four)
       auto load_scales = [&]() {
-        if constexpr (kSplit) {
+        if constexpr (kSplit && !kRowSplit) {
           const float2 x = *reinterpret_cast<const float2*>(ra + 512 + 4 * kG0);
           const float2 y = *reinterpret_cast<const float2*>(rb + 512 + 4 * kG0);
           const bool va = ta < valid, vb = ta + 8 < valid;
@@ -441,6 +455,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         if constexpr (kLateScales) {
           sc2[0] = *reinterpret_cast<const float*>(ra + 512 + 4 * grp);
           sc2[1] = *reinterpret_cast<const float*>(rb + 512 + 4 * grp);
+        } else if constexpr (kRowSplit) {   // (selects: a register array takes constant indices only)
+          sc2[0] = wk ? csc[0][(2 + grp) % kMG] : csc[0][grp];
+          sc2[1] = wk ? csc[1][(2 + grp) % kMG] : csc[1][grp];
         } else {
           sc2[0] = csc[0][grp];
           sc2[1] = csc[1][grp];
@@ -510,11 +527,19 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         // other passes after reading it). s0 + s1 is the same float in both workers, so their softmax states agree.
         float* xw = sX + (2 * (page_idx & 1) + wk) * (kN / 2) * 128;
         const float* xr = sX + (2 * (page_idx & 1) + (wk ^ 1)) * (kN / 2) * 128;
+        if constexpr (kRowSplit) {   // send the other worker's rows (s[8 (1 - wk) + i]), keep s[0..7] = own rows
 #pragma unroll
-        for (int i = 0; i < kN / 2; ++i) xw[i * 128] = s[i];
-        sm90::bar_sync(kBarX, 256);
+          for (int i = 0; i < kN / 4; ++i) xw[i * 128] = wk ? s[i] : s[kN / 4 + i];
+          sm90::bar_sync(kBarX, 256);
 #pragma unroll
-        for (int i = 0; i < kN / 2; ++i) s[i] += xr[i * 128];
+          for (int i = 0; i < kN / 4; ++i) s[i] = (wk ? s[kN / 4 + i] : s[i]) + xr[i * 128];
+        } else {
+#pragma unroll
+          for (int i = 0; i < kN / 2; ++i) xw[i * 128] = s[i];
+          sm90::bar_sync(kBarX, 256);
+#pragma unroll
+          for (int i = 0; i < kN / 2; ++i) s[i] += xr[i * 128];
+        }
       }
 
       // Mask (select: NaN never reaches the max), the scale 2^(e_r - 14) x softmax scale, and the tile max per row:
@@ -522,7 +547,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       // t's largest scale of the page.
       const int tok0 = blk * kPage + ta;
 #pragma unroll
-      for (int j = 0; j < kJ; ++j)
+      for (int j = 0; j < kJs; ++j)   // (split rows: this worker's rows kR0 + 8 j + 2 t + e, red slots 8 j + 2 t + e)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int lim = kRowRegs ? rq_lim[kRowRegs ? j : 0][e] : sLim[8 * j + 2 * t + e];
@@ -540,7 +565,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         }
       {
         float v;
-        if constexpr (kSplit)   // lane t: the worker's group t % 2 (lanes 2, 3 repeat lanes 0, 1)
+        if constexpr (kSplit && !kRowSplit)   // lane t: the worker's group t % 2 (lanes 2, 3 repeat lanes 0, 1)
           v = fmaxf(t % 2 == 0 ? csc[0][0] : csc[0][1], t % 2 == 0 ? csc[1][0] : csc[1][1]);
         else
           v = fmaxf(t == 0 ? csc[0][0] : t == 1 ? csc[0][1] : t == 2 ? csc[0][2] : csc[0][3],
@@ -551,7 +576,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
         if (g == 0) red[warp * kRedW + kN + t] = v;
       }
       sm90::bar_sync(bar_max, 128);
-      float gfac[kNG];
+      float gfac[kMG];
       bool graise = false;
       {
         float gm[4] = {0.f, 0.f, 0.f, 0.f};
@@ -561,7 +586,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
           gm[0] = fmaxf(gm[0], c4.x); gm[1] = fmaxf(gm[1], c4.y); gm[2] = fmaxf(gm[2], c4.z); gm[3] = fmaxf(gm[3], c4.w);
         }
 #pragma unroll
-        for (int gi = 0; gi < kNG; ++gi) {
+        for (int gi = 0; gi < kMG; ++gi) {
           const int mt = max(exp_of(gm[gi]), -120);   // same in every thread of the worker
           gfac[gi] = 1.f;
           if (mt > Mg[gi]) {
@@ -573,12 +598,12 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
 #pragma unroll
         for (int a = 0; a < 2; ++a)
 #pragma unroll
-          for (int gi = 0; gi < kNG; ++gi) csc[a][gi] *= pow2i(6 - Mg[gi]);
+          for (int gi = 0; gi < kMG; ++gi) csc[a][gi] *= pow2i(6 - Mg[gi]);
       }
       float scl[kJ][2];
       bool any_up = false;
 #pragma unroll
-      for (int j = 0; j < kJ; ++j)
+      for (int j = 0; j < kJs; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int r = 8 * j + 2 * t + e;
@@ -611,11 +636,13 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       // gives the address of row L % 8 of matrix L / 8 = 2 (j % 2) + a. (The previous P V is complete: every thread
       // waited for it.)
       {
-        const uint32_t paddr = sPa + swz(8 * (lane / 16) + lane % 8, 2 * warp + (lane / 8) % 2);
+        // (split rows: all four copies from their base, this worker's 16 rows)
+        const uint32_t paddr = sPa - (kRowSplit ? kG0 * L::kPCopy - wk * 2048 : 0) +
+                               swz(8 * (lane / 16) + lane % 8, 2 * warp + (lane / 8) % 2);
 #pragma unroll
-        for (int gi = 0; gi < kNG; ++gi)
+        for (int gi = 0; gi < kMG; ++gi)
 #pragma unroll
-          for (int jj = 0; jj < kJ / 2; ++jj) {
+          for (int jj = 0; jj < kJs / 2; ++jj) {
             uint32_t pr[4];
 #pragma unroll
             for (int mtx = 0; mtx < 4; ++mtx) {
@@ -625,6 +652,40 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
             fp8small::stmatrix_x4_trans(paddr + gi * L::kPCopy + jj * 2048, pr[0], pr[1], pr[2], pr[3]);
           }
       }
+      if constexpr (kRowSplit) {
+        // Own rows' rescale factors out, both workers' P^T rows complete (and every thread done with red), then the
+        // other rows' factors in: O^T (this worker's groups, all rows) rescaled by row and by its groups' exponents.
+        if (warp == 0 && g == 0) {
+#pragma unroll
+          for (int j = 0; j < kJs; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) sScl[kR0 + 8 * j + 2 * t + e] = scl[j][e];
+        }
+        sm90::fence_proxy_async();
+        sm90::bar_sync(kBarP2, 256);
+        float sa[kJ][2];   // factors of rows 8 j + 2 t + e
+        bool need = false;
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float own = scl[j % kJs][e];
+            const float other = sScl[(8 * j + 2 * t + e) % kN];
+            sa[j][e] = (j / kJs == wk) ? own : other;
+            need |= sa[j][e] != 1.f;
+          }
+        const float gf[2] = {wk ? gfac[2 % kMG] : gfac[0], wk ? gfac[3 % kMG] : gfac[1 % kMG]};
+        if (__any_sync(0xffffffffu, need) || gf[0] != 1.f || gf[1] != 1.f) {
+#pragma unroll
+          for (int mb = 0; mb < 2 * kNG; ++mb)
+#pragma unroll
+            for (int j = 0; j < kJ; ++j)
+#pragma unroll
+              for (int a = 0; a < 2; ++a)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) o[mb][4 * j + 2 * a + e] *= sa[j][e] * gf[mb / 2];
+        }
+      } else {
       if (__any_sync(0xffffffffu, any_up) || graise) {
 #pragma unroll
         for (int mb = 0; mb < 2 * kNG; ++mb)
@@ -637,6 +698,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       }
       sm90::fence_proxy_async();
       sm90::bar_sync(bar_p, 128);   // P^T complete (and every thread is done with red)
+      }
 
       // ---- O^T += V^T P^T_g, A from registers: per k16 block kk, batches of kGB groups (blocks 2 G, 2 G + 1 each):
       // one ldmatrix.x4.trans per group, prmt + cvt; fragments double-buffered by batch ----
@@ -700,7 +762,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     // ---- O^T to true units; merge the two workers' partials of this request (worker 1 -> scratch -> worker 0) ----
 #pragma unroll
     for (int mb = 0; mb < 2 * kNG; ++mb) {
-      const float f = pow2i(Mg[mb / 2] - 6);
+      const float f = pow2i((kRowSplit ? (wk ? Mg[(2 + mb / 2) % kMG] : Mg[mb / 2]) : Mg[mb / 2]) - 6);
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] *= f;
     }
@@ -764,7 +826,7 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     const int split = req == begin_req ? meta[4] : num_splits[req];   // meta[4]: this part's first split
     const bool single = num_splits[req + 1] - num_splits[req] == 1;
 #pragma unroll
-    for (int j = 0; j < kJ; ++j)
+    for (int j = 0; j < kJs; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float v = l_of(j, e);
@@ -776,6 +838,24 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     sm90::bar_sync(bar_max, 128);
     const float empty_lse = single ? kInf : -kInf;
     const float kLn2 = 0.6931471805599453f;
+    if constexpr (kRowSplit) {   // own rows: the sum to sLt, lse; then every row's sum from sLt
+#pragma unroll
+      for (int j = 0; j < kJs; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int rl = 8 * j + 2 * t + e, r = kR0 + rl;
+          const float lt = red[rl] + red[kRedW + rl] + red[2 * kRedW + rl] + red[3 * kRedW + rl];
+          if (warp == 0 && g == 0) {
+            sLt[r] = lt;
+            if (r < rows) {
+              const float v = lt > 0.f ? (m[j][e] + log2f(lt)) * kLn2 : empty_lse;
+              if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + r % hpk) * s_q + r / hpk] = v;
+              else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + r] = v;
+            }
+          }
+        }
+      sm90::bar_sync(kBarP2, 256);
+    }
     const int ch0 = 32 * warp + 2 * g;   // block mb = 2 G + h: channels 128 G + 16 h + ch0 (+1)
 #pragma unroll
     for (int j = 0; j < kJ; ++j)
@@ -783,9 +863,9 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
       for (int e = 0; e < 2; ++e) {
         const int r = 8 * j + 2 * t + e;
         if (r >= rows) continue;
-        const float lt = red[r] + red[kRedW + r] + red[2 * kRedW + r] + red[3 * kRedW + r];
+        const float lt = kRowSplit ? sLt[r] : red[r] + red[kRedW + r] + red[2 * kRedW + r] + red[3 * kRedW + r];
         const float inv = lt > 0.f ? 1.f / lt : 0.f;
-        if (warp == 0 && g == 0 && (!kSplit || wk == 0)) {   // (split: both workers hold the same m and l)
+        if (!kRowSplit && warp == 0 && g == 0 && (!kSplit || wk == 0)) {   // (split: both workers hold the same m, l)
           const float v = lt > 0.f ? (m_of(j, e) + log2f(lt)) * kLn2 : empty_lse;
           if (single) lse[(static_cast<long long>(req) * h_q + kvh * hpk + r % hpk) * s_q + r / hpk] = v;
           else lse_accum[(static_cast<long long>(split) * h_kv + kvh) * rows + r] = v;

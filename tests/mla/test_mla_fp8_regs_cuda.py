@@ -6,9 +6,12 @@ The f16 path's cases (test_mla_fp8_f16_cuda.py: reference cases with the issue's
 changing by page, q rows 2^-30 .. 400 apart, NaN in unused slots, s_k = 0, forced splits, h_kv = 2, causal) run on
 this kernel at 16 rows and again at 32 rows, and its results are compared with the shared-memory kernel's. The
 32-row cases run twice: the default kernel and the opt-in channel-split variant (kernels._FP8_REGS_SPLIT32: both
-workers on every page, each with two of the four 128-channel groups), with the same tolerances.
+workers on every page, each with two of the four 128-channel groups), with the same tolerances; and three times
+with its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -22,14 +25,28 @@ from tests.mla.test_mla_fp8_f16_cuda import CASES, _assert_groups_close, _assert
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(params=[False, True], ids=["alt", "split32"])
+@pytest.fixture(params=["alt", "split32", "split32rows"])
 def regs_kernel(request, monkeypatch):
-    """Every FP8 few-rows call takes the register-A kernel; at 32 rows the default (workers on alternate pages) or
-    the channel-split variant. Yields whether the split variant is on."""
+    """Every FP8 few-rows call takes the register-A kernel; at 32 rows the default (workers on alternate pages), the
+    channel-split variant, or that variant with its row-split softmax. Returns whether a split variant is on."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
-    monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param)
-    return request.param
+    monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param != "alt")
+    if request.param == "split32rows":
+        _rows_split_softmax(monkeypatch)
+    return request.param != "alt"
+
+
+def _rows_split_softmax(monkeypatch) -> None:
+    """Compile the split kernel (and only it) with -DDEEPSTACK_FP8R_SPLIT_ROWS=1."""
+    from torch_deepstack.mla import kernels
+    real = kernels.get_kernel
+
+    def get_kernel(spec, signature):
+        if "fp8_regs" in spec.kernel and tuple(spec.template_args) == (32, True):
+            spec = dataclasses.replace(spec, defines=tuple(spec.defines) + (("DEEPSTACK_FP8R_SPLIT_ROWS", 1),))
+        return real(spec, signature)
+    monkeypatch.setattr(kernels, "get_kernel", get_kernel)
 
 
 def _skip_split_at_16_rows(split: bool, rows: int) -> None:
@@ -97,12 +114,15 @@ def test_fp8_regs_many_short_pieces_per_part(case, parts, regs_kernel):
     assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))
 
 
-@pytest.mark.parametrize("h_q,split", [(16, False), (32, False), (32, True)], ids=["16", "32", "32split"])
-def test_fp8_regs_agrees_with_smem_kernel(h_q, split, monkeypatch):
+@pytest.mark.parametrize("h_q,split,rows_split", [(16, False, 0), (32, False, 0), (32, True, 0), (32, True, 1)],
+                         ids=["16", "32", "32split", "32splitrows"])
+def test_fp8_regs_agrees_with_smem_kernel(h_q, split, rows_split, monkeypatch):
     """Long requests split over many SM parts (worker merges and the combine kernel): the register-A kernel and
     the shared-memory kernel give the same result within the reference tolerances of each other."""
     from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
     monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", split)
+    if rows_split:
+        _rows_split_softmax(monkeypatch)
     lens = varied_lengths(4, 6000, seed=9)
     q, cache, bt, seq = make_case(4, 1, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=9)
     sched, splits = get_mla_metadata(seq, h_q, 1)
@@ -113,11 +133,14 @@ def test_fp8_regs_agrees_with_smem_kernel(h_q, split, monkeypatch):
     assert_mla_close(*res["regs"], *res["smem"])
 
 
-def test_fp8_regs_split32_equals_default_closely(monkeypatch):
+@pytest.mark.parametrize("rows_split", [0, 1], ids=["split32", "split32rows"])
+def test_fp8_regs_split32_equals_default_closely(rows_split, monkeypatch):
     """The channel-split variant and the default 32-row kernel on the same inputs (split requests included): the
     same arithmetic up to the fp32 order of S^T's partial sums, so far closer than the reference tolerances."""
     from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
+    if rows_split:
+        _rows_split_softmax(monkeypatch)
     lens = varied_lengths(6, 1500, seed=3, zeros=(2,))
     q, cache, bt, seq = make_case(6, 1, 32, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=3)
     sched, splits = get_mla_metadata(seq, 32, 1, num_sm_parts=5)

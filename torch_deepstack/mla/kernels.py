@@ -143,7 +143,7 @@ def fp8_regs_smem_bytes(n: int, split: bool = False) -> int:
     """Mirror of fp8regs::Layout<n, split>::kAlloc."""
     stages = 4 if n == 16 else 3
     row_state = 2 * 2 * (n // 4) * 128 * 4 if n == 32 and not split else 0   # the workers' row sums and maxima
-    exchange = 2 * 2 * (n // 2) * 128 * 4 if split else 0   # partial S^T [page parity][worker]
+    exchange = 2 * 2 * (n // 2) * 128 * 4 + 2 * n * 4 if split else 0   # partial S^T [parity][worker], row factors/sums
     p_copies = 4 if split else 8
     return (9 * n * 128 + p_copies * n * 128 + stages * 64 * 656 + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 16 + row_state
             + exchange + (2 * stages + 2) * 8 + 1024)
