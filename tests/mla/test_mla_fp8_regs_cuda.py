@@ -33,18 +33,20 @@ def regs_kernel(request, monkeypatch):
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
     monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param != "alt")
     if request.param == "split32rows":
-        _rows_split_softmax(monkeypatch)
+        _split_switches(monkeypatch)
     return request.param != "alt"
 
 
-def _rows_split_softmax(monkeypatch) -> None:
-    """Compile the split kernel (and only it) with -DDEEPSTACK_FP8R_SPLIT_ROWS=1."""
+def _split_switches(monkeypatch, rows: int = 1, copies: int = 0) -> None:
+    """Compile the split kernel (and only it) with its A/B switches: -DDEEPSTACK_FP8R_SPLIT_ROWS (row-split softmax),
+    -DDEEPSTACK_FP8R_SPLIT_COPIES (one code copy per worker); the order of kernels._FP8_SPLIT_AB_DEFINES (prebuilt)."""
     from torch_deepstack.mla import kernels
     real = kernels.get_kernel
+    extra = (("DEEPSTACK_FP8R_SPLIT_ROWS", 1),) * bool(rows) + (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),) * bool(copies)
 
     def get_kernel(spec, signature):
         if "fp8_regs" in spec.kernel and tuple(spec.template_args) == (32, True):
-            spec = dataclasses.replace(spec, defines=tuple(spec.defines) + (("DEEPSTACK_FP8R_SPLIT_ROWS", 1),))
+            spec = dataclasses.replace(spec, defines=tuple(spec.defines) + extra)
         return real(spec, signature)
     monkeypatch.setattr(kernels, "get_kernel", get_kernel)
 
@@ -114,15 +116,16 @@ def test_fp8_regs_many_short_pieces_per_part(case, parts, regs_kernel):
     assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))
 
 
-@pytest.mark.parametrize("h_q,split,rows_split", [(16, False, 0), (32, False, 0), (32, True, 0), (32, True, 1)],
-                         ids=["16", "32", "32split", "32splitrows"])
-def test_fp8_regs_agrees_with_smem_kernel(h_q, split, rows_split, monkeypatch):
+@pytest.mark.parametrize("h_q,split,rows_split,copies", [(16, False, 0, 0), (32, False, 0, 0), (32, True, 0, 0),
+                                                         (32, True, 1, 0), (32, True, 1, 1)],
+                         ids=["16", "32", "32split", "32splitrows", "32splitrowscopies"])
+def test_fp8_regs_agrees_with_smem_kernel(h_q, split, rows_split, copies, monkeypatch):
     """Long requests split over many SM parts (worker merges and the combine kernel): the register-A kernel and
     the shared-memory kernel give the same result within the reference tolerances of each other."""
     from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
     monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", split)
-    if rows_split:
-        _rows_split_softmax(monkeypatch)
+    if rows_split or copies:
+        _split_switches(monkeypatch, rows_split, copies)
     lens = varied_lengths(4, 6000, seed=9)
     q, cache, bt, seq = make_case(4, 1, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=9)
     sched, splits = get_mla_metadata(seq, h_q, 1)
@@ -133,14 +136,15 @@ def test_fp8_regs_agrees_with_smem_kernel(h_q, split, rows_split, monkeypatch):
     assert_mla_close(*res["regs"], *res["smem"])
 
 
-@pytest.mark.parametrize("rows_split", [0, 1], ids=["split32", "split32rows"])
-def test_fp8_regs_split32_equals_default_closely(rows_split, monkeypatch):
+@pytest.mark.parametrize("rows_split,copies", [(0, 0), (1, 0), (0, 1), (1, 1)],
+                         ids=["split32", "split32rows", "split32copies", "split32rowscopies"])
+def test_fp8_regs_split32_equals_default_closely(rows_split, copies, monkeypatch):
     """The channel-split variant and the default 32-row kernel on the same inputs (split requests included): the
     same arithmetic up to the fp32 order of S^T's partial sums, so far closer than the reference tolerances."""
     from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
-    if rows_split:
-        _rows_split_softmax(monkeypatch)
+    if rows_split or copies:
+        _split_switches(monkeypatch, rows_split, copies)
     lens = varied_lengths(6, 1500, seed=3, zeros=(2,))
     q, cache, bt, seq = make_case(6, 1, 32, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=3)
     sched, splits = get_mla_metadata(seq, 32, 1, num_sm_parts=5)

@@ -134,9 +134,16 @@ def _fp8_regs_split(n: int) -> bool:
     return n == 32 and bool(_FP8_REGS_SPLIT32)
 
 
-def fp8_regs_spec(n: int, split: bool = False) -> KernelSpec:
+def fp8_regs_spec(n: int, split: bool = False, defines: tuple = ()) -> KernelSpec:
     args = (n, True) if split else (n,)   # the default instantiations keep their cache keys
-    return KernelSpec("mla/mla_decode_fp8_regs.cuh", "deepstack::mla::fp8regs::mla_decode_fp8_regs_kernel", args)
+    return KernelSpec("mla/mla_decode_fp8_regs.cuh", "deepstack::mla::fp8regs::mla_decode_fp8_regs_kernel", args,
+                      defines=defines)
+
+
+# The split variant's A/B switches (-D defines, mla_decode_fp8_regs.cuh), prebuilt so that an A/B run or the tests
+# find them compiled (and tests/jit checks them for spills): the row-split softmax, one code copy per worker, both.
+_FP8_SPLIT_AB_DEFINES = ((("DEEPSTACK_FP8R_SPLIT_ROWS", 1),), (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),),
+                         (("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1)))
 
 
 def fp8_regs_smem_bytes(n: int, split: bool = False) -> int:
@@ -236,7 +243,7 @@ def metadata_spec() -> KernelSpec:
 def _prebuild():
     specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
              *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32)),
-             fp8_regs_spec(32, split=True)]
+             fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES)]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
