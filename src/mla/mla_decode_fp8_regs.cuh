@@ -30,7 +30,9 @@
 // added to the other's through shared memory (a slot per page parity and worker, named barrier 6 over 256 threads),
 // both then run the same softmax (same floats, so the same m, l, M_g), write the P^T copies of their own groups and
 // accumulate O^T for their 256 V channels (64 registers instead of 128: m, l and the row constants stay in
-// registers). No per-request merge; worker 0 writes lse. Each page is released by 256 arrivals.
+// registers). No per-request merge; worker 0 writes lse. Each page is released by 256 arrivals. A/B switches:
+// DEEPSTACK_FP8R_SPLIT_ROWS (row-split softmax), DEEPSTACK_FP8R_SPLIT_COPIES (one code copy per worker).
+// The worker warpgroups' code is in mla_decode_fp8_regs_worker.cuh, included into the kernel body.
 #pragma once
 #include "mla/mla_decode.cuh"
 #include "mla/mla_decode_fp8.cuh"
