@@ -4,9 +4,14 @@ in fp32, four scaled P^T copies, per-group running exponents), two worker warpgr
 
 The f16 path's cases (test_mla_fp8_f16_cuda.py: reference cases with the issue's tolerances, scales 2^-22 .. 2^5
 changing by page, q rows 2^-30 .. 400 apart, NaN in unused slots, s_k = 0, forced splits, h_kv = 2, causal) run on
-this kernel at 16 rows and again at 32 rows, and its results are compared with the shared-memory kernel's.
+this kernel at 16 rows and again at 32 rows, and its results are compared with the shared-memory kernel's. The
+32-row cases run twice: the default kernel and the opt-in channel-split variant (kernels._FP8_REGS_SPLIT32: both
+workers on every page, each with two of the four 128-channel groups), with the same tolerances; and three times
+with its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -20,11 +25,35 @@ from tests.mla.test_mla_fp8_f16_cuda import CASES, _assert_groups_close, _assert
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture
-def regs_kernel(monkeypatch):
-    """Every FP8 few-rows call takes the register-A kernel."""
+@pytest.fixture(params=["alt", "split32", "split32rows"])
+def regs_kernel(request, monkeypatch):
+    """Every FP8 few-rows call takes the register-A kernel; at 32 rows the default (workers on alternate pages), the
+    channel-split variant, or that variant with its row-split softmax. Returns whether a split variant is on."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
+    monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param != "alt")
+    if request.param == "split32rows":
+        _split_switches(monkeypatch)
+    return request.param != "alt"
+
+
+def _split_switches(monkeypatch, rows: int = 1, copies: int = 0) -> None:
+    """Compile the split kernel (and only it) with its A/B switches: -DDEEPSTACK_FP8R_SPLIT_ROWS (row-split softmax),
+    -DDEEPSTACK_FP8R_SPLIT_COPIES (one code copy per worker); the order of kernels._FP8_SPLIT_AB_DEFINES (prebuilt)."""
+    from torch_deepstack.mla import kernels
+    real = kernels.get_kernel
+    extra = (("DEEPSTACK_FP8R_SPLIT_ROWS", 1),) * bool(rows) + (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),) * bool(copies)
+
+    def get_kernel(spec, signature):
+        if "fp8_regs" in spec.kernel and tuple(spec.template_args) == (32, True):
+            spec = dataclasses.replace(spec, defines=tuple(spec.defines) + extra)
+        return real(spec, signature)
+    monkeypatch.setattr(kernels, "get_kernel", get_kernel)
+
+
+def _skip_split_at_16_rows(split: bool, rows: int) -> None:
+    if split and rows <= 16:
+        pytest.skip("the channel-split variant is a 32-row kernel (16 rows: same kernel as 'alt')")
 
 
 CASES_32 = [  # b, s_q, h_q, h_kv, mean s_k, causal, zero-length requests: 17..32 rows per KV head
@@ -40,6 +69,7 @@ CASES_32 = [  # b, s_q, h_q, h_kv, mean s_k, causal, zero-length requests: 17..3
 @pytest.mark.parametrize("case", CASES + CASES_32, ids=lambda c: f"b{c[0]}sq{c[1]}hq{c[2]}hk{c[3]}")
 def test_fp8_regs_matches_reference(case, parts, regs_kernel):
     b, s_q, h_q, h_kv, mean, causal, zeros = case
+    _skip_split_at_16_rows(regs_kernel, s_q * h_q // h_kv)
     lens = varied_lengths(b, mean, s_q, seed=21, zeros=zeros)
     q, cache, bt, seq = make_case(b, s_q, h_q, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=21)
     assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))
@@ -49,6 +79,7 @@ def test_fp8_regs_matches_reference(case, parts, regs_kernel):
 @pytest.mark.parametrize("parts", [0, 5])
 def test_fp8_regs_scales_far_apart(parts, h_q, regs_kernel):
     """Scales 2^-22 .. 2^5 by page, token and group, a group tiny throughout (see test_mla_fp8_f16_cuda)."""
+    _skip_split_at_16_rows(regs_kernel, h_q)
     lens = varied_lengths(6, 900, seed=4, zeros=(2,))
     q, cache, bt, seq = _scaled_fp8_case(lens, 1, h_q, seed=4, q_scale=3e-2)
     out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=False, fp8=True, parts=parts)
@@ -62,6 +93,7 @@ def test_fp8_regs_scales_far_apart(parts, h_q, regs_kernel):
 @pytest.mark.parametrize("parts", [0, 3])
 def test_fp8_regs_q_rows_far_apart(parts, h_q, regs_kernel):
     """q rows 2^-30 .. 400 in size and a zero row, causal s_q = 2: 16 and 32 rows."""
+    _skip_split_at_16_rows(regs_kernel, 2 * h_q)
     lens = varied_lengths(5, 600, 2, seed=6, zeros=(3,))
     q, cache, bt, seq = make_case(5, 2, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=6)
     row_scale = torch.tensor([2.0 ** -30, 2.0 ** -12, 1.0, 400.0, 0.0, 3.0, 2.0 ** -20, 50.0] * (h_q // 4),
@@ -77,17 +109,23 @@ def test_fp8_regs_q_rows_far_apart(parts, h_q, regs_kernel):
 def test_fp8_regs_many_short_pieces_per_part(case, parts, regs_kernel):
     """Many short requests per SM part (the workers' Q barrier and per-request merges), 16 and 32 rows."""
     s_q, h_q, h_kv, causal = case
+    _skip_split_at_16_rows(regs_kernel, s_q * h_q // h_kv)
     lens = [max(s, s_q) if s else 0 for s in SHORT_LENS]
     q, cache, bt, seq = make_case(len(lens), s_q, h_q, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
                                   seed=13)
     assert_mla_close(*decode_and_reference(q, cache, bt, seq, causal, fp8=True, parts=parts))
 
 
-@pytest.mark.parametrize("h_q", [16, 32])
-def test_fp8_regs_agrees_with_smem_kernel(h_q, monkeypatch):
+@pytest.mark.parametrize("h_q,split,rows_split,copies", [(16, False, 0, 0), (32, False, 0, 0), (32, True, 0, 0),
+                                                         (32, True, 1, 0), (32, True, 1, 1)],
+                         ids=["16", "32", "32split", "32splitrows", "32splitrowscopies"])
+def test_fp8_regs_agrees_with_smem_kernel(h_q, split, rows_split, copies, monkeypatch):
     """Long requests split over many SM parts (worker merges and the combine kernel): the register-A kernel and
     the shared-memory kernel give the same result within the reference tolerances of each other."""
     from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
+    monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", split)
+    if rows_split or copies:
+        _split_switches(monkeypatch, rows_split, copies)
     lens = varied_lengths(4, 6000, seed=9)
     q, cache, bt, seq = make_case(4, 1, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=9)
     sched, splits = get_mla_metadata(seq, h_q, 1)
@@ -96,3 +134,26 @@ def test_fp8_regs_agrees_with_smem_kernel(h_q, monkeypatch):
         monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", k)
         res[k] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
     assert_mla_close(*res["regs"], *res["smem"])
+
+
+@pytest.mark.parametrize("rows_split,copies", [(0, 0), (1, 0), (0, 1), (1, 1)],
+                         ids=["split32", "split32rows", "split32copies", "split32rowscopies"])
+def test_fp8_regs_split32_equals_default_closely(rows_split, copies, monkeypatch):
+    """The channel-split variant and the default 32-row kernel on the same inputs (split requests included): the
+    same arithmetic up to the fp32 order of S^T's partial sums, so far closer than the reference tolerances."""
+    from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
+    monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
+    if rows_split or copies:
+        _split_switches(monkeypatch, rows_split, copies)
+    lens = varied_lengths(6, 1500, seed=3, zeros=(2,))
+    q, cache, bt, seq = make_case(6, 1, 32, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=3)
+    sched, splits = get_mla_metadata(seq, 32, 1, num_sm_parts=5)
+    res = {}
+    for split in (False, True):
+        monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", split)
+        res[split] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
+    (o0, l0), (o1, l1) = res[False], res[True]
+    assert torch.equal(torch.isinf(l0), torch.isinf(l1))
+    fin = torch.isfinite(l0)
+    torch.testing.assert_close(l1[fin], l0[fin], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o1.float(), o0.float(), rtol=2.0 ** -7, atol=1e-6)   # at most a bf16 rounding apart

@@ -124,18 +124,36 @@ def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
 _FP8_SMALL_KERNEL = "auto"
 _FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 216 vs 278 us, 128/1/32/8192 312 vs 326
 _FP8_REGS_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
+# Opt-in 32-row variant (kSplit): both workers take every page, each owns two of the four 128-channel groups (its half
+# of S^T, exchanged through shared memory; O^T for its 256 V channels; no per-request merge). Not yet measured on
+# the H200 (docs/mla.md); set this to True, or DEEPSTACK_MLA_FP8_SPLIT32=1 before import, to A/B it.
+_FP8_REGS_SPLIT32 = os.environ.get("DEEPSTACK_MLA_FP8_SPLIT32", "0") == "1"
 
 
-def fp8_regs_spec(n: int) -> KernelSpec:
-    return KernelSpec("mla/mla_decode_fp8_regs.cuh", "deepstack::mla::fp8regs::mla_decode_fp8_regs_kernel", (n,))
+def _fp8_regs_split(n: int) -> bool:
+    return n == 32 and bool(_FP8_REGS_SPLIT32)
 
 
-def fp8_regs_smem_bytes(n: int) -> int:
-    """Mirror of fp8regs::Layout<n>::kAlloc."""
+def fp8_regs_spec(n: int, split: bool = False, defines: tuple = ()) -> KernelSpec:
+    args = (n, True) if split else (n,)   # the default instantiations keep their cache keys
+    return KernelSpec("mla/mla_decode_fp8_regs.cuh", "deepstack::mla::fp8regs::mla_decode_fp8_regs_kernel", args,
+                      defines=defines)
+
+
+# The split variant's A/B switches (-D defines, mla_decode_fp8_regs.cuh), prebuilt so that an A/B run or the tests
+# find them compiled (and tests/jit checks them for spills): the row-split softmax, one code copy per worker, both.
+_FP8_SPLIT_AB_DEFINES = ((("DEEPSTACK_FP8R_SPLIT_ROWS", 1),), (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),),
+                         (("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1)))
+
+
+def fp8_regs_smem_bytes(n: int, split: bool = False) -> int:
+    """Mirror of fp8regs::Layout<n, split>::kAlloc."""
     stages = 4 if n == 16 else 3
-    row_state = 2 * 2 * (n // 4) * 128 * 4 if n == 32 else 0   # 32 rows: the workers' row sums and maxima
-    return (9 * n * 128 + 8 * n * 128 + stages * 64 * 656 + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 16 + row_state
-            + (2 * stages + 2) * 8 + 1024)
+    row_state = 2 * 2 * (n // 4) * 128 * 4 if n == 32 and not split else 0   # the workers' row sums and maxima
+    exchange = 2 * 2 * (n // 2) * 128 * 4 + 2 * n * 4 if split else 0   # partial S^T [parity][worker], row factors/sums
+    p_copies = 4 if split else 8
+    return (9 * n * 128 + p_copies * n * 128 + stages * 64 * 656 + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 16 + row_state
+            + exchange + (2 * stages + 2) * 8 + 1024)
 
 
 def fp8_regs_merge_floats(n: int) -> int:
@@ -224,7 +242,8 @@ def metadata_spec() -> KernelSpec:
 @register_prebuild("mla")
 def _prebuild():
     specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
-             *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32))]
+             *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32)),
+             fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES)]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
@@ -338,12 +357,14 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
             tail = (h_q, h_kv, s_q, rows, int(bool(causal) and s_q > 1), bt.stride(0),
                     q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
             if _fp8_use_regs(n):
-                # the two worker warpgroups' partials of each request (written and read once, L2-resident)
-                scratch = torch.empty(parts * h_kv * 128 * fp8_regs_merge_floats(n), dtype=torch.float32,
-                                      device=q.device)
-                get_kernel(fp8_regs_spec(n), _FP8_REGS_SIG).launch(
+                split = _fp8_regs_split(n)
+                # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
+                # split variant has none)
+                scratch = torch.empty(1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n),
+                                      dtype=torch.float32, device=q.device)
+                get_kernel(fp8_regs_spec(n, split), _FP8_REGS_SIG).launch(
                     (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, scratch,
-                    *tail, smem=fp8_regs_smem_bytes(n))
+                    *tail, smem=fp8_regs_smem_bytes(n, split))
                 get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
                     (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
                 return out, lse
