@@ -124,10 +124,15 @@ def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
 _FP8_SMALL_KERNEL = "auto"
 _FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 216 vs 278 us, 128/1/32/8192 312 vs 326
 _FP8_REGS_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
-# Opt-in 32-row variant (kSplit): both workers take every page, each owns two of the four 128-channel groups (its half
-# of S^T, exchanged through shared memory; O^T for its 256 V channels; no per-request merge). Not yet measured on
-# the H200 (docs/mla.md); set this to True, or DEEPSTACK_MLA_FP8_SPLIT32=1 before import, to A/B it.
-_FP8_REGS_SPLIT32 = os.environ.get("DEEPSTACK_MLA_FP8_SPLIT32", "0") == "1"
+# 32-row channel-split variant (kSplit): both workers take every page, each owns two of the four 128-channel groups
+# (its half of S^T, exchanged through shared memory; O^T for its 256 V channels; no per-request merge), built with
+# _FP8_SPLIT32_DEFINES: each worker runs the softmax of its 16 rows (SPLIT_ROWS) and has its own code copy
+# (SPLIT_COPIES). The default at 32 rows since 2026-11-30 (H200 03:45 UTC: 128/1/32/8192 295.6 vs 310.2 us with the
+# workers on alternate pages, 128/2/16/8192 297.1 vs 312.0, 64/1/32/4096 96.7 vs 100.5; the split without the two
+# switches 340 us; docs/mla.md). DEEPSTACK_MLA_FP8_SPLIT32=0 (before import) or _FP8_REGS_SPLIT32 = False goes back
+# to alternate pages; _FP8_SPLIT32_DEFINES = () is the plain split.
+_FP8_REGS_SPLIT32 = os.environ.get("DEEPSTACK_MLA_FP8_SPLIT32", "1") == "1"
+_FP8_SPLIT32_DEFINES = (("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1))
 
 
 def _fp8_regs_split(n: int) -> bool:
@@ -362,7 +367,7 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
                 # split variant has none)
                 scratch = torch.empty(1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n),
                                       dtype=torch.float32, device=q.device)
-                get_kernel(fp8_regs_spec(n, split), _FP8_REGS_SIG).launch(
+                get_kernel(fp8_regs_spec(n, split, _FP8_SPLIT32_DEFINES if split else ()), _FP8_REGS_SIG).launch(
                     (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, scratch,
                     *tail, smem=fp8_regs_smem_bytes(n, split))
                 get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
