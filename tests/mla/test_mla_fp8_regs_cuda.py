@@ -27,8 +27,8 @@ pytestmark = pytest.mark.cuda
 @pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies"])
 def regs_kernel(request, monkeypatch):
     """Every FP8 few-rows call takes the register-A kernel; at 32 rows the workers on alternate pages, the
-    channel-split variant, that variant with its row-split softmax, or with both switches (the default). Returns
-    whether a split variant is on."""
+    channel-split variant, that variant with its row-split softmax, or with both switches (the form the split
+    takes when switched on). Returns whether a split variant is on."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
     monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param != "alt")
@@ -37,9 +37,9 @@ def regs_kernel(request, monkeypatch):
     return request.param != "alt"
 
 
-def test_default_32_rows_is_the_split_with_both_switches():
+def test_split_32_rows_defaults_to_both_switches():
     from torch_deepstack.mla import kernels
-    assert kernels._FP8_REGS_SPLIT32 and kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2]
+    assert kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2]
 
 
 def _split_switches(monkeypatch, rows: int = 1, copies: int = 0) -> None:
