@@ -146,38 +146,33 @@ _NONES = itertools.repeat(None)  # map()'s constant arguments (ReadResult's data
 # reuses one set for batches of up to _SCRATCH_ROWS requests. A nested call on the same thread (not expected: the
 # parser only reads attributes) gets fresh arrays.
 _SCRATCH_ROWS = 64
-_scratch = threading.local()
+_scratch = threading.local()  # .arrays: the thread's set (as _new_scratch returns it); .busy: lent out now
 
 
-def _address(a) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(a))
-
-
-def _new_scratch(n: int):
+def _new_scratch(n: int) -> tuple:
+    """rows [n, 5], ctl [2], sizes [8] and their three addresses."""
     import numpy as np
 
+    from torch_deepstack.storage.array_read import address
+
     rows, ctl, sizes = np.empty((n, 5), np.int64), np.zeros(2, np.int64), np.zeros(8, np.int64)
-    return [rows, ctl, sizes, _address(rows), _address(ctl), _address(sizes), False]
+    return rows, ctl, sizes, address(rows), address(ctl), address(sizes)
 
 
-def _parse_scratch(n: int):
-    """(rows [n, 5], ctl [2], sizes [8] and their three addresses) for one parsed batch; give it back with
-    _release_scratch."""
-    if n > _SCRATCH_ROWS:
-        return tuple(_new_scratch(n)[:6])
-    s = getattr(_scratch, "s", None)
+def _parse_scratch(n: int) -> tuple:
+    """_new_scratch(n), from the thread's reused set where it is free; give it back with _release_scratch."""
+    if n > _SCRATCH_ROWS or getattr(_scratch, "busy", False):
+        return _new_scratch(n)
+    s = getattr(_scratch, "arrays", None)
     if s is None:
-        s = _scratch.s = _new_scratch(_SCRATCH_ROWS)
-    if s[6]:  # in use further up this thread's stack
-        return tuple(_new_scratch(n)[:6])
-    s[6] = True
-    return (s[0][:n], s[1], s[2], s[3], s[4], s[5])
+        s = _scratch.arrays = _new_scratch(_SCRATCH_ROWS)
+    _scratch.busy = True
+    return (s[0][:n],) + s[1:]
 
 
-def _release_scratch(view) -> None:
-    s = getattr(_scratch, "s", None)
-    if s is not None and view[3] == s[3]:
-        s[6] = False
+def _release_scratch(view: tuple) -> None:
+    if getattr(_scratch, "busy", False) and view[3] == _scratch.arrays[3]:  # the thread's set, not a fresh one
+        _scratch.busy = False
 
 
 class ReadResult:
@@ -887,11 +882,13 @@ class FileSystem:
                 f = r[0] if type(r) is tuple else r.file
                 if f._inode["type"] != "file":
                     return None
-                if len(inodes) == len(sizes):
+                if len(inodes) == len(sizes):  # many files: a longer chunk-size table
                     import numpy as np
 
+                    from torch_deepstack.storage.array_read import address
+
                     sizes = np.concatenate([sizes, np.zeros(len(sizes), np.int64)])
-                    sizes_at = _address(sizes)
+                    sizes_at = address(sizes)
                 which_of[f] = len(inodes)
                 sizes[len(inodes)] = f._inode["chunk_size"]
                 inodes.append(f._inode)
