@@ -38,8 +38,11 @@ def regs_kernel(request, monkeypatch):
 
 
 def test_split_32_rows_defaults_to_both_switches():
+    """Switched on, the split builds with both switches, and that kernel is in the prebuild list."""
+    from torch_deepstack import jit
     from torch_deepstack.mla import kernels
     assert kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2]
+    assert kernels.fp8_regs_spec(32, True, kernels._FP8_SPLIT32_DEFINES) in jit.prebuild_specs()
 
 
 def _split_switches(monkeypatch, rows: int = 1, copies: int = 0) -> None:

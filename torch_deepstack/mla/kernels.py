@@ -111,7 +111,7 @@ def _named_kernel_spec(kernel: str, dtype: torch.dtype, d: int, cluster: int) ->
 # attributes so a benchmark can compare against the general kernel (_FP8_SMALL_ROWS = False) or another stage size.
 _FP8_SMALL_ROWS = True
 _FP8_STAGE_TOKENS = 32          # raw ring stage; 16 measured 5-10% slower (more barriers per page)
-_FP8_SMALL_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
+_FP8_SMALL_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"   # both few-rows kernels (mla_decode_fp8*.cuh)
 def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
     return KernelSpec("mla/mla_decode_fp8.cuh", "deepstack::mla::fp8small::mla_decode_fp8_kernel", (n, stage_tokens))
 
@@ -123,7 +123,6 @@ def fp8_small_spec(n: int, stage_tokens: int) -> KernelSpec:
 # the register-A kernel).
 _FP8_SMALL_KERNEL = "auto"
 _FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 216 vs 278 us, 128/1/32/8192 312 vs 326
-_FP8_REGS_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
 # 32-row channel-split variant (kSplit): both workers take every page, each owns two of the four 128-channel groups
 # (its half of S^T, exchanged through shared memory; O^T for its 256 V channels; no per-request merge), built with
 # _FP8_SPLIT32_DEFINES: each worker runs the softmax of its 16 rows (SPLIT_ROWS) and has its own code copy
@@ -132,7 +131,6 @@ _FP8_REGS_SIG = "ppppppppppp" + "iiiiii" + "llll" + "f"
 # Opt-in (DEEPSTACK_MLA_FP8_SPLIT32=1 before import, or _FP8_REGS_SPLIT32 = True) until the FP8 GPU suite has run
 # with it: of that suite only the agreement with the shared-memory kernel ran on this form so far (docs/mla.md).
 _FP8_REGS_SPLIT32 = os.environ.get("DEEPSTACK_MLA_FP8_SPLIT32", "0") == "1"
-_FP8_SPLIT32_DEFINES = (("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1))
 
 
 def _fp8_regs_split(n: int) -> bool:
@@ -149,6 +147,7 @@ def fp8_regs_spec(n: int, split: bool = False, defines: tuple = ()) -> KernelSpe
 # find them compiled (and tests/jit checks them for spills): the row-split softmax, one code copy per worker, both.
 _FP8_SPLIT_AB_DEFINES = ((("DEEPSTACK_FP8R_SPLIT_ROWS", 1),), (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),),
                          (("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1)))
+_FP8_SPLIT32_DEFINES = _FP8_SPLIT_AB_DEFINES[2]   # what _FP8_REGS_SPLIT32 builds (both switches)
 
 
 def fp8_regs_smem_bytes(n: int, split: bool = False) -> int:
@@ -363,20 +362,18 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
                     q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
             if _fp8_use_regs(n):
                 split = _fp8_regs_split(n)
+                spec = fp8_regs_spec(n, split, _FP8_SPLIT32_DEFINES if split else ())
+                smem = fp8_regs_smem_bytes(n, split)
                 # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
                 # split variant has none)
-                scratch = torch.empty(1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n),
-                                      dtype=torch.float32, device=q.device)
-                get_kernel(fp8_regs_spec(n, split, _FP8_SPLIT32_DEFINES if split else ()), _FP8_REGS_SIG).launch(
-                    (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, scratch,
-                    *tail, smem=fp8_regs_smem_bytes(n, split))
-                get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
-                    (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
-                return out, lse
-            kmaps = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS)
-            get_kernel(fp8_small_spec(n, _FP8_STAGE_TOKENS), _FP8_SMALL_SIG).launch(
-                (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmaps,
-                *tail, smem=fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS))
+                extra = torch.empty(1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n),
+                                    dtype=torch.float32, device=q.device)
+            else:
+                spec, smem = fp8_small_spec(n, _FP8_STAGE_TOKENS), fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS)
+                extra = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS)   # its raw ring's TMA descriptors
+            get_kernel(spec, _FP8_SMALL_SIG).launch(
+                (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, extra, *tail,
+                smem=smem)
             get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
                 (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
             return out, lse
