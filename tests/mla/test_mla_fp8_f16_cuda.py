@@ -104,12 +104,12 @@ def _scaled_fp8_case(lens, s_q, h_q, seed, q_scale: float, device="cuda"):
     return (q.float() * q_scale).to(torch.bfloat16).to(device), cache.to(device), bt.to(device), seq.to(device)
 
 
-@pytest.mark.parametrize("parts", [0, 5])
-def test_fp8_scales_far_apart(parts, fp8_path):
+def check_scales_far_apart(h_q: int, parts: int) -> None:
     """Groups and tokens with scales 2^-22 .. 2^5 (values ~1e-4 .. 1e4): the running per-group exponents move up
-    several times per request, P^T copies of tiny and huge groups, and a group tiny throughout."""
+    several times per request, P^T copies of tiny and huge groups, and a group tiny throughout. Shared with the
+    register-A kernel's tests."""
     lens = varied_lengths(6, 900, seed=4, zeros=(2,))
-    q, cache, bt, seq = _scaled_fp8_case(lens, 1, 16, seed=4, q_scale=3e-2)
+    q, cache, bt, seq = _scaled_fp8_case(lens, 1, h_q, seed=4, q_scale=3e-2)
     out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=False, fp8=True, parts=parts)
     _assert_lse_close(lse, ref_lse)
     _assert_groups_close(out, ref_out)
@@ -117,13 +117,24 @@ def test_fp8_scales_far_apart(parts, fp8_path):
     assert float(out.float().cpu()[empty].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("parts", [0, 3])
-def test_fp8_q_rows_far_apart(parts, fp8_path):
-    """q rows 2^-30 .. 400 in size (and a zero row): each row's own f16 prescale; causal s_q = 2 x 8 heads."""
+def check_q_rows_far_apart(h_q: int, parts: int) -> None:
+    """q rows 2^-30 .. 400 in size (and a zero row): each row's own f16 prescale; causal s_q = 2 x h_q heads (h_q a
+    multiple of 4). Shared with the register-A kernel's tests."""
     lens = varied_lengths(5, 600, 2, seed=6, zeros=(3,))
-    q, cache, bt, seq = make_case(5, 2, 8, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=6)
-    row_scale = torch.tensor([2.0 ** -30, 2.0 ** -12, 1.0, 400.0, 0.0, 3.0, 2.0 ** -20, 50.0] * 2, device="cuda")
-    q = (q.float() * row_scale.reshape(1, 2, 8, 1)).to(torch.bfloat16)
+    q, cache, bt, seq = make_case(5, 2, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=6)
+    row_scale = torch.tensor([2.0 ** -30, 2.0 ** -12, 1.0, 400.0, 0.0, 3.0, 2.0 ** -20, 50.0] * (h_q // 4),
+                             device="cuda")
+    q = (q.float() * row_scale.reshape(1, 2, h_q, 1)).to(torch.bfloat16)
     out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=True, fp8=True, parts=parts)
     assert_mla_close(out, lse, ref_out, ref_lse)
     _assert_groups_close(out, ref_out)
+
+
+@pytest.mark.parametrize("parts", [0, 5])
+def test_fp8_scales_far_apart(parts, fp8_path):
+    check_scales_far_apart(16, parts)
+
+
+@pytest.mark.parametrize("parts", [0, 3])
+def test_fp8_q_rows_far_apart(parts, fp8_path):
+    check_q_rows_far_apart(8, parts)

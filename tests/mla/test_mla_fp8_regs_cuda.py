@@ -19,7 +19,7 @@ import torch_deepstack  # noqa: F401
 from tests.mla.mla_data import assert_mla_close, decode_and_reference, make_case, varied_lengths
 from tests.mla.test_mla_early_q_cuda import FP8_CASES as SHORT_CASES
 from tests.mla.test_mla_early_q_cuda import SHORT_LENS
-from tests.mla.test_mla_fp8_f16_cuda import CASES, _assert_groups_close, _assert_lse_close, _scaled_fp8_case
+from tests.mla.test_mla_fp8_f16_cuda import CASES, check_q_rows_far_apart, check_scales_far_apart
 
 pytestmark = pytest.mark.cuda
 
@@ -82,13 +82,7 @@ def test_fp8_regs_matches_reference(case, parts, regs_kernel):
 def test_fp8_regs_scales_far_apart(parts, h_q, regs_kernel):
     """Scales 2^-22 .. 2^5 by page, token and group, a group tiny throughout (see test_mla_fp8_f16_cuda)."""
     _skip_split_at_16_rows(regs_kernel, h_q)
-    lens = varied_lengths(6, 900, seed=4, zeros=(2,))
-    q, cache, bt, seq = _scaled_fp8_case(lens, 1, h_q, seed=4, q_scale=3e-2)
-    out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=False, fp8=True, parts=parts)
-    _assert_lse_close(lse, ref_lse)
-    _assert_groups_close(out, ref_out)
-    empty = torch.isinf(ref_lse).permute(0, 2, 1)   # rows without keys: out exactly 0
-    assert float(out.float().cpu()[empty].abs().max()) == 0.0
+    check_scales_far_apart(h_q, parts)
 
 
 @pytest.mark.parametrize("h_q", [8, 16])
@@ -96,14 +90,7 @@ def test_fp8_regs_scales_far_apart(parts, h_q, regs_kernel):
 def test_fp8_regs_q_rows_far_apart(parts, h_q, regs_kernel):
     """q rows 2^-30 .. 400 in size and a zero row, causal s_q = 2: 16 and 32 rows."""
     _skip_split_at_16_rows(regs_kernel, 2 * h_q)
-    lens = varied_lengths(5, 600, 2, seed=6, zeros=(3,))
-    q, cache, bt, seq = make_case(5, 2, h_q, 1, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=6)
-    row_scale = torch.tensor([2.0 ** -30, 2.0 ** -12, 1.0, 400.0, 0.0, 3.0, 2.0 ** -20, 50.0] * (h_q // 4),
-                             device="cuda")
-    q = (q.float() * row_scale.reshape(1, 2, h_q, 1)).to(torch.bfloat16)
-    out, lse, ref_out, ref_lse = decode_and_reference(q, cache, bt, seq, causal=True, fp8=True, parts=parts)
-    assert_mla_close(out, lse, ref_out, ref_lse)
-    _assert_groups_close(out, ref_out)
+    check_q_rows_far_apart(h_q, parts)
 
 
 @pytest.mark.parametrize("parts", [0, 3, 7])
