@@ -417,6 +417,17 @@
             fp8small::stmatrix_x4_trans(paddr + gi * L::kPCopy + jj * 2048, pr[0], pr[1], pr[2], pr[3]);
           }
       }
+      // O^T (this worker's m64 blocks) times its row's factor f[j][e] and its block's group factor gfc[mb / 2]
+      const auto rescale_o = [&](const float (&f)[kJ][2], const float* gfc) {
+#pragma unroll
+        for (int mb = 0; mb < 2 * kNG; ++mb)
+#pragma unroll
+          for (int j = 0; j < kJ; ++j)
+#pragma unroll
+            for (int a = 0; a < 2; ++a)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) o[mb][4 * j + 2 * a + e] *= f[j][e] * gfc[mb / 2];
+      };
       if constexpr (kRowSplit) {
         // Own rows' rescale factors out, both workers' P^T rows complete (and every thread done with red), then the
         // other rows' factors in: O^T (this worker's groups, all rows) rescaled by row and by its groups' exponents.
@@ -440,29 +451,11 @@
             need |= sa[j][e] != 1.f;
           }
         const float gf[2] = {wk ? gfac[2 % kMG] : gfac[0], wk ? gfac[3 % kMG] : gfac[1 % kMG]};
-        if (__any_sync(0xffffffffu, need) || gf[0] != 1.f || gf[1] != 1.f) {
-#pragma unroll
-          for (int mb = 0; mb < 2 * kNG; ++mb)
-#pragma unroll
-            for (int j = 0; j < kJ; ++j)
-#pragma unroll
-              for (int a = 0; a < 2; ++a)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) o[mb][4 * j + 2 * a + e] *= sa[j][e] * gf[mb / 2];
-        }
+        if (__any_sync(0xffffffffu, need) || gf[0] != 1.f || gf[1] != 1.f) rescale_o(sa, gf);
       } else {
-      if (__any_sync(0xffffffffu, any_up) || graise) {
-#pragma unroll
-        for (int mb = 0; mb < 2 * kNG; ++mb)
-#pragma unroll
-          for (int j = 0; j < kJ; ++j)
-#pragma unroll
-            for (int a = 0; a < 2; ++a)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) o[mb][4 * j + 2 * a + e] *= scl[j][e] * gfac[mb / 2];
-      }
-      sm90::fence_proxy_async();
-      sm90::bar_sync(bar_p, 128);   // P^T complete (and every thread is done with red)
+        if (__any_sync(0xffffffffu, any_up) || graise) rescale_o(scl, gfac);
+        sm90::fence_proxy_async();
+        sm90::bar_sync(bar_p, 128);   // P^T complete (and every thread is done with red)
       }
 
       // ---- O^T += V^T P^T_g, A from registers: per k16 block kk, batches of kGB groups (blocks 2 G, 2 G + 1 each):
