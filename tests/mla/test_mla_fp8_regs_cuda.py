@@ -5,9 +5,10 @@ in fp32, four scaled P^T copies, per-group running exponents), two worker warpgr
 The f16 path's cases (test_mla_fp8_f16_cuda.py: reference cases with the issue's tolerances, scales 2^-22 .. 2^5
 changing by page, q rows 2^-30 .. 400 apart, NaN in unused slots, s_k = 0, forced splits, h_kv = 2, causal) run on
 this kernel at 16 rows and again at 32 rows, and its results are compared with the shared-memory kernel's. The
-32-row cases run twice: the default kernel and the opt-in channel-split variant (kernels._FP8_REGS_SPLIT32: both
-workers on every page, each with two of the four 128-channel groups), with the same tolerances; and three times
-with its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1).
+32-row cases run in four forms: workers on alternate pages, and the channel-split variant (kernels._FP8_REGS_SPLIT32,
+the default since 2026-11-30: both workers on every page, each with two of the four 128-channel groups) plain, with
+its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1), and with that and one code copy per worker (the default build),
+all with the same tolerances.
 """
 from __future__ import annotations
 

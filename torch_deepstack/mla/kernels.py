@@ -128,9 +128,9 @@ _FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 21
 # _FP8_SPLIT32_DEFINES: each worker runs the softmax of its 16 rows (SPLIT_ROWS) and has its own code copy
 # (SPLIT_COPIES). H200 03:45 UTC A/B: 128/1/32/8192 295.6 vs 310.2 us with the workers on alternate pages,
 # 128/2/16/8192 297.1 vs 312.0, 64/1/32/4096 96.7 vs 100.5 (the plain split, _FP8_SPLIT32_DEFINES = (), 340 us).
-# Opt-in (DEEPSTACK_MLA_FP8_SPLIT32=1 before import, or _FP8_REGS_SPLIT32 = True) until the FP8 GPU suite has run
-# with it: of that suite only the agreement with the shared-memory kernel ran on this form so far (docs/mla.md).
-_FP8_REGS_SPLIT32 = os.environ.get("DEEPSTACK_MLA_FP8_SPLIT32", "0") == "1"
+# Default since 2026-11-30 04:40 UTC (the FP8 GPU suite passed on every 32-row form; A/B 297.1 vs 310.8 us at
+# 128/1/32/8192). DEEPSTACK_MLA_FP8_SPLIT32=0 before import (or _FP8_REGS_SPLIT32 = False) restores alternate pages.
+_FP8_REGS_SPLIT32 = os.environ.get("DEEPSTACK_MLA_FP8_SPLIT32", "1") == "1"
 
 
 def _fp8_regs_split(n: int) -> bool:
