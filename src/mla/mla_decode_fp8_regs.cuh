@@ -111,6 +111,18 @@ __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * 
 #ifndef DEEPSTACK_FP8R_PV_GROUPS
 #define DEEPSTACK_FP8R_PV_GROUPS 2   // 32 rows: 286 us against 303 (1) and 297 (4) at 128/1/32/8192
 #endif
+// 16 rows (alternating workers): the raw ring holds a page as 1, 2 or 4 sub-stages of 64, 32 or 16 tokens. A
+// sub-stage is released after the P V block(s) that read it last (S^T: warp w reads only tokens 16 w .. 16 w + 15,
+// P V k16 block kk only tokens 16 kk ..), so the first sub-stages go back to the copies while the page's last P V
+// blocks run, and the sub-stage ring fills the shared memory left over: 4.5 pages (9 / 18 stages) instead of 4.
+#ifndef DEEPSTACK_FP8R_SUBPAGES
+#define DEEPSTACK_FP8R_SUBPAGES 1
+#endif
+// Ablation (timing only, wrong results): the copies fill the ring once; the workers then wait for nothing and
+// compute every later page on those stale bytes (the workers' own per-page time, no DRAM stream).
+#ifndef DEEPSTACK_FP8R_ABL_NOLOAD
+#define DEEPSTACK_FP8R_ABL_NOLOAD 0
+#endif
 
 template <int V>
 struct IntC {
@@ -119,14 +131,18 @@ struct IntC {
 
 template <int kN, bool kSplit = false>
 struct Layout {
-  static constexpr int kStages = kN == 16 ? 4 : 3;           // raw pages in flight (what fits next to Q and P^T)
-  static constexpr int kPageBytes = kPage * kFp8TokenBytes;  // 41984
+  static constexpr int kSub = kN == 16 && !kSplit ? DEEPSTACK_FP8R_SUBPAGES : 1;   // ring stages per page
+  static_assert(kSub == 1 || kSub == 2 || kSub == 4, "DEEPSTACK_FP8R_SUBPAGES: 1, 2 or 4");
+  static constexpr int kSubTok = kPage / kSub;                // tokens per ring stage
+  // ring stages (what fits next to Q and P^T): 4 pages at 16 rows, 3 at 32; sub-stages: 4.5 pages
+  static constexpr int kStages = kSub == 1 ? (kN == 16 ? 4 : 3) : 9 * kSub / 2;
+  static constexpr int kStageBytes = kSubTok * kFp8TokenBytes;   // 41984 for a whole page
   static constexpr int kQChunk = kN * 128;                   // Q [kN rows x 64 k positions], 128-byte swizzle
   static constexpr int kPCopy = kN * 128;                    // one P^T copy [kN rows x 64 tokens] f16, 128-byte swizzle
   static constexpr int kQ = 0;                               // 9 chunks, shared by both workers
   static constexpr int kP = kQ + 9 * kQChunk;                // [2 workers][4 groups] P^T copies
   static constexpr int kRaw = kP + (kSplit ? 4 : 8) * kPCopy;   // split: one copy per group (its worker's)
-  static constexpr int kRed = kRaw + kStages * kPageBytes;   // [2 workers][4 warps][kN + 4] floats
+  static constexpr int kRed = kRaw + kStages * kStageBytes;   // [2 workers][4 warps][kN + 4] floats
   static constexpr int kRow = kRed + 2 * 4 * (kN + 4) * 4;   // [3][kN]: 2^(14 - e_r), 2^(e_r - 14) x softmax scale, lim
   // 32 rows: each worker thread's partial row sums and running maxima [2 workers][l, m][kN / 4][128 threads]
   static constexpr int kL = kRow + 3 * kN * 4 + 16;   // + the piece's end block (int; 32 rows: read in the page loop)
@@ -220,23 +236,30 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
     const uint64_t policy = sm90::evict_first_policy();
     fp8small::Walk<kPage> w;
     w.start(seqlens, block_table, bt_stride, begin_req, begin_blk, end_req, end_blk);
-    int s = 0, ph = 0;
+    int s = 0, ph = 0, issued = 0;
 #pragma unroll 1
     while (!w.done()) {
       const int valid = w.valid();
-      sm90::mbar_wait(&empty[s], ph ^ 1);
-      if (lane == 0) sm90::mbar_arrive_expect_tx(&full[s], valid * kFp8TokenBytes);
-      const uint8_t* src = kbase + static_cast<long long>(w.page) * kPage * tok_stride;
-      uint8_t* dst = sRaw + s * L::kPageBytes;
-      if (packed) {
-        if (lane == 0) fp8small::bulk_load(dst, src, valid * kFp8TokenBytes, &full[s], policy);
-      } else {
-        for (int tok = lane; tok < valid; tok += 32)
-          fp8small::bulk_load(dst + tok * kFp8TokenBytes, src + tok * tok_stride, kFp8TokenBytes, &full[s], policy);
+      const uint8_t* page = kbase + static_cast<long long>(w.page) * kPage * tok_stride;
+#pragma unroll 1
+      for (int sub = 0; sub < L::kSub; ++sub) {   // the page's ring stages (tokens sub kSubTok ..)
+        if (DEEPSTACK_FP8R_ABL_NOLOAD && issued == kS) return;
+        const int v = min(max(valid - sub * L::kSubTok, 0), L::kSubTok);
+        sm90::mbar_wait(&empty[s], ph ^ 1);
+        if (lane == 0) sm90::mbar_arrive_expect_tx(&full[s], v * kFp8TokenBytes);
+        const uint8_t* src = page + static_cast<long long>(sub * L::kSubTok) * tok_stride;
+        uint8_t* dst = sRaw + s * L::kStageBytes;
+        if (packed) {
+          if (lane == 0 && v > 0) fp8small::bulk_load(dst, src, v * kFp8TokenBytes, &full[s], policy);
+        } else {
+          for (int tok = lane; tok < v; tok += 32)
+            fp8small::bulk_load(dst + tok * kFp8TokenBytes, src + tok * tok_stride, kFp8TokenBytes, &full[s], policy);
+        }
+        s = s + 1 == kS ? 0 : s + 1;
+        ph ^= s == 0;
+        ++issued;
       }
       w.next();
-      s = s + 1 == kS ? 0 : s + 1;
-      ph ^= s == 0;
     }
     return;
   }

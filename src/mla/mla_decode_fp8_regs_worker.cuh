@@ -143,15 +143,23 @@
 #pragma unroll 1
     for (int blk = b0; blk < (kN == 32 && !kSplit ? *sEnd : b1); ++blk, ++page_idx) {
       if (!kSplit && (page_idx & 1) != wk) continue;
-      const int rs = page_idx % kS, rph = (page_idx / kS) & 1;
+      // The page's ring stages (L::kSub of them; stage counter st0 + j over the CTA's range), all waited for here:
+      // S^T's wgmma chains take every token.
+      constexpr int kSub = L::kSub, kSubTok = L::kSubTok;
+      const int st0 = page_idx * kSub;
+      int rs[kSub];
+#pragma unroll
+      for (int j = 0; j < kSub; ++j) {
+        rs[j] = (st0 + j) % kS;
+        if (!DEEPSTACK_FP8R_ABL_NOLOAD || st0 + j < kS) sm90::mbar_wait(&full[rs[j]], ((st0 + j) / kS) & 1);
+      }
       const int valid = min(sk - blk * kPage, kPage);
-      sm90::mbar_wait(&full[rs], rph);
-      const uint8_t* raw = sRaw + rs * L::kPageBytes;
 
       // ---- S^T = K Q^T: the rope chain (bf16) into s, then 8 steps of 64 channels (f16), group accumulators
       // alternating; a group is folded into s (times its tokens' scales) while the next one runs ----
       const int ta = 16 * warp + g;   // this thread's tokens ta, ta + 8 (S^T rows g, g + 8 of the warp)
-      const uint8_t* ra = raw + ta * kFp8TokenBytes;
+      const uint8_t* ra = sRaw + (kSub == 1 ? rs[0] : (st0 + 16 * warp / kSubTok) % kS) * L::kStageBytes +
+                          (ta % kSubTok) * kFp8TokenBytes;   // (ta + 8: the same stage)
       const uint8_t* rb = ra + 8 * kFp8TokenBytes;
       // csc: the two tokens' scales (zeros past the valid tokens), x 2^(6 - M_g) once M_g is known. At 32 rows they
       // are loaded after S^T (the folds read their two scales from shared memory: registers are short there).
@@ -464,7 +472,9 @@
 #pragma unroll
       for (int mb = 0; mb < 2 * kNG; ++mb) sm90::fence_regs(o[mb]);
       {
-        const uint32_t vbase = sm90::smem_addr(raw) + v_lane;
+        uint32_t vbase[kSub];   // stage j's rows, this lane's ldmatrix row and channels
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) vbase[j] = sm90::smem_addr(sRaw) + rs[j] * L::kStageBytes + v_lane;
         uint32_t pa[kPF][2 * kGB][4];   // [buffer][block of the batch][fragment register]
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -473,8 +483,11 @@
             const int step = kk * kBatches + bt, buf = step % kPF;
             uint32_t r[kGB][4];
 #pragma unroll
-            for (int x = 0; x < kGB; ++x) ldsm_x4_trans(vbase + kk * 16 * kFp8TokenBytes + 128 * (kGB * bt + x), r[x]);
-            if (step == 4 * kBatches - 1) sm90::mbar_arrive(&empty[rs]);   // this worker's last read of the page
+            for (int x = 0; x < kGB; ++x)
+              ldsm_x4_trans(vbase[16 * kk / kSubTok] + (16 * kk % kSubTok) * kFp8TokenBytes + 128 * (kGB * bt + x), r[x]);
+            // this worker's last read of a ring stage (its last k16 block): back to the copies
+            if (!DEEPSTACK_FP8R_ABL_NOLOAD && bt == kBatches - 1 && (16 * kk + 16) % kSubTok == 0)
+              sm90::mbar_arrive(&empty[rs[16 * kk / kSubTok]]);
             if (step >= kPF) sm90::wgmma_wait<kPF - 1>();   // the batch that used pa[buf] is done
 #pragma unroll
             for (int x = 0; x < kGB; ++x)

@@ -8,7 +8,8 @@ this kernel at 16 rows and again at 32 rows, and its results are compared with t
 32-row cases run in four forms: workers on alternate pages, and the channel-split variant (kernels._FP8_REGS_SPLIT32,
 the default since 2026-11-30: both workers on every page, each with two of the four 128-channel groups) plain, with
 its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1), and with that and one code copy per worker (the default build),
-all with the same tolerances.
+all with the same tolerances. The 16-row cases also run with the raw ring in 2 and 4 stages per page
+(kernels._FP8_REGS16_SUBPAGES, -DDEEPSTACK_FP8R_SUBPAGES), which must give bit-identical results.
 """
 from __future__ import annotations
 
@@ -25,17 +26,19 @@ from tests.mla.test_mla_fp8_f16_cuda import CASES, check_q_rows_far_apart, check
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies"])
+@pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies", "sub2", "sub4"])
 def regs_kernel(request, monkeypatch):
     """Every FP8 few-rows call takes the register-A kernel; at 32 rows the workers on alternate pages, the
     channel-split variant, that variant with its row-split softmax, or with both switches (the form the split
-    takes when switched on). Returns whether a split variant is on."""
+    takes when switched on); at 16 rows also the raw ring in 2 or 4 stages per page. Returns the form's name."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
-    monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param != "alt")
-    if request.param != "alt":
+    monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param.startswith("split"))
+    monkeypatch.setattr(kernels, "_FP8_REGS16_SUBPAGES", int(request.param[3:]) if request.param.startswith("sub")
+                        else 1)
+    if request.param.startswith("split"):
         _split_switches(monkeypatch, rows="rows" in request.param, copies="copies" in request.param)
-    return request.param != "alt"
+    return request.param
 
 
 def test_split_32_rows_defaults_to_both_switches():
@@ -54,9 +57,40 @@ def _split_switches(monkeypatch, rows: int = 1, copies: int = 0) -> None:
     monkeypatch.setattr(kernels, "_FP8_SPLIT32_DEFINES", extra)
 
 
-def _skip_split_at_16_rows(split: bool, rows: int) -> None:
-    if split and rows <= 16:
+def _skip_split_at_16_rows(form: str, rows: int) -> None:
+    """Skip the forms that do not apply at this row count (they would run the 'alt' kernel again)."""
+    if form.startswith("split") and rows <= 16:
         pytest.skip("the channel-split variant is a 32-row kernel (16 rows: same kernel as 'alt')")
+    if form.startswith("sub") and rows > 16:
+        pytest.skip("the sub-page ring is a 16-row variant (32 rows: same kernel as 'alt')")
+
+
+def test_subpage_rings_prebuilt_and_fit():
+    """The 16-row ring in 2 and 4 stages per page is prebuilt, and the launch passes enough shared memory for it."""
+    from torch_deepstack import jit
+    from torch_deepstack.mla import kernels
+    for sub in (2, 4):
+        assert kernels.fp8_regs_spec(16, False, (("DEEPSTACK_FP8R_SUBPAGES", sub),)) in jit.prebuild_specs()
+        assert kernels.fp8_regs_layout_bytes(16, False, sub) <= kernels.fp8_regs_smem_bytes(16) <= 232448
+
+
+@pytest.mark.parametrize("sub", [2, 4])
+@pytest.mark.parametrize("h_kv,parts", [(1, 0), (1, 7), (2, 5)])
+def test_fp8_regs_subpage_ring_equals_whole_pages(sub, h_kv, parts, monkeypatch):
+    """The ring in sub-stages changes only where the bytes wait, not the arithmetic: bit-identical results (short
+    last pages whose later sub-stages hold no new bytes, split requests, h_kv 2's per-token copies)."""
+    from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
+    monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
+    lens = varied_lengths(6, 900, seed=4, zeros=(1,))
+    lens[2], lens[3] = 17, 40   # a page's second half / last quarters empty
+    q, cache, bt, seq = make_case(6, 1, 16 * h_kv, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=4)
+    sched, splits = get_mla_metadata(seq, 16, h_kv, num_sm_parts=parts)
+    res = {}
+    for s in (1, sub):
+        monkeypatch.setattr(kernels, "_FP8_REGS16_SUBPAGES", s)
+        res[s] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
+    assert torch.equal(res[1][0], res[sub][0])
+    assert torch.equal(res[1][1], res[sub][1])
 
 
 CASES_32 = [  # b, s_q, h_q, h_kv, mean s_k, causal, zero-length requests: 17..32 rows per KV head

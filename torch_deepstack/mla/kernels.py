@@ -150,13 +150,37 @@ _FP8_SPLIT_AB_DEFINES = ((("DEEPSTACK_FP8R_SPLIT_ROWS", 1),), (("DEEPSTACK_FP8R_
 _FP8_SPLIT32_DEFINES = _FP8_SPLIT_AB_DEFINES[2]   # what _FP8_REGS_SPLIT32 builds (both switches)
 
 
+# 16 rows: the raw ring in 1, 2 or 4 stages per page (-DDEEPSTACK_FP8R_SUBPAGES; a stage goes back to the copies
+# after its last P V block, and the ring holds 4.5 pages instead of 4). `+@_FP8_REGS16_SUBPAGES=4` in ab_mla.py;
+# DEEPSTACK_MLA_FP8_SUBPAGES before import.
+_FP8_REGS16_SUBPAGES = int(os.environ.get("DEEPSTACK_MLA_FP8_SUBPAGES", "1"))
+_FP8_REGS16_SUBPAGE_CHOICES = (1, 2, 4)
+
+
+def _fp8_regs16_defines() -> tuple:
+    sub = int(_FP8_REGS16_SUBPAGES)
+    if sub not in _FP8_REGS16_SUBPAGE_CHOICES:
+        raise ValueError(f"kernels._FP8_REGS16_SUBPAGES must be one of {_FP8_REGS16_SUBPAGE_CHOICES}, got {sub!r}")
+    return () if sub == 1 else (("DEEPSTACK_FP8R_SUBPAGES", sub),)   # the default keeps its cache key
+
+
+@functools.lru_cache(maxsize=None)
 def fp8_regs_smem_bytes(n: int, split: bool = False) -> int:
-    """Mirror of fp8regs::Layout<n, split>::kAlloc."""
-    stages = 4 if n == 16 else 3
+    """Dynamic shared memory for the register-A kernel: the largest fp8regs::Layout<n, split>::kAlloc any
+    DEEPSTACK_FP8R_SUBPAGES build may need (the kernel traps on less)."""
+    if n == 16 and not split:
+        return max(fp8_regs_layout_bytes(n, split, sub) for sub in _FP8_REGS16_SUBPAGE_CHOICES)
+    return fp8_regs_layout_bytes(n, split, 1)
+
+
+def fp8_regs_layout_bytes(n: int, split: bool = False, subpages: int = 1) -> int:
+    """Mirror of fp8regs::Layout<n, split>::kAlloc (16 rows: with the ring in `subpages` stages per page)."""
+    stages = (4 if n == 16 else 3) if subpages == 1 else 9 * subpages // 2
+    stage_bytes = 64 // subpages * 656
     row_state = 2 * 2 * (n // 4) * 128 * 4 if n == 32 and not split else 0   # the workers' row sums and maxima
     exchange = 2 * 2 * (n // 2) * 128 * 4 + 2 * n * 4 if split else 0   # partial S^T [parity][worker], row factors/sums
     p_copies = 4 if split else 8
-    return (9 * n * 128 + p_copies * n * 128 + stages * 64 * 656 + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 16 + row_state
+    return (9 * n * 128 + p_copies * n * 128 + stages * stage_bytes + 2 * 4 * (n + 4) * 4 + 3 * n * 4 + 16 + row_state
             + exchange + (2 * stages + 2) * 8 + 1024)
 
 
@@ -247,7 +271,9 @@ def metadata_spec() -> KernelSpec:
 def _prebuild():
     specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
              *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32)),
-             fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES)]
+             fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES),
+             *(fp8_regs_spec(16, False, (("DEEPSTACK_FP8R_SUBPAGES", sub),)) for sub in _FP8_REGS16_SUBPAGE_CHOICES
+               if sub != 1)]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
@@ -362,7 +388,8 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
                     q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
             if _fp8_use_regs(n):
                 split = _fp8_regs_split(n)
-                spec = fp8_regs_spec(n, split, _FP8_SPLIT32_DEFINES if split else ())
+                spec = fp8_regs_spec(n, split, _FP8_SPLIT32_DEFINES if split else
+                                     _fp8_regs16_defines() if n == 16 else ())
                 smem = fp8_regs_smem_bytes(n, split)
                 # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
                 # split variant has none)
