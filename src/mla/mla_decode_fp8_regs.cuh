@@ -118,12 +118,46 @@ __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * 
 #ifndef DEEPSTACK_FP8R_SUBPAGES
 #define DEEPSTACK_FP8R_SUBPAGES 1
 #endif
+// Worker-chain switches (16 rows, alternating workers; H200 profile of 2026-11-30 in docs/mla.md: the workers, not
+// the page stream, set the page time). LEAN: exp2 as one ex2.approx.ftz (exp2f adds a range fix-up; the results
+// differ only where exp2 < 2^-126, which vanishes beside a row sum >= 1) and the stale-token masks of P V computed
+// inside their last-page branch (ptxas hoisted them onto every k16 block). FAST_SOFTMAX: one 128-thread
+// barrier.red.or asks whether any element exceeds its row's running max + slack or any token's scale its group's
+// exponent; if none (most pages), the max shuffles, the reduction through shared memory and its barrier are
+// skipped (same decisions, bit-identical results). ALT_COPIES: one code copy per worker (worker index constant:
+// the P^T descriptors and the reduction slots become uniform-register / immediate arithmetic).
+#ifndef DEEPSTACK_FP8R_LEAN
+#define DEEPSTACK_FP8R_LEAN 0
+#endif
+#ifndef DEEPSTACK_FP8R_FAST_SOFTMAX
+#define DEEPSTACK_FP8R_FAST_SOFTMAX 0
+#endif
+#ifndef DEEPSTACK_FP8R_ALT_COPIES
+#define DEEPSTACK_FP8R_ALT_COPIES 0
+#endif
 // Ablation (timing only, wrong results): the copies fill the ring once; the workers then wait for nothing and
 // compute every later page on those stale bytes (the workers' own per-page time, no DRAM stream).
 #ifndef DEEPSTACK_FP8R_ABL_NOLOAD
 #define DEEPSTACK_FP8R_ABL_NOLOAD 0
 #endif
 
+// 2^x: exp2f (with its fix-up for results below 2^-126) or one ex2.approx.ftz (DEEPSTACK_FP8R_LEAN)
+__device__ __forceinline__ float exp2_w(float x) {
+  if constexpr (DEEPSTACK_FP8R_LEAN != 0) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+  } else {
+    return exp2f(x);
+  }
+}
+// OR of `p` over the `threads` threads of named barrier `id` (a barrier: every thread waits for all of them)
+__device__ __forceinline__ bool bar_any(int id, int threads, bool p) {
+  uint32_t r;
+  asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, %3, p;\n"
+               "selp.u32 %0, 1, 0, q;\n}\n" : "=r"(r) : "r"(static_cast<uint32_t>(p)), "r"(id), "r"(threads) : "memory");
+  return r != 0;
+}
 template <int V>
 struct IntC {
   static constexpr int value = V;
@@ -276,6 +310,14 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   if constexpr (kSplit && kSplitCopies) {
     auto worker_body = [&](auto wk_c) {
       constexpr int kG0 = 2 * decltype(wk_c)::value;
+#include "mla/mla_decode_fp8_regs_worker.cuh"
+    };
+    if (wk == 0) worker_body(IntC<0>{});
+    else worker_body(IntC<1>{});
+  } else if constexpr (!kSplit && kN == 16 && DEEPSTACK_FP8R_ALT_COPIES != 0) {
+    auto worker_body = [&](auto wk_c) {
+      constexpr int wk = decltype(wk_c)::value;   // (shadows the runtime worker index)
+      constexpr int kG0 = 0;
 #include "mla/mla_decode_fp8_regs_worker.cuh"
     };
     if (wk == 0) worker_body(IntC<0>{});

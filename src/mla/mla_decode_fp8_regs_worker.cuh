@@ -18,10 +18,10 @@
       (8 * ((lane / 8) % 2) + lane % 8) * kFp8TokenBytes + 16 * (lane / 16) + 32 * warp + 128 * kG0;
   [[maybe_unused]] constexpr int kBarX = 6;   // split: the two workers' partial S^T exchange (256 threads)
   [[maybe_unused]] constexpr int kBarP2 = 7;   // split rows: both workers' P^T rows written (256 threads)
-  float* sX = reinterpret_cast<float*>(smem + L::kX) + wt;
+  [[maybe_unused]] float* sX = reinterpret_cast<float*>(smem + L::kX) + wt;
   float* sScl = reinterpret_cast<float*>(smem + L::kScl);   // split rows: this page's O^T rescale factor per row
   float* sLt = sScl + kN;                                     // split rows: the request's row sums
-  const int kR0 = kRowSplit ? 16 * wk : 0;                    // split rows: this worker's first row
+  [[maybe_unused]] const int kR0 = kRowSplit ? 16 * wk : 0;                    // split rows: this worker's first row
   int page_idx = 0;
 
   for (int req = begin_req; req <= end_req; ++req) {
@@ -103,8 +103,15 @@
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
     int Mg[kMG];   // group g's O^T is in units of 2^(Mg[g] - 6); only moves up (split rows: all four groups)
+    // fast softmax: 2^(Mg + 1) (a scale at or above it raises M_g; 0 before the first page) and 2^(6 - Mg)
+    constexpr bool kFastMax = DEEPSTACK_FP8R_FAST_SOFTMAX != 0 && kN == 16 && !kSplit;
+    [[maybe_unused]] float gthr[kMG], gmul[kMG];
 #pragma unroll
-    for (int gi = 0; gi < kMG; ++gi) Mg[gi] = -1000;
+    for (int gi = 0; gi < kMG; ++gi) {
+      Mg[gi] = -1000;
+      gthr[gi] = 0.f;
+      gmul[gi] = 0.f;
+    }
     // This thread's q rows: 8 j + 2 t + e (accumulator columns).
     // Per-row constants (sQinv, sQms, sLim) are read from shared memory where used: registers are short at 32 rows.
     // m, l: the running row maxima and this thread's partial row sums; at 32 rows kept in shared memory between
@@ -330,6 +337,37 @@
             float& x = s[4 * j + 2 * a + e];
             x = tok0 + 8 * a < lim ? x * qms : -kInf;
           }
+        }
+      // Fast softmax: the full reduction only when some element or scale would move the running maxima (the
+      // decisions below are the same either way).
+      bool slow = true;
+      if constexpr (kFastMax) {
+        bool need = false;
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+#pragma unroll
+            for (int a = 0; a < 2; ++a) need |= s[4 * j + 2 * a + e] > m[j][e] + kSlack;
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int gi = 0; gi < kMG; ++gi) need |= csc[a][gi] >= gthr[gi];   // exponent above M_g (M_g >= -120)
+        slow = bar_any(bar_max, 128, need);
+      }
+      float gfac[kMG];
+      bool graise = false;
+      float scl[kJ][2];
+      bool any_up = false;
+#pragma unroll
+      for (int gi = 0; gi < kMG; ++gi) gfac[gi] = 1.f;
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) scl[j][0] = scl[j][1] = 1.f;
+      if (slow) {
+#pragma unroll
+      for (int j = 0; j < kJs; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
           float v = fmaxf(s[4 * j + e], s[4 * j + 2 + e]);
           v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
           v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
@@ -349,8 +387,6 @@
         if (g == 0) red[warp * kRedW + kN + t] = v;
       }
       sm90::bar_sync(bar_max, 128);
-      float gfac[kMG];
-      bool graise = false;
       {
         float gm[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -361,20 +397,20 @@
 #pragma unroll
         for (int gi = 0; gi < kMG; ++gi) {
           const int mt = max(exp_of(gm[gi]), -120);   // same in every thread of the worker
-          gfac[gi] = 1.f;
           if (mt > Mg[gi]) {
             gfac[gi] = pow2i(Mg[gi] - mt);
             Mg[gi] = mt;
             graise = true;
           }
         }
+        if constexpr (kFastMax) {
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
-#pragma unroll
-          for (int gi = 0; gi < kMG; ++gi) csc[a][gi] *= pow2i(6 - Mg[gi]);
+          for (int gi = 0; gi < kMG; ++gi) {
+            gthr[gi] = pow2i(Mg[gi] + 1);
+            gmul[gi] = pow2i(6 - Mg[gi]);
+          }
+        }
       }
-      float scl[kJ][2];
-      bool any_up = false;
 #pragma unroll
       for (int j = 0; j < kJs; ++j)
 #pragma unroll
@@ -384,21 +420,30 @@
           // Lazy rescaling: the running max moves only when the tile's max exceeds it by more than kSlack (log2
           // units), so P <= 2^kSlack and O is rarely rescaled; out and lse use the same max, so the result is exact.
           float mr = kStateSmem ? sM[(2 * j + e) * 128] : m[j][e];
-          const bool up = v > mr + kSlack;
-          scl[j][e] = 1.f;
-          if (up) {
-            scl[j][e] = exp2f(mr - v);
+          if (v > mr + kSlack) {
+            scl[j][e] = exp2_w(mr - v);
             mr = v;
             any_up = true;
           }
           if constexpr (kStateSmem) sM[(2 * j + e) * 128] = mr;
           else m[j][e] = mr;
+        }
+      }   // slow
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int gi = 0; gi < kMG; ++gi) csc[a][gi] *= kFastMax ? gmul[gi] : pow2i(6 - Mg[gi]);
+#pragma unroll
+      for (int j = 0; j < kJs; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float mr = kStateSmem ? sM[(2 * j + e) * 128] : m[j][e];
           const float base = mr == -kInf ? 0.f : mr;
           float sum = 0.f;
 #pragma unroll
           for (int a = 0; a < 2; ++a) {
             float& x = s[4 * j + 2 * a + e];
-            x = exp2f(x - base);
+            x = exp2_w(x - base);
             sum += x;
           }
           if constexpr (kStateSmem) sL[(2 * j + e) * 128] = sL[(2 * j + e) * 128] * scl[j][e] + sum;
@@ -500,9 +545,11 @@
                 cvt_e4m3x4(p1, f[2], f[3]);
               }
             if (16 * kk + 16 > valid) {   // stale bytes past s_k: zeros (0 x NaN would reach O)
+              int vl = valid;
+              if constexpr (DEEPSTACK_FP8R_LEAN != 0) asm volatile("" : "+r"(vl));   // (keeps the masks in here)
               const int tk = 16 * kk + 2 * t;
-              const uint32_t m01 = (tk < valid ? 0x0000FFFFu : 0u) | (tk + 1 < valid ? 0xFFFF0000u : 0u);
-              const uint32_t m23 = (tk + 8 < valid ? 0x0000FFFFu : 0u) | (tk + 9 < valid ? 0xFFFF0000u : 0u);
+              const uint32_t m01 = (tk < vl ? 0x0000FFFFu : 0u) | (tk + 1 < vl ? 0xFFFF0000u : 0u);
+              const uint32_t m23 = (tk + 8 < vl ? 0x0000FFFFu : 0u) | (tk + 9 < vl ? 0xFFFF0000u : 0u);
 #pragma unroll
               for (int bl = 0; bl < 2 * kGB; ++bl) {
                 pa[buf][bl][0] &= m01;
@@ -567,8 +614,8 @@
           const float l1 = __ldcg(scratch + (8 * (kN / 2) + 2 * kJ + 2 * j + e) * 128);
           const float m0 = m_of(j, e);
           const float mx = fmaxf(m0, m1);
-          f0[j][e] = mx == -kInf ? 0.f : exp2f(m0 - mx);
-          f1[j][e] = mx == -kInf ? 0.f : exp2f(m1 - mx);
+          f0[j][e] = mx == -kInf ? 0.f : exp2_w(m0 - mx);
+          f1[j][e] = mx == -kInf ? 0.f : exp2_w(m1 - mx);
           const float lm = l_of(j, e) * f0[j][e] + l1 * f1[j][e];
           if constexpr (kStateSmem) {
             sM[(2 * j + e) * 128] = mx;

@@ -157,11 +157,22 @@ _FP8_REGS16_SUBPAGES = int(os.environ.get("DEEPSTACK_MLA_FP8_SUBPAGES", "1"))
 _FP8_REGS16_SUBPAGE_CHOICES = (1, 2, 4)
 
 
+# 16 rows: the workers' chain switches (-D defines of mla_decode_fp8_regs.cuh; docs/mla.md "16 rows: the workers'
+# chain"): LEAN (one ex2.approx.ftz per exp2, stale-token masks only on last pages), FAST_SOFTMAX (one barrier vote
+# instead of the max reduction on pages that move no running maximum), ALT_COPIES (one code copy per worker).
+# _FP8_REGS16_DEFINES is what the 16-row build uses; the combinations below are prebuilt for A/B runs and tests.
+_LEAN, _FAST, _COPIES = ("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1), ("DEEPSTACK_FP8R_ALT_COPIES", 1)
+_FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _COPIES), (_LEAN, _FAST, _COPIES))
+# DEEPSTACK_MLA_FP8_R16=k before import: build with _FP8_REGS16_AB_DEFINES[k - 1] (0: none).
+_FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "0"))]
+
+
 def _fp8_regs16_defines() -> tuple:
     sub = int(_FP8_REGS16_SUBPAGES)
     if sub not in _FP8_REGS16_SUBPAGE_CHOICES:
         raise ValueError(f"kernels._FP8_REGS16_SUBPAGES must be one of {_FP8_REGS16_SUBPAGE_CHOICES}, got {sub!r}")
-    return () if sub == 1 else (("DEEPSTACK_FP8R_SUBPAGES", sub),)   # the default keeps its cache key
+    # (no defines: the default instantiation keeps its cache key)
+    return tuple(_FP8_REGS16_DEFINES) + (() if sub == 1 else (("DEEPSTACK_FP8R_SUBPAGES", sub),))
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,7 +284,7 @@ def _prebuild():
              *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32)),
              fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES),
              *(fp8_regs_spec(16, False, (("DEEPSTACK_FP8R_SUBPAGES", sub),)) for sub in _FP8_REGS16_SUBPAGE_CHOICES
-               if sub != 1)]
+               if sub != 1), *(fp8_regs_spec(16, False, d) for d in _FP8_REGS16_AB_DEFINES)]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
