@@ -26,22 +26,23 @@ from tests.mla.test_mla_fp8_f16_cuda import CASES, check_q_rows_far_apart, check
 pytestmark = pytest.mark.cuda
 
 
-_R16_FORMS = {"lean": 0, "leanfast": 1, "leancopies": 2, "leanfastcopies": 3}   # kernels._FP8_REGS16_AB_DEFINES
+_R16_FORMS = {"lean": 0, "leanfast": 1}   # kernels._FP8_REGS16_AB_DEFINES ("alt" at 16 rows: neither switch)
 
 
 @pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies", "sub2", "sub4", *_R16_FORMS])
 def regs_kernel(request, monkeypatch):
     """Every FP8 few-rows call takes the register-A kernel; at 32 rows the workers on alternate pages, the
     channel-split variant, that variant with its row-split softmax, or with both switches (the form the split
-    takes when switched on); at 16 rows also the raw ring in 2 or 4 stages per page and the worker-chain switches
-    (LEAN, + FAST_SOFTMAX, + ALT_COPIES, all three). Returns the form's name."""
+    takes when switched on); at 16 rows without the worker-chain switches, with LEAN, with LEAN + FAST_SOFTMAX (the
+    default build), and the raw ring in 2 or 4 stages per page. Returns the form's name."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
     monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param.startswith("split"))
     monkeypatch.setattr(kernels, "_FP8_REGS16_SUBPAGES", int(request.param[3:]) if request.param.startswith("sub")
                         else 1)
-    monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[_R16_FORMS[request.param]]
-                        if request.param in _R16_FORMS else ())
+    if request.param in _R16_FORMS or request.param == "alt":   # (the sub-page forms: on the default build)
+        monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[_R16_FORMS[request.param]]
+                            if request.param in _R16_FORMS else ())
     if request.param.startswith("split"):
         _split_switches(monkeypatch, rows="rows" in request.param, copies="copies" in request.param)
     return request.param
@@ -71,21 +72,29 @@ def _skip_split_at_16_rows(form: str, rows: int) -> None:
         pytest.skip("a 16-row switch (32 rows: same kernel as 'alt')")
 
 
+def test_16_rows_default_to_lean_fast_softmax():
+    """The 16-row build takes LEAN + FAST_SOFTMAX, and that kernel is in the prebuild list."""
+    from torch_deepstack import jit
+    from torch_deepstack.mla import kernels
+    assert kernels._FP8_REGS16_DEFINES == kernels._FP8_REGS16_AB_DEFINES[1]
+    assert kernels.fp8_regs_spec(16, False, kernels._fp8_regs16_defines()) in jit.prebuild_specs()
+
+
 def test_subpage_rings_prebuilt_and_fit():
     """The 16-row ring in 2 and 4 stages per page is prebuilt, and the launch passes enough shared memory for it."""
     from torch_deepstack import jit
     from torch_deepstack.mla import kernels
     for sub in (2, 4):
-        assert kernels.fp8_regs_spec(16, False, (("DEEPSTACK_FP8R_SUBPAGES", sub),)) in jit.prebuild_specs()
+        defines = tuple(kernels._FP8_REGS16_DEFINES) + (("DEEPSTACK_FP8R_SUBPAGES", sub),)
+        assert kernels.fp8_regs_spec(16, False, defines) in jit.prebuild_specs()
         assert kernels.fp8_regs_layout_bytes(16, False, sub) <= kernels.fp8_regs_smem_bytes(16) <= 232448
 
 
-@pytest.mark.parametrize("form", [1, 2, 3])
 @pytest.mark.parametrize("h_kv,parts", [(1, 0), (1, 7), (2, 5)])
-def test_fp8_regs_worker_switches_equal_lean(form, h_kv, parts, monkeypatch):
-    """FAST_SOFTMAX (a barrier vote skips the max reduction when no running maximum moves: the same decisions) and
-    ALT_COPIES (a code copy per worker) change no arithmetic: bit-identical to LEAN alone. Scales far apart by page
-    make M_g move mid-request, so both softmax paths run."""
+def test_fp8_regs_fast_softmax_equals_lean(h_kv, parts, monkeypatch):
+    """FAST_SOFTMAX (a barrier vote skips the max reduction when no running maximum moves: the same decisions)
+    changes no arithmetic: bit-identical to LEAN alone. Scales far apart by page make M_g move mid-request, so both
+    softmax paths run."""
     from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
     from tests.mla.test_mla_fp8_f16_cuda import _scaled_fp8_case
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
@@ -98,11 +107,11 @@ def test_fp8_regs_worker_switches_equal_lean(form, h_kv, parts, monkeypatch):
                                       seed=5)
     sched, splits = get_mla_metadata(seq, 16, h_kv, num_sm_parts=parts)
     res = {}
-    for f in (0, form):
+    for f in (0, 1):
         monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[f])
         res[f] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
-    assert torch.equal(res[0][0], res[form][0])
-    assert torch.equal(res[0][1], res[form][1])
+    assert torch.equal(res[0][0], res[1][0])
+    assert torch.equal(res[0][1], res[1][1])
 
 
 @pytest.mark.parametrize("sub", [2, 4])

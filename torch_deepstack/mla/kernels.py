@@ -152,19 +152,21 @@ _FP8_SPLIT32_DEFINES = _FP8_SPLIT_AB_DEFINES[2]   # what _FP8_REGS_SPLIT32 build
 
 # 16 rows: the raw ring in 1, 2 or 4 stages per page (-DDEEPSTACK_FP8R_SUBPAGES; a stage goes back to the copies
 # after its last P V block, and the ring holds 4.5 pages instead of 4). `+@_FP8_REGS16_SUBPAGES=4` in ab_mla.py;
-# DEEPSTACK_MLA_FP8_SUBPAGES before import.
+# DEEPSTACK_MLA_FP8_SUBPAGES before import. 1 (whole pages) stays: 2 and 4 measured 1-6% slower (H200 2026-11-30
+# 04:40 UTC: the page stream is not what limits the kernel; docs/mla.md).
 _FP8_REGS16_SUBPAGES = int(os.environ.get("DEEPSTACK_MLA_FP8_SUBPAGES", "1"))
 _FP8_REGS16_SUBPAGE_CHOICES = (1, 2, 4)
 
 
-# 16 rows: the workers' chain switches (-D defines of mla_decode_fp8_regs.cuh; docs/mla.md "16 rows: the workers'
-# chain"): LEAN (one ex2.approx.ftz per exp2, stale-token masks only on last pages), FAST_SOFTMAX (one barrier vote
-# instead of the max reduction on pages that move no running maximum), ALT_COPIES (one code copy per worker).
-# _FP8_REGS16_DEFINES is what the 16-row build uses; the combinations below are prebuilt for A/B runs and tests.
-_LEAN, _FAST, _COPIES = ("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1), ("DEEPSTACK_FP8R_ALT_COPIES", 1)
-_FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _COPIES), (_LEAN, _FAST, _COPIES))
-# DEEPSTACK_MLA_FP8_R16=k before import: build with _FP8_REGS16_AB_DEFINES[k - 1] (0: none).
-_FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "0"))]
+# 16 rows: the workers' chain switches (-D defines of mla_decode_fp8_regs.cuh; docs/mla.md "16 rows: the page ring is
+# not the limit"): LEAN (one ex2.approx.ftz per exp2, stale-token masks only on last pages), FAST_SOFTMAX (one
+# barrier vote instead of the max reduction on pages that move no running maximum). _FP8_REGS16_DEFINES is what
+# the 16-row build uses: both since 2026-11-30 05:00 UTC (H200 A/B: 128/1/16/8192 201.5 vs 209.1 us, 128/1/16/16384
+# 367.1 vs 382.5; the FP8 GPU suite passed on it). DEEPSTACK_MLA_FP8_R16=k before import: _FP8_REGS16_AB_DEFINES
+# [k - 1] instead (0: neither switch, 1: LEAN alone).
+_LEAN, _FAST = ("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1)
+_FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST))
+_FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "2"))]
 
 
 def _fp8_regs16_defines() -> tuple:
@@ -283,8 +285,9 @@ def _prebuild():
     specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
              *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32)),
              fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES),
-             *(fp8_regs_spec(16, False, (("DEEPSTACK_FP8R_SUBPAGES", sub),)) for sub in _FP8_REGS16_SUBPAGE_CHOICES
-               if sub != 1), *(fp8_regs_spec(16, False, d) for d in _FP8_REGS16_AB_DEFINES)]
+             *(fp8_regs_spec(16, False, d) for d in _FP8_REGS16_AB_DEFINES),
+             *(fp8_regs_spec(16, False, tuple(_FP8_REGS16_DEFINES) + (("DEEPSTACK_FP8R_SUBPAGES", sub),))
+               for sub in _FP8_REGS16_SUBPAGE_CHOICES if sub != 1)]
     for dt in _CTYPE:
         specs.append(combine_spec(dt))
         specs += [spec(dt, d) for d in (576, 512)
