@@ -133,6 +133,9 @@ __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * 
 #ifndef DEEPSTACK_FP8R_FAST_SOFTMAX
 #define DEEPSTACK_FP8R_FAST_SOFTMAX 0
 #endif
+#ifndef DEEPSTACK_FP8R_WK_SHFL
+#define DEEPSTACK_FP8R_WK_SHFL 0
+#endif
 // Ablation (timing only, wrong results): the copies fill the ring once; the workers then wait for nothing and
 // compute every later page on those stale bytes (the workers' own per-page time, no DRAM stream).
 #ifndef DEEPSTACK_FP8R_ABL_NOLOAD
@@ -299,7 +302,13 @@ __global__ void __launch_bounds__(384, 1) mla_decode_fp8_regs_kernel(
   // ----------------------------------------------------- workers -----------------------------------------------------
   sm90::regs_increase<kWorkerRegs>();
   const int begin_req = meta[0], begin_blk = meta[1], end_req = meta[2], end_blk = meta[3];
-  const int wk = tid / 128 - 1;      // worker wk takes the pages whose index over the CTA's range has parity wk
+  // worker wk takes the pages whose index over the CTA's range has parity wk. DEEPSTACK_FP8R_WK_SHFL: read through a
+  // shuffle from lane 0, which the compiler treats as warp-uniform (the P^T descriptors then in uniform registers).
+#if DEEPSTACK_FP8R_WK_SHFL
+  const int wk = __shfl_sync(0xffffffffu, tid / 128, 0) - 1;
+#else
+  const int wk = tid / 128 - 1;
+#endif
   const int wt = tid % 128, wt2 = tid - 128, warp = wt / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   // kG0: this worker's first 128-channel group (split: 2 wk). With DEEPSTACK_FP8R_SPLIT_COPIES=1 the split body is

@@ -26,7 +26,8 @@ from tests.mla.test_mla_fp8_f16_cuda import CASES, check_q_rows_far_apart, check
 pytestmark = pytest.mark.cuda
 
 
-_R16_FORMS = {"lean": 0, "leanfast": 1}   # kernels._FP8_REGS16_AB_DEFINES ("alt" at 16 rows: neither switch)
+# kernels._FP8_REGS16_AB_DEFINES ("alt" at 16 rows: no switch)
+_R16_FORMS = {"lean": 0, "leanfast": 1, "leanfastshfl": 2}
 
 
 @pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies", "sub2", "sub4", *_R16_FORMS])
@@ -90,11 +91,12 @@ def test_subpage_rings_prebuilt_and_fit():
         assert kernels.fp8_regs_layout_bytes(16, False, sub) <= kernels.fp8_regs_smem_bytes(16) <= 232448
 
 
+@pytest.mark.parametrize("form", [1, 2])
 @pytest.mark.parametrize("h_kv,parts", [(1, 0), (1, 7), (2, 5)])
-def test_fp8_regs_fast_softmax_equals_lean(h_kv, parts, monkeypatch):
-    """FAST_SOFTMAX (a barrier vote skips the max reduction when no running maximum moves: the same decisions)
-    changes no arithmetic: bit-identical to LEAN alone. Scales far apart by page make M_g move mid-request, so both
-    softmax paths run."""
+def test_fp8_regs_fast_softmax_equals_lean(form, h_kv, parts, monkeypatch):
+    """FAST_SOFTMAX (a barrier vote skips the max reduction when no running maximum moves: the same decisions) and
+    WK_SHFL (the worker index through a shuffle) change no arithmetic: bit-identical to LEAN alone. Scales far apart
+    by page make M_g move mid-request, so both softmax paths run."""
     from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
     from tests.mla.test_mla_fp8_f16_cuda import _scaled_fp8_case
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
@@ -107,11 +109,11 @@ def test_fp8_regs_fast_softmax_equals_lean(h_kv, parts, monkeypatch):
                                       seed=5)
     sched, splits = get_mla_metadata(seq, 16, h_kv, num_sm_parts=parts)
     res = {}
-    for f in (0, 1):
+    for f in (0, form):
         monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[f])
         res[f] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
-    assert torch.equal(res[0][0], res[1][0])
-    assert torch.equal(res[0][1], res[1][1])
+    assert torch.equal(res[0][0], res[form][0])
+    assert torch.equal(res[0][1], res[form][1])
 
 
 @pytest.mark.parametrize("sub", [2, 4])

@@ -164,8 +164,11 @@ _FP8_REGS16_SUBPAGE_CHOICES = (1, 2, 4)
 # the 16-row build uses: both since 2026-11-30 05:00 UTC (H200 A/B: 128/1/16/8192 201.5 vs 209.1 us, 128/1/16/16384
 # 367.1 vs 382.5; the FP8 GPU suite passed on it). DEEPSTACK_MLA_FP8_R16=k before import: _FP8_REGS16_AB_DEFINES
 # [k - 1] instead (0: neither switch, 1: LEAN alone).
-_LEAN, _FAST = ("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1)
-_FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST))
+# WK_SHFL (opt-in, =3): the worker index read through a shuffle, so that the compiler keeps the P^T descriptors in
+# uniform registers (64 R2UR per page gone, 1528 -> 1365 SASS instructions in the page loop; not yet timed).
+_LEAN, _FAST, _WK_SHFL = (("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1),
+                          ("DEEPSTACK_FP8R_WK_SHFL", 1))
+_FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _FAST, _WK_SHFL))
 _FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "2"))]
 
 
