@@ -30,11 +30,11 @@ pytestmark = pytest.mark.cuda
 _R16_FORMS = {"lean": 0, "leanfast": 1, "leanfastshfl": 2}
 
 
-@pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies", "sub2", "sub4", *_R16_FORMS])
+@pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies", "split32lean", "sub2", "sub4", *_R16_FORMS])
 def regs_kernel(request, monkeypatch):
     """Every FP8 few-rows call takes the register-A kernel; at 32 rows the workers on alternate pages, the
     channel-split variant, that variant with its row-split softmax, or with both switches (the form the split
-    takes when switched on); at 16 rows without the worker-chain switches, with LEAN, with LEAN + FAST_SOFTMAX (the
+    takes when switched on), and that with LEAN; at 16 rows without the worker-chain switches, with LEAN, with LEAN + FAST_SOFTMAX (the
     default build), and the raw ring in 2 or 4 stages per page. Returns the form's name."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
@@ -45,7 +45,10 @@ def regs_kernel(request, monkeypatch):
         monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[_R16_FORMS[request.param]]
                             if request.param in _R16_FORMS else ())
     if request.param.startswith("split"):
-        _split_switches(monkeypatch, rows="rows" in request.param, copies="copies" in request.param)
+        if request.param == "split32lean":   # both switches and LEAN (the A/B candidate)
+            monkeypatch.setattr(kernels, "_FP8_SPLIT32_DEFINES", kernels._FP8_SPLIT32_LEAN_DEFINES)
+        else:
+            _split_switches(monkeypatch, rows="rows" in request.param, copies="copies" in request.param)
     return request.param
 
 
@@ -54,7 +57,8 @@ def test_split_32_rows_defaults_to_both_switches():
     from torch_deepstack import jit
     from torch_deepstack.mla import kernels
     assert kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2]
-    assert kernels.fp8_regs_spec(32, True, kernels._FP8_SPLIT32_DEFINES) in jit.prebuild_specs()
+    for defines in (kernels._FP8_SPLIT32_DEFINES, kernels._FP8_SPLIT32_LEAN_DEFINES):
+        assert kernels.fp8_regs_spec(32, True, defines) in jit.prebuild_specs()
 
 
 def _split_switches(monkeypatch, rows: int = 1, copies: int = 0) -> None:

@@ -147,7 +147,6 @@ def fp8_regs_spec(n: int, split: bool = False, defines: tuple = ()) -> KernelSpe
 # find them compiled (and tests/jit checks them for spills): the row-split softmax, one code copy per worker, both.
 _FP8_SPLIT_AB_DEFINES = ((("DEEPSTACK_FP8R_SPLIT_ROWS", 1),), (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),),
                          (("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1)))
-_FP8_SPLIT32_DEFINES = _FP8_SPLIT_AB_DEFINES[2]   # what _FP8_REGS_SPLIT32 builds (both switches)
 
 
 # 16 rows: the raw ring in 1, 2 or 4 stages per page (-DDEEPSTACK_FP8R_SUBPAGES; a stage goes back to the copies
@@ -170,6 +169,12 @@ _LEAN, _FAST, _WK_SHFL = (("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFT
                           ("DEEPSTACK_FP8R_WK_SHFL", 1))
 _FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _FAST, _WK_SHFL))
 _FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "2"))]
+
+# 32 rows (the channel split): what _FP8_REGS_SPLIT32 builds, both switches; LEAN on top (the 16-row chain's exp2 and
+# mask change) is the A/B candidate _FP8_SPLIT32_LEAN_DEFINES (DEEPSTACK_MLA_FP8_R32_LEAN=1 before import).
+_FP8_SPLIT32_LEAN_DEFINES = _FP8_SPLIT_AB_DEFINES[2] + (_LEAN,)
+_FP8_SPLIT32_DEFINES = (_FP8_SPLIT32_LEAN_DEFINES if os.environ.get("DEEPSTACK_MLA_FP8_R32_LEAN", "0") == "1"
+                        else _FP8_SPLIT_AB_DEFINES[2])
 
 
 def _fp8_regs16_defines() -> tuple:
@@ -288,6 +293,7 @@ def _prebuild():
     specs = [metadata_spec(), decode_spec(torch.bfloat16, 576, True),
              *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32)),
              fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES),
+             fp8_regs_spec(32, True, _FP8_SPLIT32_LEAN_DEFINES),
              *(fp8_regs_spec(16, False, d) for d in _FP8_REGS16_AB_DEFINES),
              *(fp8_regs_spec(16, False, tuple(_FP8_REGS16_DEFINES) + (("DEEPSTACK_FP8R_SUBPAGES", sub),))
                for sub in _FP8_REGS16_SUBPAGE_CHOICES if sub != 1)]
