@@ -53,10 +53,11 @@ def regs_kernel(request, monkeypatch):
 
 
 def test_split_32_rows_defaults_to_both_switches():
-    """Switched on, the split builds with both switches, and that kernel is in the prebuild list."""
+    """Switched on, the split builds with both switches and LEAN, and that kernel is in the prebuild list."""
     from torch_deepstack import jit
     from torch_deepstack.mla import kernels
-    assert kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2]
+    assert kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT32_LEAN_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2] + (
+        ("DEEPSTACK_FP8R_LEAN", 1),)
     for defines in (kernels._FP8_SPLIT32_DEFINES, kernels._FP8_SPLIT32_LEAN_DEFINES):
         assert kernels.fp8_regs_spec(32, True, defines) in jit.prebuild_specs()
 
@@ -77,11 +78,11 @@ def _skip_split_at_16_rows(form: str, rows: int) -> None:
         pytest.skip("a 16-row switch (32 rows: same kernel as 'alt')")
 
 
-def test_16_rows_default_to_lean_fast_softmax():
-    """The 16-row build takes LEAN + FAST_SOFTMAX, and that kernel is in the prebuild list."""
+def test_16_rows_default_to_lean_fast_softmax_wk_shfl():
+    """The 16-row build takes LEAN + FAST_SOFTMAX + WK_SHFL, and that kernel is in the prebuild list."""
     from torch_deepstack import jit
     from torch_deepstack.mla import kernels
-    assert kernels._FP8_REGS16_DEFINES == kernels._FP8_REGS16_AB_DEFINES[1]
+    assert kernels._FP8_REGS16_DEFINES == kernels._FP8_REGS16_AB_DEFINES[2]
     assert kernels.fp8_regs_spec(16, False, kernels._fp8_regs16_defines()) in jit.prebuild_specs()
 
 

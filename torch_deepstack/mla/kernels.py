@@ -163,17 +163,19 @@ _FP8_REGS16_SUBPAGE_CHOICES = (1, 2, 4)
 # the 16-row build uses: both since 2026-11-30 05:00 UTC (H200 A/B: 128/1/16/8192 201.5 vs 209.1 us, 128/1/16/16384
 # 367.1 vs 382.5; the FP8 GPU suite passed on it). DEEPSTACK_MLA_FP8_R16=k before import: _FP8_REGS16_AB_DEFINES
 # [k - 1] instead (0: neither switch, 1: LEAN alone).
-# WK_SHFL (opt-in, =3): the worker index read through a shuffle, so that the compiler keeps the P^T descriptors in
-# uniform registers (64 R2UR per page gone, 1528 -> 1365 SASS instructions in the page loop; not yet timed).
+# WK_SHFL (=3, the default since 2026-11-30 05:10 UTC): the worker index read through a shuffle, so that the
+# compiler keeps the P^T descriptors in uniform registers (64 R2UR per page gone, 1528 -> 1365 SASS instructions in
+# the page loop; H200 A/B 05:08: 128/1/16/8192 198.8 vs 201.7 us, 128/1/16/16384 364.0 vs 368.9; FP8 suite passed).
 _LEAN, _FAST, _WK_SHFL = (("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1),
                           ("DEEPSTACK_FP8R_WK_SHFL", 1))
 _FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _FAST, _WK_SHFL))
-_FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "2"))]
+_FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "3"))]
 
-# 32 rows (the channel split): what _FP8_REGS_SPLIT32 builds, both switches; LEAN on top (the 16-row chain's exp2 and
-# mask change) is the A/B candidate _FP8_SPLIT32_LEAN_DEFINES (DEEPSTACK_MLA_FP8_R32_LEAN=1 before import).
+# 32 rows (the channel split): what _FP8_REGS_SPLIT32 builds: both switches and LEAN (the 16-row chain's exp2 and
+# mask change; default since 2026-11-30 05:10 UTC, H200 A/B 05:08: 128/1/32/8192 287.3 vs 299.4 us, 128/2/16/8192
+# 286.9 vs 301.9, 128/1/32/16384 538.3 vs 564.1; FP8 suite passed). DEEPSTACK_MLA_FP8_R32_LEAN=0 before import: without.
 _FP8_SPLIT32_LEAN_DEFINES = _FP8_SPLIT_AB_DEFINES[2] + (_LEAN,)
-_FP8_SPLIT32_DEFINES = (_FP8_SPLIT32_LEAN_DEFINES if os.environ.get("DEEPSTACK_MLA_FP8_R32_LEAN", "0") == "1"
+_FP8_SPLIT32_DEFINES = (_FP8_SPLIT32_LEAN_DEFINES if os.environ.get("DEEPSTACK_MLA_FP8_R32_LEAN", "1") == "1"
                         else _FP8_SPLIT_AB_DEFINES[2])
 
 
