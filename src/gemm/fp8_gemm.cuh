@@ -308,6 +308,21 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // (with kTmaStore the staged path is the fallback for grouped warps with invalid rows and borrows each warp's part
   // of the TMA staging tile; an unaligned D takes the direct stores)
   uint32_t* epi_stage = reinterpret_cast<uint32_t*>(empty + kStages);
+  // DS_SCHED_WARP (experiment, opt-in): a scheduler thread (warp 1 of the producer warpgroup) places the tiles and
+  // resolves their groups (contiguous: the m_indices loads) kSchedSlots tiles ahead into a shared-memory ring; the
+  // producer thread reads each tile's (m0, n0, g) from it instead of placing it itself (run-time integer divisions
+  // and, for the contiguous kind, a global-load round trip per tile, on the path to each tile's first TMA load).
+  // The ring sits after the staged epilogue's buffer (host: heuristic.sched_ring_bytes()).
+#ifdef DS_SCHED_WARP
+  constexpr bool kSchedWarp = kCluster == 1;
+#else
+  constexpr bool kSchedWarp = false;
+#endif
+  constexpr int kSchedSlots = 4;
+  uint64_t* sched_full = reinterpret_cast<uint64_t*>(
+      reinterpret_cast<uint8_t*>(epi_stage) + ((kTmaStore || !kStagedEpilogue) ? 0 : 8 * kStageWords * 4));
+  uint64_t* sched_empty = sched_full + kSchedSlots;
+  int* sched_ent = reinterpret_cast<int*>(sched_empty + kSchedSlots);   // a tile's group, -1: padding block
 
   const int tid = threadIdx.x;
   // Warpgroup index through a shuffle: ptxas then knows it is warp-uniform and keeps the wgmma descriptors (which
@@ -324,6 +339,12 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(full + s, 1);
       sm90::mbar_init(empty + s, kMathWG * 4 * kCluster);  // one arrival per math warp of each CTA
+    }
+    if constexpr (kSchedWarp) {
+      for (int i = 0; i < kSchedSlots; ++i) {
+        sm90::mbar_init(sched_full + i, 1);
+        sm90::mbar_init(sched_empty + i, 1);
+      }
     }
     sm90::fence_barrier_init();
     sm90::fence_proxy_async();
@@ -361,13 +382,45 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #ifndef DS_NO_SETMAXNREG
     sm90::regs_decrease<40>();
 #endif
-    if (tid == kMathThreads) {
+    // (the scheduler branch is taken per warp, by a warp-uniform test: a second single-thread branch beside the
+    // producer's made ptxas treat the producer's loop as divergent and move its TMA operands out of uniform registers)
+    const int pwarp = __shfl_sync(0xffffffffu, tid / 32, 0);
+    if (kSchedWarp && pwarp == kMathThreads / 32 + 1) {
+      if (tid % 32 == 0) {
+      // scheduler thread: one ring entry per tile of this CTA (w: 1 valid, 0 padding block, -1 end of the list)
+      int slot = 0;
+      uint32_t ph = 0;
+      for (int t = first_tile; t < sched.total; t += tile_stride) {
+        GemmTile tile{0, 0, 0};
+        const bool ok = sched.resolve(t, tile);
+        sm90::mbar_wait(sched_empty + slot, ph ^ 1);
+        sched_ent[slot] = ok ? tile.g : -1;
+        sm90::mbar_arrive(sched_full + slot);      // release: the entry is visible to the producer's acquire
+        if (++slot == kSchedSlots) { slot = 0; ph ^= 1; }
+      }
+      }
+    } else if (tid == kMathThreads) {
       int s = 0;
       uint32_t phase = 0;
       ProducerIdLookahead<Sched> ids(sched, kProducerLookahead ? first_tile : sched.total);
+      int slot = 0;
+      uint32_t ph = 0;
       for (int t = first_tile; t < sched.total; t += tile_stride) {
         GemmTile tile;
-        if (kProducerLookahead ? !ids.take(sched, t, tile_stride, tile) : !sched.resolve(t, tile)) continue;
+        if constexpr (kSchedWarp) {
+          sm90::mbar_wait(sched_full + slot, ph);
+          // (a shuffle from lane 0, this thread, hands the value to ptxas as warp-uniform: read from shared memory
+          // and branched on, it made the whole loop divergent and every TMA load re-read its operands into uniform
+          // registers)
+          const int g = __shfl_sync(1u, sched_ent[slot], 0);
+          sm90::mbar_arrive(sched_empty + slot);
+          if (++slot == kSchedSlots) { slot = 0; ph ^= 1; }
+          if (g < 0) continue;                        // padding block
+          sched.place(t, tile);                       // (uniform arithmetic; only the group comes from the ring)
+          tile.g = g;
+        } else if (kProducerLookahead ? !ids.take(sched, t, tile_stride, tile) : !sched.resolve(t, tile)) {
+          continue;
+        }
         tile.m0 += rank * kBlockM;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = tile.g * kN + tile.n0;
