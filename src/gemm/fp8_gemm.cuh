@@ -151,8 +151,10 @@ struct IdLookahead {
   }
   // Tile t (the one whose ids `next` holds): places it, takes its ids (`id`: this lane's, for valid_rows), starts
   // the loads for t + stride. False for a padding block.
-  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile, int& id) {
-    sched.place(t, tile);
+  // (placed: `tile` already holds t's rows and columns)
+  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile, int& id,
+                                       bool placed = false) {
+    if (!placed) sched.place(t, tile);
     id = next;
     tile.g = max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
     next = sched.load_lane_id(t + stride, warp_row, lane);
@@ -456,10 +458,62 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
     const bool tma_ok = kTmaStore && ((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0;
     IdLookahead<Sched> ids(sched, kIdLookahead ? first_tile : sched.total, wg * 64 + warp_in_wg * 16, lane);
+    // DS_SFB_LANES (experiment, opt-in): 1D2D B scales read a tile ahead into registers, lane l holding slice
+    // 32 r + l of each of the tile's scale blocks, and handed to the slices by shuffles, instead of one global load
+    // per slice on the path to its promotion (SASS: the per-slice LDG sits right before the next slice's wgmmas and
+    // its FMUL right after the wait for this slice). Dense and masked kinds load the next tile's scales when a tile
+    // starts; the contiguous kind when its main loop ends (the next tile's group comes from the id lookahead).
+#ifdef DS_SFB_LANES
+    constexpr bool kSfbLanes = !kSfbPerRow && kK > 0 && (kK + 127) / 128 <= 128 &&
+                               (kKind != kGemmContiguous || kIdLookahead);
+#else
+    constexpr bool kSfbLanes = false;
+#endif
+    constexpr int kSfbR = kSfbLanes ? ((kK + 127) / 128 + 31) / 32 : 1;     // registers per scale block
+    constexpr int kSfbLoadBlk = (kSfbPerRow || 128 % kBlockN == 0) ? 1 : kSfbSpan;   // blocks a tile reads
+    float sfb_cur[kSfbR][3], sfb_nxt[kSfbR][3];
+    int sfb_nxt_tile = -1;                                      // the tile whose scales sfb_nxt holds...
+    GemmTile sfb_nxt_place{0, 0, 0};                            // ... and its placement (reused: no second place())
+    // (contiguous: tile tn's group is given, from the ids; a padding block's is -1 and its scales go unused)
+    const auto sfb_lanes_load = [&](int tn, int g_contig) {
+      if (!kSfbLanes || tn >= sched.total) return;
+      GemmTile nt;
+      sched.place(tn, nt);
+      sfb_nxt_place = nt;
+      if (kKind == kGemmContiguous) nt.g = max(g_contig, 0);
+      const float* base = sfb + nt.g * sfb_sg;
+#pragma unroll
+      for (int i = 0; i < kSfbLoadBlk; ++i) {
+        const float* p = base + min(nt.n0 / 128 + i, kSfbBlocksN - 1) * sfb_sn;
+#pragma unroll
+        for (int r = 0; r < kSfbR; ++r) {
+          const int kbl = 32 * r + lane;
+          sfb_nxt[r][i] = kbl < kNumKB ? __ldg(p + kbl * sfb_sk) : 0.f;
+        }
+      }
+      sfb_nxt_tile = tn;
+    };
+    // group of the tile whose ids the lookahead holds (contiguous kind)
+    const auto ahead_group = [&]() {
+      return max(__shfl_sync(0xffffffffu, ids.next, 16), __shfl_sync(0xffffffffu, ids.next, 17));
+    };
+    if constexpr (kSfbLanes) sfb_lanes_load(first_tile, kKind == kGemmContiguous ? ahead_group() : 0);
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
       int row_id = 0;
-      if (kIdLookahead ? !ids.take(sched, t, tile_stride, tile, row_id) : !sched.resolve(t, tile)) continue;
+      const bool placed = kSfbLanes && sfb_nxt_tile == t;
+      if (placed) tile = sfb_nxt_place;
+      if (kIdLookahead ? !ids.take(sched, t, tile_stride, tile, row_id, placed)
+                       : !(placed || sched.resolve(t, tile))) continue;
+      if constexpr (kSfbLanes) {
+        if (sfb_nxt_tile != t) sfb_lanes_load(t, tile.g);   // (contiguous: after a skipped padding block)
+#pragma unroll
+        for (int r = 0; r < kSfbR; ++r) {
+#pragma unroll
+          for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
+        }
+        if (kKind != kGemmContiguous) sfb_lanes_load(t + tile_stride, 0);
+      }
       tile.m0 += rank * kBlockM;
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
@@ -489,8 +543,19 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         };
         // B scales of slice k_blk (blocks a fragment never uses are not loaded: their values are dead)
         const auto load_sfb = [&](int k_blk, float (&b)[3]) {
+          if constexpr (kSfbLanes) {   // slice k_blk's scales from lane k_blk % 32 of register k_blk / 32
 #pragma unroll
-          for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
+            for (int i = 0; i < 3; ++i) {
+              if (i >= kSfbLoadBlk) { b[i] = b[0]; continue; }
+              float v = sfb_cur[0][i];
+#pragma unroll
+              for (int r = 1; r < kSfbR; ++r) v = k_blk >= 32 * r ? sfb_cur[r][i] : v;
+              b[i] = __shfl_sync(0xffffffffu, v, k_blk % 32);
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
+          }
         };
         if constexpr (kPipePromote) {
           // Slices go in trips (kTrip) through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
@@ -615,6 +680,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
       if constexpr (kOneSfb) main_loop(IntC<0>{}); else with_sfb_offset<0, kSfbGcd>(tile.n0 % 128, main_loop);
 #endif
+      if (kSfbLanes && kKind == kGemmContiguous) sfb_lanes_load(t + tile_stride, ahead_group());
 
       // ---- epilogue: registers -> global, only valid rows and columns ----
       int row_limit = M;
