@@ -458,17 +458,24 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
     const bool tma_ok = kTmaStore && ((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0;
     IdLookahead<Sched> ids(sched, kIdLookahead ? first_tile : sched.total, wg * 64 + warp_in_wg * 16, lane);
-    // DS_SFB_LANES (experiment, opt-in): 1D2D B scales read a tile ahead into registers, lane l holding slice
-    // 32 r + l of each of the tile's scale blocks, and handed to the slices by shuffles, instead of one global load
-    // per slice on the path to its promotion (SASS: the per-slice LDG sits right before the next slice's wgmmas and
-    // its FMUL right after the wait for this slice). Dense and masked kinds load the next tile's scales when a tile
-    // starts; the contiguous kind when its main loop ends (the next tile's group comes from the id lookahead).
-#ifdef DS_SFB_LANES
-    constexpr bool kSfbLanes = !kSfbPerRow && kK > 0 && (kK + 127) / 128 <= 128 &&
-                               (kKind != kGemmContiguous || kIdLookahead);
+    // B-scale lanes (contiguous kind by default): 1D2D B scales read a tile ahead into registers, lane l holding
+    // slice 32 r + l of each of the tile's scale blocks, and handed to the slices by shuffles, instead of one global
+    // load per slice on the path to its promotion (SASS: the per-slice LDG sits right before the next slice's wgmmas
+    // and its FMUL right after the wait for this slice). Dense and masked kinds load the next tile's scales when a
+    // tile starts; the contiguous kind when its main loop ends (the next tile's group comes from the id lookahead).
+    // H200 (docs/gemm.md, 2026-11-30 04:42-05:xx UTC): 1.8-3.7% fewer SM cycles and +1.4 to +6.6% at steady clocks
+    // on the contiguous shapes; on dense shapes -0.7 to -3.2% cycles but -0.8 to -2.2% at steady clocks (power-capped),
+    // so dense and masked kinds keep the per-slice loads. DS_SFB_LANES turns it on for every kind, DS_NO_SFB_LANES
+    // off for every kind (A/B runs, tests).
+#if defined(DS_SFB_LANES)
+    constexpr bool kSfbLanesKind = true;
+#elif defined(DS_NO_SFB_LANES)
+    constexpr bool kSfbLanesKind = false;
 #else
-    constexpr bool kSfbLanes = false;
+    constexpr bool kSfbLanesKind = kKind == kGemmContiguous;
 #endif
+    constexpr bool kSfbLanes = kSfbLanesKind && !kSfbPerRow && kK > 0 && (kK + 127) / 128 <= 128 &&
+                               (kKind != kGemmContiguous || kIdLookahead);
     constexpr int kSfbR = kSfbLanes ? ((kK + 127) / 128 + 31) / 32 : 1;     // registers per scale block
     constexpr int kSfbLoadBlk = (kSfbPerRow || 128 % kBlockN == 0) ? 1 : kSfbSpan;   // blocks a tile reads
     float sfb_cur[kSfbR][3], sfb_nxt[kSfbR][3];
