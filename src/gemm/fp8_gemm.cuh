@@ -463,10 +463,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     // load per slice on the path to its promotion (SASS: the per-slice LDG sits right before the next slice's wgmmas
     // and its FMUL right after the wait for this slice). Dense and masked kinds load the next tile's scales when a
     // tile starts; the contiguous kind when its main loop ends (the next tile's group comes from the id lookahead).
-    // H200 (docs/gemm.md, 2026-11-30 04:42-05:xx UTC): 1.8-3.7% fewer SM cycles and +1.4 to +6.6% at steady clocks
-    // on the contiguous shapes; on dense shapes -0.7 to -3.2% cycles but -0.8 to -2.2% at steady clocks (power-capped),
-    // so dense and masked kinds keep the per-slice loads. DS_SFB_LANES turns it on for every kind, DS_NO_SFB_LANES
-    // off for every kind (A/B runs, tests).
+    // H200 (docs/gemm.md, 2026-11-30 04:35 UTC session): 1.8-3.7% fewer SM cycles on the contiguous shapes, -1.5 to
+    // +6.6% at steady clocks; dense shapes also lose 0.7-3.2% of their cycles but ran 0.8-2.2% slower at steady
+    // (power-capped) clocks, so dense and masked kinds keep the per-slice loads. DS_SFB_LANES turns it on for every
+    // kind, DS_NO_SFB_LANES off for every kind (A/B runs, tests).
 #if defined(DS_SFB_LANES)
     constexpr bool kSfbLanesKind = true;
 #elif defined(DS_NO_SFB_LANES)
