@@ -2,7 +2,9 @@
 
 Every (shape, variant, config) is timed `--reps` times, interleaved so that clock drift hits all of them alike, and the
 best median is kept (bench_gpu: L2 flushed before each repetition). Each output is checked against a float64 matmul
-of the dequantised operands (cosine difference < 1e-4) before it is timed.
+of the dequantised operands (cosine difference < 1e-4) before it is timed. Those 10 ms windows right after the check
+read the boost clock the light check leaves; `--steady` times each variant after ~100 ms of its own calls instead
+(bench_gpu_interleaved), the state a long run sits in at the H200's power cap: use it for throughput claims.
 
   python benchmarks/ab_gemm.py --ms 4096 --variant staged: --variant direct:DS_DIRECT_EPILOGUE \
       --config 128,128,6 --config 128,192,5
@@ -153,6 +155,46 @@ def make_call(shape, check_rows: int = 0):
     return call, check, d
 
 
+def label_of(shape, cfg) -> str:
+    """The config column: what the call ran (block_m x block_n / stages, /tma), '(forced)' for --config ones."""
+    kind, g, mg, n, k = shape
+    _, used, _ = kernels.choose_spec(*spec_args(shape), False, None, torch.bfloat16, None, 132)
+    label = f"{used.block_m}x{used.block_n}/{used.stages}{'/tma' if used.tma_store else ''}"
+    if kind == kernels.KIND_DENSE and kernels.split_tail_columns(mg, n, k, 132):
+        label += f" +{n % 128} cols"
+    return label if cfg is None else f"{label} (forced)"
+
+
+def run_steady(shapes, variants, configs, check_rows: int = 0) -> list:
+    """Every (variant, config) of a shape timed by bench_gpu_interleaved: rounds in turn, each after ~100 ms of its
+    own calls, so each variant is timed at its own steady clock under the power cap (the default run's 10 ms windows
+    after the correctness check read boost clocks)."""
+    from torch_deepstack.testing.bench import bench_gpu_interleaved
+
+    rows = []
+    for shape in shapes:
+        kind, g, mg, n, k = shape
+        call, check, d = make_call(shape, check_rows)
+        name = shape_name(shape)
+        fns, enter, ok = {}, {}, {}
+        for variant, cfg in itertools.product(variants, configs):
+            select(variant, cfg)
+            d.fill_(float("nan"))
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 - e.g. a forced config that exceeds shared memory
+                print(f"skip {name} {variant[0]} {cfg}: {str(e)[:80]}")
+                continue
+            key = (variant[0], label_of(shape, cfg))
+            ok[key] = check() < 1e-4
+            fns[key], enter[key] = call, (lambda v=variant, c=cfg: select(v, c))
+        ms = bench_gpu_interleaved(fns, enter=enter)
+        for key, t in ms.items():
+            rows.append((name, key[0], key[1], 2 * g * mg * n * k / t / 1e9, ok[key]))
+            print(f"{name} {key[0]:>16} {key[1]:>14} {rows[-1][3]:8.1f} {'ok' if ok[key] else 'WRONG'}", flush=True)
+    return rows
+
+
 def run(shapes, variants, configs, reps: int, graph: bool = False, check_rows: int = 0) -> list:
     from torch_deepstack.testing.bench import bench_gpu
 
@@ -174,11 +216,7 @@ def run(shapes, variants, configs, reps: int, graph: bool = False, check_rows: i
                     continue
                 ok = check() < 1e-4
                 tflops = flops / bench_gpu(call, use_graph=graph) / 1e9
-                _, used, _ = kernels.choose_spec(*spec_args(shape), False, None, torch.bfloat16, None, 132)
-                label = f"{used.block_m}x{used.block_n}/{used.stages}{'/tma' if used.tma_store else ''}"
-                if kind == kernels.KIND_DENSE and kernels.split_tail_columns(mg, n, k, 132):
-                    label += f" +{n % 128} cols"
-                key = (variant[0], label if cfg is None else f"{label} (forced)")
+                key = (variant[0], label_of(shape, cfg))
                 prev_tf, prev_ok = best.get(key, (0.0, True))
                 best[key] = (max(prev_tf, tflops), prev_ok and ok)
         for (vname, cfg), (tflops, ok) in best.items():
@@ -195,6 +233,8 @@ def main() -> int:
     p.add_argument("--config", action="append", default=[], help="bm,bn,stages forced config (repeatable)")
     p.add_argument("--no-heuristic", action="store_true", help="time only the forced configs")
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions; the best median is kept")
+    p.add_argument("--steady", action="store_true",
+                   help="time every variant at its own steady clock (bench_gpu_interleaved; --reps and --graph unused)")
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays of the call (kernel time without the host path; L2 still flushed)")
     p.add_argument("--check-rows", type=int, default=0,
@@ -211,7 +251,8 @@ def main() -> int:
     prebuild([(s, v, c) for s in shapes for v in variants for c in configs], args.jobs)
     if args.prebuild_only:
         return 0
-    rows = run(shapes, variants, configs, args.reps, args.graph, args.check_rows)
+    rows = (run_steady(shapes, variants, configs, args.check_rows) if args.steady else
+            run(shapes, variants, configs, args.reps, args.graph, args.check_rows))
     print("\n| M x N x K | variant | config | TFLOPS | correct |\n|---|---|---|---|---|")
     for shape, name, cfg, tflops, ok in rows:
         print(f"| {shape} | {name} | {cfg} | {tflops:.1f} | {ok} |")

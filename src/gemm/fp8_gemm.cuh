@@ -151,8 +151,10 @@ struct IdLookahead {
   }
   // Tile t (the one whose ids `next` holds): places it, takes its ids (`id`: this lane's, for valid_rows), starts
   // the loads for t + stride. False for a padding block.
-  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile, int& id) {
-    sched.place(t, tile);
+  // (placed: `tile` already holds t's rows and columns)
+  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile, int& id,
+                                       bool placed = false) {
+    if (!placed) sched.place(t, tile);
     id = next;
     tile.g = max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
     next = sched.load_lane_id(t + stride, warp_row, lane);
@@ -308,6 +310,21 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // (with kTmaStore the staged path is the fallback for grouped warps with invalid rows and borrows each warp's part
   // of the TMA staging tile; an unaligned D takes the direct stores)
   uint32_t* epi_stage = reinterpret_cast<uint32_t*>(empty + kStages);
+  // DS_SCHED_WARP (experiment, opt-in): a scheduler thread (warp 1 of the producer warpgroup) places the tiles and
+  // resolves their groups (contiguous: the m_indices loads) kSchedSlots tiles ahead into a shared-memory ring; the
+  // producer thread reads each tile's (m0, n0, g) from it instead of placing it itself (run-time integer divisions
+  // and, for the contiguous kind, a global-load round trip per tile, on the path to each tile's first TMA load).
+  // The ring sits after the staged epilogue's buffer (host: heuristic.sched_ring_bytes()).
+#ifdef DS_SCHED_WARP
+  constexpr bool kSchedWarp = kCluster == 1;
+#else
+  constexpr bool kSchedWarp = false;
+#endif
+  constexpr int kSchedSlots = 4;
+  uint64_t* sched_full = reinterpret_cast<uint64_t*>(
+      reinterpret_cast<uint8_t*>(epi_stage) + ((kTmaStore || !kStagedEpilogue) ? 0 : 8 * kStageWords * 4));
+  uint64_t* sched_empty = sched_full + kSchedSlots;
+  int* sched_ent = reinterpret_cast<int*>(sched_empty + kSchedSlots);   // a tile's group, -1: padding block
 
   const int tid = threadIdx.x;
   // Warpgroup index through a shuffle: ptxas then knows it is warp-uniform and keeps the wgmma descriptors (which
@@ -324,6 +341,12 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(full + s, 1);
       sm90::mbar_init(empty + s, kMathWG * 4 * kCluster);  // one arrival per math warp of each CTA
+    }
+    if constexpr (kSchedWarp) {
+      for (int i = 0; i < kSchedSlots; ++i) {
+        sm90::mbar_init(sched_full + i, 1);
+        sm90::mbar_init(sched_empty + i, 1);
+      }
     }
     sm90::fence_barrier_init();
     sm90::fence_proxy_async();
@@ -361,13 +384,45 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #ifndef DS_NO_SETMAXNREG
     sm90::regs_decrease<40>();
 #endif
-    if (tid == kMathThreads) {
+    // (the scheduler branch is taken per warp, by a warp-uniform test: a second single-thread branch beside the
+    // producer's made ptxas treat the producer's loop as divergent and move its TMA operands out of uniform registers)
+    const int pwarp = __shfl_sync(0xffffffffu, tid / 32, 0);
+    if (kSchedWarp && pwarp == kMathThreads / 32 + 1) {
+      if (tid % 32 == 0) {
+      // scheduler thread: one ring entry per tile of this CTA (w: 1 valid, 0 padding block, -1 end of the list)
+      int slot = 0;
+      uint32_t ph = 0;
+      for (int t = first_tile; t < sched.total; t += tile_stride) {
+        GemmTile tile{0, 0, 0};
+        const bool ok = sched.resolve(t, tile);
+        sm90::mbar_wait(sched_empty + slot, ph ^ 1);
+        sched_ent[slot] = ok ? tile.g : -1;
+        sm90::mbar_arrive(sched_full + slot);      // release: the entry is visible to the producer's acquire
+        if (++slot == kSchedSlots) { slot = 0; ph ^= 1; }
+      }
+      }
+    } else if (tid == kMathThreads) {
       int s = 0;
       uint32_t phase = 0;
       ProducerIdLookahead<Sched> ids(sched, kProducerLookahead ? first_tile : sched.total);
+      int slot = 0;
+      uint32_t ph = 0;
       for (int t = first_tile; t < sched.total; t += tile_stride) {
         GemmTile tile;
-        if (kProducerLookahead ? !ids.take(sched, t, tile_stride, tile) : !sched.resolve(t, tile)) continue;
+        if constexpr (kSchedWarp) {
+          sm90::mbar_wait(sched_full + slot, ph);
+          // (a shuffle from lane 0, this thread, hands the value to ptxas as warp-uniform: read from shared memory
+          // and branched on, it made the whole loop divergent and every TMA load re-read its operands into uniform
+          // registers)
+          const int g = __shfl_sync(1u, sched_ent[slot], 0);
+          sm90::mbar_arrive(sched_empty + slot);
+          if (++slot == kSchedSlots) { slot = 0; ph ^= 1; }
+          if (g < 0) continue;                        // padding block
+          sched.place(t, tile);                       // (uniform arithmetic; only the group comes from the ring)
+          tile.g = g;
+        } else if (kProducerLookahead ? !ids.take(sched, t, tile_stride, tile) : !sched.resolve(t, tile)) {
+          continue;
+        }
         tile.m0 += rank * kBlockM;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = tile.g * kN + tile.n0;
@@ -403,10 +458,69 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
     const bool tma_ok = kTmaStore && ((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0;
     IdLookahead<Sched> ids(sched, kIdLookahead ? first_tile : sched.total, wg * 64 + warp_in_wg * 16, lane);
+    // B-scale lanes (contiguous kind by default): 1D2D B scales read a tile ahead into registers, lane l holding
+    // slice 32 r + l of each of the tile's scale blocks, and handed to the slices by shuffles, instead of one global
+    // load per slice on the path to its promotion (SASS: the per-slice LDG sits right before the next slice's wgmmas
+    // and its FMUL right after the wait for this slice). Dense and masked kinds load the next tile's scales when a
+    // tile starts; the contiguous kind when its main loop ends (the next tile's group comes from the id lookahead).
+    // H200 (docs/gemm.md, 2026-11-30 04:35 UTC session): 1.8-3.7% fewer SM cycles on the contiguous shapes, -1.5 to
+    // +6.6% at steady clocks; dense shapes also lose 0.7-3.2% of their cycles but ran 0.8-2.2% slower at steady
+    // (power-capped) clocks, so dense and masked kinds keep the per-slice loads. DS_SFB_LANES turns it on for every
+    // kind, DS_NO_SFB_LANES off for every kind (A/B runs, tests).
+#if defined(DS_SFB_LANES)
+    constexpr bool kSfbLanesKind = true;
+#elif defined(DS_NO_SFB_LANES)
+    constexpr bool kSfbLanesKind = false;
+#else
+    constexpr bool kSfbLanesKind = kKind == kGemmContiguous;
+#endif
+    constexpr bool kSfbLanes = kSfbLanesKind && !kSfbPerRow && kK > 0 && (kK + 127) / 128 <= 128 &&
+                               (kKind != kGemmContiguous || kIdLookahead);
+    constexpr int kSfbR = kSfbLanes ? ((kK + 127) / 128 + 31) / 32 : 1;     // registers per scale block
+    constexpr int kSfbLoadBlk = (kSfbPerRow || 128 % kBlockN == 0) ? 1 : kSfbSpan;   // blocks a tile reads
+    float sfb_cur[kSfbR][3], sfb_nxt[kSfbR][3];
+    int sfb_nxt_tile = -1;                                      // the tile whose scales sfb_nxt holds...
+    GemmTile sfb_nxt_place{0, 0, 0};                            // ... and its placement (reused: no second place())
+    // (contiguous: tile tn's group is given, from the ids; a padding block's is -1 and its scales go unused)
+    const auto sfb_lanes_load = [&](int tn, int g_contig) {
+      if (!kSfbLanes || tn >= sched.total) return;
+      GemmTile nt;
+      sched.place(tn, nt);
+      sfb_nxt_place = nt;
+      if (kKind == kGemmContiguous) nt.g = max(g_contig, 0);
+      const float* base = sfb + nt.g * sfb_sg;
+#pragma unroll
+      for (int i = 0; i < kSfbLoadBlk; ++i) {
+        const float* p = base + min(nt.n0 / 128 + i, kSfbBlocksN - 1) * sfb_sn;
+#pragma unroll
+        for (int r = 0; r < kSfbR; ++r) {
+          const int kbl = 32 * r + lane;
+          sfb_nxt[r][i] = kbl < kNumKB ? __ldg(p + kbl * sfb_sk) : 0.f;
+        }
+      }
+      sfb_nxt_tile = tn;
+    };
+    // group of the tile whose ids the lookahead holds (contiguous kind)
+    const auto ahead_group = [&]() {
+      return max(__shfl_sync(0xffffffffu, ids.next, 16), __shfl_sync(0xffffffffu, ids.next, 17));
+    };
+    if constexpr (kSfbLanes) sfb_lanes_load(first_tile, kKind == kGemmContiguous ? ahead_group() : 0);
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
       int row_id = 0;
-      if (kIdLookahead ? !ids.take(sched, t, tile_stride, tile, row_id) : !sched.resolve(t, tile)) continue;
+      const bool placed = kSfbLanes && sfb_nxt_tile == t;
+      if (placed) tile = sfb_nxt_place;
+      if (kIdLookahead ? !ids.take(sched, t, tile_stride, tile, row_id, placed)
+                       : !(placed || sched.resolve(t, tile))) continue;
+      if constexpr (kSfbLanes) {
+        if (sfb_nxt_tile != t) sfb_lanes_load(t, tile.g);   // (contiguous: after a skipped padding block)
+#pragma unroll
+        for (int r = 0; r < kSfbR; ++r) {
+#pragma unroll
+          for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
+        }
+        if (kKind != kGemmContiguous) sfb_lanes_load(t + tile_stride, 0);
+      }
       tile.m0 += rank * kBlockM;
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
@@ -436,8 +550,19 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         };
         // B scales of slice k_blk (blocks a fragment never uses are not loaded: their values are dead)
         const auto load_sfb = [&](int k_blk, float (&b)[3]) {
+          if constexpr (kSfbLanes) {   // slice k_blk's scales from lane k_blk % 32 of register k_blk / 32
 #pragma unroll
-          for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
+            for (int i = 0; i < 3; ++i) {
+              if (i >= kSfbLoadBlk) { b[i] = b[0]; continue; }
+              float v = sfb_cur[0][i];
+#pragma unroll
+              for (int r = 1; r < kSfbR; ++r) v = k_blk >= 32 * r ? sfb_cur[r][i] : v;
+              b[i] = __shfl_sync(0xffffffffu, v, k_blk % 32);
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
+          }
         };
         if constexpr (kPipePromote) {
           // Slices go in trips (kTrip) through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
@@ -562,6 +687,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
       if constexpr (kOneSfb) main_loop(IntC<0>{}); else with_sfb_offset<0, kSfbGcd>(tile.n0 % 128, main_loop);
 #endif
+      if (kSfbLanes && kKind == kGemmContiguous) sfb_lanes_load(t + tile_stride, ahead_group());
 
       // ---- epilogue: registers -> global, only valid rows and columns ----
       int row_limit = M;

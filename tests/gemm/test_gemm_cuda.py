@@ -268,6 +268,44 @@ def test_contiguous_id_lookahead_matches_load_at_start(monkeypatch, cfg, tma):
     assert calc_diff(outs[""][ids >= 0], want[ids >= 0]) < 1e-5
 
 
+def _check_define_matches_default(monkeypatch, define, cfg, tma, k, base=""):
+    from torch_deepstack.gemm import kernels
+    m, n = 1100, 576
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+    args = _grouped_inputs(m, n, k, [157, 0, 201, 77, 300])
+    outs = {}
+    try:
+        kernels.set_num_sms(7)
+        for defines in (base, define):
+            monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+            outs[defines] = _run_all_kinds(*args, n)
+            _check_written(*outs[defines], args[4], args[7])
+    finally:
+        kernels.set_num_sms(None)
+    for new, old in zip(outs[define], outs[base]):
+        assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,128,6", "0"), ("64,128,8", "0")])
+def test_sched_warp_matches_default(monkeypatch, cfg, tma):
+    """Experiment DS_SCHED_WARP (a scheduler thread resolves each tile's group ahead into a shared-memory ring for
+    the producer): dense, contiguous (padding inside warps, an empty group) and masked outputs bit-identical to the
+    default kernel, exactly the valid rows written, with 7 CTAs (many tiles per CTA, the ring wraps)."""
+    _check_define_matches_default(monkeypatch, "DS_SCHED_WARP", cfg, tma, 384)
+
+
+@pytest.mark.parametrize("k", [384, 4224])
+@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")])
+def test_sfb_lanes_match_per_slice_loads(monkeypatch, cfg, tma, k):
+    """B-scale lanes (B scales read a tile ahead into registers, one slice per lane, shuffled to the slices; the
+    contiguous kind's default, DS_SFB_LANES for every kind): bit-identical to the per-slice loads (DS_NO_SFB_LANES)
+    for dense, contiguous (a padding block, an empty group) and masked calls; 3 and 33 K slices (one and two
+    registers per scale block), tiles within one scale block and 176-wide ones spanning up to three, 7 CTAs (many
+    tiles per CTA)."""
+    _check_define_matches_default(monkeypatch, "DS_SFB_LANES", cfg, tma, k, base="DS_NO_SFB_LANES")
+
+
 @pytest.mark.parametrize("cfg", ["128,176,5", "128,112,6"])
 def test_grouped_odd_widths_match_runtime_scale_pick(monkeypatch, cfg):
     """The heuristic may give the grouped kinds 176-wide tiles too (wave fill): contiguous and masked kinds at 176

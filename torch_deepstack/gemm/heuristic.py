@@ -87,15 +87,22 @@ def tma_store_staging_bytes(block_m: int, block_n: int) -> int:
     return block_m * block_n * 2
 
 
+def sched_ring_bytes() -> int:
+    """Shared memory of the opt-in scheduler-thread ring (DS_SCHED_WARP experiment): 4 slots x (2 mbarriers + int4)."""
+    return 4 * 32 if "DS_SCHED_WARP" in os.environ.get("DEEPSTACK_GEMM_DEFINES", "") else 0
+
+
 def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
     staging = tma_store_staging_bytes(cfg.block_m, cfg.block_n) if cfg.tma_store else epilogue_staging_bytes()
-    return cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024 + staging
+    return (cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024 + staging +
+            sched_ring_bytes())
 
 
 def with_tma_store(cfg: GemmConfig, sf_b_per_row: bool = False) -> GemmConfig:
     """`cfg` with the TMA-store epilogue: its staging tile is reserved and the stage count cut to what still fits."""
     staging = tma_store_staging_bytes(cfg.block_m, cfg.block_n)
-    fit = (SMEM_BUDGET - 1024 - 16 * MAX_STAGES - staging) // stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row)
+    fit = ((SMEM_BUDGET - 1024 - 16 * MAX_STAGES - staging - sched_ring_bytes()) //
+           stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row))
     return replace(cfg, stages=min(cfg.stages, fit), tma_store=True)
 
 
@@ -125,5 +132,6 @@ def select_config(m: int, n: int, k: int, num_groups: int, num_sms: int, sf_b_pe
     if bm == 128 and not sf_b_per_row and bn in (128, 192):
         bn = wave_fill_width(m, n, num_groups, num_sms, bn)
     stages = min(MAX_STAGES,
-                 (SMEM_BUDGET - 1024 - 16 * MAX_STAGES - epilogue_staging_bytes()) // stage_bytes(bm, bn, sf_b_per_row))
+                 (SMEM_BUDGET - 1024 - 16 * MAX_STAGES - epilogue_staging_bytes() - sched_ring_bytes()) //
+                 stage_bytes(bm, bn, sf_b_per_row))
     return GemmConfig(bm, bn, stages, num_sms)

@@ -37,9 +37,10 @@ def flush_l2(kind: str = "write") -> None:
         raise ValueError(f"flush_l2: kind must be 'write' or 'read', got {kind!r}")
 
 
-def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use_graph: bool = False) -> float:
+def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use_graph: bool = False,
+              samples: list | None = None) -> float:
     """Median milliseconds of `fn()` on the current CUDA stream. flush: True (= "write"), "read" or False, see
-    flush_l2."""
+    flush_l2. `samples`, if given, is extended by the rep times in time order."""
     flush_kind = "write" if flush is True else flush
     for _ in range(warmup):
         fn()
@@ -60,7 +61,70 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
         call()
         e.record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    if samples is not None:
+        samples.extend(times)
+    return statistics.median(times)
+
+
+def _call_ms(fn, flush_kind) -> float:
+    """GPU milliseconds of one flushed call of fn, flush included (three calls, synchronised)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        if flush_kind:
+            flush_l2(flush_kind)
+        fn()
+    end.record()
+    end.synchronize()
+    return max(start.elapsed_time(end) / 3, 1e-3)
+
+
+def bench_gpu_interleaved(fns: dict, rounds: int = 5, rep: int = 10, settle_ms: float = 100.0,
+                          flush: bool | str = True, samples: dict | None = None, enter: dict | None = None) -> dict:
+    """Median milliseconds of each of several contenders timed the same way: `rounds` rounds, each contender in
+    turn (the order rotated every round) runs about settle_ms of flushed calls, then `rep` timed repetitions with
+    the L2 flushed before each; every contender's rounds * rep samples are pooled. So no contender is timed in the
+    wake of another's power draw more than the others, and each is timed at its own steady clock (triton's do_bench
+    warms up for 25 ms). `samples`, if given, receives each contender's samples in time order; `enter`, if given,
+    maps a contender to a function called (on the host) before each of its blocks, e.g. to select a kernel variant.
+    On the H200 under FP8 GEMM load the board sits at its power cap (~690 W) and the SM clock between 1.4 and
+    1.98 GHz, set by what ran in the last ~100 ms: 30 ms of settling still moved ratios by up to 8% against 100 ms
+    (docs/gemm.md, 2026-11-30), hence the 100 ms default."""
+    flush_kind = "write" if flush is True else flush
+    names = list(fns)
+    enter = enter or {}
+    settle = {}
+    for name in names:
+        enter.get(name, lambda: None)()
+        fns[name]()
+        # settle calls: this contender's calls (each after a flush, as when timed) for about settle_ms of GPU time
+        settle[name] = int(settle_ms / _call_ms(fns[name], flush_kind))
+    events = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            enter.get(name, lambda: None)()
+            for _ in range(settle[name]):
+                if flush_kind:
+                    flush_l2(flush_kind)
+                fn()
+            for _ in range(rep):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if flush_kind:
+                    flush_l2(flush_kind)
+                s.record()
+                fn()
+                e.record()
+                events[name].append((s, e))
+    torch.cuda.synchronize()
+    out = {}
+    for name in names:
+        times = [s.elapsed_time(e) for s, e in events[name]]
+        if samples is not None:
+            samples[name] = times
+        out[name] = statistics.median(times)
+    return out
 
 
 def bench_gpu_rotating(fn, input_sets: list, warmup: int = 10, rep: int = 50) -> float:
