@@ -136,6 +136,17 @@ __device__ __forceinline__ int q_kpos(int k, int t) { return 16 * (k / 2) + 8 * 
 #ifndef DEEPSTACK_FP8R_WK_SHFL
 #define DEEPSTACK_FP8R_WK_SHFL 0
 #endif
+// 32-row split with SPLIT_ROWS, A/B switches (docs/mla.md "32 rows: the fast softmax vote per worker"): SPLIT_XV = the
+// S^T exchange as two float4 stores and loads per thread instead of eight floats each; SPLIT_P2VOTE = the barrier
+// after the P^T copies is a bar.red.or asking whether any row maximum or group exponent moved (either worker): on
+// pages where none did (most), the other worker's rescale factors are not read. FAST_SOFTMAX applies to the split
+// too (each worker votes over its rows). All change no arithmetic (bit-identical, tested).
+#ifndef DEEPSTACK_FP8R_SPLIT_XV
+#define DEEPSTACK_FP8R_SPLIT_XV 0
+#endif
+#ifndef DEEPSTACK_FP8R_SPLIT_P2VOTE
+#define DEEPSTACK_FP8R_SPLIT_P2VOTE 0
+#endif
 // Ablation (timing only, wrong results): the copies fill the ring once; the workers then wait for nothing and
 // compute every later page on those stale bytes (the workers' own per-page time, no DRAM stream).
 #ifndef DEEPSTACK_FP8R_ABL_NOLOAD

@@ -104,7 +104,9 @@
       for (int i = 0; i < kN / 2; ++i) o[mb][i] = 0.f;
     int Mg[kMG];   // group g's O^T is in units of 2^(Mg[g] - 6); only moves up (split rows: all four groups)
     // fast softmax: 2^(Mg + 1) (a scale at or above it raises M_g; 0 before the first page) and 2^(6 - Mg)
-    constexpr bool kFastMax = DEEPSTACK_FP8R_FAST_SOFTMAX != 0 && kN == 16 && !kSplit;
+    // (16 rows on alternate pages, or the split: m in registers there; split rows: a per-worker vote over its rows and
+    // all four groups' scales, which both workers see alike, so M_g still moves in both on the same page)
+    constexpr bool kFastMax = DEEPSTACK_FP8R_FAST_SOFTMAX != 0 && (kN == 16 || kSplit);   // (not: m in smem)
     [[maybe_unused]] float gthr[kMG], gmul[kMG];
 #pragma unroll
     for (int gi = 0; gi < kMG; ++gi) {
@@ -307,7 +309,27 @@
         // other passes after reading it). s0 + s1 is the same float in both workers, so their softmax states agree.
         float* xw = sX + (2 * (page_idx & 1) + wk) * (kN / 2) * 128;
         const float* xr = sX + (2 * (page_idx & 1) + (wk ^ 1)) * (kN / 2) * 128;
-        if constexpr (kRowSplit) {   // send the other worker's rows (s[8 (1 - wk) + i]), keep s[0..7] = own rows
+        if constexpr (kRowSplit && DEEPSTACK_FP8R_SPLIT_XV != 0) {   // the same, as float4 [i / 4][128 threads][4]
+          float4* xw4 = reinterpret_cast<float4*>(smem + L::kX) + (2 * (page_idx & 1) + wk) * (kN / 8) * 128 + wt;
+          const float4* xr4 =
+              reinterpret_cast<const float4*>(smem + L::kX) + (2 * (page_idx & 1) + (wk ^ 1)) * (kN / 8) * 128 + wt;
+#pragma unroll
+          for (int i4 = 0; i4 < kN / 16; ++i4) {
+            const int i = 4 * i4;
+            xw4[i4 * 128] = wk ? make_float4(s[i], s[i + 1], s[i + 2], s[i + 3])
+                               : make_float4(s[kN / 4 + i], s[kN / 4 + i + 1], s[kN / 4 + i + 2], s[kN / 4 + i + 3]);
+          }
+          sm90::bar_sync(kBarX, 256);
+#pragma unroll
+          for (int i4 = 0; i4 < kN / 16; ++i4) {
+            const int i = 4 * i4;
+            const float4 x = xr4[i4 * 128];
+            s[i] = (wk ? s[kN / 4 + i] : s[i]) + x.x;
+            s[i + 1] = (wk ? s[kN / 4 + i + 1] : s[i + 1]) + x.y;
+            s[i + 2] = (wk ? s[kN / 4 + i + 2] : s[i + 2]) + x.z;
+            s[i + 3] = (wk ? s[kN / 4 + i + 3] : s[i + 3]) + x.w;
+          }
+        } else if constexpr (kRowSplit) {   // send the other worker's rows (s[8 (1 - wk) + i]), keep s[0..7] = own rows
 #pragma unroll
           for (int i = 0; i < kN / 4; ++i) xw[i * 128] = wk ? s[i] : s[kN / 4 + i];
           sm90::bar_sync(kBarX, 256);
@@ -344,7 +366,7 @@
       if constexpr (kFastMax) {
         bool need = false;
 #pragma unroll
-        for (int j = 0; j < kJ; ++j)
+        for (int j = 0; j < kJs; ++j)   // (split rows: the worker's own rows)
 #pragma unroll
           for (int e = 0; e < 2; ++e)
 #pragma unroll
@@ -491,7 +513,12 @@
             for (int e = 0; e < 2; ++e) sScl[kR0 + 8 * j + 2 * t + e] = scl[j][e];
         }
         sm90::fence_proxy_async();
-        sm90::bar_sync(kBarP2, 256);
+        // DEEPSTACK_FP8R_SPLIT_P2VOTE: the barrier also asks whether any row's maximum or any group's exponent moved
+        // on this page (in either worker); if none, every factor below is 1: skip reading them.
+        bool moved = true;
+        if constexpr (DEEPSTACK_FP8R_SPLIT_P2VOTE != 0) moved = bar_any(kBarP2, 256, any_up || graise);
+        else sm90::bar_sync(kBarP2, 256);
+        if (moved) {
         float sa[kJ][2];   // factors of rows 8 j + 2 t + e
         bool need = false;
 #pragma unroll
@@ -505,6 +532,7 @@
           }
         const float gf[2] = {wk ? gfac[2 % kMG] : gfac[0], wk ? gfac[3 % kMG] : gfac[1 % kMG]};
         if (__any_sync(0xffffffffu, need) || gf[0] != 1.f || gf[1] != 1.f) rescale_o(sa, gf);
+        }
       } else {
         if (__any_sync(0xffffffffu, any_up) || graise) rescale_o(scl, gfac);
         sm90::fence_proxy_async();

@@ -7,8 +7,10 @@ changing by page, q rows 2^-30 .. 400 apart, NaN in unused slots, s_k = 0, force
 this kernel at 16 rows and again at 32 rows, and its results are compared with the shared-memory kernel's. The
 32-row cases run in four forms: workers on alternate pages, and the channel-split variant (kernels._FP8_REGS_SPLIT32,
 the default since 2026-11-30: both workers on every page, each with two of the four 128-channel groups) plain, with
-its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1), and with that and one code copy per worker (the default build),
-all with the same tolerances. The 16-row cases also run with the raw ring in 2 and 4 stages per page
+its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1), with that and one code copy per worker, with LEAN, and in the
+split's A/B forms (kernels._FP8_SPLIT32_AB_DEFINES: FAST_SOFTMAX, WK_SHFL, SPLIT_XV, SPLIT_P2VOTE; the last form is
+the default build since 2026-11-30 ~05:20 UTC), all with the same tolerances; the A/B forms are also bit-identical to
+the LEAN build. The 16-row cases also run with the raw ring in 2 and 4 stages per page
 (kernels._FP8_REGS16_SUBPAGES, -DDEEPSTACK_FP8R_SUBPAGES), which must give bit-identical results.
 """
 from __future__ import annotations
@@ -30,12 +32,18 @@ pytestmark = pytest.mark.cuda
 _R16_FORMS = {"lean": 0, "leanfast": 1, "leanfastshfl": 2}
 
 
-@pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies", "split32lean", "sub2", "sub4", *_R16_FORMS])
+# kernels._FP8_SPLIT32_AB_DEFINES (32-row split forms: FAST_SOFTMAX, WK_SHFL, both, + SPLIT_XV + SPLIT_P2VOTE)
+_R32_FORMS = {"split32fast": 1, "split32shfl": 2, "split32fastshfl": 3, "split32fastxv": 4, "split32fastshflxv": 5}
+
+
+@pytest.fixture(params=["alt", "split32", "split32rows", "split32rowscopies", "split32lean", "sub2", "sub4",
+                        *_R16_FORMS, *_R32_FORMS])
 def regs_kernel(request, monkeypatch):
     """Every FP8 few-rows call takes the register-A kernel; at 32 rows the workers on alternate pages, the
-    channel-split variant, that variant with its row-split softmax, or with both switches (the form the split
-    takes when switched on), and that with LEAN; at 16 rows without the worker-chain switches, with LEAN, with LEAN + FAST_SOFTMAX (the
-    default build), and the raw ring in 2 or 4 stages per page. Returns the form's name."""
+    channel-split variant, that variant with its row-split softmax, or with both switches, and that with LEAN, and
+    the split's A/B forms (_R32_FORMS; the last is the default build); at 16 rows without the worker-chain switches,
+    with LEAN, LEAN + FAST_SOFTMAX, + WK_SHFL (the default build), and the raw ring in 2 or 4 stages per page.
+    Returns the form's name."""
     from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
     monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", request.param.startswith("split"))
@@ -44,20 +52,25 @@ def regs_kernel(request, monkeypatch):
     if request.param in _R16_FORMS or request.param == "alt":   # (the sub-page forms: on the default build)
         monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[_R16_FORMS[request.param]]
                             if request.param in _R16_FORMS else ())
+    monkeypatch.setattr(kernels, "_FP8_SPLIT32_FORM", 0)   # (DEEPSTACK_MLA_FP8_R32 may pick another default form)
     if request.param.startswith("split"):
-        if request.param == "split32lean":   # both switches and LEAN (the A/B candidate)
+        if request.param in _R32_FORMS:
+            monkeypatch.setattr(kernels, "_FP8_SPLIT32_DEFINES",
+                                kernels._FP8_SPLIT32_AB_DEFINES[_R32_FORMS[request.param] - 1])
+        elif request.param == "split32lean":   # both switches and LEAN (the A/B candidate)
             monkeypatch.setattr(kernels, "_FP8_SPLIT32_DEFINES", kernels._FP8_SPLIT32_LEAN_DEFINES)
         else:
             _split_switches(monkeypatch, rows="rows" in request.param, copies="copies" in request.param)
     return request.param
 
 
-def test_split_32_rows_defaults_to_both_switches():
-    """Switched on, the split builds with both switches and LEAN, and that kernel is in the prebuild list."""
+def test_split_32_rows_defaults_to_fast_shfl_xv_p2vote():
+    """Switched on, the split builds form 5 (both switches' row split, LEAN, FAST_SOFTMAX, WK_SHFL instead of the
+    code copies, SPLIT_XV, SPLIT_P2VOTE), and that kernel and the previous LEAN build are in the prebuild list."""
     from torch_deepstack import jit
     from torch_deepstack.mla import kernels
-    assert kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT32_LEAN_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2] + (
-        ("DEEPSTACK_FP8R_LEAN", 1),)
+    assert kernels._FP8_SPLIT32_DEFINES == kernels._FP8_SPLIT32_FAST_DEFINES == kernels._FP8_SPLIT32_AB_DEFINES[4]
+    assert kernels._FP8_SPLIT32_LEAN_DEFINES == kernels._FP8_SPLIT_AB_DEFINES[2] + (("DEEPSTACK_FP8R_LEAN", 1),)
     for defines in (kernels._FP8_SPLIT32_DEFINES, kernels._FP8_SPLIT32_LEAN_DEFINES):
         assert kernels.fp8_regs_spec(32, True, defines) in jit.prebuild_specs()
 
@@ -68,6 +81,7 @@ def _split_switches(monkeypatch, rows: int = 1, copies: int = 0) -> None:
     from torch_deepstack.mla import kernels
     extra = (("DEEPSTACK_FP8R_SPLIT_ROWS", 1),) * bool(rows) + (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),) * bool(copies)
     monkeypatch.setattr(kernels, "_FP8_SPLIT32_DEFINES", extra)
+    monkeypatch.setattr(kernels, "_FP8_SPLIT32_FORM", 0)
 
 
 def _skip_split_at_16_rows(form: str, rows: int) -> None:
@@ -116,6 +130,49 @@ def test_fp8_regs_fast_softmax_equals_lean(form, h_kv, parts, monkeypatch):
     res = {}
     for f in (0, form):
         monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[f])
+        res[f] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
+    assert torch.equal(res[0][0], res[form][0])
+    assert torch.equal(res[0][1], res[form][1])
+
+
+def test_split32_forms_prebuilt():
+    """Every 32-row split A/B form is in the prebuild list, and _FP8_SPLIT32_FORM picks it."""
+    from torch_deepstack import jit
+    from torch_deepstack.mla import kernels
+    specs = jit.prebuild_specs()
+    for k, defines in enumerate(kernels._FP8_SPLIT32_AB_DEFINES, 1):
+        assert kernels.fp8_regs_spec(32, True, defines) in specs
+        kernels_form = kernels._FP8_SPLIT32_FORM
+        try:
+            kernels._FP8_SPLIT32_FORM = k
+            assert kernels._fp8_split32_defines() == defines
+        finally:
+            kernels._FP8_SPLIT32_FORM = kernels_form
+
+
+@pytest.mark.parametrize("form", sorted(_R32_FORMS.values()))
+@pytest.mark.parametrize("h_kv,parts", [(1, 0), (1, 7), (2, 5)])
+def test_fp8_split32_forms_equal_default(form, h_kv, parts, monkeypatch):
+    """The 32-row split's A/B forms change no arithmetic: FAST_SOFTMAX (each worker's vote skips the max reduction on
+    pages that move no running maximum of its rows and no group exponent), WK_SHFL instead of the code copies,
+    SPLIT_XV (float4 exchange) and SPLIT_P2VOTE (rescale factors read only when one moved) are bit-identical to the
+    LEAN build. Scales far apart by page make M_g move mid-request, so both softmax paths and the rescale run."""
+    from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
+    from tests.mla.test_mla_fp8_f16_cuda import _scaled_fp8_case
+    monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
+    monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", True)
+    monkeypatch.setattr(kernels, "_FP8_SPLIT32_DEFINES", kernels._FP8_SPLIT32_LEAN_DEFINES)
+    lens = varied_lengths(6, 900, seed=6, zeros=(1,))
+    lens[2] = 17
+    if h_kv == 1:   # group magnitudes 1e-4 .. 1e4 changing by page
+        q, cache, bt, seq = _scaled_fp8_case(lens, 1, 32, seed=6, q_scale=3e-2)
+    else:
+        q, cache, bt, seq = make_case(6, 1, 32 * h_kv, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
+                                      seed=6)
+    sched, splits = get_mla_metadata(seq, 32, h_kv, num_sm_parts=parts)
+    res = {}
+    for f in (0, form):
+        monkeypatch.setattr(kernels, "_FP8_SPLIT32_FORM", f)
         res[f] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
     assert torch.equal(res[0][0], res[form][0])
     assert torch.equal(res[0][1], res[form][1])

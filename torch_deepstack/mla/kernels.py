@@ -171,12 +171,35 @@ _LEAN, _FAST, _WK_SHFL = (("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFT
 _FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _FAST, _WK_SHFL))
 _FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "3"))]
 
-# 32 rows (the channel split): what _FP8_REGS_SPLIT32 builds: both switches and LEAN (the 16-row chain's exp2 and
-# mask change; default since 2026-11-30 05:10 UTC, H200 A/B 05:08: 128/1/32/8192 287.3 vs 299.4 us, 128/2/16/8192
-# 286.9 vs 301.9, 128/1/32/16384 538.3 vs 564.1; FP8 suite passed). DEEPSTACK_MLA_FP8_R32_LEAN=0 before import: without.
+# 32 rows (the channel split): the forms. LEAN (the 16-row chain's exp2 and mask change) on both switches was the
+# default from 2026-11-30 05:10 UTC (H200 A/B 05:08: 128/1/32/8192 287.3 vs 299.4 us). A/B forms (prebuilt; docs/mla.md
+# "32 rows: the fast softmax vote per worker"): 1: + FAST_SOFTMAX (each worker votes over its 16 rows and the four
+# groups' scales), 2: WK_SHFL instead of the code copies (one copy, the worker index warp-uniform), 3: both; 4 and 5:
+# 1 and 3 with SPLIT_XV (the S^T exchange as float4) and SPLIT_P2VOTE (the P^T barrier votes whether any rescale
+# factor moved). None changes the arithmetic (bit-identical to the LEAN build, tested).
 _FP8_SPLIT32_LEAN_DEFINES = _FP8_SPLIT_AB_DEFINES[2] + (_LEAN,)
-_FP8_SPLIT32_DEFINES = (_FP8_SPLIT32_LEAN_DEFINES if os.environ.get("DEEPSTACK_MLA_FP8_R32_LEAN", "1") == "1"
-                        else _FP8_SPLIT_AB_DEFINES[2])
+_SPLIT_ROWS, _SPLIT_COPIES = _FP8_SPLIT_AB_DEFINES[2]
+_SPLIT_XV, _SPLIT_P2VOTE = ("DEEPSTACK_FP8R_SPLIT_XV", 1), ("DEEPSTACK_FP8R_SPLIT_P2VOTE", 1)
+_FP8_SPLIT32_AB_DEFINES = ((_SPLIT_ROWS, _SPLIT_COPIES, _LEAN, _FAST), (_SPLIT_ROWS, _LEAN, _WK_SHFL),
+                           (_SPLIT_ROWS, _LEAN, _FAST, _WK_SHFL),
+                           (_SPLIT_ROWS, _SPLIT_COPIES, _LEAN, _FAST, _SPLIT_XV, _SPLIT_P2VOTE),
+                           (_SPLIT_ROWS, _LEAN, _FAST, _WK_SHFL, _SPLIT_XV, _SPLIT_P2VOTE))
+# What _FP8_REGS_SPLIT32 builds: form 5 since 2026-11-30 ~05:20 UTC (H200 A/B 05:13: 128/1/32/8192 258.4 vs 286.8
+# us, 128/2/16/8192 255.2 vs 286.8, 64/1/32/4096 83.2 vs 92.0; 05:14: 128/1/32/16384 477.7 vs 533.6; FP8 suite
+# passed on it). Before import: DEEPSTACK_MLA_FP8_R32_LEAN=1 the LEAN build, =0 neither (both switches alone).
+_FP8_SPLIT32_FAST_DEFINES = _FP8_SPLIT32_AB_DEFINES[4]
+_FP8_SPLIT32_DEFINES = {None: _FP8_SPLIT32_FAST_DEFINES, "1": _FP8_SPLIT32_LEAN_DEFINES}.get(
+    os.environ.get("DEEPSTACK_MLA_FP8_R32_LEAN"), _FP8_SPLIT_AB_DEFINES[2])
+# _FP8_SPLIT32_FORM = k (`+@_FP8_SPLIT32_FORM=k` in ab_mla.py, DEEPSTACK_MLA_FP8_R32=k before import) builds
+# _FP8_SPLIT32_AB_DEFINES[k - 1] instead of _FP8_SPLIT32_DEFINES (0: that).
+_FP8_SPLIT32_FORM = int(os.environ.get("DEEPSTACK_MLA_FP8_R32", "0"))
+
+
+def _fp8_split32_defines() -> tuple:
+    form = int(_FP8_SPLIT32_FORM)
+    if not 0 <= form <= len(_FP8_SPLIT32_AB_DEFINES):
+        raise ValueError(f"kernels._FP8_SPLIT32_FORM must be 0..{len(_FP8_SPLIT32_AB_DEFINES)}, got {form!r}")
+    return tuple(_FP8_SPLIT32_DEFINES) if form == 0 else _FP8_SPLIT32_AB_DEFINES[form - 1]
 
 
 def _fp8_regs16_defines() -> tuple:
@@ -296,6 +319,7 @@ def _prebuild():
              *(fp8_small_spec(n, _FP8_STAGE_TOKENS) for n in (16, 32)), *(fp8_regs_spec(n) for n in (16, 32)),
              fp8_regs_spec(32, split=True), *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT_AB_DEFINES),
              fp8_regs_spec(32, True, _FP8_SPLIT32_LEAN_DEFINES),
+             *(fp8_regs_spec(32, True, d) for d in _FP8_SPLIT32_AB_DEFINES),
              *(fp8_regs_spec(16, False, d) for d in _FP8_REGS16_AB_DEFINES),
              *(fp8_regs_spec(16, False, tuple(_FP8_REGS16_DEFINES) + (("DEEPSTACK_FP8R_SUBPAGES", sub),))
                for sub in _FP8_REGS16_SUBPAGE_CHOICES if sub != 1)]
@@ -413,7 +437,7 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
                     q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
             if _fp8_use_regs(n):
                 split = _fp8_regs_split(n)
-                spec = fp8_regs_spec(n, split, _FP8_SPLIT32_DEFINES if split else
+                spec = fp8_regs_spec(n, split, _fp8_split32_defines() if split else
                                      _fp8_regs16_defines() if n == 16 else ())
                 smem = fp8_regs_smem_bytes(n, split)
                 # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
