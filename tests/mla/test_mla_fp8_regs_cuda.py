@@ -9,7 +9,7 @@ this kernel at 16 rows and again at 32 rows, and its results are compared with t
 the default since 2026-11-30: both workers on every page, each with two of the four 128-channel groups) plain, with
 its row-split softmax (-DDEEPSTACK_FP8R_SPLIT_ROWS=1), with that and one code copy per worker, with LEAN, and in the
 split's A/B forms (kernels._FP8_SPLIT32_AB_DEFINES: FAST_SOFTMAX, WK_SHFL, SPLIT_XV, SPLIT_P2VOTE; the last form is
-the default build since 2026-11-30 ~05:20 UTC), all with the same tolerances; the A/B forms are also bit-identical to
+the default build since 2026-11-30 05:16 UTC), all with the same tolerances; the A/B forms are also bit-identical to
 the LEAN build. The 16-row cases also run with the raw ring in 2 and 4 stages per page
 (kernels._FP8_REGS16_SUBPAGES, -DDEEPSTACK_FP8R_SUBPAGES), which must give bit-identical results.
 """

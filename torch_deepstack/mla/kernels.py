@@ -128,7 +128,7 @@ _FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 21
 # _FP8_SPLIT32_DEFINES: each worker runs the softmax of its 16 rows (SPLIT_ROWS) and has its own code copy
 # (SPLIT_COPIES). H200 03:45 UTC A/B: 128/1/32/8192 295.6 vs 310.2 us with the workers on alternate pages,
 # 128/2/16/8192 297.1 vs 312.0, 64/1/32/4096 96.7 vs 100.5 (the plain split, _FP8_SPLIT32_DEFINES = (), 340 us).
-# Default since 2026-11-30 04:40 UTC (the FP8 GPU suite passed on every 32-row form; A/B 297.1 vs 310.8 us at
+# Default since 2026-11-30 04:32 UTC (the FP8 GPU suite passed on every 32-row form; A/B 297.1 vs 310.8 us at
 # 128/1/32/8192). DEEPSTACK_MLA_FP8_SPLIT32=0 before import (or _FP8_REGS_SPLIT32 = False) restores alternate pages.
 _FP8_REGS_SPLIT32 = os.environ.get("DEEPSTACK_MLA_FP8_SPLIT32", "1") == "1"
 
@@ -163,16 +163,16 @@ _FP8_REGS16_SUBPAGE_CHOICES = (1, 2, 4)
 # the 16-row build uses: both since 2026-11-30 05:00 UTC (H200 A/B: 128/1/16/8192 201.5 vs 209.1 us, 128/1/16/16384
 # 367.1 vs 382.5; the FP8 GPU suite passed on it). DEEPSTACK_MLA_FP8_R16=k before import: _FP8_REGS16_AB_DEFINES
 # [k - 1] instead (0: neither switch, 1: LEAN alone).
-# WK_SHFL (=3, the default since 2026-11-30 05:10 UTC): the worker index read through a shuffle, so that the
+# WK_SHFL (=3, the default since 2026-11-30 05:06 UTC): the worker index read through a shuffle, so that the
 # compiler keeps the P^T descriptors in uniform registers (64 R2UR per page gone, 1528 -> 1365 SASS instructions in
-# the page loop; H200 A/B 05:08: 128/1/16/8192 198.8 vs 201.7 us, 128/1/16/16384 364.0 vs 368.9; FP8 suite passed).
+# the page loop; H200 A/B 05:04: 128/1/16/8192 198.8 vs 201.7 us, 128/1/16/16384 364.0 vs 368.9; FP8 suite passed).
 _LEAN, _FAST, _WK_SHFL = (("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1),
                           ("DEEPSTACK_FP8R_WK_SHFL", 1))
 _FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _FAST, _WK_SHFL))
 _FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "3"))]
 
 # 32 rows (the channel split): the forms. LEAN (the 16-row chain's exp2 and mask change) on both switches was the
-# default from 2026-11-30 05:10 UTC (H200 A/B 05:08: 128/1/32/8192 287.3 vs 299.4 us). A/B forms (prebuilt; docs/mla.md
+# default from 2026-11-30 05:06 UTC (H200 A/B 05:04: 128/1/32/8192 287.3 vs 299.4 us). A/B forms (prebuilt; docs/mla.md
 # "32 rows: the fast softmax vote per worker"): 1: + FAST_SOFTMAX (each worker votes over its 16 rows and the four
 # groups' scales), 2: WK_SHFL instead of the code copies (one copy, the worker index warp-uniform), 3: both; 4 and 5:
 # 1 and 3 with SPLIT_XV (the S^T exchange as float4) and SPLIT_P2VOTE (the P^T barrier votes whether any rescale
@@ -184,7 +184,7 @@ _FP8_SPLIT32_AB_DEFINES = ((_SPLIT_ROWS, _SPLIT_COPIES, _LEAN, _FAST), (_SPLIT_R
                            (_SPLIT_ROWS, _LEAN, _FAST, _WK_SHFL),
                            (_SPLIT_ROWS, _SPLIT_COPIES, _LEAN, _FAST, _SPLIT_XV, _SPLIT_P2VOTE),
                            (_SPLIT_ROWS, _LEAN, _FAST, _WK_SHFL, _SPLIT_XV, _SPLIT_P2VOTE))
-# What _FP8_REGS_SPLIT32 builds: form 5 since 2026-11-30 ~05:20 UTC (H200 A/B 05:13: 128/1/32/8192 258.4 vs 286.8
+# What _FP8_REGS_SPLIT32 builds: form 5 since 2026-11-30 05:16 UTC (H200 A/B 05:13: 128/1/32/8192 258.4 vs 286.8
 # us, 128/2/16/8192 255.2 vs 286.8, 64/1/32/4096 83.2 vs 92.0; 05:14: 128/1/32/16384 477.7 vs 533.6; FP8 suite
 # passed on it). Before import: DEEPSTACK_MLA_FP8_R32_LEAN=1 the LEAN build, =0 neither (both switches alone).
 _FP8_SPLIT32_FAST_DEFINES = _FP8_SPLIT32_AB_DEFINES[4]
