@@ -178,21 +178,30 @@ def run_steady(shapes, variants, configs, check_rows: int = 0) -> list:
         name = shape_name(shape)
         fns, enter, ok = {}, {}, {}
         for variant, cfg in itertools.product(variants, configs):
-            select(variant, cfg)
-            d.fill_(float("nan"))
-            try:
-                call()
-            except Exception as e:  # noqa: BLE001 - e.g. a forced config that exceeds shared memory
-                print(f"skip {name} {variant[0]} {cfg}: {str(e)[:80]}")
+            good = _select_and_check(name, variant, cfg, call, check, d)
+            if good is None:
                 continue
             key = (variant[0], label_of(shape, cfg))
-            ok[key] = check() < 1e-4
+            ok[key] = good
             fns[key], enter[key] = call, (lambda v=variant, c=cfg: select(v, c))
         ms = bench_gpu_interleaved(fns, enter=enter)
         for key, t in ms.items():
             rows.append((name, key[0], key[1], 2 * g * mg * n * k / t / 1e9, ok[key]))
             print(f"{name} {key[0]:>16} {key[1]:>14} {rows[-1][3]:8.1f} {'ok' if ok[key] else 'WRONG'}", flush=True)
     return rows
+
+
+def _select_and_check(name, variant, cfg, call, check, d):
+    """Select the variant and config, run it once on a NaN-poisoned output: whether it matches the reference, or
+    None when it cannot run (e.g. a forced config that exceeds shared memory)."""
+    select(variant, cfg)
+    d.fill_(float("nan"))
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001
+        print(f"skip {name} {variant[0]} {cfg}: {str(e)[:80]}")
+        return None
+    return check() < 1e-4
 
 
 def run(shapes, variants, configs, reps: int, graph: bool = False, check_rows: int = 0) -> list:
@@ -207,14 +216,9 @@ def run(shapes, variants, configs, reps: int, graph: bool = False, check_rows: i
         best: dict = {}
         for _ in range(reps):
             for variant, cfg in itertools.product(variants, configs):
-                select(variant, cfg)
-                d.fill_(float("nan"))
-                try:
-                    call()
-                except Exception as e:  # noqa: BLE001 - e.g. a forced config that exceeds shared memory
-                    print(f"skip {name} {variant[0]} {cfg}: {str(e)[:80]}")
+                ok = _select_and_check(name, variant, cfg, call, check, d)
+                if ok is None:
                     continue
-                ok = check() < 1e-4
                 tflops = flops / bench_gpu(call, use_graph=graph) / 1e9
                 key = (variant[0], label_of(shape, cfg))
                 prev_tf, prev_ok = best.get(key, (0.0, True))

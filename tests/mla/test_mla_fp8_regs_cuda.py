@@ -116,23 +116,11 @@ def test_fp8_regs_fast_softmax_equals_lean(form, h_kv, parts, monkeypatch):
     """FAST_SOFTMAX (a barrier vote skips the max reduction when no running maximum moves: the same decisions) and
     WK_SHFL (the worker index through a shuffle) change no arithmetic: bit-identical to LEAN alone. Scales far apart
     by page make M_g move mid-request, so both softmax paths run."""
-    from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
-    from tests.mla.test_mla_fp8_f16_cuda import _scaled_fp8_case
+    from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
-    lens = varied_lengths(6, 900, seed=5, zeros=(1,))
-    lens[2] = 17
-    if h_kv == 1:   # group magnitudes 1e-4 .. 1e4 changing by page
-        q, cache, bt, seq = _scaled_fp8_case(lens, 1, 16, seed=5, q_scale=3e-2)
-    else:
-        q, cache, bt, seq = make_case(6, 1, 16 * h_kv, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
-                                      seed=5)
-    sched, splits = get_mla_metadata(seq, 16, h_kv, num_sm_parts=parts)
-    res = {}
-    for f in (0, form):
-        monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES", kernels._FP8_REGS16_AB_DEFINES[f])
-        res[f] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
-    assert torch.equal(res[0][0], res[form][0])
-    assert torch.equal(res[0][1], res[form][1])
+    case = _forms_case(16, h_kv, parts, seed=5)
+    _assert_forms_bit_identical(case, lambda f: monkeypatch.setattr(kernels, "_FP8_REGS16_DEFINES",
+                                                                    kernels._FP8_REGS16_AB_DEFINES[f]), (0, form))
 
 
 def test_split32_forms_prebuilt():
@@ -157,25 +145,12 @@ def test_fp8_split32_forms_equal_default(form, h_kv, parts, monkeypatch):
     pages that move no running maximum of its rows and no group exponent), WK_SHFL instead of the code copies,
     SPLIT_XV (float4 exchange) and SPLIT_P2VOTE (rescale factors read only when one moved) are bit-identical to the
     LEAN build. Scales far apart by page make M_g move mid-request, so both softmax paths and the rescale run."""
-    from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
-    from tests.mla.test_mla_fp8_f16_cuda import _scaled_fp8_case
+    from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
     monkeypatch.setattr(kernels, "_FP8_REGS_SPLIT32", True)
     monkeypatch.setattr(kernels, "_FP8_SPLIT32_DEFINES", kernels._FP8_SPLIT32_LEAN_DEFINES)
-    lens = varied_lengths(6, 900, seed=6, zeros=(1,))
-    lens[2] = 17
-    if h_kv == 1:   # group magnitudes 1e-4 .. 1e4 changing by page
-        q, cache, bt, seq = _scaled_fp8_case(lens, 1, 32, seed=6, q_scale=3e-2)
-    else:
-        q, cache, bt, seq = make_case(6, 1, 32 * h_kv, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
-                                      seed=6)
-    sched, splits = get_mla_metadata(seq, 32, h_kv, num_sm_parts=parts)
-    res = {}
-    for f in (0, form):
-        monkeypatch.setattr(kernels, "_FP8_SPLIT32_FORM", f)
-        res[f] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
-    assert torch.equal(res[0][0], res[form][0])
-    assert torch.equal(res[0][1], res[form][1])
+    case = _forms_case(32, h_kv, parts, seed=6)
+    _assert_forms_bit_identical(case, lambda f: monkeypatch.setattr(kernels, "_FP8_SPLIT32_FORM", f), (0, form))
 
 
 @pytest.mark.parametrize("sub", [2, 4])
@@ -183,18 +158,40 @@ def test_fp8_split32_forms_equal_default(form, h_kv, parts, monkeypatch):
 def test_fp8_regs_subpage_ring_equals_whole_pages(sub, h_kv, parts, monkeypatch):
     """The ring in sub-stages changes only where the bytes wait, not the arithmetic: bit-identical results (short
     last pages whose later sub-stages hold no new bytes, split requests, h_kv 2's per-token copies)."""
-    from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
+    from torch_deepstack.mla import kernels
     monkeypatch.setattr(kernels, "_FP8_SMALL_KERNEL", "regs")
-    lens = varied_lengths(6, 900, seed=4, zeros=(1,))
-    lens[2], lens[3] = 17, 40   # a page's second half / last quarters empty
-    q, cache, bt, seq = make_case(6, 1, 16 * h_kv, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda", seed=4)
-    sched, splits = get_mla_metadata(seq, 16, h_kv, num_sm_parts=parts)
-    res = {}
-    for s in (1, sub):
-        monkeypatch.setattr(kernels, "_FP8_REGS16_SUBPAGES", s)
-        res[s] = mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True)
-    assert torch.equal(res[1][0], res[sub][0])
-    assert torch.equal(res[1][1], res[sub][1])
+    case = _forms_case(16, h_kv, parts, seed=4, scaled=False, short=(17, 40))   # a page's second half / last quarters empty
+    _assert_forms_bit_identical(case, lambda s: monkeypatch.setattr(kernels, "_FP8_REGS16_SUBPAGES", s), (1, sub))
+
+
+def _forms_case(rows: int, h_kv: int, parts: int, seed: int, scaled: bool = True, short: tuple = (17,)):
+    """Six requests (one empty, short ones at index 2, 3, ...) with `rows` q rows per KV head and their metadata for
+    `parts` SM parts (0: the GPU's). h_kv = 1 and `scaled`: group magnitudes 1e-4 .. 1e4 changing by page (so M_g
+    moves mid-request); otherwise a plain FP8 case."""
+    from torch_deepstack.mla import get_mla_metadata
+    from tests.mla.test_mla_fp8_f16_cuda import _scaled_fp8_case
+    lens = varied_lengths(6, 900, seed=seed, zeros=(1,))
+    for i, n in enumerate(short, 2):
+        lens[i] = n
+    if h_kv == 1 and scaled:
+        q, cache, bt, seq = _scaled_fp8_case(lens, 1, rows, seed=seed, q_scale=3e-2)
+    else:
+        q, cache, bt, seq = make_case(6, 1, rows * h_kv, h_kv, 576, torch.bfloat16, lens, fp8=True, device="cuda",
+                                      seed=seed)
+    sched, splits = get_mla_metadata(seq, rows, h_kv, num_sm_parts=parts)
+    return q, cache, bt, seq, sched, splits
+
+
+def _assert_forms_bit_identical(case, set_form, forms) -> None:
+    """Decode `case` under each of the two forms (set_form(f) selects one) and require identical out and lse."""
+    from torch_deepstack.mla import mla_decode_with_kvcache
+    q, cache, bt, seq, sched, splits = case
+    res = []
+    for f in forms:
+        set_form(f)
+        res.append(mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits, is_fp8_kvcache=True))
+    assert torch.equal(res[0][0], res[1][0])
+    assert torch.equal(res[0][1], res[1][1])
 
 
 CASES_32 = [  # b, s_q, h_q, h_kv, mean s_k, causal, zero-length requests: 17..32 rows per KV head
