@@ -164,6 +164,53 @@ struct IdLookahead {
   __device__ __forceinline__ bool valid_rows(int id) const { return __all_sync(0xffffffffu, lane >= 16 || id >= 0); }
 };
 
+// DS_ID_LOOKAHEAD2 (experiment, opt-in; contiguous kind with the B-scale lanes): the math warps hold the ids of two
+// tiles ahead (t + stride and t + 2 stride), with their placements, so when tile t starts the group of t + stride is
+// already known (its ids arrived under t - stride's main loop) and that tile's B scales are fetched a whole tile
+// ahead, as the dense kind's lanes are. With one tile of lookahead they can only be fetched when t's main loop ends
+// (the group of t + stride arrives during it), and the next tile's first slice waits for that load (SASS: the
+// slice's first SHFL of the scale register right before its full-barrier wait, an epilogue after the LDG). Also one
+// tile placement per tile instead of two (load_lane_id and the lanes' fetch each placed t + stride).
+template <typename Sched, bool kOn>
+struct IdLookahead2 {
+  int next, next2, lane, warp_row;
+  int m1, n1, m2, n2;   // placements of the tiles whose ids next / next2 hold
+  __device__ __forceinline__ int load(const Sched& sched, int t, int& m0, int& n0) const {
+    if (t >= sched.total) return 0;
+    GemmTile tile;
+    sched.place(t, tile);
+    m0 = tile.m0;
+    n0 = tile.n0;
+    const int r = lane < 16 ? tile.m0 + warp_row + lane
+                            : lane == 16 ? tile.m0 : min(tile.m0 + Sched::kBlockMValue, sched.M) - 1;
+    return r < sched.M ? __ldg(sched.layout + r) : 0;
+  }
+  __device__ __forceinline__ IdLookahead2(const Sched& sched, int first_tile, int stride, int warp_row_, int lane_)
+      : next(0), next2(0), lane(lane_), warp_row(warp_row_), m1(0), n1(0), m2(0), n2(0) {
+    if constexpr (kOn) {   // (off: no code at all, not even the address arithmetic)
+      next = load(sched, first_tile, m1, n1);
+      next2 = load(sched, first_tile + stride, m2, n2);
+    }
+  }
+  // Tile t (whose ids `next` holds): its placement and group, this lane's id; starts the loads for t + 2 stride.
+  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile, int& id) {
+    tile.m0 = m1;
+    tile.n0 = n1;
+    id = next;
+    tile.g = max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
+    next = next2;
+    m1 = m2;
+    n1 = n2;
+    next2 = load(sched, t + 2 * stride, m2, n2);
+    return tile.g >= 0;
+  }
+  // after take(t): the group of t + stride (-1: a padding block)
+  __device__ __forceinline__ int ahead_group() const {
+    return max(__shfl_sync(0xffffffffu, next, 16), __shfl_sync(0xffffffffu, next, 17));
+  }
+  __device__ __forceinline__ bool valid_rows(int id) const { return __all_sync(0xffffffffu, lane >= 16 || id >= 0); }
+};
+
 // The producer thread's form (opt-in, DS_PRODUCER_ID_LOOKAHEAD, A/B runs): the ids of tile t + stride loaded when
 // tile t starts. The lane index (0 for the producer thread) in the address keeps the loaded values out of uniform
 // registers until they are used.
@@ -457,7 +504,6 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     uint32_t phase = 0;
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
     const bool tma_ok = kTmaStore && ((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0;
-    IdLookahead<Sched> ids(sched, kIdLookahead ? first_tile : sched.total, wg * 64 + warp_in_wg * 16, lane);
     // B-scale lanes (contiguous kind by default): 1D2D B scales read a tile ahead into registers, lane l holding
     // slice 32 r + l of each of the tile's scale blocks, and handed to the slices by shuffles, instead of one global
     // load per slice on the path to its promotion (SASS: the per-slice LDG sits right before the next slice's wgmmas
@@ -478,6 +524,16 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
                                (kKind != kGemmContiguous || kIdLookahead);
     constexpr int kSfbR = kSfbLanes ? ((kK + 127) / 128 + 31) / 32 : 1;     // registers per scale block
     constexpr int kSfbLoadBlk = (kSfbPerRow || 128 % kBlockN == 0) ? 1 : kSfbSpan;   // blocks a tile reads
+    // DS_ID_LOOKAHEAD2 (experiment): ids two tiles ahead, so the contiguous kind's lanes fetch a tile's B scales a
+    // whole tile ahead (IdLookahead2); replaces the one-tile lookahead there.
+#ifdef DS_ID_LOOKAHEAD2
+    constexpr bool kIdAhead2 = kKind == kGemmContiguous && kSfbLanes;
+#else
+    constexpr bool kIdAhead2 = false;
+#endif
+    IdLookahead<Sched> ids(sched, kIdLookahead && !kIdAhead2 ? first_tile : sched.total, wg * 64 + warp_in_wg * 16,
+                           lane);
+    IdLookahead2<Sched, kIdAhead2> ids2(sched, first_tile, tile_stride, wg * 64 + warp_in_wg * 16, lane);
     float sfb_cur[kSfbR][3], sfb_nxt[kSfbR][3];
     int sfb_nxt_tile = -1;                                      // the tile whose scales sfb_nxt holds...
     GemmTile sfb_nxt_place{0, 0, 0};                            // ... and its placement (reused: no second place())
@@ -504,10 +560,35 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     const auto ahead_group = [&]() {
       return max(__shfl_sync(0xffffffffu, ids.next, 16), __shfl_sync(0xffffffffu, ids.next, 17));
     };
-    if constexpr (kSfbLanes) sfb_lanes_load(first_tile, kKind == kGemmContiguous ? ahead_group() : 0);
+    // (DS_ID_LOOKAHEAD2) tile tn's B scales, its first column n0 and group g given, into sfb_nxt
+    const auto sfb_lanes_fetch = [&](int tn, int n0, int g) {
+      const float* base = sfb + g * sfb_sg;
+#pragma unroll
+      for (int i = 0; i < kSfbLoadBlk; ++i) {
+        const float* p = base + min(n0 / 128 + i, kSfbBlocksN - 1) * sfb_sn;
+#pragma unroll
+        for (int r = 0; r < kSfbR; ++r) {
+          const int kbl = 32 * r + lane;
+          sfb_nxt[r][i] = kbl < kNumKB ? __ldg(p + kbl * sfb_sk) : 0.f;
+        }
+      }
+      sfb_nxt_tile = tn;
+    };
+    if constexpr (kSfbLanes && !kIdAhead2) sfb_lanes_load(first_tile, kKind == kGemmContiguous ? ahead_group() : 0);
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
       int row_id = 0;
+      if constexpr (kIdAhead2) {
+        if (!ids2.take(sched, t, tile_stride, tile, row_id)) continue;
+        if (sfb_nxt_tile != t) sfb_lanes_fetch(t, tile.n0, tile.g);   // the first tile, or after a padding block
+#pragma unroll
+        for (int r = 0; r < kSfbR; ++r) {
+#pragma unroll
+          for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
+        }
+        // the next tile's scales now, a whole main loop ahead (a padding block's group -1 reads group 0's, unused)
+        if (t + tile_stride < sched.total) sfb_lanes_fetch(t + tile_stride, ids2.n1, max(ids2.ahead_group(), 0));
+      } else {
       const bool placed = kSfbLanes && sfb_nxt_tile == t;
       if (placed) tile = sfb_nxt_place;
       if (kIdLookahead ? !ids.take(sched, t, tile_stride, tile, row_id, placed)
@@ -520,6 +601,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
         }
         if (kKind != kGemmContiguous) sfb_lanes_load(t + tile_stride, 0);
+      }
       }
       tile.m0 += rank * kBlockM;
 #pragma unroll
@@ -687,7 +769,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
       if constexpr (kOneSfb) main_loop(IntC<0>{}); else with_sfb_offset<0, kSfbGcd>(tile.n0 % 128, main_loop);
 #endif
-      if (kSfbLanes && kKind == kGemmContiguous) sfb_lanes_load(t + tile_stride, ahead_group());
+      if (kSfbLanes && kKind == kGemmContiguous && !kIdAhead2) sfb_lanes_load(t + tile_stride, ahead_group());
 
       // ---- epilogue: registers -> global, only valid rows and columns ----
       int row_limit = M;
@@ -702,7 +784,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           bool whole = true;
           if (kKind == kGemmContiguous) {
             if (kIdLookahead) {
-              whole = ids.valid_rows(row_id);   // loaded a tile ahead
+              whole = kIdAhead2 ? ids2.valid_rows(row_id) : ids.valid_rows(row_id);   // loaded a tile ahead
             } else {
               const int r = row + lane % 16;
               whole = __all_sync(0xffffffffu, r >= M || __ldg(layout + r) >= 0);
