@@ -238,6 +238,12 @@ struct ProducerIdLookahead {
 };
 
 template <int V> struct IntC { static constexpr int value = V; };
+// (DS_LEAN_SLICE) a stage's wgmma descriptor from stage 0's: the start-address field (low 14 bits, shared address / 16)
+// advanced by `units`; it stays below 2^14 (shared memory < 256 KB), so nothing carries into the other fields and the
+// high word is stage 0's (a constant: the stride field and the swizzle mode).
+__device__ __forceinline__ uint64_t lean_desc(uint64_t desc0, int units) {
+  return (desc0 & 0xffffffff00000000ull) | static_cast<uint32_t>(static_cast<uint32_t>(desc0) + units);
+}
 // A run-time int with IntC's interface (DS_SFB_RUNTIME: the B-scale block offset as a run-time value, for A/B runs).
 struct RtInt { int value; };
 
@@ -534,6 +540,23 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     IdLookahead<Sched> ids(sched, kIdLookahead && !kIdAhead2 ? first_tile : sched.total, wg * 64 + warp_in_wg * 16,
                            lane);
     IdLookahead2<Sched, kIdAhead2> ids2(sched, first_tile, tile_stride, wg * 64 + warp_in_wg * 16, lane);
+    // DS_LEAN_SLICE (experiment, opt-in): less per-slice bookkeeping in the main loop, same operations on the same
+    // values. (1) The wgmma descriptors of stage s are stage 0's plus s * (stage bytes / 16) (the descriptor's
+    // address field is the shared address / 16, 14 bits, and every stage lies below 256 KB, so this is the value
+    // smem_desc_sw128 computes), instead of rebuilding each from the stage address (mask, shift, or-in of the
+    // constant fields: ~6 uniform instructions per operand and slice in the SASS). (2) The per-slice B-scale loads
+    // (dense and masked kinds) walk a 64-bit pointer per scale block, one add per slice, instead of recomputing
+    // block + k * stride with a sign extension and a 64-bit shift-add per slice.
+#ifdef DS_LEAN_SLICE
+    constexpr bool kLean = true;
+#else
+    constexpr bool kLean = false;
+#endif
+    uint64_t desc_a0 = 0, desc_b0 = 0;
+    if constexpr (kLean) {
+      desc_a0 = sm90::smem_desc_sw128(smem_a + wg * 64 * 128);
+      desc_b0 = sm90::smem_desc_sw128(smem_b);
+    }
     float sfb_cur[kSfbR][3], sfb_nxt[kSfbR][3];
     int sfb_nxt_tile = -1;                                      // the tile whose scales sfb_nxt holds...
     GemmTile sfb_nxt_place{0, 0, 0};                            // ... and its placement (reused: no second place())
@@ -619,6 +642,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       const float* sfb_blk[3];
 #pragma unroll
       for (int i = 0; i < 3; ++i) sfb_blk[i] = sfb_tile + min(nblk_lo + i, kSfbBlocksN - 1) * sfb_sn;
+      // (DS_LEAN_SLICE) slice kb's B scale of block i at sfb_run[i]: the slices load in order, one step each
+      const float* sfb_run[3] = {sfb_blk[0], sfb_blk[1], sfb_blk[2]};
+      const int64_t sfb_step = sfb_sk;
       // BLOCK_N dividing 128 (tiles start at multiples of it): every tile lies in one scale block, so only the first
       // block's scale is read (fewer live registers in the main loop; the values are the same).
       constexpr bool kOneSfb = kSfbPerRow || 128 % kBlockN == 0;
@@ -641,6 +667,13 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
               for (int r = 1; r < kSfbR; ++r) v = k_blk >= 32 * r ? sfb_cur[r][i] : v;
               b[i] = __shfl_sync(0xffffffffu, v, k_blk % 32);
             }
+          } else if constexpr (kLean) {
+#pragma unroll
+            for (int i = 0; i < 3; ++i) {
+              if (kOneSfb && i > 0) { b[i] = b[0]; continue; }
+              b[i] = __ldg(sfb_run[i]);
+              sfb_run[i] += sfb_step;
+            }
           } else {
 #pragma unroll
             for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
@@ -662,8 +695,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
 #pragma unroll
             for (int i = 0; i < 3; ++i) { sc[2 * i] = a0 * b[i]; sc[2 * i + 1] = a1 * b[i]; }
-            const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
-            const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+            const uint64_t desc_a = kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
+                                          : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+            const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
+                                          : sm90::smem_desc_sw128(smem_b + s * kBytesB);
             sm90::fence_regs(a);
             sm90::wgmma_fence();
 #pragma unroll
@@ -713,8 +748,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           sm90::mbar_wait(full + s, phase);
           const float sa0 = smem_sfa[s * kBlockM + row_local];
           const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
-          const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
-          const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+          const uint64_t desc_a = kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
+                                        : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+          const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
+                                        : sm90::smem_desc_sw128(smem_b + s * kBytesB);
           sm90::fence_regs(acc);
           sm90::wgmma_fence();
 #pragma unroll
