@@ -327,8 +327,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr int kEpiWarpBytes = kBlockN * 32;                   // one warp's 16 rows of bf16
   // Grouped kinds: a warp stores by TMA only when all its 16 rows are valid (contiguous: no -1 row, masked: below
   // masked_m), the staged stores otherwise.
-  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && kCluster == 1 && std::is_same<OutT, __nv_bfloat16>::value),
-                "the TMA-store epilogue is for 1D2D bf16 output without C, no clusters");
+  // (2-CTA multicast clusters with the TMA store: the experiment DEEPSTACK_GEMM_MULTICAST=2; each CTA stores its own
+  // M-block, a CTA whose M-block lies past M stores nothing)
+  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && (kCluster == 1 || kKind == kGemmDense) &&
+                               std::is_same<OutT, __nv_bfloat16>::value),
+                "the TMA-store epilogue is for 1D2D bf16 output without C, clusters only for the dense kind");
   constexpr bool kTmaSwizzled = kBlockN % 64 == 0;
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
