@@ -31,6 +31,7 @@ from ab_gemm import parse_shape, parse_variant, spec_args  # noqa: E402
 
 from torch_deepstack.gemm import kernels  # noqa: E402
 from torch_deepstack.jit import cache  # noqa: E402
+from torch_deepstack.jit.prebuild import prebuild_specs  # noqa: E402
 
 D, C, M = kernels.KIND_DENSE, kernels.KIND_CONTIGUOUS, kernels.KIND_MASKED
 ENV_KEYS = ("DEEPSTACK_GEMM_DEFINES", "DEEPSTACK_GEMM_MULTICAST", "DEEPSTACK_GEMM_CONFIG", "DEEPSTACK_GEMM_TMA_STORE",
@@ -41,6 +42,10 @@ DENSE_SHAPES = "4096x7168x2048,4096x4096x7168,4096x7168x16384,4096x24576x1536,40
 DENSE_VARIANTS = ("default:", "lean:DS_LEAN_SLICE", "mc2::2")
 CONTIG_SHAPES = "c4x8192x7168x2048,c4x8192x4096x7168,32768x7168x2048"
 CONTIG_VARIANTS = ("default:", "la2:DS_ID_LOOKAHEAD2", "lean_la2:DS_LEAN_SLICE,DS_ID_LOOKAHEAD2")
+# ncu_gemm.py (one process; each experiment is a no-op on the other kind, a control for launch-to-launch spread)
+NCU_SHAPES = "c4x8192x7168x2048,32768x7168x2048,4096x4096x7168"
+NCU_VARIANTS = ("default:", "la2:DS_ID_LOOKAHEAD2", "lean:DS_LEAN_SLICE", "mc2::2")
+CASES = ((DENSE_SHAPES, DENSE_VARIANTS), (CONTIG_SHAPES, CONTIG_VARIANTS), (NCU_SHAPES, NCU_VARIANTS))
 
 
 def _env(defines="", multicast="0", config=None, tma=None):
@@ -72,7 +77,7 @@ def test_cases():
 
 def bench_cases():
     out = []
-    for shapes, variants in ((DENSE_SHAPES, DENSE_VARIANTS), (CONTIG_SHAPES, CONTIG_VARIANTS)):
+    for shapes, variants in CASES:
         for text in shapes.split(","):
             for v in variants:
                 _, defines, multicast, tma, split = parse_variant(v)
@@ -132,8 +137,12 @@ def sass_report() -> None:
         raise SystemExit("no cuobjdump found (set CUOBJDUMP)")
     print("| shape | variant | config | SASS per K slice and warp | static SASS | top opcodes per slice |")
     print("|---|---|---|---|---|---|")
+    seen = set()
     for env, args in bench_cases():
         spec = spec_of(env, args)
+        if (spec, args) in seen:
+            continue
+        seen.add((spec, args))
         r = cache.build(spec)
         ps, total, top = per_slice(r.path, tool)
         name = f"{'dcm'[args[0]]} {args[1]}x{args[3]}x{args[4]}"
@@ -150,7 +159,9 @@ def main() -> int:
     if args.sass:
         sass_report()
         return 0
-    specs = list(dict.fromkeys(spec_of(env, a) for env, a in test_cases() + bench_cases()))
+    # (+ the quantisers the tests and benchmarks build their inputs with, and the default GEMM list)
+    specs = list(dict.fromkeys([spec_of(env, a) for env, a in test_cases() + bench_cases()]
+                               + [s for s in prebuild_specs(["gemm", "quant"]) if s.defines == ()]))
     missing = [s for s in specs if not (cache.entry_dir(s) / "kernel.cubin").is_file()]
     if args.check:
         print(f"{len(specs)} specialisations, {len(missing)} missing from {cache.config.cache_dir()}")
