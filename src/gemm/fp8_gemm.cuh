@@ -175,7 +175,8 @@ template <typename Sched, bool kOn>
 struct IdLookahead2 {
   int next, next2, lane, warp_row;
   int m1, n1, m2, n2;   // placements of the tiles whose ids next / next2 hold
-  __device__ __forceinline__ int load(const Sched& sched, int t, int& m0, int& n0) const {
+  // (dep: 0, but computed from the values the tile start reads, so the load issues after those reads; see advance)
+  __device__ __forceinline__ int load(const Sched& sched, int t, int& m0, int& n0, int dep = 0) const {
     if (t >= sched.total) return 0;
     GemmTile tile;
     sched.place(t, tile);
@@ -183,7 +184,7 @@ struct IdLookahead2 {
     n0 = tile.n0;
     const int r = lane < 16 ? tile.m0 + warp_row + lane
                             : lane == 16 ? tile.m0 : min(tile.m0 + Sched::kBlockMValue, sched.M) - 1;
-    return r < sched.M ? __ldg(sched.layout + r) : 0;
+    return r < sched.M ? __ldg(sched.layout + r + dep) : 0;
   }
   __device__ __forceinline__ IdLookahead2(const Sched& sched, int first_tile, int stride, int warp_row_, int lane_)
       : next(0), next2(0), lane(lane_), warp_row(warp_row_), m1(0), n1(0), m2(0), n2(0) {
@@ -192,8 +193,8 @@ struct IdLookahead2 {
       next2 = load(sched, first_tile + stride, m2, n2);
     }
   }
-  // Tile t (whose ids `next` holds): its placement and group, this lane's id; starts the loads for t + 2 stride.
-  __device__ __forceinline__ bool take(const Sched& sched, int t, int stride, GemmTile& tile, int& id) {
+  // Tile t (whose ids `next` holds): its placement and group, this lane's id. False for a padding block.
+  __device__ __forceinline__ bool take(GemmTile& tile, int& id) {
     tile.m0 = m1;
     tile.n0 = n1;
     id = next;
@@ -201,9 +202,14 @@ struct IdLookahead2 {
     next = next2;
     m1 = m2;
     n1 = n2;
-    next2 = load(sched, t + 2 * stride, m2, n2);
     return tile.g >= 0;
   }
+  // Starts the loads of tile t2's ids (t2 = t + 2 stride). All global loads of the math warps share one scoreboard
+  // (SASS, nvcc 13.0), so a read of an older load placed after this one waits for this one too: in the default
+  // contiguous kernel the first slice's B-scale shuffle waits for the ids load issued at that tile's start, a whole
+  // L2 round trip per tile with the tensor cores idle. `dep` (0 at run time, computed from the values read at the
+  // tile's start) makes this load's address depend on those reads, so they come first.
+  __device__ __forceinline__ void advance(const Sched& sched, int t2, int dep) { next2 = load(sched, t2, m2, n2, dep); }
   // after take(t): the group of t + stride (-1: a padding block)
   __device__ __forceinline__ int ahead_group() const {
     return max(__shfl_sync(0xffffffffu, next, 16), __shfl_sync(0xffffffffu, next, 17));
@@ -561,6 +567,13 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       desc_b0 = sm90::smem_desc_sw128(smem_b);
     }
     float sfb_cur[kSfbR][3], sfb_nxt[kSfbR][3];
+    if constexpr (kIdAhead2) {   // (read by the dependency below before a padding first tile has written them)
+#pragma unroll
+      for (int r = 0; r < kSfbR; ++r) {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) sfb_cur[r][i] = 0.f;
+      }
+    }
     int sfb_nxt_tile = -1;                                      // the tile whose scales sfb_nxt holds...
     GemmTile sfb_nxt_place{0, 0, 0};                            // ... and its placement (reused: no second place())
     // (contiguous: tile tn's group is given, from the ids; a padding block's is -1 and its scales go unused)
@@ -587,8 +600,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       return max(__shfl_sync(0xffffffffu, ids.next, 16), __shfl_sync(0xffffffffu, ids.next, 17));
     };
     // (DS_ID_LOOKAHEAD2) tile tn's B scales, its first column n0 and group g given, into sfb_nxt
-    const auto sfb_lanes_fetch = [&](int tn, int n0, int g) {
-      const float* base = sfb + g * sfb_sg;
+    const auto sfb_lanes_fetch = [&](int tn, int n0, int g, int dep) {
+      const float* base = sfb + g * sfb_sg + dep;
 #pragma unroll
       for (int i = 0; i < kSfbLoadBlk; ++i) {
         const float* p = base + min(n0 / 128 + i, kSfbBlocksN - 1) * sfb_sn;
@@ -605,15 +618,25 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       GemmTile tile;
       int row_id = 0;
       if constexpr (kIdAhead2) {
-        if (!ids2.take(sched, t, tile_stride, tile, row_id)) continue;
-        if (sfb_nxt_tile != t) sfb_lanes_fetch(t, tile.n0, tile.g);   // the first tile, or after a padding block
+        const bool valid = ids2.take(tile, row_id);
+        const int g_ahead = ids2.ahead_group();           // tile t + stride's group (its ids arrived a tile ago)
+        if (valid) {
+          if (sfb_nxt_tile != t) sfb_lanes_fetch(t, tile.n0, tile.g, 0);   // the CTA's first tile only
 #pragma unroll
-        for (int r = 0; r < kSfbR; ++r) {
+          for (int r = 0; r < kSfbR; ++r) {
 #pragma unroll
-          for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
+            for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
+          }
         }
-        // the next tile's scales now, a whole main loop ahead (a padding block's group -1 reads group 0's, unused)
-        if (t + tile_stride < sched.total) sfb_lanes_fetch(t + tile_stride, ids2.n1, max(ids2.ahead_group(), 0));
+        // New loads only after every read of the older ones (one scoreboard serves them all, see
+        // IdLookahead2::advance): dep is 0 (M < 0 never holds) but depends on this tile's scales and the next
+        // tile's group. Then the next tile's scales, a whole main loop ahead (also at a padding block, so no tile
+        // after the first fetches its own; a padding block's group -1 reads group 0's, unused), and the ids of
+        // t + 2 stride.
+        const int dep = M < 0 ? (__float_as_int(sfb_cur[0][0]) ^ g_ahead) : 0;
+        if (t + tile_stride < sched.total) sfb_lanes_fetch(t + tile_stride, ids2.n1, max(g_ahead, 0), dep);
+        ids2.advance(sched, t + 2 * tile_stride, dep);
+        if (!valid) continue;
       } else {
       const bool placed = kSfbLanes && sfb_nxt_tile == t;
       if (placed) tile = sfb_nxt_place;
