@@ -7,7 +7,7 @@ export PYTHONPATH=$PWD DEEPSTACK_JIT_CACHE_DIR=$PWD/.jit_gemmnx
 OUT=${OUT:-$PWD/gemmnx_out}; mkdir -p "$OUT"
 python benchmarks/prebuild_gemm_experiments.py --check | head -5
 nvidia-smi --query-gpu=name,power.draw,power.limit,clocks.sm,temperature.gpu --format=csv,noheader
-timeout 30 python -m pytest -q -m cuda tests/gemm/test_gemm_cuda.py -x \
+timeout 30 python -m pytest -q -m cuda tests/gemm/test_gemm_cuda.py \
   -k "lookahead2 or lean_slice or multicast_tma or id_lookahead_matches" > "$OUT/tests.txt" 2>&1
 tail -2 "$OUT/tests.txt"
 timeout 28 python benchmarks/ab_gemm.py --steady --jobs 1 --check-rows 256 \
