@@ -44,7 +44,7 @@ CONTIG_SHAPES = "c4x8192x7168x2048,c4x8192x4096x7168,32768x7168x2048"
 CONTIG_VARIANTS = ("default:", "la2:DS_ID_LOOKAHEAD2", "lean_la2:DS_LEAN_SLICE,DS_ID_LOOKAHEAD2")
 # ncu_gemm.py (one process; each experiment is a no-op on the other kind, a control for launch-to-launch spread)
 NCU_SHAPES = "c4x8192x7168x2048,32768x7168x2048,4096x4096x7168"
-NCU_VARIANTS = ("default:", "la2:DS_ID_LOOKAHEAD2", "lean:DS_LEAN_SLICE", "mc2::2")
+NCU_VARIANTS = ("default:", "la2:DS_ID_LOOKAHEAD2", "lean:DS_LEAN_SLICE")
 CASES = ((DENSE_SHAPES, DENSE_VARIANTS), (CONTIG_SHAPES, CONTIG_VARIANTS), (NCU_SHAPES, NCU_VARIANTS))
 
 
