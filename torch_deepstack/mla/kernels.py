@@ -125,8 +125,9 @@ _FP8_SMALL_KERNEL = "auto"
 _FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 216 vs 278 us, 128/1/32/8192 312 vs 326
 # 32-row channel-split variant (kSplit): both workers take every page, each owns two of the four 128-channel groups
 # (its half of S^T, exchanged through shared memory; O^T for its 256 V channels; no per-request merge), built with
-# _FP8_SPLIT32_DEFINES: each worker runs the softmax of its 16 rows (SPLIT_ROWS) and has its own code copy
-# (SPLIT_COPIES). H200 03:45 UTC A/B: 128/1/32/8192 295.6 vs 310.2 us with the workers on alternate pages,
+# _FP8_SPLIT32_DEFINES (below; each worker runs the softmax of its 16 rows, SPLIT_ROWS, in every form measured
+# since). First measured with SPLIT_ROWS + SPLIT_COPIES (one code copy per worker), H200 03:45 UTC A/B:
+# 128/1/32/8192 295.6 vs 310.2 us with the workers on alternate pages,
 # 128/2/16/8192 297.1 vs 312.0, 64/1/32/4096 96.7 vs 100.5 (the plain split, _FP8_SPLIT32_DEFINES = (), 340 us).
 # Default since 2026-11-30 04:32 UTC (the FP8 GPU suite passed on every 32-row form; A/B 297.1 vs 310.8 us at
 # 128/1/32/8192). DEEPSTACK_MLA_FP8_SPLIT32=0 before import (or _FP8_REGS_SPLIT32 = False) restores alternate pages.
