@@ -7,7 +7,7 @@ Every contender of a shape is timed the same way (`bench_gpu_interleaved`): five
 50 samples. `--method sequential` is the earlier method (10 calls of warm-up, then 50 repetitions, ours, then cuBLAS,
 then bf16): under the H200's power cap its 10 ms windows read the clock left by the previous workload, so long calls
 timed right after the light set-up read up to 13% high and short ones after a bf16 matmul up to 7% low (docs/gemm.md,
-"Session of 2026-11-30 04:35-06:45 UTC").
+"Session of 2026-11-30 04:35-05:12 UTC").
 
 TFLOPS = 2*M*N*K / t (valid rows only for grouped kinds); GB/s counts A + B + D bytes once each.
 """

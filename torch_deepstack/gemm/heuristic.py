@@ -76,10 +76,23 @@ def stage_bytes(block_m: int, block_n: int, sf_b_per_row: bool) -> int:
     return block_m * 128 + block_n * 128 + block_m * 4 + ((block_n + 31) // 32 * 128 if sf_b_per_row else 0)
 
 
+def experiment_defines() -> tuple:
+    """DEEPSTACK_GEMM_DEFINES="A=1,B" adds -D flags to every GEMM specialisation (kernel experiments): (("A", "1"),
+    ("B", 1))."""
+    raw = os.environ.get("DEEPSTACK_GEMM_DEFINES", "").strip()
+    items = (kv.strip() for kv in raw.split(","))
+    return tuple((kv.split("=", 1)[0], kv.split("=", 1)[1] if "=" in kv else 1) for kv in items if kv)
+
+
+def experiment_on(name: str) -> bool:
+    """Whether DEEPSTACK_GEMM_DEFINES names the switch `name` (switches that change the shared-memory layout)."""
+    return any(k == name for k, _ in experiment_defines())
+
+
 def epilogue_staging_bytes() -> int:
     """Shared memory of the staged epilogue (src/gemm/fp8_gemm.cuh): up to 8 math warps x 16 rows x 48 bytes;
-    0 when DEEPSTACK_GEMM_DEFINES has DS_DIRECT_EPILOGUE (the A/B switch back to direct stores)."""
-    return 0 if "DS_DIRECT_EPILOGUE" in os.environ.get("DEEPSTACK_GEMM_DEFINES", "") else 2 * 4 * 16 * 48
+    0 with the DS_DIRECT_EPILOGUE experiment (the A/B switch back to direct stores)."""
+    return 0 if experiment_on("DS_DIRECT_EPILOGUE") else 2 * 4 * 16 * 48
 
 
 def tma_store_staging_bytes(block_m: int, block_n: int) -> int:
@@ -89,7 +102,7 @@ def tma_store_staging_bytes(block_m: int, block_n: int) -> int:
 
 def sched_ring_bytes() -> int:
     """Shared memory of the opt-in scheduler-thread ring (DS_SCHED_WARP experiment): 4 slots x (2 mbarriers + int4)."""
-    return 4 * 32 if "DS_SCHED_WARP" in os.environ.get("DEEPSTACK_GEMM_DEFINES", "") else 0
+    return 4 * 32 if experiment_on("DS_SCHED_WARP") else 0
 
 
 def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:

@@ -10,7 +10,8 @@ import torch
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import cdiv
-from torch_deepstack.gemm.heuristic import BAND_M_BLOCKS, GemmConfig, select_config, smem_bytes, with_tma_store
+from torch_deepstack.gemm.heuristic import (BAND_M_BLOCKS, GemmConfig, experiment_defines, select_config, smem_bytes,
+                                             with_tma_store)
 from torch_deepstack.gemm.layout import as_mn_major_sf
 from torch_deepstack.gemm.reference import transposed_quant_empty
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
@@ -40,12 +41,6 @@ def set_num_sms(n: int | None) -> None:
     _NUM_SMS_OVERRIDE = int(n) if n else None
 
 
-def _debug_defines() -> tuple:
-    """DEEPSTACK_GEMM_DEFINES="A=1,B" adds -D flags to every GEMM specialisation (kernel experiments)."""
-    raw = os.environ.get("DEEPSTACK_GEMM_DEFINES", "").strip()
-    return tuple((kv.split("=", 1)[0], kv.split("=", 1)[1] if "=" in kv else 1) for kv in raw.split(",") if kv)
-
-
 def _forced_config(cfg: GemmConfig) -> GemmConfig:
     """DEEPSTACK_GEMM_CONFIG="block_m,block_n,stages" overrides the heuristic (tuning sweeps and debugging)."""
     raw = os.environ.get("DEEPSTACK_GEMM_CONFIG", "").strip()
@@ -62,7 +57,7 @@ def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, ou
         args += (cluster, True)
     elif cluster > 1:
         args += (cluster,)
-    return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel", args, defines=_debug_defines())
+    return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel", args, defines=experiment_defines())
 
 
 def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -> bool:

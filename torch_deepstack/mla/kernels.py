@@ -125,8 +125,9 @@ _FP8_SMALL_KERNEL = "auto"
 _FP8_REGS_ROWS = frozenset({16, 32})   # H200 2026-11-30 03:15: 128/1/16/8192 216 vs 278 us, 128/1/32/8192 312 vs 326
 # 32-row channel-split variant (kSplit): both workers take every page, each owns two of the four 128-channel groups
 # (its half of S^T, exchanged through shared memory; O^T for its 256 V channels; no per-request merge), built with
-# _FP8_SPLIT32_DEFINES: each worker runs the softmax of its 16 rows (SPLIT_ROWS) and has its own code copy
-# (SPLIT_COPIES). H200 03:45 UTC A/B: 128/1/32/8192 295.6 vs 310.2 us with the workers on alternate pages,
+# _FP8_SPLIT32_DEFINES (below; each worker runs the softmax of its 16 rows, SPLIT_ROWS, in every form measured
+# since). First measured with SPLIT_ROWS + SPLIT_COPIES (one code copy per worker), H200 03:45 UTC A/B:
+# 128/1/32/8192 295.6 vs 310.2 us with the workers on alternate pages,
 # 128/2/16/8192 297.1 vs 312.0, 64/1/32/4096 96.7 vs 100.5 (the plain split, _FP8_SPLIT32_DEFINES = (), 340 us).
 # Default since 2026-11-30 04:32 UTC (the FP8 GPU suite passed on every 32-row form; A/B 297.1 vs 310.8 us at
 # 128/1/32/8192). DEEPSTACK_MLA_FP8_SPLIT32=0 before import (or _FP8_REGS_SPLIT32 = False) restores alternate pages.
@@ -137,16 +138,23 @@ def _fp8_regs_split(n: int) -> bool:
     return n == 32 and bool(_FP8_REGS_SPLIT32)
 
 
+@functools.lru_cache(maxsize=None)   # built on every FP8 decode call otherwise (~0.7 us of Python)
 def fp8_regs_spec(n: int, split: bool = False, defines: tuple = ()) -> KernelSpec:
     args = (n, True) if split else (n,)   # the default instantiations keep their cache keys
     return KernelSpec("mla/mla_decode_fp8_regs.cuh", "deepstack::mla::fp8regs::mla_decode_fp8_regs_kernel", args,
                       defines=defines)
 
 
-# The split variant's A/B switches (-D defines, mla_decode_fp8_regs.cuh), prebuilt so that an A/B run or the tests
-# find them compiled (and tests/jit checks them for spills): the row-split softmax, one code copy per worker, both.
-_FP8_SPLIT_AB_DEFINES = ((("DEEPSTACK_FP8R_SPLIT_ROWS", 1),), (("DEEPSTACK_FP8R_SPLIT_COPIES", 1),),
-                         (("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1)))
+# The register-A kernel's build switches (-D defines of mla_decode_fp8_regs.cuh; what each does: the comments below
+# and docs/mla.md). Every combination named here is prebuilt, so an A/B run or the tests find it compiled (and
+# tests/jit checks it for spills).
+_SPLIT_ROWS, _SPLIT_COPIES = ("DEEPSTACK_FP8R_SPLIT_ROWS", 1), ("DEEPSTACK_FP8R_SPLIT_COPIES", 1)
+_LEAN, _FAST, _WK_SHFL = (("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1),
+                          ("DEEPSTACK_FP8R_WK_SHFL", 1))
+_SPLIT_XV, _SPLIT_P2VOTE = ("DEEPSTACK_FP8R_SPLIT_XV", 1), ("DEEPSTACK_FP8R_SPLIT_P2VOTE", 1)
+
+# The split variant's first switches: the row-split softmax, one code copy per worker, both.
+_FP8_SPLIT_AB_DEFINES = ((_SPLIT_ROWS,), (_SPLIT_COPIES,), (_SPLIT_ROWS, _SPLIT_COPIES))
 
 
 # 16 rows: the raw ring in 1, 2 or 4 stages per page (-DDEEPSTACK_FP8R_SUBPAGES; a stage goes back to the copies
@@ -166,8 +174,6 @@ _FP8_REGS16_SUBPAGE_CHOICES = (1, 2, 4)
 # WK_SHFL (=3, the default since 2026-11-30 05:06 UTC): the worker index read through a shuffle, so that the
 # compiler keeps the P^T descriptors in uniform registers (64 R2UR per page gone, 1528 -> 1365 SASS instructions in
 # the page loop; H200 A/B 05:04: 128/1/16/8192 198.8 vs 201.7 us, 128/1/16/16384 364.0 vs 368.9; FP8 suite passed).
-_LEAN, _FAST, _WK_SHFL = (("DEEPSTACK_FP8R_LEAN", 1), ("DEEPSTACK_FP8R_FAST_SOFTMAX", 1),
-                          ("DEEPSTACK_FP8R_WK_SHFL", 1))
 _FP8_REGS16_AB_DEFINES = ((_LEAN,), (_LEAN, _FAST), (_LEAN, _FAST, _WK_SHFL))
 _FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("DEEPSTACK_MLA_FP8_R16", "3"))]
 
@@ -177,19 +183,17 @@ _FP8_REGS16_DEFINES: tuple = ((), *_FP8_REGS16_AB_DEFINES)[int(os.environ.get("D
 # groups' scales), 2: WK_SHFL instead of the code copies (one copy, the worker index warp-uniform), 3: both; 4 and 5:
 # 1 and 3 with SPLIT_XV (the S^T exchange as float4) and SPLIT_P2VOTE (the P^T barrier votes whether any rescale
 # factor moved). None changes the arithmetic (bit-identical to the LEAN build, tested).
-_FP8_SPLIT32_LEAN_DEFINES = _FP8_SPLIT_AB_DEFINES[2] + (_LEAN,)
-_SPLIT_ROWS, _SPLIT_COPIES = _FP8_SPLIT_AB_DEFINES[2]
-_SPLIT_XV, _SPLIT_P2VOTE = ("DEEPSTACK_FP8R_SPLIT_XV", 1), ("DEEPSTACK_FP8R_SPLIT_P2VOTE", 1)
+_FP8_SPLIT32_LEAN_DEFINES = (_SPLIT_ROWS, _SPLIT_COPIES, _LEAN)
 _FP8_SPLIT32_AB_DEFINES = ((_SPLIT_ROWS, _SPLIT_COPIES, _LEAN, _FAST), (_SPLIT_ROWS, _LEAN, _WK_SHFL),
                            (_SPLIT_ROWS, _LEAN, _FAST, _WK_SHFL),
                            (_SPLIT_ROWS, _SPLIT_COPIES, _LEAN, _FAST, _SPLIT_XV, _SPLIT_P2VOTE),
                            (_SPLIT_ROWS, _LEAN, _FAST, _WK_SHFL, _SPLIT_XV, _SPLIT_P2VOTE))
 # What _FP8_REGS_SPLIT32 builds: form 5 since 2026-11-30 05:16 UTC (H200 A/B 05:13: 128/1/32/8192 258.4 vs 286.8
 # us, 128/2/16/8192 255.2 vs 286.8, 64/1/32/4096 83.2 vs 92.0; 05:14: 128/1/32/16384 477.7 vs 533.6; FP8 suite
-# passed on it). Before import: DEEPSTACK_MLA_FP8_R32_LEAN=1 the LEAN build, =0 neither (both switches alone).
+# passed on it). The earlier defaults stay prebuilt: _FP8_SPLIT32_LEAN_DEFINES (05:06-05:16) and
+# _FP8_SPLIT_AB_DEFINES[2] (04:32-05:06); set _FP8_SPLIT32_DEFINES to either to build it.
 _FP8_SPLIT32_FAST_DEFINES = _FP8_SPLIT32_AB_DEFINES[4]
-_FP8_SPLIT32_DEFINES = {None: _FP8_SPLIT32_FAST_DEFINES, "1": _FP8_SPLIT32_LEAN_DEFINES}.get(
-    os.environ.get("DEEPSTACK_MLA_FP8_R32_LEAN"), _FP8_SPLIT_AB_DEFINES[2])
+_FP8_SPLIT32_DEFINES = _FP8_SPLIT32_FAST_DEFINES
 # _FP8_SPLIT32_FORM = k (`+@_FP8_SPLIT32_FORM=k` in ab_mla.py, DEEPSTACK_MLA_FP8_R32=k before import) builds
 # _FP8_SPLIT32_AB_DEFINES[k - 1] instead of _FP8_SPLIT32_DEFINES (0: that).
 _FP8_SPLIT32_FORM = int(os.environ.get("DEEPSTACK_MLA_FP8_R32", "0"))

@@ -55,11 +55,7 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     for s, e in zip(starts, ends):
-        if flush_kind:
-            flush_l2(flush_kind)
-        s.record()
-        call()
-        e.record()
+        _flushed(call, flush_kind, s, e)
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     if samples is not None:
@@ -67,14 +63,23 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
     return statistics.median(times)
 
 
+def _flushed(fn, flush_kind, start=None, end=None) -> None:
+    """One call of fn after an L2 flush (flush_kind: "write", "read" or falsy), between the events if given."""
+    if flush_kind:
+        flush_l2(flush_kind)
+    if start is not None:
+        start.record()
+    fn()
+    if end is not None:
+        end.record()
+
+
 def _call_ms(fn, flush_kind) -> float:
     """GPU milliseconds of one flushed call of fn, flush included (three calls, synchronised)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(3):
-        if flush_kind:
-            flush_l2(flush_kind)
-        fn()
+        _flushed(fn, flush_kind)
     end.record()
     end.synchronize()
     return max(start.elapsed_time(end) / 3, 1e-3)
@@ -93,10 +98,10 @@ def bench_gpu_interleaved(fns: dict, rounds: int = 5, rep: int = 10, settle_ms: 
     (docs/gemm.md, 2026-11-30), hence the 100 ms default."""
     flush_kind = "write" if flush is True else flush
     names = list(fns)
-    enter = enter or {}
+    enter = {name: (enter or {}).get(name, lambda: None) for name in names}
     settle = {}
     for name in names:
-        enter.get(name, lambda: None)()
+        enter[name]()
         fns[name]()
         # settle calls: this contender's calls (each after a flush, as when timed) for about settle_ms of GPU time
         settle[name] = int(settle_ms / _call_ms(fns[name], flush_kind))
@@ -104,18 +109,12 @@ def bench_gpu_interleaved(fns: dict, rounds: int = 5, rep: int = 10, settle_ms: 
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = fns[name]
-            enter.get(name, lambda: None)()
+            enter[name]()
             for _ in range(settle[name]):
-                if flush_kind:
-                    flush_l2(flush_kind)
-                fn()
+                _flushed(fn, flush_kind)
             for _ in range(rep):
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                if flush_kind:
-                    flush_l2(flush_kind)
-                s.record()
-                fn()
-                e.record()
+                _flushed(fn, flush_kind, s, e)
                 events[name].append((s, e))
     torch.cuda.synchronize()
     out = {}
