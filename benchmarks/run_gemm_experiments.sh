@@ -3,7 +3,7 @@
 # 2026-11-30 05:35 UTC"): GPU bit-identity tests, settled A/B timings, ncu cycles. Needs the cubins that
 # benchmarks/prebuild_gemm_experiments.py built from this commit in .jit_gemmnx (run tool: carry [".jit_gemmnx"]).
 # Writes logs under $OUT (or ./gemmnx_out); each step has its own time limit, so a slow one cannot eat the rest.
-export PYTHONPATH=$PWD DEEPSTACK_JIT_CACHE_DIR=$PWD/.jit_gemmnx
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} DEEPSTACK_JIT_CACHE_DIR=$PWD/.jit_gemmnx
 OUT=${OUT:-$PWD/gemmnx_out}; mkdir -p "$OUT"
 python benchmarks/prebuild_gemm_experiments.py --check | head -5
 nvidia-smi --query-gpu=name,power.draw,power.limit,clocks.sm,temperature.gpu --format=csv,noheader
