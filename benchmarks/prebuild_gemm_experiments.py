@@ -1,7 +1,7 @@
-"""Compile (no GPU needed) every FP8 GEMM specialisation that the device call of docs/gemm.md "Session of
-2026-11-30 05:35 UTC" loads: the GPU bit-identity tests of the three opt-in experiments (DS_ID_LOOKAHEAD2,
-DS_LEAN_SLICE, DEEPSTACK_GEMM_MULTICAST=2) and the ab_gemm / ncu_gemm shapes and variants, into
-DEEPSTACK_JIT_CACHE_DIR, so that call spends no device time in nvcc.
+"""Compile (no GPU needed) every FP8 GEMM specialisation that benchmarks/run_gemm_experiments.sh loads: the GPU
+bit-identity tests of the lean slices and the two-tile id lookahead against their A/B controls (DS_NO_LEAN_SLICE,
+DS_ID_LOOKAHEAD1; both defaults since 2026-11-30 06:31) and of the opt-in DEEPSTACK_GEMM_MULTICAST=2, and the
+ab_gemm / ncu_gemm shapes and variants, into DEEPSTACK_JIT_CACHE_DIR, so that call spends no device time in nvcc.
 
   DEEPSTACK_JIT_CACHE_DIR=$PWD/.jit_gemmnx python benchmarks/prebuild_gemm_experiments.py            # build
   DEEPSTACK_JIT_CACHE_DIR=$PWD/.jit_gemmnx python benchmarks/prebuild_gemm_experiments.py --check    # hits only
@@ -39,12 +39,12 @@ ENV_KEYS = ("DEEPSTACK_GEMM_DEFINES", "DEEPSTACK_GEMM_MULTICAST", "DEEPSTACK_GEM
 
 # The device call's benchmark cases (ab_gemm.py / ncu_gemm.py notation), as in docs/gemm.md.
 DENSE_SHAPES = "4096x7168x2048,4096x4096x7168,4096x7168x16384,4096x24576x1536,4096x32768x512,4096x2112x7168"
-DENSE_VARIANTS = ("default:", "lean:DS_LEAN_SLICE", "mc2::2")
+DENSE_VARIANTS = ("default:", "nolean:DS_NO_LEAN_SLICE", "mc2::2")
 CONTIG_SHAPES = "c4x8192x7168x2048,c4x8192x4096x7168,32768x7168x2048"
-CONTIG_VARIANTS = ("default:", "la2:DS_ID_LOOKAHEAD2", "lean_la2:DS_LEAN_SLICE,DS_ID_LOOKAHEAD2")
+CONTIG_VARIANTS = ("default:", "la1:DS_ID_LOOKAHEAD1", "la1_nolean:DS_ID_LOOKAHEAD1,DS_NO_LEAN_SLICE")
 # ncu_gemm.py (one process; each experiment is a no-op on the other kind, a control for launch-to-launch spread)
 NCU_SHAPES = "c4x8192x7168x2048,32768x7168x2048,4096x4096x7168"
-NCU_VARIANTS = ("default:", "la2:DS_ID_LOOKAHEAD2", "lean:DS_LEAN_SLICE")
+NCU_VARIANTS = ("default:", "la1:DS_ID_LOOKAHEAD1", "nolean:DS_NO_LEAN_SLICE")
 CASES = ((DENSE_SHAPES, DENSE_VARIANTS), (CONTIG_SHAPES, CONTIG_VARIANTS), (NCU_SHAPES, NCU_VARIANTS))
 
 
@@ -58,14 +58,14 @@ def test_cases():
     _check_define_matches_default, test_contiguous_id_lookahead_matches_load_at_start,
     test_multicast_tma_store_matches_single_ctas)."""
     out = []
-    for define in ("", "DS_ID_LOOKAHEAD2", "DS_LEAN_SLICE"):
+    for define in ("", "DS_ID_LOOKAHEAD1", "DS_NO_LEAN_SLICE"):
         for cfg, tma in (("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")):
             for k in (384, 4224):
                 env = _env(define, config=cfg, tma=tma)
                 # _grouped_inputs(1100, 576, k, [157, 0, 201, 77, 300]); masked expected_m = mean(masked_m) = 147
                 out += [(env, (D, 1100, 1, 576, k, 1100)), (env, (C, 1100, 5, 576, k, 1100)),
                         (env, (M, 300, 5, 576, k, 147))]
-    for define in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD2", ""):
+    for define in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD1", ""):
         for cfg, tma in (("128,128,6", "1"), ("128,128,6", "0"), ("64,128,8", "0")):
             out.append((_env(define, config=cfg, tma=tma), (C, 1196, 5, 576, 384, 1196)))
     for cfg in ("128,128,6", "128,160,5"):

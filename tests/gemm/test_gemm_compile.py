@@ -125,16 +125,15 @@ def test_odd_width_kernels_compile_without_spills(monkeypatch, tmp_path, cfg, tm
     assert not any(code in r.meta["ptxas"] for code in SERIALISED)
 
 
-# Opt-in experiments of branch gemmnx-experiment (docs/gemm.md, "Session of 2026-11-30 05:35 UTC"): each compiles
-# for sm_90a without spills, stack or serialised wgmma where the next GPU session times it.
+# The A/B controls of the lean slices and the two-tile id lookahead (defaults since 2026-11-30), and the opt-in
+# 2-CTA multicast with the TMA store (docs/gemm.md, "Session of 2026-11-30 05:35 UTC"): each compiles for sm_90a
+# without spills, stack or serialised wgmma, so an A/B run can build it.
 _D, _C, _M = kernels.KIND_DENSE, kernels.KIND_CONTIGUOUS, kernels.KIND_MASKED
 EXPERIMENT_SPECS = (
-    [("DS_ID_LOOKAHEAD2", "0", None, _C, 32768, n, k) for n, k in ((7168, 2048), (4096, 7168))]
-    + [("DS_ID_LOOKAHEAD2", "0", "128,176,5", _C, 8192, 2112, 7168)]
-    + [("DS_LEAN_SLICE", "0", None, _D, 4096, n, k) for n, k in kernels.DSV3_NK]
-    + [("DS_LEAN_SLICE", "0", None, _D, 64, 7168, 16384), ("DS_LEAN_SLICE", "0", None, _C, 32768, 7168, 2048),
-       ("DS_LEAN_SLICE", "0", None, _M, 4096, 4096, 7168), ("DS_LEAN_SLICE,DS_ID_LOOKAHEAD2", "0", None, _C, 32768,
-                                                            7168, 2048)]
+    [("DS_ID_LOOKAHEAD1", "0", None, _C, 32768, 7168, 2048),
+     ("DS_ID_LOOKAHEAD1", "0", "128,176,5", _C, 8192, 2112, 7168)]
+    + [("DS_NO_LEAN_SLICE", "0", None, _D, 4096, 4096, 7168), ("DS_NO_LEAN_SLICE", "0", None, _M, 4096, 4096, 7168),
+       ("DS_NO_LEAN_SLICE,DS_ID_LOOKAHEAD1", "0", None, _C, 32768, 7168, 2048)]
     + [("", "2", None, _D, 4096, n, k) for n, k in kernels.DSV3_NK if n != 2112]
     + [("", "2", "128,160,5", _D, 4096, 7168, 2048)]
 )
