@@ -164,6 +164,60 @@ struct IdLookahead {
   __device__ __forceinline__ bool valid_rows(int id) const { return __all_sync(0xffffffffu, lane >= 16 || id >= 0); }
 };
 
+// Two-tile id lookahead (contiguous kind with the B-scale lanes; default since 2026-11-30 06:31, +1.8..4.1% on the
+// contiguous DSV3 shapes; DS_ID_LOOKAHEAD1 restores the one-tile IdLookahead): the math warps hold the ids of two
+// tiles ahead (t + stride and t + 2 stride), with their placements, so when tile t starts the group of t + stride is
+// already known (its ids arrived under t - stride's main loop) and that tile's B scales are fetched a whole tile
+// ahead, as the dense kind's lanes are. With one tile of lookahead they can only be fetched when t's main loop ends
+// (the group of t + stride arrives during it), and the next tile's first slice waits for that load (SASS: the
+// slice's first SHFL of the scale register right before its full-barrier wait, an epilogue after the LDG). Also one
+// tile placement per tile instead of two (load_lane_id and the lanes' fetch each placed t + stride).
+template <typename Sched, bool kOn>
+struct IdLookahead2 {
+  int next, next2, lane, warp_row;
+  int m1, n1, m2, n2;   // placements of the tiles whose ids next / next2 hold
+  // (dep: 0, but computed from the values the tile start reads, so the load issues after those reads; see advance)
+  __device__ __forceinline__ int load(const Sched& sched, int t, int& m0, int& n0, int dep = 0) const {
+    if (t >= sched.total) return 0;
+    GemmTile tile;
+    sched.place(t, tile);
+    m0 = tile.m0;
+    n0 = tile.n0;
+    const int r = lane < 16 ? tile.m0 + warp_row + lane
+                            : lane == 16 ? tile.m0 : min(tile.m0 + Sched::kBlockMValue, sched.M) - 1;
+    return r < sched.M ? __ldg(sched.layout + r + dep) : 0;
+  }
+  __device__ __forceinline__ IdLookahead2(const Sched& sched, int first_tile, int stride, int warp_row_, int lane_)
+      : next(0), next2(0), lane(lane_), warp_row(warp_row_), m1(0), n1(0), m2(0), n2(0) {
+    if constexpr (kOn) {   // (off: no code at all, not even the address arithmetic)
+      next = load(sched, first_tile, m1, n1);
+      next2 = load(sched, first_tile + stride, m2, n2);
+    }
+  }
+  // Tile t (whose ids `next` holds): its placement and group, this lane's id. False for a padding block.
+  __device__ __forceinline__ bool take(GemmTile& tile, int& id) {
+    tile.m0 = m1;
+    tile.n0 = n1;
+    id = next;
+    tile.g = max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
+    next = next2;
+    m1 = m2;
+    n1 = n2;
+    return tile.g >= 0;
+  }
+  // Starts the loads of tile t2's ids (t2 = t + 2 stride). All global loads of the math warps share one scoreboard
+  // (SASS, nvcc 13.0), so a read of an older load placed after this one waits for this one too: in the default
+  // contiguous kernel the first slice's B-scale shuffle waits for the ids load issued at that tile's start, a whole
+  // L2 round trip per tile with the tensor cores idle. `dep` (0 at run time, computed from the values read at the
+  // tile's start) makes this load's address depend on those reads, so they come first.
+  __device__ __forceinline__ void advance(const Sched& sched, int t2, int dep) { next2 = load(sched, t2, m2, n2, dep); }
+  // after take(t): the group of t + stride (-1: a padding block)
+  __device__ __forceinline__ int ahead_group() const {
+    return max(__shfl_sync(0xffffffffu, next, 16), __shfl_sync(0xffffffffu, next, 17));
+  }
+  __device__ __forceinline__ bool valid_rows(int id) const { return __all_sync(0xffffffffu, lane >= 16 || id >= 0); }
+};
+
 // The producer thread's form (opt-in, DS_PRODUCER_ID_LOOKAHEAD, A/B runs): the ids of tile t + stride loaded when
 // tile t starts. The lane index (0 for the producer thread) in the address keeps the loaded values out of uniform
 // registers until they are used.
@@ -191,6 +245,12 @@ struct ProducerIdLookahead {
 };
 
 template <int V> struct IntC { static constexpr int value = V; };
+// (lean slices) a stage's wgmma descriptor from stage 0's: the start-address field (low 14 bits, shared address / 16)
+// advanced by `units`; it stays below 2^14 (shared memory < 256 KB), so nothing carries into the other fields and the
+// high word is stage 0's (a constant: the stride field and the swizzle mode).
+__device__ __forceinline__ uint64_t lean_desc(uint64_t desc0, int units) {
+  return (desc0 & 0xffffffff00000000ull) | static_cast<uint32_t>(static_cast<uint32_t>(desc0) + units);
+}
 // A run-time int with IntC's interface (DS_SFB_RUNTIME: the B-scale block offset as a run-time value, for A/B runs).
 struct RtInt { int value; };
 
@@ -274,8 +334,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr int kEpiWarpBytes = kBlockN * 32;                   // one warp's 16 rows of bf16
   // Grouped kinds: a warp stores by TMA only when all its 16 rows are valid (contiguous: no -1 row, masked: below
   // masked_m), the staged stores otherwise.
-  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && kCluster == 1 && std::is_same<OutT, __nv_bfloat16>::value),
-                "the TMA-store epilogue is for 1D2D bf16 output without C, no clusters");
+  // (2-CTA multicast clusters with the TMA store: the experiment DEEPSTACK_GEMM_MULTICAST=2; each CTA stores its own
+  // M-block, a CTA whose M-block lies past M stores nothing)
+  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && (kCluster == 1 || kKind == kGemmDense) &&
+                               std::is_same<OutT, __nv_bfloat16>::value),
+                "the TMA-store epilogue is for 1D2D bf16 output without C, clusters only for the dense kind");
   constexpr bool kTmaSwizzled = kBlockN % 64 == 0;
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
@@ -457,7 +520,6 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     uint32_t phase = 0;
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
     const bool tma_ok = kTmaStore && ((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0;
-    IdLookahead<Sched> ids(sched, kIdLookahead ? first_tile : sched.total, wg * 64 + warp_in_wg * 16, lane);
     // B-scale lanes (contiguous kind by default): 1D2D B scales read a tile ahead into registers, lane l holding
     // slice 32 r + l of each of the tile's scale blocks, and handed to the slices by shuffles, instead of one global
     // load per slice on the path to its promotion (SASS: the per-slice LDG sits right before the next slice's wgmmas
@@ -478,7 +540,42 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
                                (kKind != kGemmContiguous || kIdLookahead);
     constexpr int kSfbR = kSfbLanes ? ((kK + 127) / 128 + 31) / 32 : 1;     // registers per scale block
     constexpr int kSfbLoadBlk = (kSfbPerRow || 128 % kBlockN == 0) ? 1 : kSfbSpan;   // blocks a tile reads
+    // Ids two tiles ahead (default; DS_ID_LOOKAHEAD1: one tile), so the contiguous kind's lanes fetch a tile's B
+    // scales a whole tile ahead (IdLookahead2); replaces the one-tile lookahead there.
+#ifndef DS_ID_LOOKAHEAD1
+    constexpr bool kIdAhead2 = kKind == kGemmContiguous && kSfbLanes;
+#else
+    constexpr bool kIdAhead2 = false;
+#endif
+    IdLookahead<Sched> ids(sched, kIdLookahead && !kIdAhead2 ? first_tile : sched.total, wg * 64 + warp_in_wg * 16,
+                           lane);
+    IdLookahead2<Sched, kIdAhead2> ids2(sched, first_tile, tile_stride, wg * 64 + warp_in_wg * 16, lane);
+    // Lean slices (default since 2026-11-30 06:31, +0..3.7% dense, +1.5% on top of the two-tile lookahead contiguous;
+    // DS_NO_LEAN_SLICE for the A/B control): less per-slice bookkeeping in the main loop, same operations on the same
+    // values. (1) The wgmma descriptors of stage s are stage 0's plus s * (stage bytes / 16) (the descriptor's
+    // address field is the shared address / 16, 14 bits, and every stage lies below 256 KB, so this is the value
+    // smem_desc_sw128 computes), instead of rebuilding each from the stage address (mask, shift, or-in of the
+    // constant fields: ~6 uniform instructions per operand and slice in the SASS). (2) The per-slice B-scale loads
+    // (dense and masked kinds) walk a 64-bit pointer per scale block, one add per slice, instead of recomputing
+    // block + k * stride with a sign extension and a 64-bit shift-add per slice.
+#ifndef DS_NO_LEAN_SLICE
+    constexpr bool kLean = true;
+#else
+    constexpr bool kLean = false;
+#endif
+    uint64_t desc_a0 = 0, desc_b0 = 0;
+    if constexpr (kLean) {
+      desc_a0 = sm90::smem_desc_sw128(smem_a + wg * 64 * 128);
+      desc_b0 = sm90::smem_desc_sw128(smem_b);
+    }
     float sfb_cur[kSfbR][3], sfb_nxt[kSfbR][3];
+    if constexpr (kIdAhead2) {   // (read by the dependency below before a padding first tile has written them)
+#pragma unroll
+      for (int r = 0; r < kSfbR; ++r) {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) sfb_cur[r][i] = 0.f;
+      }
+    }
     int sfb_nxt_tile = -1;                                      // the tile whose scales sfb_nxt holds...
     GemmTile sfb_nxt_place{0, 0, 0};                            // ... and its placement (reused: no second place())
     // (contiguous: tile tn's group is given, from the ids; a padding block's is -1 and its scales go unused)
@@ -504,10 +601,45 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     const auto ahead_group = [&]() {
       return max(__shfl_sync(0xffffffffu, ids.next, 16), __shfl_sync(0xffffffffu, ids.next, 17));
     };
-    if constexpr (kSfbLanes) sfb_lanes_load(first_tile, kKind == kGemmContiguous ? ahead_group() : 0);
+    // (two-tile lookahead) tile tn's B scales, its first column n0 and group g given, into sfb_nxt
+    const auto sfb_lanes_fetch = [&](int tn, int n0, int g, int dep) {
+      const float* base = sfb + g * sfb_sg + dep;
+#pragma unroll
+      for (int i = 0; i < kSfbLoadBlk; ++i) {
+        const float* p = base + min(n0 / 128 + i, kSfbBlocksN - 1) * sfb_sn;
+#pragma unroll
+        for (int r = 0; r < kSfbR; ++r) {
+          const int kbl = 32 * r + lane;
+          sfb_nxt[r][i] = kbl < kNumKB ? __ldg(p + kbl * sfb_sk) : 0.f;
+        }
+      }
+      sfb_nxt_tile = tn;
+    };
+    if constexpr (kSfbLanes && !kIdAhead2) sfb_lanes_load(first_tile, kKind == kGemmContiguous ? ahead_group() : 0);
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
       int row_id = 0;
+      if constexpr (kIdAhead2) {
+        const bool valid = ids2.take(tile, row_id);
+        const int g_ahead = ids2.ahead_group();           // tile t + stride's group (its ids arrived a tile ago)
+        if (valid) {
+          if (sfb_nxt_tile != t) sfb_lanes_fetch(t, tile.n0, tile.g, 0);   // the CTA's first tile only
+#pragma unroll
+          for (int r = 0; r < kSfbR; ++r) {
+#pragma unroll
+            for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
+          }
+        }
+        // New loads only after every read of the older ones (one scoreboard serves them all, see
+        // IdLookahead2::advance): dep is 0 (M < 0 never holds) but depends on this tile's scales and the next
+        // tile's group. Then the next tile's scales, a whole main loop ahead (also at a padding block, so no tile
+        // after the first fetches its own; a padding block's group -1 reads group 0's, unused), and the ids of
+        // t + 2 stride.
+        const int dep = M < 0 ? (__float_as_int(sfb_cur[0][0]) ^ g_ahead) : 0;
+        if (t + tile_stride < sched.total) sfb_lanes_fetch(t + tile_stride, ids2.n1, max(g_ahead, 0), dep);
+        ids2.advance(sched, t + 2 * tile_stride, dep);
+        if (!valid) continue;
+      } else {
       const bool placed = kSfbLanes && sfb_nxt_tile == t;
       if (placed) tile = sfb_nxt_place;
       if (kIdLookahead ? !ids.take(sched, t, tile_stride, tile, row_id, placed)
@@ -520,6 +652,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           for (int i = 0; i < kSfbLoadBlk; ++i) sfb_cur[r][i] = sfb_nxt[r][i];
         }
         if (kKind != kGemmContiguous) sfb_lanes_load(t + tile_stride, 0);
+      }
       }
       tile.m0 += rank * kBlockM;
 #pragma unroll
@@ -537,6 +670,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       const float* sfb_blk[3];
 #pragma unroll
       for (int i = 0; i < 3; ++i) sfb_blk[i] = sfb_tile + min(nblk_lo + i, kSfbBlocksN - 1) * sfb_sn;
+      // (lean slices) slice kb's B scale of block i at sfb_run[i]: the slices load in order, one step each
+      const float* sfb_run[3] = {sfb_blk[0], sfb_blk[1], sfb_blk[2]};
+      const int64_t sfb_step = sfb_sk;
       // BLOCK_N dividing 128 (tiles start at multiples of it): every tile lies in one scale block, so only the first
       // block's scale is read (fewer live registers in the main loop; the values are the same).
       constexpr bool kOneSfb = kSfbPerRow || 128 % kBlockN == 0;
@@ -559,6 +695,13 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
               for (int r = 1; r < kSfbR; ++r) v = k_blk >= 32 * r ? sfb_cur[r][i] : v;
               b[i] = __shfl_sync(0xffffffffu, v, k_blk % 32);
             }
+          } else if constexpr (kLean) {
+#pragma unroll
+            for (int i = 0; i < 3; ++i) {
+              if (kOneSfb && i > 0) { b[i] = b[0]; continue; }
+              b[i] = __ldg(sfb_run[i]);
+              sfb_run[i] += sfb_step;
+            }
           } else {
 #pragma unroll
             for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
@@ -580,8 +723,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
 #pragma unroll
             for (int i = 0; i < 3; ++i) { sc[2 * i] = a0 * b[i]; sc[2 * i + 1] = a1 * b[i]; }
-            const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
-            const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+            const uint64_t desc_a = kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
+                                          : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+            const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
+                                          : sm90::smem_desc_sw128(smem_b + s * kBytesB);
             sm90::fence_regs(a);
             sm90::wgmma_fence();
 #pragma unroll
@@ -631,8 +776,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           sm90::mbar_wait(full + s, phase);
           const float sa0 = smem_sfa[s * kBlockM + row_local];
           const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
-          const uint64_t desc_a = sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
-          const uint64_t desc_b = sm90::smem_desc_sw128(smem_b + s * kBytesB);
+          const uint64_t desc_a = kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
+                                        : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+          const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
+                                        : sm90::smem_desc_sw128(smem_b + s * kBytesB);
           sm90::fence_regs(acc);
           sm90::wgmma_fence();
 #pragma unroll
@@ -687,7 +834,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
       if constexpr (kOneSfb) main_loop(IntC<0>{}); else with_sfb_offset<0, kSfbGcd>(tile.n0 % 128, main_loop);
 #endif
-      if (kSfbLanes && kKind == kGemmContiguous) sfb_lanes_load(t + tile_stride, ahead_group());
+      if (kSfbLanes && kKind == kGemmContiguous && !kIdAhead2) sfb_lanes_load(t + tile_stride, ahead_group());
 
       // ---- epilogue: registers -> global, only valid rows and columns ----
       int row_limit = M;
@@ -702,7 +849,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           bool whole = true;
           if (kKind == kGemmContiguous) {
             if (kIdLookahead) {
-              whole = ids.valid_rows(row_id);   // loaded a tile ahead
+              whole = kIdAhead2 ? ids2.valid_rows(row_id) : ids.valid_rows(row_id);   // loaded a tile ahead
             } else {
               const int r = row + lane % 16;
               whole = __all_sync(0xffffffffu, r >= M || __ldg(layout + r) >= 0);

@@ -123,3 +123,36 @@ def test_odd_width_kernels_compile_without_spills(monkeypatch, tmp_path, cfg, tm
     r = jit.build(spec)
     assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
     assert not any(code in r.meta["ptxas"] for code in SERIALISED)
+
+
+# The A/B controls of the lean slices and the two-tile id lookahead (defaults since 2026-11-30), and the opt-in
+# 2-CTA multicast with the TMA store (docs/gemm.md, "Session of 2026-11-30 05:35 UTC"): each compiles for sm_90a
+# without spills, stack or serialised wgmma, so an A/B run can build it.
+_D, _C, _M = kernels.KIND_DENSE, kernels.KIND_CONTIGUOUS, kernels.KIND_MASKED
+EXPERIMENT_SPECS = (
+    [("DS_ID_LOOKAHEAD1", "0", None, _C, 32768, 7168, 2048),
+     ("DS_ID_LOOKAHEAD1", "0", "128,176,5", _C, 8192, 2112, 7168)]
+    + [("DS_NO_LEAN_SLICE", "0", None, _D, 4096, 4096, 7168), ("DS_NO_LEAN_SLICE", "0", None, _M, 4096, 4096, 7168),
+       ("DS_NO_LEAN_SLICE,DS_ID_LOOKAHEAD1", "0", None, _C, 32768, 7168, 2048)]
+    + [("", "2", None, _D, 4096, n, k) for n, k in kernels.DSV3_NK if n != 2112]
+    + [("", "2", "128,160,5", _D, 4096, 7168, 2048)]
+)
+
+
+@needs_nvcc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("defines,multicast,cfg,kind,m,n,k", EXPERIMENT_SPECS)
+def test_experiment_kernels_compile_without_spills(monkeypatch, tmp_path, defines, multicast, cfg, kind, m, n, k):
+    monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+    monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", multicast)
+    if cfg:
+        monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
+    monkeypatch.setenv("DEEPSTACK_JIT_CACHE_DIR", str(tmp_path))
+    groups, em = (4, 256) if kind == kernels.KIND_MASKED else (4 if kind == kernels.KIND_CONTIGUOUS else 1, m)
+    spec, used, cluster = kernels.choose_spec(kind, m, groups, n, k, em, False, None, torch.bfloat16, None, 132)
+    if multicast == "2":
+        assert cluster == 2 and used.tma_store
+    r = jit.build(spec)
+    assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
+    assert not any(code in r.meta["ptxas"] for code in SERIALISED)

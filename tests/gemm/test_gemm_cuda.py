@@ -252,7 +252,7 @@ def test_contiguous_id_lookahead_matches_load_at_start(monkeypatch, cfg, tma):
     outs = {}
     try:
         kernels.set_num_sms(7)
-        for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", ""):
+        for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD1", ""):
             monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
             d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
             ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq5, bsf5, d, ids)
@@ -261,7 +261,7 @@ def test_contiguous_id_lookahead_matches_load_at_start(monkeypatch, cfg, tma):
             outs[defines] = d
     finally:
         kernels.set_num_sms(None)
-    for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD"):
+    for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD1"):
         assert torch.equal(outs[""].nan_to_num(7.0), outs[defines].nan_to_num(7.0)), defines
     want = torch.zeros_like(outs[""])
     ref.m_grouped_contiguous_ref(aq, asf, bq5, bsf5, want, ids)
@@ -304,6 +304,48 @@ def test_sfb_lanes_match_per_slice_loads(monkeypatch, cfg, tma, k):
     registers per scale block), tiles within one scale block and 176-wide ones spanning up to three, 7 CTAs (many
     tiles per CTA)."""
     _check_define_matches_default(monkeypatch, "DS_SFB_LANES", cfg, tma, k, base="DS_NO_SFB_LANES")
+
+
+@pytest.mark.parametrize("k", [384, 4224])
+@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")])
+def test_id_lookahead2_matches_one_tile_lookahead(monkeypatch, cfg, tma, k):
+    """The two-tile id lookahead (default: the contiguous kind's math warps hold ids two tiles ahead and fetch a
+    tile's B scales a whole tile ahead): dense, contiguous (padding inside warps' rows, an empty group) and masked
+    outputs bit-identical to the one-tile lookahead (DS_ID_LOOKAHEAD1), exactly the valid rows written; 3 and 33 K slices, tiles spanning one to
+    three scale blocks, 7 CTAs (every lookahead crosses tiles). Padding blocks between groups:
+    test_contiguous_id_lookahead_matches_load_at_start."""
+    _check_define_matches_default(monkeypatch, "DS_ID_LOOKAHEAD1", cfg, tma, k)
+
+
+@pytest.mark.parametrize("k", [384, 4224])
+@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")])
+def test_lean_slice_matches_full_slice_bookkeeping(monkeypatch, cfg, tma, k):
+    """Lean slices (default: stage descriptors from stage 0's, B-scale pointers walked per slice): dense,
+    contiguous and masked outputs bit-identical to the per-slice rebuild (DS_NO_LEAN_SLICE); the pipelined (128/64/112 wide) and serial
+    (176 wide, up to three scale blocks) loops, 3 and 33 K slices (every stage of the ring many times), 7 CTAs."""
+    _check_define_matches_default(monkeypatch, "DS_NO_LEAN_SLICE", cfg, tma, k)
+
+
+@pytest.mark.parametrize("cfg", ["128,128,6", "128,160,5"])
+@pytest.mark.parametrize("m,n,k", [(129, 200, 384), (700, 7168, 2048), (4095, 256, 128), (300, 4096, 4224)])
+def test_multicast_tma_store_matches_single_ctas(monkeypatch, cfg, m, n, k):
+    """Experiment DEEPSTACK_GEMM_MULTICAST=2 (2-CTA multicast of B with the TMA-store epilogue): the plan takes
+    clusters and the TMA store, every element written, bit-identical to single CTAs; odd M-block counts (the last
+    cluster's second CTA lies past M and stores nothing), a 160-wide tile (unswizzled store boxes), N % 128 != 0."""
+    from torch_deepstack.gemm import kernels
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    outs = {}
+    for mc in ("2", "0"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
+        plan = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)
+        assert (plan[5] == 2 and plan[1].tma_store) == (mc == "2")
+        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+        torch.cuda.synchronize()
+        assert not d.isnan().any(), f"multicast {mc}: unwritten outputs"
+        outs[mc] = d
+    assert torch.equal(outs["2"], outs["0"])
 
 
 @pytest.mark.parametrize("cfg", ["128,176,5", "128,112,6"])

@@ -63,9 +63,11 @@ def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, ou
 def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -> bool:
     """2-CTA clusters sharing B by TMA multicast, for dense 1D2D kernels with 128-row tiles at most 160 wide (wider
     ones spill) and at least two M-blocks. OPT-IN (DEEPSTACK_GEMM_MULTICAST=1): bit-identical to the plain kernel,
-    but 1-8% slower on the H200 at M = 4096 (the kernel is not L2-bound there; docs/gemm.md)."""
+    but 1-8% slower on the H200 at M = 4096 (the kernel is not L2-bound there; docs/gemm.md). Those multicast kernels
+    had no TMA-store epilogue; DEEPSTACK_GEMM_MULTICAST=2 (experiment) adds it where use_tma_store's policy would
+    take it for one CTA: 25% fewer L2 -> shared-memory bytes per K slice at 128x128, aimed at the power cap."""
     return (kind == KIND_DENSE and not sf_b_per_row and cfg.block_m == 128 and cfg.block_n <= 160 and m_rows > 128
-            and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "1")
+            and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") in ("1", "2"))
 
 
 # The TMA-store epilogue's staging tile costs a pipeline stage (128x128: 6 -> 5); it paid for 128-row tiles on the
@@ -81,11 +83,13 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
                   cluster: int) -> bool:
     """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for bf16 output without C (any kind; grouped
     warps with invalid rows among their 16 store through the staged path), any BLOCK_N (grouped kinds: at most 128;
-    widths that are not multiples of 64 stage unswizzled 16 x BLOCK_N boxes), no clusters; on by default for dense
+    widths that are not multiples of 64 stage unswizzled 16 x BLOCK_N boxes), no clusters (but for the experiment
+    DEEPSTACK_GEMM_MULTICAST=2, dense kind); on by default for dense
     and contiguous 128-row tiles with M > 128 (M_sum for the contiguous kind) and K <= TMA_STORE_MAX_K, off by default
     for the masked kind (measured slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible
     (A/B runs, tests)."""
-    if not (not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and cluster == 1):
+    clusters = cluster == 1 or (kind == KIND_DENSE and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "2")
+    if not (not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and clusters):
         return False
     if kind != KIND_DENSE and cfg.block_n > 128:     # the grouped kinds' 192-wide TMA-store kernels spill (ptxas)
         return False
