@@ -43,15 +43,24 @@ def test_quantize_swaps_eligible_linears_only():
         quantize_(model, lambda m, fqn: fqn == "2")
 
 
-def test_quantize_then_compile_fullgraph_trains():
-    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 128))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_then_compile_fullgraph_trains(dtype):
+    """The compiled module's output and gradients (input, weights, biases) equal the eager FP8 module's. (On torch
+    2.11 an output `.to(its own dtype)` once made every compiled gradient zero; finite-only checks missed it.)"""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(256, 256, dtype=dtype), nn.GELU(), nn.Linear(256, 128, dtype=dtype))
     quantize_(model)
-    x = fresh_randn(6, 256)
+    x = fresh_randn(6, 256, dtype=dtype)
+    gy = fresh_randn(6, 128, dtype=dtype)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    y = compiled(x)
-    y.square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+    grads = []
+    for fn in (compiled, model):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        grads.append((y, *torch.autograd.grad(y, (xi, *model.parameters()), gy)))
+    for got, want in zip(*grads):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.timeout(600)

@@ -217,6 +217,23 @@ def test_fp8_linear_autograd_matches_linear(dtype):
     torch.testing.assert_close(f8.bias.grad.float(), bias.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_fp8_linear_inference_skips_autograd_work(monkeypatch):
+    """Under no_grad (or with nothing requiring grad) FP8Linear builds no autograd node and does not quantise x for a
+    weight gradient; its output is the training path's, bit for bit."""
+    from torch_deepstack.gemm import linear
+    f8 = FP8Linear(256, 128, dtype=torch.bfloat16)
+    x = fresh_randn(2, 9, 256, dtype=torch.bfloat16)
+    y_train = f8(x)
+    assert y_train.grad_fn is not None
+    monkeypatch.setattr(linear, "_wgrad_operand", lambda t: pytest.fail("wgrad operand quantised in inference"))
+    with torch.no_grad():
+        y_inf = f8(x)
+    assert y_inf.grad_fn is None
+    torch.testing.assert_close(y_inf, y_train, rtol=0, atol=0)
+    f8.requires_grad_(False)
+    assert f8(x).grad_fn is None
+
+
 def test_fp8_linear_weight_cache_follows_updates():
     f8 = FP8Linear(128, 128, bias=False)
     x = fresh_randn(4, 128)

@@ -66,24 +66,32 @@ def _out_dtype(dtype):
     return dtype if dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
 
 
+def _forward(x, weight, bias, cache) -> torch.Tensor:
+    """y = x @ W.T (+ b) in FP8: x quantised per 1x128 group, W's cached 128x128-block copy."""
+    xq, xs = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]))
+    wq, ws = cache.forward_operand(weight)
+    y = api.fp8_gemm_nt(xq, xs, wq, ws, out_dtype=_out_dtype(x.dtype))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    # No `.to` when the dtype already matches: under torch.compile on torch 2.11, an autograd.Function output that
+    # is `t.to(same dtype)` (t itself) got a zero tangent in the compiled backward, i.e. all-zero gradients (2.10
+    # and 2.13 are fine; tests/compile checks the gradients' values).
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cache):
-        k = x.shape[-1]
-        x2 = x.reshape(-1, k)
-        xq, xs = per_token_group_quant_fp8(x2)
-        wq, ws = cache.forward_operand(weight)
-        y = api.fp8_gemm_nt(xq, xs, wq, ws, out_dtype=_out_dtype(x.dtype))
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+        y = _forward(x, weight, bias, cache)
         if weight.requires_grad:
-            xtq, xts = _wgrad_operand(x2)
+            xtq, xts = _wgrad_operand(x.reshape(-1, x.shape[-1]))
         else:
             xtq = xts = None
         ctx.save_for_backward(xtq, xts, weight)
         ctx.cache = cache
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -139,7 +147,11 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self._cache)
+        params = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return _FP8LinearFn.apply(x, self.weight, self.bias, self._cache)
+        # inference: no autograd node, and no transposed copy of x for a weight gradient that will not come
+        return _forward(x, self.weight, self.bias, self._cache)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
