@@ -44,6 +44,108 @@ __device__ __forceinline__ float block_max_256(float v, float* red) {
   return r;
 }
 
+// ---- vectorised paths (whole, 16-byte aligned blocks) ----------------------------------------------------------
+// The scalar loops below read 2-byte elements and wrote single bytes: on the H200 the weight quantiser ran at ~30%
+// of DRAM bandwidth, the transposed activation quantiser at ~35% (torch.profiler, 2026-11-30). These paths load
+// 16-byte vectors into registers (each element read once), and a thread holds R consecutive rows of kV columns, so
+// the transposed output leaves it as whole R-byte column pieces: one shared-memory store per column, swizzled by the
+// thread's column vector so that a warp's stores hit distinct banks, then 16-byte global stores of q^T rows.
+
+// Loads rows [r0, r0 + R) x columns [c0, c0 + kV) of x (row stride ldx) as floats.
+template <typename T, int R>
+__device__ __forceinline__ void load_rows(const T* __restrict__ x, int64_t ldx, int r0, int c0,
+                                          float (&f)[R][16 / sizeof(T)]) {
+  uint4 raw[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(x + (r0 + i) * ldx + c0));
+#pragma unroll
+  for (int i = 0; i < R; ++i) Unpack16<T>::run(raw[i], f[i]);
+}
+
+// Column j of f (R rows, R = 4, 8 or 16) quantised with inv, as R bytes, row r0 in the lowest byte.
+template <int R, int kV>
+__device__ __forceinline__ void column_bytes(const float (&f)[R][kV], int j, float inv, uint32_t (&w)[R / 4]) {
+#pragma unroll
+  for (int i = 0; i < R / 4; ++i) {
+    const uint32_t lo = float2_to_e4m3x2(f[4 * i][j] * inv, f[4 * i + 1][j] * inv);
+    const uint32_t hi = float2_to_e4m3x2(f[4 * i + 2][j] * inv, f[4 * i + 3][j] * inv);
+    w[i] = lo | (hi << 16);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void st_shared_words(uint8_t* p, const uint32_t (&w)[N]) {
+  if constexpr (N == 1) *reinterpret_cast<uint32_t*>(p) = w[0];
+  else if constexpr (N == 2) *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  else *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Whole 128 x 128 block, 16-byte aligned rows of x and (transposed) q: thread (cv = column vector, rg = row group)
+// holds rows [rg R, rg R + R) of columns [cv kV, cv kV + kV). Returns false (nothing done) if the block does not
+// qualify, so the caller runs the scalar path; the condition is uniform over the block.
+template <typename T, bool kTranspose, bool kUe8m0>
+__device__ __forceinline__ bool per_block_quant_vec(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                    float* __restrict__ sf, int N, int K, int64_t ldx, int64_t ldq,
+                                                    int sf_sy, int sf_sx, float eps, float* red, uint8_t* tile) {
+  constexpr int kV = 16 / sizeof(T), kVecs = 128 / kV, R = kVecs / 2;   // bf16: 8 columns x 8 rows; fp32: 4 x 16
+  const int n0 = blockIdx.y * 128, k0 = blockIdx.x * 128;
+  const bool whole = n0 + 128 <= N && k0 + 128 <= K;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | (ldx * sizeof(T))) & 15) == 0 &&
+                       ((reinterpret_cast<uintptr_t>(q) | ldq) & (kTranspose ? 15 : kV - 1)) == 0;
+  if (!(whole && aligned)) return false;
+  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs;
+  float f[R][kV];
+  load_rows<T, R>(x, ldx, n0 + rg * R, k0 + cv * kV, f);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+#pragma unroll
+    for (int j = 0; j < kV; ++j) amax = fmaxf(amax, fabsf(f[i][j]));
+  }
+  amax = block_max_256(amax, red);
+  float scale, inv;
+  scale_from_amax<kUe8m0>(amax, eps, scale, inv);
+  if (threadIdx.x == 0) sf[blockIdx.y * sf_sy + blockIdx.x * sf_sx] = scale;
+  if constexpr (!kTranspose) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      uint32_t w[kV / 4];
+#pragma unroll
+      for (int j = 0; j < kV / 4; ++j)
+        w[j] = float2_to_e4m3x2(f[i][4 * j] * inv, f[i][4 * j + 1] * inv) |
+               (uint32_t(float2_to_e4m3x2(f[i][4 * j + 2] * inv, f[i][4 * j + 3] * inv)) << 16);
+      uint8_t* dst = q + (n0 + rg * R + i) * ldq + k0 + cv * kV;
+      if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+      else *reinterpret_cast<uint32_t*>(dst) = w[0];
+    }
+  } else {
+    // tile[c][...]: the 128 bytes of q^T row k0 + c; row group rg's R bytes at slot rg ^ swz(cv) (slots of R bytes).
+    constexpr int kSlots = 128 / R;
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      uint32_t w[R / 4];
+      column_bytes<R, kV>(f, j, inv, w);
+      st_shared_words(tile + (cv * kV + j) * 128 + (rg ^ (cv % kSlots)) * R, w);
+    }
+    __syncthreads();
+    // q^T row c, bytes [16 h, 16 h + 16) = rows 16 h .. 16 h + 15 of the block: slots 16 h / R ...
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int c = threadIdx.x / 8 + 32 * p, h = threadIdx.x % 8, s = (c / kV) % kSlots;
+      uint4 v;
+      if constexpr (R == 16) {
+        v = *reinterpret_cast<const uint4*>(tile + c * 128 + (h ^ s) * 16);
+      } else {   // R == 8: two slots; slot 2h's bytes first
+        const uint2 a = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h) ^ s) * 8);
+        const uint2 b = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h + 1) ^ s) * 8);
+        v = make_uint4(a.x, a.y, b.x, b.y);
+      }
+      *reinterpret_cast<uint4*>(q + (k0 + c) * ldq + n0 + 16 * h) = v;
+    }
+  }
+  return true;
+}
+
 // grid (ceil(K/128), ceil(N/128)), 256 threads. x [N, K] (row stride ldx); q [N, K] or, transposed, [K, N]
 // (row stride ldq); scale of block (by, bx) goes to sf[by * sf_sy + bx * sf_sx].
 template <typename T, bool kTranspose, bool kUe8m0>
@@ -51,7 +153,10 @@ __global__ void __launch_bounds__(256) per_block_quant_fp8_kernel(const T* __res
                                                                   float* __restrict__ sf, int N, int K, int64_t ldx,
                                                                   int64_t ldq, int sf_sy, int sf_sx, float eps) {
   __shared__ float red[8];
-  __shared__ uint8_t tile[kTranspose ? 128 : 1][kTranspose ? 132 : 1];
+  __shared__ __align__(16) uint8_t tile[kTranspose ? 128 : 1][kTranspose ? 132 : 1];
+  __shared__ __align__(16) uint8_t vtile[kTranspose ? 128 * 128 : 16];
+  if (per_block_quant_vec<T, kTranspose, kUe8m0>(x, q, sf, N, K, ldx, ldq, sf_sy, sf_sx, eps, red, vtile)) return;
+  // scalar path: partial or unaligned blocks
   const int n0 = blockIdx.y * 128, k0 = blockIdx.x * 128;
   const int rows = min(128, N - n0), cols = min(128, K - k0);
   float amax = 0.f;
@@ -80,6 +185,68 @@ __global__ void __launch_bounds__(256) per_block_quant_fp8_kernel(const T* __res
   }
 }
 
+// Whole 128-row x 64-column block of the transposed activation quantiser (see the kernel below), 16-byte aligned x
+// rows: thread (cv, rg) holds rows [rg R, rg R + R) of columns [cv kV, cv kV + kV) (bf16: 4 rows x 8 columns, fp32:
+// 8 x 4). False if the block does not qualify (the scalar path then runs; uniform over the block).
+template <typename T, bool kUe8m0>
+__device__ __forceinline__ bool group_quant_t_vec(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                  float* __restrict__ sf, int M, int K, int64_t ldx, int64_t ldq,
+                                                  int sf_ld, float eps, float (*red)[64], float* inv_s,
+                                                  uint8_t* tile) {
+  constexpr int kV = 16 / sizeof(T), kVecs = 64 / kV, R = 128 * kVecs / 256, kSlots = 128 / R;
+  const int m0 = blockIdx.y * 128, k0 = blockIdx.x * 64;
+  const bool whole = m0 + 128 <= M && k0 + 64 <= K;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | (ldx * sizeof(T)) | reinterpret_cast<uintptr_t>(q) | ldq) &
+                        15) == 0;
+  if (!(whole && aligned)) return false;
+  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float f[R][kV];
+  load_rows<T, R>(x, ldx, m0 + rg * R, k0 + cv * kV, f);
+  // column maxima: over this thread's R rows, the warp's row groups (lanes kVecs apart), then the 8 warps
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+    float a = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) a = fmaxf(a, fabsf(f[i][j]));
+#pragma unroll
+    for (int off = kVecs; off < 32; off *= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
+    if (lane < kVecs) red[warp][cv * kV + j] = a;
+  }
+  __syncthreads();
+  if (threadIdx.x < 64) {
+    float a = red[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) a = fmaxf(a, red[w][threadIdx.x]);
+    float scale, inv;
+    scale_from_amax<kUe8m0>(a, eps, scale, inv);
+    inv_s[threadIdx.x] = inv;
+    sf[k0 + threadIdx.x + blockIdx.y * sf_ld] = scale;
+  }
+  __syncthreads();
+  // tile[c][...]: the 128 bytes of q row k0 + c; row group rg's R bytes at slot rg ^ swz(cv), where swz keeps the
+  // low bits of rg (lanes of one warp differ in them) and moves the high ones, so a warp's stores hit distinct banks.
+  constexpr int kLanesPerVec = 32 / kVecs;   // row groups in one warp (bf16 4, fp32 2)
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+    uint32_t w[R / 4];
+    column_bytes<R, kV>(f, j, inv_s[cv * kV + j], w);
+    const int slot = rg ^ ((cv * kLanesPerVec) % kSlots);
+    st_shared_words(tile + (cv * kV + j) * 128 + slot * R, w);
+  }
+  __syncthreads();
+  // q row k0 + c, bytes [16 h, 16 h + 16): rows 16 h .. 16 h + 15 = row groups 16 h / R ..., whose slots are
+  // consecutive and in order (the swizzle moves only bits above them)
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const int c = threadIdx.x / 8 + 32 * p, h = threadIdx.x % 8;
+    const int swz = ((c / kV) * kLanesPerVec) % kSlots;
+    const int slot = ((16 / R) * h) ^ swz;
+    *reinterpret_cast<uint4*>(q + (k0 + c) * ldq + m0 + 16 * h) =
+        *reinterpret_cast<const uint4*>(tile + c * 128 + slot * R);
+  }
+  return true;
+}
+
 // grid (ceil(K/64), ceil(M/128)), 256 threads. x [M, K] (row stride ldx) -> q [K, m_pad] (row stride ldq, columns
 // [M, m_pad) written as zeros), sf[k + (m / 128) * sf_ld] (MN-major, sf_ld = align(K, 4)).
 template <typename T, bool kUe8m0>
@@ -88,8 +255,14 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_t_kernel(const 
                                                                           float* __restrict__ sf, int M, int K,
                                                                           int m_pad, int64_t ldx, int64_t ldq,
                                                                           int sf_ld, float eps) {
-  __shared__ float tile[128][65];
+  __shared__ __align__(16) float tile[128][65];
   __shared__ float inv_s[64];
+  {
+    // the vectorised path reuses the scalar path's shared memory: red (8 x 64 floats) and the q tile (8 KB)
+    float (*red)[64] = reinterpret_cast<float (*)[64]>(&tile[0][0]);
+    uint8_t* qtile = reinterpret_cast<uint8_t*>(&tile[16][0]);
+    if (group_quant_t_vec<T, kUe8m0>(x, q, sf, M, K, ldx, ldq, sf_ld, eps, red, inv_s, qtile)) return;
+  }
   const int m0 = blockIdx.y * 128, k0 = blockIdx.x * 64;
   for (int i = threadIdx.x; i < 128 * 64; i += 256) {
     const int r = i / 64, c = i % 64;

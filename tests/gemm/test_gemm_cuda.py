@@ -507,10 +507,14 @@ def test_k_grouped_wgrad():
         start += kk
 
 
-@pytest.mark.parametrize("shape", [(4096, 7168), (200, 272), (129, 4000)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_quant_kernels_match_reference_bitwise(shape, dtype):
-    x = fresh_randn(*shape, dtype=dtype, device=DEV, scale=3.0)
+@pytest.mark.parametrize("shape", [(4096, 7168), (200, 272), (129, 4000), (384, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("row_pad", [0, 9])
+def test_quant_kernels_match_reference_bitwise(shape, dtype, row_pad):
+    """Weight (per 128x128 block, plain and transposed) and transposed activation quantisers against the reference,
+    bit for bit: whole aligned blocks take the vectorised paths, partial blocks and rows that are not 16-byte aligned
+    (row_pad: x is a column slice of a wider tensor) the scalar ones."""
+    x = fresh_randn(shape[0], shape[1] + row_pad, dtype=dtype, device=DEV, scale=3.0)[:, :shape[1]]
     for transpose in (False, True):
         for ue8m0 in (False, True):
             q, s = ops.per_block_quant_fp8(x, transpose, 1e-4, ue8m0)
