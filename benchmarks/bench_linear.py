@@ -1,0 +1,164 @@
+"""FP8Linear and the Inductor FP8 pass against a bf16 nn.Linear (cuBLAS), inference and training, on the GPU.
+
+Contenders per shape (T tokens x K in -> N out, bf16 activations and master weights):
+  inference (no_grad forward, 2TKN FLOP):
+    bf16      F.linear (cuBLAS bf16)
+    FP8Linear eager module, weight FP8 copy cached (quantises x per call, then the FP8 GEMM)
+    pass      torch.compile(nn.Linear, fullgraph=True) under `fp8_linear_pass()`: F.linear rewritten to
+              deepstack::fp8_linear, which quantises the weight on every call (no cache: the functional form)
+  training (forward + backward for x and W, 6TKN FLOP; the weight changes every step, as after an optimizer
+  step, so FP8Linear re-quantises it twice per step):
+    bf16      nn.Linear forward + torch.autograd.grad
+    FP8Linear eager, forward/dgrad/wgrad in FP8 (DeepSeek-V3 recipe)
+    compiled  torch.compile(FP8Linear, fullgraph=True), the same FP8 ops inside one graph
+    graph     the bf16 and the FP8Linear step each captured whole in a CUDA graph and replayed: what the GPU work
+              costs without Python and launch time (eager FP8Linear runs ~9 kernels through Python per step)
+Every output is checked against the bf16 result first (calc_diff, printed in the table). Timing:
+`bench_gpu_interleaved` (L2 write-flushed before every call, each contender settled ~100 ms at its own clock,
+5 rotated rounds of 10): the H200 runs at its power cap under these loads.
+
+  python benchmarks/bench_linear.py            # writes docs/benchmarks.md's "FP8Linear" block
+  python benchmarks/bench_linear.py --quick    # one shape, printed only
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torch_deepstack  # noqa: F401
+from torch_deepstack.compile import fp8_linear_pass
+from torch_deepstack.gemm import FP8Linear
+from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved
+from torch_deepstack.compat.deep_gemm import calc_diff
+
+# DeepSeek-V3-like projections at a training micro-batch of 8192 tokens (and one decode-ish 2048): attention output
+# (16384 -> 7168), expert up/gate (7168 -> 2048) and down (2048 -> 7168), a dense MLP slice (7168 -> 4096).
+SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 16384, 7168), (2048, 7168, 4096)]
+MAX_DIFF = 2e-3   # FP8 (e4m3, 1x128 / 128x128 scales) against bf16: a broken kernel reads ~1
+
+
+def _no_grad(fn):
+    def call():
+        with torch.no_grad():
+            return fn()
+    return call
+
+
+def _inference(t, k, n, device):
+    """(contenders, calc_diff of each FP8 one against bf16)"""
+    x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
+    lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(lin)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        # No FX graph cache: a cache hit skips the pass (nothing would be rewritten)
+        with torch._inductor.config.patch(fx_graph_cache=False), fp8_linear_pass() as p:
+            before = p.count
+            compiled = torch.compile(lin, fullgraph=True)
+            y_pass = compiled(x)
+            rewrites = p.count - before
+        if rewrites != 1:
+            raise RuntimeError(f"fp8_linear_pass rewrote {rewrites} linears, expected 1")
+        ref = F.linear(x, lin.weight)
+        diffs = {"FP8Linear": calc_diff(fp8(x), ref), "pass": calc_diff(y_pass, ref)}
+
+    fns = {"bf16": _no_grad(lambda: F.linear(x, lin.weight)), "FP8Linear": _no_grad(lambda: fp8(x)),
+           "pass": _no_grad(lambda: compiled(x))}
+    return fns, diffs
+
+
+def _training(t, k, n, device):
+    x = torch.randn(t, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(t, n, device=device, dtype=torch.bfloat16)
+    lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(lin)
+    torch._dynamo.reset()
+    compiled = torch.compile(fp8, fullgraph=True)
+
+    def step(module, weight, new_weight):
+        if new_weight:   # the optimizer step's effect on the FP8 weight cache (bf16 has none)
+            torch.autograd.graph.increment_version(weight)
+        y = module(x)
+        return torch.autograd.grad(y, (x, weight), dy)
+
+    ref = step(lin, lin.weight, False)
+    diffs = {}
+    for name, module in (("FP8Linear", fp8), ("compiled", compiled)):
+        dx, dw = step(module, fp8.weight, True)
+        diffs[name] = max(calc_diff(dx, ref[0]), calc_diff(dw, ref[1]))
+    fns = {"bf16": lambda: step(lin, lin.weight, False), "FP8Linear": lambda: step(fp8, fp8.weight, True),
+           "compiled": lambda: step(compiled, fp8.weight, True)}
+    if device == "cuda":   # the same steps replayed from CUDA graphs: no Python or launch time per step
+        graphs = {"bf16 graph": _graphed(fns["bf16"]), "FP8Linear graph": _graphed(fns["FP8Linear"])}
+        dx, dw = graphs["FP8Linear graph"][1]
+        graphs["FP8Linear graph"][0]()
+        diffs["FP8Linear graph"] = max(calc_diff(dx, ref[0]), calc_diff(dw, ref[1]))
+        fns.update({name: replay for name, (replay, _) in graphs.items()})
+    return fns, diffs
+
+
+def _graphed(fn):
+    """(replay, outputs): fn captured in a CUDA graph after warm-up calls on a side stream (the whole-step capture
+    pattern); for FP8Linear the capture includes the weight re-quantisation, since the step bumps the version."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    return graph.replay, outs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, docs left as they are")
+    ap.add_argument("--cpu-check", action="store_true",
+                    help="build every contender on the CPU at a small shape (reference kernels), call each once and "
+                         "check the FP8 results; no timing")
+    args = ap.parse_args()
+    if args.cpu_check:
+        for run in (_inference, _training):
+            fns, diffs = run(64, 256, 384, "cpu")
+            for fn in fns.values():
+                fn()
+            assert max(diffs.values()) < MAX_DIFF, diffs
+            print(run.__name__[1:], "ok:", {k: f"{v:.1e}" for k, v in diffs.items()})
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_linear.py needs a CUDA GPU (sm_90)")
+    table = BenchTable("gemm", "fp8_linear", "FP8Linear and the FP8 compile pass against bf16 nn.Linear",
+                       ["T x K -> N", "mode", "bf16 us", "FP8 eager us", "eager speedup", "FP8 compiled us",
+                        "compiled speedup", "bf16 graph us", "FP8 graph us", "graph speedup", "FP8 eager TFLOPS",
+                        "max calc_diff vs bf16"])
+    table.notes += ["bf16: cuBLAS through F.linear / autograd; FP8 eager: FP8Linear (inference with its cached FP8 "
+                    "weight; training re-quantises the weight every step, forward + dgrad + wgrad in FP8)",
+                    "FP8 compiled: inference = torch.compile(nn.Linear) under fp8_linear_pass (weight quantised "
+                    "every call); training = torch.compile(FP8Linear, fullgraph=True)",
+                    "graph: the training step (with the FP8 weight re-quantisation) captured whole in a CUDA graph "
+                    "and replayed, for bf16 and FP8Linear: the step without Python and launch time",
+                    "timing: bench_gpu_interleaved (L2 flushed before every call, 5 rotated rounds of 10 after "
+                    "~100 ms of settling per contender); FLOP: inference 2TKN, training 6TKN"]
+    for t, k, n in SHAPES[:1] if args.quick else SHAPES:
+        for mode, run, flop, fp8c in (("inference", _inference, 2, "pass"), ("training", _training, 6, "compiled")):
+            fns, diffs = run(t, k, n, "cuda")
+            worst = max(diffs.values())
+            if worst > MAX_DIFF:
+                raise RuntimeError(f"{t}x{k}->{n} {mode}: FP8 result off by calc_diff {diffs} (limit {MAX_DIFF})")
+            ms = bench_gpu_interleaved(fns)
+            graph = ((ms["bf16 graph"] * 1e3, ms["FP8Linear graph"] * 1e3, ms["bf16 graph"] / ms["FP8Linear graph"])
+                     if "bf16 graph" in ms else ("-", "-", "-"))
+            table.add(f"{t} x {k} -> {n}", mode, ms["bf16"] * 1e3, ms["FP8Linear"] * 1e3,
+                      ms["bf16"] / ms["FP8Linear"], ms[fp8c] * 1e3, ms["bf16"] / ms[fp8c], *graph,
+                      flop * t * k * n / ms["FP8Linear"] / 1e9, f"{worst:.1e}")
+    if not args.quick:
+        table.save()
+
+
+if __name__ == "__main__":
+    main()
