@@ -85,22 +85,23 @@ def bench_cases():
     return out
 
 
+def _set_env(values: dict) -> None:
+    """Set each variable to its value; None unsets it."""
+    for key, val in values.items():
+        if val is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = val
+
+
 def spec_of(env, args):
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
     try:
-        for key, val in env.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
+        _set_env(env)
         kind, m_rows, groups, n, k, em = args
         return kernels.choose_spec(kind, m_rows, groups, n, k, em, False, None, torch.bfloat16, None, 132)[0]
     finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
+        _set_env(saved)
 
 
 def _cuobjdump() -> str | None:
