@@ -34,7 +34,7 @@ from torch_deepstack.gemm import FP8Linear
 from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved
 from torch_deepstack.compat.deep_gemm import calc_diff
 
-# DeepSeek-V3-like projections at a training micro-batch of 8192 tokens (and one decode-ish 2048): attention output
+# DeepSeek-V3-like projections at a training micro-batch of 8192 tokens (and one of 2048): attention output
 # (16384 -> 7168), expert up/gate (7168 -> 2048) and down (2048 -> 7168), a dense MLP slice (7168 -> 4096).
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 16384, 7168), (2048, 7168, 4096)]
 MAX_DIFF = 2e-3   # FP8 (e4m3, 1x128 / 128x128 scales) against bf16: a broken kernel reads ~1
