@@ -112,7 +112,8 @@ __device__ __forceinline__ bool per_block_quant_vec(const T* __restrict__ x, uin
     for (int i = 0; i < R; ++i) {
       uint32_t w[kV / 4];
 #pragma unroll
-      for (int j = 0; j < kV / 4; ++j) w[j] = e4m3x4(f[i][4 * j], f[i][4 * j + 1], f[i][4 * j + 2], f[i][4 * j + 3], inv);
+      for (int j = 0; j < kV / 4; ++j)
+        w[j] = e4m3x4(f[i][4 * j], f[i][4 * j + 1], f[i][4 * j + 2], f[i][4 * j + 3], inv);
       uint8_t* dst = q + (n0 + rg * R + i) * ldq + k0 + cv * kV;
       if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
       else *reinterpret_cast<uint32_t*>(dst) = w[0];
