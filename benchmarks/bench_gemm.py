@@ -64,7 +64,8 @@ def cublas_blockwise(aq, asf, bq, bsf):
 
 
 def tflops(flops, ms):
-    return flops / ms / 1e9
+    """TFLOPS of a time in ms; None for a contender that did not run (time_all leaves it out)."""
+    return None if ms is None else flops / ms / 1e9
 
 
 def dense(table, ms_list, nk):
@@ -81,7 +82,7 @@ def dense(table, ms_list, nk):
             t = ms["ours"]
             flops, nbytes = 2 * m * n * k, m * k + n * k + 2 * m * n
             ours = tflops(flops, t)
-            cub = tflops(flops, ms["cublas"]) if fn else None
+            cub = tflops(flops, ms.get("cublas"))
             bf16 = tflops(flops, ms["bf16"])
             ref = DEEPGEMM_H200.get(m, [None] * 6)[NK.index((n, k))] if (n, k) in NK else None
             cfg = kernels.choose_spec(kernels.KIND_DENSE, m, 1, n, k, m, False, None, torch.bfloat16, None,
@@ -110,7 +111,7 @@ def grouped(table, configs, nk):
                 "ours": lambda: torch.ops.deepstack.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids),
                 "cublas": (lambda: [f() for f in fns]) if all(fns) else None})
             t = ms["ours"]
-            cub = tflops(flops, ms["cublas"]) if all(fns) else None
+            cub = tflops(flops, ms.get("cublas"))
             ref = DEEPGEMM_GROUPED.get((g, mg, n, k))
             table.add("contiguous", f"{g}x{mg} {n}x{k}", "", t * 1e3, tflops(flops, t), nbytes / t / 1e6,
                       ref or "-", tflops(flops, t) / ref if ref else "-", cub or "refused",
@@ -133,7 +134,7 @@ def masked(table, configs, nk, m_max=4096):
                 "ours": lambda: torch.ops.deepstack.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, mg),
                 "cublas": (lambda: [f() for f in fns]) if all(fns) else None})
             t = ms["ours"]
-            cub = tflops(flops, ms["cublas"]) if all(fns) else None
+            cub = tflops(flops, ms.get("cublas"))
             table.add("masked", f"{g}x{mg} {n}x{k}", "", t * 1e3, tflops(flops, t), nbytes / t / 1e6, "-", "-",
                       cub or "refused", tflops(flops, t) / cub if cub else "-", "-")
 

@@ -31,20 +31,13 @@ from torch import nn
 import torch_deepstack  # noqa: F401
 from torch_deepstack.compile import fp8_linear_pass
 from torch_deepstack.gemm import FP8Linear
-from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved
+from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved, capture_graph
 from torch_deepstack.compat.deep_gemm import calc_diff
 
 # DeepSeek-V3-like projections at a training micro-batch of 8192 tokens (and one of 2048): attention output
 # (16384 -> 7168), expert up/gate (7168 -> 2048) and down (2048 -> 7168), a dense MLP slice (7168 -> 4096).
 SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 16384, 7168), (2048, 7168, 4096)]
 MAX_DIFF = 2e-3   # FP8 (e4m3, 1x128 / 128x128 scales) against bf16: a broken kernel reads ~1
-
-
-def _no_grad(fn):
-    def call():
-        with torch.no_grad():
-            return fn()
-    return call
 
 
 def _inference(t, k, n, device):
@@ -65,8 +58,9 @@ def _inference(t, k, n, device):
         ref = F.linear(x, lin.weight)
         diffs = {"FP8Linear": calc_diff(fp8(x), ref), "pass": calc_diff(y_pass, ref)}
 
-    fns = {"bf16": _no_grad(lambda: F.linear(x, lin.weight)), "FP8Linear": _no_grad(lambda: fp8(x)),
-           "pass": _no_grad(lambda: compiled(x))}
+    no_grad = torch.no_grad()   # (as a decorator: each call runs under no_grad)
+    fns = {"bf16": no_grad(lambda: F.linear(x, lin.weight)), "FP8Linear": no_grad(lambda: fp8(x)),
+           "pass": no_grad(lambda: compiled(x))}
     return fns, diffs
 
 
@@ -85,34 +79,23 @@ def _training(t, k, n, device):
         return torch.autograd.grad(y, (x, weight), dy)
 
     ref = step(lin, lin.weight, False)
-    diffs = {}
-    for name, module in (("FP8Linear", fp8), ("compiled", compiled)):
-        dx, dw = step(module, fp8.weight, True)
-        diffs[name] = max(calc_diff(dx, ref[0]), calc_diff(dw, ref[1]))
+
+    def worst(grads):   # the larger calc_diff of dx and dW against bf16's
+        return max(calc_diff(got, want) for got, want in zip(grads, ref))
+
+    diffs = {name: worst(step(module, fp8.weight, True)) for name, module in (("FP8Linear", fp8),
+                                                                               ("compiled", compiled))}
     fns = {"bf16": lambda: step(lin, lin.weight, False), "FP8Linear": lambda: step(fp8, fp8.weight, True),
            "compiled": lambda: step(compiled, fp8.weight, True)}
-    if device == "cuda":   # the same steps replayed from CUDA graphs: no Python or launch time per step
-        graphs = {"bf16 graph": _graphed(fns["bf16"]), "FP8Linear graph": _graphed(fns["FP8Linear"])}
-        dx, dw = graphs["FP8Linear graph"][1]
-        graphs["FP8Linear graph"][0]()
-        diffs["FP8Linear graph"] = max(calc_diff(dx, ref[0]), calc_diff(dw, ref[1]))
+    # The same steps replayed from CUDA graphs (no Python or launch time per step); for FP8Linear the capture
+    # includes the weight re-quantisation, since the step bumps the version.
+    if device == "cuda":
+        graphs = {"bf16 graph": capture_graph(fns["bf16"]), "FP8Linear graph": capture_graph(fns["FP8Linear"])}
+        replay, grads = graphs["FP8Linear graph"]
+        replay()
+        diffs["FP8Linear graph"] = worst(grads)
         fns.update({name: replay for name, (replay, _) in graphs.items()})
     return fns, diffs
-
-
-def _graphed(fn):
-    """(replay, outputs): fn captured in a CUDA graph after warm-up calls on a side stream (the whole-step capture
-    pattern); for FP8Linear the capture includes the weight re-quantisation, since the step bumps the version."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = fn()
-    return graph.replay, outs
 
 
 def main():

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_gemm import parse_shape, parse_variant, spec_args  # noqa: E402
+from ab_gemm import parse_shape, parse_variant, select, spec_args  # noqa: E402
 
 from torch_deepstack.gemm import kernels  # noqa: E402
 from torch_deepstack.jit import cache  # noqa: E402
@@ -48,30 +48,34 @@ NCU_VARIANTS = ("default:", "la1:DS_ID_LOOKAHEAD1", "nolean:DS_NO_LEAN_SLICE")
 CASES = ((DENSE_SHAPES, DENSE_VARIANTS), (CONTIG_SHAPES, CONTIG_VARIANTS), (NCU_SHAPES, NCU_VARIANTS))
 
 
-def _env(defines="", multicast="0", config=None, tma=None):
-    return {"DEEPSTACK_GEMM_DEFINES": defines, "DEEPSTACK_GEMM_MULTICAST": multicast, "DEEPSTACK_GEMM_CONFIG": config,
-            "DEEPSTACK_GEMM_TMA_STORE": tma, "DEEPSTACK_GEMM_SPLIT_TAIL": "0"}
+def _variant(defines="", multicast="0", tma=""):
+    """An ab_gemm variant (name, defines, multicast, tma_store, split_tail), as select() takes it."""
+    return parse_variant(f":{defines}:{multicast}:{tma}:0")
+
+
+def _cfg(text):
+    return tuple(int(v) for v in text.split(","))
 
 
 def test_cases():
-    """(env, (kind, m_rows, groups, n, k, expected_m)) as the GPU tests call the ops (tests/gemm/test_gemm_cuda.py:
+    """(variant, config, (kind, m_rows, groups, n, k, expected_m)) as the GPU tests call the ops (tests/gemm/test_gemm_cuda.py:
     _check_define_matches_default, test_contiguous_id_lookahead_matches_load_at_start,
     test_multicast_tma_store_matches_single_ctas)."""
     out = []
     for define in ("", "DS_ID_LOOKAHEAD1", "DS_NO_LEAN_SLICE"):
         for cfg, tma in (("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")):
             for k in (384, 4224):
-                env = _env(define, config=cfg, tma=tma)
+                v = _variant(define, tma=tma)
                 # _grouped_inputs(1100, 576, k, [157, 0, 201, 77, 300]); masked expected_m = mean(masked_m) = 147
-                out += [(env, (D, 1100, 1, 576, k, 1100)), (env, (C, 1100, 5, 576, k, 1100)),
-                        (env, (M, 300, 5, 576, k, 147))]
+                out += [(v, _cfg(cfg), a) for a in ((D, 1100, 1, 576, k, 1100), (C, 1100, 5, 576, k, 1100),
+                                                     (M, 300, 5, 576, k, 147))]
     for define in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD1", ""):
         for cfg, tma in (("128,128,6", "1"), ("128,128,6", "0"), ("64,128,8", "0")):
-            out.append((_env(define, config=cfg, tma=tma), (C, 1196, 5, 576, 384, 1196)))
+            out.append((_variant(define, tma=tma), _cfg(cfg), (C, 1196, 5, 576, 384, 1196)))
     for cfg in ("128,128,6", "128,160,5"):
         for m, n, k in ((129, 200, 384), (700, 7168, 2048), (4095, 256, 128), (300, 4096, 4224)):
             for mc in ("2", "0"):
-                out.append((_env(multicast=mc, config=cfg), (D, m, 1, n, k, m)))
+                out.append((_variant(multicast=mc), _cfg(cfg), (D, m, 1, n, k, m)))
     return out
 
 
@@ -79,29 +83,23 @@ def bench_cases():
     out = []
     for shapes, variants in CASES:
         for text in shapes.split(","):
-            for v in variants:
-                _, defines, multicast, tma, split = parse_variant(v)
-                out.append((_env(defines, multicast, None, tma or None), spec_args(parse_shape(text))))
+            out += [(parse_variant(v), None, spec_args(parse_shape(text))) for v in variants]
     return out
 
 
-def _set_env(values: dict) -> None:
-    """Set each variable to its value; None unsets it."""
-    for key, val in values.items():
-        if val is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = val
-
-
-def spec_of(env, args):
+def spec_of(variant, cfg, args):
+    """The specialisation a call with these switches runs (ab_gemm.select sets them; restored afterwards)."""
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
     try:
-        _set_env(env)
+        select(variant, cfg)
         kind, m_rows, groups, n, k, em = args
         return kernels.choose_spec(kind, m_rows, groups, n, k, em, False, None, torch.bfloat16, None, 132)[0]
     finally:
-        _set_env(saved)
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
 
 
 def _cuobjdump() -> str | None:
@@ -139,17 +137,16 @@ def sass_report() -> None:
     print("| shape | variant | config | SASS per K slice and warp | static SASS | top opcodes per slice |")
     print("|---|---|---|---|---|---|")
     seen = set()
-    for env, args in bench_cases():
-        spec = spec_of(env, args)
+    for variant, cfg, args in bench_cases():
+        spec = spec_of(variant, cfg, args)
         if (spec, args) in seen:
             continue
         seen.add((spec, args))
         r = cache.build(spec)
         ps, total, top = per_slice(r.path, tool)
         name = f"{'dcm'[args[0]]} {args[1]}x{args[3]}x{args[4]}"
-        variant = env["DEEPSTACK_GEMM_DEFINES"] or ("mc2" if env["DEEPSTACK_GEMM_MULTICAST"] == "2" else "default")
         cfg = f"{spec.template_args[0]}x{spec.template_args[1]}/{spec.template_args[4]}"
-        print(f"| {name} | {variant} | {cfg} | {ps:.1f} | {total} | {top} |", flush=True)
+        print(f"| {name} | {variant[0]} | {cfg} | {ps:.1f} | {total} | {top} |", flush=True)
 
 
 def main() -> int:
@@ -161,7 +158,7 @@ def main() -> int:
         sass_report()
         return 0
     # (+ the quantisers the tests and benchmarks build their inputs with, and the default GEMM list)
-    specs = list(dict.fromkeys([spec_of(env, a) for env, a in test_cases() + bench_cases()]
+    specs = list(dict.fromkeys([spec_of(*case) for case in test_cases() + bench_cases()]
                                + [s for s in prebuild_specs(["gemm", "quant"]) if s.defines == ()]))
     missing = [s for s in specs if not (cache.entry_dir(s) / "kernel.cubin").is_file()]
     if args.check:

@@ -15,6 +15,15 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / denom)
 
 
+def output_and_grads(fn, inputs: tuple, grad_out: torch.Tensor, params=()) -> tuple:
+    """(fn(*x), d/dx..., d/dparams...): fn on fresh leaf copies of `inputs`, and the gradients of its output,
+    weighted by grad_out, with respect to those copies and to `params`. Compare a compiled fn's tuple with the eager
+    one's element by element."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return (out, *torch.autograd.grad(out, (*leaves, *params), grad_out))
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill an output buffer with a value no kernel would produce, so unwritten elements are caught."""
     if t.dtype.is_floating_point:

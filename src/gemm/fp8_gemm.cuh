@@ -117,8 +117,12 @@ struct TileScheduler {
     if (kKind != kGemmContiguous || t >= total) return 0;
     GemmTile tile;
     place(t, tile);
+    return lane_id_at(tile, warp_row, lane);
+  }
+  // The same for a placed tile; `dep` (0) is added to the address (IdLookahead2 orders its loads with it).
+  __device__ __forceinline__ int lane_id_at(const GemmTile& tile, int warp_row, int lane, int dep = 0) const {
     const int r = lane < 16 ? tile.m0 + warp_row + lane : lane == 16 ? tile.m0 : min(tile.m0 + kBlockM, M) - 1;
-    return r < M ? __ldg(layout + r) : 0;
+    return r < M ? __ldg(layout + r + dep) : 0;
   }
 
   // Returns false for tiles with no valid row (contiguous padding blocks).
@@ -142,6 +146,15 @@ struct TileScheduler {
 // moved them into uniform registers right at the load (R2UR), which waited for it there. DS_NO_ID_LOOKAHEAD (via
 // DEEPSTACK_GEMM_DEFINES) restores the load-at-start form, for A/B runs. (The producer keeps the load-at-start form:
 // its whole warp walking the tiles with this lookahead ran slower, see ProducerIdLookahead.)
+// From a warp's ids of one tile (one per lane, see Sched::load_lane_id): the tile's group (lanes 16 / 17: its first
+// and last rows; -1 for a padding block), and whether all 16 of the warp's rows are valid (no -1 id).
+__device__ __forceinline__ int ids_group(int id) {
+  return max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
+}
+__device__ __forceinline__ bool ids_rows_valid(int id, int lane) {
+  return __all_sync(0xffffffffu, lane >= 16 || id >= 0);
+}
+
 template <typename Sched>
 struct IdLookahead {
   int next, warp_row, lane;
@@ -156,12 +169,12 @@ struct IdLookahead {
                                        bool placed = false) {
     if (!placed) sched.place(t, tile);
     id = next;
-    tile.g = max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
+    tile.g = ids_group(id);
     next = sched.load_lane_id(t + stride, warp_row, lane);
     return tile.g >= 0;
   }
   // All 16 rows of this warp valid (no -1 id), from this tile's ids
-  __device__ __forceinline__ bool valid_rows(int id) const { return __all_sync(0xffffffffu, lane >= 16 || id >= 0); }
+  __device__ __forceinline__ bool valid_rows(int id) const { return ids_rows_valid(id, lane); }
 };
 
 // Two-tile id lookahead (contiguous kind with the B-scale lanes; default since 2026-11-30 06:31, +1.8..4.1% on the
@@ -183,9 +196,7 @@ struct IdLookahead2 {
     sched.place(t, tile);
     m0 = tile.m0;
     n0 = tile.n0;
-    const int r = lane < 16 ? tile.m0 + warp_row + lane
-                            : lane == 16 ? tile.m0 : min(tile.m0 + Sched::kBlockMValue, sched.M) - 1;
-    return r < sched.M ? __ldg(sched.layout + r + dep) : 0;
+    return sched.lane_id_at(tile, warp_row, lane, dep);
   }
   __device__ __forceinline__ IdLookahead2(const Sched& sched, int first_tile, int stride, int warp_row_, int lane_)
       : next(0), next2(0), lane(lane_), warp_row(warp_row_), m1(0), n1(0), m2(0), n2(0) {
@@ -199,7 +210,7 @@ struct IdLookahead2 {
     tile.m0 = m1;
     tile.n0 = n1;
     id = next;
-    tile.g = max(__shfl_sync(0xffffffffu, id, 16), __shfl_sync(0xffffffffu, id, 17));
+    tile.g = ids_group(id);
     next = next2;
     m1 = m2;
     n1 = n2;
@@ -212,10 +223,8 @@ struct IdLookahead2 {
   // tile's start) makes this load's address depend on those reads, so they come first.
   __device__ __forceinline__ void advance(const Sched& sched, int t2, int dep) { next2 = load(sched, t2, m2, n2, dep); }
   // after take(t): the group of t + stride (-1: a padding block)
-  __device__ __forceinline__ int ahead_group() const {
-    return max(__shfl_sync(0xffffffffu, next, 16), __shfl_sync(0xffffffffu, next, 17));
-  }
-  __device__ __forceinline__ bool valid_rows(int id) const { return __all_sync(0xffffffffu, lane >= 16 || id >= 0); }
+  __device__ __forceinline__ int ahead_group() const { return ids_group(next); }
+  __device__ __forceinline__ bool valid_rows(int id) const { return ids_rows_valid(id, lane); }
 };
 
 // The producer thread's form (opt-in, DS_PRODUCER_ID_LOOKAHEAD, A/B runs): the ids of tile t + stride loaded when
@@ -593,30 +602,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     }
     int sfb_nxt_tile = -1;                                      // the tile whose scales sfb_nxt holds...
     GemmTile sfb_nxt_place{0, 0, 0};                            // ... and its placement (reused: no second place())
-    // (contiguous: tile tn's group is given, from the ids; a padding block's is -1 and its scales go unused)
-    const auto sfb_lanes_load = [&](int tn, int g_contig) {
-      if (!kSfbLanes || tn >= sched.total) return;
-      GemmTile nt;
-      sched.place(tn, nt);
-      sfb_nxt_place = nt;
-      if (kKind == kGemmContiguous) nt.g = max(g_contig, 0);
-      const float* base = sfb + nt.g * sfb_sg;
-#pragma unroll
-      for (int i = 0; i < kSfbLoadBlk; ++i) {
-        const float* p = base + min(nt.n0 / 128 + i, kSfbBlocksN - 1) * sfb_sn;
-#pragma unroll
-        for (int r = 0; r < kSfbR; ++r) {
-          const int kbl = 32 * r + lane;
-          sfb_nxt[r][i] = kbl < kNumKB ? __ldg(p + kbl * sfb_sk) : 0.f;
-        }
-      }
-      sfb_nxt_tile = tn;
-    };
-    // group of the tile whose ids the lookahead holds (contiguous kind)
-    const auto ahead_group = [&]() {
-      return max(__shfl_sync(0xffffffffu, ids.next, 16), __shfl_sync(0xffffffffu, ids.next, 17));
-    };
-    // (two-tile lookahead) tile tn's B scales, its first column n0 and group g given, into sfb_nxt
+    // tile tn's B scales, its first column n0 and group g given, into sfb_nxt (dep: see IdLookahead2::advance)
     const auto sfb_lanes_fetch = [&](int tn, int n0, int g, int dep) {
       const float* base = sfb + g * sfb_sg + dep;
 #pragma unroll
@@ -630,6 +616,18 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       }
       sfb_nxt_tile = tn;
     };
+    // tile tn placed, then its B scales (contiguous: its group is given, from the ids; a padding block's is -1 and
+    // its scales go unused)
+    const auto sfb_lanes_load = [&](int tn, int g_contig) {
+      if (!kSfbLanes || tn >= sched.total) return;
+      GemmTile nt;
+      sched.place(tn, nt);
+      sfb_nxt_place = nt;
+      if (kKind == kGemmContiguous) nt.g = max(g_contig, 0);
+      sfb_lanes_fetch(tn, nt.n0, nt.g, 0);
+    };
+    // group of the tile whose ids the lookahead holds (contiguous kind)
+    const auto ahead_group = [&]() { return ids_group(ids.next); };
     if constexpr (kSfbLanes && !kIdAhead2) sfb_lanes_load(first_tile, kKind == kGemmContiguous ? ahead_group() : 0);
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;

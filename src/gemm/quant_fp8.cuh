@@ -62,15 +62,16 @@ __device__ __forceinline__ void load_rows(const T* __restrict__ x, int64_t ldx, 
   for (int i = 0; i < R; ++i) Unpack16<T>::run(raw[i], f[i]);
 }
 
+// Four values times inv as four e4m3 bytes, the first in the lowest.
+__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d, float inv) {
+  return uint32_t(float2_to_e4m3x2(a * inv, b * inv)) | (uint32_t(float2_to_e4m3x2(c * inv, d * inv)) << 16);
+}
+
 // Column j of f (R rows, R = 4, 8 or 16) quantised with inv, as R bytes, row r0 in the lowest byte.
 template <int R, int kV>
 __device__ __forceinline__ void column_bytes(const float (&f)[R][kV], int j, float inv, uint32_t (&w)[R / 4]) {
 #pragma unroll
-  for (int i = 0; i < R / 4; ++i) {
-    const uint32_t lo = float2_to_e4m3x2(f[4 * i][j] * inv, f[4 * i + 1][j] * inv);
-    const uint32_t hi = float2_to_e4m3x2(f[4 * i + 2][j] * inv, f[4 * i + 3][j] * inv);
-    w[i] = lo | (hi << 16);
-  }
+  for (int i = 0; i < R / 4; ++i) w[i] = e4m3x4(f[4 * i][j], f[4 * i + 1][j], f[4 * i + 2][j], f[4 * i + 3][j], inv);
 }
 
 template <int N>
@@ -112,8 +113,7 @@ __device__ __forceinline__ bool per_block_quant_vec(const T* __restrict__ x, uin
       uint32_t w[kV / 4];
 #pragma unroll
       for (int j = 0; j < kV / 4; ++j)
-        w[j] = float2_to_e4m3x2(f[i][4 * j] * inv, f[i][4 * j + 1] * inv) |
-               (uint32_t(float2_to_e4m3x2(f[i][4 * j + 2] * inv, f[i][4 * j + 3] * inv)) << 16);
+        w[j] = e4m3x4(f[i][4 * j], f[i][4 * j + 1], f[i][4 * j + 2], f[i][4 * j + 3], inv);
       uint8_t* dst = q + (n0 + rg * R + i) * ldq + k0 + cv * kV;
       if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
       else *reinterpret_cast<uint32_t*>(dst) = w[0];

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch_deepstack  # noqa: F401
 from torch_deepstack.compile import fp8_linear_pass, quantize_
 from torch_deepstack.gemm import FP8Linear
-from tests.helpers import calc_diff, fresh_randn
+from tests.helpers import calc_diff, fresh_randn, output_and_grads
 
 FP8_DIFF = 1e-3    # FP8 (e4m3, 1x128 / 128x128 scales) against an fp32 product of the unquantised inputs
 
@@ -53,12 +53,9 @@ def test_quantize_then_compile_fullgraph_trains(dtype):
     x = fresh_randn(6, 256, dtype=dtype)
     gy = fresh_randn(6, 128, dtype=dtype)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    grads = []
-    for fn in (compiled, model):
-        xi = x.clone().requires_grad_()
-        y = fn(xi)
-        grads.append((y, *torch.autograd.grad(y, (xi, *model.parameters()), gy)))
-    for got, want in zip(*grads):
+    params = tuple(model.parameters())
+    got_all, want_all = (output_and_grads(fn, (x,), gy, params) for fn in (compiled, model))
+    for got, want in zip(got_all, want_all):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

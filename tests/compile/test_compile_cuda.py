@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import torch_deepstack  # noqa: F401
-from tests.helpers import calc_diff, fresh_randn
+from tests.helpers import calc_diff, fresh_randn, output_and_grads
 from torch_deepstack.compile import fp8_linear_pass, quantize_
 from torch_deepstack.gemm import FP8Linear
 
@@ -19,12 +19,6 @@ def _mlp():
                          nn.Linear(768, 384, bias=False, dtype=torch.bfloat16)).to(DEV)
 
 
-def _grads(fn, x, gy, params):
-    xi = x.clone().requires_grad_()
-    y = fn(xi)
-    return (y, *torch.autograd.grad(y, (xi, *params), gy))
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("lead", [(300,), (3, 129)])
 def test_inductor_compiled_fp8linear_matches_eager(lead):
@@ -34,8 +28,9 @@ def test_inductor_compiled_fp8linear_matches_eager(lead):
     layer = FP8Linear(512, 384, device=DEV, dtype=torch.bfloat16)
     x = fresh_randn(*lead, 512, dtype=torch.bfloat16, device=DEV)
     gy = fresh_randn(*lead, 384, dtype=torch.bfloat16, device=DEV)
-    got = _grads(torch.compile(layer, fullgraph=True), x, gy, layer.parameters())
-    want = _grads(layer, x, gy, layer.parameters())
+    params = tuple(layer.parameters())
+    got = output_and_grads(torch.compile(layer, fullgraph=True), (x,), gy, params)
+    want = output_and_grads(layer, (x,), gy, params)
     for g, w in zip(got, want):
         assert w.abs().max() > 0
         assert calc_diff(g, w) < 1e-6
@@ -49,17 +44,16 @@ def test_quantize_then_inductor_fullgraph_trains(lead):
     scale, so that comparison is only FP8-close too.)"""
     torch._dynamo.reset()
     model = _mlp()
-    plain = [p.detach().float().clone().requires_grad_() for p in model.parameters()]
+    plain = tuple(p.detach().float() for p in model.parameters())   # W0, b0, W2 before the swap
     quantize_(model)
     assert isinstance(model[0], FP8Linear) and isinstance(model[2], FP8Linear)
     x = fresh_randn(*lead, 512, dtype=torch.bfloat16, device=DEV)
     gy = fresh_randn(*lead, 384, dtype=torch.bfloat16, device=DEV)
-    got = _grads(torch.compile(model, fullgraph=True), x, gy, model.parameters())
+    got = output_and_grads(torch.compile(model, fullgraph=True), (x,), gy, tuple(model.parameters()))
 
-    xf = x.float().requires_grad_()
-    w0, b0, w2 = plain
-    yf = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(xf, w0, b0)), w2)
-    want = (yf, *torch.autograd.grad(yf, (xf, w0, b0, w2), gy.float()))
+    F = torch.nn.functional
+    want = output_and_grads(lambda xf, w0, b0, w2: F.linear(F.gelu(F.linear(xf, w0, b0)), w2), (x.float(), *plain),
+                            gy.float())
     for g, w in zip(got, want):
         assert calc_diff(g, w) < FP8_DIFF
 

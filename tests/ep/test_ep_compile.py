@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import torch_deepstack  # noqa: F401
+from tests.helpers import output_and_grads
 from torch_deepstack.ep.ops import single_process_group_name
 
 E_NORMAL, E_LL, M_LL = 8, 4, 8
@@ -33,12 +34,8 @@ def _assert_grads_like_eager(step, x, idx, w, gy):
     """Output and gradients of x and w, compiled against eager autograd, by value (a compiled backward can come out
     all-zero while staying finite, as FP8Linear's did on torch 2.11)."""
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    grads = []
-    for fn in (compiled, step):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = fn(xi, idx, wi)
-        grads.append((out, *torch.autograd.grad(out, (xi, wi), gy)))
-    for got, want in zip(*grads):
+    got_all, want_all = (output_and_grads(lambda xi, wi, f=fn: f(xi, idx, wi), (x, w), gy) for fn in (compiled, step))
+    for got, want in zip(got_all, want_all):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want)
 

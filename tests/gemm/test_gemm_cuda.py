@@ -236,9 +236,9 @@ def test_grouped_tma_store_matches_plain(monkeypatch, cfg, m, n, k):
 def test_contiguous_id_lookahead_matches_load_at_start(monkeypatch, cfg, tma):
     """The contiguous kind's math warps load a tile's group ids one tile ahead: bit-identical to loading them when
     the tile starts (DS_NO_ID_LOOKAHEAD), and so is the opt-in lookahead in the producer (DS_PRODUCER_ID_LOOKAHEAD),
-    with padding blocks between groups (skipped tiles), groups whose padding sits inside a warp's 16 rows, an empty group, rows
-    past M in the last block, and 7 CTAs (many tiles per CTA, so every lookahead crosses tiles); padding rows never
-    written, valid rows all written."""
+    with padding blocks between groups (skipped tiles), groups whose padding sits inside a warp's 16 rows, an empty
+    group, rows past M in the last block, and 7 CTAs (many tiles per CTA, so every lookahead crosses tiles);
+    padding rows never written, valid rows all written."""
     from torch_deepstack.gemm import kernels
     # groups 0 (157 rows) and 1 (empty), two padding blocks, groups 2-4; the last group ends at M = 1196, inside
     # its last 128-row block
@@ -249,19 +249,17 @@ def test_contiguous_id_lookahead_matches_load_at_start(monkeypatch, cfg, tma):
     _, bq5, bsf5 = grouped_b(5, n, k, DEV)
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+    monkeypatch.setattr(kernels, "_NUM_SMS_OVERRIDE", 7)   # (kernels.set_num_sms, undone after the test)
+    controls = ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD1")
     outs = {}
-    try:
-        kernels.set_num_sms(7)
-        for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD1", ""):
-            monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
-            d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
-            ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq5, bsf5, d, ids)
-            torch.cuda.synchronize()
-            assert not d[ids >= 0].isnan().any() and d[ids < 0].isnan().all(), f"{defines}: wrong rows written"
-            outs[defines] = d
-    finally:
-        kernels.set_num_sms(None)
-    for defines in ("DS_NO_ID_LOOKAHEAD", "DS_PRODUCER_ID_LOOKAHEAD", "DS_ID_LOOKAHEAD1"):
+    for defines in (*controls, ""):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq5, bsf5, d, ids)
+        torch.cuda.synchronize()
+        assert not d[ids >= 0].isnan().any() and d[ids < 0].isnan().all(), f"{defines}: wrong rows written"
+        outs[defines] = d
+    for defines in controls:
         assert torch.equal(outs[""].nan_to_num(7.0), outs[defines].nan_to_num(7.0)), defines
     want = torch.zeros_like(outs[""])
     ref.m_grouped_contiguous_ref(aq, asf, bq5, bsf5, want, ids)
@@ -274,17 +272,19 @@ def _check_define_matches_default(monkeypatch, define, cfg, tma, k, base=""):
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
     args = _grouped_inputs(m, n, k, [157, 0, 201, 77, 300])
+    monkeypatch.setattr(kernels, "_NUM_SMS_OVERRIDE", 7)   # (kernels.set_num_sms, undone after the test)
     outs = {}
-    try:
-        kernels.set_num_sms(7)
-        for defines in (base, define):
-            monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
-            outs[defines] = _run_all_kinds(*args, n)
-            _check_written(*outs[defines], args[4], args[7])
-    finally:
-        kernels.set_num_sms(None)
+    for defines in (base, define):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        outs[defines] = _run_all_kinds(*args, n)
+        _check_written(*outs[defines], args[4], args[7])
     for new, old in zip(outs[define], outs[base]):
         assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
+
+
+# Tile configs for the main-loop switch tests: pipelined 128-, 64- and 112-wide loops, the serial 176-wide one
+# (tiles over up to three scale blocks), with and without the TMA-store epilogue.
+_LOOP_CFGS = [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")]
 
 
 @pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,128,6", "0"), ("64,128,8", "0")])
@@ -296,7 +296,7 @@ def test_sched_warp_matches_default(monkeypatch, cfg, tma):
 
 
 @pytest.mark.parametrize("k", [384, 4224])
-@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")])
+@pytest.mark.parametrize("cfg,tma", _LOOP_CFGS)
 def test_sfb_lanes_match_per_slice_loads(monkeypatch, cfg, tma, k):
     """B-scale lanes (B scales read a tile ahead into registers, one slice per lane, shuffled to the slices; the
     contiguous kind's default, DS_SFB_LANES for every kind): bit-identical to the per-slice loads (DS_NO_SFB_LANES)
@@ -307,22 +307,23 @@ def test_sfb_lanes_match_per_slice_loads(monkeypatch, cfg, tma, k):
 
 
 @pytest.mark.parametrize("k", [384, 4224])
-@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")])
+@pytest.mark.parametrize("cfg,tma", _LOOP_CFGS)
 def test_id_lookahead2_matches_one_tile_lookahead(monkeypatch, cfg, tma, k):
     """The two-tile id lookahead (default: the contiguous kind's math warps hold ids two tiles ahead and fetch a
     tile's B scales a whole tile ahead): dense, contiguous (padding inside warps' rows, an empty group) and masked
-    outputs bit-identical to the one-tile lookahead (DS_ID_LOOKAHEAD1), exactly the valid rows written; 3 and 33 K slices, tiles spanning one to
-    three scale blocks, 7 CTAs (every lookahead crosses tiles). Padding blocks between groups:
-    test_contiguous_id_lookahead_matches_load_at_start."""
+    outputs bit-identical to the one-tile lookahead (DS_ID_LOOKAHEAD1), exactly the valid rows written; 3 and 33 K
+    slices, tiles spanning one to three scale blocks, 7 CTAs (every lookahead crosses tiles). Padding blocks between
+    groups: test_contiguous_id_lookahead_matches_load_at_start."""
     _check_define_matches_default(monkeypatch, "DS_ID_LOOKAHEAD1", cfg, tma, k)
 
 
 @pytest.mark.parametrize("k", [384, 4224])
-@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")])
+@pytest.mark.parametrize("cfg,tma", _LOOP_CFGS)
 def test_lean_slice_matches_full_slice_bookkeeping(monkeypatch, cfg, tma, k):
     """Lean slices (default: stage descriptors from stage 0's, B-scale pointers walked per slice): dense,
-    contiguous and masked outputs bit-identical to the per-slice rebuild (DS_NO_LEAN_SLICE); the pipelined (128/64/112 wide) and serial
-    (176 wide, up to three scale blocks) loops, 3 and 33 K slices (every stage of the ring many times), 7 CTAs."""
+    contiguous and masked outputs bit-identical to the per-slice rebuild (DS_NO_LEAN_SLICE); the pipelined
+    (128/64/112 wide) and serial (176 wide, up to three scale blocks) loops, 3 and 33 K slices (every stage of the
+    ring many times), 7 CTAs."""
     _check_define_matches_default(monkeypatch, "DS_NO_LEAN_SLICE", cfg, tma, k)
 
 

@@ -123,19 +123,15 @@ def test_fp8_regs_fast_softmax_equals_lean(form, h_kv, parts, monkeypatch):
                                                                     kernels._FP8_REGS16_AB_DEFINES[f]), (0, form))
 
 
-def test_split32_forms_prebuilt():
+def test_split32_forms_prebuilt(monkeypatch):
     """Every 32-row split A/B form is in the prebuild list, and _FP8_SPLIT32_FORM picks it."""
     from torch_deepstack import jit
     from torch_deepstack.mla import kernels
     specs = jit.prebuild_specs()
     for k, defines in enumerate(kernels._FP8_SPLIT32_AB_DEFINES, 1):
         assert kernels.fp8_regs_spec(32, True, defines) in specs
-        kernels_form = kernels._FP8_SPLIT32_FORM
-        try:
-            kernels._FP8_SPLIT32_FORM = k
-            assert kernels._fp8_split32_defines() == defines
-        finally:
-            kernels._FP8_SPLIT32_FORM = kernels_form
+        monkeypatch.setattr(kernels, "_FP8_SPLIT32_FORM", k)
+        assert kernels._fp8_split32_defines() == defines
 
 
 @pytest.mark.parametrize("form", sorted(_R32_FORMS.values()))

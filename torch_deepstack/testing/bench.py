@@ -46,10 +46,7 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
         fn()
     call = fn
     if use_graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        call = g.replay
+        call = capture_graph(fn, warmup=0)[0]
         call()
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
@@ -61,6 +58,21 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
     if samples is not None:
         samples.extend(times)
     return statistics.median(times)
+
+
+def capture_graph(fn, warmup: int = 3):
+    """(replay, outputs): fn captured in a CUDA graph after `warmup` calls on a side stream (what the capture of an
+    autograd step or a first cuBLAS call needs); `outputs` are the captured call's results, refilled by replay()."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    return graph.replay, outs
 
 
 def _flushed(fn, flush_kind, start=None, end=None) -> None:
