@@ -500,19 +500,16 @@ def test_wgrad_pipe_matches_serial(monkeypatch, tokens, n, k):
     aq, asf = wgrad_operand(dy)
     bq, bsf = wgrad_operand(x)
     d0 = fresh_randn(n, k, device=DEV)
+    monkeypatch.setattr(kernels, "_NUM_SMS_OVERRIDE", 7)   # (kernels.set_num_sms, undone after the test)
     outs = {}
-    try:
-        kernels.set_num_sms(7)
-        for defines in ("", "DS_WGRAD_PIPE"):
-            monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
-            acc = d0.clone()
-            ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, acc, None, True)
-            fresh = poisoned_empty(n, k, dtype=torch.float32, device=DEV)
-            ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, fresh)
-            torch.cuda.synchronize()
-            outs[defines] = (acc, fresh)
-    finally:
-        kernels.set_num_sms(None)
+    for defines in ("", "DS_WGRAD_PIPE"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        acc = d0.clone()
+        ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, acc, None, True)
+        fresh = poisoned_empty(n, k, dtype=torch.float32, device=DEV)
+        ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, fresh)
+        torch.cuda.synchronize()
+        outs[defines] = (acc, fresh)
     assert torch.equal(outs[""][0], outs["DS_WGRAD_PIPE"][0])
     assert torch.equal(outs[""][1], outs["DS_WGRAD_PIPE"][1])
     assert calc_diff(outs["DS_WGRAD_PIPE"][1], dy.float().T @ x.float()) < 1e-3
