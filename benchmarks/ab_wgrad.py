@@ -1,9 +1,10 @@
 """A/B of the weight-gradient GEMM (fp8_wgrad_gemm_nt: 1x128 scales on both operands, fp32 out) against cuBLAS bf16
-`dy.T @ x`, for FP8Linear's shapes: default kernel against `DEEPSTACK_GEMM_DEFINES` variants (e.g. the DS_WGRAD_PIPE
-experiment, docs/gemm.md), settled timing (bench_gpu_interleaved, L2 flushed before every call).
+`dy.T @ x`, for FP8Linear's shapes: default kernel against `DEEPSTACK_GEMM_DEFINES` variants (e.g. DS_SERIAL_PROMOTE,
+the serial loop that the pipelined promotion replaced, docs/gemm.md), settled timing (bench_gpu_interleaved, L2
+flushed before every call).
 
-  python benchmarks/ab_wgrad.py --variant pipe:DS_WGRAD_PIPE
-  python benchmarks/ab_wgrad.py --prebuild-only --variant pipe:DS_WGRAD_PIPE     # nvcc here, no GPU
+  python benchmarks/ab_wgrad.py --variant serial:DS_SERIAL_PROMOTE
+  python benchmarks/ab_wgrad.py --prebuild-only --variant serial:DS_SERIAL_PROMOTE     # nvcc here, no GPU
 """
 from __future__ import annotations
 

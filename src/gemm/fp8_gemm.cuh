@@ -299,15 +299,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // (128x144 fits in 232 registers where the K slices are a multiple of 8, spills 48 B otherwise, and ran 3-50%
   // slower than the serial 128x144 on the H200, 2026-11-30; not offered.)
   // DS_SERIAL_PROMOTE (via DEEPSTACK_GEMM_DEFINES) restores the one-slice-at-a-time loop for A/B runs.
-  // DS_WGRAD_PIPE (experiment, opt-in): the weight-gradient (1D1D) kernels too; their promotion reads the stage's
-  // per-column B scales from shared memory, so a stage is released after its promotion, not before.
-#if defined(DS_WGRAD_PIPE)
-  constexpr bool kPipeSfbPerRow = true;
-#else
-  constexpr bool kPipeSfbPerRow = false;
-#endif
+  // The weight-gradient (1D1D) kernels pipeline too (+13-27% on the H200, 2026-11-30): their promotion reads the
+  // stage's per-column B scales from shared memory, hence the second set of B-scale slots (kSfbSlots below).
 #if !defined(DS_SERIAL_PROMOTE) && !defined(DS_DBG)
-  constexpr bool kPipePromote = (!kSfbPerRow || kPipeSfbPerRow) && kBlockN <= 128;
+  constexpr bool kPipePromote = kBlockN <= 128;
 #else
   constexpr bool kPipePromote = false;
 #endif
@@ -362,7 +357,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // Each stage's B scales start 128-byte aligned, as bulk tensor copies require (block_n = 144 or 16 would
   // otherwise put odd stages at 64-byte offsets: a misaligned-address fault).
   constexpr int kSfbStride = kSfbPerRow ? (kBlockN + 31) / 32 * 32 : 0;
-  // (DS_WGRAD_PIPE) The pipelined 1D1D loop releases a stage when its promotion starts, before it reads the stage's
+  // The pipelined 1D1D loop releases a stage when its promotion starts, before it reads the stage's
   // B scales (releasing after the promotion made ptxas spill 2.3 KB and serialise the wgmmas), so the B scales get
   // twice the slots: slice i's go to slot (stage, ring parity), which the producer reuses only for slice
   // i + 2 kStages, i.e. after every math warp released slice i + kStages, i.e. after it promoted slice i.

@@ -106,9 +106,10 @@ def sched_ring_bytes() -> int:
 
 
 def wgrad_pipe_sfb_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
-    """The DS_WGRAD_PIPE experiment's second set of B-scale slots (weight-gradient kernels with pipelined
-    promotion, BLOCK_N <= 128; src/gemm/fp8_gemm.cuh kSfbSlots)."""
-    if not (sf_b_per_row and cfg.block_n <= 128 and experiment_on("DS_WGRAD_PIPE")):
+    """The second set of B-scale slots of the weight-gradient kernels' pipelined promotion (BLOCK_N <= 128;
+    src/gemm/fp8_gemm.cuh kSfbSlots); none with the serial loop (the DS_SERIAL_PROMOTE / DS_DBG switches)."""
+    serial = experiment_on("DS_SERIAL_PROMOTE") or experiment_on("DS_DBG")
+    if not sf_b_per_row or cfg.block_n > 128 or serial:
         return 0
     return cfg.stages * ((cfg.block_n + 31) // 32 * 128)
 
