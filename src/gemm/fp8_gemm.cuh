@@ -299,8 +299,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // (128x144 fits in 232 registers where the K slices are a multiple of 8, spills 48 B otherwise, and ran 3-50%
   // slower than the serial 128x144 on the H200, 2026-11-30; not offered.)
   // DS_SERIAL_PROMOTE (via DEEPSTACK_GEMM_DEFINES) restores the one-slice-at-a-time loop for A/B runs.
+  // The weight-gradient (1D1D) kernels pipeline too (+13-27% on the H200, 2026-11-30): their promotion reads the
+  // stage's per-column B scales from shared memory, hence the second set of B-scale slots (kSfbSlots below).
 #if !defined(DS_SERIAL_PROMOTE) && !defined(DS_DBG)
-  constexpr bool kPipePromote = !kSfbPerRow && kBlockN <= 128;
+  constexpr bool kPipePromote = kBlockN <= 128;
 #else
   constexpr bool kPipePromote = false;
 #endif
@@ -355,6 +357,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // Each stage's B scales start 128-byte aligned, as bulk tensor copies require (block_n = 144 or 16 would
   // otherwise put odd stages at 64-byte offsets: a misaligned-address fault).
   constexpr int kSfbStride = kSfbPerRow ? (kBlockN + 31) / 32 * 32 : 0;
+  // The pipelined 1D1D loop releases a stage when its promotion starts, before it reads the stage's
+  // B scales (releasing after the promotion made ptxas spill 2.3 KB and serialise the wgmmas), so the B scales get
+  // twice the slots: slice i's go to slot (stage, ring parity), which the producer reuses only for slice
+  // i + 2 kStages, i.e. after every math warp released slice i + kStages, i.e. after it promoted slice i.
+  constexpr int kSfbSlots = kSfbPerRow && kPipePromote ? 2 * kStages : kStages;
 
   // Dynamic shared memory, rounded up to 1024 bytes (the 128-byte swizzle needs 1024-byte aligned tiles).
   extern __shared__ uint8_t smem_raw[];
@@ -366,7 +373,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   uint8_t* smem_d = smem_b + kStages * kBytesB;
   float* smem_sfa = reinterpret_cast<float*>(smem_d + kTmaStageBytes);
   float* smem_sfb = smem_sfa + kStages * kBlockM;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem_sfb + kStages * kSfbStride);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_sfb + kSfbSlots * kSfbStride);
   uint64_t* empty = full + kStages;
   // Epilogue staging, one slice per math warp: 16 rows x 16 bf16 columns, rows 48 bytes apart (conflict-free
   // fragment writes). Accumulators leave through it as 16-byte row-contiguous stores instead of 4-byte ones: at
@@ -509,7 +516,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
           }
           sm90::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0, tile.g * kNumKB * (kKind == kGemmMasked) + kb);
-          if (kSfbPerRow) sm90::tma_load_2d(smem_sfb + s * kSfbStride, &tmap_sfb, full + s, tile.n0, kb);
+          if (kSfbPerRow) {
+            const int slot = s + (kSfbSlots > kStages && phase ? kStages : 0);
+            sm90::tma_load_2d(smem_sfb + slot * kSfbStride, &tmap_sfb, full + s, tile.n0, kb);
+          }
           if (++s == kStages) { s = 0; phase ^= 1; }
         }
       }
@@ -715,12 +725,18 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           float sc0[6], sc1[6];     // scale_a (rows r, r + 8) x scale_b of up to three blocks
           int st0 = 0, st1 = 0;
           const auto issue = [&](float (&a)[kAccRegs], float (&sc)[6], int& stage, int k_blk) {
-            float b[3];
-            load_sfb(k_blk, b);
+            float b[3] = {0.f, 0.f, 0.f};
+            if constexpr (!kSfbPerRow) load_sfb(k_blk, b);
             sm90::mbar_wait(full + s, phase);
             const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
 #pragma unroll
-            for (int i = 0; i < 3; ++i) { sc[2 * i] = a0 * b[i]; sc[2 * i + 1] = a1 * b[i]; }
+            if constexpr (kSfbPerRow) {   // (1D1D: the A scales alone; the B scales stay in the stage)
+              sc[0] = a0;
+              sc[1] = a1;
+            } else {
+#pragma unroll
+              for (int i = 0; i < 3; ++i) { sc[2 * i] = a0 * b[i]; sc[2 * i + 1] = a1 * b[i]; }
+            }
             const uint64_t desc_a = kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
                                           : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
             const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
@@ -730,13 +746,25 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #pragma unroll
             for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, a, k > 0);
             sm90::wgmma_commit();
-            stage = s;
+            stage = s + (kSfbSlots > kStages && phase ? kStages : 0);   // (1D1D pipe: the B-scale slot)
             if (++s == kStages) { s = 0; phase ^= 1; }
           };
           const auto promote = [&](float (&a)[kAccRegs], const float (&sc)[6], int stage) {
             sm90::fence_regs(a);
             __syncwarp();
-            if (lane == 0) sm90::mbar_arrive(empty + stage);
+            if (lane == 0) sm90::mbar_arrive(empty + (kSfbSlots > kStages ? stage % kStages : stage));
+            if constexpr (kSfbPerRow) {   // the serial loop's 1D1D promotion, same expressions, from the B-scale slot
+              const float* sbr = smem_sfb + stage * kSfbStride + col_local;
+#pragma unroll
+              for (int j = 0; j < kBlockN / 8; ++j) {
+                const float2 b = *reinterpret_cast<const float2*>(sbr + j * 8);
+                fin[j * 4 + 0] = fmaf(a[j * 4 + 0], sc[0] * b.x, fin[j * 4 + 0]);
+                fin[j * 4 + 1] = fmaf(a[j * 4 + 1], sc[0] * b.y, fin[j * 4 + 1]);
+                fin[j * 4 + 2] = fmaf(a[j * 4 + 2], sc[1] * b.x, fin[j * 4 + 2]);
+                fin[j * 4 + 3] = fmaf(a[j * 4 + 3], sc[1] * b.y, fin[j * 4 + 3]);
+              }
+              return;
+            }
             if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + stage, rank ^ 1);
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
@@ -802,7 +830,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
               fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fin[j * 4 + 3]);
             }
           } else {
-            const float* sbr = smem_sfb + s * kSfbStride + col_local;
+            const float* sbr = smem_sfb + (s + (kSfbSlots > kStages && phase ? kStages : 0)) * kSfbStride + col_local;
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
               const float2 b = *reinterpret_cast<const float2*>(sbr + j * 8);

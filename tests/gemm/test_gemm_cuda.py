@@ -487,6 +487,33 @@ def test_wgrad(tokens, n, k):
     assert not d2.isnan().any() and calc_diff(d2, dy.float().T @ x.float()) < 1e-3
 
 
+@pytest.mark.parametrize("tokens", [130, 1000, 4224, 8832])
+@pytest.mark.parametrize("n,k", [(576, 384), (256, 7168)])
+def test_wgrad_pipe_matches_serial(monkeypatch, tokens, n, k):
+    """The weight-gradient kernel's pipelined promotion (the default; its B scales in twice the shared-memory
+    slots) is bit-identical to the serial loop (DS_SERIAL_PROMOTE) with and without accumulation; 2 to 69 K slices
+    (trips of 8 and 4 and the one-slice tail), 7 CTAs (many tiles per CTA: the slot parity runs on across tiles)."""
+    from torch_deepstack.gemm import kernels
+    dy = fresh_randn(tokens, n, dtype=torch.bfloat16, device=DEV)
+    x = fresh_randn(tokens, k, dtype=torch.bfloat16, device=DEV)
+    aq, asf = wgrad_operand(dy)
+    bq, bsf = wgrad_operand(x)
+    d0 = fresh_randn(n, k, device=DEV)
+    monkeypatch.setattr(kernels, "_NUM_SMS_OVERRIDE", 7)   # (kernels.set_num_sms, undone after the test)
+    outs = {}
+    for defines in ("", "DS_SERIAL_PROMOTE"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        acc = d0.clone()
+        ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, acc, None, True)
+        fresh = poisoned_empty(n, k, dtype=torch.float32, device=DEV)
+        ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, fresh)
+        torch.cuda.synchronize()
+        outs[defines] = (acc, fresh)
+    assert torch.equal(outs[""][0], outs["DS_SERIAL_PROMOTE"][0])
+    assert torch.equal(outs[""][1], outs["DS_SERIAL_PROMOTE"][1])
+    assert calc_diff(outs[""][1], dy.float().T @ x.float()) < 1e-3
+
+
 def test_k_grouped_wgrad():
     g, m, n, expected = 5, 512, 2048, 1024
     ks = [(s + 127) // 128 * 128 for s in random_group_sizes(g, expected)]

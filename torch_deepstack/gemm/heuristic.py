@@ -105,10 +105,19 @@ def sched_ring_bytes() -> int:
     return 4 * 32 if experiment_on("DS_SCHED_WARP") else 0
 
 
+def wgrad_pipe_sfb_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
+    """The second set of B-scale slots of the weight-gradient kernels' pipelined promotion (BLOCK_N <= 128;
+    src/gemm/fp8_gemm.cuh kSfbSlots); none with the serial loop (the DS_SERIAL_PROMOTE / DS_DBG switches)."""
+    serial = experiment_on("DS_SERIAL_PROMOTE") or experiment_on("DS_DBG")
+    if not sf_b_per_row or cfg.block_n > 128 or serial:
+        return 0
+    return cfg.stages * ((cfg.block_n + 31) // 32 * 128)
+
+
 def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
     staging = tma_store_staging_bytes(cfg.block_m, cfg.block_n) if cfg.tma_store else epilogue_staging_bytes()
     return (cfg.stages * stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) + cfg.stages * 16 + 1024 + staging +
-            sched_ring_bytes())
+            sched_ring_bytes() + wgrad_pipe_sfb_bytes(cfg, sf_b_per_row))
 
 
 def with_tma_store(cfg: GemmConfig, sf_b_per_row: bool = False) -> GemmConfig:
