@@ -19,6 +19,8 @@ Every output is checked against the bf16 result first (calc_diff, printed in the
 
   python benchmarks/bench_linear.py            # writes docs/benchmarks.md's "FP8Linear" block
   python benchmarks/bench_linear.py --quick    # one shape, printed only
+  python benchmarks/bench_linear.py --profile 2048x7168x4096   # where each training contender's step time goes
+  python benchmarks/bench_linear.py --prebuild-only    # nvcc here, no GPU: the cache a GPU run can carry
 """
 from __future__ import annotations
 
@@ -98,13 +100,112 @@ def _training(t, k, n, device):
     return fns, diffs
 
 
+def prebuild(jobs=2):
+    """Every GEMM specialisation of SHAPES (forward, dgrad, wgrad) and the quantisers, compiled into the JIT cache."""
+    from concurrent.futures import ThreadPoolExecutor
+    from torch_deepstack.gemm import kernels
+    from torch_deepstack.jit import cache, prebuild_specs
+    bf16, f32 = torch.bfloat16, torch.float32
+    specs = [sp for sp in prebuild_specs(["gemm", "quant"]) if "gemm" not in sp.kernel]
+    for t, k, n in SHAPES:
+        specs += kernels.dense_call_specs(t, n, k, bf16) + kernels.dense_call_specs(t, k, n, bf16)
+        specs += kernels.dense_call_specs(n, k, t, f32, wgrad=True)
+    specs = list(dict.fromkeys(specs))
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(cache.build, specs))
+    print(f"prebuilt {len(specs)} specialisations")
+
+
+def profile_training(t, k, n, steps=20):
+    """Where a training step's time goes, per contender: host time per step (Python, dispatch and launches, with
+    nothing waited for) against the GPU time, and the step's ops and kernels (torch.profiler, self times)."""
+    import time
+    from torch.profiler import ProfilerActivity, profile
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fns, _ = _training(t, k, n, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        host = (time.perf_counter() - t0) / steps
+        sync()
+        wall = (time.perf_counter() - t0) / steps
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            sync()
+        print(f"\n== {t} x {k} -> {n} training, {name}: host {host * 1e6:.0f} us per step (issue only), "
+              f"wall {wall * 1e6:.0f} us per step")
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60))
+        if name in ("FP8Linear", "compiled"):   # the host side: Python functions by own time
+            import cProfile
+            import pstats
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(steps):
+                fn()
+            pr.disable()
+            sync()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+    _op_host_times(t, k, n, device)
+
+
+def _op_host_times(t, k, n, device, calls=200):
+    """Host time per call of each op of the FP8Linear step (issue only, nothing waited for) next to torch's."""
+    import time
+    from torch_deepstack.gemm import api
+    from torch_deepstack.quant.api import per_token_group_quant_fp8
+    x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    xq, xs = per_token_group_quant_fp8(x)
+    wq, ws = api.per_block_quant_fp8(w)
+    xtq, xts = api.per_token_group_quant_fp8_t(x)
+    cases = {"torch.empty (reference)": lambda: torch.empty(t, n, device=device, dtype=torch.bfloat16),
+             "F.linear bf16 (reference)": lambda: torch.nn.functional.linear(x, w),
+             "per_token_group_quant_fp8": lambda: per_token_group_quant_fp8(x),
+             "per_block_quant_fp8": lambda: api.per_block_quant_fp8(w),
+             "per_block_quant_fp8 transposed": lambda: api.per_block_quant_fp8(w, transpose=True),
+             "per_token_group_quant_fp8_t": lambda: api.per_token_group_quant_fp8_t(x),
+             "fp8_gemm_nt": lambda: api.fp8_gemm_nt(xq, xs, wq, ws),
+             "fp8_wgrad_gemm_nt": lambda: api.fp8_wgrad_gemm_nt(xtq, xts, xtq, xts)}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print(f"\nhost time per call, {t} x {k} -> {n} (us, issue only, min of 3 runs of {calls // 4} calls)")
+    for name, fn in cases.items():
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(calls // 4):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / (calls // 4))
+            sync()
+        print(f"  {name:34s} {best * 1e6:8.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one shape, docs left as they are")
     ap.add_argument("--cpu-check", action="store_true",
                     help="build every contender on the CPU at a small shape (reference kernels), call each once and "
                          "check the FP8 results; no timing")
+    ap.add_argument("--profile", default=None, metavar="TxKxN",
+                    help="profile the training contenders at one shape (torch.profiler: kernels and host time "
+                         "per step) instead of the table")
+    ap.add_argument("--prebuild-only", action="store_true",
+                    help="compile the kernels the GPU run loads (GEMMs of every shape, quantisers) into "
+                         "DEEPSTACK_JIT_CACHE_DIR with nvcc, no GPU needed, and stop")
     args = ap.parse_args()
+    if args.prebuild_only:
+        return prebuild()
+    if args.profile:
+        return profile_training(*(int(v) for v in args.profile.split("x")))
     if args.cpu_check:
         for run in (_inference, _training):
             fns, diffs = run(64, 256, 384, "cpu")

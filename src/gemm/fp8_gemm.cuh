@@ -725,11 +725,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           float sc0[6], sc1[6];     // scale_a (rows r, r + 8) x scale_b of up to three blocks
           int st0 = 0, st1 = 0;
           const auto issue = [&](float (&a)[kAccRegs], float (&sc)[6], int& stage, int k_blk) {
-            float b[3] = {0.f, 0.f, 0.f};
+            [[maybe_unused]] float b[3] = {0.f, 0.f, 0.f};
             if constexpr (!kSfbPerRow) load_sfb(k_blk, b);
             sm90::mbar_wait(full + s, phase);
             const float a0 = smem_sfa[s * kBlockM + row_local], a1 = smem_sfa[s * kBlockM + row_local + 8];
-#pragma unroll
             if constexpr (kSfbPerRow) {   // (1D1D: the A scales alone; the B scales stay in the stage)
               sc[0] = a0;
               sc[1] = a1;

@@ -264,6 +264,16 @@ def _run_dense(a, sfa, b, sfb, d, c, accumulate, *, wgrad: bool):
                  m_rows=m, num_groups=1, n=n, k=k, expected_m=m, sf_b_per_row=wgrad, k_template=0 if wgrad else None)
 
 
+def dense_call_specs(m: int, n: int, k: int, out_dtype, wgrad: bool = False, num_sms_: int = 132) -> list:
+    """The specialisations an fp8_gemm_nt (or, wgrad=True, fp8_wgrad_gemm_nt) call of this shape loads, without C:
+    what _run_dense launches, split tail included; needs no GPU (prebuilding for benchmarks and warm-up)."""
+    if wgrad:
+        return [choose_spec(KIND_DENSE, m, 1, n, k, m, True, 0, out_dtype, None, num_sms_)[0]]
+    tail = split_tail_columns(m, n, k, num_sms_)
+    return [choose_spec(KIND_DENSE, m, 1, cols, k, m, False, None, out_dtype, None, num_sms_)[0]
+            for cols in ((n - tail, tail) if tail else (n,))]
+
+
 @cuda_kernel("fp8_gemm_nt")
 def fp8_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
     checks.check_dense("fp8_gemm_nt", a, sfa, b, sfb, d, c)
@@ -383,9 +393,7 @@ def _prebuild():
     for n, k in DSV3_NK:
         for m in (64, 4096):
             specs.append(choose_spec(KIND_DENSE, m, 1, n, k, m, False, None, bf16, None, 132)[0])
-            tail = split_tail_columns(m, n, k, 132)
-            for cols in ((n - tail, tail) if tail else ()):
-                specs.append(choose_spec(KIND_DENSE, m, 1, cols, k, m, False, None, bf16, None, 132)[0])
+            specs += dense_call_specs(m, n, k, bf16)
     for n, k in ((4096, 7168), (7168, 2048)):
         specs.append(choose_spec(KIND_CONTIGUOUS, 4 * 8192, 4, n, k, 4 * 8192, False, None, bf16, None, 132)[0])
         specs.append(choose_spec(KIND_MASKED, 4096, 4, n, k, 256, False, None, bf16, None, 132)[0])
