@@ -107,6 +107,9 @@ def test_cuda_strided_rows_and_empty():
     assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
     q0, s0 = OP(torch.empty(0, 256, device="cuda", dtype=torch.bfloat16))
     assert q0.shape == (0, 256) and s0.shape == (0, 2)
+    one = fresh_randn(1, 265, dtype=torch.bfloat16, device="cuda")[:, :256]     # one row: its odd stride is unused
+    q1, _ = OP(one)
+    assert torch.equal(q1.cpu().view(torch.uint8), OP(one.cpu())[0].view(torch.uint8))
 
 
 @pytest.mark.cuda

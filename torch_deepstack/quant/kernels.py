@@ -63,7 +63,9 @@ def per_token_group_quant_fp8_cuda(x: torch.Tensor, group_size: int = 128, eps: 
                                    scale_ue8m0: bool = False):
     op = "per_token_group_quant_fp8"
     check_group_quant_input(x, group_size, op)
-    if (x.data_ptr() % 16) or any((s * x.element_size()) % 16 for s in x.stride()[:-1]):
+    # (the stride of a dimension of size 1 is never used: a single row may come from a wider tensor)
+    if (x.data_ptr() % 16) or any((s * x.element_size()) % 16 for s, n in zip(x.stride()[:-1], x.shape[:-1])
+                                  if n > 1):
         raise ValueError(f"{op}: x rows must start on 16-byte boundaries (data_ptr {x.data_ptr()}, strides "
                          f"{x.stride()}); call .contiguous() first")
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
