@@ -109,6 +109,7 @@ def prebuild(jobs=2):
     specs = [sp for sp in prebuild_specs(["gemm", "quant"]) if "gemm" not in sp.kernel]
     for t, k, n in SHAPES:
         specs += kernels.dense_call_specs(t, n, k, bf16) + kernels.dense_call_specs(t, k, n, bf16)
+        specs += kernels.dense_call_specs(n, k, t, bf16, wgrad=True)   # (FP8Linear: the bf16 weight's gradient)
         specs += kernels.dense_call_specs(n, k, t, f32, wgrad=True)
     specs = list(dict.fromkeys(specs))
     with ThreadPoolExecutor(jobs) as pool:
@@ -172,6 +173,8 @@ def _op_host_times(t, k, n, device, calls=200):
              "per_block_quant_fp8": lambda: api.per_block_quant_fp8(w),
              "per_block_quant_fp8 transposed": lambda: api.per_block_quant_fp8(w, transpose=True),
              "per_token_group_quant_fp8_t": lambda: api.per_token_group_quant_fp8_t(x),
+             "per_token_group_quant_fp8_dual": lambda: api.per_token_group_quant_fp8_dual(x),
+             "per_block_quant_fp8_dual": lambda: api.per_block_quant_fp8_dual(w),
              "fp8_gemm_nt": lambda: api.fp8_gemm_nt(xq, xs, wq, ws),
              "fp8_wgrad_gemm_nt": lambda: api.fp8_wgrad_gemm_nt(xtq, xts, xtq, xts)}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -14,7 +14,7 @@ def fp8_gemm_nt_fake(a, sfa, b, sfb, d, c=None, accumulate=False):
 
 @fake("fp8_wgrad_gemm_nt")
 def fp8_wgrad_gemm_nt_fake(a, sfa, b, sfb, d, c=None, accumulate=False):
-    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True, out_dtypes=(torch.float32,))
+    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True)
 
 
 @fake("k_grouped_fp8_wgrad_gemm_nt")
@@ -41,6 +41,25 @@ def per_block_quant_fp8_fake(x, transpose=False, eps=1e-4, scale_ue8m0=False):
                 torch.empty(cdiv(k, 128), cdiv(n, 128), dtype=torch.float32, device=x.device))
     return (torch.empty(n, k, dtype=FP8, device=x.device),
             torch.empty(cdiv(n, 128), cdiv(k, 128), dtype=torch.float32, device=x.device))
+
+
+@fake("per_block_quant_fp8_dual")
+def per_block_quant_fp8_dual_fake(x, eps=1e-4, scale_ue8m0=False):
+    check_quant_input("per_block_quant_fp8_dual", x)
+    n, k = x.shape
+    nb, kb = cdiv(n, 128), cdiv(k, 128)
+    return (torch.empty(n, k, dtype=FP8, device=x.device), torch.empty(nb, kb, dtype=torch.float32, device=x.device),
+            torch.empty(k, n, dtype=FP8, device=x.device), torch.empty(kb, nb, dtype=torch.float32, device=x.device))
+
+
+@fake("per_token_group_quant_fp8_dual")
+def per_token_group_quant_fp8_dual_fake(x, eps=1e-4, scale_ue8m0=False):
+    from torch_deepstack.gemm.reference import check_dual_token_quant_input
+    from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
+    check_dual_token_quant_input("per_token_group_quant_fp8_dual", x)
+    m, k = x.shape
+    return (torch.empty(m, k, dtype=FP8, device=x.device), mn_major_tma_aligned_empty((m, k // 128), x.device),
+            *transposed_quant_empty(m, k, x.device))
 
 
 @fake("per_token_group_quant_fp8_t")

@@ -41,7 +41,11 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
         "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, int[] ks, Tensor? c=None, bool accumulate=False) -> ()", ()),
     "per_block_quant_fp8": (
         "(Tensor x, bool transpose=False, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+    "per_block_quant_fp8_dual": (
+        "(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor, Tensor, Tensor)", ()),
     "per_token_group_quant_fp8_t": ("(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+    "per_token_group_quant_fp8_dual": (
+        "(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor, Tensor, Tensor)", ()),
     # --- compile integration (torch_deepstack/compile): the functional op graph passes swap in ------------
     "fp8_linear": ("(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", ()),
     # --- expert parallelism (torch_deepstack/ep) -------------------------------------------------------

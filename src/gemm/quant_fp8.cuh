@@ -1,8 +1,10 @@
 // Fused FP8 quantisation kernels that emit the layouts the GEMM kernels read directly.
 //   per_block_quant_fp8_kernel: weights, one fp32 scale per 128x128 block; optionally writes q transposed
 //     ([K, N], the B operand of the data-gradient GEMM) through a shared-memory tile.
+//   per_block_quant_fp8_dual_kernel: both of those at once (one DRAM read of the weight).
 //   per_token_group_quant_fp8_t_kernel: activations/gradients quantised per 128 rows of each column and written
 //     transposed ([K, M] with scales [K, ceil(M/128)] MN-major): the operands of the weight-gradient GEMM.
+//   per_token_group_quant_fp8_dual_kernel: that and the per-token 1x128 layout at once (one DRAM read).
 // Conventions match torch_deepstack/quant: scale = max(amax, eps) / 448 (rounded up to a power of two when
 // kUe8m0), q = saturate_e4m3(x * inv) with inv = 448 / max(amax, eps) (or 1 / scale for power-of-two scales).
 #pragma once
@@ -146,17 +148,12 @@ __device__ __forceinline__ bool per_block_quant_vec(const T* __restrict__ x, uin
   return true;
 }
 
-// grid (ceil(K/128), ceil(N/128)), 256 threads. x [N, K] (row stride ldx); q [N, K] or, transposed, [K, N]
-// (row stride ldq); scale of block (by, bx) goes to sf[by * sf_sy + bx * sf_sx].
+// Scalar path of one 128 x 128 block (partial or unaligned blocks): tile is [128][132] bytes (transposed only).
 template <typename T, bool kTranspose, bool kUe8m0>
-__global__ void __launch_bounds__(256) per_block_quant_fp8_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
-                                                                  float* __restrict__ sf, int N, int K, int64_t ldx,
-                                                                  int64_t ldq, int sf_sy, int sf_sx, float eps) {
-  __shared__ float red[8];
-  __shared__ __align__(16) uint8_t tile[kTranspose ? 128 : 1][kTranspose ? 132 : 1];
-  __shared__ __align__(16) uint8_t vtile[kTranspose ? 128 * 128 : 16];
-  if (per_block_quant_vec<T, kTranspose, kUe8m0>(x, q, sf, N, K, ldx, ldq, sf_sy, sf_sx, eps, red, vtile)) return;
-  // scalar path: partial or unaligned blocks
+__device__ __forceinline__ void per_block_quant_scalar(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                       float* __restrict__ sf, int N, int K, int64_t ldx,
+                                                       int64_t ldq, int sf_sy, int sf_sx, float eps, float* red,
+                                                       uint8_t (*tile)[132]) {
   const int n0 = blockIdx.y * 128, k0 = blockIdx.x * 128;
   const int rows = min(128, N - n0), cols = min(128, K - k0);
   float amax = 0.f;
@@ -185,6 +182,41 @@ __global__ void __launch_bounds__(256) per_block_quant_fp8_kernel(const T* __res
   }
 }
 
+// grid (ceil(K/128), ceil(N/128)), 256 threads. x [N, K] (row stride ldx); q [N, K] or, transposed, [K, N]
+// (row stride ldq); scale of block (by, bx) goes to sf[by * sf_sy + bx * sf_sx].
+template <typename T, bool kTranspose, bool kUe8m0>
+__global__ void __launch_bounds__(256) per_block_quant_fp8_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                                  float* __restrict__ sf, int N, int K, int64_t ldx,
+                                                                  int64_t ldq, int sf_sy, int sf_sx, float eps) {
+  __shared__ float red[8];
+  __shared__ __align__(16) uint8_t tile[kTranspose ? 128 : 1][kTranspose ? 132 : 1];
+  __shared__ __align__(16) uint8_t vtile[kTranspose ? 128 * 128 : 16];
+  if (per_block_quant_vec<T, kTranspose, kUe8m0>(x, q, sf, N, K, ldx, ldq, sf_sy, sf_sx, eps, red, vtile)) return;
+  per_block_quant_scalar<T, kTranspose, kUe8m0>(x, q, sf, N, K, ldx, ldq, sf_sy, sf_sx, eps, red,
+                                                reinterpret_cast<uint8_t (*)[132]>(&tile[0][0]));
+}
+
+// Both orientations of the weight in one pass (FP8Linear's forward and data-gradient operands): q [N, K] with
+// sf [ceil(N/128), ceil(K/128)] and q^T [K, N] with sft [ceil(K/128), ceil(N/128)], both row-major. Each block is
+// quantised twice by the single-orientation paths, so both results equal those kernels' bit for bit; the second
+// pass reads the block from L2 (this CTA has just read it), so DRAM sees x once. Grid and block as above.
+template <typename T, bool kUe8m0>
+__global__ void __launch_bounds__(256, 1) per_block_quant_fp8_dual_kernel(const T* __restrict__ x,
+                                                                       uint8_t* __restrict__ q, float* __restrict__ sf,
+                                                                       uint8_t* __restrict__ qt,
+                                                                       float* __restrict__ sft, int N, int K,
+                                                                       int64_t ldx, float eps) {
+  __shared__ float red[8];
+  __shared__ __align__(16) uint8_t tile[128][132];
+  __shared__ __align__(16) uint8_t vtile[128 * 128];
+  const int nb = (N + 127) / 128, kb = (K + 127) / 128;
+  if (!per_block_quant_vec<T, false, kUe8m0>(x, q, sf, N, K, ldx, K, kb, 1, eps, red, vtile))
+    per_block_quant_scalar<T, false, kUe8m0>(x, q, sf, N, K, ldx, K, kb, 1, eps, red, tile);
+  __syncthreads();   // red is reused
+  if (!per_block_quant_vec<T, true, kUe8m0>(x, qt, sft, N, K, ldx, N, 1, nb, eps, red, vtile))
+    per_block_quant_scalar<T, true, kUe8m0>(x, qt, sft, N, K, ldx, N, 1, nb, eps, red, tile);
+}
+
 // Whole 128-row x 64-column block of the transposed activation quantiser (see the kernel below), 16-byte aligned x
 // rows: thread (cv, rg) holds rows [rg R, rg R + R) of columns [cv kV, cv kV + kV) (bf16: 4 rows x 8 columns, fp32:
 // 8 x 4). False if the block does not qualify (the scalar path then runs; uniform over the block).
@@ -192,9 +224,8 @@ template <typename T, bool kUe8m0>
 __device__ __forceinline__ bool group_quant_t_vec(const T* __restrict__ x, uint8_t* __restrict__ q,
                                                   float* __restrict__ sf, int M, int K, int64_t ldx, int64_t ldq,
                                                   int sf_ld, float eps, float (*red)[64], float* inv_s,
-                                                  uint8_t* tile) {
+                                                  uint8_t* tile, int m0, int k0) {
   constexpr int kV = 16 / sizeof(T), kVecs = 64 / kV, R = 128 * kVecs / 256, kSlots = 128 / R;
-  const int m0 = blockIdx.y * 128, k0 = blockIdx.x * 64;
   const bool whole = m0 + 128 <= M && k0 + 64 <= K;
   const bool aligned = ((reinterpret_cast<uintptr_t>(x) | (ldx * sizeof(T)) | reinterpret_cast<uintptr_t>(q) | ldq) &
                         15) == 0;
@@ -220,7 +251,7 @@ __device__ __forceinline__ bool group_quant_t_vec(const T* __restrict__ x, uint8
     float scale, inv;
     scale_from_amax<kUe8m0>(a, eps, scale, inv);
     inv_s[threadIdx.x] = inv;
-    sf[k0 + threadIdx.x + blockIdx.y * sf_ld] = scale;
+    sf[k0 + threadIdx.x + (m0 / 128) * sf_ld] = scale;
   }
   __syncthreads();
   // tile[c][...]: the 128 bytes of q row k0 + c; row group rg's R bytes at slot rg ^ swz(cv), where swz keeps the
@@ -247,23 +278,19 @@ __device__ __forceinline__ bool group_quant_t_vec(const T* __restrict__ x, uint8
   return true;
 }
 
-// grid (ceil(K/64), ceil(M/128)), 256 threads. x [M, K] (row stride ldx) -> q [K, m_pad] (row stride ldq, columns
-// [M, m_pad) written as zeros), sf[k + (m / 128) * sf_ld] (MN-major, sf_ld = align(K, 4)).
+// One 128-row x 64-column block at (m0, k0) of the transposed activation quantiser: the vectorised path, or the
+// scalar one for partial or unaligned blocks. tile: 128 x 65 floats of shared memory, inv_s: 64 floats.
 template <typename T, bool kUe8m0>
-__global__ void __launch_bounds__(256) per_token_group_quant_fp8_t_kernel(const T* __restrict__ x,
-                                                                          uint8_t* __restrict__ q,
-                                                                          float* __restrict__ sf, int M, int K,
-                                                                          int m_pad, int64_t ldx, int64_t ldq,
-                                                                          int sf_ld, float eps) {
-  __shared__ __align__(16) float tile[128][65];
-  __shared__ float inv_s[64];
+__device__ __forceinline__ void group_quant_t_block(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                    float* __restrict__ sf, int M, int K, int m_pad, int64_t ldx,
+                                                    int64_t ldq, int sf_ld, float eps, float (*tile)[65],
+                                                    float* inv_s, int m0, int k0) {
   {
     // the vectorised path reuses the scalar path's shared memory: red (8 x 64 floats) and the q tile (8 KB)
     float (*red)[64] = reinterpret_cast<float (*)[64]>(&tile[0][0]);
     uint8_t* qtile = reinterpret_cast<uint8_t*>(&tile[16][0]);
-    if (group_quant_t_vec<T, kUe8m0>(x, q, sf, M, K, ldx, ldq, sf_ld, eps, red, inv_s, qtile)) return;
+    if (group_quant_t_vec<T, kUe8m0>(x, q, sf, M, K, ldx, ldq, sf_ld, eps, red, inv_s, qtile, m0, k0)) return;
   }
-  const int m0 = blockIdx.y * 128, k0 = blockIdx.x * 64;
   for (int i = threadIdx.x; i < 128 * 64; i += 256) {
     const int r = i / 64, c = i % 64;
     tile[r][c] = (m0 + r < M && k0 + c < K) ? to_float(x[(m0 + r) * ldx + k0 + c]) : 0.f;
@@ -279,7 +306,7 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_t_kernel(const 
     scale_from_amax<kUe8m0>(amax, eps, scale, inv);
     if (part == 0) {
       inv_s[c] = inv;
-      if (k0 + c < K) sf[k0 + c + blockIdx.y * sf_ld] = scale;
+      if (k0 + c < K) sf[k0 + c + (m0 / 128) * sf_ld] = scale;
     }
   }
   __syncthreads();
@@ -287,6 +314,172 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_t_kernel(const 
     const int c = i / 128, r = i % 128;  // r fastest: consecutive bytes of one q row
     if (k0 + c < K && m0 + r < m_pad) q[(k0 + c) * ldq + m0 + r] = float_to_e4m3(tile[r][c] * inv_s[c]);
   }
+}
+
+// grid (ceil(K/64), ceil(M/128)), 256 threads. x [M, K] (row stride ldx) -> q [K, m_pad] (row stride ldq, columns
+// [M, m_pad) written as zeros), sf[k + (m / 128) * sf_ld] (MN-major, sf_ld = align(K, 4)).
+template <typename T, bool kUe8m0>
+__global__ void __launch_bounds__(256) per_token_group_quant_fp8_t_kernel(const T* __restrict__ x,
+                                                                          uint8_t* __restrict__ q,
+                                                                          float* __restrict__ sf, int M, int K,
+                                                                          int m_pad, int64_t ldx, int64_t ldq,
+                                                                          int sf_ld, float eps) {
+  __shared__ __align__(16) float tile[128][65];
+  __shared__ float inv_s[64];
+  group_quant_t_block<T, kUe8m0>(x, q, sf, M, K, m_pad, ldx, ldq, sf_ld, eps, tile, inv_s, blockIdx.y * 128,
+                                 blockIdx.x * 64);
+}
+
+// Per-token 1x128 groups of rows [m0, m0 + 128) x columns [k0, k0 + 128) (K a multiple of 128): thread t takes
+// row t / 2, half t % 2 (64 columns); q row-major [M, K] (row stride K), the scale of (row m, group g) at
+// sf[m + g * sf_m] (MN-major). The same arithmetic as per_token_group_quant_fp8_kernel, so the same bits.
+template <typename T, bool kUe8m0>
+__device__ __forceinline__ void group_quant_rows_block(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                       float* __restrict__ sf, int M, int K, int64_t ldx, int sf_m,
+                                                       float eps, int m0, int k0) {
+  constexpr int kV = 16 / sizeof(T), kVecs = 64 / kV;   // 16-byte vectors per half row
+  const int r = m0 + threadIdx.x / 2, c0 = k0 + (threadIdx.x % 2) * 64;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | (ldx * sizeof(T))) & 15) == 0;
+  float f[kVecs][kV];
+  float amax = 0.f;
+  if (r < M) {
+    const T* src = x + r * ldx + c0;
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      if (aligned) {
+        Unpack16<T>::run(__ldg(reinterpret_cast<const uint4*>(src + v * kV)), f[v]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kV; ++e) f[v][e] = to_float(src[v * kV + e]);
+      }
+#pragma unroll
+      for (int e = 0; e < kV; ++e) amax = fmaxf(amax, fabsf(f[v][e]));
+    }
+  }
+  amax = group_max<2>(amax);   // (all lanes take part; rows past M are not stored)
+  float scale, inv;
+  scale_from_amax<kUe8m0>(amax, eps, scale, inv);
+  if (r >= M) return;
+  uint8_t* dst = q + static_cast<int64_t>(r) * K + c0;
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    uint32_t w[kV / 4];
+#pragma unroll
+    for (int j = 0; j < kV / 4; ++j) w[j] = e4m3x4(f[v][4 * j], f[v][4 * j + 1], f[v][4 * j + 2], f[v][4 * j + 3], inv);
+    if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst + v * kV) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<uint32_t*>(dst + v * kV) = w[0];
+  }
+  if (threadIdx.x % 2 == 0) sf[r + (k0 / 128) * sf_m] = scale;
+}
+
+// Whole 128 x 128 block at (m0, k0) of the dual activation quantiser with 16-byte aligned rows, from registers:
+// thread (cv, rg) holds rows [rg R, rg R + R) x columns [cv kV, cv kV + kV) (bf16/fp16 8 x 8, fp32 16 x 4, the
+// weight quantiser's geometry), read from DRAM once. Row maxima (per-token groups) by shuffles among the kVecs
+// lanes of a row, column maxima (groups of 128 tokens) through shared memory; q^T leaves through the weight
+// quantiser's swizzled transpose tile, each column with its own scale. False (nothing done): not whole/aligned.
+template <typename T, bool kUe8m0>
+__device__ __forceinline__ bool group_quant_dual_vec(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                     float* __restrict__ sf, uint8_t* __restrict__ qt,
+                                                     float* __restrict__ sft, int M, int K, int64_t ldx, int sf_m,
+                                                     int64_t ldqt, int sft_ld, float eps, float (*red)[128],
+                                                     float* inv_c, uint8_t* tile) {
+  constexpr int kV = 16 / sizeof(T), kVecs = 128 / kV, R = kVecs / 2, kSlots = 128 / R;
+  const int m0 = blockIdx.y * 128, k0 = blockIdx.x * 128;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | (ldx * sizeof(T)) | reinterpret_cast<uintptr_t>(q) |
+                         reinterpret_cast<uintptr_t>(qt) | ldqt) & 15) == 0;
+  if (!(m0 + 128 <= M && aligned)) return false;   // (K is a multiple of 128: blocks are whole along K)
+  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float f[R][kV];
+  load_rows<T, R>(x, ldx, m0 + rg * R, k0 + cv * kV, f);
+  // per-token groups: a row's 128 columns lie in kVecs consecutive lanes of one warp
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    float a = 0.f;
+#pragma unroll
+    for (int j = 0; j < kV; ++j) a = fmaxf(a, fabsf(f[i][j]));
+#pragma unroll
+    for (int off = 1; off < kVecs; off *= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
+    float scale, inv;
+    scale_from_amax<kUe8m0>(a, eps, scale, inv);
+    const int r = m0 + rg * R + i;
+    uint32_t w[kV / 4];
+#pragma unroll
+    for (int j = 0; j < kV / 4; ++j) w[j] = e4m3x4(f[i][4 * j], f[i][4 * j + 1], f[i][4 * j + 2], f[i][4 * j + 3], inv);
+    uint8_t* dst = q + static_cast<int64_t>(r) * K + k0 + cv * kV;
+    if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<uint32_t*>(dst) = w[0];
+    if (cv == 0) sf[r + (k0 / 128) * sf_m] = scale;
+  }
+  // groups of 128 tokens per column: over this thread's R rows, the warp's row groups (lanes kVecs apart), then
+  // the 8 warps
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+    float a = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) a = fmaxf(a, fabsf(f[i][j]));
+#pragma unroll
+    for (int off = kVecs; off < 32; off *= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
+    if (lane < kVecs) red[warp][cv * kV + j] = a;
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    float a = red[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) a = fmaxf(a, red[w][threadIdx.x]);
+    float scale, inv;
+    scale_from_amax<kUe8m0>(a, eps, scale, inv);
+    inv_c[threadIdx.x] = inv;
+    sft[k0 + threadIdx.x + (m0 / 128) * sft_ld] = scale;
+  }
+  __syncthreads();
+  // tile[c][...]: the 128 bytes of q^T row k0 + c; row group rg's R bytes at slot rg ^ swz(cv) (slots of R bytes)
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+    uint32_t w[R / 4];
+    column_bytes<R, kV>(f, j, inv_c[cv * kV + j], w);
+    st_shared_words(tile + (cv * kV + j) * 128 + (rg ^ (cv % kSlots)) * R, w);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const int c = threadIdx.x / 8 + 32 * p, h = threadIdx.x % 8, sw = (c / kV) % kSlots;
+    uint4 v;
+    if constexpr (R == 16) {
+      v = *reinterpret_cast<const uint4*>(tile + c * 128 + (h ^ sw) * 16);
+    } else {   // R == 8: two slots; slot 2h's bytes first
+      const uint2 lo = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h) ^ sw) * 8);
+      const uint2 hi = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h + 1) ^ sw) * 8);
+      v = make_uint4(lo.x, lo.y, hi.x, hi.y);
+    }
+    *reinterpret_cast<uint4*>(qt + (k0 + c) * ldqt + m0 + 16 * h) = v;
+  }
+  return true;
+}
+
+// Both activation layouts in one kernel (FP8Linear: x for the forward and the weight gradient, dy for the data
+// and the weight gradient): q [M, K] with per-token 1x128 scales (per_token_group_quant_fp8's layout: sf[m + g *
+// sf_m]) and q^T [K, m_pad] with 1x128 scales along M (per_token_group_quant_fp8_t's). grid (K / 128, ceil(M / 128)),
+// 256 threads; K a multiple of 128. Whole aligned blocks are read once into registers (group_quant_dual_vec); the
+// last partial row block and unaligned rows take the row pass and the transposed quantiser's two 64-column blocks
+// (re-reading x from L1/L2). Bit for bit the single-layout kernels' results.
+template <typename T, bool kUe8m0>
+__global__ void __launch_bounds__(256) per_token_group_quant_fp8_dual_kernel(
+    const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ sf, uint8_t* __restrict__ qt,
+    float* __restrict__ sft, int M, int K, int m_pad, int64_t ldx, int sf_m, int64_t ldqt, int sft_ld, float eps) {
+  __shared__ __align__(16) float tile[128][65];
+  __shared__ float inv_s[128];
+  {
+    // the register path borrows the fallback's shared memory: red (8 x 128 floats) and the q^T tile (16 KB)
+    float (*red)[128] = reinterpret_cast<float (*)[128]>(&tile[0][0]);
+    uint8_t* qtile = reinterpret_cast<uint8_t*>(&tile[32][0]);
+    if (group_quant_dual_vec<T, kUe8m0>(x, q, sf, qt, sft, M, K, ldx, sf_m, ldqt, sft_ld, eps, red, inv_s, qtile))
+      return;
+  }
+  const int m0 = blockIdx.y * 128, k0 = blockIdx.x * 128;
+  group_quant_rows_block<T, kUe8m0>(x, q, sf, M, K, ldx, sf_m, eps, m0, k0);
+  group_quant_t_block<T, kUe8m0>(x, qt, sft, M, K, m_pad, ldx, ldqt, sft_ld, eps, tile, inv_s, m0, k0);
+  __syncthreads();   // tile and inv_s are reused
+  group_quant_t_block<T, kUe8m0>(x, qt, sft, M, K, m_pad, ldx, ldqt, sft_ld, eps, tile, inv_s, m0, k0 + 64);
 }
 
 }  // namespace deepstack

@@ -109,6 +109,10 @@ def test_block_quant_reference_layouts():
     assert torch.equal(qt.view(torch.uint8), q.t().contiguous().view(torch.uint8)) and torch.equal(st, s.t())
     back = ref.dequant_blocks(q, s)
     assert calc_diff(back, w) < 1e-3
+    dq, ds, dqt, dst = api.per_block_quant_fp8_dual(w)
+    assert torch.equal(dq.view(torch.uint8), q.view(torch.uint8)) and torch.equal(ds, s)
+    assert torch.equal(dqt.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(dst, st)
+    assert dqt.is_contiguous() and dst.is_contiguous()
     _, su = api.per_block_quant_fp8(w, scale_ue8m0=True)
     assert torch.equal(torch.log2(su), torch.log2(su).round())
 
@@ -131,6 +135,8 @@ def test_fakes_under_fake_mode():
         assert q.shape == (256, 300) and q.stride() == (304, 1) and s.shape == (256, 3) and s.stride() == (1, 256)
         q, s = ops.per_block_quant_fp8(x, True)
         assert q.shape == (256, 300) and s.shape == (2, 3)
+        q, s, qt, st = ops.per_block_quant_fp8_dual(x)
+        assert q.shape == (300, 256) and s.shape == (3, 2) and qt.shape == (256, 300) and st.shape == (2, 3)
 
 
 def test_torch_compile_fullgraph():
@@ -246,3 +252,41 @@ def test_fp8_linear_weight_cache_follows_updates():
     y2 = f8(x)
     assert f8._cache.fwd is not first
     assert calc_diff(y2, 2 * y1) < 1e-4
+
+
+def test_fp8_linear_quantises_the_weight_once_per_step(monkeypatch):
+    """A training step whose input needs a gradient makes both FP8 copies of W in one pass (the dual quantiser) and
+    none again until W changes; inference and a frozen input make only the forward copy."""
+    calls = []
+    for name in ("per_block_quant_fp8", "per_block_quant_fp8_dual"):
+        real = getattr(api, name)
+        monkeypatch.setattr(api, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    f8 = FP8Linear(256, 128, bias=False, dtype=torch.bfloat16)
+    x = fresh_randn(3, 256, dtype=torch.bfloat16).requires_grad_()
+    f8(x).sum().backward()
+    assert calls == ["per_block_quant_fp8_dual"]
+    f8(x).sum().backward()
+    assert calls == ["per_block_quant_fp8_dual"]     # W unchanged: both copies reused
+    with torch.no_grad():
+        f8.weight.add_(1)
+        f8(x)
+    assert calls[1:] == ["per_block_quant_fp8"]     # inference after an update: the forward copy only
+    f8(x.detach()).sum().backward()                  # no data gradient: no W^T copy
+    assert calls[2:] == [] and f8.weight.grad is not None
+
+
+def test_fp8_linear_takes_broadcast_and_strided_tensors():
+    """`y.sum().backward()` hands FP8Linear a stride-0 gradient, and inputs may be strided views (here a transpose
+    and an offset slice); results equal those of contiguous copies."""
+    f8 = FP8Linear(256, 128, dtype=torch.bfloat16)
+    base = fresh_randn(256, 7, dtype=torch.bfloat16)
+    for x in (base.t(), fresh_randn(7, 264, dtype=torch.bfloat16)[:, 3:259]):
+        xs = x.detach().requires_grad_()
+        xc = x.detach().contiguous().requires_grad_()
+        f8(xs).sum().backward()
+        gw = f8.weight.grad.clone()
+        f8.weight.grad = None
+        f8(xc).sum().backward()
+        torch.testing.assert_close(xs.grad, xc.grad, rtol=0, atol=0)
+        torch.testing.assert_close(gw, f8.weight.grad, rtol=0, atol=0)
+        f8.weight.grad = None

@@ -487,6 +487,25 @@ def test_wgrad(tokens, n, k):
     assert not d2.isnan().any() and calc_diff(d2, dy.float().T @ x.float()) < 1e-3
 
 
+@pytest.mark.parametrize("tokens,n,k", [(4096, 7168, 2048), (1000, 576, 7168), (130, 256, 384)])
+def test_wgrad_bf16_out(tokens, n, k):
+    """bf16 D (FP8Linear's bf16 weight gradient): the fp32 result rounded once, bit for bit; accumulating into a
+    bf16 D adds in fp32 before that rounding."""
+    dy = fresh_randn(tokens, n, dtype=torch.bfloat16, device=DEV)
+    x = fresh_randn(tokens, k, dtype=torch.bfloat16, device=DEV)
+    aq, asf = wgrad_operand(dy)
+    bq, bsf = wgrad_operand(x)
+    d32 = poisoned_empty(n, k, dtype=torch.float32, device=DEV)
+    ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d32)
+    d16 = poisoned_empty(n, k, dtype=torch.bfloat16, device=DEV)
+    ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d16)
+    assert torch.equal(d16, d32.to(torch.bfloat16))
+    d0 = fresh_randn(n, k, dtype=torch.bfloat16, device=DEV)
+    acc = d0.clone()
+    ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, acc, None, True)
+    assert calc_diff(acc, d0.float() + d32) < 1e-5
+
+
 @pytest.mark.parametrize("tokens", [130, 1000, 4224, 8832])
 @pytest.mark.parametrize("n,k", [(576, 384), (256, 7168)])
 def test_wgrad_pipe_matches_serial(monkeypatch, tokens, n, k):
@@ -535,6 +554,32 @@ def test_k_grouped_wgrad():
         start += kk
 
 
+def _padded_bytes(q):
+    """A transposed operand's whole [K, m_pad] buffer (its zero padding included) as bytes."""
+    return q.as_strided((q.shape[0], q.stride(0)), (q.stride(0), 1)).view(torch.uint8)
+
+
+@pytest.mark.parametrize("shape", [(4096, 7168), (1, 128), (130, 384), (4095, 256), (2048, 7168)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("row_pad", [0, 9])
+def test_token_quant_dual_matches_single_layouts(shape, dtype, row_pad):
+    """per_token_group_quant_fp8_dual = per_token_group_quant_fp8 + per_token_group_quant_fp8_t, bit for bit and
+    with the same strides (the outputs land in freed memory that was filled with 0x7f first); M not a multiple of
+    128 (partial row blocks) and rows that are not 16-byte aligned (row_pad: the scalar loads) included."""
+    from torch_deepstack.quant.api import per_token_group_quant_fp8
+    x = fresh_randn(shape[0], shape[1] + row_pad, dtype=dtype, device=DEV, scale=3.0)[:, :shape[1]]
+    for ue8m0 in (False, True):
+        junk = poison_(torch.empty(64 << 20, dtype=torch.float8_e4m3fn, device=DEV))
+        del junk   # (freed to the caching allocator, which hands these 0x7f bytes out to the outputs below)
+        q, s, qt, st = ops.per_token_group_quant_fp8_dual(x, 1e-4, ue8m0)
+        q1, s1 = per_token_group_quant_fp8(x.contiguous(), 128, 1e-4, ue8m0)
+        qt1, st1 = ops.per_token_group_quant_fp8_t(x, 1e-4, ue8m0)
+        assert q.stride() == q1.stride() and s.stride() == s1.stride()
+        assert qt.stride() == qt1.stride() and st.stride() == st1.stride()
+        assert torch.equal(q.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s, s1)
+        assert torch.equal(_padded_bytes(qt), _padded_bytes(qt1)) and torch.equal(st, st1)
+
+
 @pytest.mark.parametrize("shape", [(4096, 7168), (200, 272), (129, 4000), (384, 256)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("row_pad", [0, 9])
@@ -549,6 +594,13 @@ def test_quant_kernels_match_reference_bitwise(shape, dtype, row_pad):
             qr, sr = ref.per_block_quant_fp8_ref(x.cpu(), transpose, 1e-4, ue8m0)
             assert q.stride() == qr.stride() and s.stride() == sr.stride()
             assert torch.equal(q.cpu().view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s.cpu(), sr)
+    for ue8m0 in (False, True):   # both orientations in one pass: the single-orientation kernels' results
+        dual = ops.per_block_quant_fp8_dual(x, 1e-4, ue8m0)
+        single = ops.per_block_quant_fp8(x, False, 1e-4, ue8m0) + ops.per_block_quant_fp8(x, True, 1e-4, ue8m0)
+        for got, want in zip(dual, single):
+            assert got.stride() == want.stride()
+            assert torch.equal(got.view(torch.uint8) if got.dtype != torch.float32 else got,
+                               want.view(torch.uint8) if want.dtype != torch.float32 else want)
     for ue8m0 in (False, True):
         q, s = ops.per_token_group_quant_fp8_t(x, 1e-4, ue8m0)
         qr, sr = ref.per_token_group_quant_fp8_t_ref(x.cpu(), 1e-4, ue8m0)

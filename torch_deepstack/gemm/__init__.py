@@ -7,7 +7,9 @@ Ops (D is written in place; the Python functions below allocate it):
   fp8_wgrad_gemm_nt                  weight gradient: 1x128 scales on both operands, fp32 accumulate
   k_grouped_fp8_wgrad_gemm_nt        MoE weight gradient: one K segment per expert
   per_block_quant_fp8                weights -> e4m3 + 128x128 scales (optionally transposed)
+  per_block_quant_fp8_dual           both orientations in one pass (FP8Linear's forward and dgrad operands)
   per_token_group_quant_fp8_t        activations/gradients -> transposed e4m3 + 1x128 scales along M
+  per_token_group_quant_fp8_dual     per-token 1x128 and the transposed layout in one pass (x and dy in FP8Linear)
 (per-token 1x128 quantisation is torch_deepstack.quant.per_token_group_quant_fp8.)
 `FP8Linear` is an nn.Module whose forward, dgrad and wgrad all run through these ops. See docs/gemm.md.
 """
@@ -21,6 +23,8 @@ from torch_deepstack.gemm.api import (  # noqa: F401
     m_grouped_fp8_gemm_nt_masked,
     m_indices_from_offsets,
     per_block_quant_fp8,
+    per_block_quant_fp8_dual,
+    per_token_group_quant_fp8_dual,
     per_token_group_quant_fp8_t,
 )
 from torch_deepstack.gemm.kernels import set_num_sms  # noqa: F401

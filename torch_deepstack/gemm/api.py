@@ -25,10 +25,11 @@ def fp8_gemm_nt(a, sfa, b, sfb, c=None, out=None, out_dtype=torch.bfloat16):
     return _call_accumulating(_ops.fp8_gemm_nt, a, sfa, b, sfb, d, c)
 
 
-def fp8_wgrad_gemm_nt(a, sfa, b, sfb, c=None, out=None):
-    """fp32 D = C + A @ B.T with 1x128 scales on both operands (the weight-gradient GEMM). Pass c=out to
-    accumulate into out."""
-    d = out if out is not None else torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+def fp8_wgrad_gemm_nt(a, sfa, b, sfb, c=None, out=None, out_dtype=torch.float32):
+    """D = C + A @ B.T with 1x128 scales on both operands (the weight-gradient GEMM), accumulated in fp32 and
+    stored as fp32 (default) or bf16 (a bf16 weight's gradient without a separate cast). Pass c=out to accumulate
+    into out."""
+    d = out if out is not None else torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
     return _call_accumulating(_ops.fp8_wgrad_gemm_nt, a, sfa, b, sfb, d, c)
 
 
@@ -80,10 +81,23 @@ def per_block_quant_fp8(x, transpose: bool = False, eps: float = 1e-4, scale_ue8
     return _ops.per_block_quant_fp8(x, transpose, eps, scale_ue8m0)
 
 
+def per_block_quant_fp8_dual(x, eps: float = 1e-4, scale_ue8m0: bool = False):
+    """Both orientations of per_block_quant_fp8 in one pass over x: (q [N, K], sf [ceil(N/128), ceil(K/128)],
+    q^T [K, N], sf^T [ceil(K/128), ceil(N/128)]), each equal to the single-orientation call's result."""
+    return _ops.per_block_quant_fp8_dual(x, eps, scale_ue8m0)
+
+
 def per_token_group_quant_fp8_t(x, eps: float = 1e-4, scale_ue8m0: bool = False):
     """x [M, K] -> (q e4m3 [K, M], scales fp32 [K, ceil(M/128)] MN-major), quantised per 128 consecutive rows of
     each column: the operands of the weight-gradient GEMM. q's rows are padded to 16 bytes (zeros)."""
     return _ops.per_token_group_quant_fp8_t(x, eps, scale_ue8m0)
+
+
+def per_token_group_quant_fp8_dual(x, eps: float = 1e-4, scale_ue8m0: bool = False):
+    """x [M, K] (K a multiple of 128) in both activation layouts from one pass over x: (q [M, K], per-token 1x128
+    scales [M, K/128] MN-major) as per_token_group_quant_fp8 gives them, and (q^T [K, M], scales [K, ceil(M/128)])
+    as per_token_group_quant_fp8_t does; bit for bit those ops' results."""
+    return _ops.per_token_group_quant_fp8_dual(x, eps, scale_ue8m0)
 
 
 def scales_shape(m: int, k: int) -> tuple[int, int]:

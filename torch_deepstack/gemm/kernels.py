@@ -16,7 +16,7 @@ from torch_deepstack.gemm.layout import as_mn_major_sf
 from torch_deepstack.gemm.reference import transposed_quant_empty
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 from torch_deepstack.jit.tma import make_tensor_map
-from torch_deepstack.quant.scale_layout import tma_aligned_size
+from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty, tma_aligned_size
 
 KIND_DENSE, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
 _GEMM_HEADER = "gemm/fp8_gemm.cuh"
@@ -282,7 +282,7 @@ def fp8_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
 
 @cuda_kernel("fp8_wgrad_gemm_nt")
 def fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
-    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True, out_dtypes=(torch.float32,))
+    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True)
     _run_dense(a, sfa, b, sfb, d, c, accumulate, wgrad=True)
 
 
@@ -362,6 +362,24 @@ def per_block_quant_fp8_cuda(x, transpose=False, eps=1e-4, scale_ue8m0=False):
     return q, sf
 
 
+@cuda_kernel("per_block_quant_fp8_dual")
+def per_block_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
+    from torch_deepstack.gemm.reference import check_quant_input
+    check_quant_input("per_block_quant_fp8_dual", x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n, k = x.shape
+    nb, kb = cdiv(n, 128), cdiv(k, 128)
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=x.device)
+    sf = torch.empty(nb, kb, dtype=torch.float32, device=x.device)
+    qt = torch.empty(k, n, dtype=torch.float8_e4m3fn, device=x.device)
+    sft = torch.empty(kb, nb, dtype=torch.float32, device=x.device)
+    if n and k:
+        spec = KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_dual_kernel", (_CTYPE[x.dtype], scale_ue8m0))
+        get_kernel(spec, "pppppiilf").launch((kb, nb), 256, x, q, sf, qt, sft, n, k, x.stride(0), float(eps))
+    return q, sf, qt, sft
+
+
 @cuda_kernel("per_token_group_quant_fp8_t")
 def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
     from torch_deepstack.gemm.reference import check_quant_input
@@ -378,6 +396,25 @@ def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
                                           q.stride(0), sf.stride(1) if sf.shape[1] > 1 else tma_aligned_size(k),
                                           float(eps))
     return q, sf
+
+
+@cuda_kernel("per_token_group_quant_fp8_dual")
+def per_token_group_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
+    from torch_deepstack.gemm.reference import check_dual_token_quant_input
+    check_dual_token_quant_input("per_token_group_quant_fp8_dual", x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    sf = mn_major_tma_aligned_empty((m, k // 128), device=x.device)
+    qt, sft = transposed_quant_empty(m, k, x.device)
+    if m and k:
+        spec = KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_dual_kernel",
+                          (_CTYPE[x.dtype], scale_ue8m0))
+        get_kernel(spec, "pppppiiililif").launch(
+            (k // 128, cdiv(m, 128)), 256, x, q, sf, qt, sft, m, k, qt.stride(0), x.stride(0), tma_aligned_size(m),
+            qt.stride(0), tma_aligned_size(k), float(eps))
+    return q, sf, qt, sft
 
 
 # ---- ahead-of-time list: DeepSeek-V3 projection shapes -------------------------------------------------------
@@ -399,8 +436,11 @@ def _prebuild():
         specs.append(choose_spec(KIND_MASKED, 4096, 4, n, k, 256, False, None, bf16, None, 132)[0])
     for m, n in ((7168, 2048), (2048, 7168)):
         specs.append(gemm_spec(select_config(m, n, 1, 1, 132, True), n, 0, KIND_DENSE, True, f32, f32, True))
+        specs += dense_call_specs(m, n, 8192, bf16, wgrad=True)   # FP8Linear's bf16 weight gradients
     for dt in ("__nv_bfloat16", "float"):
         for t in (False, True):
             specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_kernel", (dt, t, False)))
+        specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_dual_kernel", (dt, False)))
+        specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_dual_kernel", (dt, False)))
         specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_t_kernel", (dt, False)))
     return specs

@@ -3,11 +3,14 @@
 Recipe:
   forward  y  = x @ W.T      x: e4m3 per 1x128 group (per token), W: e4m3 per 128x128 block
   dgrad    dx = dy @ W       dy: 1x128 per token, W.T: 128x128 blocks (W quantised transposed)
-  wgrad    dW = dy.T @ x     dy.T and x.T: 1x128 groups along the token dim; fp32 accumulation, fp32 result
+  wgrad    dW = dy.T @ x     dy.T and x.T: 1x128 groups along the token dim; fp32 accumulation, stored in W's
+                             dtype by the GEMM itself (bf16 or fp32)
 All GEMMs accumulate each 128-deep K slice in fp32 with the scales applied (two-level accumulation).
-Master weights stay in their own dtype (bf16 or fp32); their FP8 copies (both orientations) are cached and redone
-only when the weight changes (tracked by its version counter, bumped by optimizer steps), so a forward/backward pair
-quantises W at most twice per step. The forward saves x in FP8 (transposed, ready for wgrad), not in bf16.
+Master weights stay in their own dtype (bf16 or fp32); their FP8 copies (both orientations, made in one pass over W
+when a data gradient will be needed) are cached and redone only when the weight changes (tracked by its version
+counter, bumped by optimizer steps), so a training step reads W once to quantise it. x and dy are each quantised
+in both layouts in one pass too (per_token_group_quant_fp8_dual): six kernels per training step. The forward saves
+x in FP8 (transposed, ready for wgrad), not in bf16.
 Constraints: in_features and out_features multiples of 128.
 """
 from __future__ import annotations
@@ -32,21 +35,23 @@ class _WeightCache:
         if key != self.key:
             self.key, self.fwd, self.bwd = key, None, None
 
-    def forward_operand(self, w):
+    def operands(self, w, transposed: bool):
+        """(forward operand, data-gradient operand or None): W per 128x128 block, and with `transposed` W^T too.
+        Both at once come from one pass over W (per_block_quant_fp8_dual)."""
         if torch.compiler.is_compiling():   # data_ptr/_version are not traceable: quantise inside the graph
-            return api.per_block_quant_fp8(w.detach())
+            if transposed:
+                q, s, qt, st = api.per_block_quant_fp8_dual(w.detach())
+                return (q, s), (qt, st)
+            return api.per_block_quant_fp8(w.detach()), None
         self._sync(w)
+        if transposed and self.fwd is None and self.bwd is None:
+            q, s, qt, st = api.per_block_quant_fp8_dual(w.detach())
+            self.fwd, self.bwd = (q, s), (qt, st)
         if self.fwd is None:
             self.fwd = api.per_block_quant_fp8(w.detach())
-        return self.fwd
-
-    def backward_operand(self, w):
-        if torch.compiler.is_compiling():
-            return api.per_block_quant_fp8(w.detach(), transpose=True)
-        self._sync(w)
-        if self.bwd is None:
+        if transposed and self.bwd is None:
             self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
-        return self.bwd
+        return self.fwd, (self.bwd if transposed else None)
 
 
 def _wgrad_operand(t2d: torch.Tensor):
@@ -62,14 +67,32 @@ def _padded(q: torch.Tensor) -> torch.Tensor:
     return q.as_strided((q.shape[0], m_pad), (m_pad, 1))
 
 
+def _rows(t: torch.Tensor, c: int) -> torch.Tensor:
+    """t as [rows, c] in the layout the quantisers read: contiguous rows starting on 16-byte boundaries. A
+    broadcast gradient (`y.sum().backward()` gives dy with stride 0) or a strided input is copied once."""
+    t2 = t.reshape(-1, c)
+    misaligned = not torch.compiler.is_compiling() and t2.data_ptr() % 16   # (traced graphs allocate aligned)
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) != c) or misaligned:
+        t2 = t2.clone(memory_format=torch.contiguous_format)
+    return t2
+
+
 def _out_dtype(dtype):
     return dtype if dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
 
 
-def _forward(x, weight, bias, cache) -> torch.Tensor:
-    """y = x @ W.T (+ b) in FP8: x quantised per 1x128 group, W's cached 128x128-block copy."""
-    xq, xs = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]))
-    wq, ws = cache.forward_operand(weight)
+def _quant_rows(t2: torch.Tensor, transposed: bool):
+    """(per-token 1x128 operand, wgrad operand [C, rows] or None) of t2 [rows, C]: both from one pass over t2
+    (per_token_group_quant_fp8_dual) when the transposed one is needed too."""
+    if transposed:
+        q, s, qt, st = api.per_token_group_quant_fp8_dual(t2)
+        return (q, s), (qt, st)
+    return per_token_group_quant_fp8(t2), None
+
+
+def _linear(x, xop, weight, bias, wop) -> torch.Tensor:
+    """y = x @ W.T (+ b) from the FP8 operands: x's 1x128 copy xop and W's 128x128-block copy wop."""
+    (xq, xs), (wq, ws) = xop, wop
     y = api.fp8_gemm_nt(xq, xs, wq, ws, out_dtype=_out_dtype(x.dtype))
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -80,38 +103,50 @@ def _forward(x, weight, bias, cache) -> torch.Tensor:
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def _forward(x, weight, bias, wop) -> torch.Tensor:
+    """Inference: y = x @ W.T (+ b) in FP8, x quantised per 1x128 group."""
+    return _linear(x, per_token_group_quant_fp8(_rows(x, x.shape[-1])), weight, bias, wop)
+
+
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, cache):
-        y = _forward(x, weight, bias, cache)
-        if weight.requires_grad:
-            xtq, xts = _wgrad_operand(x.reshape(-1, x.shape[-1]))
-        else:
-            xtq = xts = None
-        ctx.save_for_backward(xtq, xts, weight)
-        ctx.cache = cache
+    def forward(ctx, x, weight, bias, cache, need_dgrad):
+        # Operands the backward will need are made in the same passes as the forward's: W^T with W (a data
+        # gradient to come), x^T (tokens along K, the wgrad operand) with x's per-token copy (a weight gradient).
+        # The forward saves x in FP8, not in bf16.
+        wop, wtop = cache.operands(weight, need_dgrad)
+        xop, xtop = _quant_rows(_rows(x, x.shape[-1]), weight.requires_grad)
+        y = _linear(x, xop, weight, bias, wop)
+        xtq, xts = xtop if xtop is not None else (None, None)
+        wtq, wts = wtop if wtop is not None else (None, None)
+        ctx.save_for_backward(xtq, xts, wtq, wts, weight)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xtq, xts, weight = ctx.saved_tensors
+        xtq, xts, wtq, wts, weight = ctx.saved_tensors
         n = weight.shape[0]
-        dy2 = dy.reshape(-1, n)
+        dy2 = _rows(dy, n)
         if dy2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dy2 = dy2.float()
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dyq, dys = per_token_group_quant_fp8(dy2)
-            wtq, wts = ctx.cache.backward_operand(weight)
+        if need_dx:   # (with a weight gradient too, dy's transposed copy comes from the same pass)
+            (dyq, dys), dytop = _quant_rows(dy2, need_dw)
             dx = api.fp8_gemm_nt(dyq, dys, wtq, wts, out_dtype=_out_dtype(ctx.x_dtype))
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            dytq, dyts = _wgrad_operand(dy2)
-            dw = api.fp8_wgrad_gemm_nt(_padded(dytq), dyts, _padded(xtq), xts).to(weight.dtype)
+        elif need_dw:
+            dytop = _wgrad_operand(dy2)
+        if need_dw:
+            dytq, dyts = dytop
+            # bf16 / fp32 weights get their gradient straight from the GEMM's epilogue (fp32 accumulation either
+            # way), not through an fp32 tensor and a cast kernel (~9% of a 2048-token step on the H200)
+            dw = api.fp8_wgrad_gemm_nt(_padded(dytq), dyts, _padded(xtq), xts,
+                                       out_dtype=_out_dtype(weight.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(dy.dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class FP8Linear(nn.Module):
@@ -149,9 +184,9 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
         params = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
-            return _FP8LinearFn.apply(x, self.weight, self.bias, self._cache)
-        # inference: no autograd node, and no transposed copy of x for a weight gradient that will not come
-        return _forward(x, self.weight, self.bias, self._cache)
+            return _FP8LinearFn.apply(x, self.weight, self.bias, self._cache, x.requires_grad)
+        # inference: no autograd node, no transposed copies of x or W for gradients that will not come
+        return _forward(x, self.weight, self.bias, self._cache.operands(self.weight, False)[0])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -43,7 +43,7 @@ def fp8_gemm_nt_ref(a, sfa, b, sfb, d, c=None, accumulate=False):
 
 @reference("fp8_wgrad_gemm_nt")
 def fp8_wgrad_gemm_nt_ref(a, sfa, b, sfb, d, c=None, accumulate=False):
-    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True, out_dtypes=(torch.float32,))
+    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True)
     _finish(d, dequant_rows(a, sfa) @ dequant_rows(b, sfb).T, c, accumulate)
 
 
@@ -116,6 +116,15 @@ def per_block_quant_fp8_ref(x, transpose=False, eps=1e-4, scale_ue8m0=False):
     return q.contiguous(), sf.contiguous()
 
 
+@reference("per_block_quant_fp8_dual")
+def per_block_quant_fp8_dual_ref(x, eps=1e-4, scale_ue8m0=False):
+    check_quant_input("per_block_quant_fp8_dual", x)
+    q, sf = per_block_quant_values(x, eps, scale_ue8m0)
+    # (clones: for a single block the transposed views are already contiguous and would alias the plain outputs)
+    return (q.contiguous(), sf.contiguous(), q.t().clone(memory_format=torch.contiguous_format),
+            sf.t().clone(memory_format=torch.contiguous_format))
+
+
 def transposed_quant_empty(m: int, k: int, device):
     """q [K, M] e4m3 whose rows are padded to 16 bytes (a view of [K, align(M, 16)]) and sf [K, ceil(M/128)]
     MN-major TMA-aligned: the operand layout of the weight-gradient GEMM."""
@@ -175,7 +184,9 @@ def _wgrad_samples(device):
     sfb = mn_major_tma_aligned_empty((n, 2), device=device)
     sfb.copy_(_sf(n, 2, device=device))
     d = torch.randn(m, n, device=device)
-    return [((_fp8(m, k, device=device), sfa, _fp8(n, k, device=device), sfb, d), {"accumulate": True})]
+    d16 = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+    return [((_fp8(m, k, device=device), sfa, _fp8(n, k, device=device), sfb, d), {"accumulate": True}),
+            ((_fp8(m, k, device=device), sfa, _fp8(n, k, device=device), sfb, d16), {})]
 
 
 @sample_inputs("k_grouped_fp8_wgrad_gemm_nt")
@@ -222,6 +233,34 @@ def _block_quant_samples(device):
     return [((torch.randn(200, 272, device=device, dtype=torch.bfloat16) * 3,), {"transpose": t, "scale_ue8m0": u})
             for t, u in ((False, False), (True, True))] + \
            [((torch.randn(128, 128, device=device),), {})]
+
+
+def check_dual_token_quant_input(op: str, x: torch.Tensor) -> None:
+    check_quant_input(op, x)
+    torch._check(x.shape[1] % 128 == 0,
+                 lambda: f"{op}: x's last dim K={x.shape[1]} must be a multiple of 128 (the per-token 1x128 groups)")
+
+
+@reference("per_token_group_quant_fp8_dual")
+def per_token_group_quant_fp8_dual_ref(x, eps=1e-4, scale_ue8m0=False):
+    from torch_deepstack.quant.reference import per_token_group_quant_fp8_ref
+    check_dual_token_quant_input("per_token_group_quant_fp8_dual", x)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return (*per_token_group_quant_fp8_ref(x, 128, eps, scale_ue8m0),
+            *per_token_group_quant_fp8_t_ref(x, eps, scale_ue8m0))
+
+
+@sample_inputs("per_token_group_quant_fp8_dual")
+def _dual_token_quant_samples(device):
+    return [((torch.randn(130, 256, device=device, dtype=torch.bfloat16) * 3,), {}),
+            ((torch.randn(256, 128, device=device),), {"scale_ue8m0": True})]
+
+
+@sample_inputs("per_block_quant_fp8_dual")
+def _dual_block_quant_samples(device):
+    return [((torch.randn(200, 272, device=device, dtype=torch.bfloat16) * 3,), {}),
+            ((torch.randn(256, 384, device=device, dtype=torch.bfloat16),), {"scale_ue8m0": True}),
+            ((torch.randn(128, 128, device=device),), {})]
 
 
 @sample_inputs("per_token_group_quant_fp8_t")
