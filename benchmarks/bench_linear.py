@@ -117,9 +117,11 @@ def prebuild(jobs=2):
     print(f"prebuilt {len(specs)} specialisations")
 
 
-def profile_training(t, k, n, steps=20):
-    """Where a training step's time goes, per contender: host time per step (Python, dispatch and launches, with
-    nothing waited for) against the GPU time, and the step's ops and kernels (torch.profiler, self times)."""
+def profile_training(t, k, n, steps=20, loop_steps=200):
+    """Where a training step's time goes, per contender: a loop of loop_steps back-to-back steps (host time to issue
+    them, nothing waited for, and wall time until the GPU is done: the real throughput, which CUDA-event timing of
+    single steps can hide when the host is the bottleneck), then the step's ops and kernels (torch.profiler, self
+    times)."""
     import time
     from torch.profiler import ProfilerActivity, profile
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,18 +132,18 @@ def profile_training(t, k, n, steps=20):
             fn()
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(loop_steps):
             fn()
-        host = (time.perf_counter() - t0) / steps
+        host = (time.perf_counter() - t0) / loop_steps
         sync()
-        wall = (time.perf_counter() - t0) / steps
+        wall = (time.perf_counter() - t0) / loop_steps
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 fn()
             sync()
-        print(f"\n== {t} x {k} -> {n} training, {name}: host {host * 1e6:.0f} us per step (issue only), "
-              f"wall {wall * 1e6:.0f} us per step")
+        print(f"\n== {t} x {k} -> {n} training, {name}: {loop_steps} steps back to back: host {host * 1e6:.0f} us "
+              f"per step (issue only), wall {wall * 1e6:.0f} us per step")
         sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60))
         if name in ("FP8Linear", "compiled"):   # the host side: Python functions by own time
