@@ -146,6 +146,8 @@ def profile_training(t, k, n, steps=20, loop_steps=200):
               f"per step (issue only), wall {wall * 1e6:.0f} us per step")
         sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60))
+        if name in ("FP8Linear", "compiled"):
+            _launch_timeline(fn, name)
         if name in ("FP8Linear", "compiled"):   # the host side: Python functions by own time
             import cProfile
             import pstats
@@ -157,6 +159,39 @@ def profile_training(t, k, n, steps=20, loop_steps=200):
             sync()
             pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     _op_host_times(t, k, n, device)
+
+
+def _launch_timeline(fn, name, steps=50):
+    """Host time from a step's start to each of its kernel launches and to its return (median over steps): what
+    CUDA-event timing of a step can see is the span from the first launch to the last; host time outside that span
+    leaves the GPU idle between steps without showing in the events."""
+    import statistics
+    import time
+    from torch_deepstack.jit import launch
+    stamps = []
+    real = launch.Kernel.launch
+
+    def timed(self, *a, **k):
+        stamps.append(time.perf_counter())
+        return real(self, *a, **k)
+
+    rows = []
+    launch.Kernel.launch = timed
+    try:
+        for _ in range(steps):
+            stamps.clear()
+            t0 = time.perf_counter()
+            fn()
+            rows.append([(t - t0) * 1e6 for t in stamps] + [(time.perf_counter() - t0) * 1e6])
+    finally:
+        launch.Kernel.launch = real
+    cols = list(zip(*[r for r in rows if len(r) == len(rows[-1])]))
+    med = [statistics.median(c) for c in cols]
+    if len(med) == 1:
+        print(f"   {name}: no JIT kernel launches (CPU reference kernels); the step takes {med[0]:.0f} us")
+        return
+    print(f"   {name}: deepstack launches at " + ", ".join(f"{v:.0f}" for v in med[:-1]) +
+          f" us after the step starts; the step returns at {med[-1]:.0f} us (medians of {len(cols[0])} steps)")
 
 
 def _op_host_times(t, k, n, device, calls=200):
