@@ -83,6 +83,38 @@ __device__ __forceinline__ void st_shared_words(uint8_t* p, const uint32_t (&w)[
   else *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// A 128 x 128 block held as f[R][kV] by the threads (cv, rg) (cv = threadIdx % (128 / kV)), column j of the thread
+// quantised with inv_of(j), written transposed: q^T rows col0 + c, bytes [row0, row0 + 128). Through tile (16 KB of
+// shared memory): column c's 128 bytes in tile row c, row group rg's R bytes at slot rg ^ swz(cv) (slots of R
+// bytes), so a warp's stores hit distinct banks; then 16-byte global stores of whole q^T row pieces.
+template <int R, int kV, typename InvOf>
+__device__ __forceinline__ void store_transposed(const float (&f)[R][kV], InvOf inv_of, uint8_t* tile,
+                                                 uint8_t* __restrict__ q, int64_t ldq, int row0, int col0) {
+  constexpr int kVecs = 128 / kV, kSlots = 128 / R;
+  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs;
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+    uint32_t w[R / 4];
+    column_bytes<R, kV>(f, j, inv_of(j), w);
+    st_shared_words(tile + (cv * kV + j) * 128 + (rg ^ (cv % kSlots)) * R, w);
+  }
+  __syncthreads();
+  // q^T row c, bytes [16 h, 16 h + 16) = rows 16 h .. 16 h + 15 of the block: slots 16 h / R ...
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const int c = threadIdx.x / 8 + 32 * p, h = threadIdx.x % 8, s = (c / kV) % kSlots;
+    uint4 v;
+    if constexpr (R == 16) {
+      v = *reinterpret_cast<const uint4*>(tile + c * 128 + (h ^ s) * 16);
+    } else {   // R == 8: two slots; slot 2h's bytes first
+      const uint2 a = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h) ^ s) * 8);
+      const uint2 b = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h + 1) ^ s) * 8);
+      v = make_uint4(a.x, a.y, b.x, b.y);
+    }
+    *reinterpret_cast<uint4*>(q + (col0 + c) * ldq + row0 + 16 * h) = v;
+  }
+}
+
 // Whole 128 x 128 block, 16-byte aligned rows of x and (transposed) q: thread (cv = column vector, rg = row group)
 // holds rows [rg R, rg R + R) of columns [cv kV, cv kV + kV). Returns false (nothing done) if the block does not
 // qualify, so the caller runs the scalar path; the condition is uniform over the block.
@@ -121,29 +153,7 @@ __device__ __forceinline__ bool per_block_quant_vec(const T* __restrict__ x, uin
       else *reinterpret_cast<uint32_t*>(dst) = w[0];
     }
   } else {
-    // tile[c][...]: the 128 bytes of q^T row k0 + c; row group rg's R bytes at slot rg ^ swz(cv) (slots of R bytes).
-    constexpr int kSlots = 128 / R;
-#pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      uint32_t w[R / 4];
-      column_bytes<R, kV>(f, j, inv, w);
-      st_shared_words(tile + (cv * kV + j) * 128 + (rg ^ (cv % kSlots)) * R, w);
-    }
-    __syncthreads();
-    // q^T row c, bytes [16 h, 16 h + 16) = rows 16 h .. 16 h + 15 of the block: slots 16 h / R ...
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const int c = threadIdx.x / 8 + 32 * p, h = threadIdx.x % 8, s = (c / kV) % kSlots;
-      uint4 v;
-      if constexpr (R == 16) {
-        v = *reinterpret_cast<const uint4*>(tile + c * 128 + (h ^ s) * 16);
-      } else {   // R == 8: two slots; slot 2h's bytes first
-        const uint2 a = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h) ^ s) * 8);
-        const uint2 b = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h + 1) ^ s) * 8);
-        v = make_uint4(a.x, a.y, b.x, b.y);
-      }
-      *reinterpret_cast<uint4*>(q + (k0 + c) * ldq + n0 + 16 * h) = v;
-    }
+    store_transposed<R, kV>(f, [&](int) { return inv; }, tile, q, ldq, n0, k0);
   }
   return true;
 }
@@ -217,6 +227,36 @@ __global__ void __launch_bounds__(256, 1) per_block_quant_fp8_dual_kernel(const 
     per_block_quant_scalar<T, true, kUe8m0>(x, qt, sft, N, K, ldx, N, 1, nb, eps, red, tile);
 }
 
+// Scales of a block's columns (groups of 128 tokens) held as f[R][kV] by the threads (cv, rg), kCols columns:
+// maxima over each thread's R rows, the warp's row groups (lanes kVecs apart), then the 8 warps through red; column
+// c's inverse scale goes to inv[c], its scale to sf[c]. Both barriers included (red and inv are shared).
+template <bool kUe8m0, int R, int kV, int kCols>
+__device__ __forceinline__ void column_scales(const float (&f)[R][kV], float (*red)[kCols], float* inv,
+                                              float* __restrict__ sf, float eps) {
+  constexpr int kVecs = kCols / kV;
+  const int cv = threadIdx.x % kVecs, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+    float a = 0.f;
+#pragma unroll
+    for (int i = 0; i < R; ++i) a = fmaxf(a, fabsf(f[i][j]));
+#pragma unroll
+    for (int off = kVecs; off < 32; off *= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
+    if (lane < kVecs) red[warp][cv * kV + j] = a;
+  }
+  __syncthreads();
+  if (threadIdx.x < kCols) {
+    float a = red[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) a = fmaxf(a, red[w][threadIdx.x]);
+    float scale, iv;
+    scale_from_amax<kUe8m0>(a, eps, scale, iv);
+    inv[threadIdx.x] = iv;
+    sf[threadIdx.x] = scale;
+  }
+  __syncthreads();
+}
+
 // Whole 128-row x 64-column block of the transposed activation quantiser (see the kernel below), 16-byte aligned x
 // rows: thread (cv, rg) holds rows [rg R, rg R + R) of columns [cv kV, cv kV + kV) (bf16: 4 rows x 8 columns, fp32:
 // 8 x 4). False if the block does not qualify (the scalar path then runs; uniform over the block).
@@ -230,30 +270,10 @@ __device__ __forceinline__ bool group_quant_t_vec(const T* __restrict__ x, uint8
   const bool aligned = ((reinterpret_cast<uintptr_t>(x) | (ldx * sizeof(T)) | reinterpret_cast<uintptr_t>(q) | ldq) &
                         15) == 0;
   if (!(whole && aligned)) return false;
-  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs;
   float f[R][kV];
   load_rows<T, R>(x, ldx, m0 + rg * R, k0 + cv * kV, f);
-  // column maxima: over this thread's R rows, the warp's row groups (lanes kVecs apart), then the 8 warps
-#pragma unroll
-  for (int j = 0; j < kV; ++j) {
-    float a = 0.f;
-#pragma unroll
-    for (int i = 0; i < R; ++i) a = fmaxf(a, fabsf(f[i][j]));
-#pragma unroll
-    for (int off = kVecs; off < 32; off *= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
-    if (lane < kVecs) red[warp][cv * kV + j] = a;
-  }
-  __syncthreads();
-  if (threadIdx.x < 64) {
-    float a = red[0][threadIdx.x];
-#pragma unroll
-    for (int w = 1; w < 8; ++w) a = fmaxf(a, red[w][threadIdx.x]);
-    float scale, inv;
-    scale_from_amax<kUe8m0>(a, eps, scale, inv);
-    inv_s[threadIdx.x] = inv;
-    sf[k0 + threadIdx.x + (m0 / 128) * sf_ld] = scale;
-  }
-  __syncthreads();
+  column_scales<kUe8m0, R, kV, 64>(f, red, inv_s, sf + k0 + (m0 / 128) * sf_ld, eps);
   // tile[c][...]: the 128 bytes of q row k0 + c; row group rg's R bytes at slot rg ^ swz(cv), where swz keeps the
   // low bits of rg (lanes of one warp differ in them) and moves the high ones, so a warp's stores hit distinct banks.
   constexpr int kLanesPerVec = 32 / kVecs;   // row groups in one warp (bf16 4, fp32 2)
@@ -383,12 +403,12 @@ __device__ __forceinline__ bool group_quant_dual_vec(const T* __restrict__ x, ui
                                                      float* __restrict__ sft, int M, int K, int64_t ldx, int sf_m,
                                                      int64_t ldqt, int sft_ld, float eps, float (*red)[128],
                                                      float* inv_c, uint8_t* tile) {
-  constexpr int kV = 16 / sizeof(T), kVecs = 128 / kV, R = kVecs / 2, kSlots = 128 / R;
+  constexpr int kV = 16 / sizeof(T), kVecs = 128 / kV, R = kVecs / 2;
   const int m0 = blockIdx.y * 128, k0 = blockIdx.x * 128;
   const bool aligned = ((reinterpret_cast<uintptr_t>(x) | (ldx * sizeof(T)) | reinterpret_cast<uintptr_t>(q) |
                          reinterpret_cast<uintptr_t>(qt) | ldqt) & 15) == 0;
   if (!(m0 + 128 <= M && aligned)) return false;   // (K is a multiple of 128: blocks are whole along K)
-  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int cv = threadIdx.x % kVecs, rg = threadIdx.x / kVecs;
   float f[R][kV];
   load_rows<T, R>(x, ldx, m0 + rg * R, k0 + cv * kV, f);
   // per-token groups: a row's 128 columns lie in kVecs consecutive lanes of one warp
@@ -410,49 +430,9 @@ __device__ __forceinline__ bool group_quant_dual_vec(const T* __restrict__ x, ui
     else *reinterpret_cast<uint32_t*>(dst) = w[0];
     if (cv == 0) sf[r + (k0 / 128) * sf_m] = scale;
   }
-  // groups of 128 tokens per column: over this thread's R rows, the warp's row groups (lanes kVecs apart), then
-  // the 8 warps
-#pragma unroll
-  for (int j = 0; j < kV; ++j) {
-    float a = 0.f;
-#pragma unroll
-    for (int i = 0; i < R; ++i) a = fmaxf(a, fabsf(f[i][j]));
-#pragma unroll
-    for (int off = kVecs; off < 32; off *= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
-    if (lane < kVecs) red[warp][cv * kV + j] = a;
-  }
-  __syncthreads();
-  if (threadIdx.x < 128) {
-    float a = red[0][threadIdx.x];
-#pragma unroll
-    for (int w = 1; w < 8; ++w) a = fmaxf(a, red[w][threadIdx.x]);
-    float scale, inv;
-    scale_from_amax<kUe8m0>(a, eps, scale, inv);
-    inv_c[threadIdx.x] = inv;
-    sft[k0 + threadIdx.x + (m0 / 128) * sft_ld] = scale;
-  }
-  __syncthreads();
-  // tile[c][...]: the 128 bytes of q^T row k0 + c; row group rg's R bytes at slot rg ^ swz(cv) (slots of R bytes)
-#pragma unroll
-  for (int j = 0; j < kV; ++j) {
-    uint32_t w[R / 4];
-    column_bytes<R, kV>(f, j, inv_c[cv * kV + j], w);
-    st_shared_words(tile + (cv * kV + j) * 128 + (rg ^ (cv % kSlots)) * R, w);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    const int c = threadIdx.x / 8 + 32 * p, h = threadIdx.x % 8, sw = (c / kV) % kSlots;
-    uint4 v;
-    if constexpr (R == 16) {
-      v = *reinterpret_cast<const uint4*>(tile + c * 128 + (h ^ sw) * 16);
-    } else {   // R == 8: two slots; slot 2h's bytes first
-      const uint2 lo = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h) ^ sw) * 8);
-      const uint2 hi = *reinterpret_cast<const uint2*>(tile + c * 128 + ((2 * h + 1) ^ sw) * 8);
-      v = make_uint4(lo.x, lo.y, hi.x, hi.y);
-    }
-    *reinterpret_cast<uint4*>(qt + (k0 + c) * ldqt + m0 + 16 * h) = v;
-  }
+  // groups of 128 tokens per column
+  column_scales<kUe8m0, R, kV, 128>(f, red, inv_c, sft + k0 + (m0 / 128) * sft_ld, eps);
+  store_transposed<R, kV>(f, [&](int j) { return inv_c[cv * kV + j]; }, tile, qt, ldqt, m0, k0);
   return true;
 }
 

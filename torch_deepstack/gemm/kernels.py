@@ -13,7 +13,7 @@ from torch_deepstack.gemm.checks import cdiv
 from torch_deepstack.gemm.heuristic import (BAND_M_BLOCKS, GemmConfig, experiment_defines, select_config, smem_bytes,
                                              with_tma_store)
 from torch_deepstack.gemm.layout import as_mn_major_sf
-from torch_deepstack.gemm.reference import transposed_quant_empty
+from torch_deepstack.gemm.reference import check_dual_token_quant_input, check_quant_input, transposed_quant_empty
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 from torch_deepstack.jit.tma import make_tensor_map
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty, tma_aligned_size
@@ -338,54 +338,49 @@ def m_grouped_masked_cuda(a, sfa, b, sfb, d, masked_m, expected_m):
 _QUANT_HEADER = "gemm/quant_fp8.cuh"
 
 
+def _quant_input(op, x, dual_token=False):
+    """The quantisers' input checks; x with unit column stride (copied if it has not)."""
+    (check_dual_token_quant_input if dual_token else check_quant_input)(op, x)
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _block_quant_empty(n: int, k: int, transpose: bool, device):
+    """q and its 128x128-block scales for x [N, K] (q^T [K, N] with transpose), and the scales' (block row, block
+    column) strides as the kernels take them."""
+    nb, kb = cdiv(n, 128), cdiv(k, 128)
+    shape, sf_shape, strides = ((k, n), (kb, nb), (1, nb)) if transpose else ((n, k), (nb, kb), (kb, 1))
+    return (torch.empty(shape, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(sf_shape, dtype=torch.float32, device=device), strides)
+
+
 @cuda_kernel("per_block_quant_fp8")
 def per_block_quant_fp8_cuda(x, transpose=False, eps=1e-4, scale_ue8m0=False):
-    from torch_deepstack.gemm.reference import check_quant_input
-    check_quant_input("per_block_quant_fp8", x)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = _quant_input("per_block_quant_fp8", x)
     n, k = x.shape
-    nb, kb = cdiv(n, 128), cdiv(k, 128)
-    if transpose:
-        q = torch.empty(k, n, dtype=torch.float8_e4m3fn, device=x.device)
-        sf = torch.empty(kb, nb, dtype=torch.float32, device=x.device)
-        sf_sy, sf_sx = 1, nb
-    else:
-        q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=x.device)
-        sf = torch.empty(nb, kb, dtype=torch.float32, device=x.device)
-        sf_sy, sf_sx = kb, 1
-    if n == 0 or k == 0:
-        return q, sf
-    spec = KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_kernel", (_CTYPE[x.dtype], transpose, scale_ue8m0))
-    get_kernel(spec, "pppiilliif").launch((kb, nb), 256, x, q, sf, n, k, x.stride(0), q.stride(0), sf_sy, sf_sx,
-                                          float(eps))
+    q, sf, (sf_sy, sf_sx) = _block_quant_empty(n, k, transpose, x.device)
+    if n and k:
+        spec = KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_kernel",
+                          (_CTYPE[x.dtype], transpose, scale_ue8m0))
+        get_kernel(spec, "pppiilliif").launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, n, k, x.stride(0),
+                                              q.stride(0), sf_sy, sf_sx, float(eps))
     return q, sf
 
 
 @cuda_kernel("per_block_quant_fp8_dual")
 def per_block_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
-    from torch_deepstack.gemm.reference import check_quant_input
-    check_quant_input("per_block_quant_fp8_dual", x)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = _quant_input("per_block_quant_fp8_dual", x)
     n, k = x.shape
-    nb, kb = cdiv(n, 128), cdiv(k, 128)
-    q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=x.device)
-    sf = torch.empty(nb, kb, dtype=torch.float32, device=x.device)
-    qt = torch.empty(k, n, dtype=torch.float8_e4m3fn, device=x.device)
-    sft = torch.empty(kb, nb, dtype=torch.float32, device=x.device)
+    (q, sf, _), (qt, sft, _) = _block_quant_empty(n, k, False, x.device), _block_quant_empty(n, k, True, x.device)
     if n and k:
         spec = KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_dual_kernel", (_CTYPE[x.dtype], scale_ue8m0))
-        get_kernel(spec, "pppppiilf").launch((kb, nb), 256, x, q, sf, qt, sft, n, k, x.stride(0), float(eps))
+        get_kernel(spec, "pppppiilf").launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, qt, sft, n, k, x.stride(0),
+                                             float(eps))
     return q, sf, qt, sft
 
 
 @cuda_kernel("per_token_group_quant_fp8_t")
 def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
-    from torch_deepstack.gemm.reference import check_quant_input
-    check_quant_input("per_token_group_quant_fp8_t", x)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = _quant_input("per_token_group_quant_fp8_t", x)
     m, k = x.shape
     q, sf = transposed_quant_empty(m, k, x.device)
     if m == 0 or k == 0:
@@ -400,10 +395,7 @@ def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
 
 @cuda_kernel("per_token_group_quant_fp8_dual")
 def per_token_group_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
-    from torch_deepstack.gemm.reference import check_dual_token_quant_input
-    check_dual_token_quant_input("per_token_group_quant_fp8_dual", x)
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = _quant_input("per_token_group_quant_fp8_dual", x, dual_token=True)
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     sf = mn_major_tma_aligned_empty((m, k // 128), device=x.device)
