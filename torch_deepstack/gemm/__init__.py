@@ -4,7 +4,7 @@ Ops (D is written in place; the Python functions below allocate it):
   fp8_gemm_nt                        D = C + A @ B.T, A 1x128 scales, B 128x128 block scales, bf16/fp32 out
   m_grouped_fp8_gemm_nt_contiguous   MoE prefill: rows grouped by a per-row group id (-1 = padding)
   m_grouped_fp8_gemm_nt_masked       MoE decode: [G, M_max, K] with device-side valid-row counts
-  fp8_wgrad_gemm_nt                  weight gradient: 1x128 scales on both operands, fp32 accumulate
+  fp8_wgrad_gemm_nt                  weight gradient: 1x128 scales on both operands, fp32 accumulate, fp32/bf16 out
   k_grouped_fp8_wgrad_gemm_nt        MoE weight gradient: one K segment per expert
   per_block_quant_fp8                weights -> e4m3 + 128x128 scales (optionally transposed)
   per_block_quant_fp8_dual           both orientations in one pass (FP8Linear's forward and dgrad operands)
