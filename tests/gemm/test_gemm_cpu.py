@@ -290,3 +290,27 @@ def test_fp8_linear_takes_broadcast_and_strided_tensors():
         torch.testing.assert_close(xs.grad, xc.grad, rtol=0, atol=0)
         torch.testing.assert_close(gw, f8.weight.grad, rtol=0, atol=0)
         f8.weight.grad = None
+
+
+def test_quantisers_take_empty_inputs():
+    """No rows (or no columns): every quantiser returns empty outputs of the right shapes instead of failing."""
+    x0 = torch.empty(0, 256, dtype=torch.bfloat16)
+    q, s = api.per_token_group_quant_fp8_t(x0)
+    assert q.shape == (256, 0) and s.shape == (256, 0)
+    q, s, qt, st = api.per_token_group_quant_fp8_dual(x0)
+    assert q.shape == (0, 256) and s.shape == (0, 2) and qt.shape == (256, 0) and st.shape == (256, 0)
+    q, s, qt, st = api.per_block_quant_fp8_dual(x0)
+    assert q.shape == (0, 256) and s.shape == (0, 2) and qt.shape == (256, 0) and st.shape == (2, 0)
+    with pytest.raises((ValueError, RuntimeError), match="multiple of 128"):
+        api.per_token_group_quant_fp8_dual(torch.randn(4, 100))
+
+
+def test_fp8_linear_with_no_tokens():
+    """An MoE expert can receive no tokens: output [0, N], dx [0, K], zero weight and bias gradients, as nn.Linear."""
+    f8 = FP8Linear(256, 128, dtype=torch.bfloat16)
+    x = torch.empty(0, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = f8(x)
+    assert y.shape == (0, 128)
+    y.sum().backward()
+    assert x.grad.shape == (0, 256)
+    assert torch.count_nonzero(f8.weight.grad) == 0 and torch.count_nonzero(f8.bias.grad) == 0

@@ -624,6 +624,26 @@ def test_bad_inputs_raise_clear_errors():
         ops.fp8_gemm_nt(aq, asf, bq, bsf, d.cpu())
 
 
+def test_fp8_linear_cuda_edge_inputs():
+    """No tokens (an MoE expert that got none), a stride-0 gradient (y.sum().backward()) and a transposed input view,
+    on the CUDA kernels: shapes and values as a contiguous / bf16 computation gives them."""
+    from torch_deepstack.gemm import FP8Linear
+    f8 = FP8Linear(256, 384, device=DEV, dtype=torch.bfloat16)
+    x0 = torch.empty(0, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    f8(x0).sum().backward()
+    assert x0.grad.shape == (0, 256)
+    assert torch.count_nonzero(f8.weight.grad) == 0 and torch.count_nonzero(f8.bias.grad) == 0
+    f8.zero_grad()
+    xt = fresh_randn(256, 200, dtype=torch.bfloat16, device=DEV).t().requires_grad_()   # a [200, 256] view
+    xc = xt.detach().contiguous().requires_grad_()
+    f8(xt).sum().backward()
+    gw = f8.weight.grad.clone()
+    f8.zero_grad()
+    f8(xc).sum().backward()
+    assert torch.equal(xt.grad, xc.grad) and torch.equal(gw, f8.weight.grad)
+    assert calc_diff(gw, torch.ones(200, 384, device=DEV).T @ xc.detach().float()) < 2e-3
+
+
 def test_fp8_linear_cuda_matches_bf16_linear():
     from torch_deepstack.gemm import FP8Linear
     torch.manual_seed(0)

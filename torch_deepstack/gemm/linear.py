@@ -63,6 +63,8 @@ def _wgrad_operand(t2d: torch.Tensor):
 
 def _padded(q: torch.Tensor) -> torch.Tensor:
     """The transposed [C, align(M, 16)] operand, including the zero padding, as a view of q's storage."""
+    if q.shape[1] == 0:   # no tokens (an MoE expert that got none): an empty view with a row stride the GEMM takes
+        return q.as_strided((q.shape[0], 0), (16, 1))
     m_pad = q.stride(0)
     return q.as_strided((q.shape[0], m_pad), (m_pad, 1))
 

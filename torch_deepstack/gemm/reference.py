@@ -138,6 +138,8 @@ def transposed_quant_empty(m: int, k: int, device):
 def per_token_group_quant_fp8_t_ref(x, eps=1e-4, scale_ue8m0=False):
     check_quant_input("per_token_group_quant_fp8_t", x)
     m, k = x.shape
+    if m == 0 or k == 0:   # (nothing to write; an empty [K, 0] q has no padded rows to view)
+        return transposed_quant_empty(m, k, x.device)
     mb = cdiv(m, 128)
     xp = torch.zeros(k, mb * 128, dtype=torch.float32, device=x.device)
     xp[:, :m] = x.float().t()
