@@ -25,6 +25,7 @@ Every output is checked against the bf16 result first (calc_diff, printed in the
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -117,26 +118,32 @@ def prebuild(jobs=2):
     print(f"prebuilt {len(specs)} specialisations")
 
 
+def back_to_back(fn, steps, sync):
+    """(host, wall) seconds per call of `steps` calls issued back to back after a synchronised warm-up: host = time to
+    issue them (nothing waited for), wall = until the GPU is done. Wall is the throughput a training loop sees; it
+    includes host time that CUDA-event timing of single calls can miss (docs/gemm.md "Host time")."""
+    for _ in range(3):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host = (time.perf_counter() - t0) / steps
+    sync()
+    return host, (time.perf_counter() - t0) / steps
+
+
 def profile_training(t, k, n, steps=20, loop_steps=200):
     """Where a training step's time goes, per contender: a loop of loop_steps back-to-back steps (host time to issue
     them, nothing waited for, and wall time until the GPU is done: the real throughput, which CUDA-event timing of
     single steps can hide when the host is the bottleneck), then the step's ops and kernels (torch.profiler, self
     times)."""
-    import time
     from torch.profiler import ProfilerActivity, profile
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fns, _ = _training(t, k, n, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(loop_steps):
-            fn()
-        host = (time.perf_counter() - t0) / loop_steps
-        sync()
-        wall = (time.perf_counter() - t0) / loop_steps
+        host, wall = back_to_back(fn, loop_steps, sync)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(steps):
@@ -166,7 +173,6 @@ def _launch_timeline(fn, name, steps=50):
     CUDA-event timing of a step can see is the span from the first launch to the last; host time outside that span
     leaves the GPU idle between steps without showing in the events."""
     import statistics
-    import time
     from torch_deepstack.jit import launch
     stamps = []
     real = launch.Kernel.launch
@@ -196,7 +202,6 @@ def _launch_timeline(fn, name, steps=50):
 
 def _op_host_times(t, k, n, device, calls=200):
     """Host time per call of each op of the FP8Linear step (issue only, nothing waited for) next to torch's."""
-    import time
     from torch_deepstack.gemm import api
     from torch_deepstack.quant.api import per_token_group_quant_fp8
     x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
@@ -258,7 +263,8 @@ def main():
         raise SystemExit("bench_linear.py needs a CUDA GPU (sm_90)")
     table = BenchTable("gemm", "fp8_linear", "FP8Linear and the FP8 compile pass against bf16 nn.Linear",
                        ["T x K -> N", "mode", "bf16 us", "FP8 eager us", "eager speedup", "FP8 compiled us",
-                        "compiled speedup", "bf16 graph us", "FP8 graph us", "graph speedup", "FP8 eager TFLOPS",
+                        "compiled speedup", "bf16 graph us", "FP8 graph us", "graph speedup",
+                        "bf16 loop us", "FP8 eager loop us", "loop speedup", "FP8 eager TFLOPS",
                         "max calc_diff vs bf16"])
     table.notes += ["bf16: cuBLAS through F.linear / autograd; FP8 eager: FP8Linear (inference with its cached FP8 "
                     "weight; training re-quantises the weight every step, forward + dgrad + wgrad in FP8)",
@@ -267,7 +273,10 @@ def main():
                     "graph: the training step (with the FP8 weight re-quantisation) captured whole in a CUDA graph "
                     "and replayed, for bf16 and FP8Linear: the step without Python and launch time",
                     "timing: bench_gpu_interleaved (L2 flushed before every call, 5 rotated rounds of 10 after "
-                    "~100 ms of settling per contender); FLOP: inference 2TKN, training 6TKN"]
+                    "~100 ms of settling per contender); FLOP: inference 2TKN, training 6TKN",
+                    "loop: wall time per call of 100 calls issued back to back (no flushes, L2 warm), host time "
+                    "included: the throughput a training loop sees when the host is the bottleneck, which the "
+                    "event-timed columns can miss"]
     for t, k, n in SHAPES[:1] if args.quick else SHAPES:
         for mode, run, flop, fp8c in (("inference", _inference, 2, "pass"), ("training", _training, 6, "compiled")):
             fns, diffs = run(t, k, n, "cuda")
@@ -277,8 +286,11 @@ def main():
             ms = bench_gpu_interleaved(fns)
             graph = ((ms["bf16 graph"] * 1e3, ms["FP8Linear graph"] * 1e3, ms["bf16 graph"] / ms["FP8Linear graph"])
                      if "bf16 graph" in ms else ("-", "-", "-"))
+            # back to back (wall per call of 100 calls, no flushes): the throughput a loop sees, host time included
+            loop = {name: back_to_back(fns[name], 100, torch.cuda.synchronize)[1] * 1e6 for name in ("bf16", "FP8Linear")}
             table.add(f"{t} x {k} -> {n}", mode, ms["bf16"] * 1e3, ms["FP8Linear"] * 1e3,
                       ms["bf16"] / ms["FP8Linear"], ms[fp8c] * 1e3, ms["bf16"] / ms[fp8c], *graph,
+                      loop["bf16"], loop["FP8Linear"], loop["bf16"] / loop["FP8Linear"],
                       flop * t * k * n / ms["FP8Linear"] / 1e9, f"{worst:.1e}")
     if not args.quick:
         table.save()
