@@ -34,7 +34,7 @@ from torch import nn
 import torch_deepstack  # noqa: F401
 from torch_deepstack.compile import fp8_linear_pass
 from torch_deepstack.gemm import FP8Linear
-from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved, capture_graph
+from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved, bench_host, capture_graph
 from torch_deepstack.compat.deep_gemm import calc_diff
 
 # DeepSeek-V3-like projections at a training micro-batch of 8192 tokens (and one of 2048): attention output
@@ -219,19 +219,10 @@ def _op_host_times(t, k, n, device, calls=200):
              "per_block_quant_fp8_dual": lambda: api.per_block_quant_fp8_dual(w),
              "fp8_gemm_nt": lambda: api.fp8_gemm_nt(xq, xs, wq, ws),
              "fp8_wgrad_gemm_nt": lambda: api.fp8_wgrad_gemm_nt(xtq, xts, xtq, xts)}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    print(f"\nhost time per call, {t} x {k} -> {n} (us, issue only, min of 3 runs of {calls // 4} calls)")
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    print(f"\nhost time per call, {t} x {k} -> {n} (us, issue only, best of 3 runs of {calls // 4} calls)")
     for name, fn in cases.items():
-        fn()
-        sync()
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(calls // 4):
-                fn()
-            best = min(best, (time.perf_counter() - t0) / (calls // 4))
-            sync()
-        print(f"  {name:34s} {best * 1e6:8.1f}")
+        print(f"  {name:34s} {bench_host(fn, iters=calls // 4, warmup=1, runs=3, between=sync):8.1f}")
 
 
 def main():

@@ -14,13 +14,13 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 
 import torch_deepstack  # noqa: F401
 from torch_deepstack.gemm import kernels
 from torch_deepstack.quant import kernels as quant_kernels
+from torch_deepstack.testing.bench import bench_host
 
 
 class _NoLaunch:
@@ -64,17 +64,6 @@ def cases(t=256, k=512, n=384):
     }
 
 
-def best_us(fn, calls=2000, runs=5):
-    fn()
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default=None, help="a row's name (prefix): cProfile it instead of the table")
@@ -95,7 +84,7 @@ def main():
     print("| CUDA face (GPU parts stubbed) | host us per call |")
     print("|---|---|")
     for name, fn in table.items():
-        print(f"| {name} | {best_us(fn):.1f} |")
+        print(f"| {name} | {bench_host(fn, iters=2000, warmup=1, runs=5):.1f} |")
 
 
 if __name__ == "__main__":

@@ -158,15 +158,24 @@ def bench_gpu_rotating(fn, input_sets: list, warmup: int = 10, rep: int = 50) ->
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def bench_host(fn, iters: int = 20000, warmup: int = 1000) -> float:
-    """Mean host microseconds per call of `fn()` (for launch overhead: no synchronisation inside)."""
+def bench_host(fn, iters: int = 20000, warmup: int = 1000, runs: int = 1, between=None) -> float:
+    """Host microseconds per call of `fn()` (for launch overhead: no synchronisation inside a run): the mean over
+    `iters` calls, the best of `runs` such runs; `between` (e.g. torch.cuda.synchronize, so launches never wait
+    on a full queue) is called after the warm-up and after each run, outside the timing."""
     import time
     for _ in range(warmup):
         fn()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters * 1e6
+    best = float("inf")
+    for _ in range(runs):
+        if between is not None:
+            between()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / iters)
+    if between is not None:
+        between()
+    return best * 1e6
 
 
 def device_name() -> str:
