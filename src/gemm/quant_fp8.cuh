@@ -69,6 +69,18 @@ __device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d, f
   return uint32_t(float2_to_e4m3x2(a * inv, b * inv)) | (uint32_t(float2_to_e4m3x2(c * inv, d * inv)) << 16);
 }
 
+// kV values times inv as kV e4m3 bytes at the address dst() gives (one 8-byte store for kV = 8, one 4-byte store
+// for kV = 4); the address is taken after the packing, as the kernels computed it before this was shared.
+template <int kV, typename Dst>
+__device__ __forceinline__ void store_row_bytes(const float (&v)[kV], float inv, Dst dst) {
+  uint32_t w[kV / 4];
+#pragma unroll
+  for (int j = 0; j < kV / 4; ++j) w[j] = e4m3x4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3], inv);
+  uint8_t* p = dst();
+  if constexpr (kV == 8) *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  else *reinterpret_cast<uint32_t*>(p) = w[0];
+}
+
 // Column j of f (R rows, R = 4, 8 or 16) quantised with inv, as R bytes, row r0 in the lowest byte.
 template <int R, int kV>
 __device__ __forceinline__ void column_bytes(const float (&f)[R][kV], int j, float inv, uint32_t (&w)[R / 4]) {
@@ -143,15 +155,8 @@ __device__ __forceinline__ bool per_block_quant_vec(const T* __restrict__ x, uin
   if (threadIdx.x == 0) sf[blockIdx.y * sf_sy + blockIdx.x * sf_sx] = scale;
   if constexpr (!kTranspose) {
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      uint32_t w[kV / 4];
-#pragma unroll
-      for (int j = 0; j < kV / 4; ++j)
-        w[j] = e4m3x4(f[i][4 * j], f[i][4 * j + 1], f[i][4 * j + 2], f[i][4 * j + 3], inv);
-      uint8_t* dst = q + (n0 + rg * R + i) * ldq + k0 + cv * kV;
-      if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
-      else *reinterpret_cast<uint32_t*>(dst) = w[0];
-    }
+    for (int i = 0; i < R; ++i)
+      store_row_bytes<kV>(f[i], inv, [&] { return q + (n0 + rg * R + i) * ldq + k0 + cv * kV; });
   } else {
     store_transposed<R, kV>(f, [&](int) { return inv; }, tile, q, ldq, n0, k0);
   }
@@ -382,13 +387,7 @@ __device__ __forceinline__ void group_quant_rows_block(const T* __restrict__ x, 
   if (r >= M) return;
   uint8_t* dst = q + static_cast<int64_t>(r) * K + c0;
 #pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    uint32_t w[kV / 4];
-#pragma unroll
-    for (int j = 0; j < kV / 4; ++j) w[j] = e4m3x4(f[v][4 * j], f[v][4 * j + 1], f[v][4 * j + 2], f[v][4 * j + 3], inv);
-    if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst + v * kV) = make_uint2(w[0], w[1]);
-    else *reinterpret_cast<uint32_t*>(dst + v * kV) = w[0];
-  }
+  for (int v = 0; v < kVecs; ++v) store_row_bytes<kV>(f[v], inv, [&] { return dst + v * kV; });
   if (threadIdx.x % 2 == 0) sf[r + (k0 / 128) * sf_m] = scale;
 }
 
@@ -422,12 +421,7 @@ __device__ __forceinline__ bool group_quant_dual_vec(const T* __restrict__ x, ui
     float scale, inv;
     scale_from_amax<kUe8m0>(a, eps, scale, inv);
     const int r = m0 + rg * R + i;
-    uint32_t w[kV / 4];
-#pragma unroll
-    for (int j = 0; j < kV / 4; ++j) w[j] = e4m3x4(f[i][4 * j], f[i][4 * j + 1], f[i][4 * j + 2], f[i][4 * j + 3], inv);
-    uint8_t* dst = q + static_cast<int64_t>(r) * K + k0 + cv * kV;
-    if constexpr (kV == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
-    else *reinterpret_cast<uint32_t*>(dst) = w[0];
+    store_row_bytes<kV>(f[i], inv, [&] { return q + static_cast<int64_t>(r) * K + k0 + cv * kV; });
     if (cv == 0) sf[r + (k0 / 128) * sf_m] = scale;
   }
   // groups of 128 tokens per column
