@@ -3,8 +3,9 @@ import torch
 
 from torch_deepstack._library import fake
 from torch_deepstack.gemm import checks
-from torch_deepstack.gemm.checks import FP8, cdiv
-from torch_deepstack.gemm.reference import check_quant_input, transposed_quant_empty
+from torch_deepstack.gemm.checks import FP8, cdiv, check_dual_token_quant_input, check_quant_input
+from torch_deepstack.gemm.reference import transposed_quant_empty
+from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
 
 @fake("fp8_gemm_nt")
@@ -54,8 +55,6 @@ def per_block_quant_fp8_dual_fake(x, eps=1e-4, scale_ue8m0=False):
 
 @fake("per_token_group_quant_fp8_dual")
 def per_token_group_quant_fp8_dual_fake(x, eps=1e-4, scale_ue8m0=False):
-    from torch_deepstack.gemm.reference import check_dual_token_quant_input
-    from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
     check_dual_token_quant_input("per_token_group_quant_fp8_dual", x)
     m, k = x.shape
     return (torch.empty(m, k, dtype=FP8, device=x.device), mn_major_tma_aligned_empty((m, k // 128), x.device),

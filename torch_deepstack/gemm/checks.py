@@ -121,3 +121,17 @@ def check_k_grouped(op, a, sfa, b, sfb, d, ks, c):
     if c is not None:
         check_out(op, "c", c, (len(ks), m, n), (torch.float32,))
     check_same_device(op, a=a, sfa=sfa, b=b, sfb=sfb, d=d, c=c)
+
+
+def check_quant_input(op: str, x: torch.Tensor) -> None:
+    """The GEMM-side quantisers' input: 2-D bf16 / fp16 / fp32."""
+    torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D [rows, cols], got shape {tuple(x.shape)}")
+    torch._check(x.dtype in (torch.bfloat16, torch.float16, torch.float32),
+                 lambda: f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
+
+
+def check_dual_token_quant_input(op: str, x: torch.Tensor) -> None:
+    """per_token_group_quant_fp8_dual's input: as check_quant_input, and K a multiple of 128."""
+    check_quant_input(op, x)
+    torch._check(x.shape[1] % 128 == 0,
+                 lambda: f"{op}: x's last dim K={x.shape[1]} must be a multiple of 128 (the per-token 1x128 groups)")

@@ -9,11 +9,11 @@ import torch
 
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.gemm import checks
-from torch_deepstack.gemm.checks import cdiv
+from torch_deepstack.gemm.checks import cdiv, check_dual_token_quant_input, check_quant_input
 from torch_deepstack.gemm.heuristic import (BAND_M_BLOCKS, GemmConfig, experiment_defines, select_config, smem_bytes,
                                              with_tma_store)
 from torch_deepstack.gemm.layout import as_mn_major_sf
-from torch_deepstack.gemm.reference import check_dual_token_quant_input, check_quant_input, transposed_quant_empty
+from torch_deepstack.gemm.reference import transposed_quant_empty
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 from torch_deepstack.jit.tma import make_tensor_map
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty, tma_aligned_size

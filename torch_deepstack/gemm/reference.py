@@ -9,7 +9,7 @@ import torch
 
 from torch_deepstack._library import reference, sample_inputs
 from torch_deepstack.gemm import checks
-from torch_deepstack.gemm.checks import FP8, cdiv
+from torch_deepstack.gemm.checks import FP8, cdiv, check_dual_token_quant_input, check_quant_input
 from torch_deepstack.quant.reference import ceil_to_ue8m0
 from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX, mn_major_tma_aligned_empty
 
@@ -78,12 +78,6 @@ def m_grouped_masked_ref(a, sfa, b, sfb, d, masked_m, expected_m):
 
 
 # ---- quantisation --------------------------------------------------------------------------------------------
-
-def check_quant_input(op: str, x: torch.Tensor) -> None:
-    torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D [rows, cols], got shape {tuple(x.shape)}")
-    torch._check(x.dtype in (torch.bfloat16, torch.float16, torch.float32),
-                 lambda: f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
-
 
 def _scale_inv(amax, eps, ue8m0):
     amax = amax.clamp_min(eps)
@@ -235,12 +229,6 @@ def _block_quant_samples(device):
     return [((torch.randn(200, 272, device=device, dtype=torch.bfloat16) * 3,), {"transpose": t, "scale_ue8m0": u})
             for t, u in ((False, False), (True, True))] + \
            [((torch.randn(128, 128, device=device),), {})]
-
-
-def check_dual_token_quant_input(op: str, x: torch.Tensor) -> None:
-    check_quant_input(op, x)
-    torch._check(x.shape[1] % 128 == 0,
-                 lambda: f"{op}: x's last dim K={x.shape[1]} must be a multiple of 128 (the per-token 1x128 groups)")
 
 
 @reference("per_token_group_quant_fp8_dual")
