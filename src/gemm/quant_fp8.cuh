@@ -416,8 +416,7 @@ __device__ __forceinline__ bool group_quant_dual_vec(const T* __restrict__ x, ui
     float a = 0.f;
 #pragma unroll
     for (int j = 0; j < kV; ++j) a = fmaxf(a, fabsf(f[i][j]));
-#pragma unroll
-    for (int off = 1; off < kVecs; off *= 2) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
+    a = group_max<kVecs>(a);
     float scale, inv;
     scale_from_amax<kUe8m0>(a, eps, scale, inv);
     const int r = m0 + rg * R + i;
