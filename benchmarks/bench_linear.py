@@ -155,6 +155,8 @@ def profile_training(t, k, n, steps=20, loop_steps=200):
         print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60))
         if name in ("FP8Linear", "compiled"):
             _launch_timeline(fn, name)
+        if device == "cuda" and name in ("bf16", "FP8Linear", "compiled"):
+            _loop_tail(fn, name, loop_steps)
         if name in ("FP8Linear", "compiled"):   # the host side: Python functions by own time
             import cProfile
             import pstats
@@ -168,6 +170,36 @@ def profile_training(t, k, n, steps=20, loop_steps=200):
     _op_host_times(t, k, n, device)
 
 
+def _loop_tail(fn, name, steps):
+    """Per-step host times in a back-to-back loop (mean against median: a heavy tail of slow steps), what the CUDA
+    caching allocator did meanwhile (device mallocs/frees, retries: a retry frees cached blocks and synchronises),
+    and the same loop with Python's cyclic garbage collector off."""
+    import gc
+    import statistics
+
+    def loop():
+        stamps = [time.perf_counter()]
+        for _ in range(steps):
+            fn()
+            stamps.append(time.perf_counter())
+        torch.cuda.synchronize()
+        return [(b - a) * 1e6 for a, b in zip(stamps, stamps[1:])]
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    before = torch.cuda.memory_stats()
+    per_step = loop()
+    after = torch.cuda.memory_stats()
+    q = statistics.quantiles(per_step, n=10)
+    print(f"   {name}: per-step host us in a loop of {steps}: mean {statistics.mean(per_step):.0f}, median "
+          f"{statistics.median(per_step):.0f}, p10 {q[0]:.0f}, p90 {q[-1]:.0f}, max {max(per_step):.0f}; allocator "
+          + ", ".join(f"{k} +{after.get(k, 0) - before.get(k, 0)}" for k in keys))
+    gc.disable()
+    try:
+        per_step = loop()
+    finally:
+        gc.enable()
+    print(f"   {name}: with gc disabled: mean {statistics.mean(per_step):.0f}, median {statistics.median(per_step):.0f}")
+
+
 def _launch_timeline(fn, name, steps=50):
     """Host time from a step's start to each of its kernel launches and to its return (median over steps): what
     CUDA-event timing of a step can see is the span from the first launch to the last; host time outside that span
@@ -175,14 +207,17 @@ def _launch_timeline(fn, name, steps=50):
     import statistics
     from torch_deepstack.jit import launch
     stamps = []
-    real = launch.Kernel.launch
+    real = {cls: cls.launch for cls in (launch.Kernel, launch.PreparedLaunch)}   # (memoised GEMM calls: prepared)
 
-    def timed(self, *a, **k):
-        stamps.append(time.perf_counter())
-        return real(self, *a, **k)
+    def stamped(cls):
+        def timed(self, *a, **k):
+            stamps.append(time.perf_counter())
+            return real[cls](self, *a, **k)
+        return timed
 
     rows = []
-    launch.Kernel.launch = timed
+    for cls in real:
+        cls.launch = stamped(cls)
     try:
         for _ in range(steps):
             stamps.clear()
@@ -190,7 +225,8 @@ def _launch_timeline(fn, name, steps=50):
             fn()
             rows.append([(t - t0) * 1e6 for t in stamps] + [(time.perf_counter() - t0) * 1e6])
     finally:
-        launch.Kernel.launch = real
+        for cls, fn in real.items():
+            cls.launch = fn
     cols = list(zip(*[r for r in rows if len(r) == len(rows[-1])]))
     med = [statistics.median(c) for c in cols]
     if len(med) == 1:

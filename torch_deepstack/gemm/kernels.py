@@ -41,6 +41,21 @@ def set_num_sms(n: int | None) -> None:
     _NUM_SMS_OVERRIDE = int(n) if n else None
 
 
+_SWITCHES = ("DEEPSTACK_GEMM_CONFIG", "DEEPSTACK_GEMM_DEFINES", "DEEPSTACK_GEMM_MULTICAST", "DEEPSTACK_GEMM_TMA_STORE",
+             "DEEPSTACK_GEMM_SPLIT_TAIL")
+_ENV_DATA = getattr(os.environ, "_data", None)
+_SWITCH_KEYS = tuple(os.environ.encodekey(v) for v in _SWITCHES) if _ENV_DATA is not None else None
+
+
+def switches() -> tuple:
+    """The DEEPSTACK_GEMM_* switches' current raw values and the SM limit: part of every plan and call key, so a
+    change between calls (tests, A/B runs) takes effect at the next call. Read from os.environ's own dict
+    (os.environ.get decodes and re-encodes: ~0.7 us a name on every call)."""
+    if _SWITCH_KEYS is None:
+        return (*map(os.environ.get, _SWITCHES), _NUM_SMS_OVERRIDE)
+    return (*map(_ENV_DATA.get, _SWITCH_KEYS), _NUM_SMS_OVERRIDE)
+
+
 def _forced_config(cfg: GemmConfig) -> GemmConfig:
     """DEEPSTACK_GEMM_CONFIG="block_m,block_n,stages" overrides the heuristic (tuning sweeps and debugging)."""
     raw = os.environ.get("DEEPSTACK_GEMM_CONFIG", "").strip()
@@ -146,8 +161,7 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
 
 def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype):
     key = (kind, device.index, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template, out_dtype, c_dtype,
-           os.environ.get("DEEPSTACK_GEMM_CONFIG"), os.environ.get("DEEPSTACK_GEMM_DEFINES"),
-           os.environ.get("DEEPSTACK_GEMM_MULTICAST"), os.environ.get("DEEPSTACK_GEMM_TMA_STORE"), _NUM_SMS_OVERRIDE)
+           switches())
     plan = _PLANS.get(key)
     if plan is None:
         spec, cfg, cluster = choose_spec(kind, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template,
@@ -165,9 +179,9 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
     return plan
 
 
-def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
-                 k_template=None):
-    """m_rows: M (dense), M_sum (contiguous) or M_max (masked)."""
+def _prepare_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
+                  k_template=None):
+    """The GEMM's launch, packed (PreparedLaunch). m_rows: M (dense), M_sum (contiguous) or M_max (masked)."""
     kernel, cfg, grid, band, smem, cluster = _plan(kind, a.device, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
                                           k_template, d.dtype, None if c is None else c.dtype)
     kb = cdiv(k, 128)
@@ -193,10 +207,36 @@ def _launch_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k
         sg, (sn, sk) = 0, sfb.stride()
     args = (tmap_a, tmap_b, tmap_sfa, tmap_sfb, d, c, sfb, layout, m_rows, num_groups, d.stride(-2),
             0 if c is None else c.stride(-2), band, sg, sn, sk, kb)
-    if cluster > 1:
-        kernel.launch_cluster(grid, cfg.threads, (cluster, 1, 1), *args, smem=smem)
-    else:
-        kernel.launch(grid, cfg.threads, *args, smem=smem)
+    return kernel.prepare(grid, cfg.threads, *args, smem=smem, cluster=(cluster, 1, 1) if cluster > 1 else None)
+
+
+# Calls seen before, by operand addresses and layouts: a training or decode loop calls each GEMM with the same
+# operands step after step (weights, the caching allocator's reused blocks), so a repeated call skips the checks,
+# the plan, the tensor maps and the packing: one dictionary lookup and one driver call (~19 -> ~5 us of Python on
+# the CPU dev machine, 2-4x that on the H200 machine's host). Only launches whose every address is an operand's
+# (or a view of one) are remembered, never one that reads a temporary (a scale-layout copy, C + D).
+_CALLS: dict = {}
+_CALL_CACHE_LIMIT = 4096
+# what prepare() returns as its temporaries when it did the work itself with torch ops (K = 0): never remembered
+WORK_DONE = ("done by torch ops, not a replayable launch",)
+
+
+def _operand_key(t):
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
+
+
+def _run_memoised(key, prepare) -> None:
+    """Launch the call `key` names: from the memo, or from `prepare()` -> (launches, temporaries), remembered
+    when it made no temporaries (which stay alive here until the launches are issued)."""
+    launches = _CALLS.get(key)
+    if launches is None:
+        launches, temporaries = prepare()
+        if not temporaries:
+            if len(_CALLS) >= _CALL_CACHE_LIMIT:
+                _CALLS.clear()
+            _CALLS[key] = launches
+    for launch in launches:
+        launch.launch()
 
 
 def _fill_no_k(d, c, accumulate):
@@ -239,34 +279,42 @@ def _split_tail_columns(m: int, n: int, k: int, num_sms_: int) -> int:
     return tail if cdiv(m_blocks * (n // 128), num_sms_) < cdiv(m_blocks * cdiv(n, 128), num_sms_) else 0
 
 
-def _run_dense(a, sfa, b, sfb, d, c, accumulate, *, wgrad: bool):
-    """The dense and weight-gradient GEMMs after their checks: empty problems, C/accumulate folding, launch."""
+def _prepare_dense(a, sfa, b, sfb, d, c, accumulate, *, wgrad: bool):
+    """The dense and weight-gradient GEMMs after their checks: (launches, temporaries). Empty problems and K = 0
+    are done here (no launches)."""
     m, k = a.shape
     n = b.shape[0]
     if m == 0 or n == 0:
-        return
+        return (), ()
     if k == 0:
-        return _fill_no_k(d, c, accumulate)
+        _fill_no_k(d, c, accumulate)
+        return (), WORK_DONE
     c = d if accumulate and c is None else c
+    temporaries = []
     if accumulate and c is not d:
         c = c + d
+        temporaries.append(c)
+    sfa_k = as_mn_major_sf(sfa)
+    sfb_k = as_mn_major_sf(sfb) if wgrad else sfb
+    temporaries += [t for t, orig in ((sfa_k, sfa), (sfb_k, sfb)) if t is not orig]
     # wgrad: B carries 1x128 scales too, and K (the token count) changes every step, so it is a run-time value
     # there (template K = 0).
     tail = 0 if wgrad else split_tail_columns(m, n, k, num_sms(a.device))
     if tail:
-        sfa, main = as_mn_major_sf(sfa), n - tail
-        for cols, blocks in ((slice(0, main), slice(0, main // 128)), (slice(main, n), slice(main // 128, None))):
-            _launch_gemm(KIND_DENSE, a, sfa, b[cols], sfb[blocks], d[:, cols], None if c is None else c[:, cols],
-                         None, m_rows=m, num_groups=1, n=cols.stop - cols.start, k=k,
-                         expected_m=m, sf_b_per_row=False)
-        return
-    _launch_gemm(KIND_DENSE, a, as_mn_major_sf(sfa), b, as_mn_major_sf(sfb) if wgrad else sfb, d, c, None,
-                 m_rows=m, num_groups=1, n=n, k=k, expected_m=m, sf_b_per_row=wgrad, k_template=0 if wgrad else None)
+        main = n - tail
+        launches = tuple(
+            _prepare_gemm(KIND_DENSE, a, sfa_k, b[cols], sfb[blocks], d[:, cols], None if c is None else c[:, cols],
+                          None, m_rows=m, num_groups=1, n=cols.stop - cols.start, k=k, expected_m=m,
+                          sf_b_per_row=False)
+            for cols, blocks in ((slice(0, main), slice(0, main // 128)), (slice(main, n), slice(main // 128, None))))
+        return launches, temporaries
+    return (_prepare_gemm(KIND_DENSE, a, sfa_k, b, sfb_k, d, c, None, m_rows=m, num_groups=1, n=n, k=k, expected_m=m,
+                          sf_b_per_row=wgrad, k_template=0 if wgrad else None),), temporaries
 
 
 def dense_call_specs(m: int, n: int, k: int, out_dtype, wgrad: bool = False, num_sms_: int = 132) -> list:
     """The specialisations an fp8_gemm_nt (or, wgrad=True, fp8_wgrad_gemm_nt) call of this shape loads, without C:
-    what _run_dense launches, split tail included; needs no GPU (prebuilding for benchmarks and warm-up)."""
+    what _prepare_dense launches, split tail included; needs no GPU (prebuilding for benchmarks and warm-up)."""
     if wgrad:
         return [choose_spec(KIND_DENSE, m, 1, n, k, m, True, 0, out_dtype, None, num_sms_)[0]]
     tail = split_tail_columns(m, n, k, num_sms_)
@@ -274,16 +322,22 @@ def dense_call_specs(m: int, n: int, k: int, out_dtype, wgrad: bool = False, num
             for cols in ((n - tail, tail) if tail else (n,))]
 
 
+def _dense_call(op, a, sfa, b, sfb, d, c, accumulate, wgrad):
+    def prepare():
+        checks.check_dense(op, a, sfa, b, sfb, d, c, sf_b_per_row=wgrad)
+        return _prepare_dense(a, sfa, b, sfb, d, c, accumulate, wgrad=wgrad)
+    _run_memoised((op, _operand_key(a), _operand_key(sfa), _operand_key(b), _operand_key(sfb), _operand_key(d),
+                   _operand_key(c), accumulate, switches()), prepare)
+
+
 @cuda_kernel("fp8_gemm_nt")
 def fp8_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
-    checks.check_dense("fp8_gemm_nt", a, sfa, b, sfb, d, c)
-    _run_dense(a, sfa, b, sfb, d, c, accumulate, wgrad=False)
+    _dense_call("fp8_gemm_nt", a, sfa, b, sfb, d, c, accumulate, wgrad=False)
 
 
 @cuda_kernel("fp8_wgrad_gemm_nt")
 def fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
-    checks.check_dense("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, sf_b_per_row=True)
-    _run_dense(a, sfa, b, sfb, d, c, accumulate, wgrad=True)
+    _dense_call("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, accumulate, wgrad=True)
 
 
 @cuda_kernel("k_grouped_fp8_wgrad_gemm_nt")
@@ -303,45 +357,76 @@ def k_grouped_fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, ks, c=None, accumulate=F
 
 @cuda_kernel("m_grouped_fp8_gemm_nt_contiguous")
 def m_grouped_contiguous_cuda(a, sfa, b, sfb, d, m_indices):
-    checks.check_contiguous("m_grouped_fp8_gemm_nt_contiguous", a, sfa, b, sfb, d, m_indices)
-    m, k = a.shape
-    g, n = b.shape[0], b.shape[1]
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        d[m_indices >= 0] = 0
-        return
-    if b.stride(0) != n * b.stride(1):
-        b = b.contiguous()
-    _launch_gemm(KIND_CONTIGUOUS, a, as_mn_major_sf(sfa), b, sfb, d, None, m_indices.contiguous(), m_rows=m,
-                 num_groups=g, n=n, k=k, expected_m=m, sf_b_per_row=False)
+    op = "m_grouped_fp8_gemm_nt_contiguous"
+
+    def prepare():
+        checks.check_contiguous(op, a, sfa, b, sfb, d, m_indices)
+        m, k = a.shape
+        g, n = b.shape[0], b.shape[1]
+        if m == 0 or n == 0:
+            return (), ()
+        if k == 0:
+            d[m_indices >= 0] = 0
+            return (), WORK_DONE
+        bk = b if b.stride(0) == n * b.stride(1) else b.contiguous()
+        sfa_k, idx = as_mn_major_sf(sfa), m_indices.contiguous()
+        launch = _prepare_gemm(KIND_CONTIGUOUS, a, sfa_k, bk, sfb, d, None, idx, m_rows=m, num_groups=g, n=n, k=k,
+                               expected_m=m, sf_b_per_row=False)
+        return (launch,), [t for t, orig in ((bk, b), (sfa_k, sfa), (idx, m_indices)) if t is not orig]
+    _run_memoised((op, _operand_key(a), _operand_key(sfa), _operand_key(b), _operand_key(sfb), _operand_key(d),
+                   _operand_key(m_indices), switches()), prepare)
 
 
 @cuda_kernel("m_grouped_fp8_gemm_nt_masked")
 def m_grouped_masked_cuda(a, sfa, b, sfb, d, masked_m, expected_m):
-    checks.check_masked("m_grouped_fp8_gemm_nt_masked", a, sfa, b, sfb, d, masked_m, expected_m)
-    g, m, k = a.shape
-    n = b.shape[1]
-    if m == 0 or n == 0 or g == 0:
-        return
-    if k == 0:
-        rows = torch.arange(m, device=d.device)[None, :] < masked_m[:, None]
-        d.masked_fill_(rows[..., None], 0)
-        return
-    if b.stride(0) != n * b.stride(1):
-        b = b.contiguous()
-    _launch_gemm(KIND_MASKED, a, as_mn_major_sf(sfa), b, sfb, d, None, masked_m.contiguous(), m_rows=m,
-                 num_groups=g, n=n, k=k, expected_m=max(1, min(expected_m, m)), sf_b_per_row=False)
+    op = "m_grouped_fp8_gemm_nt_masked"
+
+    def prepare():
+        checks.check_masked(op, a, sfa, b, sfb, d, masked_m, expected_m)
+        g, m, k = a.shape
+        n = b.shape[1]
+        if m == 0 or n == 0 or g == 0:
+            return (), ()
+        if k == 0:
+            rows = torch.arange(m, device=d.device)[None, :] < masked_m[:, None]
+            d.masked_fill_(rows[..., None], 0)
+            return (), WORK_DONE
+        bk = b if b.stride(0) == n * b.stride(1) else b.contiguous()
+        sfa_k, counts = as_mn_major_sf(sfa), masked_m.contiguous()
+        launch = _prepare_gemm(KIND_MASKED, a, sfa_k, bk, sfb, d, None, counts, m_rows=m, num_groups=g, n=n, k=k,
+                               expected_m=max(1, min(expected_m, m)), sf_b_per_row=False)
+        return (launch,), [t for t, orig in ((bk, b), (sfa_k, sfa), (counts, masked_m)) if t is not orig]
+    _run_memoised((op, _operand_key(a), _operand_key(sfa), _operand_key(b), _operand_key(sfb), _operand_key(d),
+                   _operand_key(masked_m), expected_m, switches()), prepare)
 
 
 # ---- quantisation kernels --------------------------------------------------------------------------------------
 _QUANT_HEADER = "gemm/quant_fp8.cuh"
 
 
-def _quant_input(op, x, dual_token=False):
-    """The quantisers' input checks; x with unit column stride (copied if it has not)."""
-    (check_dual_token_quant_input if dual_token else check_quant_input)(op, x)
+# Plans by input layout (op, shape, strides, dtype, flags): the checks, the specialisation and the launch constants
+# are worked out on the first call of a layout; later calls allocate the outputs and launch (~40% of the host path).
+_QUANT_PLANS: dict = {}
+
+
+def _quant_plan(op, x, flags, build):
+    key = (op, x.shape, x.stride(), x.dtype, flags)
+    plan = _QUANT_PLANS.get(key)
+    if plan is None:
+        (check_dual_token_quant_input if op == "per_token_group_quant_fp8_dual" else check_quant_input)(op, x)
+        if len(_QUANT_PLANS) >= _CALL_CACHE_LIMIT:
+            _QUANT_PLANS.clear()
+        plan = _QUANT_PLANS[key] = build()
+    return plan
+
+
+def _unit_cols(x):
+    """x with unit column stride (the kernels read rows as vectors); a copy only when it has not."""
     return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _quant_kernel(name: str, signature: str, *template_args):
+    return get_kernel(KernelSpec(_QUANT_HEADER, f"deepstack::{name}", template_args), signature)
 
 
 def _block_quant_empty(n: int, k: int, transpose: bool, device):
@@ -355,57 +440,50 @@ def _block_quant_empty(n: int, k: int, transpose: bool, device):
 
 @cuda_kernel("per_block_quant_fp8")
 def per_block_quant_fp8_cuda(x, transpose=False, eps=1e-4, scale_ue8m0=False):
-    x = _quant_input("per_block_quant_fp8", x)
-    n, k = x.shape
+    kernel = _quant_plan("per_block_quant_fp8", x, (transpose, scale_ue8m0), lambda: x.numel() and _quant_kernel(
+        "per_block_quant_fp8_kernel", "pppiilliif", _CTYPE[x.dtype], transpose, scale_ue8m0))
+    x, (n, k) = _unit_cols(x), x.shape
     q, sf, (sf_sy, sf_sx) = _block_quant_empty(n, k, transpose, x.device)
-    if n and k:
-        spec = KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_kernel",
-                          (_CTYPE[x.dtype], transpose, scale_ue8m0))
-        get_kernel(spec, "pppiilliif").launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, n, k, x.stride(0),
-                                              q.stride(0), sf_sy, sf_sx, float(eps))
+    if kernel:
+        kernel.launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, n, k, x.stride(0), q.stride(0), sf_sy, sf_sx,
+                      float(eps))
     return q, sf
 
 
 @cuda_kernel("per_block_quant_fp8_dual")
 def per_block_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
-    x = _quant_input("per_block_quant_fp8_dual", x)
-    n, k = x.shape
+    kernel = _quant_plan("per_block_quant_fp8_dual", x, scale_ue8m0, lambda: x.numel() and _quant_kernel(
+        "per_block_quant_fp8_dual_kernel", "pppppiilf", _CTYPE[x.dtype], scale_ue8m0))
+    x, (n, k) = _unit_cols(x), x.shape
     (q, sf, _), (qt, sft, _) = _block_quant_empty(n, k, False, x.device), _block_quant_empty(n, k, True, x.device)
-    if n and k:
-        spec = KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_dual_kernel", (_CTYPE[x.dtype], scale_ue8m0))
-        get_kernel(spec, "pppppiilf").launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, qt, sft, n, k, x.stride(0),
-                                             float(eps))
+    if kernel:
+        kernel.launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, qt, sft, n, k, x.stride(0), float(eps))
     return q, sf, qt, sft
 
 
 @cuda_kernel("per_token_group_quant_fp8_t")
 def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
-    x = _quant_input("per_token_group_quant_fp8_t", x)
-    m, k = x.shape
+    kernel = _quant_plan("per_token_group_quant_fp8_t", x, scale_ue8m0, lambda: x.numel() and _quant_kernel(
+        "per_token_group_quant_fp8_t_kernel", "pppiiillif", _CTYPE[x.dtype], scale_ue8m0))
+    x, (m, k) = _unit_cols(x), x.shape
     q, sf = transposed_quant_empty(m, k, x.device)
-    if m == 0 or k == 0:
-        return q, sf
-    m_pad = q.stride(0)
-    spec = KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_t_kernel", (_CTYPE[x.dtype], scale_ue8m0))
-    get_kernel(spec, "pppiiillif").launch((cdiv(k, 64), cdiv(m, 128)), 256, x, q, sf, m, k, m_pad, x.stride(0),
-                                          q.stride(0), sf.stride(1) if sf.shape[1] > 1 else tma_aligned_size(k),
-                                          float(eps))
+    if kernel:
+        kernel.launch((cdiv(k, 64), cdiv(m, 128)), 256, x, q, sf, m, k, q.stride(0), x.stride(0), q.stride(0),
+                      sf.stride(1) if sf.shape[1] > 1 else tma_aligned_size(k), float(eps))
     return q, sf
 
 
 @cuda_kernel("per_token_group_quant_fp8_dual")
 def per_token_group_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
-    x = _quant_input("per_token_group_quant_fp8_dual", x, dual_token=True)
-    m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    kernel = _quant_plan("per_token_group_quant_fp8_dual", x, scale_ue8m0, lambda: x.numel() and _quant_kernel(
+        "per_token_group_quant_fp8_dual_kernel", "pppppiiililif", _CTYPE[x.dtype], scale_ue8m0))
+    x, (m, k) = _unit_cols(x), x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     sf = mn_major_tma_aligned_empty((m, k // 128), device=x.device)
     qt, sft = transposed_quant_empty(m, k, x.device)
-    if m and k:
-        spec = KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_dual_kernel",
-                          (_CTYPE[x.dtype], scale_ue8m0))
-        get_kernel(spec, "pppppiiililif").launch(
-            (k // 128, cdiv(m, 128)), 256, x, q, sf, qt, sft, m, k, qt.stride(0), x.stride(0), tma_aligned_size(m),
-            qt.stride(0), tma_aligned_size(k), float(eps))
+    if kernel:
+        kernel.launch((k // 128, cdiv(m, 128)), 256, x, q, sf, qt, sft, m, k, qt.stride(0), x.stride(0),
+                      tma_aligned_size(m), qt.stride(0), tma_aligned_size(k), float(eps))
     return q, sf, qt, sft
 
 

@@ -72,7 +72,7 @@ def _padded(q: torch.Tensor) -> torch.Tensor:
 def _rows(t: torch.Tensor, c: int) -> torch.Tensor:
     """t as [rows, c] in the layout the quantisers read: contiguous rows starting on 16-byte boundaries. A
     broadcast gradient (`y.sum().backward()` gives dy with stride 0) or a strided input is copied once."""
-    t2 = t.reshape(-1, c)
+    t2 = t if t.dim() == 2 else t.reshape(-1, c)   # (a reshape costs a dispatcher trip even when it is a no-op)
     misaligned = not torch.compiler.is_compiling() and t2.data_ptr() % 16   # (traced graphs allocate aligned)
     if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) != c) or misaligned:
         t2 = t2.clone(memory_format=torch.contiguous_format)
@@ -98,7 +98,8 @@ def _linear(x, xop, weight, bias, wop) -> torch.Tensor:
     y = api.fp8_gemm_nt(xq, xs, wq, ws, out_dtype=_out_dtype(x.dtype))
     if bias is not None:
         y = y + bias.to(y.dtype)
-    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
     # No `.to` when the dtype already matches: under torch.compile on torch 2.11, an autograd.Function output that
     # is `t.to(same dtype)` (t itself) got a zero tangent in the compiled backward, i.e. all-zero gradients (2.10
     # and 2.13 are fine; tests/compile checks the gradients' values).
@@ -137,15 +138,19 @@ class _FP8LinearFn(torch.autograd.Function):
         if need_dx:   # (with a weight gradient too, dy's transposed copy comes from the same pass)
             (dyq, dys), dytop = _quant_rows(dy2, need_dw)
             dx = api.fp8_gemm_nt(dyq, dys, wtq, wts, out_dtype=_out_dtype(ctx.x_dtype))
-            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            if len(ctx.x_shape) != 2:
+                dx = dx.reshape(ctx.x_shape)
+            if dx.dtype != ctx.x_dtype:
+                dx = dx.to(ctx.x_dtype)
         elif need_dw:
             dytop = _wgrad_operand(dy2)
         if need_dw:
             dytq, dyts = dytop
             # bf16 / fp32 weights get their gradient straight from the GEMM's epilogue (fp32 accumulation either
             # way), not through an fp32 tensor and a cast kernel (~9% of a 2048-token step on the H200)
-            dw = api.fp8_wgrad_gemm_nt(_padded(dytq), dyts, _padded(xtq), xts,
-                                       out_dtype=_out_dtype(weight.dtype)).to(weight.dtype)
+            dw = api.fp8_wgrad_gemm_nt(_padded(dytq), dyts, _padded(xtq), xts, out_dtype=_out_dtype(weight.dtype))
+            if dw.dtype != weight.dtype:
+                dw = dw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(dy.dtype)
         return dx, dw, db, None, None

@@ -65,6 +65,10 @@ class _ThreadBuffers(threading.local):
                                            ctypes.addressof(self.size), driver.CU_LAUNCH_PARAM_END.value)
 
 
+def _dims(v) -> tuple:
+    return (v, 1, 1) if v.__class__ is int else (*v, 1, 1)[:3]
+
+
 class Kernel:
     """A loaded cubin entry function; call `launch(grid, block, *args, smem=0, stream=None)`."""
 
@@ -92,6 +96,14 @@ class Kernel:
         tls = self._tls
         self._struct.pack_into(tls.buf, 0, *vals)
         return tls.extra
+
+    def prepare(self, grid, block, *args, smem: int = 0, cluster=None) -> "PreparedLaunch":
+        """The launch with these exact arguments, packed once: calling it launches on the current stream. For call
+        sites that see the same arguments again (the GEMM faces memoise calls by their operands' pointers and
+        layouts): a call then costs one driver call instead of checks, lookups and packing."""
+        self._pack(args)
+        return PreparedLaunch(self, _dims(grid), _dims(block), None if cluster is None else _dims(cluster), smem,
+                              self._tls.buf.raw[:self._struct.size])
 
     def _configure_smem(self, smem: int, device: int) -> None:
         if self._smem_configured.get(device, _DEFAULT_SMEM_LIMIT) < smem:
@@ -129,20 +141,50 @@ class Kernel:
         """Clusters of `cluster` CTAs (`threads` each, `smem` dynamic bytes) that fit on the current GPU at once."""
         return driver.max_active_clusters(self._handle, cluster, threads, smem, torch._C._cuda_getDevice())
 
-    def launch_cluster(self, grid, block, cluster, *args, smem: int = 0, stream: int | None = None) -> None:
-        """Launch with thread-block clusters (cuLaunchKernelEx); `cluster` is (x, y, z)."""
-        device = torch._C._cuda_getDevice()
-        if smem > _DEFAULT_SMEM_LIMIT:
-            self._configure_smem(smem, device)
-        if stream is None:
-            stream = torch._C._cuda_getCurrentRawStream(device)
-        g = (tuple(grid) + (1, 1))[:3] if not isinstance(grid, int) else (grid, 1, 1)
-        b = (tuple(block) + (1, 1))[:3] if not isinstance(block, int) else (block, 1, 1)
-        c = (tuple(cluster) + (1, 1))[:3] if not isinstance(cluster, int) else (cluster, 1, 1)
-        attr = driver.LaunchAttribute()
-        attr.id = driver.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        attr.value[0], attr.value[1], attr.value[2] = c
-        cfg = driver.LaunchConfig(*g, *b, smem, stream, ctypes.pointer(attr), 1)
-        extra = self._pack(args)
-        driver.check(driver.lib().cuLaunchKernelEx(ctypes.byref(cfg), self._handle, None, extra),
-                     f"cluster launch of {self.name} grid={grid} block={block} cluster={cluster}")
+    def launch_cluster(self, grid, block, cluster, *args, smem: int = 0) -> None:
+        """Launch with thread-block clusters (cuLaunchKernelEx) on the current stream; `cluster` is (x, y, z)."""
+        self.prepare(grid, block, *args, smem=smem, cluster=cluster).launch()
+
+
+class PreparedLaunch:
+    """A kernel launch with its parameters packed (Kernel.prepare); `launch()` issues it on torch's current stream.
+    Holds no tensors, only their addresses: the caller guarantees they are still the call's operands."""
+
+    __slots__ = ("kernel", "grid", "block", "cluster", "smem", "_buf", "_size", "_extra", "_config", "_attr")
+
+    def __init__(self, kernel: Kernel, grid: tuple, block: tuple, cluster, smem: int, params: bytes):
+        self.kernel, self.grid, self.block, self.cluster, self.smem = kernel, grid, block, cluster, smem
+        self._buf = ctypes.create_string_buffer(params, max(len(params), 8))
+        # the driver reads the buffer and its size at launch time; both live as long as this object
+        self._size = ctypes.c_size_t(len(params))
+        self._extra = (ctypes.c_void_p * 5)(driver.CU_LAUNCH_PARAM_BUFFER_POINTER.value, ctypes.addressof(self._buf),
+                                            driver.CU_LAUNCH_PARAM_BUFFER_SIZE.value, ctypes.addressof(self._size),
+                                            driver.CU_LAUNCH_PARAM_END.value)
+        self._config = self._attr = None
+        if cluster is not None:
+            self._attr = driver.LaunchAttribute()
+            self._attr.id = driver.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            self._attr.value[0], self._attr.value[1], self._attr.value[2] = cluster
+            self._config = driver.LaunchConfig(*grid, *block, smem, None, ctypes.pointer(self._attr), 1)
+
+    def launch(self) -> None:
+        k = self.kernel
+        device = _get_device()
+        if self.smem > _DEFAULT_SMEM_LIMIT:
+            k._configure_smem(self.smem, device)
+        stream = _get_stream(device)
+        if self._config is not None:
+            self._config.hStream = stream
+            driver.check(driver.lib().cuLaunchKernelEx(ctypes.byref(self._config), k._handle, None, self._extra),
+                         f"cluster launch of {k.name} grid={self.grid} cluster={self.cluster}")
+            return
+        gx, gy, gz = self.grid
+        bx, by, bz = self.block
+        res = k._launch_fn(k._handle, gx, gy, gz, bx, by, bz, self.smem, _c_void_p(stream) if stream else None, None,
+                           self._extra)
+        if res:
+            if res == _CUDA_ERROR_INVALID_CONTEXT:
+                driver.ensure_context(device)
+                res = k._launch_fn(k._handle, gx, gy, gz, bx, by, bz, self.smem,
+                                   _c_void_p(stream) if stream else None, None, self._extra)
+            driver.check(res, f"launch of {k.name} grid={self.grid} block={self.block} smem={self.smem}")
