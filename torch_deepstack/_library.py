@@ -187,3 +187,43 @@ def finalize() -> None:
 def op(name: str):
     """The OpOverloadPacket `torch.ops.deepstack.<name>`."""
     return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+_Tensor = torch.Tensor
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_level = torch._C._functorch.maybe_current_level
+_is_compiling = torch.compiler.is_compiling
+_profiling = torch._C._autograd._profiler_enabled
+
+
+def may_skip_dispatcher(tensors, device_type: str = "cuda") -> bool:
+    """Whether an eager call on `tensors` may go straight to the op's kernel for `device_type`: the dispatcher's hop
+    into a Python kernel costs 12-18 us on the H200 machine's host, as much as the kernel's own Python. Only when
+    nothing could see or change the call on its way: plain tensors (no subclass such as DTensor or FakeTensor),
+    on that device, not under torch.compile, vmap or grad transforms, no dispatch or function mode (FlopCounterMode,
+    torch.device(...) as a context), no profiler (it records ops in the dispatcher), and no tensor that autograd
+    would track (none of our ops has a derivative: the dispatcher's autograd fallback handles that case)."""
+    if _is_compiling():   # (first: Dynamo folds it to True, so it never traces the rest)
+        return False
+    for t in tensors:
+        if t is not None and t.__class__ is not _Tensor:
+            return False
+    if tensors[0].device.type != device_type or _dispatch_modes() or _function_modes() or _profiling():
+        return False
+    if _functorch_level() is not None:
+        return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return True
+
+
+def kernel_for(name: str, *tensors):
+    """What an eager caller should call for op `name` on `tensors`: its CUDA kernel directly when
+    `may_skip_dispatcher`, else the op (through the dispatcher, which picks the kernel)."""
+    face = FACES[name].cuda
+    if face is not None and may_skip_dispatcher(tensors):
+        return face
+    return op(name)

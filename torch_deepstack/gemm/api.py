@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack._library import kernel_for
 from torch_deepstack.gemm.checks import cdiv
 
-_ops = torch.ops.deepstack
+# Each entry point calls `kernel_for(op, tensors)`: in eager CUDA code the op's kernel directly, otherwise the op
+# through the dispatcher (compile, subclasses, modes, profiler: see _library.may_skip_dispatcher).
 
 
-def _call_accumulating(op, a, sfa, b, sfb, d, c, *extra):
+def _call_accumulating(name, a, sfa, b, sfb, d, c, *extra):
     # `c is d` (DeepGEMM's in-place accumulate) becomes accumulate=True: an op must not read an alias of what it
     # writes through a separate argument.
     if c is not None and c.data_ptr() == d.data_ptr() and c.shape == d.shape and c.stride() == d.stride():
-        op(a, sfa, b, sfb, d, *extra, c=None, accumulate=True)
+        kernel_for(name, a, sfa, b, sfb, d)(a, sfa, b, sfb, d, *extra, c=None, accumulate=True)
     else:
-        op(a, sfa, b, sfb, d, *extra, c=c)
+        kernel_for(name, a, sfa, b, sfb, d, c)(a, sfa, b, sfb, d, *extra, c=c)
     return d
 
 
@@ -22,7 +24,7 @@ def fp8_gemm_nt(a, sfa, b, sfb, c=None, out=None, out_dtype=torch.bfloat16):
     """D = C + A @ B.T with A e4m3 [M, K] (+ fp32 scales [M, ceil(K/128)] per 1x128 group) and B e4m3 [N, K]
     (+ fp32 scales [ceil(N/128), ceil(K/128)] per 128x128 block). Returns D (bf16 or fp32)."""
     d = out if out is not None else torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    return _call_accumulating(_ops.fp8_gemm_nt, a, sfa, b, sfb, d, c)
+    return _call_accumulating("fp8_gemm_nt", a, sfa, b, sfb, d, c)
 
 
 def fp8_wgrad_gemm_nt(a, sfa, b, sfb, c=None, out=None, out_dtype=torch.float32):
@@ -30,7 +32,7 @@ def fp8_wgrad_gemm_nt(a, sfa, b, sfb, c=None, out=None, out_dtype=torch.float32)
     stored as fp32 (default) or bf16 (a bf16 weight's gradient without a separate cast). Pass c=out to accumulate
     into out."""
     d = out if out is not None else torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    return _call_accumulating(_ops.fp8_wgrad_gemm_nt, a, sfa, b, sfb, d, c)
+    return _call_accumulating("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c)
 
 
 def k_grouped_fp8_wgrad_gemm_nt(a, sfa, b, sfb, ks, c=None, out=None):
@@ -38,14 +40,14 @@ def k_grouped_fp8_wgrad_gemm_nt(a, sfa, b, sfb, ks, c=None, out=None):
     allowed). a [M, sum(ks)], b [N, sum(ks)], scales [M or N, sum(ks)/128]; D fp32 [G, M, N]."""
     ks = [int(k) for k in ks]
     d = out if out is not None else torch.empty(len(ks), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    return _call_accumulating(_ops.k_grouped_fp8_wgrad_gemm_nt, a, sfa, b, sfb, d, c, ks)
+    return _call_accumulating("k_grouped_fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, ks)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out=None):
     """Rows of A grouped by m_indices (int32 group id per row, -1 = padding, skipped and not written); group g
     multiplies by B[g]. Each group's rows must be padded to a multiple of 128 (get_m_alignment_for_contiguous_layout)."""
     d = out if out is not None else torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
-    _ops.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, d, m_indices)
+    kernel_for("m_grouped_fp8_gemm_nt_contiguous", a, sfa, b, sfb, d, m_indices)(a, sfa, b, sfb, d, m_indices)
     return d
 
 
@@ -71,33 +73,34 @@ def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, expected_m: int, out=
     masked_m stays on the device; expected_m is a host hint for the block-size choice (CUDA-graph safe)."""
     d = out if out is not None else torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=torch.bfloat16,
                                                 device=a.device)
-    _ops.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, d, masked_m, int(expected_m))
+    kernel_for("m_grouped_fp8_gemm_nt_masked", a, sfa, b, sfb, d, masked_m)(a, sfa, b, sfb, d, masked_m,
+                                                                             int(expected_m))
     return d
 
 
 def per_block_quant_fp8(x, transpose: bool = False, eps: float = 1e-4, scale_ue8m0: bool = False):
     """x [N, K] -> (q e4m3 [N, K], scales fp32 [ceil(N/128), ceil(K/128)]) per 128x128 block; with transpose=True
     q is [K, N] and scales [ceil(K/128), ceil(N/128)] (the B operand of the data-gradient GEMM)."""
-    return _ops.per_block_quant_fp8(x, transpose, eps, scale_ue8m0)
+    return kernel_for("per_block_quant_fp8", x)(x, transpose, eps, scale_ue8m0)
 
 
 def per_block_quant_fp8_dual(x, eps: float = 1e-4, scale_ue8m0: bool = False):
     """Both orientations of per_block_quant_fp8 in one pass over x: (q [N, K], sf [ceil(N/128), ceil(K/128)],
     q^T [K, N], sf^T [ceil(K/128), ceil(N/128)]), each equal to the single-orientation call's result."""
-    return _ops.per_block_quant_fp8_dual(x, eps, scale_ue8m0)
+    return kernel_for("per_block_quant_fp8_dual", x)(x, eps, scale_ue8m0)
 
 
 def per_token_group_quant_fp8_t(x, eps: float = 1e-4, scale_ue8m0: bool = False):
     """x [M, K] -> (q e4m3 [K, M], scales fp32 [K, ceil(M/128)] MN-major), quantised per 128 consecutive rows of
     each column: the operands of the weight-gradient GEMM. q's rows are padded to 16 bytes (zeros)."""
-    return _ops.per_token_group_quant_fp8_t(x, eps, scale_ue8m0)
+    return kernel_for("per_token_group_quant_fp8_t", x)(x, eps, scale_ue8m0)
 
 
 def per_token_group_quant_fp8_dual(x, eps: float = 1e-4, scale_ue8m0: bool = False):
     """x [M, K] (K a multiple of 128) in both activation layouts from one pass over x: (q [M, K], per-token 1x128
     scales [M, K/128] MN-major) as per_token_group_quant_fp8 gives them, and (q^T [K, M], scales [K, ceil(M/128)])
     as per_token_group_quant_fp8_t does; bit for bit those ops' results."""
-    return _ops.per_token_group_quant_fp8_dual(x, eps, scale_ue8m0)
+    return kernel_for("per_token_group_quant_fp8_dual", x)(x, eps, scale_ue8m0)
 
 
 def scales_shape(m: int, k: int) -> tuple[int, int]:

@@ -141,9 +141,25 @@ class Kernel:
         """Clusters of `cluster` CTAs (`threads` each, `smem` dynamic bytes) that fit on the current GPU at once."""
         return driver.max_active_clusters(self._handle, cluster, threads, smem, torch._C._cuda_getDevice())
 
-    def launch_cluster(self, grid, block, cluster, *args, smem: int = 0) -> None:
-        """Launch with thread-block clusters (cuLaunchKernelEx) on the current stream; `cluster` is (x, y, z)."""
-        self.prepare(grid, block, *args, smem=smem, cluster=cluster).launch()
+    def launch_cluster(self, grid, block, cluster, *args, smem: int = 0, stream: int | None = None) -> None:
+        """Launch with thread-block clusters (cuLaunchKernelEx); `cluster` is (x, y, z)."""
+        device = _get_device()
+        if smem > _DEFAULT_SMEM_LIMIT:
+            self._configure_smem(smem, device)
+        if stream is None:
+            stream = _get_stream(device)
+        cfg, _attr = _cluster_config(_dims(grid), _dims(block), _dims(cluster), smem, stream)
+        extra = self._pack(args)
+        driver.check(driver.lib().cuLaunchKernelEx(ctypes.byref(cfg), self._handle, None, extra),
+                     f"cluster launch of {self.name} grid={grid} block={block} cluster={cluster}")
+
+
+def _cluster_config(grid: tuple, block: tuple, cluster: tuple, smem: int, stream):
+    """cuLaunchKernelEx's config with the cluster-dimension attribute (keep both alive until the launch)."""
+    attr = driver.LaunchAttribute()
+    attr.id = driver.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attr.value[0], attr.value[1], attr.value[2] = cluster
+    return driver.LaunchConfig(*grid, *block, smem, stream, ctypes.pointer(attr), 1), attr
 
 
 class PreparedLaunch:
@@ -162,10 +178,7 @@ class PreparedLaunch:
                                             driver.CU_LAUNCH_PARAM_END.value)
         self._config = self._attr = None
         if cluster is not None:
-            self._attr = driver.LaunchAttribute()
-            self._attr.id = driver.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            self._attr.value[0], self._attr.value[1], self._attr.value[2] = cluster
-            self._config = driver.LaunchConfig(*grid, *block, smem, None, ctypes.pointer(self._attr), 1)
+            self._config, self._attr = _cluster_config(grid, block, cluster, smem, None)
 
     def launch(self) -> None:
         k = self.kernel

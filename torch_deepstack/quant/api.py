@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack._library import kernel_for
+
 
 def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float = 1e-4,
                               scale_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -12,4 +14,4 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float
     scale = max(amax, eps) / 448 (rounded up to a power of two if `scale_ue8m0`), stored MN-major and
     TMA-aligned (see torch_deepstack.quant.scale_layout). Dequantise with q.float() * scale.
     """
-    return torch.ops.deepstack.per_token_group_quant_fp8(x, group_size, eps, scale_ue8m0)
+    return kernel_for("per_token_group_quant_fp8", x)(x, group_size, eps, scale_ue8m0)

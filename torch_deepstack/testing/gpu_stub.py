@@ -37,7 +37,8 @@ class _NoDriver:
 
 
 def _clear_host_caches():
-    for cache in (kernels._CALLS, kernels._QUANT_PLANS, kernels._PLANS, kernels._TMAPS, quant_kernels._kernels):
+    for cache in (kernels._CALLS, kernels._QUANT_PLANS, kernels._PLANS, kernels._TMAPS, quant_kernels._kernels,
+                  quant_kernels._CHECKED):
         cache.clear()
 
 
