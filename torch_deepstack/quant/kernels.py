@@ -5,6 +5,7 @@ import torch
 
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
+from torch_deepstack.memo import BoundedMemo
 from torch_deepstack.quant.checks import check_group_quant_input
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
@@ -59,7 +60,7 @@ def _group_quant_kernel(dtype, group_size, ue8m0):
 
 
 # Input layouts already validated (shape, strides, dtype, group size, 16-byte aligned start): a repeat skips the checks
-_CHECKED: set = set()
+_CHECKED = BoundedMemo()
 
 
 def _check_input(op, x, group_size):
@@ -77,9 +78,7 @@ def per_token_group_quant_fp8_cuda(x: torch.Tensor, group_size: int = 128, eps: 
     key = (x.shape, x.stride(), x.dtype, group_size, x.data_ptr() % 16)
     if key not in _CHECKED:
         _check_input("per_token_group_quant_fp8", x, group_size)
-        if len(_CHECKED) >= 4096:
-            _CHECKED.clear()
-        _CHECKED.add(key)
+        _CHECKED.remember(key, True)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = mn_major_tma_aligned_empty((*x.shape[:-1], x.shape[-1] // group_size), device=x.device)
     if q.numel():
