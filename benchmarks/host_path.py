@@ -101,7 +101,25 @@ def cases(t=256, k=512, n=384, device="cpu"):
         "per_block_quant_fp8_dual": lambda: kernels.per_block_quant_fp8_dual_cuda(w),
         "fp8_gemm_nt": lambda: kernels.fp8_gemm_nt_cuda(q, s, wq, ws, d),
         "fp8_wgrad_gemm_nt (bf16 out)": lambda: kernels.fp8_wgrad_gemm_nt_cuda(qt, st, qt, st, dw),
+        **grouped_cases(q, s, w, device),
     }
+
+
+def grouped_cases(q, s, w, device, groups=2):
+    """The MoE GEMMs' faces on the same operands: contiguous (rows split between groups) and masked."""
+    t, k = q.shape
+    wq, ws = kernels.per_block_quant_fp8_cuda(torch.stack([w] * groups).reshape(-1, k))
+    bq, bs = wq.view(groups, -1, k), ws.view(groups, -1, ws.shape[-1])
+    n = bq.shape[1]
+    ids = (torch.arange(t, device=device) * groups // t).to(torch.int32)
+    d = torch.empty(t, n, dtype=torch.bfloat16, device=device)
+    qm = q.view(groups, t // groups, k)
+    sm = kernels.mn_major_tma_aligned_empty((groups, t // groups, k // 128), device=device).fill_(1)
+    dm = torch.empty(groups, t // groups, n, dtype=torch.bfloat16, device=device)
+    counts = torch.full((groups,), t // (2 * groups), dtype=torch.int32, device=device)
+    return {"m_grouped_fp8_gemm_nt_contiguous": lambda: kernels.m_grouped_contiguous_cuda(q, s, bq, bs, d, ids),
+            "m_grouped_fp8_gemm_nt_masked": lambda: kernels.m_grouped_masked_cuda(qm, sm, bq, bs, dm, counts,
+                                                                                 t // (2 * groups))}
 
 
 def main():

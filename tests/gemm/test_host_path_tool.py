@@ -16,5 +16,6 @@ def test_host_path_tool_times_every_face():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = dict(re.findall(r"^\| (.+?) \| ([0-9.]+) \|$", out.stdout, re.M))
     for face in ("per_token_group_quant_fp8_dual", "per_block_quant_fp8_dual", "fp8_gemm_nt",
-                 "fp8_wgrad_gemm_nt (bf16 out)"):
+                 "fp8_wgrad_gemm_nt (bf16 out)", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+                 "FP8Linear training step"):
         assert float(rows[face]) > 0, out.stdout
