@@ -56,13 +56,18 @@ def param_struct(signature: str, offsets: list | None = None) -> struct.Struct:
     return struct.Struct(fmt)
 
 
+def _param_extra(buf, size) -> ctypes.Array:
+    """cuLaunchKernel's `extra` array for a packed parameter buffer and its c_size_t size (both must outlive it)."""
+    return (ctypes.c_void_p * 5)(driver.CU_LAUNCH_PARAM_BUFFER_POINTER.value, ctypes.addressof(buf),
+                                 driver.CU_LAUNCH_PARAM_BUFFER_SIZE.value, ctypes.addressof(size),
+                                 driver.CU_LAUNCH_PARAM_END.value)
+
+
 class _ThreadBuffers(threading.local):
     def __init__(self, size: int):
         self.buf = ctypes.create_string_buffer(max(size, 8))
         self.size = ctypes.c_size_t(size)
-        self.extra = (ctypes.c_void_p * 5)(driver.CU_LAUNCH_PARAM_BUFFER_POINTER.value,
-                                           ctypes.addressof(self.buf), driver.CU_LAUNCH_PARAM_BUFFER_SIZE.value,
-                                           ctypes.addressof(self.size), driver.CU_LAUNCH_PARAM_END.value)
+        self.extra = _param_extra(self.buf, self.size)
 
 
 def _dims(v) -> tuple:
@@ -112,21 +117,24 @@ class Kernel:
 
     def launch(self, grid, block, *args, smem: int = 0, stream: int | None = None) -> None:
         """Launch on torch's current stream of the current device (or on `stream`, a raw cudaStream_t)."""
-        if grid.__class__ is int:
-            gx, gy, gz = grid, 1, 1
-        else:
-            gx, gy, gz = (*grid, 1, 1)[:3]
-        if block.__class__ is int:
-            bx, by, bz = block, 1, 1
-        else:
-            bx, by, bz = (*block, 1, 1)[:3]
+        self._issue(_dims(grid), _dims(block), smem, stream, self._pack(args))
+
+    def _issue(self, grid: tuple, block: tuple, smem: int, stream, extra, config=None) -> None:
+        """One driver launch of packed parameters (`extra`); `config`: a cluster launch's cuLaunchKernelEx config.
+        stream None: torch's current stream of the current device."""
         if stream is None or smem > _DEFAULT_SMEM_LIMIT:
             device = _get_device()
             if smem > _DEFAULT_SMEM_LIMIT:
                 self._configure_smem(smem, device)
             if stream is None:
                 stream = _get_stream(device)
-        extra = self._pack(args)
+        if config is not None:
+            config.hStream = stream
+            driver.check(driver.lib().cuLaunchKernelEx(ctypes.byref(config), self._handle, None, extra),
+                         f"cluster launch of {self.name} grid={grid} block={block} smem={smem}")
+            return
+        gx, gy, gz = grid
+        bx, by, bz = block
         # Plain ctypes call (no argtypes): ints convert as C ints, handles go as c_void_p. Twice as fast as argtypes.
         res = self._launch_fn(self._handle, gx, gy, gz, bx, by, bz, smem, _c_void_p(stream) if stream else None,
                               None, extra)
@@ -143,15 +151,9 @@ class Kernel:
 
     def launch_cluster(self, grid, block, cluster, *args, smem: int = 0, stream: int | None = None) -> None:
         """Launch with thread-block clusters (cuLaunchKernelEx); `cluster` is (x, y, z)."""
-        device = _get_device()
-        if smem > _DEFAULT_SMEM_LIMIT:
-            self._configure_smem(smem, device)
-        if stream is None:
-            stream = _get_stream(device)
-        cfg, _attr = _cluster_config(_dims(grid), _dims(block), _dims(cluster), smem, stream)
-        extra = self._pack(args)
-        driver.check(driver.lib().cuLaunchKernelEx(ctypes.byref(cfg), self._handle, None, extra),
-                     f"cluster launch of {self.name} grid={grid} block={block} cluster={cluster}")
+        grid, block = _dims(grid), _dims(block)
+        config, _attr = _cluster_config(grid, block, _dims(cluster), smem, None)   # (_attr: alive until the launch)
+        self._issue(grid, block, smem, stream, self._pack(args), config)
 
 
 def _cluster_config(grid: tuple, block: tuple, cluster: tuple, smem: int, stream):
@@ -173,31 +175,10 @@ class PreparedLaunch:
         self._buf = ctypes.create_string_buffer(params, max(len(params), 8))
         # the driver reads the buffer and its size at launch time; both live as long as this object
         self._size = ctypes.c_size_t(len(params))
-        self._extra = (ctypes.c_void_p * 5)(driver.CU_LAUNCH_PARAM_BUFFER_POINTER.value, ctypes.addressof(self._buf),
-                                            driver.CU_LAUNCH_PARAM_BUFFER_SIZE.value, ctypes.addressof(self._size),
-                                            driver.CU_LAUNCH_PARAM_END.value)
+        self._extra = _param_extra(self._buf, self._size)
         self._config = self._attr = None
         if cluster is not None:
             self._config, self._attr = _cluster_config(grid, block, cluster, smem, None)
 
     def launch(self) -> None:
-        k = self.kernel
-        device = _get_device()
-        if self.smem > _DEFAULT_SMEM_LIMIT:
-            k._configure_smem(self.smem, device)
-        stream = _get_stream(device)
-        if self._config is not None:
-            self._config.hStream = stream
-            driver.check(driver.lib().cuLaunchKernelEx(ctypes.byref(self._config), k._handle, None, self._extra),
-                         f"cluster launch of {k.name} grid={self.grid} cluster={self.cluster}")
-            return
-        gx, gy, gz = self.grid
-        bx, by, bz = self.block
-        res = k._launch_fn(k._handle, gx, gy, gz, bx, by, bz, self.smem, _c_void_p(stream) if stream else None, None,
-                           self._extra)
-        if res:
-            if res == _CUDA_ERROR_INVALID_CONTEXT:
-                driver.ensure_context(device)
-                res = k._launch_fn(k._handle, gx, gy, gz, bx, by, bz, self.smem,
-                                   _c_void_p(stream) if stream else None, None, self._extra)
-            driver.check(res, f"launch of {k.name} grid={self.grid} block={self.block} smem={self.smem}")
+        self.kernel._issue(self.grid, self.block, self.smem, None, self._extra, self._config)
