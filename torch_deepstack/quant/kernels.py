@@ -48,19 +48,9 @@ def _prebuild():
     return [group_quant_spec(d, g, u) for d in _CTYPE for g in (128,) for u in (False, True)]
 
 
-_kernels: dict = {}
-
-
-def _group_quant_kernel(dtype, group_size, ue8m0):
-    key = (dtype, group_size, ue8m0)
-    k = _kernels.get(key)
-    if k is None:
-        k = _kernels[key] = get_kernel(group_quant_spec(dtype, group_size, ue8m0), _SIGNATURE)
-    return k
-
-
-# Input layouts already validated (shape, strides, dtype, group size, 16-byte aligned start): a repeat skips the checks
-_CHECKED = BoundedMemo()
+# Plans by input layout (shape, strides, dtype, group size, scale form, 16-byte aligned start): the checks and the
+# kernel lookup run on a layout's first call; later calls allocate and launch.
+_PLANS = BoundedMemo()
 
 
 def _check_input(op, x, group_size):
@@ -75,13 +65,14 @@ def _check_input(op, x, group_size):
 @cuda_kernel("per_token_group_quant_fp8")
 def per_token_group_quant_fp8_cuda(x: torch.Tensor, group_size: int = 128, eps: float = 1e-4,
                                    scale_ue8m0: bool = False):
-    key = (x.shape, x.stride(), x.dtype, group_size, x.data_ptr() % 16)
-    if key not in _CHECKED:
+    key = (x.shape, x.stride(), x.dtype, group_size, scale_ue8m0, x.data_ptr() % 16)
+    kernel = _PLANS.get(key)
+    if kernel is None:
         _check_input("per_token_group_quant_fp8", x, group_size)
-        _CHECKED.remember(key, True)
+        kernel = _PLANS.remember(key, x.numel() and get_kernel(group_quant_spec(x.dtype, group_size, scale_ue8m0),
+                                                               _SIGNATURE))   # (0: empty, nothing to launch)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scales = mn_major_tma_aligned_empty((*x.shape[:-1], x.shape[-1] // group_size), device=x.device)
-    if q.numel():
-        launch_group_quant(_group_quant_kernel(x.dtype, group_size, scale_ue8m0), x, q, scales, group_size,
-                           ITERS, eps)
+    if kernel:
+        launch_group_quant(kernel, x, q, scales, group_size, ITERS, eps)
     return q, scales

@@ -37,8 +37,7 @@ class _NoDriver:
 
 
 def _clear_host_caches():
-    for cache in (kernels._CALLS, kernels._QUANT_PLANS, kernels._PLANS, kernels._TMAPS, quant_kernels._kernels,
-                  quant_kernels._CHECKED):
+    for cache in (kernels._CALLS, kernels._QUANT_PLANS, kernels._PLANS, kernels._TMAPS, quant_kernels._PLANS):
         cache.clear()
 
 
