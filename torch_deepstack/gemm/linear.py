@@ -36,22 +36,23 @@ class _WeightCache:
             self.key, self.fwd, self.bwd = key, None, None
 
     def operands(self, w, transposed: bool):
-        """(forward operand, data-gradient operand or None): W per 128x128 block, and with `transposed` W^T too.
-        Both at once come from one pass over W (per_block_quant_fp8_dual)."""
+        """(forward operand, data-gradient operand or None): W per 128x128 block, and with `transposed` W^T too."""
         if torch.compiler.is_compiling():   # data_ptr/_version are not traceable: quantise inside the graph
-            if transposed:
-                q, s, qt, st = api.per_block_quant_fp8_dual(w.detach())
-                return (q, s), (qt, st)
-            return api.per_block_quant_fp8(w.detach()), None
+            return _weight_operands(w.detach(), transposed)
         self._sync(w)
-        if transposed and self.fwd is None and self.bwd is None:
-            q, s, qt, st = api.per_block_quant_fp8_dual(w.detach())
-            self.fwd, self.bwd = (q, s), (qt, st)
         if self.fwd is None:
-            self.fwd = api.per_block_quant_fp8(w.detach())
-        if transposed and self.bwd is None:
+            self.fwd, self.bwd = _weight_operands(w.detach(), transposed)
+        elif transposed and self.bwd is None:
             self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
         return self.fwd, (self.bwd if transposed else None)
+
+
+def _weight_operands(w, transposed: bool):
+    """W's 128x128-block operand and, with `transposed`, W^T's (else None): both from one pass over W."""
+    if transposed:
+        q, s, qt, st = api.per_block_quant_fp8_dual(w)
+        return (q, s), (qt, st)
+    return api.per_block_quant_fp8(w), None
 
 
 def _wgrad_operand(t2d: torch.Tensor):
@@ -122,15 +123,15 @@ class _FP8LinearFn(torch.autograd.Function):
         y = _linear(x, xop, weight, bias, wop)
         xtq, xts = xtop if xtop is not None else (None, None)
         wtq, wts = wtop if wtop is not None else (None, None)
-        ctx.save_for_backward(xtq, xts, wtq, wts, weight)
+        ctx.save_for_backward(xtq, xts, wtq, wts)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
+        ctx.n, ctx.w_dtype = weight.shape[0], weight.dtype   # (the backward needs no W values: W^T is saved in FP8)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xtq, xts, wtq, wts, weight = ctx.saved_tensors
-        n = weight.shape[0]
-        dy2 = _rows(dy, n)
+        xtq, xts, wtq, wts = ctx.saved_tensors
+        dy2 = _rows(dy, ctx.n)
         if dy2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dy2 = dy2.float()
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -148,9 +149,9 @@ class _FP8LinearFn(torch.autograd.Function):
             dytq, dyts = dytop
             # bf16 / fp32 weights get their gradient straight from the GEMM's epilogue (fp32 accumulation either
             # way), not through an fp32 tensor and a cast kernel (~9% of a 2048-token step on the H200)
-            dw = api.fp8_wgrad_gemm_nt(_padded(dytq), dyts, _padded(xtq), xts, out_dtype=_out_dtype(weight.dtype))
-            if dw.dtype != weight.dtype:
-                dw = dw.to(weight.dtype)
+            dw = api.fp8_wgrad_gemm_nt(_padded(dytq), dyts, _padded(xtq), xts, out_dtype=_out_dtype(ctx.w_dtype))
+            if dw.dtype != ctx.w_dtype:
+                dw = dw.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(dy.dtype)
         return dx, dw, db, None, None

@@ -10,7 +10,7 @@ import torch
 from torch_deepstack._library import reference, sample_inputs
 from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import FP8, cdiv, check_dual_token_quant_input, check_quant_input
-from torch_deepstack.quant.reference import ceil_to_ue8m0
+from torch_deepstack.quant.reference import ceil_to_ue8m0, per_token_group_quant_fp8_ref
 from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX, mn_major_tma_aligned_empty
 
 
@@ -233,7 +233,6 @@ def _block_quant_samples(device):
 
 @reference("per_token_group_quant_fp8_dual")
 def per_token_group_quant_fp8_dual_ref(x, eps=1e-4, scale_ue8m0=False):
-    from torch_deepstack.quant.reference import per_token_group_quant_fp8_ref
     check_dual_token_quant_input("per_token_group_quant_fp8_dual", x)
     x = x if x.stride(-1) == 1 else x.contiguous()
     return (*per_token_group_quant_fp8_ref(x, 128, eps, scale_ue8m0),
