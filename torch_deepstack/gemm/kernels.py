@@ -406,11 +406,11 @@ _QUANT_HEADER = "gemm/quant_fp8.cuh"
 _QUANT_PLANS = BoundedMemo()
 
 
-def _quant_plan(op, x, flags, build):
+def _quant_plan(op, x, flags, build, check=check_quant_input):
     key = (op, x.shape, x.stride(), x.dtype, flags)
     plan = _QUANT_PLANS.get(key)
     if plan is None:
-        (check_dual_token_quant_input if op == "per_token_group_quant_fp8_dual" else check_quant_input)(op, x)
+        check(op, x)
         plan = _QUANT_PLANS.remember(key, build())
     return plan
 
@@ -471,7 +471,8 @@ def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
 @cuda_kernel("per_token_group_quant_fp8_dual")
 def per_token_group_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
     kernel = _quant_plan("per_token_group_quant_fp8_dual", x, scale_ue8m0, lambda: x.numel() and _quant_kernel(
-        "per_token_group_quant_fp8_dual_kernel", "pppppiiililif", _CTYPE[x.dtype], scale_ue8m0))
+        "per_token_group_quant_fp8_dual_kernel", "pppppiiililif", _CTYPE[x.dtype], scale_ue8m0),
+        check=check_dual_token_quant_input)
     x, (m, k) = _unit_cols(x), x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     sf = mn_major_tma_aligned_empty((m, k // 128), device=x.device)
