@@ -82,12 +82,16 @@ class Kernel:
         self.entry = entry
         self.signature = signature
         self._handle, self._library = driver.load_kernel(cubin, entry)
-        self._struct = param_struct(signature, driver.kernel_param_offsets(self._handle))
+        self._setup_packing(signature, driver.kernel_param_offsets(self._handle))
+        self._smem_configured: dict[int, int] = {}
+        self._launch_fn = driver.raw_launch_fn()
+
+    def _setup_packing(self, signature: str, offsets) -> None:
+        """The parameter layout (`offsets` from the cubin, or None: the natural C layout) and the per-thread buffer."""
+        self._struct = param_struct(signature, offsets)
         self._pointer_slots = tuple(i for i, c in enumerate(signature) if c == "p")
         self._tls = _ThreadBuffers(self._struct.size)
-        self._smem_configured: dict[int, int] = {}
         self._nargs = len(signature)
-        self._launch_fn = driver.raw_launch_fn()
 
     def _pack(self, args) -> ctypes.Array:
         if len(args) != self._nargs:

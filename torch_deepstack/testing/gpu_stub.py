@@ -16,11 +16,8 @@ class NoLaunchKernel(launch.Kernel):
     def __init__(self, spec, signature: str):
         self.spec, self.name, self.entry = spec, "stub", "stub"
         self.signature, self._handle, self._library = signature, None, None
-        self._struct = launch.param_struct(signature)
-        self._pointer_slots = tuple(i for i, c in enumerate(signature) if c == "p")
-        self._tls = launch._ThreadBuffers(self._struct.size)
+        self._setup_packing(signature, None)
         self._smem_configured = {0: 1 << 30}
-        self._nargs = len(signature)
         self.launches = 0
 
     def _launch_fn(self, *args) -> int:
