@@ -136,3 +136,30 @@ def test_wrong_gpu_arch_gives_clear_error(monkeypatch):
         jit.check_device_arch()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     jit.check_device_arch()
+
+
+@pytest.mark.cuda
+def test_kernel_loads_and_launches_in_a_thread_that_never_used_cuda():
+    """The autograd engine runs CUDA backward passes in a thread of its own, where torch may not have made a context
+    current: a kernel first loaded there (a backward GEMM of a new shape) must load, lay out its parameters and
+    launch. Here: a fresh Python thread loads and launches a kernel no other thread has loaded."""
+    import threading
+
+    import torch
+    from torch_deepstack.jit.launch import Kernel
+    compiled = jit.build(KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (13,)))
+    errors = []
+
+    def load_and_launch():
+        try:
+            k = Kernel(compiled.cubin, compiled.entry, "pif")
+            assert k._struct.size >= 16   # a pointer, an int and a float: the cubin's layout was read
+            k.launch(1, 32, None, 1, 2.0)
+        except BaseException as e:   # (re-raised in the test's thread)
+            errors.append(e)
+
+    t = threading.Thread(target=load_and_launch)
+    t.start()
+    t.join()
+    assert not errors, errors
+    torch.cuda.synchronize()

@@ -67,6 +67,9 @@ def raw_launch_fn():
     return fn
 
 
+CUDA_ERROR_INVALID_VALUE = 1
+
+
 def check(res: int, what: str) -> None:
     if res != 0:
         msg = ctypes.c_char_p()
@@ -106,8 +109,10 @@ def kernel_param_offsets(kernel: ctypes.c_void_p) -> list[tuple[int, int]] | Non
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
     out = []
     off, size = ctypes.c_size_t(), ctypes.c_size_t()
-    while fn(kernel, len(out), ctypes.byref(off), ctypes.byref(size)) == 0:
+    while (res := fn(kernel, len(out), ctypes.byref(off), ctypes.byref(size))) == 0:
         out.append((off.value, size.value))
+    if not out and res != CUDA_ERROR_INVALID_VALUE:   # (every kernel of ours has parameters: a real failure)
+        check(res, "cuKernelGetParamInfo")
     return out
 
 

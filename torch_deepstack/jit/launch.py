@@ -81,6 +81,10 @@ class Kernel:
         self.name = name or entry
         self.entry = entry
         self.signature = signature
+        # The autograd engine runs CUDA backward passes in a thread of its own, where no context may be current yet
+        # (torch binds one lazily); a kernel first loaded there (a backward GEMM's new shape) needs one for its
+        # parameter layout query.
+        driver.ensure_context(_get_device())
         self._handle, self._library = driver.load_kernel(cubin, entry)
         self._setup_packing(signature, driver.kernel_param_offsets(self._handle))
         self._smem_configured: dict[int, int] = {}
