@@ -254,6 +254,59 @@ def test_fp8_linear_weight_cache_follows_updates():
     assert calc_diff(y2, 2 * y1) < 1e-4
 
 
+def test_fp8_linear_under_capture_quantises_the_weight_in_the_graph(monkeypatch):
+    """While a CUDA graph is being captured (simulated: the capture check patched), FP8Linear neither reads nor fills
+    its weight cache: the graph quantises W itself, so replays never read a copy that a later optimizer step made
+    stale or an eager call freed."""
+    from torch_deepstack.gemm import linear
+    f8 = FP8Linear(128, 128, bias=False)
+    x = fresh_randn(4, 128)
+    f8(x)
+    cached = f8._cache.fwd
+    monkeypatch.setattr(linear, "_capturing", lambda w: True)
+    with torch.no_grad():
+        f8.weight.mul_(3)                           # the cache is stale now
+    y = f8(x)
+    assert f8._cache.fwd is cached                  # untouched: not read, not replaced
+    monkeypatch.setattr(linear, "_capturing", lambda w: False)
+    assert calc_diff(y, f8(x)) < 1e-6 and f8._cache.fwd is not cached
+
+
+def test_fp8_linear_frozen_weight(monkeypatch):
+    """freeze_fp8_weight_: the FP8 copies are made once and used until refresh_fp8_weight_ rewrites them in place
+    (so a captured graph would see the new values); unfrozen, the module follows the weight again and the copies it
+    gave up stay allocated. Making the copies under capture is refused with an error that says what to do."""
+    from torch_deepstack.gemm import linear
+    f8 = FP8Linear(256, 128, bias=False).freeze_fp8_weight_()
+    x = fresh_randn(5, 256)
+    y1 = f8(x)
+    q, s = f8._cache.fwd
+    with torch.no_grad():
+        f8.weight.mul_(2)
+    assert torch.equal(f8(x), y1)                   # frozen: the change is not seen...
+    f8.refresh_fp8_weight_()
+    assert f8._cache.fwd[0] is q and f8._cache.fwd[1] is s   # ...until refreshed, in place
+    y2 = f8(x)
+    assert calc_diff(y2, 2 * y1) < 1e-4
+    xg = x.clone().requires_grad_()
+    f8(xg).sum().backward()                         # a data gradient adds the frozen W^T copy (made eagerly)
+    assert f8._cache.bwd is not None
+    monkeypatch.setattr(linear, "_capturing", lambda w: True)
+    f8(xg).sum().backward()                         # both copies exist: usable under capture
+    f8.freeze_fp8_weight_(False)
+    f8.freeze_fp8_weight_(True)
+    assert f8._cache.released[-1][0][0] is q        # given up, still referenced
+    with pytest.raises(RuntimeError, match="outside CUDA graph capture"):
+        f8(x)
+    monkeypatch.setattr(linear, "_capturing", lambda w: False)
+    f8.freeze_fp8_weight_(False)
+    with torch.no_grad():
+        f8.weight.mul_(0.5)
+    assert calc_diff(f8(x), y1) < 1e-4              # unfrozen: follows the weight
+    with pytest.raises(RuntimeError, match="not frozen"):
+        f8.refresh_fp8_weight_()
+
+
 def test_fp8_linear_quantises_the_weight_once_per_step(monkeypatch):
     """A training step whose input needs a gradient makes both FP8 copies of W in one pass (the dual quantiser) and
     none again until W changes; inference and a frozen input make only the forward copy."""

@@ -644,6 +644,70 @@ def test_fp8_linear_cuda_edge_inputs():
     assert calc_diff(gw, torch.ones(200, 384, device=DEV).T @ xc.detach().float()) < 2e-3
 
 
+def _fp8_linear_copy(f8):
+    from torch_deepstack.gemm import FP8Linear
+    e8 = FP8Linear(f8.in_features, f8.out_features, device=DEV, dtype=f8.weight.dtype)
+    with torch.no_grad():
+        e8.weight.copy_(f8.weight)
+        e8.bias.copy_(f8.bias)
+    return e8
+
+
+def test_fp8_linear_cuda_graph_replays_read_the_current_weight():
+    """A training step captured with torch.cuda.graph after eager steps (the FP8 weight cache warm): each replay,
+    after an in-place weight update as an optimizer makes, gives what an eager module with that weight gives. (The
+    graph quantises W itself; reading the cache captured the copy of the capture-time weight.)"""
+    from torch_deepstack.gemm import FP8Linear
+    f8 = FP8Linear(512, 384, device=DEV, dtype=torch.bfloat16)
+    x = fresh_randn(300, 512, dtype=torch.bfloat16, device=DEV).requires_grad_()
+    gy = fresh_randn(300, 384, dtype=torch.bfloat16, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up off the default stream, as torch.cuda.graph's documentation asks
+        for _ in range(2):
+            f8(x).backward(gy)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = f8.weight.grad = f8.bias.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = f8(x)
+        y.backward(gy)
+    for _ in range(3):
+        with torch.no_grad():
+            f8.weight.add_(fresh_randn(384, 512, dtype=torch.bfloat16, device=DEV, scale=0.02))
+            x.copy_(fresh_randn(300, 512, dtype=torch.bfloat16, device=DEV))
+            gy.copy_(fresh_randn(300, 384, dtype=torch.bfloat16, device=DEV))
+        graph.replay()
+        e8 = _fp8_linear_copy(f8)
+        xe = x.detach().clone().requires_grad_()
+        ye = e8(xe)
+        ye.backward(gy)
+        for got, want in ((y, ye), (x.grad, xe.grad), (f8.weight.grad, e8.weight.grad), (f8.bias.grad, e8.bias.grad)):
+            assert calc_diff(got, want) < 1e-6
+
+
+def test_fp8_linear_cuda_frozen_weight_in_a_graph():
+    """Serving: a frozen FP8Linear captured under no_grad replays with new inputs as the eager module computes, and
+    after refresh_fp8_weight_ the same graph uses the new weight (its copies were rewritten in place)."""
+    from torch_deepstack.gemm import FP8Linear
+    f8 = FP8Linear(512, 384, device=DEV, dtype=torch.bfloat16).freeze_fp8_weight_()
+    x = fresh_randn(65, 512, dtype=torch.bfloat16, device=DEV)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        f8(x)   # makes the frozen copies (and loads the kernels) outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            y = f8(x)
+        for update in (False, True, False):
+            if update:
+                f8.weight.mul_(-0.5)
+                f8.refresh_fp8_weight_()
+            x.copy_(fresh_randn(65, 512, dtype=torch.bfloat16, device=DEV))
+            graph.replay()
+            want = _fp8_linear_copy(f8)(x)
+            assert calc_diff(y, want) < 1e-6
+
+
 def test_fp8_linear_cuda_matches_bf16_linear():
     from torch_deepstack.gemm import FP8Linear
     torch.manual_seed(0)

@@ -22,13 +22,20 @@ from torch_deepstack.gemm import api
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
 
+def _capturing(w: torch.Tensor) -> bool:
+    """Whether w's kernels would be recorded into a CUDA graph now (torch.cuda.graph, make_graphed_callables)."""
+    return w.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class _WeightCache:
-    """FP8 copies of a weight, keyed on (storage pointer, version counter)."""
+    """FP8 copies of a weight, keyed on (storage pointer, version counter); or, frozen, kept until refreshed."""
 
     def __init__(self):
         self.key = None
         self.fwd = None   # (q [N, K], scales [N/128, K/128])
         self.bwd = None   # (q [K, N], scales [K/128, N/128])
+        self.frozen = False
+        self.released = []   # copies a frozen cache gave up, kept alive: graphs captured with them still read them
 
     def _sync(self, w: torch.Tensor):
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
@@ -39,12 +46,50 @@ class _WeightCache:
         """(forward operand, data-gradient operand or None): W per 128x128 block, and with `transposed` W^T too."""
         if torch.compiler.is_compiling():   # data_ptr/_version are not traceable: quantise inside the graph
             return _weight_operands(w.detach(), transposed)
+        if self.frozen:
+            return self._frozen_operands(w, transposed)
+        if _capturing(w):
+            # A replay must read W as it is then: the cached copies would be stale after the next optimizer step,
+            # and freed (their memory reused) once an eager call replaces them. Quantise inside the graph.
+            return _weight_operands(w.detach(), transposed)
         self._sync(w)
         if self.fwd is None:
             self.fwd, self.bwd = _weight_operands(w.detach(), transposed)
         elif transposed and self.bwd is None:
             self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
         return self.fwd, (self.bwd if transposed else None)
+
+    def freeze(self, frozen: bool) -> None:
+        if frozen == self.frozen:
+            return
+        if self.frozen and self.fwd is not None:
+            self.released.append((self.fwd, self.bwd))
+        self.frozen, self.key, self.fwd, self.bwd = frozen, None, None, None
+
+    def _frozen_operands(self, w, transposed: bool):
+        if self.fwd is not None and self.key != (w.device, tuple(w.shape)):   # moved or resized: not W's copies
+            self.released.append((self.fwd, self.bwd))
+            self.fwd = self.bwd = None
+        if self.fwd is None or (transposed and self.bwd is None):
+            if _capturing(w):
+                raise RuntimeError("FP8Linear: the frozen FP8 weight is made on the first call; call the module once "
+                                   "outside CUDA graph capture (with gradients if the graph computes them)")
+            if self.fwd is None:
+                self.fwd, self.bwd = _weight_operands(w.detach(), transposed)
+                self.key = (w.device, tuple(w.shape))
+            else:
+                self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
+        return self.fwd, (self.bwd if transposed else None)
+
+    def refresh(self, w: torch.Tensor) -> None:
+        """Re-quantise W into the frozen copies in place (graphs that read them see the new values)."""
+        if self.fwd is not None and self.key != (w.device, tuple(w.shape)):   # (as in _frozen_operands)
+            self.released.append((self.fwd, self.bwd))
+            self.fwd = self.bwd = None
+        if self.fwd is not None:
+            fwd, bwd = _weight_operands(w.detach(), self.bwd is not None)
+            for old, new in zip((*self.fwd, *(self.bwd or ())), (*fwd, *(bwd or ()))):
+                old.copy_(new)
 
 
 def _weight_operands(w, transposed: bool):
@@ -195,6 +240,26 @@ class FP8Linear(nn.Module):
             return _FP8LinearFn.apply(x, self.weight, self.bias, self._cache, x.requires_grad)
         # inference: no autograd node, no transposed copies of x or W for gradients that will not come
         return _forward(x, self.weight, self.bias, self._cache.operands(self.weight, False)[0])
+
+    def freeze_fp8_weight_(self, frozen: bool = True) -> "FP8Linear":
+        """For serving with fixed weights, chiefly under CUDA graphs. By default the FP8 copies of `weight` are
+        cached while it is unchanged (its version counter), and a CUDA graph captured with this module quantises
+        `weight` inside the graph on every replay, so that replays never read a stale or freed copy. Frozen, the
+        module makes the copies once (on its next call, which must not be under capture) and uses them from then
+        on, in eager calls and in graphs captured later, which then skip that per-replay quantisation. Changes to
+        `weight` are not seen until `refresh_fp8_weight_()` (which rewrites the copies in place, so captured graphs
+        see the new values too) or until unfrozen (`frozen=False`; graphs captured while frozen keep reading the
+        copies they were captured with, which stay allocated). Returns self."""
+        self._cache.freeze(bool(frozen))
+        return self
+
+    @torch.no_grad()
+    def refresh_fp8_weight_(self) -> None:
+        """Frozen module: quantise the current `weight` into its FP8 copies in place (see freeze_fp8_weight_)."""
+        if not self._cache.frozen:
+            raise RuntimeError("FP8Linear.refresh_fp8_weight_: the module is not frozen (freeze_fp8_weight_()); "
+                               "unfrozen, the FP8 copies follow the weight by themselves")
+        self._cache.refresh(self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
