@@ -13,12 +13,16 @@ Contenders per shape (T tokens x K in -> N out, bf16 activations and master weig
     compiled  torch.compile(FP8Linear, fullgraph=True), the same FP8 ops inside one graph
     graph     the bf16 and the FP8Linear step each captured whole in a CUDA graph and replayed: what the GPU work
               costs without Python and launch time (eager FP8Linear runs ~9 kernels through Python per step)
+  both modes, back to back only (the "loop" table): the bf16 module and the FP8 contender under
+  torch.compile(mode="reduce-overhead"), i.e. Inductor with CUDA graph trees: PyTorch's own answer to a host-bound
+  step, which replays the compiled forward and backward as CUDA graphs
 Every output is checked against the bf16 result first (calc_diff, printed in the table). Timing:
 `bench_gpu_interleaved` (L2 write-flushed before every call, each contender settled ~100 ms at its own clock,
 5 rotated rounds of 10): the H200 runs at its power cap under these loads.
 
   python benchmarks/bench_linear.py            # writes docs/benchmarks.md's "FP8Linear" block
   python benchmarks/bench_linear.py --quick    # one shape, printed only
+  python benchmarks/bench_linear.py --quick --shapes 2048x7168x4096   # that shape, printed only
   python benchmarks/bench_linear.py --profile 2048x7168x4096   # where each training contender's step time goes
   python benchmarks/bench_linear.py --prebuild-only    # nvcc here, no GPU: the cache a GPU run can carry
 """
@@ -61,9 +65,19 @@ def _inference(t, k, n, device):
         ref = F.linear(x, lin.weight)
         diffs = {"FP8Linear": calc_diff(fp8(x), ref), "pass": calc_diff(y_pass, ref)}
 
+        with torch._inductor.config.patch(fx_graph_cache=False), fp8_linear_pass() as p:
+            before = p.count
+            compiled_ro = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
+            diffs["pass RO"] = calc_diff(compiled_ro(x), ref)
+            if p.count - before != 1:
+                raise RuntimeError(f"fp8_linear_pass rewrote {p.count - before} linears under reduce-overhead")
+        bf16_ro = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
+        bf16_ro(x)
+
     no_grad = torch.no_grad()   # (as a decorator: each call runs under no_grad)
     fns = {"bf16": no_grad(lambda: F.linear(x, lin.weight)), "FP8Linear": no_grad(lambda: fp8(x)),
-           "pass": no_grad(lambda: compiled(x))}
+           "pass": no_grad(lambda: compiled(x)), "pass RO": no_grad(lambda: compiled_ro(x)),
+           "bf16 RO": no_grad(lambda: bf16_ro(x))}
     return fns, diffs
 
 
@@ -74,6 +88,8 @@ def _training(t, k, n, device):
     fp8 = FP8Linear.from_linear(lin)
     torch._dynamo.reset()
     compiled = torch.compile(fp8, fullgraph=True)
+    compiled_ro = torch.compile(fp8, mode="reduce-overhead", fullgraph=True)
+    bf16_ro = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
 
     def step(module, weight, new_weight):
         if new_weight:   # the optimizer step's effect on the FP8 weight cache (bf16 has none)
@@ -86,10 +102,13 @@ def _training(t, k, n, device):
     def worst(grads):   # the larger calc_diff of dx and dW against bf16's
         return max(calc_diff(got, want) for got, want in zip(grads, ref))
 
-    diffs = {name: worst(step(module, fp8.weight, True)) for name, module in (("FP8Linear", fp8),
-                                                                               ("compiled", compiled))}
+    diffs = {name: worst(step(module, fp8.weight, True))
+             for name, module in (("FP8Linear", fp8), ("compiled", compiled), ("compiled RO", compiled_ro))}
+    step(bf16_ro, lin.weight, False)
     fns = {"bf16": lambda: step(lin, lin.weight, False), "FP8Linear": lambda: step(fp8, fp8.weight, True),
-           "compiled": lambda: step(compiled, fp8.weight, True)}
+           "compiled": lambda: step(compiled, fp8.weight, True),
+           "compiled RO": lambda: step(compiled_ro, fp8.weight, True),
+           "bf16 RO": lambda: step(bf16_ro, lin.weight, False)}
     # The same steps replayed from CUDA graphs (no Python or launch time per step); for FP8Linear the capture
     # includes the weight re-quantisation, since the step bumps the version.
     if device == "cuda":
@@ -101,6 +120,47 @@ def _training(t, k, n, device):
     return fns, diffs
 
 
+STACK = (2048, 7168, 4096, 8)   # T tokens through 8 layers alternating K -> N and N -> K, GELU between
+STACK_MAX_DIFF = 1e-2   # FP8 rounding compounds over the stack's layers
+
+
+def _stack_training(t, k, n, layers, device):
+    """Training steps of a layer stack (bf16 nn.Linear and quantize_'d FP8Linear copies), eager, compiled and under
+    reduce-overhead: what one graph per step buys when the step has many layers (a single layer's step pays the
+    compiled wrappers' and CUDA graph trees' fixed host cost alone). Returns (contenders, worst calc_diff)."""
+    import copy
+
+    from torch_deepstack.compile import quantize_
+    dims = [k if i % 2 == 0 else n for i in range(layers + 1)]
+    mods = []
+    for i in range(layers):
+        mods += [nn.Linear(dims[i], dims[i + 1], bias=False, device=device, dtype=torch.bfloat16)]
+        if i < layers - 1:
+            mods.append(nn.GELU())
+    bf16 = nn.Sequential(*mods)
+    fp8 = quantize_(copy.deepcopy(bf16))
+    x = torch.randn(t, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(t, dims[-1], device=device, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    models = {"bf16": bf16, "FP8Linear": fp8, "compiled": torch.compile(fp8, fullgraph=True),
+              "compiled RO": torch.compile(fp8, mode="reduce-overhead", fullgraph=True),
+              "bf16 RO": torch.compile(bf16, mode="reduce-overhead", fullgraph=True)}
+
+    def step(name):
+        model = models[name]
+        weights = tuple(bf16.parameters()) if name.startswith("bf16") else tuple(fp8.parameters())
+        if not name.startswith("bf16"):   # the optimizer step's effect on the FP8 weight caches
+            for w in weights:
+                torch.autograd.graph.increment_version(w)
+        return torch.autograd.grad(model(x), (x, *weights), dy)
+
+    ref = step("bf16")
+    worst = max(calc_diff(got, want) for name in models if not name.startswith("bf16")
+                for got, want in zip(step(name), ref))
+    step("bf16 RO")
+    return {name: (lambda name=name: step(name)) for name in models}, worst
+
+
 def prebuild(jobs=2):
     """Every GEMM specialisation of SHAPES (forward, dgrad, wgrad) and the quantisers, compiled into the JIT cache."""
     from concurrent.futures import ThreadPoolExecutor
@@ -108,7 +168,7 @@ def prebuild(jobs=2):
     from torch_deepstack.jit import cache, prebuild_specs
     bf16, f32 = torch.bfloat16, torch.float32
     specs = [sp for sp in prebuild_specs(["gemm", "quant"]) if "gemm" not in sp.kernel]
-    for t, k, n in SHAPES:
+    for t, k, n in SHAPES + [(STACK[0], STACK[2], STACK[1])]:   # (the stack's N -> K layers)
         specs += kernels.dense_call_specs(t, n, k, bf16) + kernels.dense_call_specs(t, k, n, bf16)
         specs += kernels.dense_call_specs(n, k, t, bf16, wgrad=True)   # (FP8Linear: the bf16 weight's gradient)
         specs += kernels.dense_call_specs(n, k, t, f32, wgrad=True)
@@ -266,6 +326,8 @@ def main():
     ap.add_argument("--profile", default=None, metavar="TxKxN",
                     help="profile the training contenders at one shape (torch.profiler: kernels and host time "
                          "per step) instead of the table")
+    ap.add_argument("--shapes", default=None, metavar="TxKxN,...",
+                    help="these shapes instead of the default list (with --quick: printed only)")
     ap.add_argument("--prebuild-only", action="store_true",
                     help="compile the kernels the GPU run loads (GEMMs of every shape, quantisers) into "
                          "DEEPSTACK_JIT_CACHE_DIR with nvcc, no GPU needed, and stop")
@@ -281,14 +343,18 @@ def main():
                 fn()
             assert max(diffs.values()) < MAX_DIFF, diffs
             print(run.__name__[1:], "ok:", {k: f"{v:.1e}" for k, v in diffs.items()})
+        fns, worst = _stack_training(64, 256, 384, 3, "cpu")
+        for fn in fns.values():
+            fn()
+        assert worst < STACK_MAX_DIFF, worst
+        print(f"layer stack ok: {worst:.1e}")
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_linear.py needs a CUDA GPU (sm_90)")
     table = BenchTable("gemm", "fp8_linear", "FP8Linear and the FP8 compile pass against bf16 nn.Linear",
                        ["T x K -> N", "mode", "bf16 us", "FP8 eager us", "eager speedup", "FP8 compiled us",
                         "compiled speedup", "bf16 graph us", "FP8 graph us", "graph speedup",
-                        "bf16 loop us", "FP8 eager loop us", "loop speedup", "FP8 eager TFLOPS",
-                        "max calc_diff vs bf16"])
+                        "FP8 eager TFLOPS", "max calc_diff vs bf16"])
     table.notes += ["bf16: cuBLAS through F.linear / autograd; FP8 eager: FP8Linear (inference with its cached FP8 "
                     "weight; training re-quantises the weight every step, forward + dgrad + wgrad in FP8)",
                     "FP8 compiled: inference = torch.compile(nn.Linear) under fp8_linear_pass (weight quantised "
@@ -297,26 +363,60 @@ def main():
                     "and replayed, for bf16 and FP8Linear: the step without Python and launch time",
                     "timing: bench_gpu_interleaved (L2 flushed before every call, 5 rotated rounds of 10 after "
                     "~100 ms of settling per contender); FLOP: inference 2TKN, training 6TKN",
-                    "loop: wall time per call of 100 calls issued back to back (no flushes, L2 warm), host time "
-                    "included: the throughput a training loop sees when the host is the bottleneck, which the "
-                    "event-timed columns can miss"]
-    for t, k, n in SHAPES[:1] if args.quick else SHAPES:
+                    "back to back (a training or serving loop's throughput, host time included): the next table"]
+    loop_table = BenchTable("gemm", "fp8_linear_loop", "FP8Linear back to back: eager, compiled and reduce-overhead",
+                            ["T x K -> N", "mode", "bf16 eager us", "bf16 reduce-overhead us", "FP8 eager us",
+                             "FP8 compiled us", "FP8 reduce-overhead us", "FP8 eager / bf16 eager",
+                             "FP8 compiled / bf16 eager", "FP8 reduce-overhead / bf16 eager",
+                             "FP8 reduce-overhead / bf16 reduce-overhead"])
+    loop_table.notes += ["wall time per call of 100 calls issued back to back after 3 warm-up calls (no flushes, L2 "
+                         "warm), host time included: the throughput a loop sees, which event timing of single calls "
+                         "can miss when the host is the bottleneck; ratios are speedups (bf16 time / FP8 time)",
+                         "FP8 compiled: as in the table above (inference: nn.Linear under fp8_linear_pass, training: "
+                         "FP8Linear), torch.compile(fullgraph=True); reduce-overhead: the same with "
+                         "mode=\"reduce-overhead\" (Inductor's CUDA graph trees replay the compiled forward and "
+                         "backward; inputs that are not parameters are copied into the graphs' buffers each call)",
+                         "the layer-stack row: a training step through 8 bias-free layers (quantize_'d copies for "
+                         "FP8), as a model's step would run it: compiled and reduce-overhead pay their fixed host "
+                         "cost once per step, not per layer"]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    for t, k, n in shapes[:1] if args.quick and not args.shapes else shapes:
         for mode, run, flop, fp8c in (("inference", _inference, 2, "pass"), ("training", _training, 6, "compiled")):
             fns, diffs = run(t, k, n, "cuda")
             worst = max(diffs.values())
             if worst > MAX_DIFF:
                 raise RuntimeError(f"{t}x{k}->{n} {mode}: FP8 result off by calc_diff {diffs} (limit {MAX_DIFF})")
-            ms = bench_gpu_interleaved(fns)
+            timed = [name for name in fns if not name.endswith(" RO")]   # (reduce-overhead: back to back only)
+            ms = bench_gpu_interleaved({name: fns[name] for name in timed})
             graph = ((ms["bf16 graph"] * 1e3, ms["FP8Linear graph"] * 1e3, ms["bf16 graph"] / ms["FP8Linear graph"])
                      if "bf16 graph" in ms else ("-", "-", "-"))
-            # back to back (wall per call of 100 calls, no flushes): the throughput a loop sees, host time included
-            loop = {name: back_to_back(fns[name], 100, torch.cuda.synchronize)[1] * 1e6 for name in ("bf16", "FP8Linear")}
             table.add(f"{t} x {k} -> {n}", mode, ms["bf16"] * 1e3, ms["FP8Linear"] * 1e3,
                       ms["bf16"] / ms["FP8Linear"], ms[fp8c] * 1e3, ms["bf16"] / ms[fp8c], *graph,
-                      loop["bf16"], loop["FP8Linear"], loop["bf16"] / loop["FP8Linear"],
                       flop * t * k * n / ms["FP8Linear"] / 1e9, f"{worst:.1e}")
-    if not args.quick:
+            # back to back (wall per call of 100 calls, no flushes): the throughput a loop sees, host time included
+            loop = {name: back_to_back(fns[name], 100, torch.cuda.synchronize)[1] * 1e6
+                    for name in ("bf16", "bf16 RO", "FP8Linear", fp8c, fp8c + " RO")}
+            loop_table.add(f"{t} x {k} -> {n}", mode, loop["bf16"], loop["bf16 RO"], loop["FP8Linear"], loop[fp8c],
+                           loop[fp8c + " RO"], loop["bf16"] / loop["FP8Linear"], loop["bf16"] / loop[fp8c],
+                           loop["bf16"] / loop[fp8c + " RO"], loop["bf16 RO"] / loop[fp8c + " RO"])
+            print(f"{t} x {k} -> {n} {mode}: back to back us " + ", ".join(f"{k_} {v:.0f}" for k_, v in loop.items()),
+                  flush=True)
+    if not args.quick or args.shapes is None:
+        t, k, n, layers = STACK
+        fns, worst = _stack_training(t, k, n, layers, "cuda")
+        if worst > STACK_MAX_DIFF:
+            raise RuntimeError(f"layer stack: FP8 gradients off by calc_diff {worst} (limit {STACK_MAX_DIFF})")
+        loop = {name: back_to_back(fn, 100, torch.cuda.synchronize)[1] * 1e6 for name, fn in fns.items()}
+        loop_table.add(f"{t} x {layers} layers ({k} -> {n} -> {k} ..., GELU)", "training", loop["bf16"],
+                       loop["bf16 RO"], loop["FP8Linear"], loop["compiled"], loop["compiled RO"],
+                       loop["bf16"] / loop["FP8Linear"], loop["bf16"] / loop["compiled"],
+                       loop["bf16"] / loop["compiled RO"], loop["bf16 RO"] / loop["compiled RO"])
+    if args.quick:
+        print(table.markdown("bench_linear.py --quick"))
+        print(loop_table.markdown("bench_linear.py --quick"))
+    else:
         table.save()
+        loop_table.save()
 
 
 if __name__ == "__main__":

@@ -73,3 +73,69 @@ def test_inductor_pass_runs_the_cuda_fp8_linear():
     assert rewrites == 2
     assert calc_diff(y, expected) < 1e-5
     assert calc_diff(y, want) < FP8_DIFF
+
+
+# torch.compile(mode="reduce-overhead"): Inductor replays the compiled graphs through CUDA graph trees, PyTorch's
+# answer to a host-bound step (docs/gemm.md "Host time"). Our ops must be captured, not make Inductor skip the graphs.
+
+def _recorded_cuda_graphs() -> int:
+    """CUDA graphs that Inductor's CUDA graph trees have recorded on the current device (the trees' nodes)."""
+    from torch._inductor import cudagraph_trees
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    if manager is None:
+        return 0
+    count, todo = 0, list(manager.get_roots())
+    while todo:
+        node = todo.pop()
+        count += 1
+        for children in node.children.values():
+            todo.extend(children)
+    return count
+
+
+@pytest.mark.timeout(600)
+def test_reduce_overhead_fp8linear_training_replays_match_eager():
+    """FP8Linear under torch.compile(mode="reduce-overhead", fullgraph=True): forward and backward are recorded as
+    CUDA graphs (no cudagraph skip), and every step - warm-up, recording and replays, each with fresh inputs and the
+    weight changed in place as an optimizer would - gives the eager module's output and gradients."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    layer = FP8Linear(512, 384, device=DEV, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    params = tuple(layer.parameters())
+    for _ in range(5):
+        with torch.no_grad():
+            layer.weight.add_(fresh_randn(384, 512, dtype=torch.bfloat16, device=DEV, scale=0.01))
+        x = fresh_randn(300, 512, dtype=torch.bfloat16, device=DEV)
+        gy = fresh_randn(300, 384, dtype=torch.bfloat16, device=DEV)
+        got = [t.clone() for t in output_and_grads(compiled, (x,), gy, params)]
+        want = output_and_grads(layer, (x,), gy, params)
+        for g, w in zip(got, want):
+            assert w.abs().max() > 0
+            assert calc_diff(g, w) < 1e-6
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert _recorded_cuda_graphs() >= 2   # the forward and the backward
+
+
+@pytest.mark.timeout(600)
+def test_reduce_overhead_inductor_pass_replays():
+    """The Inductor FP8 pass under reduce-overhead (inference): the rewritten graph is recorded as a CUDA graph and its
+    replays compute deepstack::fp8_linear's result on fresh inputs."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = _mlp()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), fp8_linear_pass() as p:
+        before = p.count
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(4):
+            x = fresh_randn(257, 512, dtype=torch.bfloat16, device=DEV)
+            y = compiled(x).clone()
+            expected = torch.ops.deepstack.fp8_linear(torch.nn.functional.gelu(torch.ops.deepstack.fp8_linear(
+                x, model[0].weight, model[0].bias)), model[2].weight)
+            assert calc_diff(y, expected) < 1e-5
+        rewrites = p.count - before
+    assert rewrites == 2
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert _recorded_cuda_graphs() >= 1
