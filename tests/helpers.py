@@ -80,3 +80,19 @@ def use_storage_read_path(kind: str, monkeypatch) -> None:
         monkeypatch.setattr(fastio, "_tried", True)
     elif fastio.load() is None:
         pytest.skip(f"C helper unavailable: {fastio.reason}")
+
+
+def recorded_cuda_graphs() -> int:
+    """CUDA graphs that Inductor's CUDA graph trees (torch.compile(mode="reduce-overhead")) have recorded on the
+    current device: the trees' nodes."""
+    from torch._inductor import cudagraph_trees
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    if manager is None:
+        return 0
+    count, todo = 0, list(manager.get_roots())
+    while todo:
+        node = todo.pop()
+        count += 1
+        for children in node.children.values():
+            todo.extend(children)
+    return count

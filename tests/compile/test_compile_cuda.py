@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import torch_deepstack  # noqa: F401
-from tests.helpers import calc_diff, fresh_randn, output_and_grads
+from tests.helpers import calc_diff, fresh_randn, output_and_grads, recorded_cuda_graphs
 from torch_deepstack.compile import fp8_linear_pass, quantize_
 from torch_deepstack.gemm import FP8Linear
 
@@ -78,21 +78,6 @@ def test_inductor_pass_runs_the_cuda_fp8_linear():
 # torch.compile(mode="reduce-overhead"): Inductor replays the compiled graphs through CUDA graph trees, PyTorch's
 # answer to a host-bound step (docs/gemm.md "Host time"). Our ops must be captured, not make Inductor skip the graphs.
 
-def _recorded_cuda_graphs() -> int:
-    """CUDA graphs that Inductor's CUDA graph trees have recorded on the current device (the trees' nodes)."""
-    from torch._inductor import cudagraph_trees
-    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
-    if manager is None:
-        return 0
-    count, todo = 0, list(manager.get_roots())
-    while todo:
-        node = todo.pop()
-        count += 1
-        for children in node.children.values():
-            todo.extend(children)
-    return count
-
-
 @pytest.mark.timeout(600)
 def test_reduce_overhead_fp8linear_training_replays_match_eager():
     """FP8Linear under torch.compile(mode="reduce-overhead", fullgraph=True): forward and backward are recorded as
@@ -115,7 +100,7 @@ def test_reduce_overhead_fp8linear_training_replays_match_eager():
             assert w.abs().max() > 0
             assert calc_diff(g, w) < 1e-6
     assert counters["inductor"]["cudagraph_skips"] == 0
-    assert _recorded_cuda_graphs() >= 2   # the forward and the backward
+    assert recorded_cuda_graphs() >= 2   # the forward and the backward
 
 
 @pytest.mark.timeout(600)
@@ -138,4 +123,4 @@ def test_reduce_overhead_inductor_pass_replays():
         rewrites = p.count - before
     assert rewrites == 2
     assert counters["inductor"]["cudagraph_skips"] == 0
-    assert _recorded_cuda_graphs() >= 1
+    assert recorded_cuda_graphs() >= 1

@@ -236,3 +236,39 @@ def test_compat_flash_mla_on_gpu_with_float8_cache_dtype():
                                                 causal=True, is_fp8_kvcache=True)
     ref_out, ref_lse = mla_decode_fp32(q.cpu(), cache.cpu(), bt.cpu(), seq.cpu(), 576 ** -0.5, True, True)
     assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_decode_step_compiled_with_reduce_overhead(fp8):
+    """A serving decode step over a PagedKVCache - append each request's new latent, plan, decode - compiled with
+    torch.compile(mode="reduce-overhead", fullgraph=True): replayed as CUDA graphs (no cudagraph skip: the cache's
+    tensors are static addresses, written in place), every step matches the fp32 reference on the updated cache."""
+    from torch._dynamo.utils import counters
+    from tests.helpers import recorded_cuda_graphs
+    torch._dynamo.reset()
+    counters.clear()
+    b, h_q, d = 3, 16, 576
+    gen = torch.Generator().manual_seed(7)
+    pc = PagedKVCache(num_blocks=24, max_batch=b, max_seq_len=600, device="cuda", fp8=fp8)
+    for r, n in enumerate((130, 0, 257)):
+        if n:
+            pc.append(r, (torch.randn(n, 1, d, generator=gen) / 10).to("cuda", torch.bfloat16))
+
+    def step(q, kv, slots):
+        mla_append_kv(pc.k_cache, kv, slots, fp8)
+        sched, splits = get_mla_metadata(pc.seqlens, h_q, 1)
+        return mla_decode_with_kvcache(q, pc.k_cache, pc.block_table, pc.seqlens, 512, sched, splits, None, False,
+                                       fp8)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(5):   # warm-up, recording, replays; each step appends one token per request (pages fill up)
+        slots = torch.cat([pc.reserve(r, 1) for r in range(b)])   # host bookkeeping, outside the graph
+        kv = (torch.randn(b, 1, d, generator=gen) / 10).to("cuda", torch.bfloat16)
+        q = (torch.randn(b, 1, h_q, d, generator=gen) / 10).to("cuda", torch.bfloat16)
+        out, lse = (t.clone() for t in compiled(q, kv, slots))
+        ref_out, ref_lse = mla_decode_fp32(q.cpu(), pc.k_cache.cpu(), pc.block_table.cpu(), pc.seqlens.cpu(),
+                                           d ** -0.5, False, fp8)
+        assert_mla_close(out, lse, ref_out.to(q.dtype), ref_lse)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert recorded_cuda_graphs() >= 1

@@ -118,6 +118,21 @@ def test_metadata_op_shapes_and_default_parts():
     assert sched.shape == (7, 8)
 
 
+def test_metadata_fake_knows_the_default_part_count():
+    """The fake gives the default part count as a plain int where it can be known (here the CPU reference's plan),
+    so compiled graphs see a static metadata shape (an unbacked size put the op outside torch.compile's CUDA
+    graphs); meta tensors, whose GPU is unknown, keep a symbolic count."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        seq = mode.from_tensor(torch.tensor([10, 0, 5000], dtype=torch.int32))
+        sched, splits = torch.ops.deepstack.get_mla_metadata(seq, 128, 1)
+        assert type(sched.shape[0]) is int and sched.shape == (66, 8) and splits.shape == (4,)
+        meta = mode.from_tensor(torch.empty(3, dtype=torch.int32, device="meta"))
+        sched, _ = torch.ops.deepstack.get_mla_metadata(meta, 128, 1)
+        assert isinstance(sched.shape[0], torch.SymInt)
+
+
 def test_fp8_rows_round_trip():
     x = torch.randn(5, 2, 576) * 3
     rows = fp8_format.quantize_rows(x)

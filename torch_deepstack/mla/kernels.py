@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 import torch
 
@@ -284,7 +285,9 @@ def _fp8_tensor_maps(raw: torch.Tensor, stage_tokens: int) -> bytes:
 
 # The decode kernels read their TMA descriptors from device memory (a by-value CUtensorMap kernel parameter after
 # other parameters failed to launch with error 701 through the JIT's packed-buffer launch). One device copy per
-# cache tensor (address, shape, strides), made on first use: call once before CUDA-graph capture.
+# cache tensor (address, shape, strides), made on first use: call once before CUDA-graph capture. Entries are never
+# dropped: a captured graph may read any of them for as long as it lives, and each is a function of its key alone
+# (a new cache at a freed cache's address and layout gets the same descriptors), a few hundred bytes apiece.
 _DEVICE_MAPS: dict = {}
 
 
@@ -296,11 +299,29 @@ def _uploaded_maps(key: tuple, device: torch.device, what: str, make) -> torch.T
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"mla_decode_with_kvcache: call it once on this {what} before CUDA-graph capture "
                                "(its TMA descriptors are uploaded on first use)")
-        if len(_DEVICE_MAPS) >= 256:
-            _DEVICE_MAPS.clear()
-        m = torch.frombuffer(bytearray(make()), dtype=torch.uint8).to(device)
-        _DEVICE_MAPS[key] = m
+        m = _DEVICE_MAPS[key] = _device_copy_outside_graph_pools(make(), device)
     return m
+
+
+def _device_copy_outside_graph_pools(data: bytes, device: torch.device) -> torch.Tensor:
+    """`data` in device memory from the caching allocator's ordinary pool, also while this thread allocates into a
+    CUDA-graph pool: torch.compile(mode="reduce-overhead") warms its graphs up with the thread's allocations routed
+    into the graphs' pool, and a tensor that outlives the call there is an error (or is overwritten by later
+    replays). Pool routing is per thread, so a helper thread makes the copy (synchronously: done on return)."""
+    out: list = []
+
+    def copy():
+        try:
+            out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device))
+        except BaseException as e:   # (re-raised in the caller's thread)
+            out.append(e)
+
+    helper = threading.Thread(target=copy, name="deepstack-mla-descriptors")
+    helper.start()
+    helper.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 def _fp8_tensor_maps_device(raw: torch.Tensor, stage_tokens: int) -> torch.Tensor:
@@ -365,20 +386,28 @@ def _check_block_table_enabled() -> bool:
     return os.environ.get("DEEPSTACK_MLA_CHECK_BLOCK_TABLE", "1") != "0"
 
 
-@cuda_kernel("get_mla_metadata")
-def get_mla_metadata_cuda(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int = 0):
-    check_metadata_inputs(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
-    dev = cache_seqlens.device
-    dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
-    parts = num_sm_parts or num_sm_parts_for(_num_sms(dev_index), num_q_tokens_per_head_k, num_heads_k)
+def default_num_sm_parts(dev_index: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """get_mla_metadata's part count with num_sm_parts=0 on CUDA device dev_index. The op's fake calls it too, so a
+    compiled graph knows the metadata's shape: a static shape keeps the op inside the CUDA graphs of
+    torch.compile(mode="reduce-overhead") (an unbacked size put it outside them), and the real call agrees with the
+    trace because the cluster fit below, once measured, is remembered."""
+    parts = num_sm_parts_for(_num_sms(dev_index), num_q_tokens_per_head_k, num_heads_k)
     cluster = decode_cluster_for(num_q_tokens_per_head_k)
-    fit = _max_active_clusters(dev_index, decode_kernel_for(num_q_tokens_per_head_k), cluster) \
-        if not num_sm_parts and cluster > 1 else None
+    fit = _max_active_clusters(dev_index, decode_kernel_for(num_q_tokens_per_head_k), cluster) if cluster > 1 else None
     if fit is not None:
         # GPCs place clusters whole: no more parts than clusters of the decode kernel fit at once (else a tail wave;
         # a first call inside CUDA-graph capture skips this, correct either way).
         per_part = num_heads_k * ((num_q_tokens_per_head_k + 63) // 64) // cluster
         parts = max(1, min(parts, fit // per_part))
+    return parts
+
+
+@cuda_kernel("get_mla_metadata")
+def get_mla_metadata_cuda(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, num_sm_parts: int = 0):
+    check_metadata_inputs(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm_parts)
+    dev = cache_seqlens.device
+    dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
+    parts = num_sm_parts or default_num_sm_parts(dev_index, num_q_tokens_per_head_k, num_heads_k)
     b = cache_seqlens.shape[0]
     sched = torch.empty(parts, SCHED_INTS, dtype=torch.int32, device=dev)
     num_splits = torch.empty(b + 1, dtype=torch.int32, device=dev)

@@ -18,6 +18,9 @@ class PagedKVCache:
     Requests are slots 0..max_batch-1. `append(req_ids, kv)` writes one new token per listed request (allocating
     pages as needed); `free(req)` returns a request's pages. `block_table` (int32 [max_batch, max_blocks]) and
     `seqlens` (int32 [max_batch]) are device tensors updated in place, so a captured decode graph sees new values.
+    The three device tensors are marked as static addresses for torch.compile, so a decode step compiled with
+    mode="reduce-overhead" replays as CUDA graphs that use them in place. For such a step, keep the host-side
+    bookkeeping (`reserve`, `free`) outside the compiled function and pass its slot ids in.
     """
 
     def __init__(self, num_blocks: int, max_batch: int, max_seq_len: int, num_heads_k: int = 1, head_dim: int = 576,
@@ -36,6 +39,13 @@ class PagedKVCache:
                                    device=device)
         self.block_table = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, device=device)
         self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        # Fixed addresses for torch.compile(mode="reduce-overhead"): its CUDA graphs then read and write these
+        # tensors in place, instead of copying the cache into graph-owned buffers on every replay (or skipping the
+        # graphs, as a mutated input that is not static makes them do).
+        from torch._dynamo import mark_static_address
+
+        for t in (self.k_cache, self.block_table, self.seqlens):
+            mark_static_address(t)
         self._free = list(range(num_blocks - 1, -1, -1))
         self._blocks: list[list[int]] = [[] for _ in range(max_batch)]
         self._lens = [0] * max_batch
