@@ -61,6 +61,46 @@ def test_quantize_then_compile_fullgraph_trains(dtype):
 
 
 @pytest.mark.timeout(600)
+def _deepstack_ops_of(module, x):
+    """(compiled module, its output on x, the deepstack ops in the graph torch.compile(fullgraph=True) traced);
+    the traced graph runs as it is."""
+    ops = []
+
+    def backend(gm, example_inputs):
+        for m in gm.modules():   # (an autograd.Function's forward is a subgraph)
+            if isinstance(m, torch.fx.GraphModule):
+                ops.extend(str(n.target) for n in m.graph.nodes if "deepstack" in str(n.target))
+        return gm.forward
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    return compiled, compiled(x), ops
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "frozen-weight training"])
+def test_compiled_frozen_fp8_linear_reads_its_fp8_copies(train):
+    """A frozen FP8Linear (freeze_fp8_weight_) compiled after its first eager call: the graph reads the frozen FP8
+    copies (no weight quantisation in it, unlike the unfrozen module's graph) and sees refresh_fp8_weight_'s
+    in-place update on the next call."""
+    torch._dynamo.reset()
+    f8 = FP8Linear(256, 128, dtype=torch.bfloat16)
+    x = fresh_randn(5, 256, dtype=torch.bfloat16).requires_grad_(train)
+    f8.weight.requires_grad_(False)   # (training: a frozen base weight, gradients for x only)
+    mode = torch.enable_grad if train else torch.no_grad
+    with mode():
+        _, _, ops = _deepstack_ops_of(f8, x)
+        assert any("per_block_quant" in o for o in ops)      # unfrozen: W quantised inside the graph
+        f8.freeze_fp8_weight_()
+        want = f8(x)                                          # eager: makes the frozen copies
+        torch._dynamo.reset()
+        compiled, got, ops = _deepstack_ops_of(f8, x)
+        assert ops and not any("per_block_quant" in o for o in ops)
+        assert calc_diff(got, want) < 1e-6
+        with torch.no_grad():
+            f8.weight.mul_(-2)
+        f8.refresh_fp8_weight_()
+        again = compiled(x)                                   # the same graph, the rewritten copies
+        assert calc_diff(again, f8(x)) < 1e-6 and calc_diff(again, -2 * want) < 1e-2
+
+
 def test_inductor_pass_rewrites_eligible_linears():
     class M(nn.Module):
         def __init__(self):

@@ -27,6 +27,14 @@ def _capturing(w: torch.Tensor) -> bool:
     return w.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _mark_static(*tensors) -> None:
+    """Fixed addresses for torch.compile: graphs that read these (frozen FP8 copies) take them as they are, and its
+    CUDA graphs (mode="reduce-overhead") read them in place instead of copying them in on every replay."""
+    from torch._dynamo import mark_static_address
+    for t in tensors:
+        mark_static_address(t)
+
+
 class _WeightCache:
     """FP8 copies of a weight, keyed on (storage pointer, version counter); or, frozen, kept until refreshed."""
 
@@ -44,6 +52,8 @@ class _WeightCache:
 
     def operands(self, w, transposed: bool):
         """(forward operand, data-gradient operand or None): W per 128x128 block, and with `transposed` W^T too."""
+        if self.frozen and self._has_frozen(w, transposed):   # (also while compiling: graphs read the copies)
+            return self.fwd, (self.bwd if transposed else None)
         if torch.compiler.is_compiling():   # data_ptr/_version are not traceable: quantise inside the graph
             return _weight_operands(w.detach(), transposed)
         if self.frozen:
@@ -66,6 +76,10 @@ class _WeightCache:
             self.released.append((self.fwd, self.bwd))
         self.frozen, self.key, self.fwd, self.bwd = frozen, None, None, None
 
+    def _has_frozen(self, w, transposed: bool) -> bool:
+        return (self.fwd is not None and (not transposed or self.bwd is not None)
+                and self.key == (w.device, tuple(w.shape)))
+
     def _frozen_operands(self, w, transposed: bool):
         if self.fwd is not None and self.key != (w.device, tuple(w.shape)):   # moved or resized: not W's copies
             self.released.append((self.fwd, self.bwd))
@@ -79,6 +93,7 @@ class _WeightCache:
                 self.key = (w.device, tuple(w.shape))
             else:
                 self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
+            _mark_static(*self.fwd, *(self.bwd or ()))
         return self.fwd, (self.bwd if transposed else None)
 
     def refresh(self, w: torch.Tensor) -> None:
@@ -245,8 +260,9 @@ class FP8Linear(nn.Module):
         """For serving with fixed weights, chiefly under CUDA graphs. By default the FP8 copies of `weight` are
         cached while it is unchanged (its version counter), and a CUDA graph captured with this module quantises
         `weight` inside the graph on every replay, so that replays never read a stale or freed copy. Frozen, the
-        module makes the copies once (on its next call, which must not be under capture) and uses them from then
-        on, in eager calls and in graphs captured later, which then skip that per-replay quantisation. Changes to
+        module makes the copies once (on its next eager call, which must not be under capture) and uses them from
+        then on, in eager calls, in graphs captured later and in torch.compile'd graphs traced after that call,
+        which then skip the per-call weight quantisation. Changes to
         `weight` are not seen until `refresh_fp8_weight_()` (which rewrites the copies in place, so captured graphs
         see the new values too) or until unfrozen (`frozen=False`; graphs captured while frozen keep reading the
         copies they were captured with, which stay allocated). Returns self."""
