@@ -124,3 +124,26 @@ def test_reduce_overhead_inductor_pass_replays():
     assert rewrites == 2
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert recorded_cuda_graphs() >= 1
+
+
+@pytest.mark.timeout(600)
+def test_reduce_overhead_frozen_fp8linear_serving():
+    """Serving: a frozen FP8Linear compiled with reduce-overhead after its first eager call replays with its frozen
+    FP8 copies read in place (no cudagraph skip), equal to the eager module on fresh inputs, and a
+    refresh_fp8_weight_ after a weight change reaches the recorded graph."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    layer = FP8Linear(512, 384, device=DEV, dtype=torch.bfloat16).freeze_fp8_weight_()
+    with torch.no_grad():
+        layer(fresh_randn(8, 512, dtype=torch.bfloat16, device=DEV))   # makes the frozen copies
+        compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        for step in range(5):
+            if step == 3:
+                layer.weight.mul_(-0.5)
+                layer.refresh_fp8_weight_()
+            x = fresh_randn(65, 512, dtype=torch.bfloat16, device=DEV)
+            got = compiled(x).clone()
+            assert calc_diff(got, layer(x)) < 1e-6
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert recorded_cuda_graphs() >= 1
