@@ -227,3 +227,12 @@ def kernel_for(name: str, *tensors):
     if face is not None and may_skip_dispatcher(tensors):
         return face
     return op(name)
+
+
+def mark_static(*tensors: torch.Tensor) -> None:
+    """Fixed addresses for torch.compile (long-lived device state: KV caches, frozen FP8 weights): compiled graphs
+    take them as they are, and its CUDA graphs (mode="reduce-overhead") read and write them in place instead of
+    copying them into graph-owned buffers on every replay, or skipping the graphs when the step writes them."""
+    from torch._dynamo import mark_static_address
+    for t in tensors:
+        mark_static_address(t)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torch_deepstack._library import mark_static
 from torch_deepstack.gemm import api
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
@@ -25,14 +26,6 @@ from torch_deepstack.quant.api import per_token_group_quant_fp8
 def _capturing(w: torch.Tensor) -> bool:
     """Whether w's kernels would be recorded into a CUDA graph now (torch.cuda.graph, make_graphed_callables)."""
     return w.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _mark_static(*tensors) -> None:
-    """Fixed addresses for torch.compile: graphs that read these (frozen FP8 copies) take them as they are, and its
-    CUDA graphs (mode="reduce-overhead") read them in place instead of copying them in on every replay."""
-    from torch._dynamo import mark_static_address
-    for t in tensors:
-        mark_static_address(t)
 
 
 class _WeightCache:
@@ -80,10 +73,14 @@ class _WeightCache:
         return (self.fwd is not None and (not transposed or self.bwd is not None)
                 and self.key == (w.device, tuple(w.shape)))
 
-    def _frozen_operands(self, w, transposed: bool):
-        if self.fwd is not None and self.key != (w.device, tuple(w.shape)):   # moved or resized: not W's copies
+    def _release_unless_for(self, w) -> None:
+        """Frozen copies made for another device or shape (the module moved or was resized) are not W's: released."""
+        if self.fwd is not None and self.key != (w.device, tuple(w.shape)):
             self.released.append((self.fwd, self.bwd))
             self.fwd = self.bwd = None
+
+    def _frozen_operands(self, w, transposed: bool):
+        self._release_unless_for(w)
         if self.fwd is None or (transposed and self.bwd is None):
             if _capturing(w):
                 raise RuntimeError("FP8Linear: the frozen FP8 weight is made on the first call; call the module once "
@@ -93,14 +90,12 @@ class _WeightCache:
                 self.key = (w.device, tuple(w.shape))
             else:
                 self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
-            _mark_static(*self.fwd, *(self.bwd or ()))
+            mark_static(*self.fwd, *(self.bwd or ()))
         return self.fwd, (self.bwd if transposed else None)
 
     def refresh(self, w: torch.Tensor) -> None:
         """Re-quantise W into the frozen copies in place (graphs that read them see the new values)."""
-        if self.fwd is not None and self.key != (w.device, tuple(w.shape)):   # (as in _frozen_operands)
-            self.released.append((self.fwd, self.bwd))
-            self.fwd = self.bwd = None
+        self._release_unless_for(w)
         if self.fwd is not None:
             fwd, bwd = _weight_operands(w.detach(), self.bwd is not None)
             for old, new in zip((*self.fwd, *(self.bwd or ())), (*fwd, *(bwd or ()))):

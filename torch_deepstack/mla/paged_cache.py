@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack._library import mark_static
 from torch_deepstack.mla.api import get_mla_metadata, mla_append_kv, mla_decode_with_kvcache
 from torch_deepstack.mla.checks import FP8_TOKEN_BYTES, PAGE_SIZE
 
@@ -39,13 +40,7 @@ class PagedKVCache:
                                    device=device)
         self.block_table = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, device=device)
         self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        # Fixed addresses for torch.compile(mode="reduce-overhead"): its CUDA graphs then read and write these
-        # tensors in place, instead of copying the cache into graph-owned buffers on every replay (or skipping the
-        # graphs, as a mutated input that is not static makes them do).
-        from torch._dynamo import mark_static_address
-
-        for t in (self.k_cache, self.block_table, self.seqlens):
-            mark_static_address(t)
+        mark_static(self.k_cache, self.block_table, self.seqlens)   # (torch.compile's CUDA graphs use them in place)
         self._free = list(range(num_blocks - 1, -1, -1))
         self._blocks: list[list[int]] = [[] for _ in range(max_batch)]
         self._lens = [0] * max_batch
