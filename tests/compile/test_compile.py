@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import torch_deepstack  # noqa: F401
-from torch_deepstack.compile import fp8_linear_pass, quantize_
+from torch_deepstack.compile import fp8_linear_pass, freeze_fp8_weights_, quantize_, refresh_fp8_weights_
 from torch_deepstack.gemm import FP8Linear
 from tests.helpers import calc_diff, fresh_randn, output_and_grads
 
@@ -61,6 +61,24 @@ def test_quantize_then_compile_fullgraph_trains(dtype):
 
 
 @pytest.mark.timeout(600)
+def test_freeze_and_refresh_a_whole_model():
+    """freeze_fp8_weights_ / refresh_fp8_weights_ set every FP8Linear of a quantize_'d model: frozen outputs ignore a
+    weight change until the refresh, then equal the unfrozen model's."""
+    model = quantize_(nn.Sequential(nn.Linear(256, 384, dtype=torch.bfloat16), nn.GELU(),
+                                    nn.Linear(384, 128, bias=False, dtype=torch.bfloat16)))
+    x = fresh_randn(7, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert freeze_fp8_weights_(model) == 2
+        before = model(x)
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(0.5)                   # (the bias is not quantised: not frozen)
+        assert torch.equal(model(x), before)
+        assert refresh_fp8_weights_(model) == 2
+        refreshed = model(x)
+        assert freeze_fp8_weights_(model, frozen=False) == 2 and refresh_fp8_weights_(model) == 0
+        assert calc_diff(refreshed, model(x)) < 1e-6 and calc_diff(refreshed, before) > 1e-3
+
+
 def _deepstack_ops_of(module, x):
     """(compiled module, its output on x, the deepstack ops in the graph torch.compile(fullgraph=True) traced);
     the traced graph runs as it is."""

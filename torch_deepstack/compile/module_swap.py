@@ -32,3 +32,23 @@ def quantize_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | No
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FP8Linear.from_linear(getattr(parent, child)))
     return model
+
+
+def freeze_fp8_weights_(model: nn.Module, frozen: bool = True) -> int:
+    """Serving with fixed weights: `FP8Linear.freeze_fp8_weight_(frozen)` on every FP8Linear of `model` (its FP8
+    weight copies made once, on the next eager call, and used by captured and compiled graphs without a per-call
+    quantisation). Returns how many layers it set."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for m in layers:
+        m.freeze_fp8_weight_(frozen)
+    return len(layers)
+
+
+def refresh_fp8_weights_(model: nn.Module) -> int:
+    """After changing a frozen model's weights (a weight sync, say): `refresh_fp8_weight_()` on every frozen
+    FP8Linear, rewriting its FP8 copies in place so graphs captured or compiled earlier use the new weights.
+    Returns how many layers it refreshed."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear) and m._cache.frozen]
+    for m in layers:
+        m.refresh_fp8_weight_()
+    return len(layers)
