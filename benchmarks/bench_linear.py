@@ -13,6 +13,8 @@ Contenders per shape (T tokens x K in -> N out, bf16 activations and master weig
     compiled  torch.compile(FP8Linear, fullgraph=True), the same FP8 ops inside one graph
     graph     the bf16 and the FP8Linear step each captured whole in a CUDA graph and replayed: what the GPU work
               costs without Python and launch time (eager FP8Linear runs ~9 kernels through Python per step)
+  serving (decode-sized batches, inference in CUDA graphs): bf16, FP8Linear (W quantised per replay) and FP8Linear
+  frozen (freeze_fp8_weight_: one FP8 copy read by the graph)
   both modes, back to back only (the "loop" table): the bf16 module and the FP8 contender under
   torch.compile(mode="reduce-overhead"), i.e. Inductor with CUDA graph trees: PyTorch's own answer to a host-bound
   step, which replays the compiled forward and backward as CUDA graphs
@@ -161,6 +163,29 @@ def _stack_training(t, k, n, layers, device):
     return {name: (lambda name=name: step(name)) for name in models}, worst
 
 
+SERVING = [(64, 7168, 2048), (256, 7168, 2048), (64, 2048, 7168), (256, 2048, 7168)]   # decode-sized batches
+
+
+def _serving(t, k, n, device):
+    """Inference at a decode-sized batch, each contender captured in a CUDA graph as a server runs it: bf16
+    F.linear; FP8Linear as it is (the graph quantises W on every replay, so replays follow weight changes); FP8Linear
+    frozen (freeze_fp8_weight_: the graph reads one FP8 copy). Returns (replays, calc_diff of the FP8 ones)."""
+    x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
+    lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    fp8, frozen = FP8Linear.from_linear(lin), FP8Linear.from_linear(lin).freeze_fp8_weight_()
+    with torch.no_grad():
+        ref = F.linear(x, lin.weight)
+        frozen(x)   # the frozen copy is made outside the capture
+        graphs = {"bf16 graph": capture_graph(lambda: F.linear(x, lin.weight)),
+                  "FP8 graph": capture_graph(lambda: fp8(x)), "FP8 frozen graph": capture_graph(lambda: frozen(x))}
+    diffs = {}
+    for name in ("FP8 graph", "FP8 frozen graph"):
+        replay, out = graphs[name]
+        replay()
+        diffs[name] = calc_diff(out, ref)
+    return {name: replay for name, (replay, _) in graphs.items()}, diffs
+
+
 def prebuild(jobs=2):
     """Every GEMM specialisation of SHAPES (forward, dgrad, wgrad) and the quantisers, compiled into the JIT cache."""
     from concurrent.futures import ThreadPoolExecutor
@@ -168,7 +193,7 @@ def prebuild(jobs=2):
     from torch_deepstack.jit import cache, prebuild_specs
     bf16, f32 = torch.bfloat16, torch.float32
     specs = [sp for sp in prebuild_specs(["gemm", "quant"]) if "gemm" not in sp.kernel]
-    for t, k, n in SHAPES + [(STACK[0], STACK[2], STACK[1])]:   # (the stack's N -> K layers)
+    for t, k, n in SHAPES + [(STACK[0], STACK[2], STACK[1])] + SERVING:   # (the stack's N -> K layers)
         specs += kernels.dense_call_specs(t, n, k, bf16) + kernels.dense_call_specs(t, k, n, bf16)
         specs += kernels.dense_call_specs(n, k, t, bf16, wgrad=True)   # (FP8Linear: the bf16 weight's gradient)
         specs += kernels.dense_call_specs(n, k, t, f32, wgrad=True)
@@ -411,12 +436,29 @@ def main():
                        loop["bf16 RO"], loop["FP8Linear"], loop["compiled"], loop["compiled RO"],
                        loop["bf16"] / loop["FP8Linear"], loop["bf16"] / loop["compiled"],
                        loop["bf16"] / loop["compiled RO"], loop["bf16 RO"] / loop["compiled RO"])
+    serving_table = BenchTable("gemm", "fp8_linear_serving", "FP8Linear serving: decode-sized batches in CUDA graphs",
+                               ["T x K -> N", "bf16 graph us", "FP8 graph us (W quantised per replay)",
+                                "FP8 frozen graph us", "frozen speedup", "per-replay-W speedup",
+                                "max calc_diff vs bf16"])
+    serving_table.notes += ["inference (no_grad), each contender captured whole in a CUDA graph and replayed (timing as "
+                            "in the first table); speedups: bf16 time / FP8 time",
+                            "FP8 graph: FP8Linear as it is; a graph captured with it quantises W on every replay, so "
+                            "that replays follow weight changes (docs/gemm.md \"FP8Linear\", CUDA graphs)",
+                            "FP8 frozen graph: after freeze_fp8_weight_(), the graph reads one FP8 copy of W"]
+    for t, k, n in ([] if args.shapes else SERVING[:1] if args.quick else SERVING):
+        fns, diffs = _serving(t, k, n, "cuda")
+        if max(diffs.values()) > MAX_DIFF:
+            raise RuntimeError(f"serving {t}x{k}->{n}: FP8 result off by calc_diff {diffs} (limit {MAX_DIFF})")
+        ms = bench_gpu_interleaved(fns)
+        serving_table.add(f"{t} x {k} -> {n}", ms["bf16 graph"] * 1e3, ms["FP8 graph"] * 1e3,
+                          ms["FP8 frozen graph"] * 1e3, ms["bf16 graph"] / ms["FP8 frozen graph"],
+                          ms["bf16 graph"] / ms["FP8 graph"], f"{max(diffs.values()):.1e}")
     if args.quick:
-        print(table.markdown("bench_linear.py --quick"))
-        print(loop_table.markdown("bench_linear.py --quick"))
+        for tab in (table, loop_table, serving_table):
+            print(tab.markdown("bench_linear.py --quick"))
     else:
-        table.save()
-        loop_table.save()
+        for tab in (table, loop_table, serving_table):
+            tab.save()
 
 
 if __name__ == "__main__":
