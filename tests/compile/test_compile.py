@@ -68,7 +68,7 @@ def test_freeze_and_refresh_a_whole_model():
                                     nn.Linear(384, 128, bias=False, dtype=torch.bfloat16)))
     x = fresh_randn(7, 256, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert freeze_fp8_weights_(model) == 2
+        assert freeze_fp8_weights_(model) == 2 and model[0].fp8_weight_frozen and model[2].fp8_weight_frozen
         before = model(x)
         for layer in (model[0], model[2]):
             layer.weight.mul_(0.5)                   # (the bias is not quantised: not frozen)

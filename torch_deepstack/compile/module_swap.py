@@ -48,7 +48,7 @@ def refresh_fp8_weights_(model: nn.Module) -> int:
     """After changing a frozen model's weights (a weight sync, say): `refresh_fp8_weight_()` on every frozen
     FP8Linear, rewriting its FP8 copies in place so graphs captured or compiled earlier use the new weights.
     Returns how many layers it refreshed."""
-    layers = [m for m in model.modules() if isinstance(m, FP8Linear) and m._cache.frozen]
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear) and m.fp8_weight_frozen]
     for m in layers:
         m.refresh_fp8_weight_()
     return len(layers)

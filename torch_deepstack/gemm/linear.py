@@ -264,10 +264,15 @@ class FP8Linear(nn.Module):
         self._cache.freeze(bool(frozen))
         return self
 
+    @property
+    def fp8_weight_frozen(self) -> bool:
+        """Whether freeze_fp8_weight_() is in effect."""
+        return self._cache.frozen
+
     @torch.no_grad()
     def refresh_fp8_weight_(self) -> None:
         """Frozen module: quantise the current `weight` into its FP8 copies in place (see freeze_fp8_weight_)."""
-        if not self._cache.frozen:
+        if not self.fp8_weight_frozen:
             raise RuntimeError("FP8Linear.refresh_fp8_weight_: the module is not frozen (freeze_fp8_weight_()); "
                                "unfrozen, the FP8 copies follow the weight by themselves")
         self._cache.refresh(self.weight)
