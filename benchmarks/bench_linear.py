@@ -49,6 +49,18 @@ SHAPES = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 16384, 7168), (2048, 71
 MAX_DIFF = 2e-3   # FP8 (e4m3, 1x128 / 128x128 scales) against bf16: a broken kernel reads ~1
 
 
+def _compile_with_pass(lin, x, mode):
+    """(torch.compile(lin, mode=mode, fullgraph=True) under fp8_linear_pass, its first output); checks that the pass
+    rewrote the one linear. No FX graph cache: a cache hit skips the pass (nothing would be rewritten)."""
+    with torch._inductor.config.patch(fx_graph_cache=False), fp8_linear_pass() as p:
+        before = p.count
+        compiled = torch.compile(lin, mode=mode, fullgraph=True)
+        y = compiled(x)
+        if p.count - before != 1:
+            raise RuntimeError(f"fp8_linear_pass rewrote {p.count - before} linears (mode {mode}), expected 1")
+    return compiled, y
+
+
 def _inference(t, k, n, device):
     """(contenders, calc_diff of each FP8 one against bf16)"""
     x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
@@ -56,23 +68,11 @@ def _inference(t, k, n, device):
     fp8 = FP8Linear.from_linear(lin)
     torch._dynamo.reset()
     with torch.no_grad():
-        # No FX graph cache: a cache hit skips the pass (nothing would be rewritten)
-        with torch._inductor.config.patch(fx_graph_cache=False), fp8_linear_pass() as p:
-            before = p.count
-            compiled = torch.compile(lin, fullgraph=True)
-            y_pass = compiled(x)
-            rewrites = p.count - before
-        if rewrites != 1:
-            raise RuntimeError(f"fp8_linear_pass rewrote {rewrites} linears, expected 1")
         ref = F.linear(x, lin.weight)
-        diffs = {"FP8Linear": calc_diff(fp8(x), ref), "pass": calc_diff(y_pass, ref)}
-
-        with torch._inductor.config.patch(fx_graph_cache=False), fp8_linear_pass() as p:
-            before = p.count
-            compiled_ro = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
-            diffs["pass RO"] = calc_diff(compiled_ro(x), ref)
-            if p.count - before != 1:
-                raise RuntimeError(f"fp8_linear_pass rewrote {p.count - before} linears under reduce-overhead")
+        compiled, y_pass = _compile_with_pass(lin, x, "default")
+        compiled_ro, y_pass_ro = _compile_with_pass(lin, x, "reduce-overhead")
+        diffs = {"FP8Linear": calc_diff(fp8(x), ref), "pass": calc_diff(y_pass, ref),
+                 "pass RO": calc_diff(y_pass_ro, ref)}
         bf16_ro = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
         bf16_ro(x)
 

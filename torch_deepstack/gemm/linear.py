@@ -81,7 +81,7 @@ class _WeightCache:
 
     def _frozen_operands(self, w, transposed: bool):
         self._release_unless_for(w)
-        if self.fwd is None or (transposed and self.bwd is None):
+        if not self._has_frozen(w, transposed):
             if _capturing(w):
                 raise RuntimeError("FP8Linear: the frozen FP8 weight is made on the first call; call the module once "
                                    "outside CUDA graph capture (with gradients if the graph computes them)")

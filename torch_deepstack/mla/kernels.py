@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -308,20 +308,8 @@ def _device_copy_outside_graph_pools(data: bytes, device: torch.device) -> torch
     CUDA-graph pool: torch.compile(mode="reduce-overhead") warms its graphs up with the thread's allocations routed
     into the graphs' pool, and a tensor that outlives the call there is an error (or is overwritten by later
     replays). Pool routing is per thread, so a helper thread makes the copy (synchronously: done on return)."""
-    out: list = []
-
-    def copy():
-        try:
-            out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device))
-        except BaseException as e:   # (re-raised in the caller's thread)
-            out.append(e)
-
-    helper = threading.Thread(target=copy, name="deepstack-mla-descriptors")
-    helper.start()
-    helper.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
+    with ThreadPoolExecutor(1, thread_name_prefix="deepstack-mla-descriptors") as helper:
+        return helper.submit(lambda: torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)).result()
 
 
 def _fp8_tensor_maps_device(raw: torch.Tensor, stage_tokens: int) -> torch.Tensor:
