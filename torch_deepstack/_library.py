@@ -13,6 +13,7 @@ error for a device it has no kernel on, instead of the dispatcher's generic mess
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -227,6 +228,23 @@ def kernel_for(name: str, *tensors):
     if face is not None and may_skip_dispatcher(tensors):
         return face
     return op(name)
+
+
+def allocating_into_cuda_graph_pool() -> bool:
+    """Whether this thread's new CUDA allocations may be landing in a CUDA graph's private memory pool: while the
+    current stream captures (torch.cuda.graph), or while Inductor's CUDA graph trees (torch.compile(
+    mode="reduce-overhead")) warm up or record a compiled function, which they run on their own stream with the
+    thread's allocations routed to their pool. Long-lived state (a cache, a buffer made on first use) must not be
+    allocated then: the trees hand pool memory that their outputs do not hold to later replays, and refuse to record
+    while a tensor they do not track lives in their pool."""
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None:
+        return False
+    manager = trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    return (manager is not None and (manager.in_warmup or manager.in_recording)
+            and torch.cuda.current_stream() == manager.stream)
 
 
 def mark_static(*tensors: torch.Tensor) -> None:

@@ -482,6 +482,61 @@ def check_worst_mode_graph(buf, seed, rank, ws, num_experts):
     _replay_matches_eager(step, statics, [inputs(seed + 200 + i) for i in range(3)])
 
 
+def low_latency_reduce_overhead_checks(rank, ws, seed, transport):
+    """The low-latency decode step as a compiled model calls it (the ops, on a Buffer's group) under
+    torch.compile(mode="reduce-overhead", fullgraph=True): Inductor's CUDA graph trees record it on every rank, and
+    every call on fresh inputs (replays after the first two) equals the eager step, bitwise. Then the same for a
+    normal-mode dispatch + combine with num_worst_tokens."""
+    from tests.helpers import recorded_cuda_graphs
+    num_experts, num_max = 8 * ws, 40
+    buf = Buffer(None, transport=transport, num_nvl_bytes=1 << 24, low_latency_mode=True, timeout_s=60,
+                 num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(num_max, HIDDEN, ws, num_experts))
+    group, L = buf._op_group, num_experts // ws
+    expert_scale = (torch.arange(L, dtype=torch.float32, device="cuda") + 1 + L * rank).view(L, 1, 1)
+
+    def step(x, idx, w):
+        rx, rs, cnt, src_info, layout_range = torch.ops.deepstack.ep_low_latency_dispatch(
+            x, idx, num_max, num_experts, ws, group, True, False)
+        y = (rx.float() * rs.repeat_interleave(128, dim=-1) * expert_scale).to(torch.bfloat16)
+        out = torch.ops.deepstack.ep_low_latency_combine(y, idx, w, src_info, layout_range, num_max, group)
+        return out, cnt
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for i in range(5):
+        x, idx, w = (t.cuda() for t in make_inputs(seed + 500 + i, rank, num_experts, torch.bfloat16, n=num_max))
+        got = [t.clone() for t in compiled(x, idx, w)]   # (the next replay overwrites the graph's outputs)
+        want = step(x, idx, w)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), f"call {i}: the reduce-overhead step differs from eager"
+        assert int(want[1].sum()) > 0
+    assert recorded_cuda_graphs() >= 1, "the step ran outside CUDA graphs (cudagraph skip)"
+    buf.destroy()
+
+    # Normal mode with num_worst_tokens (shapes independent of routing), on a Buffer made after the graphs above.
+    normal = Buffer(None, transport=transport, num_nvl_bytes=1 << 24, timeout_s=60)
+    group, n = normal._op_group, num_tokens(rank)
+    worst = max(num_tokens(r) for r in range(ws)) * ws
+
+    def normal_step(x, idx, w):
+        rx, _, _, rw, _, mask, rc, src = torch.ops.deepstack.ep_dispatch(x, None, idx, w, None, num_experts, ws,
+                                                                         group, 1, worst)
+        out, _ = torch.ops.deepstack.ep_combine(rx * (rw.sum(1, keepdim=True) + 1), None, mask, rc, src, group,
+                                                worst)
+        return out
+
+    graphs_before = recorded_cuda_graphs()
+    compiled = torch.compile(normal_step, mode="reduce-overhead", fullgraph=True)
+    for i in range(5):
+        x, idx, w = (t.cuda() for t in make_inputs(seed + 600 + i, rank, num_experts, n=n))
+        got = compiled(x, idx, w).clone()
+        want = normal_step(x, idx, w)
+        # (Inductor fuses the stand-in expert's sum and product: last-bit differences, hence a tolerance)
+        torch.testing.assert_close(got, want, msg=lambda m: f"call {i}: the reduce-overhead normal step: {m}")
+    assert recorded_cuda_graphs() > graphs_before, "the normal step ran outside CUDA graphs (cudagraph skip)"
+    normal.destroy()
+    dist.barrier()
+
+
 def error_checks(rank, ws, device="cpu", transport="auto"):
     """Bad input raises a clear error on every rank before any collective (so nothing hangs)."""
     import pytest

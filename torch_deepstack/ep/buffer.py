@@ -153,6 +153,10 @@ class Buffer:
             area = max(self.num_nvl_bytes, self.num_rdma_bytes)   # low-latency exchanges use the same area
             if usable and area >= ipc.IpcTransport.min_bytes(self.group_size):
                 self._ipc = ipc.IpcTransport(self.group, area, timeout_s)
+                # Its fused kernels' device state is made now, not on the first call: that call may run inside
+                # torch.compile(mode="reduce-overhead")'s CUDA graph trees, whose pool would own it.
+                from torch_deepstack.ep.intranode import intranode_for
+                intranode_for(self._ipc)
                 self._op_group = f"{self.group_name}{BUFFER_SEP}{self.buffer_id}"
                 register_transport(self._op_group, self._ipc)
             elif transport == "ipc":

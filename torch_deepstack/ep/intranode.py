@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from torch_deepstack._library import allocating_into_cuda_graph_pool
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 
 MAX_RANKS = 32          # one lane per rank in the kernels
@@ -127,7 +128,8 @@ class Intranode:
         rows = [flat[i * R:(i + 1) * R] for i in range(R)]
         # (device tensor, rows, most rows any rank receives, most rows any rank sends): _fits per call
         entry = (rc_dev, rows, max(map(sum, zip(*rows))), max(map(sum, rows)))
-        self._host_counts[rc_dev.data_ptr()] = entry
+        if not allocating_into_cuda_graph_pool():   # (see _positions)
+            self._host_counts[rc_dev.data_ptr()] = entry
         return entry
 
     def _counts_entry(self, rc_dev: torch.Tensor) -> tuple:
@@ -158,8 +160,9 @@ class Intranode:
 
     def _positions(self, mask: torch.Tensor) -> torch.Tensor:
         """rank_positions(mask), reused while the same mask tensor comes back unchanged (a handle's mask serves
-        every cached dispatch and combine of a layer). Not reused into a CUDA graph: a graph must own its inputs."""
-        if torch.cuda.is_current_stream_capturing():
+        every cached dispatch and combine of a layer). Neither reused into nor cached from a CUDA graph's memory
+        pool: a graph must own its inputs, and a cached tensor in the pool would be overwritten by later replays."""
+        if allocating_into_cuda_graph_pool():
             return rank_positions(mask)
         hit = self._pos
         if hit is not None and hit[0] is mask and hit[1] == mask._version:
@@ -296,7 +299,8 @@ class Intranode:
             if entry[2] > lay.cap:
                 return None
             out_rows = sum(row[rank] for row in entry[1])
-            self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L]])
+            if not allocating_into_cuda_graph_pool():
+                self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L]])
             outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, has_w, x.device)
             own_rows_sent = False
         recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales,
