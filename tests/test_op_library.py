@@ -73,3 +73,39 @@ def test_compiles_fullgraph_through_every_op_family():
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
     x2 = torch.randn(9, 384, dtype=torch.bfloat16)   # a second shape through the same dynamic graph
     torch.testing.assert_close(compiled(x2), f(x2), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_allocating_into_cuda_graph_pool_under_capture_and_graph_trees():
+    """The guard that keeps caches and first-use state out of CUDA graph pools: true under torch.cuda.graph capture
+    and while Inductor's graph trees warm up and record a compiled function (seen from inside an op), false
+    outside them."""
+    seen = []
+
+    @torch.library.custom_op("deepstack_test::pool_probe", mutates_args=())
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(_library.allocating_into_cuda_graph_pool())
+        return x * 2
+
+    @probe.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    x = torch.ones(8, device="cuda")
+    assert not _library.allocating_into_cuda_graph_pool()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        probe(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        probe(x)
+    assert seen == [False, True]
+    seen.clear()
+    compiled = torch.compile(lambda t: probe(t) + 1, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):
+        assert torch.equal(compiled(x), x * 2 + 1)
+    assert seen == [True, True]   # the warm-up run and the recording; replays run no Python
+    assert not _library.allocating_into_cuda_graph_pool()
+    probe(x)
+    assert seen[-1] is False
