@@ -36,11 +36,11 @@ def test_ranks_spread_over_gpus_over_ipc(world_size):
 @pytest.mark.cuda
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world_size,transport", [(1, "dist"), (1, "ipc"), (2, "ipc")])
-def test_low_latency_step_under_reduce_overhead(world_size, transport):
-    """torch.compile(mode="reduce-overhead") of a decode step's low-latency dispatch + combine: a world of one over
-    NCCL and over IPC, and two processes sharing the GPU over IPC (gloo carries the handles: NCCL refuses two ranks
-    on one GPU)."""
-    run_world(workers.low_latency_reduce_overhead_checks, world_size, 23, transport,
+def test_ep_steps_under_reduce_overhead(world_size, transport):
+    """torch.compile(mode="reduce-overhead") of steps through the EP ops (low-latency, worst-case and exact-size
+    dispatch + combine): a world of one over NCCL and over IPC, and two processes sharing the GPU over IPC (gloo
+    carries the handles: NCCL refuses two ranks on one GPU)."""
+    run_world(workers.reduce_overhead_checks, world_size, 23, transport,
               backend="nccl" if transport == "dist" else "gloo", timeout_s=380)
 
 
