@@ -211,6 +211,36 @@ def test_bad_block_table_is_a_clear_error():
         mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)
 
 
+def test_table_checks_repeat_after_in_place_writes():
+    """The data checks run once per table version (CheckedData): a table or seqlens that passed, then written in
+    place, is checked again and the bad entry reported; so is a slot_mapping written in place; PagedKVCache's own
+    tables and slots pass without a check, and a write to its table by hand is caught."""
+    q, cache, bt, seq = make_case(2, 1, 16, 1, 576, torch.bfloat16, [100, 70], device="cuda")
+    sched, splits = get_mla_metadata(seq, 16, 1)
+    mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)
+    mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)   # (passes from the memo)
+    bt[0, 1] = -3
+    with pytest.raises(IndexError, match="out of range"):
+        mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)
+    bt[0, 1] = 0
+    mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)
+    seq[1] = bt.shape[1] * 64 + 1
+    with pytest.raises(ValueError, match="exceeds block_table capacity"):
+        mla_decode_with_kvcache(q, cache, bt, seq, 512, sched, splits)
+    slots = torch.tensor([3, 5], device="cuda")
+    kv = torch.randn(2, 1, 576, device="cuda", dtype=torch.bfloat16)
+    mla_append_kv(cache, kv, slots)
+    slots[1] = cache.shape[0] * 64
+    with pytest.raises(IndexError, match="out of range"):
+        mla_append_kv(cache, kv, slots)
+    pc = PagedKVCache(num_blocks=8, max_batch=2, max_seq_len=256, device="cuda")
+    pc.append(0, torch.randn(70, 1, 576, device="cuda", dtype=torch.bfloat16) / 10)
+    pc.decode(q[:1])
+    pc.block_table[0, 1] = 99
+    with pytest.raises(IndexError, match="out of range"):
+        pc.decode(q[:1])
+
+
 def test_fp8_accuracy_vs_bf16_cache():
     """What FP8 costs: the FP8-cache result against the bf16-cache result on the same keys (reported, bounded)."""
     b, h_q, d = 8, 64, 576

@@ -222,3 +222,23 @@ def test_fp8_cache_needs_bf16_q_and_656_byte_rows():
     a["q"] = a["q"].half()
     with pytest.raises(RuntimeError, match="bfloat16 q"):
         mla_decode_with_kvcache(**a, is_fp8_kvcache=True)
+
+
+def test_checked_data_follows_versions_views_and_objects():
+    """CheckedData (the memo that spares the GPU faces a host sync per call): a pass holds for the same tensors at
+    the same versions and limits; an in-place write, another view (unless noted whole), another tensor or other
+    limits need a new check."""
+    from torch_deepstack.mla.checks import CheckedData
+    memo = CheckedData()
+    bt, seq = torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int32)
+    assert not memo.passed((bt, seq), (8,))
+    memo.note((bt, seq), (8,))
+    assert memo.passed((bt, seq), (8,)) and not memo.passed((bt, seq), (9,))
+    assert not memo.passed((bt[:2], seq[:2]), (8,))          # a view that was not checked
+    seq[1] = 5
+    assert not memo.passed((bt, seq), (8,))
+    memo.note((bt, seq), (8,), whole=True)
+    assert memo.passed((bt[:2], seq[:2]), (8,)) and memo.passed((bt, seq), (8,))
+    bt[:2][0, 0] = 1                                          # a write through a view bumps the base's version
+    assert not memo.passed((bt[:2], seq[:2]), (8,))
+    assert not memo.passed((bt.clone(), seq), (8,))

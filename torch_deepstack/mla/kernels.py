@@ -14,7 +14,7 @@ import torch
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 from torch_deepstack.jit.tma import make_tensor_map
-from torch_deepstack.mla.checks import (HEAD_DIM_V, PAGE_SIZE, SCHED_INTS, check_append_inputs,
+from torch_deepstack.mla.checks import (CHECKED, HEAD_DIM_V, PAGE_SIZE, SCHED_INTS, check_append_inputs,
                                         check_block_table_values, check_decode_inputs, check_metadata_inputs,
                                         num_sm_parts_for)
 from torch_deepstack.mla.reference import default_softmax_scale
@@ -429,7 +429,10 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
     check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                         is_fp8_kvcache)
     if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
-        check_block_table_values(block_table, cache_seqlens, k_cache.shape[0])
+        tables, limits = (block_table, cache_seqlens), (k_cache.shape[0],)
+        if not CHECKED.passed(tables, limits):
+            check_block_table_values(block_table, cache_seqlens, k_cache.shape[0])
+            CHECKED.note(tables, limits)
     b, s_q, h_q, d = q.shape
     h_kv = k_cache.shape[2]
     hpk = h_q // h_kv
@@ -520,8 +523,11 @@ def mla_append_kv_cuda(k_cache, kv, slot_mapping, is_fp8_kvcache: bool = False) 
         raise ValueError(f"{op}: kv and k_cache rows must start on 16-byte boundaries")
     slots = slot_mapping.to(torch.int64).contiguous()
     if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
-        if bool((slots >= k_cache.shape[0] * PAGE_SIZE).any()):
-            raise IndexError(f"{op}: slot {int(slots.max())} is out of range for a cache of {k_cache.shape[0]} "
-                             f"blocks x {PAGE_SIZE} slots")
+        limits = (k_cache.shape[0] * PAGE_SIZE,)
+        if not CHECKED.passed((slot_mapping,), limits):
+            if bool((slots >= limits[0]).any()):
+                raise IndexError(f"{op}: slot {int(slots.max())} is out of range for a cache of {k_cache.shape[0]} "
+                                 f"blocks x {PAGE_SIZE} slots")
+            CHECKED.note((slot_mapping,), limits)
     get_kernel(append_spec(kv.dtype, d, is_fp8_kvcache), "pppllll").launch(
         (n, h_kv), 128, kv, raw, slots, kv.stride(0), kv.stride(1), raw.stride(1) * es, raw.stride(2) * es)

@@ -6,7 +6,7 @@ import torch
 
 from torch_deepstack._library import mark_static
 from torch_deepstack.mla.api import get_mla_metadata, mla_append_kv, mla_decode_with_kvcache
-from torch_deepstack.mla.checks import FP8_TOKEN_BYTES, PAGE_SIZE
+from torch_deepstack.mla.checks import CHECKED, FP8_TOKEN_BYTES, PAGE_SIZE
 
 
 class CacheFullError(RuntimeError):
@@ -44,6 +44,12 @@ class PagedKVCache:
         self._free = list(range(num_blocks - 1, -1, -1))
         self._blocks: list[list[int]] = [[] for _ in range(max_batch)]
         self._lens = [0] * max_batch
+        self._note_tables()
+
+    def _note_tables(self) -> None:
+        # Every entry of block_table is a valid block (zeros, or blocks handed out) and every length fits the table:
+        # the ops' data checks (a host sync each on the GPU) need not read them again until something else writes them.
+        CHECKED.note((self.block_table, self.seqlens), (self.k_cache.shape[0],), whole=True)
 
     @property
     def num_free_blocks(self) -> int:
@@ -72,9 +78,14 @@ class PagedKVCache:
             self.block_table[req, first:first + len(new)] = torch.tensor(new, dtype=torch.int32)
         self._lens[req] = end
         self.seqlens[req] = end
+        self._note_tables()
         blocks = torch.tensor(self._blocks[req], dtype=torch.int64)
         pos = torch.arange(start, end)
-        return (blocks[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE).to(self.k_cache.device)
+        return self._noted_slots((blocks[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE).to(self.k_cache.device))
+
+    def _noted_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        CHECKED.note((slots,), (self.k_cache.shape[0] * PAGE_SIZE,))
+        return slots
 
     def append(self, req_ids, kv: torch.Tensor) -> None:
         """Append kv [len(req_ids), h_kv, d] (one token per listed request) or, for one request, [n, h_kv, d]."""
@@ -84,7 +95,7 @@ class PagedKVCache:
         else:
             if kv.shape[0] != len(req_ids):
                 raise ValueError(f"PagedKVCache.append: {len(req_ids)} requests but kv has {kv.shape[0]} rows")
-            slots = torch.cat([self.reserve(r, 1) for r in req_ids])
+            slots = self._noted_slots(torch.cat([self.reserve(r, 1) for r in req_ids]))
         mla_append_kv(self.k_cache, kv.to(self.k_cache.device), slots, self.fp8)
 
     def free(self, req: int) -> None:
@@ -92,6 +103,7 @@ class PagedKVCache:
         self._blocks[req] = []
         self._lens[req] = 0
         self.seqlens[req] = 0
+        self._note_tables()
 
     def metadata(self, s_q: int, h_q: int, batch: int | None = None):
         seq = self.seqlens if batch is None else self.seqlens[:batch]
