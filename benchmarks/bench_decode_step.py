@@ -15,14 +15,13 @@ warm-up, synchronised at the end (no L2 flush: consecutive layers' caches do not
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import torch_deepstack  # noqa: F401
 from torch_deepstack._library import mark_static
 from torch_deepstack.mla import PagedKVCache, get_mla_metadata, mla_append_kv, mla_decode_with_kvcache
-from torch_deepstack.testing.bench import BenchTable, capture_graph
+from torch_deepstack.testing.bench import BenchTable, back_to_back, capture_graph
 
 D = 576
 CONFIGS = [(64, 16, 4096, 1), (64, 16, 4096, 8), (128, 128, 4096, 1), (128, 128, 4096, 8)]   # (b, h_q, s_k, layers)
@@ -53,15 +52,8 @@ def make_step(b: int, h_q: int, s_k: int, layers: int, seed: int = 0):
     return step, (q, kv, slots)
 
 
-def per_step_us(fn, steps: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e6
+def per_step_us(fn, steps: int) -> float:
+    return back_to_back(fn, steps, torch.cuda.synchronize)[1] * 1e6
 
 
 def run(configs, steps: int) -> BenchTable:

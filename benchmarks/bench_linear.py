@@ -40,7 +40,8 @@ from torch import nn
 import torch_deepstack  # noqa: F401
 from torch_deepstack.compile import fp8_linear_pass
 from torch_deepstack.gemm import FP8Linear
-from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved, bench_host, capture_graph
+from torch_deepstack.testing.bench import (BenchTable, back_to_back, bench_gpu_interleaved, bench_host,
+                                           capture_graph)
 from torch_deepstack.compat.deep_gemm import calc_diff
 
 # DeepSeek-V3-like projections at a training micro-batch of 8192 tokens (and one of 2048): attention output
@@ -201,21 +202,6 @@ def prebuild(jobs=2):
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(cache.build, specs))
     print(f"prebuilt {len(specs)} specialisations")
-
-
-def back_to_back(fn, steps, sync):
-    """(host, wall) seconds per call of `steps` calls issued back to back after a synchronised warm-up: host = time to
-    issue them (nothing waited for), wall = until the GPU is done. Wall is the throughput a training loop sees; it
-    includes host time that CUDA-event timing of single calls can miss (docs/gemm.md "Host time")."""
-    for _ in range(3):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    host = (time.perf_counter() - t0) / steps
-    sync()
-    return host, (time.perf_counter() - t0) / steps
 
 
 def profile_training(t, k, n, steps=20, loop_steps=200):

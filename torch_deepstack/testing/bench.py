@@ -178,6 +178,22 @@ def bench_host(fn, iters: int = 20000, warmup: int = 1000, runs: int = 1, betwee
     return best * 1e6
 
 
+def back_to_back(fn, steps, sync):
+    """(host, wall) seconds per call of `steps` calls issued back to back after a synchronised warm-up: host = time to
+    issue them (nothing waited for), wall = until the GPU is done. Wall is the throughput a training or serving loop
+    sees; it includes host time that CUDA-event timing of single calls can miss (docs/gemm.md "Host time")."""
+    import time
+    for _ in range(3):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host = (time.perf_counter() - t0) / steps
+    sync()
+    return host, (time.perf_counter() - t0) / steps
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
