@@ -84,6 +84,11 @@ class CheckedData:
     def _base(t):
         return t if t._base is None else t._base
 
+    def _key(self, tensors, limits, whole: bool) -> tuple:
+        """Whole: the base tensors, any views of them; else these very views (base, offset, shape, strides)."""
+        return tuple(("whole", id(self._base(t))) if whole else
+                     (id(self._base(t)), t.storage_offset(), tuple(t.shape), t.stride()) for t in tensors) + limits
+
     def _alive(self, key, tensors) -> bool:
         entry = self._seen.get(key)
         return entry is not None and all(ref() is self._base(t) and v == t._version
@@ -91,16 +96,19 @@ class CheckedData:
 
     def passed(self, tensors: tuple, limits: tuple) -> bool:
         """Checked before as these very views, or noted whole (any views of them), at their current versions."""
-        views = tuple((id(self._base(t)), t.storage_offset(), tuple(t.shape), t.stride()) for t in tensors)
-        return (self._alive(views + limits, tensors)
-                or self._alive(tuple(("whole", id(self._base(t))) for t in tensors) + limits, tensors))
+        return any(self._alive(self._key(tensors, limits, whole), tensors) for whole in (False, True))
 
     def note(self, tensors: tuple, limits: tuple, whole: bool = False) -> None:
         if len(self._seen) >= self._limit:
             self._seen.clear()
-        key = (tuple(("whole", id(t)) for t in tensors) if whole else
-               tuple((id(self._base(t)), t.storage_offset(), tuple(t.shape), t.stride()) for t in tensors))
-        self._seen[key + limits] = tuple((weakref.ref(self._base(t)), t._version) for t in tensors)
+        self._seen[self._key(tensors, limits, whole)] = tuple((weakref.ref(self._base(t)), t._version)
+                                                              for t in tensors)
+
+    def check_once(self, tensors: tuple, limits: tuple, check) -> None:
+        """check() (which raises on bad data) unless these tensors passed at their current versions."""
+        if not self.passed(tensors, limits):
+            check()
+            self.note(tensors, limits)
 
 
 CHECKED = CheckedData()

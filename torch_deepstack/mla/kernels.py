@@ -429,10 +429,8 @@ def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_di
     check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                         is_fp8_kvcache)
     if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
-        tables, limits = (block_table, cache_seqlens), (k_cache.shape[0],)
-        if not CHECKED.passed(tables, limits):
-            check_block_table_values(block_table, cache_seqlens, k_cache.shape[0])
-            CHECKED.note(tables, limits)
+        CHECKED.check_once((block_table, cache_seqlens), (k_cache.shape[0],),
+                           lambda: check_block_table_values(block_table, cache_seqlens, k_cache.shape[0]))
     b, s_q, h_q, d = q.shape
     h_kv = k_cache.shape[2]
     hpk = h_q // h_kv
@@ -523,11 +521,10 @@ def mla_append_kv_cuda(k_cache, kv, slot_mapping, is_fp8_kvcache: bool = False) 
         raise ValueError(f"{op}: kv and k_cache rows must start on 16-byte boundaries")
     slots = slot_mapping.to(torch.int64).contiguous()
     if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
-        limits = (k_cache.shape[0] * PAGE_SIZE,)
-        if not CHECKED.passed((slot_mapping,), limits):
-            if bool((slots >= limits[0]).any()):
+        def check_slots():
+            if bool((slots >= k_cache.shape[0] * PAGE_SIZE).any()):
                 raise IndexError(f"{op}: slot {int(slots.max())} is out of range for a cache of {k_cache.shape[0]} "
                                  f"blocks x {PAGE_SIZE} slots")
-            CHECKED.note((slot_mapping,), limits)
+        CHECKED.check_once((slot_mapping,), (k_cache.shape[0] * PAGE_SIZE,), check_slots)
     get_kernel(append_spec(kv.dtype, d, is_fp8_kvcache), "pppllll").launch(
         (n, h_kv), 128, kv, raw, slots, kv.stride(0), kv.stride(1), raw.stride(1) * es, raw.stride(2) * es)
