@@ -122,6 +122,22 @@ def grouped_cases(q, s, w, device, groups=2):
                                                                                  t // (2 * groups))}
 
 
+def mla_cases(b=64, h_q=16, blocks_per_request=4, device="cpu"):
+    """The MLA decode faces on a small paged cache (bf16, one KV head): what each layer of a decode step calls."""
+    from torch_deepstack.mla import kernels as mla_kernels
+    k_cache = torch.zeros(b * blocks_per_request, 64, 1, 576, dtype=torch.bfloat16, device=device)
+    block_table = torch.arange(b * blocks_per_request, dtype=torch.int32, device=device).view(b, -1)
+    seqlens = torch.full((b,), 64 * blocks_per_request - 7, dtype=torch.int32, device=device)
+    q = torch.randn(b, 1, h_q, 576, dtype=torch.bfloat16, device=device)
+    kv = torch.randn(b, 1, 576, dtype=torch.bfloat16, device=device)
+    slots = block_table[:, -1].long() * 64 + 56     # int64, as PagedKVCache hands them out
+    sched, splits = mla_kernels.get_mla_metadata_cuda(seqlens, h_q, 1)
+    return {"get_mla_metadata": lambda: mla_kernels.get_mla_metadata_cuda(seqlens, h_q, 1),
+            "mla_append_kv": lambda: mla_kernels.mla_append_kv_cuda(k_cache, kv, slots),
+            "mla_decode_with_kvcache (bf16, 16 rows)": lambda: mla_kernels.mla_decode_with_kvcache_cuda(
+                q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default=None, help="a row's name (prefix): cProfile it instead of the table")
@@ -136,6 +152,7 @@ def main():
 
 def run(args, device):
     table = cases(device=device)
+    table.update(mla_cases(device=device))
     table.update(step_cases(device=device))
     table.update(primitive_cases(device))
     sync = torch.cuda.synchronize if device == "cuda" else None

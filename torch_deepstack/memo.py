@@ -15,3 +15,8 @@ class BoundedMemo(dict):
             self.clear()
         self[key] = value
         return value
+
+
+def operand_key(t):
+    """What a memoised launch depends on of a tensor operand: its address and layout (None for an absent one)."""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)

@@ -16,7 +16,7 @@ from torch_deepstack.gemm.layout import as_mn_major_sf
 from torch_deepstack.gemm.reference import transposed_quant_empty
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 from torch_deepstack.jit.tma import make_tensor_map
-from torch_deepstack.memo import BoundedMemo
+from torch_deepstack.memo import BoundedMemo, operand_key as _operand_key
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty, tma_aligned_size
 
 KIND_DENSE, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
@@ -217,10 +217,6 @@ def _prepare_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, 
 _CALLS = BoundedMemo()
 # what prepare() returns as its temporaries when it did the work itself with torch ops (K = 0): never remembered
 WORK_DONE = ("done by torch ops, not a replayable launch",)
-
-
-def _operand_key(t):
-    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
 def _run_memoised(key, prepare) -> None:

@@ -1,12 +1,15 @@
-"""The FP8 ops' CUDA faces without a GPU: kernel loading, tensor-map encoding, the SM count and the driver's launch
+"""The FP8 and MLA ops' CUDA faces without a GPU: kernel loading, tensor-map encoding, the SM count and the driver's launch
 call are replaced, everything else (checks, plans, memos, parameter packing) runs as on the GPU machine. For timing
 the faces' host path on any machine (benchmarks/host_path.py) and for CPU tests of their host-side logic."""
 from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from torch_deepstack.gemm import kernels
 from torch_deepstack.jit import launch
+from torch_deepstack.mla import kernels as mla_kernels
 from torch_deepstack.quant import kernels as quant_kernels
 
 
@@ -34,7 +37,9 @@ class _NoDriver:
 
 
 def _clear_host_caches():
-    for cache in (kernels._CALLS, kernels._QUANT_PLANS, kernels._PLANS, kernels._TMAPS, quant_kernels._PLANS):
+    for cache in (kernels._CALLS, kernels._QUANT_PLANS, kernels._PLANS, kernels._TMAPS, quant_kernels._PLANS,
+                  mla_kernels._DEVICE_MAPS, mla_kernels._MAX_CLUSTERS, mla_kernels._DECODE_PLANS,
+                  mla_kernels._APPENDS):
         cache.clear()
 
 
@@ -49,6 +54,11 @@ def gpu_parts_stubbed():
         return stubs[spec, signature]
     patches = [(kernels, "get_kernel", get_kernel), (quant_kernels, "get_kernel", get_kernel),
                (kernels, "make_tensor_map", lambda *args, **kwargs: bytes(128)), (kernels, "num_sms", lambda d: 132),
+               (torch.cuda, "current_device", lambda: 0), (torch.cuda, "is_current_stream_capturing", lambda: False),
+               (mla_kernels, "get_kernel", get_kernel), (mla_kernels, "_num_sms", lambda index: 132),
+               (mla_kernels, "make_tensor_map", lambda *args, **kwargs: bytes(128)),
+               (mla_kernels, "_device_copy_outside_graph_pools",
+                lambda data, device: torch.frombuffer(bytearray(data), dtype=torch.uint8)),
                (launch, "_get_device", lambda: 0), (launch, "_get_stream", lambda device: 0),
                (launch.driver, "lib", lambda: _NoDriver())]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
