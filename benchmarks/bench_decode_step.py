@@ -11,6 +11,7 @@ warm-up, synchronised at the end (no L2 flush: consecutive layers' caches do not
 
     python benchmarks/bench_decode_step.py            # b = 64 and 128, h_q = 16 and 128, 1 and 8 layers
     python benchmarks/bench_decode_step.py --quick    # one config, docs left as they are
+    python benchmarks/bench_decode_step.py --config 64,16,4096,8    # this config alone (A/B runs)
 """
 from __future__ import annotations
 
@@ -95,10 +96,13 @@ def run(configs, steps: int) -> BenchTable:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one config, docs left as they are")
+    ap.add_argument("--config", default="", help="b,h_q,s_k,layers: this one config instead (docs left as they are)")
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
-    table = run(CONFIGS[:1] if args.quick else CONFIGS, args.steps)
-    if not args.quick:
+    configs = ([tuple(int(v) for v in args.config.split(","))] if args.config else
+               CONFIGS[:1] if args.quick else CONFIGS)
+    table = run(configs, args.steps)
+    if not (args.quick or args.config):
         table.save()
     return 0
 

@@ -14,6 +14,7 @@ import torch
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 from torch_deepstack.jit.tma import make_tensor_map
+from torch_deepstack.memo import BoundedMemo, operand_key
 from torch_deepstack.mla.checks import (CHECKED, HEAD_DIM_V, PAGE_SIZE, SCHED_INTS, check_append_inputs,
                                         check_block_table_values, check_decode_inputs, check_metadata_inputs,
                                         num_sm_parts_for)
@@ -422,80 +423,142 @@ def _kv_tensor_map_device(k_cache: torch.Tensor) -> torch.Tensor:
     return _uploaded_maps(key, k_cache.device, "k_cache", lambda: _kv_tensor_map(k_cache))
 
 
-@cuda_kernel("mla_decode_with_kvcache")
-def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata,
-                                 num_splits, softmax_scale=None, causal: bool = False, is_fp8_kvcache: bool = False):
+def _knobs() -> tuple:
+    """The module switches that pick a decode kernel (benchmarks and tests set them between calls): part of every
+    decode plan's key."""
+    return (_DECODE_KERNEL, _OVERLAP_MIN_ROWS, _PAIR_CLUSTER, _FP8_SMALL_ROWS, _FP8_STAGE_TOKENS, _FP8_SMALL_KERNEL,
+            _FP8_REGS_ROWS, _FP8_REGS_SPLIT32, _FP8_REGS16_SUBPAGES, _FP8_REGS16_DEFINES, _FP8_SPLIT32_DEFINES,
+            _FP8_SPLIT32_FORM)
+
+
+class _DecodePlan:
+    """One decode call's launches with everything fixed but its fresh outputs (out, lse and one float32 workspace:
+    the split-KV partials, then the FP8 register-A kernel's merge buffer): kernels, grids, shared memory and the
+    input addresses and scalars (as ints: a plan holds no tensors). Eager decode loops call each layer with the
+    same operands step after step, so a plan is remembered by the operands' addresses and layouts (_DECODE_PLANS),
+    and its packed launches by the output addresses the caching allocator hands back (`launches`)."""
+
+    __slots__ = ("out_shape", "lse_shape", "dtype", "ws_floats", "lse_at", "extra_at", "decode", "grid", "smem",
+                 "cluster", "head", "extra", "tail", "combine", "combine_grid", "combine_tail", "launches")
+
+    def args(self, out, lse, ws) -> tuple:
+        o_acc = ws.data_ptr()
+        extra = self.extra if self.extra_at is None else o_acc + 4 * self.extra_at
+        return (self.head[0], out, lse, o_acc, o_acc + 4 * self.lse_at, *self.head[1:], extra, *self.tail)
+
+    def combine_args(self, out, lse, ws) -> tuple:
+        o_acc = ws.data_ptr()
+        return (o_acc, o_acc + 4 * self.lse_at, self.head[4], out, lse, *self.combine_tail)
+
+    def run(self, device: torch.device):
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=device)
+        ws = torch.empty(self.ws_floats, dtype=torch.float32, device=device)
+        key = (out.data_ptr(), lse.data_ptr(), ws.data_ptr())
+        launches = self.launches.get(key)
+        if launches is None:
+            cluster = None if self.cluster == 1 else (1, 1, self.cluster)
+            launches = self.launches.remember(key, (
+                self.decode.prepare(self.grid, 384, *self.args(out, lse, ws), smem=self.smem, cluster=cluster),
+                get_kernel(combine_spec(self.dtype), _COMBINE_SIG).prepare(
+                    self.combine_grid, 256, *self.combine_args(out, lse, ws))))
+        for launch in launches:
+            launch.launch()
+        return out, lse
+
+
+_DECODE_PLANS = BoundedMemo()
+
+
+def _decode_plan(q, k_cache, bt, seq, sched, splits, softmax_scale, causal, is_fp8_kvcache) -> _DecodePlan | None:
+    """The plan of a checked decode call whose inputs are in the kernels' layouts (None: nothing to launch)."""
     op = "mla_decode_with_kvcache"
-    check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-                        is_fp8_kvcache)
-    if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
-        CHECKED.check_once((block_table, cache_seqlens), (k_cache.shape[0],),
-                           lambda: check_block_table_values(block_table, cache_seqlens, k_cache.shape[0]))
     b, s_q, h_q, d = q.shape
     h_kv = k_cache.shape[2]
-    hpk = h_q // h_kv
-    rows = s_q * hpk
-    out = torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    rows = s_q * (h_q // h_kv)
     if b == 0 or s_q == 0 or h_q == 0:
-        return out, lse
+        return None
     if q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:3]):
         raise ValueError(f"{op}: q rows must start on 16-byte boundaries (strides {q.stride()}); call .contiguous()")
-    parts = tile_scheduler_metadata.shape[0]
-    o_accum = torch.empty(b + parts, h_kv, rows, HEAD_DIM_V, dtype=torch.float32, device=q.device)
-    lse_accum = torch.empty(b + parts, h_kv, rows, dtype=torch.float32, device=q.device)
-    bt = block_table if block_table.stride(1) == 1 else block_table.contiguous()
-    seq = cache_seqlens.contiguous()
-    sched = tile_scheduler_metadata.contiguous()
-    splits = num_splits.contiguous()
+    parts = sched.shape[0]
+    plan = _DecodePlan()
+    plan.out_shape, plan.lse_shape, plan.dtype = (b, s_q, h_q, HEAD_DIM_V), (b, h_q, s_q), q.dtype
+    acc_rows = (b + parts) * h_kv * rows
+    plan.lse_at, plan.extra_at, plan.extra = acc_rows * HEAD_DIM_V, None, 0
+    plan.ws_floats = acc_rows * (HEAD_DIM_V + 1)
+    plan.cluster = 1
+    plan.combine_grid, plan.combine_tail = (b, h_kv, (rows + 7) // 8), (h_q, h_kv, s_q, rows)
+    plan.launches = BoundedMemo(64)
+    scale = default_softmax_scale(d, softmax_scale) * _LOG2E
+    causal_flag = int(bool(causal) and s_q > 1)
+    plan.head = (q.data_ptr(), bt.data_ptr(), seq.data_ptr(), sched.data_ptr(), splits.data_ptr())
     if is_fp8_kvcache:
         raw = k_cache.view(torch.uint8)
         if raw.stride(2) != raw.shape[3] or raw.stride(0) != PAGE_SIZE * raw.stride(1):
             raise ValueError(f"{op}: an FP8 k_cache must be contiguous within each block (strides {raw.stride()})")
-        kmap, kptr, tok_stride = None, raw.data_ptr(), raw.stride(1)
+        kptr, tok_stride = raw.data_ptr(), raw.stride(1)
+        plan.tail = (h_q, h_kv, s_q, rows, causal_flag, bt.stride(0), q.stride(0), q.stride(1), q.stride(2),
+                     tok_stride, scale)
         if _FP8_SMALL_ROWS and rows <= 32 and kptr % 16 == 0 and tok_stride % 16 == 0:
             n = 16 if rows <= 16 else 32
-            tail = (h_q, h_kv, s_q, rows, int(bool(causal) and s_q > 1), bt.stride(0),
-                    q.stride(0), q.stride(1), q.stride(2), tok_stride, default_softmax_scale(d, softmax_scale) * _LOG2E)
             if _fp8_use_regs(n):
                 split = _fp8_regs_split(n)
                 spec = fp8_regs_spec(n, split, _fp8_split32_defines() if split else
                                      _fp8_regs16_defines() if n == 16 else ())
-                smem = fp8_regs_smem_bytes(n, split)
+                plan.smem = fp8_regs_smem_bytes(n, split)
                 # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
                 # split variant has none)
-                extra = torch.empty(1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n),
-                                    dtype=torch.float32, device=q.device)
+                plan.extra_at = -(-plan.ws_floats // 64) * 64      # 256-byte aligned
+                plan.ws_floats = plan.extra_at + (1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n))
             else:
-                spec, smem = fp8_small_spec(n, _FP8_STAGE_TOKENS), fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS)
-                extra = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS)   # its raw ring's TMA descriptors
-            get_kernel(spec, _FP8_SMALL_SIG).launch(
-                (parts, h_kv, 1), 384, q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, extra, *tail,
-                smem=smem)
-            get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
-                (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
-            return out, lse
+                spec, plan.smem = fp8_small_spec(n, _FP8_STAGE_TOKENS), fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS)
+                plan.extra = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS).data_ptr()   # its raw ring's descriptors
+            plan.decode, plan.grid = get_kernel(spec, _FP8_SMALL_SIG), (parts, h_kv, 1)
+            plan.head += (kptr,)
+            return plan
+        spec, plan.smem = decode_spec(q.dtype, d, True), decode_smem_bytes(d)
+        plan.head += (kptr,)
     else:
         if k_cache.data_ptr() % 16 or any((s * k_cache.element_size()) % 16 for s in k_cache.stride()[:3]):
             raise ValueError(f"{op}: k_cache strides must be multiples of 16 bytes (strides {k_cache.stride()})")
-        kmap, kptr, tok_stride = _kv_tensor_map_device(k_cache), 0, 0
-    scale = default_softmax_scale(d, softmax_scale)
-    causal_flag = int(bool(causal) and s_q > 1)
-    if is_fp8_kvcache:
-        spec, smem, cluster = decode_spec(q.dtype, d, True), decode_smem_bytes(d), 1
-    else:
-        spec, smem, cluster = bf16_decode_spec(q.dtype, d, rows)
-    kernel = get_kernel(spec, _DECODE_SIG)
-    args = (q, out, lse, o_accum, lse_accum, bt, seq, sched, splits, kptr, kmap, h_q, h_kv, s_q, rows, causal_flag,
-            bt.stride(0), q.stride(0), q.stride(1), q.stride(2), tok_stride, scale * _LOG2E)
-    grid = (parts, h_kv, (rows + 63) // 64)
-    if cluster > 1:
-        kernel.launch_cluster(grid, 384, (1, 1, cluster), *args, smem=smem)
-    else:
-        kernel.launch(grid, 384, *args, smem=smem)
-    get_kernel(combine_spec(q.dtype), _COMBINE_SIG).launch(
-        (b, h_kv, (rows + 7) // 8), 256, o_accum, lse_accum, splits, out, lse, h_q, h_kv, s_q, rows)
-    return out, lse
+        plan.extra = _kv_tensor_map_device(k_cache).data_ptr()
+        spec, plan.smem, plan.cluster = bf16_decode_spec(q.dtype, d, rows)
+        plan.head += (0,)
+        plan.tail = (h_q, h_kv, s_q, rows, causal_flag, bt.stride(0), q.stride(0), q.stride(1), q.stride(2), 0, scale)
+    plan.decode, plan.grid = get_kernel(spec, _DECODE_SIG), (parts, h_kv, (rows + 63) // 64)
+    return plan
+
+
+@cuda_kernel("mla_decode_with_kvcache")
+def mla_decode_with_kvcache_cuda(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata,
+                                 num_splits, softmax_scale=None, causal: bool = False, is_fp8_kvcache: bool = False):
+    # A repeated call (same operand addresses, layouts and arguments) skips the argument checks and the planning;
+    # the data check (block table against the cache) follows the tables' versions either way.
+    key = (operand_key(q), operand_key(k_cache), operand_key(block_table), operand_key(cache_seqlens),
+           operand_key(tile_scheduler_metadata), operand_key(num_splits), head_dim_v, softmax_scale, causal,
+           is_fp8_kvcache, _knobs())
+    plan = _DECODE_PLANS.get(key)
+    if plan is None:
+        check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+                            is_fp8_kvcache)
+    if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
+        CHECKED.check_once((block_table, cache_seqlens), (k_cache.shape[0],),
+                           lambda: check_block_table_values(block_table, cache_seqlens, k_cache.shape[0]))
+    if plan is None:
+        # (copies of inputs not in the kernels' layouts are temporaries: such calls are planned every time)
+        bt = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+        seq, sched, splits = cache_seqlens.contiguous(), tile_scheduler_metadata.contiguous(), num_splits.contiguous()
+        plan = _decode_plan(q, k_cache, bt, seq, sched, splits, softmax_scale, causal, is_fp8_kvcache)
+        if plan is None:
+            b, s_q, h_q, _ = q.shape
+            return (torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=q.device),
+                    torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device))
+        if (bt is block_table and seq is cache_seqlens and sched is tile_scheduler_metadata
+                and splits is num_splits):
+            _DECODE_PLANS.remember(key, plan)
+        else:
+            return plan.run(q.device)   # (the copies stay alive until the launches are issued)
+    return plan.run(q.device)
 
 
 _APPEND_CTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
@@ -505,26 +568,38 @@ def append_spec(dtype: torch.dtype, d: int, fp8: bool) -> KernelSpec:
     return KernelSpec("mla/mla_append.cuh", "deepstack::mla::mla_append_kernel", (_APPEND_CTYPE[dtype], d, fp8))
 
 
+# Packed append launches by operand addresses and layouts (a decode loop appends each layer's row to the same cache
+# from the same kind of buffers step after step); only calls whose slots need no int64 copy.
+_APPENDS = BoundedMemo()
+
+
 @cuda_kernel("mla_append_kv")
 def mla_append_kv_cuda(k_cache, kv, slot_mapping, is_fp8_kvcache: bool = False) -> None:
     op = "mla_append_kv"
-    check_append_inputs(k_cache, kv, slot_mapping, is_fp8_kvcache)
-    n, h_kv, d = kv.shape
-    if n == 0:
-        return
-    raw = k_cache.view(torch.uint8) if is_fp8_kvcache else k_cache
-    es = raw.element_size()
-    if raw.stride(-1) != 1 or raw.stride(0) != PAGE_SIZE * raw.stride(1) or kv.stride(-1) != 1:
-        raise ValueError(f"{op}: k_cache must be contiguous within each block and kv in its last dim")
-    if not is_fp8_kvcache and (kv.data_ptr() % 16 or raw.data_ptr() % 16 or any(
-            (s * es) % 16 for s in (*kv.stride()[:2], *raw.stride()[1:3]))):
-        raise ValueError(f"{op}: kv and k_cache rows must start on 16-byte boundaries")
-    slots = slot_mapping.to(torch.int64).contiguous()
+    key = (operand_key(k_cache), operand_key(kv), operand_key(slot_mapping), is_fp8_kvcache)
+    launch = _APPENDS.get(key)
+    if launch is None:
+        check_append_inputs(k_cache, kv, slot_mapping, is_fp8_kvcache)
+        if kv.shape[0] == 0:
+            return
+    slots = slot_mapping if launch is not None else slot_mapping.to(torch.int64).contiguous()
     if _check_block_table_enabled() and not torch.cuda.is_current_stream_capturing():
         def check_slots():
             if bool((slots >= k_cache.shape[0] * PAGE_SIZE).any()):
                 raise IndexError(f"{op}: slot {int(slots.max())} is out of range for a cache of {k_cache.shape[0]} "
                                  f"blocks x {PAGE_SIZE} slots")
         CHECKED.check_once((slot_mapping,), (k_cache.shape[0] * PAGE_SIZE,), check_slots)
-    get_kernel(append_spec(kv.dtype, d, is_fp8_kvcache), "pppllll").launch(
-        (n, h_kv), 128, kv, raw, slots, kv.stride(0), kv.stride(1), raw.stride(1) * es, raw.stride(2) * es)
+    if launch is None:
+        n, h_kv, d = kv.shape
+        raw = k_cache.view(torch.uint8) if is_fp8_kvcache else k_cache
+        es = raw.element_size()
+        if raw.stride(-1) != 1 or raw.stride(0) != PAGE_SIZE * raw.stride(1) or kv.stride(-1) != 1:
+            raise ValueError(f"{op}: k_cache must be contiguous within each block and kv in its last dim")
+        if not is_fp8_kvcache and (kv.data_ptr() % 16 or raw.data_ptr() % 16 or any(
+                (s * es) % 16 for s in (*kv.stride()[:2], *raw.stride()[1:3]))):
+            raise ValueError(f"{op}: kv and k_cache rows must start on 16-byte boundaries")
+        launch = get_kernel(append_spec(kv.dtype, d, is_fp8_kvcache), "pppllll").prepare(
+            (n, h_kv), 128, kv, raw, slots, kv.stride(0), kv.stride(1), raw.stride(1) * es, raw.stride(2) * es)
+        if slots is slot_mapping:
+            _APPENDS.remember(key, launch)
+    launch.launch()   # (a copied slots tensor is alive until here)
