@@ -41,6 +41,9 @@ class _NoLaunch:
     def launch(self, *args, **kwargs) -> None:
         pass
 
+    def prepare(self, *args, **kwargs) -> "_NoLaunch":
+        return self
+
 
 def _get_kernel(spec, signature):
     """kernels.get_kernel with the current variant's defines on decode kernels (and the combine optionally off)."""
@@ -59,6 +62,7 @@ def apply_variant(text: str) -> None:
     for name, value in _KERNEL_ATTRS.items():
         setattr(kernels, name, value)
     _KERNEL_ATTRS.clear()
+    kernels._DECODE_PLANS.clear()   # (the plans hold kernels built with the previous variant's defines)
     kernels._DECODE_KERNEL, defines = parse_variant(text)
     _state["defines"] = tuple(d for d in defines if not d[0].startswith("@"))
     for name, value in defines:
@@ -100,6 +104,7 @@ def run(configs, variants, flushes, reps, rounds, no_combine, fp8=False):
                                                          causal=True, is_fp8_kvcache=fp8)
                     for comb in modes:
                         _state["combine"] = comb
+                        kernels._DECODE_PLANS.clear()   # (a plan holds its combine kernel, or the no-launch one)
                         for fl in flushes:
                             t = bench_gpu(fn, warmup=1, rep=reps, flush="read" if fl == "clean" else "write",
                                           use_graph=True) * 1e3

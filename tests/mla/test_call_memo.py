@@ -111,3 +111,14 @@ def test_repeated_append_skips_checks_and_follows_slot_versions(stubs):
     for _ in range(2):                                                # int32 slots: an int64 copy per call
         kernels.mla_append_kv_cuda(k_cache, kv, torch.tensor([0, 70, 255], dtype=torch.int32))
     assert len(kernels._APPENDS) == 1 and len(checked) == 3
+
+
+def test_a_wrapped_get_kernel_makes_new_plans(stubs, monkeypatch):
+    """Tests and A/B runs wrap kernels.get_kernel to build kernels with extra -D defines (mla_data.add_kernel_defines):
+    a plan made before must not serve calls after (the CUDA allocator hands later tests the same addresses)."""
+    ops = _decode_operands()
+    kernels.mla_decode_with_kvcache_cuda(*ops)
+    real, built = kernels.get_kernel, []
+    monkeypatch.setattr(kernels, "get_kernel", lambda spec, sig: (built.append(spec.kernel), real(spec, sig))[1])
+    kernels.mla_decode_with_kvcache_cuda(*ops)
+    assert len(kernels._DECODE_PLANS) == 2 and "deepstack::mla::mla_decode_kernel" in built

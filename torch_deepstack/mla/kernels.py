@@ -424,9 +424,9 @@ def _kv_tensor_map_device(k_cache: torch.Tensor) -> torch.Tensor:
 
 
 def _knobs() -> tuple:
-    """The module switches that pick a decode kernel (benchmarks and tests set them between calls): part of every
-    decode plan's key."""
-    return (_DECODE_KERNEL, _OVERLAP_MIN_ROWS, _PAIR_CLUSTER, _FP8_SMALL_ROWS, _FP8_STAGE_TOKENS, _FP8_SMALL_KERNEL,
+    """The module switches that pick a decode kernel (benchmarks and tests set them between calls), and get_kernel
+    itself (tests and A/B runs wrap it to add -D defines): part of every decode plan's key."""
+    return (get_kernel, _DECODE_KERNEL, _OVERLAP_MIN_ROWS, _PAIR_CLUSTER, _FP8_SMALL_ROWS, _FP8_STAGE_TOKENS, _FP8_SMALL_KERNEL,
             _FP8_REGS_ROWS, _FP8_REGS_SPLIT32, _FP8_REGS16_SUBPAGES, _FP8_REGS16_DEFINES, _FP8_SPLIT32_DEFINES,
             _FP8_SPLIT32_FORM)
 
@@ -576,7 +576,7 @@ _APPENDS = BoundedMemo()
 @cuda_kernel("mla_append_kv")
 def mla_append_kv_cuda(k_cache, kv, slot_mapping, is_fp8_kvcache: bool = False) -> None:
     op = "mla_append_kv"
-    key = (operand_key(k_cache), operand_key(kv), operand_key(slot_mapping), is_fp8_kvcache)
+    key = (operand_key(k_cache), operand_key(kv), operand_key(slot_mapping), is_fp8_kvcache, get_kernel)
     launch = _APPENDS.get(key)
     if launch is None:
         check_append_inputs(k_cache, kv, slot_mapping, is_fp8_kvcache)
