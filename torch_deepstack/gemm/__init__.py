@@ -11,7 +11,8 @@ Ops (D is written in place; the Python functions below allocate it):
   per_token_group_quant_fp8_t        activations/gradients -> transposed e4m3 + 1x128 scales along M
   per_token_group_quant_fp8_dual     per-token 1x128 and the transposed layout in one pass (x and dy in FP8Linear)
 (per-token 1x128 quantisation is torch_deepstack.quant.per_token_group_quant_fp8.)
-`FP8Linear` is an nn.Module whose forward, dgrad and wgrad all run through these ops. See docs/gemm.md.
+`FP8Linear` is an nn.Module whose forward, dgrad and wgrad all run through these ops; `FP8Experts` runs a layer of
+MoE expert MLPs as grouped FP8 GEMMs (forward and backward). See docs/gemm.md.
 """
 from torch_deepstack.gemm import reference, kernels  # noqa: F401  (register the CPU and CUDA faces)
 from torch_deepstack.gemm.api import (  # noqa: F401
@@ -30,3 +31,4 @@ from torch_deepstack.gemm.api import (  # noqa: F401
 from torch_deepstack.gemm.kernels import set_num_sms  # noqa: F401
 from torch_deepstack.gemm.layout import get_mn_major_tma_aligned_tensor  # noqa: F401
 from torch_deepstack.gemm.linear import FP8Linear  # noqa: F401
+from torch_deepstack.gemm.experts import FP8Experts  # noqa: F401

@@ -1,0 +1,176 @@
+"""FP8Experts: a layer of MoE expert MLPs run as grouped FP8 GEMMs, in place of a Python loop over experts.
+
+    experts = FP8Experts(num_experts=8, d_model=1024, d_ff=512)        # SwiGLU experts: down(silu(gate(x)) * up(x))
+    y = experts(x, topk_idx, topk_weights)                             # x [T, d], topk_* [T, k]; idx -1 = no expert
+
+What a call does (every product a `m_grouped_fp8_gemm_nt_contiguous`, DeepSeek-V3 recipe as in FP8Linear):
+  1. the (token, slot) pairs are sorted by expert and each expert's rows padded to a multiple of 128 (the contiguous
+     layout; padding rows are zero and carry group id -1, which the kernel skips);
+  2. h = x_rows @ W_in[e].T for all experts in one grouped GEMM, act = silu(gate) * up (or silu(h) ungated);
+  3. y_rows = act @ W_out[e].T in a second grouped GEMM; each token's output is the sum of its rows times their
+     routing weights.
+Backward: the data gradients are grouped GEMMs with each expert's weight transposed (quantised per 128x128 block),
+the weight gradients one k-grouped wgrad GEMM per weight (each expert's rows a K segment, fp32 accumulation).
+Master weights stay in their dtype; their FP8 copies (both orientations) are cached per weight version.
+The per-expert row counts are read on the host (one sync per call, as DeepEP's normal mode does) to size the
+padded layout. Constraints: d_model and d_ff multiples of 128.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_deepstack.gemm import api
+from torch_deepstack.gemm.linear import _padded
+from torch_deepstack.quant.api import per_token_group_quant_fp8
+
+ALIGN = 128   # rows per expert are padded to this (get_m_alignment_for_contiguous_layout)
+
+
+def _stacked_block_quant(w: torch.Tensor):
+    """w [G, N, K] -> (q [G, N, K], scales [G, N/128, K/128]) per 128x128 block (N a multiple of 128: blocks never
+    straddle two experts, so one pass over the stacked rows is each expert's quantisation)."""
+    g, n, k = w.shape
+    q, s = api.per_block_quant_fp8(w.reshape(g * n, k))
+    return q.view(g, n, k), s.view(g, n // 128, s.shape[-1])
+
+
+class _ExpertWeightCache:
+    """FP8 copies of a stacked expert weight [G, N, K]: per 128x128 block as is (forward) and per expert transposed
+    [G, K, N] (data gradient), redone when the weight's version or storage changes (optimizer steps bump it)."""
+
+    def __init__(self):
+        self.key, self.fwd, self.bwd = None, None, None
+
+    def operands(self, w: torch.Tensor, transposed: bool):
+        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+        if key != self.key:
+            self.key, self.fwd, self.bwd = key, _stacked_block_quant(w), None
+        if transposed and self.bwd is None:
+            self.bwd = _stacked_block_quant(w.transpose(1, 2).contiguous())
+        return self.fwd, (self.bwd if transposed else None)
+
+
+def _grouped(a: torch.Tensor, w_op, m_indices: torch.Tensor) -> torch.Tensor:
+    """Rows of a [M, K] (bf16/fp32) times their expert's FP8 weight, in a's dtype [M, N]; rows with id -1 are 0."""
+    aq, asf = per_token_group_quant_fp8(a)
+    wq, ws = w_op
+    y = api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, wq, ws, m_indices,
+                                             out=torch.zeros(a.shape[0], wq.shape[1], dtype=torch.bfloat16,
+                                                             device=a.device))
+    return y if y.dtype == a.dtype else y.to(a.dtype)
+
+
+class _GroupedFP8LinearFn(torch.autograd.Function):
+    """y = rows of a times W[e].T per expert segment (the contiguous layout), with FP8 data and weight gradients."""
+
+    @staticmethod
+    def forward(ctx, a, weight, m_indices, ks, cache, need_da: bool, need_dw: bool):
+        wop, wtop = cache.operands(weight.detach(), need_da)
+        y = _grouped(a, wop, m_indices)
+        atq, ats = api.per_token_group_quant_fp8_t(a) if need_dw else (None, None)   # the wgrad operand, in FP8
+        wtq, wts = wtop if wtop is not None else (None, None)
+        ctx.save_for_backward(m_indices, atq, ats, wtq, wts)
+        ctx.ks, ctx.w_dtype = ks, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        m_indices, atq, ats, wtq, wts = ctx.saved_tensors
+        dy = dy.contiguous()
+        da = dw = None
+        if ctx.needs_input_grad[0]:
+            da = _grouped(dy, (wtq, wts), m_indices)
+        if ctx.needs_input_grad[1]:
+            dyq, dys = api.per_token_group_quant_fp8_t(dy)
+            dw = api.k_grouped_fp8_wgrad_gemm_nt(_padded(dyq), dys, _padded(atq), ats, ctx.ks)
+            dw = dw if dw.dtype == ctx.w_dtype else dw.to(ctx.w_dtype)
+        return da, dw, None, None, None, None, None
+
+
+def _grouped_linear(a, weight, m_indices, ks, cache) -> torch.Tensor:
+    need_da = torch.is_grad_enabled() and a.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    if need_da or need_dw:
+        return _GroupedFP8LinearFn.apply(a, weight, m_indices, ks, cache, need_da, need_dw)
+    return _grouped(a, cache.operands(weight.detach(), False)[0], m_indices)
+
+
+class FP8Experts(nn.Module):
+    """`num_experts` expert MLPs (d_model -> d_ff -> d_model, no biases) computed with grouped FP8 GEMMs.
+
+    gated=True: SwiGLU experts, w_in [G, 2 * d_ff, d_model] holding each expert's gate rows then its up rows,
+    act = silu(gate) * up; gated=False: act = silu(w_in x) with w_in [G, d_ff, d_model]. w_out [G, d_model, d_ff].
+    forward(x [T, d_model], topk_idx [T, k] int (-1: no expert), topk_weights [T, k]) -> [T, d_model]:
+    sum over a token's k slots of weight * expert(x). Gradients flow to x, both weights and topk_weights.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, gated: bool = True, device=None, dtype=None):
+        super().__init__()
+        if num_experts < 1 or d_model % 128 or d_ff % 128:
+            raise ValueError(f"FP8Experts: num_experts >= 1 and d_model, d_ff multiples of 128 are needed, got "
+                             f"{num_experts}, {d_model}, {d_ff}")
+        self.num_experts, self.d_model, self.d_ff, self.gated = num_experts, d_model, d_ff, gated
+        kw = {"device": device, "dtype": dtype if dtype is not None else torch.bfloat16}
+        self.w_in = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * d_ff, d_model, **kw))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw))
+        self._in_cache, self._out_cache = _ExpertWeightCache(), _ExpertWeightCache()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.w_in, self.w_out):   # nn.Linear's default init, per expert
+            bound = w.shape[-1] ** -0.5
+            nn.init.uniform_(w, -bound, bound)
+
+    @classmethod
+    def from_linears(cls, up, down, gate=None) -> "FP8Experts":
+        """From per-expert nn.Linear lists (no biases): up[e] d_model -> d_ff, down[e] d_ff -> d_model, and for
+        SwiGLU experts gate[e] d_model -> d_ff."""
+        first = up[0]
+        mod = cls(len(up), first.in_features, first.out_features, gated=gate is not None,
+                  device=first.weight.device, dtype=first.weight.dtype)
+        if any(lin.bias is not None for lin in (*up, *down, *(gate or ()))):
+            raise ValueError("FP8Experts.from_linears: the expert linears must have no bias")
+        with torch.no_grad():
+            ins = [torch.cat([g.weight, u.weight]) for g, u in zip(gate, up)] if gate is not None else \
+                  [u.weight for u in up]
+            mod.w_in.copy_(torch.stack(ins))
+            mod.w_out.copy_(torch.stack([d.weight for d in down]))
+        return mod
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, gated={self.gated}"
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        t, d = x.shape
+        if d != self.d_model or topk_idx.dim() != 2 or topk_idx.shape[0] != t or topk_weights.shape != topk_idx.shape:
+            raise ValueError(f"FP8Experts: x must be [tokens, {self.d_model}] and topk_idx / topk_weights "
+                             f"[tokens, k], got {tuple(x.shape)}, {tuple(topk_idx.shape)}, "
+                             f"{tuple(topk_weights.shape)}")
+        g, k = self.num_experts, topk_idx.shape[1]
+        flat = topk_idx.reshape(-1).long()
+        expert = torch.where(flat < 0, g, torch.where(flat >= g, g + 1, flat))   # g: no expert, g + 1: bad id
+        counts_all = torch.bincount(expert, minlength=g + 2).tolist()             # (the host sync: sizes the layout)
+        if counts_all[g + 1]:
+            raise ValueError(f"FP8Experts: topk_idx holds expert ids >= num_experts = {g} (use -1 for no expert)")
+        counts = counts_all[:g]
+        ks = [(c + ALIGN - 1) // ALIGN * ALIGN for c in counts]
+        n_valid, m = sum(counts), sum(ks)
+        order = torch.argsort(expert, stable=True)                  # pairs by expert, the no-expert ones last
+        pad_start = torch.tensor([sum(ks[:e]) for e in range(g)], device=x.device)        # each expert's first row
+        exact_start = torch.tensor([sum(counts[:e]) for e in range(g)], device=x.device)  # ... and first pair
+        pairs = order[:n_valid]
+        e_sorted = expert[pairs]
+        rows = pad_start[e_sorted] + torch.arange(n_valid, device=x.device) - exact_start[e_sorted]
+        tokens = pairs // k
+        m_indices = torch.full((m,), -1, dtype=torch.int32, device=x.device)
+        m_indices[rows] = e_sorted.to(torch.int32)
+        a = x.new_zeros(m, d).index_copy(0, rows, x[tokens])
+        h = _grouped_linear(a, self.w_in, m_indices, ks, self._in_cache)
+        act = F.silu(h[:, :self.d_ff]) * h[:, self.d_ff:] if self.gated else F.silu(h)
+        y_rows = _grouped_linear(act, self.w_out, m_indices, ks, self._out_cache)
+        # the weighted sum over a token's slots in fp32 (as DeepEP's combine accumulates), rounded once
+        w = topk_weights.reshape(-1)[pairs].float().unsqueeze(-1)
+        out = torch.zeros(t, d, dtype=torch.float32, device=x.device).index_add(0, tokens, y_rows[rows].float() * w)
+        return out.to(x.dtype)
