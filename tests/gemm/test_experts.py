@@ -67,7 +67,8 @@ def test_forward_and_gradients_match_the_expert_loop(gated):
 def test_from_linears_and_no_grad_and_a_weight_update():
     torch.manual_seed(1)
     lin = lambda i, o: torch.nn.Linear(i, o, bias=False, dtype=torch.bfloat16)   # noqa: E731
-    up, gate, down = [lin(128, 256) for _ in range(3)], [lin(128, 256) for _ in range(3)], [lin(256, 128) for _ in range(3)]
+    up, gate = [lin(128, 256) for _ in range(3)], [lin(128, 256) for _ in range(3)]
+    down = [lin(256, 128) for _ in range(3)]
     mod = FP8Experts.from_linears(up, down, gate)
     assert mod.gated and mod.w_in.shape == (3, 512, 128) and mod.w_out.shape == (3, 128, 256)
     x = torch.randn(20, 128, dtype=torch.bfloat16)
@@ -108,6 +109,39 @@ def test_bad_input_gives_clear_errors():
         mod(torch.randn(4, 256), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1))
 
 
+def test_graph_safe_layout_equals_the_eager_one(monkeypatch):
+    """Under CUDA-graph capture or torch.compile (simulated: the host-sync check patched) the layout is sized for the
+    worst case on the device, without reading the counts: the same products, ids past the experts drop out, and a
+    training step is refused with a clear error."""
+    from torch_deepstack.gemm import experts as experts_mod
+    torch.manual_seed(3)
+    mod = FP8Experts(4, 128, 128)
+    x = torch.randn(30, 128, dtype=torch.bfloat16)
+    idx, w = _routing(30, 3, 4, seed=3)
+    with torch.no_grad():
+        want = mod(x, idx, w)
+        monkeypatch.setattr(experts_mod, "_host_sync_allowed", lambda x: False)
+        assert calc_diff(mod(x, idx, w), want) < 1e-6
+        bad = idx.clone()
+        bad[idx == 1] = 7                                   # no such expert: dropped (not checked without a sync)
+        dropped = idx.masked_fill(idx == 1, -1)
+        assert calc_diff(mod(x, bad, w), mod(x, dropped, w)) < 1e-6
+    with pytest.raises(RuntimeError, match="training steps need the per-expert row counts"):
+        mod(x, idx, w)
+
+
+def test_inference_compiles_with_fullgraph():
+    torch.manual_seed(4)
+    mod = FP8Experts(3, 128, 128)
+    x = torch.randn(16, 128, dtype=torch.bfloat16)
+    idx, w = _routing(16, 2, 3, seed=4)
+    with torch.no_grad():
+        want = mod(x, idx, w)
+        torch._dynamo.reset()
+        got = torch.compile(mod, fullgraph=True, backend="eager")(x, idx, w)
+    assert calc_diff(got, want) < 1e-6
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("gated", [True, False])
 def test_cuda_kernels_match_the_cpu_reference_path(gated):
@@ -129,3 +163,24 @@ def test_cuda_kernels_match_the_cpu_reference_path(gated):
         outs.append([t.detach().cpu() for t in (y, xd.grad, m.w_in.grad, m.w_out.grad, wd.grad)])
     for got, want in zip(outs[1], outs[0]):
         assert torch.isfinite(got).all() and calc_diff(got, want) < 5e-4
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_inference_replays_new_routing():
+    """Captured under torch.no_grad() (the device-sized layout, no host sync), replayed with new tokens and routing
+    copied into the static inputs: equal to eager calls on the same inputs."""
+    from torch_deepstack.testing.bench import capture_graph
+    torch.manual_seed(5)
+    mod = FP8Experts(8, 256, 256, device="cuda")
+    x = torch.randn(200, 256, dtype=torch.bfloat16, device="cuda")
+    idx, w = (t.cuda() for t in _routing(200, 2, 8, seed=5))
+    with torch.no_grad():
+        mod(x, idx, w)                                         # (eager first: the weight copies, the kernels)
+        replay, out = capture_graph(lambda: mod(x, idx, w))
+        for seed in (6, 7):
+            x.copy_(torch.randn_like(x))
+            new_idx, new_w = _routing(200, 2, 8, seed=seed)
+            idx.copy_(new_idx)
+            w.copy_(new_w)
+            replay()
+            assert calc_diff(out, mod(x, idx, w)) < 1e-6

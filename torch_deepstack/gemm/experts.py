@@ -12,8 +12,11 @@ What a call does (every product a `m_grouped_fp8_gemm_nt_contiguous`, DeepSeek-V
 Backward: the data gradients are grouped GEMMs with each expert's weight transposed (quantised per 128x128 block),
 the weight gradients one k-grouped wgrad GEMM per weight (each expert's rows a K segment, fp32 accumulation).
 Master weights stay in their dtype; their FP8 copies (both orientations) are cached per weight version.
-The per-expert row counts are read on the host (one sync per call, as DeepEP's normal mode does) to size the
-padded layout. Constraints: d_model and d_ff multiples of 128.
+Eager calls read the per-expert row counts on the host (one sync per call, as DeepEP's normal mode has): to check
+the expert ids and to size the padded layout exactly; the weight gradient needs them too (its K segments). Under
+CUDA-graph capture or torch.compile (inference only) nothing is read back: the layout is sized for the worst case
+on the device (T * k + G * 127 rows, rounded up to 128; the GEMMs skip the unused blocks) and ids are not checked.
+Constraints: d_model and d_ff multiples of 128.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_deepstack.gemm import api
-from torch_deepstack.gemm.linear import _padded
+from torch_deepstack.gemm.linear import _capturing, _padded
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
 ALIGN = 128   # rows per expert are padded to this (get_m_alignment_for_contiguous_layout)
@@ -44,6 +47,9 @@ class _ExpertWeightCache:
         self.key, self.fwd, self.bwd = None, None, None
 
     def operands(self, w: torch.Tensor, transposed: bool):
+        if torch.compiler.is_compiling() or _capturing(w):   # (graphs quantise W inside: replays follow updates)
+            return (_stacked_block_quant(w),
+                    _stacked_block_quant(w.transpose(1, 2).contiguous()) if transposed else None)
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
         if key != self.key:
             self.key, self.fwd, self.bwd = key, _stacked_block_quant(w), None
@@ -69,7 +75,8 @@ class _GroupedFP8LinearFn(torch.autograd.Function):
     def forward(ctx, a, weight, m_indices, ks, cache, need_da: bool, need_dw: bool):
         wop, wtop = cache.operands(weight.detach(), need_da)
         y = _grouped(a, wop, m_indices)
-        atq, ats = api.per_token_group_quant_fp8_t(a) if need_dw else (None, None)   # the wgrad operand, in FP8
+        # the wgrad operand, in FP8: the experts' rows (ks, in order from row 0) without the spare block after them
+        atq, ats = api.per_token_group_quant_fp8_t(a[:sum(ks)]) if need_dw else (None, None)
         wtq, wts = wtop if wtop is not None else (None, None)
         ctx.save_for_backward(m_indices, atq, ats, wtq, wts)
         ctx.ks, ctx.w_dtype = ks, weight.dtype
@@ -83,7 +90,7 @@ class _GroupedFP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             da = _grouped(dy, (wtq, wts), m_indices)
         if ctx.needs_input_grad[1]:
-            dyq, dys = api.per_token_group_quant_fp8_t(dy)
+            dyq, dys = api.per_token_group_quant_fp8_t(dy[:sum(ctx.ks)])
             dw = api.k_grouped_fp8_wgrad_gemm_nt(_padded(dyq), dys, _padded(atq), ats, ctx.ks)
             dw = dw if dw.dtype == ctx.w_dtype else dw.to(ctx.w_dtype)
         return da, dw, None, None, None, None, None
@@ -151,26 +158,51 @@ class FP8Experts(nn.Module):
         g, k = self.num_experts, topk_idx.shape[1]
         flat = topk_idx.reshape(-1).long()
         expert = torch.where(flat < 0, g, torch.where(flat >= g, g + 1, flat))   # g: no expert, g + 1: bad id
-        counts_all = torch.bincount(expert, minlength=g + 2).tolist()             # (the host sync: sizes the layout)
-        if counts_all[g + 1]:
-            raise ValueError(f"FP8Experts: topk_idx holds expert ids >= num_experts = {g} (use -1 for no expert)")
+        counts_all = torch.zeros(g + 2, dtype=torch.long, device=x.device).scatter_add_(0, expert,
+                                                                                        torch.ones_like(expert))
+        if _host_sync_allowed(x):
+            # eager: one sync reads the counts, to check the ids and to size the layout exactly
+            host = counts_all.tolist()
+            if host[g + 1]:
+                raise ValueError(f"FP8Experts: topk_idx holds expert ids >= num_experts = {g} (use -1 for no "
+                                 f"expert)")
+            ks = [(c + ALIGN - 1) // ALIGN * ALIGN for c in host[:g]]
+            m = sum(ks)
+        else:
+            # CUDA-graph capture or torch.compile: no host sync, so the layout takes the most rows the routing can
+            # need (every expert padded by up to ALIGN - 1) and ids are not checked (ids >= num_experts drop out,
+            # as the MLA ops skip their data checks under capture); inference only
+            if torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad or self.w_out.requires_grad
+                                            or topk_weights.requires_grad):
+                raise RuntimeError("FP8Experts: training steps need the per-expert row counts on the host (the "
+                                   "weight gradient's K segments), so they run eagerly; under CUDA-graph capture "
+                                   "or torch.compile call it under torch.no_grad()")
+            ks, m = None, (t * k + g * (ALIGN - 1) + ALIGN - 1) // ALIGN * ALIGN
         counts = counts_all[:g]
-        ks = [(c + ALIGN - 1) // ALIGN * ALIGN for c in counts]
-        n_valid, m = sum(counts), sum(ks)
+        aligned = (counts + ALIGN - 1) // ALIGN * ALIGN
+        pad_start = torch.cumsum(aligned, 0) - aligned              # each expert's first row in the layout
+        exact_start = torch.cumsum(counts, 0) - counts              # ... and its first pair in sorted order
         order = torch.argsort(expert, stable=True)                  # pairs by expert, the no-expert ones last
-        pad_start = torch.tensor([sum(ks[:e]) for e in range(g)], device=x.device)        # each expert's first row
-        exact_start = torch.tensor([sum(counts[:e]) for e in range(g)], device=x.device)  # ... and first pair
-        pairs = order[:n_valid]
-        e_sorted = expert[pairs]
-        rows = pad_start[e_sorted] + torch.arange(n_valid, device=x.device) - exact_start[e_sorted]
-        tokens = pairs // k
-        m_indices = torch.full((m,), -1, dtype=torch.int32, device=x.device)
-        m_indices[rows] = e_sorted.to(torch.int32)
-        a = x.new_zeros(m, d).index_copy(0, rows, x[tokens])
+        e_sorted = expert[order]
+        valid = e_sorted < g
+        e_c = e_sorted.clamp(max=g - 1)
+        # a pair's row; pairs without an expert go to row m, in a spare block of ALIGN rows with id -1 after the
+        # experts' rows (skipped by the GEMMs, its output rows stay zero)
+        rows = torch.where(valid, pad_start[e_c] + torch.arange(t * k, device=x.device) - exact_start[e_c], m)
+        tokens = order // k
+        m_indices = torch.full((m + ALIGN,), -1, dtype=torch.int32, device=x.device)
+        m_indices.index_put_((rows,), torch.where(valid, e_sorted, -1).to(torch.int32))
+        a = x.new_zeros(m + ALIGN, d).index_copy(0, rows, x[tokens])
         h = _grouped_linear(a, self.w_in, m_indices, ks, self._in_cache)
         act = F.silu(h[:, :self.d_ff]) * h[:, self.d_ff:] if self.gated else F.silu(h)
         y_rows = _grouped_linear(act, self.w_out, m_indices, ks, self._out_cache)
         # the weighted sum over a token's slots in fp32 (as DeepEP's combine accumulates), rounded once
-        w = topk_weights.reshape(-1)[pairs].float().unsqueeze(-1)
+        w = torch.where(valid, topk_weights.reshape(-1)[order].float(), 0.0).unsqueeze(-1)
         out = torch.zeros(t, d, dtype=torch.float32, device=x.device).index_add(0, tokens, y_rows[rows].float() * w)
         return out.to(x.dtype)
+
+
+def _host_sync_allowed(x: torch.Tensor) -> bool:
+    """Whether a call may read the routing counts on the host: not while torch.compile traces it, nor while a CUDA
+    graph is captured."""
+    return not torch.compiler.is_compiling() and not _capturing(x)

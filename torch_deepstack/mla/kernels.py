@@ -426,9 +426,9 @@ def _kv_tensor_map_device(k_cache: torch.Tensor) -> torch.Tensor:
 def _knobs() -> tuple:
     """The module switches that pick a decode kernel (benchmarks and tests set them between calls), and get_kernel
     itself (tests and A/B runs wrap it to add -D defines): part of every decode plan's key."""
-    return (get_kernel, _DECODE_KERNEL, _OVERLAP_MIN_ROWS, _PAIR_CLUSTER, _FP8_SMALL_ROWS, _FP8_STAGE_TOKENS, _FP8_SMALL_KERNEL,
-            _FP8_REGS_ROWS, _FP8_REGS_SPLIT32, _FP8_REGS16_SUBPAGES, _FP8_REGS16_DEFINES, _FP8_SPLIT32_DEFINES,
-            _FP8_SPLIT32_FORM)
+    return (get_kernel, _DECODE_KERNEL, _OVERLAP_MIN_ROWS, _PAIR_CLUSTER, _FP8_SMALL_ROWS, _FP8_STAGE_TOKENS,
+            _FP8_SMALL_KERNEL, _FP8_REGS_ROWS, _FP8_REGS_SPLIT32, _FP8_REGS16_SUBPAGES, _FP8_REGS16_DEFINES,
+            _FP8_SPLIT32_DEFINES, _FP8_SPLIT32_FORM)
 
 
 class _DecodePlan:

@@ -1,6 +1,6 @@
-"""The FP8 and MLA ops' CUDA faces without a GPU: kernel loading, tensor-map encoding, the SM count and the driver's launch
-call are replaced, everything else (checks, plans, memos, parameter packing) runs as on the GPU machine. For timing
-the faces' host path on any machine (benchmarks/host_path.py) and for CPU tests of their host-side logic."""
+"""The FP8 and MLA ops' CUDA faces without a GPU: kernel loading, tensor-map encoding, the SM count and the driver's
+launch call are replaced, everything else (checks, plans, memos, parameter packing) runs as on the GPU machine. For
+timing the faces' host path on any machine (benchmarks/host_path.py) and for CPU tests of their host-side logic."""
 from __future__ import annotations
 
 import contextlib
