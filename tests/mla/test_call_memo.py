@@ -122,3 +122,21 @@ def test_a_wrapped_get_kernel_makes_new_plans(stubs, monkeypatch):
     monkeypatch.setattr(kernels, "get_kernel", lambda spec, sig: (built.append(spec.kernel), real(spec, sig))[1])
     kernels.mla_decode_with_kvcache_cuda(*ops)
     assert len(kernels._DECODE_PLANS) == 2 and "deepstack::mla::mla_decode_kernel" in built
+
+
+def test_repeated_metadata_plans_once_and_follows_the_switches(stubs, monkeypatch):
+    kernels_by_spec, _ = stubs
+    checked, real = [], kernels.check_metadata_inputs
+    monkeypatch.setattr(kernels, "check_metadata_inputs", lambda *a: (checked.append(a), real(*a)))
+    seqlens = torch.full((7,), 100, dtype=torch.int32)
+    for _ in range(3):
+        sched, splits = kernels.get_mla_metadata_cuda(seqlens, 16, 1)
+    assert len(checked) == 1 and sched.shape == (132, 8) and splits.shape == (8,)
+    kernels.get_mla_metadata_cuda(seqlens, 128, 1)                 # other rows per KV head: a new plan
+    monkeypatch.setattr(kernels, "_PAIR_CLUSTER", 4)               # a switch the part count depends on
+    kernels.get_mla_metadata_cuda(seqlens, 128, 1)
+    assert len(checked) == 3 and len(kernels._METADATA_PLANS) == 3
+    meta = [kern for kern in kernels_by_spec.values() if "metadata" in kern.spec.kernel]
+    assert len(meta) == 1 and meta[0].launches == 5
+    with pytest.raises(RuntimeError, match="num_heads_k must be >= 1"):
+        kernels.get_mla_metadata_cuda(seqlens, 16, 0)

@@ -39,7 +39,7 @@ class _NoDriver:
 def _clear_host_caches():
     for cache in (kernels._CALLS, kernels._QUANT_PLANS, kernels._PLANS, kernels._TMAPS, quant_kernels._PLANS,
                   mla_kernels._DEVICE_MAPS, mla_kernels._MAX_CLUSTERS, mla_kernels._DECODE_PLANS,
-                  mla_kernels._APPENDS):
+                  mla_kernels._APPENDS, mla_kernels._METADATA_PLANS):
         cache.clear()
 
 
@@ -56,6 +56,7 @@ def gpu_parts_stubbed():
                (kernels, "make_tensor_map", lambda *args, **kwargs: bytes(128)), (kernels, "num_sms", lambda d: 132),
                (torch.cuda, "current_device", lambda: 0), (torch.cuda, "is_current_stream_capturing", lambda: False),
                (mla_kernels, "get_kernel", get_kernel), (mla_kernels, "_num_sms", lambda index: 132),
+               (mla_kernels, "_max_active_clusters", lambda index, kernel, cluster: 66),
                (mla_kernels, "make_tensor_map", lambda *args, **kwargs: bytes(128)),
                (mla_kernels, "_device_copy_outside_graph_pools",
                 lambda data, device: torch.frombuffer(bytearray(data), dtype=torch.uint8)),
