@@ -23,6 +23,13 @@ def _routing(t, k, g, seed=0):
     return idx, w / w.sum(-1, keepdim=True)
 
 
+def _small_case(num_experts, tokens, k, seed):
+    """(module, x, topk_idx, topk_weights) with d_model = d_ff = 128."""
+    torch.manual_seed(seed)
+    x = torch.randn(tokens, 128, dtype=torch.bfloat16)
+    return (FP8Experts(num_experts, 128, 128), x, *_routing(tokens, k, num_experts, seed=seed))
+
+
 def _reference(mod: FP8Experts, x, idx, w):
     """The loop FP8Experts replaces, in fp32 of the same weights."""
     out = torch.zeros(x.shape, dtype=torch.float32)
@@ -114,10 +121,7 @@ def test_graph_safe_layout_equals_the_eager_one(monkeypatch):
     worst case on the device, without reading the counts: the same products, ids past the experts drop out, and a
     training step is refused with a clear error."""
     from torch_deepstack.gemm import experts as experts_mod
-    torch.manual_seed(3)
-    mod = FP8Experts(4, 128, 128)
-    x = torch.randn(30, 128, dtype=torch.bfloat16)
-    idx, w = _routing(30, 3, 4, seed=3)
+    mod, x, idx, w = _small_case(num_experts=4, tokens=30, k=3, seed=3)
     with torch.no_grad():
         want = mod(x, idx, w)
         monkeypatch.setattr(experts_mod, "_host_sync_allowed", lambda x: False)
@@ -131,10 +135,7 @@ def test_graph_safe_layout_equals_the_eager_one(monkeypatch):
 
 
 def test_inference_compiles_with_fullgraph():
-    torch.manual_seed(4)
-    mod = FP8Experts(3, 128, 128)
-    x = torch.randn(16, 128, dtype=torch.bfloat16)
-    idx, w = _routing(16, 2, 3, seed=4)
+    mod, x, idx, w = _small_case(num_experts=3, tokens=16, k=2, seed=4)
     with torch.no_grad():
         want = mod(x, idx, w)
         torch._dynamo.reset()
