@@ -451,7 +451,7 @@ class _DecodePlan:
     and its packed launches by the output addresses the caching allocator hands back (`launches`)."""
 
     __slots__ = ("out_shape", "lse_shape", "dtype", "ws_floats", "lse_at", "extra_at", "decode", "grid", "smem",
-                 "cluster", "head", "extra", "tail", "combine", "combine_grid", "combine_tail", "launches")
+                 "cluster", "head", "extra", "tail", "combine_grid", "combine_tail", "launches")
 
     def args(self, out, lse, ws) -> tuple:
         o_acc = ws.data_ptr()
