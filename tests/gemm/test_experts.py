@@ -143,6 +143,38 @@ def test_inference_compiles_with_fullgraph():
     assert calc_diff(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("quantised", [False, True])
+def test_masked_decode_layout_matches_the_expert_loop(quantised):
+    """forward_masked on low-latency dispatch's layout [G, M_max, d]: valid rows as the fp32 expert (no routing
+    weight), rows past masked_m untouched (out poisoned with NaN), an expert with no rows, x given as (q, scales)."""
+    from torch_deepstack.quant import per_token_group_quant_fp8
+    torch.manual_seed(6)
+    mod = FP8Experts(4, 256, 128)
+    x = torch.randn(4, 40, 256, dtype=torch.bfloat16)
+    masked_m = torch.tensor([40, 0, 17, 1], dtype=torch.int32)
+    out = torch.full((4, 40, 256), float("nan"), dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = mod.forward_masked(per_token_group_quant_fp8(x) if quantised else x, masked_m, 16, out=out)
+    assert y is out
+    w_in, w_out = mod.w_in.detach().float(), mod.w_out.detach().float()
+    for e, n in enumerate(masked_m.tolist()):
+        assert y[e, n:].isnan().all()
+        if n:
+            h = x[e, :n].float() @ w_in[e].T
+            want = (F.silu(h[:, :128]) * h[:, 128:]) @ w_out[e].T
+            assert calc_diff(y[e, :n], want) < TOL
+
+
+def test_masked_decode_layout_refuses_bad_input():
+    mod = FP8Experts(2, 128, 128)
+    x = torch.randn(2, 8, 128, dtype=torch.bfloat16)
+    counts = torch.tensor([3, 8], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="inference only"):
+        mod.forward_masked(x, counts, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"x must be \[num_experts=2, M_max, 128\]"):
+        mod.forward_masked(x[:1], counts, 8)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("gated", [True, False])
 def test_cuda_kernels_match_the_cpu_reference_path(gated):
@@ -185,3 +217,24 @@ def test_cuda_graph_capture_of_inference_replays_new_routing():
             w.copy_(new_w)
             replay()
             assert calc_diff(out, mod(x, idx, w)) < 1e-6
+
+
+@pytest.mark.cuda
+def test_cuda_graph_of_the_masked_decode_layout_follows_masked_m():
+    """forward_masked captured once, replayed with new rows and new valid counts (a decode step's experts behind
+    low-latency dispatch): each replay equals an eager call on the valid rows."""
+    from torch_deepstack.testing.bench import capture_graph
+    torch.manual_seed(7)
+    mod = FP8Experts(6, 256, 256, device="cuda")
+    x = torch.randn(6, 64, 256, dtype=torch.bfloat16, device="cuda")
+    masked_m = torch.tensor([64, 0, 5, 33, 1, 17], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        mod.forward_masked(x, masked_m, 32)
+        replay, out = capture_graph(lambda: mod.forward_masked(x, masked_m, 32))
+        for counts in ([3, 64, 0, 9, 40, 2], [64, 64, 64, 64, 64, 64]):
+            x.copy_(torch.randn_like(x))
+            masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+            replay()
+            want = mod.forward_masked(x, masked_m, 32)
+            for e, n in enumerate(counts):
+                assert calc_diff(out[e, :n], want[e, :n]) < 1e-6

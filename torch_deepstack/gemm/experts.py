@@ -2,6 +2,7 @@
 
     experts = FP8Experts(num_experts=8, d_model=1024, d_ff=512)        # SwiGLU experts: down(silu(gate(x)) * up(x))
     y = experts(x, topk_idx, topk_weights)                             # x [T, d], topk_* [T, k]; idx -1 = no expert
+    y = experts.forward_masked(recv, masked_m, expected_m)            # decode: low-latency dispatch's layout
 
 What a call does (every product a `m_grouped_fp8_gemm_nt_contiguous`, DeepSeek-V3 recipe as in FP8Linear):
   1. the (token, slot) pairs are sorted by expert and each expert's rows padded to a multiple of 128 (the contiguous
@@ -200,6 +201,27 @@ class FP8Experts(nn.Module):
         w = torch.where(valid, topk_weights.reshape(-1)[order].float(), 0.0).unsqueeze(-1)
         out = torch.zeros(t, d, dtype=torch.float32, device=x.device).index_add(0, tokens, y_rows[rows].float() * w)
         return out.to(x.dtype)
+
+    def forward_masked(self, x, masked_m: torch.Tensor, expected_m: int, out: torch.Tensor | None = None):
+        """The experts on the decode layout that low-latency dispatch hands out (DeepEP's): x [G, M_max, d_model]
+        (bf16/fp32, or already quantised as (e4m3, 1x128 scales) like `low_latency_dispatch(use_fp8=True)`'s),
+        of which group g's first masked_m[g] rows (int32 on the device) are valid. Returns [G, M_max, d_model]
+        bf16 expert outputs (not weighted: low_latency_combine applies the routing weights); rows past masked_m
+        are not written (`out`, if given, keeps them). Two masked grouped FP8 GEMMs: no host sync and a grid that
+        does not depend on masked_m, so a decode step captures in one CUDA graph; `expected_m` (a host hint of
+        the rows per expert) picks the block sizes. Inference only (call it under torch.no_grad())."""
+        aq, asf = x if isinstance(x, tuple) else per_token_group_quant_fp8(x)
+        if aq.dim() != 3 or aq.shape[0] != self.num_experts or aq.shape[2] != self.d_model:
+            raise ValueError(f"FP8Experts.forward_masked: x must be [num_experts={self.num_experts}, M_max, "
+                             f"{self.d_model}], got {tuple(aq.shape)}")
+        if torch.is_grad_enabled() and (aq.requires_grad or self.w_in.requires_grad or self.w_out.requires_grad):
+            raise RuntimeError("FP8Experts.forward_masked is inference only: call it under torch.no_grad()")
+        wq, ws = self._in_cache.operands(self.w_in.detach(), False)[0]
+        h = api.m_grouped_fp8_gemm_nt_masked(aq, asf, wq, ws, masked_m, expected_m)
+        act = F.silu(h[..., :self.d_ff]) * h[..., self.d_ff:] if self.gated else F.silu(h)
+        hq, hs = per_token_group_quant_fp8(act)
+        wq, ws = self._out_cache.operands(self.w_out.detach(), False)[0]
+        return api.m_grouped_fp8_gemm_nt_masked(hq, hs, wq, ws, masked_m, expected_m, out=out)
 
 
 def _host_sync_allowed(x: torch.Tensor) -> bool:
