@@ -7,6 +7,8 @@ master weights; FLOP = 2 * T * k * d_model * 3 * d_ff forward, 3x that for forwa
     bf16 grouped   torch._grouped_mm (PyTorch's bf16 grouped GEMM) on the same sorted rows, where this torch has it
     FP8Experts     the module (pairs sorted into the contiguous layout, two grouped FP8 GEMMs)
   training (forward + backward to x, the weights and the routing weights): bf16 loop and FP8Experts.
+  decode (the masked layout low-latency dispatch hands out, both in CUDA graphs): bf16 torch.bmm over all M_max rows
+  and FP8Experts.forward_masked (two masked grouped FP8 GEMMs) with frozen FP8 weights (freeze_fp8_weight_).
 Every FP8Experts output is checked against the bf16 loop first (calc_diff < 5e-3, the tolerance of
 tests/gemm/test_experts.py). Timing: bench_gpu_interleaved (L2 write-flushed before each call, contenders settled
 ~100 ms each, rotated rounds), whole calls including FP8Experts' host sync for the row counts.
@@ -119,6 +121,50 @@ def run(configs, device: str, time_it: bool) -> BenchTable:
     return table
 
 
+# Decode behind low-latency dispatch (EP8, 128 tokens per rank, top-8 of 256: ~32 rows per local expert on average):
+# (G local experts, M_max rows per expert, expected rows, d_model, d_ff).
+DECODE_CONFIGS = [(32, 128, 32, 7168, 2048), (32, 256, 64, 7168, 2048)]
+
+
+def run_decode(configs, device: str, time_it: bool) -> BenchTable:
+    """forward_masked against bf16 torch.bmm over the whole padded layout (what a graph-safe bf16 decode step does),
+    both captured in CUDA graphs and timed as replays (decode steps are replayed)."""
+    from torch_deepstack.testing.bench import capture_graph
+    table = BenchTable("gemm", "experts_decode", "FP8Experts.forward_masked against bf16 bmm (decode layout)",
+                       ["G", "M_max", "expected_m", "d_model", "d_ff", "bf16 bmm us", "FP8 masked us",
+                        "bmm / FP8", "FP8 TFLOPS (valid rows)", "calc_diff vs bmm (valid rows)"])
+    table.notes += ["x [G, M_max, d_model] bf16, valid rows per expert drawn uniformly in [0, 2 expected_m], "
+                    "SwiGLU; both contenders captured in a CUDA graph (no host sync in either), L2 flushed before "
+                    "each replay"]
+    for g, m_max, expected, d, dff in configs:
+        torch.manual_seed(0)
+        mod = FP8Experts(g, d, dff, device=device).freeze_fp8_weight_()   # serving: FP8 weights made once
+        x = torch.randn(g, m_max, d, device=device).to(torch.bfloat16)
+        masked_m = torch.randint(0, min(2 * expected, m_max) + 1, (g,), device=device).to(torch.int32)
+
+        def bmm():
+            h = torch.bmm(x, mod.w_in.transpose(1, 2))
+            return torch.bmm(F.silu(h[..., :dff]) * h[..., dff:], mod.w_out.transpose(1, 2))
+
+        def fp8():
+            return mod.forward_masked(x, masked_m, expected)
+        with torch.no_grad():
+            want, got = bmm(), fp8()
+            rows = torch.arange(m_max, device=device)[None, :] < masked_m[:, None]
+            diff = calc_diff(got[rows], want[rows])
+            if not diff < MAX_DIFF:
+                raise SystemExit(f"forward_masked differs from bf16 bmm at {(g, m_max, expected)}: {diff:.2e}")
+            if time_it:
+                fns = {name: capture_graph(fn)[0] for name, fn in (("bmm", bmm), ("fp8", fp8))}
+                ms = bench_gpu_interleaved(fns)
+            else:
+                ms = {"bmm": float("nan"), "fp8": float("nan")}
+        flop = 2 * int(masked_m.sum()) * d * 3 * dff
+        table.add(g, m_max, expected, d, dff, round(ms["bmm"] * 1e3, 1), round(ms["fp8"] * 1e3, 1),
+                  round(ms["bmm"] / ms["fp8"], 2), round(flop / ms["fp8"] / 1e9, 1), f"{diff:.1e}")
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the first config, printed only")
@@ -126,10 +172,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.dry_run:
         run([(64, 2, 4, 256, 128)], "cpu", time_it=False)
+        run_decode([(4, 32, 8, 256, 128)], "cpu", time_it=False)
         return 0
-    table = run(CONFIGS[:1] if args.quick else CONFIGS, "cuda", time_it=True)
+    tables = [run(CONFIGS[:1] if args.quick else CONFIGS, "cuda", time_it=True),
+              run_decode(DECODE_CONFIGS[:1] if args.quick else DECODE_CONFIGS, "cuda", time_it=True)]
     if not args.quick:
-        table.save()
+        for table in tables:
+            table.save()
     return 0
 
 

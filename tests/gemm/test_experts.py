@@ -175,6 +175,32 @@ def test_masked_decode_layout_refuses_bad_input():
         mod.forward_masked(x[:1], counts, 8)
 
 
+def test_frozen_weights_for_serving(monkeypatch):
+    """freeze_fp8_weight_: the copies are made once and reused, also where an unfrozen module would quantise per call
+    (capture, simulated by patching the capture check); refresh rewrites them in place; freeze_fp8_weights_ and
+    refresh_fp8_weights_ reach FP8Experts; a first call under capture is refused."""
+    from torch_deepstack.compile import freeze_fp8_weights_, refresh_fp8_weights_
+    from torch_deepstack.gemm import linear
+    mod, x, idx, w = _small_case(num_experts=3, tokens=20, k=2, seed=8)
+    model = torch.nn.ModuleDict({"experts": mod})
+    assert freeze_fp8_weights_(model) == 1 and mod.fp8_weight_frozen
+    with torch.no_grad():
+        y1 = mod(x, idx, w)
+        fwd_in, fwd_out = mod._in_cache.fwd, mod._out_cache.fwd
+        monkeypatch.setattr(linear, "_capturing", lambda t: True)
+        from torch_deepstack.gemm import experts as experts_mod
+        monkeypatch.setattr(experts_mod, "_capturing", lambda t: True)
+        assert calc_diff(mod(x, idx, w), y1) < 1e-6
+        assert mod._in_cache.fwd is fwd_in and mod._out_cache.fwd is fwd_out      # the same copies, not requantised
+        mod.w_out.mul_(2)                                       # not seen until refreshed
+        assert calc_diff(mod(x, idx, w), y1) < 1e-6
+        assert refresh_fp8_weights_(model) == 1
+        assert calc_diff(mod(x, idx, w), 2 * y1) < 1e-4 and mod._out_cache.fwd[0] is fwd_out[0]   # in place
+        fresh = FP8Experts(3, 128, 128).freeze_fp8_weight_()
+        with pytest.raises(RuntimeError, match="FP8Experts: the frozen FP8 weight is made on the first call"):
+            fresh(x, idx, w)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("gated", [True, False])
 def test_cuda_kernels_match_the_cpu_reference_path(gated):

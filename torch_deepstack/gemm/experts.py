@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_deepstack.gemm import api
-from torch_deepstack.gemm.linear import _capturing, _padded
+from torch_deepstack.gemm.linear import _capturing, _padded, _WeightCache
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
 ALIGN = 128   # rows per expert are padded to this (get_m_alignment_for_contiguous_layout)
@@ -40,23 +40,18 @@ def _stacked_block_quant(w: torch.Tensor):
     return q.view(g, n, k), s.view(g, n // 128, s.shape[-1])
 
 
-class _ExpertWeightCache:
-    """FP8 copies of a stacked expert weight [G, N, K]: per 128x128 block as is (forward) and per expert transposed
-    [G, K, N] (data gradient), redone when the weight's version or storage changes (optimizer steps bump it)."""
+def _expert_operands(w: torch.Tensor, transposed: bool):
+    """(forward operand, data-gradient operand or None) of a stacked expert weight [G, N, K]: per 128x128 block as
+    is, and with `transposed` each expert's W^T [G, K, N] (FP8Linear's weight cache makes and keeps them)."""
+    return _stacked_block_quant(w), (_expert_transposed(w) if transposed else None)
 
-    def __init__(self):
-        self.key, self.fwd, self.bwd = None, None, None
 
-    def operands(self, w: torch.Tensor, transposed: bool):
-        if torch.compiler.is_compiling() or _capturing(w):   # (graphs quantise W inside: replays follow updates)
-            return (_stacked_block_quant(w),
-                    _stacked_block_quant(w.transpose(1, 2).contiguous()) if transposed else None)
-        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
-        if key != self.key:
-            self.key, self.fwd, self.bwd = key, _stacked_block_quant(w), None
-        if transposed and self.bwd is None:
-            self.bwd = _stacked_block_quant(w.transpose(1, 2).contiguous())
-        return self.fwd, (self.bwd if transposed else None)
+def _expert_transposed(w: torch.Tensor):
+    return _stacked_block_quant(w.transpose(1, 2).contiguous())
+
+
+def _expert_weight_cache() -> _WeightCache:
+    return _WeightCache(_expert_operands, _expert_transposed, owner="FP8Experts")
 
 
 def _grouped(a: torch.Tensor, w_op, m_indices: torch.Tensor) -> torch.Tensor:
@@ -123,7 +118,7 @@ class FP8Experts(nn.Module):
         kw = {"device": device, "dtype": dtype if dtype is not None else torch.bfloat16}
         self.w_in = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * d_ff, d_model, **kw))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **kw))
-        self._in_cache, self._out_cache = _ExpertWeightCache(), _ExpertWeightCache()
+        self._in_cache, self._out_cache = _expert_weight_cache(), _expert_weight_cache()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -146,6 +141,28 @@ class FP8Experts(nn.Module):
             mod.w_in.copy_(torch.stack(ins))
             mod.w_out.copy_(torch.stack([d.weight for d in down]))
         return mod
+
+    def freeze_fp8_weight_(self, frozen: bool = True) -> "FP8Experts":
+        """Serving with fixed weights, as FP8Linear.freeze_fp8_weight_: the FP8 copies of both weights are made once
+        (on the next eager call, not under capture) and then used by eager calls, captured CUDA graphs and compiled
+        graphs, which skip the per-call weight quantisation (unfrozen, a captured graph quantises the weights on
+        every replay so that it follows updates: a decode step's graph would read all expert weights twice).
+        `refresh_fp8_weight_()` rewrites the copies in place after a weight change. Returns self."""
+        self._in_cache.freeze(bool(frozen))
+        self._out_cache.freeze(bool(frozen))
+        return self
+
+    @property
+    def fp8_weight_frozen(self) -> bool:
+        return self._in_cache.frozen
+
+    def refresh_fp8_weight_(self) -> None:
+        """Frozen module: quantise the current weights into their FP8 copies in place."""
+        if not self.fp8_weight_frozen:
+            raise RuntimeError("FP8Experts.refresh_fp8_weight_: the module is not frozen (freeze_fp8_weight_()); "
+                               "unfrozen, the FP8 copies follow the weights by themselves")
+        self._in_cache.refresh(self.w_in)
+        self._out_cache.refresh(self.w_out)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, gated={self.gated}"

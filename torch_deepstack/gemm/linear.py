@@ -29,14 +29,19 @@ def _capturing(w: torch.Tensor) -> bool:
 
 
 class _WeightCache:
-    """FP8 copies of a weight, keyed on (storage pointer, version counter); or, frozen, kept until refreshed."""
+    """FP8 copies of a weight, keyed on (storage pointer, version counter); or, frozen, kept until refreshed.
+    `quantise(w, transposed)` -> (forward operand, data-gradient operand or None) and `quantise_transposed(w)` -> the
+    data-gradient operand make them: FP8Linear's 2-D weight by default, FP8Experts' stacked experts too."""
 
-    def __init__(self):
+    def __init__(self, quantise=None, quantise_transposed=None, owner: str = "FP8Linear"):
         self.key = None
         self.fwd = None   # (q [N, K], scales [N/128, K/128])
         self.bwd = None   # (q [K, N], scales [K/128, N/128])
         self.frozen = False
         self.released = []   # copies a frozen cache gave up, kept alive: graphs captured with them still read them
+        self._quantise = quantise or _weight_operands
+        self._quantise_t = quantise_transposed or (lambda w: api.per_block_quant_fp8(w, transpose=True))
+        self._owner = owner
 
     def _sync(self, w: torch.Tensor):
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
@@ -48,18 +53,18 @@ class _WeightCache:
         if self.frozen and self._has_frozen(w, transposed):   # (also while compiling: graphs read the copies)
             return self.fwd, (self.bwd if transposed else None)
         if torch.compiler.is_compiling():   # data_ptr/_version are not traceable: quantise inside the graph
-            return _weight_operands(w.detach(), transposed)
+            return self._quantise(w.detach(), transposed)
         if self.frozen:
             return self._frozen_operands(w, transposed)
         if _capturing(w):
             # A replay must read W as it is then: the cached copies would be stale after the next optimizer step,
             # and freed (their memory reused) once an eager call replaces them. Quantise inside the graph.
-            return _weight_operands(w.detach(), transposed)
+            return self._quantise(w.detach(), transposed)
         self._sync(w)
         if self.fwd is None:
-            self.fwd, self.bwd = _weight_operands(w.detach(), transposed)
+            self.fwd, self.bwd = self._quantise(w.detach(), transposed)
         elif transposed and self.bwd is None:
-            self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
+            self.bwd = self._quantise_t(w.detach())
         return self.fwd, (self.bwd if transposed else None)
 
     def freeze(self, frozen: bool) -> None:
@@ -83,13 +88,13 @@ class _WeightCache:
         self._release_unless_for(w)
         if not self._has_frozen(w, transposed):
             if _capturing(w):
-                raise RuntimeError("FP8Linear: the frozen FP8 weight is made on the first call; call the module once "
-                                   "outside CUDA graph capture (with gradients if the graph computes them)")
+                raise RuntimeError(f"{self._owner}: the frozen FP8 weight is made on the first call; call the module "
+                                   "once outside CUDA graph capture (with gradients if the graph computes them)")
             if self.fwd is None:
-                self.fwd, self.bwd = _weight_operands(w.detach(), transposed)
+                self.fwd, self.bwd = self._quantise(w.detach(), transposed)
                 self.key = (w.device, tuple(w.shape))
             else:
-                self.bwd = api.per_block_quant_fp8(w.detach(), transpose=True)
+                self.bwd = self._quantise_t(w.detach())
             mark_static(*self.fwd, *(self.bwd or ()))
         return self.fwd, (self.bwd if transposed else None)
 
@@ -97,7 +102,7 @@ class _WeightCache:
         """Re-quantise W into the frozen copies in place (graphs that read them see the new values)."""
         self._release_unless_for(w)
         if self.fwd is not None:
-            fwd, bwd = _weight_operands(w.detach(), self.bwd is not None)
+            fwd, bwd = self._quantise(w.detach(), self.bwd is not None)
             for old, new in zip((*self.fwd, *(self.bwd or ())), (*fwd, *(bwd or ()))):
                 old.copy_(new)
 
