@@ -5,9 +5,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from torch_deepstack.gemm import FP8Experts, FP8Linear
-
-_FP8_WEIGHT_MODULES = (FP8Linear, FP8Experts)   # the modules with freeze_fp8_weight_ / refresh_fp8_weight_
+from torch_deepstack.gemm import FP8Linear
+from torch_deepstack.gemm.linear import FrozenFP8Weights
 
 
 def fp8_compatible(module: nn.Module, fqn: str = "") -> bool:
@@ -40,7 +39,7 @@ def freeze_fp8_weights_(model: nn.Module, frozen: bool = True) -> int:
     """Serving with fixed weights: `freeze_fp8_weight_(frozen)` on every FP8Linear and FP8Experts of `model` (their
     FP8 weight copies made once, on the next eager call, and used by captured and compiled graphs without a per-call
     quantisation). Returns how many modules it set."""
-    layers = [m for m in model.modules() if isinstance(m, _FP8_WEIGHT_MODULES)]
+    layers = [m for m in model.modules() if isinstance(m, FrozenFP8Weights)]
     for m in layers:
         m.freeze_fp8_weight_(frozen)
     return len(layers)
@@ -50,7 +49,7 @@ def refresh_fp8_weights_(model: nn.Module) -> int:
     """After changing a frozen model's weights (a weight sync, say): `refresh_fp8_weight_()` on every frozen
     FP8Linear and FP8Experts, rewriting their FP8 copies in place so graphs captured or compiled earlier use the new
     weights. Returns how many modules it refreshed."""
-    layers = [m for m in model.modules() if isinstance(m, _FP8_WEIGHT_MODULES) and m.fp8_weight_frozen]
+    layers = [m for m in model.modules() if isinstance(m, FrozenFP8Weights) and m.fp8_weight_frozen]
     for m in layers:
         m.refresh_fp8_weight_()
     return len(layers)

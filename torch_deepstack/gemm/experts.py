@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_deepstack.gemm import api
-from torch_deepstack.gemm.linear import _capturing, _padded, _WeightCache
+from torch_deepstack.gemm.linear import FrozenFP8Weights, _capturing, _padded, _WeightCache
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
 ALIGN = 128   # rows per expert are padded to this (get_m_alignment_for_contiguous_layout)
@@ -100,7 +100,7 @@ def _grouped_linear(a, weight, m_indices, ks, cache) -> torch.Tensor:
     return _grouped(a, cache.operands(weight.detach(), False)[0], m_indices)
 
 
-class FP8Experts(nn.Module):
+class FP8Experts(FrozenFP8Weights, nn.Module):
     """`num_experts` expert MLPs (d_model -> d_ff -> d_model, no biases) computed with grouped FP8 GEMMs.
 
     gated=True: SwiGLU experts, w_in [G, 2 * d_ff, d_model] holding each expert's gate rows then its up rows,
@@ -142,27 +142,10 @@ class FP8Experts(nn.Module):
             mod.w_out.copy_(torch.stack([d.weight for d in down]))
         return mod
 
-    def freeze_fp8_weight_(self, frozen: bool = True) -> "FP8Experts":
-        """Serving with fixed weights, as FP8Linear.freeze_fp8_weight_: the FP8 copies of both weights are made once
-        (on the next eager call, not under capture) and then used by eager calls, captured CUDA graphs and compiled
-        graphs, which skip the per-call weight quantisation (unfrozen, a captured graph quantises the weights on
-        every replay so that it follows updates: a decode step's graph would read all expert weights twice).
-        `refresh_fp8_weight_()` rewrites the copies in place after a weight change. Returns self."""
-        self._in_cache.freeze(bool(frozen))
-        self._out_cache.freeze(bool(frozen))
-        return self
-
-    @property
-    def fp8_weight_frozen(self) -> bool:
-        return self._in_cache.frozen
-
-    def refresh_fp8_weight_(self) -> None:
-        """Frozen module: quantise the current weights into their FP8 copies in place."""
-        if not self.fp8_weight_frozen:
-            raise RuntimeError("FP8Experts.refresh_fp8_weight_: the module is not frozen (freeze_fp8_weight_()); "
-                               "unfrozen, the FP8 copies follow the weights by themselves")
-        self._in_cache.refresh(self.w_in)
-        self._out_cache.refresh(self.w_out)
+    def _fp8_weights(self):
+        # (freeze_fp8_weight_ / refresh_fp8_weight_ from FrozenFP8Weights: for serving graphs, which would otherwise
+        # re-quantise every expert weight on each replay)
+        return ((self._in_cache, self.w_in), (self._out_cache, self.w_out))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, gated={self.gated}"

@@ -217,7 +217,43 @@ class _FP8LinearFn(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-class FP8Linear(nn.Module):
+class FrozenFP8Weights:
+    """Serving with fixed weights for modules whose FP8 weight copies live in _WeightCache objects (FP8Linear,
+    FP8Experts; `_fp8_weights()` gives the (cache, weight) pairs)."""
+
+    def _fp8_weights(self):
+        raise NotImplementedError
+
+    def freeze_fp8_weight_(self, frozen: bool = True):
+        """For serving with fixed weights, chiefly under CUDA graphs. By default the FP8 copies of the weights are
+        cached while they are unchanged (their version counters), and a CUDA graph captured with this module
+        quantises them inside the graph on every replay, so that replays never read a stale or freed copy. Frozen,
+        the module makes the copies once (on its next eager call, which must not be under capture) and uses them from
+        then on, in eager calls, in graphs captured later and in torch.compile'd graphs traced after that call,
+        which then skip the per-call weight quantisation. Weight changes are not seen until `refresh_fp8_weight_()`
+        (which rewrites the copies in place, so captured graphs see the new values too) or until unfrozen
+        (`frozen=False`; graphs captured while frozen keep reading the copies they were captured with, which stay
+        allocated). Returns self."""
+        for cache, _ in self._fp8_weights():
+            cache.freeze(bool(frozen))
+        return self
+
+    @property
+    def fp8_weight_frozen(self) -> bool:
+        """Whether freeze_fp8_weight_() is in effect."""
+        return all(cache.frozen for cache, _ in self._fp8_weights())
+
+    @torch.no_grad()
+    def refresh_fp8_weight_(self) -> None:
+        """Frozen module: quantise the current weights into their FP8 copies in place (see freeze_fp8_weight_)."""
+        if not self.fp8_weight_frozen:
+            raise RuntimeError(f"{type(self).__name__}.refresh_fp8_weight_: the module is not frozen "
+                               "(freeze_fp8_weight_()); unfrozen, the FP8 copies follow the weights by themselves")
+        for cache, weight in self._fp8_weights():
+            cache.refresh(weight)
+
+
+class FP8Linear(FrozenFP8Weights, nn.Module):
     """Drop-in for nn.Linear(in_features, out_features, bias) computing in FP8 (see module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
@@ -256,31 +292,8 @@ class FP8Linear(nn.Module):
         # inference: no autograd node, no transposed copies of x or W for gradients that will not come
         return _forward(x, self.weight, self.bias, self._cache.operands(self.weight, False)[0])
 
-    def freeze_fp8_weight_(self, frozen: bool = True) -> "FP8Linear":
-        """For serving with fixed weights, chiefly under CUDA graphs. By default the FP8 copies of `weight` are
-        cached while it is unchanged (its version counter), and a CUDA graph captured with this module quantises
-        `weight` inside the graph on every replay, so that replays never read a stale or freed copy. Frozen, the
-        module makes the copies once (on its next eager call, which must not be under capture) and uses them from
-        then on, in eager calls, in graphs captured later and in torch.compile'd graphs traced after that call,
-        which then skip the per-call weight quantisation. Changes to
-        `weight` are not seen until `refresh_fp8_weight_()` (which rewrites the copies in place, so captured graphs
-        see the new values too) or until unfrozen (`frozen=False`; graphs captured while frozen keep reading the
-        copies they were captured with, which stay allocated). Returns self."""
-        self._cache.freeze(bool(frozen))
-        return self
-
-    @property
-    def fp8_weight_frozen(self) -> bool:
-        """Whether freeze_fp8_weight_() is in effect."""
-        return self._cache.frozen
-
-    @torch.no_grad()
-    def refresh_fp8_weight_(self) -> None:
-        """Frozen module: quantise the current `weight` into its FP8 copies in place (see freeze_fp8_weight_)."""
-        if not self.fp8_weight_frozen:
-            raise RuntimeError("FP8Linear.refresh_fp8_weight_: the module is not frozen (freeze_fp8_weight_()); "
-                               "unfrozen, the FP8 copies follow the weight by themselves")
-        self._cache.refresh(self.weight)
+    def _fp8_weights(self):
+        return ((self._cache, self.weight),)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
