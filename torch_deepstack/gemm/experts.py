@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_deepstack.gemm import api
-from torch_deepstack.gemm.linear import FrozenFP8Weights, _capturing, _padded, _WeightCache
+from torch_deepstack.gemm.linear import FrozenFP8Weights, _capturing, _WeightCache
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
 ALIGN = 128   # rows per expert are padded to this (get_m_alignment_for_contiguous_layout)
@@ -54,14 +54,24 @@ def _expert_weight_cache() -> _WeightCache:
     return _WeightCache(_expert_operands, _expert_transposed, owner="FP8Experts")
 
 
-def _grouped(a: torch.Tensor, w_op, m_indices: torch.Tensor) -> torch.Tensor:
-    """Rows of a [M, K] (bf16/fp32) times their expert's FP8 weight, in a's dtype [M, N]; rows with id -1 are 0."""
-    aq, asf = per_token_group_quant_fp8(a)
-    wq, ws = w_op
+def _operands(t: torch.Tensor, wgrad_rows: int | None):
+    """t [M, K]'s per-token 1x128 operand, and with `wgrad_rows` also the weight-gradient operand of its first
+    wgrad_rows rows (quantised along M: q [K, rows], scales [K, rows / 128]), both from one pass over t
+    (per_token_group_quant_fp8_dual, as FP8Linear quantises x and dy). M and wgrad_rows are multiples of 128 here,
+    so the transposed copy has no padding and its first columns are the experts' rows (the spare block follows)."""
+    if wgrad_rows is None:
+        return per_token_group_quant_fp8(t), None
+    q, s, qt, st = api.per_token_group_quant_fp8_dual(t)
+    return (q, s), (qt[:, :wgrad_rows], st[:, :wgrad_rows // ALIGN])
+
+
+def _grouped(a_op, w_op, m_indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a quantised operand times their expert's FP8 weight, [M, N] in `dtype`; rows with id -1 are 0."""
+    (aq, asf), (wq, ws) = a_op, w_op
     y = api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, wq, ws, m_indices,
-                                             out=torch.zeros(a.shape[0], wq.shape[1], dtype=torch.bfloat16,
-                                                             device=a.device))
-    return y if y.dtype == a.dtype else y.to(a.dtype)
+                                             out=torch.zeros(aq.shape[0], wq.shape[1], dtype=torch.bfloat16,
+                                                             device=aq.device))
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 class _GroupedFP8LinearFn(torch.autograd.Function):
@@ -70,9 +80,9 @@ class _GroupedFP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, weight, m_indices, ks, cache, need_da: bool, need_dw: bool):
         wop, wtop = cache.operands(weight.detach(), need_da)
-        y = _grouped(a, wop, m_indices)
-        # the wgrad operand, in FP8: the experts' rows (ks, in order from row 0) without the spare block after them
-        atq, ats = api.per_token_group_quant_fp8_t(a[:sum(ks)]) if need_dw else (None, None)
+        aop, atop = _operands(a, sum(ks) if need_dw else None)    # atop: the wgrad operand, kept in FP8
+        y = _grouped(aop, wop, m_indices, a.dtype)
+        atq, ats = atop if atop is not None else (None, None)
         wtq, wts = wtop if wtop is not None else (None, None)
         ctx.save_for_backward(m_indices, atq, ats, wtq, wts)
         ctx.ks, ctx.w_dtype = ks, weight.dtype
@@ -81,13 +91,12 @@ class _GroupedFP8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         m_indices, atq, ats, wtq, wts = ctx.saved_tensors
-        dy = dy.contiguous()
-        da = dw = None
-        if ctx.needs_input_grad[0]:
-            da = _grouped(dy, (wtq, wts), m_indices)
-        if ctx.needs_input_grad[1]:
-            dyq, dys = api.per_token_group_quant_fp8_t(dy[:sum(ctx.ks)])
-            dw = api.k_grouped_fp8_wgrad_gemm_nt(_padded(dyq), dys, _padded(atq), ats, ctx.ks)
+        need_da, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dyop, dytop = _operands(dy.contiguous(), sum(ctx.ks) if need_dw else None)
+        da = _grouped(dyop, (wtq, wts), m_indices, dy.dtype) if need_da else None
+        dw = None
+        if need_dw:
+            dw = api.k_grouped_fp8_wgrad_gemm_nt(*dytop, atq, ats, ctx.ks)
             dw = dw if dw.dtype == ctx.w_dtype else dw.to(ctx.w_dtype)
         return da, dw, None, None, None, None, None
 
@@ -97,7 +106,7 @@ def _grouped_linear(a, weight, m_indices, ks, cache) -> torch.Tensor:
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     if need_da or need_dw:
         return _GroupedFP8LinearFn.apply(a, weight, m_indices, ks, cache, need_da, need_dw)
-    return _grouped(a, cache.operands(weight.detach(), False)[0], m_indices)
+    return _grouped(_operands(a, None)[0], cache.operands(weight.detach(), False)[0], m_indices, a.dtype)
 
 
 class FP8Experts(FrozenFP8Weights, nn.Module):
