@@ -16,6 +16,7 @@ tests/gemm/test_experts.py). Timing: bench_gpu_interleaved (L2 write-flushed bef
   python benchmarks/bench_experts.py             # the configs below; writes docs/benchmarks.md's block
   python benchmarks/bench_experts.py --quick     # the first config, printed only
   python benchmarks/bench_experts.py --dry-run   # a tiny config on the CPU reference kernels: checks, no timing
+  python benchmarks/bench_experts.py --profile   # where the first config's time goes (torch.profiler, kernels)
 """
 from __future__ import annotations
 
@@ -165,11 +166,39 @@ def run_decode(configs, device: str, time_it: bool) -> BenchTable:
     return table
 
 
+def profile_config(config, steps: int = 5) -> None:
+    """The first config's inference and training calls of each contender under torch.profiler: kernels by self
+    CUDA time, so the GEMMs can be told from the layout and combine work around them."""
+    from torch.profiler import ProfilerActivity, profile
+    t, k, g, d, dff = config
+    torch.manual_seed(0)
+    mod = FP8Experts(g, d, dff, device="cuda")
+    x, idx, w = make_inputs(t, k, g, d, "cuda")
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    cases = {"inference bf16 grouped": (False, lambda: bf16_grouped(mod, x, idx, w)),
+             "inference FP8Experts": (False, lambda: mod(x, idx, w)),
+             "training FP8Experts": (True, lambda: mod(xg, idx, wg).float().square().mean().backward())}
+    for name, (grad, fn) in cases.items():
+        with torch.set_grad_enabled(grad):
+            for _ in range(2):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+        print(f"\n== {config} {name}: {steps} calls")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the first config, printed only")
     ap.add_argument("--dry-run", action="store_true", help="a tiny config on the CPU: checks the script, no timing")
+    ap.add_argument("--profile", action="store_true", help="where the first config's time goes (torch.profiler)")
     args = ap.parse_args()
+    if args.profile:
+        return profile_config(CONFIGS[0]) or 0
     if args.dry_run:
         run([(64, 2, 4, 256, 128)], "cpu", time_it=False)
         run_decode([(4, 32, 8, 256, 128)], "cpu", time_it=False)

@@ -65,3 +65,9 @@ def per_token_group_quant_fp8_dual_fake(x, eps=1e-4, scale_ue8m0=False):
 def per_token_group_quant_fp8_t_fake(x, eps=1e-4, scale_ue8m0=False):
     check_quant_input("per_token_group_quant_fp8_t", x)
     return transposed_quant_empty(x.shape[0], x.shape[1], x.device)
+
+
+@fake("moe_combine")
+def moe_combine_fake(y, rows, weights, check_rows=True):
+    checks.check_moe_combine("moe_combine", y, rows, weights)
+    return y.new_empty(rows.shape[0], y.shape[1])

@@ -47,6 +47,8 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
     "per_token_group_quant_fp8_t": ("(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
     "per_token_group_quant_fp8_dual": (
         "(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor, Tensor, Tensor)", ()),
+    # MoE: the weighted sum of each token's expert output rows (FP8Experts' combine; also its backward's gathers)
+    "moe_combine": ("(Tensor y, Tensor rows, Tensor weights, bool check_rows=True) -> Tensor", ()),
     # --- compile integration (torch_deepstack/compile): the functional op graph passes swap in ------------
     "fp8_linear": ("(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", ()),
     # --- expert parallelism (torch_deepstack/ep) -------------------------------------------------------

@@ -216,7 +216,7 @@ def test_cuda_kernels_match_the_cpu_reference_path(gated):
         with torch.no_grad():
             m.w_in.copy_(mod.w_in)
             m.w_out.copy_(mod.w_out)
-        xd, wd = x.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
+        xd, wd = (t.detach().to(device, copy=True).requires_grad_(True) for t in (x, w))   # fresh leaves
         y = m(xd, idx.to(device), wd)
         y.float().square().sum().backward()
         outs.append([t.detach().cpu() for t in (y, xd.grad, m.w_in.grad, m.w_out.grad, wd.grad)])

@@ -105,3 +105,11 @@ def per_token_group_quant_fp8_dual(x, eps: float = 1e-4, scale_ue8m0: bool = Fal
 
 def scales_shape(m: int, k: int) -> tuple[int, int]:
     return m, cdiv(k, 128)
+
+
+def moe_combine(y, rows, weights, check_rows: bool = True):
+    """out[t] = sum_c weights[t, c] * y[rows[t, c]] (rows -1: an empty slot), summed in fp32, in y's dtype: the
+    combine of a MoE layer whose expert outputs y [M, hidden] are rows of a sorted layout. weights float32 [T, k];
+    each row of y feeds at most one slot. check_rows reads rows on the host once (range, no repeats); callers that
+    build rows themselves pass False. Differentiable in y and weights."""
+    return kernel_for("moe_combine", y, rows, weights)(y, rows, weights, check_rows)

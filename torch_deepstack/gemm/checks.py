@@ -135,3 +135,35 @@ def check_dual_token_quant_input(op: str, x: torch.Tensor) -> None:
     check_quant_input(op, x)
     torch._check(x.shape[1] % 128 == 0,
                  lambda: f"{op}: x's last dim K={x.shape[1]} must be a multiple of 128 (the per-token 1x128 groups)")
+
+
+MOE_COMBINE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_moe_combine(op: str, y, rows, weights) -> None:
+    """Shapes and dtypes of moe_combine (the rows' values are checked separately: that reads them)."""
+    _check(y.dim() == 2, lambda: f"{op}: y must be [rows, hidden], got shape {tuple(y.shape)}")
+    _check(y.dtype in MOE_COMBINE_DTYPES, lambda: f"{op}: y must be one of {MOE_COMBINE_DTYPES}, got {y.dtype}")
+    _check(rows.dim() == 2 and rows.dtype in (torch.int32, torch.int64),
+           lambda: f"{op}: rows must be int32/int64 [tokens, k], got {rows.dtype} {tuple(rows.shape)}")
+    _check(weights.dtype == torch.float32,
+           lambda: f"{op}: weights must be float32 (call .float()), got {weights.dtype}")
+    _check(tuple(weights.shape) == tuple(rows.shape),
+           lambda: f"{op}: weights must have rows' shape {tuple(rows.shape)}, got {tuple(weights.shape)}")
+    check_same_device(op, y=y, rows=rows, weights=weights)
+
+
+def check_moe_rows(op: str, rows: torch.Tensor, num_rows: int) -> None:
+    """rows' values: each in [-1, num_rows) and no row of y named twice (the backward gathers each row's gradient
+    from the one slot that reads it). One host sync: both counts come back together."""
+    flat = rows.reshape(-1)
+    bad = ((flat < -1) | (flat >= num_rows)).sum()
+    used = flat[(flat >= 0) & (flat < num_rows)].long()
+    dup = torch.bincount(used, minlength=1).gt(1).sum() if used.numel() else bad.new_zeros(())
+    n_bad, n_dup = torch.stack([bad, dup]).tolist()
+    if n_bad:
+        raise ValueError(f"{op}: rows holds {n_bad} values outside [-1, {num_rows}) (y has {num_rows} rows; -1 "
+                         f"marks an empty slot)")
+    if n_dup:
+        raise ValueError(f"{op}: rows names {n_dup} row(s) of y more than once; each row of y may feed one "
+                         f"(token, slot)")

@@ -6,12 +6,15 @@
 
 What a call does (every product a `m_grouped_fp8_gemm_nt_contiguous`, DeepSeek-V3 recipe as in FP8Linear):
   1. the (token, slot) pairs are sorted by expert and each expert's rows padded to a multiple of 128 (the contiguous
-     layout; padding rows are zero and carry group id -1, which the kernel skips);
+     layout; padding rows carry group id -1, which the kernel skips). Inference quantises x once per token and
+     gathers the FP8 rows (per-token 1x128 scaling is row-local, so this equals quantising the gathered rows);
+     training gathers the bf16 rows (zero padding), which its weight gradient needs quantised along M;
   2. h = x_rows @ W_in[e].T for all experts in one grouped GEMM, act = silu(gate) * up (or silu(h) ungated);
   3. y_rows = act @ W_out[e].T in a second grouped GEMM; each token's output is the sum of its rows times their
-     routing weights.
+     routing weights, in fp32 (`moe_combine`: one read per row, no scatter-add).
 Backward: the data gradients are grouped GEMMs with each expert's weight transposed (quantised per 128x128 block),
-the weight gradients one k-grouped wgrad GEMM per weight (each expert's rows a K segment, fp32 accumulation).
+the weight gradients one k-grouped wgrad GEMM per weight (each expert's rows a K segment, fp32 accumulation); the
+combine's and the gather's gradients are `moe_combine` gathers too.
 Master weights stay in their dtype; their FP8 copies (both orientations) are cached per weight version.
 Eager calls read the per-expert row counts on the host (one sync per call, as DeepEP's normal mode has): to check
 the expert ids and to size the padded layout exactly; the weight gradient needs them too (its K segments). Under
@@ -65,13 +68,40 @@ def _operands(t: torch.Tensor, wgrad_rows: int | None):
     return (q, s), (qt[:, :wgrad_rows], st[:, :wgrad_rows // ALIGN])
 
 
-def _grouped(a_op, w_op, m_indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of a quantised operand times their expert's FP8 weight, [M, N] in `dtype`; rows with id -1 are 0."""
+def _grouped(a_op, w_op, m_indices: torch.Tensor, dtype: torch.dtype, zero_padding: bool = True) -> torch.Tensor:
+    """Rows of a quantised operand times their expert's FP8 weight, [M, N] in `dtype`. Rows with id -1 are not
+    written: zero with zero_padding (training: the backward's padding rows must be zero), else left as allocated
+    (inference: nothing reads them; the next GEMM skips them and the combine never names them)."""
     (aq, asf), (wq, ws) = a_op, w_op
-    y = api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, wq, ws, m_indices,
-                                             out=torch.zeros(aq.shape[0], wq.shape[1], dtype=torch.bfloat16,
-                                                             device=aq.device))
+    out = (torch.zeros if zero_padding else torch.empty)(aq.shape[0], wq.shape[1], dtype=torch.bfloat16,
+                                                         device=aq.device)
+    y = api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, wq, ws, m_indices, out=out)
     return y if y.dtype == dtype else y.to(dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """The layout's rows: a[r] = x[src[r]], src == len(x) a zero row. The gradient sums each token's rows back
+    (moe_combine over the pairs' rows with unit weights) instead of index_put's scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, src, pair_rows):
+        ctx.save_for_backward(pair_rows)
+        return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, da):
+        pair_rows, = ctx.saved_tensors
+        ones = torch.ones(pair_rows.shape, dtype=torch.float32, device=da.device)
+        return api.moe_combine(da.contiguous(), pair_rows, ones, False), None, None
+
+
+def _gather_quantised(x: torch.Tensor, src: torch.Tensor):
+    """Inference: x quantised per token once ([T, d] e4m3 + 1x128 scales), then the layout's rows gathered in FP8
+    (padding rows get token 0's: the GEMMs skip them). The scales come out MN-major, as the GEMM reads them."""
+    xq, xs = per_token_group_quant_fp8(x)
+    src = src.clamp(max=max(x.shape[0] - 1, 0))
+    aq = xq.view(torch.uint8).index_select(0, src).view(xq.dtype)
+    return aq, xs.t().index_select(1, src).t()
 
 
 class _GroupedFP8LinearFn(torch.autograd.Function):
@@ -101,12 +131,15 @@ class _GroupedFP8LinearFn(torch.autograd.Function):
         return da, dw, None, None, None, None, None
 
 
-def _grouped_linear(a, weight, m_indices, ks, cache) -> torch.Tensor:
-    need_da = torch.is_grad_enabled() and a.requires_grad
+def _grouped_linear(a, weight, m_indices, ks, cache, a_op=None) -> torch.Tensor:
+    """a's rows (or their FP8 operand a_op, inference) times their expert's weight."""
+    need_da = torch.is_grad_enabled() and a is not None and a.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     if need_da or need_dw:
         return _GroupedFP8LinearFn.apply(a, weight, m_indices, ks, cache, need_da, need_dw)
-    return _grouped(_operands(a, None)[0], cache.operands(weight.detach(), False)[0], m_indices, a.dtype)
+    a_op = _operands(a, None)[0] if a_op is None else a_op
+    return _grouped(a_op, cache.operands(weight.detach(), False)[0], m_indices, torch.bfloat16 if a is None
+                    else a.dtype, zero_padding=False)
 
 
 class FP8Experts(FrozenFP8Weights, nn.Module):
@@ -166,10 +199,14 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
                              f"[tokens, k], got {tuple(x.shape)}, {tuple(topk_idx.shape)}, "
                              f"{tuple(topk_weights.shape)}")
         g, k = self.num_experts, topk_idx.shape[1]
+        if t * k == 0:   # no (token, slot) pair: nothing routed (kept on x's graph)
+            return x.clone() if k else x * 0
         flat = topk_idx.reshape(-1).long()
         expert = torch.where(flat < 0, g, torch.where(flat >= g, g + 1, flat))   # g: no expert, g + 1: bad id
         counts_all = torch.zeros(g + 2, dtype=torch.long, device=x.device).scatter_add_(0, expert,
                                                                                         torch.ones_like(expert))
+        training = torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad
+                                                 or self.w_out.requires_grad or topk_weights.requires_grad)
         if _host_sync_allowed(x):
             # eager: one sync reads the counts, to check the ids and to size the layout exactly
             host = counts_all.tolist()
@@ -182,8 +219,7 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
             # CUDA-graph capture or torch.compile: no host sync, so the layout takes the most rows the routing can
             # need (every expert padded by up to ALIGN - 1) and ids are not checked (ids >= num_experts drop out,
             # as the MLA ops skip their data checks under capture); inference only
-            if torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad or self.w_out.requires_grad
-                                            or topk_weights.requires_grad):
+            if training:
                 raise RuntimeError("FP8Experts: training steps need the per-expert row counts on the host (the "
                                    "weight gradient's K segments), so they run eagerly; under CUDA-graph capture "
                                    "or torch.compile call it under torch.no_grad()")
@@ -199,17 +235,21 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
         # a pair's row; pairs without an expert go to row m, in a spare block of ALIGN rows with id -1 after the
         # experts' rows (skipped by the GEMMs, its output rows stay zero)
         rows = torch.where(valid, pad_start[e_c] + torch.arange(t * k, device=x.device) - exact_start[e_c], m)
-        tokens = order // k
         m_indices = torch.full((m + ALIGN,), -1, dtype=torch.int32, device=x.device)
         m_indices.index_put_((rows,), torch.where(valid, e_sorted, -1).to(torch.int32))
-        a = x.new_zeros(m + ALIGN, d).index_copy(0, rows, x[tokens])
-        h = _grouped_linear(a, self.w_in, m_indices, ks, self._in_cache)
+        # each layout row's token (t: padding), and each (token, slot) pair's row (-1: no expert)
+        src = torch.full((m + ALIGN,), t, dtype=torch.long, device=x.device).index_put_((rows,), order // k)
+        pair_rows = torch.empty_like(rows).index_put_((order,), torch.where(valid, rows, -1)).view(t, k)
+        if training:
+            a, a_op = _GatherRows.apply(x, src, pair_rows), None
+        else:
+            a, a_op = None, _gather_quantised(x, src)
+        h = _grouped_linear(a, self.w_in, m_indices, ks, self._in_cache, a_op)
         act = F.silu(h[:, :self.d_ff]) * h[:, self.d_ff:] if self.gated else F.silu(h)
         y_rows = _grouped_linear(act, self.w_out, m_indices, ks, self._out_cache)
         # the weighted sum over a token's slots in fp32 (as DeepEP's combine accumulates), rounded once
-        w = torch.where(valid, topk_weights.reshape(-1)[order].float(), 0.0).unsqueeze(-1)
-        out = torch.zeros(t, d, dtype=torch.float32, device=x.device).index_add(0, tokens, y_rows[rows].float() * w)
-        return out.to(x.dtype)
+        out = api.moe_combine(y_rows, pair_rows, topk_weights.float(), False)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def forward_masked(self, x, masked_m: torch.Tensor, expected_m: int, out: torch.Tensor | None = None):
         """The experts on the decode layout that low-latency dispatch hands out (DeepEP's): x [G, M_max, d_model]

@@ -483,6 +483,35 @@ def per_token_group_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
 DSV3_NK = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
 
 
+_MOE_HEADER = "gemm/moe_combine.cuh"
+
+
+def _moe_combine_kernel(dtype: torch.dtype, vec: bool):
+    return get_kernel(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_kernel", (_CTYPE[dtype], vec)), "plppiiip")
+
+
+@cuda_kernel("moe_combine")
+def moe_combine_cuda(y, rows, weights, check_rows=True):
+    checks.check_moe_combine("moe_combine", y, rows, weights)
+    if check_rows and not torch.cuda.is_current_stream_capturing():   # (under capture: not checked, as MLA's data)
+        checks.check_moe_rows("moe_combine", rows, y.shape[0])
+    t, k = rows.shape
+    hidden = y.shape[1]
+    out = torch.empty(t, hidden, dtype=y.dtype, device=y.device)
+    if t == 0 or hidden == 0:
+        return out
+    if y.stride(1) != 1:
+        y = y.contiguous()
+    rows = rows if rows.dtype == torch.int64 and rows.is_contiguous() else rows.long().contiguous()
+    weights = weights.contiguous()
+    vec = (hidden * y.element_size()) % 16 == 0 and (y.stride(0) * y.element_size()) % 16 == 0 \
+        and y.data_ptr() % 16 == 0
+    units = hidden // (16 // y.element_size()) if vec else hidden
+    _moe_combine_kernel(y.dtype, vec).launch(min(t, 8 * num_sms(y.device)), min(256, (units + 31) // 32 * 32),
+                                            y, y.stride(0), rows, weights, t, k, hidden, out)
+    return out
+
+
 @register_prebuild("gemm")
 def _prebuild():
     """DeepSeek-V3 dense projections at M = 64 and 4096, the MoE grouped shapes, the weight gradient and the
@@ -505,4 +534,5 @@ def _prebuild():
         specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_dual_kernel", (dt, False)))
         specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_dual_kernel", (dt, False)))
         specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_t_kernel", (dt, False)))
+        specs.append(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_kernel", (dt, True)))
     return specs

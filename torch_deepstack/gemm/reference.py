@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_deepstack._library import reference, sample_inputs
+from torch_deepstack._library import autograd, reference, sample_inputs
 from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import FP8, cdiv, check_dual_token_quant_input, check_quant_input
 from torch_deepstack.quant.reference import ceil_to_ue8m0, per_token_group_quant_fp8_ref
@@ -256,3 +256,66 @@ def _dual_block_quant_samples(device):
 def _t_quant_samples(device):
     return [((torch.randn(130, 48, device=device, dtype=torch.bfloat16) * 3,), {}),
             ((torch.randn(256, 32, device=device),), {"scale_ue8m0": True})]
+
+
+@reference("moe_combine")
+def moe_combine_ref(y, rows, weights, check_rows=True):
+    """out[t] = sum_c weights[t, c] * y[rows[t, c]] over slots with rows >= 0, in fp32, rounded once to y's dtype."""
+    checks.check_moe_combine("moe_combine", y, rows, weights)
+    if check_rows:
+        checks.check_moe_rows("moe_combine", rows, y.shape[0])
+    r = rows.long()
+    valid = r >= 0
+    picked = y[r.clamp(min=0)].float()                                  # [T, k, hidden]
+    w = torch.where(valid, weights, 0.0).unsqueeze(-1)
+    return torch.where(valid.unsqueeze(-1), picked * w, 0.0).sum(1).to(y.dtype)
+
+
+def moe_rows_inverse(rows: torch.Tensor, weights: torch.Tensor, num_rows: int):
+    """For each row of y, the token whose slot reads it (-1: none) and that slot's weight: the gather form of
+    moe_combine's gradient, so its backward is itself a moe_combine with one slot per row."""
+    t, k = rows.shape
+    r = rows.reshape(-1).long()
+    valid = r >= 0
+    dst = torch.where(valid, r, num_rows)                              # empty slots land in a spare entry
+    token = torch.arange(t * k, device=rows.device) // k
+    src = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=rows.device).index_put_((dst,), token)
+    w = torch.zeros(num_rows + 1, dtype=torch.float32, device=rows.device).index_put_((dst,), weights.reshape(-1))
+    return src[:num_rows, None], w[:num_rows, None]
+
+
+def _moe_combine_setup(ctx, inputs, output):
+    y, rows, weights, _ = inputs
+    ctx.save_for_backward(y, rows, weights)
+
+
+def _moe_combine_backward(ctx, grad):
+    y, rows, weights = ctx.saved_tensors
+    combine = torch.ops.deepstack.moe_combine
+    grad_y = grad_w = None
+    if ctx.needs_input_grad[0]:   # y's row r: the weight of the slot that read it times that token's gradient
+        src, w = moe_rows_inverse(rows, weights, y.shape[0])
+        grad_y = combine(grad.to(y.dtype).contiguous(), src, w, False)
+    if ctx.needs_input_grad[2]:   # weights[t, c]: <grad[t], y[rows[t, c]]> in fp32, 0 for empty slots
+        r = rows.long()
+        picked = y[r.clamp(min=0)].float()                              # [T, k, hidden]
+        grad_w = torch.where(r >= 0, (picked @ grad.float().unsqueeze(-1)).squeeze(-1), 0.0)
+    return grad_y, None, grad_w, None
+
+
+autograd("moe_combine", _moe_combine_backward, _moe_combine_setup)
+
+
+@sample_inputs("moe_combine")
+def _moe_combine_samples(device):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for m, t, k, hidden, dtype in ((37, 11, 3, 72, torch.bfloat16), (20, 6, 2, 13, torch.float32),
+                                   (9, 4, 2, 8, torch.float16)):
+        perm = torch.randperm(m, generator=gen)[:t * k].view(t, k)
+        rows = torch.where(torch.rand(t, k, generator=gen) < 0.2, -1, perm)
+        y = torch.randn(m, hidden, generator=gen).to(dtype).to(device).requires_grad_(dtype == torch.float32)
+        w = torch.rand(t, k, generator=gen).to(device).requires_grad_(dtype == torch.float32)
+        out.append(((y, rows.to(device), w), {}))
+    out.append(((out[0][0][0], out[0][0][1].int(), out[0][0][2]), {"check_rows": False}))
+    return out
