@@ -29,6 +29,7 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
     # --- quantisation (torch_deepstack/quant) -------------------------------------------------------
     "per_token_group_quant_fp8": (
         "(Tensor x, int group_size=128, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
+    "swiglu_quant_fp8": ("(Tensor h, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor)", ()),
     # --- FP8 GEMM with fine-grained scaling (torch_deepstack/gemm); the GEMMs write into d ------------------
     "fp8_gemm_nt": (
         "(Tensor a, Tensor sfa, Tensor b, Tensor sfb, Tensor(a!) d, Tensor? c=None, bool accumulate=False) -> ()", ()),

@@ -10,12 +10,14 @@
 namespace deepstack {
 
 // kIters: rows each thread keeps in flight; kStreaming: evict-first cache hints (data is touched once).
-template <typename T, int kGroup, bool kUe8m0, int kIters = 4, bool kStreaming = false>
+// kSwiGLU: quantise silu(x) * x[.. + up_offset] instead of x (a SwiGLU's gate and up halves, x rows of 2K): the
+// activation of an expert MLP goes from the first GEMM's output to the second's FP8 operand in one pass, in fp32.
+template <typename T, int kGroup, bool kUe8m0, int kIters = 4, bool kStreaming = false, bool kSwiGLU = false>
 __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
     const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
     int rows, int rows_per_batch, int K,
     long long x_stride_batch, long long x_stride_row,
-    int scale_m_aligned, long long scale_stride_batch, float eps) {
+    int scale_m_aligned, long long scale_stride_batch, float eps, long long up_offset) {
   constexpr int kElems = Vec16<T>::kElems;          // elements per 16-byte load
   constexpr int kLanes = kGroup / kElems;           // threads per group
   constexpr int kSlots = 256 / kLanes;              // (row, group) pairs per block per iteration
@@ -31,6 +33,7 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
 
   using Load = uint4;
   Load raw[kIters];
+  Load raw_up[kSwiGLU ? kIters : 1];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int r = row0 + it * kSlots;
@@ -38,6 +41,10 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
       const int b = r / rows_per_batch, m = r - b * rows_per_batch;
       const T* src = x + b * x_stride_batch + m * x_stride_row + g * kGroup + lane * kElems;
       raw[it] = kStreaming ? __ldcs(reinterpret_cast<const Load*>(src)) : __ldg(reinterpret_cast<const Load*>(src));
+      if constexpr (kSwiGLU) {
+        const Load* up = reinterpret_cast<const Load*>(src + up_offset);
+        raw_up[it] = kStreaming ? __ldcs(up) : __ldg(up);
+      }
     }
   }
 #pragma unroll
@@ -46,6 +53,12 @@ __global__ void __launch_bounds__(256) per_token_group_quant_fp8_kernel(
     // Every lane of the warp must take part in the shuffles, so reduce before the bounds check.
     float f[kElems];
     Unpack16<T>::run(raw[it], f);
+    if constexpr (kSwiGLU) {
+      float u[kElems];
+      Unpack16<T>::run(raw_up[it], u);
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
+    }
     float amax = 0.f;
 #pragma unroll
     for (int e = 0; e < kElems; ++e) amax = fmaxf(amax, fabsf(f[e]));

@@ -90,7 +90,9 @@ def test_from_linears_and_no_grad_and_a_weight_update():
     with torch.no_grad():
         y = mod(x, idx, w)
     assert calc_diff(y.detach(), want.detach()) < TOL
-    assert calc_diff(mod(x, idx, w).detach(), y) < 1e-6                 # with autograd: the same products
+    # with autograd: the same products, but the activation is kept in bf16 (the weight gradient quantises it
+    # along M) where inference quantises the fp32 silu(gate) * up directly: 7.7e-5 apart here
+    assert calc_diff(mod(x, idx, w).detach(), y) < 2e-4
     with torch.no_grad():
         mod.w_out.mul_(2)                                        # an optimizer step: the FP8 copies follow
         assert calc_diff(mod(x, idx, w), 2 * y) < 1e-4

@@ -99,6 +99,8 @@ def test_wgrad_and_k_grouped_reference():
     assert torch.equal(out[1], torch.zeros(64, 96))
     assert calc_diff(out[0], dy2[:128].T @ x2[:128]) < 1e-3
     assert calc_diff(out[2], dy2[128:].T @ x2[128:]) < 1e-3
+    assert torch.equal(api.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, ks, out_dtype=torch.bfloat16),
+                       out.to(torch.bfloat16))                 # bf16 out: the fp32 sums rounded once
 
 
 def test_block_quant_reference_layouts():

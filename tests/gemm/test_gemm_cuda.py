@@ -533,7 +533,8 @@ def test_wgrad_pipe_matches_serial(monkeypatch, tokens, n, k):
     assert calc_diff(outs[""][1], dy.float().T @ x.float()) < 1e-3
 
 
-def test_k_grouped_wgrad():
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_k_grouped_wgrad(out_dtype):
     g, m, n, expected = 5, 512, 2048, 1024
     ks = [(s + 127) // 128 * 128 for s in random_group_sizes(g, expected)]
     total = sum(ks)
@@ -541,7 +542,7 @@ def test_k_grouped_wgrad():
     x = fresh_randn(total, n, dtype=torch.bfloat16, device=DEV)
     aq, asf = wgrad_operand(dy)
     bq, bsf = wgrad_operand(x)
-    d0 = fresh_randn(g, m, n, device=DEV)
+    d0 = fresh_randn(g, m, n, device=DEV).to(out_dtype)
     d = d0.clone()
     ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks, None, True)
     start = 0
@@ -550,8 +551,13 @@ def test_k_grouped_wgrad():
         if kk == 0:
             assert torch.equal(d[i], d0[i])
         else:
-            assert calc_diff(d[i] - d0[i], want) < 1e-3
+            assert calc_diff(d[i].float() - d0[i].float(), want) < 1e-3
         start += kk
+    # the bf16 form is the fp32 one rounded once
+    if out_dtype == torch.bfloat16:
+        d32 = api.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, ks)
+        assert torch.equal(api.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, ks, out_dtype=torch.bfloat16),
+                           d32.to(torch.bfloat16))
 
 
 def _padded_bytes(q):

@@ -35,11 +35,12 @@ def fp8_wgrad_gemm_nt(a, sfa, b, sfb, c=None, out=None, out_dtype=torch.float32)
     return _call_accumulating("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c)
 
 
-def k_grouped_fp8_wgrad_gemm_nt(a, sfa, b, sfb, ks, c=None, out=None):
+def k_grouped_fp8_wgrad_gemm_nt(a, sfa, b, sfb, ks, c=None, out=None, out_dtype=torch.float32):
     """D[g] = C[g] + A[:, seg_g] @ B[:, seg_g].T for consecutive K segments of lengths ks (multiples of 128, 0
-    allowed). a [M, sum(ks)], b [N, sum(ks)], scales [M or N, sum(ks)/128]; D fp32 [G, M, N]."""
+    allowed). a [M, sum(ks)], b [N, sum(ks)], scales [M or N, sum(ks)/128]; D [G, M, N] accumulated in fp32 and
+    stored as fp32 (default) or bf16."""
     ks = [int(k) for k in ks]
-    d = out if out is not None else torch.empty(len(ks), a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    d = out if out is not None else torch.empty(len(ks), a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
     return _call_accumulating("k_grouped_fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, ks)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from torch_deepstack.gemm import api
 from torch_deepstack.gemm.linear import FrozenFP8Weights, _capturing, _WeightCache
-from torch_deepstack.quant.api import per_token_group_quant_fp8
+from torch_deepstack.quant.api import per_token_group_quant_fp8, swiglu_quant_fp8
 
 ALIGN = 128   # rows per expert are padded to this (get_m_alignment_for_contiguous_layout)
 
@@ -126,7 +126,9 @@ class _GroupedFP8LinearFn(torch.autograd.Function):
         da = _grouped(dyop, (wtq, wts), m_indices, dy.dtype) if need_da else None
         dw = None
         if need_dw:
-            dw = api.k_grouped_fp8_wgrad_gemm_nt(*dytop, atq, ats, ctx.ks)
+            # bf16 master weights get a bf16 gradient straight from the GEMM (fp32 accumulation, one rounding)
+            out_dtype = torch.bfloat16 if ctx.w_dtype == torch.bfloat16 else torch.float32
+            dw = api.k_grouped_fp8_wgrad_gemm_nt(*dytop, atq, ats, ctx.ks, out_dtype=out_dtype)
             dw = dw if dw.dtype == ctx.w_dtype else dw.to(ctx.w_dtype)
         return da, dw, None, None, None, None, None
 
@@ -245,11 +247,20 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
         else:
             a, a_op = None, _gather_quantised(x, src)
         h = _grouped_linear(a, self.w_in, m_indices, ks, self._in_cache, a_op)
-        act = F.silu(h[:, :self.d_ff]) * h[:, self.d_ff:] if self.gated else F.silu(h)
-        y_rows = _grouped_linear(act, self.w_out, m_indices, ks, self._out_cache)
+        if training:
+            y_rows = _grouped_linear(self._activation(h), self.w_out, m_indices, ks, self._out_cache)
+        else:   # (the activation straight to the second GEMM's FP8 operand)
+            y_rows = _grouped_linear(None, self.w_out, m_indices, ks, self._out_cache, self._activation_fp8(h))
         # the weighted sum over a token's slots in fp32 (as DeepEP's combine accumulates), rounded once
         out = api.moe_combine(y_rows, pair_rows, topk_weights.float(), False)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        return F.silu(h[..., :self.d_ff]) * h[..., self.d_ff:] if self.gated else F.silu(h)
+
+    def _activation_fp8(self, h: torch.Tensor):
+        """The activation as the next GEMM's FP8 operand: SwiGLU in one fused pass (computed in fp32)."""
+        return swiglu_quant_fp8(h) if self.gated else per_token_group_quant_fp8(F.silu(h))
 
     def forward_masked(self, x, masked_m: torch.Tensor, expected_m: int, out: torch.Tensor | None = None):
         """The experts on the decode layout that low-latency dispatch hands out (DeepEP's): x [G, M_max, d_model]
@@ -267,8 +278,7 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
             raise RuntimeError("FP8Experts.forward_masked is inference only: call it under torch.no_grad()")
         wq, ws = self._in_cache.operands(self.w_in.detach(), False)[0]
         h = api.m_grouped_fp8_gemm_nt_masked(aq, asf, wq, ws, masked_m, expected_m)
-        act = F.silu(h[..., :self.d_ff]) * h[..., self.d_ff:] if self.gated else F.silu(h)
-        hq, hs = per_token_group_quant_fp8(act)
+        hq, hs = self._activation_fp8(h)
         wq, ws = self._out_cache.operands(self.w_out.detach(), False)[0]
         return api.m_grouped_fp8_gemm_nt_masked(hq, hs, wq, ws, masked_m, expected_m, out=out)
 

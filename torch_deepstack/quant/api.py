@@ -15,3 +15,11 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float
     TMA-aligned (see torch_deepstack.quant.scale_layout). Dequantise with q.float() * scale.
     """
     return kernel_for("per_token_group_quant_fp8", x)(x, group_size, eps, scale_ue8m0)
+
+
+def swiglu_quant_fp8(h: torch.Tensor, eps: float = 1e-4, scale_ue8m0: bool = False):
+    """A SwiGLU activation straight to the next GEMM's FP8 operand: h [M, 2F] or [B, M, 2F] (gate columns, then
+    up columns; F a multiple of 128) -> silu(gate) * up computed in fp32 and quantised per 1x128 group, as
+    `per_token_group_quant_fp8` would quantise it: (q [..., F] e4m3, scales [..., F / 128] MN-major). One pass
+    over h instead of silu, multiply and quantise (three)."""
+    return kernel_for("swiglu_quant_fp8", h)(h, eps, scale_ue8m0)

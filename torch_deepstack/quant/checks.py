@@ -33,3 +33,19 @@ def check_group_quant_input_symbolic(x: torch.Tensor, group_size: int, op: str) 
     torch._check(x.shape[-1] % group_size == 0,
                  lambda: f"{op}: the last dim K={x.shape[-1]} of x must be a multiple of group_size={group_size}")
     torch._check(x.stride(-1) == 1, lambda: f"{op}: x must be contiguous in its last dim (stride {x.stride(-1)})")
+
+
+def check_swiglu_quant_input(h: torch.Tensor, op: str, check=None) -> None:
+    """h [..., 2F]: gate columns then up columns, F a multiple of 128 (one scale per 128 activations)."""
+    check = check or _raise_unless
+    check(h.dim() in (2, 3), lambda: f"{op}: h must have shape [M, 2F] or [B, M, 2F] (got {h.dim()} dims)")
+    check(h.dtype in SUPPORTED_INPUT_DTYPES, lambda: f"{op}: h must be bfloat16, float16 or float32, got {h.dtype}")
+    check(h.shape[-1] % 256 == 0, lambda: f"{op}: h's last dim 2F={h.shape[-1]} must be a multiple of 256 (gate "
+                                          f"and up halves of F = a multiple of 128 columns)")
+    check(h.stride(-1) == 1 or h.shape[-1] <= 1,
+          lambda: f"{op}: h must be contiguous in its last dim (stride {h.stride(-1)})")
+
+
+def _raise_unless(cond, msg):
+    if not cond:
+        raise ValueError(msg())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from torch_deepstack._library import reference, sample_inputs
-from torch_deepstack.quant.checks import check_group_quant_input
+from torch_deepstack.quant.checks import check_group_quant_input, check_swiglu_quant_input
 from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX, mn_major_tma_aligned_empty
 
 
@@ -50,3 +50,24 @@ def _samples(device):
         x = torch.randn(shape, device=device, dtype=dtype) * 3
         out.append(((x,), {"group_size": gs, "scale_ue8m0": ue8m0}))
     return out
+
+
+@reference("swiglu_quant_fp8")
+def swiglu_quant_fp8_ref(h: torch.Tensor, eps: float = 1e-4, scale_ue8m0: bool = False):
+    """silu(gate) * up in fp32 (h = [gate | up] along the last dim), quantised per 1x128 group as
+    per_token_group_quant_fp8 quantises: (q [..., F] e4m3, scales [..., F / 128] MN-major)."""
+    check_swiglu_quant_input(h, "swiglu_quant_fp8")
+    f = h.shape[-1] // 2
+    hf = h.float()
+    act = torch.nn.functional.silu(hf[..., :f]) * hf[..., f:]
+    q, scale = group_quant_fp8_values(act, 128, eps, scale_ue8m0)
+    out_scale = mn_major_tma_aligned_empty(scale.shape, device=h.device)
+    out_scale.copy_(scale)
+    return q.contiguous(), out_scale
+
+
+@sample_inputs("swiglu_quant_fp8")
+def _swiglu_samples(device):
+    return [((torch.randn(37, 512, device=device, dtype=torch.bfloat16) * 3,), {}),
+            ((torch.randn(2, 5, 256, device=device),), {"scale_ue8m0": True}),
+            ((torch.randn(9, 768, device=device, dtype=torch.float16)[:, :512],), {})]
