@@ -1,5 +1,5 @@
-"""A tiny DeepSeek-V3-style decoder: MLA attention in the absorbed (latent) form, a top-k MoE whose experts are
-FP8 linears, and expert parallelism through `torch_deepstack.ep.Buffer`.
+"""A tiny DeepSeek-V3-style decoder: MLA attention in the absorbed (latent) form, a top-k MoE whose experts run as
+grouped FP8 GEMMs (`FP8Experts`), and expert parallelism through `torch_deepstack.ep.Buffer`.
 
 Attention keeps one latent KV head per token: 512 "nope" channels plus 64 RoPE channels (576 in all), and V is the
 first 512 channels of K. Training runs the whole sequence through plain PyTorch attention; decoding appends each
@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from torch_deepstack.gemm import FP8Linear
+from torch_deepstack.gemm import FP8Experts
 
 LATENT, ROPE = 512, 64
 HEAD_DIM = LATENT + ROPE
@@ -79,25 +78,19 @@ class MLAAttention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed experts (FP8 linears); tokens travel to their experts' rank and back through ep.Buffer."""
+    """Top-k routed experts (silu MLPs as grouped FP8 GEMMs); tokens travel to their experts' rank and back through
+    ep.Buffer. Every rank holds all experts' weights (a tiny model); a rank runs the ones dispatch hands it."""
 
     def __init__(self, cfg: TinyDeepSeekConfig, buffer=None):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.up = nn.ModuleList(FP8Linear(cfg.d_model, cfg.d_ff, bias=False) for _ in range(cfg.n_experts))
-        self.down = nn.ModuleList(FP8Linear(cfg.d_ff, cfg.d_model, bias=False) for _ in range(cfg.n_experts))
+        self.mlp = FP8Experts(cfg.n_experts, cfg.d_model, cfg.d_ff, gated=False)
         self.buffer = buffer
 
     def experts(self, x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        for e in range(len(self.up)):
-            hit = (local_idx == e)
-            rows = hit.any(-1).nonzero().squeeze(-1)
-            if rows.numel():
-                w = (weights * hit).sum(-1)[rows].unsqueeze(-1).to(x.dtype)
-                out = out.index_add(0, rows, w * self.down[e](F.silu(self.up[e](x[rows]))))
-        return out
+        """Each row's experts (local ids, -1: none) weighted and summed: one forward of FP8Experts."""
+        return self.mlp(x, local_idx, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
