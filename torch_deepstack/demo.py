@@ -2,8 +2,8 @@
 
 1. storage: an embedded deepstack file system in a local directory (chunk engine, direct I/O, CRC32C);
 2. data: a synthetic token corpus packed into it, read back through DataLoader workers with batched reads;
-3. training: a tiny DeepSeek-V3-style model (MLA attention, top-k MoE whose experts are grouped FP8 GEMMs (FP8Experts), experts reached
-   through ep.Buffer dispatch/combine over a torch.distributed group);
+3. training: a tiny DeepSeek-V3-style model (MLA attention, a top-k MoE whose experts run as grouped FP8 GEMMs
+   in FP8Experts, reached through ep.Buffer dispatch/combine over a torch.distributed group);
 4. checkpoint: torch.distributed.checkpoint save and load through the deepstack storage backend;
 5. serving: greedy decoding with MLA decode over a paged KV cache, checked against the full forward pass,
    and the prompt's KV blocks offloaded to storage and restored.
