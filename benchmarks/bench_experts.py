@@ -69,6 +69,17 @@ def bf16_grouped(mod: FP8Experts, x, idx, w):
     return out.index_add_(0, tokens, y.float() * w.reshape(-1)[order].unsqueeze(-1)).to(x.dtype)
 
 
+def _train_step(fn, mod, x, idx, w):
+    """One training step of `fn(mod, x, idx, w)`: its own gradients (none accumulated from earlier steps)."""
+    mod.zero_grad(set_to_none=True)
+    x.grad = w.grad = None
+    fn(mod, x, idx, w).float().square().mean().backward()
+
+
+def _fp8(mod, x, idx, w):
+    return mod(x, idx, w)
+
+
 def run(configs, device: str, time_it: bool) -> BenchTable:
     table = BenchTable("gemm", "experts", "FP8Experts against a bf16 expert loop",
                        ["T", "k", "G", "d_model", "d_ff", "mode", "bf16 loop ms", "bf16 grouped ms", "FP8Experts ms",
@@ -97,15 +108,10 @@ def run(configs, device: str, time_it: bool) -> BenchTable:
         xg = x.clone().requires_grad_(True)
         wg = w.clone().requires_grad_(True)
 
-        def train(fn):
-            def step():
-                mod.zero_grad(set_to_none=True)
-                xg.grad = wg.grad = None
-                fn(mod, xg, idx, wg).float().square().mean().backward()
-            return step
         modes = {"inference": ({"loop": lambda: bf16_loop(mod, x, idx, w), "fp8": lambda: mod(x, idx, w),
                                 **({"grouped": lambda: bf16_grouped(mod, x, idx, w)} if grouped_ok else {})}, 1),
-                 "training": ({"loop": train(bf16_loop), "fp8": train(lambda m, *a: m(*a))}, 3)}
+                 "training": ({"loop": lambda: _train_step(bf16_loop, mod, xg, idx, wg),
+                               "fp8": lambda: _train_step(_fp8, mod, xg, idx, wg)}, 3)}
         for mode, (fns, flop_mult) in modes.items():
             if not time_it:   # dry run: each contender once
                 with torch.set_grad_enabled(mode == "training"):
@@ -177,7 +183,7 @@ def profile_config(config, steps: int = 5) -> None:
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     cases = {"inference bf16 grouped": (False, lambda: bf16_grouped(mod, x, idx, w)),
              "inference FP8Experts": (False, lambda: mod(x, idx, w)),
-             "training FP8Experts": (True, lambda: mod(xg, idx, wg).float().square().mean().backward())}
+             "training FP8Experts": (True, lambda: _train_step(_fp8, mod, xg, idx, wg))}
     for name, (grad, fn) in cases.items():
         with torch.set_grad_enabled(grad):
             for _ in range(2):
