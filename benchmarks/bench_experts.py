@@ -6,7 +6,7 @@ master weights; FLOP = 2 * T * k * d_model * 3 * d_ff forward, 3x that for forwa
     bf16 loop      for each expert: its tokens gathered, F.linear (cuBLAS bf16) up/gate and down, index_add back
     bf16 grouped   torch._grouped_mm (PyTorch's bf16 grouped GEMM) on the same sorted rows, where this torch has it
     FP8Experts     the module (pairs sorted into the contiguous layout, two grouped FP8 GEMMs)
-  training (forward + backward to x, the weights and the routing weights): bf16 loop and FP8Experts.
+  training (forward + backward to x, the weights and the routing weights): all three.
   decode (the masked layout low-latency dispatch hands out, both in CUDA graphs): bf16 torch.bmm over all M_max rows
   and FP8Experts.forward_masked (two masked grouped FP8 GEMMs) with frozen FP8 weights (freeze_fp8_weight_).
 Every FP8Experts output is checked against the bf16 loop first (calc_diff < 5e-3, the tolerance of
@@ -83,10 +83,11 @@ def _fp8(mod, x, idx, w):
 def run(configs, device: str, time_it: bool) -> BenchTable:
     table = BenchTable("gemm", "experts", "FP8Experts against a bf16 expert loop",
                        ["T", "k", "G", "d_model", "d_ff", "mode", "bf16 loop ms", "bf16 grouped ms", "FP8Experts ms",
-                        "FP8Experts TFLOPS", "loop / FP8Experts", "calc_diff vs loop"])
+                        "FP8Experts TFLOPS", "loop / FP8Experts", "grouped / FP8Experts", "calc_diff vs loop"])
     table.notes += ["SwiGLU experts, bf16 activations and master weights, k distinct experts per token drawn "
                     "uniformly; FLOP = 2 T k d_model 3 d_ff (x3 for training)",
-                    "bf16 grouped: torch._grouped_mm, inference only ('-' where this torch lacks it or refuses)"]
+                    "bf16 grouped: torch._grouped_mm (forward, and its autograd for training; '-' where this torch "
+                    "lacks it or refuses)"]
     for t, k, g, d, dff in configs:
         torch.manual_seed(0)
         mod = FP8Experts(g, d, dff, device=device)
@@ -111,7 +112,9 @@ def run(configs, device: str, time_it: bool) -> BenchTable:
         modes = {"inference": ({"loop": lambda: bf16_loop(mod, x, idx, w), "fp8": lambda: mod(x, idx, w),
                                 **({"grouped": lambda: bf16_grouped(mod, x, idx, w)} if grouped_ok else {})}, 1),
                  "training": ({"loop": lambda: _train_step(bf16_loop, mod, xg, idx, wg),
-                               "fp8": lambda: _train_step(_fp8, mod, xg, idx, wg)}, 3)}
+                               "fp8": lambda: _train_step(_fp8, mod, xg, idx, wg),
+                               **({"grouped": lambda: _train_step(bf16_grouped, mod, xg, idx, wg)}
+                                  if grouped_ok else {})}, 3)}
         for mode, (fns, flop_mult) in modes.items():
             if not time_it:   # dry run: each contender once
                 with torch.set_grad_enabled(mode == "training"):
@@ -124,6 +127,7 @@ def run(configs, device: str, time_it: bool) -> BenchTable:
             flop = 2 * t * k * d * 3 * dff * flop_mult
             table.add(t, k, g, d, dff, mode, round(ms["loop"], 3), round(ms["grouped"], 3) if "grouped" in ms else "-",
                       round(ms["fp8"], 3), round(flop / ms["fp8"] / 1e9, 1), round(ms["loop"] / ms["fp8"], 2),
+                      round(ms["grouped"] / ms["fp8"], 2) if "grouped" in ms else "-",
                       f"{diff:.1e}")
     return table
 

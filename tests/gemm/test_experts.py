@@ -266,3 +266,12 @@ def test_cuda_graph_of_the_masked_decode_layout_follows_masked_m():
             want = mod.forward_masked(x, masked_m, 32)
             for e, n in enumerate(counts):
                 assert calc_diff(out[e, :n], want[e, :n]) < 1e-6
+
+
+def test_swiglu_gradient_written_in_one_tensor_matches_autograd():
+    from torch_deepstack.gemm.experts import _SwiGLU
+    h = torch.randn(7, 2 * 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (h,))
+    g = torch.randn(7, 5, dtype=torch.float64)
+    want = torch.autograd.grad(F.silu(h[:, :5]) * h[:, 5:], h, g)[0]
+    torch.testing.assert_close(torch.autograd.grad(_SwiGLU.apply(h), h, g)[0], want, rtol=1e-12, atol=1e-12)
