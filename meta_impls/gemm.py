@@ -71,3 +71,9 @@ def per_token_group_quant_fp8_t_fake(x, eps=1e-4, scale_ue8m0=False):
 def moe_combine_fake(y, rows, weights, check_rows=True):
     checks.check_moe_combine("moe_combine", y, rows, weights)
     return y.new_empty(rows.shape[0], y.shape[1])
+
+
+@fake("moe_combine_weight_grad")
+def moe_combine_weight_grad_fake(grad, y, rows):
+    checks.check_moe_combine_weight_grad("moe_combine_weight_grad", grad, y, rows)
+    return y.new_empty(rows.shape, dtype=torch.float32)

@@ -50,6 +50,7 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
         "(Tensor x, float eps=1e-4, bool scale_ue8m0=False) -> (Tensor, Tensor, Tensor, Tensor)", ()),
     # MoE: the weighted sum of each token's expert output rows (FP8Experts' combine; also its backward's gathers)
     "moe_combine": ("(Tensor y, Tensor rows, Tensor weights, bool check_rows=True) -> Tensor", ()),
+    "moe_combine_weight_grad": ("(Tensor grad, Tensor y, Tensor rows) -> Tensor", ()),
     # --- compile integration (torch_deepstack/compile): the functional op graph passes swap in ------------
     "fp8_linear": ("(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", ()),
     # --- expert parallelism (torch_deepstack/ep) -------------------------------------------------------

@@ -56,4 +56,50 @@ __global__ void __launch_bounds__(256) moe_combine_kernel(
   }
 }
 
+// moe_combine's routing-weight gradient: grad_w[t, c] = <grad[t], y[rows[t, c]]> in fp32 (0 for empty slots), one
+// block per token: its threads split hidden, each slot's partial dot products are summed across the block. It reads
+// each gathered row once in y's dtype, where the PyTorch form materialises the [T, k, hidden] rows in fp32.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(256) moe_combine_weight_grad_kernel(
+    const T* __restrict__ grad, const T* __restrict__ y, long long y_row_stride, const int64_t* __restrict__ rows,
+    int n, int k, int hidden, float* __restrict__ grad_w) {
+  constexpr int kElems = kVec ? Vec16<T>::kElems : 1;
+  __shared__ float partial[8];                    // one per warp (256 threads)
+  const int units = hidden / kElems;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  for (int t = blockIdx.x; t < n; t += gridDim.x) {
+    const T* g = grad + (size_t)t * hidden;
+    for (int c = 0; c < k; ++c) {
+      const long long r = rows[(size_t)t * k + c];   // (uniform across the block: all threads take one branch)
+      if (r < 0) {
+        if (threadIdx.x == 0) grad_w[(size_t)t * k + c] = 0.f;
+        continue;
+      }
+      const T* src = y + r * y_row_stride;
+      float acc = 0.f;
+      for (int u = threadIdx.x; u < units; u += blockDim.x) {
+        if constexpr (kVec) {
+          float a[kElems], b[kElems];
+          Unpack16<T>::run(__ldg(reinterpret_cast<const uint4*>(g + (size_t)u * kElems)), a);
+          Unpack16<T>::run(__ldg(reinterpret_cast<const uint4*>(src + (size_t)u * kElems)), b);
+#pragma unroll
+          for (int i = 0; i < kElems; ++i) acc += a[i] * b[i];
+        } else {
+          acc += to_f32(g[u]) * to_f32(src[u]);
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+      if (lane == 0) partial[warp] = acc;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < warps; ++w) sum += partial[w];
+        grad_w[(size_t)t * k + c] = sum;
+      }
+      __syncthreads();                             // (partial is reused by the next slot)
+    }
+  }
+}
+
 }  // namespace deepstack

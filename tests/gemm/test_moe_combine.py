@@ -1,9 +1,10 @@
-"""deepstack::moe_combine (schema torch_deepstack/_library.py, reference and autograd gemm/reference.py, fake
+"""deepstack::moe_combine and its routing-weight gradient moe_combine_weight_grad (schema torch_deepstack/_library.py, reference and autograd gemm/reference.py, fake
 meta_impls/gemm.py, CUDA face gemm/kernels.py, kernel src/gemm/moe_combine.cuh): out[t] = sum_c weights[t, c] *
 y[rows[t, c]] in fp32. The reference against a plain loop (exact up to fp32 summation order: 1e-6), the CUDA kernel
 against the reference on fresh random inputs at odd shapes (fp32 sums in both, one rounding to y's dtype: equal to
 1 ulp of that dtype, checked as 1e-2 relative for bf16, 2e-3 fp16, 1e-5 fp32), gradients against autograd through
-the loop, and the errors for bad rows."""
+the loop, and the errors for bad rows. moe_combine_weight_grad's kernel (fp32 dot products, summed across a block
+in another order than the reference's) against the reference to 1e-5 relative."""
 import pytest
 import torch
 
@@ -109,3 +110,15 @@ def test_cuda_errors_and_graph_capture():
     w.mul_(2)
     graph.replay()
     torch.testing.assert_close(out.float(), 2 * want.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,t,k,hidden", [(1000, 111, 8, 7168), (57, 19, 2, 13), (129, 31, 3, 72)])
+def test_cuda_weight_grad_kernel_matches_reference(dtype, m, t, k, hidden):
+    y, rows, _ = _case(m, t, k, hidden, dtype, seed=m + 1)
+    grad = torch.randn(t, hidden).to(dtype)
+    want = torch.ops.deepstack.moe_combine_weight_grad(grad, y, rows)
+    got = torch.ops.deepstack.moe_combine_weight_grad(grad.cuda(), y.cuda(), rows.cuda().int())
+    assert (rows < 0).any() and got.cpu()[rows < 0].eq(0).all()         # empty slots: exactly 0
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)

@@ -140,12 +140,16 @@ def check_dual_token_quant_input(op: str, x: torch.Tensor) -> None:
 MOE_COMBINE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_moe_combine(op: str, y, rows, weights) -> None:
-    """Shapes and dtypes of moe_combine (the rows' values are checked separately: that reads them)."""
+def _check_moe_y_rows(op: str, y, rows) -> None:
     _check(y.dim() == 2, lambda: f"{op}: y must be [rows, hidden], got shape {tuple(y.shape)}")
     _check(y.dtype in MOE_COMBINE_DTYPES, lambda: f"{op}: y must be one of {MOE_COMBINE_DTYPES}, got {y.dtype}")
     _check(rows.dim() == 2 and rows.dtype in (torch.int32, torch.int64),
            lambda: f"{op}: rows must be int32/int64 [tokens, k], got {rows.dtype} {tuple(rows.shape)}")
+
+
+def check_moe_combine(op: str, y, rows, weights) -> None:
+    """Shapes and dtypes of moe_combine (the rows' values are checked separately: that reads them)."""
+    _check_moe_y_rows(op, y, rows)
     _check(weights.dtype == torch.float32,
            lambda: f"{op}: weights must be float32 (call .float()), got {weights.dtype}")
     _check(tuple(weights.shape) == tuple(rows.shape),
@@ -167,3 +171,12 @@ def check_moe_rows(op: str, rows: torch.Tensor, num_rows: int) -> None:
     if n_dup:
         raise ValueError(f"{op}: rows names {n_dup} row(s) of y more than once; each row of y may feed one "
                          f"(token, slot)")
+
+
+def check_moe_combine_weight_grad(op: str, grad, y, rows) -> None:
+    _check_moe_y_rows(op, y, rows)
+    _check(grad.dtype == y.dtype and grad.dim() == 2 and grad.shape[0] == rows.shape[0]
+           and grad.shape[1] == y.shape[1],
+           lambda: f"{op}: grad must be {y.dtype} [{rows.shape[0]}, {y.shape[1]}] (the combine output's gradient), "
+           f"got {grad.dtype} {tuple(grad.shape)}")
+    check_same_device(op, grad=grad, y=y, rows=rows)

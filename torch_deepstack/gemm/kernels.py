@@ -512,6 +512,26 @@ def moe_combine_cuda(y, rows, weights, check_rows=True):
     return out
 
 
+@cuda_kernel("moe_combine_weight_grad")
+def moe_combine_weight_grad_cuda(grad, y, rows):
+    checks.check_moe_combine_weight_grad("moe_combine_weight_grad", grad, y, rows)
+    t, k = rows.shape
+    hidden = y.shape[1]
+    out = torch.empty(t, k, dtype=torch.float32, device=y.device)
+    if t == 0 or k == 0:
+        return out
+    y = y if y.stride(1) == 1 else y.contiguous()
+    grad = grad.contiguous()
+    rows = rows if rows.dtype == torch.int64 and rows.is_contiguous() else rows.long().contiguous()
+    esize = y.element_size()
+    vec = (hidden * esize) % 16 == 0 and (y.stride(0) * esize) % 16 == 0 and y.data_ptr() % 16 == 0 \
+        and grad.data_ptr() % 16 == 0
+    kernel = get_kernel(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_weight_grad_kernel", (_CTYPE[y.dtype], vec)),
+                        "pplpiiip")
+    kernel.launch(min(t, 8 * num_sms(y.device)), 256, grad, y, y.stride(0), rows, t, k, hidden, out)
+    return out
+
+
 @register_prebuild("gemm")
 def _prebuild():
     """DeepSeek-V3 dense projections at M = 64 and 4096, the MoE grouped shapes, the weight gradient and the
@@ -535,4 +555,5 @@ def _prebuild():
         specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_dual_kernel", (dt, False)))
         specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_t_kernel", (dt, False)))
         specs.append(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_kernel", (dt, True)))
+        specs.append(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_weight_grad_kernel", (dt, True)))
     return specs

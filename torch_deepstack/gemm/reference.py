@@ -297,9 +297,7 @@ def _moe_combine_backward(ctx, grad):
         src, w = moe_rows_inverse(rows, weights, y.shape[0])
         grad_y = combine(grad.to(y.dtype).contiguous(), src, w, False)
     if ctx.needs_input_grad[2]:   # weights[t, c]: <grad[t], y[rows[t, c]]> in fp32, 0 for empty slots
-        r = rows.long()
-        picked = y[r.clamp(min=0)].float()                              # [T, k, hidden]
-        grad_w = torch.where(r >= 0, (picked @ grad.float().unsqueeze(-1)).squeeze(-1), 0.0)
+        grad_w = torch.ops.deepstack.moe_combine_weight_grad(grad.to(y.dtype).contiguous(), y, rows)
     return grad_y, None, grad_w, None
 
 
@@ -318,4 +316,22 @@ def _moe_combine_samples(device):
         w = torch.rand(t, k, generator=gen).to(device).requires_grad_(dtype == torch.float32)
         out.append(((y, rows.to(device), w), {}))
     out.append(((out[0][0][0], out[0][0][1].int(), out[0][0][2]), {"check_rows": False}))
+    return out
+
+
+@reference("moe_combine_weight_grad")
+def moe_combine_weight_grad_ref(grad, y, rows):
+    """moe_combine's gradient for weights: out[t, c] = <grad[t], y[rows[t, c]]> in fp32, 0 where rows[t, c] < 0."""
+    checks.check_moe_combine_weight_grad("moe_combine_weight_grad", grad, y, rows)
+    r = rows.long()
+    picked = y[r.clamp(min=0)].float()                                  # [T, k, hidden]
+    return torch.where(r >= 0, (picked @ grad.float().unsqueeze(-1)).squeeze(-1), 0.0)
+
+
+@sample_inputs("moe_combine_weight_grad")
+def _moe_combine_weight_grad_samples(device):
+    out = []
+    for (y, rows, _), _kw in _moe_combine_samples(device)[:3]:
+        grad = torch.randn(rows.shape[0], y.shape[1]).to(y.dtype).to(device)
+        out.append(((grad, y.detach(), rows), {}))
     return out
