@@ -77,3 +77,15 @@ def moe_combine_fake(y, rows, weights, check_rows=True):
 def moe_combine_weight_grad_fake(grad, y, rows):
     checks.check_moe_combine_weight_grad("moe_combine_weight_grad", grad, y, rows)
     return y.new_empty(rows.shape, dtype=torch.float32)
+
+
+@fake("swiglu")
+def swiglu_fake(h):
+    checks.check_swiglu("swiglu", h)
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@fake("swiglu_backward")
+def swiglu_backward_fake(grad, h):
+    checks.check_swiglu("swiglu_backward", h, grad)
+    return h.new_empty(h.shape)

@@ -51,6 +51,9 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
     # MoE: the weighted sum of each token's expert output rows (FP8Experts' combine; also its backward's gathers)
     "moe_combine": ("(Tensor y, Tensor rows, Tensor weights, bool check_rows=True) -> Tensor", ()),
     "moe_combine_weight_grad": ("(Tensor grad, Tensor y, Tensor rows) -> Tensor", ()),
+    # the SwiGLU between an expert MLP's GEMMs, h = [gate | up]: silu(gate) * up, and its gradient in one tensor
+    "swiglu": ("(Tensor h) -> Tensor", ()),
+    "swiglu_backward": ("(Tensor grad, Tensor h) -> Tensor", ()),
     # --- compile integration (torch_deepstack/compile): the functional op graph passes swap in ------------
     "fp8_linear": ("(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", ()),
     # --- expert parallelism (torch_deepstack/ep) -------------------------------------------------------

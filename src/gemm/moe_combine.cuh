@@ -6,17 +6,10 @@
 // single elements (hidden or the row stride not a multiple of 16 bytes). The k loads of a unit are independent, so
 // they are in flight together.
 #pragma once
+#include "common/scalar.cuh"
 #include "common/vec.cuh"
 
 namespace deepstack {
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(256) moe_combine_kernel(

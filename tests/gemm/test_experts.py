@@ -91,7 +91,7 @@ def test_from_linears_and_no_grad_and_a_weight_update():
         y = mod(x, idx, w)
     assert calc_diff(y.detach(), want.detach()) < TOL
     # with autograd: the same products, but the activation is kept in bf16 (the weight gradient quantises it
-    # along M) where inference quantises the fp32 silu(gate) * up directly: 7.7e-5 apart here
+    # along M) where inference quantises the fp32 silu(gate) * up directly: 9.6e-5 apart here
     assert calc_diff(mod(x, idx, w).detach(), y) < 2e-4
     with torch.no_grad():
         mod.w_out.mul_(2)                                        # an optimizer step: the FP8 copies follow
@@ -267,11 +267,3 @@ def test_cuda_graph_of_the_masked_decode_layout_follows_masked_m():
             for e, n in enumerate(counts):
                 assert calc_diff(out[e, :n], want[e, :n]) < 1e-6
 
-
-def test_swiglu_gradient_written_in_one_tensor_matches_autograd():
-    from torch_deepstack.gemm.experts import _SwiGLU
-    h = torch.randn(7, 2 * 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_SwiGLU.apply, (h,))
-    g = torch.randn(7, 5, dtype=torch.float64)
-    want = torch.autograd.grad(F.silu(h[:, :5]) * h[:, 5:], h, g)[0]
-    torch.testing.assert_close(torch.autograd.grad(_SwiGLU.apply(h), h, g)[0], want, rtol=1e-12, atol=1e-12)

@@ -12,6 +12,7 @@ Ops (D is written in place; the Python functions below allocate it):
   per_token_group_quant_fp8_dual     per-token 1x128 and the transposed layout in one pass (x and dy in FP8Linear)
   moe_combine                        MoE combine: each token's expert rows, weighted, summed in fp32
   moe_combine_weight_grad            its routing-weight gradient (one dot product per token and slot)
+  swiglu / swiglu_backward           silu(gate) * up of h = [gate | up] and its gradient, each one pass in fp32
 (per-token 1x128 quantisation is torch_deepstack.quant.per_token_group_quant_fp8.)
 `FP8Linear` is an nn.Module whose forward, dgrad and wgrad all run through these ops; `FP8Experts` runs a layer of
 MoE expert MLPs as grouped FP8 GEMMs (forward and backward). See docs/gemm.md.
@@ -26,6 +27,7 @@ from torch_deepstack.gemm.api import (  # noqa: F401
     m_grouped_fp8_gemm_nt_masked,
     m_indices_from_offsets,
     moe_combine,
+    swiglu,
     per_block_quant_fp8,
     per_block_quant_fp8_dual,
     per_token_group_quant_fp8_dual,

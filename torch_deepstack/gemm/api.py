@@ -114,3 +114,9 @@ def moe_combine(y, rows, weights, check_rows: bool = True):
     each row of y feeds at most one slot. check_rows reads rows on the host once (range, no repeats); callers that
     build rows themselves pass False. Differentiable in y and weights."""
     return kernel_for("moe_combine", y, rows, weights)(y, rows, weights, check_rows)
+
+
+def swiglu(h):
+    """silu(gate) * up of h = [gate | up] ([rows, 2F]), computed in fp32 and rounded once, in one pass; its gradient
+    (`swiglu_backward`) is one [rows, 2F] tensor, also one pass. Differentiable."""
+    return kernel_for("swiglu", h)(h)

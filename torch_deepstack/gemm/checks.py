@@ -180,3 +180,17 @@ def check_moe_combine_weight_grad(op: str, grad, y, rows) -> None:
            lambda: f"{op}: grad must be {y.dtype} [{rows.shape[0]}, {y.shape[1]}] (the combine output's gradient), "
            f"got {grad.dtype} {tuple(grad.shape)}")
     check_same_device(op, grad=grad, y=y, rows=rows)
+
+
+def check_swiglu(op: str, h, grad=None) -> None:
+    """h [rows, 2F] (gate columns, then up columns) contiguous in its last dim; grad, if given, [rows, F] like h."""
+    _check(h.dim() == 2 and h.shape[1] % 2 == 0,
+           lambda: f"{op}: h must be [rows, 2F] (gate columns, then up columns), got shape {tuple(h.shape)}")
+    _check(h.dtype in MOE_COMBINE_DTYPES, lambda: f"{op}: h must be one of {MOE_COMBINE_DTYPES}, got {h.dtype}")
+    _check(h.stride(1) == 1 or h.shape[1] <= 1, lambda: f"{op}: h must be contiguous in its last dim, got strides "
+                                                         f"{h.stride()}")
+    if grad is not None:
+        _check(grad.dtype == h.dtype and tuple(grad.shape) == (h.shape[0], h.shape[1] // 2),
+               lambda: f"{op}: grad must be {h.dtype} [{h.shape[0]}, {h.shape[1] // 2}], got {grad.dtype} "
+               f"{tuple(grad.shape)}")
+        check_same_device(op, grad=grad, h=h)

@@ -104,28 +104,6 @@ def _gather_quantised(x: torch.Tensor, src: torch.Tensor):
     return aq, xs.t().index_select(1, src).t()
 
 
-class _SwiGLU(torch.autograd.Function):
-    """silu(h[:, :F]) * h[:, F:] whose gradient is written into one [M, 2F] tensor: autograd through the two slices
-    would zero-fill two full-size gradients, copy each half in and add them."""
-
-    @staticmethod
-    def forward(ctx, h):
-        f = h.shape[-1] // 2
-        ctx.save_for_backward(h)
-        return F.silu(h[..., :f]) * h[..., f:]
-
-    @staticmethod
-    def backward(ctx, dact):
-        h, = ctx.saved_tensors
-        f = h.shape[-1] // 2
-        gate, up = h[..., :f], h[..., f:]
-        dh = torch.empty_like(h)
-        sig = torch.sigmoid(gate)
-        torch.mul(dact, gate * sig, out=dh[..., f:])                              # d up = dact * silu(gate)
-        torch.mul(dact * up, sig * (1 + gate * (1 - sig)), out=dh[..., :f])      # d gate = dact * up * silu'(gate)
-        return dh
-
-
 class _GroupedFP8LinearFn(torch.autograd.Function):
     """y = rows of a times W[e].T per expert segment (the contiguous layout), with FP8 data and weight gradients."""
 
@@ -278,7 +256,7 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
-        return _SwiGLU.apply(h) if self.gated else F.silu(h)
+        return api.swiglu(h) if self.gated else F.silu(h)
 
     def _activation_fp8(self, h: torch.Tensor):
         """The activation as the next GEMM's FP8 operand: SwiGLU in one fused pass (computed in fp32)."""

@@ -532,6 +532,37 @@ def moe_combine_weight_grad_cuda(grad, y, rows):
     return out
 
 
+_SWIGLU_HEADER = "gemm/swiglu.cuh"
+
+
+def _launch_swiglu(h, grad, out, backward: bool):
+    rows, f = h.shape[0], h.shape[1] // 2
+    if rows == 0 or f == 0:
+        return out
+    esize = h.element_size()
+    strided = [t for t in (h, grad, out) if t is not None]
+    vec = (f * esize) % 16 == 0 and all(t.data_ptr() % 16 == 0 and (t.stride(0) * esize) % 16 == 0 for t in strided)
+    kernel = get_kernel(KernelSpec(_SWIGLU_HEADER, "deepstack::swiglu_kernel", (_CTYPE[h.dtype], vec, backward)),
+                        "plplplii")
+    units = rows * (f // (16 // esize) if vec else f)
+    kernel.launch(max(1, min(cdiv(units, 256), 16 * num_sms(h.device))), 256, h, h.stride(0), grad,
+                  grad.stride(0) if grad is not None else 0, out, out.stride(0), rows, f)
+    return out
+
+
+@cuda_kernel("swiglu")
+def swiglu_cuda(h):
+    checks.check_swiglu("swiglu", h)
+    return _launch_swiglu(h, None, torch.empty(h.shape[0], h.shape[1] // 2, dtype=h.dtype, device=h.device), False)
+
+
+@cuda_kernel("swiglu_backward")
+def swiglu_backward_cuda(grad, h):
+    checks.check_swiglu("swiglu_backward", h, grad)
+    grad = grad if grad.stride(1) == 1 else grad.contiguous()
+    return _launch_swiglu(h, grad, torch.empty(h.shape, dtype=h.dtype, device=h.device), True)
+
+
 @register_prebuild("gemm")
 def _prebuild():
     """DeepSeek-V3 dense projections at M = 64 and 4096, the MoE grouped shapes, the weight gradient and the
@@ -556,4 +587,5 @@ def _prebuild():
         specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_token_group_quant_fp8_t_kernel", (dt, False)))
         specs.append(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_kernel", (dt, True)))
         specs.append(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_weight_grad_kernel", (dt, True)))
+        specs += [KernelSpec(_SWIGLU_HEADER, "deepstack::swiglu_kernel", (dt, True, b)) for b in (False, True)]
     return specs

@@ -335,3 +335,48 @@ def _moe_combine_weight_grad_samples(device):
         grad = torch.randn(rows.shape[0], y.shape[1]).to(y.dtype).to(device)
         out.append(((grad, y.detach(), rows), {}))
     return out
+
+
+@reference("swiglu")
+def swiglu_ref(h):
+    """silu(gate) * up of h = [gate | up], in fp32, rounded once to h's dtype."""
+    checks.check_swiglu("swiglu", h)
+    f = h.shape[1] // 2
+    hf = h.float()
+    return (torch.nn.functional.silu(hf[:, :f]) * hf[:, f:]).to(h.dtype)
+
+
+@reference("swiglu_backward")
+def swiglu_backward_ref(grad, h):
+    """swiglu's gradient as one [rows, 2F] tensor: (grad * up * silu'(gate) | grad * silu(gate)), in fp32."""
+    checks.check_swiglu("swiglu_backward", h, grad)
+    f = h.shape[1] // 2
+    gate, up, g = h[:, :f].float(), h[:, f:].float(), grad.float()
+    sig = torch.sigmoid(gate)
+    return torch.cat([g * up * sig * (1 + gate * (1 - sig)), g * gate * sig], dim=1).to(h.dtype)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, grad):
+    h, = ctx.saved_tensors
+    return torch.ops.deepstack.swiglu_backward(grad.contiguous(), h)
+
+
+autograd("swiglu", _swiglu_grad, _swiglu_setup)
+
+
+@sample_inputs("swiglu")
+def _swiglu_samples(device):
+    return [((torch.randn(37, 2 * 136, device=device, dtype=torch.bfloat16),), {}),
+            ((torch.randn(5, 2 * 7, device=device, requires_grad=True),), {}),
+            ((torch.randn(9, 48, device=device, dtype=torch.float16)[:, :32],), {})]
+
+
+@sample_inputs("swiglu_backward")
+def _swiglu_backward_samples(device):
+    return [((torch.randn(37, 136, device=device, dtype=torch.bfloat16),
+              torch.randn(37, 2 * 136, device=device, dtype=torch.bfloat16)), {}),
+            ((torch.randn(5, 7, device=device), torch.randn(5, 14, device=device)), {})]
