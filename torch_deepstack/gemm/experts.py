@@ -201,8 +201,8 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
                              f"[tokens, k], got {tuple(x.shape)}, {tuple(topk_idx.shape)}, "
                              f"{tuple(topk_weights.shape)}")
         g, k = self.num_experts, topk_idx.shape[1]
-        if t * k == 0:   # no (token, slot) pair: nothing routed (kept on x's graph)
-            return x.clone() if k else x * 0
+        if t * k == 0:   # no (token, slot) pair: nothing routed
+            return x.clone() if k else torch.zeros_like(x)
         flat = topk_idx.reshape(-1).long()
         expert = torch.where(flat < 0, g, torch.where(flat >= g, g + 1, flat))   # g: no expert, g + 1: bad id
         counts_all = torch.zeros(g + 2, dtype=torch.long, device=x.device).scatter_add_(0, expert,
@@ -235,7 +235,7 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
         valid = e_sorted < g
         e_c = e_sorted.clamp(max=g - 1)
         # a pair's row; pairs without an expert go to row m, in a spare block of ALIGN rows with id -1 after the
-        # experts' rows (skipped by the GEMMs, its output rows stay zero)
+        # experts' rows (skipped by the GEMMs; the combine never reads it)
         rows = torch.where(valid, pad_start[e_c] + torch.arange(t * k, device=x.device) - exact_start[e_c], m)
         m_indices = torch.full((m + ALIGN,), -1, dtype=torch.int32, device=x.device)
         m_indices.index_put_((rows,), torch.where(valid, e_sorted, -1).to(torch.int32))
