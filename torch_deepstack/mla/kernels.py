@@ -503,40 +503,39 @@ def _decode_plan(q, k_cache, bt, seq, sched, splits, softmax_scale, causal, is_f
     plan.launches = BoundedMemo(64)
     scale = default_softmax_scale(d, softmax_scale) * _LOG2E
     causal_flag = int(bool(causal) and s_q > 1)
-    plan.head = (q.data_ptr(), bt.data_ptr(), seq.data_ptr(), sched.data_ptr(), splits.data_ptr())
     if is_fp8_kvcache:
         raw = k_cache.view(torch.uint8)
         if raw.stride(2) != raw.shape[3] or raw.stride(0) != PAGE_SIZE * raw.stride(1):
             raise ValueError(f"{op}: an FP8 k_cache must be contiguous within each block (strides {raw.stride()})")
         kptr, tok_stride = raw.data_ptr(), raw.stride(1)
-        plan.tail = (h_q, h_kv, s_q, rows, causal_flag, bt.stride(0), q.stride(0), q.stride(1), q.stride(2),
-                     tok_stride, scale)
-        if _FP8_SMALL_ROWS and rows <= 32 and kptr % 16 == 0 and tok_stride % 16 == 0:
-            n = 16 if rows <= 16 else 32
-            if _fp8_use_regs(n):
-                split = _fp8_regs_split(n)
-                spec = fp8_regs_spec(n, split, _fp8_split32_defines() if split else
-                                     _fp8_regs16_defines() if n == 16 else ())
-                plan.smem = fp8_regs_smem_bytes(n, split)
-                # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
-                # split variant has none)
-                plan.extra_at = -(-plan.ws_floats // 64) * 64      # 256-byte aligned
-                plan.ws_floats = plan.extra_at + (1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n))
-            else:
-                spec, plan.smem = fp8_small_spec(n, _FP8_STAGE_TOKENS), fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS)
-                plan.extra = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS).data_ptr()   # its raw ring's descriptors
-            plan.decode, plan.grid = get_kernel(spec, _FP8_SMALL_SIG), (parts, h_kv, 1)
-            plan.head += (kptr,)
-            return plan
-        spec, plan.smem = decode_spec(q.dtype, d, True), decode_smem_bytes(d)
-        plan.head += (kptr,)
     else:
         if k_cache.data_ptr() % 16 or any((s * k_cache.element_size()) % 16 for s in k_cache.stride()[:3]):
             raise ValueError(f"{op}: k_cache strides must be multiples of 16 bytes (strides {k_cache.stride()})")
+        kptr, tok_stride = 0, 0   # (the bf16 kernels read the cache through a tensor map)
+    plan.head = (q.data_ptr(), bt.data_ptr(), seq.data_ptr(), sched.data_ptr(), splits.data_ptr(), kptr)
+    plan.tail = (h_q, h_kv, s_q, rows, causal_flag, bt.stride(0), q.stride(0), q.stride(1), q.stride(2), tok_stride,
+                 scale)
+    if is_fp8_kvcache and _FP8_SMALL_ROWS and rows <= 32 and kptr % 16 == 0 and tok_stride % 16 == 0:
+        n = 16 if rows <= 16 else 32
+        if _fp8_use_regs(n):
+            split = _fp8_regs_split(n)
+            spec = fp8_regs_spec(n, split, _fp8_split32_defines() if split else
+                                 _fp8_regs16_defines() if n == 16 else ())
+            plan.smem = fp8_regs_smem_bytes(n, split)
+            # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
+            # split variant has none)
+            plan.extra_at = -(-plan.ws_floats // 64) * 64      # 256-byte aligned
+            plan.ws_floats = plan.extra_at + (1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n))
+        else:
+            spec, plan.smem = fp8_small_spec(n, _FP8_STAGE_TOKENS), fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS)
+            plan.extra = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS).data_ptr()   # its raw ring's descriptors
+        plan.decode, plan.grid = get_kernel(spec, _FP8_SMALL_SIG), (parts, h_kv, 1)
+        return plan
+    if is_fp8_kvcache:
+        spec, plan.smem = decode_spec(q.dtype, d, True), decode_smem_bytes(d)
+    else:
         plan.extra = _kv_tensor_map_device(k_cache).data_ptr()
         spec, plan.smem, plan.cluster = bf16_decode_spec(q.dtype, d, rows)
-        plan.head += (0,)
-        plan.tail = (h_q, h_kv, s_q, rows, causal_flag, bt.stride(0), q.stride(0), q.stride(1), q.stride(2), 0, scale)
     plan.decode, plan.grid = get_kernel(spec, _DECODE_SIG), (parts, h_kv, (rows + 63) // 64)
     return plan
 
