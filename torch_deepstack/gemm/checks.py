@@ -160,11 +160,12 @@ def check_moe_combine(op: str, y, rows, weights) -> None:
 def check_moe_rows(op: str, rows: torch.Tensor, num_rows: int) -> None:
     """rows' values: each in [-1, num_rows) and no row of y named twice (the backward gathers each row's gradient
     from the one slot that reads it). One host sync: both counts come back together."""
-    flat = rows.reshape(-1)
-    bad = ((flat < -1) | (flat >= num_rows)).sum()
-    used = flat[(flat >= 0) & (flat < num_rows)].long()
-    dup = torch.bincount(used, minlength=1).gt(1).sum() if used.numel() else bad.new_zeros(())
-    n_bad, n_dup = torch.stack([bad, dup]).tolist()
+    flat = rows.reshape(-1).long()
+    in_range = (flat >= -1) & (flat < num_rows)
+    # uses per row of y, empty and bad slots in a spare entry (no boolean indexing or bincount: both would sync)
+    uses = torch.zeros(num_rows + 1, dtype=torch.int32, device=rows.device).scatter_add_(
+        0, torch.where(in_range & (flat >= 0), flat, num_rows), torch.ones_like(flat, dtype=torch.int32))
+    n_bad, n_dup = torch.stack([in_range.logical_not().sum(), uses[:num_rows].gt(1).sum()]).tolist()
     if n_bad:
         raise ValueError(f"{op}: rows holds {n_bad} values outside [-1, {num_rows}) (y has {num_rows} rows; -1 "
                          f"marks an empty slot)")

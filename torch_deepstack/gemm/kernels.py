@@ -484,10 +484,25 @@ DSV3_NK = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168
 
 
 _MOE_HEADER = "gemm/moe_combine.cuh"
+_SWIGLU_HEADER = "gemm/swiglu.cuh"
 
 
-def _moe_combine_kernel(dtype: torch.dtype, vec: bool):
-    return get_kernel(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_kernel", (_CTYPE[dtype], vec)), "plppiiip")
+def _rows_vectorised(width: int, *tensors) -> bool:
+    """Whether the elementwise MoE kernels may move `width`-element row pieces of these 2-D tensors (same dtype) in
+    16-byte units: the width, every row stride and every start a multiple of 16 bytes (else one element a thread)."""
+    esize = tensors[0].element_size()
+    return (width * esize) % 16 == 0 and all(t.data_ptr() % 16 == 0 and (t.stride(0) * esize) % 16 == 0
+                                             for t in tensors)
+
+
+def _moe_rows_operands(y, rows):
+    """y contiguous in hidden and rows int64 contiguous, as the combine kernels read them."""
+    y = y if y.stride(1) == 1 else y.contiguous()
+    return y, (rows if rows.dtype == torch.int64 and rows.is_contiguous() else rows.long().contiguous())
+
+
+def _moe_kernel(name: str, dtype: torch.dtype, vec: bool, signature: str):
+    return get_kernel(KernelSpec(_MOE_HEADER, f"deepstack::{name}", (_CTYPE[dtype], vec)), signature)
 
 
 @cuda_kernel("moe_combine")
@@ -500,15 +515,12 @@ def moe_combine_cuda(y, rows, weights, check_rows=True):
     out = torch.empty(t, hidden, dtype=y.dtype, device=y.device)
     if t == 0 or hidden == 0:
         return out
-    if y.stride(1) != 1:
-        y = y.contiguous()
-    rows = rows if rows.dtype == torch.int64 and rows.is_contiguous() else rows.long().contiguous()
-    weights = weights.contiguous()
-    vec = (hidden * y.element_size()) % 16 == 0 and (y.stride(0) * y.element_size()) % 16 == 0 \
-        and y.data_ptr() % 16 == 0
+    y, rows = _moe_rows_operands(y, rows)
+    vec = _rows_vectorised(hidden, y)
     units = hidden // (16 // y.element_size()) if vec else hidden
-    _moe_combine_kernel(y.dtype, vec).launch(min(t, 8 * num_sms(y.device)), min(256, (units + 31) // 32 * 32),
-                                            y, y.stride(0), rows, weights, t, k, hidden, out)
+    _moe_kernel("moe_combine_kernel", y.dtype, vec, "plppiiip").launch(
+        min(t, 8 * num_sms(y.device)), min(256, (units + 31) // 32 * 32), y, y.stride(0), rows, weights.contiguous(),
+        t, k, hidden, out)
     return out
 
 
@@ -520,31 +532,21 @@ def moe_combine_weight_grad_cuda(grad, y, rows):
     out = torch.empty(t, k, dtype=torch.float32, device=y.device)
     if t == 0 or k == 0:
         return out
-    y = y if y.stride(1) == 1 else y.contiguous()
-    grad = grad.contiguous()
-    rows = rows if rows.dtype == torch.int64 and rows.is_contiguous() else rows.long().contiguous()
-    esize = y.element_size()
-    vec = (hidden * esize) % 16 == 0 and (y.stride(0) * esize) % 16 == 0 and y.data_ptr() % 16 == 0 \
-        and grad.data_ptr() % 16 == 0
-    kernel = get_kernel(KernelSpec(_MOE_HEADER, "deepstack::moe_combine_weight_grad_kernel", (_CTYPE[y.dtype], vec)),
-                        "pplpiiip")
-    kernel.launch(min(t, 8 * num_sms(y.device)), 256, grad, y, y.stride(0), rows, t, k, hidden, out)
+    (y, rows), grad = _moe_rows_operands(y, rows), grad.contiguous()
+    vec = _rows_vectorised(hidden, y, grad)
+    _moe_kernel("moe_combine_weight_grad_kernel", y.dtype, vec, "pplpiiip").launch(
+        min(t, 8 * num_sms(y.device)), 256, grad, y, y.stride(0), rows, t, k, hidden, out)
     return out
-
-
-_SWIGLU_HEADER = "gemm/swiglu.cuh"
 
 
 def _launch_swiglu(h, grad, out, backward: bool):
     rows, f = h.shape[0], h.shape[1] // 2
     if rows == 0 or f == 0:
         return out
-    esize = h.element_size()
-    strided = [t for t in (h, grad, out) if t is not None]
-    vec = (f * esize) % 16 == 0 and all(t.data_ptr() % 16 == 0 and (t.stride(0) * esize) % 16 == 0 for t in strided)
+    vec = _rows_vectorised(f, *(t for t in (h, grad, out) if t is not None))
     kernel = get_kernel(KernelSpec(_SWIGLU_HEADER, "deepstack::swiglu_kernel", (_CTYPE[h.dtype], vec, backward)),
                         "plplplii")
-    units = rows * (f // (16 // esize) if vec else f)
+    units = rows * (f // (16 // h.element_size()) if vec else f)
     kernel.launch(max(1, min(cdiv(units, 256), 16 * num_sms(h.device))), 256, h, h.stride(0), grad,
                   grad.stride(0) if grad is not None else 0, out, out.stride(0), rows, f)
     return out

@@ -10,7 +10,7 @@ import torch
 from torch_deepstack._library import autograd, reference, sample_inputs
 from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import FP8, cdiv, check_dual_token_quant_input, check_quant_input
-from torch_deepstack.quant.reference import ceil_to_ue8m0, per_token_group_quant_fp8_ref
+from torch_deepstack.quant.reference import ceil_to_ue8m0, per_token_group_quant_fp8_ref, swiglu_f32
 from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX, mn_major_tma_aligned_empty
 
 
@@ -291,13 +291,13 @@ def _moe_combine_setup(ctx, inputs, output):
 
 def _moe_combine_backward(ctx, grad):
     y, rows, weights = ctx.saved_tensors
-    combine = torch.ops.deepstack.moe_combine
+    grad = grad.to(y.dtype).contiguous()
     grad_y = grad_w = None
     if ctx.needs_input_grad[0]:   # y's row r: the weight of the slot that read it times that token's gradient
         src, w = moe_rows_inverse(rows, weights, y.shape[0])
-        grad_y = combine(grad.to(y.dtype).contiguous(), src, w, False)
+        grad_y = torch.ops.deepstack.moe_combine(grad, src, w, False)
     if ctx.needs_input_grad[2]:   # weights[t, c]: <grad[t], y[rows[t, c]]> in fp32, 0 for empty slots
-        grad_w = torch.ops.deepstack.moe_combine_weight_grad(grad.to(y.dtype).contiguous(), y, rows)
+        grad_w = torch.ops.deepstack.moe_combine_weight_grad(grad, y, rows)
     return grad_y, None, grad_w, None
 
 
@@ -341,9 +341,7 @@ def _moe_combine_weight_grad_samples(device):
 def swiglu_ref(h):
     """silu(gate) * up of h = [gate | up], in fp32, rounded once to h's dtype."""
     checks.check_swiglu("swiglu", h)
-    f = h.shape[1] // 2
-    hf = h.float()
-    return (torch.nn.functional.silu(hf[:, :f]) * hf[:, f:]).to(h.dtype)
+    return swiglu_f32(h).to(h.dtype)
 
 
 @reference("swiglu_backward")

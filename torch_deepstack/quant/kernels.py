@@ -59,10 +59,14 @@ _PLANS = BoundedMemo()
 
 def _check_input(op, x, group_size):
     check_group_quant_input(x, group_size, op)
+    _check_rows_aligned(op, x)
+
+
+def _check_rows_aligned(op, x, name="x"):
     # (the stride of a dimension of size 1 is never used: a single row may come from a wider tensor)
     if (x.data_ptr() % 16) or any((s * x.element_size()) % 16 for s, n in zip(x.stride()[:-1], x.shape[:-1])
                                   if n > 1):
-        raise ValueError(f"{op}: x rows must start on 16-byte boundaries (data_ptr {x.data_ptr()}, strides "
+        raise ValueError(f"{op}: {name} rows must start on 16-byte boundaries (data_ptr {x.data_ptr()}, strides "
                          f"{x.stride()}); call .contiguous() first")
 
 
@@ -88,7 +92,7 @@ def swiglu_quant_fp8_cuda(h: torch.Tensor, eps: float = 1e-4, scale_ue8m0: bool 
     kernel = _PLANS.get(key)
     if kernel is None:
         check_swiglu_quant_input(h, "swiglu_quant_fp8")
-        _check_input("swiglu_quant_fp8", h, 128)
+        _check_rows_aligned("swiglu_quant_fp8", h, "h")
         kernel = _PLANS.remember(key, h.numel() and get_kernel(group_quant_spec(h.dtype, 128, scale_ue8m0,
                                                                                 swiglu=True), _SIGNATURE))
     f = h.shape[-1] // 2

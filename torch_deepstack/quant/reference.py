@@ -52,15 +52,19 @@ def _samples(device):
     return out
 
 
+def swiglu_f32(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] (along the last dim), in fp32: what the SwiGLU kernels compute."""
+    f = h.shape[-1] // 2
+    hf = h.float()
+    return torch.nn.functional.silu(hf[..., :f]) * hf[..., f:]
+
+
 @reference("swiglu_quant_fp8")
 def swiglu_quant_fp8_ref(h: torch.Tensor, eps: float = 1e-4, scale_ue8m0: bool = False):
     """silu(gate) * up in fp32 (h = [gate | up] along the last dim), quantised per 1x128 group as
     per_token_group_quant_fp8 quantises: (q [..., F] e4m3, scales [..., F / 128] MN-major)."""
     check_swiglu_quant_input(h, "swiglu_quant_fp8")
-    f = h.shape[-1] // 2
-    hf = h.float()
-    act = torch.nn.functional.silu(hf[..., :f]) * hf[..., f:]
-    q, scale = group_quant_fp8_values(act, 128, eps, scale_ue8m0)
+    q, scale = group_quant_fp8_values(swiglu_f32(h), 128, eps, scale_ue8m0)
     out_scale = mn_major_tma_aligned_empty(scale.shape, device=h.device)
     out_scale.copy_(scale)
     return q.contiguous(), out_scale
