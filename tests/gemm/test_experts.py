@@ -71,6 +71,31 @@ def test_forward_and_gradients_match_the_expert_loop(gated):
     assert mod.w_in.grad[4].eq(0).all() and mod.w_out.grad[4].eq(0).all()    # the expert with no token
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_unwritten_padding_rows_never_reach_a_result(gated, monkeypatch):
+    """The grouped GEMMs leave padding rows (id -1) unwritten; training zeroes only those that enter a weight
+    gradient's operand. Poisoned (NaN) GEMM outputs must give the same outputs and gradients, bit for bit."""
+    from torch_deepstack.gemm import experts as experts_mod
+
+    def run():
+        torch.manual_seed(3)
+        mod = FP8Experts(4, 256, 128, gated=gated)
+        x = torch.randn(29, 256, dtype=torch.bfloat16, requires_grad=True)
+        idx, w = _routing(29, 2, 4)
+        w.requires_grad_(True)
+        y = mod(x, idx, w)
+        y.float().backward(torch.randn(y.shape))
+        return [t.detach().clone() for t in (y, x.grad, w.grad, mod.w_in.grad, mod.w_out.grad)]
+
+    clean = run()
+    monkeypatch.setattr(experts_mod, "_new_rows", lambda m, n, device: torch.full(
+        (m, n), float("nan"), dtype=torch.bfloat16, device=device))
+    poisoned = run()
+    for a, b in zip(clean, poisoned):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_from_linears_and_no_grad_and_a_weight_update():
     torch.manual_seed(1)
     lin = lambda i, o: torch.nn.Linear(i, o, bias=False, dtype=torch.bfloat16)   # noqa: E731

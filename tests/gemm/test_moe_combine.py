@@ -120,5 +120,12 @@ def test_cuda_weight_grad_kernel_matches_reference(dtype, m, t, k, hidden):
     grad = torch.randn(t, hidden).to(dtype)
     want = torch.ops.deepstack.moe_combine_weight_grad(grad, y, rows)
     got = torch.ops.deepstack.moe_combine_weight_grad(grad.cuda(), y.cuda(), rows.cuda().int())
-    assert (rows < 0).any() and got.cpu()[rows < 0].eq(0).all()         # empty slots: exactly 0
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+    got = got.cpu()
+    assert (rows < 0).any() and got[rows < 0].eq(0).all()               # empty slots: exactly 0
+    # Both sum `hidden` fp32 products in different orders: the rounding differences grow with the sum of the
+    # products' magnitudes (fp32 at hidden = 7168: ~1e-4 on dots of ~1e2), so the bound scales with it; a wrong,
+    # missing or doubled product (magnitude ~1) would exceed it by far.
+    magnitude = (grad.float().abs()[:, None, :] * y.float().abs()[rows.clamp(min=0)]).sum(-1)
+    err = (got - want).abs()
+    bound = 1e-5 * want.abs() + 2e-6 * magnitude + 1e-6
+    assert (err <= bound).all(), f"max error {err.max():.3g}, worst excess {(err - bound).max():.3g}"

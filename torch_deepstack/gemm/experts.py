@@ -68,15 +68,32 @@ def _operands(t: torch.Tensor, wgrad_rows: int | None):
     return (q, s), (qt[:, :wgrad_rows], st[:, :wgrad_rows // ALIGN])
 
 
-def _grouped(a_op, w_op, m_indices: torch.Tensor, dtype: torch.dtype, zero_padding: bool = True) -> torch.Tensor:
+def _grouped(a_op, w_op, m_indices: torch.Tensor, dtype: torch.dtype, zero_rows=None) -> torch.Tensor:
     """Rows of a quantised operand times their expert's FP8 weight, [M, N] in `dtype`. Rows with id -1 are not
-    written: zero with zero_padding (training: the backward's padding rows must be zero), else left as allocated
-    (inference: nothing reads them; the next GEMM skips them and the combine never names them)."""
+    written by the GEMM; of those, `zero_rows` (the experts' padding rows) are zeroed, for outputs whose padding
+    rows later enter a weight-gradient operand (quantised along M: 128-row groups that mix padding and real rows).
+    The others are left as allocated: the next GEMM skips them and the combine never names them."""
     (aq, asf), (wq, ws) = a_op, w_op
-    out = (torch.zeros if zero_padding else torch.empty)(aq.shape[0], wq.shape[1], dtype=torch.bfloat16,
-                                                         device=aq.device)
+    out = _new_rows(aq.shape[0], wq.shape[1], aq.device)
     y = api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, wq, ws, m_indices, out=out)
+    if zero_rows is not None:
+        y.index_fill_(0, zero_rows, 0)
     return y if y.dtype == dtype else y.to(dtype)
+
+
+def _new_rows(m: int, n: int, device) -> torch.Tensor:
+    """A grouped GEMM's output, uninitialised (tests poison it to check that unwritten rows are never read)."""
+    return torch.empty(m, n, dtype=torch.bfloat16, device=device)
+
+
+def _padding_rows(counts: torch.Tensor, aligned: torch.Tensor, pad_start: torch.Tensor, num_pad: int):
+    """The layout's padding rows (expert e's rows past its count, up to its 128-row boundary) as an index tensor,
+    built on the device (num_pad, their number, from the host counts: no sync)."""
+    pad = aligned - counts
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), pad, output_size=num_pad)
+    first = torch.cumsum(pad, 0) - pad                          # each expert's first entry in the list
+    within = torch.arange(num_pad, device=counts.device) - first[expert]
+    return pad_start[expert] + counts[expert] + within
 
 
 class _GatherRows(torch.autograd.Function):
@@ -108,40 +125,44 @@ class _GroupedFP8LinearFn(torch.autograd.Function):
     """y = rows of a times W[e].T per expert segment (the contiguous layout), with FP8 data and weight gradients."""
 
     @staticmethod
-    def forward(ctx, a, weight, m_indices, ks, cache, need_da: bool, need_dw: bool):
+    def forward(ctx, a, weight, m_indices, ks, cache, need_da: bool, need_dw: bool, zero_rows, zero_da_rows):
+        # zero_rows / zero_da_rows: the padding rows to zero in y / in a's gradient (None: left unwritten), where
+        # they go on into a weight-gradient operand (the first layer's y, the second layer's da)
         wop, wtop = cache.operands(weight.detach(), need_da)
         aop, atop = _operands(a, sum(ks) if need_dw else None)    # atop: the wgrad operand, kept in FP8
-        y = _grouped(aop, wop, m_indices, a.dtype)
+        y = _grouped(aop, wop, m_indices, a.dtype, zero_rows)
         atq, ats = atop if atop is not None else (None, None)
         wtq, wts = wtop if wtop is not None else (None, None)
-        ctx.save_for_backward(m_indices, atq, ats, wtq, wts)
+        ctx.save_for_backward(m_indices, atq, ats, wtq, wts, zero_da_rows)
         ctx.ks, ctx.w_dtype = ks, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        m_indices, atq, ats, wtq, wts = ctx.saved_tensors
+        m_indices, atq, ats, wtq, wts, zero_da_rows = ctx.saved_tensors
         need_da, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dyop, dytop = _operands(dy.contiguous(), sum(ctx.ks) if need_dw else None)
-        da = _grouped(dyop, (wtq, wts), m_indices, dy.dtype) if need_da else None
+        da = _grouped(dyop, (wtq, wts), m_indices, dy.dtype, zero_da_rows) if need_da else None
         dw = None
         if need_dw:
             # bf16 master weights get a bf16 gradient straight from the GEMM (fp32 accumulation, one rounding)
             out_dtype = torch.bfloat16 if ctx.w_dtype == torch.bfloat16 else torch.float32
             dw = api.k_grouped_fp8_wgrad_gemm_nt(*dytop, atq, ats, ctx.ks, out_dtype=out_dtype)
             dw = dw if dw.dtype == ctx.w_dtype else dw.to(ctx.w_dtype)
-        return da, dw, None, None, None, None, None
+        return da, dw, None, None, None, None, None, None, None
 
 
-def _grouped_linear(a, weight, m_indices, ks, cache, a_op=None) -> torch.Tensor:
-    """a's rows (or their FP8 operand a_op, inference) times their expert's weight."""
+def _grouped_linear(a, weight, m_indices, ks, cache, a_op=None, zero_rows=None, zero_da_rows=None) -> torch.Tensor:
+    """a's rows (or their FP8 operand a_op, inference) times their expert's weight (zero_rows, zero_da_rows: see
+    _GroupedFP8LinearFn; training only)."""
     need_da = torch.is_grad_enabled() and a is not None and a.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     if need_da or need_dw:
-        return _GroupedFP8LinearFn.apply(a, weight, m_indices, ks, cache, need_da, need_dw)
+        return _GroupedFP8LinearFn.apply(a, weight, m_indices, ks, cache, need_da, need_dw, zero_rows,
+                                         zero_da_rows if need_da else None)
     a_op = _operands(a, None)[0] if a_op is None else a_op
     return _grouped(a_op, cache.operands(weight.detach(), False)[0], m_indices, torch.bfloat16 if a is None
-                    else a.dtype, zero_padding=False)
+                    else a.dtype, zero_rows)
 
 
 class FP8Experts(FrozenFP8Weights, nn.Module):
@@ -217,6 +238,7 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
                                  f"expert)")
             ks = [(c + ALIGN - 1) // ALIGN * ALIGN for c in host[:g]]
             m = sum(ks)
+            num_pad = m - sum(host[:g])
         else:
             # CUDA-graph capture or torch.compile: no host sync, so the layout takes the most rows the routing can
             # need (every expert padded by up to ALIGN - 1) and ids are not checked (ids >= num_experts drop out,
@@ -243,13 +265,17 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
         src = torch.full((m + ALIGN,), t, dtype=torch.long, device=x.device).index_put_((rows,), order // k)
         pair_rows = torch.empty_like(rows).index_put_((order,), torch.where(valid, rows, -1)).view(t, k)
         if training:
-            a, a_op = _GatherRows.apply(x, src, pair_rows), None
-        else:
-            a, a_op = None, _gather_quantised(x, src)
-        h = _grouped_linear(a, self.w_in, m_indices, ks, self._in_cache, a_op)
-        if training:
-            y_rows = _grouped_linear(self._activation(h), self.w_out, m_indices, ks, self._out_cache)
-        else:   # (the activation straight to the second GEMM's FP8 operand)
+            # Padding rows (id -1) are never written by the GEMMs; zeroed only where they reach a weight gradient's
+            # operand: h (-> the activation, the second layer's input) and the activation's gradient (-> dh, the
+            # first layer's dy). The gathered input's are zero rows already; y_rows' and x_rows' gradient's are
+            # never read.
+            pad = _padding_rows(counts, aligned, pad_start, num_pad)
+            a = _GatherRows.apply(x, src, pair_rows)
+            h = _grouped_linear(a, self.w_in, m_indices, ks, self._in_cache, zero_rows=pad)
+            y_rows = _grouped_linear(self._activation(h), self.w_out, m_indices, ks, self._out_cache,
+                                     zero_da_rows=pad)
+        else:   # (x quantised per token, FP8 rows gathered; the activation straight to the second GEMM's operand)
+            h = _grouped_linear(None, self.w_in, m_indices, ks, self._in_cache, _gather_quantised(x, src))
             y_rows = _grouped_linear(None, self.w_out, m_indices, ks, self._out_cache, self._activation_fp8(h))
         # the weighted sum over a token's slots in fp32 (as DeepEP's combine accumulates), rounded once
         out = api.moe_combine(y_rows, pair_rows, topk_weights.float(), False)
