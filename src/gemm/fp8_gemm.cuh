@@ -27,7 +27,9 @@
 
 namespace deepstack {
 
-enum GemmKind : int { kGemmDense = 0, kGemmContiguous = 1, kGemmMasked = 2 };
+// kGemmKGrouped: the MoE weight gradient, D[g] = A[:, seg_g] B[:, seg_g]^T for consecutive K segments (1D1D scales,
+// run-time K): `layout` holds the G + 1 segment bounds in 128-deep slices, D (and C) are [G, M, N] with packed groups.
+enum GemmKind : int { kGemmDense = 0, kGemmContiguous = 1, kGemmMasked = 2, kGemmKGrouped = 3 };
 
 template <typename T> struct OutStore;
 template <> struct OutStore<__nv_bfloat16> {
@@ -70,7 +72,7 @@ template <int kKind, int kBlockM, int kBlockN, int kN>
 struct TileScheduler {
   int M, num_groups, band;
   int num_mb, total;
-  const int* layout;  // contiguous: group id per row; masked: masked_m per group
+  const int* layout;  // contiguous: group id per row; masked: masked_m per group; k-grouped: segment bounds
 
   static constexpr int kNumNB = (kN + kBlockN - 1) / kBlockN;
   static constexpr int kKindValue = kKind, kBlockMValue = kBlockM;
@@ -90,7 +92,7 @@ struct TileScheduler {
       total = 0;
       for (int g = 0; g < num_groups; ++g) total += masked_blocks(g) * kNumNB;
     } else {
-      total = num_mb * kNumNB;
+      total = num_mb * kNumNB * (kKind == kGemmKGrouped ? num_groups : 1);
     }
   }
 
@@ -99,6 +101,10 @@ struct TileScheduler {
     int g = 0, r = t, blocks = num_mb;
     if (kKind == kGemmMasked) {   // find t's group: the tiles of groups 0..g-1 come first
       for (blocks = masked_blocks(0); r >= blocks * kNumNB; blocks = masked_blocks(++g)) r -= blocks * kNumNB;
+    }
+    if (kKind == kGemmKGrouped) {  // every group has the same M x N tiles; an empty segment's tiles store zeros (+ C)
+      g = r / (num_mb * kNumNB);
+      r -= g * num_mb * kNumNB;
     }
     const int band_idx = r / (band * kNumNB);
     const int within = r - band_idx * band * kNumNB;
@@ -282,6 +288,7 @@ template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
 fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                 const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
+                const __grid_constant__ CUtensorMap tmap_d,
                 OutT* __restrict__ d, const CT* c, const float* __restrict__ sfb, const int* __restrict__ layout,
                 int M, int num_groups, int ldd, int ldc, int band, int sfb_sg, int sfb_sn, int sfb_sk, int num_kb_rt) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -335,10 +342,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
                                   kBlockN <= 160),
                 "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
-  // kTmaStore (1D2D bf16 output without C; any kind): the epilogue writes the tile into its own BLOCK_M x BLOCK_N bf16
+  // kTmaStore (bf16 output without C; any kind, 1D2D or 1D1D): the epilogue writes the tile into its own BLOCK_M x BLOCK_N bf16
   // shared-memory buffer (each math warp its 16 rows: as 16 x 64 boxes of 2 KB with the 128-byte swizzle when
   // BLOCK_N is a multiple of 64, else as one unswizzled 16 x BLOCK_N box with rows BLOCK_N * 2 bytes apart) and leaves
-  // it to TMA stores (tmap_sfb then describes D, with the matching box and swizzle), so the math warps go on to the
+  // it to TMA stores (tmap_d describes D, with the matching box and swizzle), so the math warps go on to the
   // next tile at once; a warp waits for its previous stores to have read the buffer only before rewriting it, a tile
   // later. The buffer costs pipeline stages (128x128: 6 -> 5), which is why the host enables it only for K-loops
   // short enough that the epilogue weighs more (measured, docs/gemm.md).
@@ -347,9 +354,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // masked_m), the staged stores otherwise.
   // (2-CTA multicast clusters with the TMA store: the experiment DEEPSTACK_GEMM_MULTICAST=2; each CTA stores its own
   // M-block, a CTA whose M-block lies past M stores nothing)
-  static_assert(!kTmaStore || (!kSfbPerRow && !kHasC && (kCluster == 1 || kKind == kGemmDense) &&
+  static_assert(kKind != kGemmKGrouped || (kSfbPerRow && kK == 0 && kCluster == 1),
+                "the k-grouped kind is the 1D1D weight gradient with a run-time K");
+  static_assert(!kTmaStore || (!kHasC && (kCluster == 1 || kKind == kGemmDense) &&
                                std::is_same<OutT, __nv_bfloat16>::value),
-                "the TMA-store epilogue is for 1D2D bf16 output without C, clusters only for the dense kind");
+                "the TMA-store epilogue is for bf16 output without C, clusters only for the dense kind");
   constexpr bool kTmaSwizzled = kBlockN % 64 == 0;
   constexpr uint32_t kBytesA = kBlockM * 128, kBytesB = kBlockN * 128;
   constexpr uint32_t kBytesSFA = kBlockM * 4, kBytesSFB = kSfbPerRow ? kBlockN * 4 : 0;
@@ -413,7 +422,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     sm90::prefetch_tensor_map(&tmap_a);
     sm90::prefetch_tensor_map(&tmap_b);
     sm90::prefetch_tensor_map(&tmap_sfa);
-    if (kSfbPerRow || kTmaStore) sm90::prefetch_tensor_map(&tmap_sfb);
+    if (kSfbPerRow) sm90::prefetch_tensor_map(&tmap_sfb);
+    if (kTmaStore) sm90::prefetch_tensor_map(&tmap_d);
   }
   if (tid == 0) {
 #pragma unroll
@@ -504,21 +514,26 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         }
         tile.m0 += rank * kBlockM;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
-        const int b_row = tile.g * kN + tile.n0;
-        for (int kb = 0; kb < kLoopKB; ++kb) {
+        const int b_row = (kKind == kGemmKGrouped ? 0 : tile.g * kN) + tile.n0;
+        // k-grouped: the tile's segment, slices [kb0, kb0 + loop_kb) of the whole K
+        const int kb0 = kKind == kGemmKGrouped ? __ldg(layout + tile.g) : 0;
+        const int loop_kb = kKind == kGemmKGrouped ? __ldg(layout + tile.g + 1) - kb0 : kLoopKB;
+        for (int kb = 0; kb < loop_kb; ++kb) {
           sm90::mbar_wait(empty + s, phase ^ 1);
           sm90::mbar_arrive_expect_tx(full + s, kStageBytes);
-          sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kb * 128, a_row);
+          const int kx = (kb0 + kb) * 128;
+          sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kx, a_row);
           if constexpr (kCluster > 1) {   // this CTA's half of B, into both CTAs
-            sm90::tma_load_2d_multicast(smem_b + s * kBytesB + rank * (kBytesB / 2), &tmap_b, full + s, kb * 128,
+            sm90::tma_load_2d_multicast(smem_b + s * kBytesB + rank * (kBytesB / 2), &tmap_b, full + s, kx,
                                         b_row + rank * (kBlockN / 2), (1u << kCluster) - 1);
           } else {
-            sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kb * 128, b_row);
+            sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kx, b_row);
           }
-          sm90::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0, tile.g * kNumKB * (kKind == kGemmMasked) + kb);
+          sm90::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0,
+                            tile.g * kNumKB * (kKind == kGemmMasked) + kb0 + kb);
           if (kSfbPerRow) {
             const int slot = s + (kSfbSlots > kStages && phase ? kStages : 0);
-            sm90::tma_load_2d(smem_sfb + slot * kSfbStride, &tmap_sfb, full + s, tile.n0, kb);
+            sm90::tma_load_2d(smem_sfb + slot * kSfbStride, &tmap_sfb, full + s, tile.n0, kb0 + kb);
           }
           if (++s == kStages) { s = 0; phase ^= 1; }
         }
@@ -686,6 +701,11 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       constexpr bool kOneSfb = kSfbPerRow || 128 % kBlockN == 0;
 
       int kb = 0;
+      // slices of this tile (k-grouped: its segment's; the producer walks the same count). Through a shuffle, so
+      // ptxas knows it is warp-uniform and keeps it in a uniform register (a vector register live through the main
+      // loop made the TMA-store form spill).
+      const int loop_kb = kKind == kGemmKGrouped
+          ? __shfl_sync(0xffffffffu, __ldg(layout + tile.g + 1) - __ldg(layout + tile.g), 0) : kLoopKB;
       const auto main_loop = [&](auto off) {
         // scale block (0, 1, 2 past nblk_lo) of fragment j, and the pick of one of up to three values by it
         const auto blk = [&](int j) { return kOneSfb ? 0 : (off.value + 8 * j) / 128; };
@@ -789,13 +809,13 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             sm90::wgmma_wait<0>();
             if ((kT - 1) % 2) promote(acc2, sc1, st1); else promote(acc, sc0, st0);
           };
-          for (; kb + kTrip <= kLoopKB; kb += kTrip) trip(IntC<kTrip>{});
-          if (kTrip > 4 && kb + 4 <= kLoopKB) {
+          for (; kb + kTrip <= loop_kb; kb += kTrip) trip(IntC<kTrip>{});
+          if (kTrip > 4 && kb + 4 <= loop_kb) {
             trip(IntC<4>{});
             kb += 4;
           }
         }
-        for (; kb < kLoopKB; ++kb) {
+        for (; kb < loop_kb; ++kb) {
           float sb[3] = {0.f, 0.f, 0.f};
           if (!kSfbPerRow) load_sfb(kb, sb);
           sm90::mbar_wait(full + s, phase);
@@ -864,7 +884,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       // ---- epilogue: registers -> global, only valid rows and columns ----
       int row_limit = M;
       if (kKind == kGemmMasked) row_limit = __ldg(layout + tile.g);
-      const int64_t row_base = kKind == kGemmMasked ? static_cast<int64_t>(tile.g) * M : 0;
+      // masked and k-grouped: D (and C) viewed as [G * M, N]
+      const int64_t row_base = kKind == kGemmMasked || kKind == kGemmKGrouped ? static_cast<int64_t>(tile.g) * M : 0;
       if constexpr (kTmaStore) {
         if (tma_ok) {
           uint8_t* buf = smem_d + (wg * 4 + warp_in_wg) * kEpiWarpBytes;
@@ -881,6 +902,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             }
           }
           if (kKind == kGemmMasked) whole = row + 16 <= row_limit;
+          if (kKind == kGemmKGrouped) whole = row + 16 <= M;     // (D is [G * M, N]: no rows into the next group)
           // this warp's stores of the previous tile have read the buffer (the staged stores reuse it too)
           if (lane == 0) tma_store_wait_read();
           __syncwarp();
@@ -909,9 +931,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
               const int trow = static_cast<int>(row_base) + row;   // masked: D viewed as [G * M_max, N]
               if constexpr (kTmaSwizzled) {
 #pragma unroll
-                for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_sfb, buf + b * 2048, tile.n0 + b * 64, trow);
+                for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_d, buf + b * 2048, tile.n0 + b * 64, trow);
               } else {
-                tma_store_2d(&tmap_sfb, buf, tile.n0, trow);
+                tma_store_2d(&tmap_d, buf, tile.n0, trow);
               }
               tma_store_commit();
             }

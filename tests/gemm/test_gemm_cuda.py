@@ -560,6 +560,63 @@ def test_k_grouped_wgrad(out_dtype):
                            d32.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("m,n,ks", [
+    (512, 2048, None),                                  # random sizes, group 1 empty
+    (200, 328, [0, 384, 128, 0, 640, 0]),                # odd M and N, empty first and last segments
+    (4096, 7168, [1024, 896, 0, 1152]),
+    (129, 256, [256]),                                   # one group
+])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tma_store", ["", "0", "1"])
+def test_k_grouped_one_launch_equals_one_gemm_per_segment(m, n, ks, out_dtype, tma_store, monkeypatch):
+    """The single k-grouped launch against the per-segment weight-gradient GEMMs (same slices, same promotion):
+    bit-identical, every element written (empty segments: zeros), with and without C; the same under CUDA-graph
+    capture and for an unpacked D, which take the per-segment path. bf16 output with the heuristic's epilogue,
+    the TMA store forced off and forced on (rows past M in a group's last tile: the staged stores)."""
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma_store)
+    if ks is None:
+        ks = [(s + 127) // 128 * 128 for s in random_group_sizes(6, 1024)]
+    g, total = len(ks), sum(ks)
+    aq, asf = wgrad_operand(fresh_randn(total, m, dtype=torch.bfloat16, device=DEV))
+    bq, bsf = wgrad_operand(fresh_randn(total, n, dtype=torch.bfloat16, device=DEV))
+    want = torch.empty(g, m, n, dtype=out_dtype, device=DEV)
+    start = 0
+    for i, k in enumerate(ks):
+        if k:
+            sl, ss = slice(start, start + k), slice(start // 128, (start + k) // 128)
+            ops.fp8_wgrad_gemm_nt(aq[:, sl], asf[:, ss], bq[:, sl], bsf[:, ss], want[i])
+        else:
+            want[i].zero_()
+        start += k
+    d = poisoned_empty(g, m, n, dtype=out_dtype, device=DEV)
+    ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks)
+    torch.cuda.synchronize()
+    assert torch.equal(d, want)
+    c = fresh_randn(g, m, n, device=DEV)
+    d = poisoned_empty(g, m, n, dtype=out_dtype, device=DEV)
+    ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks, c)
+    assert torch.equal(d, (want.float() + c).to(out_dtype)) if out_dtype == torch.float32 else \
+        calc_diff(d, want.float() + c) < 1e-5
+    acc = c.to(out_dtype, copy=True)           # (copy: for fp32 a plain .to() would be c itself, updated below)
+    ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, acc, ks, None, True)          # D += A B^T
+    assert calc_diff(acc, want.float() + c) < 1e-5
+    # a row pitch above N (one launch: D addressed as [G * M, pitch]); groups not back to back and CUDA-graph
+    # capture take the per-segment path
+    wide = poisoned_empty(g, m, n + 16, dtype=out_dtype, device=DEV)
+    ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, wide[:, :, :n], ks)
+    assert torch.equal(wide[:, :, :n], want)
+    tall = poisoned_empty(g, m + 8, n, dtype=out_dtype, device=DEV)
+    ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, tall[:, :m], ks)
+    assert torch.equal(tall[:, :m], want)
+    d = poisoned_empty(g, m, n, dtype=out_dtype, device=DEV)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(d, want)
+
+
 def _padded_bytes(q):
     """A transposed operand's whole [K, m_pad] buffer (its zero padding included) as bytes."""
     return q.as_strided((q.shape[0], q.stride(0)), (q.stride(0), 1)).view(torch.uint8)

@@ -123,8 +123,9 @@ def smem_bytes(cfg: GemmConfig, sf_b_per_row: bool) -> int:
 def with_tma_store(cfg: GemmConfig, sf_b_per_row: bool = False) -> GemmConfig:
     """`cfg` with the TMA-store epilogue: its staging tile is reserved and the stage count cut to what still fits."""
     staging = tma_store_staging_bytes(cfg.block_m, cfg.block_n)
-    fit = ((SMEM_BUDGET - 1024 - 16 * MAX_STAGES - staging - sched_ring_bytes()) //
-           stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row))
+    per_stage = (stage_bytes(cfg.block_m, cfg.block_n, sf_b_per_row) +
+                 wgrad_pipe_sfb_bytes(replace(cfg, stages=1), sf_b_per_row))   # (1D1D: the second B-scale slots)
+    fit = (SMEM_BUDGET - 1024 - 16 * MAX_STAGES - staging - sched_ring_bytes()) // per_stage
     return replace(cfg, stages=min(cfg.stages, fit), tma_store=True)
 
 

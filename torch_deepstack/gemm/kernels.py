@@ -19,9 +19,9 @@ from torch_deepstack.jit.tma import make_tensor_map
 from torch_deepstack.memo import BoundedMemo, operand_key as _operand_key
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty, tma_aligned_size
 
-KIND_DENSE, KIND_CONTIGUOUS, KIND_MASKED = 0, 1, 2
+KIND_DENSE, KIND_CONTIGUOUS, KIND_MASKED, KIND_K_GROUPED = 0, 1, 2, 3
 _GEMM_HEADER = "gemm/fp8_gemm.cuh"
-_GEMM_SIGNATURE = "tttt" + "pppp" + "i" * 9
+_GEMM_SIGNATURE = "ttttt" + "pppp" + "i" * 9
 _CTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float", torch.float16: "__half"}
 _NUM_SMS_OVERRIDE: int | None = None
 
@@ -93,26 +93,32 @@ def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -
 # needs D's tensor map, encoded on the host once per output pointer: calls with M <= 128 (kernels of ~15-25 us, +1-3%
 # measured with a reused D) keep the plain epilogue, so a caller that allocates D per call pays no encode there.
 TMA_STORE_MAX_K = 16384
+# The weight-gradient (1D1D) kernels' TMA store, measured on the k-grouped kind (H200, 2026-11-30 22:20 UTC,
+# benchmarks/bench_k_grouped.py, against the staged stores): +23% at 256-token segments, +3% / +6% at 1024
+# (4096 x 7168 / 7168 x 2048), -3% at 4096; so up to K = 2048 (the longest segment, for the k-grouped kind).
+WGRAD_TMA_STORE_MAX_K = 2048
 
 
 def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row: bool, out_dtype, has_c: bool,
                   cluster: int) -> bool:
-    """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for bf16 output without C (any kind; grouped
-    warps with invalid rows among their 16 store through the staged path), any BLOCK_N (grouped kinds: at most 128;
-    widths that are not multiples of 64 stage unswizzled 16 x BLOCK_N boxes), no clusters (but for the experiment
-    DEEPSTACK_GEMM_MULTICAST=2, dense kind); on by default for dense
-    and contiguous 128-row tiles with M > 128 (M_sum for the contiguous kind) and K <= TMA_STORE_MAX_K, off by default
-    for the masked kind (measured slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible
-    (A/B runs, tests)."""
+    """TMA-store epilogue (src/gemm/fp8_gemm.cuh, kTmaStore): possible for bf16 output without C (any kind, the
+    weight gradients' 1D1D kernels included; grouped warps with invalid rows among their 16 store through the staged
+    path), any BLOCK_N (grouped kinds and 1D1D: at most 128; widths that are not multiples of 64 stage unswizzled
+    16 x BLOCK_N boxes), no clusters (but for the experiment DEEPSTACK_GEMM_MULTICAST=2, dense kind); on by default
+    for dense, contiguous and k-grouped 128-row tiles with M > 128 (M_sum for the contiguous kind) and
+    K <= TMA_STORE_MAX_K (weight gradients: WGRAD_TMA_STORE_MAX_K), off by default for the masked kind (measured
+    slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces
+    it on/off wherever it is possible (A/B runs, tests)."""
     clusters = cluster == 1 or (kind == KIND_DENSE and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "2")
-    if not (not sf_b_per_row and out_dtype == torch.bfloat16 and not has_c and clusters):
+    if not (out_dtype == torch.bfloat16 and not has_c and clusters):
         return False
-    if kind != KIND_DENSE and cfg.block_n > 128:     # the grouped kinds' 192-wide TMA-store kernels spill (ptxas)
+    if (kind != KIND_DENSE or sf_b_per_row) and cfg.block_n > 128:   # (192-wide grouped kernels spill, ptxas)
         return False
     forced = os.environ.get("DEEPSTACK_GEMM_TMA_STORE", "").strip()
     if not forced:
         # masked: 5-6% slower at 4 x 256 rows, equal at 1 x 1024 (H200, 2026-11-29 20:53 UTC), so off there
-        return kind != KIND_MASKED and cfg.block_m == 128 and m_rows > 128 and k <= TMA_STORE_MAX_K
+        return (kind != KIND_MASKED and cfg.block_m == 128 and m_rows > 128
+                and k <= (WGRAD_TMA_STORE_MAX_K if sf_b_per_row else TMA_STORE_MAX_K))
     if forced not in ("0", "1"):
         raise ValueError(f"DEEPSTACK_GEMM_TMA_STORE must be 0 or 1, got {forced!r}")
     return forced == "1"
@@ -167,7 +173,7 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
                                          out_dtype, c_dtype, num_sms(device))
         # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each)
         m_blocks = cdiv(m_rows, cfg.block_m * cluster)
-        tiles = m_blocks * cdiv(n, cfg.block_n) * (num_groups if kind == KIND_MASKED else 1)
+        tiles = m_blocks * cdiv(n, cfg.block_n) * (num_groups if kind in (KIND_MASKED, KIND_K_GROUPED) else 1)
         kernel, smem = get_kernel(spec, _GEMM_SIGNATURE), smem_bytes(cfg, sf_b_per_row)
         # persistent grid: one CTA per SM, or as many whole clusters as fit at once (GPCs place clusters whole)
         slots = cfg.num_sms if cluster == 1 else min(cfg.num_sms // cluster,
@@ -179,32 +185,36 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
 
 
 def _prepare_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
-                  k_template=None):
-    """The GEMM's launch, packed (PreparedLaunch). m_rows: M (dense), M_sum (contiguous) or M_max (masked)."""
-    kernel, cfg, grid, band, smem, cluster = _plan(kind, a.device, m_rows, num_groups, n, k, expected_m, sf_b_per_row,
-                                          k_template, d.dtype, None if c is None else c.dtype)
+                  k_template=None, plan_k=None):
+    """The GEMM's launch, packed (PreparedLaunch). m_rows: M (dense), M_sum (contiguous) or M_max (masked).
+    k: the operands' K (k-grouped: the sum of the segments); plan_k: the K the block sizes are chosen for, if not k."""
+    kernel, cfg, grid, band, smem, cluster = _plan(kind, a.device, m_rows, num_groups, n, k if plan_k is None else plan_k,
+                                                   expected_m, sf_b_per_row, k_template, d.dtype,
+                                                   None if c is None else c.dtype)
     kb = cdiv(k, 128)
     groups_b = b.shape[0] if b.dim() == 3 else 1
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
     tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m)
     tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n // cluster)   # multicast: each CTA loads a half
     tmap_sfa = _sf_map(sfa, m_rows, kb * (num_groups if kind == KIND_MASKED else 1), cfg.block_m)
+    # (maps a kernel does not read are filled with tmap_sfa: 1D2D kernels read B scales with plain loads)
     tmap_sfb = _sf_map(sfb, n, kb, cfg.block_n) if sf_b_per_row else tmap_sfa
+    tmap_d = tmap_sfa
     if cfg.tma_store and (d.data_ptr() | d.stride(-2) * 2) % 16 == 0:
-        # the 1D2D kernel reads B scales with plain loads, so the fourth tensor-map slot carries D: 16 x 64 boxes
-        # with the 128-byte swizzle, one per math warp and 64 columns, or for widths that are not multiples of 64
-        # one unswizzled 16 x BLOCK_N box per math warp (the kernel tests the same alignment and stores directly
-        # without it) (masked: D [G, M_max, N] with packed groups, viewed as G * M_max rows)
-        d_rows = m_rows * (num_groups if kind == KIND_MASKED else 1)
+        # D for the TMA-store epilogue: 16 x 64 boxes with the 128-byte swizzle, one per math warp and 64 columns,
+        # or for widths that are not multiples of 64 one unswizzled 16 x BLOCK_N box per math warp (the kernel tests
+        # the same alignment and stores directly without it) (masked and k-grouped: D [G, M, N] with packed groups,
+        # viewed as G * M rows)
+        d_rows = m_rows * (num_groups if kind in (KIND_MASKED, KIND_K_GROUPED) else 1)
         box, swizzle = ((64, 16), 128) if cfg.block_n % 64 == 0 else ((cfg.block_n, 16), 0)
-        tmap_sfb = _tmap(d.data_ptr(), d.dtype, (n, d_rows), (d.stride(-2) * 2,), box, swizzle)
+        tmap_d = _tmap(d.data_ptr(), d.dtype, (n, d_rows), (d.stride(-2) * 2,), box, swizzle)
     if sf_b_per_row:
         sg = sn = sk = 0
     elif sfb.dim() == 3:
         sg, sn, sk = sfb.stride()
     else:
         sg, (sn, sk) = 0, sfb.stride()
-    args = (tmap_a, tmap_b, tmap_sfa, tmap_sfb, d, c, sfb, layout, m_rows, num_groups, d.stride(-2),
+    args = (tmap_a, tmap_b, tmap_sfa, tmap_sfb, tmap_d, d, c, sfb, layout, m_rows, num_groups, d.stride(-2),
             0 if c is None else c.stride(-2), band, sg, sn, sk, kb)
     return kernel.prepare(grid, cfg.threads, *args, smem=smem, cluster=(cluster, 1, 1) if cluster > 1 else None)
 
@@ -333,10 +343,53 @@ def fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, c=None, accumulate=False):
     _dense_call("fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, c, accumulate, wgrad=True)
 
 
+# Segment bounds of k-grouped calls (int32 [G + 1] in 128-deep slices, on the device), by (ks, device). Routing
+# changes ks every training step, so most calls build theirs: a pinned host copy, no host sync.
+_K_BOUNDS = BoundedMemo()
+
+
+def _k_bounds(ks: tuple, device: torch.device) -> torch.Tensor:
+    key = (ks, device)
+    bounds = _K_BOUNDS.get(key)
+    if bounds is None:
+        host, total = [0], 0
+        for k in ks:
+            total += k // 128
+            host.append(total)
+        bounds = _K_BOUNDS.remember(key, torch.tensor(host, dtype=torch.int32).pin_memory().to(device,
+                                                                                              non_blocking=True))
+    return bounds
+
+
+def _groups_packed(t) -> bool:
+    """[G, M, N] with unit columns and groups back to back (the kernel addresses it as [G * M, N])."""
+    return t is None or (t.stride(2) == 1 and t.stride(0) == t.shape[1] * t.stride(1))
+
+
 @cuda_kernel("k_grouped_fp8_wgrad_gemm_nt")
 def k_grouped_fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, ks, c=None, accumulate=False):
-    checks.check_k_grouped("k_grouped_fp8_wgrad_gemm_nt", a, sfa, b, sfb, d, ks, c)
+    """One launch for all segments (the k-grouped kernel: every group's M x N tiles in one persistent grid, each
+    walking its own K segment; empty segments store zeros or C). Under CUDA-graph capture (whose launches must
+    not read a bounds tensor this module may free) and for unpacked D / C: one weight-gradient GEMM per segment."""
+    op = "k_grouped_fp8_wgrad_gemm_nt"
+    checks.check_k_grouped(op, a, sfa, b, sfb, d, ks, c)
+    ks = tuple(int(x) for x in ks)
+    m, n = a.shape[0], b.shape[0]
+    if m == 0 or n == 0:
+        return
+    if not any(ks):
+        _fill_no_k(d, c, accumulate)
+        return
     sfa, sfb = as_mn_major_sf(sfa), as_mn_major_sf(sfb)
+    if _groups_packed(d) and _groups_packed(c) and not torch.cuda.is_current_stream_capturing():
+        c = d if accumulate and c is None else c
+        if accumulate and c is not d:
+            c = c + d
+        # block sizes chosen for the longest segment rounded up to a power of two (a bounded set of plans)
+        plan_k = 1 << (max(ks) - 1).bit_length()
+        _prepare_gemm(KIND_K_GROUPED, a, sfa, b, sfb, d, c, _k_bounds(ks, a.device), m_rows=m, num_groups=len(ks),
+                      n=n, k=sum(ks), expected_m=m, sf_b_per_row=True, k_template=0, plan_k=plan_k).launch()
+        return
     start = 0
     for g, k in enumerate(int(x) for x in ks):
         cg = None if c is None else c[g]
@@ -581,6 +634,10 @@ def _prebuild():
     for m, n in ((7168, 2048), (2048, 7168)):
         specs.append(gemm_spec(select_config(m, n, 1, 1, 132, True), n, 0, KIND_DENSE, True, f32, f32, True))
         specs += dense_call_specs(m, n, 8192, bf16, wgrad=True)   # FP8Linear's bf16 weight gradients
+    # FP8Experts' weight gradients (DeepSeek-V3 experts, 2 x 2048 -> 7168 -> 2048; bf16 and fp32 out, fp32 C)
+    for m, n in ((4096, 7168), (7168, 2048)):
+        specs += [choose_spec(KIND_K_GROUPED, m, 32, n, 1024, m, True, 0, out, c, 132)[0]
+                  for out, c in ((bf16, None), (f32, None), (f32, f32))]
     for dt in ("__nv_bfloat16", "float"):
         for t in (False, True):
             specs.append(KernelSpec(_QUANT_HEADER, "deepstack::per_block_quant_fp8_kernel", (dt, t, False)))
