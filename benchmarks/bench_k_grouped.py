@@ -11,6 +11,8 @@ each call, contenders settled ~100 ms each, rotated rounds), whole calls with th
 
   python benchmarks/bench_k_grouped.py             # prints the table, writes docs/benchmarks.md's block
   python benchmarks/bench_k_grouped.py --print     # prints only
+  python benchmarks/bench_k_grouped.py --ab tma::,staged:0:,serial:0:DS_SERIAL_PROMOTE
+      # one launch only, kernel variants NAME:DEEPSTACK_GEMM_TMA_STORE:DEEPSTACK_GEMM_DEFINES timed interleaved
 """
 from __future__ import annotations
 
@@ -49,10 +51,44 @@ def per_segment(aq, asf, bq, bsf, d, ks):
         start += k
 
 
+def ab(variants: str) -> None:
+    """One-launch kernel variants (epilogue, experiment defines) against each other, interleaved; printed only."""
+    parsed = [v.split(":") for v in variants.split(",")]
+    print("M x N | G x tokens | out | " + " | ".join(f"{name} us" for name, _, _ in parsed))
+    for m, n, g, expected in CONFIGS:
+        ks = segments(g, expected)
+        total = sum(ks)
+        aq, asf = operand(torch.randn(total, m, device="cuda").to(torch.bfloat16))
+        bq, bsf = operand(torch.randn(total, n, device="cuda").to(torch.bfloat16))
+        for out_dtype in (torch.bfloat16, torch.float32):
+            d = torch.empty(g, m, n, dtype=out_dtype, device="cuda")
+            outs = {}
+
+            def select(tma, defines):
+                os.environ["DEEPSTACK_GEMM_TMA_STORE"], os.environ["DEEPSTACK_GEMM_DEFINES"] = tma, defines
+            for name, tma, defines in parsed:      # every variant gives the same bits
+                select(tma, defines)
+                ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks)
+                outs[name] = d.clone()
+            first = next(iter(outs.values()))
+            if not all(torch.equal(first, o) for o in outs.values()):
+                raise SystemExit(f"variants differ at {m}x{n}")
+            ms = bench_gpu_interleaved(
+                {name: (lambda: ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks)) for name, _, _ in parsed},
+                enter={name: (lambda t=tma, df=defines: select(t, df)) for name, tma, df in parsed})
+            select("", "")
+            print(f"{m}x{n} | {g}x{expected} | {str(out_dtype).split('.')[-1]} | " +
+                  " | ".join(f"{ms[name] * 1e3:.1f}" for name, _, _ in parsed), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--print", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    ap.add_argument("--ab", default=None, metavar="NAME:TMA_STORE:DEFINES,...",
+                    help="time one-launch kernel variants against each other instead (printed only)")
     args = ap.parse_args()
+    if args.ab:
+        return ab(args.ab)
     table = BenchTable("gemm", "k_grouped", "MoE weight gradient: one k-grouped launch against one GEMM per segment",
                        ["M x N", "G x tokens", "out", "one launch us", "TFLOPS", "per segment us", "TFLOPS",
                         "one launch / per segment speed", "one launch, staged epilogue us", "TMA store / staged speed"])

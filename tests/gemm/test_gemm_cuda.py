@@ -560,20 +560,23 @@ def test_k_grouped_wgrad(out_dtype):
                            d32.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("m,n,ks", [
-    (512, 2048, None),                                  # random sizes, group 1 empty
-    (200, 328, [0, 384, 128, 0, 640, 0]),                # odd M and N, empty first and last segments
-    (4096, 7168, [1024, 896, 0, 1152]),
-    (129, 256, [256]),                                   # one group
+@pytest.mark.parametrize("m,n,ks,config", [
+    (512, 2048, None, None),                             # random sizes, group 1 empty
+    (200, 328, [0, 384, 128, 0, 640, 0], None),          # odd M and N, empty first and last segments
+    (200, 328, [0, 384, 128, 0, 640, 0], "128,128,5"),   # 128-row, 128-wide tiles with M, N % 128 != 0
+    (4096, 7168, [1024, 896, 0, 1152], None),            # 128-wide tiles by the heuristic
+    (129, 256, [256], None),                             # one group
 ])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tma_store", ["", "0", "1"])
-def test_k_grouped_one_launch_equals_one_gemm_per_segment(m, n, ks, out_dtype, tma_store, monkeypatch):
+def test_k_grouped_one_launch_equals_one_gemm_per_segment(m, n, ks, config, out_dtype, tma_store, monkeypatch):
     """The single k-grouped launch against the per-segment weight-gradient GEMMs (same slices, same promotion):
     bit-identical, every element written (empty segments: zeros), with and without C; the same under CUDA-graph
     capture and for an unpacked D, which take the per-segment path. bf16 output with the heuristic's epilogue,
     the TMA store forced off and forced on (rows past M in a group's last tile: the staged stores)."""
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma_store)
+    if config:
+        monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", config)
     if ks is None:
         ks = [(s + 127) // 128 * 128 for s in random_group_sizes(6, 1024)]
     g, total = len(ks), sum(ks)
