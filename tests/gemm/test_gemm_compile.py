@@ -106,6 +106,40 @@ def test_tma_store_kernels_compile_without_spills(monkeypatch, tmp_path, m, n, k
     assert not any(code in r.meta["ptxas"] for code in SERIALISED)
 
 
+def test_weight_gradient_tma_store_policy():
+    """1D1D kernels: the TMA store for bf16 output up to K = WGRAD_TMA_STORE_MAX_K with 128-row tiles, never for
+    fp32 output or with C; its staging tile and the second B-scale slots fit the shared memory."""
+    def cfg(k, out=torch.bfloat16, c=None, kind=kernels.KIND_DENSE, m=4096):
+        return kernels.choose_spec(kind, m, 8, 7168, k, m, True, 0, out, c, 132)[1]
+    assert cfg(1024).tma_store and cfg(kernels.WGRAD_TMA_STORE_MAX_K).tma_store
+    assert not cfg(2 * kernels.WGRAD_TMA_STORE_MAX_K).tma_store
+    assert not cfg(1024, torch.float32).tma_store and not cfg(1024, torch.float32, torch.float32).tma_store
+    assert cfg(1024, kind=kernels.KIND_K_GROUPED).tma_store and not cfg(1024, m=128).tma_store
+    for c in (cfg(1024), cfg(1024, kind=kernels.KIND_K_GROUPED), cfg(8192)):
+        assert heuristic.smem_bytes(c, True) <= heuristic.SMEM_BUDGET
+
+
+@needs_nvcc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", [kernels.KIND_DENSE, kernels.KIND_K_GROUPED])
+@pytest.mark.parametrize("out,has_c,tma", [(torch.bfloat16, False, ""), (torch.bfloat16, False, "0"),
+                                          (torch.float32, False, ""), (torch.float32, True, "")])
+def test_weight_gradient_kernels_compile_without_spills(monkeypatch, tmp_path, kind, out, has_c, tma):
+    """The 1D1D kernels (dense and k-grouped) at FP8Experts' 7168 x 2048 weight gradient: bf16 output with the
+    TMA store (the default at K <= 2048) and the staged stores, fp32 output with and without C."""
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
+    monkeypatch.setenv("DEEPSTACK_JIT_CACHE_DIR", str(tmp_path))
+    groups = 32 if kind == kernels.KIND_K_GROUPED else 1
+    spec, cfg, _ = kernels.choose_spec(kind, 7168, groups, 2048, 1024, 7168, True, 0, out, out if has_c else None,
+                                       132)
+    assert cfg.tma_store == (out == torch.bfloat16 and tma != "0")
+    assert heuristic.smem_bytes(cfg, True) <= heuristic.SMEM_BUDGET
+    r = jit.build(spec)
+    assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
+    assert not any(code in r.meta["ptxas"] for code in SERIALISED)
+
+
 @needs_nvcc
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("cfg,tma", [("128,112,7", "1"), ("128,144,6", "0"), ("128,160,5", "1"), ("128,176,5", "1"),
