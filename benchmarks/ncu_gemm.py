@@ -17,6 +17,18 @@ import torch
 from ab_gemm import make_call, parse_shape, parse_variant, select, shape_name
 
 
+def profiled(name: str, call) -> None:
+    """Three warm-up calls, then one call between cudaProfilerStart/Stop (what `--profile-from-start off` profiles)."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("profiled", name, flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", required=True, help="comma-separated shapes (ab_gemm.py notation)")
@@ -28,14 +40,7 @@ def main() -> int:
         call, _, _ = make_call(shape)
         for variant in variants:
             select(variant, None)
-            for _ in range(3):
-                call()
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-            call()
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
-            print("profiled", shape_name(shape), variant[0], flush=True)
+            profiled(f"{shape_name(shape)} {variant[0]}", call)
     return 0
 
 

@@ -16,18 +16,9 @@ import torch_deepstack  # noqa: F401
 from torch_deepstack.gemm.api import per_block_quant_fp8
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
+from ncu_gemm import profiled
+
 ops = torch.ops.deepstack
-
-
-def profiled(name, call) -> None:
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print("profiled", name, flush=True)
 
 
 def main() -> None:
