@@ -25,7 +25,8 @@ import torch_deepstack  # noqa: F401
 from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved
 
 ops = torch.ops.deepstack
-CONFIGS = [(4096, 7168, 32, 1024), (7168, 2048, 32, 1024), (4096, 7168, 32, 256), (4096, 7168, 8, 4096)]   # M, N, G, expected
+# (M, N, G, expected tokens per expert): FP8Experts' two weights at DeepSeek-V3 sizes, shorter and longer segments
+CONFIGS = [(4096, 7168, 32, 1024), (7168, 2048, 32, 1024), (4096, 7168, 32, 256), (4096, 7168, 8, 4096)]
 
 
 def segments(g: int, expected: int, seed: int = 0) -> list:

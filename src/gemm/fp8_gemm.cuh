@@ -342,8 +342,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
                                   kBlockN <= 160),
                 "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
-  // kTmaStore (bf16 output without C; any kind, 1D2D or 1D1D): the epilogue writes the tile into its own BLOCK_M x BLOCK_N bf16
-  // shared-memory buffer (each math warp its 16 rows: as 16 x 64 boxes of 2 KB with the 128-byte swizzle when
+  // kTmaStore (bf16 output without C; any kind, 1D2D or 1D1D): the epilogue writes the tile into its own
+  // BLOCK_M x BLOCK_N bf16 shared-memory buffer (each math warp its 16 rows: as 16 x 64 boxes of 2 KB with the 128-byte swizzle when
   // BLOCK_N is a multiple of 64, else as one unswizzled 16 x BLOCK_N box with rows BLOCK_N * 2 bytes apart) and leaves
   // it to TMA stores (tmap_d describes D, with the matching box and swizzle), so the math warps go on to the
   // next tile at once; a warp waits for its previous stores to have read the buffer only before rewriting it, a tile

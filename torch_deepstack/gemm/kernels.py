@@ -93,7 +93,7 @@ def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -
 # needs D's tensor map, encoded on the host once per output pointer: calls with M <= 128 (kernels of ~15-25 us, +1-3%
 # measured with a reused D) keep the plain epilogue, so a caller that allocates D per call pays no encode there.
 TMA_STORE_MAX_K = 16384
-# The weight-gradient (1D1D) kernels' TMA store, measured on the k-grouped kind (H200, 2026-11-30 22:20 UTC,
+# The weight-gradient (1D1D) kernels' TMA store, measured on the k-grouped kind (H200, 2026-11-30 21:50 UTC,
 # benchmarks/bench_k_grouped.py, against the staged stores): +23% at 256-token segments, +3% / +6% at 1024
 # (4096 x 7168 / 7168 x 2048), -3% at 4096; so up to K = 2048 (the longest segment, for the k-grouped kind).
 WGRAD_TMA_STORE_MAX_K = 2048
@@ -107,8 +107,7 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
     16 x BLOCK_N boxes), no clusters (but for the experiment DEEPSTACK_GEMM_MULTICAST=2, dense kind); on by default
     for dense, contiguous and k-grouped 128-row tiles with M > 128 (M_sum for the contiguous kind) and
     K <= TMA_STORE_MAX_K (weight gradients: WGRAD_TMA_STORE_MAX_K), off by default for the masked kind (measured
-    slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces
-    it on/off wherever it is possible (A/B runs, tests)."""
+    slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible (A/B runs, tests)."""
     clusters = cluster == 1 or (kind == KIND_DENSE and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "2")
     if not (out_dtype == torch.bfloat16 and not has_c and clusters):
         return False
@@ -188,9 +187,9 @@ def _prepare_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, 
                   k_template=None, plan_k=None):
     """The GEMM's launch, packed (PreparedLaunch). m_rows: M (dense), M_sum (contiguous) or M_max (masked).
     k: the operands' K (k-grouped: the sum of the segments); plan_k: the K the block sizes are chosen for, if not k."""
-    kernel, cfg, grid, band, smem, cluster = _plan(kind, a.device, m_rows, num_groups, n, k if plan_k is None else plan_k,
-                                                   expected_m, sf_b_per_row, k_template, d.dtype,
-                                                   None if c is None else c.dtype)
+    kernel, cfg, grid, band, smem, cluster = _plan(kind, a.device, m_rows, num_groups, n,
+                                                   k if plan_k is None else plan_k, expected_m, sf_b_per_row,
+                                                   k_template, d.dtype, None if c is None else c.dtype)
     kb = cdiv(k, 128)
     groups_b = b.shape[0] if b.dim() == 3 else 1
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
