@@ -22,6 +22,7 @@ import os
 import torch
 
 import torch_deepstack  # noqa: F401
+from torch_deepstack.gemm.kernels import k_grouped_per_segment as per_segment
 from torch_deepstack.testing.bench import BenchTable, bench_gpu_interleaved
 
 ops = torch.ops.deepstack
@@ -37,19 +38,9 @@ def segments(g: int, expected: int, seed: int = 0) -> list:
 
 
 def operand(t: torch.Tensor):
+    """t [tokens, C] -> the weight-gradient operand [C, tokens] (1x128 scales along tokens) and its scales."""
     q, s = ops.per_token_group_quant_fp8_t(t, 1e-4, False)
     return q.as_strided((q.shape[0], q.stride(0)), (q.stride(0), 1)), s
-
-
-def per_segment(aq, asf, bq, bsf, d, ks):
-    start = 0
-    for i, k in enumerate(ks):
-        if k:
-            sl, ss = slice(start, start + k), slice(start // 128, (start + k) // 128)
-            ops.fp8_wgrad_gemm_nt(aq[:, sl], asf[:, ss], bq[:, sl], bsf[:, ss], d[i])
-        else:
-            d[i].zero_()
-        start += k
 
 
 def ab(variants: str) -> None:

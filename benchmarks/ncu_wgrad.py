@@ -16,6 +16,7 @@ import torch_deepstack  # noqa: F401
 from torch_deepstack.gemm.api import per_block_quant_fp8
 from torch_deepstack.quant.api import per_token_group_quant_fp8
 
+from bench_k_grouped import operand
 from ncu_gemm import profiled
 
 ops = torch.ops.deepstack
@@ -25,10 +26,8 @@ def main() -> None:
     m, n, k = (int(v) for v in sys.argv[1].split("x"))
     d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     # wgrad: A = dY^T [M, K] and B = X^T [N, K], both quantised along K (the token dimension) in 1x128 groups
-    aq, asf = ops.per_token_group_quant_fp8_t(torch.randn(k, m, device="cuda").to(torch.bfloat16), 1e-4, False)
-    bq, bsf = ops.per_token_group_quant_fp8_t(torch.randn(k, n, device="cuda").to(torch.bfloat16), 1e-4, False)
-    aq = aq.as_strided((m, k), (aq.stride(0), 1))
-    bq = bq.as_strided((n, k), (bq.stride(0), 1))
+    aq, asf = operand(torch.randn(k, m, device="cuda").to(torch.bfloat16))
+    bq, bsf = operand(torch.randn(k, n, device="cuda").to(torch.bfloat16))
     profiled(f"wgrad {m}x{n}x{k}", lambda: ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d))
     xq, xsf = per_token_group_quant_fp8(torch.randn(m, k, device="cuda").to(torch.bfloat16))
     wq, wsf = per_block_quant_fp8(torch.randn(n, k, device="cuda").to(torch.bfloat16))

@@ -30,6 +30,13 @@ def _small_case(num_experts, tokens, k, seed):
     return (FP8Experts(num_experts, 128, 128), x, *_routing(tokens, k, num_experts, seed=seed))
 
 
+def _training_inputs(tokens, d_model, k, num_experts):
+    """x (bf16) and the routing weights as leaves that want gradients, with topk_idx from _routing."""
+    x = torch.randn(tokens, d_model, dtype=torch.bfloat16, requires_grad=True)
+    idx, w = _routing(tokens, k, num_experts)
+    return x, idx, w.requires_grad_(True)
+
+
 def _reference(mod: FP8Experts, x, idx, w):
     """The loop FP8Experts replaces, in fp32 of the same weights."""
     out = torch.zeros(x.shape, dtype=torch.float32)
@@ -48,9 +55,7 @@ def _reference(mod: FP8Experts, x, idx, w):
 def test_forward_and_gradients_match_the_expert_loop(gated):
     torch.manual_seed(0)
     mod = FP8Experts(5, 256, 128, gated=gated)
-    x = torch.randn(37, 256, dtype=torch.bfloat16, requires_grad=True)
-    idx, w = _routing(37, 2, 5)
-    w.requires_grad_(True)
+    x, idx, w = _training_inputs(37, 256, 2, 5)
     y = mod(x, idx, w)
     assert y.shape == x.shape and y.dtype == x.dtype
     x_ref = x.detach().float().requires_grad_(True)
@@ -80,9 +85,7 @@ def test_unwritten_padding_rows_never_reach_a_result(gated, monkeypatch):
     def run():
         torch.manual_seed(3)
         mod = FP8Experts(4, 256, 128, gated=gated)
-        x = torch.randn(29, 256, dtype=torch.bfloat16, requires_grad=True)
-        idx, w = _routing(29, 2, 4)
-        w.requires_grad_(True)
+        x, idx, w = _training_inputs(29, 256, 2, 4)
         y = mod(x, idx, w)
         y.float().backward(torch.randn(y.shape))
         return [t.detach().clone() for t in (y, x.grad, w.grad, mod.w_in.grad, mod.w_out.grad)]

@@ -9,6 +9,7 @@ from tests.gemm.util import (contiguous_layout, dense_inputs, grouped_b, quant_a
 from tests.helpers import calc_diff, fresh_randn, poison_, poisoned_empty
 from torch_deepstack.gemm import reference as ref
 from torch_deepstack.gemm import api
+from torch_deepstack.gemm.kernels import k_grouped_per_segment
 
 pytestmark = pytest.mark.cuda
 ops = torch.ops.deepstack
@@ -582,15 +583,8 @@ def test_k_grouped_one_launch_equals_one_gemm_per_segment(m, n, ks, config, out_
     g, total = len(ks), sum(ks)
     aq, asf = wgrad_operand(fresh_randn(total, m, dtype=torch.bfloat16, device=DEV))
     bq, bsf = wgrad_operand(fresh_randn(total, n, dtype=torch.bfloat16, device=DEV))
-    want = torch.empty(g, m, n, dtype=out_dtype, device=DEV)
-    start = 0
-    for i, k in enumerate(ks):
-        if k:
-            sl, ss = slice(start, start + k), slice(start // 128, (start + k) // 128)
-            ops.fp8_wgrad_gemm_nt(aq[:, sl], asf[:, ss], bq[:, sl], bsf[:, ss], want[i])
-        else:
-            want[i].zero_()
-        start += k
+    want = poisoned_empty(g, m, n, dtype=out_dtype, device=DEV)
+    k_grouped_per_segment(aq, asf, bq, bsf, want, ks)
     d = poisoned_empty(g, m, n, dtype=out_dtype, device=DEV)
     ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d, ks)
     torch.cuda.synchronize()

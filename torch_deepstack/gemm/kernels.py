@@ -379,8 +379,8 @@ def k_grouped_fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, ks, c=None, accumulate=F
     if not any(ks):
         _fill_no_k(d, c, accumulate)
         return
-    sfa, sfb = as_mn_major_sf(sfa), as_mn_major_sf(sfb)
     if _groups_packed(d) and _groups_packed(c) and not torch.cuda.is_current_stream_capturing():
+        sfa, sfb = as_mn_major_sf(sfa), as_mn_major_sf(sfb)
         c = d if accumulate and c is None else c
         if accumulate and c is not d:
             c = c + d
@@ -389,6 +389,14 @@ def k_grouped_fp8_wgrad_gemm_nt_cuda(a, sfa, b, sfb, d, ks, c=None, accumulate=F
         _prepare_gemm(KIND_K_GROUPED, a, sfa, b, sfb, d, c, _k_bounds(ks, a.device), m_rows=m, num_groups=len(ks),
                       n=n, k=sum(ks), expected_m=m, sf_b_per_row=True, k_template=0, plan_k=plan_k).launch()
         return
+    k_grouped_per_segment(a, sfa, b, sfb, d, ks, c, accumulate)
+
+
+def k_grouped_per_segment(a, sfa, b, sfb, d, ks, c=None, accumulate=False) -> None:
+    """k_grouped_fp8_wgrad_gemm_nt's operation as one weight-gradient GEMM per segment (empty segments: D[g] = C[g]
+    or zeros): the op's path under CUDA-graph capture and for unpacked D / C, and what the benchmark and the GPU
+    tests compare the one launch with. Operands as the op takes them (CUDA tensors, checked by the op)."""
+    sfa, sfb = as_mn_major_sf(sfa), as_mn_major_sf(sfb)
     start = 0
     for g, k in enumerate(int(x) for x in ks):
         cg = None if c is None else c[g]
