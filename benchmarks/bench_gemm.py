@@ -9,6 +9,14 @@ then bf16): under the H200's power cap its 10 ms windows read the clock left by 
 timed right after the light set-up read up to 13% high and short ones after a bf16 matmul up to 7% low (docs/gemm.md,
 "Session of 2026-11-30 04:35-05:12 UTC").
 
+DeepGEMM itself joins a run as a fourth contender when a real `deep_gemm` package imports (issue 3's reference
+numbers come from DeepGEMM 2.6.1 timed by another method, so the live column is the like-for-like one): on the GPU
+machine, carry the SGLang build's wheels: `sgl-deep-gemm==0.1.3` (its `_C.so` links torch and resolves against
+torch 2.10 / 2.11; its later builds need a newer torch) and `apache-tvm-ffi==0.1.9`. Its kernels are JIT-compiled
+with nvcc on first use (`DG_JIT_CACHE_DIR` keeps them; `--deepgemm-warm I/N` compiles them in parallel).
+Each live call gets its scales in DeepGEMM's own SM90 layout, prepared once outside the timed call, and its output
+is checked against ours (calc_diff) before it is timed.
+
 TFLOPS = 2*M*N*K / t (valid rows only for grouped kinds); GB/s counts A + B + D bytes once each.
 """
 import argparse
@@ -43,6 +51,82 @@ DEEPGEMM_H200 = {  # TFLOPS, issue 3
 DEEPGEMM_GROUPED = {(4, 8192, 4096, 7168): 1244, (4, 8192, 7168, 2048): 1169}
 
 
+def live_deepgemm():
+    """The real DeepGEMM package if one imports (not ours: torch_deepstack.compat.deep_gemm), else None."""
+    if "--no-deepgemm" in __import__("sys").argv:
+        return None
+    try:
+        import deep_gemm
+    except Exception as e:  # noqa: BLE001 - an optional contender; say why it is absent
+        print(f"live DeepGEMM: not available ({type(e).__name__}: {str(e)[:80]})")
+        return None
+    print(f"live DeepGEMM: {getattr(deep_gemm, '__file__', '?')}")
+    return deep_gemm
+
+
+DG = None  # set in main()
+
+
+def guarded(make):
+    """A live DeepGEMM contender from make(), or None (with the reason printed) if setting it up fails."""
+    def wrapper(*args):
+        if DG is None:
+            return None
+        try:
+            return make(*args)
+        except Exception as e:  # noqa: BLE001 - an optional contender must not stop the run
+            print(f"live DeepGEMM {make.__name__}: {type(e).__name__}: {str(e)[:200]}")
+            return None
+    wrapper.__name__ = make.__name__
+    return wrapper
+
+
+def agree(name, d_ref, d_test, rows=None):
+    """calc_diff of a contender's output against ours; a contender whose output disagrees is not timed."""
+    from torch_deepstack.compat.deep_gemm import calc_diff
+    a, b = (d_ref, d_test) if rows is None else (d_ref[rows], d_test[rows])
+    diff = calc_diff(a.float(), b.float())
+    if not diff < 1e-3:
+        print(f"{name}: output disagrees with ours (calc_diff {diff:.2e}); not timed")
+        return False
+    return True
+
+
+@guarded
+def deepgemm_dense(aq, asf, bq, bsf, d_ours):
+    """A live DeepGEMM fp8_gemm_nt call (SM90: fp32 scales, MN-major TMA-aligned sfa), or None."""
+    sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
+    d = torch.empty_like(d_ours)
+    call = lambda: DG.fp8_gemm_nt((aq, sfa), (bq, bsf), d, disable_ue8m0_cast=True)  # noqa: E731
+    call()
+    return call if agree("DeepGEMM", d_ours, d) else None
+
+
+@guarded
+def deepgemm_contiguous(aq, asf, bq, bsf, ids, d_ours):
+    sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
+    d = torch.empty_like(d_ours)
+    call = lambda: DG.m_grouped_fp8_gemm_nt_contiguous((aq, sfa), (bq, bsf), d, ids,  # noqa: E731
+                                                         disable_ue8m0_cast=True)
+    call()
+    return call if agree("DeepGEMM contiguous", d_ours, d) else None
+
+
+def masked_fn():
+    """DeepGEMM's masked grouped GEMM under its current name or the one the SGLang 0.1.x builds export."""
+    return getattr(DG, "m_grouped_fp8_gemm_nt_masked", None) or DG.fp8_m_grouped_gemm_nt_masked
+
+
+@guarded
+def deepgemm_masked(aq, asf, bq, bsf, masked_m, expected_m, d_ours):
+    sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
+    d = torch.empty_like(d_ours)
+    fn = masked_fn()
+    call = lambda: fn((aq, sfa), (bq, bsf), d, masked_m, expected_m, disable_ue8m0_cast=True)  # noqa: E731
+    call()
+    return call if agree("DeepGEMM masked", d_ours[:, :expected_m], d[:, :expected_m]) else None
+
+
 def quant_weight(n, k, groups=None):
     if groups is None:
         return api.per_block_quant_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
@@ -68,6 +152,11 @@ def tflops(flops, ms):
     return None if ms is None else flops / ms / 1e9
 
 
+def live_cols(ours, live):
+    """The live DeepGEMM columns: its TFLOPS in this run and ours over it ("-" when it did not run)."""
+    return (live, ours / live) if live else ("-", "-")
+
+
 def dense(table, ms_list, nk):
     for m in ms_list:
         for j, (n, k) in enumerate(nk):
@@ -77,8 +166,11 @@ def dense(table, ms_list, nk):
             d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             fn, err = cublas_blockwise(aq, asf, bq, bsf)
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
             ms = time_all(f"{m}x{n}x{k}", {"ours": lambda: torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d),
+                                           "deepgemm": deepgemm_dense(aq, asf, bq, bsf, d),
                                            "cublas": fn, "bf16": lambda: x @ w.T})
+            live = tflops(2 * m * n * k, ms.get("deepgemm"))
             t = ms["ours"]
             flops, nbytes = 2 * m * n * k, m * k + n * k + 2 * m * n
             ours = tflops(flops, t)
@@ -91,7 +183,7 @@ def dense(table, ms_list, nk):
             tail = kernels.split_tail_columns(m, n, k, kernels.num_sms(torch.device("cuda")))
             epi += f" +{tail} cols" if tail else ""   # last N % 128 columns as a second launch
             table.add("dense", f"{m}x{n}x{k}", f"{cfg.block_m}x{cfg.block_n}/{cfg.stages}{epi}", t * 1e3, ours,
-                      nbytes / t / 1e6, ref or "-", ours / ref if ref else "-",
+                      nbytes / t / 1e6, ref or "-", ours / ref if ref else "-", *live_cols(ours, live),
                       cub if cub else f"refused", ours / cub if cub else "-", bf16)
 
 
@@ -107,14 +199,17 @@ def grouped(table, configs, nk):
             flops, nbytes = 2 * m * n * k, m * k + g * n * k + 2 * m * n
             fns = [cublas_blockwise(aq[i * mg:(i + 1) * mg], asf[i * mg:(i + 1) * mg], bq[i], bsf[i])[0]
                    for i in range(g)]
+            torch.ops.deepstack.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids)
             ms = time_all(f"c{g}x{mg}x{n}x{k}", {
                 "ours": lambda: torch.ops.deepstack.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids),
+                "deepgemm": deepgemm_contiguous(aq, asf, bq, bsf, ids, d),
                 "cublas": (lambda: [f() for f in fns]) if all(fns) else None})
             t = ms["ours"]
             cub = tflops(flops, ms.get("cublas"))
             ref = DEEPGEMM_GROUPED.get((g, mg, n, k))
             table.add("contiguous", f"{g}x{mg} {n}x{k}", "", t * 1e3, tflops(flops, t), nbytes / t / 1e6,
-                      ref or "-", tflops(flops, t) / ref if ref else "-", cub or "refused",
+                      ref or "-", tflops(flops, t) / ref if ref else "-",
+                      *live_cols(tflops(flops, t), tflops(flops, ms.get("deepgemm"))), cub or "refused",
                       tflops(flops, t) / cub if cub else "-", "-")
 
 
@@ -130,13 +225,56 @@ def masked(table, configs, nk, m_max=4096):
             a_rows = [aq[i, :mg] for i in range(g)]
             s_rows = [asf[i, :mg] for i in range(g)]
             fns = [cublas_blockwise(a_rows[i], s_rows[i], bq[i], bsf[i])[0] for i in range(g)]
+            torch.ops.deepstack.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, mg)
             ms = time_all(f"m{g}x{mg}x{n}x{k}", {
                 "ours": lambda: torch.ops.deepstack.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, mg),
+                "deepgemm": deepgemm_masked(aq, asf, bq, bsf, masked_m, mg, d),
                 "cublas": (lambda: [f() for f in fns]) if all(fns) else None})
             t = ms["ours"]
             cub = tflops(flops, ms.get("cublas"))
             table.add("masked", f"{g}x{mg} {n}x{k}", "", t * 1e3, tflops(flops, t), nbytes / t / 1e6, "-", "-",
-                      cub or "refused", tflops(flops, t) / cub if cub else "-", "-")
+                      *live_cols(tflops(flops, t), tflops(flops, ms.get("deepgemm"))), cub or "refused", tflops(flops, t) / cub if cub else "-", "-")
+
+
+def warm_deepgemm(shard: str, ms_list, grouped_too: bool) -> None:
+    """JIT-compile a live DeepGEMM's kernels for this run's shapes, shard I of N (`--deepgemm-warm I/N`): N
+    processes started side by side fill DG_JIT_CACHE_DIR in parallel (one nvcc compile per kernel), so the timed
+    run finds them built."""
+    import time
+    i, n_shards = (int(v) for v in shard.split("/"))
+    plan = [("dense", m, 1, n, k) for m in ms_list for n, k in NK]
+    if grouped_too:
+        plan += [("contiguous", mg, g, n, k) for g, mg in GROUPED for n, k in GROUPED_NK]
+        plan += [("masked", mg, g, n, k) for g, mg in MASKED for n, k in GROUPED_NK]
+    for kind, m, g, n, k in plan[i::n_shards]:
+        t0 = time.perf_counter()
+        if kind == "dense":
+            aq, asf = per_token_group_quant_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            bq, bsf = quant_weight(n, k)
+            sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
+            DG.fp8_gemm_nt((aq, sfa), (bq, bsf), torch.empty(m, n, device="cuda", dtype=torch.bfloat16),
+                           disable_ue8m0_cast=True)
+        elif kind == "contiguous":
+            aq, asf = per_token_group_quant_fp8(torch.randn(g * m, k, device="cuda", dtype=torch.bfloat16))
+            bq, bsf = quant_weight(n, k, g)
+            ids = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(m)
+            DG.m_grouped_fp8_gemm_nt_contiguous(
+                (aq, DG.get_mn_major_tma_aligned_tensor(asf.contiguous())), (bq, bsf),
+                torch.empty(g * m, n, device="cuda", dtype=torch.bfloat16), ids, disable_ue8m0_cast=True)
+        else:
+            aq, asf = per_token_group_quant_fp8(torch.randn(g, 4096, k, device="cuda", dtype=torch.bfloat16))
+            bq, bsf = quant_weight(n, k, g)
+            masked_fn()(
+                (aq, DG.get_mn_major_tma_aligned_tensor(asf.contiguous())), (bq, bsf),
+                torch.empty(g, 4096, n, device="cuda", dtype=torch.bfloat16),
+                torch.full((g,), m, device="cuda", dtype=torch.int32), m, disable_ue8m0_cast=True)
+        torch.cuda.synchronize()
+        print(f"DeepGEMM warm {kind} {g}x{m}x{n}x{k}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+GROUPED = [(4, 8192), (8, 4096)]
+MASKED = [(1, 1024), (2, 512), (4, 256)]
+GROUPED_NK = [(4096, 7168), (7168, 2048)]
 
 
 def main():
@@ -150,13 +288,25 @@ def main():
     ap.add_argument("--dense-only", action="store_true", help="skip the grouped and masked shapes")
     ap.add_argument("--no-save", action="store_true", help="print only (docs/benchmarks.md left as it is)")
     ap.add_argument("--samples", default="", help="write every contender's samples (ms, time order) to this JSON")
+    ap.add_argument("--no-deepgemm", action="store_true", help="leave out a live DeepGEMM even if it imports")
+    ap.add_argument("--deepgemm-warm", default="", metavar="I/N",
+                    help="only JIT-compile shard I of N of a live DeepGEMM's kernels for this run, then exit")
     args = ap.parse_args()
     METHOD = args.method
+    global DG
+    DG = live_deepgemm()
+    if args.deepgemm_warm:
+        if DG is not None:
+            warm_deepgemm(args.deepgemm_warm, [int(v) for v in args.ms.split(",")], not args.dense_only)
+        return
     table = BenchTable("gemm", "fp8_gemm", "FP8 GEMM, 1x128 / 128x128 scales, bf16 out",
                        ["kind", "shape (M x N x K)", "block/stages", "ours us", "ours TFLOPS", "ours GB/s",
-                        "DeepGEMM TFLOPS", "ours/DeepGEMM", "cuBLAS blockwise TFLOPS", "ours/cuBLAS",
+                        "DeepGEMM (issue) TFLOPS", "ours/DeepGEMM (issue)", "DeepGEMM here TFLOPS",
+                        "ours/DeepGEMM here", "cuBLAS blockwise TFLOPS", "ours/cuBLAS",
                         "bf16 TFLOPS"])
-    table.notes.append("DeepGEMM column: DeepGEMM 2.6.1 on this H200 (issue 3), not rerun here")
+    table.notes.append("DeepGEMM (issue) column: DeepGEMM 2.6.1 on this H200 (issue 3), timed by its own method")
+    table.notes.append("DeepGEMM here: " + (f"live in this run, timed like ours ({DG.__name__} "
+                                             f"{getattr(DG, '__version__', '')})" if DG else "not installed"))
     table.notes.append("cuBLAS column for grouped kinds: a per-expert loop of torch._scaled_mm")
     table.notes.append("timing: " + ("each contender of a shape in turn, 5 rounds (order rotated) of ~100 ms of "
                                      "its own flushed calls, then 10 timed ones; median of the 50 (steady clocks "
@@ -167,8 +317,8 @@ def main():
     else:
         dense(table, [int(v) for v in args.ms.split(",")], NK)
         if not args.dense_only:
-            grouped(table, [(4, 8192), (8, 4096)], [(4096, 7168), (7168, 2048)])
-            masked(table, [(1, 1024), (2, 512), (4, 256)], [(4096, 7168), (7168, 2048)])
+            grouped(table, GROUPED, GROUPED_NK)
+            masked(table, MASKED, GROUPED_NK)
     if args.samples:
         with open(args.samples, "w") as f:
             json.dump(SAMPLES, f)

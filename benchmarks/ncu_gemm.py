@@ -6,7 +6,8 @@
 
 Shapes and variants are written as for benchmarks/ab_gemm.py (dense MxNxK, contiguous cGxMGxNxK, masked mGxMGxNxK;
 NAME:DEFINES[:MULTICAST[:TMA_STORE[:SPLIT_TAIL]]]). The kernels must already be in DEEPSTACK_JIT_CACHE_DIR
-(ab_gemm.py --prebuild-only builds the same set).
+(ab_gemm.py --prebuild-only builds the same set). `--deepgemm` also profiles a live DeepGEMM's call on each dense
+shape (after ours; see bench_gemm.py for the package), to compare the two kernels' counters on the same data.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 
 import torch
 
-from ab_gemm import make_call, parse_shape, parse_variant, select, shape_name
+from ab_gemm import kernels, make_call, parse_shape, parse_variant, select, shape_name
 
 
 def profiled(name: str, call) -> None:
@@ -33,15 +34,39 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", required=True, help="comma-separated shapes (ab_gemm.py notation)")
     p.add_argument("--variant", action="append", default=None, help="NAME:DEFINES[:...] (repeatable)")
+    p.add_argument("--config", action="append", default=[], help="bm,bn,stages forced config (repeatable; default: "
+                                                                  "the heuristic's)")
+    p.add_argument("--deepgemm", action="store_true", help="also profile a live DeepGEMM on each dense shape")
     args = p.parse_args()
     variants = [parse_variant(v) for v in (args.variant or ["default:"])]
     for text in args.shapes.split(","):
         shape = parse_shape(text)
         call, _, _ = make_call(shape)
         for variant in variants:
-            select(variant, None)
-            profiled(f"{shape_name(shape)} {variant[0]}", call)
+            for cfg in args.config or [None]:
+                select(variant, tuple(int(v) for v in cfg.split(",")) if cfg else None)
+                profiled(f"{shape_name(shape)} {variant[0]} {cfg or 'heuristic'}", call)
+        if args.deepgemm and shape[0] == kernels.KIND_DENSE:
+            profiled(f"{shape_name(shape)} DeepGEMM", deepgemm_call(shape[3], shape[4], shape[2]))
     return 0
+
+
+def deepgemm_call(n: int, k: int, m: int):
+    """A live DeepGEMM fp8_gemm_nt on fresh data (checked against ours by bench_gemm.deepgemm_dense)."""
+    import bench_gemm
+    from torch_deepstack.quant import per_token_group_quant_fp8
+
+    bench_gemm.DG = bench_gemm.live_deepgemm()
+    if bench_gemm.DG is None:
+        raise SystemExit("--deepgemm: no DeepGEMM package imports")
+    aq, asf = per_token_group_quant_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    bq, bsf = bench_gemm.quant_weight(n, k)
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
+    call = bench_gemm.deepgemm_dense(aq, asf, bq, bsf, d)
+    if call is None:
+        raise SystemExit("--deepgemm: DeepGEMM's output disagrees with ours")
+    return call
 
 
 if __name__ == "__main__":
