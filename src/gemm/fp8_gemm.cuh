@@ -285,14 +285,15 @@ __device__ __forceinline__ void with_sfb_offset(int o, F&& f) {
 
 template <int kBlockM, int kBlockN, int kN, int kK, int kStages, int kKind, bool kSfbPerRow, typename OutT,
           typename CT, bool kHasC, int kCluster = 1, bool kTmaStore = false>
-__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
+__global__ void __launch_bounds__(((kBlockM == 256 ? 128 : kBlockM) / 64 + 1) * 128, 1)
 fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                 const __grid_constant__ CUtensorMap tmap_sfa, const __grid_constant__ CUtensorMap tmap_sfb,
                 const __grid_constant__ CUtensorMap tmap_d,
                 OutT* __restrict__ d, const CT* c, const float* __restrict__ sfb, const int* __restrict__ layout,
                 int M, int num_groups, int ldd, int ldc, int band, int sfb_sg, int sfb_sn, int sfb_sk, int num_kb_rt) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M is 64 (1 math warpgroup) or 128 (2)");
+  static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256,
+                "BLOCK_M is 64 (1 math warpgroup), 128 (2) or 256 (2, two waves each)");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 256, "BLOCK_N is a multiple of 16 in [16, 256]");
   // 1D2D: a tile starts at a multiple of kBlockN, so its offset inside a 128-wide B scale block is a multiple of
   // gcd(kBlockN, 128) (the lowest set bit here) and it touches at most kSfbSpan blocks (3 at most for BLOCK_N <= 256:
@@ -300,7 +301,22 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr int kSfbGcd = (kBlockN & -kBlockN) < 128 ? (kBlockN & -kBlockN) : 128;
   constexpr int kSfbSpan = (128 - kSfbGcd + kBlockN - 1) / 128 + 1;
   static_assert(kSfbSpan <= 3, "a tile spans at most three B scale blocks");
-  constexpr int kMathWG = kBlockM / 64;
+  // 256-row tiles (dense 1D2D, TMA-store epilogue): each of the two math warpgroups owns two 64-row waves of the
+  // tile, rows 64 wg + 128 w (w = 0, 1), and runs each K slice's wgmmas wave by wave into one accumulator set,
+  // promoting each wave before the next (two sets would not fit beside the 2 x BLOCK_N / 2 promoted registers).
+  // Per K slice a B tile then serves 256 rows: half the barrier round trips, B loads and per-slice bookkeeping per
+  // FLOP of 128-row tiles; the other warpgroup's wgmmas run while one promotes. This is the tile DeepGEMM runs at
+  // M = 4096 (256 x 128, 3 stages), which measured 1.03-1.09x our 128-row tiles there (H200, 2026-11-30,
+  // bench_gemm.py with a live DeepGEMM).
+  constexpr int kWaves = kBlockM == 256 ? 2 : 1;
+  constexpr int kMathWG = kBlockM / 64 / kWaves;
+  static_assert(kWaves == 1 || (kKind == kGemmDense && !kSfbPerRow && kTmaStore && kBlockN <= 128),
+                "256-row tiles are for the dense 1D2D kind with the TMA-store epilogue, BLOCK_N <= 128");
+  // 256-row tiles in 2-CTA clusters share A instead of B (DeepGEMM's M = 4096 form): the two CTAs take
+  // horizontally adjacent N-blocks of one M-block and each loads half of the A tile (128 rows) by TMA multicast into
+  // both, so L2 -> SM traffic per CTA and K slice drops from (256 + BLOCK_N) x 128 to (128 + BLOCK_N) x 128 bytes. A
+  // CTA whose N-block lies past N still loads its half of A and releases its stages for its peer, and stores nothing.
+  constexpr bool kMcastA = kWaves == 2 && kCluster == 2;
   constexpr int kMathThreads = kMathWG * 128;
   // Pipelined promotion (main loop below): two accumulator sets, so BLOCK_N <= 128 (3 x 64 registers per thread).
   // (128x144 fits in 232 registers where the K slices are a multiple of 8, spills 48 B otherwise, and ran 3-50%
@@ -309,7 +325,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // The weight-gradient (1D1D) kernels pipeline too (+13-27% on the H200, 2026-11-30): their promotion reads the
   // stage's per-column B scales from shared memory, hence the second set of B-scale slots (kSfbSlots below).
 #if !defined(DS_SERIAL_PROMOTE) && !defined(DS_DBG)
-  constexpr bool kPipePromote = kBlockN <= 128;
+  constexpr bool kPipePromote = kBlockN <= 128 && kWaves == 1;
 #else
   constexpr bool kPipePromote = false;
 #endif
@@ -340,7 +356,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // host side: on the H200 it was bit-identical but 1-8% slower than kCluster = 1 (not L2-bound there).
   // (128x192 tiles would spill: the cluster bookkeeping costs the math warps one register more)
   static_assert(kCluster == 1 || (kCluster == 2 && kKind == kGemmDense && !kSfbPerRow && kBlockN % 16 == 0 &&
-                                  kBlockN <= 160),
+                                  kBlockN <= (kWaves == 2 ? 128 : 160)),
                 "2-CTA multicast is for the dense 1D2D kind, BLOCK_N <= 160 (B halves stay 8-row swizzle atoms)");
   // kTmaStore (bf16 output without C; any kind, 1D2D or 1D1D): the epilogue writes the tile into its own
   // BLOCK_M x BLOCK_N bf16 shared-memory buffer (each math warp its 16 rows: as 16 x 64 boxes of 2 KB with the 128-byte swizzle when
@@ -443,8 +459,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // With clusters the peer's barriers must be initialised before any multicast or remote arrive reaches them.
   if constexpr (kCluster > 1) sm90::cluster_sync(); else __syncthreads();
 
-  // Clusters walk the list of cluster tiles (kCluster M-blocks high); CTA `rank` takes the rank-th M-block of each.
-  using Sched = TileScheduler<kKind, kBlockM * kCluster, kBlockN, kN>;
+  // Clusters walk the list of cluster tiles (kCluster M-blocks high; sharing A: kCluster N-blocks wide); CTA `rank`
+  // takes the rank-th block of each.
+  using Sched = TileScheduler<kKind, kMcastA ? kBlockM : kBlockM * kCluster, kMcastA ? kBlockN * kCluster : kBlockN,
+                              kN>;
   const Sched sched(M, num_groups, band, layout);
 #ifndef DS_NO_ID_LOOKAHEAD
   constexpr bool kIdLookahead = kKind == kGemmContiguous;
@@ -512,7 +530,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         } else if (kProducerLookahead ? !ids.take(sched, t, tile_stride, tile) : !sched.resolve(t, tile)) {
           continue;
         }
-        tile.m0 += rank * kBlockM;
+        if (kMcastA) tile.n0 += rank * kBlockN; else tile.m0 += rank * kBlockM;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = (kKind == kGemmKGrouped ? 0 : tile.g * kN) + tile.n0;
         // k-grouped: the tile's segment, slices [kb0, kb0 + loop_kb) of the whole K
@@ -522,11 +540,16 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           sm90::mbar_wait(empty + s, phase ^ 1);
           sm90::mbar_arrive_expect_tx(full + s, kStageBytes);
           const int kx = (kb0 + kb) * 128;
-          sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kx, a_row);
-          if constexpr (kCluster > 1) {   // this CTA's half of B, into both CTAs
+          if constexpr (kMcastA) {        // this CTA's half of A, into both CTAs; its own B
+            sm90::tma_load_2d_multicast(smem_a + s * kBytesA + rank * (kBytesA / 2), &tmap_a, full + s, kx,
+                                        a_row + rank * (kBlockM / 2), (1u << kCluster) - 1);
+            sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kx, b_row);
+          } else if constexpr (kCluster > 1) {   // its own A; this CTA's half of B, into both CTAs
+            sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kx, a_row);
             sm90::tma_load_2d_multicast(smem_b + s * kBytesB + rank * (kBytesB / 2), &tmap_b, full + s, kx,
                                         b_row + rank * (kBlockN / 2), (1u << kCluster) - 1);
           } else {
+            sm90::tma_load_2d(smem_a + s * kBytesA, &tmap_a, full + s, kx, a_row);
             sm90::tma_load_2d(smem_b + s * kBytesB, &tmap_b, full + s, kx, b_row);
           }
           sm90::tma_load_2d(smem_sfa + s * kBlockM, &tmap_sfa, full + s, tile.m0,
@@ -549,7 +572,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     const int row_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and row_local + 8
     const int col_local = (lane % 4) * 2;                        // + 8 * j, and + 1
     float acc[kAccRegs];
-    float fin[kAccRegs];
+    float fin[kAccRegs * kWaves];
     int s = 0;
     uint32_t phase = 0;
     // The host builds D's tensor map only for a 16-byte aligned base and row pitch; otherwise the plain epilogues.
@@ -677,9 +700,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         if (kKind != kGemmContiguous) sfb_lanes_load(t + tile_stride, 0);
       }
       }
-      tile.m0 += rank * kBlockM;
+      if (kMcastA) tile.n0 += rank * kBlockN; else tile.m0 += rank * kBlockM;
 #pragma unroll
-      for (int i = 0; i < kAccRegs; ++i) fin[i] = 0.f;
+      for (int i = 0; i < kAccRegs * kWaves; ++i) fin[i] = 0.f;
 #if defined(DS_DBG) && DS_DBG == 4
 #pragma unroll
       for (int i = 0; i < kAccRegs; ++i) fin[i] = 1.f + i;
@@ -815,14 +838,25 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             kb += 4;
           }
         }
-        for (; kb < loop_kb; ++kb) {
-          float sb[3] = {0.f, 0.f, 0.f};
-          if (!kSfbPerRow) load_sfb(kb, sb);
+        // One K slice without pipelining, its B scales given (1D2D; unused by 1D1D, which reads them from the
+        // stage).
+        const auto serial_slice = [&](const float (&sb)[3], int kb) {
           sm90::mbar_wait(full + s, phase);
-          const float sa0 = smem_sfa[s * kBlockM + row_local];
-          const float sa1 = smem_sfa[s * kBlockM + row_local + 8];
-          const uint64_t desc_a = kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
-                                        : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
+          // (256-row tiles: one wave after the other, each into acc and promoted into its own part of fin; both
+          // waves' A scales are read first, as the stage may be refilled as soon as the last wave released it)
+          float sa0w[kWaves], sa1w[kWaves];
+#pragma unroll
+          for (int w = 0; w < kWaves; ++w) {
+            sa0w[w] = smem_sfa[s * kBlockM + w * 128 + row_local];
+            sa1w[w] = smem_sfa[s * kBlockM + w * 128 + row_local + 8];
+          }
+#pragma unroll
+          for (int w = 0; w < kWaves; ++w) {
+          const float sa0 = sa0w[w], sa1 = sa1w[w];
+          float* fw = fin + w * kAccRegs;
+          const uint64_t desc_a = (kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
+                                         : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128)) +
+                                  w * (128 * 128 >> 4);
           const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
                                         : sm90::smem_desc_sw128(smem_b + s * kBytesB);
           sm90::fence_regs(acc);
@@ -834,19 +868,21 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           sm90::fence_regs(acc);
 
           if (!kSfbPerRow) {
-            __syncwarp();
-            if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
-            if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
+            if (w == kWaves - 1) {
+              __syncwarp();
+              if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
+              if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
+            }
             const float s00 = sa0 * sb[0], s01 = sa0 * sb[1], s02 = sa0 * sb[2];
             const float s10 = sa1 * sb[0], s11 = sa1 * sb[1], s12 = sa1 * sb[2];
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
               const int i = blk(j);
               const float r0 = pick(i, s00, s01, s02), r1 = pick(i, s10, s11, s12);
-              fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fin[j * 4 + 0]);
-              fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fin[j * 4 + 1]);
-              fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fin[j * 4 + 2]);
-              fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fin[j * 4 + 3]);
+              fw[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fw[j * 4 + 0]);
+              fw[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fw[j * 4 + 1]);
+              fw[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fw[j * 4 + 2]);
+              fw[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fw[j * 4 + 3]);
             }
           } else {
             const float* sbr = smem_sfb + (s + (kSfbSlots > kStages && phase ? kStages : 0)) * kSfbStride + col_local;
@@ -864,14 +900,34 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #ifdef DS_DBG
           if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) fin[i] = acc[i];
+            for (int i = 0; i < kAccRegs; ++i) fw[i] = acc[i];
           }
           if (DS_DBG == 2) {  // the scales only
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) fin[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb[0];
+            for (int i = 0; i < kAccRegs; ++i) fw[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb[0];
           }
 #endif
+          }   // waves
           if (++s == kStages) { s = 0; phase ^= 1; }
+        };
+        if constexpr (kWaves == 2) {
+          // 256-row tiles: unrolled, with each slice's B scales loaded a slice ahead, so that the next slice's
+          // barrier wait and scale reads can move up into this slice's last promotion (as in DeepGEMM's loop) and
+          // no global load sits between a slice's wgmmas and its promotion.
+          float sb_next[3] = {0.f, 0.f, 0.f};
+          if (kb < loop_kb) load_sfb(kb, sb_next);
+#pragma unroll 4
+          for (; kb < loop_kb; ++kb) {
+            const float sb[3] = {sb_next[0], sb_next[1], sb_next[2]};
+            if (kb + 1 < loop_kb) load_sfb(kb + 1, sb_next);
+            serial_slice(sb, kb);
+          }
+        } else {
+          for (; kb < loop_kb; ++kb) {
+            float sb[3] = {0.f, 0.f, 0.f};
+            if (!kSfbPerRow) load_sfb(kb, sb);
+            serial_slice(sb, kb);
+          }
         }
       };
 #if defined(DS_SFB_RUNTIME)
@@ -886,114 +942,120 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       if (kKind == kGemmMasked) row_limit = __ldg(layout + tile.g);
       // masked and k-grouped: D (and C) viewed as [G * M, N]
       const int64_t row_base = kKind == kGemmMasked || kKind == kGemmKGrouped ? static_cast<int64_t>(tile.g) * M : 0;
-      if constexpr (kTmaStore) {
-        if (tma_ok) {
-          uint8_t* buf = smem_d + (wg * 4 + warp_in_wg) * kEpiWarpBytes;
-          const int row = tile.m0 + wg * 64 + warp_in_wg * 16;   // this warp's first row
-          // Grouped kinds: the box writes all 16 rows (TMA clips only at the tensor's end), so a warp with an
-          // invalid row among them (contiguous: id -1; masked: at or past masked_m) takes the staged stores below.
-          bool whole = true;
-          if (kKind == kGemmContiguous) {
-            if (kIdLookahead) {
-              whole = kIdAhead2 ? ids2.valid_rows(row_id) : ids.valid_rows(row_id);   // loaded a tile ahead
-            } else {
-              const int r = row + lane % 16;
-              whole = __all_sync(0xffffffffu, r >= M || __ldg(layout + r) >= 0);
+      // (256-row tiles: wave by wave; `continue` below moves on to the next wave, then the next tile)
+#pragma unroll
+      for (int w = 0; w < kWaves; ++w) {
+        const float* fw = fin + w * kAccRegs;
+        if constexpr (kTmaStore) {
+          if (tma_ok) {
+            uint8_t* buf = smem_d + (w * 8 + wg * 4 + warp_in_wg) * kEpiWarpBytes;
+            const int row = tile.m0 + w * 128 + wg * 64 + warp_in_wg * 16;   // this warp's first row
+            // Grouped kinds: the box writes all 16 rows (TMA clips only at the tensor's end), so a warp with an
+            // invalid row among them (contiguous: id -1; masked: at or past masked_m) takes the staged stores below.
+            bool whole = true;
+            if (kKind == kGemmContiguous) {
+              if (kIdLookahead) {
+                whole = kIdAhead2 ? ids2.valid_rows(row_id) : ids.valid_rows(row_id);   // loaded a tile ahead
+              } else {
+                const int r = row + lane % 16;
+                whole = __all_sync(0xffffffffu, r >= M || __ldg(layout + r) >= 0);
+              }
+            }
+            if (kKind == kGemmMasked) whole = row + 16 <= row_limit;
+            if (kKind == kGemmKGrouped) whole = row + 16 <= M;     // (D is [G * M, N]: no rows into the next group)
+            // this warp's stores of the previous tile have read the buffer (the staged stores reuse it too)
+            if (w == 0 && lane == 0) tma_store_wait_read();
+            __syncwarp();
+            if (whole) {
+              // stmatrix (8 per 128 columns instead of 32 4-byte stores; H200 +0-2.5% at M = 4096): per pair of
+              // 8-column blocks (j, j + 1) one x4 store of the matrices (rows 0-7, j), (8-15, j), (0-7, j + 1),
+              // (8-15, j + 1); lane l gives row l % 8 (+ 8 for odd l / 8) of matrix l / 8. Row r's 16-byte chunk c sits
+              // at chunk c ^ (r % 8) of its 128-byte box row (128-byte swizzle); buf is 1024-byte aligned and j even,
+              // so the address is one per-lane base XOR (j % 8) << 4.
+              // Unswizzled (BLOCK_N not a multiple of 64): row r at r * BLOCK_N * 2 bytes, 8-column block c at 16 c.
+              const int rr = lane % 8, mi = lane / 8;
+              const uint32_t z = kTmaSwizzled
+                  ? (sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * 128 + (rr << 4)) ^ ((mi / 2) << 4)
+                  : sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * (kBlockN * 2) + (mi / 2) * 16;
+#pragma unroll
+              for (int j = 0; j < kBlockN / 8; j += 2) {
+                stmatrix_x4(kTmaSwizzled ? (z + (j / 8) * 2048) ^ ((j % 8) << 4) : z + j * 16,
+                            pack2<__nv_bfloat16>(fw[j * 4 + 0], fw[j * 4 + 1]),
+                            pack2<__nv_bfloat16>(fw[j * 4 + 2], fw[j * 4 + 3]),
+                            pack2<__nv_bfloat16>(fw[j * 4 + 4], fw[j * 4 + 5]),
+                            pack2<__nv_bfloat16>(fw[j * 4 + 6], fw[j * 4 + 7]));
+              }
+              sm90::fence_proxy_async();               // generic-proxy writes visible to the TMA (async proxy)
+              __syncwarp();
+              if (lane == 0 && row < M && (!kMcastA || tile.n0 < kN)) {
+                const int trow = static_cast<int>(row_base) + row;   // masked: D viewed as [G * M_max, N]
+                if constexpr (kTmaSwizzled) {
+#pragma unroll
+                  for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_d, buf + b * 2048, tile.n0 + b * 64, trow);
+                } else {
+                  tma_store_2d(&tmap_d, buf, tile.n0, trow);
+                }
+                tma_store_commit();
+              }
+              continue;
             }
           }
-          if (kKind == kGemmMasked) whole = row + 16 <= row_limit;
-          if (kKind == kGemmKGrouped) whole = row + 16 <= M;     // (D is [G * M, N]: no rows into the next group)
-          // this warp's stores of the previous tile have read the buffer (the staged stores reuse it too)
-          if (lane == 0) tma_store_wait_read();
-          __syncwarp();
-          if (whole) {
-            // stmatrix (8 per 128 columns instead of 32 4-byte stores; H200 +0-2.5% at M = 4096): per pair of
-            // 8-column blocks (j, j + 1) one x4 store of the matrices (rows 0-7, j), (8-15, j), (0-7, j + 1),
-            // (8-15, j + 1); lane l gives row l % 8 (+ 8 for odd l / 8) of matrix l / 8. Row r's 16-byte chunk c sits
-            // at chunk c ^ (r % 8) of its 128-byte box row (128-byte swizzle); buf is 1024-byte aligned and j even,
-            // so the address is one per-lane base XOR (j % 8) << 4.
-            // Unswizzled (BLOCK_N not a multiple of 64): row r at r * BLOCK_N * 2 bytes, 8-column block c at 16 c.
-            const int rr = lane % 8, mi = lane / 8;
-            const uint32_t z = kTmaSwizzled
-                ? (sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * 128 + (rr << 4)) ^ ((mi / 2) << 4)
-                : sm90::smem_addr(buf) + (rr + 8 * (mi % 2)) * (kBlockN * 2) + (mi / 2) * 16;
+        }
+        if constexpr (kStagedEpilogue) {
+          if (((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0) {
+            // (with kTmaStore: the start of this warp's own part of the TMA staging tile, whose stores have read it)
+            uint32_t* st = kTmaStore
+                ? reinterpret_cast<uint32_t*>(smem_d + (w * 8 + wg * 4 + warp_in_wg) * kEpiWarpBytes)
+                : epi_stage + (wg * 4 + warp_in_wg) * kStageWords;
+            const int srow = lane >> 1, shalf = lane & 1;            // the row and 8-column half this lane stores
+            const int grow = tile.m0 + w * 128 + wg * 64 + warp_in_wg * 16 + srow;
+            bool row_ok = grow < row_limit;
+            if (kKind == kGemmContiguous && row_ok) row_ok = __ldg(layout + grow) >= 0;
+            OutT* drow = d + (row_base + grow) * static_cast<int64_t>(ldd);
 #pragma unroll
-            for (int j = 0; j < kBlockN / 8; j += 2) {
-              stmatrix_x4(kTmaSwizzled ? (z + (j / 8) * 2048) ^ ((j % 8) << 4) : z + j * 16,
-                          pack2<__nv_bfloat16>(fin[j * 4 + 0], fin[j * 4 + 1]),
-                          pack2<__nv_bfloat16>(fin[j * 4 + 2], fin[j * 4 + 3]),
-                          pack2<__nv_bfloat16>(fin[j * 4 + 4], fin[j * 4 + 5]),
-                          pack2<__nv_bfloat16>(fin[j * 4 + 6], fin[j * 4 + 7]));
-            }
-            sm90::fence_proxy_async();               // generic-proxy writes visible to the TMA (async proxy)
-            __syncwarp();
-            if (lane == 0 && row < M) {
-              const int trow = static_cast<int>(row_base) + row;   // masked: D viewed as [G * M_max, N]
-              if constexpr (kTmaSwizzled) {
+            for (int cc = 0; cc < kBlockN / 16; ++cc) {
 #pragma unroll
-                for (int b = 0; b < kBlockN / 64; ++b) tma_store_2d(&tmap_d, buf + b * 2048, tile.n0 + b * 64, trow);
-              } else {
-                tma_store_2d(&tmap_d, buf, tile.n0, trow);
+              for (int jj = 0; jj < 2; ++jj) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                  const int j = cc * 2 + jj;
+                  st[(lane / 4 + h * 8) * 12 + jj * 4 + lane % 4] =
+                      pack2<__nv_bfloat16>(fw[j * 4 + h * 2], fw[j * 4 + h * 2 + 1]);
+                }
               }
-              tma_store_commit();
+              __syncwarp();
+              const uint4 v = *reinterpret_cast<const uint4*>(st + srow * 12 + shalf * 4);
+              const int col = tile.n0 + cc * 16 + shalf * 8;
+              if (row_ok && col < kN) *reinterpret_cast<uint4*>(drow + col) = v;
+              __syncwarp();                                          // reads done before the next slice overwrites
             }
             continue;
           }
         }
-      }
-      if constexpr (kStagedEpilogue) {
-        if (((reinterpret_cast<uintptr_t>(d) | (static_cast<uintptr_t>(ldd) * 2)) & 15) == 0) {
-          // (with kTmaStore: the start of this warp's own part of the TMA staging tile, whose stores have read it)
-          uint32_t* st = kTmaStore ? reinterpret_cast<uint32_t*>(smem_d + (wg * 4 + warp_in_wg) * kEpiWarpBytes)
-                                   : epi_stage + (wg * 4 + warp_in_wg) * kStageWords;
-          const int srow = lane >> 1, shalf = lane & 1;            // the row and 8-column half this lane stores
-          const int grow = tile.m0 + wg * 64 + warp_in_wg * 16 + srow;
-          bool row_ok = grow < row_limit;
-          if (kKind == kGemmContiguous && row_ok) row_ok = __ldg(layout + grow) >= 0;
-          OutT* drow = d + (row_base + grow) * static_cast<int64_t>(ldd);
 #pragma unroll
-          for (int cc = 0; cc < kBlockN / 16; ++cc) {
+        for (int h = 0; h < 2; ++h) {
+          const int row = tile.m0 + w * 128 + row_local + h * 8;
+          bool valid = row < row_limit;
+          if (kKind == kGemmContiguous && valid) valid = __ldg(layout + row) >= 0;
+          if (!valid) continue;
+          OutT* drow = d + (row_base + row) * static_cast<int64_t>(ldd);
+          const CT* crow = kHasC ? c + (row_base + row) * static_cast<int64_t>(ldc) : nullptr;
 #pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const int j = cc * 2 + jj;
-                st[(lane / 4 + h * 8) * 12 + jj * 4 + lane % 4] =
-                    pack2<__nv_bfloat16>(fin[j * 4 + h * 2], fin[j * 4 + h * 2 + 1]);
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const int col = tile.n0 + j * 8 + col_local;
+            float v0 = fw[j * 4 + h * 2], v1 = fw[j * 4 + h * 2 + 1];
+            if (kN % 2 == 0) {
+              if (col < kN) {
+                if (kHasC) { v0 += load_c(crow + col); v1 += load_c(crow + col + 1); }
+                OutStore<OutT>::pair(drow + col, v0, v1);
               }
+            } else {
+              if (col < kN) OutStore<OutT>::one(drow + col, kHasC ? v0 + load_c(crow + col) : v0);
+              if (col + 1 < kN) OutStore<OutT>::one(drow + col + 1, kHasC ? v1 + load_c(crow + col + 1) : v1);
             }
-            __syncwarp();
-            const uint4 v = *reinterpret_cast<const uint4*>(st + srow * 12 + shalf * 4);
-            const int col = tile.n0 + cc * 16 + shalf * 8;
-            if (row_ok && col < kN) *reinterpret_cast<uint4*>(drow + col) = v;
-            __syncwarp();                                          // reads done before the next slice overwrites
-          }
-          continue;
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = tile.m0 + row_local + h * 8;
-        bool valid = row < row_limit;
-        if (kKind == kGemmContiguous && valid) valid = __ldg(layout + row) >= 0;
-        if (!valid) continue;
-        OutT* drow = d + (row_base + row) * static_cast<int64_t>(ldd);
-        const CT* crow = kHasC ? c + (row_base + row) * static_cast<int64_t>(ldc) : nullptr;
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-          const int col = tile.n0 + j * 8 + col_local;
-          float v0 = fin[j * 4 + h * 2], v1 = fin[j * 4 + h * 2 + 1];
-          if (kN % 2 == 0) {
-            if (col < kN) {
-              if (kHasC) { v0 += load_c(crow + col); v1 += load_c(crow + col + 1); }
-              OutStore<OutT>::pair(drow + col, v0, v1);
-            }
-          } else {
-            if (col < kN) OutStore<OutT>::one(drow + col, kHasC ? v0 + load_c(crow + col) : v0);
-            if (col + 1 < kN) OutStore<OutT>::one(drow + col + 1, kHasC ? v1 + load_c(crow + col + 1) : v1);
           }
         }
-      }
+      }   // waves
     }
     if constexpr (kTmaStore) {
       if (lane == 0) tma_store_wait_all();  // shared memory must outlive this warp's stores

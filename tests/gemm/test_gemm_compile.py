@@ -159,6 +159,39 @@ def test_odd_width_kernels_compile_without_spills(monkeypatch, tmp_path, cfg, tm
     assert not any(code in r.meta["ptxas"] for code in SERIALISED)
 
 
+@needs_nvcc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n,k", kernels.DSV3_NK)
+@pytest.mark.parametrize("bn,multicast", [(128, "0"), (128, "1"), (64, "0")])
+def test_256_row_tile_kernels_compile_without_spills(monkeypatch, tmp_path, n, k, bn, multicast):
+    """256-row tiles (two 64-row waves per math warpgroup; multicast: 2-CTA clusters sharing A): 3-4 stages beside the
+    64 / 32 KB TMA-store staging tile, no spills, no stack, no serialised wgmma."""
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", f"256,{bn},4")
+    monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", multicast)
+    monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
+    monkeypatch.setenv("DEEPSTACK_JIT_CACHE_DIR", str(tmp_path))
+    spec, used, cluster = kernels.choose_spec(kernels.KIND_DENSE, 4096, 1, n, k, 4096, False, None, torch.bfloat16,
+                                              None, 132)
+    assert used.tma_store and used.threads == 384 and used.stages == (3 if bn == 128 else 4)
+    assert cluster == (2 if multicast == "1" else 1)
+    assert heuristic.smem_bytes(used, False) <= heuristic.SMEM_BUDGET
+    r = jit.build(spec)
+    assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
+    assert not any(code in r.meta["ptxas"] for code in SERIALISED)
+
+
+@pytest.mark.parametrize("kind,m,out,c", [(kernels.KIND_CONTIGUOUS, 8192, torch.bfloat16, None),
+                                          (kernels.KIND_MASKED, 4096, torch.bfloat16, None),
+                                          (kernels.KIND_DENSE, 4096, torch.float32, None),
+                                          (kernels.KIND_DENSE, 4096, torch.bfloat16, torch.bfloat16),
+                                          (kernels.KIND_DENSE, 128, torch.bfloat16, None)])
+def test_256_row_tiles_refused_outside_the_dense_tma_store_kernel(monkeypatch, kind, m, out, c):
+    """Grouped kinds, fp32 output, C and M <= 128 (no TMA-store epilogue) have no 256-row kernel: a clear error."""
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", "256,128,3")
+    with pytest.raises(ValueError, match="256-row GEMM tiles"):
+        kernels.choose_spec(kind, m, 4 if kind != kernels.KIND_DENSE else 1, 4096, 7168, m, False, None, out, c, 132)
+
+
 # The A/B controls of the lean slices and the two-tile id lookahead (defaults since 2026-11-30), and the opt-in
 # 2-CTA multicast with the TMA store (docs/gemm.md, "Session of 2026-11-30 05:35 UTC"): each compiles for sm_90a
 # without spills, stack or serialised wgmma, so an A/B run can build it.

@@ -128,6 +128,37 @@ def test_odd_widths_match_runtime_scale_pick_and_plain_epilogue(monkeypatch, cfg
     assert calc_diff(outs[("tma", 0)], a.float() @ b.float().T) < 1e-3
 
 
+@pytest.mark.parametrize("bn", [128, 64])
+@pytest.mark.parametrize("m,n,k", [(129, 200, 384), (300, 4096, 1024), (4095, 2112, 1152), (4096, 7168, 2048),
+                                   (700, 1000, 640)])
+def test_dense_256_row_tiles_match_128_row_tiles(monkeypatch, bn, m, n, k):
+    """256-row tiles (two 64-row waves per math warpgroup, the TMA-store epilogue), alone and in 2-CTA clusters
+    sharing A by multicast, give the bits of 128-row tiles of the same width: every element written, nothing past M
+    or N (partial last M-blocks: 129, 300, 4095, 700 rows; columns past N: 200, 2112, 1000; an odd number of N-blocks,
+    2112 / 128 and 2112 / 64, leaves the last cluster's second CTA without columns), the direct-store fallback for a
+    D pitch that is not 16-byte aligned, and several tiles per CTA (4096 x 7168)."""
+    from torch_deepstack.gemm import kernels
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    outs = {}
+    for cfg, mc in ((f"128,{bn},5", "0"), (f"256,{bn},3", "0"), (f"256,{bn},3", "1")):
+        monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
+        plan = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)
+        assert (plan[1].block_m, plan[1].tma_store) == (int(cfg.split(",")[0]), True)
+        assert plan[-1] == (2 if mc == "1" and n > bn else 1)
+        for pad in (0, 2):                           # pad 2: row pitch n + 2 elements, not 16-byte aligned
+            buf = poisoned_empty(m + 1, n + pad + 8, dtype=torch.bfloat16, device=DEV)
+            d = buf[:m, :n]
+            ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+            torch.cuda.synchronize()
+            assert not d.isnan().any(), f"unwritten outputs ({cfg}, multicast {mc}, pad={pad})"
+            assert buf[m:].isnan().all() and buf[:, n:].isnan().all(), f"written past M or N ({cfg}, {mc})"
+            outs[(cfg, mc, pad)] = d.clone()
+    for key, d in outs.items():
+        assert torch.equal(d, outs[(f"128,{bn},5", "0", 0)]), f"{key} differs from 128-row tiles"
+    assert calc_diff(outs[(f"256,{bn},3", "1", 0)], a.float() @ b.float().T) < 1e-3
+
+
 @pytest.mark.parametrize("m,n,k", [(4096, 3136, 1024), (2000, 3120, 384), (4095, 1568, 256)])
 @pytest.mark.parametrize("out_dtype,with_c", [(torch.bfloat16, False), (torch.float32, True)])
 def test_dense_split_tail_matches_one_launch(monkeypatch, m, n, k, out_dtype, with_c):

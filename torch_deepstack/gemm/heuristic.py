@@ -49,7 +49,8 @@ class GemmConfig:
 
     @property
     def threads(self) -> int:
-        return (self.block_m // 64 + 1) * 128
+        # one math warpgroup per 64 rows, two for 256-row tiles (two 64-row waves each), plus the producer's
+        return (min(self.block_m // 64, 2) + 1) * 128
 
 
 def spans_at_most_two_scale_blocks(block_n: int) -> bool:

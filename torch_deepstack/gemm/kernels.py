@@ -76,14 +76,21 @@ def gemm_spec(cfg: GemmConfig, n: int, k: int, kind: int, sf_b_per_row: bool, ou
     return KernelSpec(_GEMM_HEADER, "deepstack::fp8_gemm_kernel", args, defines=experiment_defines())
 
 
-def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool) -> bool:
+def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool, n: int = 0) -> bool:
     """2-CTA clusters sharing B by TMA multicast, for dense 1D2D kernels with 128-row tiles at most 160 wide (wider
     ones spill) and at least two M-blocks. OPT-IN (DEEPSTACK_GEMM_MULTICAST=1): bit-identical to the plain kernel,
     but 1-8% slower on the H200 at M = 4096 (the kernel is not L2-bound there; docs/gemm.md). Those multicast kernels
     had no TMA-store epilogue; DEEPSTACK_GEMM_MULTICAST=2 (experiment) adds it where use_tma_store's policy would
-    take it for one CTA: 25% fewer L2 -> shared-memory bytes per K slice at 128x128, aimed at the power cap."""
-    return (kind == KIND_DENSE and not sf_b_per_row and cfg.block_m == 128 and cfg.block_n <= 160 and m_rows > 128
-            and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") in ("1", "2"))
+    take it for one CTA: 25% fewer L2 -> shared-memory bytes per K slice at 128x128, aimed at the power cap.
+    256-row tiles (n: the GEMM's N, at least two N-blocks) share A instead, between horizontally adjacent N-blocks
+    (src/gemm/fp8_gemm.cuh, kMcastA; DeepGEMM's M = 4096 form), with the TMA-store epilogue under either value:
+    bit-identical, but 1-4% slower than 256-row tiles alone at M = 4096 on the H200 (ab_gemm.py --steady, three
+    calls; ncu at 4096 x 7168 x 16384: 4% more SM cycles, 6% fewer L2 bytes), hence also opt-in."""
+    if os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") not in ("1", "2") or kind != KIND_DENSE or sf_b_per_row:
+        return False
+    if cfg.block_m == 256:   # 256-row tiles share A between two N-blocks instead (at least two of them)
+        return cfg.block_n <= 128 and n > cfg.block_n
+    return cfg.block_m == 128 and cfg.block_n <= 160 and m_rows > 128
 
 
 # The TMA-store epilogue's staging tile costs a pipeline stage (128x128: 6 -> 5); it paid for 128-row tiles on the
@@ -105,10 +112,12 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
     weight gradients' 1D1D kernels included; grouped warps with invalid rows among their 16 store through the staged
     path), any BLOCK_N (grouped kinds and 1D1D: at most 128; widths that are not multiples of 64 stage unswizzled
     16 x BLOCK_N boxes), no clusters (but for the experiment DEEPSTACK_GEMM_MULTICAST=2, dense kind); on by default
-    for dense, contiguous and k-grouped 128-row tiles with M > 128 (M_sum for the contiguous kind) and
+    for dense, contiguous and k-grouped 128-row tiles (dense 256-row tiles: always; their kernel has no other
+    epilogue) with M > 128 (M_sum for the contiguous kind) and
     K <= TMA_STORE_MAX_K (weight gradients: WGRAD_TMA_STORE_MAX_K), off by default for the masked kind (measured
     slower). DEEPSTACK_GEMM_TMA_STORE=1/0 forces it on/off wherever it is possible (A/B runs, tests)."""
-    clusters = cluster == 1 or (kind == KIND_DENSE and os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "2")
+    clusters = cluster == 1 or (kind == KIND_DENSE and (cfg.block_m == 256 or
+                                                        os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") == "2"))
     if not (out_dtype == torch.bfloat16 and not has_c and clusters):
         return False
     if (kind != KIND_DENSE or sf_b_per_row) and cfg.block_n > 128:   # (192-wide grouped kernels spill, ptxas)
@@ -116,7 +125,7 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
     forced = os.environ.get("DEEPSTACK_GEMM_TMA_STORE", "").strip()
     if not forced:
         # masked: 5-6% slower at 4 x 256 rows, equal at 1 x 1024 (H200, 2026-11-29 20:53 UTC), so off there
-        return (kind != KIND_MASKED and cfg.block_m == 128 and m_rows > 128
+        return (kind != KIND_MASKED and cfg.block_m >= 128 and m_rows > 128
                 and k <= (WGRAD_TMA_STORE_MAX_K if sf_b_per_row else TMA_STORE_MAX_K))
     if forced not in ("0", "1"):
         raise ValueError(f"DEEPSTACK_GEMM_TMA_STORE must be 0 or 1, got {forced!r}")
@@ -155,9 +164,12 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
     needs no GPU, so benchmarks and the prebuild list compile exactly what calls will load."""
     cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_,
                                        sf_b_per_row))
-    cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row) else 1
+    cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row, n) else 1
     if use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
         cfg = with_tma_store(cfg, sf_b_per_row)
+    if cfg.block_m == 256 and not (kind == KIND_DENSE and not sf_b_per_row and cfg.tma_store and cfg.block_n <= 128):
+        raise ValueError("256-row GEMM tiles are for dense FP8 GEMMs (1x128 x 128x128 scales) with bf16 output, no "
+                         f"C, M > 128 and BLOCK_N <= 128 (the TMA-store epilogue); got {cfg} for kind {kind}")
     spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
                      c_dtype or out_dtype, c_dtype is not None, cluster)
     return spec, cfg, cluster
@@ -170,15 +182,19 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
     if plan is None:
         spec, cfg, cluster = choose_spec(kind, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template,
                                          out_dtype, c_dtype, num_sms(device))
-        # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each)
-        m_blocks = cdiv(m_rows, cfg.block_m * cluster)
-        tiles = m_blocks * cdiv(n, cfg.block_n) * (num_groups if kind in (KIND_MASKED, KIND_K_GROUPED) else 1)
+        # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each; 256-row tiles:
+        # cluster x BLOCK_N columns each), bands of 2048 rows (16 x 128, 8 x 256)
+        share_a = cfg.block_m == 256
+        m_blocks = cdiv(m_rows, cfg.block_m * (1 if share_a else cluster))
+        tiles = (m_blocks * cdiv(n, cfg.block_n * (cluster if share_a else 1)) *
+                 (num_groups if kind in (KIND_MASKED, KIND_K_GROUPED) else 1))
+        band_blocks = BAND_M_BLOCKS // 2 if share_a else BAND_M_BLOCKS // cluster
         kernel, smem = get_kernel(spec, _GEMM_SIGNATURE), smem_bytes(cfg, sf_b_per_row)
         # persistent grid: one CTA per SM, or as many whole clusters as fit at once (GPCs place clusters whole)
         slots = cfg.num_sms if cluster == 1 else min(cfg.num_sms // cluster,
                                                      kernel.max_active_clusters(cluster, cfg.threads, smem))
         grid = cluster * max(1, min(slots, tiles))
-        plan = (kernel, cfg, grid, max(1, min(BAND_M_BLOCKS // cluster, m_blocks)), smem, cluster)
+        plan = (kernel, cfg, grid, max(1, min(band_blocks, m_blocks)), smem, cluster)
         _PLANS[key] = plan
     return plan
 
@@ -193,8 +209,10 @@ def _prepare_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, 
     kb = cdiv(k, 128)
     groups_b = b.shape[0] if b.dim() == 3 else 1
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
-    tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m)
-    tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n // cluster)   # multicast: each CTA loads a half
+    # multicast: each CTA of a cluster loads half of the shared operand (B; A for 256-row tiles)
+    share_a = cfg.block_m == 256
+    tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m // (cluster if share_a else 1))
+    tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n // (1 if share_a else cluster))
     tmap_sfa = _sf_map(sfa, m_rows, kb * (num_groups if kind == KIND_MASKED else 1), cfg.block_m)
     # (maps a kernel does not read are filled with tmap_sfa: 1D2D kernels read B scales with plain loads)
     tmap_sfb = _sf_map(sfb, n, kb, cfg.block_n) if sf_b_per_row else tmap_sfa
