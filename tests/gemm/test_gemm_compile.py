@@ -53,6 +53,8 @@ def test_gemm_compiles_without_spills(monkeypatch, tmp_path, defines, m, n, k, k
 
 
 def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
+    monkeypatch.setenv("DEEPSTACK_GEMM_ROWS256", "0")        # the 128-row tiles' policy (256 rows: the next test)
+
     def choose(m=4096, n=7168, k=2048, kind=kernels.KIND_DENSE, out=torch.bfloat16, c=None):
         return kernels.choose_spec(kind, m, 1, n, k, m, False, None, out, c, 132)
     spec, cfg, _ = choose()                                   # default: on for 128-row tiles at K <= 16384
@@ -86,6 +88,30 @@ def test_tma_store_epilogue_policy_and_shared_memory(monkeypatch):
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "2")
     with pytest.raises(ValueError, match="DEEPSTACK_GEMM_TMA_STORE"):
         choose()
+
+
+def test_256_row_tile_policy(monkeypatch):
+    """256 x 128 tiles where the model picked 128 x 128 for a dense bf16 GEMM with the TMA-store epilogue and they
+    leave fewer waves (ROWS256_COST): the DeepSeek-V3 shapes at M = 4096 but N = 2112 (128 x 176 there), not
+    M = 2048 x 7168 x 2048 (7 waves of 128-row tiles against 4 of 256), not grouped kinds, fp32 output, C, K past the
+    TMA store's limit, nor with the TMA store or the switch off."""
+    def choose(m=4096, n=7168, k=2048, kind=kernels.KIND_DENSE, out=torch.bfloat16, c=None, groups=1):
+        return kernels.choose_spec(kind, m, groups, n, k, m, False, None, out, c, 132)[1]
+    for n, k in kernels.DSV3_NK:
+        cfg = choose(n=n, k=k)
+        assert (cfg.block_m, cfg.block_n, cfg.stages, cfg.tma_store) == (
+            (128, 176, 4, True) if n == 2112 else (256, 128, 3, True)), (n, k, cfg)
+        assert cfg.threads == 384 and heuristic.smem_bytes(cfg, False) <= heuristic.SMEM_BUDGET
+    assert choose(m=8192, n=2048, k=7168).block_m == 256
+    assert choose(m=2048).block_m == 128 and choose(m=300, n=4096, k=1024).block_m == 128
+    assert choose(kind=kernels.KIND_CONTIGUOUS, m=8192, groups=4).block_m == 128
+    assert choose(out=torch.float32).block_m == 128 and choose(c=torch.bfloat16).block_m == 128
+    assert choose(k=32768).block_m == 128
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "0")
+    assert choose().block_m == 128
+    monkeypatch.delenv("DEEPSTACK_GEMM_TMA_STORE")
+    monkeypatch.setenv("DEEPSTACK_GEMM_ROWS256", "0")
+    assert choose().block_m == 128
 
 
 @needs_nvcc

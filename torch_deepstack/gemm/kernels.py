@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 
 import torch
 
@@ -43,7 +44,7 @@ def set_num_sms(n: int | None) -> None:
 
 
 _SWITCHES = ("DEEPSTACK_GEMM_CONFIG", "DEEPSTACK_GEMM_DEFINES", "DEEPSTACK_GEMM_MULTICAST", "DEEPSTACK_GEMM_TMA_STORE",
-             "DEEPSTACK_GEMM_SPLIT_TAIL")
+             "DEEPSTACK_GEMM_SPLIT_TAIL", "DEEPSTACK_GEMM_ROWS256")
 _ENV_DATA = getattr(os.environ, "_data", None)
 _SWITCH_KEYS = tuple(os.environ.encodekey(v) for v in _SWITCHES) if _ENV_DATA is not None else None
 
@@ -132,6 +133,29 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
     return forced == "1"
 
 
+# 256-row tiles (src/gemm/fp8_gemm.cuh, kWaves = 2) against the 128-row tiles the model picks, per row, in a wave:
+# ~0.97 of the time, measured on the H200 (2026-11-30 23:30-23:50 UTC, ab_gemm.py --steady, M = 4096, three calls,
+# the last two with the unrolled loop: 24576 x 1536 +3.3-4.7%, 32768 x 512 +1.9-3.2%, 7168 x 2048 +3.2-3.7%,
+# 7168 x 16384 +0.2-6.2%, 4096 x 7168 -0.6..+1.7%). A 256-row tile costs two 128-row tiles' time at this factor,
+# so it is taken where the waves it leaves (fewer, each twice as long) come out ahead.
+ROWS256_COST = 0.97
+
+
+def use_256_rows(kind: int, cfg: GemmConfig, m_rows: int, n: int, k: int, sf_b_per_row: bool, out_dtype,
+                 has_c: bool) -> bool:
+    """256 x 128 tiles instead of the model's 128 x 128 (DeepGEMM's M = 4096 tile, with our two-wave kernel) for dense
+    1D2D GEMMs with bf16 output and no C that get the TMA-store epilogue (which the 256-row kernel needs), where
+    2 x ROWS256_COST x waves(256) < waves(128). Wider 128-row tiles the model picked for wave fill (N = 2112: 176)
+    stay. DEEPSTACK_GEMM_ROWS256=0 turns it off (A/B runs), =1 is the default."""
+    if os.environ.get("DEEPSTACK_GEMM_ROWS256", "1") == "0" or (cfg.block_m, cfg.block_n) != (128, 128):
+        return False
+    if kind != KIND_DENSE or sf_b_per_row or not use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, has_c,
+                                                                1):
+        return False
+    waves = lambda bm: cdiv(cdiv(m_rows, bm) * cdiv(n, 128), cfg.num_sms)  # noqa: E731
+    return 2 * ROWS256_COST * waves(256) < waves(128)
+
+
 # Host-side caches: the hot path must cost a few microseconds, not the ~170 us that rebuilding the config, the
 # kernel lookup and four tensor maps per call cost (measured on the H200: small GEMMs were host-bound).
 _PLANS: dict = {}
@@ -162,8 +186,10 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
                 k_template, out_dtype, c_dtype, num_sms_: int) -> tuple[KernelSpec, GemmConfig, int]:
     """The specialisation a call runs: (spec, block config, cluster size). Honours the DEEPSTACK_GEMM_* switches;
     needs no GPU, so benchmarks and the prebuild list compile exactly what calls will load."""
-    cfg = _forced_config(select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_,
-                                       sf_b_per_row))
+    cfg = select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_, sf_b_per_row)
+    if use_256_rows(kind, cfg, m_rows, n, k, sf_b_per_row, out_dtype, c_dtype is not None):
+        cfg = replace(cfg, block_m=256)          # (stages: cut to what fits beside the TMA-store tile below)
+    cfg = _forced_config(cfg)
     cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row, n) else 1
     if use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
         cfg = with_tma_store(cfg, sf_b_per_row)
