@@ -96,6 +96,19 @@ def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs[("0", 0)], a.float() @ b.float().T) < 1e-3
 
 
+def _padded_run(aq, asf, bq, bsf, m, n, pad, what):
+    """fp8_gemm_nt into the [M, N] corner of a NaN-poisoned [M + 1, N + pad + 8] buffer (pad 2: a D row pitch that
+    is not 16-byte aligned): every element written, nothing past M or N. Returns D."""
+    buf = poisoned_empty(m + 1, n + pad + 8, dtype=torch.bfloat16, device=aq.device)
+    d = buf[:m, :n]
+    ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+    if aq.is_cuda:
+        torch.cuda.synchronize(aq.device)
+    assert not d.isnan().any(), f"unwritten outputs ({what}, pad={pad})"
+    assert buf[m:].isnan().all() and buf[:, n:].isnan().all(), f"written past M or N ({what}, pad={pad})"
+    return d.clone()
+
+
 @pytest.mark.parametrize("cfg", ["128,112,6", "128,144,6", "128,160,5", "128,176,5", "128,192,5", "64,112,8",
                                  "64,176,6"])
 @pytest.mark.parametrize("m,n,k", [(4095, 2000, 1152), (300, 1000, 640)])
@@ -116,13 +129,7 @@ def test_odd_widths_match_runtime_scale_pick_and_plain_epilogue(monkeypatch, cfg
         plan_cfg = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[1]
         assert plan_cfg.tma_store == (tma == "1")
         for pad in (0, 2) if tma == "1" else (0,):   # pad 2: unaligned row pitch, direct stores
-            buf = poisoned_empty(m + 1, n + pad + 8, dtype=torch.bfloat16, device=DEV)
-            d = buf[:m, :n]
-            ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-            torch.cuda.synchronize()
-            assert not d.isnan().any(), f"unwritten outputs ({name}, pad={pad})"
-            assert buf[m:].isnan().all() and buf[:, n:].isnan().all(), f"written past M or N ({name})"
-            outs[(name, pad)] = d.clone()
+            outs[(name, pad)] = _padded_run(aq, asf, bq, bsf, m, n, pad, name)
     for key, d in outs.items():
         assert torch.equal(d, outs[("runtime-serial-plain", 0)]), f"{key} differs from the run-time scale pick"
     assert calc_diff(outs[("tma", 0)], a.float() @ b.float().T) < 1e-3
@@ -147,13 +154,7 @@ def test_dense_256_row_tiles_match_128_row_tiles(monkeypatch, bn, m, n, k):
         assert (plan[1].block_m, plan[1].tma_store) == (int(cfg.split(",")[0]), True)
         assert plan[-1] == (2 if mc == "1" and n > bn else 1)
         for pad in (0, 2):                           # pad 2: row pitch n + 2 elements, not 16-byte aligned
-            buf = poisoned_empty(m + 1, n + pad + 8, dtype=torch.bfloat16, device=DEV)
-            d = buf[:m, :n]
-            ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-            torch.cuda.synchronize()
-            assert not d.isnan().any(), f"unwritten outputs ({cfg}, multicast {mc}, pad={pad})"
-            assert buf[m:].isnan().all() and buf[:, n:].isnan().all(), f"written past M or N ({cfg}, {mc})"
-            outs[(cfg, mc, pad)] = d.clone()
+            outs[(cfg, mc, pad)] = _padded_run(aq, asf, bq, bsf, m, n, pad, f"{cfg}, multicast {mc}")
     for key, d in outs.items():
         assert torch.equal(d, outs[(f"128,{bn},5", "0", 0)]), f"{key} differs from 128-row tiles"
     assert calc_diff(outs[(f"256,{bn},3", "1", 0)], a.float() @ b.float().T) < 1e-3
