@@ -51,9 +51,9 @@ DEEPGEMM_H200 = {  # TFLOPS, issue 3
 DEEPGEMM_GROUPED = {(4, 8192, 4096, 7168): 1244, (4, 8192, 7168, 2048): 1169}
 
 
-def live_deepgemm():
+def live_deepgemm(enabled: bool = True):
     """The real DeepGEMM package if one imports (not ours: torch_deepstack.compat.deep_gemm), else None."""
-    if "--no-deepgemm" in __import__("sys").argv:
+    if not enabled:
         return None
     try:
         import deep_gemm
@@ -67,64 +67,37 @@ def live_deepgemm():
 DG = None  # set in main()
 
 
-def guarded(make):
-    """A live DeepGEMM contender from make(), or None (with the reason printed) if setting it up fails."""
-    def wrapper(*args):
-        if DG is None:
-            return None
-        try:
-            return make(*args)
-        except Exception as e:  # noqa: BLE001 - an optional contender must not stop the run
-            print(f"live DeepGEMM {make.__name__}: {type(e).__name__}: {str(e)[:200]}")
-            return None
-    wrapper.__name__ = make.__name__
-    return wrapper
+def deepgemm_call(kind: str, aq, asf, bq, bsf, d, *args):
+    """A live DeepGEMM call of `kind` (dense, contiguous: args = (group ids,), masked: (masked_m, expected_m)) into
+    d, SM90 form: fp32 scales, sfa in its MN-major TMA-aligned layout, prepared here once, outside the timed call."""
+    sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
+    if kind == "dense":
+        fn = DG.fp8_gemm_nt
+    elif kind == "contiguous":
+        fn = DG.m_grouped_fp8_gemm_nt_contiguous
+    else:  # (the SGLang 0.1.x builds export the masked GEMM under its older name only)
+        fn = getattr(DG, "m_grouped_fp8_gemm_nt_masked", None) or DG.fp8_m_grouped_gemm_nt_masked
+    return lambda: fn((aq, sfa), (bq, bsf), d, *args, disable_ue8m0_cast=True)
 
 
-def agree(name, d_ref, d_test, rows=None):
-    """calc_diff of a contender's output against ours; a contender whose output disagrees is not timed."""
+def deepgemm_contender(kind: str, aq, asf, bq, bsf, d_ours, *args, rows=None):
+    """The live DeepGEMM call for the time_all table, or None: no DeepGEMM, a failing call (reason printed), or an
+    output that disagrees with ours (d_ours, already computed; rows: the valid part) by calc_diff >= 1e-3."""
+    if DG is None:
+        return None
     from torch_deepstack.compat.deep_gemm import calc_diff
-    a, b = (d_ref, d_test) if rows is None else (d_ref[rows], d_test[rows])
-    diff = calc_diff(a.float(), b.float())
+    try:
+        d = torch.empty_like(d_ours)
+        call = deepgemm_call(kind, aq, asf, bq, bsf, d, *args)
+        call()
+    except Exception as e:  # noqa: BLE001 - an optional contender must not stop the run
+        print(f"live DeepGEMM {kind}: {type(e).__name__}: {str(e)[:200]}")
+        return None
+    diff = calc_diff(d_ours[rows].float(), d[rows].float()) if rows else calc_diff(d_ours.float(), d.float())
     if not diff < 1e-3:
-        print(f"{name}: output disagrees with ours (calc_diff {diff:.2e}); not timed")
-        return False
-    return True
-
-
-@guarded
-def deepgemm_dense(aq, asf, bq, bsf, d_ours):
-    """A live DeepGEMM fp8_gemm_nt call (SM90: fp32 scales, MN-major TMA-aligned sfa), or None."""
-    sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
-    d = torch.empty_like(d_ours)
-    call = lambda: DG.fp8_gemm_nt((aq, sfa), (bq, bsf), d, disable_ue8m0_cast=True)  # noqa: E731
-    call()
-    return call if agree("DeepGEMM", d_ours, d) else None
-
-
-@guarded
-def deepgemm_contiguous(aq, asf, bq, bsf, ids, d_ours):
-    sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
-    d = torch.empty_like(d_ours)
-    call = lambda: DG.m_grouped_fp8_gemm_nt_contiguous((aq, sfa), (bq, bsf), d, ids,  # noqa: E731
-                                                         disable_ue8m0_cast=True)
-    call()
-    return call if agree("DeepGEMM contiguous", d_ours, d) else None
-
-
-def masked_fn():
-    """DeepGEMM's masked grouped GEMM under its current name or the one the SGLang 0.1.x builds export."""
-    return getattr(DG, "m_grouped_fp8_gemm_nt_masked", None) or DG.fp8_m_grouped_gemm_nt_masked
-
-
-@guarded
-def deepgemm_masked(aq, asf, bq, bsf, masked_m, expected_m, d_ours):
-    sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
-    d = torch.empty_like(d_ours)
-    fn = masked_fn()
-    call = lambda: fn((aq, sfa), (bq, bsf), d, masked_m, expected_m, disable_ue8m0_cast=True)  # noqa: E731
-    call()
-    return call if agree("DeepGEMM masked", d_ours[:, :expected_m], d[:, :expected_m]) else None
+        print(f"live DeepGEMM {kind}: output disagrees with ours (calc_diff {diff:.2e}); not timed")
+        return None
+    return call
 
 
 def quant_weight(n, k, groups=None):
@@ -166,9 +139,9 @@ def dense(table, ms_list, nk):
             d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             fn, err = cublas_blockwise(aq, asf, bq, bsf)
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
+            torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)   # (ours first: the live contender is checked on d)
             ms = time_all(f"{m}x{n}x{k}", {"ours": lambda: torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d),
-                                           "deepgemm": deepgemm_dense(aq, asf, bq, bsf, d),
+                                           "deepgemm": deepgemm_contender("dense", aq, asf, bq, bsf, d),
                                            "cublas": fn, "bf16": lambda: x @ w.T})
             live = tflops(2 * m * n * k, ms.get("deepgemm"))
             t = ms["ours"]
@@ -184,7 +157,7 @@ def dense(table, ms_list, nk):
             epi += f" +{tail} cols" if tail else ""   # last N % 128 columns as a second launch
             table.add("dense", f"{m}x{n}x{k}", f"{cfg.block_m}x{cfg.block_n}/{cfg.stages}{epi}", t * 1e3, ours,
                       nbytes / t / 1e6, ref or "-", ours / ref if ref else "-", *live_cols(ours, live),
-                      cub if cub else f"refused", ours / cub if cub else "-", bf16)
+                      cub if cub else "refused", ours / cub if cub else "-", bf16)
 
 
 def grouped(table, configs, nk):
@@ -202,7 +175,7 @@ def grouped(table, configs, nk):
             torch.ops.deepstack.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids)
             ms = time_all(f"c{g}x{mg}x{n}x{k}", {
                 "ours": lambda: torch.ops.deepstack.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids),
-                "deepgemm": deepgemm_contiguous(aq, asf, bq, bsf, ids, d),
+                "deepgemm": deepgemm_contender("contiguous", aq, asf, bq, bsf, d, ids),
                 "cublas": (lambda: [f() for f in fns]) if all(fns) else None})
             t = ms["ours"]
             cub = tflops(flops, ms.get("cublas"))
@@ -228,12 +201,14 @@ def masked(table, configs, nk, m_max=4096):
             torch.ops.deepstack.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, mg)
             ms = time_all(f"m{g}x{mg}x{n}x{k}", {
                 "ours": lambda: torch.ops.deepstack.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, mg),
-                "deepgemm": deepgemm_masked(aq, asf, bq, bsf, masked_m, mg, d),
+                "deepgemm": deepgemm_contender("masked", aq, asf, bq, bsf, d, masked_m, mg,
+                                               rows=(slice(None), slice(0, mg))),
                 "cublas": (lambda: [f() for f in fns]) if all(fns) else None})
             t = ms["ours"]
             cub = tflops(flops, ms.get("cublas"))
             table.add("masked", f"{g}x{mg} {n}x{k}", "", t * 1e3, tflops(flops, t), nbytes / t / 1e6, "-", "-",
-                      *live_cols(tflops(flops, t), tflops(flops, ms.get("deepgemm"))), cub or "refused", tflops(flops, t) / cub if cub else "-", "-")
+                      *live_cols(tflops(flops, t), tflops(flops, ms.get("deepgemm"))), cub or "refused",
+                      tflops(flops, t) / cub if cub else "-", "-")
 
 
 def warm_deepgemm(shard: str, ms_list, grouped_too: bool) -> None:
@@ -248,26 +223,13 @@ def warm_deepgemm(shard: str, ms_list, grouped_too: bool) -> None:
         plan += [("masked", mg, g, n, k) for g, mg in MASKED for n, k in GROUPED_NK]
     for kind, m, g, n, k in plan[i::n_shards]:
         t0 = time.perf_counter()
-        if kind == "dense":
-            aq, asf = per_token_group_quant_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            bq, bsf = quant_weight(n, k)
-            sfa = DG.get_mn_major_tma_aligned_tensor(asf.contiguous())
-            DG.fp8_gemm_nt((aq, sfa), (bq, bsf), torch.empty(m, n, device="cuda", dtype=torch.bfloat16),
-                           disable_ue8m0_cast=True)
-        elif kind == "contiguous":
-            aq, asf = per_token_group_quant_fp8(torch.randn(g * m, k, device="cuda", dtype=torch.bfloat16))
-            bq, bsf = quant_weight(n, k, g)
-            ids = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(m)
-            DG.m_grouped_fp8_gemm_nt_contiguous(
-                (aq, DG.get_mn_major_tma_aligned_tensor(asf.contiguous())), (bq, bsf),
-                torch.empty(g * m, n, device="cuda", dtype=torch.bfloat16), ids, disable_ue8m0_cast=True)
-        else:
-            aq, asf = per_token_group_quant_fp8(torch.randn(g, 4096, k, device="cuda", dtype=torch.bfloat16))
-            bq, bsf = quant_weight(n, k, g)
-            masked_fn()(
-                (aq, DG.get_mn_major_tma_aligned_tensor(asf.contiguous())), (bq, bsf),
-                torch.empty(g, 4096, n, device="cuda", dtype=torch.bfloat16),
-                torch.full((g,), m, device="cuda", dtype=torch.int32), m, disable_ue8m0_cast=True)
+        rows = (g, 4096) if kind == "masked" else (g * m,)
+        aq, asf = per_token_group_quant_fp8(torch.randn(*rows, k, device="cuda", dtype=torch.bfloat16))
+        bq, bsf = quant_weight(n, k, None if kind == "dense" else g)
+        d = torch.empty(*rows, n, device="cuda", dtype=torch.bfloat16)
+        args = {"dense": (), "contiguous": (torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(m),),
+                "masked": (torch.full((g,), m, device="cuda", dtype=torch.int32), m)}[kind]
+        deepgemm_call(kind, aq, asf, bq, bsf, d, *args)()
         torch.cuda.synchronize()
         print(f"DeepGEMM warm {kind} {g}x{m}x{n}x{k}: {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -294,7 +256,7 @@ def main():
     args = ap.parse_args()
     METHOD = args.method
     global DG
-    DG = live_deepgemm()
+    DG = live_deepgemm(not args.no_deepgemm)
     if args.deepgemm_warm:
         if DG is not None:
             warm_deepgemm(args.deepgemm_warm, [int(v) for v in args.ms.split(",")], not args.dense_only)

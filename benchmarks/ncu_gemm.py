@@ -52,7 +52,7 @@ def main() -> int:
 
 
 def deepgemm_call(n: int, k: int, m: int):
-    """A live DeepGEMM fp8_gemm_nt on fresh data (checked against ours by bench_gemm.deepgemm_dense)."""
+    """A live DeepGEMM fp8_gemm_nt on fresh data (checked against ours by bench_gemm.deepgemm_contender)."""
     import bench_gemm
     from torch_deepstack.quant import per_token_group_quant_fp8
 
@@ -63,7 +63,7 @@ def deepgemm_call(n: int, k: int, m: int):
     bq, bsf = bench_gemm.quant_weight(n, k)
     d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
-    call = bench_gemm.deepgemm_dense(aq, asf, bq, bsf, d)
+    call = bench_gemm.deepgemm_contender("dense", aq, asf, bq, bsf, d)
     if call is None:
         raise SystemExit("--deepgemm: DeepGEMM's output disagrees with ours")
     return call
