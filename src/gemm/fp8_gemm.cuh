@@ -306,8 +306,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // promoting each wave before the next (two sets would not fit beside the 2 x BLOCK_N / 2 promoted registers).
   // Per K slice a B tile then serves 256 rows: half the barrier round trips, B loads and per-slice bookkeeping per
   // FLOP of 128-row tiles; the other warpgroup's wgmmas run while one promotes. This is the tile DeepGEMM runs at
-  // M = 4096 (256 x 128, 3 stages), which measured 1.03-1.09x our 128-row tiles there (H200, 2026-11-30,
-  // bench_gemm.py with a live DeepGEMM).
+  // M = 4096 (256 x 128, 3 stages), which measured 1.01-1.09x our 128-row tiles there (H200, 2026-11-30,
+  // bench_gemm.py with a live DeepGEMM); ours with it: docs/gemm.md, session of 23:10 UTC.
   constexpr int kWaves = kBlockM == 256 ? 2 : 1;
   constexpr int kMathWG = kBlockM / 64 / kWaves;
   static_assert(kWaves == 1 || (kKind == kGemmDense && !kSfbPerRow && kTmaStore && kBlockN <= 128),
@@ -852,62 +852,62 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           }
 #pragma unroll
           for (int w = 0; w < kWaves; ++w) {
-          const float sa0 = sa0w[w], sa1 = sa1w[w];
-          float* fw = fin + w * kAccRegs;
-          const uint64_t desc_a = (kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
-                                         : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128)) +
-                                  w * (128 * 128 >> 4);
-          const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
-                                        : sm90::smem_desc_sw128(smem_b + s * kBytesB);
-          sm90::fence_regs(acc);
-          sm90::wgmma_fence();
+            const float sa0 = sa0w[w], sa1 = sa1w[w];
+            float* fw = fin + w * kAccRegs;
+            const uint64_t desc_a = (kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
+                                           : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128)) +
+                                    w * (128 * 128 >> 4);
+            const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
+                                          : sm90::smem_desc_sw128(smem_b + s * kBytesB);
+            sm90::fence_regs(acc);
+            sm90::wgmma_fence();
 #pragma unroll
-          for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
-          sm90::wgmma_commit();
-          sm90::wgmma_wait<0>();
-          sm90::fence_regs(acc);
+            for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
+            sm90::wgmma_commit();
+            sm90::wgmma_wait<0>();
+            sm90::fence_regs(acc);
 
-          if (!kSfbPerRow) {
-            if (w == kWaves - 1) {
+            if (!kSfbPerRow) {
+              if (w == kWaves - 1) {
+                __syncwarp();
+                if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
+                if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
+              }
+              const float s00 = sa0 * sb[0], s01 = sa0 * sb[1], s02 = sa0 * sb[2];
+              const float s10 = sa1 * sb[0], s11 = sa1 * sb[1], s12 = sa1 * sb[2];
+#pragma unroll
+              for (int j = 0; j < kBlockN / 8; ++j) {
+                const int i = blk(j);
+                const float r0 = pick(i, s00, s01, s02), r1 = pick(i, s10, s11, s12);
+                fw[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fw[j * 4 + 0]);
+                fw[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fw[j * 4 + 1]);
+                fw[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fw[j * 4 + 2]);
+                fw[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fw[j * 4 + 3]);
+              }
+            } else {
+              const float* sbr = smem_sfb + (s + (kSfbSlots > kStages && phase ? kStages : 0)) * kSfbStride + col_local;
+#pragma unroll
+              for (int j = 0; j < kBlockN / 8; ++j) {
+                const float2 b = *reinterpret_cast<const float2*>(sbr + j * 8);
+                fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], sa0 * b.x, fin[j * 4 + 0]);
+                fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], sa0 * b.y, fin[j * 4 + 1]);
+                fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], sa1 * b.x, fin[j * 4 + 2]);
+                fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fin[j * 4 + 3]);
+              }
               __syncwarp();
-              if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
-              if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
+              if (lane == 0) sm90::mbar_arrive(empty + s);
             }
-            const float s00 = sa0 * sb[0], s01 = sa0 * sb[1], s02 = sa0 * sb[2];
-            const float s10 = sa1 * sb[0], s11 = sa1 * sb[1], s12 = sa1 * sb[2];
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-              const int i = blk(j);
-              const float r0 = pick(i, s00, s01, s02), r1 = pick(i, s10, s11, s12);
-              fw[j * 4 + 0] = fmaf(acc[j * 4 + 0], r0, fw[j * 4 + 0]);
-              fw[j * 4 + 1] = fmaf(acc[j * 4 + 1], r0, fw[j * 4 + 1]);
-              fw[j * 4 + 2] = fmaf(acc[j * 4 + 2], r1, fw[j * 4 + 2]);
-              fw[j * 4 + 3] = fmaf(acc[j * 4 + 3], r1, fw[j * 4 + 3]);
-            }
-          } else {
-            const float* sbr = smem_sfb + (s + (kSfbSlots > kStages && phase ? kStages : 0)) * kSfbStride + col_local;
-#pragma unroll
-            for (int j = 0; j < kBlockN / 8; ++j) {
-              const float2 b = *reinterpret_cast<const float2*>(sbr + j * 8);
-              fin[j * 4 + 0] = fmaf(acc[j * 4 + 0], sa0 * b.x, fin[j * 4 + 0]);
-              fin[j * 4 + 1] = fmaf(acc[j * 4 + 1], sa0 * b.y, fin[j * 4 + 1]);
-              fin[j * 4 + 2] = fmaf(acc[j * 4 + 2], sa1 * b.x, fin[j * 4 + 2]);
-              fin[j * 4 + 3] = fmaf(acc[j * 4 + 3], sa1 * b.y, fin[j * 4 + 3]);
-            }
-            __syncwarp();
-            if (lane == 0) sm90::mbar_arrive(empty + s);
-          }
 #ifdef DS_DBG
-          if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
+            if (DS_DBG == 1 && kb == 0) {  // raw tensor-core partial of the first K slice
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) fw[i] = acc[i];
-          }
-          if (DS_DBG == 2) {  // the scales only
+              for (int i = 0; i < kAccRegs; ++i) fw[i] = acc[i];
+            }
+            if (DS_DBG == 2) {  // the scales only
 #pragma unroll
-            for (int i = 0; i < kAccRegs; ++i) fw[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb[0];
-          }
+              for (int i = 0; i < kAccRegs; ++i) fw[i] = (i % 4 < 2 ? sa0 : sa1) * 1000.f + sb[0];
+            }
 #endif
-          }   // waves
+          }
           if (++s == kStages) { s = 0; phase ^= 1; }
         };
         if constexpr (kWaves == 2) {
