@@ -758,6 +758,19 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             for (int i = 0; i < 3; ++i) b[i] = (kOneSfb && i > 0) ? b[0] : __ldg(sfb_blk[i] + k_blk * sfb_sk);
           }
         };
+        // Stage `stage`'s four k32 wgmmas into a, committed as one group (A rows a_off 16-byte units past the
+        // warpgroup's first row: the second wave of a 256-row tile), shared by the pipelined and serial loops.
+        const auto mma_stage = [&](float (&a)[kAccRegs], int stage, uint32_t a_off) {
+          const uint64_t desc_a = (kLean ? lean_desc(desc_a0, stage * (kBytesA >> 4))
+                                         : sm90::smem_desc_sw128(smem_a + stage * kBytesA + wg * 64 * 128)) + a_off;
+          const uint64_t desc_b = kLean ? lean_desc(desc_b0, stage * (kBytesB >> 4))
+                                        : sm90::smem_desc_sw128(smem_b + stage * kBytesB);
+          sm90::fence_regs(a);
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, a, k > 0);
+          sm90::wgmma_commit();
+        };
         if constexpr (kPipePromote) {
           // Slices go in trips (kTrip) through two accumulator sets: the wgmmas of slice i + 1 are issued before slice
           // i is waited for and promoted, so a warpgroup's promotion overlaps its own tensor-core work instead of
@@ -779,15 +792,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #pragma unroll
               for (int i = 0; i < 3; ++i) { sc[2 * i] = a0 * b[i]; sc[2 * i + 1] = a1 * b[i]; }
             }
-            const uint64_t desc_a = kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
-                                          : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128);
-            const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
-                                          : sm90::smem_desc_sw128(smem_b + s * kBytesB);
-            sm90::fence_regs(a);
-            sm90::wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, a, k > 0);
-            sm90::wgmma_commit();
+            mma_stage(a, s, 0);
             stage = s + (kSfbSlots > kStages && phase ? kStages : 0);   // (1D1D pipe: the B-scale slot)
             if (++s == kStages) { s = 0; phase ^= 1; }
           };
@@ -854,16 +859,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           for (int w = 0; w < kWaves; ++w) {
             const float sa0 = sa0w[w], sa1 = sa1w[w];
             float* fw = fin + w * kAccRegs;
-            const uint64_t desc_a = (kLean ? lean_desc(desc_a0, s * (kBytesA >> 4))
-                                           : sm90::smem_desc_sw128(smem_a + s * kBytesA + wg * 64 * 128)) +
-                                    w * (128 * 128 >> 4);
-            const uint64_t desc_b = kLean ? lean_desc(desc_b0, s * (kBytesB >> 4))
-                                          : sm90::smem_desc_sw128(smem_b + s * kBytesB);
-            sm90::fence_regs(acc);
-            sm90::wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < 4; ++k) WgmmaFp8<kBlockN>::mma(desc_a + 2 * k, desc_b + 2 * k, acc, k > 0);
-            sm90::wgmma_commit();
+            mma_stage(acc, s, w * (128 * 128 >> 4));
             sm90::wgmma_wait<0>();
             sm90::fence_regs(acc);
 
