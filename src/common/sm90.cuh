@@ -99,6 +99,17 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta)
       "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}"
       ::"r"(smem_addr(bar)), "r"(cta) : "memory");
 }
+// The shared::cluster address of the shared-memory word at `addr` in cluster CTA `cta` (computed once, for
+// arrivals repeated on one barrier array: mapa is linear, so stage s of the peer's array is this + 8 s).
+__device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t cta) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(cta));
+  return r;
+}
+// Arrive (.release.cta, as mbar_arrive_cluster) on the mbarrier at shared::cluster address `cluster_addr`.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr) : "memory");
+}
 
 // A tensor map that lives in global memory: order its (generic-proxy) write before the TMA unit reads it.
 __device__ __forceinline__ void fence_tensormap_acquire(const CUtensorMap* map) {

@@ -474,7 +474,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
   constexpr bool kProducerLookahead = false;
 #endif
-  const int rank = kCluster > 1 ? static_cast<int>(sm90::cluster_ctarank()) : 0;
+  // (through a shuffle, like wg: read from %cluster_ctarank it was a vector value to ptxas, and the tile origins,
+  // B-scale pointers and wgmma descriptors derived from it left the uniform registers: 6x the R2UR in the SASS)
+  const int rank = kCluster > 1 ? __shfl_sync(0xffffffffu, static_cast<int>(sm90::cluster_ctarank()), 0) : 0;
   const int first_tile = blockIdx.x / kCluster, tile_stride = gridDim.x / kCluster;
 #if defined(DS_DBG) && DS_DBG == 3
   if (blockIdx.x == 0 && tid == 0) {  // dump the run-time parameters as the kernel sees them
@@ -561,6 +563,15 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           if (++s == kStages) { s = 0; phase ^= 1; }
         }
       }
+      // Clusters: the peer's math warps release our stages remotely, so this CTA stays until every stage's last
+      // fill has been released by both CTAs (one more round of the empty waits) instead of holding all warps in a
+      // final cluster barrier (the idle producer warps then exit, as without clusters).
+      if constexpr (kCluster > 1) {
+        for (int i = 0; i < kStages; ++i) {
+          sm90::mbar_wait(empty + s, phase ^ 1);
+          if (++s == kStages) { s = 0; phase ^= 1; }
+        }
+      }
     }
   } else {
     // ---------------- math warpgroups ----------------
@@ -569,6 +580,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #endif
     const int lane = tid % 32;
     const int warp_in_wg = (tid % 128) / 32;
+    // clusters: the peer's empty barriers (its stage s at empty_peer + 8 s), for the releases of shared stages
+    const uint32_t empty_peer = kCluster > 1 ? sm90::mapa_shared(sm90::smem_addr(empty), rank ^ 1) : 0;
     const int row_local = wg * 64 + warp_in_wg * 16 + lane / 4;  // and row_local + 8
     const int col_local = (lane % 4) * 2;                        // + 8 * j, and + 1
     float acc[kAccRegs];
@@ -812,7 +825,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
               }
               return;
             }
-            if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + stage, rank ^ 1);
+            if (kCluster > 1 && lane == 1) sm90::mbar_arrive_remote(empty_peer + 8 * stage);
 #pragma unroll
             for (int j = 0; j < kBlockN / 8; ++j) {
               const int i = blk(j);
@@ -867,7 +880,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
               if (w == kWaves - 1) {
                 __syncwarp();
                 if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
-                if (kCluster > 1 && lane == 1) sm90::mbar_arrive_cluster(empty + s, rank ^ 1);
+                if (kCluster > 1 && lane == 1) sm90::mbar_arrive_remote(empty_peer + 8 * s);
               }
               const float s00 = sa0 * sb[0], s01 = sa0 * sb[1], s02 = sa0 * sb[2];
               const float s10 = sa1 * sb[0], s11 = sa1 * sb[1], s12 = sa1 * sb[2];
@@ -1057,8 +1070,6 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       if (lane == 0) tma_store_wait_all();  // shared memory must outlive this warp's stores
     }
   }
-  // No CTA may exit while its peer can still arrive on its barriers (the last stage releases).
-  if constexpr (kCluster > 1) sm90::cluster_sync();
 #endif
 }
 
