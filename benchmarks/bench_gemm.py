@@ -27,7 +27,7 @@ import torch
 import torch_deepstack  # noqa: F401
 from torch_deepstack.gemm import api, kernels
 from torch_deepstack.quant import per_token_group_quant_fp8
-from torch_deepstack.testing.bench import BenchTable, bench_gpu, bench_gpu_interleaved
+from torch_deepstack.testing.bench import BenchTable, bench_do_bench, bench_gpu, bench_gpu_interleaved
 
 METHOD = "interleaved"
 SETTLE_MS = 100.0      # interleaved: GPU time each contender runs before each of its timed rounds
@@ -40,6 +40,8 @@ def time_all(shape: str, fns: dict) -> dict:
     samples: dict = {}
     if METHOD == "sequential":
         out = {k: bench_gpu(f, samples=samples.setdefault(k, [])) for k, f in fns.items()}
+    elif METHOD == "do_bench":
+        out = bench_do_bench(fns, samples=samples)
     else:
         out = bench_gpu_interleaved(fns, settle_ms=SETTLE_MS, samples=samples)
     SAMPLES[shape] = samples
@@ -243,9 +245,10 @@ def main():
     global METHOD
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few dense shapes only")
-    ap.add_argument("--method", choices=["interleaved", "sequential"], default="interleaved",
+    ap.add_argument("--method", choices=["interleaved", "sequential", "do_bench"], default="interleaved",
                     help="interleaved (default): every contender timed alike, see the module doc; sequential: the "
-                         "earlier method, for comparison")
+                         "earlier method, for comparison; do_bench: triton's do_bench, the method of issue 3's "
+                         "DeepGEMM numbers (3 rounds, order rotated)")
     ap.add_argument("--ms", default="64,128,4096", help="dense M values")
     ap.add_argument("--dense-only", action="store_true", help="skip the grouped and masked shapes")
     ap.add_argument("--no-save", action="store_true", help="print only (docs/benchmarks.md left as it is)")
@@ -261,7 +264,10 @@ def main():
         if DG is not None:
             warm_deepgemm(args.deepgemm_warm, [int(v) for v in args.ms.split(",")], not args.dense_only)
         return
-    table = BenchTable("gemm", "fp8_gemm", "FP8 GEMM, 1x128 / 128x128 scales, bf16 out",
+    # (the do_bench run is a table of its own beside the main one, which stays the interleaved method's)
+    table = BenchTable("gemm", "fp8_gemm" if METHOD == "interleaved" else f"fp8_gemm_{METHOD}",
+                       "FP8 GEMM, 1x128 / 128x128 scales, bf16 out" + (
+                           "" if METHOD == "interleaved" else f" (timed by the {METHOD} method)"),
                        ["kind", "shape (M x N x K)", "block/stages", "ours us", "ours TFLOPS", "ours GB/s",
                         "DeepGEMM (issue) TFLOPS", "ours/DeepGEMM (issue)", "DeepGEMM here TFLOPS",
                         "ours/DeepGEMM here", "cuBLAS blockwise TFLOPS", "ours/cuBLAS",
@@ -270,10 +276,12 @@ def main():
     table.notes.append("DeepGEMM here: " + (f"live in this run, timed like ours ({DG.__name__} "
                                              f"{getattr(DG, '__version__', '')})" if DG else "not installed"))
     table.notes.append("cuBLAS column for grouped kinds: a per-expert loop of torch._scaled_mm")
-    table.notes.append("timing: " + ("each contender of a shape in turn, 5 rounds (order rotated) of ~100 ms of "
-                                     "its own flushed calls, then 10 timed ones; median of the 50 (steady clocks "
-                                     "under the power cap)" if METHOD ==
-                                     "interleaved" else "10 calls of warm-up, 50 timed, contenders one after another"))
+    table.notes.append("timing: " + {
+        "interleaved": "each contender of a shape in turn, 5 rounds (order rotated) of ~100 ms of its own flushed "
+                       "calls, then 10 timed ones; median of the 50 (steady clocks under the power cap)",
+        "sequential": "10 calls of warm-up, 50 timed, contenders one after another",
+        "do_bench": "triton.testing.do_bench (25 ms warm-up, ~100 ms of L2-cleared repetitions, median) per "
+                    "contender, 3 rounds with the order rotated, median of the rounds"}[METHOD])
     if args.quick:
         dense(table, [64, 4096], [(2112, 7168), (7168, 16384)])
     else:

@@ -138,6 +138,25 @@ def bench_gpu_interleaved(fns: dict, rounds: int = 5, rep: int = 10, settle_ms: 
     return out
 
 
+def bench_do_bench(fns: dict, rounds: int = 3, samples: dict | None = None) -> dict:
+    """Milliseconds of each contender by triton's `do_bench` (25 ms of warm-up, ~100 ms of repetitions with its L2
+    clear before each, the median), the method behind published reference numbers such as issue 3's DeepGEMM table;
+    `rounds` rounds with the contenders' order rotated, the median of each contender's round medians (so none is
+    always timed in another's wake). `samples` receives each contender's round medians."""
+    try:
+        from triton.testing import do_bench
+    except ImportError as e:
+        raise RuntimeError("the do_bench method needs triton (pip install triton)") from e
+    names = list(fns)
+    got = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            got[name].append(float(do_bench(fns[name], warmup=25, rep=100, return_mode="median")))
+    if samples is not None:
+        samples.update(got)
+    return {name: statistics.median(v) for name, v in got.items()}
+
+
 def bench_gpu_rotating(fn, input_sets: list, warmup: int = 10, rep: int = 50) -> float:
     """Median milliseconds of `fn(*input_sets[i % n])`, cycling through several input sets (together larger than
     L2) instead of flushing: the way to time calls too short for a 256 MB flush to stay out of the way."""
