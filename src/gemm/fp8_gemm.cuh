@@ -474,8 +474,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
   constexpr bool kProducerLookahead = false;
 #endif
-  // (through a shuffle, like wg: read from %cluster_ctarank it was a vector value to ptxas, and the tile origins,
-  // B-scale pointers and wgmma descriptors derived from it left the uniform registers: 6x the R2UR in the SASS)
+  // (through a shuffle, like wg, so ptxas may take it as warp-uniform; the cluster build's loss of the uniform
+  // datapath, 6x the R2UR of the single-CTA build, came from a mapa per slice and the final cluster barrier, both
+  // gone: see empty_peer and the producer's last round of waits)
   const int rank = kCluster > 1 ? __shfl_sync(0xffffffffu, static_cast<int>(sm90::cluster_ctarank()), 0) : 0;
   const int first_tile = blockIdx.x / kCluster, tile_stride = gridDim.x / kCluster;
 #if defined(DS_DBG) && DS_DBG == 3

@@ -97,6 +97,11 @@ def _call_ms(fn, flush_kind) -> float:
     return max(start.elapsed_time(end) / 3, 1e-3)
 
 
+def _rotated(names: list, r: int) -> list:
+    """The contenders' order in round r: rotated by r, so each leads (and follows each other) equally often."""
+    return names[r % len(names):] + names[:r % len(names)]
+
+
 def bench_gpu_interleaved(fns: dict, rounds: int = 5, rep: int = 10, settle_ms: float = 100.0,
                           flush: bool | str = True, samples: dict | None = None, enter: dict | None = None) -> dict:
     """Median milliseconds of each of several contenders timed the same way: `rounds` rounds, each contender in
@@ -119,7 +124,7 @@ def bench_gpu_interleaved(fns: dict, rounds: int = 5, rep: int = 10, settle_ms: 
         settle[name] = int(settle_ms / _call_ms(fns[name], flush_kind))
     events = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in _rotated(names, r):
             fn = fns[name]
             enter[name]()
             for _ in range(settle[name]):
@@ -150,7 +155,7 @@ def bench_do_bench(fns: dict, rounds: int = 3, samples: dict | None = None) -> d
     names = list(fns)
     got = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in _rotated(names, r):
             got[name].append(float(do_bench(fns[name], warmup=25, rep=100, return_mode="median")))
     if samples is not None:
         samples.update(got)
