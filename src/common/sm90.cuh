@@ -90,25 +90,22 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
-// Arrive on the mbarrier at `bar`'s offset in the shared memory of cluster CTA `cta`, with the default
-// (.release.cta) semantics as CUTLASS's cluster barriers do. `.release.cluster` halved the GEMM's speed on the H200
-// (a cluster-scope release per math warp and K slice); the stage's readers (wgmmas) have completed by then anyway.
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
-  asm volatile(
-      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}"
-      ::"r"(smem_addr(bar)), "r"(cta) : "memory");
-}
-// The shared::cluster address of the shared-memory word at `addr` in cluster CTA `cta` (computed once, for
-// arrivals repeated on one barrier array: mapa is linear, so stage s of the peer's array is this + 8 s).
+// The shared::cluster address of the shared-memory word at `addr` in cluster CTA `cta` (mapa is linear: computed
+// once, stage s of a peer's barrier array is this + 8 s).
 __device__ __forceinline__ uint32_t mapa_shared(uint32_t addr, uint32_t cta) {
   uint32_t r;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(cta));
   return r;
 }
-// Arrive (.release.cta, as mbar_arrive_cluster) on the mbarrier at shared::cluster address `cluster_addr`.
+// Arrive on the mbarrier at shared::cluster address `cluster_addr` (mapa_shared), with the default (.release.cta)
+// semantics as CUTLASS's cluster barriers do. `.release.cluster` halved the GEMM's speed on the H200 (a
+// cluster-scope release per math warp and K slice); the stage's readers (wgmmas) have completed by then anyway.
 __device__ __forceinline__ void mbar_arrive_remote(uint32_t cluster_addr) {
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr) : "memory");
+}
+// Arrive on the mbarrier at `bar`'s offset in the shared memory of cluster CTA `cta`.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  mbar_arrive_remote(mapa_shared(smem_addr(bar), cta));
 }
 
 // A tensor map that lives in global memory: order its (generic-proxy) write before the TMA unit reads it.

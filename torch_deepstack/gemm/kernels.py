@@ -86,7 +86,8 @@ def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool, n
     256-row tiles (n: the GEMM's N, at least two N-blocks) share A instead, between horizontally adjacent N-blocks
     (src/gemm/fp8_gemm.cuh, kMcastA; DeepGEMM's M = 4096 form), with the TMA-store epilogue under either value:
     bit-identical, but 1-4% slower than 256-row tiles alone at M = 4096 on the H200 (ab_gemm.py --steady, three
-    calls; ncu at 4096 x 7168 x 16384: 4% more SM cycles, 6% fewer L2 bytes), hence also opt-in."""
+    calls; ncu at 4096 x 7168 x 16384: 4% more SM cycles, 6% fewer L2 bytes), and still 1-3% slower after the
+    cluster kernels got their uniform registers back (2026-12-01; docs/gemm.md), hence also opt-in."""
     if os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") not in ("1", "2") or kind != KIND_DENSE or sf_b_per_row:
         return False
     if cfg.block_m == 256:   # 256-row tiles share A between two N-blocks instead (at least two of them)
