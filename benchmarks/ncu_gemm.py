@@ -15,7 +15,9 @@ import argparse
 
 import torch
 
-from ab_gemm import kernels, make_call, parse_shape, parse_variant, select, shape_name
+from torch_deepstack.gemm import kernels
+
+from ab_gemm import make_call, parse_shape, parse_variant, select, shape_name
 
 
 def profiled(name: str, call) -> None:
@@ -47,12 +49,12 @@ def main() -> int:
                 select(variant, tuple(int(v) for v in cfg.split(",")) if cfg else None)
                 profiled(f"{shape_name(shape)} {variant[0]} {cfg or 'heuristic'}", call)
         if args.deepgemm and shape[0] == kernels.KIND_DENSE:
-            profiled(f"{shape_name(shape)} DeepGEMM", deepgemm_call(shape[3], shape[4], shape[2]))
+            profiled(f"{shape_name(shape)} DeepGEMM", live_deepgemm_dense(shape[2], shape[3], shape[4]))
     return 0
 
 
-def deepgemm_call(n: int, k: int, m: int):
-    """A live DeepGEMM fp8_gemm_nt on fresh data (checked against ours by bench_gemm.deepgemm_contender)."""
+def live_deepgemm_dense(m: int, n: int, k: int):
+    """A live DeepGEMM fp8_gemm_nt (M x N x K) on fresh data (checked against ours by bench_gemm.deepgemm_contender)."""
     import bench_gemm
     from torch_deepstack.quant import per_token_group_quant_fp8
 
