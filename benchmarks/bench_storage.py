@@ -36,8 +36,8 @@ NOTES = [
     "The embedded read path plans a whole batch in one native call (`ds_table_read` in src/storage/fastio.cpp:",
     "per-file chunk tables of fds, lengths and page CRCs; the batch goes to io_uring at once, every block's",
     "CRC32C is checked (AVX-512 VPCLMULQDQ folding on this CPU: 128 KiB of block CRCs in ~5 us), unaligned",
-    "requests are copied out of a bounce arena). Python costs ~6-8 us per call in `read_array`; `batch_read`",
-    "parses its request tuples in C (src/storage/pyrows.cpp) and makes a ReadResult per request: ~8 / 12 / 30",
+    "requests are copied out of a bounce arena). Python costs ~5-7 us per call in `read_array`; `batch_read`",
+    "parses its request tuples and makes a ReadResult per request in C (src/storage/pyrows.cpp): ~8 / 10 / 18",
     "us per call at qd 4 / 16 / 64 (native read stubbed out), from 26 us at qd 16 and 88 at qd 64 with the",
     "earlier Python loop, which still serves batches the parser refuses, in waves. Both benchmarks read the same block",
     "sequence, drawn up front as a dataset's index holds it; the batch_read rows build their request tuples per",
@@ -365,6 +365,9 @@ def fmt_row(r):
     ratio = f"{r['embedded'] / r['fio']:.2f}" if r["fio"] else "n/a"
     stream = f"{r['fio_stream']:.0f}" if r.get("fio_stream") else "n/a"
     aratio = f"{r['array'] / r['fio']:.2f}" if r["fio"] and r.get("array") else "n/a"
+    if r.get("paired_embedded") and r.get("paired_array"):
+        ratio += f", paired {r['paired_embedded']:.2f}"
+        aratio += f", paired {r['paired_array']:.2f}"
     share = [v for k in ("embedded", "array") for v in r.get("disk_share", {}).get(k, [])]
     disk = f"  disk served {min(share):.2f}-{max(share):.2f} of our bytes" if share else ""
     return (f"bs={r['bs'] >> 10:5d}K qd={r['qd']:2d}{disk}  fio {fio} (full queue {stream})  embedded {r['embedded']:9.0f} ({ratio} of fio)  "
@@ -382,7 +385,8 @@ def write_docs(res):
              f"{res.get('loadavg_at_start', float('nan')):.1f} at the start; command: `{res['cmd']} --write-docs`. Random reads, in IOPS (block-aligned offsets, uniform "
              f"over a {res['size'] >> 20} MiB file in 4 MiB chunks), the median of {res['repeat']} interleaved rounds "
              f"of {res['seconds']} s runs for every column, fio included (each round: fio, then ours in a rotating "
-             f"order; the paired column is the median of read_array / the fio run of the same round). Ours: `FileSystem.batch_read` with qd (file, offset, length, buffer) requests "
+             f"order; the paired columns are the medians of each run of ours / the fio run of the same round: the disk's "
+             f"rate drifts between rounds, so they are the steadier estimate). Ours: `FileSystem.batch_read` with qd (file, offset, length, buffer) requests "
              f"per call into a page-aligned buffer, and `FileSystem.read_array` with the same requests as numpy "
              f"arrays (both end in one native call that plans, reads and CRC-checks the batch). fio reads the very chunk files of that file (O_DIRECT, io_uring, same block size and "
              f"queue depth); the ceiling column uses fio's batched mode (submit qd, wait for all qd: "
@@ -393,9 +397,10 @@ def write_docs(res):
              f"replicas' chunk files through fds the services hand over, see docs/storage.md) and with "
              f"`short_circuit=False` (every read an RPC to a storage service).", "",
              "| block | qd | fio IOPS (same batched pattern) | embedded batch_read IOPS | batch_read / fio | "
-             "embedded read_array IOPS | read_array / fio | read_array / fio, paired | cluster IOPS (short-circuit) | cluster / embedded | "
-             "cluster IOPS (RPC only) | RPC only / embedded | fio, queue kept full |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "batch_read / fio, paired | embedded read_array IOPS | read_array / fio | read_array / fio, paired | "
+             "cluster IOPS (short-circuit) | cluster / embedded | cluster IOPS (RPC only) | RPC only / embedded | "
+             "fio, queue kept full |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["reads"]:
         fio = f"{r['fio']:.0f}" if r["fio"] else "n/a"
         ratio = f"{r['embedded'] / r['fio']:.2f}" if r["fio"] else "n/a"
@@ -404,8 +409,9 @@ def write_docs(res):
         aratio = f"{arr / r['fio']:.2f}" if r["fio"] and arr else "n/a"
         rpc = r.get("cluster_rpc") or 0
         paired = f"{r['paired_array']:.2f}" if r.get("paired_array") else "n/a"
-        lines.append(f"| {r['bs'] >> 10} KiB | {r['qd']} | {fio} | {r['embedded']:.0f} | {ratio} | {arr:.0f} | "
-                     f"{aratio} | {paired} | {r['cluster']:.0f} | {r['cluster'] / r['embedded']:.2f} | {rpc:.0f} | "
+        bpaired = f"{r['paired_embedded']:.2f}" if r.get("paired_embedded") else "n/a"
+        lines.append(f"| {r['bs'] >> 10} KiB | {r['qd']} | {fio} | {r['embedded']:.0f} | {ratio} | {bpaired} | "
+                     f"{arr:.0f} | {aratio} | {paired} | {r['cluster']:.0f} | {r['cluster'] / r['embedded']:.2f} | {rpc:.0f} | "
                      f"{rpc / r['embedded']:.2f} | {stream} |")
     def span(num, den, bs):
         vals = [r[num] / (r[den] if den else 1) for r in res["reads"]
@@ -417,8 +423,10 @@ def write_docs(res):
     clu = "; ".join(f"{bs >> 10} KiB {span('cluster', 'embedded', bs)}" for bs in sizes)
     rpc = "; ".join(f"{bs >> 10} KiB {span('cluster_rpc', 'embedded', bs)}" for bs in sizes)
     par = "; ".join(f"{bs >> 10} KiB {span('paired_array', None, bs)}" for bs in sizes)
+    bpar = "; ".join(f"{bs >> 10} KiB {span('paired_embedded', None, bs)}" for bs in sizes)
     lines += ["", "Against the targets (ratio range over queue depths, medians): embedded / fio >= 0.9: batch_read "
-              + emb + "; read_array " + arr + "; read_array paired with its round's fio " + par + ". Cluster / embedded (batch_read) >= 0.7: short-circuit " + clu +
+              + emb + "; batch_read paired with its round's fio " + bpar + "; read_array " + arr +
+              "; read_array paired with its round's fio " + par + ". Cluster / embedded (batch_read) >= 0.7: short-circuit " + clu +
               "; RPC only " + rpc +
               f". Replicated / embedded writes >= 1/3: {res['write_cluster'] / res['write_embedded']:.2f}."]
     lines += [""] + [" ".join(NOTES)]

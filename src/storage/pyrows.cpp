@@ -3,6 +3,7 @@
 // each destination's address; here that is a few dozen ns. Only the plain case is handled: anything else makes
 // the caller fall back to its Python loop, which decides (and reports errors) exactly as before.
 #include <Python.h>
+#include <structmember.h>  // T_OBJECT_EX: the kind of member a __slots__ entry is
 
 #include <cstdint>
 #include <cstdlib>
@@ -206,6 +207,82 @@ Py_ssize_t ds_rows_parse(PyObject* reqs, Py_ssize_t start, PyObject* file_type, 
         q[4] = idx;
     }
     return i;
+}
+
+// batch_read's results, made here instead of by ReadResult(...) calls (~0.29 us each in Python, ~0.05 here): one
+// object per request of `result_type` (a class with exactly the __slots__ _request, nbytes, _data, error, _out,
+// checked on first use), allocated and filled directly as __init__ would fill them: (reqs[i], rows[5 i + col],
+// None, None, outs[i]). Returns a new list; Py_None when some rows[5 i + col] is negative (requests the general
+// path must serve: the caller then makes the results itself); NULL with a Python error set on failure.
+static Py_ssize_t slot_offset(PyObject* type, const char* name) {
+    PyObject* d = PyObject_GetAttrString(type, name);
+    Py_ssize_t off = -1;
+    if (d && Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyMemberDef* m = ((PyMemberDescrObject*)d)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
+    }
+    Py_XDECREF(d);
+    PyErr_Clear();
+    return off;
+}
+
+PyObject* ds_rows_results(PyObject* reqs, PyObject* outs, const int64_t* rows, Py_ssize_t col,
+                          PyObject* result_type) {
+    static PyObject* s_type = nullptr;  // the class the offsets below belong to (kept alive)
+    static Py_ssize_t o_req, o_nbytes, o_data, o_error, o_out;
+    if (result_type != s_type) {
+        if (!PyType_Check(result_type)) {
+            PyErr_SetString(PyExc_TypeError, "ds_rows_results: result_type is not a class");
+            return nullptr;
+        }
+        PyTypeObject* t = (PyTypeObject*)result_type;
+        Py_ssize_t offs[5] = {slot_offset(result_type, "_request"), slot_offset(result_type, "nbytes"),
+                              slot_offset(result_type, "_data"), slot_offset(result_type, "error"),
+                              slot_offset(result_type, "_out")};
+        for (Py_ssize_t o : offs) {
+            if (o < (Py_ssize_t)sizeof(PyObject) || o + (Py_ssize_t)sizeof(PyObject*) > t->tp_basicsize) {
+                PyErr_SetString(PyExc_TypeError, "ds_rows_results: result_type lacks the expected __slots__");
+                return nullptr;
+            }
+        }
+        o_req = offs[0], o_nbytes = offs[1], o_data = offs[2], o_error = offs[3], o_out = offs[4];
+        Py_INCREF(result_type);
+        Py_XDECREF(s_type);
+        s_type = result_type;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(reqs);
+    if (PyList_GET_SIZE(outs) != n) {
+        PyErr_SetString(PyExc_ValueError, "ds_rows_results: reqs and outs differ in length");
+        return nullptr;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (rows[5 * i + col] < 0) Py_RETURN_NONE;
+    PyObject* list = PyList_New(n);
+    if (!list) return nullptr;
+    PyTypeObject* t = (PyTypeObject*)result_type;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject* nb = PyLong_FromLongLong(rows[5 * i + col]);
+        PyObject* o = nb ? t->tp_alloc(t, 0) : nullptr;  // zeroed (slots NULL) and GC-tracked
+        if (!o) {
+            Py_XDECREF(nb);
+            Py_DECREF(list);
+            return nullptr;
+        }
+        char* b = (char*)o;
+        PyObject* req = PyList_GET_ITEM(reqs, i);
+        PyObject* out = PyList_GET_ITEM(outs, i);
+        Py_INCREF(req);
+        Py_INCREF(out);
+        Py_INCREF(Py_None);
+        Py_INCREF(Py_None);
+        *(PyObject**)(b + o_req) = req;
+        *(PyObject**)(b + o_nbytes) = nb;
+        *(PyObject**)(b + o_data) = Py_None;
+        *(PyObject**)(b + o_error) = Py_None;
+        *(PyObject**)(b + o_out) = out;
+        PyList_SET_ITEM(list, i, o);
+    }
+    return list;
 }
 
 }  // extern "C"

@@ -364,6 +364,40 @@ def test_batch_read_c_parser_equals_python_loop_and_general_path(fs, monkeypatch
             a.extend(b"x")  # BufferError if an export had been left behind
 
 
+
+def test_batch_read_results_made_in_c_match_python_ones(fs):
+    """The parsed path's results come from pyrows.cpp (ds_rows_results fills ReadResult's slots without calling
+    __init__): every field equals a ReadResult made in Python, they are garbage-collected objects like those, and
+    no reference to the requests or buffers is gained or lost over many calls."""
+    import gc
+    import sys
+
+    from torch_deepstack.storage import pyrows
+    from torch_deepstack.storage.client import ReadResult
+
+    if not fs.backend.array_reads() or pyrows.load() is None:
+        pytest.skip(f"no native path or no C parser ({pyrows.reason})")
+    rng = np.random.default_rng()
+    data = _random_file(fs, "/r", rng, 2 * CS)
+    f = fs.open("/r")
+    bufs = [np.zeros(777, np.uint8) for _ in range(9)]
+    reqs = [(f, int(rng.integers(0, 2 * CS - 777)) // 777 * 777 % (CS - 777), 700 + k, b, f"u{k}")
+            for k, b in enumerate(bufs)]
+    res = fs.batch_read(reqs)
+    for q, r in zip(reqs, res):
+        py = ReadResult(q, q[2], None, None, q[3])
+        assert type(r) is ReadResult and gc.is_tracked(r)
+        assert (r.nbytes, r.error, r.ok, r.userdata, bytes(r.data)) == \
+            (py.nbytes, py.error, py.ok, py.userdata, bytes(py.data)) == (q[2], None, True, q[4], data[q[1]:q[1] + q[2]])
+        assert r.request.offset == q[1] and r.request.out is q[3]
+    del res, r, py
+    gc.collect()
+    before = [sys.getrefcount(x) for x in (*reqs, *bufs)]
+    for _ in range(200):
+        fs.batch_read(reqs)
+    gc.collect()
+    assert [sys.getrefcount(x) for x in (*reqs, *bufs)] == before
+
 def test_read_array_several_files_tensor_out_and_paths(fs):
     rng = np.random.default_rng()
     fs.mkdir("/m")
@@ -419,22 +453,20 @@ def test_read_array_detects_corruption(fs, mode, monkeypatch):
     with pytest.raises(ChunkCorrupt):
         res.raise_first()
     assert isinstance(fs.batch_read([(f, CS + 4096, 10, None)])[0].error, ChunkCorrupt)
-    # A batch long enough for the C parser, with its results made after the reads (a short batch) and while they
-    # are in flight (EARLY_RESULTS_MIN lowered): the request on the corrupt block fails alone, a read past the end
-    # is short, the rest are whole.
+    # A batch long enough for the C parser (its results made in C unless a request is left to the general path, as
+    # the corrupt one is here): the request on the corrupt block fails alone, a read past the end is short, the rest
+    # are whole.
     tail = _random_file(fs, "/c2", rng, CS + 1000)
     f2 = fs.open("/c2")
     bufs = [np.zeros(4096, np.uint8) for _ in range(6)]
     reqs = [(f, 0, 4096, bufs[0]), (f, CS + 4096, 4096, bufs[1]), (f, CS + 100, 50, bufs[2]), (f2, CS, 4096, bufs[3]),
             (f, 2 * CS, 10, bufs[4]), (f2, 4096, 4096, bufs[5])]
-    for early_min in (len(reqs) + 1, 1):
-        monkeypatch.setattr(type(fs), "EARLY_RESULTS_MIN", early_min)
-        parsed = fs._batch_read_parsed(pyrows.load(), reqs, None)
-        res = fs.batch_read(reqs)
-        for got in (parsed, res) if pyrows.load() is not None and mode != "pure-python" else (res,):
-            assert [r.nbytes for r in got if r.ok] == [4096, 50, 1000, 0, 4096]
-            assert isinstance(got[1].error, ChunkCorrupt) and not got[1].ok
-            assert bytes(got[3].data) == tail[CS:] and bytes(got[5].data) == tail[4096:8192]
+    parsed = fs._batch_read_parsed(pyrows.load(), reqs, None) if pyrows.load() is not None else None
+    res = fs.batch_read(reqs)
+    for got in (parsed, res) if parsed is not None and mode != "pure-python" else (res,):
+        assert [r.nbytes for r in got if r.ok] == [4096, 50, 1000, 0, 4096]
+        assert isinstance(got[1].error, ChunkCorrupt) and not got[1].ok
+        assert bytes(got[3].data) == tail[CS:] and bytes(got[5].data) == tail[4096:8192]
 
 
 def test_read_array_rejects_bad_arguments(fs):

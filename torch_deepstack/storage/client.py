@@ -840,15 +840,13 @@ class FileSystem:
         return results
 
     PARSE_MIN = 4  # batches this long or longer have their requests parsed in C (when it is available)
-    # Parsed batches this long or longer make their results while the device reads (_read_parsed_early). The split
-    # submit/wait costs ~3-4 us more per call than one synchronous native read, which the ~0.4 us per request it
-    # hides repays only from a few dozen requests: 4 KiB qd 4 read 0.93 of fio that way against 1.01 synchronously
-    # (10 interleaved rounds, 2026-11-30 01:56 UTC), qd 16 level (0.95 / 0.95).
-    EARLY_RESULTS_MIN = 32
 
     def _batch_read_parsed(self, lib, reqs: list, timeout: float | None) -> list[ReadResult] | None:
         """batch_read's native path with the requests parsed in C (pyrows.cpp): one call turns the request list
-        into rows, another reads them. None where a request is not a plain one (the Python loop then decides)."""
+        into rows, another reads them, a third makes the results (~0.05 us each against ~0.3 for ReadResult(...)
+        in Python; that made results while the device read, EARLY_RESULTS_MIN and its split submit/wait, no longer
+        pays: synchronous read 2-3% faster at 4 KiB qd 32-128 in alternating calls, 2026-12-01). None where a
+        request is not a plain one (the Python loop then decides)."""
         n = len(reqs)
         which_of: dict = {}
         inodes, outs, handles = [], [], []
@@ -893,41 +891,18 @@ class FileSystem:
                 sizes[len(inodes)] = f._inode["chunk_size"]
                 inodes.append(f._inode)
                 start = i
-            waves = self.backend.begin_waves() if n >= self.EARLY_RESULTS_MIN else None
-            if waves is not None:
-                return self._read_parsed_early(waves, reqs, inodes, rows, outs, timeout)
             got = self.backend.read_array(inodes, rows, 0, 1 << 62)  # rows carry absolute addresses
             if got is None:
                 return None
+            results = lib.ds_rows_results(reqs, outs, base, 3, ReadResult)  # None: some request left
+            if results is not None:
+                return results
             got = got.tolist()
         finally:
             for h in handles:  # the reads are over (read_array is synchronous): the buffers may move again
                 lib.ds_rows_release(h)
             _release_scratch(scratch)
         return self._native_results(reqs, outs, got, timeout)
-
-    def _read_parsed_early(self, waves, reqs: list, inodes: list, rows, outs: list,
-                           timeout: float | None) -> list[ReadResult]:
-        """Submits the parsed rows, then makes the results while the device reads (~0.4 us of Python per
-        request, which the synchronous read_array paid after the reads), each assuming its whole length was
-        read; after the wait only the requests whose byte counts differ are revisited."""
-        waves.submit(inodes, rows)
-        try:
-            results = list(map(ReadResult, reqs, rows[:, 1].tolist(), _NONES, _NONES, outs))
-        finally:
-            waves.wait()  # reads in flight land in the caller's buffers: let them finish first
-        got = rows[:, 3]
-        short = (got != rows[:, 1]).nonzero()[0].tolist()
-        if not short:
-            return results
-        slow = []
-        for k in short:
-            n = int(got[k])
-            if n >= 0:
-                results[k].nbytes = n
-            else:
-                slow.append(k)
-        return self._redo_slow(results, slow, reqs, outs, timeout)
 
     WAVE_FIRST = 8  # requests in batch_read's first wave (see _batch_read_native)
 
