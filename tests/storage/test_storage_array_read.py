@@ -398,6 +398,26 @@ def test_batch_read_results_made_in_c_match_python_ones(fs):
     gc.collect()
     assert [sys.getrefcount(x) for x in (*reqs, *bufs)] == before
 
+
+@pytest.mark.parametrize("head", ["0", "1"])
+def test_reads_equal_with_and_without_a_submitted_head(fs, monkeypatch, head):
+    """Batches of 3 or more reads send their first count / 4 (1-8) to io_uring ahead of the rest
+    (src/storage/fastio.cpp, submit_head; DEEPSTACK_URING_HEAD=0 turns it off): either way every byte lands where
+    it belongs, through read_array, batch_read and the general path's sessions."""
+    monkeypatch.setenv("DEEPSTACK_URING_HEAD", head)
+    rng = np.random.default_rng()
+    data = _random_file(fs, "/h", rng, 3 * CS + 12345)
+    f = fs.open("/h")
+    for n in (3, 4, 9, 33, 64):
+        offs = rng.integers(0, len(data) - 5000, n)
+        lens = rng.integers(1, 5000, n)
+        out = np.zeros(int(lens.sum()), np.uint8)
+        res = fs.read_array(f, offs, lens, out)
+        res.raise_first()
+        assert bytes(out) == b"".join(data[o:o + ln] for o, ln in zip(offs.tolist(), lens.tolist()))
+        got = fs.batch_read([(f, int(o), int(ln)) for o, ln in zip(offs, lens)])
+        assert [bytes(r.data) for r in got] == [data[o:o + ln] for o, ln in zip(offs.tolist(), lens.tolist())]
+
 def test_read_array_several_files_tensor_out_and_paths(fs):
     rng = np.random.default_rng()
     fs.mkdir("/m")
