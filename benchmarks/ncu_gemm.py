@@ -7,7 +7,8 @@
 Shapes and variants are written as for benchmarks/ab_gemm.py (dense MxNxK, contiguous cGxMGxNxK, masked mGxMGxNxK;
 NAME:DEFINES[:MULTICAST[:TMA_STORE[:SPLIT_TAIL]]]). The kernels must already be in DEEPSTACK_JIT_CACHE_DIR
 (ab_gemm.py --prebuild-only builds the same set). `--deepgemm` also profiles a live DeepGEMM's call on each dense
-shape (after ours; see bench_gemm.py for the package), to compare the two kernels' counters on the same data.
+and contiguous shape (after ours; see bench_gemm.py for the package), to compare the two kernels' counters on the
+same data.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=None, help="NAME:DEFINES[:...] (repeatable)")
     p.add_argument("--config", action="append", default=[], help="bm,bn,stages forced config (repeatable; default: "
                                                                   "the heuristic's)")
-    p.add_argument("--deepgemm", action="store_true", help="also profile a live DeepGEMM on each dense shape")
+    p.add_argument("--deepgemm", action="store_true",
+                   help="also profile a live DeepGEMM on each dense and contiguous shape")
     args = p.parse_args()
     variants = [parse_variant(v) for v in (args.variant or ["default:"])]
     for text in args.shapes.split(","):
@@ -48,24 +50,32 @@ def main() -> int:
             for cfg in args.config or [None]:
                 select(variant, tuple(int(v) for v in cfg.split(",")) if cfg else None)
                 profiled(f"{shape_name(shape)} {variant[0]} {cfg or 'heuristic'}", call)
-        if args.deepgemm and shape[0] == kernels.KIND_DENSE:
-            profiled(f"{shape_name(shape)} DeepGEMM", live_deepgemm_dense(shape[2], shape[3], shape[4]))
+        if args.deepgemm and shape[0] in (kernels.KIND_DENSE, kernels.KIND_CONTIGUOUS):
+            profiled(f"{shape_name(shape)} DeepGEMM", live_deepgemm(shape))
     return 0
 
 
-def live_deepgemm_dense(m: int, n: int, k: int):
-    """A live DeepGEMM fp8_gemm_nt (M x N x K) on fresh data (checked against ours by bench_gemm.deepgemm_contender)."""
+def live_deepgemm(shape):
+    """A live DeepGEMM call of a dense (M x N x K) or contiguous (G groups of MG rows) shape on fresh data, checked
+    against ours by bench_gemm.deepgemm_contender."""
     import bench_gemm
     from torch_deepstack.quant import per_token_group_quant_fp8
 
+    kind, g, mg, n, k = shape
     bench_gemm.DG = bench_gemm.live_deepgemm()
     if bench_gemm.DG is None:
         raise SystemExit("--deepgemm: no DeepGEMM package imports")
-    aq, asf = per_token_group_quant_fp8(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-    bq, bsf = bench_gemm.quant_weight(n, k)
-    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
-    call = bench_gemm.deepgemm_contender("dense", aq, asf, bq, bsf, d)
+    aq, asf = per_token_group_quant_fp8(torch.randn(g * mg, k, device="cuda", dtype=torch.bfloat16))
+    d = torch.empty(g * mg, n, device="cuda", dtype=torch.bfloat16)
+    if kind == kernels.KIND_DENSE:
+        (bq, bsf), args = bench_gemm.quant_weight(n, k), ()
+        torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
+    else:
+        bq, bsf = bench_gemm.quant_weight(n, k, g)
+        args = (torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(mg),)
+        torch.ops.deepstack.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, *args)
+    call = bench_gemm.deepgemm_contender("dense" if kind == kernels.KIND_DENSE else "contiguous", aq, asf, bq, bsf,
+                                         d, *args)
     if call is None:
         raise SystemExit("--deepgemm: DeepGEMM's output disagrees with ours")
     return call
