@@ -34,7 +34,7 @@ SECRET = b"bench-secret"
 # What the table shows and why (rendered under it).
 NOTES = [
     "The embedded read path plans a whole batch in one native call (`ds_table_read` in src/storage/fastio.cpp:",
-    "per-file chunk tables of fds, lengths and page CRCs; the batch goes to io_uring at once, every block's",
+    "per-file chunk tables of fds, lengths and page CRCs; the batch goes to io_uring in one pass, every block's",
     "CRC32C is checked (AVX-512 VPCLMULQDQ folding on this CPU: 128 KiB of block CRCs in ~5 us), unaligned",
     "requests are copied out of a bounce arena). Python costs ~5-7 us per call in `read_array`; `batch_read`",
     "parses its request tuples and makes a ReadResult per request in C (src/storage/pyrows.cpp): ~8 / 10 / 18",
