@@ -671,7 +671,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       sched.place(tn, nt);
       sfb_nxt_place = nt;
       if (kKind == kGemmContiguous) nt.g = max(g_contig, 0);
-      sfb_lanes_fetch(tn, nt.n0, nt.g, 0);
+      // (A-sharing clusters: this CTA's columns are its rank's N-block of the pair, as the tile loop sets below)
+      sfb_lanes_fetch(tn, nt.n0 + (kMcastA ? rank * kBlockN : 0), nt.g, 0);
     };
     // group of the tile whose ids the lookahead holds (contiguous kind)
     const auto ahead_group = [&]() { return ids_group(ids.next); };

@@ -143,21 +143,25 @@ def test_dense_256_row_tiles_match_128_row_tiles(monkeypatch, bn, m, n, k):
     sharing A by multicast, give the bits of 128-row tiles of the same width: every element written, nothing past M
     or N (partial last M-blocks: 129, 300, 4095, 700 rows; columns past N: 200, 2112, 1000; an odd number of N-blocks,
     2112 / 128 and 2112 / 64, leaves the last cluster's second CTA without columns), the direct-store fallback for a
-    D pitch that is not 16-byte aligned, and several tiles per CTA (4096 x 7168)."""
+    D pitch that is not 16-byte aligned, and several tiles per CTA (4096 x 7168). Also with the B-scale lanes
+    (DS_SFB_LANES: a tile's B scales read a tile ahead; in a cluster, of the CTA's own N-block of the pair)."""
     from torch_deepstack.gemm import kernels
     a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
     outs = {}
-    for cfg, mc in ((f"128,{bn},5", "0"), (f"256,{bn},3", "0"), (f"256,{bn},3", "1")):
+    for cfg, mc, defines in ((f"128,{bn},5", "0", ""), (f"256,{bn},3", "0", ""), (f"256,{bn},3", "1", ""),
+                             (f"256,{bn},3", "0", "DS_SFB_LANES"), (f"256,{bn},3", "1", "DS_SFB_LANES")):
         monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
         monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
         plan = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)
         assert (plan[1].block_m, plan[1].tma_store) == (int(cfg.split(",")[0]), True)
         assert plan[-1] == (2 if mc == "1" and n > bn else 1)
         for pad in (0, 2):                           # pad 2: row pitch n + 2 elements, not 16-byte aligned
-            outs[(cfg, mc, pad)] = _padded_run(aq, asf, bq, bsf, m, n, pad, f"{cfg}, multicast {mc}")
+            outs[(cfg, mc, defines, pad)] = _padded_run(aq, asf, bq, bsf, m, n, pad,
+                                                        f"{cfg}, multicast {mc} {defines}")
     for key, d in outs.items():
-        assert torch.equal(d, outs[(f"128,{bn},5", "0", 0)]), f"{key} differs from 128-row tiles"
-    assert calc_diff(outs[(f"256,{bn},3", "1", 0)], a.float() @ b.float().T) < 1e-3
+        assert torch.equal(d, outs[(f"128,{bn},5", "0", "", 0)]), f"{key} differs from 128-row tiles"
+    assert calc_diff(outs[(f"256,{bn},3", "1", "", 0)], a.float() @ b.float().T) < 1e-3
 
 
 @pytest.mark.parametrize("m,n,k", [(4096, 3136, 1024), (2000, 3120, 384), (4095, 1568, 256)])
