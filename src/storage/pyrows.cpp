@@ -211,9 +211,10 @@ Py_ssize_t ds_rows_parse(PyObject* reqs, Py_ssize_t start, PyObject* file_type, 
 
 // batch_read's results, made here instead of by ReadResult(...) calls (~0.29 us each in Python, ~0.05 here): one
 // object per request of `result_type` (a class with exactly the __slots__ _request, nbytes, _data, error, _out,
-// checked on first use), allocated and filled directly as __init__ would fill them: (reqs[i], rows[5 i + col],
-// None, None, outs[i]). Returns a new list; Py_None when some rows[5 i + col] is negative (requests the general
-// path must serve: the caller then makes the results itself); NULL with a Python error set on failure.
+// checked on first use), allocated and filled directly as __init__ would fill them: (reqs[i], rows[5 i + 3] (the
+// byte count the read left in column 3), None, None, outs[i]). Returns a new list; Py_None when some count is
+// negative (requests the general path must serve: the caller then makes the results itself); NULL with a Python
+// error set on failure.
 static Py_ssize_t slot_offset(PyObject* type, const char* name) {
     PyObject* d = PyObject_GetAttrString(type, name);
     Py_ssize_t off = -1;
@@ -226,8 +227,7 @@ static Py_ssize_t slot_offset(PyObject* type, const char* name) {
     return off;
 }
 
-PyObject* ds_rows_results(PyObject* reqs, PyObject* outs, const int64_t* rows, Py_ssize_t col,
-                          PyObject* result_type) {
+PyObject* ds_rows_results(PyObject* reqs, PyObject* outs, const int64_t* rows, PyObject* result_type) {
     static PyObject* s_type = nullptr;  // the class the offsets below belong to (kept alive)
     static Py_ssize_t o_req, o_nbytes, o_data, o_error, o_out;
     if (result_type != s_type) {
@@ -256,12 +256,12 @@ PyObject* ds_rows_results(PyObject* reqs, PyObject* outs, const int64_t* rows, P
         return nullptr;
     }
     for (Py_ssize_t i = 0; i < n; i++)
-        if (rows[5 * i + col] < 0) Py_RETURN_NONE;
+        if (rows[5 * i + 3] < 0) Py_RETURN_NONE;
     PyObject* list = PyList_New(n);
     if (!list) return nullptr;
     PyTypeObject* t = (PyTypeObject*)result_type;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject* nb = PyLong_FromLongLong(rows[5 * i + col]);
+        PyObject* nb = PyLong_FromLongLong(rows[5 * i + 3]);
         PyObject* o = nb ? t->tp_alloc(t, 0) : nullptr;  // zeroed (slots NULL) and GC-tracked
         if (!o) {
             Py_XDECREF(nb);

@@ -894,7 +894,7 @@ class FileSystem:
             got = self.backend.read_array(inodes, rows, 0, 1 << 62)  # rows carry absolute addresses
             if got is None:
                 return None
-            results = lib.ds_rows_results(reqs, outs, base, 3, ReadResult)  # None: some request left
+            results = lib.ds_rows_results(reqs, outs, base, ReadResult)  # None: some request left
             if results is not None:
                 return results
             got = got.tolist()

@@ -34,8 +34,7 @@ def _open():
     lib.ds_rows_parse.restype = ctypes.c_ssize_t
     lib.ds_rows_release.argtypes = [ctypes.c_void_p]
     lib.ds_rows_release.restype = None
-    lib.ds_rows_results.argtypes = [ctypes.py_object, ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t,
-                                    ctypes.py_object]
+    lib.ds_rows_results.argtypes = [ctypes.py_object, ctypes.py_object, ctypes.c_void_p, ctypes.py_object]
     lib.ds_rows_results.restype = ctypes.py_object
     return lib
 
