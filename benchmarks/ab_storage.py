@@ -5,6 +5,11 @@ ours in an order rotating between rounds), ratios against the round's fio run, m
     python benchmarks/ab_storage.py --before 93be5aa                       # every size and queue depth
     python benchmarks/ab_storage.py --before HEAD~1 --points 4K:16,128K:1 --rounds 6
     python benchmarks/ab_storage.py --before HEAD~1 --points 4K:16 --hogs 2   # under two busy-looping processes
+    python benchmarks/ab_storage.py --alternate DEEPSTACK_URING_HEAD=0,1 --points 4K:4,4K:16,4K:64
+
+--alternate NAME=A,B times one process's calls with the environment variable NAME switched between the values call
+by call (for switches the C helper reads per batch, such as DEEPSTACK_URING_HEAD): no fio, no rounds; each call's
+time, so the disk's drift falls on both sides alike. Reports the median time per call and the IOPS of the mean.
 
 Both sides run the current tree's benchmark functions (bench_storage.bench_reads / bench_reads_array), so only
 the library differs. The earlier commit is taken with `git archive` (torch_deepstack, meta_impls, src) into a
@@ -51,6 +56,54 @@ def worker(tree: str, fsdir: str, size: int) -> int:
     return 0
 
 
+def alternate(spec: str, points, apis, size: int) -> None:
+    """--alternate: calls of each API with NAME switched between the values call by call, in this process."""
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
+    import bench_storage as B
+    import torch_deepstack.storage as st
+
+    name, values = spec.split("=", 1)
+    values = values.split(",")
+    base = tempfile.mkdtemp(prefix="deepstack-ab-")
+    try:
+        fs = st.connect(os.path.join(base, "fs"), chunk_size=4 << 20)
+        B.write_file(fs, "/data.bin", size, 4 << 20)
+        f = fs.open("/data.bin")
+        print(f"{name} in {values}, call by call; {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        print("| block | qd | API | " + " | ".join(f"{name}={v}: median us, IOPS" for v in values) + " |")
+        print("| ---: | ---: | --- | " + " | ".join("---:" for _ in values) + " |")
+        for bs, qd in points:
+            buf = B.aligned(qd * bs)
+            rows = [buf[i * bs:(i + 1) * bs] for i in range(qd)]
+            lengths, dests = np.full(qd, bs, np.int64), np.arange(qd, dtype=np.int64) * bs
+            offs = np.random.default_rng(qd).integers(0, size // bs, (max(400, 100_000 // qd), qd)) * bs
+            times = {(a, v): [] for a in apis for v in values}
+            gc.collect()
+            for i, row in enumerate(offs):
+                a, v = apis[i // len(values) % len(apis)], values[i % len(values)]
+                os.environ[name] = v
+                t = time.perf_counter()
+                if a == "array":
+                    fs.read_array(f, row, lengths, buf, dests).raise_first()
+                else:
+                    for r in fs.batch_read([(f, o, bs, b) for o, b in zip(row.tolist(), rows)]):
+                        if r.error is not None:
+                            raise r.error
+                times[(a, v)].append(time.perf_counter() - t)
+            for a in apis:
+                cells = []
+                for v in values:
+                    x = np.array(times[(a, v)][10:])
+                    cells.append(f"{np.median(x) * 1e6:.1f}, {qd / x.mean():.0f}")
+                print(f"| {bs >> 10} KiB | {qd} | {a} | " + " | ".join(cells) + " |", flush=True)
+        fs.close()
+    finally:
+        os.environ.pop(name, None)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def hog(seconds: float) -> None:
     end = time.time() + seconds
     x = 0
@@ -62,6 +115,7 @@ def hog(seconds: float) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", help="git revision whose storage code is the 'before' side")
+    ap.add_argument("--alternate", metavar="NAME=A,B", help="one process, NAME switched call by call (no fio)")
     ap.add_argument("--points", default="4K:1,4K:4,4K:16,4K:64,128K:1,128K:4,128K:16,128K:64,1M:1,1M:4,1M:16,1M:64")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--apis", default="array,batch", help="array (read_array) and/or batch (batch_read)")
@@ -76,8 +130,15 @@ def main(argv=None) -> int:
     if args.hog:
         hog(args.hog)
         return 0
+    if args.alternate:
+        sys.path.insert(0, HERE)
+        import bench_storage as B
+
+        points = [(B._size(p.split(":")[0]), int(p.split(":")[1])) for p in args.points.split(",")]
+        alternate(args.alternate, points, args.apis.split(","), args.size)
+        return 0
     if not args.before:
-        ap.error("--before REV is required")
+        ap.error("--before REV (or --alternate NAME=A,B) is required")
     sys.path.insert(0, ROOT)
     sys.path.insert(0, HERE)
     import bench_storage as B
