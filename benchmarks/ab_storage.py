@@ -56,13 +56,9 @@ def worker(tree: str, fsdir: str, size: int) -> int:
     return 0
 
 
-def alternate(spec: str, points, apis, size: int) -> None:
-    """--alternate: calls of each API with NAME switched between the values call by call, in this process."""
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, HERE)
-    import bench_storage as B
-    import torch_deepstack.storage as st
-
+def alternate(B, st, spec: str, points, apis, size: int) -> None:
+    """--alternate: calls of each API with NAME switched between the values call by call, in this process
+    (B: the bench_storage module, st: torch_deepstack.storage)."""
     name, values = spec.split("=", 1)
     values = values.split(",")
     base = tempfile.mkdtemp(prefix="deepstack-ab-")
@@ -88,9 +84,7 @@ def alternate(spec: str, points, apis, size: int) -> None:
                 if a == "array":
                     fs.read_array(f, row, lengths, buf, dests).raise_first()
                 else:
-                    for r in fs.batch_read([(f, o, bs, b) for o, b in zip(row.tolist(), rows)]):
-                        if r.error is not None:
-                            raise r.error
+                    B.read_batch(fs, f, row, bs, rows)
                 times[(a, v)].append(time.perf_counter() - t)
             for a in apis:
                 cells = []
@@ -130,14 +124,7 @@ def main(argv=None) -> int:
     if args.hog:
         hog(args.hog)
         return 0
-    if args.alternate:
-        sys.path.insert(0, HERE)
-        import bench_storage as B
-
-        points = [(B._size(p.split(":")[0]), int(p.split(":")[1])) for p in args.points.split(",")]
-        alternate(args.alternate, points, args.apis.split(","), args.size)
-        return 0
-    if not args.before:
+    if not args.before and not args.alternate:
         ap.error("--before REV (or --alternate NAME=A,B) is required")
     sys.path.insert(0, ROOT)
     sys.path.insert(0, HERE)
@@ -146,6 +133,9 @@ def main(argv=None) -> int:
 
     points = [(B._size(p.split(":")[0]), int(p.split(":")[1])) for p in args.points.split(",")]
     apis = args.apis.split(",")
+    if args.alternate:
+        alternate(B, st, args.alternate, points, apis, args.size)
+        return 0
     base = tempfile.mkdtemp(prefix="deepstack-ab-")
     procs: dict = {}
     hogs: list = []

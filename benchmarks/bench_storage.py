@@ -92,6 +92,14 @@ def device_read_bytes(path: str) -> int | None:
         return None
 
 
+def read_batch(fs, f, offsets, bs, bufs) -> None:
+    """One `batch_read` of bs bytes at each offset (a numpy row) into the matching buffer, as a user's loop builds
+    it (the request tuples made per call); raises the first failed request's error."""
+    for r in fs.batch_read([(f, off, bs, b) for off, b in zip(offsets.tolist(), bufs)]):
+        if r.error is not None:
+            raise r.error
+
+
 def bench_reads(fs, path, size, bs, qd, seconds):
     """qd (file, offset, length, buffer) requests per `batch_read` call, built per call as a user's loop
     would; the offsets are drawn up front (as for read_array below: drawing them with `random` in the loop
@@ -103,17 +111,13 @@ def bench_reads(fs, path, size, bs, qd, seconds):
     rows = [buf[i] for i in range(qd)]
     nblocks = size // bs
     offsets = draw_offsets(nblocks, qd, seconds) * bs
-    # warm-up batch (opens files, fills fd cache)
-    fs.batch_read([(f, off, bs, b) for off, b in zip(offsets[-1].tolist(), rows)])
+    read_batch(fs, f, offsets[-1], bs, rows)  # warm-up batch (opens files, fills fd cache)
     gc.collect()  # setup's garbage is not the timed loop's to collect (timeit disables the collector outright)
     ios = 0
     t0 = time.perf_counter()
     for batch in offsets:
-        res = fs.batch_read([(f, off, bs, b) for off, b in zip(batch.tolist(), rows)])
+        read_batch(fs, f, batch, bs, rows)
         ios += qd
-        for r in res:
-            if r.error is not None:
-                raise r.error
         dt = time.perf_counter() - t0
         if dt >= seconds:
             break
