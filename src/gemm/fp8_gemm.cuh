@@ -131,6 +131,21 @@ struct TileScheduler {
     return r < M ? __ldg(layout + r + dep) : 0;
   }
 
+  // 256-row contiguous tiles: half h's ids (rows m0 + 128 h on) as lane_id_at gives a 128-row tile's; -1 in every
+  // lane for a half that starts at or past M. (Groups are padded to 128 rows, so each half holds one group.)
+  __device__ __forceinline__ int lane_id_half(const GemmTile& tile, int h, int warp_row, int lane) const {
+    const int h0 = tile.m0 + 128 * h;
+    if (h0 >= M) return -1;
+    const int r = lane < 16 ? h0 + warp_row + lane : lane == 16 ? h0 : min(h0 + 128, M) - 1;
+    return r < M ? __ldg(layout + r) : 0;
+  }
+  // The same tile's two groups, from one thread (the producer): -1 for a padding half or one past M.
+  __device__ __forceinline__ void resolve_halves(int t, GemmTile& tile, int& g0, int& g1) const {
+    place(t, tile);
+    g0 = max(__ldg(layout + tile.m0), __ldg(layout + min(tile.m0 + 128, M) - 1));
+    g1 = tile.m0 + 128 < M ? max(__ldg(layout + tile.m0 + 128), __ldg(layout + min(tile.m0 + 256, M) - 1)) : -1;
+  }
+
   // Returns false for tiles with no valid row (contiguous padding blocks).
   __device__ __forceinline__ bool resolve(int t, GemmTile& tile) const {
     place(t, tile);
@@ -160,6 +175,55 @@ __device__ __forceinline__ int ids_group(int id) {
 __device__ __forceinline__ bool ids_rows_valid(int id, int lane) {
   return __all_sync(0xffffffffu, lane >= 16 || id >= 0);
 }
+
+// 256-row contiguous tiles: the two halves of a tile may belong to different groups (groups are padded to 128
+// rows), and B is loaded once per K slice for all 256 rows. So a tile runs as one or two passes over K, each with
+// one group and a mask of the 64-row waves it computes and stores (bit w: wave w, the half of rows 128 w on):
+// halves of one group (or one half a padding block or past M): one pass; two groups: one pass per half. Producer
+// and math warps both derive the passes from the halves' groups, so they walk the same K loops.
+struct TilePasses {
+  int g[2], mask[2], n;
+  __device__ __forceinline__ TilePasses(int g0, int g1) {
+    const bool two = g0 >= 0 && g1 >= 0 && g0 != g1;
+    g[0] = two ? g0 : max(g0, g1);
+    g[1] = g1;
+    mask[0] = two ? 1 : (g0 >= 0 ? 1 : 0) | (g1 >= 0 ? 2 : 0);
+    mask[1] = 2;
+    n = two ? 2 : (mask[0] ? 1 : 0);
+  }
+};
+
+// 256-row contiguous tiles, math warps: the IdLookahead below for both halves of a tile, the two ids of a lane
+// packed as 16-bit halves of one register (the main loop has no registers to spare: two spilled at K = 384; the
+// host keeps groups below 2^15 for these tiles).
+template <typename Sched, bool kOn>
+struct IdLookaheadHalves {
+  int next, warp_row, lane;
+  static __device__ __forceinline__ int lo(int v) { return static_cast<int>(static_cast<uint32_t>(v) << 16) >> 16; }
+  static __device__ __forceinline__ int hi(int v) { return v >> 16; }
+  __device__ __forceinline__ void load(const Sched& sched, int t) {
+    if (!kOn || t >= sched.total) { next = 0; return; }
+    GemmTile tile;
+    sched.place(t, tile);
+    next = (sched.lane_id_half(tile, 0, warp_row, lane) & 0xffff) | (sched.lane_id_half(tile, 1, warp_row, lane) << 16);
+  }
+  __device__ __forceinline__ IdLookaheadHalves(const Sched& sched, int first_tile, int warp_row_, int lane_)
+      : warp_row(warp_row_), lane(lane_) {
+    load(sched, first_tile);
+  }
+  // Tile t (whose ids `next` holds): its placement, the halves' groups and whether all 16 rows of this warp are
+  // valid in each half; loads t + stride's ids.
+  __device__ __forceinline__ void take(const Sched& sched, int t, int stride, GemmTile& tile, int& g0, int& g1,
+                                       bool& whole0, bool& whole1) {
+    sched.place(t, tile);
+    const int id = next, first = __shfl_sync(0xffffffffu, id, 16), last = __shfl_sync(0xffffffffu, id, 17);
+    g0 = max(lo(first), lo(last));
+    g1 = max(hi(first), hi(last));
+    whole0 = ids_rows_valid(lo(id), lane);
+    whole1 = ids_rows_valid(hi(id), lane);
+    load(sched, t + stride);
+  }
+};
 
 template <typename Sched>
 struct IdLookahead {
@@ -310,8 +374,12 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // bench_gemm.py with a live DeepGEMM); ours with it: docs/gemm.md, session of 23:10 UTC.
   constexpr int kWaves = kBlockM == 256 ? 2 : 1;
   constexpr int kMathWG = kBlockM / 64 / kWaves;
-  static_assert(kWaves == 1 || (kKind == kGemmDense && !kSfbPerRow && kTmaStore && kBlockN <= 128),
-                "256-row tiles are for the dense 1D2D kind with the TMA-store epilogue, BLOCK_N <= 128");
+  static_assert(kWaves == 1 || ((kKind == kGemmDense || kKind == kGemmContiguous) && !kSfbPerRow && kTmaStore &&
+                                 kBlockN <= 128),
+                "256-row tiles are for the dense and contiguous 1D2D kinds with the TMA-store epilogue, BLOCK_N <= 128");
+  // 256-row contiguous tiles: one or two passes over K per tile (TilePasses), the halves' ids a tile ahead
+  // (IdLookaheadHalves), the B scales per slice (no B-scale lanes).
+  constexpr bool kContig256 = kWaves == 2 && kKind == kGemmContiguous;
   // 256-row tiles in 2-CTA clusters share A instead of B (DeepGEMM's M = 4096 form): the two CTAs take
   // horizontally adjacent N-blocks of one M-block and each loads half of the A tile (128 rows) by TMA multicast into
   // both, so L2 -> SM traffic per CTA and K slice drops from (256 + BLOCK_N) x 128 to (128 + BLOCK_N) x 128 bytes. A
@@ -420,7 +488,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // and, for the contiguous kind, a global-load round trip per tile, on the path to each tile's first TMA load).
   // The ring sits after the staged epilogue's buffer (host: heuristic.sched_ring_bytes()).
 #ifdef DS_SCHED_WARP
-  constexpr bool kSchedWarp = kCluster == 1;
+  constexpr bool kSchedWarp = kCluster == 1 && !kContig256;
 #else
   constexpr bool kSchedWarp = false;
 #endif
@@ -465,12 +533,12 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
                               kN>;
   const Sched sched(M, num_groups, band, layout);
 #ifndef DS_NO_ID_LOOKAHEAD
-  constexpr bool kIdLookahead = kKind == kGemmContiguous;
+  constexpr bool kIdLookahead = kKind == kGemmContiguous && !kContig256;
 #else
   constexpr bool kIdLookahead = false;
 #endif
 #ifdef DS_PRODUCER_ID_LOOKAHEAD
-  constexpr bool kProducerLookahead = kKind == kGemmContiguous;
+  constexpr bool kProducerLookahead = kKind == kGemmContiguous && !kContig256;
 #else
   constexpr bool kProducerLookahead = false;
 #endif
@@ -519,7 +587,16 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       uint32_t ph = 0;
       for (int t = first_tile; t < sched.total; t += tile_stride) {
         GemmTile tile;
-        if constexpr (kSchedWarp) {
+        [[maybe_unused]] int pass_g1 = 0, passes = 1;
+        if constexpr (kContig256) {
+          int g0, g1;
+          sched.resolve_halves(t, tile, g0, g1);
+          const TilePasses tp(g0, g1);
+          if (tp.n == 0) continue;                    // padding blocks
+          tile.g = tp.g[0];
+          pass_g1 = tp.g[1];
+          passes = tp.n;
+        } else if constexpr (kSchedWarp) {
           sm90::mbar_wait(sched_full + slot, ph);
           // (a shuffle from lane 0, this thread, hands the value to ptxas as warp-uniform: read from shared memory
           // and branched on, it made the whole loop divergent and every TMA load re-read its operands into uniform
@@ -534,6 +611,10 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           continue;
         }
         if (kMcastA) tile.n0 += rank * kBlockN; else tile.m0 += rank * kBlockM;
+        // (256-row contiguous tiles: a pass per group; the second loads the same A, which the math warps read
+        // only for its wave)
+        for (int pass = 0; pass < (kContig256 ? passes : 1); ++pass) {
+        if (kContig256 && pass == 1) tile.g = pass_g1;
         const int a_row = kKind == kGemmMasked ? tile.g * M + tile.m0 : tile.m0;
         const int b_row = (kKind == kGemmKGrouped ? 0 : tile.g * kN) + tile.n0;
         // k-grouped: the tile's segment, slices [kb0, kb0 + loop_kb) of the whole K
@@ -563,6 +644,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           }
           if (++s == kStages) { s = 0; phase ^= 1; }
         }
+        }   // passes
       }
       // Clusters: the peer's math warps release our stages remotely, so this CTA stays until every stage's last
       // fill has been released by both CTAs (one more round of the empty waits) instead of holding all warps in a
@@ -607,7 +689,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 #else
     constexpr bool kSfbLanesKind = kKind == kGemmContiguous;
 #endif
-    constexpr bool kSfbLanes = kSfbLanesKind && !kSfbPerRow && kK > 0 && (kK + 127) / 128 <= 128 &&
+    constexpr bool kSfbLanes = kSfbLanesKind && !kSfbPerRow && !kContig256 && kK > 0 && (kK + 127) / 128 <= 128 &&
                                (kKind != kGemmContiguous || kIdLookahead);
     constexpr int kSfbR = kSfbLanes ? ((kK + 127) / 128 + 31) / 32 : 1;     // registers per scale block
     constexpr int kSfbLoadBlk = (kSfbPerRow || 128 % kBlockN == 0) ? 1 : kSfbSpan;   // blocks a tile reads
@@ -621,6 +703,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     IdLookahead<Sched> ids(sched, kIdLookahead && !kIdAhead2 ? first_tile : sched.total, wg * 64 + warp_in_wg * 16,
                            lane);
     IdLookahead2<Sched, kIdAhead2> ids2(sched, first_tile, tile_stride, wg * 64 + warp_in_wg * 16, lane);
+    IdLookaheadHalves<Sched, kContig256> idsh(sched, first_tile, wg * 64 + warp_in_wg * 16, lane);
     // Lean slices (default since 2026-11-30 06:31, +0..3.7% dense, +1.5% on top of the two-tile lookahead contiguous;
     // DS_NO_LEAN_SLICE for the A/B control): less per-slice bookkeeping in the main loop, same operations on the same
     // values. (1) The wgmma descriptors of stage s are stage 0's plus s * (stage bytes / 16) (the descriptor's
@@ -680,7 +763,19 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
     for (int t = first_tile; t < sched.total; t += tile_stride) {
       GemmTile tile;
       int row_id = 0;
-      if constexpr (kIdAhead2) {
+      // (256-row contiguous tiles, packed into one register, as the main loop has none to spare: bits 0-1 the
+      // first pass's waves, 2-3 whether each wave's 16 rows of this warp are all valid, 4 a second pass, 8 on its
+      // group)
+      [[maybe_unused]] int c256 = 0;
+      if constexpr (kContig256) {
+        int g0, g1;
+        bool whole0, whole1;
+        idsh.take(sched, t, tile_stride, tile, g0, g1, whole0, whole1);
+        const TilePasses tp(g0, g1);
+        if (tp.n == 0) continue;                      // padding blocks
+        tile.g = tp.g[0];
+        c256 = tp.mask[0] | (whole0 ? 4 : 0) | (whole1 ? 8 : 0) | (tp.n == 2 ? 16 : 0) | (tp.g[1] << 8);
+      } else if constexpr (kIdAhead2) {
         const bool valid = ids2.take(tile, row_id);
         const int g_ahead = ids2.ahead_group();           // tile t + stride's group (its ids arrived a tile ago)
         if (valid) {
@@ -716,6 +811,13 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       }
       }
       if (kMcastA) tile.n0 += rank * kBlockN; else tile.m0 += rank * kBlockM;
+      // (256-row contiguous tiles: one pass per group of the tile, wmask its waves; every other tile one pass)
+      for (int pass = 0; pass < (kContig256 ? 1 + ((c256 >> 4) & 1) : 1); ++pass) {
+      [[maybe_unused]] int wmask = 3;
+      if constexpr (kContig256) {
+        if (pass == 1) tile.g = c256 >> 8;
+        wmask = pass == 0 ? c256 & 3 : 2;
+      }
 #pragma unroll
       for (int i = 0; i < kAccRegs * kWaves; ++i) fin[i] = 0.f;
 #if defined(DS_DBG) && DS_DBG == 4
@@ -744,7 +846,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       // loop made the TMA-store form spill).
       const int loop_kb = kKind == kGemmKGrouped
           ? __shfl_sync(0xffffffffu, __ldg(layout + tile.g + 1) - __ldg(layout + tile.g), 0) : kLoopKB;
-      const auto main_loop = [&](auto off) {
+      const auto main_loop = [&](auto off, auto wm) {   // wm: the waves computed (IntC<3> or a run-time mask)
         // scale block (0, 1, 2 past nblk_lo) of fragment j, and the pick of one of up to three values by it
         const auto blk = [&](int j) { return kOneSfb ? 0 : (off.value + 8 * j) / 128; };
         const auto pick = [](int i, float x0, float x1, float x2) {
@@ -872,6 +974,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           }
 #pragma unroll
           for (int w = 0; w < kWaves; ++w) {
+            if (kContig256 && !((wm.value >> w) & 1)) continue;
             const float sa0 = sa0w[w], sa1 = sa1w[w];
             float* fw = fin + w * kAccRegs;
             mma_stage(acc, s, w * (128 * 128 >> 4));
@@ -879,7 +982,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             sm90::fence_regs(acc);
 
             if (!kSfbPerRow) {
-              if (w == kWaves - 1) {
+              if (w == kWaves - 1 || (kContig256 && wm.value == 1)) {   // the last wave computed
                 __syncwarp();
                 if (lane == 0) sm90::mbar_arrive(empty + s);  // stage free: smem operands and scales consumed
                 if (kCluster > 1 && lane == 1) sm90::mbar_arrive_remote(empty_peer + 8 * s);
@@ -941,10 +1044,14 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           }
         }
       };
+      // (256-row contiguous tiles: a second copy of the loop for passes of one wave)
+      const auto waves_loop = [&](auto off) {
+        if (kContig256 && wmask != 3) main_loop(off, RtInt{wmask}); else main_loop(off, IntC<3>{});
+      };
 #if defined(DS_SFB_RUNTIME)
-      main_loop(RtInt{kOneSfb ? 0 : tile.n0 % 128});   // one loop, the offset a run-time value (A/B runs, tests)
+      waves_loop(RtInt{kOneSfb ? 0 : tile.n0 % 128});   // one loop, the offset a run-time value (A/B runs, tests)
 #else
-      if constexpr (kOneSfb) main_loop(IntC<0>{}); else with_sfb_offset<0, kSfbGcd>(tile.n0 % 128, main_loop);
+      if constexpr (kOneSfb) waves_loop(IntC<0>{}); else with_sfb_offset<0, kSfbGcd>(tile.n0 % 128, waves_loop);
 #endif
       if (kSfbLanes && kKind == kGemmContiguous && !kIdAhead2) sfb_lanes_load(t + tile_stride, ahead_group());
 
@@ -956,6 +1063,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
       // (256-row tiles: wave by wave; `continue` below moves on to the next wave, then the next tile)
 #pragma unroll
       for (int w = 0; w < kWaves; ++w) {
+        if (kContig256 && !((wmask >> w) & 1)) continue;
         const float* fw = fin + w * kAccRegs;
         if constexpr (kTmaStore) {
           if (tma_ok) {
@@ -965,7 +1073,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             // invalid row among them (contiguous: id -1; masked: at or past masked_m) takes the staged stores below.
             bool whole = true;
             if (kKind == kGemmContiguous) {
-              if (kIdLookahead) {
+              if (kContig256) {
+                whole = (c256 >> (2 + w)) & 1;                                       // ids loaded a tile ahead
+              } else if (kIdLookahead) {
                 whole = kIdAhead2 ? ids2.valid_rows(row_id) : ids.valid_rows(row_id);   // loaded a tile ahead
               } else {
                 const int r = row + lane % 16;
@@ -975,7 +1085,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
             if (kKind == kGemmMasked) whole = row + 16 <= row_limit;
             if (kKind == kGemmKGrouped) whole = row + 16 <= M;     // (D is [G * M, N]: no rows into the next group)
             // this warp's stores of the previous tile have read the buffer (the staged stores reuse it too)
-            if (w == 0 && lane == 0) tma_store_wait_read();
+            if ((w == 0 || (kContig256 && wmask == 2)) && lane == 0) tma_store_wait_read();
             __syncwarp();
             if (whole) {
               // stmatrix (8 per 128 columns instead of 32 4-byte stores; H200 +0-2.5% at M = 4096): per pair of
@@ -1067,6 +1177,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           }
         }
       }   // waves
+      }   // passes
     }
     if constexpr (kTmaStore) {
       if (lane == 0) tma_store_wait_all();  // shared memory must outlive this warp's stores

@@ -112,6 +112,17 @@ def test_256_row_tile_policy(monkeypatch):
     monkeypatch.delenv("DEEPSTACK_GEMM_TMA_STORE")
     monkeypatch.setenv("DEEPSTACK_GEMM_ROWS256", "0")
     assert choose().block_m == 128
+    # =2 (opt-in) takes them for the contiguous kind too, below 2^15 groups and not at three K slices (ptxas spills)
+    monkeypatch.setenv("DEEPSTACK_GEMM_ROWS256", "2")
+    assert choose().block_m == 256
+    contiguous = dict(kind=kernels.KIND_CONTIGUOUS, m=32768, groups=4)
+    assert (choose(**contiguous).block_m, choose(**contiguous).tma_store) == (256, True)
+    assert choose(**contiguous, k=384).block_m == 128 and choose(**contiguous, k=512).block_m == 256
+    assert choose(kind=kernels.KIND_CONTIGUOUS, m=32768, groups=kernels.CONTIGUOUS_256_MAX_GROUPS).block_m == 128
+    assert choose(kind=kernels.KIND_MASKED, m=4096, groups=4).block_m == 128
+    monkeypatch.setenv("DEEPSTACK_GEMM_ROWS256", "3")
+    with pytest.raises(ValueError, match="DEEPSTACK_GEMM_ROWS256"):
+        choose()
 
 
 @needs_nvcc
@@ -122,6 +133,20 @@ def test_256_row_tile_policy(monkeypatch):
                                         (4096, 4096, 7168, kernels.KIND_MASKED)])
 def test_tma_store_kernels_compile_without_spills(monkeypatch, tmp_path, m, n, k, kind):
     monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", "1")
+    _build_without_spills(monkeypatch, tmp_path, m, n, k, kind)
+
+
+@needs_nvcc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n,k", [(7168, 2048), (4096, 7168), (4096, 512), (2000, 640), (7168, 16384)])
+def test_contiguous_256_row_kernels_compile_without_spills(monkeypatch, tmp_path, n, k):
+    """The opt-in 256-row contiguous kernel (DEEPSTACK_GEMM_ROWS256=2): two passes per tile where its halves hold two
+    groups, the halves' ids packed in one register; no spills, no serialised wgmmas."""
+    monkeypatch.setenv("DEEPSTACK_GEMM_ROWS256", "2")
+    assert _build_without_spills(monkeypatch, tmp_path, 32768, n, k, kernels.KIND_CONTIGUOUS).block_m == 256
+
+
+def _build_without_spills(monkeypatch, tmp_path, m, n, k, kind):
     monkeypatch.setenv("DEEPSTACK_JIT_PTXAS_CHECK", "1")
     monkeypatch.setenv("DEEPSTACK_JIT_CACHE_DIR", str(tmp_path))
     groups, em = (4, 256) if kind == kernels.KIND_MASKED else (1, m)
@@ -130,6 +155,7 @@ def test_tma_store_kernels_compile_without_spills(monkeypatch, tmp_path, m, n, k
     r = jit.build(spec)
     assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
     assert not any(code in r.meta["ptxas"] for code in SERIALISED)
+    return cfg
 
 
 def test_weight_gradient_tma_store_policy():
@@ -206,16 +232,19 @@ def test_256_row_tile_kernels_compile_without_spills(monkeypatch, tmp_path, n, k
     assert not any(code in r.meta["ptxas"] for code in SERIALISED)
 
 
-@pytest.mark.parametrize("kind,m,out,c", [(kernels.KIND_CONTIGUOUS, 8192, torch.bfloat16, None),
-                                          (kernels.KIND_MASKED, 4096, torch.bfloat16, None),
-                                          (kernels.KIND_DENSE, 4096, torch.float32, None),
-                                          (kernels.KIND_DENSE, 4096, torch.bfloat16, torch.bfloat16),
-                                          (kernels.KIND_DENSE, 128, torch.bfloat16, None)])
-def test_256_row_tiles_refused_outside_the_dense_tma_store_kernel(monkeypatch, kind, m, out, c):
-    """Grouped kinds, fp32 output, C and M <= 128 (no TMA-store epilogue) have no 256-row kernel: a clear error."""
+@pytest.mark.parametrize("kind,m,out,c,groups", [(kernels.KIND_CONTIGUOUS, 8192, torch.bfloat16, None, 1 << 15),
+                                                 (kernels.KIND_MASKED, 4096, torch.bfloat16, None, 4),
+                                                 (kernels.KIND_DENSE, 4096, torch.float32, None, 1),
+                                                 (kernels.KIND_DENSE, 4096, torch.bfloat16, torch.bfloat16, 1),
+                                                 (kernels.KIND_DENSE, 128, torch.bfloat16, None, 1)])
+def test_256_row_tiles_refused_outside_the_tma_store_kernels(monkeypatch, kind, m, out, c, groups):
+    """The masked kind, fp32 output, C, M <= 128 (no TMA-store epilogue) and contiguous calls with 2^15 groups or
+    more (16-bit ids in that kernel) have no 256-row kernel: a clear error. (Contiguous calls below that take it.)"""
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", "256,128,3")
     with pytest.raises(ValueError, match="256-row GEMM tiles"):
-        kernels.choose_spec(kind, m, 4 if kind != kernels.KIND_DENSE else 1, 4096, 7168, m, False, None, out, c, 132)
+        kernels.choose_spec(kind, m, groups, 4096, 7168, m, False, None, out, c, 132)
+    if kind == kernels.KIND_CONTIGUOUS:
+        assert kernels.choose_spec(kind, m, groups - 1, 4096, 7168, m, False, None, out, c, 132)[1].block_m == 256
 
 
 # The A/B controls of the lean slices and the two-tile id lookahead (defaults since 2026-11-30), and the opt-in

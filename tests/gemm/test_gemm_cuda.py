@@ -303,6 +303,45 @@ def test_contiguous_id_lookahead_matches_load_at_start(monkeypatch, cfg, tma):
     assert calc_diff(outs[""][ids >= 0], want[ids >= 0]) < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["padding", "random"])
+@pytest.mark.parametrize("n,k,sms", [(576, 384, 7), (4096, 1024, 7), (2000, 640, None)])
+def test_contiguous_256_row_tiles_match_128_row_tiles(monkeypatch, layout, n, k, sms):
+    """256-row tiles for the contiguous kind: a tile whose 128-row halves hold two groups runs one pass over K per
+    half (each with its own B; "padding": rows 768-1023 are groups 3 | 4, "random": nine groups at U(0.7, 1.3) x 200
+    rows, an empty one, so about half the group boundaries fall inside a tile), a padding block as either half or as
+    both (a skipped tile), padding rows inside a warp's 16 (staged stores), a last half past M or partly past it, and
+    7 CTAs (many tiles per CTA, so the halves' id lookahead crosses tiles). Bit-identical to 128-row tiles; padding
+    rows never written, valid rows all written."""
+    from torch_deepstack.gemm import kernels
+    if layout == "padding":   # groups 0 (157 rows), 1 (empty), two padding blocks, groups 2-4; M ends inside group 4
+        ids = torch.cat([contiguous_layout([157, 0]), torch.full((256,), -1, dtype=torch.int32),
+                         contiguous_layout([0, 0, 201, 77, 300])])[:1196]
+    else:
+        ids = contiguous_layout(random_group_sizes(9, 200))
+        ids = torch.cat([ids, torch.full((128,), -1, dtype=torch.int32)])   # ends with a padding half
+    ids = ids.to(DEV)
+    m, groups = ids.numel(), int(ids.max()) + 1
+    _, _, (aq, asf), _ = dense_inputs(m, n, k, DEV)
+    _, bq, bsf = grouped_b(groups, n, k, DEV)
+    if sms:
+        monkeypatch.setattr(kernels, "_NUM_SMS_OVERRIDE", sms)   # (kernels.set_num_sms, undone after the test)
+    outs = {}
+    for cfg in ("128,128,5", "256,128,3"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+        plan = kernels._plan(kernels.KIND_CONTIGUOUS, aq.device, m, groups, n, k, m, False, None, torch.bfloat16,
+                             None)
+        assert (plan[1].block_m, plan[1].tma_store) == (int(cfg.split(",")[0]), True)
+        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids)
+        torch.cuda.synchronize()
+        assert not d[ids >= 0].isnan().any() and d[ids < 0].isnan().all(), f"{cfg}: wrong rows written"
+        outs[cfg] = d
+    assert torch.equal(outs["256,128,3"].nan_to_num(7.0), outs["128,128,5"].nan_to_num(7.0))
+    want = torch.zeros_like(outs["256,128,3"])
+    ref.m_grouped_contiguous_ref(aq, asf, bq, bsf, want, ids)
+    assert calc_diff(outs["256,128,3"][ids >= 0], want[ids >= 0]) < 1e-5
+
+
 def _check_define_matches_default(monkeypatch, define, cfg, tma, k, base=""):
     from torch_deepstack.gemm import kernels
     m, n = 1100, 576

@@ -140,18 +140,30 @@ def use_tma_store(kind: int, cfg: GemmConfig, m_rows: int, k: int, sf_b_per_row:
 # 7168 x 16384 +0.2-6.2%, 4096 x 7168 -0.6..+1.7%). A 256-row tile costs two 128-row tiles' time at this factor,
 # so it is taken where the waves it leaves (fewer, each twice as long) come out ahead.
 ROWS256_COST = 0.97
+CONTIGUOUS_256_MAX_GROUPS = 1 << 15     # (group ids are 16-bit in the 256-row contiguous kernel's lookahead)
 
 
 def use_256_rows(kind: int, cfg: GemmConfig, m_rows: int, n: int, k: int, sf_b_per_row: bool, out_dtype,
-                 has_c: bool) -> bool:
+                 has_c: bool, num_groups: int = 1) -> bool:
     """256 x 128 tiles instead of the model's 128 x 128 (DeepGEMM's M = 4096 tile, with our two-wave kernel) for dense
     1D2D GEMMs with bf16 output and no C that get the TMA-store epilogue (which the 256-row kernel needs), where
     2 x ROWS256_COST x waves(256) < waves(128). Wider 128-row tiles the model picked for wave fill (N = 2112: 176)
-    stay. DEEPSTACK_GEMM_ROWS256=0 turns it off (A/B runs), =1 is the default."""
-    if os.environ.get("DEEPSTACK_GEMM_ROWS256", "1") == "0" or (cfg.block_m, cfg.block_n) != (128, 128):
+    stay. DEEPSTACK_GEMM_ROWS256=0 turns it off (A/B runs), =1 is the default, =2 also takes them for the grouped
+    contiguous kind (opt-in): a tile whose 128-row halves hold two groups runs one pass over K per half (see
+    src/gemm/fp8_gemm.cuh TilePasses), so they pay only where groups are multiples of 256 rows (H200, 2026-12-01:
+    +1.4..+3.0% at 4 x 8192 and 8 x 4096 rows; MoE-like sizes padded to 128 lost 1-7.4%, docs/gemm.md). That kernel
+    packs two group ids per register (below 2^15 groups) and is not taken at exactly three K slices (K = 257-384),
+    where ptxas spills 8 bytes in it alone."""
+    rows256 = os.environ.get("DEEPSTACK_GEMM_ROWS256", "1").strip() or "1"
+    if rows256 not in ("0", "1", "2"):
+        raise ValueError(f"DEEPSTACK_GEMM_ROWS256 must be 0, 1 or 2, got {rows256!r}")
+    if rows256 == "0" or (cfg.block_m, cfg.block_n) != (128, 128):
         return False
-    if kind != KIND_DENSE or sf_b_per_row or not use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, has_c,
-                                                                1):
+    kinds = (KIND_DENSE, KIND_CONTIGUOUS) if rows256 == "2" else (KIND_DENSE,)
+    if (kind not in kinds or sf_b_per_row
+            or not use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, has_c, 1)):
+        return False
+    if kind == KIND_CONTIGUOUS and (num_groups >= CONTIGUOUS_256_MAX_GROUPS or cdiv(k, 128) == 3):
         return False
     waves = lambda bm: cdiv(cdiv(m_rows, bm) * cdiv(n, 128), cfg.num_sms)  # noqa: E731
     return 2 * ROWS256_COST * waves(256) < waves(128)
@@ -188,14 +200,17 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
     """The specialisation a call runs: (spec, block config, cluster size). Honours the DEEPSTACK_GEMM_* switches;
     needs no GPU, so benchmarks and the prebuild list compile exactly what calls will load."""
     cfg = select_config(expected_m, n, k, num_groups if kind == KIND_MASKED else 1, num_sms_, sf_b_per_row)
-    if use_256_rows(kind, cfg, m_rows, n, k, sf_b_per_row, out_dtype, c_dtype is not None):
+    if use_256_rows(kind, cfg, m_rows, n, k, sf_b_per_row, out_dtype, c_dtype is not None, num_groups):
         cfg = replace(cfg, block_m=256)          # (stages: cut to what fits beside the TMA-store tile below)
     cfg = _forced_config(cfg)
     cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row, n) else 1
     if use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
         cfg = with_tma_store(cfg, sf_b_per_row)
-    if cfg.block_m == 256 and not (kind == KIND_DENSE and not sf_b_per_row and cfg.tma_store and cfg.block_n <= 128):
-        raise ValueError("256-row GEMM tiles are for dense FP8 GEMMs (1x128 x 128x128 scales) with bf16 output, no "
+    if cfg.block_m == 256 and not (kind in (KIND_DENSE, KIND_CONTIGUOUS) and not sf_b_per_row and cfg.tma_store
+                                   and cfg.block_n <= 128 and (cluster == 1 or kind == KIND_DENSE)
+                                   and (kind == KIND_DENSE or num_groups < CONTIGUOUS_256_MAX_GROUPS)):
+        raise ValueError("256-row GEMM tiles are for dense and contiguous FP8 GEMMs (1x128 x 128x128 scales; A-sharing "
+                         "clusters: dense only) with bf16 output, no "
                          f"C, M > 128 and BLOCK_N <= 128 (the TMA-store epilogue); got {cfg} for kind {kind}")
     spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
                      c_dtype or out_dtype, c_dtype is not None, cluster)
