@@ -14,7 +14,9 @@ MULTICAST 1 enables the 2-CTA multicast kernel; TMA_STORE 1/0 forces the TMA-sto
 possible, empty keeps the default policy; SPLIT_TAIL 1 splits off the last N % 128 columns of dense GEMMs where
 that pays in waves, kernels.split_tail_columns; 0 or empty: one launch, the default). `--shapes 4096x7168x16384,128x24576x1536` times those shapes instead of
 --ms x the DeepSeek-V3 (N, K) list; a shape written cGxMGxNxK (contiguous: G groups of MG rows, all valid) or mGxMGxNxK
-(masked: G groups of M_max = 4096 rows, MG of them valid, expected_m = MG) times that grouped kind. `--prebuild-only` compiles every needed specialisation (nvcc, no GPU needed) into
+(masked: G groups of M_max = 4096 rows, MG of them valid, expected_m = MG) times that grouped kind, and rGxMGxNxK the
+contiguous kind with MoE-like groups: MG x U(0.7, 1.3) rows each (a fixed draw), padded to 128 (TFLOPS count valid
+rows). `--prebuild-only` compiles every needed specialisation (nvcc, no GPU needed) into
 DEEPSTACK_JIT_CACHE_DIR, so a GPU run can carry the cache and spend no device time compiling. The config column is
 the one the call ran (block_m x block_n / stages, "/tma" with the TMA-store epilogue).
 """
@@ -58,18 +60,36 @@ def select(variant, cfg) -> None:
 
 
 MASKED_M_MAX = 4096
+RANDOM_CONTIG = 100     # shape kind of rGxMGxNxK: the contiguous kind with random group sizes
+
+
+def random_ids(g: int, mg: int) -> torch.Tensor:
+    """The rGxMGxNxK layout (CPU): group i has int(MG x U(0.7, 1.3)) rows, padded to 128 with -1 (seeded)."""
+    u = torch.rand(g, generator=torch.Generator().manual_seed(1000 * g + mg)) * 0.6 + 0.7
+    ids = []
+    for i, x in enumerate(u.tolist()):
+        rows = int(mg * x)
+        ids += [i] * rows + [-1] * ((rows + 127) // 128 * 128 - rows)
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def shape_flops(shape) -> int:
+    kind, g, mg, n, k = shape
+    rows = int((random_ids(g, mg) >= 0).sum()) if kind == RANDOM_CONTIG else g * mg
+    return 2 * rows * n * k
 
 
 def parse_shape(text: str) -> tuple:
     """(kind, groups, rows per group, N, K): 'MxNxK' dense, 'cGxMGxNxK' contiguous, 'mGxMGxNxK' masked."""
-    kind = {"c": kernels.KIND_CONTIGUOUS, "m": kernels.KIND_MASKED}.get(text[0], kernels.KIND_DENSE)
+    kind = {"c": kernels.KIND_CONTIGUOUS, "m": kernels.KIND_MASKED, "r": RANDOM_CONTIG}.get(text[0], kernels.KIND_DENSE)
     dims = [int(v) for v in (text[1:] if kind != kernels.KIND_DENSE else text).split("x")]
     return (kind, 1, *dims) if kind == kernels.KIND_DENSE else (kind, *dims)
 
 
 def shape_name(shape) -> str:
     kind, g, mg, n, k = shape
-    return f"{'' if kind == kernels.KIND_DENSE else 'cm'[kind - 1]}{'' if kind == kernels.KIND_DENSE else f'{g}x'}{mg}x{n}x{k}"
+    prefix = {kernels.KIND_DENSE: "", kernels.KIND_CONTIGUOUS: "c", kernels.KIND_MASKED: "m", RANDOM_CONTIG: "r"}[kind]
+    return f"{prefix}{'' if kind == kernels.KIND_DENSE else f'{g}x'}{mg}x{n}x{k}"
 
 
 def spec_args(shape) -> tuple:
@@ -77,6 +97,9 @@ def spec_args(shape) -> tuple:
     kind, g, mg, n, k = shape
     if kind == kernels.KIND_MASKED:
         return kind, MASKED_M_MAX, g, n, k, mg
+    if kind == RANDOM_CONTIG:
+        m = random_ids(g, mg).numel()
+        return kernels.KIND_CONTIGUOUS, m, g, n, k, m
     return kind, g * mg, g, n, k, g * mg
 
 
@@ -103,8 +126,9 @@ def make_call(shape, check_rows: int = 0):
     from torch_deepstack.quant import per_token_group_quant_fp8
 
     kind, g, mg, n, k = shape
-    m_max = MASKED_M_MAX if kind == kernels.KIND_MASKED else g * mg
-    x = torch.randn(*((g, m_max) if kind == kernels.KIND_MASKED else (g * mg,)), k, device="cuda",
+    ids = random_ids(g, mg).cuda() if kind == RANDOM_CONTIG else None
+    m_max = MASKED_M_MAX if kind == kernels.KIND_MASKED else g * mg if ids is None else ids.numel()
+    x = torch.randn(*((g, m_max) if kind == kernels.KIND_MASKED else (m_max,)), k, device="cuda",
                     dtype=torch.bfloat16)
     aq, asf = per_token_group_quant_fp8(x)
     qs = [api.per_block_quant_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16)) for _ in range(g)]
@@ -115,8 +139,9 @@ def make_call(shape, check_rows: int = 0):
     if kind == kernels.KIND_DENSE:
         def call():
             ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-    elif kind == kernels.KIND_CONTIGUOUS:
-        ids = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(mg)
+    elif kind in (kernels.KIND_CONTIGUOUS, RANDOM_CONTIG):
+        if ids is None:
+            ids = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(mg)
 
         def call():
             ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids)
@@ -137,8 +162,9 @@ def make_call(shape, check_rows: int = 0):
         for i in range(g):
             if kind == kernels.KIND_DENSE:
                 a_i, sa_i, d_i = aq, asf, d
-            elif kind == kernels.KIND_CONTIGUOUS:
-                a_i, sa_i, d_i = aq[i * mg:(i + 1) * mg], asf[i * mg:(i + 1) * mg], d[i * mg:(i + 1) * mg]
+            elif kind in (kernels.KIND_CONTIGUOUS, RANDOM_CONTIG):
+                rows_i = (ids == i).nonzero().flatten()
+                a_i, sa_i, d_i = aq[rows_i], asf[rows_i], d[rows_i]
             else:
                 a_i, sa_i, d_i = aq[i, :mg], asf[i, :mg], d[i, :mg]
             b_i, sb_i = (bq, bsf) if kind == kernels.KIND_DENSE else (bq[i], bsf[i])
@@ -186,7 +212,7 @@ def run_steady(shapes, variants, configs, check_rows: int = 0) -> list:
             fns[key], enter[key] = call, (lambda v=variant, c=cfg: select(v, c))
         ms = bench_gpu_interleaved(fns, enter=enter)
         for key, t in ms.items():
-            rows.append((name, key[0], key[1], 2 * g * mg * n * k / t / 1e9, ok[key]))
+            rows.append((name, key[0], key[1], shape_flops(shape) / t / 1e9, ok[key]))
             print(f"{name} {key[0]:>16} {key[1]:>14} {rows[-1][3]:8.1f} {'ok' if ok[key] else 'WRONG'}", flush=True)
     return rows
 
@@ -210,7 +236,7 @@ def run(shapes, variants, configs, reps: int, graph: bool = False, check_rows: i
     rows = []
     for shape in shapes:
         kind, g, mg, n, k = shape
-        flops = 2 * g * mg * n * k
+        flops = shape_flops(shape)
         call, check, d = make_call(shape, check_rows)
         name = shape_name(shape)
         best: dict = {}
