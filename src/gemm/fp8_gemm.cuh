@@ -1024,10 +1024,18 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           }
           if (++s == kStages) { s = 0; phase ^= 1; }
         };
-        if constexpr (kWaves == 2) {
-          // 256-row tiles: unrolled, with each slice's B scales loaded a slice ahead, so that the next slice's
-          // barrier wait and scale reads can move up into this slice's last promotion (as in DeepGEMM's loop) and
-          // no global load sits between a slice's wgmmas and its promotion.
+        // 256-row tiles and (since 2026-12-01) the serial 1D2D loop of tiles wider than 128 (128x176 / 192,
+        // 64x192): unrolled, with each slice's B scales loaded a slice ahead, so that the next slice's barrier wait
+        // and scale reads can move up into this slice's last promotion (as in DeepGEMM's loop) and no global load
+        // sits between a slice's wgmmas and its promotion. For the wide tiles on the H200 (ab_gemm.py --steady):
+        // 4096x2112x7168 at 128x176 +3.6%, 64x24576x1536 at 64x192 +1.1%, 128x24576x1536 at 128x192 level.
+        // DS_NO_SERIAL_AHEAD (A/B control) restores the plain loop for them.
+#ifndef DS_NO_SERIAL_AHEAD
+        constexpr bool kAheadLoop = kWaves == 2 || (!kSfbPerRow && !kPipePromote);
+#else
+        constexpr bool kAheadLoop = kWaves == 2;
+#endif
+        if constexpr (kAheadLoop) {
           float sb_next[3] = {0.f, 0.f, 0.f};
           if (kb < loop_kb) load_sfb(kb, sb_next);
 #pragma unroll 4
