@@ -68,10 +68,47 @@ struct GemmTile {
   int g, m0, n0;
 };
 
+// Unsigned division by a divisor fixed for the kernel (Granlund-Montgomery: n / d = (umulhi(n, mul) + n) >> shift
+// for n < 2^31, with shift = ceil(log2 d), mul = 2^32 (2^shift - d) / d + 1), set up once per thread. The tile
+// placement divided by run-time values per tile with the compiler's generic sequence (I2F, MUFU.RCP, F2I, ~25
+// dependent instructions each), which the math warps ran between tiles (ncu: ~4% of the samples of a 128 x 128
+// contiguous GEMM at K = 2048). Used by the contiguous kind (kFastPlace below).
+struct FastDiv {
+  uint32_t mul, shift;
+  __device__ __forceinline__ void init(uint32_t d) {        // d >= 1
+    shift = d > 1 ? 32 - __clz(d - 1) : 0;
+    mul = static_cast<uint32_t>(((1ull << 32) * ((1ull << shift) - d)) / d + 1);
+  }
+  __device__ __forceinline__ int div(int n) const {         // 0 <= n < 2^31
+    return static_cast<int>((__umulhi(static_cast<uint32_t>(n), mul) + static_cast<uint32_t>(n)) >> shift);
+  }
+};
+
+// Tile placement with FastDiv: the contiguous kind's default since 2026-12-01 (H200, ab_gemm.py --steady against the
+// generic divisions: 4 x 8192 x 7168 x 2048 +4.9 / +5.4%, 4 x 8192 x 4096 x 7168 +0.6 / +2.3%, MoE-like 32 groups
+// x ~1024 rows x 7168 x 2048 +3.4 / +5.0%). Dense 256-row tiles measured +0.9..+1.9% at K <= 1536 but -0.5..-3.2%
+// at K >= 2048, so the other kinds keep the divisions. DS_FAST_PLACE / DS_SLOW_PLACE force it on / off everywhere.
+// (The one-tile id lookahead, DS_ID_LOOKAHEAD1, and the opt-in 256-row contiguous tiles keep the divisions: with
+// FastDiv's registers they spilled 8 and 120 bytes.)
+template <int kKind, int kBlockM>
+struct FastPlaceFor {
+#if defined(DS_FAST_PLACE)
+  static constexpr bool value = kKind != kGemmMasked;
+#elif defined(DS_SLOW_PLACE) || defined(DS_ID_LOOKAHEAD1)
+  static constexpr bool value = false;
+#else
+  static constexpr bool value = kKind == kGemmContiguous && kBlockM <= 128;
+#endif
+};
+
 template <int kKind, int kBlockM, int kBlockN, int kN>
 struct TileScheduler {
+  static constexpr bool kFastPlace = FastPlaceFor<kKind, kBlockM>::value;
   int M, num_groups, band;
   int num_mb, total;
+  // (kFastPlace: the placement's divisors, see FastDiv; not for the masked kind, whose M-blocks per group vary)
+  int last_band, last_rows;
+  FastDiv div_band_tiles, div_band, div_last, div_group_tiles;
   const int* layout;  // contiguous: group id per row; masked: masked_m per group; k-grouped: segment bounds
 
   static constexpr int kNumNB = (kN + kBlockN - 1) / kBlockN;
@@ -93,6 +130,14 @@ struct TileScheduler {
       for (int g = 0; g < num_groups; ++g) total += masked_blocks(g) * kNumNB;
     } else {
       total = num_mb * kNumNB * (kKind == kGemmKGrouped ? num_groups : 1);
+      if constexpr (kFastPlace) {
+        last_band = (num_mb - 1) / band;
+        last_rows = num_mb - last_band * band;
+        div_band_tiles.init(band * kNumNB);
+        div_band.init(band);
+        div_last.init(max(last_rows, 1));   // (no tiles at all when M = 0)
+        if (kKind == kGemmKGrouped) div_group_tiles.init(num_mb * kNumNB);
+      }
     }
   }
 
@@ -101,6 +146,20 @@ struct TileScheduler {
     int g = 0, r = t, blocks = num_mb;
     if (kKind == kGemmMasked) {   // find t's group: the tiles of groups 0..g-1 come first
       for (blocks = masked_blocks(0); r >= blocks * kNumNB; blocks = masked_blocks(++g)) r -= blocks * kNumNB;
+    }
+    if constexpr (kFastPlace) {    // the same arithmetic with the kernel's fixed divisors
+      if (kKind == kGemmKGrouped) {
+        g = div_group_tiles.div(r);
+        r -= g * num_mb * kNumNB;
+      }
+      const int band_idx = div_band_tiles.div(r);
+      const int within = r - band_idx * band * kNumNB;
+      const bool last = band_idx == last_band;
+      const int nb = last ? div_last.div(within) : div_band.div(within);
+      tile.m0 = (band_idx * band + within - nb * (last ? last_rows : band)) * kBlockM;
+      tile.n0 = nb * kBlockN;
+      tile.g = g;
+      return;
     }
     if (kKind == kGemmKGrouped) {  // every group has the same M x N tiles; an empty segment's tiles store zeros (+ C)
       g = r / (num_mb * kNumNB);

@@ -358,6 +358,27 @@ def _check_define_matches_default(monkeypatch, define, cfg, tma, k, base=""):
         assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("cfg,tma", [("128,128,6", "1"), ("64,128,8", "0"), ("128,176,5", "0")])
+def test_fast_tile_placement_matches_divisions(monkeypatch, cfg, tma):
+    """Tile placement by multiply-and-shift with the kernel's fixed divisors (FastDiv; the contiguous kind's default,
+    DS_FAST_PLACE for dense and contiguous alike) against the generic divisions (DS_SLOW_PLACE): 4500 rows, so
+    several bands of 16 M-blocks and a partial last one, an empty group and padding blocks, 7 CTAs; dense,
+    contiguous and masked outputs bit-identical, exactly the valid rows written."""
+    from torch_deepstack.gemm import kernels
+    m, n, k = 4500, 576, 384
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    monkeypatch.setenv("DEEPSTACK_GEMM_TMA_STORE", tma)
+    monkeypatch.setattr(kernels, "_NUM_SMS_OVERRIDE", 7)   # (kernels.set_num_sms, undone after the test)
+    args = _grouped_inputs(m, n, k, [1500, 0, 901, 77, 1300])
+    outs = {}
+    for defines in ("DS_SLOW_PLACE", "DS_FAST_PLACE"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_DEFINES", defines)
+        outs[defines] = _run_all_kinds(*args, n)
+        _check_written(*outs[defines], args[4], args[7])
+    for new, old in zip(outs["DS_FAST_PLACE"], outs["DS_SLOW_PLACE"]):
+        assert torch.equal(new.nan_to_num(7.0), old.nan_to_num(7.0))
+
+
 # Tile configs for the main-loop switch tests: pipelined 128-, 64- and 112-wide loops, the serial 176-wide one
 # (tiles over up to three scale blocks), with and without the TMA-store epilogue.
 _LOOP_CFGS = [("128,128,6", "1"), ("128,176,5", "0"), ("64,128,8", "0"), ("64,112,8", "0")]
