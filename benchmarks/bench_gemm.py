@@ -241,6 +241,16 @@ MASKED = [(1, 1024), (2, 512), (4, 256)]
 GROUPED_NK = [(4096, 7168), (7168, 2048)]
 
 
+def deepgemm_wheel() -> str:
+    """Which build the live DeepGEMM is, when it is SGLang's wheel (the one that loads into torch 2.10 / 2.11)."""
+    from importlib import metadata
+    try:
+        metadata.version("sgl-deep-gemm")
+    except metadata.PackageNotFoundError:
+        return ""
+    return ": SGLang's DeepGEMM build, wheel sgl-deep-gemm"
+
+
 def main():
     global METHOD
     ap = argparse.ArgumentParser()
@@ -276,7 +286,8 @@ def main():
                         "bf16 TFLOPS"])
     table.notes.append("DeepGEMM (issue) column: DeepGEMM 2.6.1 on this H200 (issue 3), timed by its own method")
     table.notes.append("DeepGEMM here: " + (f"live in this run, timed like ours ({DG.__name__} "
-                                             f"{getattr(DG, '__version__', '')})" if DG else "not installed"))
+                                             f"{getattr(DG, '__version__', '')}{deepgemm_wheel()})" if DG
+                                             else "not installed"))
     table.notes.append("cuBLAS column for grouped kinds: a per-expert loop of torch._scaled_mm")
     table.notes.append("timing: " + {
         "interleaved": "each contender of a shape in turn, 5 rounds (order rotated) of ~100 ms of its own flushed "
