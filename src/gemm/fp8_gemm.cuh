@@ -72,7 +72,7 @@ struct GemmTile {
 // for n < 2^31, with shift = ceil(log2 d), mul = 2^32 (2^shift - d) / d + 1), set up once per thread. The tile
 // placement divided by run-time values per tile with the compiler's generic sequence (I2F, MUFU.RCP, F2I, ~25
 // dependent instructions each), which the math warps ran between tiles (ncu: ~4% of the samples of a 128 x 128
-// contiguous GEMM at K = 2048). Used by the contiguous kind (kFastPlace below).
+// contiguous GEMM at K = 2048). Where it is used: fast_place_for below.
 struct FastDiv {
   uint32_t mul, shift;
   __device__ __forceinline__ void init(uint32_t d) {        // d >= 1
@@ -84,26 +84,29 @@ struct FastDiv {
   }
 };
 
-// Tile placement with FastDiv: the contiguous kind's default since 2026-12-01 (H200, ab_gemm.py --steady against the
-// generic divisions: 4 x 8192 x 7168 x 2048 +4.9 / +5.4%, 4 x 8192 x 4096 x 7168 +0.6 / +2.3%, MoE-like 32 groups
-// x ~1024 rows x 7168 x 2048 +3.4 / +5.0%). Dense 256-row tiles measured +0.9..+1.9% at K <= 1536 but -0.5..-3.2%
-// at K >= 2048, so the other kinds keep the divisions. DS_FAST_PLACE / DS_SLOW_PLACE force it on / off everywhere.
-// (The one-tile id lookahead, DS_ID_LOOKAHEAD1, and the opt-in 256-row contiguous tiles keep the divisions: with
+// Tile placement with FastDiv, where it measured faster than the generic divisions (H200, 2026-12-01, ab_gemm.py
+// --steady, two passes each): the contiguous kind with 128-row tiles up to K = 8192 (4 x 8192 x 7168 x 2048 +4.9 /
+// +5.4%, 4 x 8192 x 4096 x 7168 +0.6 / +2.3%, MoE-like 32 groups x ~1024 rows x 7168 x 2048 +3.4 / +5.0%) and dense
+// 128 x 128 tiles up to K = 2048 (2048 x 7168 x 2048 +1.9 / +2.3%, 3072 x 7168 x 2048 +2.6 / +3.1%). Not taken:
+// dense 128 x 128 at K = 16384 -3.1 / -3.8%, 128 x 176 at K = 2048 -0.9 / -1.3% (level at 7168), 256-row tiles
+// +0.9..+1.9% at K <= 1536 but -0.5..-3.2% at K >= 2048 (why long K loses is not understood: the main loop's
+// instructions are the same). DS_FAST_PLACE / DS_SLOW_PLACE force it on / off for every kind but masked. (The
+// one-tile id lookahead, DS_ID_LOOKAHEAD1, and the opt-in 256-row contiguous tiles keep the divisions: with
 // FastDiv's registers they spilled 8 and 120 bytes.)
-template <int kKind, int kBlockM>
-struct FastPlaceFor {
+__host__ __device__ constexpr bool fast_place_for(int kind, int block_m, int block_n, int k, bool sfb_per_row) {
 #if defined(DS_FAST_PLACE)
-  static constexpr bool value = kKind != kGemmMasked;
+  return kind != kGemmMasked;
 #elif defined(DS_SLOW_PLACE) || defined(DS_ID_LOOKAHEAD1)
-  static constexpr bool value = false;
+  return false;
 #else
-  static constexpr bool value = kKind == kGemmContiguous && kBlockM <= 128;
+  return !sfb_per_row && k > 0 && block_m <= 128 &&
+         ((kind == kGemmContiguous && k <= 8192) || (kind == kGemmDense && block_m == 128 && block_n <= 128 &&
+                                                     k <= 2048));
 #endif
-};
+}
 
-template <int kKind, int kBlockM, int kBlockN, int kN>
+template <int kKind, int kBlockM, int kBlockN, int kN, bool kFastPlace = false>
 struct TileScheduler {
-  static constexpr bool kFastPlace = FastPlaceFor<kKind, kBlockM>::value;
   int M, num_groups, band;
   int num_mb, total;
   // (kFastPlace: the placement's divisors, see FastDiv; not for the masked kind, whose M-blocks per group vary)
@@ -589,7 +592,7 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // Clusters walk the list of cluster tiles (kCluster M-blocks high; sharing A: kCluster N-blocks wide); CTA `rank`
   // takes the rank-th block of each.
   using Sched = TileScheduler<kKind, kMcastA ? kBlockM : kBlockM * kCluster, kMcastA ? kBlockN * kCluster : kBlockN,
-                              kN>;
+                              kN, kCluster == 1 && fast_place_for(kKind, kBlockM, kBlockN, kK, kSfbPerRow)>;
   const Sched sched(M, num_groups, band, layout);
 #ifndef DS_NO_ID_LOOKAHEAD
   constexpr bool kIdLookahead = kKind == kGemmContiguous && !kContig256;
