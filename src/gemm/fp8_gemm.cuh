@@ -150,29 +150,17 @@ struct TileScheduler {
     if (kKind == kGemmMasked) {   // find t's group: the tiles of groups 0..g-1 come first
       for (blocks = masked_blocks(0); r >= blocks * kNumNB; blocks = masked_blocks(++g)) r -= blocks * kNumNB;
     }
-    if constexpr (kFastPlace) {    // the same arithmetic with the kernel's fixed divisors
-      if (kKind == kGemmKGrouped) {
-        g = div_group_tiles.div(r);
-        r -= g * num_mb * kNumNB;
-      }
-      const int band_idx = div_band_tiles.div(r);
-      const int within = r - band_idx * band * kNumNB;
-      const bool last = band_idx == last_band;
-      const int nb = last ? div_last.div(within) : div_band.div(within);
-      tile.m0 = (band_idx * band + within - nb * (last ? last_rows : band)) * kBlockM;
-      tile.n0 = nb * kBlockN;
-      tile.g = g;
-      return;
-    }
+    // (kFastPlace: each division by the kernel's fixed divisor, see FastDiv)
     if (kKind == kGemmKGrouped) {  // every group has the same M x N tiles; an empty segment's tiles store zeros (+ C)
-      g = r / (num_mb * kNumNB);
+      g = kFastPlace ? div_group_tiles.div(r) : r / (num_mb * kNumNB);
       r -= g * num_mb * kNumNB;
     }
-    const int band_idx = r / (band * kNumNB);
+    const int band_idx = kFastPlace ? div_band_tiles.div(r) : r / (band * kNumNB);
     const int within = r - band_idx * band * kNumNB;
-    const int rows = min(band, blocks - band_idx * band);
-    const int mb = band_idx * band + within % rows;
-    const int nb = within / rows;
+    const bool last = kFastPlace && band_idx == last_band;
+    const int rows = kFastPlace ? (last ? last_rows : band) : min(band, blocks - band_idx * band);
+    const int nb = kFastPlace ? (last ? div_last.div(within) : div_band.div(within)) : within / rows;
+    const int mb = band_idx * band + (kFastPlace ? within - nb * rows : within % rows);
     tile.m0 = mb * kBlockM;
     tile.n0 = nb * kBlockN;
     tile.g = g;
