@@ -23,6 +23,7 @@ the one the call ran (block_m x block_n / stages, "/tma" with the TMA-store epil
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -63,8 +64,12 @@ MASKED_M_MAX = 4096
 RANDOM_CONTIG = 100     # shape kind of rGxMGxNxK: the contiguous kind with random group sizes
 
 
-def random_ids(g: int, mg: int) -> torch.Tensor:
-    """The rGxMGxNxK layout (CPU): group i has int(MG x U(0.7, 1.3)) rows, padded to 128 with -1 (seeded)."""
+@functools.lru_cache(maxsize=None)
+def contiguous_ids(kind: int, g: int, mg: int) -> torch.Tensor:
+    """m_indices of a contiguous shape (CPU; callers copy, never modify): cGxMG... G groups of MG rows, all valid;
+    rGxMG... group i has int(MG x U(0.7, 1.3)) rows (a seeded draw), padded to 128 with -1."""
+    if kind == kernels.KIND_CONTIGUOUS:
+        return torch.arange(g, dtype=torch.int32).repeat_interleave(mg)
     u = torch.rand(g, generator=torch.Generator().manual_seed(1000 * g + mg)) * 0.6 + 0.7
     ids = []
     for i, x in enumerate(u.tolist()):
@@ -75,7 +80,7 @@ def random_ids(g: int, mg: int) -> torch.Tensor:
 
 def shape_flops(shape) -> int:
     kind, g, mg, n, k = shape
-    rows = int((random_ids(g, mg) >= 0).sum()) if kind == RANDOM_CONTIG else g * mg
+    rows = int((contiguous_ids(kind, g, mg) >= 0).sum()) if kind == RANDOM_CONTIG else g * mg
     return 2 * rows * n * k
 
 
@@ -98,7 +103,7 @@ def spec_args(shape) -> tuple:
     if kind == kernels.KIND_MASKED:
         return kind, MASKED_M_MAX, g, n, k, mg
     if kind == RANDOM_CONTIG:
-        m = random_ids(g, mg).numel()
+        m = contiguous_ids(kind, g, mg).numel()
         return kernels.KIND_CONTIGUOUS, m, g, n, k, m
     return kind, g * mg, g, n, k, g * mg
 
@@ -126,7 +131,8 @@ def make_call(shape, check_rows: int = 0):
     from torch_deepstack.quant import per_token_group_quant_fp8
 
     kind, g, mg, n, k = shape
-    ids = random_ids(g, mg).cuda() if kind == RANDOM_CONTIG else None
+    contiguous = kind in (kernels.KIND_CONTIGUOUS, RANDOM_CONTIG)
+    ids = contiguous_ids(kind, g, mg).cuda() if contiguous else None
     m_max = MASKED_M_MAX if kind == kernels.KIND_MASKED else g * mg if ids is None else ids.numel()
     x = torch.randn(*((g, m_max) if kind == kernels.KIND_MASKED else (m_max,)), k, device="cuda",
                     dtype=torch.bfloat16)
@@ -139,10 +145,7 @@ def make_call(shape, check_rows: int = 0):
     if kind == kernels.KIND_DENSE:
         def call():
             ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-    elif kind in (kernels.KIND_CONTIGUOUS, RANDOM_CONTIG):
-        if ids is None:
-            ids = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(mg)
-
+    elif contiguous:
         def call():
             ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, ids)
     else:
@@ -162,7 +165,7 @@ def make_call(shape, check_rows: int = 0):
         for i in range(g):
             if kind == kernels.KIND_DENSE:
                 a_i, sa_i, d_i = aq, asf, d
-            elif kind in (kernels.KIND_CONTIGUOUS, RANDOM_CONTIG):
+            elif contiguous:
                 rows_i = (ids == i).nonzero().flatten()
                 a_i, sa_i, d_i = aq[rows_i], asf[rows_i], d[rows_i]
             else:

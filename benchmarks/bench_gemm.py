@@ -95,7 +95,9 @@ def deepgemm_contender(kind: str, aq, asf, bq, bsf, d_ours, *args, rows=None):
     except Exception as e:  # noqa: BLE001 - an optional contender must not stop the run
         print(f"live DeepGEMM {kind}: {type(e).__name__}: {str(e)[:200]}")
         return None
-    diff = calc_diff(d_ours[rows].float(), d[rows].float()) if rows else calc_diff(d_ours.float(), d.float())
+    if rows is None:
+        rows = slice(None)
+    diff = calc_diff(d_ours[rows].float(), d[rows].float())
     if not diff < 1e-3:
         print(f"live DeepGEMM {kind}: output disagrees with ours (calc_diff {diff:.2e}); not timed")
         return None

@@ -4,7 +4,8 @@
   ncu --clock-control none --profile-from-start off --section SpeedOfLight --csv \\
       python benchmarks/ncu_gemm.py --shapes c4x8192x7168x2048,32768x7168x2048 --variant new: --variant old:DS_X
 
-Shapes and variants are written as for benchmarks/ab_gemm.py (dense MxNxK, contiguous cGxMGxNxK, masked mGxMGxNxK;
+Shapes and variants are written as for benchmarks/ab_gemm.py (dense MxNxK, contiguous cGxMGxNxK or with MoE-like
+group sizes rGxMGxNxK, masked mGxMGxNxK;
 NAME:DEFINES[:MULTICAST[:TMA_STORE[:SPLIT_TAIL]]]). The kernels must already be in DEEPSTACK_JIT_CACHE_DIR
 (ab_gemm.py --prebuild-only builds the same set). `--deepgemm` also profiles a live DeepGEMM's call on each dense
 and contiguous shape (after ours; see bench_gemm.py for the package), to compare the two kernels' counters on the
@@ -18,7 +19,7 @@ import torch
 
 from torch_deepstack.gemm import kernels
 
-from ab_gemm import make_call, parse_shape, parse_variant, select, shape_name
+from ab_gemm import contiguous_ids, make_call, parse_shape, parse_variant, select, shape_name
 
 
 def profiled(name: str, call) -> None:
@@ -50,14 +51,14 @@ def main() -> int:
             for cfg in args.config or [None]:
                 select(variant, tuple(int(v) for v in cfg.split(",")) if cfg else None)
                 profiled(f"{shape_name(shape)} {variant[0]} {cfg or 'heuristic'}", call)
-        if args.deepgemm and shape[0] in (kernels.KIND_DENSE, kernels.KIND_CONTIGUOUS):
+        if args.deepgemm and shape[0] != kernels.KIND_MASKED:
             profiled(f"{shape_name(shape)} DeepGEMM", live_deepgemm(shape))
     return 0
 
 
 def live_deepgemm(shape):
-    """A live DeepGEMM call of a dense (M x N x K) or contiguous (G groups of MG rows) shape on fresh data, checked
-    against ours by bench_gemm.deepgemm_contender."""
+    """A live DeepGEMM call of a dense (M x N x K) or contiguous (cG... / rG... layouts of ab_gemm) shape on fresh
+    data, checked against ours by bench_gemm.deepgemm_contender."""
     import bench_gemm
     from torch_deepstack.quant import per_token_group_quant_fp8
 
@@ -65,17 +66,19 @@ def live_deepgemm(shape):
     bench_gemm.DG = bench_gemm.live_deepgemm()
     if bench_gemm.DG is None:
         raise SystemExit("--deepgemm: no DeepGEMM package imports")
-    aq, asf = per_token_group_quant_fp8(torch.randn(g * mg, k, device="cuda", dtype=torch.bfloat16))
-    d = torch.empty(g * mg, n, device="cuda", dtype=torch.bfloat16)
+    ids = None if kind == kernels.KIND_DENSE else contiguous_ids(kind, g, mg).cuda()
+    rows = g * mg if ids is None else ids.numel()
+    aq, asf = per_token_group_quant_fp8(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
+    d = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
     if kind == kernels.KIND_DENSE:
         (bq, bsf), args = bench_gemm.quant_weight(n, k), ()
         torch.ops.deepstack.fp8_gemm_nt(aq, asf, bq, bsf, d)
     else:
         bq, bsf = bench_gemm.quant_weight(n, k, g)
-        args = (torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(mg),)
+        args = (ids,)
         torch.ops.deepstack.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, *args)
     call = bench_gemm.deepgemm_contender("dense" if kind == kernels.KIND_DENSE else "contiguous", aq, asf, bq, bsf,
-                                         d, *args)
+                                         d, *args, rows=None if ids is None else ids >= 0)
     if call is None:
         raise SystemExit("--deepgemm: DeepGEMM's output disagrees with ours")
     return call
