@@ -230,16 +230,15 @@ __device__ __forceinline__ bool ids_rows_valid(int id, int lane) {
 // rows), and B is loaded once per K slice for all 256 rows. So a tile runs as one or two passes over K, each with
 // one group and a mask of the 64-row waves it computes and stores (bit w: wave w, the half of rows 128 w on):
 // halves of one group (or one half a padding block or past M): one pass; two groups: one pass per half. Producer
-// and math warps both derive the passes from the halves' groups, so they walk the same K loops.
+// and math warps both derive the passes from the halves' groups, so they walk the same K loops. Here: the first
+// pass's group and waves, and the number of passes (a second one is always half 1's group, g1, wave mask 2).
 struct TilePasses {
-  int g[2], mask[2], n;
+  int g, mask, n;
   __device__ __forceinline__ TilePasses(int g0, int g1) {
     const bool two = g0 >= 0 && g1 >= 0 && g0 != g1;
-    g[0] = two ? g0 : max(g0, g1);
-    g[1] = g1;
-    mask[0] = two ? 1 : (g0 >= 0 ? 1 : 0) | (g1 >= 0 ? 2 : 0);
-    mask[1] = 2;
-    n = two ? 2 : (mask[0] ? 1 : 0);
+    g = two ? g0 : max(g0, g1);
+    mask = two ? 1 : (g0 >= 0 ? 1 : 0) | (g1 >= 0 ? 2 : 0);
+    n = two ? 2 : (mask ? 1 : 0);
   }
 };
 
@@ -255,7 +254,8 @@ struct IdLookaheadHalves {
     if (!kOn || t >= sched.total) { next = 0; return; }
     GemmTile tile;
     sched.place(t, tile);
-    next = (sched.lane_id_half(tile, 0, warp_row, lane) & 0xffff) | (sched.lane_id_half(tile, 1, warp_row, lane) << 16);
+    next = (sched.lane_id_half(tile, 0, warp_row, lane) & 0xffff) |
+           (sched.lane_id_half(tile, 1, warp_row, lane) << 16);
   }
   __device__ __forceinline__ IdLookaheadHalves(const Sched& sched, int first_tile, int warp_row_, int lane_)
       : warp_row(warp_row_), lane(lane_) {
@@ -426,7 +426,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   constexpr int kMathWG = kBlockM / 64 / kWaves;
   static_assert(kWaves == 1 || ((kKind == kGemmDense || kKind == kGemmContiguous) && !kSfbPerRow && kTmaStore &&
                                  kBlockN <= 128),
-                "256-row tiles are for the dense and contiguous 1D2D kinds with the TMA-store epilogue, BLOCK_N <= 128");
+                "256-row tiles are for the dense and contiguous 1D2D kinds with the TMA-store epilogue, "
+                "BLOCK_N <= 128");
   // 256-row contiguous tiles: one or two passes over K per tile (TilePasses), the halves' ids a tile ahead
   // (IdLookaheadHalves), the B scales per slice (no B-scale lanes).
   constexpr bool kContig256 = kWaves == 2 && kKind == kGemmContiguous;
@@ -643,8 +644,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
           sched.resolve_halves(t, tile, g0, g1);
           const TilePasses tp(g0, g1);
           if (tp.n == 0) continue;                    // padding blocks
-          tile.g = tp.g[0];
-          pass_g1 = tp.g[1];
+          tile.g = tp.g;
+          pass_g1 = g1;
           passes = tp.n;
         } else if constexpr (kSchedWarp) {
           sm90::mbar_wait(sched_full + slot, ph);
@@ -823,8 +824,8 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
         idsh.take(sched, t, tile_stride, tile, g0, g1, whole0, whole1);
         const TilePasses tp(g0, g1);
         if (tp.n == 0) continue;                      // padding blocks
-        tile.g = tp.g[0];
-        c256 = tp.mask[0] | (whole0 ? 4 : 0) | (whole1 ? 8 : 0) | (tp.n == 2 ? 16 : 0) | (tp.g[1] << 8);
+        tile.g = tp.g;
+        c256 = tp.mask | (whole0 ? 4 : 0) | (whole1 ? 8 : 0) | (tp.n == 2 ? 16 : 0) | (g1 << 8);
       } else if constexpr (kIdAhead2) {
         const bool valid = ids2.take(tile, row_id);
         const int g_ahead = ids2.ahead_group();           // tile t + stride's group (its ids arrived a tile ago)

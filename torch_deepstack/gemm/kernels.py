@@ -206,12 +206,13 @@ def choose_spec(kind: int, m_rows: int, num_groups: int, n: int, k: int, expecte
     cluster = 2 if use_multicast(kind, cfg, m_rows, sf_b_per_row, n) else 1
     if use_tma_store(kind, cfg, m_rows, k, sf_b_per_row, out_dtype, c_dtype is not None, cluster):
         cfg = with_tma_store(cfg, sf_b_per_row)
+    # (clusters: use_multicast gives them to the dense kind only)
     if cfg.block_m == 256 and not (kind in (KIND_DENSE, KIND_CONTIGUOUS) and not sf_b_per_row and cfg.tma_store
-                                   and cfg.block_n <= 128 and (cluster == 1 or kind == KIND_DENSE)
+                                   and cfg.block_n <= 128
                                    and (kind == KIND_DENSE or num_groups < CONTIGUOUS_256_MAX_GROUPS)):
-        raise ValueError("256-row GEMM tiles are for dense and contiguous FP8 GEMMs (1x128 x 128x128 scales; A-sharing "
-                         "clusters: dense only) with bf16 output, no "
-                         f"C, M > 128 and BLOCK_N <= 128 (the TMA-store epilogue); got {cfg} for kind {kind}")
+        raise ValueError("256-row GEMM tiles are for dense and contiguous FP8 GEMMs (1x128 x 128x128 scales; "
+                         f"contiguous: below {CONTIGUOUS_256_MAX_GROUPS} groups) with bf16 output, no C, M > 128 and "
+                         f"BLOCK_N <= 128 (the TMA-store epilogue); got {cfg} for kind {kind}")
     spec = gemm_spec(cfg, n, k if k_template is None else k_template, kind, sf_b_per_row, out_dtype,
                      c_dtype or out_dtype, c_dtype is not None, cluster)
     return spec, cfg, cluster
