@@ -38,9 +38,11 @@ def flush_l2(kind: str = "write") -> None:
 
 
 def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use_graph: bool = False,
-              samples: list | None = None) -> float:
+              samples: list | None = None, settle_ms: float = 0.0) -> float:
     """Median milliseconds of `fn()` on the current CUDA stream. flush: True (= "write"), "read" or False, see
-    flush_l2. `samples`, if given, is extended by the rep times in time order."""
+    flush_l2. `samples`, if given, is extended by the rep times in time order. settle_ms > 0: before the timed
+    repetitions, about that much GPU time of flushed untimed calls, so the clock has settled to this call's own
+    load rather than whatever ran before (see bench_gpu_interleaved)."""
     flush_kind = "write" if flush is True else flush
     for _ in range(warmup):
         fn()
@@ -48,6 +50,9 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
     if use_graph:
         call = capture_graph(fn, warmup=0)[0]
         call()
+    if settle_ms > 0:
+        for _ in range(int(settle_ms / _call_ms(call, flush_kind))):
+            _flushed(call, flush_kind)
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
