@@ -2,7 +2,7 @@
 
 Method (the issue's): lengths ~ N(mean, mean/2) clipped at >= s_q, shuffled pages, h_kv = 1; the whole op
 (decode + combine, metadata computed once and reused) captured in a CUDA graph and replayed; L2 flushed
-(256 MB write) before every replay; median of CUDA-event times.
+(256 MB write) before every replay; ~100 ms of untimed replays (--settle-ms), then the median of CUDA-event times.
   FLOP  = 2 * s_q * h_q * (d + dv) * sum(s_k)
   bytes = sum(s_k) * d * 2 (one read of the cache; FP8: 656 bytes per token) + b * s_q * h_q * (d + dv) * 2
 
@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 
 import torch
 
+import flashmla_live
 import torch_deepstack  # noqa: F401
 from torch_deepstack.mla import fp8_format, get_mla_metadata, kernels, mla_decode_with_kvcache
 from torch_deepstack.testing.bench import bench_gpu
@@ -63,9 +66,15 @@ def torch_decode(q, cache, bt, seq, causal):
     return torch.bmm(p, k[..., :DV]).reshape(b, s_q, h_q, DV)
 
 
-def time_graph(fn, reps):
-    """Median microseconds of fn replayed from a CUDA graph, L2 flushed before each replay."""
-    return bench_gpu(fn, warmup=1, rep=reps, use_graph=True) * 1e3
+SETTLE_MS = 100.0   # --settle-ms: untimed flushed replays before each timing, so every contender runs at its own
+# steady clock. Before 2026-12-01 there were none, and a row read the clock that the work before it left: memory-bound
+# rows up to 6% slow after heavy work, compute-bound ones up to 15% fast after light work (docs/mla.md).
+
+
+def time_graph(fn, reps, captured=False):
+    """Median microseconds of fn replayed from a CUDA graph (fn already a replay if `captured`), L2 flushed before
+    each replay, after about SETTLE_MS of untimed replays."""
+    return bench_gpu(fn, warmup=0 if captured else 1, rep=reps, use_graph=not captured, settle_ms=SETTLE_MS) * 1e3
 
 
 def time_kernels(fn, reps, decode_kernels, rounds):
@@ -116,9 +125,54 @@ def run(configs, reps, baseline, fp8_rows, causal=True, decode_kernels=(), round
             res.update(fp8_us=us8, fp8_speedup=us / us8)
             del cache8
         torch.cuda.empty_cache()
+        if FLASHMLA_SO and (FLASHMLA_ALL or (b, s_q, h_q, mean) in FLASHMLA_REF):
+            res.update(flashmla_in_worker((b, s_q, h_q, mean), reps))
         rows.append(res)
         print(json.dumps(res), flush=True)
     return rows
+
+
+FLASHMLA_SO = None   # --flashmla-so: FlashMLA's extension file, timed live (flashmla_live.py)
+FLASHMLA_ALL = False  # --flashmla-all: on every config, not only the issue's reference rows
+_WORKER_MARK = "FLASHMLA_RESULT "
+
+
+def flashmla_in_worker(config, reps, tries=3) -> dict:
+    """FlashMLA and ours timed on this config in a fresh process (`--flashmla-worker`): {flashmla_us, flashmla_ours_us}
+    or {} (reason printed). A process of its own, because the extension's host code, once it has failed in a process
+    (flashmla_shim.cpp), tends to keep failing there; a new process usually runs."""
+    cmd = [sys.executable, __file__, "--flashmla-worker", "--flashmla-so", FLASHMLA_SO, "--reps", str(reps),
+           "--settle-ms", str(SETTLE_MS), "--configs", ",".join(map(str, config))]
+    why = ""
+    for _ in range(tries):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        for line in done.stdout.splitlines():
+            if line.startswith(_WORKER_MARK):
+                return json.loads(line[len(_WORKER_MARK):])
+        why = (done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+    print(f"live FlashMLA not timed on {config}: {why[0][:200]}", flush=True)
+    return {}
+
+
+def flashmla_worker(config, reps) -> None:
+    """The --flashmla-worker process: ours and a CUDA graph of FlashMLA's decode whose replayed output matched ours,
+    each timed twice (order swapped, best of each), printed as one marked JSON line."""
+    live_mla = flashmla_live.load(FLASHMLA_SO)
+    if live_mla is None:
+        return
+    b, s_q, h_q, mean = config
+    q, cache, bt, seq = build(b, s_q, h_q, mean)
+    sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
+    ours = lambda: mla_decode_with_kvcache(q, cache, bt, seq, DV, sched, splits, causal=True)  # noqa: E731
+    live, why = live_mla.checked_graph(q, cache, bt, seq, DV, True, ours())
+    if live is None:
+        print(f"FlashMLA graph: {why}")
+        return
+    best = {ours: math.inf, live: math.inf}
+    for order in ((ours, live), (live, ours)):
+        for fn in order:
+            best[fn] = min(best[fn], time_graph(fn, reps, captured=fn is live))
+    print(_WORKER_MARK + json.dumps({"flashmla_us": best[live], "flashmla_ours_us": best[ours]}), flush=True)
 
 
 # The issue's FlashMLA reference rows (same H200, its own draw of varied lengths): (b, s_q, h_q, mean s_k) -> (µs,
@@ -139,13 +193,21 @@ def flashmla_cols(r) -> tuple[str, str]:
     return f"{ref[0]:.1f}", f"{ratio:.3f} ({'TB/s' if memory_bound else 'TFLOPS'})"
 
 
+def live_cols(r) -> str:
+    t = r.get("flashmla_us")
+    return " | |" if t is None else f" {t:.1f} | {t / r['flashmla_ours_us']:.3f} |"
+
+
 def table(rows) -> str:
     head = ("| b | s_q | h_q | mean s_k | µs | TB/s | TFLOPS | FlashMLA ref µs | ours / FlashMLA rate | torch µs | "
             "speedup | FP8 µs | FP8 gain | metadata µs |")
     ab = sorted(k[3:] for k in (rows[0] if rows else {}) if k.startswith("us_"))
     if ab:
         head += "".join(f" {k} µs |" for k in ab)
-    lines = [head, "|" + "---|" * (14 + len(ab))]
+    live = any("flashmla_us" in r for r in rows)
+    if live:
+        head += " FlashMLA live µs | ours / FlashMLA live speed |"
+    lines = [head, "|" + "---|" * (14 + len(ab) + 2 * live)]
     for r in rows:
         t = r.get("torch_us")
         torch_cols = ("", "") if t is None else (f"{t:.0f}", f"{t / r['us']:.1f}x")
@@ -153,11 +215,13 @@ def table(rows) -> str:
         ref_cols = flashmla_cols(r)
         lines.append(f"| {r['b']} | {r['s_q']} | {r['h_q']} | {r['mean_sk']} | {r['us']:.1f} | {r['tbps']:.2f} | "
                      f"{r['tflops']:.0f} | {ref_cols[0]} | {ref_cols[1]} | {torch_cols[0]} | {torch_cols[1]} | {fp8_cols[0]} | {fp8_cols[1]} | "
-                     f"{r.get('meta_us', math.nan):.1f} |" + "".join(f" {r['us_' + k]:.1f} |" for k in ab))
+                     f"{r.get('meta_us', math.nan):.1f} |" + "".join(f" {r['us_' + k]:.1f} |" for k in ab)
+                     + (live_cols(r) if live else ""))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    global SETTLE_MS, FLASHMLA_SO, FLASHMLA_ALL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few configs only")
     ap.add_argument("--reps", type=int, default=30)
@@ -170,8 +234,21 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="rounds for --decode-kernels")
     ap.add_argument("--no-metadata", action="store_true", help="skip timing get_mla_metadata")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--flashmla-so", default=os.environ.get(flashmla_live.ENV),
+                    help="FlashMLA's extension file (sgl-kernel's flashmla_ops.abi3.so) to time as a live contender "
+                         "(default: $DEEPSTACK_FLASHMLA_SO; see flashmla_live.py), on the issue's reference configs")
+    ap.add_argument("--flashmla-all", action="store_true", help="time live FlashMLA on every config")
+    ap.add_argument("--flashmla-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--settle-ms", type=float, default=SETTLE_MS,
+                    help="GPU time of untimed replays before each timing (0: time at once, the method before "
+                         "2026-12-01)")
     ap.add_argument("--configs", help="only these configs: 'b,s_q,h_q,mean_sk;...'")
     args = ap.parse_args(argv)
+    SETTLE_MS, FLASHMLA_SO, FLASHMLA_ALL = args.settle_ms, args.flashmla_so, args.flashmla_all
+    if args.flashmla_worker:
+        flashmla_live.preload_shim(args.flashmla_so)   # restarts this process once, with the shim preloaded
+        flashmla_worker(tuple(int(x) for x in args.configs.split(",")), args.reps)
+        return 0
     if args.quick:
         configs = [(64, 1, 16, 4096), (128, 1, 16, 8192), (128, 1, 64, 8192), (128, 1, 128, 8192),
                    (128, 2, 64, 4096), (128, 2, 128, 8192)]
