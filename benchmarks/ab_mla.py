@@ -1,5 +1,6 @@
 """A/B of the bf16/fp16 MLA decode kernels in one process, with compile-time variants and two ways to flush L2.
 
+Each timing follows ~100 ms of untimed replays (--settle-ms, as bench_mla.py; A/Bs before 2026-12-01 had none).
 Variants are `kernel[+NAME=VALUE...]`: a decode kernel as `kernels._DECODE_KERNEL` names it ("general", "overlap")
 with extra -D defines for the decode kernel only (the combine kernel is untouched), e.g. a guarded experiment in a
 .cuh; `+@NAME=VALUE` sets the attribute NAME of torch_deepstack.mla.kernels for that variant instead (e.g.
@@ -107,7 +108,7 @@ def run(configs, variants, flushes, reps, rounds, no_combine, fp8=False):
                         kernels._DECODE_PLANS.clear()   # (a plan holds its combine kernel, or the no-launch one)
                         for fl in flushes:
                             t = bench_gpu(fn, warmup=1, rep=reps, flush="read" if fl == "clean" else "write",
-                                          use_graph=True) * 1e3
+                                          use_graph=True, settle_ms=bench_mla.SETTLE_MS) * 1e3
                             key = f"{v} {fl}" + ("" if comb else " nocombine")
                             best[key] = min(best.get(key, math.inf), t)
             token_bytes = 656 if fp8 else bench_mla.D * 2
@@ -144,7 +145,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-combine", action="store_true", help="also time without the combine kernel")
     ap.add_argument("--fp8", action="store_true", help="FP8 caches (656-byte rows) instead of bf16")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--settle-ms", type=float, default=bench_mla.SETTLE_MS,
+                    help="GPU time of untimed replays before each timing (bench_mla.py's; 0: the method before "
+                         "2026-12-01)")
     args = ap.parse_args(argv)
+    bench_mla.SETTLE_MS = args.settle_ms
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         parse_variant(v)
