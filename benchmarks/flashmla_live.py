@@ -2,11 +2,10 @@
 
 The build used is SGLang's: the `flashmla_ops` extension inside the `sgl-kernel` wheel. The whole wheel cannot be
 installed beside torch 2.11 (535 MB, pinned to torch 2.9.1), so the one extension file is named by a path
-(`--flashmla-so` or DEEPSTACK_FLASHMLA_SO) and imported by path. It links
-libcudart.so.12 (from the `nvidia-cuda-runtime-cu12` wheel) and names libnvrtc.so.12 without using it (an empty
-library of that soname will do); keep both beside it. It was built against torch 2.9.1 and CUDA 12, so
-`preload_shim` restarts the process with flashmla_shim.cpp preloaded (what that mends: see the file). Getting the
-files:
+(`--flashmla-so` or DEEPSTACK_FLASHMLA_SO) and imported from there. It links libcudart.so.12 (from the
+`nvidia-cuda-runtime-cu12` wheel) and names libnvrtc.so.12 without using it (an empty library of that soname will
+do); keep both beside it. It was built against torch 2.9.1 and CUDA 12, so `preload_shim` restarts the process with
+flashmla_shim.cpp preloaded (what that mends: see the file). Getting the files:
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 sgl-kernel==0.3.21
     unzip -j sgl_kernel-0.3.21-*.whl sgl_kernel/flashmla_ops.abi3.so -d flashmla
