@@ -135,6 +135,7 @@ def run(configs, reps, baseline, fp8_rows, causal=True, decode_kernels=(), round
 FLASHMLA_SO = None   # --flashmla-so: FlashMLA's extension file, timed live (flashmla_live.py)
 FLASHMLA_ALL = False  # --flashmla-all: on every config, not only the reference rows
 _WORKER_MARK = "FLASHMLA_RESULT "
+WORKER_TIMEOUT_S = 300   # a worker normally takes ~12 s; one that hangs is given up
 
 
 def flashmla_in_worker(config, reps, tries=3) -> dict:
@@ -145,12 +146,16 @@ def flashmla_in_worker(config, reps, tries=3) -> dict:
            "--settle-ms", str(SETTLE_MS), "--configs", ",".join(map(str, config))]
     why = ""
     for _ in range(tries):
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            why = f"no result within {WORKER_TIMEOUT_S} s"
+            continue
         for line in done.stdout.splitlines():
             if line.startswith(_WORKER_MARK):
                 return json.loads(line[len(_WORKER_MARK):])
-        why = (done.stdout + done.stderr).strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-    print(f"live FlashMLA not timed on {config}: {why[0][:200]}", flush=True)
+        why = ((done.stdout + done.stderr).strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    print(f"live FlashMLA not timed on {config}: {why[:200]}", flush=True)
     return {}
 
 

@@ -55,7 +55,10 @@ def main() -> int:
         b, s_q, h_q, mean = (int(x) for x in config.split(","))
         q, cache, bt, seq = bench_mla.build(b, s_q, h_q, mean)
         sched, splits = get_mla_metadata(seq, s_q * h_q, 1)
-        ours = lambda: mla_decode_with_kvcache(q, cache, bt, seq, bench_mla.DV, sched, splits, causal=True)  # noqa: E731
+
+        def ours(q=q, cache=cache, bt=bt, seq=seq, sched=sched, splits=splits):
+            return mla_decode_with_kvcache(q, cache, bt, seq, bench_mla.DV, sched, splits, causal=True)
+
         for variant in (args.variants or kernels.decode_kernel_for(s_q * h_q)).split(","):
             ab_mla.apply_variant(variant)
             profiled(f"{config} {variant}", capture_graph(ours, warmup=1)[0], args.settle_ms)

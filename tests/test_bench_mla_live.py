@@ -43,7 +43,7 @@ def test_table_takes_the_live_ratio_from_the_workers_own_pair():
 def test_worker_output_is_parsed_and_a_failed_worker_is_retried(monkeypatch, capsys):
     calls = []
 
-    def fake_run(cmd, capture_output, text):
+    def fake_run(cmd, capture_output, text, timeout):
         calls.append(cmd)
         if len(calls) == 1:
             return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="RuntimeError: storage\n")
@@ -59,11 +59,23 @@ def test_worker_output_is_parsed_and_a_failed_worker_is_retried(monkeypatch, cap
 
 
 def test_worker_that_never_reports_leaves_the_config_untimed_and_says_why(monkeypatch, capsys):
-    monkeypatch.setattr(bench_mla.subprocess, "run", lambda cmd, capture_output, text: subprocess.CompletedProcess(
-        cmd, 1, stdout="", stderr="Traceback\nRuntimeError: boom\n"))
+    def fail(cmd, capture_output, text, timeout):
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Traceback\nRuntimeError: boom\n")
+
+    monkeypatch.setattr(bench_mla.subprocess, "run", fail)
     monkeypatch.setattr(bench_mla, "FLASHMLA_SO", "/x/flashmla_ops.abi3.so")
     assert bench_mla.flashmla_in_worker(CONFIG, 20, tries=2) == {}
     assert "live FlashMLA not timed on (64, 1, 16, 4096): RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_worker_that_hangs_is_given_up(monkeypatch, capsys):
+    def hang(cmd, capture_output, text, timeout):
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(bench_mla.subprocess, "run", hang)
+    monkeypatch.setattr(bench_mla, "FLASHMLA_SO", "/x/flashmla_ops.abi3.so")
+    assert bench_mla.flashmla_in_worker(CONFIG, 20, tries=2) == {}
+    assert f"no result within {bench_mla.WORKER_TIMEOUT_S} s" in capsys.readouterr().out
 
 
 def test_load_needs_a_path_and_the_preloaded_shim(monkeypatch, capsys):
