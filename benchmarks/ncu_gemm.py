@@ -18,20 +18,9 @@ import argparse
 import torch
 
 from torch_deepstack.gemm import kernels
+from torch_deepstack.testing.bench import profile_one_call
 
 from ab_gemm import contiguous_ids, make_call, parse_shape, parse_variant, select, shape_name
-
-
-def profiled(name: str, call) -> None:
-    """Three warm-up calls, then one call between cudaProfilerStart/Stop (what `--profile-from-start off` profiles)."""
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print("profiled", name, flush=True)
 
 
 def main() -> int:
@@ -50,9 +39,9 @@ def main() -> int:
         for variant in variants:
             for cfg in args.config or [None]:
                 select(variant, tuple(int(v) for v in cfg.split(",")) if cfg else None)
-                profiled(f"{shape_name(shape)} {variant[0]} {cfg or 'heuristic'}", call)
+                profile_one_call(f"{shape_name(shape)} {variant[0]} {cfg or 'heuristic'}", call)
         if args.deepgemm and shape[0] != kernels.KIND_MASKED:
-            profiled(f"{shape_name(shape)} DeepGEMM", live_deepgemm(shape))
+            profile_one_call(f"{shape_name(shape)} DeepGEMM", live_deepgemm(shape))
     return 0
 
 

@@ -20,24 +20,20 @@ import ab_mla
 import bench_mla
 import flashmla_live
 from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
-from torch_deepstack.testing.bench import capture_graph, flush_l2
+from torch_deepstack.testing.bench import capture_graph, flush_l2, profile_one_call
 
 
-def profiled(name: str, replay, settle_ms: float) -> None:
-    """Flushed replays for about settle_ms of wall time, then one flushed replay between cudaProfilerStart/Stop."""
-    end = time.perf_counter() + settle_ms / 1e3
-    while time.perf_counter() < end:
-        for _ in range(8):
-            flush_l2()
-            replay()
-        torch.cuda.synchronize()
-    flush_l2()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    replay()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print("profiled", name, flush=True)
+def settled(replay, settle_ms: float):
+    """The warm-up for profile_one_call: flushed replays for about settle_ms of wall time, then one more flush."""
+    def warm():
+        end = time.perf_counter() + settle_ms / 1e3
+        while time.perf_counter() < end:
+            for _ in range(8):
+                flush_l2()
+                replay()
+            torch.cuda.synchronize()
+        flush_l2()
+    return warm
 
 
 def main() -> int:
@@ -61,13 +57,14 @@ def main() -> int:
 
         for variant in (args.variants or kernels.decode_kernel_for(s_q * h_q)).split(","):
             ab_mla.apply_variant(variant)
-            profiled(f"{config} {variant}", capture_graph(ours, warmup=1)[0], args.settle_ms)
+            replay = capture_graph(ours, warmup=1)[0]
+            profile_one_call(f"{config} {variant}", replay, settled(replay, args.settle_ms))
         if live_mla is not None:
             replay, why = live_mla.checked_graph(q, cache, bt, seq, bench_mla.DV, True, ours())
             if replay is None:
                 print(f"{config} FlashMLA not profiled: {why}", flush=True)
             else:
-                profiled(f"{config} FlashMLA", replay, args.settle_ms)
+                profile_one_call(f"{config} FlashMLA", replay, settled(replay, args.settle_ms))
     return 0
 
 

@@ -15,9 +15,9 @@ import torch
 import torch_deepstack  # noqa: F401
 from torch_deepstack.gemm.api import per_block_quant_fp8
 from torch_deepstack.quant.api import per_token_group_quant_fp8
+from torch_deepstack.testing.bench import profile_one_call
 
 from bench_k_grouped import operand
-from ncu_gemm import profiled
 
 ops = torch.ops.deepstack
 
@@ -28,12 +28,12 @@ def main() -> None:
     # wgrad: A = dY^T [M, K] and B = X^T [N, K], both quantised along K (the token dimension) in 1x128 groups
     aq, asf = operand(torch.randn(k, m, device="cuda").to(torch.bfloat16))
     bq, bsf = operand(torch.randn(k, n, device="cuda").to(torch.bfloat16))
-    profiled(f"wgrad {m}x{n}x{k}", lambda: ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d))
+    profile_one_call(f"wgrad {m}x{n}x{k}", lambda: ops.fp8_wgrad_gemm_nt(aq, asf, bq, bsf, d))
     xq, xsf = per_token_group_quant_fp8(torch.randn(m, k, device="cuda").to(torch.bfloat16))
     wq, wsf = per_block_quant_fp8(torch.randn(n, k, device="cuda").to(torch.bfloat16))
-    profiled(f"forward {m}x{n}x{k}", lambda: ops.fp8_gemm_nt(xq, xsf, wq, wsf, d))
+    profile_one_call(f"forward {m}x{n}x{k}", lambda: ops.fp8_gemm_nt(xq, xsf, wq, wsf, d))
     os.environ["DEEPSTACK_GEMM_TMA_STORE"] = "0"
-    profiled(f"forward, plain epilogue {m}x{n}x{k}", lambda: ops.fp8_gemm_nt(xq, xsf, wq, wsf, d))
+    profile_one_call(f"forward, plain epilogue {m}x{n}x{k}", lambda: ops.fp8_gemm_nt(xq, xsf, wq, wsf, d))
 
 
 if __name__ == "__main__":

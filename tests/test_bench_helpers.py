@@ -4,7 +4,9 @@ import types
 
 import pytest
 
-from torch_deepstack.testing.bench import bench_do_bench
+import torch
+
+from torch_deepstack.testing.bench import bench_do_bench, profile_one_call
 
 
 def _fake_triton(monkeypatch, do_bench):
@@ -38,3 +40,16 @@ def test_do_bench_method_without_triton_says_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton.testing", None)   # import fails as if triton were absent
     with pytest.raises(RuntimeError, match="needs triton"):
         bench_do_bench({"a": lambda: None})
+
+
+def test_profile_one_call_profiles_exactly_one_call_after_the_warm_up(monkeypatch, capsys):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("sync"))
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: events.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: events.append("stop"))
+    profile_one_call("a", lambda: events.append("call"))
+    assert events == ["call"] * 3 + ["sync", "start", "call", "sync", "stop"]
+    events.clear()
+    profile_one_call("b", lambda: events.append("call"), warm=lambda: events.append("warm"))
+    assert events == ["warm", "sync", "start", "call", "sync", "stop"]
+    assert capsys.readouterr().out.splitlines() == ["profiled a", "profiled b"]

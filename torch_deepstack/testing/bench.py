@@ -65,6 +65,22 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
     return statistics.median(times)
 
 
+def profile_one_call(name: str, call, warm=None) -> None:
+    """`warm()` (default: three calls of `call`), then one call between cudaProfilerStart/Stop: the launches
+    `ncu --profile-from-start off` profiles. Prints "profiled <name>" so ncu's report can be matched to it."""
+    if warm is None:
+        for _ in range(3):
+            call()
+    else:
+        warm()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("profiled", name, flush=True)
+
+
 def capture_graph(fn, warmup: int = 3):
     """(replay, outputs): fn captured in a CUDA graph after `warmup` calls on a side stream (what the capture of an
     autograd step or a first cuBLAS call needs); `outputs` are the captured call's results, refilled by replay()."""
