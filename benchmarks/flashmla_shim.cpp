@@ -7,6 +7,10 @@
 //   failed its checks). Calls from the extension get the struct as CUDA 12's runtime (libcudart.so.12, which the
 //   extension links) fills it; every other caller gets torch's own.
 // No link-time dependencies: torch's and the CUDA 12 runtime's functions are looked up when first called.
+// Not mended here: torch 2.10 counts tensor references in one 64-bit word with a has-PyObject bit
+// (c10/util/intrusive_ptr.h), while the extension's inlined 2.9 code counts the old way; its host code then fails
+// now and then ("Cannot access data pointer of Tensor that doesn't have storage"). bench_mla.py works around it:
+// a fresh worker process per config, and only replays of a CUDA graph (no host code) whose output matched ours.
 #include <dlfcn.h>
 
 #include <cstdint>
