@@ -88,7 +88,7 @@ def parse_variant(text: str) -> tuple[str, tuple]:
     return kernel, tuple(out)
 
 
-def run(configs, variants, flushes, reps, rounds, no_combine, fp8=False):
+def run(configs, variants, flushes, reps, rounds, no_combine, fp8=False, settle_ms=bench_mla.SETTLE_MS):
     kernels.get_kernel = _get_kernel
     modes = [True, False] if no_combine else [True]
     rows = []
@@ -108,7 +108,7 @@ def run(configs, variants, flushes, reps, rounds, no_combine, fp8=False):
                         kernels._DECODE_PLANS.clear()   # (a plan holds its combine kernel, or the no-launch one)
                         for fl in flushes:
                             t = bench_gpu(fn, warmup=1, rep=reps, flush="read" if fl == "clean" else "write",
-                                          use_graph=True, settle_ms=bench_mla.SETTLE_MS) * 1e3
+                                          use_graph=True, settle_ms=settle_ms) * 1e3
                             key = f"{v} {fl}" + ("" if comb else " nocombine")
                             best[key] = min(best.get(key, math.inf), t)
             token_bytes = 656 if fp8 else bench_mla.D * 2
@@ -149,7 +149,6 @@ def main(argv=None) -> int:
                     help="GPU time of untimed replays before each timing (bench_mla.py's; 0: the method before "
                          "2026-12-01)")
     args = ap.parse_args(argv)
-    bench_mla.SETTLE_MS = args.settle_ms
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         parse_variant(v)
@@ -158,7 +157,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--flush takes dirty and/or clean, got {args.flush!r}")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";") if c.strip()]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows = run(configs, variants, flushes, args.reps, args.rounds, args.no_combine, args.fp8)
+    rows = run(configs, variants, flushes, args.reps, args.rounds, args.no_combine, args.fp8,
+               settle_ms=args.settle_ms)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

@@ -12,26 +12,18 @@ its graph has matched our output; the process restarts itself once with the shim
 from __future__ import annotations
 
 import argparse
-import time
-
-import torch
 
 import ab_mla
 import bench_mla
 import flashmla_live
 from torch_deepstack.mla import get_mla_metadata, kernels, mla_decode_with_kvcache
-from torch_deepstack.testing.bench import capture_graph, flush_l2, profile_one_call
+from torch_deepstack.testing.bench import capture_graph, flush_l2, profile_one_call, settle
 
 
 def settled(replay, settle_ms: float):
-    """The warm-up for profile_one_call: flushed replays for about settle_ms of wall time, then one more flush."""
+    """The warm-up for profile_one_call: about settle_ms of flushed replays, then one more flush."""
     def warm():
-        end = time.perf_counter() + settle_ms / 1e3
-        while time.perf_counter() < end:
-            for _ in range(8):
-                flush_l2()
-                replay()
-            torch.cuda.synchronize()
+        settle(replay, settle_ms)
         flush_l2()
     return warm
 

@@ -6,7 +6,8 @@ import pytest
 
 import torch
 
-from torch_deepstack.testing.bench import bench_do_bench, profile_one_call
+from torch_deepstack.testing import bench
+from torch_deepstack.testing.bench import bench_do_bench, profile_one_call, settle
 
 
 def _fake_triton(monkeypatch, do_bench):
@@ -53,3 +54,14 @@ def test_profile_one_call_profiles_exactly_one_call_after_the_warm_up(monkeypatc
     profile_one_call("b", lambda: events.append("call"), warm=lambda: events.append("warm"))
     assert events == ["warm", "sync", "start", "call", "sync", "stop"]
     assert capsys.readouterr().out.splitlines() == ["profiled a", "profiled b"]
+
+
+def test_settle_runs_flushed_calls_for_about_the_asked_gpu_time(monkeypatch):
+    events = []
+    monkeypatch.setattr(bench, "_call_ms", lambda fn, flush_kind: 2.5)     # one flushed call: 2.5 ms
+    monkeypatch.setattr(bench, "flush_l2", lambda kind: events.append(f"flush {kind}"))
+    settle(lambda: events.append("call"), 10.0)
+    assert events == ["flush write", "call"] * 4
+    events.clear()
+    settle(lambda: events.append("call"), 0.0)                               # nothing asked: nothing run
+    assert events == []

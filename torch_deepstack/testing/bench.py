@@ -50,9 +50,7 @@ def bench_gpu(fn, warmup: int = 10, rep: int = 50, flush: bool | str = True, use
     if use_graph:
         call = capture_graph(fn, warmup=0)[0]
         call()
-    if settle_ms > 0:
-        for _ in range(int(settle_ms / _call_ms(call, flush_kind))):
-            _flushed(call, flush_kind)
+    settle(call, settle_ms, flush_kind)
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
@@ -107,6 +105,18 @@ def _flushed(fn, flush_kind, start=None, end=None) -> None:
         end.record()
 
 
+def settle(call, settle_ms: float, flush_kind: str = "write") -> None:
+    """Untimed calls of `call` (each after a flush, as when timed) for about settle_ms of GPU time, so the clock has
+    settled to this call's own load (under load the H200 sits at its power cap; see bench_gpu_interleaved)."""
+    for _ in range(_settle_calls(call, settle_ms, flush_kind)):
+        _flushed(call, flush_kind)
+
+
+def _settle_calls(call, settle_ms: float, flush_kind) -> int:
+    """How many flushed calls of `call` take about settle_ms of GPU time."""
+    return int(settle_ms / _call_ms(call, flush_kind)) if settle_ms > 0 else 0
+
+
 def _call_ms(fn, flush_kind) -> float:
     """GPU milliseconds of one flushed call of fn, flush included (three calls, synchronised)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -142,7 +152,7 @@ def bench_gpu_interleaved(fns: dict, rounds: int = 5, rep: int = 10, settle_ms: 
         enter[name]()
         fns[name]()
         # settle calls: this contender's calls (each after a flush, as when timed) for about settle_ms of GPU time
-        settle[name] = int(settle_ms / _call_ms(fns[name], flush_kind))
+        settle[name] = _settle_calls(fns[name], settle_ms, flush_kind)
     events = {name: [] for name in names}
     for r in range(rounds):
         for name in _rotated(names, r):
