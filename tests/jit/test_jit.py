@@ -44,6 +44,23 @@ ptxas info    : Used 255 registers, used 1 barriers, 16 bytes cumulative stack s
     assert (rep.stack_frame, rep.spill_stores, rep.spill_loads) == (16, 8, 12) and rep.has_spills
 
 
+def test_parse_ptxas_wgmma_serialisation_notes():
+    # ptxas prints the note before the entry line and names the function in it
+    text = """ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to \
+insufficient register resources for the function '_Z3barPf'
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3fooPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers
+ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90a'
+ptxas info    : Used 168 registers, used 1 barriers"""
+    foo, bar = nvcc.parse_ptxas(text)
+    assert not foo.serialisation_notes and not foo.has_spills
+    assert len(bar.serialisation_notes) == 1 and "C7512" in bar.serialisation_notes[0]
+    assert nvcc.wgmma_serialisation_notes(text) == bar.serialisation_notes
+    assert nvcc.wgmma_serialisation_notes("ptxas info    : Used 40 registers") == []
+
+
 def test_cache_key_changes_with_inputs():
     a = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (1,))
     b = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (2,))

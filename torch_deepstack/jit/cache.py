@@ -140,9 +140,10 @@ def _compile_and_publish(spec: KernelSpec, arch: str, final: Path) -> CompiledKe
             print(f"[deepstack.jit] {' '.join(cmd)}\n[deepstack.jit] {spec.instantiation()}: {seconds:.2f}s, "
                   f"{rep.registers} regs, {rep.spill_stores}/{rep.spill_loads} B spill st/ld, "
                   f"{rep.stack_frame} B stack\n{output}", flush=True)
-        if config.ptxas_check() and rep.has_spills:
+        if config.ptxas_check() and (rep.has_spills or rep.serialisation_notes):
             raise JitCompileError(f"ptxas check failed for {spec.instantiation()}: {rep.stack_frame} B stack frame, "
-                                  f"{rep.spill_stores} B spill stores, {rep.spill_loads} B spill loads\n{output}")
+                                  f"{rep.spill_stores} B spill stores, {rep.spill_loads} B spill loads, "
+                                  f"{len(rep.serialisation_notes)} wgmma serialisation notes\n{output}")
         meta = {"entry": rep.entry, "instantiation": spec.instantiation(), "header": spec.header,
                 "arch": arch, "nvcc": nvcc.nvcc_version(), "flags": spec.flags(), "compile_seconds": seconds,
                 "registers": rep.registers, "stack_frame": rep.stack_frame, "spill_stores": rep.spill_stores,

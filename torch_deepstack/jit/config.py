@@ -4,7 +4,8 @@
 |-------------------------------|----------------------------------------------------------------------|
 | DEEPSTACK_JIT_CACHE_DIR       | where compiled cubins live (default ~/.cache/torch_deepstack/jit)     |
 | DEEPSTACK_JIT_VERBOSE=1       | print every nvcc command line, its timing and the ptxas report         |
-| DEEPSTACK_JIT_PTXAS_CHECK=1   | fail a compile whose ptxas report shows spills or a stack frame        |
+| DEEPSTACK_JIT_PTXAS_CHECK=1   | fail a compile whose ptxas report shows spills, a stack frame or       |
+|                               | serialised wgmmas (a C75xx note)                                       |
 | DEEPSTACK_NVCC                | path of nvcc (default: $CUDA_HOME/bin/nvcc, then nvcc on PATH)         |
 | DEEPSTACK_JIT_ARCH            | target arch (default sm_90a, the only one our kernels are written for)|
 | DEEPSTACK_JIT_NVCC_THREADS    | parallel compiles for `deepstack jit prebuild` (default: CPU count)   |

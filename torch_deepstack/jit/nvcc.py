@@ -105,6 +105,7 @@ class PtxasReport:
     spill_loads: int = 0
     shared_bytes: int = 0
     text: list[str] = field(default_factory=list)
+    serialisation_notes: list[str] = field(default_factory=list)   # see wgmma_serialisation_notes
 
     @property
     def has_spills(self) -> bool:
@@ -115,6 +116,16 @@ _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
+_WGMMA_NOTE = re.compile(r"\(C75\d\d\)")
+_NOTE_FUNCTION = re.compile(r"function '([^']+)'")
+
+
+def wgmma_serialisation_notes(output: str) -> list[str]:
+    """ptxas's C75xx performance notes in `output`: wgmma instructions serialised (C7511 / C7512: too few registers
+    for the wgmma pipeline; C7514 / C7520: an accumulator ptxas cannot follow across a branch or loop edge; C7519:
+    an injected warpgroup.arrive, seen with a branch between wgmmas). The kernel still runs, up to ~1.6x slower (an
+    MLA experiment, docs/mla.md), and only this note says so."""
+    return [line.strip() for line in output.splitlines() if _WGMMA_NOTE.search(line)]
 
 
 def parse_ptxas(output: str) -> list[PtxasReport]:
@@ -136,6 +147,12 @@ def parse_ptxas(output: str) -> list[PtxasReport]:
             cur.registers = int(m.group(1))
         if (m := _SMEM.search(line)):
             cur.shared_bytes = int(m.group(1))
+    # the notes come before their function's "Compiling entry function" line and name it
+    for note in wgmma_serialisation_notes(output):
+        named = _NOTE_FUNCTION.search(note)
+        for r in reports:
+            if (named and named.group(1) == r.entry) or (not named and len(reports) == 1):
+                r.serialisation_notes.append(note)
     return reports
 
 
