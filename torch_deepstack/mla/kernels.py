@@ -217,6 +217,14 @@ def _fp8_regs16_defines() -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
+def fp8_few_rows_spec(n: int) -> KernelSpec:
+    """The FP8 few-rows kernel that a call with n (16 or 32) padded q rows per KV head takes."""
+    if _fp8_use_regs(n):
+        split = _fp8_regs_split(n)
+        return fp8_regs_spec(n, split, _fp8_split32_defines() if split else _fp8_regs16_defines() if n == 16 else ())
+    return fp8_small_spec(n, _FP8_STAGE_TOKENS)
+
+
 def fp8_regs_smem_bytes(n: int, split: bool = False) -> int:
     """Dynamic shared memory for the register-A kernel: the largest fp8regs::Layout<n, split>::kAlloc any
     DEEPSTACK_FP8R_SUBPAGES build may need (the kernel traps on less)."""
@@ -517,17 +525,16 @@ def _decode_plan(q, k_cache, bt, seq, sched, splits, softmax_scale, causal, is_f
                  scale)
     if is_fp8_kvcache and _FP8_SMALL_ROWS and rows <= 32 and kptr % 16 == 0 and tok_stride % 16 == 0:
         n = 16 if rows <= 16 else 32
+        spec = fp8_few_rows_spec(n)
         if _fp8_use_regs(n):
             split = _fp8_regs_split(n)
-            spec = fp8_regs_spec(n, split, _fp8_split32_defines() if split else
-                                 _fp8_regs16_defines() if n == 16 else ())
             plan.smem = fp8_regs_smem_bytes(n, split)
             # the two worker warpgroups' partials of each request (written and read once, L2-resident; the
             # split variant has none)
             plan.extra_at = -(-plan.ws_floats // 64) * 64      # 256-byte aligned
             plan.ws_floats = plan.extra_at + (1 if split else parts * h_kv * 128 * fp8_regs_merge_floats(n))
         else:
-            spec, plan.smem = fp8_small_spec(n, _FP8_STAGE_TOKENS), fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS)
+            plan.smem = fp8_small_smem_bytes(n, _FP8_STAGE_TOKENS)
             plan.extra = _fp8_tensor_maps_device(raw, _FP8_STAGE_TOKENS).data_ptr()   # its raw ring's descriptors
         plan.decode, plan.grid = get_kernel(spec, _FP8_SMALL_SIG), (parts, h_kv, 1)
         return plan
