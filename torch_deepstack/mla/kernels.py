@@ -216,7 +216,6 @@ def _fp8_regs16_defines() -> tuple:
     return tuple(_FP8_REGS16_DEFINES) + (() if sub == 1 else (("DEEPSTACK_FP8R_SUBPAGES", sub),))
 
 
-@functools.lru_cache(maxsize=None)
 def fp8_few_rows_spec(n: int) -> KernelSpec:
     """The FP8 few-rows kernel that a call with n (16 or 32) padded q rows per KV head takes."""
     if _fp8_use_regs(n):
@@ -225,6 +224,7 @@ def fp8_few_rows_spec(n: int) -> KernelSpec:
     return fp8_small_spec(n, _FP8_STAGE_TOKENS)
 
 
+@functools.lru_cache(maxsize=None)
 def fp8_regs_smem_bytes(n: int, split: bool = False) -> int:
     """Dynamic shared memory for the register-A kernel: the largest fp8regs::Layout<n, split>::kAlloc any
     DEEPSTACK_FP8R_SUBPAGES build may need (the kernel traps on less)."""
