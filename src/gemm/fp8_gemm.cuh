@@ -435,7 +435,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
   // horizontally adjacent N-blocks of one M-block and each loads half of the A tile (128 rows) by TMA multicast into
   // both, so L2 -> SM traffic per CTA and K slice drops from (256 + BLOCK_N) x 128 to (128 + BLOCK_N) x 128 bytes. A
   // CTA whose N-block lies past N still loads its half of A and releases its stages for its peer, and stores nothing.
-  constexpr bool kMcastA = kWaves == 2 && kCluster == 2;
+  // 64-row tiles in 2-CTA clusters share A the same way (each CTA loads 32 of the 64 rows; opt-in): at M <= 128
+  // every CTA re-reads all of A, so all SMs pull the same A lines from the same L2 slices at about the same time.
+  constexpr bool kMcastA = kCluster == 2 && (kWaves == 2 || kBlockM == 64);
   constexpr int kMathThreads = kMathWG * 128;
   // Pipelined promotion (main loop below): two accumulator sets, so BLOCK_N <= 128 (3 x 64 registers per thread).
   // (128x144 fits in 232 registers where the K slices are a multiple of 8, spills 48 B otherwise, and ran 3-50%

@@ -255,6 +255,7 @@ EXPERIMENT_SPECS = (
        ("DS_NO_LEAN_SLICE,DS_ID_LOOKAHEAD1", "0", None, _C, 32768, 7168, 2048)]
     + [("", "2", None, _D, 4096, n, k) for n, k in kernels.DSV3_NK if n != 2112]
     + [("", "2", "128,160,5", _D, 4096, 7168, 2048)]
+    + [("", "1", None, _D, m, n, k) for m in (64, 128) for n, k in kernels.DSV3_NK if n != 24576]
     + [("DS_SLOW_PLACE", "0", None, _C, 32768, 7168, 2048), ("DS_FAST_PLACE", "0", None, _D, 4096, 7168, 16384),
        ("DS_NO_SERIAL_AHEAD", "0", None, _D, 4096, 2112, 7168)]
 )

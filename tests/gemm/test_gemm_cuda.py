@@ -69,6 +69,30 @@ def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
     assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
 
 
+@pytest.mark.parametrize("cfg", ["64,16,10", "64,64,10", "64,112,9", "64,128,8"])
+@pytest.mark.parametrize("m,n,k", [(1, 2112, 7168), (64, 200, 384), (65, 4000, 512), (129, 7168, 2048)])
+def test_dense_64_row_clusters_sharing_a_match_single_ctas(monkeypatch, cfg, m, n, k):
+    """64-row tiles in 2-CTA clusters sharing A (each CTA multicasts 32 of the 64 rows; opt-in): bit-identical to the
+    plain kernel, every valid element written, nothing past M or N; an odd number of N-blocks (200 / 64, 4000 / 112,
+    7168 / 112 = 64 pairs exactly, 2112 / 16) leaves the last cluster's second CTA without columns where it is odd."""
+    from torch_deepstack.gemm import kernels
+    monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
+    bn = int(cfg.split(",")[1])
+    a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
+    outs = {}
+    for mc in ("1", "0"):
+        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
+        plan = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)
+        assert plan[-1] == (2 if mc == "1" and n > bn else 1)
+        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+        torch.cuda.synchronize()
+        assert not d.isnan().any(), f"unwritten outputs (multicast={mc})"
+        outs[mc] = d
+    assert torch.equal(outs["1"], outs["0"])
+    assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
+
+
 @pytest.mark.parametrize("cfg", ["128,128,6", "128,192,5", "64,128,8", "128,64,8"])
 @pytest.mark.parametrize("m,n,k", [(129, 200, 384), (4095, 2112, 1024)])
 def test_dense_tma_store_epilogue_matches_plain(monkeypatch, cfg, m, n, k):

@@ -87,12 +87,22 @@ def use_multicast(kind: int, cfg: GemmConfig, m_rows: int, sf_b_per_row: bool, n
     (src/gemm/fp8_gemm.cuh, kMcastA; DeepGEMM's M = 4096 form), with the TMA-store epilogue under either value:
     bit-identical, but 1-4% slower than 256-row tiles alone at M = 4096 on the H200 (ab_gemm.py --steady, three
     calls; ncu at 4096 x 7168 x 16384: 4% more SM cycles, 6% fewer L2 bytes), and still 1-3% slower after the
-    cluster kernels got their uniform registers back (2026-12-01; docs/gemm.md), hence also opt-in."""
+    cluster kernels got their uniform registers back (2026-12-01; docs/gemm.md), hence also opt-in. 64-row tiles
+    (the M <= 128 calls) share A the same way: bit-identical, 0.9-2.6% slower at M = 64 and up to 12% at M = 128
+    (H200, 2026-12-01 18:03 UTC, ab_gemm.py --steady; docs/gemm.md), opt-in too."""
     if os.environ.get("DEEPSTACK_GEMM_MULTICAST", "0") not in ("1", "2") or kind != KIND_DENSE or sf_b_per_row:
         return False
     if cfg.block_m == 256:   # 256-row tiles share A between two N-blocks instead (at least two of them)
         return cfg.block_n <= 128 and n > cfg.block_n
+    if cfg.block_m == 64:    # so do 64-row tiles (experiment; M <= 128 calls re-read all of A on every SM)
+        return cfg.block_n <= 160 and n > cfg.block_n
     return cfg.block_m == 128 and cfg.block_n <= 160 and m_rows > 128
+
+
+def shares_a(cfg: GemmConfig, cluster: int) -> bool:
+    """Whether a cluster's CTAs share A (adjacent N-blocks, 256- and 64-row tiles) rather than B (adjacent M-blocks);
+    256-row tiles count their N-blocks in pairs even without clusters (src/gemm/fp8_gemm.cuh, kMcastA)."""
+    return cfg.block_m == 256 or (cfg.block_m == 64 and cluster == 2)
 
 
 # The TMA-store epilogue's staging tile costs a pipeline stage (128x128: 6 -> 5); it paid for 128-row tiles on the
@@ -227,11 +237,11 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
                                          out_dtype, c_dtype, num_sms(device))
         # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each; 256-row tiles:
         # cluster x BLOCK_N columns each), bands of 2048 rows (16 x 128, 8 x 256)
-        share_a = cfg.block_m == 256
+        share_a = shares_a(cfg, cluster)
         m_blocks = cdiv(m_rows, cfg.block_m * (1 if share_a else cluster))
         tiles = (m_blocks * cdiv(n, cfg.block_n * (cluster if share_a else 1)) *
                  (num_groups if kind in (KIND_MASKED, KIND_K_GROUPED) else 1))
-        band_blocks = BAND_M_BLOCKS // 2 if share_a else BAND_M_BLOCKS // cluster
+        band_blocks = BAND_M_BLOCKS // 2 if cfg.block_m == 256 else BAND_M_BLOCKS // (1 if share_a else cluster)
         kernel, smem = get_kernel(spec, _GEMM_SIGNATURE), smem_bytes(cfg, sf_b_per_row)
         # persistent grid: one CTA per SM, or as many whole clusters as fit at once (GPCs place clusters whole)
         slots = cfg.num_sms if cluster == 1 else min(cfg.num_sms // cluster,
@@ -253,7 +263,7 @@ def _prepare_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, 
     groups_b = b.shape[0] if b.dim() == 3 else 1
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
     # multicast: each CTA of a cluster loads half of the shared operand (B; A for 256-row tiles)
-    share_a = cfg.block_m == 256
+    share_a = shares_a(cfg, cluster)
     tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m // (cluster if share_a else 1))
     tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n // (1 if share_a else cluster))
     tmap_sfa = _sf_map(sfa, m_rows, kb * (num_groups if kind == KIND_MASKED else 1), cfg.block_m)
