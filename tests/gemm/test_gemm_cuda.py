@@ -46,6 +46,24 @@ def test_dense_fp32_out_with_c(m, n, k):
     _check_dense(m, n, k, torch.bfloat16, with_c=True)
 
 
+def _runs_by_multicast(monkeypatch, m, n, k, aq, asf, bq, bsf, values, check_plan=None):
+    """One dense bf16 call per DEEPSTACK_GEMM_MULTICAST value into a poisoned D; every element must be written.
+    check_plan(value, plan) sees the launch plan each value gets."""
+    from torch_deepstack.gemm import kernels
+    outs = {}
+    for mc in values:
+        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
+        if check_plan is not None:
+            check_plan(mc, kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16,
+                                         None))
+        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
+        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
+        torch.cuda.synchronize()
+        assert not d.isnan().any(), f"unwritten outputs (multicast={mc})"
+        outs[mc] = d
+    return outs
+
+
 @pytest.mark.parametrize("cfg", ["128,128,6", "128,64,8", "128,160,5"])
 @pytest.mark.parametrize("m,n,k", [(129, 200, 384), (300, 4096, 1024), (700, 7168, 2048), (4095, 256, 128)])
 def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
@@ -54,14 +72,8 @@ def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
     from torch_deepstack.gemm import kernels
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
     a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
-    outs = {}
-    for mc in ("1", "0"):
-        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
-        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
-        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-        torch.cuda.synchronize()
-        assert not d.isnan().any(), f"unwritten outputs (multicast={mc})"
-        outs[mc] = d
+    outs = _runs_by_multicast(monkeypatch, m, n, k, aq, asf, bq, bsf, ("1", "0"))
+    monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", "0")
     assert kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[-1] == 1
     monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", "1")
     assert kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[-1] == 2
@@ -75,20 +87,13 @@ def test_dense_64_row_clusters_sharing_a_match_single_ctas(monkeypatch, cfg, m, 
     """64-row tiles in 2-CTA clusters sharing A (each CTA multicasts 32 of the 64 rows; opt-in): bit-identical to the
     plain kernel, every valid element written, nothing past M or N; an odd number of N-blocks (200 / 64, 4000 / 112,
     7168 / 112 = 64 pairs exactly, 2112 / 16) leaves the last cluster's second CTA without columns where it is odd."""
-    from torch_deepstack.gemm import kernels
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
     bn = int(cfg.split(",")[1])
     a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
-    outs = {}
-    for mc in ("1", "0"):
-        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
-        plan = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)
+
+    def check_plan(mc, plan):
         assert plan[-1] == (2 if mc == "1" and n > bn else 1)
-        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
-        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-        torch.cuda.synchronize()
-        assert not d.isnan().any(), f"unwritten outputs (multicast={mc})"
-        outs[mc] = d
+    outs = _runs_by_multicast(monkeypatch, m, n, k, aq, asf, bq, bsf, ("1", "0"), check_plan)
     assert torch.equal(outs["1"], outs["0"])
     assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
 
@@ -454,19 +459,12 @@ def test_multicast_tma_store_matches_single_ctas(monkeypatch, cfg, m, n, k):
     """Experiment DEEPSTACK_GEMM_MULTICAST=2 (2-CTA multicast of B with the TMA-store epilogue): the plan takes
     clusters and the TMA store, every element written, bit-identical to single CTAs; odd M-block counts (the last
     cluster's second CTA lies past M and stores nothing), a 160-wide tile (unswizzled store boxes), N % 128 != 0."""
-    from torch_deepstack.gemm import kernels
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
     a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
-    outs = {}
-    for mc in ("2", "0"):
-        monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", mc)
-        plan = kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)
+
+    def check_plan(mc, plan):
         assert (plan[5] == 2 and plan[1].tma_store) == (mc == "2")
-        d = poisoned_empty(m, n, dtype=torch.bfloat16, device=DEV)
-        ops.fp8_gemm_nt(aq, asf, bq, bsf, d)
-        torch.cuda.synchronize()
-        assert not d.isnan().any(), f"multicast {mc}: unwritten outputs"
-        outs[mc] = d
+    outs = _runs_by_multicast(monkeypatch, m, n, k, aq, asf, bq, bsf, ("2", "0"), check_plan)
     assert torch.equal(outs["2"], outs["0"])
 
 
