@@ -235,7 +235,7 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
     if plan is None:
         spec, cfg, cluster = choose_spec(kind, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template,
                                          out_dtype, c_dtype, num_sms(device))
-        # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each; 256-row tiles:
+        # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each; tiles sharing A:
         # cluster x BLOCK_N columns each), bands of 2048 rows (16 x 128, 8 x 256)
         share_a = shares_a(cfg, cluster)
         m_blocks = cdiv(m_rows, cfg.block_m * (1 if share_a else cluster))
@@ -262,7 +262,7 @@ def _prepare_gemm(kind, a, sfa, b, sfb, d, c, layout, *, m_rows, num_groups, n, 
     kb = cdiv(k, 128)
     groups_b = b.shape[0] if b.dim() == 3 else 1
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
-    # multicast: each CTA of a cluster loads half of the shared operand (B; A for 256-row tiles)
+    # multicast: each CTA of a cluster loads half of the shared operand (B; A for 256- and 64-row tiles, shares_a)
     share_a = shares_a(cfg, cluster)
     tmap_a = _rows_map(a, a_rows, a.stride(-2), cfg.block_m // (cluster if share_a else 1))
     tmap_b = _rows_map(b, groups_b * n, b.stride(-2), cfg.block_n // (1 if share_a else cluster))
