@@ -244,8 +244,8 @@ def test_256_row_tiles_refused_outside_the_tma_store_kernels(monkeypatch, kind, 
         assert kernels.choose_spec(kind, m, groups - 1, 4096, 7168, m, False, None, out, c, 132)[1].block_m == 256
 
 
-# The A/B controls of the lean slices and the two-tile id lookahead (defaults since 2026-11-30), and the opt-in
-# 2-CTA multicast with the TMA store (docs/gemm.md, "Session of 2026-11-30 05:35 UTC"): each compiles for sm_90a
+# The A/B controls of the lean slices and the two-tile id lookahead (defaults since 2026-11-30), the opt-in
+# 64-row tiles sharing A (2026-12-01), and the opt-in 2-CTA multicast with the TMA store (docs/gemm.md, "Session of 2026-11-30 05:35 UTC"): each compiles for sm_90a
 # without spills, stack or serialised wgmma, so an A/B run can build it.
 _D, _C, _M = kernels.KIND_DENSE, kernels.KIND_CONTIGUOUS, kernels.KIND_MASKED
 EXPERIMENT_SPECS = (
@@ -255,7 +255,9 @@ EXPERIMENT_SPECS = (
        ("DS_NO_LEAN_SLICE,DS_ID_LOOKAHEAD1", "0", None, _C, 32768, 7168, 2048)]
     + [("", "2", None, _D, 4096, n, k) for n, k in kernels.DSV3_NK if n != 2112]
     + [("", "2", "128,160,5", _D, 4096, 7168, 2048)]
-    + [("", "1", None, _D, m, n, k) for m in (64, 128) for n, k in kernels.DSV3_NK if n != 24576]
+    # 64-row tiles sharing A (M = 64 / 128: every DeepSeek-V3 shape whose heuristic tile is 64 rows, at most 160 wide)
+    + [("", "1", None, _D, m, n, k) for m in (64, 128) for n, k in kernels.DSV3_NK
+       if n != 24576 and (m, n) != (128, 32768)]
     + [("DS_SLOW_PLACE", "0", None, _C, 32768, 7168, 2048), ("DS_FAST_PLACE", "0", None, _D, 4096, 7168, 16384),
        ("DS_NO_SERIAL_AHEAD", "0", None, _D, 4096, 2112, 7168)]
 )
@@ -275,6 +277,8 @@ def test_experiment_kernels_compile_without_spills(monkeypatch, tmp_path, define
     spec, used, cluster = kernels.choose_spec(kind, m, groups, n, k, em, False, None, torch.bfloat16, None, 132)
     if multicast == "2":
         assert cluster == 2 and used.tma_store
+    if multicast == "1":
+        assert cluster == 2 and used.block_m == 64
     r = jit.build(spec)
     assert r.meta["stack_frame"] == 0 and r.meta["spill_stores"] == 0
     assert not nvcc.wgmma_serialisation_notes(r.meta["ptxas"])

@@ -69,14 +69,12 @@ def _runs_by_multicast(monkeypatch, m, n, k, aq, asf, bq, bsf, values, check_pla
 def test_dense_multicast_clusters_match_single_ctas(monkeypatch, cfg, m, n, k):
     """2-CTA clusters sharing B by multicast, odd cluster counts included (a CTA whose M-block is past M still
     loads its half of B for its peer): every valid row written, and bit-identical to the plain kernel."""
-    from torch_deepstack.gemm import kernels
     monkeypatch.setenv("DEEPSTACK_GEMM_CONFIG", cfg)
     a, b, (aq, asf), (bq, bsf) = dense_inputs(m, n, k, DEV)
-    outs = _runs_by_multicast(monkeypatch, m, n, k, aq, asf, bq, bsf, ("1", "0"))
-    monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", "0")
-    assert kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[-1] == 1
-    monkeypatch.setenv("DEEPSTACK_GEMM_MULTICAST", "1")
-    assert kernels._plan(kernels.KIND_DENSE, aq.device, m, 1, n, k, m, False, None, torch.bfloat16, None)[-1] == 2
+
+    def check_plan(mc, plan):
+        assert plan[-1] == (2 if mc == "1" else 1)
+    outs = _runs_by_multicast(monkeypatch, m, n, k, aq, asf, bq, bsf, ("1", "0"), check_plan)
     assert torch.equal(outs["1"], outs["0"])
     assert calc_diff(outs["1"], a.float() @ b.float().T) < 1e-3
 

@@ -236,12 +236,13 @@ def _plan(kind, device, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_te
         spec, cfg, cluster = choose_spec(kind, m_rows, num_groups, n, k, expected_m, sf_b_per_row, k_template,
                                          out_dtype, c_dtype, num_sms(device))
         # tiles and the rasterisation band count cluster tiles (cluster x BLOCK_M rows each; tiles sharing A:
-        # cluster x BLOCK_N columns each), bands of 2048 rows (16 x 128, 8 x 256)
+        # BLOCK_M rows, cluster x BLOCK_N columns), bands of 16 such tiles up to 128 rows high, 2048 rows for taller
         share_a = shares_a(cfg, cluster)
-        m_blocks = cdiv(m_rows, cfg.block_m * (1 if share_a else cluster))
+        tile_rows = cfg.block_m * (1 if share_a else cluster)
+        m_blocks = cdiv(m_rows, tile_rows)
         tiles = (m_blocks * cdiv(n, cfg.block_n * (cluster if share_a else 1)) *
                  (num_groups if kind in (KIND_MASKED, KIND_K_GROUPED) else 1))
-        band_blocks = BAND_M_BLOCKS // 2 if cfg.block_m == 256 else BAND_M_BLOCKS // (1 if share_a else cluster)
+        band_blocks = BAND_M_BLOCKS * 128 // max(tile_rows, 128)
         kernel, smem = get_kernel(spec, _GEMM_SIGNATURE), smem_bytes(cfg, sf_b_per_row)
         # persistent grid: one CTA per SM, or as many whole clusters as fit at once (GPCs place clusters whole)
         slots = cfg.num_sms if cluster == 1 else min(cfg.num_sms // cluster,
