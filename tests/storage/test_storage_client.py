@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -221,6 +222,34 @@ def test_bad_names_and_full_disk(tmp_path):
         fs.remove("/big")
         fs.write_bytes("/next", b"n" * CS)  # the failed write's chunks were reclaimed
         assert fs.read_bytes("/next") == b"n" * CS
+
+
+def test_failed_write_reclaims_chunks_that_finish_after_the_failure(tmp_path, monkeypatch):
+    """A multi-chunk write whose first chunk fails at once while the third is still being written: the client must
+    reclaim the third chunk too, so write_chunks may raise only after every chunk write has finished."""
+    import threading
+    with st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False) as fs:
+        engine = fs.backend.engine
+        real_update, failed, late_done = engine.update, threading.Event(), threading.Event()
+
+        def update(cid, off, data, cs):
+            idx = int(cid.split("-")[1], 16)
+            if idx == 0:
+                failed.set()
+                raise NoSpace("injected")
+            if idx == 2:
+                assert failed.wait(10)
+                time.sleep(0.2)          # still writing when the failure is already known
+            real_update(cid, off, data, cs)
+            if idx == 2:
+                late_done.set()
+
+        monkeypatch.setattr(engine, "update", update)
+        with pytest.raises(NoSpace):
+            fs.write_bytes("/f", b"x" * (3 * CS))
+        assert late_done.wait(10)            # (without the fix it lands after the reclaim: then it leaks)
+        monkeypatch.setattr(engine, "update", real_update)
+        assert len(engine.list_chunks()) == 0   # chunk 2 (written after the failure) and chunk 1 both reclaimed
 
 
 @pytest.mark.timeout(120)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import time
 import zlib
-from torch_deepstack.storage.threads import ForkSafeExecutor
+from torch_deepstack.storage.threads import ForkSafeExecutor, run_each
 
 from torch_deepstack.storage import array_read
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
@@ -304,11 +304,7 @@ class ClusterBackend(DataBackend):
                         timeout=self.timeout * 4, what=f"write of chunk {cid}")
 
     def write_chunks(self, writes) -> None:
-        if len(writes) == 1:
-            self._write_one(writes[0])
-            return
-        for f in [self.pool.submit(self._write_one, w) for w in writes]:
-            f.result()
+        run_each(self.pool, self._write_one, writes)
 
     def remove_chunks(self, items) -> None:
         by_chain: dict[str, list[str]] = {}

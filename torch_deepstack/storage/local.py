@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from torch_deepstack.storage.threads import ForkSafeExecutor
+from torch_deepstack.storage.threads import ForkSafeExecutor, run_each, wait_all
 
 from torch_deepstack.storage import array_read, fastio
 from torch_deepstack.storage.chunk_engine import ChunkEngine
@@ -32,9 +32,10 @@ def run_sliced(pool: ForkSafeExecutor, items: list, fn, max_slices: int) -> None
     step = (len(items) + k - 1) // k
     slices = [items[i:i + step] for i in range(0, len(items), step)]
     futs = [pool.submit(fn, s) for s in slices[1:]]
-    fn(slices[0])
-    for f in futs:
-        f.result()
+    try:
+        fn(slices[0])
+    finally:
+        wait_all(futs)
 
 
 class LocalBackend(DataBackend):
@@ -79,11 +80,7 @@ class LocalBackend(DataBackend):
         def one(w):
             _, cid, off, data, cs = w
             self.engine.update(cid, off, data, cs)
-        if len(writes) == 1:
-            one(writes[0])
-            return
-        for f in [self.pool.submit(one, w) for w in writes]:
-            f.result()
+        run_each(self.pool, one, writes)
 
     def remove_chunks(self, items):
         for _, cid in items:

@@ -45,3 +45,27 @@ class ForkSafeExecutor:
     def shutdown(self, wait: bool = True) -> None:
         if self._pid == os.getpid():
             self._pool.shutdown(wait=wait)
+
+
+def wait_all(futures) -> None:
+    """Wait for every future, then raise the first error. Returning at the first failure would let the caller clean
+    up while sibling tasks still run: the client reclaims a failed write's chunks, and a chunk write that finished
+    after that reclaim held its space until fsck --gc (seen as a flaky full-disk test under load)."""
+    first = None
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the siblings
+            if first is None:
+                first = e
+    if first is not None:
+        raise first
+
+
+def run_each(pool, fn, items) -> None:
+    """fn(item) for every item, on the pool when there are several; returns (or raises the first error) only when
+    all have finished (wait_all)."""
+    if len(items) == 1:
+        fn(items[0])
+        return
+    wait_all([pool.submit(fn, it) for it in items])
