@@ -88,6 +88,20 @@ def test_compile_then_cache_hit(monkeypatch):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("lost", ["meta.json", "kernel.cubin"])
+def test_damaged_entry_is_rebuilt(lost):
+    # A copy of the cache that dropped files (seen on the GPU machine: entries kept with only kernel.cubin) made
+    # every build of those keys fail on the publish rename (ENOTEMPTY); it must rebuild the entry instead.
+    spec = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (13,))
+    first = jit.build(spec)
+    (first.path.parent / lost).unlink()
+    again = jit.build(spec)
+    assert again.path == first.path and again.path.is_file() and (again.path.parent / "meta.json").is_file()
+    assert again.entry == first.entry
+    assert not [d for d in first.path.parent.parent.iterdir() if d.name.startswith((".tmp-", ".stale-"))]
+
+
+@needs_nvcc
 def test_compile_error_carries_nvcc_message():
     spec = KernelSpec(str(DATA / "broken.cuh"), "broken_kernel", (1,))
     with pytest.raises(jit.JitCompileError, match="this_identifier_does_not_exist"):

@@ -152,13 +152,26 @@ def _compile_and_publish(spec: KernelSpec, arch: str, final: Path) -> CompiledKe
         with open(tmp / "kernel.cubin", "rb") as f:
             os.fsync(f.fileno())
         try:
-            os.rename(tmp, final)              # atomic publish; fails if someone else already did
+            os.rename(tmp, final)              # atomic publish; fails if the entry's directory exists
         except OSError:
-            if _load_entry(final) is None:
-                raise
+            if _load_entry(final) is None:     # a damaged entry, not one published meanwhile: replace it
+                _replace_damaged_entry(final, tmp)
         return _load_entry(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_damaged_entry(final: Path, tmp: Path) -> None:
+    """Swap in a fresh build for an entry directory that lacks its cubin or meta.json (a copy of the cache that
+    dropped files, a crash of an older version mid-publish). Called under the entry's lock; the damaged directory
+    is renamed aside first, so a reader sees either it (and takes the lock) or the new entry, never a half-deleted
+    one."""
+    stale = Path(tempfile.mkdtemp(prefix=f".stale-{final.name}-", dir=final.parent))
+    try:
+        os.rename(final, stale / "entry")
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def list_entries(arch: str | None = None) -> list[dict]:
