@@ -88,13 +88,17 @@ def test_compile_then_cache_hit(monkeypatch):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("lost", ["meta.json", "kernel.cubin"])
-def test_damaged_entry_is_rebuilt(lost):
+@pytest.mark.parametrize("damage", ["lose meta.json", "lose kernel.cubin", "truncate meta.json"])
+def test_damaged_entry_is_rebuilt(damage):
     # A copy of the cache that dropped files (seen on the GPU machine: entries kept with only kernel.cubin) made
     # every build of those keys fail on the publish rename (ENOTEMPTY); it must rebuild the entry instead.
     spec = KernelSpec("common/noop.cuh", "deepstack::noop_kernel", (13,))
     first = jit.build(spec)
-    (first.path.parent / lost).unlink()
+    what, name = damage.split(" ")
+    if what == "lose":
+        (first.path.parent / name).unlink()
+    else:
+        (first.path.parent / name).write_text('{"entry": "_Z')
     again = jit.build(spec)
     assert again.path == first.path and again.path.is_file() and (again.path.parent / "meta.json").is_file()
     assert again.entry == first.entry

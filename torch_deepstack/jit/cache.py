@@ -101,8 +101,11 @@ def _load_entry(d: Path) -> CompiledKernel | None:
     meta_p, cubin_p = d / "meta.json", d / "kernel.cubin"
     if not (meta_p.is_file() and cubin_p.is_file()):
         return None
-    meta = json.loads(meta_p.read_text())
-    return CompiledKernel(cubin_p, meta["entry"], meta)
+    try:
+        meta = json.loads(meta_p.read_text())
+        return CompiledKernel(cubin_p, meta["entry"], meta)
+    except (ValueError, KeyError, TypeError):    # a truncated or foreign meta.json: damaged, rebuilt by build()
+        return None
 
 
 def build(spec: KernelSpec, arch: str | None = None) -> CompiledKernel:
