@@ -1118,7 +1118,9 @@ fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constan
 
       // ---- epilogue: registers -> global, only valid rows and columns ----
       int row_limit = M;
-      if (kKind == kGemmMasked) row_limit = __ldg(layout + tile.g);
+      // masked: rows below masked_m[g], and never past the group's M_max rows (a masked_m > M_max would write
+      // into the next group, or past D's end for the last one; the reference clamps the same way)
+      if (kKind == kGemmMasked) row_limit = min(M, __ldg(layout + tile.g));
       // masked and k-grouped: D (and C) viewed as [G * M, N]
       const int64_t row_base = kKind == kGemmMasked || kKind == kGemmKGrouped ? static_cast<int64_t>(tile.g) * M : 0;
       // (256-row tiles: wave by wave; `continue` below moves on to the next wave, then the next tile)

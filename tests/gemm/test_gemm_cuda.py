@@ -568,6 +568,26 @@ def test_m_grouped_masked(g, m_max, expected, n, k):
             assert calc_diff(d[i, :s], a[i, :s].float() @ b[i].float().T) < 1e-3
 
 
+@pytest.mark.parametrize("m_max,n,k", [(70, 2112, 7168), (256, 4096, 512), (200, 576, 256)])
+def test_masked_m_above_m_max_stays_in_its_group(m_max, n, k):
+    """masked_m > M_max means the whole group (as the reference clamps); the kernel once bounded the rows by
+    masked_m alone and wrote the last partial M-block's rows into the next group or past D's end."""
+    g = 3
+    a = fresh_randn(g, m_max, k, dtype=torch.bfloat16, device=DEV)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, DEV)
+    counts = [m_max + 29, m_max, 4 * m_max + 3]
+    masked_m = torch.tensor(counts, dtype=torch.int32, device=DEV)
+    buf = poisoned_empty(g * m_max + 256, n, dtype=torch.bfloat16, device=DEV)   # room to catch stray rows
+    d = buf[: g * m_max].view(g, m_max, n)
+    ops.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, d, masked_m, m_max)
+    torch.cuda.synchronize()
+    assert buf[g * m_max:].isnan().all(), "rows written past D's end"
+    for i in range(g):
+        assert not d[i].isnan().any(), f"group {i}: rows unwritten"
+        assert calc_diff(d[i], a[i].float() @ b[i].float().T) < 1e-3, f"group {i}: wrong rows (another group's?)"
+
+
 def test_masked_cuda_graph_replay_with_new_counts():
     g, m_max, n, k = 4, 256, 2112, 7168
     a = fresh_randn(g, m_max, k, dtype=torch.bfloat16, device=DEV)
