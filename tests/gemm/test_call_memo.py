@@ -94,3 +94,26 @@ def test_quantiser_plans_by_layout(stubs):
         kernels.per_token_group_quant_fp8_dual_cuda(x[:, :200])
     with pytest.raises(RuntimeError, match="2-D"):
         kernels.per_block_quant_fp8_cuda(x[0])
+
+
+def test_contiguous_group_ids_checked_on_every_call_unless_unchanged(stubs, monkeypatch):
+    """The CUDA face's data check of m_indices runs outside the call memo (the ids may change in place at the same
+    address) but only once per version of the tensor (IDS_CHECKED), and not at all for layouts noted as built valid."""
+    kernels_by_spec, _ = stubs
+    seen = []
+    real = checks.check_m_indices_values
+    monkeypatch.setattr(checks, "check_m_indices_values", lambda *a: (seen.append(a[0]), real(*a)))
+    a, sfa, b, sfb, d = _operands(m=256)
+    bg, sfbg = torch.stack([b, b]), torch.stack([sfb, sfb])
+    ids = torch.tensor([0] * 128 + [1] * 100 + [-1] * 28, dtype=torch.int32)
+    for _ in range(3):
+        kernels.m_grouped_contiguous_cuda(a, sfa, bg, sfbg, d, ids)
+    assert len(seen) == 1 and _launches(kernels_by_spec) == 3
+    ids[5] = 2                                                    # written in place: checked again, refused
+    with pytest.raises(ValueError, match="m_indices holds group ids"):
+        kernels.m_grouped_contiguous_cuda(a, sfa, bg, sfbg, d, ids)
+    assert len(seen) == 2 and _launches(kernels_by_spec) == 3
+    fresh = ids.clone().fill_(0)
+    checks.IDS_CHECKED.note((fresh,), (2,))                       # e.g. FP8Experts' own layout
+    kernels.m_grouped_contiguous_cuda(a, sfa, bg, sfbg, d, fresh)
+    assert len(seen) == 2 and _launches(kernels_by_spec) == 4

@@ -144,6 +144,8 @@ def test_bad_input_gives_clear_errors():
         mod(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
     with pytest.raises(ValueError, match=r"x must be \[tokens, 128\]"):
         mod(torch.randn(4, 256), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1))
+    with pytest.raises(ValueError, match=r"x must be \[tokens, 128\]"):      # 3-D: was "too many values to unpack"
+        mod(torch.randn(2, 2, 128), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1))
 
 
 def test_graph_safe_layout_equals_the_eager_one(monkeypatch):

@@ -69,6 +69,63 @@ def test_contiguous_and_offsets_reference():
     assert torch.equal(api.m_indices_from_offsets(torch.tensor(ends, dtype=torch.int32), m), ids)
 
 
+def _contiguous_case(ids, g=2, n=64, k=128):
+    a = fresh_randn(ids.numel(), k, dtype=torch.bfloat16)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, "cpu")
+    return a, b, aq, asf, bq, bsf, poisoned_empty(ids.numel(), n, dtype=torch.bfloat16, device="cpu")
+
+
+def test_contiguous_group_ids_are_checked():
+    """Ids outside [-1, G) or two groups in one 128-row block (the kernel multiplies a block by one group's B) are
+    refused, naming m_indices; before, the reference skipped such rows silently and the GPU read B out of range."""
+    good = contiguous_layout([100, 70])
+    bad_ids = {"id >= G": (5, 2), "id < -1": (5, -7)}
+    for what, (row, value) in bad_ids.items():
+        ids = good.clone()
+        ids[row] = value
+        *_, aq, asf, bq, bsf, d = _contiguous_case(ids)
+        with pytest.raises(ValueError, match=r"m_indices holds group ids"):
+            api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, ids, out=d)
+    mixed = torch.tensor([0] * 100 + [1] * 70, dtype=torch.int32)        # group 1 starts at row 100
+    *_, aq, asf, bq, bsf, d = _contiguous_case(mixed)
+    with pytest.raises(ValueError, match=r"m_indices rows 0..127 hold more than one group"):
+        ops.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, d, mixed)
+    # padding before a group inside a block is fine: one group per block
+    ids = torch.tensor([-1] * 28 + [0] * 100 + [1] * 50, dtype=torch.int32)
+    a, b, aq, asf, bq, bsf, d = _contiguous_case(ids)
+    api.m_grouped_fp8_gemm_nt_contiguous(aq, asf, bq, bsf, ids, out=d)
+    assert d[:28].isnan().all()
+    for i in range(2):
+        assert calc_diff(d[ids == i], a[ids == i].float() @ b[i].float().T) < 1e-3
+
+
+def test_offsets_form_checks_ends():
+    ids = contiguous_layout([100, 70])
+    a, b, aq, asf, bq, bsf, d = _contiguous_case(ids)
+    with pytest.raises(ValueError, match="ends has 3 entries but b has G=2"):
+        api.m_grouped_fp8_gemm_nt_contiguous_offsets(aq, asf, bq, bsf, torch.tensor([100, 198, 256]), out=d)
+    with pytest.raises(TypeError, match="ends must be a 1-D integer tensor"):
+        api.m_grouped_fp8_gemm_nt_contiguous_offsets(aq, asf, bq, bsf, torch.tensor([100.0, 198.0]), out=d)
+    with pytest.raises(ValueError, match="alignment must be a positive multiple of 128"):
+        api.m_grouped_fp8_gemm_nt_contiguous_offsets(aq, asf, bq, bsf, torch.tensor([100, 198]), out=d, alignment=64)
+    # an end below the previous one: that group is empty (its ids never go down, so no block mixes groups)
+    assert api.m_indices_from_offsets(torch.tensor([100, 60]), 256).tolist() == [0] * 100 + [-1] * 156
+    api.m_grouped_fp8_gemm_nt_contiguous_offsets(aq, asf, bq, bsf, torch.tensor([100, 60], dtype=torch.int32), out=d)
+    assert d[100:].isnan().all() and calc_diff(d[:100], a[:100].float() @ b[0].float().T) < 1e-3
+
+
+def test_masked_m_above_m_max_counts_as_m_max():
+    g, m_max, n, k = 2, 50, 64, 128
+    a = fresh_randn(g, m_max, k, dtype=torch.bfloat16)
+    aq, asf = quant_a(a)
+    b, bq, bsf = grouped_b(g, n, k, "cpu")
+    d = poisoned_empty(g, m_max, n, dtype=torch.bfloat16, device="cpu")
+    api.m_grouped_fp8_gemm_nt_masked(aq, asf, bq, bsf, torch.tensor([80, 50], dtype=torch.int32), 50, out=d)
+    for i in range(g):
+        assert calc_diff(d[i], a[i].float() @ b[i].float().T) < 1e-3
+
+
 def test_masked_reference_writes_only_valid_rows():
     g, m_max, n, k = 3, 50, 64, 128
     a = fresh_randn(g, m_max, k, dtype=torch.bfloat16)
@@ -172,6 +229,9 @@ def test_bad_inputs():
         ops.k_grouped_fp8_wgrad_gemm_nt(aq, asf, bq[:8], asf, torch.empty(1, 8, 8), [100])
     with pytest.raises(ValueError, match="multiple of 128"):
         FP8Linear(100, 128)
+    with pytest.raises(ValueError, match="out_features=0 must be a positive multiple of 128"):
+        FP8Linear(128, 0)
+    assert api.fp8_gemm_nt(aq, asf, bq[:0], bsf[:0]).shape == (8, 0)    # N = 0: an empty D, not a stride error
 
 
 def test_heuristic_is_deterministic_and_fills_sms():
@@ -305,8 +365,11 @@ def test_fp8_linear_frozen_weight(monkeypatch):
     with torch.no_grad():
         f8.weight.mul_(0.5)
     assert calc_diff(f8(x), y1) < 1e-4              # unfrozen: follows the weight
-    with pytest.raises(RuntimeError, match="not frozen"):
-        f8.refresh_fp8_weight_()
+    y_half = f8(x)
+    f8.weight.data.mul_(-2)                         # .data bypasses the version counter: the cache cannot see it
+    assert torch.equal(f8(x), y_half)
+    f8.refresh_fp8_weight_()                        # unfrozen: drops the copies, the next call re-quantises
+    assert calc_diff(f8(x), -2 * y_half.float()) < 1e-4
 
 
 def test_fp8_linear_quantises_the_weight_once_per_step(monkeypatch):

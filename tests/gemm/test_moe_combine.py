@@ -68,6 +68,10 @@ def test_bad_rows_and_arguments_get_clear_errors():
         moe_combine(y.double(), rows, w)
     with pytest.raises(RuntimeError, match="rows must be int32/int64"):
         moe_combine(y, rows.float(), w)
+    grad = torch.randn(4, 8).to(y.dtype)
+    for bad in (20, -2):   # the weight gradient reads y[rows] too (before 2026-12-02: an IndexError, on GPU unchecked)
+        with pytest.raises(ValueError, match=r"moe_combine_weight_grad: rows holds values in"):
+            torch.ops.deepstack.moe_combine_weight_grad(grad, y, torch.where(rows == rows[0, 0], bad, rows))
 
 
 @pytest.mark.cuda
@@ -103,6 +107,9 @@ def test_cuda_errors_and_graph_capture():
     y, rows, w = (v.cuda() for v in _case(64, 10, 4, 128, torch.bfloat16, empty=0))
     with pytest.raises(ValueError, match="more than once"):
         moe_combine(y, torch.where(rows == rows[1, 1], rows[0, 0], rows), w)
+    with pytest.raises(ValueError, match=r"rows holds values in \[-1, 64\]"):
+        torch.ops.deepstack.moe_combine_weight_grad(torch.ones(10, 128, dtype=y.dtype, device="cuda"), y,
+                                                    torch.where(rows == rows[0, 0], 64, rows))
     want = moe_combine(y, rows, w)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):                     # (the eager row check would sync: skipped under capture)

@@ -65,6 +65,20 @@ def test_bad_input_raises_clear_error(bad, match):
         OP(mode.from_tensor(bad()))          # the fake rejects the same input while tracing
 
 
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+def test_eps_must_be_positive_and_finite(eps):
+    """eps floors each group's amax: with eps <= 0 an all-zero group (a padding row) got scale 0 and NaN values."""
+    from torch_deepstack.gemm import api as gemm_api
+    from torch_deepstack.quant import swiglu_quant_fp8
+    x = torch.zeros(128, 256, dtype=torch.bfloat16)
+    for quantise in (lambda: per_token_group_quant_fp8(x, eps=eps), lambda: swiglu_quant_fp8(x, eps=eps),
+                     lambda: gemm_api.per_block_quant_fp8(x, eps=eps), lambda: gemm_api.per_block_quant_fp8_dual(x, eps=eps),
+                     lambda: gemm_api.per_token_group_quant_fp8_t(x, eps=eps),
+                     lambda: gemm_api.per_token_group_quant_fp8_dual(x, eps=eps)):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            quantise()
+
+
 def test_bad_group_size():
     with pytest.raises(ValueError, match="group_size must be"):
         OP(torch.randn(4, 256), 96)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from torch_deepstack._library import kernel_for
+from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import cdiv
 
 # Each entry point calls `kernel_for(op, tensors)`: in eager CUDA code the op's kernel directly, otherwise the op
@@ -54,8 +55,11 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out=None):
 
 def m_indices_from_offsets(ends: torch.Tensor, m_sum: int, alignment: int = 128) -> torch.Tensor:
     """The cumulative-offset layout -> per-row group ids. `ends` int32 [G] holds each group's end row (exclusive);
-    group g starts at ends[g-1] rounded up to `alignment`. Rows in the gaps get -1. Runs on the device, no sync."""
+    group g starts at ends[g-1] rounded up to `alignment`. Rows in the gaps get -1. An end below the one before it
+    counts as that one (an empty group), so the ids never go down. Runs on the device, no sync."""
     ends = ends.to(torch.int64)
+    if ends.numel():
+        ends = torch.cummax(ends, 0).values
     starts = torch.cat([ends.new_zeros(1), (ends[:-1] + alignment - 1) // alignment * alignment])
     rows = torch.arange(m_sum, device=ends.device)
     g = torch.searchsorted(ends, rows, right=True)
@@ -65,8 +69,20 @@ def m_indices_from_offsets(ends: torch.Tensor, m_sum: int, alignment: int = 128)
 
 
 def m_grouped_fp8_gemm_nt_contiguous_offsets(a, sfa, b, sfb, ends, out=None, alignment: int = 128):
-    """Cumulative-offset form of the contiguous grouped GEMM (DeepGEMM's psum layout)."""
-    return m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices_from_offsets(ends, a.shape[0], alignment), out)
+    """Cumulative-offset form of the contiguous grouped GEMM (DeepGEMM's psum layout): `ends` int [G], one end row
+    per group of b (an end below the previous one makes that group empty)."""
+    op = "m_grouped_fp8_gemm_nt_contiguous_offsets"
+    if not (ends.dim() == 1 and not ends.is_floating_point() and not ends.is_complex()):
+        raise TypeError(f"{op}: ends must be a 1-D integer tensor (each group's end row), got {ends.dtype} "
+                        f"{tuple(ends.shape)}")
+    if b.dim() == 3 and ends.shape[0] != b.shape[0]:
+        raise ValueError(f"{op}: ends has {ends.shape[0]} entries but b has G={b.shape[0]} groups")
+    if alignment <= 0 or alignment % checks.ID_BLOCK:
+        raise ValueError(f"{op}: alignment must be a positive multiple of {checks.ID_BLOCK}, got {alignment}")
+    m_indices = m_indices_from_offsets(ends, a.shape[0], alignment)
+    # ids in [-1, G) and groups starting at multiples of 128 by construction: no data check (host sync) needed
+    checks.IDS_CHECKED.note((m_indices,), (b.shape[0],))
+    return m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, out)
 
 
 def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, expected_m: int, out=None):

@@ -4,16 +4,19 @@ Constraints (SM90 kernels; the CPU reference accepts the same inputs):
   - A and B are float8_e4m3fn, contiguous in K (stride(-1) == 1). K % 16 == 0 and every row stride is a multiple of
     16 elements, with 16-byte aligned base pointers: TMA reads rows in 16-byte units. K need not be a multiple
     of 128: the last 128-wide K slice is zero-filled.
-  - M >= 0 and N >= 1 are free. Output D is bf16 or fp32 (fp32 only for the weight-gradient GEMMs), contiguous
+  - M >= 0 and N >= 0 are free (an empty D is a no-op). Output D is bf16 or fp32 (fp32 only for the weight-gradient GEMMs), contiguous
     in N; when N is even its row stride must be even (pairs of columns are stored together).
   - Scales are float32. SFA [.., M, ceil(K/128)] in any layout (converted in one copy when it is not MN-major
     TMA-aligned). SFB [.., ceil(N/128), ceil(K/128)] in any strides (1D2D), or [N, ceil(K/128)] per row (wgrad).
+  - Contiguous grouped: m_indices values in [-1, G), and each 128-row block of A holds rows of at most one group
+    (plus -1 padding rows): the kernel takes one group per block (data check, `check_m_indices_values`).
+  - Masked grouped: masked_m[g] > M_max counts as M_max (the kernel never writes past a group's rows).
 """
 from __future__ import annotations
 
 import torch
 
-from torch_deepstack.checks import check_same_device  # noqa: F401  (re-exported for the area)
+from torch_deepstack.checks import CheckedData, check_same_device  # noqa: F401  (re-exported for the area)
 
 FP8 = torch.float8_e4m3fn
 OUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -50,6 +53,9 @@ def check_scales(op: str, name: str, sf: torch.Tensor, shape: tuple) -> None:
 def check_out(op: str, name: str, d: torch.Tensor, shape: tuple, dtypes=OUT_DTYPES) -> None:
     _check(d.dtype in dtypes, lambda: f"{op}: {name} must be one of {dtypes}, got {d.dtype}")
     _check(tuple(d.shape) == tuple(shape), lambda: f"{op}: {name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
+    n_el = d.numel()
+    if type(n_el) is int and n_el == 0:   # nothing is stored (M or N = 0): any strides (symbolic sizes: no guard)
+        return
     _check(d.stride(-1) == 1, lambda: f"{op}: {name} must be contiguous in N (stride(-1) == 1), got strides {d.stride()}")
     if shape[-1] % 2 == 0:
         _check(all(s % 2 == 0 for s in d.stride()[:-1]),
@@ -89,6 +95,43 @@ def check_contiguous(op, a, sfa, b, sfb, d, m_indices):
            lambda: f"{op}: m_indices must be int32 [M_sum]=[{m}] (group id per row, -1 for padding), got "
            f"{m_indices.dtype} {tuple(m_indices.shape)}")
     check_same_device(op, a=a, sfa=sfa, b=b, sfb=sfb, d=d, m_indices=m_indices)
+
+
+# Group-id tensors that passed check_m_indices_values, at their versions (FP8Experts notes the layouts it builds).
+IDS_CHECKED = CheckedData()
+ID_BLOCK = 128   # rows per block that may hold only one group (get_m_alignment_for_contiguous_layout)
+
+
+def check_m_indices_values(op: str, m_indices: torch.Tensor, num_groups: int) -> None:
+    """Reads the ids (one host sync on a GPU): each in [-1, num_groups), and at most one group per 128-row block,
+    since the kernel multiplies a block's rows by one group's B (a group starting mid-block, after another group's
+    rows, would use the wrong B)."""
+    if m_indices.numel() == 0:
+        return
+    ids = m_indices.long()
+    blocks = torch.nn.functional.pad(ids, (0, (-ids.numel()) % ID_BLOCK), value=-1).view(-1, ID_BLOCK)
+    hi = blocks.max(1).values
+    lo = torch.where(blocks >= 0, blocks, torch.full_like(blocks, num_groups)).min(1).values
+    nb = blocks.shape[0]
+    mixed = (hi >= 0) & (lo != hi)
+    first_mixed = torch.where(mixed, torch.arange(nb, device=ids.device), nb).min()
+    lo_all, hi_all, first_mixed = torch.stack([ids.min(), ids.max(), first_mixed]).tolist()   # the one sync
+    if lo_all < -1 or hi_all >= num_groups:
+        raise ValueError(f"{op}: m_indices holds group ids in [{lo_all}, {hi_all}]; valid are -1 (padding row) and "
+                         f"0..{num_groups - 1} (b has G={num_groups} groups)")
+    if first_mixed < nb:
+        r = first_mixed * ID_BLOCK
+        raise ValueError(f"{op}: m_indices rows {r}..{r + ID_BLOCK - 1} hold more than one group id; each group's rows "
+                         f"must start at a multiple of {ID_BLOCK} (pad with -1 rows, "
+                         f"get_m_alignment_for_contiguous_layout)")
+
+
+def check_m_indices_once(op: str, m_indices: torch.Tensor, num_groups: int) -> None:
+    """check_m_indices_values unless these ids passed at their current version; skipped during CUDA-graph capture
+    (no host sync there, as the MLA and EP data checks)."""
+    if m_indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    IDS_CHECKED.check_once((m_indices,), (num_groups,), lambda: check_m_indices_values(op, m_indices, num_groups))
 
 
 def check_masked(op, a, sfa, b, sfb, d, masked_m, expected_m):
@@ -172,6 +215,27 @@ def check_moe_rows(op: str, rows: torch.Tensor, num_rows: int) -> None:
     if n_dup:
         raise ValueError(f"{op}: rows names {n_dup} row(s) of y more than once; each row of y may feed one "
                          f"(token, slot)")
+
+
+# rows tensors known to lie in [-1, len(y)) at their versions: checked by moe_combine, or built so (FP8Experts).
+ROWS_CHECKED = CheckedData()
+
+
+def check_moe_rows_range(op: str, rows: torch.Tensor, num_rows: int) -> None:
+    """rows' values in [-1, num_rows) (duplicates allowed). One host sync on a GPU."""
+    if rows.numel() == 0:
+        return
+    lo, hi = torch.stack([rows.min(), rows.max()]).tolist()
+    if lo < -1 or hi >= num_rows:
+        raise ValueError(f"{op}: rows holds values in [{lo}, {hi}]; valid are -1 (empty slot) and 0..{num_rows - 1} "
+                         f"(y has {num_rows} rows)")
+
+
+def check_moe_rows_range_once(op: str, rows: torch.Tensor, num_rows: int) -> None:
+    """check_moe_rows_range unless these rows passed (or were noted) at their version; not under CUDA-graph capture."""
+    if rows.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    ROWS_CHECKED.check_once((rows,), (num_rows,), lambda: check_moe_rows_range(op, rows, num_rows))
 
 
 def check_moe_combine_weight_grad(op: str, grad, y, rows) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_deepstack.gemm import api
+from torch_deepstack.gemm import api, checks
 from torch_deepstack.gemm.linear import FrozenFP8Weights, _capturing, _WeightCache
 from torch_deepstack.quant.api import per_token_group_quant_fp8, swiglu_quant_fp8
 
@@ -216,7 +216,7 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, gated={self.gated}"
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        t, d = x.shape
+        t, d = x.shape if x.dim() == 2 else (-1, -1)   # (not 2-D: refused below)
         if d != self.d_model or topk_idx.dim() != 2 or topk_idx.shape[0] != t or topk_weights.shape != topk_idx.shape:
             raise ValueError(f"FP8Experts: x must be [tokens, {self.d_model}] and topk_idx / topk_weights "
                              f"[tokens, k], got {tuple(x.shape)}, {tuple(topk_idx.shape)}, "
@@ -261,9 +261,13 @@ class FP8Experts(FrozenFP8Weights, nn.Module):
         rows = torch.where(valid, pad_start[e_c] + torch.arange(t * k, device=x.device) - exact_start[e_c], m)
         m_indices = torch.full((m + ALIGN,), -1, dtype=torch.int32, device=x.device)
         m_indices.index_put_((rows,), torch.where(valid, e_sorted, -1).to(torch.int32))
+        if _host_sync_allowed(x):   # ids < g, each expert's rows from a multiple of 128: the GEMMs' data check passes
+            checks.IDS_CHECKED.note((m_indices,), (g,))
         # each layout row's token (t: padding), and each (token, slot) pair's row (-1: no expert)
         src = torch.full((m + ALIGN,), t, dtype=torch.long, device=x.device).index_put_((rows,), order // k)
         pair_rows = torch.empty_like(rows).index_put_((order,), torch.where(valid, rows, -1)).view(t, k)
+        if _host_sync_allowed(x):   # rows of the layout or -1, each named once: the combine's checks would pass
+            checks.ROWS_CHECKED.note((pair_rows,), (m + ALIGN,))
         if training:
             # Padding rows (id -1) are never written by the GEMMs; zeroed only where they reach a weight gradient's
             # operand: h (-> the activation, the second layer's input) and the activation's gradient (-> dh, the

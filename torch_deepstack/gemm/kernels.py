@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from torch_deepstack.checks import check_eps
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import cdiv, check_dual_token_quant_input, check_quant_input
@@ -498,6 +499,8 @@ def m_grouped_contiguous_cuda(a, sfa, b, sfb, d, m_indices):
         launch = _prepare_gemm(KIND_CONTIGUOUS, a, sfa_k, bk, sfb, d, None, idx, m_rows=m, num_groups=g, n=n, k=k,
                                expected_m=m, sf_b_per_row=False)
         return (launch,), [t for t, orig in ((bk, b), (sfa_k, sfa), (idx, m_indices)) if t is not orig]
+    if m_indices.dtype == torch.int32 and b.dim() == 3:   # (else prepare's argument checks raise)
+        checks.check_m_indices_once(op, m_indices, b.shape[0])   # every call: the ids may change in place
     _run_memoised((op, _operand_key(a), _operand_key(sfa), _operand_key(b), _operand_key(sfb), _operand_key(d),
                    _operand_key(m_indices), switches()), prepare)
 
@@ -569,7 +572,7 @@ def per_block_quant_fp8_cuda(x, transpose=False, eps=1e-4, scale_ue8m0=False):
     q, sf, (sf_sy, sf_sx) = _block_quant_empty(n, k, transpose, x.device)
     if kernel:
         kernel.launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, n, k, x.stride(0), q.stride(0), sf_sy, sf_sx,
-                      float(eps))
+                      check_eps("quantisation", eps))
     return q, sf
 
 
@@ -580,7 +583,7 @@ def per_block_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
     x, (n, k) = _unit_cols(x), x.shape
     (q, sf, _), (qt, sft, _) = _block_quant_empty(n, k, False, x.device), _block_quant_empty(n, k, True, x.device)
     if kernel:
-        kernel.launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, qt, sft, n, k, x.stride(0), float(eps))
+        kernel.launch((cdiv(k, 128), cdiv(n, 128)), 256, x, q, sf, qt, sft, n, k, x.stride(0), check_eps("quantisation", eps))
     return q, sf, qt, sft
 
 
@@ -592,7 +595,7 @@ def per_token_group_quant_fp8_t_cuda(x, eps=1e-4, scale_ue8m0=False):
     q, sf = transposed_quant_empty(m, k, x.device)
     if kernel:
         kernel.launch((cdiv(k, 64), cdiv(m, 128)), 256, x, q, sf, m, k, q.stride(0), x.stride(0), q.stride(0),
-                      sf.stride(1) if sf.shape[1] > 1 else tma_aligned_size(k), float(eps))
+                      sf.stride(1) if sf.shape[1] > 1 else tma_aligned_size(k), check_eps("quantisation", eps))
     return q, sf
 
 
@@ -607,7 +610,7 @@ def per_token_group_quant_fp8_dual_cuda(x, eps=1e-4, scale_ue8m0=False):
     qt, sft = transposed_quant_empty(m, k, x.device)
     if kernel:
         kernel.launch((k // 128, cdiv(m, 128)), 256, x, q, sf, qt, sft, m, k, qt.stride(0), x.stride(0),
-                      tma_aligned_size(m), qt.stride(0), tma_aligned_size(k), float(eps))
+                      tma_aligned_size(m), qt.stride(0), tma_aligned_size(k), check_eps("quantisation", eps))
     return q, sf, qt, sft
 
 
@@ -642,6 +645,7 @@ def moe_combine_cuda(y, rows, weights, check_rows=True):
     checks.check_moe_combine("moe_combine", y, rows, weights)
     if check_rows and not torch.cuda.is_current_stream_capturing():   # (under capture: not checked, as MLA's data)
         checks.check_moe_rows("moe_combine", rows, y.shape[0])
+        checks.ROWS_CHECKED.note((rows,), (y.shape[0],))           # the weight gradient's check then needs no sync
     t, k = rows.shape
     hidden = y.shape[1]
     out = torch.empty(t, hidden, dtype=y.dtype, device=y.device)
@@ -659,6 +663,7 @@ def moe_combine_cuda(y, rows, weights, check_rows=True):
 @cuda_kernel("moe_combine_weight_grad")
 def moe_combine_weight_grad_cuda(grad, y, rows):
     checks.check_moe_combine_weight_grad("moe_combine_weight_grad", grad, y, rows)
+    checks.check_moe_rows_range_once("moe_combine_weight_grad", rows, y.shape[0])   # the kernel reads y[rows]
     t, k = rows.shape
     hidden = y.shape[1]
     out = torch.empty(t, k, dtype=torch.float32, device=y.device)

@@ -245,12 +245,15 @@ class FrozenFP8Weights:
 
     @torch.no_grad()
     def refresh_fp8_weight_(self) -> None:
-        """Frozen module: quantise the current weights into their FP8 copies in place (see freeze_fp8_weight_)."""
-        if not self.fp8_weight_frozen:
-            raise RuntimeError(f"{type(self).__name__}.refresh_fp8_weight_: the module is not frozen "
-                               "(freeze_fp8_weight_()); unfrozen, the FP8 copies follow the weights by themselves")
+        """Frozen module: quantise the current weights into their FP8 copies in place (see freeze_fp8_weight_).
+        Unfrozen: drop the cached copies, so the next call quantises the weights again. Needed only after a write
+        that bypasses the weight's version counter, i.e. through `weight.data` (as some init code does); in-place
+        updates of the parameter itself (optimizer steps, `with torch.no_grad(): w.mul_(...)`) are seen anyway."""
         for cache, weight in self._fp8_weights():
-            cache.refresh(weight)
+            if self.fp8_weight_frozen:
+                cache.refresh(weight)
+            else:
+                cache.key = cache.fwd = cache.bwd = None
 
 
 class FP8Linear(FrozenFP8Weights, nn.Module):
@@ -259,8 +262,8 @@ class FP8Linear(FrozenFP8Weights, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if v % 128:
-                raise ValueError(f"FP8Linear: {name}={v} must be a multiple of 128 (the FP8 scaling block)")
+            if v <= 0 or v % 128:
+                raise ValueError(f"FP8Linear: {name}={v} must be a positive multiple of 128 (the FP8 scaling block)")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None

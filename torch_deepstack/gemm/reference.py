@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack.checks import check_eps
 from torch_deepstack._library import autograd, reference, sample_inputs
 from torch_deepstack.gemm import checks
 from torch_deepstack.gemm.checks import FP8, cdiv, check_dual_token_quant_input, check_quant_input
@@ -61,6 +62,7 @@ def k_grouped_fp8_wgrad_gemm_nt_ref(a, sfa, b, sfb, d, ks, c=None, accumulate=Fa
 @reference("m_grouped_fp8_gemm_nt_contiguous")
 def m_grouped_contiguous_ref(a, sfa, b, sfb, d, m_indices):
     checks.check_contiguous("m_grouped_fp8_gemm_nt_contiguous", a, sfa, b, sfb, d, m_indices)
+    checks.check_m_indices_values("m_grouped_fp8_gemm_nt_contiguous", m_indices, b.shape[0])
     a32 = dequant_rows(a, sfa)
     for g in range(b.shape[0]):
         rows = (m_indices == g).nonzero().flatten()
@@ -80,7 +82,7 @@ def m_grouped_masked_ref(a, sfa, b, sfb, d, masked_m, expected_m):
 # ---- quantisation --------------------------------------------------------------------------------------------
 
 def _scale_inv(amax, eps, ue8m0):
-    amax = amax.clamp_min(eps)
+    amax = amax.clamp_min(check_eps("quantisation", eps))
     scale = amax / FP8_E4M3_MAX
     # Tensor / tensor (an exact IEEE division, as the kernels do): a Python scalar over a tensor is not exact.
     if ue8m0:
@@ -323,6 +325,7 @@ def _moe_combine_samples(device):
 def moe_combine_weight_grad_ref(grad, y, rows):
     """moe_combine's gradient for weights: out[t, c] = <grad[t], y[rows[t, c]]> in fp32, 0 where rows[t, c] < 0."""
     checks.check_moe_combine_weight_grad("moe_combine_weight_grad", grad, y, rows)
+    checks.check_moe_rows_range("moe_combine_weight_grad", rows, y.shape[0])
     r = rows.long()
     picked = y[r.clamp(min=0)].float()                                  # [T, k, hidden]
     return torch.where(r >= 0, (picked @ grad.float().unsqueeze(-1)).squeeze(-1), 0.0)

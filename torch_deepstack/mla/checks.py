@@ -2,9 +2,9 @@
 (except `check_block_table_values`, which reads the block table and is only run where a host sync is allowed)."""
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from torch_deepstack.checks import CheckedData
 
 PAGE_SIZE = 64
 HEAD_DIM_V = 512
@@ -65,50 +65,6 @@ def check_decode_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v, tile
     for name, t in (("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens),
                     ("tile_scheduler_metadata", tile_scheduler_metadata), ("num_splits", num_splits)):
         torch._check(t.device == q.device, lambda name=name, t=t: f"{op}: {name} is on {t.device}, q on {q.device}")
-
-
-class CheckedData:
-    """Tensors whose contents passed a data check (on a GPU a host sync, which also stalls the host until the GPU has
-    caught up), with their version counters: the check runs again only when one of them is written in place through
-    PyTorch (which bumps `_version`), is another tensor or view, or the limits change. A decode step's layers share
-    one block table and seqlens, so they check once per step instead of once per layer. PagedKVCache notes its whole
-    tables after each of its own writes (every entry a valid block, every length within the table: then any view of
-    them passes) and the slots it hands out, so its steps sync for none of them. (A table written by a kernel that
-    bypasses PyTorch's version counters is not re-checked.)"""
-
-    def __init__(self, limit: int = 256):
-        self._seen: dict = {}
-        self._limit = limit
-
-    @staticmethod
-    def _base(t):
-        return t if t._base is None else t._base
-
-    def _key(self, tensors, limits, whole: bool) -> tuple:
-        """Whole: the base tensors, any views of them; else these very views (base, offset, shape, strides)."""
-        return tuple(("whole", id(self._base(t))) if whole else
-                     (id(self._base(t)), t.storage_offset(), tuple(t.shape), t.stride()) for t in tensors) + limits
-
-    def _alive(self, key, tensors) -> bool:
-        entry = self._seen.get(key)
-        return entry is not None and all(ref() is self._base(t) and v == t._version
-                                         for (ref, v), t in zip(entry, tensors))
-
-    def passed(self, tensors: tuple, limits: tuple) -> bool:
-        """Checked before as these very views, or noted whole (any views of them), at their current versions."""
-        return any(self._alive(self._key(tensors, limits, whole), tensors) for whole in (False, True))
-
-    def note(self, tensors: tuple, limits: tuple, whole: bool = False) -> None:
-        if len(self._seen) >= self._limit:
-            self._seen.clear()
-        self._seen[self._key(tensors, limits, whole)] = tuple((weakref.ref(self._base(t)), t._version)
-                                                              for t in tensors)
-
-    def check_once(self, tensors: tuple, limits: tuple, check) -> None:
-        """check() (which raises on bad data) unless these tensors passed at their current versions."""
-        if not self.passed(tensors, limits):
-            check()
-            self.note(tensors, limits)
 
 
 CHECKED = CheckedData()

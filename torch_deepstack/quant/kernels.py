@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack.checks import check_eps
 from torch_deepstack._library import cuda_kernel
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 from torch_deepstack.memo import BoundedMemo
@@ -29,6 +30,7 @@ def group_quant_spec(dtype: torch.dtype, group_size: int, ue8m0: bool, iters: in
 def launch_group_quant(kernel, x, q, scales, group_size: int, iters: int, eps: float) -> None:
     """Launch one per-token-group quant specialisation (x already validated, outputs allocated). K is q's width:
     x's too, or half of it for the SwiGLU form (gate columns [0, K), up columns [K, 2K))."""
+    eps = check_eps("quantisation", eps)
     k = q.shape[-1]
     if x.dim() == 2:
         batches, m = 1, x.shape[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_deepstack.checks import check_eps
 from torch_deepstack._library import reference, sample_inputs
 from torch_deepstack.quant.checks import check_group_quant_input, check_swiglu_quant_input
 from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX, mn_major_tma_aligned_empty
@@ -18,6 +19,7 @@ def ceil_to_ue8m0(s: torch.Tensor) -> torch.Tensor:
 
 def group_quant_fp8_values(x: torch.Tensor, group_size: int, eps: float, scale_ue8m0: bool):
     """(q [..., K] e4m3, scales [..., K // group_size] fp32, row-major). Shared by the reference kernels."""
+    eps = check_eps("quantisation", eps)
     *lead, k = x.shape
     xg = x.float().reshape(*lead, k // group_size, group_size)
     amax = xg.abs().amax(dim=-1).clamp_min(eps)
