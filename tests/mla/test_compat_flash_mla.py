@@ -14,6 +14,11 @@ def test_v1_and_scheduler_object_forms_match_reference():
     out, lse = flash_mla.flash_mla_with_kvcache(q, cache, bt, seq, 512, md, splits, causal=True)
     torch.testing.assert_close(out.float(), ref_out.to(torch.bfloat16).float())
     torch.testing.assert_close(lse, ref_lse)
+    # v1's keyword names (flash_mla_interface: cache_seqlens, num_heads_per_head_k, num_heads_k)
+    md_kw, splits_kw = flash_mla.get_mla_metadata(cache_seqlens=seq, num_heads_per_head_k=8, num_heads_k=1)
+    assert torch.equal(md_kw, md) and torch.equal(splits_kw, splits)
+    with pytest.raises(TypeError, match="not both"):
+        flash_mla.get_mla_metadata(seq, 8, 1, num_heads_per_head_k=8)
     sched, none = flash_mla.get_mla_metadata()
     assert none is None and isinstance(sched, flash_mla.FlashMLASchedMeta)
     for _ in range(2):   # planned on the first call, reused on the second ("next layer")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,6 +188,32 @@ def test_paged_cache_bookkeeping_and_decode():
     assert pc.num_free_blocks == 4 and pc.seqlen(0) == 0
 
 
+def test_paged_cache_refused_calls_change_nothing():
+    """A refused append/reserve/free raises before touching the tables (before 2026-12-02 a kv of the wrong dtype,
+    or a multi-request append that ran out of blocks halfway, left seqlens grown over rows never written, which
+    later decodes attended to); request slots and token counts are checked."""
+    pc = PagedKVCache(num_blocks=2, max_batch=3, max_seq_len=256)
+    pc.append(0, torch.randn(10, 1, 576).to(torch.bfloat16))
+    state = lambda: (pc.seqlens.tolist(), pc.block_table.tolist(), pc.num_free_blocks, [pc.blocks_of(r) for r in range(3)])
+    before = state()
+    with pytest.raises(RuntimeError, match="kv .* must match k_cache"):
+        pc.append(1, torch.randn(3, 1, 576))                                     # fp32 kv, bf16 cache
+    with pytest.raises(RuntimeError, match="kv must be"):
+        pc.append([0, 1], torch.randn(2, 2, 576).to(torch.bfloat16))              # two heads, cache has one
+    with pytest.raises(CacheFullError):
+        pc.append([1, 2], torch.randn(2, 1, 576).to(torch.bfloat16))              # room for one of them only
+    for bad in (-1, 3, 1.0, True, "0"):
+        with pytest.raises(ValueError, match="req must be a request slot in 0..2"):
+            pc.reserve(bad, 1)
+        with pytest.raises(ValueError, match="req must be a request slot"):
+            pc.free(bad)
+    with pytest.raises(ValueError, match="num_tokens must be an integer >= 0"):
+        pc.reserve(0, -4)
+    assert state() == before
+    pc.reserve(np.int64(1), np.int64(1))                                          # NumPy integers are fine
+    assert pc.seqlen(1) == 1
+
+
 def _inputs(**over):
     q, cache, bt, seq = make_case(2, 1, 4, 1, 576, torch.bfloat16, [70, 10])
     sched, splits = get_mla_metadata(seq, 4, 1, num_sm_parts=4)
@@ -239,6 +266,8 @@ def test_checked_data_follows_versions_views_and_objects():
     assert not memo.passed((bt, seq), (8,))
     memo.note((bt, seq), (8,), whole=True)
     assert memo.passed((bt[:2], seq[:2]), (8,)) and memo.passed((bt, seq), (8,))
+    # ... but not a column slice: fewer pages per request than the noted tables held (seqlens may then exceed it)
+    assert not memo.passed((bt[:, :1], seq), (8,)) and not memo.passed((bt[:, 1:], seq), (8,))
     bt[:2][0, 0] = 1                                          # a write through a view bumps the base's version
     assert not memo.passed((bt[:2], seq[:2]), (8,))
     assert not memo.passed((bt.clone(), seq), (8,))

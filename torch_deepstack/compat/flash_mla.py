@@ -44,9 +44,15 @@ class FlashMLASchedMeta:
 
 def get_mla_metadata(cache_seqlens: torch.Tensor | None = None, num_q_tokens_per_head_k: int | None = None,
                      num_heads_k: int | None = None, num_heads_q: int | None = None, is_fp8_kvcache: bool = False,
-                     topk: int | None = None):
-    """With cache_seqlens and the head counts: (tile_scheduler_metadata, num_splits) tensors (v1 form). With no
-    arguments: (FlashMLASchedMeta(), None) (the newer form); the decode call plans on first use."""
+                     topk: int | None = None, *, num_heads_per_head_k: int | None = None):
+    """With cache_seqlens and the head counts: (tile_scheduler_metadata, num_splits) tensors (v1 form; the first
+    count is also accepted under v1's keyword name `num_heads_per_head_k`). With no arguments: (FlashMLASchedMeta(),
+    None) (the newer form); the decode call plans on first use."""
+    if num_heads_per_head_k is not None:
+        if num_q_tokens_per_head_k is not None:
+            raise TypeError("flash_mla.get_mla_metadata: give num_q_tokens_per_head_k or its v1 name "
+                            "num_heads_per_head_k, not both")
+        num_q_tokens_per_head_k = num_heads_per_head_k
     if topk is not None:
         raise NotImplementedError("flash_mla.get_mla_metadata: sparse decode (topk) is not implemented in "
                                   "torch_deepstack; only dense decode")

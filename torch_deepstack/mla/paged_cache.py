@@ -2,11 +2,13 @@
 bookkeeping; the cache tensor and the tables live on the device)."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from torch_deepstack._library import mark_static
 from torch_deepstack.mla.api import get_mla_metadata, mla_append_kv, mla_decode_with_kvcache
-from torch_deepstack.mla.checks import CHECKED, FP8_TOKEN_BYTES, PAGE_SIZE
+from torch_deepstack.mla.checks import CHECKED, FP8_TOKEN_BYTES, PAGE_SIZE, check_append_inputs
 
 
 class CacheFullError(RuntimeError):
@@ -61,16 +63,43 @@ class PagedKVCache:
     def blocks_of(self, req: int) -> list[int]:
         return list(self._blocks[req])
 
+    def _check_req(self, req) -> int:
+        try:
+            r = operator.index(req)   # (Python, NumPy or 0-d torch integers)
+        except TypeError:
+            r = None
+        if isinstance(req, bool) or r is None or not 0 <= r < len(self._lens):
+            raise ValueError(f"PagedKVCache: req must be a request slot in 0..{len(self._lens) - 1}, got {req!r}")
+        return r
+
+    def _blocks_needed(self, growth: dict) -> int:
+        """Checks that each request of {req: more tokens} fits its table; the pages they need in all."""
+        need = 0
+        for req, n in growth.items():
+            req = self._check_req(req)
+            try:
+                n_ok = not isinstance(n, bool) and operator.index(n) >= 0
+            except TypeError:
+                n_ok = False
+            if not n_ok:
+                raise ValueError(f"PagedKVCache: num_tokens must be an integer >= 0, got {n!r}")
+            end = self._lens[req] + n
+            if end > self.max_blocks * PAGE_SIZE:
+                raise ValueError(f"PagedKVCache: request {req} would hold {end} tokens, max is "
+                                 f"{self.max_blocks * PAGE_SIZE}")
+            need += (end + PAGE_SIZE - 1) // PAGE_SIZE - len(self._blocks[req])
+        if need > len(self._free):
+            raise CacheFullError(f"PagedKVCache: request(s) {sorted(growth)} need {need} more blocks, "
+                                 f"{len(self._free)} free")
+        return need
+
     def reserve(self, req: int, num_tokens: int) -> torch.Tensor:
-        """Make room for `num_tokens` more tokens of request `req`; returns their slot ids (int64, on device)."""
+        """Make room for `num_tokens` more tokens of request `req`; returns their slot ids (int64, on device).
+        Raises (ValueError, or CacheFullError) before changing anything."""
+        need = self._blocks_needed({req: num_tokens})
+        req, num_tokens = self._check_req(req), operator.index(num_tokens)
         start = self._lens[req]
         end = start + num_tokens
-        if end > self.max_blocks * PAGE_SIZE:
-            raise ValueError(f"PagedKVCache: request {req} would hold {end} tokens, max is "
-                             f"{self.max_blocks * PAGE_SIZE}")
-        need = (end + PAGE_SIZE - 1) // PAGE_SIZE - len(self._blocks[req])
-        if need > len(self._free):
-            raise CacheFullError(f"PagedKVCache: request {req} needs {need} more blocks, {len(self._free)} free")
         new = [self._free.pop() for _ in range(need)]
         if new:
             first = len(self._blocks[req])
@@ -88,17 +117,28 @@ class PagedKVCache:
         return slots
 
     def append(self, req_ids, kv: torch.Tensor) -> None:
-        """Append kv [len(req_ids), h_kv, d] (one token per listed request) or, for one request, [n, h_kv, d]."""
+        """Append kv [len(req_ids), h_kv, d] (one token per listed request) or, for one request, [n, h_kv, d].
+        kv and the room for every listed request are checked before anything changes: a refused append leaves the
+        cache as it was."""
         req_ids = [req_ids] if isinstance(req_ids, int) else list(req_ids)
+        kv = kv.to(self.k_cache.device)
+        op = "PagedKVCache.append"
+        check_append_inputs(self.k_cache, kv, torch.empty(kv.shape[0] if kv.dim() else 0, dtype=torch.int64,
+                                                          device=self.k_cache.device), self.fp8, op)
+        if len(req_ids) != 1 and kv.shape[0] != len(req_ids):
+            raise ValueError(f"{op}: {len(req_ids)} requests but kv has {kv.shape[0]} rows")
+        growth: dict = {}
+        for r in req_ids:
+            growth[r] = growth.get(r, 0) + (kv.shape[0] if len(req_ids) == 1 else 1)
+        self._blocks_needed(growth)
         if len(req_ids) == 1:
             slots = self.reserve(req_ids[0], kv.shape[0])
         else:
-            if kv.shape[0] != len(req_ids):
-                raise ValueError(f"PagedKVCache.append: {len(req_ids)} requests but kv has {kv.shape[0]} rows")
             slots = self._noted_slots(torch.cat([self.reserve(r, 1) for r in req_ids]))
-        mla_append_kv(self.k_cache, kv.to(self.k_cache.device), slots, self.fp8)
+        mla_append_kv(self.k_cache, kv, slots, self.fp8)
 
     def free(self, req: int) -> None:
+        req = self._check_req(req)
         self._free.extend(reversed(self._blocks[req]))
         self._blocks[req] = []
         self._lens[req] = 0
