@@ -66,7 +66,7 @@ class ChunkTable:
         self.stride = -(-cs // blk)
         if self.nchunks * (self.stride * 4 + 16) > MAX_TABLE_BYTES:
             self.nchunks = 0  # no rows: C sends every request inside the file to the general path
-        self.fd = np.full(self.nchunks, -1, np.int64)  # -1 not loaded, -2 a hole (no committed version)
+        self.fd = np.full(self.nchunks, -1, np.int64)  # -1 not loaded, -3 no committed version (general path)
         self.vlen = np.zeros(self.nchunks, np.int64)
         self.crcs = np.zeros((self.nchunks, self.stride), np.uint32)
         self.handles: list = []
@@ -92,7 +92,9 @@ class ChunkTable:
             m = e._cached(cid)
             v = m.committed if m is not None else None
             if v is None or v.length == 0:
-                self.fd[idx] = -2
+                # No committed version: a hole of a sparse file, or a file removed while this handle was open. The
+                # general path tells them apart (zeros or NotFound), so it serves these chunks, not C's zero-fill.
+                self.fd[idx] = -3
                 continue
             if len(v.page_crcs) > 4 * self.stride:
                 continue  # a chunk longer than this file's chunk size: leave it to the general path

@@ -75,6 +75,7 @@ def _fast_bytes(buf) -> memoryview | None:
 
 # ---------------------------------------------------------------------------------------------- types
 BAD_REQUEST = -1000002  # a read_array result for an invalid request (DS_BAD in fastio.cpp)
+MAX_OFFSET = (1 << 63) - 1  # file offsets and lengths are int64 in metadata, the C read paths and the kernel
 
 
 @dataclass
@@ -323,6 +324,9 @@ class File(io.RawIOBase):
             raise InvalidArgument(f"whence must be 0, 1 or 2, got {whence}")
         if base + offset < 0:
             raise InvalidArgument(f"negative seek position {base + offset}")
+        if base + offset > MAX_OFFSET:
+            raise InvalidArgument(f"offset: seek position {base + offset} is past the largest file offset "
+                                  f"{MAX_OFFSET}")
         self._pos = base + offset
         return self._pos
 
@@ -364,6 +368,9 @@ class File(io.RawIOBase):
     def write(self, data) -> int:
         self._check_write()
         mv = memoryview(data).cast("B")
+        if self._pos + len(mv) > MAX_OFFSET:  # a length past int64 could be published but never read back
+            raise InvalidArgument(f"offset: writing {len(mv)} bytes at offset {self._pos} ends past the largest "
+                                  f"file offset {MAX_OFFSET}")
         if self._wbuf and self._pos != self._wpos + len(self._wbuf):
             self.flush()
         if not self._wbuf:
@@ -371,7 +378,14 @@ class File(io.RawIOBase):
         self._wbuf += mv
         self._pos += len(mv)
         if len(self._wbuf) >= self.fs.write_buffer_bytes:
-            self.flush()
+            try:
+                self.flush()
+            except BaseException:
+                # A write that raises wrote nothing (a retry must not add its bytes twice); what earlier
+                # writes buffered stays for the next flush.
+                del self._wbuf[len(self._wbuf) - len(mv):]
+                self._pos -= len(mv)
+                raise
         return len(mv)
 
     def pwrite(self, data, offset: int) -> int:
@@ -382,9 +396,15 @@ class File(io.RawIOBase):
         if self.closed or not self._wbuf:
             return
         data, pos = memoryview(bytes(self._wbuf)), self._wpos
-        self._wbuf = bytearray()
         self.fs._write_range(self._inode, pos, data)
-        self._inode = self.fs.meta.set_length(self._inode["id"], pos + len(data))
+        try:
+            self._inode = self.fs.meta.set_length(self._inode["id"], pos + len(data))
+        except NotFound:
+            # Removed (or replaced) while open: the chunks just written belong to no file; reclaim them.
+            self.fs._reclaim_unpublished(self._inode, pos, len(data))
+            raise
+        # Only now: a failed write keeps the bytes buffered, so a retried flush()/close() still writes them.
+        self._wbuf = bytearray()
 
     def close(self) -> None:
         if not self.closed:
@@ -585,16 +605,28 @@ class FileSystem:
         try:
             self.backend.write_chunks(writes)
         except BaseException:
-            # The length was not published, so chunks wholly past the old end are unreachable: reclaim them
-            # now (best effort; fsck --gc finds any left) instead of leaving them to hold space.
-            first_new = -(-inode["length"] // cs)
-            fresh = [(w[0], w[1]) for w in writes if int(w[1].split("-")[1], 16) >= first_new]
-            if fresh:
-                try:
-                    self.backend.remove_chunks(fresh)
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
+            self._reclaim_unpublished(inode, pos, len(data))
             raise
+
+    def _reclaim_unpublished(self, inode: dict, pos: int, n: int) -> None:
+        """After a failed write of [pos, pos + n): remove the chunks it touched that no published length covers
+        (unreachable, they would only hold space). Best effort: the write's own error is what callers see.
+
+        The length is re-read from metadata, not taken from the handle's cached inode: another handle may have
+        extended the file (and acknowledged its chunks) since this one looked."""
+        try:
+            try:
+                length = self.meta.inode(inode["id"])["length"]
+            except NotFound:
+                length = 0  # the file is gone (inode ids are never reused): none of its chunks is reachable
+            cs, chains = inode["chunk_size"], inode["chains"]
+            first = max(pos // cs, -(-length // cs))
+            fresh = [(chains[idx % len(chains)], chunk_id(inode["id"], idx))
+                     for idx in range(first, -(-(pos + n) // cs))]
+            if fresh:
+                self.backend.remove_chunks(fresh)
+        except Exception:  # noqa: BLE001 - the original error matters more; chunks left stay unreachable
+            pass
 
     # ------------------------------------------------------------ batched reads
     def _plan(self, requests: Sequence[ReadRequest], inodes: dict[str, dict] | None = None):
@@ -706,6 +738,7 @@ class FileSystem:
         ndarray = np.ndarray
         torch = sys.modules.get("torch")
         Tensor = torch.Tensor if torch is not None else ndarray
+        top = MAX_OFFSET
         ok = False
         try:
             for r in reqs:
@@ -720,7 +753,7 @@ class FileSystem:
                 else:
                     return None
                 if type(f) is not File or type(off) is not int or type(length) is not int or off < 0 \
-                        or length < 0:
+                        or length < 0 or off + length > top:  # past int64: the rows cannot hold it
                     return None
                 wc = which_of.get(f)
                 if wc is None:
@@ -758,7 +791,10 @@ class FileSystem:
                         return None
                     addr = out.data_ptr()  # the request list keeps the tensor alive
                 elif out is None:
-                    out = bytearray(length)
+                    try:
+                        out = bytearray(length)
+                    except MemoryError:  # the general path reports it for this request alone
+                        return None
                     c = from_buffer(out)
                     addr = addressof(c)
                     add_keep(c)
@@ -941,14 +977,46 @@ class FileSystem:
                     session.add([p for _, pp in ps for p in pp])
             finally:
                 session.finish()
+        holes = []  # (result, pieces) with a chunk missing or shorter than the file's length
         for res, ps in pieces:
+            for p in ps:
+                if p.error is not None:
+                    res.error, res.data, res.nbytes = p.error, None, 0
+                    break
+                if p.n < p.length:
+                    holes.append((res, ps))
+                    break
+        if holes:
+            self._fill_holes(holes)
+        return results
+
+    def _fill_holes(self, holes: list) -> None:
+        """Zero-fill the missing bytes of these reads, where the file still exists: a hole of a sparse file. A
+        handle whose file was removed or replaced (its inode is gone, its chunks dropped) gets NotFound instead
+        of zeros. Only reads that met a hole pay this metadata lookup (once per inode and batch)."""
+        alive: dict[int, BaseException | None] = {}
+        for res, ps in holes:
+            ino = int(ps[0].chunk.split("-")[0], 16)
+            if ino not in alive:
+                try:
+                    self.meta.inode(ino)
+                    alive[ino] = None
+                except NotFound:
+                    f = res.request.file
+                    alive[ino] = NotFound(f"{f.path if isinstance(f, File) else f!r}: the file was removed or "
+                                          f"replaced while open (inode {ino} no longer exists)")
+                except Exception as e:  # noqa: BLE001 - cannot tell a hole from lost data: report, per request
+                    alive[ino] = e
+            err = alive[ino]
+            if err is not None:
+                res.error, res.data, res.nbytes = err, None, 0
+                continue
             for p in ps:
                 if p.error is not None:
                     res.error, res.data, res.nbytes = p.error, None, 0
                     break
                 if p.n < p.length:  # a hole (chunk never written, or shorter than the file): zeros
                     p.dest[p.n:p.length] = bytes(p.length - p.n)
-        return results
 
     def read_array(self, files, offsets, lengths, out, out_offsets=None, *, which=None,
                    timeout: float | None = None, checksums: bool = False) -> ArrayReadResult:
