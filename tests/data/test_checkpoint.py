@@ -105,3 +105,41 @@ def test_killed_save_leaves_previous_checkpoint(fs_dir, tmp_path, stage):
         assert fs.read_bytes("/ckpt/crash/LATEST") == b"v00000002"
         dcp.load(got, storage_reader=DeepstackStorageReader(fs, "/ckpt/crash"))
         assert torch.equal(got["b"], torch.full((17,), 3.0))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds through /proc")
+def test_loads_without_close_do_not_leak_the_private_client(fs):
+    """dcp.load never calls reader.close(): the private client a load opens must still be closed."""
+    state = {"w": torch.arange(1000, dtype=torch.float32)}
+    dcp.save(state, storage_writer=DeepstackStorageWriter(fs, "/ckpt/leak"))
+    got = {"w": torch.zeros(1000)}
+    dcp.load(got, storage_reader=DeepstackStorageReader(fs, "/ckpt/leak"))  # warm up (lazy imports, pools)
+    before = _open_fds()
+    readers = [DeepstackStorageReader(fs, "/ckpt/leak") for _ in range(5)]  # kept alive: no GC rescue
+    for reader in readers:
+        got = {"w": torch.zeros(1000)}
+        dcp.load(got, storage_reader=reader)
+        assert torch.equal(got["w"], state["w"])
+    assert _open_fds() <= before
+    readers[0].close()  # an explicit close after the load stays harmless
+    reader = DeepstackStorageReader(fs, "/ckpt/leak")  # one reader, loaded twice: each load connects anew
+    for _ in range(2):
+        got = {"w": torch.zeros(1000)}
+        dcp.load(got, storage_reader=reader)
+        assert torch.equal(got["w"], state["w"])
+    assert _open_fds() <= before
+
+
+def test_explicit_close_after_read_metadata_closes_the_private_client(fs):
+    dcp.save({"w": torch.ones(10)}, storage_writer=DeepstackStorageWriter(fs, "/ckpt/meta"))
+    reader = DeepstackStorageReader(fs, "/ckpt/meta")
+    reader.read_metadata()
+    private = reader._private
+    assert private is not None and not private._closed
+    reader.close()
+    assert private._closed and reader._private is None
+    reader.close()

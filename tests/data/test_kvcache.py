@@ -115,3 +115,29 @@ def test_offload_and_restore_a_request(fs):
     other = toks.clone()
     other[100] = -5  # diverges in page 1: only page 0 is reusable
     assert store.restore(dst, 3, other, namespace="m/l0") == 64
+
+
+def test_odd_length_hex_key_is_refused_by_name(fs):
+    store = KVCacheStore(fs, "/kv")
+    for bad in ("abcdef012", "a" * 127):
+        with pytest.raises(ValueError, match=f"even number.*key '{bad}'"):
+            store.path_of(bad)
+        with pytest.raises(ValueError, match=f"key '{bad}'"):
+            store.save([bad], _blocks(1))
+    assert store.path_of("abcdef0123") == "/kv/ab/abcdef0123.kvb"
+
+
+def test_failed_save_removes_its_temporary_files(tmp_path):
+    import torch_deepstack.storage as st
+    from torch_deepstack.storage import NoSpace
+
+    with st.connect(str(tmp_path / "fs"), sync=False, capacity_bytes=200_000) as fs:
+        store = KVCacheStore(fs, "/kv", io_threads=1)
+        keys = ["%064x" % (i + 1) for i in range(3)]
+        with pytest.raises(NoSpace):  # ~73.8 KB per block: the third does not fit
+            store.save(keys, _blocks(3))
+        left = fs.listdir("/kv/00")
+        assert not [n for n in left if ".tmp-" in n], left
+        assert store.contains(keys)[:2] == [True, True]
+        store.remove(keys[:2])
+        assert store.save(keys[2:], _blocks(1)) == 1  # the failed block's chunks were given back too

@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import secrets
+import weakref
 from contextlib import contextmanager
 from typing import Any, Generator
 
@@ -200,13 +201,23 @@ class DeepstackStorageReader(FileSystemReader):
         self.version = version
         self.path = self.base
         self._private: storage.FileSystem | None = None
+        self._close_private: weakref.finalize | None = None
 
     def close(self) -> None:
-        """Close the private client a load of an embedded file system opened ."""
+        """Close the private client a load of an embedded file system opened. read_data (a load's last call on
+        the reader) does so itself; calling it again is harmless."""
         if self._private is not None:
-            self._private.close()
             self._private = None
             self.fs.handle = self._handle
+            self._close_private()  # a finalize: closes the client once, then is dead
+
+    def read_data(self, plan, planner):
+        # DCP never calls close(), so each load would leak its private client (fds, threads): this is the last
+        # call a load makes on the reader (the read is synchronous), so close it here.
+        try:
+            return super().read_data(plan, planner)
+        finally:
+            self.close()
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id:
@@ -218,9 +229,10 @@ class DeepstackStorageReader(FileSystemReader):
         if self._handle.uri.startswith("file://") or "://" not in self._handle.uri:
             # Embedded storage caches chunk metadata per client: other ranks' files written after this
             # process connected are invisible to its shared client, so loading uses a client of its own.
-            if self._private is not None:
-                self._private.close()
+            self.close()
             self._private = storage.connect(self._handle.uri, secret=self._handle.secret, create=False)
+            # A load that fails before read_data leaves the client to this, when the reader is collected.
+            self._close_private = weakref.finalize(self, self._private.close)
             self.fs.handle = _Fixed(self._private)
         fs = self.fs.handle.get()
         name = self.version or read_latest(fs, self.base)

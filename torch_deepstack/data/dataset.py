@@ -10,6 +10,7 @@ with large sequential requests.
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -26,6 +27,7 @@ from torch_deepstack.storage.crc import crc32c
 from torch_deepstack.storage.fastio import crc_many
 
 PAGE = 4096
+_INTEGERS = {"index": "an integer", "indices": "integers"}
 
 
 class SampleReadError(OSError):
@@ -198,9 +200,8 @@ class DeepstackDataset(torch.utils.data.Dataset):
         return _passthrough if self.batched else torch.utils.data.default_collate
 
     def __getitem__(self, i: int):
-        if self.batched:
-            return self.read_batch([i])[0]
-        return self.__getitems__([i])[0]
+        # ds[i] is always __getitems__([i])[0], so `transform` applies the same way (per batch with batched=True)
+        return self.__getitems__([self._check_index(i)])[0]
 
     def __getitems__(self, indices: Sequence[int]):
         return self._submit(indices, contiguous=self.batched, wait=True).value()
@@ -212,15 +213,48 @@ class DeepstackDataset(torch.utils.data.Dataset):
         return self._read(indices, contiguous=True)[0]
 
     # ------------------------------------------------------------------ the read path
+    def _out_of_range(self, i: int) -> IndexError:
+        return IndexError(f"sample index {i} out of range for a dataset of {len(self)} samples ({self.path})")
+
+    def _check_index(self, i, what: str = "index") -> int:
+        """One index as a Python int in range: integers only (numpy and one-element torch integers too), never a
+        silently truncated float or a parsed string."""
+        if isinstance(i, (bool, np.bool_)) or (isinstance(i, torch.Tensor) and
+                                                (i.dtype == torch.bool or i.is_floating_point() or i.is_complex())):
+            raise TypeError(f"{what}: expected {_INTEGERS[what]}, got {i!r}")
+        try:
+            v = operator.index(i)
+        except TypeError:
+            raise TypeError(f"{what}: expected {_INTEGERS[what]}, got {type(i).__name__} {i!r:.60}") from None
+        n = len(self)
+        if not -n <= v < n:  # Python ints: a huge index is out of range, not an OverflowError
+            raise self._out_of_range(v)
+        return v
+
     def _normalize(self, indices: Sequence[int]) -> np.ndarray:
         if isinstance(indices, torch.Tensor):
+            if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+                raise TypeError(f"indices: expected integers, got a {indices.dtype} tensor")
             indices = indices.tolist()
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        try:
+            idx = np.asarray(indices).reshape(-1)
+        except ValueError:  # ragged nesting
+            raise TypeError(f"indices: expected a sequence of integers, got {indices!r:.60}") from None
         n = len(self)
+        if idx.size == 0:
+            return np.zeros(0, np.int64)
+        if idx.dtype.kind not in "iu":
+            # Floats, strings, objects, and lists of Python ints numpy could not hold in int64 (it makes those
+            # float64 or object): check each element, so nothing is truncated and huge ints are IndexErrors.
+            elems = np.asarray(indices, dtype=object).reshape(-1).tolist()  # the original objects, unconverted
+            idx = np.array([self._check_index(v, "indices") for v in elems], np.int64)
+        else:
+            if idx.dtype == np.uint64 and (idx >= n).any():  # would wrap negative in int64
+                raise self._out_of_range(int(idx[idx >= n][0]))
+            idx = idx.astype(np.int64, copy=False)
         bad = (idx < -n) | (idx >= n)
         if bad.any():
-            raise IndexError(f"sample index {int(idx[bad][0])} out of range for a dataset of {n} samples "
-                             f"({self.path})")
+            raise self._out_of_range(int(idx[bad][0]))
         return np.where(idx < 0, idx + n, idx)
 
     def _read(self, indices: Sequence[int], *, contiguous: bool):
@@ -359,7 +393,7 @@ class DeepstackDataset(torch.utils.data.Dataset):
     def name(self, i: int) -> str | None:
         """The recorded name of sample i (e.g. its source file), if the pack has names."""
         names = self.index.names
-        return None if names is None else names[int(self._normalize([i])[0])]
+        return None if names is None else names[self._check_index(i) % len(self)]
 
     def __repr__(self) -> str:
         ix = self.index
@@ -410,12 +444,32 @@ class DeepstackIterableDataset(torch.utils.data.IterableDataset):
                  timeout: float = 60.0, secret: str | bytes | None = None, storage_options: dict | None = None):
         self.dataset = DeepstackDataset(fs, path, verify=verify, timeout=timeout, secret=secret,
                                         storage_options=storage_options)
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle, self.seed = shuffle, seed
+        # The epoch lives in shared memory (survives fork, and spawn's pickling through torch.multiprocessing) so
+        # set_epoch in the main process reaches persistent DataLoader workers, which keep their dataset copy.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.read_bytes = read_bytes
         self.transform = transform
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Set the shuffle epoch; takes effect at the next iteration, in every worker (persistent ones too)."""
+        if isinstance(epoch, (bool, np.bool_)):
+            raise TypeError(f"epoch: expected an integer, got {epoch!r}")
+        try:
+            e = operator.index(epoch)
+        except TypeError:
+            raise TypeError(f"epoch: expected an integer, got {type(epoch).__name__} {epoch!r:.60}") from None
+        if not 0 <= e < 2**63:
+            raise ValueError(f"epoch: expected an integer in [0, 2**63), got {e}")
+        self._epoch[0] = e
 
     def __len__(self) -> int:
         return len(self.dataset)

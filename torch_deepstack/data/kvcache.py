@@ -76,9 +76,11 @@ def _check_blocks(blocks: torch.Tensor, name: str) -> None:
 
 
 def _check_key(key: str) -> str:
-    if not isinstance(key, str) or len(key) < 8 or len(key) > 128 or not all(c in "0123456789abcdef" for c in key):
-        raise ValueError(f"KV block keys are lowercase hex strings of 8..128 characters (see prefix_block_keys), "
-                         f"got {key!r}")
+    # Even length: the trailer stores bytes.fromhex(key), which refuses an odd number of hex digits.
+    if not isinstance(key, str) or len(key) < 8 or len(key) > 128 or len(key) % 2 \
+            or not all(c in "0123456789abcdef" for c in key):
+        raise ValueError(f"KV block keys are lowercase hex strings of an even number of characters, 8..128 (see "
+                         f"prefix_block_keys), got key {key!r}")
     return key
 
 
@@ -136,10 +138,18 @@ class KVCacheStore:
                 fs.makedirs(parent, exist_ok=True)
                 self._dirs.add(parent)
             tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-                f.write(trailer)
-            fs.rename(tmp, path)
+            try:
+                with fs.open(tmp, "wb") as f:
+                    f.write(data)
+                    f.write(trailer)
+                fs.rename(tmp, path)
+            except BaseException:
+                # A failed write (NoSpace, ...) must not leave its temporary file (and chunks) behind for good.
+                try:
+                    fs.remove(tmp)
+                except Exception:  # noqa: BLE001 - never created, or already renamed: the write's error matters
+                    pass
+                raise
 
         if len(todo) == 1 or self.io_threads <= 1:
             for j in range(len(todo)):

@@ -22,7 +22,8 @@ class PrefetchLoader:
     Either batch_size (+ shuffle/sampler/drop_last/generator, like DataLoader) or batch_sampler. Yields what
     `dataset.__getitems__` returns (a stacked tensor with batched=True); `collate_fn` is applied if given.
     `state_dict()` / `load_state_dict()` resume mid-epoch exactly when the sampler is deterministic (a seeded
-    generator): the loader replays the batch sampler and skips the batches already yielded."""
+    generator): the loader replays the batch sampler and skips the batches already yielded. A state taken after
+    an epoch's last batch resumes at the start of the next epoch, as the uninterrupted run would continue."""
 
     def __init__(self, dataset: DeepstackDataset, batch_size: int | None = 1, *, shuffle: bool = False,
                  sampler: Sampler | None = None, batch_sampler: Sampler | None = None, drop_last: bool = False,
@@ -44,27 +45,38 @@ class PrefetchLoader:
         self._yielded = 0
         self._skip = 0
         self._gen_state: torch.Tensor | None = None
+        self._restore = False  # load_state_dict gave a generator state for the next __iter__
+        self._epoch_done = False
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator:
         if self.generator is not None:
-            if self._skip and self._gen_state is not None:
-                self.generator.set_state(self._gen_state)  # replay the interrupted epoch's order
+            if self._restore and self._gen_state is not None:
+                self.generator.set_state(self._gen_state)  # the saved epoch's order (replayed or next)
             else:
                 self._gen_state = self.generator.get_state()
+        self._restore = self._epoch_done = False
         batches = iter(self.batch_sampler)
         for _ in range(self._skip):
             next(batches, None)
         self._yielded, self._skip = self._skip, 0
         inflight: deque = deque()
-        for indices in batches:
-            inflight.append(self.dataset.submit(indices))
-            if len(inflight) >= self.depth:
-                yield self._emit(inflight.popleft())
-        while inflight:
-            yield self._emit(inflight.popleft())
+        end = object()
+        nxt = next(batches, end)  # one batch of indices ahead: the last batch is known before it is yielded
+        while True:
+            while nxt is not end and len(inflight) < self.depth:
+                inflight.append(self.dataset.submit(nxt))
+                nxt = next(batches, end)
+            if not inflight:
+                break
+            out = self._emit(inflight.popleft())
+            # Set before the last yield: a state_dict() taken once the consumer has the last batch (whether or
+            # not it asks for more) must mean "next epoch", not "this epoch, all yielded", which replays nothing.
+            self._epoch_done = nxt is end and not inflight
+            yield out
+        self._epoch_done = True  # also an epoch with no batches at all
 
     def _emit(self, pending):
         out = pending.value()
@@ -72,9 +84,13 @@ class PrefetchLoader:
         return out if self.collate_fn is None else self.collate_fn(out)
 
     def state_dict(self) -> dict:
-        """Where the current epoch stands: batches yielded and the generator state it started from."""
+        """Where the current epoch stands: batches yielded and the generator state it started from. Once the
+        epoch's last batch was yielded: the start of the next epoch (0 yielded, the generator as it is now)."""
+        if self._epoch_done:
+            return {"yielded": 0, "generator": None if self.generator is None else self.generator.get_state()}
         return {"yielded": self._yielded, "generator": self._gen_state}
 
     def load_state_dict(self, state: dict) -> None:
-        self._skip = int(state["yielded"])
+        self._yielded = self._skip = int(state["yielded"])  # state_dict() before iterating gives it back
         self._gen_state = state.get("generator")
+        self._restore, self._epoch_done = self._gen_state is not None, False
