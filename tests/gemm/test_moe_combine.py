@@ -107,7 +107,7 @@ def test_cuda_errors_and_graph_capture():
     y, rows, w = (v.cuda() for v in _case(64, 10, 4, 128, torch.bfloat16, empty=0))
     with pytest.raises(ValueError, match="more than once"):
         moe_combine(y, torch.where(rows == rows[1, 1], rows[0, 0], rows), w)
-    with pytest.raises(ValueError, match=r"rows holds values in \[-1, 64\]"):
+    with pytest.raises(ValueError, match=r"moe_combine_weight_grad: rows holds values in \[\d+, 64\]"):
         torch.ops.deepstack.moe_combine_weight_grad(torch.ones(10, 128, dtype=y.dtype, device="cuda"), y,
                                                     torch.where(rows == rows[0, 0], 64, rows))
     want = moe_combine(y, rows, w)
