@@ -17,5 +17,11 @@ def test_bad_input_raises_clear_errors():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_edge_cases_zero_and_one_rows_and_unspecified_low_latency_rows(world_size):
+    run_world(workers.edge_case_checks, world_size, timeout_s=100)
+
+
+@pytest.mark.timeout(120)
 def test_dead_peer_raises_instead_of_hanging():
     run_world(workers.dead_peer_check, 3, timeout_s=100, allow_exit=(0, 1, 2))

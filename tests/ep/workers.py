@@ -632,3 +632,73 @@ def dead_peer_check(rank, ws, device="cpu", transport="auto"):
     else:
         raise AssertionError("dispatch with a dead peer returned normally")
     os._exit(0)   # the process group is broken; skip its teardown
+
+
+def edge_case_checks(rank, ws, device="cpu", transport="auto"):
+    """Ranks that send or receive 0 or 1 rows, a zero-token rank's backward, fp8 rows with an odd scale count,
+    low-latency combine with garbage past the received rows, and argument errors found by a review (2026-12-02):
+    each of the exchanges below raised a dtype-view error on one rank (the others then timed out), and the
+    low-latency combine spread NaN from unused rows into every token."""
+    import pytest
+    E = ws                                       # one expert per rank
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 22, timeout_s=30)
+    for k, with_w, hidden in ((1, False, HIDDEN), (2, True, HIDDEN), (2, True, 384)):
+        # rank r > 0 has one token, routed to expert 0 (rank 0) only; rank 0 has none: rank 0 receives ws - 1
+        # rows (1 at ws = 2), every other rank receives 0
+        n = 0 if rank == 0 else 1
+        idx = torch.full((n, k), -1, dtype=torch.int64)
+        idx[:, 0] = 0
+        w = torch.full((n, k), 0.5) if with_w else None
+        x = (torch.arange(n * hidden, dtype=torch.float32).view(n, hidden) + rank).requires_grad_(with_w)
+        lay = buf.get_dispatch_layout(idx, E)
+        kw = dict(topk_idx=idx, topk_weights=w, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                  num_tokens_per_expert=lay[2])
+        rx, ridx, rw, counts, handle, _ = buf.dispatch(x, **kw)
+        assert rx.shape == ((ws - 1 if rank == 0 else 0), hidden)
+        if rank == 0 and ws == 2:
+            assert torch.equal(rx[0], torch.arange(hidden, dtype=torch.float32) + 1)
+        y, _, _ = buf.combine(rx, handle)
+        assert torch.equal(y.detach(), x.detach())
+        if with_w:
+            y.sum().backward()                   # a stride-0 gradient of zero rows on rank 0
+            assert x.grad.shape == x.shape and bool((x.grad == 1).all())
+        if hidden % 128 == 0:                    # fp8 rows: hidden 384 has 3 scales (an odd count)
+            q = x.detach().to(torch.float8_e4m3fn)
+            s = torch.ones(n, hidden // 128)
+            (rq, rs), *_ = buf.dispatch((q, s), **{**kw, "topk_weights": None})
+            assert rq.shape[0] == rs.shape[0] == rx.shape[0]
+    # low-latency combine: rows past recv_count are unspecified; poison them
+    num_max, L = 4, 1
+    ll = make_buffer(device, transport, num_nvl_bytes=1 << 20,
+                     num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(num_max, HIDDEN, ws, E))
+    g = torch.Generator().manual_seed(70 + rank)
+    x = torch.randn(3, HIDDEN, generator=g).to(torch.bfloat16)
+    idx = torch.randint(0, E, (3, 2), generator=g)
+    w = torch.rand(3, 2, generator=g) + 0.1
+    idx[0] = -1                                   # a token routed nowhere
+    recv, count, handle, _, _ = ll.low_latency_dispatch(x, idx, num_max, E, use_fp8=False)
+    clean = recv.clone()
+    dirty = recv.clone()
+    for l in range(L):
+        dirty[l, int(count[l]):] = float("nan")
+    out_clean, _, _ = ll.low_latency_combine(clean, idx, w, handle)
+    out_dirty, _, _ = ll.low_latency_combine(dirty, idx, w, handle)
+    assert not out_dirty.isnan().any() and torch.equal(out_dirty, out_clean)
+    assert bool((out_clean[0] == 0).all())
+    bad = idx.clone()
+    bad[1, 0] = E + 5
+    with pytest.raises(ValueError, match="expert ids in"):
+        ll.low_latency_combine(recv, bad, w, handle)
+    # argument errors name the argument
+    xs, idx1, w1 = make_inputs(0, rank, 4 * ws)
+    lay = buf.get_dispatch_layout(idx1, 4 * ws)
+    kw = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2])
+    with pytest.raises(ValueError, match=r"dispatch: x must be \[num_tokens, hidden\]"):
+        buf.dispatch(xs[0], topk_idx=idx1, topk_weights=w1, **kw)
+    rx, _, _, _, handle, _ = buf.dispatch(xs, topk_idx=idx1, topk_weights=w1, **kw)
+    with pytest.raises(ValueError, match="combine: bias must be torch.float32"):
+        buf.combine(rx, handle, bias=torch.zeros(xs.shape[0], 1))
+    with pytest.raises(ValueError, match="combine: bias must be"):
+        buf.combine(rx, handle, bias=torch.zeros(xs.shape, dtype=torch.float64))
+    y, _, _ = buf.combine(rx, handle, bias=(torch.ones_like(xs), None))
+    dist.barrier()

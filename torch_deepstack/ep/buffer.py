@@ -267,7 +267,9 @@ class Buffer:
             raise ValueError(f"{op}: this Buffer's group moves {self.device.type} tensors, got a tensor on "
                              f"{t.device}")
 
-    def _check_nvl_size(self, x: torch.Tensor):
+    def _check_nvl_size(self, x: torch.Tensor, op: str = "ep.Buffer"):
+        if x.dim() != 2:
+            raise ValueError(f"{op}: x must be [num_tokens, hidden], got shape {tuple(x.shape)}")
         need = self.min_nvl_bytes(x.shape[1] * max(x.element_size(), 2), self.group_size)
         if self.num_nvl_bytes < need:
             raise ValueError(f"ep.Buffer num_nvl_bytes={self.num_nvl_bytes} is too small for hidden={x.shape[1]} "
@@ -341,7 +343,7 @@ class Buffer:
         (valid rows first, recv_topk_idx -1 after them), nothing waits on the host, and the list is empty."""
         x_data, x_scales = (x if isinstance(x, tuple) else (x, None))
         self._check_device("dispatch", x_data)
-        self._check_nvl_size(x_data)
+        self._check_nvl_size(x_data, "dispatch")
         if handle is not None:
             self._check_handle(handle, DispatchHandle)
             if num_worst_tokens and num_worst_tokens != handle.num_worst_tokens:
@@ -389,7 +391,7 @@ class Buffer:
         its source rank (unweighted, as DeepEP's normal combine), plus `bias` (a tensor or a pair) if given."""
         self._check_handle(handle, DispatchHandle)
         self._check_device("combine", x)
-        self._check_nvl_size(x)
+        self._check_nvl_size(x, "combine")
         op = ops.combine_impl if _direct_ok(x, topk_weights) else torch.ops.deepstack.ep_combine
         (cx, cw), ev = self._run(
             lambda: op(x, topk_weights, handle.is_token_in_rank, handle.rank_counts, handle.recv_src_idx,
@@ -398,6 +400,11 @@ class Buffer:
         if bias is not None:
             for b in (bias if isinstance(bias, tuple) else (bias,)):
                 if b is not None:
+                    # DeepEP's contract: [num_tokens, hidden] in x's dtype (no silent broadcast or promotion)
+                    if not isinstance(b, torch.Tensor) or b.shape != cx.shape or b.dtype != cx.dtype:
+                        raise ValueError(f"combine: bias must be {cx.dtype} {tuple(cx.shape)} (or a pair of such), "
+                                         f"got " + (f"{b.dtype} {tuple(b.shape)}" if isinstance(b, torch.Tensor)
+                                                    else type(b).__name__))
                     cx = cx + b
         return cx, (cw if topk_weights is not None else None), ev
 
@@ -426,6 +433,8 @@ class Buffer:
             raise NotImplementedError("low_latency_dispatch: use_ue8m0 (packed int32 scales) is not supported; "
                                       "use round_scale=True for power-of-two fp32 scales")
         self._check_device("low_latency_dispatch", x)
+        if x.dim() != 2:
+            raise ValueError(f"low_latency_dispatch: x must be [num_tokens, hidden], got shape {tuple(x.shape)}")
         self._check_ll_size(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
         self._ll_parity ^= 1
         if return_recv_hook:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from torch_deepstack.checks import check_same_device  # noqa: F401  (re-exported for the area)
+from torch_deepstack.checks import CheckedData, check_same_device  # noqa: F401  (re-exported for the area)
 
 DATA_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 FP8_GROUP = 128
@@ -51,10 +51,20 @@ def check_topk(op: str, topk_idx: torch.Tensor, topk_weights: torch.Tensor | Non
                              f"got {tuple(topk_weights.shape)}")
 
 
+# topk_idx tensors that passed check_expert_range at their versions: a low-latency combine after its dispatch (the
+# same topk_idx) then needs no second host sync.
+EXPERT_IDS_CHECKED = CheckedData()
+
+
 def check_expert_range(op: str, topk_idx: torch.Tensor, num_experts: int) -> None:
-    """Data check (a host sync on GPU, skipped while a CUDA graph is being captured)."""
+    """Data check (a host sync on GPU, skipped while a CUDA graph is being captured; once per tensor version)."""
     if topk_idx.numel() == 0 or _capturing(topk_idx):
         return
+    EXPERT_IDS_CHECKED.check_once((topk_idx,), (num_experts,),
+                                  lambda: _check_expert_range_now(op, topk_idx, num_experts))
+
+
+def _check_expert_range_now(op: str, topk_idx: torch.Tensor, num_experts: int) -> None:
     lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist()   # one host sync
     if lo < -1 or hi >= num_experts:
         raise ValueError(f"{op}: topk_idx holds expert ids in [{lo}, {hi}]; valid ids are -1 (unused slot) and "

@@ -28,6 +28,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     width = 1
     for d in t.shape[1:]:
         width *= d
+    if t.numel() == 0:   # (no rows: .contiguous() keeps odd strides, e.g. a stride-0 gradient's, that view refuses)
+        return torch.empty(t.shape[0], width * t.element_size(), dtype=torch.uint8, device=t.device)
     t = t.reshape(t.shape[0], width).contiguous()     # explicit width: -1 is ambiguous for zero-width rows
     return t.view(torch.uint8) if t.dtype != torch.uint8 else t
 
@@ -67,7 +69,12 @@ def as_byte_rows(t: torch.Tensor) -> torch.Tensor:
 def from_byte_rows(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if b.shape[1] == 0:                      # zero-width rows cannot be re-viewed
         return torch.empty(b.shape[0], 0, dtype=dtype, device=b.device)
-    return b.contiguous().view(dtype)
+    c = b.contiguous()
+    # A field sliced out of 0 or 1 packed rows stays a view (contiguous already) with the row's byte stride and the
+    # field's byte offset, which a wider dtype cannot view: copy it to a fresh, aligned tensor.
+    if c.shape[0] <= 1 and (c.storage_offset() % dtype.itemsize or c.stride(0) % dtype.itemsize):
+        c = torch.empty(c.shape, dtype=torch.uint8, device=c.device).copy_(c)
+    return c.view(dtype)
 
 
 def move_exact(transport, tensors, tok, send_splits, recv_splits):
@@ -391,7 +398,9 @@ class LowLatencyCombine:
         q = torch.arange(R * num_max, device=dev).unsqueeze(1)
         lc = local.clamp(min=0)
         rows = x.reshape(L * cap, hidden).index_select(0, (lc * cap + inv[lc, q]).reshape(-1))
-        rows = rows.view(R * num_max, k, hidden)
+        # slots with no local expert read some row anyway (clamped); zero those rows rather than weight them by 0,
+        # since rows past recv_count are unspecified (0 x NaN would spread into every token)
+        rows = rows.view(R * num_max, k, hidden).masked_fill((local < 0).unsqueeze(-1), 0)
         w = torch.where(local >= 0, gw, 0.0)
         acc = torch.zeros(R * num_max, hidden, dtype=torch.float32, device=dev)
         for slot in range(k):

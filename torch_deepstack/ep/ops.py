@@ -242,6 +242,8 @@ def check_ll_combine(x, topk_idx, topk_weights, src_info, layout_range, num_max_
                  lambda: f"{op}: {topk_idx.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank="
                          f"{num_max_dispatch_tokens_per_rank}")
     check_same_device(op, x=x, topk_idx=topk_idx, topk_weights=topk_weights, src_info=src_info)
+    # the kernels index rows by expert id (no second sync when the dispatch already checked this topk_idx)
+    check_expert_range(op, topk_idx, x.shape[0] * num_ranks)
     return num_ranks
 
 
