@@ -145,3 +145,71 @@ def test_inductor_pass_rewrites_eligible_linears():
     assert rewrites == 2
     assert calc_diff(y, expected) < 1e-5
     assert calc_diff(y, plain) < FP8_DIFF * 4
+
+
+def test_quantize_keeps_parameters_ties_mode_and_leaves_unsupported_linears_alone():
+    """Found by a review (2026-12-02): the swap copied weights into new Parameters (an embedding-tied head came
+    untied, frozen layers started training), dropped eval mode, swapped one of two names of a shared Linear, failed
+    on a second call, and swapped fp64, zero-width and weight_norm'd linears it could not run."""
+    emb = nn.Embedding(128, 256)
+    head = nn.Linear(256, 128, bias=False)
+    head.weight = emb.weight                           # tied, as language models tie embedding and output
+    shared = nn.Linear(128, 128)
+    frozen = nn.Linear(256, 128).requires_grad_(False)
+    normed = torch.nn.utils.parametrizations.weight_norm(nn.Linear(128, 128))
+    model = nn.ModuleDict(dict(emb=emb, head=head, a=shared, b=shared, frozen=frozen, normed=normed,
+                               f64=nn.Linear(128, 128, dtype=torch.float64), empty=nn.Linear(0, 128)))
+    model.eval()
+    keep = {k: model[k].weight for k in ("head", "frozen", "a")}
+    quantize_(model)
+    assert isinstance(model["head"], FP8Linear) and model["head"].weight is emb.weight
+    assert model["a"] is model["b"] and isinstance(model["a"], FP8Linear) and model["a"].weight is keep["a"]
+    assert model["frozen"].weight is keep["frozen"] and not model["frozen"].weight.requires_grad
+    assert not model["frozen"].training and not model["head"].training
+    for name in ("normed", "f64", "empty"):
+        assert type(model[name]) is not FP8Linear, name
+    quantize_(model)                                   # a second call: nothing left to swap, no error
+    with pytest.raises(ValueError, match="normed .* cannot become an FP8Linear"):
+        quantize_(model, lambda m, fqn: fqn == "normed")
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    with pytest.raises(ValueError, match="only plain nn.Linear"):
+        quantize_(nn.Sequential(Doubled(128, 128)), lambda m, fqn: fqn == "0")
+    with pytest.raises(ValueError, match="root module"):
+        quantize_(nn.Linear(128, 128))
+
+
+def _rewrites(fn, *args, pass_=None):
+    from torch_deepstack.compile import LinearToFP8Pass
+    torch._dynamo.reset()
+    p = pass_ or LinearToFP8Pass()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, post_grad_custom_post_pass=p):
+        y = torch.compile(fn, fullgraph=True)(*args)
+    return p.count, y
+
+
+def test_inductor_pass_leaves_non_linear_products_alone():
+    """Found by a review (2026-12-02): addmm with beta/alpha (rewritten without them: wrong values), an addmm whose
+    bias is [M, N] or [1] (compile error), the pass's dtypes (ignored) and activation products such as attention
+    scores (rewritten to FP8)."""
+    from torch_deepstack.compile import LinearToFP8Pass
+    bf = torch.bfloat16
+    x = fresh_randn(8, 128, dtype=bf)
+    w = nn.Parameter(fresh_randn(256, 128, dtype=bf, scale=0.1), requires_grad=False)
+    b = fresh_randn(256, dtype=bf)
+    lin = nn.Linear(128, 256, dtype=bf)
+    assert _rewrites(lin, x)[0] == 1                                     # control: a linear layer is rewritten
+    for name, fn in (("beta/alpha", lambda x: torch.addmm(b, x, w.t(), beta=2, alpha=3)),
+                     ("[M, N] bias", lambda x: torch.addmm(fresh_randn(8, 256, dtype=bf), x, w.t())),
+                     ("[1] bias", lambda x: torch.addmm(b[:1], x, w.t()))):
+        assert _rewrites(fn, x)[0] == 0, name
+    proj = nn.Linear(128, 128, dtype=bf)
+    n, _ = _rewrites(lambda x: (x @ proj(x).T).softmax(-1), x)          # q @ k.T, k computed in the graph
+    assert n == 1                                                        # (proj itself; not the scores)
+    lin32 = nn.Linear(128, 256)
+    assert _rewrites(lin32, x.float(), pass_=LinearToFP8Pass(dtypes=(torch.bfloat16,)))[0] == 0
+    assert LinearToFP8Pass(dtypes=(torch.bfloat16,)).uuid() != LinearToFP8Pass().uuid()
+    with pytest.raises(ValueError, match="bias must be torch.bfloat16"):
+        torch.ops.deepstack.fp8_linear(x, w, b.float())

@@ -22,8 +22,9 @@ def check_fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias, op: str = "fp8
         raise ValueError(f"{op}: weight must be [N, K] with K = x.shape[-1] = {x.shape[-1]}, got {list(weight.shape)}")
     if weight.shape[0] % 128 or weight.shape[1] % 128:
         raise ValueError(f"{op}: N={weight.shape[0]} and K={weight.shape[1]} must be multiples of 128")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be [N] = [{weight.shape[0]}], got {list(bias.shape)}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"{op}: bias must be {x.dtype} [N] = [{weight.shape[0]}], got {bias.dtype} "
+                         f"{list(bias.shape)}")
 
 
 def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

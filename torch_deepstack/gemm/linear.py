@@ -278,12 +278,12 @@ class FP8Linear(FrozenFP8Weights, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
-                linear.weight.dtype)
-        with torch.no_grad():
-            m.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                m.bias.copy_(linear.bias)
+        """An FP8Linear that uses `linear`'s own weight and bias Parameters (no copy: weight ties, requires_grad
+        and optimizer state keep pointing at them) in its train/eval mode."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta", linear.weight.dtype)
+        m.weight = linear.weight
+        m.bias = linear.bias
+        m.train(linear.training)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
