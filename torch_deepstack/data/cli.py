@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 
@@ -26,6 +27,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 4096, 64M, 1G)") from None
 
 
+def _align(text: str) -> int | str:
+    # What PackWriter accepts: "auto" or a positive byte count; checked here so the error names --align.
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number of bytes, got {text!r}")
+    return n
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pack", help="pack small samples into shard files + index on deepstack storage",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +50,8 @@ def add_parser(subparsers) -> None:
                                               "(default $DEEPSTACK_FS)")
     p.add_argument("--secret-file", default=None, help="file holding the cluster's shared secret")
     p.add_argument("--shard-bytes", type=_size, default="256M", help="start a new shard past this size (256M)")
-    p.add_argument("--align", default="auto", help="'auto' (page-align samples >= 4 KiB), 1 (tight) or bytes")
+    p.add_argument("--align", type=_align, default="auto",
+                   help="'auto' (page-align samples >= 4 KiB), 1 (tight) or bytes")
     p.add_argument("--pattern", default=None, help="only files whose relative path matches this glob")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at dest (atomically)")
     p.add_argument("--info", metavar="DEST", default=None, help="describe the packed dataset at DEST and exit")
@@ -69,7 +84,17 @@ def _load_source(src: str):
     if src.endswith((".pt", ".pth")):
         import torch
 
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(src, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            # torch.load's own messages run to a paragraph (or are empty, for EOFError): give one line.
+            if isinstance(e, EOFError):
+                why = "the file is empty or truncated"
+            elif isinstance(e, pickle.UnpicklingError):
+                why = "not a tensor file that torch.load(weights_only=True) can read"
+            else:
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"cannot load {src!r}: {why}") from None
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{src} holds a {type(obj).__name__}, expected one tensor")
         return obj
@@ -93,10 +118,9 @@ def run(args) -> int:
         if not args.source or not args.dest:
             print("deepstack pack: give SOURCE and DEST (or --info DEST)", file=sys.stderr)
             return 2
-        align = args.align if args.align == "auto" else int(args.align)
         t0 = time.perf_counter()
         ix = pack(fs, args.dest, _load_source(args.source), progress=not args.quiet, pattern=args.pattern,
-                  shard_bytes=args.shard_bytes, align=align, overwrite=args.overwrite)
+                  shard_bytes=args.shard_bytes, align=args.align, overwrite=args.overwrite)
         dt = time.perf_counter() - t0
         print(f"packed {len(ix)} samples ({ix.total_bytes / 1e6:.1f} MB) into {len(ix.shard_names)} shard(s) at "
               f"{args.dest} on {fs.uri} in {dt:.1f} s ({ix.total_bytes / 1e6 / max(dt, 1e-9):.0f} MB/s)")

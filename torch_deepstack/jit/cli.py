@@ -1,8 +1,19 @@
 """`deepstack jit`: prebuild, list and clear the kernel cache."""
 from __future__ import annotations
 
+import argparse
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:  # 0 would silently mean "default" and a negative count fails deep in ThreadPoolExecutor
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
 
 
 def add_parser(sub):
@@ -10,7 +21,7 @@ def add_parser(sub):
     p.add_argument("action", nargs="?", choices=("prebuild", "list", "clear"), help="what to do")
     p.add_argument("--prebuild", action="store_true", help="same as the action 'prebuild'")
     p.add_argument("--area", action="append", help="limit prebuild to these areas (repeatable)")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="parallel nvcc processes")
+    p.add_argument("-j", "--jobs", type=_positive_int, default=None, help="parallel nvcc processes")
     p.set_defaults(func=run)
     return p
 
@@ -33,10 +44,15 @@ def run(args) -> int:
     if action == "clear":
         print(f"removed {jit.clear()} kernels from {config.cache_dir()}")
         return 0
+    # Resolve the areas first: a misspelt --area is a usage error wherever nvcc is or is not installed.
+    try:
+        specs = jit.prebuild_specs(args.area)
+    except KeyError as e:
+        print(f"deepstack jit: error: argument --area: {e.args[0]}", file=sys.stderr)
+        return 2
     if jit.find_nvcc() is None:
         print("deepstack jit prebuild: nvcc not found (set DEEPSTACK_NVCC or CUDA_HOME)", file=sys.stderr)
         return 1
-    specs = jit.prebuild_specs(args.area)
     from tqdm import tqdm
     failures = 0
     with ThreadPoolExecutor(max_workers=args.jobs or config.compile_threads()) as pool:

@@ -6,6 +6,7 @@ cluster secret from --secret-file, $DEEPSTACK_FS_SECRET or $DEEPSTACK_FS_SECRET_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,34 @@ def parse_size(text: str) -> int:
         return int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 4096, 128K, 1M)") from None
+
+
+def positive_size(text: str) -> int:
+    n = parse_size(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
+    return n
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
+def _port(text: str, lowest: int = 0) -> int:
+    # Checked here so an out-of-range port is a usage error, not an OverflowError from bind()/connect().
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not lowest <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be an integer in {lowest}..65535, got {text!r}")
+    return port
 
 
 def _secret(args) -> bytes | None:
@@ -45,7 +74,7 @@ def _hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    return host, _port(port, lowest=1)  # a peer cannot listen on port 0
 
 
 def _wait_forever(stop) -> int:
@@ -150,21 +179,31 @@ def cmd_put(args) -> int:
 
 
 def cmd_get(args) -> int:
+    local = args.local
+    if os.path.isdir(local):  # like cp: into the directory, under the remote file's name
+        local = os.path.join(local, args.remote.rstrip("/").rsplit("/", 1)[-1])
     with _fs(args) as fs:
         with fs.open(args.remote, "rb") as src:
             size = src.size
             block = 8 << 20
             buf = bytearray(block)
-            tmp = args.local + ".part"
-            with open(tmp, "wb") as dst, _progress(size, "get") as bar:
-                while True:
-                    n = src.readinto(buf)
-                    if not n:
-                        break
-                    dst.write(memoryview(buf)[:n])
-                    bar.update(n)
-            os.replace(tmp, args.local)
-        print(f"{args.remote} -> {args.local} ({size} bytes)")
+            tmp = local + ".part"
+            dst = open(tmp, "wb")
+            try:
+                with dst, _progress(size, "get") as bar:
+                    while True:
+                        n = src.readinto(buf)
+                        if not n:
+                            break
+                        dst.write(memoryview(buf)[:n])
+                        bar.update(n)
+                os.replace(tmp, local)
+            except BaseException:
+                # A failed or interrupted get leaves no partial file behind (only ours: tmp opened above).
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+        print(f"{args.remote} -> {local} ({size} bytes)")
         return 0
 
 
@@ -217,6 +256,11 @@ def cmd_bench(args) -> int:
 
     import numpy as np
 
+    # Every read is one whole block at a random block offset, so the file must hold at least one block.
+    if args.block_size > args.size:
+        print(f"deepstack fs bench: error: --block-size ({args.block_size}) must not exceed --size ({args.size})",
+              file=sys.stderr)
+        return 2
     with _fs(args) as fs:
         path = args.path
         size = args.size
@@ -273,7 +317,7 @@ def add_parser(subparsers) -> None:
     s = sub.add_parser("serve", help="run a cluster manager or a storage service")
     s.add_argument("role", choices=["manager", "storage"])
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
-    s.add_argument("--port", type=int, default=0, help="port (0: pick a free one, see --port-file)")
+    s.add_argument("--port", type=_port, default=0, help="port (0: pick a free one, see --port-file)")
     s.add_argument("--port-file", help="write HOST:PORT here once listening")
     s.add_argument("--kv", help="manager: metadata store URI")
     s.add_argument("--lease", type=float, default=3.0, help="manager: heartbeat lease in seconds")
@@ -331,9 +375,9 @@ def add_parser(subparsers) -> None:
 
     s = sub.add_parser("bench", help="quick random-read benchmark on one file")
     s.add_argument("--path", default="/bench.bin")
-    s.add_argument("--size", type=parse_size, default=256 << 20)
-    s.add_argument("--block-size", type=parse_size, default=4096)
-    s.add_argument("--iodepth", type=int, default=16)
+    s.add_argument("--size", type=positive_size, default=256 << 20)
+    s.add_argument("--block-size", type=positive_size, default=4096)
+    s.add_argument("--iodepth", type=positive_int, default=16)
     s.add_argument("--seconds", type=float, default=5.0)
     common(s)
     s.set_defaults(func=_guarded(cmd_bench))
