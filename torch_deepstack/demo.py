@@ -20,20 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from torch_deepstack.cli_args import int_at_least
+
 VOCAB = 128
 BATCH = 16  # sequences per training step; the loader drops a short last batch
-
-
-def _int_at_least(lowest: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = lowest - 1
-        if n < lowest:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}{what}, got {text!r}")
-        return n
-    return parse
 
 
 def _device(text: str) -> str:
@@ -46,10 +36,10 @@ def _device(text: str) -> str:
 def add_parser(sub):
     p = sub.add_parser("demo", help="end-to-end demo: storage -> data -> FP8/MoE/MLA training -> checkpoint -> decode")
     p.add_argument("--root", help="directory for the embedded file system (default: a temporary directory)")
-    p.add_argument("--steps", type=_int_at_least(1, ""), default=40, help="training steps (default 40)")
-    p.add_argument("--samples", type=_int_at_least(BATCH, " (one training batch)"), default=2048,
+    p.add_argument("--steps", type=int_at_least(1), default=40, help="training steps (default 40)")
+    p.add_argument("--samples", type=int_at_least(BATCH, " (one training batch)"), default=2048,
                    help="sequences in the packed corpus")
-    p.add_argument("--workers", type=_int_at_least(0, ""), default=2, help="DataLoader workers")
+    p.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader workers")
     p.add_argument("--device", type=_device, default="auto",
                    help="cpu, cuda or auto (cuda when an sm_90 GPU is present)")
     p.add_argument("--seed", type=int, default=0)

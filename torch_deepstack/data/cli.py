@@ -16,6 +16,8 @@ import pickle
 import sys
 import time
 
+from torch_deepstack.cli_args import int_at_least
+
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -31,13 +33,7 @@ def _align(text: str) -> int | str:
     # What PackWriter accepts: "auto" or a positive byte count; checked here so the error names --align.
     if text.strip().lower() == "auto":
         return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number of bytes, got {text!r}")
-    return n
+    return int_at_least(1, " bytes, or 'auto'")(text)
 
 
 def add_parser(subparsers) -> None:

@@ -5,15 +5,11 @@ import argparse
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from torch_deepstack.cli_args import int_at_least
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:  # 0 would silently mean "default" and a negative count fails deep in ThreadPoolExecutor
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return n
+
+# 0 would silently mean "default" and a negative count fails deep in ThreadPoolExecutor
+_positive_int = int_at_least(1)
 
 
 def add_parser(sub):

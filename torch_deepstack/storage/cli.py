@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+from torch_deepstack.cli_args import int_at_least
+
 UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -34,14 +36,7 @@ def positive_size(text: str) -> int:
     return n
 
 
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return n
+positive_int = int_at_least(1)
 
 
 def _port(text: str, lowest: int = 0) -> int:
