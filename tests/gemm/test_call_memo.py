@@ -117,3 +117,6 @@ def test_contiguous_group_ids_checked_on_every_call_unless_unchanged(stubs, monk
     checks.IDS_CHECKED.note((fresh,), (2,))                       # e.g. FP8Experts' own layout
     kernels.m_grouped_contiguous_cuda(a, sfa, bg, sfbg, d, fresh)
     assert len(seen) == 2 and _launches(kernels_by_spec) == 4
+    monkeypatch.setenv("DEEPSTACK_GEMM_CHECK_IDS", "0")          # opted out: no data check (no sync) at all
+    kernels.m_grouped_contiguous_cuda(a, sfa, bg, sfbg, d, ids.clone().fill_(1))
+    assert len(seen) == 2 and _launches(kernels_by_spec) == 5

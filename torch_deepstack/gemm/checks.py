@@ -14,6 +14,8 @@ Constraints (SM90 kernels; the CPU reference accepts the same inputs):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from torch_deepstack.checks import CheckedData, check_same_device  # noqa: F401  (re-exported for the area)
@@ -128,8 +130,11 @@ def check_m_indices_values(op: str, m_indices: torch.Tensor, num_groups: int) ->
 
 def check_m_indices_once(op: str, m_indices: torch.Tensor, num_groups: int) -> None:
     """check_m_indices_values unless these ids passed at their current version; skipped during CUDA-graph capture
-    (no host sync there, as the MLA and EP data checks)."""
+    (no host sync there, as the MLA and EP data checks) and with DEEPSTACK_GEMM_CHECK_IDS=0 (for callers that pass
+    new, known-good id tensors every call and cannot afford the sync)."""
     if m_indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if os.environ.get("DEEPSTACK_GEMM_CHECK_IDS", "1") == "0":
         return
     IDS_CHECKED.check_once((m_indices,), (num_groups,), lambda: check_m_indices_values(op, m_indices, num_groups))
 
