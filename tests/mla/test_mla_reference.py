@@ -194,7 +194,8 @@ def test_paged_cache_refused_calls_change_nothing():
     later decodes attended to); request slots and token counts are checked."""
     pc = PagedKVCache(num_blocks=2, max_batch=3, max_seq_len=256)
     pc.append(0, torch.randn(10, 1, 576).to(torch.bfloat16))
-    state = lambda: (pc.seqlens.tolist(), pc.block_table.tolist(), pc.num_free_blocks, [pc.blocks_of(r) for r in range(3)])
+    def state():
+        return pc.seqlens.tolist(), pc.block_table.tolist(), pc.num_free_blocks, [pc.blocks_of(r) for r in range(3)]
     before = state()
     with pytest.raises(RuntimeError, match="kv .* must match k_cache"):
         pc.append(1, torch.randn(3, 1, 576))                                     # fp32 kv, bf16 cache

@@ -72,7 +72,8 @@ def test_eps_must_be_positive_and_finite(eps):
     from torch_deepstack.quant import swiglu_quant_fp8
     x = torch.zeros(128, 256, dtype=torch.bfloat16)
     for quantise in (lambda: per_token_group_quant_fp8(x, eps=eps), lambda: swiglu_quant_fp8(x, eps=eps),
-                     lambda: gemm_api.per_block_quant_fp8(x, eps=eps), lambda: gemm_api.per_block_quant_fp8_dual(x, eps=eps),
+                     lambda: gemm_api.per_block_quant_fp8(x, eps=eps),
+                     lambda: gemm_api.per_block_quant_fp8_dual(x, eps=eps),
                      lambda: gemm_api.per_token_group_quant_fp8_t(x, eps=eps),
                      lambda: gemm_api.per_token_group_quant_fp8_dual(x, eps=eps)):
         with pytest.raises(ValueError, match="eps must be a positive finite number"):

@@ -4,8 +4,9 @@ Constraints (SM90 kernels; the CPU reference accepts the same inputs):
   - A and B are float8_e4m3fn, contiguous in K (stride(-1) == 1). K % 16 == 0 and every row stride is a multiple of
     16 elements, with 16-byte aligned base pointers: TMA reads rows in 16-byte units. K need not be a multiple
     of 128: the last 128-wide K slice is zero-filled.
-  - M >= 0 and N >= 0 are free (an empty D is a no-op). Output D is bf16 or fp32 (fp32 only for the weight-gradient GEMMs), contiguous
-    in N; when N is even its row stride must be even (pairs of columns are stored together).
+  - M >= 0 and N >= 0 are free (an empty D is a no-op). Output D is bf16 or fp32 (fp32 only for the
+    weight-gradient GEMMs), contiguous in N; when N is even its row stride must be even (pairs of columns are
+    stored together).
   - Scales are float32. SFA [.., M, ceil(K/128)] in any layout (converted in one copy when it is not MN-major
     TMA-aligned). SFB [.., ceil(N/128), ceil(K/128)] in any strides (1D2D), or [N, ceil(K/128)] per row (wgrad).
   - Contiguous grouped: m_indices values in [-1, G), and each 128-row block of A holds rows of at most one group
