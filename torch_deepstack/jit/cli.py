@@ -8,16 +8,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from torch_deepstack.cli_args import int_at_least
 
 
-# 0 would silently mean "default" and a negative count fails deep in ThreadPoolExecutor
-_positive_int = int_at_least(1)
-
-
 def add_parser(sub):
     p = sub.add_parser("jit", help="manage the JIT kernel cache (prebuild, list, clear)")
     p.add_argument("action", nargs="?", choices=("prebuild", "list", "clear"), help="what to do")
     p.add_argument("--prebuild", action="store_true", help="same as the action 'prebuild'")
     p.add_argument("--area", action="append", help="limit prebuild to these areas (repeatable)")
-    p.add_argument("-j", "--jobs", type=_positive_int, default=None, help="parallel nvcc processes")
+    # (0 would silently mean "default"; a negative count failed deep in ThreadPoolExecutor)
+    p.add_argument("-j", "--jobs", type=int_at_least(1), default=None, help="parallel nvcc processes")
     p.set_defaults(func=run)
     return p
 

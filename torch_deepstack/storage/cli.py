@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from torch_deepstack.cli_args import int_at_least
+from torch_deepstack.cli_args import int_at_least, int_in_range
 
 UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -39,15 +39,9 @@ def positive_size(text: str) -> int:
 positive_int = int_at_least(1)
 
 
-def _port(text: str, lowest: int = 0) -> int:
-    # Checked here so an out-of-range port is a usage error, not an OverflowError from bind()/connect().
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not lowest <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be an integer in {lowest}..65535, got {text!r}")
-    return port
+# Checked here so an out-of-range port is a usage error, not an OverflowError from bind()/connect().
+_port = int_in_range(0, 65535, " (a port)")
+_peer_port = int_in_range(1, 65535, " (a port; a peer cannot listen on 0)")
 
 
 def _secret(args) -> bytes | None:
@@ -69,7 +63,7 @@ def _hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, _port(port, lowest=1)  # a peer cannot listen on port 0
+    return host, _peer_port(port)
 
 
 def _wait_forever(stop) -> int:
