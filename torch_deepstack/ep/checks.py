@@ -9,10 +9,6 @@ DATA_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 FP8_GROUP = 128
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def check_topology(op: str, num_experts: int, num_ranks: int) -> int:
     torch._check(num_ranks >= 1, lambda: f"{op}: num_ranks must be >= 1, got {num_ranks}")
     torch._check(num_experts >= num_ranks and num_experts % num_ranks == 0,
@@ -58,9 +54,9 @@ EXPERT_IDS_CHECKED = CheckedData()
 
 def check_expert_range(op: str, topk_idx: torch.Tensor, num_experts: int) -> None:
     """Data check (a host sync on GPU, skipped while a CUDA graph is being captured; once per tensor version)."""
-    if topk_idx.numel() == 0 or _capturing(topk_idx):
+    if topk_idx.numel() == 0:
         return
-    EXPERT_IDS_CHECKED.check_once((topk_idx,), (num_experts,),
+    EXPERT_IDS_CHECKED.check_eager((topk_idx,), (num_experts,),
                                   lambda: _check_expert_range_now(op, topk_idx, num_experts))
 
 

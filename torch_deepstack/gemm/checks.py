@@ -133,11 +133,9 @@ def check_m_indices_once(op: str, m_indices: torch.Tensor, num_groups: int) -> N
     """check_m_indices_values unless these ids passed at their current version; skipped during CUDA-graph capture
     (no host sync there, as the MLA and EP data checks) and with DEEPSTACK_GEMM_CHECK_IDS=0 (for callers that pass
     new, known-good id tensors every call and cannot afford the sync)."""
-    if m_indices.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
     if os.environ.get("DEEPSTACK_GEMM_CHECK_IDS", "1") == "0":
         return
-    IDS_CHECKED.check_once((m_indices,), (num_groups,), lambda: check_m_indices_values(op, m_indices, num_groups))
+    IDS_CHECKED.check_eager((m_indices,), (num_groups,), lambda: check_m_indices_values(op, m_indices, num_groups))
 
 
 def check_masked(op, a, sfa, b, sfb, d, masked_m, expected_m):
@@ -239,9 +237,7 @@ def check_moe_rows_range(op: str, rows: torch.Tensor, num_rows: int) -> None:
 
 def check_moe_rows_range_once(op: str, rows: torch.Tensor, num_rows: int) -> None:
     """check_moe_rows_range unless these rows passed (or were noted) at their version; not under CUDA-graph capture."""
-    if rows.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    ROWS_CHECKED.check_once((rows,), (num_rows,), lambda: check_moe_rows_range(op, rows, num_rows))
+    ROWS_CHECKED.check_eager((rows,), (num_rows,), lambda: check_moe_rows_range(op, rows, num_rows))
 
 
 def check_moe_combine_weight_grad(op: str, grad, y, rows) -> None:
