@@ -265,6 +265,8 @@ def main():
     ap.add_argument("--dense-only", action="store_true", help="skip the grouped and masked shapes")
     ap.add_argument("--contiguous-only", action="store_true",
                     help="only the grouped contiguous shapes (use with --no-save: the table would lose the others)")
+    ap.add_argument("--masked-only", action="store_true",
+                    help="only the masked shapes (use with --no-save: the table would lose the others)")
     ap.add_argument("--no-save", action="store_true", help="print only (docs/benchmarks.md left as it is)")
     ap.add_argument("--samples", default="", help="write every contender's samples (ms, time order) to this JSON")
     ap.add_argument("--no-deepgemm", action="store_true", help="leave out a live DeepGEMM even if it imports")
@@ -301,6 +303,8 @@ def main():
         dense(table, [64, 4096], [(2112, 7168), (7168, 16384)])
     elif args.contiguous_only:
         grouped(table, GROUPED, GROUPED_NK)
+    elif args.masked_only:
+        masked(table, MASKED, GROUPED_NK)
     else:
         dense(table, [int(v) for v in args.ms.split(",")], NK)
         if not args.dense_only:
