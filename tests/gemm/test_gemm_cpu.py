@@ -285,6 +285,35 @@ def test_fp8_linear_autograd_matches_linear(dtype):
     torch.testing.assert_close(f8.bias.grad.float(), bias.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_fp8_linear_mixed_dtypes_follow_their_own_tensors():
+    """bf16 activations on fp32 master weights (the DeepSeek-V3 recipe's layout): y and dx in x's dtype, dW in W's,
+    values within the FP8 tolerances of an fp32 linear."""
+    torch.manual_seed(0)
+    f8 = FP8Linear(256, 128, dtype=torch.float32)
+    x = fresh_randn(40, 256, dtype=torch.bfloat16).requires_grad_()
+    gy = fresh_randn(40, 128, dtype=torch.bfloat16)
+    y = f8(x)
+    y.backward(gy)
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and f8.weight.grad.dtype == torch.float32
+    x2 = x.detach().float().requires_grad_()
+    w = f8.weight.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w, f8.bias.detach()).backward(gy.float())
+    assert calc_diff(y, torch.nn.functional.linear(x2, w, f8.bias).detach()) < 2e-3
+    assert calc_diff(x.grad, x2.grad) < 2e-3
+    assert calc_diff(f8.weight.grad, w.grad) < 2e-3
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float64, torch.float32), (torch.int64, torch.bfloat16),
+                                              (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_fp8_linear_refuses_dtypes_it_cannot_quantise(x_dtype, w_dtype, grad):
+    f8 = FP8Linear(128, 128, dtype=torch.float32).to(w_dtype)
+    x = torch.ones(3, 128, dtype=x_dtype)
+    with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=r"FP8Linear: input and weight must be bfloat16, "
+                                                                      r"float16 or float32, got input .* and weight"):
+        f8(x)
+
+
 def test_fp8_linear_inference_skips_autograd_work(monkeypatch):
     """Under no_grad (or with nothing requiring grad) FP8Linear builds no autograd node and does not quantise x for a
     weight gradient; its output is the training path's, bit for bit."""

@@ -11,7 +11,8 @@ when a data gradient will be needed) are cached and redone only when the weight 
 counter, bumped by optimizer steps), so a training step reads W once to quantise it. x and dy are each quantised
 in both layouts in one pass too (per_token_group_quant_fp8_dual): six kernels per training step. The forward saves
 x in FP8 (transposed, ready for wgrad), not in bf16.
-Constraints: in_features and out_features multiples of 128.
+Constraints: in_features and out_features multiples of 128; x and W bf16, fp16 or fp32, not necessarily the same
+(y and dx come out in x's dtype, dW in W's).
 """
 from __future__ import annotations
 
@@ -138,6 +139,9 @@ def _rows(t: torch.Tensor, c: int) -> torch.Tensor:
     if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) != c) or misaligned:
         t2 = t2.clone(memory_format=torch.contiguous_format)
     return t2
+
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _out_dtype(dtype):
@@ -289,6 +293,11 @@ class FP8Linear(FrozenFP8Weights, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear: input last dim {x.shape[-1]} != in_features {self.in_features}")
+        # x and W may differ in dtype (bf16 activations on fp32 master weights: both are quantised to FP8 anyway);
+        # each must be one the quantisers read. nn.Linear would refuse the mix; here y and dx follow x, dW follows W.
+        if x.dtype not in _FLOAT_DTYPES or self.weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"FP8Linear: input and weight must be bfloat16, float16 or float32, got input {x.dtype} "
+                            f"and weight {self.weight.dtype}")
         params = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in params):
             return _FP8LinearFn.apply(x, self.weight, self.bias, self._cache, x.requires_grad)
