@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from torch_deepstack.storage.chunk_engine import ChunkEngine
+from torch_deepstack.storage.chunk_engine import FIRST_VERSION, ChunkEngine
 from torch_deepstack.storage.crc import _py_crc32c, crc32c
 from torch_deepstack.storage.errors import ChunkCorrupt, InvalidArgument, InvalidPath, NoSpace, NotFound
 
@@ -52,6 +52,27 @@ def test_write_read_roundtrip(tmp_path, direct_io):
     assert eng.read("0000000000000002-00000000", 0, 102)[1] == bytes(100) + b"ab"
     assert eng.read("0000000000000003-00000000", 0, 10)[0] == 0
     eng.close()
+
+
+def test_remove_version_removes_only_that_version(tmp_path):
+    """A failed write's cleanup removes the version it created; one written since (by another engine on the
+    target too, whose commit this engine has not seen) stays."""
+    eng, other = ChunkEngine(str(tmp_path / "t"), "t0"), ChunkEngine(str(tmp_path / "t"), "t0")
+    cid = "0000000000000001-00000000"
+    created = eng.update(cid, 0, b"a" * 100, CS)
+    assert created.ver == FIRST_VERSION
+    assert eng.update(cid, 200, b"b", CS).ver == FIRST_VERSION + 1  # merges into a new version
+    assert not eng.remove_version(cid, created.ver)
+    assert eng.read(cid, 0, CS)[1] == b"a" * 100 + bytes(100) + b"b"
+    assert eng.remove_version(cid, FIRST_VERSION + 1)
+    assert eng.read(cid, 0, CS)[0] == 0 and os.listdir(tmp_path / "t" / "data" / "00") == []
+    created = eng.update(cid, 0, b"c", CS)
+    assert created.ver == FIRST_VERSION
+    other.update(cid, 1, b"d", CS)
+    assert not eng.remove_version(cid, created.ver)  # checked in the same transaction as the removal
+    assert eng.read(cid, 0, CS)[1] == b"cd"
+    eng.close()
+    other.close()
 
 
 def test_flipped_byte_is_detected(tmp_path):

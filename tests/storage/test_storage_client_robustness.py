@@ -7,6 +7,7 @@ import pytest
 
 import torch_deepstack.storage as st
 from tests.helpers import use_storage_read_path
+from tests.storage.cleanup_race import cleanup_between_chunk_writes_and_publish
 from torch_deepstack.storage import InvalidArgument, NoSpace, NotFound
 
 CS = 64 << 10
@@ -30,6 +31,21 @@ def test_failed_write_keeps_chunks_another_handle_acknowledged(tmp_path):
         with pytest.raises(NoSpace):
             a.close()
         assert fs.read_bytes("/f") == b"B" * CS
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_failed_write_cleanup_keeps_a_chunk_another_handle_is_publishing(tmp_path, monkeypatch, first):
+    """A's write past the end fails; its cleanup runs after B wrote the same chunk but before B published its
+    length. It must remove only a chunk version A's write created, never B's acknowledged bytes."""
+    with st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False) as fs:
+        engine = fs.backend.engine
+        real_update = engine.update
+
+        def install(hook):
+            monkeypatch.setattr(engine, "update", lambda cid, off, data, cs: hook(
+                cid, data, lambda: real_update(cid, off, data, cs)))
+        got = cleanup_between_chunk_writes_and_publish(fs, CS, first, install, NoSpace("injected"))
+        assert got == b"B" * 100
 
 
 def test_failed_write_still_reclaims_chunks_past_the_current_end(tmp_path):

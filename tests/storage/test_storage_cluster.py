@@ -9,6 +9,7 @@ import time
 import pytest
 
 import torch_deepstack.storage as st
+from tests.storage.cleanup_race import cleanup_between_chunk_writes_and_publish
 from tests.storage.torn_reads import torn_chunk_reads
 from torch_deepstack.storage.rpc import RpcClient
 
@@ -256,3 +257,42 @@ def test_cluster_full_disk_refuses_writes_and_loses_nothing(cluster_factory):
         assert fs.read_bytes("/small") == b"s" * 100
     for chain, reps in replica_dumps(c).items():
         assert len({tuple(sorted(v.items())) for v in reps.values()}) == 1, (chain, reps)
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_cluster_failed_write_cleanup_keeps_a_chunk_another_handle_is_publishing(cluster_factory, monkeypatch,
+                                                                                 first):
+    """As in the embedded test: the cleanup's removal is version-checked on every replica of the chain."""
+    c = cluster_factory().start()
+    with c.connect(retry_for=10) as fs:
+        real_write_one = fs.backend._write_one
+
+        def install(hook):
+            monkeypatch.setattr(fs.backend, "_write_one", lambda w: hook(w[1], w[3], lambda: real_write_one(w)))
+        got = cleanup_between_chunk_writes_and_publish(fs, CS, first, install, st.Unavailable("injected"))
+        assert got == b"B" * 100
+    for chain, reps in replica_dumps(c).items():
+        assert len({tuple(sorted(v.items())) for v in reps.values()}) == 1, (chain, reps)
+
+
+def test_cluster_failed_write_of_a_new_chunk_leaves_no_replica_holding_it(cluster_factory):
+    """The head runs out of space for a chunk its successors have already committed: the head removes that
+    version from the chain before answering (the client cannot: it never learns the version of a failed write)."""
+    c = cluster_factory(service_args=["--capacity", str(2 * CS)]).start()
+    with c.connect(retry_for=10) as fs:
+        fs.write_bytes("/f", b"")
+        ino = fs.stat("/f")
+        routing = c.routing()
+        head = routing["chains"][ino.chains[0]]["targets"][0]["id"]
+        host, port = routing["addresses"][head].rsplit(":", 1)
+        svc = RpcClient(host, int(port), c.secret, timeout=10)
+        try:  # fill the head alone
+            svc.call("sync_write", {"target": head, "chunk": "00000000000000ff-00000000", "ver": 1}, b"j" * 2 * CS)
+        finally:
+            svc.close()
+        with pytest.raises(st.NoSpace):
+            with fs.open("/f", "r+b") as f:
+                f.write(b"x" * 100)
+    chunk = f"{ino.inode:016x}-00000000"
+    held = {t: v[chunk] for t, v in replica_dumps(c)[ino.chains[0]].items() if chunk in v}
+    assert held == {}

@@ -22,6 +22,11 @@ committed to chunks.db since (SQLite's data_version). Version files are created 
 processes never write into one file, and each commit swaps the row inside one SQLite transaction and retires
 exactly the versions that row referenced.
 
+Versions of a chunk count up from FIRST_VERSION while it exists; each update's version is one past the
+chunk's highest. So a chunk holding its first version holds nothing but the bytes of the write that created it
+(every later write merged into it makes a new version), which is what lets a failed write's cleanup remove
+just the chunks it created, with `remove_version`.
+
 Checksums: CRC32C of the whole chunk (`crc`), plus one CRC32C per `crc_block` bytes (`page_crcs`) so a small
 random read can be verified without reading the whole chunk. A mismatch raises `ChunkCorrupt`.
 
@@ -54,6 +59,7 @@ log = logging.getLogger("torch_deepstack.storage")
 
 ALIGN = 4096
 FORMAT = 1
+FIRST_VERSION = 1  # of a chunk that did not exist (see the module docstring)
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -99,6 +105,12 @@ class ChunkMeta:
             "pending": self.pending.to_json() if self.pending else None,
             "chain_ver": self.chain_ver,
         }
+
+
+def next_version(m: ChunkMeta | None) -> int:
+    """The version an update of a chunk gets: FIRST_VERSION where it does not exist, else one past its highest."""
+    held = [v.ver for v in (m.committed, m.pending) if v] if m else []
+    return max(held) + 1 if held else FIRST_VERSION
 
 
 class _Handle:
@@ -456,14 +468,19 @@ class ChunkEngine:
         with self._db_lock:
             self._write_row(m)
 
-    def _swap(self, m: ChunkMeta) -> set[int]:
+    def _swap(self, m: ChunkMeta, *, only_if=None) -> set[int] | None:
         """Replace the chunk's row in one transaction; returns the versions the replaced row referenced
-        (read inside the transaction, so a commit by another process in between is retired too)."""
+        (read inside the transaction, so a commit by another process in between is retired too).
+        only_if(replaced row as a ChunkMeta): replace it only where this holds, else change nothing, return None."""
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(f"SELECT {self._COLUMNS} FROM chunks WHERE id = ?",
                                        (m.chunk_id,)).fetchone()
+                old = self._from_row(row) if row is not None else ChunkMeta(m.chunk_id)
+                if only_if is not None and not only_if(old):
+                    self._db.execute("ROLLBACK")
+                    return None
                 self._write_row(m)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -471,7 +488,6 @@ class ChunkEngine:
                 raise
             # Our own commit does not move data_version; another process's commit before ours did, but its row
             # is now replaced by ours, so nothing cached is stale on its account.
-        old = self._from_row(row) if row is not None else ChunkMeta(m.chunk_id)
         return {v.ver for v in (old.committed, old.pending) if v is not None}
 
     # ------------------------------------------------------------------ read path
@@ -719,9 +735,7 @@ class ChunkEngine:
                     if attempt == 7:
                         raise
                     continue  # retired by another process's commit after our fetch: read the new row
-                m = self._meta.get(cid)
-                ver = max([0] + ([x.ver for x in (m.committed, m.pending) if x] if m else [])) + 1
-                v = self._make_version(ver, content)
+                v = self._make_version(next_version(self._meta.get(cid)), content)
                 for _ in range(64):
                     try:
                         self._write_file(self._data_path(cid, v.ver), content, exclusive=True)
@@ -743,6 +757,27 @@ class ChunkEngine:
             for ver in old:
                 self._remove_file(cid, ver)
             return bool(old)
+
+    def remove_version(self, cid: str, ver: int) -> bool:
+        """Remove the chunk only while `ver` is its committed version (or, with none committed, its pending one);
+        returns whether it did. A version written since (here or by another process) stays: the check and the
+        removal are one SQLite transaction."""
+        self._check_writable()
+        validate_chunk_id(cid)
+
+        def holds_ver(m: ChunkMeta) -> bool:
+            current = m.committed or m.pending
+            return current is not None and current.ver == ver
+        with self._lock_for(cid):
+            with self._meta_lock:
+                old = self._swap(ChunkMeta(cid), only_if=holds_ver)
+                if old is None:
+                    return False
+                self._meta.pop(cid, None)
+                self._changed(cid)
+            for v in old:
+                self._remove_file(cid, v)
+            return True
 
     def _remove_file(self, cid: str, ver: int) -> None:
         path = self._data_path(cid, ver)

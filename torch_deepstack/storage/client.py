@@ -237,11 +237,18 @@ class DataBackend:
         """Fill each read's n or error. `deadline` (time.monotonic()) bounds waiting and retrying."""
         raise NotImplementedError
 
-    def write_chunks(self, writes: list[tuple[str, str, int, memoryview, int]]) -> None:
-        """writes: (chain, chunk id, offset in chunk, data, chunk_size); all or raise."""
+    def write_chunks(self, writes: list[tuple[str, str, int, memoryview, int]],
+                     created: list[tuple[str, str, int]] | None = None) -> None:
+        """writes: (chain, chunk id, offset in chunk, data, chunk_size); all or raise, once every write has
+        finished. `created` receives (chain, chunk id, version) for each chunk a write created (the chunk did not
+        exist: its version is chunk_engine.FIRST_VERSION), also when the call raises."""
         raise NotImplementedError
 
     def remove_chunks(self, items: list[tuple[str, str]]) -> None:
+        raise NotImplementedError
+
+    def remove_chunk_versions(self, items: list[tuple[str, str, int]]) -> None:
+        """items: (chain, chunk id, version); each chunk is removed only while it still holds that version."""
         raise NotImplementedError
 
     def read_session(self, max_bytes: int, max_reads: int):
@@ -396,12 +403,12 @@ class File(io.RawIOBase):
         if self.closed or not self._wbuf:
             return
         data, pos = memoryview(bytes(self._wbuf)), self._wpos
-        self.fs._write_range(self._inode, pos, data)
+        created = self.fs._write_range(self._inode, pos, data)
         try:
             self._inode = self.fs.meta.set_length(self._inode["id"], pos + len(data))
         except NotFound:
             # Removed (or replaced) while open: the chunks just written belong to no file; reclaim them.
-            self.fs._reclaim_unpublished(self._inode, pos, len(data))
+            self.fs._reclaim_unpublished(self._inode, pos, len(data), created)
             raise
         # Only now: a failed write keeps the bytes buffered, so a retried flush()/close() still writes them.
         self._wbuf = bytearray()
@@ -593,7 +600,8 @@ class FileSystem:
         with self.open(path, "wb", chunk_size=chunk_size) as f:
             return f.write(data)
 
-    def _write_range(self, inode: dict, pos: int, data: memoryview) -> None:
+    def _write_range(self, inode: dict, pos: int, data: memoryview) -> list[tuple[str, str, int]]:
+        """Write the chunks of [pos, pos + len(data)); returns the chunks it created (see write_chunks)."""
         cs, chains = inode["chunk_size"], inode["chains"]
         writes = []
         off = 0
@@ -602,29 +610,38 @@ class FileSystem:
             n = min(cs - in_chunk, len(data) - off)
             writes.append((chains[idx % len(chains)], chunk_id(inode["id"], idx), in_chunk, data[off:off + n], cs))
             off += n
+        created = []
         try:
-            self.backend.write_chunks(writes)
+            self.backend.write_chunks(writes, created)
         except BaseException:
-            self._reclaim_unpublished(inode, pos, len(data))
+            self._reclaim_unpublished(inode, pos, len(data), created)
             raise
+        return created
 
-    def _reclaim_unpublished(self, inode: dict, pos: int, n: int) -> None:
-        """After a failed write of [pos, pos + n): remove the chunks it touched that no published length covers
+    def _reclaim_unpublished(self, inode: dict, pos: int, n: int, created: list[tuple[str, str, int]]) -> None:
+        """After a failed write of [pos, pos + n): remove the chunks it created that no published length covers
         (unreachable, they would only hold space). Best effort: the write's own error is what callers see.
 
         The length is re-read from metadata, not taken from the handle's cached inode: another handle may have
-        extended the file (and acknowledged its chunks) since this one looked."""
+        extended the file (and acknowledged its chunks) since this one looked. Another handle may also be
+        writing the same chunks past the end right now and publish its length after this cleanup. So only the
+        chunks this write created go, each only while it still holds the version this write gave it (a later
+        write merges into a new version); a chunk this write merged into may hold the other handle's bytes
+        and stays."""
         try:
+            cs, chains = inode["chunk_size"], inode["chains"]
             try:
                 length = self.meta.inode(inode["id"])["length"]
-            except NotFound:
-                length = 0  # the file is gone (inode ids are never reused): none of its chunks is reachable
-            cs, chains = inode["chunk_size"], inode["chains"]
-            first = max(pos // cs, -(-length // cs))
-            fresh = [(chains[idx % len(chains)], chunk_id(inode["id"], idx))
-                     for idx in range(first, -(-(pos + n) // cs))]
-            if fresh:
-                self.backend.remove_chunks(fresh)
+            except NotFound:  # the file is gone (inode ids are never reused): none of its chunks is reachable
+                gone = [(chains[idx % len(chains)], chunk_id(inode["id"], idx))
+                        for idx in range(pos // cs, -(-(pos + n) // cs))]
+                if gone:
+                    self.backend.remove_chunks(gone)
+                return
+            unpublished = {chunk_id(inode["id"], idx) for idx in range(-(-length // cs), -(-(pos + n) // cs))}
+            mine = [c for c in created if c[1] in unpublished]
+            if mine:
+                self.backend.remove_chunk_versions(mine)
         except Exception:  # noqa: BLE001 - the original error matters more; chunks left stay unreachable
             pass
 

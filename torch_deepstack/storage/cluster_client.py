@@ -19,6 +19,7 @@ import zlib
 from torch_deepstack.storage.threads import ForkSafeExecutor, run_each
 
 from torch_deepstack.storage import array_read
+from torch_deepstack.storage.chunk_engine import FIRST_VERSION
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
 from torch_deepstack.storage.errors import (InvalidArgument, NotServing, StaleRouting, StorageError, Unavailable,
                                             error_from_code)
@@ -298,13 +299,19 @@ class ClusterBackend(DataBackend):
                 delay = min(delay * 2, 0.5)
                 self.refresh()
 
-    def _write_one(self, w) -> None:
+    def _write_one(self, w) -> int:
+        """Returns the chunk version the write committed."""
         chain_id, cid, off, data, cs = w
-        self._call_head(chain_id, "write", {"chunk": cid, "offset": off, "chunk_size": cs}, data,
-                        timeout=self.timeout * 4, what=f"write of chunk {cid}")
+        result, _ = self._call_head(chain_id, "write", {"chunk": cid, "offset": off, "chunk_size": cs}, data,
+                                    timeout=self.timeout * 4, what=f"write of chunk {cid}")
+        return result["ver"]
 
-    def write_chunks(self, writes) -> None:
-        run_each(self.pool, self._write_one, writes)
+    def write_chunks(self, writes, created=None) -> None:
+        def one(w):
+            ver = self._write_one(w)
+            if created is not None and ver == FIRST_VERSION:
+                created.append((w[0], w[1], ver))
+        run_each(self.pool, one, writes)
 
     def remove_chunks(self, items) -> None:
         by_chain: dict[str, list[str]] = {}
@@ -312,6 +319,16 @@ class ClusterBackend(DataBackend):
             by_chain.setdefault(chain, []).append(cid)
         for chain_id, cids in by_chain.items():
             self._call_head(chain_id, "remove", {"chunks": cids}, what=f"removal of {len(cids)} chunks")
+
+    def remove_chunk_versions(self, items) -> None:
+        by_chain: dict[str, tuple[list[str], list[int]]] = {}
+        for chain, cid, ver in items:
+            cids, vers = by_chain.setdefault(chain, ([], []))
+            cids.append(cid)
+            vers.append(ver)
+        for chain_id, (cids, vers) in by_chain.items():
+            self._call_head(chain_id, "remove_versions", {"chunks": cids, "vers": vers},
+                            what=f"removal of {len(cids)} chunk versions")
 
     def service_call(self, target: str, method: str, args: dict, payload=None):
         return self._client(target).call(method, args, payload)

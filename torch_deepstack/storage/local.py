@@ -13,7 +13,7 @@ import os
 from torch_deepstack.storage.threads import ForkSafeExecutor, run_each, wait_all
 
 from torch_deepstack.storage import array_read, fastio
-from torch_deepstack.storage.chunk_engine import ChunkEngine
+from torch_deepstack.storage.chunk_engine import FIRST_VERSION, ChunkEngine
 from torch_deepstack.storage.client import ChunkRead, DataBackend, FileSystem
 from torch_deepstack.storage.errors import InvalidArgument, NotFound, StorageError
 from torch_deepstack.storage.kv import SQLiteKV
@@ -76,15 +76,21 @@ class LocalBackend(DataBackend):
     def revalidate(self):
         self.engine.revalidate()
 
-    def write_chunks(self, writes):
+    def write_chunks(self, writes, created=None):
         def one(w):
-            _, cid, off, data, cs = w
-            self.engine.update(cid, off, data, cs)
+            chain, cid, off, data, cs = w
+            ver = self.engine.update(cid, off, data, cs).ver
+            if created is not None and ver == FIRST_VERSION:
+                created.append((chain, cid, ver))
         run_each(self.pool, one, writes)
 
     def remove_chunks(self, items):
         for _, cid in items:
             self.engine.remove(cid)
+
+    def remove_chunk_versions(self, items):
+        for _, cid, ver in items:
+            self.engine.remove_version(cid, ver)
 
     def close(self):
         self.pool.shutdown(wait=True)

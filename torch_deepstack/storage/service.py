@@ -27,7 +27,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from torch_deepstack.storage import fastio
-from torch_deepstack.storage.chunk_engine import ChunkEngine, aligned_buffer
+from torch_deepstack.storage.chunk_engine import FIRST_VERSION, ChunkEngine, aligned_buffer, next_version
 from torch_deepstack.storage.errors import (InvalidArgument, NotFound, NotServing, StaleRouting, StorageError,
                                             Unavailable)
 from torch_deepstack.storage.paths import validate_chunk_id
@@ -104,7 +104,8 @@ class StorageService:
         self._stop = threading.Event()
         handlers = {
             "read": self._rpc_read, "write": self._rpc_write, "replicate": self._rpc_replicate,
-            "remove": self._rpc_remove, "dump_meta": self._rpc_dump_meta, "sync_write": self._rpc_sync_write,
+            "remove": self._rpc_remove, "remove_versions": self._rpc_remove_versions,
+            "dump_meta": self._rpc_dump_meta, "sync_write": self._rpc_sync_write,
             "sync_remove": self._rpc_sync_remove, "sync_done": self._rpc_sync_done, "verify": self._rpc_verify,
             "repair": self._rpc_repair, "ping": lambda a, p: ({"service": self.service_id}, None),
             "short_circuit": self._rpc_short_circuit,
@@ -351,11 +352,26 @@ class StorageService:
         deadline = time.monotonic() + self.rpc_timeout * 3
         with self._writing(chain_id, chain["version"]), self._locks.get(tid + cid):
             content = eng.patched(cid, offset, payload, chunk_size)
-            m = eng.meta(cid)
-            ver = 1 + max([x.ver for x in (m.committed, m.pending) if x] if m else [0], default=0)
-            self._store_and_forward(eng, chain_id, tid, cid, ver, content, chain["version"], deadline)
-            eng.commit(cid, ver)
+            ver = next_version(eng.meta(cid))
+            try:
+                self._store_and_forward(eng, chain_id, tid, cid, ver, content, chain["version"], deadline)
+                eng.commit(cid, ver)
+            except Exception:
+                if ver == FIRST_VERSION:
+                    self._undo_created(chain_id, tid, cid, ver)
+                raise
         return {"ver": ver, "length": len(content)}, None
+
+    def _undo_created(self, chain_id: str, tid: str, cid: str, ver: int) -> None:
+        """A failed write that created a chunk may have left its version on some replicas (committed at the tail,
+        pending elsewhere): remove it everywhere, best effort, while the caller still holds the chunk lock. The
+        client could not do it safely later: this head may hold no version of the chunk, so the next write would
+        get the same version number, and a version-checked removal would take that write's chunk."""
+        try:
+            self._engine(tid).remove_version(cid, ver)
+            self._forward(chain_id, tid, "remove_versions", {"chunks": [cid], "vers": [ver]}, None, deadline=0)
+        except StorageError as e:
+            log.info("%s: could not undo failed write of chunk %s v%d: %s", self.service_id, cid, ver, e)
 
     def _rpc_replicate(self, args, payload):
         self._check_lease()
@@ -387,6 +403,32 @@ class StorageService:
             self._forward(chain_id, tid, "remove", {"chunks": chunks}, None,
                           time.monotonic() + self.rpc_timeout * 2)
         return {"removed": len(chunks)}, None
+
+    def _rpc_remove_versions(self, args, payload):
+        """Remove each chunk only while its committed version is the one given (a failed write's cleanup: a
+        newer version holds another writer's bytes). A method of its own rather than an argument of `remove`:
+        a service that predates it refuses the call instead of ignoring the versions and removing anyway."""
+        self._check_lease()
+        chain_id, tid = _str(args, "chain"), _str(args, "target")
+        chunks, vers = args.get("chunks"), args.get("vers")
+        if not isinstance(chunks, list) or not isinstance(vers, list) or len(chunks) != len(vers):
+            raise InvalidArgument("remove_versions needs equal-length lists chunks and vers")
+        chunks = [validate_chunk_id(c) for c in chunks]
+        if not all(type(v) is int and 1 <= v <= 1 << 62 for v in vers):
+            raise InvalidArgument("remove_versions: each version must be an int >= 1")
+        chain = self._chain(chain_id, _int(args, "chain_ver"))
+        self._successor(chain, tid)
+        eng = self._engine(tid)
+        with self._writing(chain_id, chain["version"]), contextlib.ExitStack() as locked:
+            # The chunk locks are held until every successor has applied the removal too, as a write holds its
+            # lock until the chain committed: a write of the same chunk cannot reach some replicas before the
+            # removal and others after it. Sorted, so two removals never wait on each other.
+            for cid in sorted(set(chunks)):
+                locked.enter_context(self._locks.get(tid + cid))
+            removed = sum(eng.remove_version(cid, ver) for cid, ver in zip(chunks, vers))
+            self._forward(chain_id, tid, "remove_versions", {"chunks": chunks, "vers": vers}, None,
+                          time.monotonic() + self.rpc_timeout * 2)
+        return {"removed": removed}, None
 
     # ------------------------------------------------------------------ resync
     def _start_syncs(self, routing: dict) -> None:
