@@ -23,5 +23,12 @@ def test_edge_cases_zero_and_one_rows_and_unspecified_low_latency_rows(world_siz
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("case", ["worst_tokens", "ll_tokens", "expert_ids"])
+def test_check_failing_on_some_ranks_raises_on_every_rank_at_once(case, world_size):
+    run_world(workers.uneven_input_checks, world_size, case, timeout_s=100)
+
+
+@pytest.mark.timeout(120)
 def test_dead_peer_raises_instead_of_hanging():
     run_world(workers.dead_peer_check, 3, timeout_s=100, allow_exit=(0, 1, 2))

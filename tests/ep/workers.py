@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import torch_deepstack  # noqa: F401
-from torch_deepstack.ep import Buffer, DispatchHandle, EPTransportError, LowLatencyHandle
+from torch_deepstack.ep import Buffer, DispatchHandle, EPPeerInputError, EPTransportError, LowLatencyHandle
 from torch_deepstack.ep.layout import to_local_experts
 
 from tests.helpers import calc_diff
@@ -558,7 +558,8 @@ def reduce_overhead_checks(rank, ws, seed, transport):
 
 
 def error_checks(rank, ws, device="cpu", transport="auto"):
-    """Bad input raises a clear error on every rank before any collective (so nothing hangs)."""
+    """Bad input raises a clear error on every rank (so nothing hangs): before any collective, or, for the checks
+    that can fail on some ranks only (token counts, expert ids), right after the call's first exchange."""
     import pytest
     num_experts = 4 * ws
     buf = make_buffer(device, transport, num_nvl_bytes=1 << 22, timeout_s=30)
@@ -608,6 +609,89 @@ def error_checks(rank, ws, device="cpu", transport="auto"):
     # the group still works after all that
     y, _, _ = buf.combine(rx, handle)
     assert y.shape == x.shape
+    dist.barrier()
+
+
+def uneven_input_checks(rank, ws, case, device="cpu", transport="auto"):
+    """A check that fails on some ranks only (found by a review, 2026-12-02: the peers then waited in the call's
+    first exchange until timeout_s and got EPTransportError). Each failing rank raises its own error naming the
+    argument; every other rank raises at once an EPPeerInputError naming the failing ranks. `case`: "worst_tokens"
+    (a rank over num_worst_tokens // R), "ll_tokens" (over num_max_dispatch_tokens_per_rank) or "expert_ids"."""
+    import re
+    import time
+    E = 4 * ws
+    timeout_s = 20
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 22, timeout_s=timeout_s)
+    x, idx, w = make_inputs(0, rank, E)
+    lay = buf.get_dispatch_layout(idx, E)
+    kw = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2])
+    M = num_tokens(ws - 1)                          # every rank's tokens fit (rank r has num_tokens(r))
+    ll = make_buffer(device, transport, num_nvl_bytes=1 << 20, timeout_s=timeout_s,
+                     num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(M, HIDDEN, ws, E))
+    xb = x.bfloat16()
+
+    def expect(call, bad_ranks, own_error, own_pattern, peer_pattern):
+        t0 = time.monotonic()
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - checked below
+            err = e
+        else:
+            raise AssertionError(f"rank {rank}: the call returned (ranks {bad_ranks} had bad input)")
+        took = time.monotonic() - t0
+        if rank in bad_ranks:
+            assert isinstance(err, own_error) and re.search(own_pattern, str(err)), \
+                f"rank {rank}: expected its own {own_error.__name__} ({own_pattern}), got {type(err).__name__}: {err}"
+        else:
+            assert isinstance(err, EPPeerInputError) and isinstance(err, ValueError), \
+                f"rank {rank}: expected EPPeerInputError, got {type(err).__name__} after {took:.1f} s: {err}"
+            for r in bad_ranks:
+                assert f"rank {r} failed its input check" in str(err), str(err)
+            assert re.search(peer_pattern, str(err)), str(err)
+        assert took < timeout_s / 4, f"rank {rank}: raised after {took:.1f} s (timeout_s={timeout_s})"
+
+    if case == "worst_tokens":                      # rank r has num_tokens(r) = 24 + 5 r tokens
+        for cap_rank in (ws - 2, 0):                # cap fits ranks <= cap_rank: the others fail
+            worst = ws * num_tokens(cap_rank)
+            expect(lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=worst, **kw),
+                   list(range(cap_rank + 1, ws)), ValueError, r"num_worst_tokens=\d+ gives each source rank",
+                   rf"more tokens than num_worst_tokens // num_ranks = {worst // ws}")
+    elif case == "ll_tokens":
+        short = num_tokens(ws - 2)                  # the last rank has more tokens than that
+        for use_fp8 in (False, True):
+            expect(lambda: ll.low_latency_dispatch(xb, idx, short, E, use_fp8=use_fp8), [ws - 1], RuntimeError,
+                   "x has .* more than num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank")
+        # with a receive hook the failing rank raises in the call, the others in hook()
+        expect(lambda: ll.low_latency_dispatch(xb, idx, short, E, use_fp8=False, return_recv_hook=True)[4](),
+               [ws - 1], RuntimeError, "more than num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens")
+        recv, _, handle, _, _ = ll.low_latency_dispatch(xb, idx, M, E, use_fp8=False)
+        extra = M + 1 - x.shape[0] if rank == 0 else 0          # rank 0 passes one token more than M
+        long_idx, long_w = torch.cat([idx, idx[:1].expand(extra, -1)]), torch.cat([w, w[:1].expand(extra, -1)])
+        expect(lambda: ll.low_latency_combine(recv, long_idx, long_w, handle), [0], RuntimeError,
+               "more than num_max_dispatch_tokens_per_rank", "num_max_dispatch_tokens_per_rank")
+    elif case == "expert_ids":
+        bad = idx.clone()
+        if rank == 0:
+            bad[2, 1] = E
+        expect(lambda: buf.dispatch(x, topk_idx=bad, topk_weights=w, **kw), [0], ValueError, "expert ids in",
+               "expert ids")
+        expect(lambda: buf.dispatch(x, topk_idx=bad, topk_weights=w, num_worst_tokens=ws * M, **kw), [0],
+               ValueError, "expert ids in", "expert ids")
+        if rank == 0:
+            bad[3, 0] = -3
+        expect(lambda: ll.low_latency_dispatch(xb, bad, M, E), [0], ValueError, "expert ids in", "expert ids")
+        recv, _, handle, _, _ = ll.low_latency_dispatch(xb, idx, M, E, use_fp8=False)
+        expect(lambda: ll.low_latency_combine(recv, bad, w, handle), [0], ValueError, "expert ids in",
+               "expert ids")
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    # the group still works after all that
+    rx, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_worst_tokens=ws * M, **kw)
+    y, _, _ = buf.combine(rx, handle)
+    assert y.shape == x.shape
+    recv, _, handle, _, _ = ll.low_latency_dispatch(xb, idx, M, E, use_fp8=False)
+    out, _, _ = ll.low_latency_combine(recv, idx, w, handle)
+    assert out.shape == xb.shape
     dist.barrier()
 
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from torch_deepstack.ep import core, ops
 from torch_deepstack.ep.layout import low_latency_size_hint
-from torch_deepstack.ep.transport import (BUFFER_SEP, DEFAULT_TIMEOUT_S, register_transport, set_timeout,
-                                          unregister_transport)
+from torch_deepstack.ep.transport import (BUFFER_SEP, DEFAULT_TIMEOUT_S, forget_timeout, register_transport,
+                                          set_timeout, unregister_transport)
 
 _ids = itertools.count(1)
 
@@ -144,8 +144,10 @@ class Buffer:
         self.buffer_id = next(_ids)
         self._destroyed = False
         self._ipc = None
-        self._op_group = self.group_name      # what the ops get: this Buffer's own name once it has IPC buffers
-        set_timeout(self.group_name, timeout_s)
+        # What the ops get: this Buffer's own name, so its transports (IPC buffers, timeout_s) are its own even
+        # when other Buffers share the group.
+        self._op_group = f"{self.group_name}{BUFFER_SEP}{self.buffer_id}"
+        set_timeout(self._op_group, timeout_s)
         self._comm_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         if self.device.type == "cuda" and transport != "dist":
             from torch_deepstack.ep import ipc
@@ -157,7 +159,6 @@ class Buffer:
                 # torch.compile(mode="reduce-overhead")'s CUDA graph trees, whose pool would own it.
                 from torch_deepstack.ep.intranode import intranode_for
                 intranode_for(self._ipc)
-                self._op_group = f"{self.group_name}{BUFFER_SEP}{self.buffer_id}"
                 register_transport(self._op_group, self._ipc)
             elif transport == "ipc":
                 if usable:
@@ -236,6 +237,7 @@ class Buffer:
     def destroy(self) -> None:
         if self._destroyed:
             return
+        forget_timeout(self._op_group)
         if self._ipc is not None:
             unregister_transport(self._op_group, self._ipc)
             self._ipc.close()

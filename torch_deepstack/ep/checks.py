@@ -34,6 +34,12 @@ def check_x(op: str, x: torch.Tensor, x_scales: torch.Tensor | None) -> None:
                          f"[{x.shape[0]}, {x.shape[1] // FP8_GROUP}], got {tuple(x_scales.shape)}")
 
 
+def check_max_tokens(op: str, name: str, num_tokens: int, num_max: int) -> None:
+    torch._check(num_tokens <= num_max,
+                 lambda: f"{op}: {name} has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={num_max} "
+                         f"(which must be the same on every rank)")
+
+
 def check_topk(op: str, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, num_tokens, num_experts: int
                ) -> None:
     torch._check(topk_idx.dtype == torch.int64, lambda: f"{op}: topk_idx must be int64, got {topk_idx.dtype}")
@@ -65,3 +71,65 @@ def _check_expert_range_now(op: str, topk_idx: torch.Tensor, num_experts: int) -
     if lo < -1 or hi >= num_experts:
         raise ValueError(f"{op}: topk_idx holds expert ids in [{lo}, {hi}]; valid ids are -1 (unused slot) and "
                          f"0..{num_experts - 1} (num_experts={num_experts})")
+
+
+# --- checks whose outcome may differ between ranks ------------------------------------------------------------
+
+class EPPeerInputError(ValueError):
+    """Another rank's input failed a check in this call: that rank raises its own error, the others this one."""
+
+
+# Codes a rank sends its peers in a call's first exchange (0: its checks passed).
+BAD_EXPERT_IDS, TOO_MANY_TOKENS = 1, 2
+
+
+class RankChecks:
+    """This rank's checks of values that may differ between ranks (its token count, its expert ids).
+
+    A rank that raised before the call's first exchange would leave its peers waiting in it until timeout_s. So a
+    failure is kept here, the rank still takes part in that exchange (sending no tokens, and `code`), and then
+    every rank calls raise_failures with the codes it received: the failing rank raises its own error (naming the
+    argument), the others an EPPeerInputError naming the failing rank. Every rank runs the same checks with the
+    same descriptions, so a peer describes a failure it did not see from its own `described`."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.code = 0
+        self.error: Exception | None = None
+        self.described: dict[int, str] = {}
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def run(self, code: int, description: str, check) -> None:
+        """check() raises ValueError/RuntimeError on bad input; after a failure the later checks are skipped."""
+        self.described[code] = description
+        if self.error is None:
+            try:
+                check()
+            except (ValueError, RuntimeError) as e:
+                self.code, self.error = code, e
+
+    def raise_own(self) -> None:
+        """For paths whose exchange carries no codes: raise this rank's error now (its peers are not told)."""
+        if self.error is not None:
+            raise self.error
+
+    def raise_failures(self, codes: list[int] | None) -> None:
+        """codes: every rank's code from the exchange (None while a CUDA graph is captured: nothing is read then)."""
+        self.raise_own()
+        failed = [(r, c) for r, c in enumerate(codes or ()) if c]
+        if failed:
+            raise EPPeerInputError(f"{self.op}: " + "; ".join(
+                f"rank {r} failed its input check: {self.described.get(c, f'check {c}')}" for r, c in failed) +
+                " (each failing rank raises its own error, naming the argument; the others raise this one instead "
+                "of waiting for it)")
+
+
+def read_codes(codes: torch.Tensor) -> list[int] | None:
+    """Every rank's check code on the host (on CUDA a small device read), or None while a CUDA graph is captured,
+    where nothing may be read (the data checks are skipped there too)."""
+    if codes.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return codes.tolist()

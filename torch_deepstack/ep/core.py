@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from torch_deepstack.ep import intranode
-from torch_deepstack.ep.checks import check_expert_range
+from torch_deepstack.ep.checks import (BAD_EXPERT_IDS, TOO_MANY_TOKENS, RankChecks, check_expert_range,
+                                       check_max_tokens, read_codes)
 from torch_deepstack.ep.layout import (count_local_experts, inclusive_rank_positions, to_local_experts,
                                       token_rank_mask)
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
@@ -115,14 +116,15 @@ def source_of_rows(recv_counts: torch.Tensor, total_rows: int):
     return src_c, slot, valid
 
 
-def _dispatch_rows(transport, mask, rank_counts, tensors, num_worst_tokens: int, num_recv: int | None):
+def _dispatch_rows(transport, mask, rank_counts, tensors, num_worst_tokens: int, num_recv: int | None,
+                   host_counts=None):
     """Move each tensor's rows to the ranks in `mask`; returns received byte rows (and the validity of each output
-    row in worst-case mode, else None)."""
+    row in worst-case mode, else None). host_counts: rank_counts already read on the host, if it was."""
     R, rank = transport.world_size, transport.rank
     n = mask.shape[0]
     if num_worst_tokens == 0:
         tok = mask.t().nonzero()[:, 1]                                 # sorted by destination, then token
-        rc = rank_counts.cpu()                                         # one host read of the count matrix
+        rc = rank_counts.cpu() if host_counts is None else host_counts  # one host read of the count matrix
         return move_exact(transport, tensors, tok, rc[rank].tolist(), rc[:, rank].tolist()), None
     cap = worst_capacity(num_worst_tokens, R, n, "dispatch")
     pos = slot_positions(mask)                                         # [n, R]
@@ -152,13 +154,21 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
     n, hidden = x.shape
     dev = x.device
     fused = intranode.usable(transport, hidden * x.element_size())
-    # Expert ids are checked before any collective (a host sync), except where the fused exact-size dispatch
-    # checks them in its count exchange, where every rank learns of bad ids and raises together.
+    checks = RankChecks("ep_dispatch")
+    # Expert ids are checked here (a host sync on GPU), except where the fused exact-size dispatch checks them in
+    # its count exchange.
     if topk_idx is not None and not (fused and num_worst_tokens == 0 and is_token_in_rank is not None):
-        check_expert_range("ep_dispatch", topk_idx, num_experts)
-    mask = is_token_in_rank if is_token_in_rank is not None else token_rank_mask(topk_idx, num_experts, R)
-    if num_worst_tokens:                                               # local check, before any collective
-        worst_capacity(num_worst_tokens, R, n, "dispatch")
+        checks.run(BAD_EXPERT_IDS, f"topk_idx holds expert ids outside [-1, num_experts={num_experts})",
+                   lambda: check_expert_range("ep_dispatch", topk_idx, num_experts))
+    if num_worst_tokens:
+        checks.run(TOO_MANY_TOKENS, f"more tokens than num_worst_tokens // num_ranks = {num_worst_tokens // R}",
+                   lambda: worst_capacity(num_worst_tokens, R, n, "dispatch"))
+    if checks.failed:   # it sends no tokens and its code in the count exchange below, then raises its own error
+        if fused:
+            checks.raise_own()      # (the fused kernels' count exchange carries no codes)
+        mask = torch.zeros(n, R, dtype=torch.bool, device=dev)
+    else:
+        mask = is_token_in_rank if is_token_in_rank is not None else token_rank_mask(topk_idx, num_experts, R)
     if fused:
         out = intranode.intranode_for(transport).dispatch(x, x_scales, topk_idx, topk_weights, mask, num_experts,
                                                           expert_alignment, num_worst_tokens)
@@ -174,9 +184,16 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
         ([topk_weights] if topk_weights is not None else []) + [torch.arange(n, dtype=torch.int32, device=dev)]
     specs = ([(torch.float32, num_scales)] if num_scales else []) + [(torch.int64, k)] + \
         ([(torch.float32, k)] if topk_weights is not None else []) + [(torch.int32, 1)]
-    rank_counts = transport.exchange_counts(mask.sum(0, dtype=torch.int32))   # [R, R]: i sends [i, j] to j
+    # The count exchange also carries every rank's check code (last column): a rank whose input failed a check
+    # raises its own error after it, and the others an EPPeerInputError, rather than wait for it.
+    counts = mask.sum(0, dtype=torch.int32)
+    gathered = transport.exchange_counts(torch.cat([counts, counts.new_full((1,), checks.code)]))   # [R, R + 1]
+    host = gathered.cpu() if num_worst_tokens == 0 else None     # the exact form reads the counts anyway
+    checks.raise_failures(host[:, R].tolist() if host is not None else read_codes(gathered[:, R]))
+    rank_counts = gathered[:, :R].contiguous()                   # [R, R]: rank i sends [i, j] rows to rank j
     (recv_bytes, recv_meta), valid = _dispatch_rows(transport, mask, rank_counts, [x, pack_rows(meta_parts)],
-                                                    num_worst_tokens, None)
+                                                    num_worst_tokens, None,
+                                                    host[:, :R] if host is not None else None)
     if valid is not None:
         recv_meta = torch.where(valid.unsqueeze(1), recv_meta, torch.zeros_like(recv_meta))
     recv_x = from_byte_rows(recv_bytes, x.dtype)
@@ -284,9 +301,14 @@ def start_fixed(transport, send):
 
 class LowLatencyDispatch:
     """A low-latency dispatch in two halves: start() sends and allocates the outputs, finish() receives into them
-    (what a receive hook runs). `outputs` are valid once finish() has run."""
+    (what a receive hook runs). `outputs` are valid once finish() has run. Each row's last int32 carries the
+    sender's check code (see RankChecks); a rank whose checks failed sends no tokens."""
 
-    def __init__(self, transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
+    def __init__(self, transport, x, x_scales, topk_idx, num_max: int, num_experts: int, checks: RankChecks):
+        self.checks = checks
+        if checks.failed:
+            x, topk_idx = x[:0], topk_idx[:0]
+            x_scales = x_scales[:0] if x_scales is not None else None
         R = self.R = transport.world_size
         self.rank = transport.rank
         L = self.L = num_experts // R
@@ -304,9 +326,12 @@ class LowLatencyDispatch:
             sc = torch.zeros(num_max, self.num_scales, dtype=torch.float32, device=dev)
             sc[:n] = x_scales
             parts.append(sc)
-        parts += [padded_idx, torch.arange(num_max, dtype=torch.int32, device=dev)]
+        parts += [padded_idx, torch.full((num_max, 1), checks.code, dtype=torch.int32, device=dev)]
         payload = pack_rows(parts)                                    # [M, B]
         self.pending = start_fixed(transport, payload.unsqueeze(0).expand(R, -1, -1).contiguous())
+        if checks.failed:         # its peers learn of it from this exchange (in finish()); it raises now
+            self.pending.wait()
+            checks.raise_own()
         cap = self.cap = num_max * R
         dump = self.dump = L * cap
         self.out = torch.zeros(dump + 1, hidden * x.element_size(), dtype=torch.uint8, device=dev)
@@ -325,6 +350,7 @@ class LowLatencyDispatch:
         R, L, k, num_max, cap, dump, dev = self.R, self.L, self.k, self.num_max, self.cap, self.dump, self.dev
         got = self.pending.wait()
         fields = unpack_rows(got.view(R * num_max, -1), self.specs)
+        self.checks.raise_failures(read_codes(fields[-1].view(R, num_max)[:, 0]))
         data = fields[0].view(torch.uint8)                            # move bytes: fp8 has few index kernels
         scales = fields[1] if self.num_scales else None
         local = to_local_experts(fields[-2], self.rank, L)            # [R*M, k] local expert of each slot
@@ -347,12 +373,24 @@ class LowLatencyDispatch:
         return self.outputs
 
 
+def ll_rank_checks(op: str, tokens_name: str, topk_idx, num_max: int, num_experts: int) -> RankChecks:
+    """The checks of a low-latency call that may fail on one rank only."""
+    checks = RankChecks(op)
+    checks.run(TOO_MANY_TOKENS, f"more tokens than num_max_dispatch_tokens_per_rank={num_max}",
+               lambda: check_max_tokens(op, tokens_name, topk_idx.shape[0], num_max))
+    checks.run(BAD_EXPERT_IDS, f"topk_idx holds expert ids outside [-1, num_experts={num_experts})",
+               lambda: check_expert_range(op, topk_idx, num_experts))
+    return checks
+
+
 def ll_dispatch_state(transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
     """A started low-latency dispatch: the fused NVLink kernels where they apply, else the torch-op path."""
+    checks = ll_rank_checks("ep_low_latency_dispatch", "x", topk_idx, num_max, num_experts)
     G = x_scales.shape[1] if x_scales is not None else 0
     if intranode.ll_fits(transport, num_experts // transport.world_size, num_max, x.shape[1] * x.element_size(), G):
+        checks.raise_own()          # (the fused kernels exchange no codes)
         return intranode.FusedLowLatencyDispatch(transport, x, x_scales, topk_idx, num_max, num_experts)
-    return LowLatencyDispatch(transport, x, x_scales, topk_idx, num_max, num_experts)
+    return LowLatencyDispatch(transport, x, x_scales, topk_idx, num_max, num_experts, checks)
 
 
 def ll_dispatch(transport, x, x_scales, topk_idx, num_max: int, num_experts: int):
@@ -376,18 +414,25 @@ class LowLatencyCombine:
     """A low-latency combine in two halves: start() exchanges routing, computes this rank's weighted partial sums
     and sends them home; finish() adds what came back (what a receive hook runs)."""
 
-    def __init__(self, transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int, out=None):
+    def __init__(self, transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int,
+                 checks: RankChecks, out=None):
         R, rank = transport.world_size, transport.rank
         L, cap, hidden = x.shape
         n, k = topk_idx.shape
         dev = x.device
-        # 1. every source rank tells every expert rank its routing and weights (small: M x k per peer).
+        # 1. every source rank tells every expert rank its routing and weights (small: M x k per peer), and its
+        # check code (a rank whose checks failed sends no tokens, and raises after this exchange).
+        if checks.failed:
+            n = 0
         pidx = torch.full((num_max, k), -1, dtype=torch.int64, device=dev)
-        pidx[:n] = topk_idx
+        pidx[:n] = topk_idx[:n]
         pw = torch.zeros(num_max, k, dtype=torch.float32, device=dev)
-        pw[:n] = topk_weights
-        got = transport.all_to_all_fixed(pack_rows([pidx, pw]).unsqueeze(0).expand(R, -1, -1).contiguous())
-        gidx, gw = unpack_rows(got.view(R * num_max, -1), [(torch.int64, k), (torch.float32, k)])
+        pw[:n] = topk_weights[:n]
+        code = torch.full((num_max, 1), checks.code, dtype=torch.int32, device=dev)
+        got = transport.all_to_all_fixed(pack_rows([pidx, pw, code]).unsqueeze(0).expand(R, -1, -1).contiguous())
+        gidx, gw, codes = unpack_rows(got.view(R * num_max, -1), [(torch.int64, k), (torch.float32, k),
+                                                                   (torch.int32, 1)])
+        checks.raise_failures(read_codes(codes.view(R, num_max)[:, 0]))
         local = to_local_experts(gidx, rank, L)                       # [R*M, k]
         # 2. the row each (source row, slot) landed in: invert src_info.
         src, valid = ll_row_sources(layout_range, cap)
@@ -419,11 +464,15 @@ class LowLatencyCombine:
 def ll_combine_state(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int, out=None):
     """A started low-latency combine: the fused NVLink kernels where they apply, else the torch-op path."""
     L = x.shape[0]
+    # (no second host sync when the dispatch already checked this topk_idx: the id check runs once per version)
+    checks = ll_rank_checks("ep_low_latency_combine", "topk_idx", topk_idx, num_max, L * transport.world_size)
     if x.dtype in intranode.REDUCE_DTYPES and intranode.ll_combine_fits(transport, L * transport.world_size,
                                                                          num_max, x.shape[2] * x.element_size()):
+        checks.raise_own()          # (the fused kernels exchange no codes)
         return intranode.FusedLowLatencyCombine(transport, x, topk_idx, topk_weights, src_info, layout_range,
                                                 num_max, out=out)
-    return LowLatencyCombine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max, out=out)
+    return LowLatencyCombine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max, checks,
+                             out=out)
 
 
 def ll_combine(transport, x, topk_idx, topk_weights, src_info, layout_range, num_max: int):

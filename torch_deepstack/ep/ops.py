@@ -11,8 +11,8 @@ import torch
 
 from torch_deepstack._library import autograd, cuda_kernel, reference, sample_inputs
 from torch_deepstack.ep import core
-from torch_deepstack.ep.checks import (FP8_GROUP, check_expert_range, check_same_device, check_topk,
-                                       check_topology, check_x)
+from torch_deepstack.ep.checks import (FP8_GROUP, check_expert_range, check_max_tokens, check_same_device,
+                                       check_topk, check_topology, check_x)
 from torch_deepstack.ep.layout import dispatch_layout
 from torch_deepstack.ep.transport import transport_for
 
@@ -187,21 +187,26 @@ autograd("ep_dispatch_cached", _cached_backward, _cached_setup)
 
 # --- low-latency mode ---------------------------------------------------------------------------------------
 
-def check_ll_args(op, x, topk_idx, num_max, num_experts, num_ranks):
+def check_ll_structure(op, x, topk_idx, num_max, num_experts, num_ranks):
     check_topology(op, num_experts, num_ranks)
     check_x(op, x, None)
     check_topk(op, topk_idx, None, x.shape[0], num_experts)
-    torch._check(x.shape[0] <= num_max,
-                 lambda: f"{op}: x has {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank={num_max} "
-                         f"(which must be the same on every rank)")
+    torch._check(num_max >= 1, lambda: f"{op}: num_max_dispatch_tokens_per_rank must be >= 1, got {num_max}")
+
+
+def check_ll_args(op, x, topk_idx, num_max, num_experts, num_ranks):
+    """Every argument check of a low-latency dispatch but the expert ids' (a data check): what its fake runs."""
+    check_ll_structure(op, x, topk_idx, num_max, num_experts, num_ranks)
+    check_max_tokens(op, "x", x.shape[0], num_max)
 
 
 def ll_prepare(x, topk_idx, num_max, num_experts, num_ranks, use_fp8, round_scale):
-    """Checks, then FP8 quantisation (our per_token_group_quant_fp8 op) when asked: -> (x or q, scales or None)."""
+    """Structural checks, then FP8 quantisation (our per_token_group_quant_fp8 op) when asked: -> (x or q, scales
+    or None). The token count and expert ids, which may fail on one rank only, are checked by core.ll_dispatch_state
+    (which tells the peers)."""
     op = "ep_low_latency_dispatch"
-    check_ll_args(op, x, topk_idx, num_max, num_experts, num_ranks)
+    check_ll_structure(op, x, topk_idx, num_max, num_experts, num_ranks)
     check_same_device(op, x=x, topk_idx=topk_idx)
-    check_expert_range(op, topk_idx, num_experts)
     if not use_fp8:
         return x, None
     torch._check(x.shape[1] % FP8_GROUP == 0, lambda: f"{op}: use_fp8 needs hidden % 128 == 0, got {x.shape[1]}")
@@ -238,12 +243,8 @@ def check_ll_combine(x, topk_idx, topk_weights, src_info, layout_range, num_max_
                  lambda: f"{op}: x has {x.shape[1]} rows per expert, expected num_max_dispatch_tokens_per_rank "
                          f"* num_ranks = {num_max_dispatch_tokens_per_rank * num_ranks}")
     check_topk(op, topk_idx, topk_weights, topk_idx.shape[0], x.shape[0] * num_ranks)
-    torch._check(topk_idx.shape[0] <= num_max_dispatch_tokens_per_rank,
-                 lambda: f"{op}: {topk_idx.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank="
-                         f"{num_max_dispatch_tokens_per_rank}")
     check_same_device(op, x=x, topk_idx=topk_idx, topk_weights=topk_weights, src_info=src_info)
-    # the kernels index rows by expert id (no second sync when the dispatch already checked this topk_idx)
-    check_expert_range(op, topk_idx, x.shape[0] * num_ranks)
+    # (the token count and expert ids, which may fail on one rank only, are checked by core.ll_combine_state)
     return num_ranks
 
 

@@ -38,9 +38,8 @@ class Transport(Protocol):
     def all_to_all_fixed(self, send: torch.Tensor) -> torch.Tensor: ...
 
 
-# An ep.Buffer with its own transport gives its ops the name "<group name>@buffer<id>": the transport registry is
-# keyed by that whole name (so two Buffers on one group each use their own buffers), the process group by the part
-# before it.
+# An ep.Buffer gives its ops the name "<group name>@buffer<id>": the transports are keyed by that whole name (so two
+# Buffers on one group each use their own buffers and timeout), the process group by the part before it.
 BUFFER_SEP = "@buffer"
 
 
@@ -142,7 +141,8 @@ class LoopbackTransport:
 
 # group_name -> transport registered for CUDA tensors of that group (by ep.Buffer when it maps IPC buffers).
 _CUDA_TRANSPORTS: dict[str, object] = {}
-_DIST_CACHE: dict[tuple[str, int], DistTransport] = {}
+# name the ops get (a Buffer's own, or a process group's) -> its torch.distributed transport (which holds its timeout)
+_DIST_TRANSPORTS: dict[str, DistTransport] = {}
 DEFAULT_TIMEOUT_S = 120.0
 
 
@@ -158,10 +158,13 @@ def unregister_transport(group_name: str, transport=None) -> None:
 
 
 def set_timeout(group_name: str, seconds: float) -> None:
-    """Bound every collective of this group's torch.distributed transport (a dead peer then raises)."""
-    group = resolve_group(group_name)
-    t = DistTransport(group, seconds)
-    _DIST_CACHE[(process_group_name(group_name), id(group))] = t
+    """Bound every collective of the torch.distributed transport of ops on `group_name` (a dead peer then raises).
+    A Buffer sets it for its own name only: other Buffers on the same group keep theirs."""
+    _DIST_TRANSPORTS[group_name] = DistTransport(resolve_group(group_name), seconds)
+
+
+def forget_timeout(group_name: str) -> None:
+    _DIST_TRANSPORTS.pop(group_name, None)
 
 
 def transport_for(group_name: str, device: torch.device):
@@ -169,10 +172,9 @@ def transport_for(group_name: str, device: torch.device):
     if device.type == "cuda" and group_name in _CUDA_TRANSPORTS:
         return _CUDA_TRANSPORTS[group_name]
     group = resolve_group(group_name)
-    key = (process_group_name(group_name), id(group))
-    t = _DIST_CACHE.get(key)
-    if t is None:
-        t = _DIST_CACHE[key] = DistTransport(group, DEFAULT_TIMEOUT_S)
+    t = _DIST_TRANSPORTS.get(group_name)
+    if t is None or t.group is not group:           # (a group made again under an old name starts afresh)
+        t = _DIST_TRANSPORTS[group_name] = DistTransport(group, DEFAULT_TIMEOUT_S)
     if device.type == "cuda" and "gloo" in t.name:
         if t.world_size == 1:
             return LoopbackTransport("loopback(gloo group of one)")
