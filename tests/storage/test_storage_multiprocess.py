@@ -1,7 +1,9 @@
 """Several processes on one embedded directory: no process deletes another's in-flight copy-on-write
-version, and a process opened earlier sees what others committed later (docs/storage.md)."""
+version, a process opened earlier sees what others committed later, and updates of one chunk from several
+processes at once keep every acknowledged byte (docs/storage.md)."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -12,7 +14,10 @@ import time
 import pytest
 
 import torch_deepstack.storage as st
-from torch_deepstack.storage.chunk_engine import ChunkEngine
+from tests.storage import mp_writers
+from torch_deepstack.storage import chunk_engine
+from torch_deepstack.storage.chunk_engine import FIRST_VERSION, ChunkEngine
+from torch_deepstack.storage.errors import Conflict
 
 CS = 64 << 10
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +31,7 @@ CHILD = textwrap.dedent("""
     fs = st.connect(d, sync=False)
     eng = fs.backend.engine
     orig, calls = eng._swap, [0]
-    def paused(m):
+    def paused(m, **kw):
         calls[0] += 1
         if calls[0] == pause_at:
             open(sig, "w").close()
@@ -35,7 +40,7 @@ CHILD = textwrap.dedent("""
                 if time.time() - t > 60:
                     sys.exit(3)
                 time.sleep(0.01)
-        return orig(m)
+        return orig(m, **kw)
     eng._swap = paused
     exec(what)
     fs.close()
@@ -213,3 +218,144 @@ def test_read_only_refuses_writes(tmp_path):
         with pytest.raises(st.ReadOnly):
             ro.backend.engine.update("0000000000000009-00000000", 0, b"x", CS)
         assert ro.listdir("/") == ["a"]
+
+
+# ---------------------------------------------------------------------------------------------- concurrent updates
+# Two engines on one target directory stand for two processes: each has its own chunk cache, per-chunk locks and
+# SQLite connection, and sees the other's commits only through chunks.db. The interleavings are driven by hooks.
+CID = "0000000000000001-00000000"
+
+
+def two_engines(tmp_path) -> tuple[ChunkEngine, ChunkEngine]:
+    root = str(tmp_path / "t")
+    return ChunkEngine(root, "t0", sync=False), ChunkEngine(root, "t0", sync=False)
+
+
+def before_calls(monkeypatch, eng: ChunkEngine, name: str, action, times: int = 1) -> list:
+    """Run action() at the first `times` calls of eng.<name>, before the call itself. Returns a list that counts
+    every call. Seams of an update: _write_file (the chunk is read and patched, the new version file not yet
+    created) and _swap (the new version file is written, the commit transaction not yet begun)."""
+    real, calls = getattr(eng, name), []
+
+    def hooked(*args, **kw):
+        calls.append(name)
+        if len(calls) <= times:
+            action()
+        return real(*args, **kw)
+    monkeypatch.setattr(eng, name, hooked)
+    return calls
+
+
+def version_files(tmp_path) -> list[str]:
+    return sorted(os.listdir(tmp_path / "t" / "data" / "00"))
+
+
+@pytest.mark.parametrize("seam", ["_write_file", "_swap"])
+@pytest.mark.parametrize("exists", [True, False], ids=["chunk-exists", "both-create"])
+def test_update_keeps_a_commit_another_process_made_after_its_read(tmp_path, monkeypatch, seam, exists):
+    """A reads the chunk; B commits an update of other bytes of it; then A commits. Both acknowledged updates
+    must be in the chunk (A re-reads B's version and patches its bytes into that)."""
+    a, b = two_engines(tmp_path)
+    base = bytes(range(256)) * 64 if exists else b""
+    if exists:
+        a.update(CID, 0, base, CS)
+    b_ver = []
+    before_calls(monkeypatch, a, seam, lambda: b_ver.append(b.update(CID, 1000, b"B" * 100, CS).ver))
+    got = a.update(CID, 9000, b"A" * 100, CS)
+    want = bytearray(max(len(base), 9100))
+    want[:len(base)] = base
+    want[1000:1100] = b"B" * 100
+    want[9000:9100] = b"A" * 100
+    assert a.read(CID, 0, CS)[1] == want
+    assert b.read(CID, 0, CS)[1] == want  # B's cached version was retired: it re-reads the row
+    assert got == a.meta(CID).committed and got.ver > b_ver[0]  # versions only count up
+    if not exists:
+        assert got.ver != FIRST_VERSION  # merged into B's chunk: a failed write's cleanup must not remove it
+    assert version_files(tmp_path) == [f"{CID}.v{got.ver}"]  # A's losing version file is gone
+    a.close()
+    b.close()
+
+
+def test_whole_chunk_overwrite_over_another_commit_needs_no_rewrite(tmp_path, monkeypatch):
+    """An overwrite of all of the chunk's bytes depends on nothing it replaces: when B's commit lands between A's
+    read and A's commit and A's bytes cover all of B's chunk, A commits as written (B's update ordered first)."""
+    a, b = two_engines(tmp_path)
+    a.update(CID, 0, b"x" * 8192, CS)
+    before_calls(monkeypatch, a, "_write_file", lambda: b.update(CID, 100, b"B" * 100, CS))
+    commits = before_calls(monkeypatch, a, "_swap", lambda: None, times=0)
+    got = a.update(CID, 0, b"A" * 8192, CS)
+    assert len(commits) == 1  # the first commit went through: no retry, no second version file
+    assert a.read(CID, 0, CS)[1] == b.read(CID, 0, CS)[1] == b"A" * 8192
+    assert version_files(tmp_path) == [f"{CID}.v{got.ver}"]
+    a.close()
+    b.close()
+
+
+def test_overwrite_from_offset_0_keeps_bytes_another_process_appended(tmp_path, monkeypatch):
+    """A rewrites [0, 100) of a 100-byte chunk (all of it, as A read it); B meanwhile extends the chunk. A's
+    commit must not cut B's bytes off."""
+    a, b = two_engines(tmp_path)
+    a.update(CID, 0, b"x" * 100, CS)
+    before_calls(monkeypatch, a, "_write_file", lambda: b.update(CID, 5000, b"B" * 100, CS))
+    a.update(CID, 0, b"A" * 100, CS)
+    assert a.read(CID, 0, CS)[1] == b"A" * 100 + bytes(4900) + b"B" * 100
+    a.close()
+    b.close()
+
+
+def test_update_that_keeps_losing_gives_up_with_conflict_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(chunk_engine, "UPDATE_ATTEMPTS", 3)
+    a, b = two_engines(tmp_path)
+    a.update(CID, 0, b"x" * 100, CS)
+    n = [0]
+
+    def b_commits():
+        n[0] += 1
+        b.update(CID, 200, bytes([n[0]]) * 10, CS)
+    swaps = before_calls(monkeypatch, a, "_swap", b_commits, times=10**9)
+    with pytest.raises(Conflict, match="3 times"):
+        a.update(CID, 50, b"A" * 10, CS)
+    assert len(swaps) == 3
+    assert b.read(CID, 0, CS)[1] == b"x" * 100 + bytes(100) + bytes([3]) * 10  # B's last update; none of A's
+    assert version_files(tmp_path) == [f"{CID}.v{b.meta(CID).committed.ver}"]
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_updating_disjoint_bytes_of_the_same_chunks_lose_nothing(tmp_path):
+    """Two real processes (spawn) each update their own 256-byte slots of the same four chunks, many times at
+    once; afterwards every slot holds the value its owner wrote last and no version file is left over."""
+    root = str(tmp_path / "t")
+    ChunkEngine(root, "t0").close()
+    chunks = [f"00000000000000{i:02x}-00000000" for i in range(1, 5)]
+    nranks, slots, rounds = 2, 32, 400
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(nranks), ctx.Queue()
+    procs = [ctx.Process(target=mp_writers.slot_writer,
+                         args=(root, r, nranks, chunks, slots, rounds, CS, start, results)) for r in range(nranks)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=100) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for r in range(nranks):
+        assert isinstance(got[r], dict), got[r]
+    last = {k: v for r in range(nranks) for k, v in got[r].items()}
+    data = os.path.join(root, "data")
+    files = {f for sub in os.listdir(data) for f in os.listdir(os.path.join(data, sub))}
+    eng = ChunkEngine(root, "t0", sync=False)
+    try:
+        assert files == {f"{c}.v{eng.meta(c).committed.ver}" for c in chunks}  # no losing version left behind
+        for c in chunks:
+            want = bytearray(slots * mp_writers.SLOT)
+            for (cid, slot), v in last.items():
+                if cid == c:
+                    want[slot * mp_writers.SLOT:(slot + 1) * mp_writers.SLOT] = bytes([v]) * mp_writers.SLOT
+            assert eng.read(c, 0, CS)[1] == want, f"chunk {c}: lost updates"
+    finally:
+        eng.close()

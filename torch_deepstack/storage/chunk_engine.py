@@ -20,7 +20,9 @@ The in-memory chunk map is a cache of chunks.db: a miss, a version file that van
 re-reads that chunk's row and retries once; `revalidate()` drops the whole cache when another process has
 committed to chunks.db since (SQLite's data_version). Version files are created with O_EXCL, so two
 processes never write into one file, and each commit swaps the row inside one SQLite transaction and retires
-exactly the versions that row referenced.
+exactly the versions that row referenced. An update's commit is a compare-and-swap in that transaction (see
+`update`): one that read the chunk before another process committed to it re-reads and re-patches instead of
+replacing the other's bytes.
 
 Versions of a chunk count up from FIRST_VERSION while it exists; each update's version is one past the
 chunk's highest. So a chunk holding its first version holds nothing but the bytes of the write that created it
@@ -43,6 +45,7 @@ import json
 import logging
 import mmap
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -51,8 +54,8 @@ from dataclasses import dataclass
 
 from torch_deepstack.storage import fastio
 from torch_deepstack.storage.crc import crc32c
-from torch_deepstack.storage.errors import (ChunkCorrupt, InvalidArgument, NoSpace, NotFound, ReadOnly,
-                                            StorageError)
+from torch_deepstack.storage.errors import (ChunkCorrupt, Conflict, InvalidArgument, NoSpace, NotFound,
+                                            ReadOnly, StorageError)
 from torch_deepstack.storage.paths import validate_chunk_id
 
 log = logging.getLogger("torch_deepstack.storage")
@@ -60,6 +63,7 @@ log = logging.getLogger("torch_deepstack.storage")
 ALIGN = 4096
 FORMAT = 1
 FIRST_VERSION = 1  # of a chunk that did not exist (see the module docstring)
+UPDATE_ATTEMPTS = 64  # commits an update tries, losing each to another process's commit, before it gives up
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -651,14 +655,18 @@ class ChunkEngine:
     def patched(self, cid: str, offset: int, data, chunk_size: int) -> bytearray:
         """New full content of a chunk: the committed bytes with `data` written at `offset`
         (the read-modify-write step of a CRAQ update; zero-fills a gap)."""
+        m = self._cached(cid)
+        return self._patch(cid, m.committed if m else None, offset, data, chunk_size)
+
+    def _patch(self, cid: str, base: Version | None, offset: int, data, chunk_size: int) -> bytearray:
+        """The bytes of version `base` (None: an absent chunk) with `data` written at `offset`."""
         mv = memoryview(data).cast("B")
         if offset < 0 or offset + len(mv) > chunk_size:
             raise InvalidArgument(f"write [{offset}, {offset + len(mv)}) outside chunk of {chunk_size} bytes")
-        m = self._cached(cid)
-        old_len = m.committed.length if m and m.committed else 0
+        old_len = base.length if base else 0
         if offset == 0 and len(mv) >= old_len:
             return bytearray(mv)
-        old = bytes(self.read(cid, 0, old_len, version=m.committed)[1]) if old_len else b""
+        old = bytes(self.read(cid, 0, old_len, version=base)[1]) if old_len else b""
         new = bytearray(max(old_len, offset + len(mv)))
         new[:old_len] = old
         new[offset:offset + len(mv)] = mv
@@ -707,11 +715,14 @@ class ChunkEngine:
         self._write_file(self._data_path(cid, ver), content)
         return self._commit_new(cid, v, chain_ver)
 
-    def _commit_new(self, cid: str, v: Version, chain_ver: int) -> Version:
+    def _commit_new(self, cid: str, v: Version, chain_ver: int, only_if=None) -> Version | None:
+        """Make `v` (its file written) the committed version; with only_if (see _swap), None where it refused."""
         with self._meta_lock:
             m = self._meta.get(cid) or ChunkMeta(cid)
             m = ChunkMeta(cid, v, None, max(chain_ver, m.chain_ver))
-            old = self._swap(m)
+            old = self._swap(m, only_if=only_if)
+            if old is None:
+                return None
             self._meta[cid] = m
             self._changed(cid)
         for x in old - {v.ver}:
@@ -721,21 +732,37 @@ class ChunkEngine:
     def update(self, cid: str, offset: int, data, chunk_size: int) -> Version:
         """Local copy-on-write update (no replication): patch, write new version, commit.
 
-        The row is re-read first (another process may have committed since it was cached), and the version
-        file is created exclusively, so updates from several processes never share a file. Two processes
-        updating the same chunk at once each commit a whole version; the later commit wins."""
+        Other processes may update the same chunk at once (the per-chunk lock orders this engine's threads
+        only). The row is re-read first; the version file is created exclusively (O_EXCL), so no two updates
+        share a file or a version number; and the commit is a compare-and-swap inside the row swap's SQLite
+        transaction (no extra one). It goes through only while the row's committed version is still the one
+        that was patched, or the update replaces all of the row's committed bytes (offset 0, at least its
+        length: re-patching would write the same bytes), and while the new version is above every version the
+        row names (versions only count up). Else another process committed in between: the update removes its
+        version file, re-reads, re-patches and tries again (backing off from the second try on). After
+        UPDATE_ATTEMPTS tries it raises Conflict, having changed nothing."""
         self._check_writable()
         validate_chunk_id(cid)
+        mv = memoryview(data).cast("B")
+        failed = None  # the version whose read failed last
+        delay = 0.0005
         with self._lock_for(cid):
-            for attempt in range(8):
-                self._fetch(cid)
+            for attempt in range(UPDATE_ATTEMPTS):
+                if attempt > 1:
+                    time.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 0.01)
+                m = self._fetch(cid)
+                base = m.committed if m is not None else None
                 try:
-                    content = self.patched(cid, offset, data, chunk_size)
+                    content = self._patch(cid, base, offset, mv, chunk_size)
                 except (FileNotFoundError, ChunkCorrupt):
-                    if attempt == 7:
+                    # Retired by another process's commit after our fetch: read the new row. The same version
+                    # failing twice is a lost or corrupt file.
+                    if failed is not None and failed == base:
                         raise
-                    continue  # retired by another process's commit after our fetch: read the new row
-                v = self._make_version(next_version(self._meta.get(cid)), content)
+                    failed = base
+                    continue
+                v = self._make_version(next_version(m), content)
                 for _ in range(64):
                     try:
                         self._write_file(self._data_path(cid, v.ver), content, exclusive=True)
@@ -744,8 +771,21 @@ class ChunkEngine:
                         v = Version(v.ver + 1, v.length, v.crc, v.page_crcs)
                 else:
                     raise StorageError(f"chunk {cid} on {self.target_id}: no free version number")
-                return self._commit_new(cid, v, 0)
-        raise AssertionError("unreachable")
+                covers = offset == 0 and len(mv) >= (base.length if base else 0)  # content is `data` alone
+
+                def unchanged(row: ChunkMeta, base=base, v=v, covers=covers) -> bool:
+                    cur = row.committed
+                    return v.ver >= next_version(row) and (
+                        cur == base or (covers and (cur is None or cur.length <= v.length)))
+                done = self._commit_new(cid, v, 0, only_if=unchanged)
+                if done is not None:
+                    return done
+                try:  # lost to another process's commit; no row ever named this file
+                    os.unlink(self._data_path(cid, v.ver))
+                except FileNotFoundError:
+                    pass
+        raise Conflict(f"chunk {cid} on {self.target_id}: update lost to other processes' commits "
+                       f"{UPDATE_ATTEMPTS} times in a row; nothing written")
 
     def remove(self, cid: str) -> bool:
         self._check_writable()

@@ -98,7 +98,8 @@ class AuthError(StorageError, PermissionError):
 
 
 class Conflict(StorageError):
-    """Optimistic transaction lost a race; the KV layer retries these itself."""
+    """Optimistic transaction lost a race; the KV layer retries these itself. Also raised by an embedded chunk
+    update that kept losing its commit to other processes' (chunk_engine.UPDATE_ATTEMPTS times)."""
 
     code = "conflict"
     errno = errno.EAGAIN
