@@ -2,6 +2,8 @@
 its bytes for a retry, handles of removed files fail instead of reading zeros, out-of-range offsets are refused."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -82,7 +84,43 @@ def test_close_after_failed_flush_reports_the_failure(tmp_path):
             f.flush()
         with pytest.raises(NoSpace):  # the bytes are still unwritten: close must not pretend otherwise
             f.close()
-        assert f.closed
+        assert not f.closed  # still holding the bytes: a retried close writes them
+        fs.remove("/filler")
+        f.close()
+        assert f.closed and fs.read_bytes("/data") == b"D" * CS
+
+
+def test_failed_close_tries_the_write_once_and_keeps_the_bytes(tmp_path, monkeypatch):
+    """close() used to flush, then io.RawIOBase.close() flushed again: a failing close wrote (and cleaned up)
+    twice. It tries once, raises that error, and keeps the handle open with its bytes for a retried close();
+    a handle dropped after a failed close does not try again behind the caller's back."""
+    with st.connect(str(tmp_path / "fs"), chunk_size=CS, sync=False) as fs:
+        real, attempts = fs.backend.write_chunks, []
+
+        def failing(writes, created=None):
+            attempts.append([w[1] for w in writes])
+            raise NoSpace("injected")
+        monkeypatch.setattr(fs.backend, "write_chunks", failing)
+        f = fs.open("/data", "wb")
+        f.write(b"D" * (CS + 100))
+        with pytest.raises(NoSpace, match="injected"):
+            f.close()
+        assert len(attempts) == 1 and not f.closed
+        monkeypatch.setattr(fs.backend, "write_chunks", real)
+        f.close()
+        assert f.closed and fs.read_bytes("/data") == b"D" * (CS + 100)
+        f.close()  # closed: nothing more to do
+
+        monkeypatch.setattr(fs.backend, "write_chunks", failing)
+        g = fs.open("/dropped", "wb")
+        g.write(b"x" * 10)
+        with pytest.raises(NoSpace):
+            g.close()
+        del g
+        gc.collect()
+        assert len(attempts) == 2  # g's close only, not again when g was collected
+        monkeypatch.setattr(fs.backend, "write_chunks", real)
+        assert fs.read_bytes("/dropped") == b""
 
 
 @pytest.mark.parametrize("how", ["remove", "rename-over", "truncate"])
@@ -126,6 +164,7 @@ def test_writer_of_removed_file_fails_and_reclaims_its_chunks(tmp_path):
         fs.remove("/w")
         with pytest.raises(NotFound):
             w.close()
+        assert w.closed  # no retry could write the bytes: the handle is closed anyway
         assert sorted(fs.backend.engine.list_chunks()) == [f"{fs.stat('/keep').inode:016x}-00000000"]
         assert fs.read_bytes("/keep") == b"k" * CS
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import io
 import itertools
+import logging
 import queue
 import sys
 import threading
@@ -20,6 +21,8 @@ from torch_deepstack.storage import pyrows
 from torch_deepstack.storage.errors import (InvalidArgument, IsADirectory, NotFound, ReadOnly, StorageError)
 from torch_deepstack.storage.paths import chunk_id, normalize, split_path
 from torch_deepstack.storage.threads import ForkSafeExecutor
+
+log = logging.getLogger("torch_deepstack.storage")
 
 
 def buffer_address(mv: memoryview) -> int:
@@ -291,6 +294,8 @@ class File(io.RawIOBase):
         self._pos = inode["length"] if "a" in mode else 0
         self._wbuf = bytearray()
         self._wpos = 0  # file offset of _wbuf[0]
+        self._close_failed = False  # close() raised with bytes still buffered (see __del__)
+        self._gone = False  # a flush found the file removed or replaced since open
         self._readable = "r" in mode or "+" in mode
         self._writable = any(c in mode for c in "wxa+")
 
@@ -409,16 +414,36 @@ class File(io.RawIOBase):
         except NotFound:
             # Removed (or replaced) while open: the chunks just written belong to no file; reclaim them.
             self.fs._reclaim_unpublished(self._inode, pos, len(data), created)
+            self._gone = True  # for good: inode ids are never reused
             raise
         # Only now: a failed write keeps the bytes buffered, so a retried flush()/close() still writes them.
         self._wbuf = bytearray()
+        self._close_failed = False
 
     def close(self) -> None:
-        if not self.closed:
-            try:
-                self.flush()
-            finally:
+        """Flush, then close. A close whose write fails raises that error (the write tried once) and leaves the
+        handle open with the bytes buffered, so a retried close() or flush() writes them; except where the file
+        was removed or replaced while open (NotFound): no retry could write them, so the handle closes."""
+        if self.closed:
+            return
+        try:
+            self.flush()
+        except BaseException:
+            if self._gone:
+                self._wbuf = bytearray()
                 super().close()
+            else:
+                self._close_failed = True
+            raise
+        super().close()  # io.RawIOBase.close() flushes again: nothing is buffered now
+
+    def __del__(self):
+        # A handle dropped after its close() failed: the caller saw the error, so do not write the bytes later,
+        # behind its back (another handle may have written that range since); IOBase's finalizer closes it.
+        if getattr(self, "_close_failed", False) and self._wbuf:
+            log.debug("%s: dropped with %d unwritten bytes after its close() failed", self.path, len(self._wbuf))
+            self._wbuf = bytearray()
+        super().__del__()
 
     def _check_read(self):
         if self.closed:
