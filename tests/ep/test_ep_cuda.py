@@ -67,7 +67,8 @@ def test_one_process_per_gpu(world_size, transport):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_one_process_per_gpu_errors_and_dead_peer(world_size):
-    """Bad input on distinct GPUs raises everywhere before any collective (both transports); a peer that exits
+    """Bad input on distinct GPUs raises a clear error on every rank (both transports; see workers.error_checks for
+    which checks run before any collective and which travel in the first exchange); a peer that exits
     makes the NVLink barrier report it (EPTransportError) in bounded time."""
     import torch
     if torch.cuda.device_count() < world_size:
