@@ -24,6 +24,9 @@ def test_v1_and_scheduler_object_forms_match_reference():
     for _ in range(2):   # planned on the first call, reused on the second ("next layer")
         out2, lse2 = flash_mla.flash_mla_with_kvcache(q, cache, bt, seq, 512, sched, None, causal=True)
         assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    # a later layer passing a new seqlens tensor with the same values (as upstream allows) reuses the plan
+    out3, lse3 = flash_mla.flash_mla_with_kvcache(q, cache, bt, seq.clone(), 512, sched, None, causal=True)
+    assert torch.equal(out3, out) and torch.equal(lse3, lse)
     with pytest.raises(ValueError, match="planned for"):
         flash_mla.flash_mla_with_kvcache(q, cache, bt, seq, 512, sched, None, causal=False)
 

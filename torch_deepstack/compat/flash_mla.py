@@ -80,13 +80,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         meta = tile_scheduler_metadata
         b, s_q, h_q, _ = q.shape
         h_kv = k_cache.shape[2]
-        config = (b, s_q, h_q, h_kv, k_cache.shape[1], bool(causal), bool(is_fp8_kvcache), cache_seqlens.data_ptr())
+        # As upstream: shapes and flags only. The seqlens' values cannot be compared without a host sync, and a
+        # new tensor with the same values (e.g. `lens.to(torch.int32)` per layer) is how callers reuse the plan.
+        config = (b, s_q, h_q, h_kv, k_cache.shape[1], bool(causal), bool(is_fp8_kvcache))
         if meta.config is None:
             meta.tile_scheduler_metadata, meta.num_splits = _plan(cache_seqlens, s_q * h_q // h_kv, h_kv)
             meta.config = config
         elif meta.config != config:
             raise ValueError(f"flash_mla_with_kvcache: this FlashMLASchedMeta was planned for {meta.config} "
-                             f"(batch, s_q, h_q, h_kv, page, causal, fp8, seqlens buffer) but is used with {config}; "
+                             f"(batch, s_q, h_q, h_kv, page, causal, fp8) but is used with {config}; "
                              f"use a new one per decode step or configuration")
         tile_scheduler_metadata, num_splits = meta.tile_scheduler_metadata, meta.num_splits
     elif num_splits is None:
