@@ -19,13 +19,13 @@ def ep_get_dispatch_layout_fake(topk_idx, num_experts, num_ranks):
 
 @fake("ep_dispatch")
 def ep_dispatch_fake(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, num_ranks, group_name,
-                     expert_alignment=1, num_worst_tokens=0):
+                     expert_alignment=1, num_worst_tokens=0, num_tokens_per_expert=None):
     check_dispatch_args("ep_dispatch", x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
-                        num_ranks, expert_alignment, num_worst_tokens)
+                        num_ranks, expert_alignment, num_worst_tokens, num_tokens_per_expert)
     n_recv = num_worst_tokens if num_worst_tokens > 0 else torch.library.get_ctx().new_dynamic_size()
     dev = x.device
     k = topk_idx.shape[1] if topk_idx is not None else 0
-    scales = (torch.empty(n_recv, x.shape[1] // FP8_GROUP, dtype=torch.float32, device=dev) if x_scales is not None
+    scales = (torch.empty(n_recv, x_scales.shape[1], dtype=x_scales.dtype, device=dev) if x_scales is not None
               else torch.empty(0, dtype=torch.float32, device=dev))
     return (x.new_empty(n_recv, x.shape[1]), scales,
             torch.empty(n_recv, k, dtype=torch.int64, device=dev),
@@ -41,7 +41,7 @@ def ep_dispatch_cached_fake(x, x_scales, is_token_in_rank, rank_counts, recv_src
     check_x("ep_dispatch_cached", x, x_scales)
     check_handle_args("ep_dispatch_cached", x.shape[0], is_token_in_rank, rank_counts, recv_src_idx, num_worst_tokens)
     n_recv = recv_src_idx.shape[0]
-    scales = (torch.empty(n_recv, x.shape[1] // FP8_GROUP, dtype=torch.float32, device=x.device)
+    scales = (torch.empty(n_recv, x_scales.shape[1], dtype=x_scales.dtype, device=x.device)
               if x_scales is not None else torch.empty(0, dtype=torch.float32, device=x.device))
     return x.new_empty(n_recv, x.shape[1]), scales
 

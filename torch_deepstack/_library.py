@@ -60,8 +60,8 @@ SCHEMAS: dict[str, tuple[str, tuple]] = {
     "ep_get_dispatch_layout": ("(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor, Tensor, Tensor)", ()),
     "ep_dispatch": (
         "(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor? is_token_in_rank, "
-        "int num_experts, int num_ranks, str group_name, int expert_alignment=1, int num_worst_tokens=0) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", ()),
+        "int num_experts, int num_ranks, str group_name, int expert_alignment=1, int num_worst_tokens=0, "
+        "Tensor? num_tokens_per_expert=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", ()),
     "ep_dispatch_cached": (
         "(Tensor x, Tensor? x_scales, Tensor is_token_in_rank, Tensor rank_counts, Tensor recv_src_idx, "
         "str group_name, int num_worst_tokens=0) -> (Tensor, Tensor)", ()),

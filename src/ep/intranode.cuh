@@ -106,13 +106,16 @@ __global__ void __launch_bounds__(512) copy_bytes_kernel(uint8_t* __restrict__ d
 // One block. pos_last: the last row of the inclusive cumsum of is_token_in_rank (tokens per destination), or null
 // when there are no tokens. Each rank's notify row holds its counts per destination [R], its counts per expert of
 // the row's owner [L], and a flag for expert ids outside [-1, E) (so every rank learns that some rank passed bad
-// input, and all of them can raise instead of some waiting forever). info_out: rc [R][R] (rc[s][j] = tokens s
+// input, and all of them can raise instead of some waiting forever). The counts per expert are the caller's
+// (expert_counts_in [E], DeepEP's num_tokens_per_expert, with or without top-k) when given, else the (token, slot)
+// pairs of topk per expert (zeros without top-k). info_out: rc [R][R] (rc[s][j] = tokens s
 // sends to j), tokens received per local expert [L], the bad-id flag of every rank [R], this rank's lowest and
 // highest expert id (clamped to int32), then the barrier's error word (non-zero: a peer timed out, the counts are
 // not valid).
 template <int kMaxRanks>
 __global__ void __launch_bounds__(1024) notify_dispatch_kernel(
-    const int* __restrict__ pos_last, const int64_t* __restrict__ topk, int n, int k, int L,
+    const int* __restrict__ pos_last, const int64_t* __restrict__ topk, const int* __restrict__ expert_counts_in,
+    int n, int k, int L,
     uint8_t* const* __restrict__ peer_base, long long half_bytes, unsigned long long* const* __restrict__ flag_arrays,
     int rank, int R, unsigned long long* __restrict__ counter, unsigned long long timeout_ns, int* __restrict__ error,
     int* __restrict__ info_out) {
@@ -133,16 +136,17 @@ __global__ void __launch_bounds__(1024) notify_dispatch_kernel(
       const long long e = topk[i];
       lo = e < lo ? e : lo;
       hi = e > hi ? e : hi;
-      if (e >= 0 && e < E) atomicAdd(&expert_count[e], 1);
+      if (expert_counts_in == nullptr && e >= 0 && e < E) atomicAdd(&expert_count[e], 1);
     }
     atomicMin(&id_lo, lo);
     atomicMax(&id_hi, hi);
   }
   __syncthreads();
   const int bad = id_lo < -1 || id_hi >= E;
+  const int* per_expert = expert_counts_in != nullptr ? expert_counts_in : expert_count;
   for (int idx = tid; idx < R * W; idx += blockDim.x) {
     const int j = idx / W, w = idx % W;
-    const int v = w < R ? (pos_last != nullptr ? pos_last[w] : 0) : (w < R + L ? expert_count[j * L + (w - R)] : bad);
+    const int v = w < R ? (pos_last != nullptr ? pos_last[w] : 0) : (w < R + L ? per_expert[j * L + (w - R)] : bad);
     int* table = reinterpret_cast<int*>(peer_base[j] + half * half_bytes);
     reinterpret_cast<volatile int*>(table)[rank * W + w] = v;
   }

@@ -84,3 +84,74 @@ def test_deepep_style_script_runs():
     hook()
     ref = xb.float() * torch.where(topk_idx >= 0, topk_weights, 0).sum(1, keepdim=True)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_utils_module_event_handle_and_version(monkeypatch):
+    """Megatron's `from deep_ep.utils import EventHandle, EventOverlap` and `EventOverlap(EventHandle())`, through the
+    one changed import and through an alias of the module as `deep_ep`. Fails before: deep_ep was a module without
+    `utils`, `EventHandle` or `__version__` (review, 2026-12-02)."""
+    import importlib
+    import sys
+    from torch_deepstack.compat.deep_ep.utils import EventHandle, EventOverlap
+    assert EventHandle is deep_ep.EventHandle and EventOverlap is deep_ep.EventOverlap
+    assert deep_ep.utils.EventHandle is EventHandle
+    assert deep_ep.__version__.startswith("1.") and "deepstack" in deep_ep.__version__
+    monkeypatch.setitem(sys.modules, "deep_ep", deep_ep)
+    monkeypatch.delitem(sys.modules, "deep_ep.utils", raising=False)
+    try:
+        aliased = importlib.import_module("deep_ep.utils")
+        assert aliased.EventHandle is EventHandle and aliased.EventOverlap is EventOverlap
+    finally:
+        sys.modules.pop("deep_ep.utils", None)
+    previous_event = EventOverlap(EventHandle())
+    previous_event.current_stream_wait()
+    with previous_event:
+        pass
+
+
+def test_unsupported_methods_and_arguments_raise_clearly():
+    """DeepEP methods and arguments we do not support raise NotImplementedError naming docs/ep.md (before: an
+    AttributeError, or, for enable_shrink and comm, silently accepted)."""
+    import pytest
+    import torch.distributed as dist
+    single_process_group_name()
+    want = {
+        "low_latency_update_mask_buffer": ["rank_to_mask", "mask"],
+        "low_latency_query_mask_buffer": ["mask_status"],
+        "low_latency_clean_mask_buffer": [],
+        "internode_dispatch": ["x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank",
+                               "num_tokens_per_expert", "topk_idx", "topk_weights", "expert_alignment",
+                               "num_worst_tokens", "config", "previous_event", "async_finish",
+                               "allocate_on_comm_stream"],
+        "internode_combine": ["x", "handle", "topk_weights", "bias", "config", "previous_event", "async_finish",
+                              "allocate_on_comm_stream"],
+    }
+    for name, params in want.items():       # DeepEP's parameter names and order
+        got = [p for p in inspect.signature(getattr(deep_ep.Buffer, name)).parameters if p != "self"]
+        assert got == params, (name, got)
+    buf = deep_ep.Buffer(dist.group.WORLD, 1 << 20, 0)
+    calls = {"low_latency_update_mask_buffer": (0, True), "low_latency_query_mask_buffer": (torch.zeros(1),),
+             "low_latency_clean_mask_buffer": (), "internode_dispatch": (torch.zeros(2, 256),),
+             "internode_combine": (torch.zeros(2, 256), None)}
+    for name, args in calls.items():
+        with pytest.raises(NotImplementedError, match="docs/ep.md"):
+            getattr(buf, name)(*args)
+    with pytest.raises(NotImplementedError, match="enable_shrink"):
+        deep_ep.Buffer(dist.group.WORLD, 1 << 20, 0, enable_shrink=True)
+    with pytest.raises(NotImplementedError, match="mpi4py"):
+        deep_ep.Buffer(None, 1 << 20, 0, comm=object())
+    if buf._ipc is None:        # (in a process that uses CUDA a gloo Buffer has IPC buffers: nothing to refuse)
+        with pytest.raises(RuntimeError, match="no peer-mapped memory: .+"):
+            buf.get_local_buffer_tensor(torch.bfloat16)
+    buf.destroy()
+
+
+def test_docstring_states_the_differences():
+    """The module docstring said receive hooks were no-ops and that the return tuples were DeepEP's: it now states
+    the handle layouts (ours vs DeepEP's 6-tuple), the hooks, and the stricter num_worst_tokens (review,
+    2026-12-02)."""
+    doc = deep_ep.__doc__
+    assert "no-ops" not in doc
+    for fact in ("send_head", "recv_channel_prefix_matrix", "DispatchHandle", "LowLatencyHandle",
+                 "num_worst_tokens // num_ranks", "hook() (compute in between overlaps it)", "NotImplementedError"):
+        assert fact in doc, fact

@@ -578,8 +578,13 @@ def error_checks(rank, ws, device="cpu", transport="auto"):
         buf.dispatch(x, topk_idx=idx.int(), topk_weights=w, **kw)
     with pytest.raises(RuntimeError, match="x must be"):
         buf.dispatch(x.to(torch.int32), topk_idx=idx, topk_weights=w, **kw)
-    with pytest.raises(RuntimeError, match="x_scales must be"):
-        buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(x.shape[0], 3)), topk_idx=idx, topk_weights=w, **kw)
+    q = x.to(torch.float8_e4m3fn)          # (x_scales [N, S] fp32 or int32, any S, is valid: as upstream)
+    with pytest.raises(RuntimeError, match="x_scales must be float32 .or int32"):
+        buf.dispatch((q, torch.ones(x.shape[0], 3, dtype=torch.float64)), topk_idx=idx, topk_weights=w, **kw)
+    with pytest.raises(RuntimeError, match=r"x_scales must be \[num_tokens=\d+, num_scales\]"):
+        buf.dispatch((q, torch.ones(x.shape[0] + 1, 3)), topk_idx=idx, topk_weights=w, **kw)
+    with pytest.raises(RuntimeError, match="with x_scales, x must have a one-byte dtype"):
+        buf.dispatch((x.bfloat16(), torch.ones(x.shape[0], 3)), topk_idx=idx, topk_weights=w, **kw)
     with pytest.raises(RuntimeError, match=r"topk_weights must have topk_idx's shape"):
         buf.dispatch(x, topk_idx=idx, topk_weights=w[:, :2].contiguous(), **kw)
     rx, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, **kw)
@@ -785,4 +790,147 @@ def edge_case_checks(rank, ws, device="cpu", transport="auto"):
     with pytest.raises(ValueError, match="combine: bias must be"):
         buf.combine(rx, handle, bias=torch.zeros(xs.shape, dtype=torch.float64))
     y, _, _ = buf.combine(rx, handle, bias=(torch.ones_like(xs), None))
+    dist.barrier()
+
+
+# --- DeepEP V1 forms a review against upstream (2026-12) found rejected or wrong ---------------------------------
+
+def _global_tokens_per_expert(seed, ws, num_experts, counts_of=None):
+    """Sum over ranks of each rank's num_tokens_per_expert (get_dispatch_layout's, or counts_of(rank)): what
+    upstream's test_intranode all-reduces and slices for every rank's num_recv_tokens_per_expert_list."""
+    total = torch.zeros(num_experts, dtype=torch.int64)
+    for i in range(ws):
+        if counts_of is not None:
+            total += counts_of(i).long()
+        else:
+            _, idx, _ = make_inputs(seed, i, num_experts)
+            flat = idx[idx >= 0]
+            total += torch.bincount(flat, minlength=num_experts)
+    return total
+
+
+def _custom_counts(seed, rank, num_experts):
+    """Per-expert counts a caller passes that no top-k produced (upstream only sums what it is given)."""
+    return (torch.arange(num_experts, dtype=torch.int32) * (rank + 1) + seed % 5) % 11
+
+
+def tokens_per_expert_checks(rank, ws, seed, device="cpu", transport="auto"):
+    """num_recv_tokens_per_expert_list comes from the callers' num_tokens_per_expert, exchanged in the count
+    exchange: with and without topk_idx (upstream test_intranode's "without top-k" cases assert
+    gbl_num_tokens_per_expert.view(R, -1)[rank] == the list), rounded up to expert_alignment; the handle's
+    tensor and the op's output agree, in exact and worst-case mode."""
+    E = 4 * ws
+    L = E // ws
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 24, timeout_s=60)
+    x, idx, w = make_inputs(seed, rank, E)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    gbl = _global_tokens_per_expert(seed, ws, E)
+    mine = gbl.view(ws, -1)[rank]
+    assert int(mine.sum()) > 0
+    lay = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    exp_rows = len(expected_receive(seed, rank, ws, E))
+    for align in (1, 4):
+        want = ((mine + align - 1) // align * align).tolist()
+        # without top-k: is_token_in_rank routes, the counts are the callers'
+        rx, ridx, rw, lst, handle, _ = buf.dispatch(x, expert_alignment=align, **lay)
+        assert ridx is None and rw is None and rx.shape[0] == exp_rows
+        assert lst == want, (rank, align, lst, want)
+        assert handle.num_recv_tokens_per_expert.cpu().tolist() == want
+        # with top-k (the same numbers: the callers' counts agree with their top-k)
+        _, _, _, lst_k, handle_k, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, expert_alignment=align, **lay)
+        assert lst_k == want and handle_k.num_recv_tokens_per_expert.cpu().tolist() == want
+        # worst-case mode: no list (no host read), the handle's tensor holds the counts
+        worst = max(num_tokens(r) for r in range(ws)) * ws
+        _, _, _, lst_w, handle_w, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, expert_alignment=align,
+                                                   num_worst_tokens=worst, **lay)
+        assert lst_w == [] and handle_w.num_recv_tokens_per_expert.cpu().tolist() == want
+    # counts that no top-k produced are summed as given (upstream trusts the caller's num_tokens_per_expert)
+    custom = _custom_counts(seed, rank, E)
+    want = _global_tokens_per_expert(seed, ws, E, lambda i: _custom_counts(seed, i, E)).view(ws, -1)[rank].tolist()
+    lst = buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=custom)[3]
+    assert lst == want, (lst, want)
+    # the op itself: without the caller's counts, the counts come from the top-k of the rows each source sends
+    group = buf.buf._op_group if isinstance(buf, OnDevice) else buf._op_group
+    dev = torch.device(device)
+    out = torch.ops.deepstack.ep_dispatch(x.to(dev), None, idx.to(dev), w.to(dev), None, E, ws, group, 1, 0)
+    assert out[4].cpu().tolist() == mine.tolist()
+    out = torch.ops.deepstack.ep_dispatch(x.to(dev), None, None, None, in_rank.to(dev), E, ws, group, 1, 0,
+                                          per_expert.to(dev))
+    assert out[4].cpu().tolist() == mine.tolist()
+    assert L == len(mine)
+    import pytest
+    with pytest.raises(RuntimeError, match=r"num_tokens_per_expert must be int32"):   # before any exchange
+        torch.ops.deepstack.ep_dispatch(x.to(dev), None, None, None, in_rank.to(dev), E, ws, group, 1, 0,
+                                        per_expert.to(dev).float())
+    with pytest.raises(RuntimeError, match=rf"num_tokens_per_expert must be \[num_experts={E}\]"):
+        torch.ops.deepstack.ep_dispatch(x.to(dev), None, None, None, in_rank.to(dev), E, ws, group, 1, 0,
+                                        per_expert.to(dev)[1:])
+    dist.barrier()
+
+
+def _scale_form_inputs(seed, rank, num_experts, form: str, hidden: int):
+    """(x, x_scales, topk_idx, topk_weights) of one rank for a DeepEP V1 (x, x_scales) form upstream accepts:
+    x of any one-byte dtype, scales float32 or int32 [N, S] with any S and strides."""
+    x, idx, w = make_inputs(seed, rank, num_experts, hidden=hidden)
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed * 7 + rank * 131 + len(form))
+    if form == "e4m3+int32[N,H/512]":          # UE8M0 exponents packed 4 to an int32: any bit pattern
+        return (x.to(torch.float8_e4m3fn), torch.randint(-2 ** 31, 2 ** 31 - 1, (n, hidden // 512), generator=g,
+                                                         dtype=torch.int64).to(torch.int32), idx, w)
+    if form == "e4m3+fp32[N,1]":               # per-token scales
+        return x.to(torch.float8_e4m3fn), torch.rand(n, 1, generator=g) + 0.5, idx, w
+    if form == "e5m2+fp32[N,H/128]":
+        return x.to(torch.float8_e5m2), torch.rand(n, hidden // 128, generator=g), idx, w
+    if form == "uint8+fp32[N,3]T":              # any S, column-major storage
+        q = torch.randint(0, 256, (n, hidden), generator=g, dtype=torch.int64).to(torch.uint8)
+        return q, torch.rand(3, n, generator=g).t(), idx, w
+    if form == "e4m3+fp32[N,H/128]::2":        # a strided view of a wider tensor
+        return x.to(torch.float8_e4m3fn), torch.rand(n, 2 * (hidden // 128), generator=g)[:, ::2], idx, w
+    raise ValueError(form)
+
+
+SCALE_FORMS = ("e4m3+int32[N,H/512]", "e4m3+fp32[N,1]", "e5m2+fp32[N,H/128]", "uint8+fp32[N,3]T",
+               "e4m3+fp32[N,H/128]::2")
+
+
+def scale_forms_checks(rank, ws, seed, device="cpu", transport="auto"):
+    """Normal dispatch moves every (x, x_scales) form upstream accepts: the received rows are the sources' rows and
+    the received scales their scales, bit for bit, as [num_recv, S] in the scales' dtype (exact, worst-case and
+    cached dispatch, with and without top-k)."""
+    E = 4 * ws
+    hidden = 1024
+    buf = make_buffer(device, transport, num_nvl_bytes=1 << 24, timeout_s=60)
+    for form in SCALE_FORMS:
+        q, s, idx, w = _scale_form_inputs(seed, rank, E, form, hidden)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+        lay = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        rows_q, rows_s = [], []
+        for i in range(ws):
+            qi, si, ii, _ = _scale_form_inputs(seed, i, E, form, hidden)
+            sel = (rank_of(ii, E, ws) == rank).any(1)
+            rows_q.append(qi[sel])
+            rows_s.append(si[sel])
+        want_q, want_s = torch.cat(rows_q), torch.cat(rows_s)
+        n = want_q.shape[0]
+
+        def same(rq, rs, rows, what):
+            assert rq.dtype == q.dtype and rs.dtype == s.dtype, (form, what, rq.dtype, rs.dtype)
+            assert rq.shape == (rows, hidden) and rs.shape == (rows, s.shape[1]), (form, what, rq.shape, rs.shape)
+            assert torch.equal(rq[:n].view(torch.uint8), want_q.view(torch.uint8)), (form, what)
+            assert torch.equal(rs[:n].contiguous().view(torch.int32), want_s.contiguous().view(torch.int32)), \
+                (form, what)
+
+        (rq, rs), _, _, _, handle, _ = buf.dispatch((q, s), topk_idx=idx, topk_weights=w, **lay)
+        same(rq, rs, n, "exact")
+        (rq, rs), *_ = buf.dispatch((q, s), **lay)                       # without top-k
+        same(rq, rs, n, "exact, no top-k")
+        (rq, rs), *_ = buf.dispatch((q, s), handle=handle)               # cached
+        same(rq, rs, n, "cached")
+        worst = max(num_tokens(r) for r in range(ws)) * ws
+        (rq, rs), _, _, _, whandle, _ = buf.dispatch((q, s), topk_idx=idx, topk_weights=w, num_worst_tokens=worst,
+                                                     **lay)
+        same(rq, rs, worst, "worst-case")
+        assert bool((rs[n:].contiguous().view(torch.int32) == 0).all()), form   # padded rows: zero scales
+        (rq, rs), *_ = buf.dispatch((q, s), handle=whandle)
+        same(rq, rs, worst, "cached worst-case")
     dist.barrier()

@@ -9,7 +9,8 @@ The same semantics run on CPU (gloo), over NCCL, and over NVLink peer-mapped buf
 """
 from torch_deepstack.ep import ops  # noqa: F401  (register the op faces)
 from torch_deepstack.ep.checks import EPPeerInputError  # noqa: F401
-from torch_deepstack.ep.buffer import Buffer, Config, DispatchHandle, EventOverlap, LowLatencyHandle  # noqa: F401
+from torch_deepstack.ep.buffer import (Buffer, Config, DispatchHandle, EventHandle, EventOverlap,  # noqa: F401
+                                     LowLatencyHandle)
 from torch_deepstack.ep.layout import dispatch_layout, low_latency_size_hint  # noqa: F401
 from torch_deepstack.ep.transport import EPTransportError, register_transport  # noqa: F401
 

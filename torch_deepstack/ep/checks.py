@@ -16,22 +16,37 @@ def check_topology(op: str, num_experts: int, num_ranks: int) -> int:
     return num_experts // num_ranks
 
 
+SCALE_DTYPES = (torch.float32, torch.int32)   # fp32 scales, or UE8M0 exponents packed four to an int32
+
+
 def check_x(op: str, x: torch.Tensor, x_scales: torch.Tensor | None) -> None:
+    """x: [N, hidden] data; with x_scales, DeepEP's (x, x_scales) pair: x of any one-byte dtype (fp8 e4m3/e5m2,
+    uint8, ...) and x_scales [N, S] float32 or int32, any S and strides. The scales are an opaque per-token payload
+    that travels with its row (dispatch returns them as [num_recv, S] in their dtype)."""
     torch._check(x.dim() == 2, lambda: f"{op}: x must be [num_tokens, hidden], got shape {tuple(x.shape)}")
     if x_scales is None:
         torch._check(x.dtype in DATA_DTYPES,
                      lambda: f"{op}: x must be bfloat16/float16/float32/float64 (or an (fp8, scales) pair), "
                              f"got {x.dtype}")
         return
-    torch._check(x.dtype == torch.float8_e4m3fn,
-                 lambda: f"{op}: with x_scales, x must be float8_e4m3fn, got {x.dtype}")
-    torch._check(x.shape[1] % FP8_GROUP == 0,
-                 lambda: f"{op}: fp8 hidden={x.shape[1]} must be a multiple of {FP8_GROUP}")
-    torch._check(x_scales.dtype == torch.float32, lambda: f"{op}: x_scales must be float32, got {x_scales.dtype}")
-    torch._check(x_scales.dim() == 2 and x_scales.shape[0] == x.shape[0]
-                 and x_scales.shape[1] == x.shape[1] // FP8_GROUP,
-                 lambda: f"{op}: x_scales must be [num_tokens, hidden // 128] = "
-                         f"[{x.shape[0]}, {x.shape[1] // FP8_GROUP}], got {tuple(x_scales.shape)}")
+    torch._check(x.element_size() == 1,
+                 lambda: f"{op}: with x_scales, x must have a one-byte dtype (e.g. float8_e4m3fn), got {x.dtype}")
+    torch._check(x_scales.dtype in SCALE_DTYPES,
+                 lambda: f"{op}: x_scales must be float32 (or int32 packed UE8M0), got {x_scales.dtype}")
+    torch._check(x_scales.dim() == 2 and x_scales.shape[0] == x.shape[0],
+                 lambda: f"{op}: x_scales must be [num_tokens={x.shape[0]}, num_scales], got "
+                         f"{tuple(x_scales.shape)}")
+
+
+def check_tokens_per_expert(op: str, num_tokens_per_expert: torch.Tensor | None, num_experts: int) -> None:
+    """The caller's per-expert token counts (get_dispatch_layout's num_tokens_per_expert): [num_experts], integer."""
+    if num_tokens_per_expert is None:
+        return
+    t = num_tokens_per_expert
+    torch._check(t.dim() == 1 and t.shape[0] == num_experts,
+                 lambda: f"{op}: num_tokens_per_expert must be [num_experts={num_experts}], got {tuple(t.shape)}")
+    torch._check(t.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: num_tokens_per_expert must be int32 (or int64), got {t.dtype}")
 
 
 def check_max_tokens(op: str, name: str, num_tokens: int, num_max: int) -> None:

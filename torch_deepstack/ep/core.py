@@ -18,8 +18,7 @@ import torch
 from torch_deepstack.ep import intranode
 from torch_deepstack.ep.checks import (BAD_EXPERT_IDS, TOO_MANY_TOKENS, RankChecks, check_expert_range,
                                        check_max_tokens, read_codes)
-from torch_deepstack.ep.layout import (count_local_experts, inclusive_rank_positions, to_local_experts,
-                                      token_rank_mask)
+from torch_deepstack.ep.layout import fixed_bincount, inclusive_rank_positions, to_local_experts, token_rank_mask
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
 
@@ -51,7 +50,7 @@ def unpack_rows(rows: torch.Tensor, specs: list[tuple[torch.dtype, int]]) -> lis
 def row_specs(hidden: int, x_dtype, num_scales: int, num_topk: int, with_weights: bool):
     specs = [(x_dtype, hidden)]
     if num_scales:
-        specs.append((torch.float32, num_scales))
+        specs.append((torch.float32, num_scales))   # (low-latency rows: our own quantiser's fp32 scales)
     specs.append((torch.int64, num_topk))
     if with_weights:
         specs.append((torch.float32, num_topk))
@@ -144,11 +143,34 @@ def slot_positions(mask: torch.Tensor) -> torch.Tensor:
 
 # --- normal dispatch ----------------------------------------------------------------------------------------
 
+def source_expert_counts(topk_idx, num_tokens_per_expert, num_experts: int, device) -> torch.Tensor:
+    """What this rank tells every destination about its tokens per expert (int32 [E]): the caller's
+    num_tokens_per_expert when given (DeepEP's notify step sends those, with or without top-k), else the (token,
+    slot) pairs of topk_idx per expert, else zeros. A destination's received tokens per local expert are the sum
+    over sources of its [L] slice."""
+    if num_tokens_per_expert is not None:
+        return num_tokens_per_expert.to(device=device, dtype=torch.int32)
+    if topk_idx is None:
+        return torch.zeros(num_experts, dtype=torch.int32, device=device)
+    flat = topk_idx.reshape(-1)
+    flat = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)   # (bad ids: counted nowhere)
+    return fixed_bincount(flat, num_experts + 1)[:num_experts].to(torch.int32)
+
+
+def align_counts(counts: torch.Tensor, alignment: int) -> torch.Tensor:
+    if alignment > 1:
+        counts = (counts + alignment - 1) // alignment * alignment
+    return counts.to(torch.int32)
+
+
 def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts: int,
-             expert_alignment: int, num_worst_tokens: int):
+             expert_alignment: int, num_worst_tokens: int, num_tokens_per_expert=None):
     """Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
     is_token_in_rank, rank_counts [R, R], recv_src_idx). In worst-case mode the rows past the received ones have
-    recv_topk_idx = recv_src_idx = -1, zero weights and scales, and unspecified data."""
+    recv_topk_idx = recv_src_idx = -1, zero weights and scales, and unspecified data. x_scales ([N, S] float32 or
+    int32) travel with their rows as an opaque payload and come back as [num_recv, S] in their dtype.
+    num_recv_tokens_per_expert [L]: the sum over source ranks of their num_tokens_per_expert for this rank's
+    experts (see source_expert_counts), rounded up to expert_alignment."""
     R, rank = transport.world_size, transport.rank
     L = num_experts // R
     n, hidden = x.shape
@@ -171,7 +193,7 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
         mask = is_token_in_rank if is_token_in_rank is not None else token_rank_mask(topk_idx, num_experts, R)
     if fused:
         out = intranode.intranode_for(transport).dispatch(x, x_scales, topk_idx, topk_weights, mask, num_experts,
-                                                          expert_alignment, num_worst_tokens)
+                                                          expert_alignment, num_worst_tokens, num_tokens_per_expert)
         if out is not None:
             recv = list(out)
             if is_token_in_rank is not None:
@@ -182,15 +204,20 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
     meta_parts = ([x_scales] if x_scales is not None else []) + \
         [topk_idx if topk_idx is not None else torch.empty(n, 0, dtype=torch.int64, device=dev)] + \
         ([topk_weights] if topk_weights is not None else []) + [torch.arange(n, dtype=torch.int32, device=dev)]
-    specs = ([(torch.float32, num_scales)] if num_scales else []) + [(torch.int64, k)] + \
+    specs = ([(x_scales.dtype, num_scales)] if x_scales is not None else []) + [(torch.int64, k)] + \
         ([(torch.float32, k)] if topk_weights is not None else []) + [(torch.int32, 1)]
-    # The count exchange also carries every rank's check code (last column): a rank whose input failed a check
-    # raises its own error after it, and the others an EPPeerInputError, rather than wait for it.
+    # The count exchange carries, per rank: its tokens per destination rank [R], its check code (a rank whose
+    # input failed a check raises its own error after the exchange, and the others an EPPeerInputError, rather
+    # than wait for it) and its tokens per expert [E] (each destination sums its experts' columns).
     counts = mask.sum(0, dtype=torch.int32)
-    gathered = transport.exchange_counts(torch.cat([counts, counts.new_full((1,), checks.code)]))   # [R, R + 1]
+    per_expert_sent = (torch.zeros(num_experts, dtype=torch.int32, device=dev) if checks.failed else
+                       source_expert_counts(topk_idx, num_tokens_per_expert, num_experts, dev))
+    gathered = transport.exchange_counts(torch.cat([counts, counts.new_full((1,), checks.code),
+                                                    per_expert_sent]))               # [R, R + 1 + E]
     host = gathered.cpu() if num_worst_tokens == 0 else None     # the exact form reads the counts anyway
     checks.raise_failures(host[:, R].tolist() if host is not None else read_codes(gathered[:, R]))
     rank_counts = gathered[:, :R].contiguous()                   # [R, R]: rank i sends [i, j] rows to rank j
+    per_expert = align_counts(gathered[:, R + 1 + rank * L:R + 1 + (rank + 1) * L].sum(0), expert_alignment)
     (recv_bytes, recv_meta), valid = _dispatch_rows(transport, mask, rank_counts, [x, pack_rows(meta_parts)],
                                                     num_worst_tokens, None,
                                                     host[:, :R] if host is not None else None)
@@ -210,7 +237,6 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
         recv_w = torch.empty(recv_topk_idx.shape[0], 0, dtype=torch.float32, device=dev)
     else:
         recv_w = torch.where(recv_topk_idx >= 0, recv_w, torch.zeros_like(recv_w))
-    per_expert = count_local_experts(recv_topk_idx, L, expert_alignment)
     return (recv_x, recv_scales, recv_topk_idx, recv_w, per_expert,
             mask.clone() if is_token_in_rank is not None else mask, rank_counts, recv_src_idx)
 
@@ -226,8 +252,8 @@ def cached_dispatch(transport, x, x_scales, is_token_in_rank, rank_counts, num_r
     tensors = [x] + ([x_scales] if x_scales is not None else [])
     got, _ = _dispatch_rows(transport, is_token_in_rank, rank_counts, tensors, num_worst_tokens, num_recv)
     recv_x = from_byte_rows(got[0], x.dtype)
-    recv_scales = from_byte_rows(got[1], torch.float32) if x_scales is not None else torch.empty(0, dtype=torch.float32,
-                                                                                     device=dev)
+    recv_scales = from_byte_rows(got[1], x_scales.dtype) if x_scales is not None else \
+        torch.empty(0, dtype=torch.float32, device=dev)
     return recv_x, recv_scales
 
 

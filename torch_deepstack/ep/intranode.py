@@ -32,7 +32,7 @@ def _align(v: int, a: int = _ALIGN) -> int:
 # Kernel signatures, one code per parameter in order (see torch_deepstack/jit/launch.py).
 _SIG = {
     "rank_positions_kernel": "p ii p",
-    "notify_dispatch_kernel": "pp iii p l p ii p l pp",
+    "notify_dispatch_kernel": "ppp iii p l p ii p l pp",
     "dispatch_send_kernel": "p l i p l i pp ii pppp l ii p lllll ppppp i i",
     "dispatch_recv_kernel": "p l p lllll iiiiiiii p i ppppp i",
     "combine_send_kernel": "p l i p i p ii p l p ll i",
@@ -182,16 +182,19 @@ class Intranode:
         return self._counts_entry(rc_dev)[2 + axis] <= lay.cap
 
     # --- normal dispatch --------------------------------------------------------------------------------------
-    def notify(self, mask: torch.Tensor, pos: torch.Tensor, topk_idx, L: int) -> torch.Tensor:
+    def notify(self, mask: torch.Tensor, pos: torch.Tensor, topk_idx, L: int, expert_counts=None) -> torch.Tensor:
         """Exchange counts: -> info int32 (see notify_dispatch_kernel): rank counts [R*R], received tokens per local
-        expert [L], bad-expert-id flags [R], lowest and highest id, error word."""
+        expert [L], bad-expert-id flags [R], lowest and highest id, error word. expert_counts: this rank's tokens
+        per expert as the caller gave them (int32 [E], contiguous), sent instead of the ones counted from
+        topk_idx."""
         t, R = self.t, self.R
         n = mask.shape[0]
         info = torch.empty(R * R + L + R + 3, dtype=torch.int32, device=mask.device)
         k = topk_idx.shape[1] if topk_idx is not None else 0
-        kernel("notify_dispatch_kernel", MAX_RANKS).launch(1, 1024, pos[n - 1] if n else None, topk_idx, n, k, L,
-                                                           self.peer_base, self.half_bytes, t.flag_table, self.rank, R,
-                                                           t.epoch, t.timeout_ns, t.error, info, smem=R * L * 4)
+        kernel("notify_dispatch_kernel", MAX_RANKS).launch(1, 1024, pos[n - 1] if n else None, topk_idx,
+                                                           expert_counts, n, k, L, self.peer_base, self.half_bytes,
+                                                           t.flag_table, self.rank, R, t.epoch, t.timeout_ns, t.error,
+                                                           info, smem=R * L * 4)
         t.note_barrier()
         return info
 
@@ -229,11 +232,12 @@ class Intranode:
 
     @staticmethod
     def alloc_outputs(out_rows: int, row_bytes: int, dtype, num_scales: int, k: int, has_weights: bool, device,
-                      with_layout: bool = True):
+                      with_layout: bool = True, scales_dtype=torch.float32):
         """(recv_x, recv_scales, recv_topk, recv_w, recv_src); a cached dispatch (with_layout=False) moves data
-        only: no top-k, weights or source index (the kernels skip None outputs)."""
+        only: no top-k, weights or source index (the kernels skip None outputs). The kernels move scales as 4-byte
+        words (fp32 or int32: bits unchanged)."""
         x = torch.empty(out_rows, row_bytes // dtype.itemsize, dtype=dtype, device=device)
-        scales = torch.empty(out_rows, num_scales, dtype=torch.float32, device=device) if num_scales else None
+        scales = torch.empty(out_rows, num_scales, dtype=scales_dtype, device=device) if num_scales else None
         if not with_layout:
             return x, scales, None, None, None
         return (x, scales, torch.empty(out_rows, k, dtype=torch.int64, device=device),
@@ -255,7 +259,7 @@ class Intranode:
         return outs
 
     def dispatch(self, x, x_scales, topk_idx, topk_weights, mask, num_experts: int, expert_alignment: int,
-                 num_worst_tokens: int):
+                 num_worst_tokens: int, num_tokens_per_expert=None):
         """core.dispatch over the fused kernels, or None when the rows do not fit (the caller falls back)."""
         R, rank = self.R, self.rank
         L = num_experts // R
@@ -270,18 +274,21 @@ class Intranode:
         x_scales = x_scales.contiguous() if x_scales is not None else None
         topk_idx = topk_idx.contiguous() if topk_idx is not None else None
         topk_weights = topk_weights.contiguous() if topk_weights is not None else None
+        expert_counts = (num_tokens_per_expert.to(device=x.device, dtype=torch.int32).contiguous()
+                         if num_tokens_per_expert is not None else None)
         mask = mask.contiguous()
         self._raise_pending()
         pos = self._positions(mask)
-        info = self.notify(mask, pos, topk_idx, L)
+        info = self.notify(mask, pos, topk_idx, L, expert_counts)
         rc_dev = info[:R * R].view(R, R)
         a = expert_alignment
         per_expert = info[R * R:R * R + L]                              # tokens per local expert
         per_expert = (per_expert + (a - 1)) // a * a if a > 1 else per_expert.clone()   # rounded up to a
         has_w = topk_weights is not None
+        sdt = x_scales.dtype if x_scales is not None else torch.float32
         if num_worst_tokens:
             out_rows = num_worst_tokens
-            outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, has_w, x.device)
+            outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, has_w, x.device, scales_dtype=sdt)
             self.send_rows(x, x_scales, topk_idx, topk_weights, mask, pos, rc_dev, lay, outs, L)
             own_rows_sent = True
         else:
@@ -301,12 +308,14 @@ class Intranode:
             out_rows = sum(row[rank] for row in entry[1])
             if not allocating_into_cuda_graph_pool():
                 self._last_per_expert = (per_expert, [(v + a - 1) // a * a for v in host[R * R:R * R + L]])
-            outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, has_w, x.device)
+            outs = self.alloc_outputs(out_rows, row_bytes, x.dtype, num_scales, k, has_w, x.device, scales_dtype=sdt)
             own_rows_sent = False
         recv_x, recv_scales, recv_topk, recv_w, recv_src = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales,
                                                                           k, topk_idx is not None, L, own_rows_sent)
         if x_scales is None:
             recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
+        elif recv_scales is None:       # x_scales [N, 0]
+            recv_scales = torch.empty(out_rows, 0, dtype=x_scales.dtype, device=x.device)
         if recv_w is None:
             recv_w = torch.empty(out_rows, 0, dtype=torch.float32, device=x.device)
         return recv_x, recv_scales, recv_topk, recv_w, per_expert, mask, rc_dev, recv_src
@@ -323,11 +332,14 @@ class Intranode:
         x_scales = x_scales.contiguous() if x_scales is not None else None
         mask = mask.contiguous()
         pos = self._positions(mask)
-        outs = self.alloc_outputs(num_recv, row_bytes, x.dtype, num_scales, 0, False, x.device, with_layout=False)
+        outs = self.alloc_outputs(num_recv, row_bytes, x.dtype, num_scales, 0, False, x.device, with_layout=False,
+                                  scales_dtype=x_scales.dtype if x_scales is not None else torch.float32)
         self.send_rows(x, x_scales, None, None, mask, pos, rc_dev, lay, outs, 0)
         recv_x, recv_scales, _, _, _ = self.recv_rows(lay, rc_dev, outs, row_bytes, num_scales, 0, False, 0)
         if x_scales is None:
             recv_scales = torch.empty(0, dtype=torch.float32, device=x.device)
+        elif recv_scales is None:       # x_scales [N, 0]
+            recv_scales = torch.empty(num_recv, 0, dtype=x_scales.dtype, device=x.device)
         return recv_x, recv_scales
 
     # --- normal combine ---------------------------------------------------------------------------------------

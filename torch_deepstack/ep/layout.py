@@ -55,16 +55,6 @@ def to_local_experts(topk_idx: torch.Tensor, rank: int, num_local_experts: int) 
     return torch.where(keep, local, torch.full_like(local, -1))
 
 
-def count_local_experts(recv_topk_idx: torch.Tensor, num_local_experts: int, alignment: int) -> torch.Tensor:
-    """Received (token, slot) pairs per local expert, each count rounded up to `alignment` (int32 [L])."""
-    flat = recv_topk_idx.reshape(-1)
-    flat = torch.where(flat >= 0, flat, torch.full_like(flat, num_local_experts))
-    counts = fixed_bincount(flat, num_local_experts + 1)[:num_local_experts]
-    if alignment > 1:
-        counts = (counts + alignment - 1) // alignment * alignment
-    return counts.to(torch.int32)
-
-
 def low_latency_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                           num_experts: int) -> int:
     """Bytes a low-latency buffer needs: two halves (exchanges alternate between them), each holding the larger of

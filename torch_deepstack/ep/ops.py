@@ -12,7 +12,7 @@ import torch
 from torch_deepstack._library import autograd, cuda_kernel, reference, sample_inputs
 from torch_deepstack.ep import core
 from torch_deepstack.ep.checks import (FP8_GROUP, check_expert_range, check_max_tokens, check_same_device,
-                                       check_topk, check_topology, check_x)
+                                       check_tokens_per_expert, check_topk, check_topology, check_x)
 from torch_deepstack.ep.layout import dispatch_layout
 from torch_deepstack.ep.transport import transport_for
 
@@ -48,9 +48,10 @@ def check_rank_mask(op: str, mask, num_tokens, num_ranks):
 
 
 def check_dispatch_args(op, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, num_ranks,
-                        expert_alignment, num_worst_tokens):
+                        expert_alignment, num_worst_tokens, num_tokens_per_expert=None):
     check_topology(op, num_experts, num_ranks)
     check_x(op, x, x_scales)
+    check_tokens_per_expert(op, num_tokens_per_expert, num_experts)
     torch._check(topk_idx is not None or is_token_in_rank is not None,
                  lambda: f"{op}: pass topk_idx, is_token_in_rank, or both")
     if topk_idx is not None:
@@ -64,15 +65,17 @@ def check_dispatch_args(op, x, x_scales, topk_idx, topk_weights, is_token_in_ran
 
 
 def dispatch_impl(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, num_ranks, group_name,
-                  expert_alignment=1, num_worst_tokens=0):
+                  expert_alignment=1, num_worst_tokens=0, num_tokens_per_expert=None):
+    """num_tokens_per_expert (get_dispatch_layout's, [num_experts]): the per-expert counts each source reports in
+    the count exchange (DeepEP's notify step); without it they are counted from topk_idx (zeros without either)."""
     op = "ep_dispatch"
     check_dispatch_args(op, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, num_ranks,
-                        expert_alignment, num_worst_tokens)
+                        expert_alignment, num_worst_tokens, num_tokens_per_expert)
     check_same_device(op, x=x, x_scales=x_scales, topk_idx=topk_idx, topk_weights=topk_weights,
-                      is_token_in_rank=is_token_in_rank)
+                      is_token_in_rank=is_token_in_rank)     # (num_tokens_per_expert may be anywhere: it is copied)
     t = _transport(op, group_name, x.device, num_ranks)
     return core.dispatch(t, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, expert_alignment,
-                         num_worst_tokens)
+                         num_worst_tokens, num_tokens_per_expert)
 
 
 reference("ep_dispatch")(dispatch_impl)
@@ -145,7 +148,7 @@ def _dispatch_backward(ctx, g_x, g_scales, g_idx, g_w, g_cnt, g_mask, g_rc, g_sr
         g_w = None
     grad_x, grad_w = torch.ops.deepstack.ep_combine(g_x.contiguous(), g_w, mask, rank_counts, recv_src_idx,
                                                     ctx.group_name, ctx.num_worst)
-    return grad_x, None, None, (grad_w if ctx.has_w else None), None, None, None, None, None, None
+    return grad_x, None, None, (grad_w if ctx.has_w else None), None, None, None, None, None, None, None
 
 
 autograd("ep_dispatch", _dispatch_backward, _dispatch_setup)
@@ -371,6 +374,10 @@ def _dispatch_samples(device):
     idx, w = _routing(5, 2, 4, gen, device)
     x = torch.randn(5, 256, generator=gen).to(device, torch.bfloat16)
     out.append(((x, None, idx, w, None, 4, 1, g), {"expert_alignment": 4}))
+    # the caller's per-expert counts (get_dispatch_layout's), with top-k and without (is_token_in_rank routes)
+    _, per_expert, in_rank = dispatch_layout(idx, 4, 1)
+    out.append(((x, None, idx, w, None, 4, 1, g), {"expert_alignment": 2, "num_tokens_per_expert": per_expert}))
+    out.append(((x, None, None, None, in_rank, 4, 1, g), {"num_tokens_per_expert": per_expert}))
     # No fp8 (x, scales) sample: opcheck's schema check cannot compare float8 inputs (NotImplementedError in
     # SchemaCheckMode.has_mutated); tests/ep covers fp8 dispatch.
     return out
