@@ -11,20 +11,12 @@ import time
 import torch
 from torch.autograd import DeviceType
 
-_L2_FLUSH_BYTES = 256 << 20   # well above any current GPU's L2 (H200: 50 MB)
+from torch_deepstack.testing.bench import flush_l2 as _flush_l2
 
 # DeepGEMM kernel-name fragments whose work runs in torch_deepstack's single GEMM kernel (`fp8_gemm_kernel`, all
 # forms), used only when the name as given matches nothing.
 _OUR_KERNEL = {"fp8_wgrad_gemm": "fp8_gemm", "sm90_fp8_gemm_1d1d": "fp8_gemm", "sm90_fp8_gemm_1d2d": "fp8_gemm",
                "sm90_k_grouped_fp8_gemm": "fp8_gemm"}
-
-
-def _l2_flusher():
-    """A callable that evicts the L2 cache by zeroing a buffer larger than it (None without a GPU)."""
-    if not torch.cuda.is_available():
-        return None
-    buf = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
-    return buf.zero_
 
 
 def bench(fn, num_warmups: int = 5, num_tests: int = 10, high_precision: bool = False) -> float:
@@ -39,7 +31,7 @@ def bench(fn, num_warmups: int = 5, num_tests: int = 10, high_precision: bool = 
             fn()
         return (time.perf_counter() - t0) / num_tests
     torch.cuda.synchronize()
-    _l2_flusher()()
+    _flush_l2()
     for _ in range(num_warmups):
         fn()
     if high_precision:
@@ -98,7 +90,7 @@ def bench_kineto(fn, kernel_names, num_tests: int = 30, suppress_kineto_output: 
     names = (kernel_names,) if isinstance(kernel_names, str) else tuple(kernel_names)
     on_gpu = torch.cuda.is_available()
     fn()
-    flush = _l2_flusher() if on_gpu and flush_l2 else None
+    flush = _flush_l2 if on_gpu and flush_l2 else None   # (flush_l2: DeepGEMM's keyword)
     if on_gpu:
         torch.cuda.synchronize()
     activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
