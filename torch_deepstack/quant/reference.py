@@ -9,11 +9,14 @@ from torch_deepstack.quant.checks import check_group_quant_input, check_swiglu_q
 from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX, mn_major_tma_aligned_empty
 
 
-def ceil_to_ue8m0(s: torch.Tensor) -> torch.Tensor:
+def ceil_to_ue8m0(s: torch.Tensor, clamp_exponent: bool = False) -> torch.Tensor:
     """Round positive fp32 scales up to a power of two (the UE8M0 format), exactly, on the bits: bump the
-    exponent when any mantissa bit is set."""
+    exponent when any mantissa bit is set. clamp_exponent keeps the biased exponent in [1, 254] (DeepGEMM's
+    helper: 0 and denormals -> 2^-126, inf -> 2^127, so a scale is never 0 or inf)."""
     bits = s.float().contiguous().view(torch.int32)
     exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    if clamp_exponent:
+        exp = exp.clamp(1, 254)
     return (exp << 23).view(torch.float32)
 
 

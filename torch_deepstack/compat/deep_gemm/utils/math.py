@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0
+from torch_deepstack.gemm.heuristic import cdiv as ceil_div
+from torch_deepstack.quant import reference as _quant_ref
+from torch_deepstack.quant.scale_layout import FP8_E4M3_MAX as FP8_MAX
+
 _AMAX_FLOOR = 1e-4   # keeps all-zero groups finite (DeepGEMM's clamp)
-
-
-def ceil_div(x: int, y: int) -> int:
-    return (x + y - 1) // y
 
 
 def align(x: int, y: int) -> int:
@@ -24,11 +23,9 @@ def align(x: int, y: int) -> int:
 
 
 def ceil_to_ue8m0(x: torch.Tensor) -> torch.Tensor:
-    """|x| rounded up to a power of two, on the fp32 bits, with the biased exponent kept in [1, 254] as DeepGEMM
-    does: 0 (and denormals) -> 2^-126, inf / nan -> 2^127, so a scale never becomes 0 or inf."""
-    bits = x.abs().float().contiguous().view(torch.int32)
-    exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return (exp.clamp(1, 254) << 23).view(torch.float32)
+    """|x| rounded up to a power of two, the biased exponent kept in [1, 254] as DeepGEMM does: 0 (and
+    denormals) -> 2^-126, inf / nan -> 2^127, so a scale never becomes 0 or inf."""
+    return _quant_ref.ceil_to_ue8m0(x.abs(), clamp_exponent=True)
 
 
 def _cast_groups(xg: torch.Tensor, group_dims, use_ue8m0: bool):
