@@ -18,7 +18,8 @@ import torch
 from torch_deepstack.ep import intranode
 from torch_deepstack.ep.checks import (BAD_EXPERT_IDS, TOO_MANY_TOKENS, RankChecks, check_expert_range,
                                        check_max_tokens, read_codes)
-from torch_deepstack.ep.layout import fixed_bincount, inclusive_rank_positions, to_local_experts, token_rank_mask
+from torch_deepstack.ep.layout import (align_expert_counts, fixed_bincount, inclusive_rank_positions,
+                                      to_local_experts, token_rank_mask)
 from torch_deepstack.quant.scale_layout import mn_major_tma_aligned_empty
 
 
@@ -157,12 +158,6 @@ def source_expert_counts(topk_idx, num_tokens_per_expert, num_experts: int, devi
     return fixed_bincount(flat, num_experts + 1)[:num_experts].to(torch.int32)
 
 
-def align_counts(counts: torch.Tensor, alignment: int) -> torch.Tensor:
-    if alignment > 1:
-        counts = (counts + alignment - 1) // alignment * alignment
-    return counts.to(torch.int32)
-
-
 def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts: int,
              expert_alignment: int, num_worst_tokens: int, num_tokens_per_expert=None):
     """Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
@@ -217,7 +212,7 @@ def dispatch(transport, x, x_scales, topk_idx, topk_weights, is_token_in_rank, n
     host = gathered.cpu() if num_worst_tokens == 0 else None     # the exact form reads the counts anyway
     checks.raise_failures(host[:, R].tolist() if host is not None else read_codes(gathered[:, R]))
     rank_counts = gathered[:, :R].contiguous()                   # [R, R]: rank i sends [i, j] rows to rank j
-    per_expert = align_counts(gathered[:, R + 1 + rank * L:R + 1 + (rank + 1) * L].sum(0), expert_alignment)
+    per_expert = align_expert_counts(gathered[:, R + 1 + rank * L:R + 1 + (rank + 1) * L].sum(0), expert_alignment)
     (recv_bytes, recv_meta), valid = _dispatch_rows(transport, mask, rank_counts, [x, pack_rows(meta_parts)],
                                                     num_worst_tokens, None,
                                                     host[:, :R] if host is not None else None)

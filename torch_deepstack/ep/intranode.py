@@ -14,6 +14,7 @@ import functools
 import torch
 
 from torch_deepstack._library import allocating_into_cuda_graph_pool
+from torch_deepstack.ep.layout import align_expert_counts
 from torch_deepstack.jit import KernelSpec, get_kernel, register_prebuild
 
 MAX_RANKS = 32          # one lane per rank in the kernels
@@ -281,9 +282,7 @@ class Intranode:
         pos = self._positions(mask)
         info = self.notify(mask, pos, topk_idx, L, expert_counts)
         rc_dev = info[:R * R].view(R, R)
-        a = expert_alignment
-        per_expert = info[R * R:R * R + L]                              # tokens per local expert
-        per_expert = (per_expert + (a - 1)) // a * a if a > 1 else per_expert.clone()   # rounded up to a
+        per_expert = align_expert_counts(info[R * R:R * R + L], expert_alignment)   # tokens per local expert
         has_w = topk_weights is not None
         sdt = x_scales.dtype if x_scales is not None else torch.float32
         if num_worst_tokens:

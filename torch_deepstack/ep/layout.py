@@ -68,3 +68,10 @@ def low_latency_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, nu
     combine = e * m * hidden * 2
     total = 2 * max(dispatch, combine) + 2 * 256 * num_ranks     # slack for the per-rank 256-byte rounding
     return (total + 127) // 128 * 128
+
+
+def align_expert_counts(counts: torch.Tensor, alignment: int) -> torch.Tensor:
+    """Tokens per local expert rounded up to `alignment` (DeepEP's expert_alignment), as a new int32 tensor (the
+    fused path's counts sit in a buffer the next call reuses)."""
+    out = (counts + alignment - 1) // alignment * alignment if alignment > 1 else counts.clone()
+    return out.to(torch.int32)
