@@ -461,3 +461,17 @@ def test_fp8_linear_with_no_tokens():
     y.sum().backward()
     assert x.grad.shape == (0, 256)
     assert torch.count_nonzero(f8.weight.grad) == 0 and torch.count_nonzero(f8.bias.grad) == 0
+
+
+def test_empty_k_writes_c_or_zeros():
+    """K = 0 (an empty token batch for a weight gradient, DeepGEMM's early return): D = C, or zeros without C, from
+    the ops themselves (an empty operand's strides are not checked: nothing is read)."""
+    fp8 = torch.float8_e4m3fn
+    a, sa = torch.empty(5, 0, dtype=fp8), torch.empty(5, 0)
+    b = torch.empty(256, 0, dtype=fp8)
+    c = torch.randn(5, 256)
+    assert api.fp8_gemm_nt(a, sa, b, torch.empty(2, 0)).abs().sum() == 0
+    assert torch.equal(api.fp8_gemm_nt(a, sa, b, torch.empty(2, 0), c=c, out_dtype=torch.float32), c)
+    assert torch.equal(api.fp8_wgrad_gemm_nt(a, sa, b, torch.empty(256, 0), c=c), c)
+    cg = torch.randn(3, 5, 256)
+    assert torch.equal(api.k_grouped_fp8_wgrad_gemm_nt(a, sa, b, torch.empty(256, 0), [0, 0, 0], c=cg), cg)

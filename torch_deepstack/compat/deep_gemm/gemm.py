@@ -28,14 +28,6 @@ fp8_gemm_tt = _unsupported("fp8_gemm_tt")
 m_grouped_fp8_gemm_nn_contiguous = _unsupported("m_grouped_fp8_gemm_nn_contiguous")
 
 
-def write_c_or_zeros(d, c):
-    """D for an empty K (nothing to accumulate): C, or zeros without C (DeepGEMM's early return)."""
-    if c is None:
-        d.zero_()
-    elif c.data_ptr() != d.data_ptr():
-        d.copy_(c)
-
-
 def _per_row_sfb(b, sfb, recipe, recipe_a, recipe_b):
     """True when B's scales are per row (1 x 128, the weight-gradient form) rather than 128 x 128 blocks."""
     if recipe is not None:
@@ -58,12 +50,6 @@ def fp8_gemm_nt(a, b, d, c=None, recipe=None, recipe_a=None, recipe_b=None, comp
                 disable_ue8m0_cast=False):
     """D = C + A @ B.T; a = (e4m3 [M, K], fp32 scales), b = (e4m3 [N, K], fp32 scales). C may be D."""
     (a_data, sfa), (b_data, sfb) = a, b
-    if a_data.dim() == 2 and a_data.shape[1] == 0:
-        if tuple(d.shape) != (a_data.shape[0], b_data.shape[0]):
-            raise ValueError(f"deep_gemm.fp8_gemm_nt: d must be [M, N]=[{a_data.shape[0]}, {b_data.shape[0]}], got "
-                             f"{tuple(d.shape)}")
-        write_c_or_zeros(d, c)
-        return d
     if _per_row_sfb(b_data, sfb, recipe, recipe_a, recipe_b):
         return api.fp8_wgrad_gemm_nt(a_data, sfa, b_data, sfb, c=c, out=d)
     return api.fp8_gemm_nt(a_data, sfa, b_data, sfb, c=c, out=d)

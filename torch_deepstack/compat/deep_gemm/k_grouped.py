@@ -16,7 +16,6 @@ import math
 
 import torch
 
-from torch_deepstack.compat.deep_gemm.gemm import write_c_or_zeros
 from torch_deepstack.gemm import api
 from torch_deepstack.memo import BoundedMemo
 
@@ -113,9 +112,6 @@ def _k_grouped(op, a, b, d, ks, c, mn_major=False, sf_k_rows_first=False):
     _, m, n = d.shape
     a_data, sfa = _operand(a, ks, m, mn_major, sf_k_rows_first, op, "a")
     b_data, sfb = _operand(b, ks, n, mn_major, sf_k_rows_first, op, "b")
-    if sum(ks) == 0:
-        write_c_or_zeros(d, c)
-        return
     api.k_grouped_fp8_wgrad_gemm_nt(a_data, sfa, b_data, sfb, list(ks), c=c, out=d)
 
 
